@@ -1,0 +1,46 @@
+"""The ``lorakit`` command line: one subcommand per stage (train, fuse, sample, eval, inspect, ...).
+
+Each subcommand lives in ``lorakit/commands/<name>.py`` with ``add_parser(subparsers)`` and ``run(args)``;
+modules import torch/diffusers inside ``run`` so ``lorakit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (subcommand, module) in the order ``--help`` lists them.
+COMMANDS = [
+    ("inspect", "lorakit.commands.inspect"),
+    ("make-tiny", "lorakit.commands.make_tiny"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorakit",
+        description="Train, fuse, sample and evaluate LoRA adapters for Stable Diffusion (SD1.x/2.x, SDXL).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for _, module in COMMANDS:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # Our errors name the bad input; show them without a traceback.
+        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

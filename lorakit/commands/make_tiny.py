@@ -1,0 +1,24 @@
+"""``lorakit make-tiny``: save a random tiny SD1/SDXL pipeline that diffusers loads (for tests and demos)."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "make-tiny",
+        help="save a tiny random-weight SD1/SDXL pipeline (offline, ~1 s)",
+        description="Save a tiny random-weight pipeline with the real architecture's module names and blocks. "
+        "Load it with diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline.from_pretrained(OUT).",
+    )
+    p.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], default="sd1", help="architecture (default: sd1)")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically if it exists)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from lorakit.models import save_pipeline, tiny_pipeline
+
+    out = save_pipeline(tiny_pipeline(args.arch, seed=args.seed), args.out)
+    print(f"wrote tiny {args.arch} pipeline to {out}")
+    return 0

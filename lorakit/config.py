@@ -1,0 +1,155 @@
+"""Configs: OmegaConf structured configs from dataclasses, loaded from YAML plus ``key=value`` overrides.
+
+An unknown key anywhere (YAML or override) is an error that names the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class NetworkConfig:
+    """Which modules get an adapter, and how big.
+
+    ``blocks``: any block spec of :mod:`lorakit.blocks` (preset, mapping, kohya 25/19 vector, LBW 17/12 vector).
+    """
+
+    type: str = "lora"  # lora | locon
+    rank: int = 4
+    alpha: float = 4.0
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
+    blocks: Any = "all"
+    dropout: float = 0.0
+    train_text_encoder: bool = False
+    text_encoder_rank: int = 4
+    text_encoder_alpha: float = 4.0
+
+
+def _valid_keys(schema_node) -> list[str]:
+    if isinstance(schema_node, DictConfig):
+        return [str(k) for k in schema_node.keys()]
+    return []
+
+
+def _unknown_key_error(schema: DictConfig, dotted: str, source: str) -> ConfigError:
+    parts = dotted.split(".")
+    node = schema
+    for i, part in enumerate(parts):
+        keys = _valid_keys(node)
+        if part not in keys:
+            prefix = ".".join(parts[:i])
+            near = difflib.get_close_matches(part, keys, n=1)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + near[0]!r}?" if near else ""
+            valid = ", ".join(keys)
+            return ConfigError(f"{source}: unknown config key {dotted!r}{hint} (valid keys here: {valid})")
+        node = node[part]
+    return ConfigError(f"{source}: invalid config key {dotted!r}")
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not key.endswith("blocks"):
+            out += _flatten(v, key + ".")
+        else:
+            out.append(key)
+    return out
+
+
+def load_config(schema_cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None):
+    """Load a config: schema defaults <- YAML file <- ``key=value`` overrides.
+
+    Args:
+        schema_cls: a dataclass describing every valid key.
+        path: a YAML file, or None for defaults only.
+        overrides: dotlist strings such as ``["max_steps=100", "network.rank=8"]``.
+    Returns:
+        A ``DictConfig`` (typed, read-only keys) for the resolved config.
+    Raises:
+        ConfigError naming the file/override, the bad key and the closest valid key, or a bad value's type.
+    """
+    schema = OmegaConf.structured(schema_cls)
+    cfg = schema
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = OmegaConf.load(path)
+        raw = OmegaConf.to_container(loaded)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        _check_keys(schema, raw, str(path))
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
+        except ValidationError as err:
+            raise ConfigError(f"{path}: bad value for {err.full_key!r}: {err.msg}") from err
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key = item.split("=", 1)[0].strip().lstrip("+")
+        _check_keys(schema, _nest(key), f"override {item!r}")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except ValidationError as err:
+            raise ConfigError(f"override {item!r}: bad value for {err.full_key!r}: {err.msg}") from err
+        except (ConfigKeyError, ConfigAttributeError) as err:
+            raise _unknown_key_error(schema, key, f"override {item!r}") from err
+    return cfg
+
+
+def _nest(dotted: str) -> dict:
+    out: dict = {}
+    node = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = None
+    return out
+
+
+def _check_keys(schema: DictConfig, raw: dict, source: str) -> None:
+    for key in _flatten(raw):
+        node = schema
+        for part in key.split("."):
+            if not isinstance(node, DictConfig) or part not in node:
+                raise _unknown_key_error(schema, key, source)
+            if OmegaConf.is_missing(node, part) or node._get_node(part)._is_none():
+                break
+            child = node[part]
+            if not isinstance(child, DictConfig):
+                break
+            node = child
+
+
+def to_dict(cfg) -> dict:
+    """A resolved config as a plain dict (for metadata and logs)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def schema_keys(schema_cls, prefix: str = "") -> list[str]:
+    """All dotted keys of a dataclass schema (for ``--help`` text)."""
+    out = []
+    for f in fields(schema_cls):
+        default = f.default_factory() if callable(getattr(f, "default_factory", None)) else f.default
+        if is_dataclass(default):
+            out += schema_keys(type(default), prefix + f.name + ".")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+__all__ = ["ConfigError", "NetworkConfig", "load_config", "to_dict", "schema_keys", "field"]

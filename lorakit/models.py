@@ -1,0 +1,330 @@
+"""Base models: load a Stable Diffusion base, detect its architecture, and build tiny offline pipelines.
+
+Three ways to name a base (``load_base``):
+  * a diffusers pipeline folder (``model_index.json`` inside),
+  * a single-file ``.safetensors`` checkpoint (A1111 / civitai layout, via diffusers' ``from_single_file``),
+  * a hub id (only where the user's machine has the network).
+
+``tiny_pipeline(arch, seed)`` builds a random-weight pipeline with the real architecture's module names and
+block layout (SD1: 4 down blocks, 3 with cross-attention; SDXL: 3 down blocks, 2 text encoders, added time
+ids) and an offline CLIP tokenizer, in about a second on a CPU. Tests use it for mechanics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+ARCHES = ("sd1", "sd2", "sdxl")
+
+# Words the offline tokenizer knows as single tokens; any other text is still tokenized, byte by byte.
+_TINY_WORDS = (
+    "a an the of and with in on at photo picture image painting drawing style man woman cat dog boy girl "
+    "person character object background red green blue yellow orange purple pink white black gray brown "
+    "cyan magenta circle square triangle star ring cross diamond heart hat ball umbrella box tree house "
+    "sky sea beach grass sand stripes dots checker gradient plain pixel ink outline pastel neon sketch "
+    "big small large tiny left right top bottom center wearing holding standing sitting high quality"
+).split()
+
+
+def detect_arch(unet_config) -> str:
+    """Name the architecture of a UNet from its config: ``sd1``, ``sd2`` or ``sdxl``.
+
+    Args:
+        unet_config: a ``UNet2DConditionModel.config`` (FrozenDict) or a plain dict.
+    Raises:
+        ValueError: for a UNet that is none of the three, naming what was found.
+    """
+    cfg = dict(unet_config)
+    down = tuple(cfg.get("down_block_types", ()))
+    if cfg.get("addition_embed_type") == "text_time" and len(down) == 3:
+        return "sdxl"
+    if len(down) == 4 and cfg.get("addition_embed_type") is None:
+        return "sd2" if cfg.get("use_linear_projection") or cfg.get("cross_attention_dim") == 1024 else "sd1"
+    raise ValueError(
+        f"unsupported UNet: down_block_types={list(down)}, addition_embed_type={cfg.get('addition_embed_type')!r}; "
+        "lorakit supports SD1.x, SD2.x and SDXL UNets (4 down blocks, or 3 down blocks with text_time embedding)"
+    )
+
+
+def pipeline_arch(pipe) -> str:
+    """Architecture name (``sd1``/``sd2``/``sdxl``) of a loaded diffusers pipeline."""
+    return detect_arch(pipe.unet.config)
+
+
+def _pipeline_class(arch: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+
+
+def load_base(source: str | os.PathLike, torch_dtype: torch.dtype = torch.float32, **kwargs):
+    """Load a Stable Diffusion base pipeline.
+
+    Args:
+        source: a diffusers folder, a single-file ``.safetensors`` checkpoint, or a hub id.
+        torch_dtype: dtype of the loaded weights.
+    Returns:
+        A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` with ``safety_checker`` disabled.
+    Raises:
+        FileNotFoundError / ValueError with the path and what was expected.
+    """
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    src = str(source)
+    path = Path(src)
+    extra = {"safety_checker": None, "requires_safety_checker": False}
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.exists():
+            raise FileNotFoundError(f"{path} is a folder but has no model_index.json: not a diffusers pipeline folder")
+        cls_name = json.loads(index.read_text()).get("_class_name", "")
+        cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
+        if "XL" in cls_name:
+            extra = {}
+        pipe = cls.from_pretrained(src, torch_dtype=torch_dtype, **extra, **kwargs)
+    elif path.suffix in (".safetensors", ".ckpt"):
+        if path.suffix == ".ckpt":
+            raise ValueError(f"{path}: .ckpt files are pickles and lorakit never loads them; convert to .safetensors")
+        if not path.exists():
+            raise FileNotFoundError(f"base checkpoint not found: {path}")
+        try:
+            pipe = StableDiffusionXLPipeline.from_single_file(src, torch_dtype=torch_dtype, **kwargs)
+        except Exception:  # noqa: BLE001 - not an SDXL checkpoint; try SD1/2 before reporting
+            try:
+                pipe = StableDiffusionPipeline.from_single_file(src, torch_dtype=torch_dtype, **extra, **kwargs)
+            except Exception as err:  # noqa: BLE001
+                raise ValueError(f"{path}: could not load as an SD1/SD2/SDXL single-file checkpoint: {err}") from err
+    elif path.exists():
+        raise ValueError(f"{path}: expected a diffusers folder or a .safetensors checkpoint")
+    else:
+        if src.startswith((".", "/")) or src.count("/") != 1:
+            raise FileNotFoundError(f"base model not found: {src} (not a folder, not a file, not a hub id)")
+        pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=torch_dtype, **kwargs)
+    detect_arch(pipe.unet.config)  # fail early on unsupported models
+    return pipe
+
+
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encode one word (already split into symbols) with merge ``ranks``, as the BPE model does."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        pieces = pieces[:i] + [pieces[i] + pieces[i + 1]] + pieces[i + 2 :]
+    return pieces
+
+
+def tiny_tokenizer(words: tuple[str, ...] = _TINY_WORDS):
+    """A CLIP tokenizer built offline: byte-level BPE whose merges make each word in ``words`` one token.
+
+    Returns:
+        ``transformers.CLIPTokenizer`` with ``model_max_length`` 77.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for tok in byte_chars + [c + "</w>" for c in byte_chars]:
+        vocab.setdefault(tok, len(vocab))
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        # Run BPE with the merges so far; while the word is not one token, merge its first two pieces.
+        while True:
+            pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+            if len(pieces) == 1:
+                break
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tok.pad_token = "<|endoftext|>"
+    return tok
+
+
+def _tiny_text_encoder(vocab_size: int, hidden: int, layers: int, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        hidden_act="quick_gelu",
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(cfg)
+
+
+def tiny_unet(arch: str = "sd1", cross_attention_dim: int | None = None):
+    """A small random ``UNet2DConditionModel`` with the real architecture's block layout and module names.
+
+    SD1: 4 down blocks (3 cross-attention), ``layers_per_block=2``, latent 16x16.
+    SDXL: 3 down blocks (last 2 cross-attention, 1 and 2 transformer layers), text_time added embedding.
+    """
+    from diffusers import UNet2DConditionModel
+
+    if arch in ("sd1", "sd2"):
+        return UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=cross_attention_dim or 32,
+            attention_head_dim=8,
+            norm_num_groups=16,
+            use_linear_projection=arch == "sd2",
+        )
+    if arch == "sdxl":
+        text_dim = 32
+        return UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            cross_attention_dim=cross_attention_dim or 2 * text_dim,
+            attention_head_dim=(2, 4, 8),
+            norm_num_groups=16,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=text_dim + 6 * 8,
+        )
+    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHES}")
+
+
+def tiny_vae():
+    """A 2-level ``AutoencoderKL`` (scale factor 2, 4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+    )
+
+
+def sd_scheduler(name: str = "ddim"):
+    """A diffusers scheduler with Stable Diffusion's training noise schedule (scaled_linear 0.00085-0.012)."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    table = {
+        "ddim": lambda: DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        "ddpm": lambda: DDPMScheduler(**common, clip_sample=False),
+        "euler": lambda: EulerDiscreteScheduler(**common),
+        "euler_a": lambda: EulerAncestralDiscreteScheduler(**common),
+        "dpmpp_2m": lambda: DPMSolverMultistepScheduler(**common),
+        "dpmpp_2m_karras": lambda: DPMSolverMultistepScheduler(**common, use_karras_sigmas=True),
+    }
+    if name not in table:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(table)}")
+    return table[name]()
+
+
+def tiny_pipeline(arch: str = "sd1", seed: int = 0):
+    """Build a random-weight Stable Diffusion pipeline of the given architecture, offline.
+
+    Args:
+        arch: ``sd1``, ``sd2`` or ``sdxl``.
+        seed: seeds every weight, so two calls with one seed give identical pipelines.
+    Returns:
+        ``StableDiffusionPipeline`` (sd1/sd2) or ``StableDiffusionXLPipeline`` (sdxl), fp32, on the CPU,
+        generating 32x32 images (latents 4 x 16 x 16).
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if arch not in ARCHES:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHES}")
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    vocab = len(tokenizer)
+    unet = tiny_unet(arch)
+    vae = tiny_vae()
+    if arch == "sdxl":
+        te1 = _tiny_text_encoder(vocab, 32, 2, with_projection=False)
+        te2 = _tiny_text_encoder(vocab, 32, 2, with_projection=True)
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=te1,
+            text_encoder_2=te2,
+            tokenizer=tokenizer,
+            tokenizer_2=tiny_tokenizer(),
+            unet=unet,
+            scheduler=sd_scheduler("euler"),
+        )
+    else:
+        te = _tiny_text_encoder(vocab, 32, 2, with_projection=False)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=te,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=sd_scheduler("ddim"),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
+    """Save a pipeline with ``save_pretrained`` into ``out_dir`` atomically (temp folder + rename).
+
+    An existing ``out_dir`` is replaced only after the new folder is complete.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
