@@ -66,7 +66,8 @@ def load_base(source: str | os.PathLike, torch_dtype: torch.dtype = torch.float3
     """Load a Stable Diffusion base pipeline.
 
     Args:
-        source: a diffusers folder, a single-file ``.safetensors`` checkpoint, or a hub id.
+        source: a diffusers folder, a single-file ``.safetensors`` checkpoint, a hub id, or ``tiny:ARCH[:SEED]``
+            (a random tiny pipeline from :func:`tiny_pipeline`, for tests and quick checks).
         torch_dtype: dtype of the loaded weights.
     Returns:
         A ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` with ``safety_checker`` disabled.
@@ -76,6 +77,9 @@ def load_base(source: str | os.PathLike, torch_dtype: torch.dtype = torch.float3
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     src = str(source)
+    if src.startswith("tiny:"):
+        arch, _, seed = src[len("tiny:") :].partition(":")
+        return tiny_pipeline(arch, seed=int(seed or 0)).to(dtype=torch_dtype)
     path = Path(src)
     extra = {"safety_checker": None, "requires_safety_checker": False}
     if path.is_dir():

@@ -52,3 +52,9 @@ def test_load_base_errors_name_the_input(tmp_path):
         load_base(tmp_path)
     with pytest.raises(ValueError, match="pickle"):
         load_base(tmp_path / "x.ckpt")
+
+
+def test_tiny_base_name():
+    pipe = load_base("tiny:sdxl:2")
+    ref = tiny_pipeline("sdxl", seed=2)
+    assert all(torch.equal(x, y) for x, y in zip(pipe.unet.parameters(), ref.unet.parameters()))
