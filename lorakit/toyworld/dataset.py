@@ -1,0 +1,39 @@
+"""Write toy-world datasets: a folder of ``NNNNN.png`` + ``NNNNN.txt`` (comma-tag caption) pairs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lorakit.toyworld.render import caption, render
+from lorakit.toyworld.scenes import concept_scene
+
+
+def make_dataset(concept: str, out_dir: str | os.PathLike, n: int, seed: int = 0, size: int = 32) -> list[Path]:
+    """Render ``n`` training images of one concept (name or trigger word) into ``out_dir``.
+
+    Each image ``out_dir/00000.png`` has its caption in ``out_dir/00000.txt`` (the format the trainers read).
+    Same arguments -> byte-identical files.
+
+    Returns:
+        the image paths, in order.
+    Raises:
+        ValueError: for an unknown concept or ``n < 1``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    scenes = [concept_scene(concept, rng) for _ in range(n)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, scene in enumerate(scenes):
+        img_path = out / f"{i:05d}.png"
+        tmp = img_path.with_name(f".{img_path.name}.tmp")
+        render(scene, size).save(tmp, format="PNG")
+        os.replace(tmp, img_path)
+        (out / f"{i:05d}.txt").write_text(caption(scene) + "\n")
+        paths.append(img_path)
+    return paths
