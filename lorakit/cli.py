@@ -14,6 +14,7 @@ import sys
 COMMANDS = [
     ("inspect", "lorakit.commands.inspect"),
     ("make-tiny", "lorakit.commands.make_tiny"),
+    ("eval", "lorakit.commands.eval"),
 ]
 
 
