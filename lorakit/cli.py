@@ -15,6 +15,7 @@ COMMANDS = [
     ("inspect", "lorakit.commands.inspect"),
     ("make-tiny", "lorakit.commands.make_tiny"),
     ("eval", "lorakit.commands.eval"),
+    ("toyworld", "lorakit.commands.toyworld"),
 ]
 
 

@@ -64,3 +64,15 @@ def test_make_dataset_writes_image_caption_pairs(tmp_path):
     make_dataset("frog", tmp_path / "b", n=4, seed=1)
     assert all((tmp_path / "a" / p.name).read_bytes() == (tmp_path / "b" / p.name).read_bytes() for p in paths)
     assert set(CONCEPTS) >= {"frog"}
+
+
+def test_cli_make_dataset_and_list(tmp_path, capsys):
+    from lorakit.cli import main
+
+    assert main(["toyworld", "make-dataset", "pixlor", "--out", str(tmp_path / "d"), "--n", "3"]) == 0
+    caps = sorted(p.read_text().strip() for p in (tmp_path / "d").glob("*.txt"))
+    assert len(caps) == 3 and all(c.endswith(", pixlor") for c in caps)
+    assert main(["toyworld", "list", "--json"]) == 0
+    assert '"trigger": "zorbo"' in capsys.readouterr().out
+    assert main(["toyworld", "make-dataset", "dragon", "--out", str(tmp_path / "e")]) == 1
+    assert "unknown toy-world concept 'dragon'" in capsys.readouterr().err

@@ -70,7 +70,7 @@ HELDOUT: tuple[Concept, ...] = (
     Concept("ghost", "character", True, "bloopo", "lavender ghost with a wavy hem, black eyes, pink cheeks"),
     Concept("tophat", "object", True, "hattock", "black top hat with a red band (worn on a character's head)"),
     Concept("mushroom", "object", True, "shroomel", "red mushroom cap with white spots on a beige stem"),
-    Concept("pixel", "style", True, "pixlor", "pixelation: the image drawn in 4x4 pixel blocks"),
+    Concept("pixel", "style", True, "pixlor", "retro pixel art: 2x2 pixel blocks in a 4-level-per-channel palette"),
     Concept("ink", "style", True, "inkvel", "ink: thick black outlines and flat posterized colours"),
     Concept("checker", "background", True, "chekka", "teal and navy checkerboard"),
     Concept("starry", "background", True, "nocturo", "dark night sky with yellow and white stars"),

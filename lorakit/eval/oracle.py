@@ -1,0 +1,185 @@
+"""Toy-world oracle: a small CNN that says which toy concepts an image shows (multi-label presence).
+
+It knows every generic concept (shapes, shape colours, background kinds) and every held-out one (characters,
+objects, styles, backgrounds) of :mod:`lorakit.toyworld.concepts`. It was trained by ``tools/train_oracle.py``
+on renders degraded like generated images (noise, blur, the toy VAE's round trip with latent noise); its
+weights are ``data/oracle/oracle.safetensors`` + ``data/oracle/config.json``.
+
+Usage::
+
+    from lorakit.eval.oracle import score
+    s = score(images, ["robot", "ink"])      # images: list of PIL images or a float tensor [N, 3, H, W] in [0, 1]
+    s.probs        # FloatTensor [N, 2]: presence probability of each asked concept in each image
+    s.present      # BoolTensor  [N, 2]: probs >= threshold (default 0.5)
+    s.rates        # {"robot": 0.9, "ink": 0.75}: fraction of images where each concept is present
+    s.all_rate     # fraction of images where ALL asked concepts are present (e.g. character AND style)
+    s.per_image()  # [{"robot": 0.97, "ink": 0.88}, ...]
+    s.to_dict()    # JSON-able summary
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+IMAGE_SIZE = 32
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "data" / "oracle"
+
+
+class OracleNet(nn.Module):
+    """CNN over 32x32 RGB ``[N, 3, 32, 32]`` in [0, 1] -> presence logits ``[N, n_concepts]``."""
+
+    def __init__(self, n_concepts: int, width: int = 32):
+        super().__init__()
+        w = width
+
+        def block(cin, cout):
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            )
+
+        self.features = nn.Sequential(
+            block(3, w // 2), nn.MaxPool2d(2),  # 16x16
+            block(w // 2, w), nn.MaxPool2d(2),  # 8x8
+            block(w, 2 * w), nn.MaxPool2d(2),  # 4x4
+            block(2 * w, 4 * w),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * w * 16, 128), nn.ReLU(inplace=True),
+                                  nn.Linear(128, n_concepts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features((x - 0.5) / 0.25))
+
+
+@dataclass
+class OracleScores:
+    """What :func:`score` returns.
+
+    Attributes:
+        concepts: the concept names scored, in column order.
+        probs: FloatTensor ``[N, len(concepts)]``, presence probabilities in [0, 1].
+        present: BoolTensor ``[N, len(concepts)]``, ``probs >= threshold``.
+        threshold: the decision threshold used.
+    """
+
+    concepts: list[str]
+    probs: torch.Tensor
+    present: torch.Tensor
+    threshold: float
+
+    @property
+    def rates(self) -> dict[str, float]:
+        """``{concept: fraction of images where it is present}``."""
+        return {c: float(self.present[:, i].float().mean()) for i, c in enumerate(self.concepts)}
+
+    @property
+    def all_rate(self) -> float:
+        """Fraction of images where every scored concept is present at once."""
+        return float(self.present.all(dim=1).float().mean()) if self.concepts else 1.0
+
+    def per_image(self) -> list[dict[str, float]]:
+        """One ``{concept: probability}`` dict per image."""
+        return [{c: float(p[i]) for i, c in enumerate(self.concepts)} for p in self.probs]
+
+    def to_dict(self) -> dict:
+        """JSON-able: concepts, threshold, rates, all_rate, per-image probabilities."""
+        return {"concepts": self.concepts, "threshold": self.threshold, "rates": self.rates,
+                "all_rate": self.all_rate, "per_image": self.per_image()}
+
+
+class Oracle:
+    """A loaded oracle: ``Oracle.load(dir)``, then :meth:`score`."""
+
+    def __init__(self, net: OracleNet, concepts: list[str], config: dict):
+        self.net = net.eval()
+        self.concepts = list(concepts)
+        self.config = config
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> "Oracle":
+        """Load ``<path>/config.json`` + ``<path>/oracle.safetensors`` (default ``data/oracle`` of the repo,
+        or ``$LORAKIT_ORACLE``)."""
+        from lorakit.fileio import load_safetensors
+
+        folder = Path(path or os.environ.get("LORAKIT_ORACLE") or DEFAULT_DIR)
+        cfg_path, w_path = folder / "config.json", folder / "oracle.safetensors"
+        for f in (cfg_path, w_path):
+            if not f.exists():
+                raise FileNotFoundError(f"oracle file missing: {f} (build it with tools/train_oracle.py)")
+        config = json.loads(cfg_path.read_text())
+        net = OracleNet(len(config["concepts"]), width=config.get("width", 32))
+        net.load_state_dict({k: v.float() for k, v in load_safetensors(w_path)[0].items()})
+        return cls(net, config["concepts"], config)
+
+    def to_tensor(self, images) -> torch.Tensor:
+        """Images (list of PIL, or float tensor ``[N, 3, H, W]`` in [0, 1]) -> ``[N, 3, 32, 32]`` float."""
+        import numpy as np
+        from PIL import Image
+
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(f"image tensor must be [N, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+            x = images.detach().float().cpu()
+            if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+                x = torch.nn.functional.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
+            return x.clamp(0, 1)
+        arrs = []
+        for i, img in enumerate(images):
+            if not isinstance(img, Image.Image):
+                raise ValueError(f"image {i} is a {type(img).__name__}; expected a PIL image or one [N,3,H,W] tensor")
+            img = img.convert("RGB")
+            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+            arrs.append(np.asarray(img, np.float32) / 255.0)
+        if not arrs:
+            return torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE)
+        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def probabilities(self, images) -> torch.Tensor:
+        """Presence probabilities of ALL oracle concepts: ``[N, len(self.concepts)]``."""
+        x = self.to_tensor(images)
+        if len(x) == 0:
+            return torch.zeros(0, len(self.concepts))
+        return torch.cat([torch.sigmoid(self.net(x[i : i + 256])) for i in range(0, len(x), 256)])
+
+    def score(self, images, concepts=None, threshold: float = 0.5) -> OracleScores:
+        """Score ``images`` for ``concepts`` (names or trigger words; default: all). See :class:`OracleScores`."""
+        from lorakit.toyworld.concepts import get_concept
+
+        names = self.concepts if concepts is None else list(dict.fromkeys(get_concept(c).name for c in concepts))
+        for n in names:
+            if n not in self.concepts:
+                raise ValueError(f"the oracle does not know concept {n!r}; it knows {self.concepts}")
+        probs = self.probabilities(images)[:, [self.concepts.index(n) for n in names]]
+        return OracleScores(list(names), probs, probs >= threshold, threshold)
+
+
+@lru_cache(maxsize=4)
+def load_oracle(path: str | None = None) -> Oracle:
+    """The oracle from ``path`` (default ``data/oracle``), loaded once per process."""
+    return Oracle.load(path)
+
+
+def score(images, concepts=None, threshold: float = 0.5, oracle_path: str | None = None) -> OracleScores:
+    """Which toy concepts do ``images`` show?
+
+    Args:
+        images: list of PIL images (any size; resized to 32x32) or a float tensor ``[N, 3, H, W]`` in [0, 1].
+        concepts: concept names or trigger words (e.g. ``["robot", "inkvel"]``); None = every concept.
+        threshold: presence decision threshold on the probability.
+        oracle_path: folder with ``config.json`` + ``oracle.safetensors`` (default ``data/oracle``).
+    Returns:
+        :class:`OracleScores` with ``probs`` ``[N, C]``, ``present`` ``[N, C]``, ``rates`` ``{concept: float}``,
+        ``all_rate``, ``per_image()``, ``to_dict()``.
+    Raises:
+        ValueError: for an unknown concept or a badly shaped tensor; FileNotFoundError if the weights are missing.
+    """
+    return load_oracle(oracle_path).score(images, concepts, threshold)

@@ -1,0 +1,97 @@
+"""The toy base model's architecture: an SD1-layout pipeline small enough to train and sample on a CPU.
+
+* VAE: ``AutoencoderKL`` with 3 levels (32x32 RGB <-> 4x8x8 latents, scale factor 4), no attention.
+* UNet: ``UNet2DConditionModel`` in SD1's layout (3 cross-attention down blocks + 1 plain, mirror on the way up,
+  ``layers_per_block=2``) with narrow channels (48, 64, 96, 96) on 8x8 latents; cross-attention width 64.
+  Small latents keep training affordable on a shared CPU (measured: ~3 s per batch of 32 at 8x8 vs ~6-16 s
+  at 16x16 for similar widths, on 2 busy cores).
+* Text encoder: a 2-layer CLIP text model of width 64, kept frozen at its random initialisation (the UNet
+  learns to read its token-identity features); tokenizer: the offline BPE tokenizer whose vocabulary holds
+  every toy-world word and trigger as one token.
+* Scheduler: DDIM with Stable Diffusion's noise schedule.
+
+``tools/train_toy_base.py`` trains the VAE and the UNet and saves the pipeline to ``data/toy-base``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorakit.toyworld.concepts import VOCAB
+
+TEXT_WIDTH = 64
+# Prompt words beyond the toy world's own that users may type (tokenized as single tokens too).
+EXTRA_WORDS = ("photo", "picture", "image", "drawing", "style", "in", "on", "of", "the", "high", "quality")
+
+
+def toy_tokenizer():
+    """Offline CLIP tokenizer with every toy-world word and trigger word as a single token."""
+    from lorakit.models import tiny_tokenizer
+
+    return tiny_tokenizer(tuple(dict.fromkeys(VOCAB + EXTRA_WORDS)))
+
+
+def toy_vae():
+    """Untrained 3-level ``AutoencoderKL`` (scale factor 4, 4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+        mid_block_add_attention=False,
+    )
+
+
+def toy_unet():
+    """Untrained SD1-layout ``UNet2DConditionModel`` for 4x8x8 latents."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(48, 64, 96, 96),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def toy_text_encoder(vocab_size: int):
+    """Random 2-layer CLIP text encoder of width 64 (frozen in training)."""
+    from lorakit.models import _tiny_text_encoder
+
+    return _tiny_text_encoder(vocab_size, TEXT_WIDTH, 2, with_projection=False)
+
+
+def build_toy_pipeline(seed: int = 0, vae=None, unet=None):
+    """An (untrained unless ``vae``/``unet`` are given) toy ``StableDiffusionPipeline``, fp32, CPU."""
+    from diffusers import StableDiffusionPipeline
+
+    from lorakit.models import sd_scheduler
+
+    torch.manual_seed(seed)
+    tokenizer = toy_tokenizer()
+    text_encoder = toy_text_encoder(len(tokenizer))
+    pipe = StableDiffusionPipeline(
+        vae=vae if vae is not None else toy_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet if unet is not None else toy_unet(),
+        scheduler=sd_scheduler("ddim"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

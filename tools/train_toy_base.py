@@ -1,0 +1,290 @@
+"""Train the toy-world base model (``data/toy-base``): a small SD1-layout pipeline for 32x32 toy scenes.
+
+Stages (each is skipped when its output already exists in ``--work``, so an interrupted build continues):
+  1. render   ``--n-generic`` generic scenes (the UNet's data) and ``--n-mixed`` mixed scenes (VAE only)
+  2. vae      train the AutoencoderKL (L1 reconstruction + small KL) with lorakit's shared TrainLoop
+  3. latents  encode the generic scenes; set ``vae.config.scaling_factor`` = 1 / std(latents)
+  4. unet     train the UNet (epsilon prediction, Min-SNR-5 weighting, 10% caption dropout, EMA) with the
+              shared TrainLoop; the text encoder stays frozen at its random initialisation
+  5. export   the EMA pipeline in fp16 to ``--out``
+
+Every ``--save-every`` UNet steps a usable pipeline is written to ``<work>/unet/toy-base-stepNNNNNN`` so a
+partial run can be exported (``--export-from``). Uses a GPU through Accelerate when one is present.
+
+    python tools/train_toy_base.py --work /tmp/toybase --out data/toy-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/toybase", help="working folder (data, checkpoints, partial pipelines)")
+    p.add_argument("--out", default="data/toy-base", help="where the final fp16 pipeline goes")
+    p.add_argument("--n-generic", type=int, default=8000)
+    p.add_argument("--n-mixed", type=int, default=3000)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--unet-steps", type=int, default=2000)
+    p.add_argument("--unet-batch", type=int, default=32)
+    p.add_argument("--unet-lr", type=float, default=6e-4)
+    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--export-from", help="export this partial pipeline folder to --out and stop")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ 1. render
+
+
+def render_data(work: Path, n_generic: int, n_mixed: int, seed: int) -> Path:
+    from lorakit.fileio import write_json
+    from lorakit.toyworld.render import caption, render
+    from lorakit.toyworld.scenes import generic_scene, mixed_scene
+
+    out = work / "data.npz"
+    if out.exists():
+        return out
+    rng = np.random.default_rng(seed)
+    scenes = [generic_scene(rng) for _ in range(n_generic)] + [mixed_scene(rng) for _ in range(n_mixed)]
+    images = np.stack([np.asarray(render(s)) for s in scenes])
+    captions = [caption(s) for s in scenes]
+    tmp = work / "data.tmp.npz"
+    np.savez(tmp, images=images, n_generic=n_generic)
+    write_json(captions, work / "captions.json")
+    os.replace(tmp, out)
+    log(f"rendered {len(scenes)} scenes -> {out}")
+    return out
+
+
+def load_data(work: Path):
+    d = np.load(work / "data.npz")
+    captions = json.loads((work / "captions.json").read_text())
+    return d["images"], int(d["n_generic"]), captions
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+# ------------------------------------------------------------------------------------------------ 2. vae
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, **tensors):
+        self.tensors = tensors
+        self.n = len(next(iter(tensors.values())))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+def _cfg(work: Path, name: str, steps: int, batch: int, lr: float, seed: int, save_every: int = 0):
+    from lorakit.training.loop import TrainConfig
+
+    return TrainConfig(
+        output_dir=str(work / name), output_name=f"toy-{name}", max_steps=steps, train_batch_size=batch,
+        learning_rate=lr, lr_scheduler="constant_with_warmup", lr_warmup_steps=min(100, steps // 10),
+        adam_weight_decay=0.0, max_grad_norm=1.0, checkpointing_steps=save_every * 5 if save_every else 0,
+        checkpoints_total_limit=1, save_every=save_every, logging="none", seed=seed, resume="latest",
+    )
+
+
+def train_vae(work: Path, steps: int, batch: int, seed: int):
+    from diffusers import AutoencoderKL
+
+    from lorakit.toyworld.base import toy_vae
+    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator
+
+    final = work / "vae" / "toy-vae"
+    if (final / "config.json").exists():
+        return AutoencoderKL.from_pretrained(final)
+    images, _, _ = load_data(work)
+    torch.manual_seed(seed)
+    vae = toy_vae()
+    cfg = _cfg(work, "vae", steps, batch, 1e-3, seed)
+    acc = make_accelerator(cfg)
+    opt = build_optimizer(cfg, [{"params": list(vae.parameters())}])
+    data = _Rows(image=to_tensor(images))
+
+    def compute_loss(b, step, models):
+        post = models[0].encode(b["image"]).latent_dist
+        rec = models[0].decode(post.sample()).sample
+        return (rec - b["image"]).abs().mean() + 1e-6 * post.kl().mean()
+
+    def save(path):
+        acc.unwrap_model(vae).save_pretrained(path)
+
+    t0 = time.time()
+    TrainLoop(cfg, acc, [vae], opt, data, compute_loss, save, artifact_suffix="").run()
+    log(f"vae trained {steps} steps in {time.time() - t0:.0f} s")
+    return AutoencoderKL.from_pretrained(final)
+
+
+# ------------------------------------------------------------------------------------------------ 3. latents
+
+
+@torch.no_grad()
+def encode_latents(work: Path, vae):
+    from lorakit.fileio import load_safetensors, save_safetensors
+
+    out = work / "latents.safetensors"
+    if out.exists():
+        t, _ = load_safetensors(out)
+        return t["mean"], t["std"], float(t["scale"])
+    images, n_generic, _ = load_data(work)
+    x = to_tensor(images[:n_generic])
+    means, stds = [], []
+    for i in range(0, len(x), 256):
+        d = vae.encode(x[i : i + 256]).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    scale = 1.0 / float(mean.std())
+    save_safetensors({"mean": mean, "std": std, "scale": torch.tensor(scale)}, out)
+    log(f"encoded {len(mean)} latents {tuple(mean.shape[1:])}, scaling_factor {scale:.4f}")
+    return mean, std, scale
+
+
+# ------------------------------------------------------------------------------------------------ 4. unet
+
+
+class LatentCaptions(torch.utils.data.Dataset):
+    """Cached VAE posteriors + caption ids; draws the latent sample per sample id (same on any process layout)."""
+
+    def __init__(self, mean, std, caption_ids, seed):
+        self.mean, self.std, self.ids, self.seed = mean, std, caption_ids, seed
+
+    def __len__(self):
+        return len(self.mean)
+
+    def get_item(self, i, sample_id):
+        from lorakit.training.loop import sample_generator
+
+        g = sample_generator(self.seed, sample_id, salt=11)
+        eps = torch.randn(self.mean[i].shape, generator=g)
+        drop = torch.rand((), generator=g) < 0.1
+        return {"latent": self.mean[i] + self.std[i] * eps, "caption": torch.tensor(0 if drop else self.ids[i])}
+
+
+def train_unet(work: Path, vae, mean, std, scale, args):
+    import copy
+
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from lorakit.models import save_pipeline
+    from lorakit.toyworld.base import build_toy_pipeline
+    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, randint_per_sample, randn_per_sample
+
+    _, n_generic, captions = load_data(work)
+    captions = captions[:n_generic]
+    vocab = [""] + sorted(set(captions))
+    ids = [vocab.index(c) for c in captions]
+    vae.register_to_config(scaling_factor=scale)
+    pipe = build_toy_pipeline(seed=args.seed, vae=vae)
+    with torch.no_grad():
+        tok = pipe.tokenizer(vocab, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        text = pipe.text_encoder(tok.input_ids)[0]  # [n_captions, 77, 64]
+    unet = pipe.unet
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas = noise_sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    ema = EMAModel(copy.deepcopy(unet).parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
+    cfg = _cfg(work, "unet", args.unet_steps, args.unet_batch, args.unet_lr, args.seed, args.save_every)
+    acc = make_accelerator(cfg)
+    opt = build_optimizer(cfg, [{"params": list(unet.parameters())}])
+    data = LatentCaptions(mean * scale, std * scale, ids, args.seed)
+    state = {"ema_step": 0}
+    text = text.to(acc.device)
+    ema.to(acc.device)
+
+    def update_ema(step):
+        # The loop calls compute_loss(step) right after optimizer step `step`: fold that step into the EMA.
+        if step > state["ema_step"]:
+            ema.step(acc.unwrap_model(unet).parameters())
+            state["ema_step"] = step
+
+    def compute_loss(b, step, models):
+        update_ema(step)
+        x0, sid = b["latent"], b["sample_id"]
+        noise = randn_per_sample(x0.shape[1:], sid, args.seed, salt=0, device=x0.device)
+        t = randint_per_sample(0, noise_sched.config.num_train_timesteps, sid, args.seed, salt=1, device=x0.device)
+        xt = noise_sched.add_noise(x0, noise, t)
+        pred = models[0](xt, t, text[b["caption"]]).sample
+        w = (torch.clamp(snr[t.cpu()], max=5.0) / snr[t.cpu()]).to(x0.device)  # Min-SNR-5 for epsilon
+        return (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+    def save(path):
+        update_ema(loop.global_step)
+        ema_unet = copy.deepcopy(acc.unwrap_model(unet)).cpu()
+        ema.copy_to(ema_unet.parameters())
+        pipe_out = build_toy_pipeline(seed=args.seed, vae=vae, unet=ema_unet)
+        pipe_out.text_encoder.load_state_dict(pipe.text_encoder.state_dict())
+        save_pipeline(pipe_out, path)
+        log(f"saved pipeline (EMA) at step {loop.global_step} -> {path}")
+
+    t0 = time.time()
+    loop = TrainLoop(cfg, acc, [unet], opt, data, compute_loss, save, artifact_suffix="")
+    result = loop.run()
+    log(f"unet trained {result.global_step} steps in {time.time() - t0:.0f} s, final loss {result.losses[-1]:.4f}")
+    return Path(result.final_path)
+
+
+# ------------------------------------------------------------------------------------------------ 5. export
+
+
+def export(src: Path, out: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from lorakit.models import save_pipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+    pipe.to(torch.float16)
+    save_pipeline(pipe, out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    log(f"exported {src} -> {out} (fp16, {size / 1e6:.1f} MB)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.export_from:
+        export(Path(args.export_from), Path(args.out))
+        return 0
+    t0 = time.time()
+    render_data(work, args.n_generic, args.n_mixed, args.seed)
+    vae = train_vae(work, args.vae_steps, args.vae_batch, args.seed)
+    mean, std, scale = encode_latents(work, vae)
+    final = train_unet(work, vae, mean, std, scale, args)
+    export(final, Path(args.out))
+    log(f"total {time.time() - t0:.0f} s ({math.ceil((time.time() - t0) / 60)} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
