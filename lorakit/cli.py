@@ -12,6 +12,7 @@ import sys
 
 # (subcommand, module) in the order ``--help`` lists them.
 COMMANDS = [
+    ("train", "lorakit.commands.train"),
     ("inspect", "lorakit.commands.inspect"),
     ("make-tiny", "lorakit.commands.make_tiny"),
     ("eval", "lorakit.commands.eval"),

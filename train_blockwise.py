@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Block-wise LoRA / LoCon trainer.
+
+    accelerate launch train_blockwise.py --config train_configs/toy_character.yaml [key=value ...]
+    python train_blockwise.py --config train_configs/toy_style_upper.yaml max_steps=100
+
+The recipe lives in lorakit/training/blockwise.py; docs/training.md lists every key.
+"""
+
+import sys
+
+from lorakit.training.blockwise import main
+
+if __name__ == "__main__":
+    sys.exit(main())
