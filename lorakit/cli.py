@@ -15,6 +15,7 @@ COMMANDS = [
     ("train", "lorakit.commands.train"),
     ("inspect", "lorakit.commands.inspect"),
     ("make-tiny", "lorakit.commands.make_tiny"),
+    ("fuse", "lorakit.commands.fuse"),
     ("eval", "lorakit.commands.eval"),
     ("toyworld", "lorakit.commands.toyworld"),
 ]

@@ -1,0 +1,89 @@
+"""Fusion of several adapters into one model or one adapter (``lorakit fuse``).
+
+Methods: ``gradient`` (Mix-of-Show gradient fusion in closed form, :mod:`lorakit.fusion.gradient`) and the
+weight merges ``weighted``/``cat``/``svd``/``ties``/``dare`` (:mod:`lorakit.fusion.merge`); activation
+statistics in :mod:`lorakit.fusion.capture`.
+
+A method is a function ``run(inputs: FuseInputs) -> FuseResult``, registered by one line in ``METHODS`` of
+``lorakit/commands/fuse.py``; the command loads the adapters, resolves weights and prompts, and writes the
+outputs (adapter file and/or pipeline folder + ``lorakit_fusion.json``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # keep ``lorakit --help`` free of torch imports
+    from lorakit.adapters.io import Adapter, LoraModule
+
+DEFAULT_TEMPLATE = "photo of a {}"
+# Used for files with neither --prompts nor trigger metadata (e.g. LoRAs downloaded from the web).
+GENERIC_PROMPTS = ["a photo", "a high quality picture"]
+
+
+@dataclass
+class FuseInputs:
+    """Everything a fusion method gets.
+
+    adapters/paths/names: the input adapters (loaded), their files and short names.
+    weights: one multiplier per adapter (``--weights``, default 1.0).
+    prompts / sample_prompts: per adapter, the prompts for text-side statistics and for sampling.
+    load_pipe: ``load_pipe()`` returns the base pipeline on this process's device (loaded once; None without --base).
+    args: the parsed command line (method-specific options live here, e.g. ``args.steps``, ``args.hypernet``).
+    """
+
+    method: str
+    adapters: list[Adapter]
+    paths: list[str]
+    names: list[str]
+    weights: list[float]
+    prompts: list[list[str]]
+    sample_prompts: list[list[str]]
+    rank: int | None
+    seed: int
+    load_pipe: Any
+    args: Any
+    prompt_sources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FuseResult:
+    """What a method returns.
+
+    modules: ``{key: LoraModule}``, the fused delta over the base (needed for ``--out-format adapter``).
+    pipeline: the fused pipeline, when the method built it (else the command adds ``modules`` to the base).
+    report: method-specific JSON-able details (settings, per-layer residuals...), merged into lorakit_fusion.json.
+    extra / metadata: extra tensors and header metadata for the adapter file (ED-LoRA embeddings, token table).
+    """
+
+    modules: dict[str, LoraModule] | None = None
+    pipeline: Any = None
+    report: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+
+def concept_prompts(adapter: Adapter, name: str, given: str | None, template: str = DEFAULT_TEMPLATE):
+    """Prompts for one adapter: from ``--prompts`` (``|``-separated), its ``lorakit.trigger``, or a generic default.
+
+    Returns:
+        (prompts for the text encoder / to_k,to_v statistics, prompts to sample, source) where source is
+        ``"--prompts"``, ``"trigger"`` or ``"generic"``. Trigger ``t`` gives ``[template(t), t]`` and samples
+        ``[template(t)]`` (the Mix-of-Show reference's "photo of a {c}" and "{c}").
+    """
+    if given:
+        prompts = [p.strip() for p in given.split("|") if p.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts for {name} is empty")
+        return prompts, prompts, "--prompts"
+    trigger = (adapter.metadata.get("lorakit.trigger") or "").strip()
+    if trigger:
+        return [template.format(trigger), trigger], [template.format(trigger)], "trigger"
+    warnings.warn(
+        f"{name}: no --prompts and no lorakit.trigger metadata; using generic prompts {GENERIC_PROMPTS} "
+        "(give --prompts 'trigger words ...' for a fusion that knows what this adapter draws)",
+        stacklevel=2,
+    )
+    return list(GENERIC_PROMPTS), list(GENERIC_PROMPTS), "generic"
