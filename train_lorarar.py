@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""LoRA.rar merging-hypernetwork trainer.
+
+    accelerate launch train_lorarar.py --config train_configs/toy_lorarar.yaml [key=value ...]
+    python train_lorarar.py --config train_configs/toy_lorarar.yaml max_steps=50
+
+The recipe lives in lorakit/training/lorarar.py; docs/lorarar.md describes every key.
+"""
+
+import sys
+
+from lorakit.training.lorarar import main
+
+if __name__ == "__main__":
+    sys.exit(main())
