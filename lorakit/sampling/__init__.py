@@ -1,0 +1,257 @@
+"""Sampling with several LoRAs: merge, LoRA Switch, LoRA Composite, CMLoRA, regional prompts.
+
+Python API::
+
+    from lorakit.sampling import SampleJob, run_sample
+    paths = run_sample(SampleJob(base="tiny:sd1", adapters=["a.safetensors", "b.safetensors"], method="cmlora",
+                                 prompts=["a photo of a cat"], out_dir="out", steps=20))
+
+Each image is written as ``<out>/<prompt#>-<image#>-s<seed>.png`` with a JSON sidecar of the same name holding
+every setting, the adapters (paths, SHA-256, weights), the seed and the method's schedule, so
+:func:`regenerate` (or the same command) makes the identical image again.
+
+Under ``accelerate launch`` the (prompt, seed) items are split across processes with accelerate's
+``split_between_processes``; an item's image depends only on its prompt and seed, so it is the same as in a
+single process (with the same ``batch_size``; use 1 for bitwise equality across process counts).
+
+Lower-level pieces: :mod:`.composer` (methods), :mod:`.frequency` (profiles), :mod:`.cache` (split UNet),
+:mod:`.regional` (attention processor).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lorakit.sampling.composer import (
+    METHODS,
+    LoadedAdapter,
+    SamplerSettings,
+    dominance_schedule,
+    file_sha256,
+    generate,
+    load_adapters,
+    step_weights,
+)
+from lorakit.sampling.frequency import ProfileSettings, order_by_frequency, profile_adapters
+
+__all__ = [
+    "METHODS",
+    "LoadedAdapter",
+    "ProfileSettings",
+    "SampleJob",
+    "SamplerSettings",
+    "dominance_schedule",
+    "generate",
+    "load_adapters",
+    "order_by_frequency",
+    "profile_adapters",
+    "regenerate",
+    "run_profile",
+    "run_sample",
+    "step_weights",
+]
+
+SIDECAR_VERSION = "1"
+
+
+@dataclass
+class SampleJob:
+    """Everything one ``lorakit sample`` run needs (also what a sidecar records)."""
+
+    base: str
+    adapters: list[str]
+    out_dir: str
+    prompts: list[str] = field(default_factory=list)
+    negative_prompt: str = ""
+    weights: list[float] | None = None
+    seed: int = 0
+    num_images: int = 1
+    batch_size: int = 1
+    regions: str | None = None
+    dtype: str = "auto"
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    profile_prompt: str = "a picture"
+    profile_steps: int | None = None
+    profile_seeds: tuple[int, ...] = (0, 1)
+
+
+def _dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if getattr(device, "type", str(device)) == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"dtype must be auto, fp32, fp16 or bf16, got {name!r}")
+    return table[name]
+
+
+def _quiet_loading():
+    """Silence transformers' per-load key report (diffusers loads text-encoder LoRA through it)."""
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def load_pipeline(base: str, dtype: str = "auto", device=None):
+    """Load the base (``lorakit.models.load_base``) on ``device`` with the progress bar off."""
+    from accelerate import PartialState
+
+    from lorakit.models import load_base
+
+    device = device or PartialState().device
+    pipe = load_base(base, torch_dtype=_dtype(dtype, device)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _cmlora_order(pipe, job: SampleJob, adapters: list[LoadedAdapter]) -> tuple[list[int], dict]:
+    if job.sampler.order == "given" or len(adapters) == 1:
+        return list(range(len(adapters))), {}
+    prof = ProfileSettings(
+        base=job.base,
+        prompt=job.profile_prompt,
+        negative_prompt=job.negative_prompt,
+        steps=job.profile_steps or job.sampler.steps,
+        cfg=job.sampler.cfg,
+        seeds=tuple(job.profile_seeds),
+        width=job.sampler.width,
+        height=job.sampler.height,
+        scheduler=job.sampler.scheduler,
+    )
+    profiles = profile_adapters(pipe, adapters, prof, progress=False)
+    scores = [profiles[a.name]["score"] for a in adapters]
+    order, groups = order_by_frequency(scores, job.sampler.order)
+    return order, {a.name: {"score": s, "group": g} for a, s, g in zip(adapters, scores, groups)}
+
+
+def _work_items(job: SampleJob, prompts: list[str]) -> list[tuple[int, int, int]]:
+    """(prompt index, image index, seed) for every image of the run."""
+    return [(p, i, job.seed + i) for p in range(len(prompts)) for i in range(job.num_images)]
+
+
+def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
+    """Generate and save every image of a job on this process's share of the work (see module docstring).
+
+    Returns:
+        The PNG paths this process wrote.
+    Raises:
+        ValueError / FileNotFoundError naming the bad setting or file.
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from lorakit.fileio import _atomic, write_json
+    from lorakit.sampling.regional import load_regions
+
+    job.sampler.check()
+    if job.num_images < 1 or job.batch_size < 1:
+        raise ValueError(f"num_images and batch_size must be >= 1, got {job.num_images} and {job.batch_size}")
+    if not job.adapters:
+        raise ValueError("no adapters given: pass at least one adapter file")
+    state = PartialState()
+    _quiet_loading()
+    pipe = load_pipeline(job.base, job.dtype, state.device)
+    adapters = load_adapters(pipe, job.adapters, job.weights)
+    from lorakit.sampling.composer import image_size
+
+    height, width = image_size(pipe, job.sampler)
+    regions = load_regions(job.regions, width, height) if job.regions else None
+    prompts = [regions.prompt] if regions is not None else list(job.prompts)
+    if not prompts:
+        raise ValueError("no prompt given: pass --prompt (or a --regions file with a global prompt)")
+    order, profile = (None, {})
+    if job.sampler.method == "cmlora":
+        order, profile = _cmlora_order(pipe, job, adapters)
+    out_dir = Path(job.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = _work_items(job, prompts)
+    written = []
+    with state.split_between_processes(items) as mine:
+        batches = []
+        for p in sorted({it[0] for it in mine}):
+            share = [it for it in mine if it[0] == p]
+            batches += [share[k : k + job.batch_size] for k in range(0, len(share), job.batch_size)]
+        bar = tqdm(total=len(mine), desc=f"sample[{state.process_index}]", disable=not progress or not state.is_local_main_process)
+        for batch in batches:
+            p = batch[0][0]
+            images, info = generate(
+                pipe, adapters, job.sampler, prompts[p], job.negative_prompt, [s for _, _, s in batch], regions, order
+            )
+            for (p_idx, i, seed), image in zip(batch, images):
+                stem = f"{p_idx:03d}-{i:04d}-s{seed}"
+                png = out_dir / f"{stem}.png"
+                _atomic(png, lambda tmp, im=image: im.save(tmp, format="PNG"))
+                sidecar = {
+                    "lorakit.sidecar": SIDECAR_VERSION,
+                    "base": job.base,
+                    "prompt": prompts[p_idx],
+                    "negative_prompt": job.negative_prompt,
+                    "prompt_index": p_idx,
+                    "image_index": i,
+                    "seed": seed,
+                    "dtype": job.dtype,
+                    "adapters": [a.record() for a in adapters],
+                    "sampler": asdict(job.sampler),
+                    "regions": regions.to_dict() if regions is not None else None,
+                    "regions_file": job.regions,
+                    "profile": profile,
+                    "profile_settings": {"prompt": job.profile_prompt, "steps": job.profile_steps, "seeds": list(job.profile_seeds)},
+                    "batch_size": job.batch_size,
+                    "schedule": {k: v for k, v in info.items() if k in ("order", "dominants", "active_per_step", "passes")},
+                }
+                write_json(sidecar, png.with_suffix(".json"))
+                written.append(png)
+            bar.update(len(batch))
+        bar.close()
+    state.wait_for_everyone()
+    return written
+
+
+def regenerate(sidecar_path: str | Path, out_dir: str | Path) -> Path:
+    """Regenerate the image a JSON sidecar describes into ``out_dir`` (checks each adapter file's SHA-256)."""
+    data = json.loads(Path(sidecar_path).read_text())
+    for a in data["adapters"]:
+        if file_sha256(a["path"]) != a["sha256"]:
+            raise ValueError(f"{a['path']}: SHA-256 differs from the one recorded in {sidecar_path}; the adapter changed")
+    sampler = SamplerSettings(**data["sampler"])
+    prof = data.get("profile_settings") or {}
+    job = SampleJob(
+        base=data["base"],
+        adapters=[a["path"] for a in data["adapters"]],
+        weights=[a["weight"] for a in data["adapters"]],
+        out_dir=str(out_dir),
+        prompts=[data["prompt"]],
+        negative_prompt=data["negative_prompt"],
+        seed=data["seed"],
+        num_images=1,
+        dtype=data.get("dtype", "auto"),
+        sampler=sampler,
+        profile_prompt=prof.get("prompt", "a picture"),
+        profile_steps=prof.get("steps"),
+        profile_seeds=tuple(prof.get("seeds", (0, 1))),
+    )
+    if data.get("regions_file"):
+        job.regions = data["regions_file"]
+    return run_sample(job, progress=False)[0]
+
+
+def run_profile(base: str, adapters: list[str], settings: ProfileSettings | None = None, dtype: str = "auto",
+                use_cache: bool = True) -> dict:
+    """Profile adapter files on a base: ``{path: {'score', 'group', 'rank', 'cached', ...}}`` (see :mod:`.frequency`)."""
+    _quiet_loading()
+    pipe = load_pipeline(base, dtype)
+    loaded = load_adapters(pipe, adapters)
+    settings = settings or ProfileSettings(base=base)
+    profiles = profile_adapters(pipe, loaded, settings, use_cache=use_cache)
+    scores = [profiles[a.name]["score"] for a in loaded]
+    order, groups = order_by_frequency(scores, "high-first")
+    rank = {idx: r for r, idx in enumerate(order)}
+    return {
+        a.path: {**profiles[a.name], "group": groups[i], "rank": rank[i]} for i, a in enumerate(loaded)
+    }
