@@ -569,6 +569,9 @@ def ziplora_merge(
     sources: tuple[str | None, str | None] = (None, None),
     seed: int = 0,
     progress: bool = True,
+    num_images: int = 4,
+    reference_size: int | None = None,
+    generate_steps: int = 20,
 ) -> tuple[Adapter, dict]:
     """Merge a content and a style LoRA with ZipLoRA; the result is an exact rank ``r_c + r_s`` LoRA.
 
@@ -577,6 +580,7 @@ def ziplora_merge(
         layers: UNet layer patterns that get coefficients (default every layer both adapters touch).
         refs: precomputed references; default :func:`reference_for` each adapter.
         sources: the adapters' file paths (metadata, messages).
+        num_images / reference_size / generate_steps: for references found or generated (:func:`reference_for`).
     Returns:
         ``(merged adapter, info)`` with ``info = {"history": [loss per step], "coefficients": {...}}``.
     """
@@ -584,7 +588,8 @@ def ziplora_merge(
     if not plan.merged:
         raise AdapterError(f"no layer both adapters touch matches the merge layers {list(layers)}")
     if refs is None:
-        refs = (reference_for(pipe, content, sources[0], seed=seed), reference_for(pipe, style, sources[1], seed=seed + 1))
+        kw = dict(num_images=num_images, size=reference_size, generate_steps=generate_steps)
+        refs = (reference_for(pipe, content, sources[0], seed=seed, **kw), reference_for(pipe, style, sources[1], seed=seed + 1, **kw))
     loss_fn = ZipLoRALoss(pipe.unet, noise_scheduler_of(pipe), plan, *refs, lam=lam)
     coeffs, history = optimize_coefficients(loss_fn, steps=steps, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
     meta = merge_metadata("ziplora", content, style, sources, steps=steps, lr=lr, lam=lam, layers=list(layers))

@@ -1,0 +1,117 @@
+"""ZipLoRA: the per-pair optimisation lowers its loss; references come from folders, metadata or generation."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lorakit.adapters.io import load_adapter
+from lorakit.fusion.ziplora import (
+    ZipLoRALoss,
+    eval_batches,
+    evaluate,
+    merged_delta,
+    noise_scheduler_of,
+    ones_coefficients,
+    plan_merge,
+    reference_for,
+    ziplora_merge,
+)
+from lorakit.testing import random_adapter
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def refs(pipe, content, style):
+    g = torch.Generator().manual_seed(0)
+    rc = reference_for(pipe, content, images=torch.rand(3, 3, 16, 16, generator=g) * 2 - 1, prompt="a sks dog")
+    rs = reference_for(pipe, style, images=torch.rand(3, 3, 16, 16, generator=g) * 2 - 1, prompt="in zwx style")
+    return rc, rs
+
+
+def test_ziplora_lowers_the_loss_on_its_pair(sd1_pipe, tmp_path):
+    content = random_adapter(sd1_pipe, "all", rank=4, alpha=4.0, seed=1, std=0.3)
+    style = random_adapter(sd1_pipe, "upper", rank=4, alpha=4.0, seed=2, std=0.3)
+    rc, rs = refs(sd1_pipe, content, style)
+    before = {k: v.clone() for k, v in sd1_pipe.unet.state_dict().items()}
+    merged, info = ziplora_merge(sd1_pipe, content, style, steps=12, lr=0.05, refs=(rc, rs), progress=False)
+    lf: ZipLoRALoss = info["loss_fn"]
+    batches = eval_batches(lf, n=3, batch_size=2)
+    plain = evaluate(lf, ones_coefficients(lf.plan), batches)
+    zipped = evaluate(lf, info["coefficients"], batches)
+    assert zipped < 0.9 * plain, (zipped, plain)
+    assert len(info["history"]) == 12
+    # the base is untouched and the result is the exact merge of the learned coefficients
+    assert all(torch.equal(v, sd1_pipe.unet.state_dict()[k]) for k, v in before.items())
+    for la in lf.plan.merged:
+        m_c, m_s = info["coefficients"][la.key]
+        assert not torch.allclose(m_c, torch.ones_like(m_c))
+        torch.testing.assert_close(merged.modules[la.key].delta(), merged_delta(la.content.delta(), la.style.delta(), m_c, m_s),
+                                   rtol=0, atol=1e-6)
+    assert json.loads(merged.metadata["lorakit.merge"])["method"] == "ziplora"
+
+
+def test_loss_at_coefficients_one_is_the_sum_of_both_loras(sd1_pipe):
+    """The merged model at m = 1 is W0 + dW_c + dW_s: check one prediction against weights patched by hand."""
+    content = random_adapter(sd1_pipe, "all", rank=2, alpha=2.0, seed=4, std=0.3)
+    style = random_adapter(sd1_pipe, "upper", rank=2, alpha=2.0, seed=5, std=0.3)
+    rc, rs = refs(sd1_pipe, content, style)
+    lf = ZipLoRALoss(sd1_pipe.unet, noise_scheduler_of(sd1_pipe), plan_merge(content, style, ["to_q"]), rc, rs, lam=0.0)
+    (batch,) = eval_batches(lf, n=1, batch_size=1)
+    weights, cos = lf.merged_weights(ones_coefficients(lf.plan))
+    unet = copy.deepcopy(sd1_pipe.unet)
+    with torch.no_grad():
+        for adapter in (content, style):
+            for key, mod in adapter.modules.items():
+                w = unet.get_submodule(key.split(".", 1)[1]).weight
+                w.add_(mod.delta().reshape(w.shape))
+        want = unet(batch.noisy[0], batch.timesteps[0], **batch.cond[0]).sample
+        got = lf.predict(weights, batch.noisy[0], batch.timesteps[0], batch.cond[0])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert 0 < float(cos) < len(lf.plan.merged)
+
+
+def test_references_from_folder_metadata_or_generation(sd1_pipe, tmp_path):
+    adapter = random_adapter(sd1_pipe, "upper", rank=2, alpha=2.0, seed=6)
+    # no images anywhere -> generated with the LoRA alone, with a warning; the trigger is the prompt
+    adapter.metadata["lorakit.trigger"] = "zwx style"
+    with pytest.warns(UserWarning, match="generating 2 with this LoRA alone"):
+        ref = reference_for(sd1_pipe, adapter, "style.safetensors", num_images=2, generate_steps=2, size=16)
+    assert ref.latents.shape == (2, 4, 8, 8) and ref.prompts == ["zwx style"] * 2
+    assert ref.embeds.shape == (2, 77, 32)
+    # a data folder named in lorakit.config: images + same-name captions
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "1.txt").write_text("a caption")
+    adapter.metadata["lorakit.config"] = json.dumps({"data": {"path": str(folder)}})
+    ref = reference_for(sd1_pipe, adapter, num_images=3, size=16)
+    assert ref.latents.shape == (3, 4, 8, 8)
+    assert ref.prompts == ["zwx style", "a caption", "zwx style"]
+    with pytest.raises(FileNotFoundError, match="reference image folder not found: .*nope"):
+        reference_for(sd1_pipe, adapter, images=tmp_path / "nope")
+
+
+def test_ziplora_works_on_sdxl(sdxl_pipe):
+    content = random_adapter(sdxl_pipe, "all", rank=2, alpha=2.0, seed=1, std=0.3)
+    style = random_adapter(sdxl_pipe, "middle", rank=2, alpha=2.0, seed=2, std=0.3)
+    g = torch.Generator().manual_seed(0)
+    rc = reference_for(sdxl_pipe, content, images=torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, prompt="a sks dog")
+    rs = reference_for(sdxl_pipe, style, images=torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, prompt="zwx style")
+    assert rc.text_embeds is not None and rc.time_ids.shape == (2, 6)
+    merged, info = ziplora_merge(sdxl_pipe, content, style, steps=2, layers=["to_q"], refs=(rc, rs), progress=False)
+    assert len(info["history"]) == 2 and all(np.isfinite(info["history"]))
+    assert {k for k in merged.modules} == set(content.modules) | set(style.modules)
