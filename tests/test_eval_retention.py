@@ -1,0 +1,91 @@
+"""Retention mechanics on tiny pipelines: fused == a concept's own adapter keeps 1.0 of it; fused == base keeps 0."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from lorakit.adapters.io import adapter_metadata, live_path, save_adapter
+from lorakit.cli import main
+from lorakit.eval.retention import ConceptSpec, retention
+from lorakit.testing import random_adapter
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny UNets gain nothing from a second thread, and on a shared, busy CPU its spin-waits cost 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _merged_copy(pipe, adapter):
+    """The base with ``W0 + delta`` written into its weights (a reference 'fused' model, no peft)."""
+    out = copy.deepcopy(pipe)
+    with torch.no_grad():
+        for key, mod in adapter.modules.items():
+            comp, path = key.split(".", 1)
+            model = getattr(out, comp)
+            layer = model.get_submodule(live_path(model, path))
+            layer.weight += mod.delta().reshape(layer.weight.shape)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd1_adapters(sd1_pipe):
+    a = random_adapter(sd1_pipe, blocks={"IN1": 4, "OUT2": 4}, text_encoder=True, seed=1, std=0.2)
+    b = random_adapter(sd1_pipe, blocks={"MID": 4, "OUT1": 4}, seed=2, std=0.2)
+    return a, b
+
+
+def test_fused_equal_to_one_adapter_keeps_it_all(sd1_pipe, sd1_adapters):
+    a, b = sd1_adapters
+    concepts = [ConceptSpec("a", a, ["red cat", "a picture of red cat"]), ConceptSpec("b", b, ["blue dog"])]
+    res = retention(copy.deepcopy(sd1_pipe), concepts, a, samples=2)
+    ra, rb = res["concepts"]
+    assert ra["projection"] == pytest.approx(1.0, abs=1e-6) and ra["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert ra["rel_error"] == pytest.approx(0.0, abs=1e-6) and ra["own_change"] > 1e-3
+    assert abs(rb["projection"] - 1.0) > 0.2 and rb["rel_error"] > 0.2  # a different adapter is not b
+    assert res["mean"]["projection"] == pytest.approx((ra["projection"] + rb["projection"]) / 2)
+
+
+def test_fused_equal_to_base_keeps_nothing(sd1_pipe, sd1_adapters):
+    a, _ = sd1_adapters
+    res = retention(copy.deepcopy(sd1_pipe), [ConceptSpec("a", a, ["red cat"])], sd1_pipe, samples=2)
+    r = res["concepts"][0]
+    assert r["projection"] == 0.0 and r["cosine"] == 0.0 and r["rel_error"] == pytest.approx(1.0)
+    # merge:1 of a single adapter is that adapter
+    res = retention(copy.deepcopy(sd1_pipe), [ConceptSpec("a", a, ["red cat"])], "merge:1.0", samples=1)
+    assert res["concepts"][0]["projection"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_cli_with_fused_folder(sd1_pipe, sd1_adapters, tmp_path):
+    from lorakit.models import save_pipeline
+
+    a, b = sd1_adapters
+    a.metadata.update(adapter_metadata("sd1", "lora", trigger="red cat"))
+    save_adapter(a, tmp_path / "a.safetensors")
+    save_adapter(b, tmp_path / "b.safetensors")
+    save_pipeline(_merged_copy(sd1_pipe, a), tmp_path / "fused")
+    out = tmp_path / "ret"
+    assert main(["eval", "--metric", "retention", "--base", "tiny:sd1:0", "--adapters", str(tmp_path / "a.safetensors"),
+                 str(tmp_path / "b.safetensors"), "--prompts", "red cat|a picture of red cat", "blue dog",
+                 "--fused", str(tmp_path / "fused"), "--samples", "2", "--out", str(out), "--device", "cpu"]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    ra = res["concepts"][0]
+    assert ra["name"] == "a" and ra["prompts"] == ["red cat", "a picture of red cat"]
+    assert ra["projection"] == pytest.approx(1.0, abs=1e-3) and ra["cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert "| mean |" in out.with_suffix(".md").read_text()
+    # default prompts come from the trigger; b has none -> a clear error naming the file
+    assert main(["eval", "--metric", "retention", "--base", "tiny:sd1:0", "--adapters", str(tmp_path / "b.safetensors"),
+                 "--fused", "merge", "--out", str(out)]) == 1
+
+
+def test_sdxl_fused_adapter_file(sdxl_pipe, tmp_path):
+    a = random_adapter(sdxl_pipe, blocks={"OUT0": 4}, text_encoder=True, seed=3, std=0.2)
+    save_adapter(a, tmp_path / "a.safetensors")
+    res = retention(copy.deepcopy(sdxl_pipe), [ConceptSpec("a", a, ["red cat"])], str(tmp_path / "a.safetensors"), samples=2)
+    assert res["concepts"][0]["projection"] == pytest.approx(1.0, abs=1e-6)
+    assert res["concepts"][0]["own_change"] > 1e-3
