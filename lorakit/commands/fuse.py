@@ -46,6 +46,12 @@ _GRADIENT_ARGS = (
     Arg(("--max-conv-dim",), dict(type=int, default=4608, help="gradient: solve a conv on unfolded patches when "
                                   "in*kh*kw <= this (Gram memory 8*dim^2 bytes); larger convs use the weighted "
                                   "average and are listed in the report (default 4608; 0 = never solve convs)")),
+    Arg(("--ridge-target",), dict(choices=["base", "average"], default="base",
+                                  help="gradient: the ridge pulls toward W0 (base, default: unseen input directions "
+                                       "keep the base weights) or toward the weighted average")),
+    Arg(("--unet-inputs",), dict(choices=["fused_text", "own"], default="fused_text",
+                                 help="gradient: sample the UNet stage with the fused text encoder and to_k/to_v "
+                                      "(fused_text, the reference) or with each concept's own ones")),
     Arg(("--scheduler",), dict(default=None, help="gradient: sampler while recording (ddim, ddpm, euler, euler_a, "
                                                    "dpmpp_2m, dpmpp_2m_karras; default: the pipeline's)")),
 )
@@ -58,6 +64,20 @@ _MERGE_ARGS = (
                                    help="ties/dare-ties: sign election by summed magnitude or by count")),
     Arg(("--dare-variant",), dict(choices=["linear", "ties"], default="linear",
                                   help="dare: peft dare_linear (weighted sum) or dare_ties (sign election + mean)")),
+)
+
+_PAIR_ARGS = (  # ziplora / lorarar (lorakit.fusion.ziplora, lorakit.fusion.lorarar)
+    Arg(("--hypernet",), dict(help="lorarar: the trained hypernetwork .safetensors (train_lorarar.py)")),
+    Arg(("--layers",), dict(nargs="+", metavar="PATTERN", help="ziplora/lorarar: UNet layers that get per-column "
+                                                                "coefficients, e.g. to_q to_out.0 (default: ziplora "
+                                                                "every shared layer, lorarar the hypernetwork's)")),
+    Arg(("--lr",), dict(type=float, default=0.01, help="ziplora: Adam learning rate of the coefficients (0.01)")),
+    Arg(("--lam",), dict(type=float, default=0.01, help="ziplora: weight of the |cos| term (0.01)")),
+    Arg(("--ref-images",), dict(nargs=2, metavar="DIR", help="ziplora: reference image folders of CONTENT and "
+                                                             "STYLE (default: the files' metadata, else generated)")),
+    Arg(("--ref-num",), dict(type=int, default=4, help="ziplora: reference images per LoRA (4)")),
+    Arg(("--ref-size",), dict(type=int, default=None, help="ziplora: reference image size in pixels (default: base's)")),
+    Arg(("--ref-steps",), dict(type=int, default=20, help="ziplora: sampling steps for generated references (20)")),
 )
 
 # name -> Method. Order = the order --help lists them.
@@ -81,6 +101,13 @@ METHODS: dict[str, Method] = {
     "dare": Method("lorakit.fusion.merge", "run", "DARE (peft dare_linear / dare_ties): drop entries at random "
                    "keeping --density, rescale by 1/density, weighted sum (or TIES merge); SVD to --rank",
                    args=_MERGE_ARGS),
+    "ziplora": Method("lorakit.fusion.ziplora", "run_fuse", "ZipLoRA: --adapters CONTENT STYLE; per-column "
+                      "coefficients m_c, m_s (init 1) optimised --steps (default 100) on the base so the merge "
+                      "reproduces each LoRA on its reference images; exact rank r_c + r_s LoRA", needs_base=True,
+                      args=_PAIR_ARGS),
+    "lorarar": Method("lorakit.fusion.lorarar", "run_fuse", "LoRA.rar: --adapters CONTENT STYLE merged in one "
+                      "forward pass of a trained --hypernet (train_lorarar.py); exact rank r_c + r_s LoRA",
+                      args=_PAIR_ARGS),
 }
 
 

@@ -66,7 +66,9 @@ class GradientSettings:
     resolution: sampling height = width in pixels; None = the pipeline default (512 SD1, 1024 SDXL).
     samples: samples (seeds) per sampling prompt.
     guidance: CFG scale while recording (reference: 1.0, no CFG).
-    ridge: ridge toward W0, relative to trace(G)/in.
+    ridge: ridge strength, relative to trace(G)/in.
+    ridge_target: ``base`` (toward W0, as the spec and the reference's LBFGS started at W0) or ``average``
+        (toward the weighted average ``W0 + (1/N) sum_i a_i dW_i``: unseen directions keep the average).
     max_conv_dim: solve a Conv2d on unfolded patches when in*kh*kw <= this; larger convs fall back to the
         weighted average (reported). 0 = weighted average for every conv.
     scheduler: a ``lorakit.models.sd_scheduler`` name for sampling; None = the pipeline's own.
@@ -83,6 +85,7 @@ class GradientSettings:
     seed: int = 0
     scheduler: str | None = None
     unet_inputs: str = "fused_text"
+    ridge_target: str = "base"
     progress: bool = True
     keep_inputs: bool = False  # tests / bench only: keep raw activations for the LBFGS reference
 
@@ -166,7 +169,7 @@ def build_problems(pipe, concepts: list[Concept]) -> dict[str, LayerProblem]:
 
 
 def solve_layer(G: torch.Tensor, P: dict[int, torch.Tensor], prob: LayerProblem, n_concepts: int, ridge: float,
-                fallback: str | None = None) -> LayerSolution:
+                fallback: str | None = None, ridge_target: str = "base") -> LayerSolution:
     """Closed-form fused delta of one layer and its residuals.
 
     Args:
@@ -198,7 +201,8 @@ def solve_layer(G: torch.Tensor, P: dict[int, torch.Tensor], prob: LayerProblem,
         if info.item() != 0:  # numerically indefinite: a larger ridge
             lam = max(lam, 1e-10 * trace / n) * 1e3
             L = torch.linalg.cholesky(G + lam * torch.eye(n, dtype=G.dtype, device=G.device))
-        M = torch.cholesky_solve(Pst.T, L).T  # P A^-1, [R, in]
+        rhs = Pst if ridge_target == "base" else Pst + lam * Dw  # ridge toward W0 or toward the weighted average
+        M = torch.cholesky_solve(rhs.T, L).T  # (P + lam Dw?) A^-1, [R, in]
         report.update(method="closed_form", ridge_lambda=lam)
     else:
         M = Dw
@@ -354,7 +358,7 @@ def run_stage(pipe, stage: str, probs: dict[str, LayerProblem], concepts: list[C
                               fallback=fallback[p.key])
         else:
             st = collectors[p.component].stats[p.key]
-            sol = solve_layer(st.G, st.P, p, len(concepts), settings.ridge)
+            sol = solve_layer(st.G, st.P, p, len(concepts), settings.ridge, ridge_target=settings.ridge_target)
             sol.report["tokens"] = int(st.tokens.item())
         solutions[p.key] = sol
         module = getattr(pipe, p.component).get_submodule(p.path)
@@ -486,6 +490,8 @@ def run(inputs) -> "FuseResult":
         max_conv_dim=args.max_conv_dim,
         seed=inputs.seed,
         scheduler=args.scheduler,
+        ridge_target=args.ridge_target,
+        unet_inputs=args.unet_inputs,
         progress=not args.quiet,
     )
     concepts = [
