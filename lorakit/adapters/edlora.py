@@ -213,9 +213,9 @@ def _layerwise_output(text_encoder, out, input_ids, n_layers, eos_token_id) -> L
     hidden = out.last_hidden_state.reshape(n_layers, B, S, -1)
     pos = first_eos_positions(input_ids, eos_token_id)
     pooled = hidden[:, torch.arange(B, device=hidden.device), pos.to(hidden.device)].mean(0)
-    proj = getattr(text_encoder, "text_projection", None)
+    proj = getattr(getattr(text_encoder, "module", text_encoder), "text_projection", None)  # DDP-wrapped or not
     if proj is not None:
-        pooled = proj(pooled)
+        pooled = proj(pooled.to(proj.weight.dtype))
     states = None
     if getattr(out, "hidden_states", None) is not None:
         states = tuple(h.reshape(n_layers, B, S, -1) for h in out.hidden_states)
@@ -324,7 +324,7 @@ class TrainableTokenRows(nn.Module):
         base = self.base(ids.clamp(max=self.base.num_embeddings - 1))
         if not bool(new.any()):
             return base + 0.0 * self.rows.sum()  # keep the parameter in the graph (DDP needs every grad)
-        extra = self.rows[(ids - self.first_id).clamp(min=0, max=self.rows.shape[0] - 1)]
+        extra = self.rows[(ids - self.first_id).clamp(min=0, max=self.rows.shape[0] - 1)].to(base.dtype)
         return torch.where(new.unsqueeze(-1), extra, base)
 
     def merged(self) -> nn.Embedding:
