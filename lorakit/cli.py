@@ -16,6 +16,8 @@ COMMANDS = [
     ("inspect", "lorakit.commands.inspect"),
     ("make-tiny", "lorakit.commands.make_tiny"),
     ("fuse", "lorakit.commands.fuse"),
+    ("sample", "lorakit.commands.sample"),
+    ("profile", "lorakit.commands.profile"),
     ("eval", "lorakit.commands.eval"),
     ("toyworld", "lorakit.commands.toyworld"),
 ]

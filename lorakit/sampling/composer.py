@@ -139,7 +139,7 @@ def load_adapters(pipe, paths: list, weights: list[float] | None = None) -> list
         else:
             validate_adapter(load_adapter(path), pipe, path)
             pipe.load_lora_weights(str(path), adapter_name=name)
-        loaded.append(LoadedAdapter(name, str(path), file_sha256(path), kind, float(weight), meta))
+        loaded.append(LoadedAdapter(name, str(path.resolve()), file_sha256(path), kind, float(weight), meta))
     return loaded
 
 
