@@ -256,64 +256,34 @@ def eval_judge_yesno(args, records, client) -> tuple[dict, list, list]:
 # -------------------------------------------------------------------------------------------------- oracle
 
 
-def oracle_verdicts(raw, concepts_per_image: list[list[str]]) -> list[dict]:
-    """Normalise what ``oracle.score`` returns into ``{concept: bool}`` per image.
-
-    Accepts per-image dicts ``{concept: bool or probability}``, per-image sequences aligned with the concepts,
-    or a ``[n_images, n_concepts]`` tensor/array. Probabilities count as present at >= 0.5.
-    """
-    if hasattr(raw, "tolist"):
-        raw = raw.tolist()
-    if isinstance(raw, dict):
-        for key in ("present", "presence", "verdicts", "scores"):
-            if key in raw:
-                raw = raw[key]
-                break
-    if not isinstance(raw, (list, tuple)) or len(raw) != len(concepts_per_image):
-        raise ValueError(f"lorakit.eval.oracle.score returned {type(raw).__name__} for {len(concepts_per_image)} "
-                         "images; expected one result per image")
-    out = []
-    for result, names in zip(raw, concepts_per_image):
-        if hasattr(result, "tolist"):
-            result = result.tolist()
-        if isinstance(result, dict):
-            missing = [n for n in names if n not in result]
-            if missing:
-                raise ValueError(f"oracle result has no verdict for concept(s) {missing}; it has {sorted(result)[:10]}")
-            values = [result[n] for n in names]
-        elif isinstance(result, (list, tuple)) and len(result) == len(names):
-            values = list(result)
-        else:
-            raise ValueError(f"oracle result {result!r} does not match the concepts {names}")
-        out.append({n: (bool(v) if isinstance(v, bool) else float(v) >= 0.5) for n, v in zip(names, values)})
-    return out
-
-
 def eval_oracle(args, records) -> tuple[dict, list, list]:
     from PIL import Image
 
     from lorakit.eval.report import presence_rows, presence_summary
 
     try:
-        from lorakit.eval import oracle
+        from lorakit.eval.oracle import score
+        from lorakit.toyworld.concepts import get_concept
     except ImportError as err:
-        raise ValueError(f"--metric oracle needs lorakit.eval.oracle (the toy world's classifier), which is not "
+        raise ValueError(f"--metric oracle needs the toy world (lorakit.eval.oracle, lorakit.toyworld), which is not "
                          f"available in this install: {err}") from err
-    if not hasattr(oracle, "score"):
-        raise ValueError("lorakit.eval.oracle has no score(images, concepts) function yet")
     root = Path(args.images)
-    concepts = []
+    wanted = []  # per image: toy-world concepts (sidecar names and triggers resolved to oracle names)
     for rec in records:
-        cs = rec.concepts
-        if not cs:
+        if not rec.concepts:
             raise ValueError(f"{rec.path}: its sidecar names no 'concepts' or 'adapters' for the oracle to look for")
-        concepts.append(cs)
-    names = [[c.name for c in cs] for cs in concepts]
+        try:
+            wanted.append(list(dict.fromkeys(get_concept(c.name) for c in rec.concepts)))
+        except ValueError as err:
+            raise ValueError(f"{rec.path}: {err}") from err
     verdicts = []
     for s in range(0, len(records), args.batch_size):
-        images = [Image.open(r.path).convert("RGB") for r in records[s : s + args.batch_size]]
-        verdicts += oracle_verdicts(oracle.score(images, names[s : s + args.batch_size]), names[s : s + args.batch_size])
-    categories = {c.name: c.category for cs in concepts for c in cs}
+        batch = records[s : s + args.batch_size]
+        union = list(dict.fromkeys(c.name for cs in wanted[s : s + len(batch)] for c in cs))
+        result = score([Image.open(r.path).convert("RGB") for r in batch], union)
+        for i, cs in enumerate(wanted[s : s + len(batch)]):
+            verdicts.append({c.name: bool(result.present[i, result.concepts.index(c.name)]) for c in cs})
+    categories = {c.name: c.kind for cs in wanted for c in cs}
     summary = presence_summary([(r.relpath(root), v) for r, v in zip(records, verdicts)], categories)
     result = {
         "metric": "oracle",

@@ -116,9 +116,12 @@ def _concept_from(item, source: Path) -> Concept:
         name = Path(item).stem if item.endswith(".safetensors") else item
         return Concept(name)
     if isinstance(item, dict):
-        name = item.get("name") or item.get("concept") or item.get("trigger")
+        # An explicit concept beats the adapter file's trigger, which beats a name (for adapter records written
+        # by ``lorakit sample`` the name is only the adapter's slot in the pipeline).
+        name = item.get("concept") or item.get("trigger")
         if not name and item.get("path"):
-            name = _adapter_trigger(item["path"]) or Path(item["path"]).stem
+            name = _adapter_trigger(item["path"])
+        name = name or item.get("name") or (Path(item["path"]).stem if item.get("path") else None)
         if not name:
             raise ValueError(f"{source}: concept entry {item!r} has none of name/concept/trigger/path")
         return Concept(str(name), str(item.get("category", "")), str(item.get("description", "")))
@@ -127,8 +130,8 @@ def _concept_from(item, source: Path) -> Concept:
 
 def sidecar_concepts(sidecar: dict, source: Path | str = "sidecar") -> list[Concept]:
     """The concepts a sidecar names: ``"concepts"`` (strings or objects with name/category/description), else
-    ``"adapters"`` (adapter paths, whose ``lorakit.trigger`` names the concept, or objects with
-    name/concept/trigger/path). Returns ``[]`` when neither field is there."""
+    ``"adapters"`` (adapter paths, or objects with concept/trigger/path/name as ``lorakit sample`` writes them;
+    a path's ``lorakit.trigger`` names its concept). Returns ``[]`` when neither field is there."""
     items = sidecar.get("concepts")
     if items is None:
         items = sidecar.get("adapters")
