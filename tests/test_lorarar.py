@@ -163,3 +163,25 @@ def test_two_processes_equal_one(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert a["head.bias"].tolist() != [1.0, 1.0]  # the network really trained (its bias starts at 1)
+
+
+def test_fuse_cli_lorarar(sd1_pipe, tmp_path):
+    from lorakit.cli import main
+
+    content, style = pair(sd1_pipe)
+    save_adapter(content, tmp_path / "c.safetensors")
+    save_adapter(style, tmp_path / "s.safetensors")
+    torch.manual_seed(0)
+    net = MergerHypernet(hypernet_widths([plan_merge(content, style, ["to_q", "to_out.0"])]), hidden=8, init_scale=1.0)
+    save_hypernet(net, tmp_path / "h.safetensors")
+    out = tmp_path / "merged.safetensors"
+    rc = main(["fuse", "--method", "lorarar", "--hypernet", str(tmp_path / "h.safetensors"), "--adapters",
+               str(tmp_path / "c.safetensors"), str(tmp_path / "s.safetensors"), "--out", str(out)])
+    assert rc == 0
+    want = merge_pair(net, load_adapter(tmp_path / "c.safetensors"), load_adapter(tmp_path / "s.safetensors"))
+    got = load_adapter(out)
+    assert got.modules.keys() == want.modules.keys()
+    for k, m in want.modules.items():
+        torch.testing.assert_close(got.modules[k].delta(), m.delta(), rtol=0, atol=1e-6)
+    assert main(["fuse", "--method", "lorarar", "--adapters", str(tmp_path / "c.safetensors"),
+                 str(tmp_path / "s.safetensors"), "--out", str(out)]) == 1  # no --hypernet: a named error

@@ -115,3 +115,27 @@ def test_ziplora_works_on_sdxl(sdxl_pipe):
     merged, info = ziplora_merge(sdxl_pipe, content, style, steps=2, layers=["to_q"], refs=(rc, rs), progress=False)
     assert len(info["history"]) == 2 and all(np.isfinite(info["history"]))
     assert {k for k in merged.modules} == set(content.modules) | set(style.modules)
+
+
+def test_fuse_cli_ziplora(sd1_pipe, tmp_path):
+    from lorakit.adapters.io import save_adapter
+    from lorakit.cli import main
+
+    content = random_adapter(sd1_pipe, "upper", rank=2, alpha=2.0, seed=7, std=0.3)
+    style = random_adapter(sd1_pipe, "upper", rank=2, alpha=2.0, seed=8, std=0.3)
+    content.metadata["lorakit.trigger"], style.metadata["lorakit.trigger"] = "sks dog", "zwx style"
+    for name, ad in (("c", content), ("s", style)):
+        save_adapter(ad, tmp_path / f"{name}.safetensors")
+    out = tmp_path / "zip.safetensors"
+    with pytest.warns(UserWarning, match="generating 1 with this LoRA alone"):
+        rc = main(["fuse", "--method", "ziplora", "--base", "tiny:sd1", "--adapters", str(tmp_path / "c.safetensors"),
+                   str(tmp_path / "s.safetensors"), "--out", str(out), "--steps", "2", "--layers", "to_q",
+                   "--ref-num", "1", "--ref-size", "16", "--ref-steps", "1", "--quiet"])
+    assert rc == 0
+    merged = load_adapter(out)
+    report = json.loads((tmp_path / "zip.fusion.json").read_text())
+    assert report["settings"]["steps"] == 2 and report["merged_layers"] == 10  # attn1 + attn2 to_q of IN0 (2) and OUT3 (3)
+    assert json.loads(merged.metadata["lorakit.merge"])["method"] == "ziplora"
+    assert {m.rank for k, m in merged.modules.items()} == {4}
+    assert main(["fuse", "--method", "ziplora", "--base", "tiny:sd1", "--adapters", str(tmp_path / "c.safetensors"),
+                 "--out", str(out)]) == 1  # one adapter: a named error

@@ -200,3 +200,23 @@ def load_hypernet(path: str | os.PathLike, device=None) -> MergerHypernet:
 
 
 __all__ = ["MergerHypernet", "merge_pair", "save_hypernet", "load_hypernet", "hypernet_widths", "HYPERNET_KIND"]
+
+
+def run_fuse(inputs):
+    """``lorakit fuse --method lorarar --hypernet H.safetensors --adapters CONTENT STYLE --out merged.safetensors``."""
+    import time
+
+    from lorakit.fusion import FuseResult
+    from lorakit.fusion.ziplora import check_pair
+
+    args = inputs.args
+    if not getattr(args, "hypernet", None):
+        raise ValueError("--method lorarar needs --hypernet FILE (train one with `accelerate launch train_lorarar.py`)")
+    content, style = check_pair(inputs)
+    net = load_hypernet(args.hypernet)
+    t0 = time.perf_counter()
+    merged = merge_pair(net, content, style, layers=args.layers, sources=tuple(inputs.paths))
+    seconds = time.perf_counter() - t0
+    layers = list(args.layers or net.merge_layers)
+    report = {"settings": {"hypernet": str(args.hypernet), "layers": layers}, "merge_seconds": seconds}
+    return FuseResult(modules=merged.modules, report=report, metadata={"lorakit.merge": merged.metadata["lorakit.merge"]})

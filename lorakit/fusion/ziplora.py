@@ -602,3 +602,54 @@ __all__ = [
     "ones_coefficients", "optimize_coefficients", "ziplora_merge", "evaluate", "eval_batches", "noise_scheduler_of",
     "adapter_weights", "encode_prompts",
 ]
+
+
+# --------------------------------------------------------------------------------------------- lorakit fuse
+
+
+def check_pair(inputs) -> tuple[Adapter, Adapter]:
+    """The (content, style) adapters of a ``lorakit fuse`` call, each scaled by its ``--weights`` value.
+
+    Raises:
+        ValueError unless exactly two adapters are given.
+    """
+    if len(inputs.adapters) != 2:
+        raise ValueError(
+            f"--method {inputs.method} merges exactly two adapters (--adapters CONTENT STYLE), got {len(inputs.adapters)}"
+        )
+    out = []
+    for adapter, w in zip(inputs.adapters, inputs.weights):
+        if w != 1.0:
+            adapter = Adapter({k: LoraModule(m.down, m.up, m.alpha * w) for k, m in adapter.modules.items()},
+                              dict(adapter.metadata), dict(adapter.extra))
+        out.append(adapter)
+    return out[0], out[1]
+
+
+def run_fuse(inputs):
+    """``lorakit fuse --method ziplora --base BASE --adapters CONTENT STYLE --out merged.safetensors``."""
+    from lorakit.fusion import FuseResult
+
+    args = inputs.args
+    content, style = check_pair(inputs)
+    pipe = inputs.load_pipe()
+    images = getattr(args, "ref_images", None) or [None, None]
+    if len(images) != 2:
+        raise ValueError(f"--ref-images takes one folder per adapter (2), got {len(images)}")
+    given = [p[0] if src == "--prompts" else None for p, src in zip(inputs.prompts, inputs.prompt_sources)] \
+        if inputs.prompt_sources else [None, None]
+    kw = dict(num_images=args.ref_num, size=args.ref_size, generate_steps=args.ref_steps)
+    refs = tuple(
+        reference_for(pipe, ad, path, images=img, prompt=pr, seed=inputs.seed + i, **kw)
+        for i, (ad, path, img, pr) in enumerate(zip((content, style), inputs.paths, images, given))
+    )
+    steps = 100 if args.steps is None else args.steps
+    layers = args.layers or list(ALL_LAYERS)
+    merged, info = ziplora_merge(pipe, content, style, steps=steps, lr=args.lr, lam=args.lam, layers=layers,
+                                 refs=refs, sources=tuple(inputs.paths), seed=inputs.seed, progress=not args.quiet)
+    hist = info["history"]
+    report = {"settings": {"steps": steps, "lr": args.lr, "lam": args.lam, "layers": layers},
+              "loss_first": hist[0] if hist else None, "loss_last": hist[-1] if hist else None,
+              "merged_layers": len(info["loss_fn"].plan.merged),
+              "references": [{"source": r.source, "images": int(r.latents.shape[0]), "prompts": r.prompts} for r in refs]}
+    return FuseResult(modules=merged.modules, report=report, metadata={"lorakit.merge": merged.metadata["lorakit.merge"]})
