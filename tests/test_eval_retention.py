@@ -89,3 +89,22 @@ def test_sdxl_fused_adapter_file(sdxl_pipe, tmp_path):
     res = retention(copy.deepcopy(sdxl_pipe), [ConceptSpec("a", a, ["red cat"])], str(tmp_path / "a.safetensors"), samples=2)
     assert res["concepts"][0]["projection"] == pytest.approx(1.0, abs=1e-6)
     assert res["concepts"][0]["own_change"] > 1e-3
+
+
+def test_edlora_concept(sd1_pipe, tmp_path):
+    from lorakit.adapters import edlora as ed
+    from lorakit.adapters.io import load_adapter
+    from lorakit.models import pipeline_arch
+
+    base = random_adapter(sd1_pipe, blocks={"OUT2": 4}, text_encoder=True, seed=5, std=0.2)
+    layers = ed.cross_attention_layers(sd1_pipe.unet)
+    g = torch.Generator().manual_seed(7)
+    emb = {"text_encoder": {w: torch.randn(len(layers), 32, generator=g) for w in ("<cat1>", "<cat2>")}}
+    concept = ed.EDLoRAConcept(name="cat", words=["<cat1>", "<cat2>"], init_word="cat")
+    save_adapter(ed.edlora_adapter(base.modules, emb, [concept], layers, pipeline_arch(sd1_pipe), rank=4, alpha=2.0),
+                 tmp_path / "cat.safetensors")
+    spec = ConceptSpec("cat", load_adapter(tmp_path / "cat.safetensors"), ["a <cat1> <cat2>"], str(tmp_path / "cat.safetensors"))
+    # the same file as the fused model: loaded a second time, its words renamed; it keeps all of the concept
+    res = retention(copy.deepcopy(sd1_pipe), [spec], str(tmp_path / "cat.safetensors"), samples=2)
+    r = res["concepts"][0]
+    assert r["projection"] == pytest.approx(1.0, abs=1e-5) and r["own_change"] > 1e-3

@@ -313,7 +313,7 @@ def eval_retention(args) -> tuple[dict, list, list]:
             prompts = [p.strip() for p in args.prompts[i].split("|") if p.strip()]
         else:
             prompts = default_prompts(adapter, path)
-        concepts.append(ConceptSpec(Path(path).stem, adapter, prompts))
+        concepts.append(ConceptSpec(Path(path).stem, adapter, prompts, str(path)))
     pipe = load_base(args.base).to(_device(args))
     pipe.set_progress_bar_config(disable=True)
     res = retention(pipe, concepts, args.fused, samples=args.samples, seed=args.seed, batch_size=args.batch_size,

@@ -13,7 +13,9 @@ and, summed over all samples (flattened):
 
 The fused model is a diffusers folder (``lorakit fuse --method gradient``), an adapter file (a ``fused-delta``
 or any merged LoRA, applied on the base), or ``merge:W`` (sampling-time merge: every adapter active at weight W).
-Noisy latents are standard normal (the marginal of x_t when latents have unit variance), one per sample, with
+ED-LoRA concepts (``lorakit.kind = edlora``) are loaded with their concept tokens; their "base" prediction is the
+base UNet and text encoder with the LoRA weights off but the learned token embeddings in place (the base alone
+has no words for the concept). Noisy latents are standard normal (the marginal of x_t when latents have unit variance), one per sample, with
 timesteps spread evenly over [50, 950]; no reference images are needed.
 """
 
@@ -30,11 +32,13 @@ DEFAULT_TEMPLATES = ("{trigger}", "a picture of {trigger}")
 
 @dataclass
 class ConceptSpec:
-    """One concept: a display name, its adapter and the prompts that call it."""
+    """One concept: a display name, its adapter, the prompts that call it, and the adapter's file (needed for
+    ED-LoRA files, whose concept tokens :func:`lorakit.adapters.edlora.load_edlora` adds to the pipeline)."""
 
     name: str
     adapter: object  # lorakit.adapters.io.Adapter
     prompts: list[str]
+    path: str | None = None
 
 
 def default_prompts(adapter, source: str | os.PathLike, templates=DEFAULT_TEMPLATES) -> list[str]:
@@ -109,8 +113,19 @@ class _Accum:
         }
 
 
+def _rename(prompts: list[str], words: dict[str, str]) -> list[str]:
+    """Prompts with ED-LoRA pseudo-words replaced by the names they got in a pipeline (``load_edlora``'s map)."""
+    out = []
+    for p in prompts:
+        for old, new in words.items():
+            if old != new:
+                p = p.replace(old, new)
+        out.append(p)
+    return out
+
+
 def _load_fused(fused, base_pipe, concept_names):
-    """Turn the ``fused`` argument into a callable that activates it: returns (activate, fused_pipe)."""
+    """Turn the ``fused`` argument into (activate callable, pipeline to run, ED-LoRA word map for its prompts)."""
     from lorakit.adapters.io import Adapter, apply_adapter, load_adapter
     from lorakit.models import load_base, pipeline_arch
 
@@ -120,19 +135,26 @@ def _load_fused(fused, base_pipe, concept_names):
             weight = float(w) if w else 0.8
         except ValueError as err:
             raise ValueError(f"--fused {fused!r}: expected merge or merge:WEIGHT (e.g. merge:0.8)") from err
-        return (lambda: base_pipe.set_adapters(list(concept_names), [weight] * len(concept_names))), base_pipe
+        return (lambda: base_pipe.set_adapters(list(concept_names), [weight] * len(concept_names))), base_pipe, None
     if isinstance(fused, (str, os.PathLike)) and Path(fused).is_dir():
         fused = load_base(fused).to(base_pipe.unet.device, base_pipe.unet.dtype)
     elif isinstance(fused, (str, os.PathLike)):
-        fused = load_adapter(fused)
+        path, fused = fused, load_adapter(fused)
+        if fused.kind == "edlora":
+            from lorakit.adapters.edlora import load_edlora
+
+            words = load_edlora(base_pipe, path, adapter_name="lorakit_fused")["words"]
+            return (lambda: base_pipe.set_adapters(["lorakit_fused"])), base_pipe, words
     if isinstance(fused, Adapter):
+        if fused.kind == "edlora":
+            raise ValueError("an ED-LoRA fused adapter must be given as a file path (its tokens are loaded from it)")
         apply_adapter(base_pipe, fused, "lorakit_fused")
-        return (lambda: base_pipe.set_adapters(["lorakit_fused"])), base_pipe
+        return (lambda: base_pipe.set_adapters(["lorakit_fused"])), base_pipe, None
     if hasattr(fused, "unet"):
         if pipeline_arch(fused) != pipeline_arch(base_pipe):
             raise ValueError(f"fused model is {pipeline_arch(fused)} but the base is {pipeline_arch(base_pipe)}")
         fused.set_progress_bar_config(disable=True)
-        return (lambda: None), fused
+        return (lambda: None), fused, None
     raise ValueError(f"--fused: expected a diffusers folder, an adapter .safetensors file or merge[:W], got {fused!r}")
 
 
@@ -156,27 +178,43 @@ def retention(base_pipe, concepts: list[ConceptSpec], fused, samples: int = 8, s
     if not concepts:
         raise ValueError("retention needs at least one concept adapter")
     names = [f"lorakit_concept_{i}" for i in range(len(concepts))]
+    base_prompts = []  # each concept's prompts as typed in base_pipe (ED-LoRA words may be renamed there)
     for name, spec in zip(names, concepts):
         if spec.adapter.kind == "edlora":
-            raise ValueError(f"{spec.name}: ED-LoRA adapters need their concept tokens loaded; not supported by retention yet")
-        apply_adapter(base_pipe, spec.adapter, name)
-    activate_fused, fused_pipe = _load_fused(fused, base_pipe, names)
+            if not spec.path:
+                raise ValueError(f"{spec.name}: an ED-LoRA concept needs its file path (ConceptSpec.path)")
+            from lorakit.adapters.edlora import load_edlora
+
+            words = load_edlora(base_pipe, spec.path, adapter_name=name)["words"]
+            base_prompts.append(_rename(spec.prompts, words))
+        else:
+            apply_adapter(base_pipe, spec.adapter, name)
+            base_prompts.append(list(spec.prompts))
+    activate_fused, fused_pipe, fused_words = _load_fused(fused, base_pipe, names)
     rows = []
     bar = tqdm(total=len(concepts) * samples, desc="retention", disable=not progress)
     for i, (name, spec) in enumerate(zip(names, concepts)):
         if not spec.prompts:
             raise ValueError(f"{spec.name}: no prompts")
-        prompts, latents, timesteps = _probe_inputs(base_pipe.unet.config, spec.prompts, samples, seed + i)
+        prompts, latents, timesteps = _probe_inputs(base_pipe.unet.config, base_prompts[i], samples, seed + i)
+        as_given = [spec.prompts[k % len(spec.prompts)] for k in range(samples)]
+        if fused_pipe is not base_pipe:  # a fused folder has its own tokens: the prompts as given
+            fused_prompts = as_given
+        elif fused_words is not None:  # an ED-LoRA fused file loaded beside the concepts
+            fused_prompts = _rename(as_given, fused_words)
+        else:
+            fused_prompts = prompts
         acc = _Accum()
         for s in range(0, samples, batch_size):
             p, x, t = prompts[s : s + batch_size], latents[s : s + batch_size], timesteps[s : s + batch_size]
+            pf = fused_prompts[s : s + batch_size]
             base_pipe.disable_lora()
             eps0 = noise_prediction(base_pipe, p, x, t)
             base_pipe.enable_lora()
             base_pipe.set_adapters([name])
             eps_i = noise_prediction(base_pipe, p, x, t)
             activate_fused()
-            eps_f = noise_prediction(fused_pipe, p, x, t)
+            eps_f = noise_prediction(fused_pipe, pf, x, t)
             acc.add(eps0, eps_i, eps_f)
             bar.update(len(p))
         rows.append({"name": spec.name, "prompts": spec.prompts, **acc.result()})
