@@ -203,3 +203,13 @@ def test_cli_yesno_and_pairwise(fake, tmp_path):
     res = json.loads((tmp_path / "pw.json").read_text())
     assert res["pairs"] == 3 and res["mean"]["a"]["composition"] == 5.0  # (9 + 1) / 2: position bias cancels
     assert res["composition_wins"] == {"a": 0, "b": 0, "ties": 3}
+
+
+def test_toy_concepts_are_described_for_the_judge():
+    from lorakit.commands.eval import _described
+    from lorakit.eval.judge import presence_question
+
+    robot, ink = _described(Concept("zorbo")), _described(Concept("ink"))
+    assert robot.category == "character" and "robot" in presence_question(robot) and "zorbo" not in presence_question(robot)
+    assert ink.category == "style" and presence_question(ink).startswith("Is this image rendered in the style of ink")
+    assert _described(Concept("x")) == Concept("x")

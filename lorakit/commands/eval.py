@@ -223,7 +223,24 @@ def _yesno_concepts(args, rec):
     concepts = rec.concepts
     if not concepts:
         raise ValueError(f"{rec.path}: its sidecar names no 'concepts' or 'adapters'; pass --subject / --style")
-    return concepts
+    return [_described(c) for c in concepts]
+
+
+def _described(concept):
+    """A toy-world concept named only by its name or trigger gets the toy world's kind and description (an MLLM
+    cannot know what a trigger word looks like); other concepts are returned as they are."""
+    from lorakit.eval.images import Concept
+
+    if concept.category and concept.description != concept.name:
+        return concept
+    try:
+        from lorakit.toyworld.concepts import get_concept
+
+        toy = get_concept(concept.name)
+    except (ImportError, ValueError):
+        return concept
+    desc = concept.description if concept.description != concept.name else (toy.description or toy.name)
+    return Concept(concept.name, concept.category or toy.kind, desc)
 
 
 def eval_judge_yesno(args, records, client) -> tuple[dict, list, list]:
