@@ -209,7 +209,7 @@ def test_toy_concepts_are_described_for_the_judge():
     from lorakit.commands.eval import _described
     from lorakit.eval.judge import presence_question
 
-    robot, ink = _described(Concept("zorbo")), _described(Concept("ink"))
+    robot, ink = _described(Concept("zorbo")), _described(Concept("inkvel"))
     assert robot.category == "character" and "robot" in presence_question(robot) and "zorbo" not in presence_question(robot)
     assert ink.category == "style" and presence_question(ink).startswith("Is this image rendered in the style of ink")
-    assert _described(Concept("x")) == Concept("x")
+    assert _described(Concept("x")) == Concept("x") and _described(Concept("ink")) == Concept("ink")  # plain words: as given

@@ -227,17 +227,19 @@ def _yesno_concepts(args, rec):
 
 
 def _described(concept):
-    """A toy-world concept named only by its name or trigger gets the toy world's kind and description (an MLLM
-    cannot know what a trigger word looks like); other concepts are returned as they are."""
+    """A concept named by a toy-world trigger word (``zorbo``) gets the toy world's kind and description (an MLLM
+    cannot know what a trigger word looks like). Only the nonsense trigger words match, never plain names like
+    ``ink`` that a user's own LoRA may use. Other concepts are returned as they are."""
     from lorakit.eval.images import Concept
 
     if concept.category and concept.description != concept.name:
         return concept
     try:
-        from lorakit.toyworld.concepts import get_concept
-
-        toy = get_concept(concept.name)
-    except (ImportError, ValueError):
+        from lorakit.toyworld.concepts import BY_TRIGGER
+    except ImportError:
+        return concept
+    toy = BY_TRIGGER.get(concept.name)
+    if toy is None:
         return concept
     desc = concept.description if concept.description != concept.name else (toy.description or toy.name)
     return Concept(concept.name, concept.category or toy.kind, desc)
