@@ -230,8 +230,10 @@ def test_sdxl_pipeline_call_and_bad_files(sdxl_pipe, sd1_pipe, tmp_path):
     out = run_pipe(pipe, "a photo of <x1> <x2>")
     assert out.shape == (1, 32, 32, 3) and torch.isfinite(out).all()
     assert ed.layer_hidden_states(pipe, ["<x1> <x2>", "a"]).shape == (17, 2, 77, 64)
+    assert ed.load_edlora(pipe, path)["adapter_name"] == "x_2"  # same file again: a unique adapter name
     with pytest.raises(AdapterError, match="already loaded"):
-        ed.load_edlora(pipe, path)
+        ed.load_edlora(pipe, path, adapter_name="x")
+    assert run_pipe(pipe, "<x1> <x2>", num_images_per_prompt=2).shape == (2, 32, 32, 3)
     with pytest.raises(AdapterError, match="cross-attention layers|adapter is for"):
         ed.load_edlora(copy.deepcopy(sd1_pipe), path)
     plain = tmp_path / "plain.safetensors"

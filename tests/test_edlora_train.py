@@ -50,7 +50,8 @@ def cfg_for(tmp_path, img_dir, *extra):
     return load_config(EDLoRAConfig, ROOT / "train_configs" / "toy_edlora_character.yaml", [
         "base_model=tiny:sd1", f"data.path={img_dir}", f"output_dir={tmp_path / 'out'}", "max_steps=2",
         "seed=3", "logging=none", "data.resolution=32", "train_batch_size=2", "concept.tokens=<cat1> <cat2>",
-        "concept.init_word=cat", "concept.placeholder=<TOK>", "checkpointing_steps=0", "sample_every=0", *extra,
+        "concept.init_word=cat", "concept.placeholder=<TOK>", "concept.name=cat", "checkpointing_steps=0",
+        "sample_every=0", *extra,
     ])
 
 
@@ -166,3 +167,44 @@ def test_bad_inputs_are_named(tmp_path):
         train(cfg_for(tmp_path, img_dir, f"mask_path={tmp_path}"))
     with pytest.raises(ConfigError, match="init_word"):
         cfg_for(tmp_path, img_dir, "concept.init_wrd=cat")
+
+
+def test_sdxl_trains_and_loads_identically(sdxl_pipe, tmp_path):
+    img_dir, _ = make_concept_folder(tmp_path, n=2, masks=False)
+    reset_accelerate()
+    pipe = copy.deepcopy(sdxl_pipe)
+    result = train(cfg_for(tmp_path, img_dir, "base_model=tiny:sdxl", "max_steps=1", "concept.name=cat"), pipe=pipe)
+    L = len(ed.cross_attention_layers(pipe.unet))
+    adapter = load_adapter(result.final_path)
+    assert adapter.extra["edlora_emb.text_encoder_2.<cat2>"].shape == (L, 32)
+    assert any(k.startswith("text_encoder_2.") for k in adapter.modules)
+    sides = text_sides(pipe, ["<cat1>", "<cat2>"], L)
+    assert len(sides) == 2
+    encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    prompt = "a photo of <cat1> <cat2>"
+    with torch.no_grad():
+        cond = encode_captions([prompt], sides, encoders, L, "cpu")
+        neg = encode_captions([""], sides, encoders, L, "cpu")
+    kw = dict(num_inference_steps=2, guidance_scale=3.0, output_type="np")
+    want = pipe(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["text_embeds"],
+                negative_prompt_embeds=neg["encoder_hidden_states"], negative_pooled_prompt_embeds=neg["text_embeds"],
+                generator=torch.Generator().manual_seed(0), **kw).images
+    fresh = copy.deepcopy(sdxl_pipe)
+    ed.load_edlora(fresh, result.final_path)
+    # diffusers zeroes the negative embeddings of an empty negative prompt for SDXL; pass it explicitly
+    got = fresh(prompt, negative_prompt="", generator=torch.Generator().manual_seed(0), **kw).images
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_attention_regulariser_is_zero_inside_the_mask_only():
+    from lorakit.training.edlora import attention_regulariser
+
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 2:6] = 1
+    inside = torch.nn.functional.interpolate(mask, size=(4, 4), mode="area").flatten(1)  # a layer at 4x4
+    maps = [torch.stack([inside, inside * 0.5], -1)]  # [B=1, N=16, W=2], both words exactly on the mask
+    present = torch.ones(1, 2)
+    assert float(attention_regulariser(maps, mask, present)) == pytest.approx(0.0, abs=1e-7)
+    outside = [torch.stack([1 - inside, 1 - inside], -1)]
+    assert float(attention_regulariser(outside, mask, present)) > 0.5
+    assert float(attention_regulariser(outside, mask, torch.zeros(1, 2))) == 0.0  # words absent: no penalty

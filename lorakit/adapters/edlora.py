@@ -537,7 +537,7 @@ def load_edlora(pipe, file: str | os.PathLike, scale: float = 1.0, adapter_name:
 
     Adds the layer tokens and their embeddings to every tokenizer / text encoder, installs the per-layer
     cross-attention processors and text-encoder hooks (once per pipeline), and injects the LoRA weights with
-    peft under ``adapter_name`` (default: the file's stem). Every ED-LoRA loaded so far stays active at its scale,
+    peft under ``adapter_name`` (default: the file's stem, ``_2``, ``_3``... appended if taken). Every ED-LoRA loaded so far stays active at its scale,
     as do adapters that were active before (``pipe.set_adapters`` changes that). Pseudo-words that clash with
     tokens already in the tokenizer (e.g. a second file trained with the same words) are renamed
     ``<cat1>`` -> ``<cat1#2>``; the returned ``words`` map says what to type.
@@ -566,8 +566,13 @@ def load_edlora(pipe, file: str | os.PathLike, scale: float = 1.0, adapter_name:
     comps = dict(info["components"])
     if set(comps) != set(state.dims) or any(comps[c] != state.dims[c] for c in comps):
         raise AdapterError(f"{path}: embeddings for text encoders {comps}; this pipeline has {state.dims}")
+    taken = {entry["adapter_name"] for entry in state.loaded}
     name = adapter_name or path.stem
-    if any(entry["adapter_name"] == name for entry in state.loaded):
+    if adapter_name is None:
+        k = 2
+        while name in taken:
+            name, k = f"{path.stem}_{k}", k + 1
+    if name in taken:
         raise AdapterError(f"{path}: an ED-LoRA named {name!r} is already loaded; pass another adapter_name")
     tokenizers = [getattr(pipe, _TOKENIZER_OF[c]) for c in comps]
     words = {}
