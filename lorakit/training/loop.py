@@ -157,7 +157,9 @@ def make_accelerator(cfg, find_unused_parameters: bool = False, **kwargs):
         raise ValueError(f"logging={cfg.logging!r}: expected 'tensorboard' or 'none'")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"mixed_precision={cfg.mixed_precision!r}: expected 'no', 'fp16' or 'bf16'")
-    return Accelerator(
+    # Without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU.
+    kwargs.setdefault("cpu", not torch.cuda.is_available())
+    acc = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with="tensorboard" if cfg.logging == "tensorboard" else None,
@@ -165,6 +167,13 @@ def make_accelerator(cfg, find_unused_parameters: bool = False, **kwargs):
         kwargs_handlers=handlers,
         **kwargs,
     )
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and acc.num_processes != world:
+        raise RuntimeError(
+            f"launched as {world} processes but accelerate formed a group of {acc.num_processes}: every process "
+            "would train alone and overwrite the same files; check the accelerate config / launch flags"
+        )
+    return acc
 
 
 def build_optimizer(cfg, param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -400,6 +409,9 @@ class TrainLoop:
         loader = torch.utils.data.DataLoader(
             _KeyedDataset(self.dataset), batch_sampler=sampler, collate_fn=self.collate_fn,
             num_workers=self.cfg.dataloader_num_workers, persistent_workers=False,
+            # its own generator: creating the iterator draws a base seed, which must not move the global RNG
+            # (restored by load_state on resume) — else LoRA dropout masks differ after a resume
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
         return iter(loader)
 
