@@ -108,7 +108,7 @@ class MergerHypernet(nn.Module):
         p = self.head.weight
         cc, cs = columns(dc).to(p.device, p.dtype), columns(ds).to(p.device, p.dtype)
         if self.config["column_norm"] == "layer_rms":
-            rms = torch.cat([cc, cs]).pow(2).mean().sqrt().clamp_min(1e-12)
+            rms = ((cc.square().sum() + cs.square().sum()) / (2 * cc.numel())).sqrt().clamp_min(1e-12)
             cc, cs = cc / rms, cs / rms
         return cc, cs
 

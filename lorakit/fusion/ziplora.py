@@ -139,8 +139,9 @@ def merged_delta(dc: torch.Tensor, ds: torch.Tensor, m_c: torch.Tensor, m_s: tor
 
 def _scaled_down(mod: LoraModule, m: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     down = mod.down.float().reshape(mod.rank, *like.shape[1:]) if mod.down.dim() != like.dim() else mod.down.float()
-    scale = torch.full((down.shape[1],), mod.scale) if m is None else mod.scale * m.detach().float().cpu()
-    return down * _per_column(scale, down)
+    if m is None:
+        return down * mod.scale
+    return down * _per_column(mod.scale * m.detach().float().to(down.device), down)
 
 
 def _stack(c: LoraModule, s: LoraModule, m_c=None, m_s=None) -> LoraModule:
@@ -174,7 +175,7 @@ def export_merged(plan: MergePlan, coeffs: dict[str, tuple[torch.Tensor, torch.T
     for layer in plan.summed:
         out.modules[layer.key] = _stack(layer.content, layer.style)
     for key, mod in {**plan.content_only, **plan.style_only}.items():
-        out.modules[key] = LoraModule(mod.down.clone(), mod.up.clone(), mod.alpha)
+        out.modules[key] = LoraModule(mod.down, mod.up, mod.alpha)  # shared tensors: nothing writes to them
     return out
 
 
