@@ -94,9 +94,9 @@ def test_composite_of_copies_equals_single_adapter(arch, sd1_pipe, sdxl_pipe, ad
     pipe = copy.deepcopy(sd1_pipe if arch == "sd1" else sdxl_pipe)
     f = adapter_files[arch][0]
     ads = load_adapters(pipe, [f, f, f])
-    single, _ = generate(pipe, ads[:1], SamplerSettings(method="merge", steps=3, cfg=5.0), "a red cat", "", [1])
-    comp, info = generate(pipe, ads, SamplerSettings(method="composite", steps=3, cfg=5.0), "a red cat", "", [1])
-    assert info["passes"]["full"] == 9 and info["passes"]["shallow"] == 0
+    single, _ = generate(pipe, ads[:1], SamplerSettings(method="merge", steps=2, cfg=5.0), "a red cat", "", [1])
+    comp, info = generate(pipe, ads, SamplerSettings(method="composite", steps=2, cfg=5.0), "a red cat", "", [1])
+    assert info["passes"]["full"] == 6 and info["passes"]["shallow"] == 0
     assert np.abs(_arr(comp) - _arr(single)).max() <= 1
 
 
@@ -136,22 +136,22 @@ def _direct_weighted_composite(pipe, ads, steps, cfg, prompt, seed, weights_per_
 def test_cmlora_no_cache_equals_direct_weighted_composite(sd1_pipe, adapter_files):
     pipe = copy.deepcopy(sd1_pipe)
     ads = load_adapters(pipe, adapter_files["sd1"])
-    st = SamplerSettings(method="cmlora", steps=5, cfg=4.0, cache=False, switch_every=2, dominant_weight=0.6)
+    st = SamplerSettings(method="cmlora", steps=4, cfg=4.0, cache=False, switch_every=1, dominant_weight=0.6)
     order = [2, 0, 1]
     ours, info = generate(pipe, ads, st, "a cat", "", [7], order=order)
-    dom = dominance_schedule(5, order, 2, st.schedule_warp)
-    assert info["dominants"] == [ads[d].name for d in dom]
-    assert info["passes"] == {**info["passes"], "full": 15, "shallow": 0}
-    ref = _direct_weighted_composite(pipe, ads, 5, 4.0, "a cat", 7, [step_weights(d, 3, 0.6) for d in dom])
+    dom = dominance_schedule(4, order, 1, st.schedule_warp)
+    assert info["dominants"] == [ads[d].name for d in dom] and len(set(dom)) == 3
+    assert info["passes"] == {**info["passes"], "full": 12, "shallow": 0}
+    ref = _direct_weighted_composite(pipe, ads, 4, 4.0, "a cat", 7, [step_weights(d, 3, 0.6) for d in dom])
     assert np.abs(_arr(ours) - _arr(ref)).max() <= 1
-    cached, info_c = generate(pipe, ads, SamplerSettings(**{**st.__dict__, "cache": True, "cache_interval": 3}), "a cat", "", [7], order=order)
-    assert info_c["passes"]["shallow"] > 0 and not np.array_equal(_arr(cached), _arr(ours))
+    uniform, _ = generate(pipe, ads, SamplerSettings(method="composite", steps=4, cfg=4.0), "a cat", "", [7])
+    assert not np.array_equal(_arr(uniform), _arr(ours))  # the dominant weighting matters
 
 
 def test_cache_counts_match_plan_and_refresh_late(sd1_pipe, adapter_files):
     pipe = copy.deepcopy(sd1_pipe)
     ads = load_adapters(pipe, adapter_files["sd1"])
-    steps = 10
+    steps = 8
     st = SamplerSettings(method="cmlora", steps=steps, cfg=3.0, cache=True, cache_interval=3, cache_depth=2, switch_every=3)
     _, info = generate(pipe, ads, st, "a cat", "", [0])
     plan = cache_plan(dominance_schedule(steps, [0, 1, 2], 3, st.schedule_warp), 3, 3)
@@ -169,7 +169,7 @@ def test_region_covering_image_equals_plain_prompt(sd1_pipe, sdxl_pipe, adapter_
     for arch, pipe0 in (("sd1", sd1_pipe), ("sdxl", sdxl_pipe)):
         pipe = copy.deepcopy(pipe0)
         ads = load_adapters(pipe, adapter_files[arch][:1])
-        st = SamplerSettings(method="merge", steps=3, cfg=5.0)
+        st = SamplerSettings(method="merge", steps=2, cfg=5.0)
         # SDXL's pooled embedding comes from the global prompt, so there the global prompt is the region's too.
         glob = "a blue dog" if arch == "sd1" else "a red cat"
         spec = RegionSpec(prompt=glob, negative_prompt="", regions=[Region((0.0, 0.0, 1.0, 1.0), "a red cat", "")])

@@ -38,8 +38,13 @@ def _job(files, out, **kw):
                      sampler=sampler)
 
 
-def test_same_seed_same_png_bytes_and_regenerate(tmp_path, files):
-    a = run_sample(_job(files, tmp_path / "a"), progress=False)
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, files):
+    return run_sample(_job(files, tmp_path_factory.mktemp("one")), progress=False)
+
+
+def test_same_seed_same_png_bytes_and_regenerate(tmp_path, files, one_process):
+    a = one_process
     b = run_sample(_job(files, tmp_path / "b"), progress=False)
     assert [p.name for p in a] == ["000-0000-s3.png", "000-0001-s4.png"]
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
@@ -72,7 +77,7 @@ def test_profile_cli_writes_cache(tmp_path, files, capsys):
     assert sorted(r["rank"] for r in second.values()) == [0, 1]
 
 
-def test_two_processes_write_the_same_images(tmp_path, files):
+def test_two_processes_write_the_same_images(tmp_path, files, one_process):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
     two = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -83,8 +88,7 @@ def test_two_processes_write_the_same_images(tmp_path, files):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = run_sample(_job(files, tmp_path / "one"), progress=False)
-    for png in one:
+    for png in one_process:
         other = tmp_path / "two" / png.name
         assert other.read_bytes() == png.read_bytes(), png.name
         assert json.loads(other.with_suffix(".json").read_text()) == json.loads(png.with_suffix(".json").read_text())
