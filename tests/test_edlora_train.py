@@ -118,11 +118,11 @@ def test_training_changes_only_new_rows_and_save_load_is_identical(sd1_pipe, tmp
 def test_resume_is_exact(sd1_pipe, tmp_path):
     img_dir, _ = make_concept_folder(tmp_path, masks=False)
     reset_accelerate()
-    full = train(cfg_for(tmp_path / "a", img_dir, "max_steps=3"), pipe=copy.deepcopy(sd1_pipe))
+    full = train(cfg_for(tmp_path / "a", img_dir, "max_steps=2"), pipe=copy.deepcopy(sd1_pipe))
     reset_accelerate()
-    train(cfg_for(tmp_path / "b", img_dir, "max_steps=3", "stop_at_step=2"), pipe=copy.deepcopy(sd1_pipe))
+    train(cfg_for(tmp_path / "b", img_dir, "max_steps=2", "stop_at_step=1"), pipe=copy.deepcopy(sd1_pipe))
     reset_accelerate()
-    resumed = train(cfg_for(tmp_path / "b", img_dir, "max_steps=3", "resume=latest"), pipe=copy.deepcopy(sd1_pipe))
+    resumed = train(cfg_for(tmp_path / "b", img_dir, "max_steps=2", "resume=latest"), pipe=copy.deepcopy(sd1_pipe))
     a, b = tensors(full.final_path), tensors(resumed.final_path)
     assert a.keys() == b.keys()
     for k in a:
