@@ -17,7 +17,8 @@ How a prompt is encoded
 
     In an ordinary pipeline call the packing is done by forward hooks (``register_forward_pre_hook`` /
     ``register_forward_hook``, torch's public API) on each text encoder, installed by :func:`load_edlora`:
-    the pre-hook expands ``input_ids [B, S]`` into the ``L`` copies ``[L*B, S]``, the hook packs the outputs
+    the pre-hook expands ``input_ids [B, S]`` into the ``L`` copies ``[L*B, S]`` (a batch without any pseudo-word,
+    e.g. the negative prompt, is encoded once and tiled: its copies are identical), the hook packs the outputs
     (``last_hidden_state`` and every ``hidden_states`` entry become ``[B, S, L*D]``; the pooled output /
     ``text_embeds`` becomes the mean over the copies of the features at the first end-of-text token, so SDXL's
     pooled embedding stays ``[B, P]``). Known limit: diffusers' ``clip_skip`` applies the text encoder's final
@@ -427,7 +428,7 @@ class _TextHook:
         self.eos_token_id, self.n_layers = eos_token_id, n_layers
         self.token_map: dict[int, list[int]] = {}
         self.enabled = True
-        self._ids: list[torch.Tensor | None] = []
+        self._ids: list[tuple[torch.Tensor, bool] | None] = []
         self.handles: list = []
 
     def pre(self, module, args, kwargs):
@@ -435,7 +436,11 @@ class _TextHook:
         if not self.enabled or ids is None or ids.dim() != 2:
             self._ids.append(None)
             return None
-        self._ids.append(ids)
+        # A batch without any pseudo-word has L identical copies: encode it once and tile it afterwards.
+        expand = any(bool((ids == word_id).any()) for word_id in self.token_map)
+        self._ids.append((ids, expand))
+        if not expand:
+            return None
         B, S = ids.shape
         new_ids = layer_variant_ids(ids, self.token_map, self.n_layers).reshape(self.n_layers * B, S)
         kwargs = dict(kwargs)
@@ -447,16 +452,22 @@ class _TextHook:
         return args, kwargs
 
     def post(self, module, args, kwargs, out):
-        ids = self._ids.pop()
-        if ids is None:
+        entry = self._ids.pop()
+        if entry is None:
             return None
-        lw = _layerwise_output(module, out, ids, self.n_layers, self.eos_token_id)
+        ids, expand = entry
+        L = self.n_layers
+        lw = _layerwise_output(module, out, ids, L if expand else 1, self.eos_token_id)
+
+        def tiled(x):  # [L or 1, B, S, D] -> [L, B, S, D]
+            return x if expand else x.expand(L, *x.shape[1:])
+
         new = {}
         for key, value in out.items():
             if key == "last_hidden_state":
-                new[key] = pack_layers([lw.hidden])
+                new[key] = pack_layers([tiled(lw.hidden)])
             elif key == "hidden_states" and value is not None:
-                new[key] = tuple(pack_layers([h]) for h in lw.hidden_states)
+                new[key] = tuple(pack_layers([tiled(h)]) for h in lw.hidden_states)
             elif key in ("pooler_output", "text_embeds"):
                 if key == "pooler_output" and getattr(module, "text_projection", None) is not None:
                     B = ids.shape[0]
