@@ -89,7 +89,7 @@ def test_one_concept_gives_its_own_weights(sd1_pipe):
         fused = out["modules"][key].delta().double().reshape(mod.up.shape[0], -1)
         want = a * mod.delta().double().reshape(fused.shape)
         rep = out["layers"][key]
-        assert rep["residual"] < 1e-5, (key, rep)
+        assert rep["residual"] < 1e-4, (key, rep)
         evals, evecs = torch.linalg.eigh(G)
         # in G's eigenbasis: each direction gets the concept's delta shrunk by s / (s + lambda): exactly
         # W0 + a dW on the inputs the layer saw (s >> lambda), W0 on directions it never saw (s = 0)

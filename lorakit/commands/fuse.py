@@ -42,7 +42,7 @@ _GRADIENT_ARGS = (
     Arg(("--guidance",), dict(type=float, default=1.0, help="gradient: CFG scale while recording (default 1 = no "
                                                              "CFG, as the reference)")),
     Arg(("--ridge",), dict(type=float, default=1e-6, help="gradient: ridge toward W0 relative to trace(G)/in "
-                                                           "(default 1e-6)")),
+                                                           "(default 1e-6; 1e-4 makes the solution less sensitive to float noise in weakly covered input directions)")),
     Arg(("--max-conv-dim",), dict(type=int, default=4608, help="gradient: solve a conv on unfolded patches when "
                                   "in*kh*kw <= this (Gram memory 8*dim^2 bytes); larger convs use the weighted "
                                   "average and are listed in the report (default 4608; 0 = never solve convs)")),
@@ -248,16 +248,30 @@ def write_outputs(args, inputs, result, report: dict) -> Path:
     return out
 
 
-def run(args) -> int:
+def process_state():
+    """accelerate's process state; without a GPU, launched processes form a gloo group only when told to use the
+    CPU. Raises RuntimeError when launched as several processes that did not form one group (each would redo
+    all the work and overwrite the same output)."""
+    import os
+
+    import torch
     from accelerate import PartialState
 
+    state = PartialState(cpu=not torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and state.num_processes != world:
+        raise RuntimeError(f"launched as {world} processes but accelerate formed a group of {state.num_processes}")
+    return state
+
+
+def run(args) -> int:
     import importlib
 
     t0 = time.perf_counter()
     method = METHODS[args.method]
     if method.needs_base and not args.base:
         raise ValueError(f"--method {args.method} needs --base")
-    state = PartialState()
+    state = process_state()
     inputs = build_inputs(args)
     fn = getattr(importlib.import_module(method.module), method.function)
     result = fn(inputs)
