@@ -34,7 +34,7 @@ def test_caption_files_and_metadata_jsonl(tmp_path):
     (tmp_path / "a" / "x.txt").write_text("zorbo, red\n")
     _img(tmp_path / "a" / "sub" / "y.jpg")  # no caption -> default
     recs = scan_folder(tmp_path / "a", default_caption="thing")
-    assert [(r.path.name, r.caption, r.size) for r in recs] == [("x.png", "zorbo, red", (32, 32)), ("y.jpg", "thing", (32, 32))]
+    assert sorted((r.path.name, r.caption, r.size) for r in recs) == [("x.png", "zorbo, red", (32, 32)), ("y.jpg", "thing", (32, 32))]
     _img(tmp_path / "b" / "p.png", (40, 24))
     (tmp_path / "b" / "metadata.jsonl").write_text(json.dumps({"file_name": "p.png", "text": "a cat"}) + "\n")
     (rec,) = scan_folder(tmp_path / "b")

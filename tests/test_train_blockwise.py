@@ -130,7 +130,7 @@ def test_two_processes_equal_one(tmp_path):
     # (lora_B starts at 0) into different updates; a larger eps keeps the comparison about data and noise.
     common = [f"data.path={data}", "base_model=tiny:sd1", "max_steps=2", "logging=none", "checkpoint_at_end=false",
               "learning_rate=1e-2", "adam_epsilon=1e-3", "data.caption_dropout=0.3", "data.shuffle_tags=true",
-              "sample_every=0", "save_every=0", "data.cache_latents=false"]
+              "sample_every=0", "save_every=0", "data.cache_latents=false", "lr_warmup_steps=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
     two = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
