@@ -130,7 +130,7 @@ def add_concept_tokens(
         raise ValueError(f"tokenizer added {added} of {len(names)} tokens {names[:3]}...; some already exist")
     emb = text_encoder.get_input_embeddings()
     if len(tokenizer) > emb.weight.shape[0]:
-        text_encoder.resize_token_embeddings(len(tokenizer))
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are written below
         emb = text_encoder.get_input_embeddings()
     token_map = {}
     for w in words:
