@@ -216,12 +216,14 @@ class FusionRunner:
         fuse_s = time.perf_counter() - t0
         settings = SamplerSettings(method="merge", steps=self.args.steps, cfg=self.args.cfg)
         if method == "gradient":
-            pipe = load_pipeline(str(out))
-            from lorakit.toyworld.evaluate import generate as plain_generate
+            import torch
 
+            pipe = load_pipeline(str(out))
             t0 = time.perf_counter()
-            images = plain_generate(pipe, [set_["prompt"]] * len(seeds), seed=seeds[0], steps=self.args.steps,
-                                    guidance=self.args.cfg)
+            with torch.no_grad():  # the fused model alone: a plain pipeline call, one generator per seed
+                images = pipe([set_["prompt"]] * len(seeds), num_inference_steps=self.args.steps,
+                              guidance_scale=self.args.cfg,
+                              generator=[torch.Generator().manual_seed(s) for s in seeds]).images
         else:
             pipe = load_pipeline(self.args.base)
             adapters = load_adapters(pipe, [out])
