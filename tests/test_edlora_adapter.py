@@ -183,6 +183,8 @@ def test_file_format_and_prompts_in_an_ordinary_pipeline_call(sd1_pipe, tmp_path
 
     want = run_pipe(ref, None, prompt_embeds=packed(prompt), negative_prompt_embeds=packed(""))
     torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
+    tm = ed.loaded_token_maps(pipe)["text_encoder"]
+    assert tm == {k: v for k, v in tmap.items()}  # same ids as adding the tokens by hand to the same base
     per_layer = ed.layer_hidden_states(pipe, prompt)
     assert per_layer.shape == (16, 1, 77, 32)
     torch.testing.assert_close(ed.pack_layers([per_layer]), packed(prompt), rtol=0, atol=1e-6)

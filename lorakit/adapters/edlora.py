@@ -45,7 +45,7 @@ File format (one ``.safetensors``, DESIGN.md; ``lorakit.kind = edlora``)
 
 Public functions
     :func:`load_edlora` (pipeline + file -> prompts with the pseudo-words work), :func:`layer_hidden_states`
-    (per-layer features ``[L, B, S, D]`` of a prompt on a pipeline with ED-LoRAs loaded),
+    (per-layer features ``[L, B, S, D]`` of a prompt on a pipeline with ED-LoRAs loaded), :func:`loaded_token_maps`,
     :func:`cross_attention_layers`, :func:`layer_token_names`, :func:`add_concept_tokens`,
     :func:`layer_variant_ids`, :func:`encode_layerwise`, :func:`pack_layers` / :func:`unpack_layers`,
     :func:`install_layerwise_processors`, :class:`TrainableTokenRows` (training: only the new rows are
@@ -611,6 +611,16 @@ def load_edlora(pipe, file: str | os.PathLike, scale: float = 1.0, adapter_name:
     }
     state.loaded.append(result)
     return result
+
+
+def loaded_token_maps(pipe) -> dict[str, dict[int, list[int]]]:
+    """``{component: {word id: [L layer token ids]}}`` of every ED-LoRA loaded into ``pipe`` (empty if none).
+
+    With :func:`layer_variant_ids` this gives the ``[L, B, S]`` ids a tool feeds to a text encoder itself
+    (e.g. gradient fusion's text-encoder inputs).
+    """
+    state = getattr(pipe, "_lorakit_edlora", None)
+    return {} if state is None else {c: dict(h.token_map) for c, h in state.hooks.items()}
 
 
 def layer_hidden_states(pipe, prompt: str | list[str], clip_skip: int | None = None) -> torch.Tensor:
