@@ -174,8 +174,10 @@ def adapter_from_pipe(pipe, cfg, arch: str, trained: dict, dtype: torch.dtype | 
     return Adapter(modules=modules, metadata=meta)
 
 
-def train(cfg, accelerator=None):
+def train(cfg, accelerator=None, pipe=None):
     """Run a block-wise LoRA/LoCon training from a resolved :class:`BlockwiseConfig`.
+
+    ``pipe``: an already loaded base pipeline to train on instead of loading ``cfg.base_model`` (benchmarks).
 
     Returns the loop's :class:`~lorakit.training.loop.TrainResult` (``final_path`` is the adapter file).
     """
@@ -185,17 +187,18 @@ def train(cfg, accelerator=None):
     from lorakit.adapters.io import save_adapter
     from lorakit.data import CaptionedImages, LatentCache, collate
     from lorakit.models import load_base, pipeline_arch
-    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, randn_per_sample
+    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, mixed_precision, randn_per_sample
 
-    weight_dtype = _dtype(cfg.mixed_precision, "mixed_precision")
+    weight_dtype = _DTYPES[mixed_precision(cfg)]
     save_dtype = _dtype(cfg.save_precision, "save_precision")
-    if not cfg.base_model:
+    if not cfg.base_model and pipe is None:
         raise ValueError("base_model is not set (a diffusers folder, a .safetensors checkpoint, a hub id or tiny:sd1)")
     if cfg.network.type not in ("lora", "locon"):
         raise ValueError(f"network.type={cfg.network.type!r}: expected 'lora' or 'locon'")
     dataset = CaptionedImages(cfg.data, seed=cfg.seed)  # fail on bad data before loading the model
 
-    pipe = load_base(cfg.base_model)
+    if pipe is None:
+        pipe = load_base(cfg.base_model)
     arch = pipeline_arch(pipe)
     sdxl = arch == "sdxl"
     if accelerator is None:

@@ -136,9 +136,19 @@ class TrainResult:
     checkpoint: Path | None
     seconds: float
     samples: list[Path] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of every optimizer step (benchmarks)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def mixed_precision(cfg) -> str:
+    """``cfg.mixed_precision`` as ``no``/``fp16``/``bf16`` (YAML reads a bare ``no`` as false)."""
+    value = str(cfg.mixed_precision).strip().lower()
+    value = "no" if value in ("no", "false", "none", "fp32", "") else value
+    if value not in ("no", "fp16", "bf16"):
+        raise ValueError(f"mixed_precision={cfg.mixed_precision!r}: expected 'no', 'fp16' or 'bf16'")
+    return value
 
 
 def make_accelerator(cfg, find_unused_parameters: bool = False, **kwargs):
@@ -155,13 +165,11 @@ def make_accelerator(cfg, find_unused_parameters: bool = False, **kwargs):
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     if cfg.logging not in ("tensorboard", "none"):
         raise ValueError(f"logging={cfg.logging!r}: expected 'tensorboard' or 'none'")
-    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"mixed_precision={cfg.mixed_precision!r}: expected 'no', 'fp16' or 'bf16'")
     # Without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on the CPU.
     kwargs.setdefault("cpu", not torch.cuda.is_available())
     acc = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=mixed_precision(cfg),
         log_with="tensorboard" if cfg.logging == "tensorboard" else None,
         project_config=project,
         kwargs_handlers=handlers,
@@ -547,7 +555,9 @@ class TrainLoop:
         bar = tqdm(total=cfg.max_steps, initial=self.global_step, desc="train", unit="step",
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
         end = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else cfg.max_steps
+        step_seconds: list[float] = []
         while self.global_step < end:
+            t_step = time.perf_counter()
             micro_losses = []
             for _ in range(accum):
                 batch = send_to_device(next(data), acc.device)
@@ -566,6 +576,7 @@ class TrainLoop:
                         self.lr_scheduler.step()
                         self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
+            step_seconds.append(time.perf_counter() - t_step)  # .item() above synchronised the device
             losses.append(step_loss)
             lr = self.lr_scheduler.get_last_lr()[0]
             bar.update(1)
@@ -587,7 +598,8 @@ class TrainLoop:
             self._checkpoint()
         if cfg.logging == "tensorboard":
             acc.end_training()
-        result = TrainResult(final, self.global_step, losses, self.last_checkpoint, time.perf_counter() - t0, samples)
+        result = TrainResult(final, self.global_step, losses, self.last_checkpoint, time.perf_counter() - t0, samples,
+                             step_seconds)
         self._summary(result, start_step)
         return result
 
@@ -620,6 +632,6 @@ class TrainLoop:
 
 __all__ = [
     "TrainConfig", "TrainLoop", "TrainResult", "TrainingDiverged", "GlobalBatchSampler", "make_accelerator",
-    "build_optimizer", "sample_generator", "randn_per_sample", "randint_per_sample", "rand_per_sample",
+    "build_optimizer", "mixed_precision", "sample_generator", "randn_per_sample", "randint_per_sample", "rand_per_sample",
     "latest_checkpoint",
 ]

@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Benchmark: lorakit's block-wise LoRA trainer vs a minimal reference loop, same model/batch/resolution.
+
+Reference (what diffusers' train_text_to_image_lora.py does per step): diffusers UNet + peft LoRA on the same
+modules (same ranks), torch AdamW, VAE encode + text encode + UNet forward/backward + clip + step every step,
+on a batch already in memory. lorakit: ``lorakit.training.blockwise.train`` (latent cache, shared loop,
+fused AdamW on CUDA, optional channels_last / torch.compile) reading the same images from a folder.
+
+Prints JSON lines: one per run (median step time over the timed steps, it/s, peak memory) and one with the
+ratios (``speed_ratio`` = reference step time / lorakit step time; > 1 means lorakit is faster).
+
+    python tools/bench_train.py                                   # CPU, tiny SD1 pipeline, 32 px, batch 2
+    python tools/bench_train.py --device cuda --size sd15 --resolution 512 --batch 4 --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA max allocated, or the process RSS polled every 5 ms on the CPU."""
+
+    def __init__(self, device: str):
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            import psutil
+
+            proc, self._stop = psutil.Process(), threading.Event()
+            self._base = proc.memory_info().rss
+
+            def poll():
+                peak = self._base
+                while not self._stop.is_set():
+                    peak = max(peak, proc.memory_info().rss)
+                    time.sleep(0.005)
+                self._peak = peak
+
+            self._thread = threading.Thread(target=poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = self._peak / 2**20  # whole-process RSS (includes the other run's leftovers)
+
+
+def sd15_pipeline(seed: int = 0):
+    """A random-weight pipeline with SD 1.5's UNet / VAE / CLIP-L text encoder sizes (no download)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lorakit.models import sd_scheduler, tiny_tokenizer
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
+                                      num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sd_scheduler("ddim"),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_pipe(size: str):
+    from lorakit.models import tiny_pipeline
+
+    return sd15_pipeline() if size == "sd15" else tiny_pipeline("sd1", seed=0)
+
+
+def make_images(folder: Path, n: int, res: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    caps = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (res, res, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+        caps.append(f"a photo of a red circle number {i}")
+        (folder / f"{i:03d}.txt").write_text(caps[-1])
+    return caps
+
+
+def reference(args, pipe, folder: Path, captions: list[str]) -> dict:
+    """The minimal reference training loop; returns step times and peak memory."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import cast_training_params
+
+    from lorakit.blocks import lora_able_modules, lora_config, module_ranks, resolve_block_spec
+
+    dev, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    unet, vae, te = pipe.unet, pipe.vae, pipe.text_encoder
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+        m.to(dev, dtype=dtype)
+    ranks = module_ranks(lora_able_modules(unet), resolve_block_spec("all", "sd1", args.rank), "lora", args.rank, args.rank)
+    unet.add_adapter(lora_config(ranks), adapter_name="default")
+    cast_training_params(unet, dtype=torch.float32)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    files = sorted(folder.glob("*.png"))[: args.batch]
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), np.float32)).permute(2, 0, 1)
+                          for f in files]) / 127.5 - 1
+    pixels = pixels.to(dev, dtype)
+    ids = pipe.tokenizer(captions[: args.batch], padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids.to(dev)
+    times = []
+    with PeakMemory(args.device) as mem:
+        for _ in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                with torch.no_grad():
+                    latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+                    ehs = te(ids)[0]
+                noise = torch.randn_like(latents)
+                t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=dev)
+                pred = unet(sched.add_noise(latents, noise, t), t, ehs).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.item()
+            times.append(time.perf_counter() - t0)
+    return {"step_s": statistics.median(times[args.warmup :]), "peak_mem_mb": mem.peak_mb}
+
+
+def lorakit_run(args, pipe, folder: Path, out: Path) -> dict:
+    from lorakit.config import load_config
+    from lorakit.training.blockwise import BlockwiseConfig, train
+
+    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[args.dtype]
+    cfg = load_config(BlockwiseConfig, None, [
+        "base_model=bench", f"data.path={folder}", f"output_dir={out}", f"data.resolution={args.resolution}",
+        f"train_batch_size={args.batch}", f"max_steps={args.warmup + args.steps}", f"network.rank={args.rank}",
+        f"network.alpha={args.rank}", "network.blocks=all", "network.type=lora", f"mixed_precision={mp}",
+        "data.cache_latents=true", "logging=none", "checkpointing_steps=0", "checkpoint_at_end=false",
+        f"channels_last={str(args.device == 'cuda').lower()}", f"compile={str(args.compile).lower()}",
+    ])
+    with PeakMemory(args.device) as mem:
+        res = train(cfg, pipe=pipe)
+    return {"step_s": statistics.median(res.step_seconds[args.warmup :]), "peak_mem_mb": mem.peak_mb}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--size", default="tiny", choices=["tiny", "sd15"], help="tiny SD1 pipeline or SD1.5-sized random")
+    p.add_argument("--resolution", type=int, default=None, help="default: 32 (tiny) / 512 (sd15)")
+    p.add_argument("--batch", type=int, default=None, help="default: 2 (tiny) / 4 (sd15)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fp32 (cpu) / bf16 (cuda)")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet in the lorakit run")
+    args = p.parse_args(argv)
+    args.resolution = args.resolution or (512 if args.size == "sd15" else 32)
+    args.batch = args.batch or (4 if args.size == "sd15" else 2)
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    common = {"device": args.device, "size": args.size, "resolution": args.resolution, "batch": args.batch,
+              "dtype": args.dtype, "rank": args.rank, "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "img"
+        folder.mkdir()
+        captions = make_images(folder, 2 * args.batch, args.resolution)
+        ref = reference(args, make_pipe(args.size), folder, captions)
+        ref_row = {"run": "reference", **common, **ref, "it_s": 1 / ref["step_s"]}
+        print(json.dumps(ref_row), flush=True)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        lk = lorakit_run(args, make_pipe(args.size), folder, Path(tmp) / "out")
+        lk_row = {"run": "lorakit", **common, **lk, "it_s": 1 / lk["step_s"], "compile": args.compile}
+        print(json.dumps(lk_row), flush=True)
+    print(json.dumps({"run": "ratio", **common, "speed_ratio": ref["step_s"] / lk["step_s"],
+                      "mem_ratio": ref["peak_mem_mb"] / max(lk["peak_mem_mb"], 1e-9)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
