@@ -28,6 +28,7 @@ same sums, so all hold the same fused model.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -394,18 +395,51 @@ def _call_pipe(pipe, prompt: str, steps: int, size: int | None, guidance: float,
 
 
 def prepare_concepts(pipe, concepts: list[Concept]) -> dict:
-    """Stage 0: make every concept's tokens available in the pipeline (ED-LoRA embedding concatenation).
+    """Stage 0: put every ED-LoRA concept's layer-wise embeddings into the pipeline (Mix-of-Show's embedding
+    concatenation), renaming pseudo-words that clash (``<cat1>`` -> ``<cat1#2>``) and rewriting that concept's
+    prompts to match; installs ED-LoRA's per-layer cross-attention routing (:mod:`lorakit.adapters.edlora`).
+    The LoRA weights are NOT injected: the stages set and fuse them. Plain LoRA / LoCon files need nothing.
 
-    Plain LoRA / LoCon files need nothing. Returns the extra tensors and metadata the outputs must carry.
+    Returns:
+        ``{"extra": embedding tensors, "metadata": ED-LoRA metadata, "edlora": table}`` for the outputs.
     """
-    edlora = [c.name for c in concepts if c.adapter.kind == "edlora"]
-    if edlora:
-        raise NotImplementedError(
-            f"gradient fusion of ED-LoRA files ({', '.join(edlora)}) needs lorakit.adapters.edlora (issue 5: "
-            "concept embeddings + token table + a loader that adds the tokens to a pipeline), which has not "
-            "landed; fuse their LoRA weights only by converting them, or use --method weighted/cat"
-        )
-    return {"extra": {}, "metadata": {}}
+    ed = [c for c in concepts if c.adapter.kind == "edlora"]
+    if not ed:
+        return {"extra": {}, "metadata": {}, "edlora": None}
+    from lorakit.adapters import edlora as E
+
+    state = E._state(pipe)
+    embeddings: dict[str, dict[str, torch.Tensor]] = {}
+    table = []
+    for c in ed:
+        info, rows = E.read_edlora(c.adapter, c.name)
+        if info["n_layers"] != state.n_layers or dict(info["components"]) != state.dims:
+            raise ValueError(f"{c.name}: ED-LoRA for {info['n_layers']} cross-attention layers / encoders "
+                             f"{info['components']}; the base has {state.n_layers} / {state.dims}")
+        tokenizers = [getattr(pipe, E._TOKENIZER_OF[comp]) for comp in state.dims]
+        words = {}
+        for concept in info["concepts"]:
+            for w in concept["words"]:
+                words[w] = E._free_word(w, tokenizers)
+        for comp in state.dims:
+            renamed = {words[w]: r for w, r in rows[comp].items()}
+            tokenizer = getattr(pipe, E._TOKENIZER_OF[comp])
+            token_map = E.add_concept_tokens(tokenizer, getattr(pipe, comp), list(renamed), state.n_layers, renamed)
+            state.hooks[comp].token_map.update(token_map)
+            embeddings.setdefault(comp, {}).update(renamed)
+        for w, new in words.items():
+            if new != w:
+                warnings.warn(f"{c.name}: pseudo-word {w} is taken by another input; it is {new} in the fused model",
+                              stacklevel=2)
+                c.prompts[:] = [p.replace(w, new) for p in c.prompts]
+                c.sample_prompts[:] = [p.replace(w, new) for p in c.sample_prompts]
+        for concept in info["concepts"]:
+            table.append(E.EDLoRAConcept(concept["name"], [words[w] for w in concept["words"]],
+                                         concept.get("init_word", "")))
+    arch = ed[0].adapter.arch or "sd1"
+    carrier = E.edlora_adapter({}, embeddings, table, state.layers, arch)
+    meta = {E.META_KEY: carrier.metadata[E.META_KEY], "lorakit.trigger": carrier.metadata["lorakit.trigger"]}
+    return {"extra": carrier.extra, "metadata": meta, "edlora": json.loads(meta[E.META_KEY])}
 
 
 def fuse_gradient(pipe, concepts: list[Concept], settings: GradientSettings | None = None) -> dict:
@@ -469,6 +503,7 @@ def fuse_gradient(pipe, concepts: list[Concept], settings: GradientSettings | No
         "stages": stages,
         "extra": prepared["extra"],
         "metadata": prepared["metadata"],
+        "edlora": prepared["edlora"],
         "problems": probs,
     }
 
@@ -511,5 +546,7 @@ def run(inputs) -> "FuseResult":
     }
     settings_dict = {k: v for k, v in settings.__dict__.items() if k not in ("progress", "keep_inputs")}
     report = {"settings": settings_dict, "summary": summary, "stages": out["stages"], "layers": layers}
+    if out["edlora"]:
+        report["edlora"] = out["edlora"]  # the concepts' pseudo-words / layer tokens in the fused tokenizer
     return FuseResult(modules=out["modules"], pipeline=pipe, report=report, extra=out["extra"],
                       metadata=out["metadata"])
