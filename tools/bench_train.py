@@ -162,7 +162,9 @@ def lorakit_run(args, pipe, folder: Path, out: Path) -> dict:
         "data.cache_latents=true", "logging=none", "checkpointing_steps=0", "checkpoint_at_end=false",
         f"channels_last={str(args.device == 'cuda').lower()}", f"compile={str(args.compile).lower()}",
     ])
-    with PeakMemory(args.device) as mem:
+    import contextlib
+
+    with PeakMemory(args.device) as mem, contextlib.redirect_stdout(sys.stderr):  # stdout: JSON lines only
         res = train(cfg, pipe=pipe)
     return {"step_s": statistics.median(res.step_seconds[args.warmup :]), "peak_mem_mb": mem.peak_mb}
 
