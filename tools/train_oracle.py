@@ -26,6 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--vae", help="toy VAE folder (AutoencoderKL) for round-trip augmentation; default data/toy-base/vae")
     p.add_argument("--n-train", type=int, default=12000)
     p.add_argument("--n-eval", type=int, default=2000)
+    p.add_argument("--n-vae", type=int, default=2500, help="train images that also get a VAE round-trip version")
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -143,7 +144,8 @@ def main(argv=None) -> int:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32).eval()
-        x_vae = vae_roundtrip(vae, x, gen)
+        x_vae = x.clone()
+        x_vae[: args.n_vae] = vae_roundtrip(vae, x[: args.n_vae], gen)
         xe_vae = vae_roundtrip(vae, xe, torch.Generator().manual_seed(args.seed + 1))
         log(f"VAE round trips done ({vae_path})")
     else:

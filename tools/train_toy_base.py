@@ -6,7 +6,10 @@ Stages (each is skipped when its output already exists in ``--work``, so an inte
   3. latents  encode the generic scenes; set ``vae.config.scaling_factor`` = 1 / std(latents)
   4. unet     train the UNet (epsilon prediction, Min-SNR-5 weighting, 10% caption dropout, EMA) with the
               shared TrainLoop; the text encoder stays frozen at its random initialisation
-  5. export   the EMA pipeline in fp16 to ``--out``
+  5. export   the EMA pipeline in fp16 to ``--out`` (with the fine-tuned decoder, if one was made)
+
+``--finetune-decoder STEPS`` (a second process, started once stage 2 is done) trains only the VAE decoder
+meanwhile: the encoder is frozen, so the latents the UNet learns stay valid, and the images get sharper.
 
 Every ``--save-every`` UNet steps a usable pipeline is written to ``<work>/unet/toy-base-stepNNNNNN`` so a
 partial run can be exported (``--export-from``). Uses a GPU through Accelerate when one is present.
@@ -43,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--export-from", help="export this partial pipeline folder to --out and stop")
+    p.add_argument("--decoder", help="with --export-from: a VAE folder whose decoder replaces the pipeline's")
+    p.add_argument("--finetune-decoder", type=int, default=0, metavar="STEPS",
+                   help="only fine-tune the VAE decoder for STEPS steps (run beside the UNet stage) and stop")
     return p.parse_args(argv)
 
 
@@ -122,7 +128,7 @@ def train_vae(work: Path, steps: int, batch: int, seed: int):
     images, _, _ = load_data(work)
     torch.manual_seed(seed)
     vae = toy_vae()
-    cfg = _cfg(work, "vae", steps, batch, 1e-3, seed)
+    cfg = _cfg(work, "vae", steps, batch, 2e-3, seed, save_every=100)
     acc = make_accelerator(cfg)
     opt = build_optimizer(cfg, [{"params": list(vae.parameters())}])
     data = _Rows(image=to_tensor(images))
@@ -139,6 +145,41 @@ def train_vae(work: Path, steps: int, batch: int, seed: int):
     TrainLoop(cfg, acc, [vae], opt, data, compute_loss, save, artifact_suffix="").run()
     log(f"vae trained {steps} steps in {time.time() - t0:.0f} s")
     return AutoencoderKL.from_pretrained(final)
+
+
+def finetune_decoder(work: Path, steps: int, batch: int, seed: int) -> Path:
+    """Train only the VAE decoder (encoder frozen, so the UNet's latents stay valid) for ``steps`` more steps.
+
+    Runs beside the UNet stage (another process); ``export`` uses the result when it exists.
+    """
+    from diffusers import AutoencoderKL
+
+    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator
+
+    images, _, _ = load_data(work)
+    vae = AutoencoderKL.from_pretrained(work / "vae" / "toy-vae")
+    vae.requires_grad_(False)
+    trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for prm in trainable:
+        prm.requires_grad_(True)
+    cfg = _cfg(work, "decoder", steps, batch, 1e-3, seed + 1, save_every=100)
+    acc = make_accelerator(cfg)
+    opt = build_optimizer(cfg, [{"params": trainable}])
+    data = _Rows(image=to_tensor(images))
+
+    def compute_loss(b, step, models):
+        with torch.no_grad():
+            z = vae.encode(b["image"]).latent_dist.sample()
+        rec = models[0].decode(z).sample
+        return (rec - b["image"]).abs().mean()
+
+    def save(path):
+        vae.save_pretrained(path)
+
+    t0 = time.time()
+    TrainLoop(cfg, acc, [vae], opt, data, compute_loss, save, artifact_suffix="").run()
+    log(f"decoder fine-tuned {steps} steps in {time.time() - t0:.0f} s")
+    return work / "decoder" / "toy-decoder"
 
 
 # ------------------------------------------------------------------------------------------------ 3. latents
@@ -255,12 +296,18 @@ def train_unet(work: Path, vae, mean, std, scale, args):
 # ------------------------------------------------------------------------------------------------ 5. export
 
 
-def export(src: Path, out: Path) -> None:
-    from diffusers import StableDiffusionPipeline
+def export(src: Path, out: Path, decoder: Path | None = None) -> None:
+    """Save the pipeline at ``src`` in fp16 to ``out``; with ``decoder``, take the VAE decoder from that VAE."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     from lorakit.models import save_pipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+    if decoder is not None and (decoder / "config.json").exists():
+        tuned = AutoencoderKL.from_pretrained(decoder)
+        pipe.vae.decoder.load_state_dict(tuned.decoder.state_dict())
+        pipe.vae.post_quant_conv.load_state_dict(tuned.post_quant_conv.state_dict())
+        log(f"using the fine-tuned decoder {decoder}")
     pipe.to(torch.float16)
     save_pipeline(pipe, out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -274,14 +321,17 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.export_from:
-        export(Path(args.export_from), Path(args.out))
+        export(Path(args.export_from), Path(args.out), Path(args.decoder) if args.decoder else None)
+        return 0
+    if args.finetune_decoder:
+        finetune_decoder(work, args.finetune_decoder, args.vae_batch, args.seed)
         return 0
     t0 = time.time()
     render_data(work, args.n_generic, args.n_mixed, args.seed)
     vae = train_vae(work, args.vae_steps, args.vae_batch, args.seed)
     mean, std, scale = encode_latents(work, vae)
     final = train_unet(work, vae, mean, std, scale, args)
-    export(final, Path(args.out))
+    export(final, Path(args.out), work / "decoder" / "toy-decoder")
     log(f"total {time.time() - t0:.0f} s ({math.ceil((time.time() - t0) / 60)} min)")
     return 0
 

@@ -1,10 +1,13 @@
 """The toy base model's architecture: an SD1-layout pipeline small enough to train and sample on a CPU.
 
-* VAE: ``AutoencoderKL`` with 3 levels (32x32 RGB <-> 4x8x8 latents, scale factor 4), no attention.
-* UNet: ``UNet2DConditionModel`` in SD1's layout (3 cross-attention down blocks + 1 plain, mirror on the way up,
-  ``layers_per_block=2``) with narrow channels (48, 64, 96, 96) on 8x8 latents; cross-attention width 64.
-  Small latents keep training affordable on a shared CPU (measured: ~3 s per batch of 32 at 8x8 vs ~6-16 s
-  at 16x16 for similar widths, on 2 busy cores).
+* VAE: ``AutoencoderKL`` with 2 levels (32x32 RGB <-> 4x16x16 latents, scale factor 2), no attention.
+  (A 3-level VAE to 8x8 latents trained 300 steps still lost the colours; 2 levels reconstruct far sooner.)
+* UNet: ``UNet2DConditionModel`` in SD1's layout (3 cross-attention down blocks + 1 plain, mirror on the way up)
+  with narrow channels (32, 32, 64, 64) and ``layers_per_block=1`` on 16x16 latents; cross-attention width 64.
+  One layer per block (SD1 has 2) keeps a training step affordable on a shared 2-core CPU; block presets
+  (``all``, ``upper``, ``IN0``.., ``OUT3``) work as on SD1, kohya's 25-entry block vectors assume 2 layers.
+* GroupNorm groups hold 4+ channels (VAE 4 groups, UNet 8): with 1-2 channels per group GroupNorm acts like
+  instance norm and erases flat colours, which is most of what toy scenes are made of.
 * Text encoder: a 2-layer CLIP text model of width 64, kept frozen at its random initialisation (the UNet
   learns to read its token-identity features); tokenizer: the offline BPE tokenizer whose vocabulary holds
   every toy-world word and trigger as one token.
@@ -32,38 +35,43 @@ def toy_tokenizer():
 
 
 def toy_vae():
-    """Untrained 3-level ``AutoencoderKL`` (scale factor 4, 4 latent channels)."""
+    """Untrained 2-level ``AutoencoderKL`` (scale factor 2, 4 latent channels)."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(16, 32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=16,
+        norm_num_groups=4,
         sample_size=32,
         mid_block_add_attention=False,
     )
+    # Start with a tiny posterior std (logvar -10): with diffusers' default (std ~1) the sampled latents are
+    # mostly noise at first and the decoder learns only blurry averages for hundreds of steps.
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels :] = -10.0
+    return vae
 
 
 def toy_unet():
-    """Untrained SD1-layout ``UNet2DConditionModel`` for 4x8x8 latents."""
+    """Untrained SD1-layout ``UNet2DConditionModel`` for 4x16x16 latents."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=16,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(48, 64, 96, 96),
-        layers_per_block=2,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8,
-        norm_num_groups=16,
+        norm_num_groups=8,
     )
 
 
