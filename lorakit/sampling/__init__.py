@@ -199,7 +199,7 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
                     "adapters": [a.record() for a in adapters],
                     "sampler": asdict(job.sampler),
                     "regions": regions.to_dict() if regions is not None else None,
-                    "regions_file": job.regions,
+                    "regions_file": str(Path(job.regions).resolve()) if job.regions else None,
                     "profile": profile,
                     "profile_settings": {"prompt": job.profile_prompt, "steps": job.profile_steps, "seeds": list(job.profile_seeds)},
                     "batch_size": job.batch_size,
