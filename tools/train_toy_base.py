@@ -6,7 +6,7 @@ Stages (each is skipped when its output already exists in ``--work``, so an inte
   3. latents  encode the generic scenes; set ``vae.config.scaling_factor`` = 1 / std(latents)
   4. unet     train the UNet (epsilon prediction, Min-SNR-5 weighting, 10% caption dropout, EMA) with the
               shared TrainLoop; the text encoder stays frozen at its random initialisation
-  5. export   the EMA pipeline in fp16 to ``--out`` (with the fine-tuned decoder, if one was made)
+  5. export   the EMA pipeline (fp32, ~8 MB) to ``--out`` (with the fine-tuned decoder, if one was made)
 
 ``--finetune-decoder STEPS`` (a second process, started once stage 2 is done) trains only the VAE decoder
 meanwhile: the encoder is frozen, so the latents the UNet learns stay valid, and the images get sharper.
@@ -33,7 +33,7 @@ import torch
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/toybase", help="working folder (data, checkpoints, partial pipelines)")
-    p.add_argument("--out", default="data/toy-base", help="where the final fp16 pipeline goes")
+    p.add_argument("--out", default="data/toy-base", help="where the final pipeline goes")
     p.add_argument("--n-generic", type=int, default=8000)
     p.add_argument("--n-mixed", type=int, default=3000)
     p.add_argument("--vae-steps", type=int, default=800)
@@ -297,7 +297,7 @@ def train_unet(work: Path, vae, mean, std, scale, args):
 
 
 def export(src: Path, out: Path, decoder: Path | None = None) -> None:
-    """Save the pipeline at ``src`` in fp16 to ``out``; with ``decoder``, take the VAE decoder from that VAE."""
+    """Save the pipeline at ``src`` (fp32) to ``out``; with ``decoder``, take the VAE decoder from that VAE."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     from lorakit.models import save_pipeline
@@ -308,10 +308,11 @@ def export(src: Path, out: Path, decoder: Path | None = None) -> None:
         pipe.vae.decoder.load_state_dict(tuned.decoder.state_dict())
         pipe.vae.post_quant_conv.load_state_dict(tuned.post_quant_conv.state_dict())
         log(f"using the fine-tuned decoder {decoder}")
-    pipe.to(torch.float16)
+    # fp32 on disk: the whole pipeline is ~8 MB, and diffusers loads fp16 files as fp16 when no torch_dtype is
+    # given, which a CPU user calling plain from_pretrained(...) does not want.
     save_pipeline(pipe, out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    log(f"exported {src} -> {out} (fp16, {size / 1e6:.1f} MB)")
+    log(f"exported {src} -> {out} (fp32, {size / 1e6:.1f} MB)")
 
 
 def main(argv=None) -> int:
