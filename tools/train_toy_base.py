@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--decoder", help="with --export-from: a VAE folder whose decoder replaces the pipeline's")
     p.add_argument("--finetune-decoder", type=int, default=0, metavar="STEPS",
                    help="only fine-tune the VAE decoder for STEPS steps (run beside the UNet stage) and stop")
+    p.add_argument("--init-from", metavar="PIPELINE",
+                   help="continue from a trained toy pipeline (e.g. data/toy-base): its VAE, text encoder and UNet "
+                        "are the starting point, the VAE stage is skipped")
     return p.parse_args(argv)
 
 
@@ -244,6 +247,13 @@ def train_unet(work: Path, vae, mean, std, scale, args):
     ids = [vocab.index(c) for c in captions]
     vae.register_to_config(scaling_factor=scale)
     pipe = build_toy_pipeline(seed=args.seed, vae=vae)
+    if args.init_from:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(Path(args.init_from) / "unet")
+        pipe.text_encoder = CLIPTextModel.from_pretrained(Path(args.init_from) / "text_encoder")
+        log(f"UNet and text encoder start from {args.init_from}")
     with torch.no_grad():
         tok = pipe.tokenizer(vocab, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")
@@ -328,11 +338,19 @@ def main(argv=None) -> int:
         finetune_decoder(work, args.finetune_decoder, args.vae_batch, args.seed)
         return 0
     t0 = time.time()
-    render_data(work, args.n_generic, args.n_mixed, args.seed)
-    vae = train_vae(work, args.vae_steps, args.vae_batch, args.seed)
-    mean, std, scale = encode_latents(work, vae)
+    if args.init_from:
+        from diffusers import AutoencoderKL
+
+        render_data(work, args.n_generic, 0, args.seed)
+        vae = AutoencoderKL.from_pretrained(Path(args.init_from) / "vae")
+        mean, std, _ = encode_latents(work, vae)
+        scale = float(vae.config.scaling_factor)  # the UNet being continued learned latents at this scale
+    else:
+        render_data(work, args.n_generic, args.n_mixed, args.seed)
+        vae = train_vae(work, args.vae_steps, args.vae_batch, args.seed)
+        mean, std, scale = encode_latents(work, vae)
     final = train_unet(work, vae, mean, std, scale, args)
-    export(final, Path(args.out), work / "decoder" / "toy-decoder")
+    export(final, Path(args.out), None if args.init_from else work / "decoder" / "toy-decoder")
     log(f"total {time.time() - t0:.0f} s ({math.ceil((time.time() - t0) / 60)} min)")
     return 0
 

@@ -1,0 +1,94 @@
+"""Train the toy world's held-out concept LoRAs from their recipes, cached by recipe hash.
+
+``lorakit demo``, ``.ci/run`` and the benchmarks all need the same small LoRAs (one per held-out concept,
+``train_configs/toy_<concept>.yaml``). A LoRA is retrained only when something that determines it changes:
+the resolved recipe (after overrides), the base model's weights, or the concept's training images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def recipe_path(concept: str) -> Path:
+    """``train_configs/toy_<concept>.yaml`` for a held-out concept name (or its trigger word)."""
+    from lorakit.toyworld.concepts import get_concept
+
+    c = get_concept(concept)
+    path = REPO / "train_configs" / f"toy_{c.name}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"no toy recipe for concept {c.name!r}: expected {path}")
+    return path
+
+
+def _hash_files(h, root: Path) -> None:
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(root) if f != root else f.name).encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+
+
+def recipe_hash(cfg) -> str:
+    """Hash of what determines a trained LoRA: resolved config (minus output location), base weights, data."""
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("output_dir", "output_name", "logging", "checkpoint_at_end", "checkpointing_steps", "save_every"):
+        resolved.pop(key, None)
+    resolved["data"].pop("cache_dir", None)
+    h = hashlib.sha256(repr(sorted(resolved.items())).encode())
+    base = Path(str(cfg.base_model))
+    if base.exists():
+        for part in ("unet", "text_encoder", "vae"):
+            if (base / part).exists():
+                _hash_files(h, base / part)
+    data = Path(str(cfg.data.path))
+    if data.exists():
+        _hash_files(h, data)
+    return h.hexdigest()[:16]
+
+
+def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | None = None,
+                       overrides: list[str] | None = None, force: bool = False) -> Path:
+    """Train (or reuse) the LoRA of one held-out toy concept.
+
+    Args:
+        concept: held-out concept name or trigger word (``frog``, ``kwibbit``, ...).
+        out_dir: the LoRA goes to ``out_dir/toy_<concept>-<hash>.safetensors``.
+        base: base model (default: the recipe's, ``data/toy-base``).
+        overrides: extra ``key=value`` recipe overrides (e.g. ``["max_steps=100"]``).
+        force: retrain even when a LoRA with the same recipe hash exists.
+    Returns:
+        Path of the adapter file (kohya keys; ``lorakit.trigger`` in its metadata).
+    """
+    import shutil
+    import tempfile
+
+    from lorakit.config import load_config
+    from lorakit.toyworld.concepts import get_concept
+    from lorakit.training.blockwise import BlockwiseConfig, train
+
+    name = get_concept(concept).name
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Recipes name repo-relative paths: resolve them against the repository, whatever the working directory.
+    ov = [f"base_model={base or REPO / 'data' / 'toy-base'}", f"data.path={REPO / 'data' / 'toy' / name}"]
+    ov += list(overrides or [])
+    cfg = load_config(BlockwiseConfig, recipe_path(name), ov)
+    target = out_dir / f"toy_{name}-{recipe_hash(cfg)}.safetensors"
+    if target.exists() and not force:
+        return target
+    with tempfile.TemporaryDirectory(prefix=f"toy_{name}-", dir=out_dir) as work:
+        run = load_config(BlockwiseConfig, recipe_path(name), ov + [f"output_dir={work}", "checkpointing_steps=0",
+                                                                       "checkpoint_at_end=false", "save_every=0",
+                                                                       "logging=none",
+                                                                       f"data.cache_dir={out_dir / 'latent_cache'}"])
+        result = train(run)
+        tmp = target.with_suffix(".tmp")
+        shutil.copyfile(result.final_path, tmp)
+        os.replace(tmp, target)
+    return target
