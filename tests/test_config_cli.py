@@ -49,3 +49,15 @@ def test_inspect_reports_blocks_and_fit(sd1_pipe, sdxl_pipe, tmp_path, capsys):
     xl_base = save_pipeline(sdxl_pipe, tmp_path / "xl")
     assert main(["inspect", str(path), "--base", str(xl_base)]) == 1
     assert "adapter is for sd1 but the base model is sdxl" in capsys.readouterr().out
+
+
+def test_train_overrides_after_config_reach_the_trainer(monkeypatch):
+    """`lorakit train edlora --config X key=value` (overrides after the option) passes the overrides on."""
+    import lorakit.training.blockwise as blockwise
+
+    seen = {}
+    monkeypatch.setattr(blockwise, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    assert main(["train", "blockwise", "--config", "r.yaml", "max_steps=3", "seed=1"]) == 0
+    assert seen["argv"] == ["--config", "r.yaml", "max_steps=3", "seed=1"]
+    with pytest.raises(SystemExit):
+        main(["train", "blockwise", "--config", "r.yaml", "--bogus"])
