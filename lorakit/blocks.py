@@ -11,7 +11,9 @@ A *block spec* (``network.blocks`` in configs) may be any of:
   * a mapping of block names to ranks, coarse (``{IN0: 8, OUT3: 8}``) or fine (``{IN04: 4}``); blocks not
     named get rank 0; the key ``default`` sets the rank of blocks not named;
   * a kohya ``block_dims`` vector: 25 ranks for SD1/SD2 (IN00-IN11, MID, OUT00-OUT11), 19 for SDXL
-    (IN00-IN08, MID, OUT00-OUT08);
+    (IN00-IN08, MID, OUT00-OUT08), or for SDXL the 23-value layout of kohya's ``sdxl_train.py --block_lr``
+    (time/label embedding, IN00-IN08, MID00-MID02, OUT00-OUT08, out): the embedding and ``out`` values are
+    ignored (no LoRA-able block there) and the three MID values must agree (lorakit gives the mid block one rank);
   * a LoRA Block Weight vector: 17 weights for SD1/SD2 (BASE, IN01, IN02, IN04, IN05, IN07, IN08, MID,
     OUT03-OUT11), 12 for SDXL (BASE, IN04, IN05, IN07, IN08, MID, OUT00-OUT05). A weight ``w`` keeps the
     block at the network rank with alpha scaled by ``w``; ``w = 0`` skips it; blocks the vector does not list
@@ -46,6 +48,7 @@ LBW_BLOCKS = {
     "sdxl": ["TE", "IN04", "IN05", "IN07", "IN08", "MID"] + [f"OUT{i:02d}" for i in range(0, 6)],
 }
 LBW_BLOCKS["sd2"] = LBW_BLOCKS["sd1"]
+SDXL_BLOCK_LR_LEN = 23  # kohya sdxl_train.py: embed, IN00-IN08, MID00-MID02, OUT00-OUT08, out
 
 
 def fine_blocks(arch: str) -> list[str]:
@@ -169,6 +172,13 @@ def resolve_block_spec(spec, arch: str, rank: int) -> dict[str, tuple[int, float
         spec = "all"
     vec = _parse_vector(spec)
     if vec is not None:
+        if arch == "sdxl" and len(vec) == SDXL_BLOCK_LR_LEN:
+            mids = vec[10:13]
+            if len(set(mids)) != 1:
+                raise ValueError(
+                    f"23-value SDXL block vector: MID00-MID02 = {mids}, but lorakit gives the mid block one rank; "
+                    "use the same value three times (or the 19-value IN00-IN08, MID, OUT00-OUT08 vector)")
+            vec = vec[1:10] + [mids[0]] + vec[13:22]
         if len(vec) == len(fines):
             return {f: (int(v), 1.0) for f, v in zip(fines, vec)}
         lbw = LBW_BLOCKS[arch]
@@ -177,7 +187,9 @@ def resolve_block_spec(spec, arch: str, rank: int) -> dict[str, tuple[int, float
             return {f: ((rank, weights[f]) if weights.get(f, 0.0) != 0.0 else (0, 1.0)) for f in fines}
         raise ValueError(
             f"block vector has {len(vec)} values; for {arch} expected {len(fines)} (kohya block_dims "
-            f"{fines[0]}..{fines[-1]}) or {len(lbw)} (LoRA Block Weight {','.join(lbw)})"
+            f"{fines[0]}..{fines[-1]})"
+            + (f", {SDXL_BLOCK_LR_LEN} (kohya sdxl block_lr layout)" if arch == "sdxl" else "")
+            + f" or {len(lbw)} (LoRA Block Weight {','.join(lbw)})"
         )
     if isinstance(spec, str):
         name = PRESET_ALIASES.get(spec.strip().lower(), spec.strip().lower())

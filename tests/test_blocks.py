@@ -111,3 +111,21 @@ def test_bad_specs_name_the_problem():
         resolve_block_spec([1, 2, 3], "sd1", 4)
     with pytest.raises(ValueError, match="unknown block 'IN3'"):
         resolve_block_spec({"IN3": 4}, "sdxl", 4)
+
+
+def test_sdxl_23_value_block_lr_layout(sdxl_pipe):
+    """kohya sdxl_train's 23-value layout (embed, IN00-08, MID00-02, OUT00-08, out) equals the 19-value vector."""
+    fines = fine_blocks("sdxl")
+    v19 = [(i % 3) * 4 for i in range(19)]  # 0, 4, 8, ... with zeros skipping blocks
+    mid = v19[fines.index("MID")]
+    v23 = [7] + v19[:9] + [mid, mid, mid] + v19[10:] + [7]
+    assert resolve_block_spec(v23, "sdxl", 4) == resolve_block_spec(v19, "sdxl", 4)
+    assert _selected(sdxl_pipe, v23) == _selected(sdxl_pipe, v19)
+    bad = list(v23)
+    bad[11] = mid + 1
+    with pytest.raises(ValueError, match="MID00-MID02"):
+        resolve_block_spec(bad, "sdxl", 4)
+    with pytest.raises(ValueError, match="23 \\(kohya sdxl block_lr layout\\)"):
+        resolve_block_spec([1] * 5, "sdxl", 4)
+    with pytest.raises(ValueError, match="expected 25"):
+        resolve_block_spec([4] * 23, "sd1", 4)
