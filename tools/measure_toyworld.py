@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="override each recipe's max_steps")
     p.add_argument("--n", type=int, default=32, help="images per measurement")
     p.add_argument("--n-generic", type=int, default=64, help="generic prompts for the base measurement (0: skip)")
-    p.add_argument("--work", help="where LoRAs are written (default: a temp folder)")
+    p.add_argument("--work", default="artifacts/adapters",
+                   help="LoRA cache folder (lorakit.toyworld.loras: reused when recipe, base and data are unchanged)")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
@@ -59,29 +59,28 @@ def base_prompt_following(base: str, n: int) -> dict:
 
 
 def lora_vs_base(concept: str, base: str, steps: int | None, n: int, work: Path) -> dict:
-    """Train ``concept``'s recipe, then oracle presence rate of the concept with and without the LoRA."""
-    from lorakit.config import load_config
+    """Train ``concept``'s recipe (or reuse the cached LoRA), then oracle presence of the concept with/without it."""
+    from lorakit.adapters.io import load_adapter
     from lorakit.eval.oracle import score
     from lorakit.models import load_base
     from lorakit.toyworld.evaluate import concept_prompts, generate
-    from lorakit.training.blockwise import BlockwiseConfig, train
+    from lorakit.toyworld.loras import train_concept_lora
 
-    overrides = [f"output_dir={work / concept}", f"base_model={base}"]
-    if steps:
-        overrides.append(f"max_steps={steps}")
-    cfg = load_config(BlockwiseConfig, f"train_configs/toy_{concept}.yaml", overrides)
     t0 = time.perf_counter()
-    result = train(cfg)
+    path = train_concept_lora(concept, work, base=base, overrides=[f"max_steps={steps}"] if steps else None)
     train_s = time.perf_counter() - t0
+    cfg = json.loads(load_adapter(path).metadata.get("lorakit.config", "{}"))
     pipe = load_base(base)
     pipe.set_progress_bar_config(disable=True)
     prompts = concept_prompts(concept, n, seed=123)
     base_rate = score(generate(pipe, prompts, seed=1000), [concept]).rates[concept]
-    pipe.load_lora_weights(str(result.final_path), adapter_name=concept)
+    pipe.load_lora_weights(str(path), adapter_name=concept)
     lora_rate = score(generate(pipe, prompts, seed=1000), [concept]).rates[concept]
-    return {"measure": "lora_vs_base", "concept": concept, "trigger": cfg.trigger, "blocks": str(cfg.network.blocks),
-            "rank": cfg.network.rank, "train_steps": cfg.max_steps, "train_seconds": round(train_s, 1), "n": n,
-            "base_rate": round(base_rate, 3), "lora_rate": round(lora_rate, 3), "example_prompt": prompts[0]}
+    net = cfg.get("network", {})
+    return {"measure": "lora_vs_base", "concept": concept, "trigger": cfg.get("trigger"), "blocks": str(net.get("blocks")),
+            "rank": net.get("rank"), "train_steps": cfg.get("max_steps"), "train_seconds": round(train_s, 1),
+            "adapter": str(path), "n": n, "base_rate": round(base_rate, 3), "lora_rate": round(lora_rate, 3),
+            "example_prompt": prompts[0]}
 
 
 def main(argv=None) -> int:
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
         emit(base_prompt_following(args.base, args.n_generic))
     concepts = args.concepts if args.concepts is not None else [c.name for c in HELDOUT]
     concepts = [c for c in concepts if c != "none"]
-    work = Path(args.work or tempfile.mkdtemp(prefix="toy-loras-"))
+    work = Path(args.work)
     for c in concepts:
         emit(lora_vs_base(c, args.base, args.steps, args.n, work))
     return 0

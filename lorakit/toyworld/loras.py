@@ -40,8 +40,13 @@ def recipe_hash(cfg) -> str:
     for key in ("output_dir", "output_name", "logging", "checkpoint_at_end", "checkpointing_steps", "save_every"):
         resolved.pop(key, None)
     resolved["data"].pop("cache_dir", None)
-    h = hashlib.sha256(repr(sorted(resolved.items())).encode())
     base = Path(str(cfg.base_model))
+    # Paths are hashed by content below, so the same recipe hashes the same from any working directory.
+    if base.exists():
+        resolved.pop("base_model")
+    if Path(str(cfg.data.path)).exists():
+        resolved["data"].pop("path")
+    h = hashlib.sha256(repr(sorted(resolved.items())).encode())
     if base.exists():
         for part in ("unet", "text_encoder", "vae"):
             if (base / part).exists():
