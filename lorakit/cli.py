@@ -20,6 +20,7 @@ COMMANDS = [
     ("profile", "lorakit.commands.profile"),
     ("eval", "lorakit.commands.eval"),
     ("toyworld", "lorakit.commands.toyworld"),
+    ("demo", "lorakit.commands.demo"),
 ]
 
 

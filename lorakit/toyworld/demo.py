@@ -1,0 +1,417 @@
+"""``lorakit demo``: train a toy character LoRA and a toy style LoRA, compose them every way lorakit can, and
+score every image with the toy oracle.
+
+Rows of the report (``METHODS``), all on the same prompt and the same seeds:
+
+* references: ``base`` (no LoRA), ``<character>_only`` and ``<style>_only`` (one LoRA, merge of one adapter);
+* sampling-time compositions (:mod:`lorakit.sampling`): ``merge``, ``switch``, ``composite``, ``cmlora``;
+* fusions (:mod:`lorakit.fusion`): ``gradient`` (Mix-of-Show closed form; the fused pipeline is sampled plainly) and
+  ``weighted`` (the average of the two deltas added to the base, sampled plainly).
+
+Every image is ``[32, 32]`` RGB, saved as ``<out>/images/<method>-s<seed>.png``; the oracle gives per-image presence
+probabilities of the character and the style; the report holds the rates (fraction of images with the concept),
+the both-present rate, seconds per image and each method's setup time (profiling, fusing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lorakit.toyworld.concepts import Concept, concepts_of_kind, get_concept
+from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS
+
+# (row id template, kind, what it is). "{character}" / "{style}" are filled with the concept names.
+METHODS = (
+    ("base", "reference", "the base model, no LoRA"),
+    ("{character}_only", "reference", "the character LoRA alone"),
+    ("{style}_only", "reference", "the style LoRA alone"),
+    ("merge", "sampling", "both LoRAs active at once (diffusers set_adapters)"),
+    ("switch", "sampling", "LoRA Switch: one LoRA per step, rotating every 5 steps"),
+    ("composite", "sampling", "LoRA Composite: mean of each LoRA's own CFG noise prediction"),
+    ("cmlora", "sampling", "CMLoRA: frequency-ordered dominant LoRA, deep-feature cache"),
+    ("gradient", "fusion", "Mix-of-Show gradient fusion (closed form) -> one fused model"),
+    ("weighted", "fusion", "average of the two deltas added to the base -> one fused model"),
+)
+
+
+@dataclass
+class DemoSettings:
+    """What one demo run does.
+
+    character / style: held-out concept names or trigger words (``frog``/``kwibbit``, ``ink``/``inkvel``).
+    out: output folder (report.html / .json / .md, images/).
+    lora_dir: where trained LoRAs are cached by recipe hash (default ``<out>/loras``).
+    k: images per method; image i of every method uses seed ``seed + i``.
+    train_steps: overrides the recipes' ``max_steps`` (None = the recipes' 300).
+    sample_steps / guidance: DDIM steps and CFG scale of every image (the toy measurements' 20 and 4).
+    base: base model folder (default: the recipes', ``data/toy-base``).
+    """
+
+    character: str = "frog"
+    style: str = "ink"
+    out: str = "demo_out"
+    lora_dir: str | None = None
+    k: int = 8
+    seed: int = 0
+    train_steps: int | None = None
+    sample_steps: int = NUM_STEPS
+    guidance: float = GUIDANCE
+    base: str | None = None
+    methods: list[str] | None = field(default=None)  # row ids to run (default: all); mostly for tests
+
+
+def check_concept(value: str, kind: str, option: str) -> Concept:
+    """The held-out concept of ``kind`` named by ``value`` (name or trigger word).
+
+    Raises:
+        ValueError: naming ``option`` and ``value`` when it is unknown, generic or of another kind, and listing
+            the held-out concepts of ``kind``.
+    """
+    choices = ", ".join(f"{c.name} ({c.trigger})" for c in concepts_of_kind(kind, heldout=True))
+    try:
+        c = get_concept(value)
+    except ValueError:
+        raise ValueError(f"{option} {value!r}: no such toy-world concept; held-out {kind}s: {choices} "
+                         "(`lorakit toyworld list` shows all concepts)") from None
+    if c.kind != kind or not c.heldout:
+        what = f"a {'held-out' if c.heldout else 'generic'} {c.kind}"
+        raise ValueError(f"{option} {value!r} is {what}, not a held-out {kind}; held-out {kind}s: {choices}")
+    return c
+
+
+def demo_prompt(character: str, style: str) -> str:
+    """The toy caption of the character on a white plain background in the style, e.g.
+    ``"kwibbit, white plain background, inkvel"`` (the form of the LoRAs' training captions)."""
+    from lorakit.toyworld.render import Scene, caption
+
+    return caption(Scene(characters=(character,), style=style))
+
+
+def method_ids(character: str, style: str) -> list[str]:
+    """Row ids in report order, e.g. ``["base", "frog_only", "ink_only", "merge", ...]``."""
+    return [m.format(character=character, style=style) for m, _, _ in METHODS]
+
+
+def train_loras(character: str, style: str, lora_dir: Path, train_steps: int | None = None,
+                base: str | None = None, log=None) -> dict:
+    """Train (or reuse, by recipe hash) both LoRAs. Returns ``{name: {"path", "cached", "seconds"}}``.
+
+    ``log(message)`` (e.g. ``print``) hears which LoRA is trained or reused and where it is kept.
+    """
+    from lorakit.toyworld.loras import train_concept_lora
+
+    overrides = [f"max_steps={train_steps}"] if train_steps is not None else []
+    out = {}
+    for name in (character, style):
+        before = set(lora_dir.glob("*.safetensors")) if lora_dir.exists() else set()
+        if log:
+            steps = f"{train_steps} steps" if train_steps is not None else "the recipe's steps"
+            log(f"lorakit demo: {name} LoRA (train_configs/toy_{name}.yaml, {steps}): training unless cached "
+                f"in {lora_dir}")
+        t0 = time.perf_counter()
+        path = train_concept_lora(name, lora_dir, base=base, overrides=overrides)
+        out[name] = {"path": str(path), "cached": path in before, "seconds": round(time.perf_counter() - t0, 3)}
+        if log:
+            log(f"lorakit demo: {name} LoRA {'reused' if out[name]['cached'] else 'saved'}: {path}")
+    return out
+
+
+def _plain(pipe, prompt: str, seeds: list[int], steps: int, guidance: float) -> list:
+    """Images from a pipeline without adapters, seeded like :func:`lorakit.sampling.generate` (one CPU generator
+    per image)."""
+    import torch
+
+    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    with torch.no_grad():
+        return pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                    output_type="pil").images
+
+
+def _fusion_prompts(name: str, n: int = 4) -> list[str]:
+    """Toy captions asking for one concept (as the LoRA was trained), for gradient fusion's statistics."""
+    from lorakit.toyworld.evaluate import concept_prompts
+
+    return concept_prompts(name, n, seed=0)
+
+
+class _Runner:
+    """Builds each row's image generator: ``setup()`` (timed as setup_s) returns ``gen(seeds) -> images``."""
+
+    def __init__(self, s: DemoSettings, loras: dict, prompt: str):
+        from lorakit.sampling import load_adapters, load_pipeline
+
+        self.s, self.prompt, self.loras = s, prompt, loras
+        self.base = s.base or str(Path(__file__).resolve().parents[2] / "data" / "toy-base")
+        self._load = load_pipeline
+        self.pipe = load_pipeline(self.base, "fp32")
+        self.ads = load_adapters(self.pipe, [loras[s.character]["path"], loras[s.style]["path"]])
+
+    def sampler(self, method: str):
+        from lorakit.sampling import SamplerSettings
+
+        return SamplerSettings(method=method, steps=self.s.sample_steps, cfg=self.s.guidance)
+
+    def setup(self, row: str):
+        from lorakit.sampling import generate
+
+        s, prompt = self.s, self.prompt
+        if row == "base":
+            pipe = self._load(self.base, "fp32")
+            return lambda seeds: _plain(pipe, prompt, seeds, s.sample_steps, s.guidance), {}
+        if row in (f"{s.character}_only", f"{s.style}_only"):
+            ad = self.ads[0] if row.startswith(s.character) else self.ads[1]
+            return lambda seeds: generate(self.pipe, [ad], self.sampler("merge"), prompt, "", seeds)[0], {}
+        if row in ("merge", "switch", "composite"):
+            return lambda seeds: generate(self.pipe, self.ads, self.sampler(row), prompt, "", seeds)[0], {}
+        if row == "cmlora":
+            return self._cmlora()
+        if row == "gradient":
+            return self._gradient()
+        if row == "weighted":
+            from lorakit.adapters.io import load_adapter
+            from lorakit.fusion.merge import apply_deltas, weighted
+
+            pipe = self._load(self.base, "fp32")
+            apply_deltas(pipe, weighted([load_adapter(a.path) for a in self.ads], combine="average"))
+            return lambda seeds: _plain(pipe, prompt, seeds, s.sample_steps, s.guidance), {"combine": "average"}
+        raise ValueError(f"unknown demo method {row!r}; expected one of {method_ids(s.character, s.style)}")
+
+    def _cmlora(self):
+        from lorakit.sampling import ProfileSettings, generate, order_by_frequency, profile_adapters
+
+        prof = ProfileSettings(base=self.base, prompt="a picture", steps=self.s.sample_steps, cfg=self.s.guidance)
+        profiles = profile_adapters(self.pipe, self.ads, prof, progress=False)  # cached next to the LoRA files
+        order, _ = order_by_frequency([profiles[a.name]["score"] for a in self.ads], "high-first")
+        info = {"order": [Path(self.ads[i].path).name for i in order],
+                "profile_cached": all(p["cached"] for p in profiles.values())}
+        return (lambda seeds: generate(self.pipe, self.ads, self.sampler("cmlora"), self.prompt, "", seeds,
+                                       order=order)[0]), info
+
+    def _gradient(self):
+        from lorakit.adapters.io import load_adapter
+        from lorakit.fusion.gradient import Concept as FuseConcept
+        from lorakit.fusion.gradient import GradientSettings, fuse_gradient
+
+        s = self.s
+        pipe = self._load(self.base, "fp32")
+        concepts = []
+        for name, ad in zip((s.character, s.style), self.ads):
+            prompts = _fusion_prompts(name)
+            concepts.append(FuseConcept(name=name, adapter=load_adapter(ad.path), prompts=prompts,
+                                        sample_prompts=prompts[:2]))
+        out = fuse_gradient(pipe, concepts, GradientSettings(steps=s.sample_steps, seed=s.seed, progress=False))
+        res = [r["residual"] for r in out["layers"].values() if r.get("residual") is not None]
+        info = {"layers": len(out["layers"]), "mean_residual": sum(res) / len(res) if res else None,
+                "prompts": {c.name: c.prompts for c in concepts}}
+        return lambda seeds: _plain(pipe, self.prompt, seeds, s.sample_steps, s.guidance), info
+
+
+def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
+    """Train/reuse the LoRAs, generate ``k`` images per method, score them, write the reports.
+
+    Returns:
+        The report dict (also ``<out>/report.json``): ``settings``, ``prompt``, ``loras`` (path, cached, seconds),
+        ``rows`` (one per method: ``method``, ``kind``, ``character_rate``, ``style_rate``, ``both_rate``,
+        ``s_per_image``, ``setup_s``, ``images`` (paths relative to ``out``), ``probs`` ``[k][2]``), ``total_s``.
+    """
+    t_start = time.perf_counter()
+    char = check_concept(settings.character, "character", "--character")
+    style = check_concept(settings.style, "style", "--style")
+    s = DemoSettings(**{**asdict(settings), "character": char.name, "style": style.name})
+    if s.k < 1:
+        raise ValueError(f"--k must be >= 1, got {s.k}")
+    if s.train_steps is not None and s.train_steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {s.train_steps}")
+    rows_all = method_ids(s.character, s.style)
+    rows = rows_all if s.methods is None else list(s.methods)
+    for r in rows:
+        if r not in rows_all:
+            raise ValueError(f"unknown demo method {r!r}; expected one of {rows_all}")
+    out = Path(s.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lora_dir = Path(s.lora_dir) if s.lora_dir else out / "loras"
+    prompt = demo_prompt(s.character, s.style)
+    seeds = [s.seed + i for i in range(s.k)]
+    with _quiet_libraries():
+        report = _run(s, char, style, rows, out, lora_dir, prompt, seeds, progress)
+    report["total_s"] = time.perf_counter() - t_start
+    write_reports(report, out)
+    return report
+
+
+def _run(s: DemoSettings, char: Concept, style: Concept, rows: list[str], out: Path, lora_dir: Path, prompt: str,
+         seeds: list[int], progress: bool) -> dict:
+    """The body of :func:`run_demo` (settings already checked): train, generate, score; the report without
+    its total time."""
+    from tqdm.auto import tqdm
+
+    from lorakit.eval.oracle import score
+    from lorakit.fileio import _atomic
+
+    loras = train_loras(s.character, s.style, lora_dir, s.train_steps, s.base, log=print if progress else None)
+    runner = _Runner(s, loras, prompt)
+    kinds = {m.format(character=s.character, style=s.style): (k, d) for m, k, d in METHODS}
+    results = []
+    bar = tqdm(total=len(rows) * s.k, desc="demo", unit="img", disable=not progress, dynamic_ncols=True)
+    for row in rows:
+        bar.set_postfix_str(f"{row}: setup")
+        t0 = time.perf_counter()
+        gen, info = runner.setup(row)
+        setup_s = time.perf_counter() - t0
+        bar.set_postfix_str(row)
+        images, t_gen = [], 0.0
+        for seed in seeds:
+            t1 = time.perf_counter()
+            images += gen([seed])
+            t_gen += time.perf_counter() - t1
+            bar.update(1)
+        paths = []
+        for seed, image in zip(seeds, images):
+            rel = f"images/{row}-s{seed}.png"
+            _atomic(out / rel, lambda tmp, im=image: im.save(tmp, format="PNG"))
+            paths.append(rel)
+        sc = score(images, [s.character, s.style])
+        results.append({
+            "method": row, "kind": kinds[row][0], "description": kinds[row][1],
+            "character_rate": sc.rates[s.character], "style_rate": sc.rates[s.style], "both_rate": sc.all_rate,
+            "s_per_image": t_gen / s.k, "setup_s": setup_s, "images": paths, "seeds": seeds,
+            "probs": [[float(v) for v in p] for p in sc.probs], "info": info,
+        })
+    bar.set_postfix_str("done")
+    bar.close()
+    return {
+        "settings": {**asdict(s), "lora_dir": str(lora_dir), "threads": _threads()},
+        "prompt": prompt,
+        "concepts": {"character": {"name": char.name, "trigger": char.trigger},
+                     "style": {"name": style.name, "trigger": style.trigger}},
+        "loras": loras,
+        "rows": results,
+    }
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Silence diffusers/transformers/peft loading chatter (progress bars, LoRA-key notes, deprecations) so the
+    demo's own progress bar stays readable; restores the libraries' settings afterwards."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = (dlog.get_verbosity(), tlog.get_verbosity())
+    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    """The summary table as strings: header + one row per method."""
+    c, st = report["concepts"]["character"]["name"], report["concepts"]["style"]["name"]
+    head = ["method", "kind", f"{c} rate", f"{st} rate", "both rate", "s / image", "setup s"]
+    body = [[r["method"], r["kind"], f"{r['character_rate']:.2f}", f"{r['style_rate']:.2f}", f"{r['both_rate']:.2f}",
+             f"{r['s_per_image']:.2f}", f"{r['setup_s']:.1f}"] for r in report["rows"]]
+    return [head] + body
+
+
+def format_table(report: dict) -> str:
+    """Plain-text table for the terminal."""
+    rows = table_rows(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def _lora_lines(report: dict) -> list[str]:
+    return [f"{name}: {Path(v['path']).name} ({'cached' if v['cached'] else 'trained'}, {v['seconds']:.1f} s)"
+            for name, v in report["loras"].items()]
+
+
+def to_markdown(report: dict) -> str:
+    rows = table_rows(report)
+    lines = ["# lorakit demo", "", f"Prompt: `{report['prompt']}`; {report['settings']['k']} images per method, "
+             f"seeds {report['rows'][0]['seeds'][0] if report['rows'] else 0}..; "
+             f"{report['settings']['sample_steps']} DDIM steps, guidance {report['settings']['guidance']}; "
+             f"oracle presence threshold 0.5.", "",
+             "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines += ["", "LoRAs: " + "; ".join(_lora_lines(report)), "",
+              f"Total {report['total_s']:.1f} s, {report['settings']['threads']} thread(s). "
+              "setup s = time before the first image (cmlora: frequency profiles; gradient/weighted: fusing).", "",
+              "## Images", ""]
+    for r in report["rows"]:
+        lines.append(f"**{r['method']}** ({r['description']}): " + " ".join(f"![]({p})" for p in r["images"]))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_html(report: dict) -> str:
+    from html import escape
+
+    rows = table_rows(report)
+    th = "".join(f"<th>{escape(v)}</th>" for v in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in r) + "</tr>" for r in rows[1:])
+    grid = "".join(
+        f"<tr><th title=\"{escape(r['description'])}\">{escape(r['method'])}</th>"
+        + "".join(f"<td><img src=\"{escape(p)}\" alt=\"{escape(r['method'])} seed {sd}\" "
+                  f"title=\"seed {sd}: {escape(report['concepts']['character']['name'])} {pr[0]:.2f}, "
+                  f"{escape(report['concepts']['style']['name'])} {pr[1]:.2f}\"></td>"
+                  for p, sd, pr in zip(r["images"], r["seeds"], r["probs"]))
+        + "</tr>"
+        for r in report["rows"])
+    set_ = report["settings"]
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>lorakit demo</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1.5em}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{background:#f3f3f3}}
+.grid img{{width:96px;height:96px;image-rendering:pixelated}} .grid td{{padding:2px}}</style></head><body>
+<h1>lorakit demo</h1>
+<p>Prompt <code>{escape(report['prompt'])}</code>; {set_['k']} images per method (same seeds for every method);
+{set_['sample_steps']} DDIM steps, guidance {set_['guidance']}. Rates: fraction of images where the oracle finds the
+concept (probability &ge; 0.5); both rate: character and style in the same image.
+setup s: time before the first image (cmlora: frequency profiles; gradient/weighted: fusing).</p>
+<table><tr>{th}</tr>{body}</table>
+<p>LoRAs: {escape('; '.join(_lora_lines(report)))}. Total {report['total_s']:.1f} s, {set_['threads']} thread(s).</p>
+<h2>Images</h2><p>Hover an image for its seed and oracle probabilities.</p>
+<table class="grid">{grid}</table>
+</body></html>
+"""
+
+
+def write_reports(report: dict, out: Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out`` (atomically)."""
+    from lorakit.fileio import write_json, write_text
+
+    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    write_json(report, paths["json"])
+    write_text(to_markdown(report), paths["md"])
+    write_text(to_html(report), paths["html"])
+    return paths
+
+
+__all__ = ["METHODS", "DemoSettings", "check_concept", "demo_prompt", "format_table", "method_ids", "run_demo",
+           "train_loras", "write_reports"]

@@ -1,0 +1,103 @@
+"""``lorakit demo`` on the bundled toy base with tiny settings (2 training steps, 1 image per method, 4 DDIM steps).
+
+Checks the report files, that every method row is present, that report.json's rates are the oracle's on the saved
+PNGs, that a second run reuses the cached LoRAs, and that bad --character / --style values fail naming the value.
+Quality numbers are not asserted (2 training steps teach nothing; the base may be retrained).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from lorakit.cli import main  # noqa: E402
+from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    out, loras = root / "out", root / "loras"
+    assert main(["demo", *QUICK, "--out", str(out), "--lora-dir", str(loras)]) == 0
+    return out, loras, json.loads((out / "report.json").read_text())
+
+
+def test_prompt_is_the_training_caption_form():
+    prompt = demo_prompt("frog", "ink")
+    assert prompt == "kwibbit, white plain background, inkvel"
+    frog_caps = {p.read_text().strip() for p in (REPO / "data/toy/frog").glob("*.txt")}
+    ink_caps = {p.read_text().strip() for p in (REPO / "data/toy/ink").glob("*.txt")}
+    assert "kwibbit, white plain background" in frog_caps  # character part, as trained
+    assert all(c.endswith(", inkvel") for c in ink_caps)  # style trigger last, as trained
+    assert check_concept("kwibbit", "character", "--character").name == "frog"
+
+
+def test_report_files_and_every_method(demo_run):
+    out, _, report = demo_run
+    for name in ("report.html", "report.md", "report.json"):
+        assert (out / name).stat().st_size > 0
+    expected = method_ids("frog", "ink")
+    assert expected == ["base", "frog_only", "ink_only", "merge", "switch", "composite", "cmlora", "gradient",
+                        "weighted"]
+    assert [r["method"] for r in report["rows"]] == expected
+    assert report["prompt"] == "kwibbit, white plain background, inkvel"
+    html, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    for row in report["rows"]:
+        assert row["seeds"] == [0] and len(row["images"]) == 1 and len(row["probs"]) == 1
+        assert row["s_per_image"] > 0 and row["setup_s"] >= 0
+        for rel in row["images"]:
+            assert not Path(rel).is_absolute() and (out / rel).is_file()
+            assert f'src="{rel}"' in html and f"]({rel})" in md
+        assert f"<td>{row['method']}</td>" in html and f"| {row['method']} |" in md
+    assert set(report["loras"]) == {"frog", "ink"}
+    assert all(not v["cached"] for v in report["loras"].values())
+
+
+def test_report_numbers_are_the_oracles_on_the_saved_pngs(demo_run):
+    from PIL import Image
+
+    from lorakit.eval.oracle import score
+
+    out, _, report = demo_run
+    for row in report["rows"]:
+        images = [Image.open(out / rel).convert("RGB") for rel in row["images"]]
+        assert all(im.size == (32, 32) for im in images)
+        s = score(images, ["frog", "ink"])
+        assert row["character_rate"] == s.rates["frog"]
+        assert row["style_rate"] == s.rates["ink"]
+        assert row["both_rate"] == s.all_rate
+        assert torch.allclose(torch.tensor(row["probs"]), s.probs, atol=1e-6)
+
+
+def test_second_run_reuses_the_loras(demo_run, tmp_path):
+    _, loras, first = demo_run
+    paths = {n: Path(v["path"]) for n, v in first["loras"].items()}
+    mtimes = {n: p.stat().st_mtime_ns for n, p in paths.items()}
+    assert all(p.parent == loras for p in paths.values())
+    assert main(["demo", *QUICK, "--out", str(tmp_path / "again"), "--lora-dir", str(loras)]) == 0
+    second = json.loads((tmp_path / "again" / "report.json").read_text())
+    for n, p in paths.items():
+        assert second["loras"][n]["cached"] is True
+        assert Path(second["loras"][n]["path"]) == p
+        assert p.stat().st_mtime_ns == mtimes[n]  # not retrained, not rewritten
+    assert len(list(loras.glob("*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("option,value,expect", [
+    ("--character", "ink", "is a held-out style, not a held-out character"),
+    ("--character", "bob", "no such toy-world concept"),
+    ("--character", "circle", "is a generic shape, not a held-out character"),
+    ("--style", "frog", "is a held-out character, not a held-out style"),
+])
+def test_bad_concept_fails_naming_it(option, value, expect, tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert main(["demo", option, value, *QUICK, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{option} {value!r}" in err and expect in err
+    assert not out.exists()  # checked before anything is written or trained
