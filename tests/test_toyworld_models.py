@@ -45,7 +45,9 @@ def test_toy_base_follows_generic_prompts(toy_pipe):
     s = score(images)
     col = [s.concepts.index(c) for c in ("red", "blue", "yellow", "green") * 2]
     bg = [s.concepts.index(c) for c in ("plain", "plain", "gradient", "stripes") * 2]
+    shp = [s.concepts.index(c) for c in ("circle", "square", "triangle", "cross") * 2]
     colour_hits = sum(bool(s.present[i, c]) for i, c in enumerate(col))
     bg_hits = sum(bool(s.present[i, c]) for i, c in enumerate(bg))
-    assert colour_hits >= 5 and bg_hits >= 5, (colour_hits, bg_hits)
+    shape_hits = sum(bool(s.present[i, c]) for i, c in enumerate(shp))
+    assert colour_hits >= 6 and bg_hits >= 6 and shape_hits >= 6, (colour_hits, bg_hits, shape_hits)
 
