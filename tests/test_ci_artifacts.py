@@ -1,0 +1,120 @@
+"""tools/ci_artifacts.py: the CI-trained LoRAs and hypernetwork are cached by recipe hash (2-step trainings on the
+real toy base, one thread)."""
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+if not (ROOT / "data" / "toy-base" / "model_index.json").exists():
+    pytest.skip("needs the bundled toy base data/toy-base", allow_module_level=True)
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ci = _load("ci_artifacts")
+bench = _load("bench_composition")
+
+
+def _records(capsys, stage):
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    return [r for r in lines if r.get("stage") == stage]
+
+
+def _state(folder: Path):
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("toy_*.safetensors")}
+
+
+def test_adapters_reused_retrained_and_stale_removed(tmp_path, capsys):
+    out = tmp_path / "adapters"
+    files = ci.train_adapters(out, ["max_steps=2"], ["frog", "ink"])
+    recs = _records(capsys, "adapters")
+    assert [r["action"] for r in recs] == ["trained", "trained"]
+    assert files["frog"].name.startswith("toy_frog-") and files["frog"].suffix == ".safetensors"
+    first = _state(out)
+    assert sorted(first) == sorted(p.name for p in files.values())
+    assert (out / "latent_cache").is_dir() and any((out / "latent_cache").iterdir())
+
+    # Same recipe: the same files, not rewritten.
+    again = ci.train_adapters(out, ["max_steps=2"], ["frog", "ink"])
+    assert again == files
+    assert [r["action"] for r in _records(capsys, "adapters")] == ["reused", "reused"]
+    assert _state(out) == first
+
+    # Stale files of an older hash, an interrupted run's folder and .tmp: removed; the lookup finds the current one.
+    stale = out / "toy_frog-0000000000000000.safetensors"
+    shutil.copyfile(files["frog"], stale)  # carries the frog trigger too
+    (out / "toy_frog-abcd1234").mkdir()
+    shutil.copyfile(files["frog"], out / "toy_frog-abcd1234" / "toy_frog.safetensors")
+    (out / "toy_frog-1111111111111111.tmp").write_bytes(b"x")
+    assert bench.find_adapters(out)["frog"] != files["frog"]  # the newest file would win without the clean-up
+    ci.train_adapters(out, ["max_steps=2"], ["frog"])
+    rec = _records(capsys, "adapters")[0]
+    assert rec["action"] == "reused"
+    assert sorted(rec["removed"]) == sorted([stale.name, "toy_frog-abcd1234", "toy_frog-1111111111111111.tmp"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([files["frog"].name, files["ink"].name, "latent_cache"])
+    assert bench.find_adapters(out) == files
+
+    # A changed override: new hash, retrained, the old file removed.
+    changed = ci.train_adapters(out, ["max_steps=3"], ["frog"])
+    rec = _records(capsys, "adapters")[0]
+    assert rec["action"] == "trained" and rec["removed"] == [files["frog"].name]
+    assert changed["frog"] != files["frog"] and changed["frog"].exists() and not files["frog"].exists()
+    assert bench.find_adapters(out)["frog"] == changed["frog"]
+
+
+def test_hypernet_cached_by_recipe_and_input_hashes(tmp_path, capsys):
+    # 2 worker processes make the same files as a serial run
+    files = ci.train_adapters(tmp_path / "adapters", ["max_steps=2"], ["frog", "robot", "ink"], jobs=2)
+    assert [r["action"] for r in _records(capsys, "adapters")] == ["trained"] * 3
+    serial = ci.train_adapters(tmp_path / "serial", ["max_steps=2"], ["frog"])
+    assert serial["frog"].name == files["frog"].name
+    capsys.readouterr()
+    out = tmp_path / "hypernet"
+    h1 = ci.train_hypernet(files, out, ["max_steps=2"], ("robot", "ink"))
+    rec = _records(capsys, "hypernet")[0]
+    assert rec["action"] == "trained"
+    assert rec["content"] == [files["frog"].name] and rec["style"] == [files["ink"].name]
+    assert rec["held_out"] == [[files["robot"].name, files["ink"].name]]
+    (row,) = rec["eval"]
+    assert set(row) == {"content", "style", "sum", "init", "lorarar"} and row["sum"] > 0
+    mtime = h1.stat().st_mtime_ns
+
+    # Same recipe and inputs: reused; the hash does not depend on where the LoRAs are.
+    assert ci.train_hypernet(files, out, ["max_steps=2"], ("robot", "ink")) == h1
+    assert _records(capsys, "hypernet")[0]["action"] == "reused" and h1.stat().st_mtime_ns == mtime
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    copies = {n: Path(shutil.copy(p, moved / p.name)) for n, p in files.items()}
+    assert ci.hypernet_hash(ci.hypernet_config(copies, ["max_steps=2"], ("robot", "ink"))) in h1.name
+
+    # Changed override -> new hash, retrained, old file removed; a changed input LoRA changes the hash too.
+    h2 = ci.train_hypernet(files, out, ["max_steps=3"], ("robot", "ink"))
+    rec = _records(capsys, "hypernet")[0]
+    assert h2 != h1 and rec["action"] == "trained" and rec["removed"] == [h1.name]
+    assert sorted(p.name for p in out.iterdir()) == [h2.name]
+    other = ci.train_adapters(tmp_path / "adapters", ["max_steps=3"], ["frog"])
+    assert ci.hypernet_hash(ci.hypernet_config({**files, **other}, ["max_steps=3"], ("robot", "ink"))) not in h2.name
+
+
+def test_failing_stage_is_named(tmp_path, capsys):
+    rc = ci.main(["--out", str(tmp_path), "--threads", "1", "--concepts", "frog", "--lora-override", "max_stepz=2",
+                  "--skip-bench"])
+    assert rc == 1
+    err = _records(capsys, "adapters")[-1]["error"]
+    assert "'frog'" in err and "max_stepz" in err and "max_steps" in err  # the config error names the closest key
+    with pytest.raises(ci.StageError, match="held-out pair"):
+        ci.split_loras({"frog": Path("f"), "ink": Path("i")}, ("ink", "frog"))

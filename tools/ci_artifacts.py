@@ -1,0 +1,392 @@
+"""CI-trained artifacts: the toy concept LoRAs, a toy LoRA.rar hypernetwork on them, and a slice of the toy
+ComposLoRA benchmark. ``.ci/run`` calls this after the tests.
+
+    python tools/ci_artifacts.py --out artifacts --jobs 2              # all three stages, 2 LoRAs at a time
+    python tools/ci_artifacts.py --out artifacts --skip-bench          # only the (cached) trainings
+    python tools/ci_artifacts.py --lora-override max_steps=2 --hypernet-override max_steps=2 --skip-bench
+
+Stages (each prints JSON lines: what it trains or reuses, and its wall time):
+
+1. ``adapters``: one LoRA per held-out toy concept (``lorakit.toyworld.concepts.HELDOUT``) from its recipe
+   ``train_configs/toy_<concept>.yaml`` with ``lorakit.toyworld.loras.train_concept_lora`` into
+   ``OUT/adapters/toy_<concept>-<hash>.safetensors``. The hash covers the resolved recipe, the base weights and
+   the concept's images, so an unchanged recipe is reused and any change retrains. Files of the same concept with
+   another hash (and leftovers of interrupted runs) are removed, so the benchmark, which finds adapters by their
+   ``lorakit.trigger``, sees exactly the current ones.
+2. ``hypernet``: ``train_configs/toy_lorarar.yaml`` trained on those LoRAs (content = characters + objects,
+   style = styles, references = each LoRA's training images) into ``OUT/hypernet/toy_lorarar-<hash>.safetensors``
+   (hash: resolved recipe, input LoRA bytes, base weights). One content LoRA is held out of training and its pair
+   with a style (by default the first character + style set of the benchmark slice) is the recipe's
+   ``eval_pairs``, so the benchmark's lorarar row merges a pair the network never saw.
+3. ``bench``: ``tools/bench_composition.py`` on a small slice (``--sets-per-size``, ``--k``, ``--sizes``,
+   ``--bench-steps``; all methods) into ``OUT/bench_composition/`` (table.md, summary.json, results.jsonl, images;
+   the per-set fused models are deleted afterwards unless ``--keep-fused``).
+
+A failing stage stops the run with exit status 1 and a ``{"stage": ..., "error": ...}`` line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HYPERNET_RECIPE = ROOT / "train_configs" / "toy_lorarar.yaml"
+
+
+def emit(record: dict) -> None:
+    """One JSON line on stdout."""
+    print(json.dumps(record, default=str), flush=True)
+
+
+class StageError(RuntimeError):
+    """A stage that failed; the message names the stage and what went wrong."""
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale(folder: Path, prefix: str, keep: Path) -> list[str]:
+    """Delete every ``folder/<prefix>-*`` entry except ``keep`` (older hashes, .tmp files, temp run folders).
+
+    Returns:
+        The names removed.
+    """
+    gone = []
+    for p in sorted(folder.glob(f"{prefix}-*")):
+        if p.resolve() != keep.resolve():
+            _remove(p)
+            gone.append(p.name)
+    return gone
+
+
+def _snapshot(folder: Path, prefix: str) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.glob(f"{prefix}-*.safetensors")}
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+
+def train_adapters(out: Path, overrides: list[str], concepts: list[str] | None = None, force: bool = False,
+                   base: str | None = None, jobs: int = 1, threads: int = 1) -> dict[str, Path]:
+    """Stage 1: the held-out concept LoRAs in ``out`` (trained or reused), stale files removed.
+
+    Args:
+        jobs: LoRAs trained at a time (>1: that many worker processes with ``threads`` torch threads each).
+    Returns:
+        ``{concept name: adapter file}``.
+    Raises:
+        StageError naming the concept whose training failed, or when the benchmark's adapter lookup
+        (``find_adapters``) would not see exactly these files.
+    """
+    from lorakit.toyworld.concepts import HELDOUT
+    from lorakit.toyworld.loras import train_concept_lora
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = concepts or [c.name for c in HELDOUT]
+    before = {n: _snapshot(out, f"toy_{n}") for n in names}
+    t0 = time.perf_counter()
+    files: dict[str, Path] = {}
+
+    def finish(name: str, get_path) -> None:
+        try:
+            path = Path(get_path())
+        except Exception as err:  # noqa: BLE001 - reported with the concept's name, then the run stops
+            raise StageError(f"adapters: training the {name!r} LoRA (train_configs/toy_{name}.yaml, overrides "
+                             f"{overrides}) failed: {type(err).__name__}: {err}") from err
+        trained = path not in before[name] or before[name][path] != path.stat().st_mtime_ns
+        removed = remove_stale(out, f"toy_{name}", path)
+        files[name] = path
+        emit({"stage": "adapters", "concept": name, "action": "trained" if trained else "reused",
+              "file": str(path), "removed": removed, "elapsed_s": round(time.perf_counter() - t0, 2)})
+
+    if jobs <= 1:
+        for name in names:
+            finish(name, lambda: train_concept_lora(name, out, base=base, overrides=overrides, force=force))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the workers' torch at import
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            futures = {n: pool.submit(train_concept_lora, n, out, base, overrides, force) for n in names}
+            try:
+                for name in names:
+                    finish(name, futures[name].result)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # do not start the queued ones
+                raise
+    check_adapter_lookup(out, files)
+    return {n: files[n] for n in names}
+
+
+def check_adapter_lookup(out: Path, files: dict[str, Path]) -> None:
+    """The benchmark finds adapters by ``lorakit.trigger`` under ``out``: make sure it finds exactly ``files``."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from bench_composition import find_adapters
+    finally:
+        sys.path.pop(0)
+    found = find_adapters(out)
+    wrong = {n: str(found.get(n)) for n, p in files.items() if found.get(n) is None or found[n].resolve() != p.resolve()}
+    if wrong:
+        raise StageError(f"adapters: find_adapters({out}) picks other files than the current ones for {wrong}; "
+                         f"remove the other .safetensors carrying those triggers from {out}")
+
+
+# ---------------------------------------------------------------------------------------------- hypernet
+
+
+def split_loras(files: dict[str, Path], holdout: tuple[str, str] | None):
+    """content = characters + objects, style = styles; the held-out content LoRA is left out of training.
+
+    Returns:
+        ``(content paths, style paths, eval pairs [[content, style]])``.
+    """
+    from lorakit.toyworld.concepts import CONCEPTS
+
+    kind = {n: CONCEPTS[n].kind for n in files}
+    content = [n for n in files if kind[n] in ("character", "object")]
+    style = [n for n in files if kind[n] == "style"]
+    evals = []
+    if holdout:
+        c, s = holdout
+        if c not in content or s not in style:
+            raise StageError(f"hypernet: held-out pair {c} + {s}: expected a character/object LoRA and a style LoRA "
+                             f"among {sorted(files)}")
+        content.remove(c)
+        evals = [[str(files[c]), str(files[s])]]
+    if not content or not style:
+        raise StageError(f"hypernet: need content (character/object) and style LoRAs to train on, got content "
+                         f"{content}, style {style}")
+    return [str(files[n]) for n in content], [str(files[n]) for n in style], evals
+
+
+def _sha_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def hypernet_hash(cfg) -> str:
+    """Hash of what determines the hypernetwork: resolved recipe (minus output/logging keys, LoRA paths replaced by
+    their bytes' SHA-256, so the output folder does not matter) and the base weights."""
+    from omegaconf import OmegaConf
+
+    from lorakit.toyworld.loras import _hash_files
+
+    r = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("output_dir", "output_name", "logging", "checkpoint_at_end", "checkpointing_steps", "save_every",
+                "resume"):
+        r.pop(key, None)
+    r["content"] = [_sha_file(p) for p in r["content"]]
+    r["style"] = [_sha_file(p) for p in r["style"]]
+    r["eval_pairs"] = [[_sha_file(p) for p in pair] for pair in r["eval_pairs"]]
+    base = Path(str(r.pop("base_model")))
+    h = hashlib.sha256(repr(sorted(r.items())).encode())
+    for part in ("unet", "text_encoder", "vae"):
+        if (base / part).exists():
+            _hash_files(h, base / part)
+    return h.hexdigest()[:16]
+
+
+def hypernet_config(files: dict[str, Path], overrides: list[str], holdout, base: str | None = None):
+    """The toy LoRA.rar recipe pointed at the trained toy LoRAs (synthetic LoRAs off, 32-px references =
+    the LoRAs' own training images at the base's resolution), plus ``overrides``."""
+    from omegaconf import OmegaConf
+
+    from lorakit.config import load_config
+    from lorakit.training.lorarar import LoraRarConfig
+
+    content, style, evals = split_loras(files, holdout)
+    ov = [f"base_model={base or ROOT / 'data' / 'toy-base'}", "synthetic.content=0", "synthetic.style=0",
+          "synthetic.eval_pairs=0", "reference_size=0"] + list(overrides)
+    cfg = load_config(LoraRarConfig, HYPERNET_RECIPE, ov)
+    return OmegaConf.merge(cfg, {"content": content, "style": style, "eval_pairs": evals})
+
+
+def train_hypernet(files: dict[str, Path], out: Path, overrides: list[str], holdout, force: bool = False,
+                   base: str | None = None) -> Path:
+    """Stage 2: the toy LoRA.rar hypernetwork on ``files`` in ``out`` (trained or reused), stale files removed."""
+    from omegaconf import OmegaConf
+
+    from lorakit.training.lorarar import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        cfg = hypernet_config(files, overrides, holdout, base)
+        target = out / f"toy_lorarar-{hypernet_hash(cfg)}.safetensors"
+    except StageError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise StageError(f"hypernet: bad recipe {HYPERNET_RECIPE} with overrides {overrides}: "
+                         f"{type(err).__name__}: {err}") from err
+    trained = force or not target.exists()
+    if trained:
+        with tempfile.TemporaryDirectory(prefix="toy_lorarar-", dir=out) as work:
+            run = OmegaConf.merge(cfg, {"output_dir": work, "checkpointing_steps": 0, "checkpoint_at_end": False,
+                                        "save_every": 0, "logging": "none"})
+            try:
+                result = train(run)
+            except Exception as err:  # noqa: BLE001
+                raise StageError(f"hypernet: training {HYPERNET_RECIPE.name} on {len(cfg.content)} content x "
+                                 f"{len(cfg.style)} style LoRAs failed: {type(err).__name__}: {err}") from err
+            tmp = target.with_suffix(".tmp")
+            shutil.copyfile(result.final_path, tmp)
+            os.replace(tmp, target)
+    removed = remove_stale(out, "toy_lorarar", target)
+    emit({"stage": "hypernet", "action": "trained" if trained else "reused", "file": str(target),
+          "content": [Path(p).name for p in cfg.content], "style": [Path(p).name for p in cfg.style],
+          "held_out": [[Path(p).name for p in pair] for pair in cfg.eval_pairs],
+          "eval": held_out_losses(target), "removed": removed, "seconds": round(time.perf_counter() - t0, 2)})
+    return target
+
+
+def held_out_losses(path: Path) -> list[dict]:
+    """The held-out rows (plain sum / untrained / trained loss) stored in the hypernetwork's metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        rows = json.loads((f.metadata() or {}).get("lorakit.eval", "[]"))
+    return [{k: (Path(v).name if k in ("content", "style") else round(v, 5)) for k, v in r.items()} for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------- bench
+
+
+def bench_argv(args, adapters: Path, hypernet: Path | None, out: Path) -> list[str]:
+    """Command line of ``tools/bench_composition.py`` for the slice."""
+    argv = [sys.executable, str(ROOT / "tools" / "bench_composition.py"), "--adapters-dir", str(adapters),
+            "--out", str(out), "--sets-per-size", str(args.sets_per_size), "--k", str(args.k),
+            "--steps", str(args.bench_steps), "--seed", str(args.seed), "--sizes", *map(str, args.sizes),
+            "--methods", *args.methods]
+    if args.base:
+        argv += ["--base", args.base]
+    if hypernet is not None:
+        argv += ["--hypernet", str(hypernet)]
+    return argv
+
+
+def run_bench(args, adapters: Path, hypernet: Path | None, out: Path) -> None:
+    """Stage 3: the benchmark slice in a subprocess (its output streams through)."""
+    if "lorarar" in args.methods and hypernet is None:
+        raise StageError("bench: --methods lorarar needs the hypernet stage (drop lorarar or do not skip it)")
+    if out.exists():
+        shutil.rmtree(out)  # results.jsonl / images of an earlier slice must not mix with this one
+    t0 = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(bench_argv(args, adapters, hypernet, out), env=env)
+    if proc.returncode != 0:
+        raise StageError(f"bench: tools/bench_composition.py exited with status {proc.returncode} (its messages are "
+                         "above)")
+    removed = []
+    if not args.keep_fused and (out / "fused").exists():
+        shutil.rmtree(out / "fused")  # per-set fused models (a full pipeline per gradient set): intermediates
+        removed.append("fused")
+    emit({"stage": "bench", "out": str(out), "table": str(out / "table.md"), "summary": str(out / "summary.json"),
+          "removed": removed, "seconds": round(time.perf_counter() - t0, 2)})
+
+
+def default_holdout(args) -> tuple[str, str] | None:
+    """The first character + style set of the benchmark slice (the pair the lorarar row merges), else ghost + ink."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from bench_composition import composition_sets
+    finally:
+        sys.path.pop(0)
+    for s in composition_sets(tuple(args.sizes), args.sets_per_size, args.seed):
+        if set(s["concepts"]) == {"character", "style"}:
+            return s["concepts"]["character"], s["concepts"]["style"]
+    return "ghost", "ink"
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="artifacts", help="artifacts folder (adapters/, hypernet/, bench_composition/)")
+    p.add_argument("--base", help="toy base folder (default: data/toy-base)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (default 1: the toy models are too small to gain from more, and "
+                   "extra threads stall badly on a busy machine)")
+    p.add_argument("--jobs", type=int, default=1, help="LoRAs trained at a time, in worker processes (e.g. $(nproc))")
+    p.add_argument("--lora-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of every concept recipe (e.g. max_steps=2; changes the hash); repeatable")
+    p.add_argument("--hypernet-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of train_configs/toy_lorarar.yaml (e.g. max_steps=2); repeatable")
+    p.add_argument("--concepts", nargs="+", help="only these held-out concepts (default: all nine)")
+    p.add_argument("--holdout", nargs=2, metavar=("CONTENT", "STYLE"),
+                   help="pair kept out of hypernet training (default: the slice's first character + style set)")
+    p.add_argument("--force", action="store_true", help="retrain even when the hash matches")
+    p.add_argument("--skip-hypernet", action="store_true", help="stop after the adapters (implies --skip-bench)")
+    p.add_argument("--skip-bench", action="store_true", help="train (or reuse) the adapters and hypernet only")
+    g = p.add_argument_group("benchmark slice (tools/bench_composition.py)")
+    g.add_argument("--sets-per-size", type=int, default=2)
+    g.add_argument("--k", type=int, default=2, help="images per set and method")
+    g.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4])
+    g.add_argument("--bench-steps", type=int, default=20, help="sampling steps")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--methods", nargs="+", default=None, help="default: every method of the benchmark")
+    g.add_argument("--keep-fused", action="store_true",
+                   help="keep bench_composition/fused/ (the fused models of every set; ~50 MB, removed by default)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from bench_composition import ALL_METHODS
+    finally:
+        sys.path.pop(0)
+    args.methods = args.methods or list(ALL_METHODS)
+    out = Path(args.out)
+    times: dict[str, float] = {}
+    stage = "adapters"
+    try:
+        t0 = time.perf_counter()
+        files = train_adapters(out / "adapters", args.lora_override, args.concepts, args.force, args.base,
+                               jobs=args.jobs, threads=args.threads)
+        times["adapters"] = round(time.perf_counter() - t0, 2)
+        emit({"stage": "adapters", "done": len(files), "seconds": times["adapters"]})
+        if not args.skip_hypernet:
+            stage = "hypernet"
+            t0 = time.perf_counter()
+            holdout = tuple(args.holdout) if args.holdout else default_holdout(args)
+            hypernet = train_hypernet(files, out / "hypernet", args.hypernet_override, holdout, args.force, args.base)
+            times["hypernet"] = round(time.perf_counter() - t0, 2)
+        if not (args.skip_bench or args.skip_hypernet):
+            stage = "bench"
+            t0 = time.perf_counter()
+            run_bench(args, out / "adapters", hypernet, out / "bench_composition")
+            times["bench"] = round(time.perf_counter() - t0, 2)
+    except StageError as err:
+        emit({"stage": stage, "error": str(err)})
+        print(f"ci_artifacts: {err}", file=sys.stderr)
+        return 1
+    emit({"stage": "done", "seconds": times, "total_seconds": round(sum(times.values()), 2),
+          "threads": torch.get_num_threads()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
