@@ -209,6 +209,10 @@ def resolve_block_spec(spec, arch: str, rank: int) -> dict[str, tuple[int, float
         out = {f: (default, 1.0) for f in fines}
         coarse = COARSE[arch]
         for key, value in items.items():
+            if value is None or isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+                raise ValueError(
+                    f"block {key!r}: rank {value!r} is not a number (in YAML flow mappings write a space after "
+                    "the colon: {IN0: 8, OUT3: 8})")
             r = rank if value is True else (0 if value is False else int(value))
             if key in ("TE", "BASE"):
                 continue

@@ -129,3 +129,12 @@ def test_sdxl_23_value_block_lr_layout(sdxl_pipe):
         resolve_block_spec([1] * 5, "sdxl", 4)
     with pytest.raises(ValueError, match="expected 25"):
         resolve_block_spec([4] * 23, "sd1", 4)
+
+
+def test_mapping_without_rank_is_named():
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.from_dotlist(["blocks={IN0:8,OUT3:8}"]).blocks  # YAML reads "IN0:8" as a key without value
+    with pytest.raises(ValueError, match="block 'IN0:8': rank None is not a number"):
+        resolve_block_spec(spec, "sd1", 4)
+    assert resolve_block_spec({"IN0": "8"}, "sd1", 4)["IN01"] == (8, 1.0)
