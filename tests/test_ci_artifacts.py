@@ -54,7 +54,8 @@ def test_adapters_reused_retrained_and_stale_removed(tmp_path, capsys):
     assert [r["action"] for r in _records(capsys, "adapters")] == ["reused", "reused"]
     assert _state(out) == first
 
-    # Stale files of an older hash, an interrupted run's folder and .tmp: removed; the lookup finds the current one.
+    # A file of an older hash: moved to stale/; an interrupted run's folder and .tmp: deleted; the lookup finds the
+    # current one.
     stale = out / "toy_frog-0000000000000000.safetensors"
     shutil.copyfile(files["frog"], stale)  # carries the frog trigger too
     (out / "toy_frog-abcd1234").mkdir()
@@ -66,13 +67,15 @@ def test_adapters_reused_retrained_and_stale_removed(tmp_path, capsys):
     assert rec["action"] == "reused"
     assert sorted(rec["removed"]) == sorted([stale.name, "toy_frog-abcd1234", "toy_frog-1111111111111111.tmp"])
     assert sorted(p.name for p in out.iterdir()) == sorted([files["frog"].name, files["ink"].name, "latent_cache"])
+    assert [p.name for p in (tmp_path / "stale" / "adapters").iterdir()] == [stale.name]
     assert bench.find_adapters(out) == files
 
-    # A changed override: new hash, retrained, the old file removed.
+    # A changed override: new hash, retrained, the old file moved to stale/.
     changed = ci.train_adapters(out, ["max_steps=3"], ["frog"])
     rec = _records(capsys, "adapters")[0]
     assert rec["action"] == "trained" and rec["removed"] == [files["frog"].name]
     assert changed["frog"] != files["frog"] and changed["frog"].exists() and not files["frog"].exists()
+    assert (tmp_path / "stale" / "adapters" / files["frog"].name).exists()
     assert bench.find_adapters(out)["frog"] == changed["frog"]
 
 
@@ -101,11 +104,12 @@ def test_hypernet_cached_by_recipe_and_input_hashes(tmp_path, capsys):
     copies = {n: Path(shutil.copy(p, moved / p.name)) for n, p in files.items()}
     assert ci.hypernet_hash(ci.hypernet_config(copies, ["max_steps=2"], ("robot", "ink"))) in h1.name
 
-    # Changed override -> new hash, retrained, old file removed; a changed input LoRA changes the hash too.
+    # Changed override -> new hash, retrained, old file moved to stale/; a changed input LoRA changes the hash too.
     h2 = ci.train_hypernet(files, out, ["max_steps=3"], ("robot", "ink"))
     rec = _records(capsys, "hypernet")[0]
     assert h2 != h1 and rec["action"] == "trained" and rec["removed"] == [h1.name]
     assert sorted(p.name for p in out.iterdir()) == [h2.name]
+    assert [p.name for p in (tmp_path / "stale" / "hypernet").iterdir()] == [h1.name]
     other = ci.train_adapters(tmp_path / "adapters", ["max_steps=3"], ["frog"])
     assert ci.hypernet_hash(ci.hypernet_config({**files, **other}, ["max_steps=3"], ("robot", "ink"))) not in h2.name
 

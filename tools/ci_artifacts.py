@@ -11,8 +11,8 @@ Stages (each prints JSON lines: what it trains or reuses, and its wall time):
    ``train_configs/toy_<concept>.yaml`` with ``lorakit.toyworld.loras.train_concept_lora`` into
    ``OUT/adapters/toy_<concept>-<hash>.safetensors``. The hash covers the resolved recipe, the base weights and
    the concept's images, so an unchanged recipe is reused and any change retrains. Files of the same concept with
-   another hash (and leftovers of interrupted runs) are removed, so the benchmark, which finds adapters by their
-   ``lorakit.trigger``, sees exactly the current ones.
+   another hash are moved to ``OUT/stale/adapters/`` (leftovers of interrupted runs are deleted), so the benchmark,
+   which finds adapters by their ``lorakit.trigger``, sees exactly the current ones.
 2. ``hypernet``: ``train_configs/toy_lorarar.yaml`` trained on those LoRAs (content = characters + objects,
    style = styles, references = each LoRA's training images) into ``OUT/hypernet/toy_lorarar-<hash>.safetensors``
    (hash: resolved recipe, input LoRA bytes, base weights). One content LoRA is held out of training and its pair
@@ -59,16 +59,24 @@ def _remove(path: Path) -> None:
 
 
 def remove_stale(folder: Path, prefix: str, keep: Path) -> list[str]:
-    """Delete every ``folder/<prefix>-*`` entry except ``keep`` (older hashes, .tmp files, temp run folders).
+    """Clear ``folder/<prefix>-*`` except ``keep``: other ``.safetensors`` (older hashes, or someone's experiment)
+    are moved to ``<folder>/../stale/<folder name>/`` (out of the benchmark's sight, nothing lost); leftovers of
+    interrupted runs (``.tmp`` files, temp run folders) are deleted.
 
     Returns:
-        The names removed.
+        The names cleared.
     """
     gone = []
     for p in sorted(folder.glob(f"{prefix}-*")):
-        if p.resolve() != keep.resolve():
+        if p.resolve() == keep.resolve():
+            continue
+        if p.is_file() and p.suffix == ".safetensors":
+            trash = folder.parent / "stale" / folder.name
+            trash.mkdir(parents=True, exist_ok=True)
+            os.replace(p, trash / p.name)
+        else:
             _remove(p)
-            gone.append(p.name)
+        gone.append(p.name)
     return gone
 
 
@@ -81,7 +89,7 @@ def _snapshot(folder: Path, prefix: str) -> dict[Path, int]:
 
 def train_adapters(out: Path, overrides: list[str], concepts: list[str] | None = None, force: bool = False,
                    base: str | None = None, jobs: int = 1, threads: int = 1) -> dict[str, Path]:
-    """Stage 1: the held-out concept LoRAs in ``out`` (trained or reused), stale files removed.
+    """Stage 1: the held-out concept LoRAs in ``out`` (trained or reused), stale files cleared (``remove_stale``).
 
     Args:
         jobs: LoRAs trained at a time (>1: that many worker processes with ``threads`` torch threads each).
@@ -220,7 +228,7 @@ def hypernet_config(files: dict[str, Path], overrides: list[str], holdout, base:
 
 def train_hypernet(files: dict[str, Path], out: Path, overrides: list[str], holdout, force: bool = False,
                    base: str | None = None) -> Path:
-    """Stage 2: the toy LoRA.rar hypernetwork on ``files`` in ``out`` (trained or reused), stale files removed."""
+    """Stage 2: the toy LoRA.rar hypernetwork on ``files`` in ``out`` (trained or reused), stale files cleared."""
     from omegaconf import OmegaConf
 
     from lorakit.training.lorarar import train
