@@ -90,17 +90,17 @@ def load_base(source: str | os.PathLike, torch_dtype: torch.dtype = torch.float3
         cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
         if "XL" in cls_name:
             extra = {}
-        pipe = cls.from_pretrained(src, torch_dtype=torch_dtype, **extra, **kwargs)
+        pipe = cls.from_pretrained(src, dtype=torch_dtype, **extra, **kwargs)
     elif path.suffix in (".safetensors", ".ckpt"):
         if path.suffix == ".ckpt":
             raise ValueError(f"{path}: .ckpt files are pickles and lorakit never loads them; convert to .safetensors")
         if not path.exists():
             raise FileNotFoundError(f"base checkpoint not found: {path}")
         try:
-            pipe = StableDiffusionXLPipeline.from_single_file(src, torch_dtype=torch_dtype, **kwargs)
+            pipe = StableDiffusionXLPipeline.from_single_file(src, dtype=torch_dtype, **kwargs)
         except Exception:  # noqa: BLE001 - not an SDXL checkpoint; try SD1/2 before reporting
             try:
-                pipe = StableDiffusionPipeline.from_single_file(src, torch_dtype=torch_dtype, **extra, **kwargs)
+                pipe = StableDiffusionPipeline.from_single_file(src, dtype=torch_dtype, **extra, **kwargs)
             except Exception as err:  # noqa: BLE001
                 raise ValueError(f"{path}: could not load as an SD1/SD2/SDXL single-file checkpoint: {err}") from err
     elif path.exists():
@@ -108,7 +108,7 @@ def load_base(source: str | os.PathLike, torch_dtype: torch.dtype = torch.float3
     else:
         if src.startswith((".", "/")) or src.count("/") != 1:
             raise FileNotFoundError(f"base model not found: {src} (not a folder, not a file, not a hub id)")
-        pipe = DiffusionPipeline.from_pretrained(src, torch_dtype=torch_dtype, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(src, dtype=torch_dtype, **kwargs)
     detect_arch(pipe.unet.config)  # fail early on unsupported models
     return pipe
 
