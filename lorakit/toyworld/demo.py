@@ -351,10 +351,15 @@ def _lora_lines(report: dict) -> list[str]:
             for name, v in report["loras"].items()]
 
 
+def _seed_range(report: dict) -> str:
+    seeds = report["rows"][0]["seeds"] if report["rows"] else []
+    return "-" if not seeds else str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+
+
 def to_markdown(report: dict) -> str:
     rows = table_rows(report)
     lines = ["# lorakit demo", "", f"Prompt: `{report['prompt']}`; {report['settings']['k']} images per method, "
-             f"seeds {report['rows'][0]['seeds'][0] if report['rows'] else 0}..; "
+             f"seeds {_seed_range(report)}; "
              f"{report['settings']['sample_steps']} DDIM steps, guidance {report['settings']['guidance']}; "
              f"oracle presence threshold 0.5.", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
