@@ -174,3 +174,13 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         save_safetensors({"a": torch.zeros(1)}, tmp_path / "out.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    """Files written through the temp-file + rename path get open()'s permissions, not mkstemp's 0600."""
+    import os
+
+    from lorakit.fileio import _UMASK, write_text
+
+    path = write_text("x", tmp_path / "a.txt")
+    assert (os.stat(path).st_mode & 0o777) == (0o666 & ~_UMASK)
