@@ -61,21 +61,25 @@ def test_adapters_reused_retrained_and_stale_removed(tmp_path, capsys):
     (out / "toy_frog-abcd1234").mkdir()
     shutil.copyfile(files["frog"], out / "toy_frog-abcd1234" / "toy_frog.safetensors")
     (out / "toy_frog-1111111111111111.tmp").write_bytes(b"x")
+    sidecar = out / (files["frog"].name + ".profile.json")  # the benchmark's cmlora profile cache: kept
+    sidecar.write_text("{}")
     assert bench.find_adapters(out)["frog"] != files["frog"]  # the newest file would win without the clean-up
     ci.train_adapters(out, ["max_steps=2"], ["frog"])
     rec = _records(capsys, "adapters")[0]
     assert rec["action"] == "reused"
     assert sorted(rec["removed"]) == sorted([stale.name, "toy_frog-abcd1234", "toy_frog-1111111111111111.tmp"])
-    assert sorted(p.name for p in out.iterdir()) == sorted([files["frog"].name, files["ink"].name, "latent_cache"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([files["frog"].name, sidecar.name, files["ink"].name,
+                                                           "latent_cache"])
     assert [p.name for p in (tmp_path / "stale" / "adapters").iterdir()] == [stale.name]
     assert bench.find_adapters(out) == files
 
     # A changed override: new hash, retrained, the old file moved to stale/.
     changed = ci.train_adapters(out, ["max_steps=3"], ["frog"])
     rec = _records(capsys, "adapters")[0]
-    assert rec["action"] == "trained" and rec["removed"] == [files["frog"].name]
+    assert rec["action"] == "trained" and rec["removed"] == [files["frog"].name, sidecar.name]
     assert changed["frog"] != files["frog"] and changed["frog"].exists() and not files["frog"].exists()
     assert (tmp_path / "stale" / "adapters" / files["frog"].name).exists()
+    assert (tmp_path / "stale" / "adapters" / sidecar.name).exists()  # a stale file's sidecar goes with it
     assert bench.find_adapters(out)["frog"] == changed["frog"]
 
 

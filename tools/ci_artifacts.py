@@ -59,18 +59,19 @@ def _remove(path: Path) -> None:
 
 
 def remove_stale(folder: Path, prefix: str, keep: Path) -> list[str]:
-    """Clear ``folder/<prefix>-*`` except ``keep``: other ``.safetensors`` (older hashes, or someone's experiment)
-    are moved to ``<folder>/../stale/<folder name>/`` (out of the benchmark's sight, nothing lost); leftovers of
-    interrupted runs (``.tmp`` files, temp run folders) are deleted.
+    """Clear ``folder/<prefix>-*`` except ``keep`` and its sidecars (``keep.name`` + anything, e.g. the
+    benchmark's ``.profile.json``): other ``.safetensors`` files and their sidecars (older hashes, or someone's
+    experiment) are moved to ``<folder>/../stale/<folder name>/`` (out of the benchmark's sight, nothing lost);
+    leftovers of interrupted runs (``.tmp`` files, temp run folders) are deleted.
 
     Returns:
         The names cleared.
     """
     gone = []
     for p in sorted(folder.glob(f"{prefix}-*")):
-        if p.resolve() == keep.resolve():
+        if p.name.startswith(keep.name):
             continue
-        if p.is_file() and p.suffix == ".safetensors":
+        if p.is_file() and (p.suffix == ".safetensors" or ".safetensors." in p.name):
             trash = folder.parent / "stale" / folder.name
             trash.mkdir(parents=True, exist_ok=True)
             os.replace(p, trash / p.name)
@@ -369,31 +370,42 @@ def main(argv=None) -> int:
     args.methods = args.methods or list(ALL_METHODS)
     out = Path(args.out)
     times: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     stage = "adapters"
+
+    def timed(name, fn):
+        """Run one stage; record its wall seconds and CPU seconds (this process + finished children)."""
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        result = fn()
+        times[name], cpu[name] = round(time.perf_counter() - t0, 2), round(_cpu_seconds() - c0, 2)
+        return result
+
     try:
-        t0 = time.perf_counter()
-        files = train_adapters(out / "adapters", args.lora_override, args.concepts, args.force, args.base,
-                               jobs=args.jobs, threads=args.threads)
-        times["adapters"] = round(time.perf_counter() - t0, 2)
-        emit({"stage": "adapters", "done": len(files), "seconds": times["adapters"]})
+        files = timed("adapters", lambda: train_adapters(out / "adapters", args.lora_override, args.concepts,
+                                                         args.force, args.base, jobs=args.jobs, threads=args.threads))
+        emit({"stage": "adapters", "done": len(files), "seconds": times["adapters"], "cpu_seconds": cpu["adapters"]})
         if not args.skip_hypernet:
             stage = "hypernet"
-            t0 = time.perf_counter()
             holdout = tuple(args.holdout) if args.holdout else default_holdout(args)
-            hypernet = train_hypernet(files, out / "hypernet", args.hypernet_override, holdout, args.force, args.base)
-            times["hypernet"] = round(time.perf_counter() - t0, 2)
+            hypernet = timed("hypernet", lambda: train_hypernet(files, out / "hypernet", args.hypernet_override,
+                                                                holdout, args.force, args.base))
         if not (args.skip_bench or args.skip_hypernet):
             stage = "bench"
-            t0 = time.perf_counter()
-            run_bench(args, out / "adapters", hypernet, out / "bench_composition")
-            times["bench"] = round(time.perf_counter() - t0, 2)
+            timed("bench", lambda: run_bench(args, out / "adapters", hypernet, out / "bench_composition"))
     except StageError as err:
         emit({"stage": stage, "error": str(err)})
         print(f"ci_artifacts: {err}", file=sys.stderr)
         return 1
-    emit({"stage": "done", "seconds": times, "total_seconds": round(sum(times.values()), 2),
-          "threads": torch.get_num_threads()})
+    emit({"stage": "done", "seconds": times, "total_seconds": round(sum(times.values()), 2), "cpu_seconds": cpu,
+          "threads": torch.get_num_threads(), "jobs": args.jobs})
     return 0
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 if __name__ == "__main__":
