@@ -117,7 +117,7 @@ def cfg_for(tmp_path, *overrides):
     ])
 
 
-def test_training_beats_sum_and_init_on_held_out_pair(sd1_pipe, tmp_path):
+def test_training_evaluates_a_held_out_pair(sd1_pipe, tmp_path):
     reset_accelerate()
     cfg = cfg_for(tmp_path, "synthetic.content=3", "synthetic.style=3", "synthetic.eval_pairs=1", "max_steps=24",
                   "train_batch_size=2", "eval_batches=3")
@@ -131,11 +131,8 @@ def test_training_beats_sum_and_init_on_held_out_pair(sd1_pipe, tmp_path):
     for k, v in result.hypernet.state_dict().items():
         assert torch.equal(v, tensors[k])
     assert net.merge_layers == ["to_q", "to_out.0"]
-    if not (row["lorarar"] < 0.95 * row["sum"] and row["lorarar"] < 0.95 * row["init"]):
-        # Known weak point (docs/lorarar.md, "Measured"): on RANDOM LoRAs the held-out gain is not robust to lr,
-        # step count or float noise (it passed at 24 steps / lr 0.01 in one build and failed in the next).
-        # Real trained LoRAs are needed to show the paper's claim; kept visible as an expected failure.
-        pytest.xfail(f"hypernetwork did not beat sum/init by 5% on the held-out random pair: {row}")
+    # On RANDOM LoRAs the held-out gain is not robust (docs/lorarar.md); the claim itself is checked on trained toy
+    # LoRAs in test_hypernet_beats_sum_and_init_on_held_out_toy_pair.
 
 
 def test_config_errors_name_the_key_and_file(tmp_path):
@@ -189,3 +186,21 @@ def test_fuse_cli_lorarar(sd1_pipe, tmp_path):
         torch.testing.assert_close(got.modules[k].delta(), m.delta(), rtol=0, atol=1e-6)
     assert main(["fuse", "--method", "lorarar", "--adapters", str(tmp_path / "c.safetensors"),
                  str(tmp_path / "s.safetensors"), "--out", str(out)]) == 1  # no --hypernet: a named error
+
+
+def test_hypernet_beats_sum_and_init_on_held_out_toy_pair():
+    """The paper's claim on real trained LoRAs: the toy hypernetwork (4 characters/objects x 2 styles, the ghost
+    character held out of training) lowers the ZipLoRA loss of the unseen ghost + ink pair below both the plain sum
+    and its own initialisation. LoRAs and hypernetwork are the CI artifacts (trained here when absent, cached by
+    recipe hash)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ci_artifacts", ROOT / "tools" / "ci_artifacts.py")
+    ci = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ci)
+    reset_accelerate()
+    files = ci.train_adapters(ROOT / "artifacts" / "adapters", [])
+    path = ci.train_hypernet(files, ROOT / "artifacts" / "hypernet", [], ("ghost", "ink"))
+    (row,) = ci.held_out_losses(path)
+    assert row["content"].startswith("toy_ghost-") and row["style"].startswith("toy_ink-")
+    assert row["lorarar"] < 0.95 * row["sum"] and row["lorarar"] < 0.95 * row["init"], row
