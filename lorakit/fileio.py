@@ -43,6 +43,18 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     return _atomic(path, lambda tmp: save_file(clean, tmp, metadata=meta))
 
 
+def save_image(image, path: str | os.PathLike) -> Path:
+    """Save a PIL image as PNG, atomically. Returns the path."""
+    return _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``dst`` atomically (``dst`` appears whole or not at all). Returns ``dst``."""
+    import shutil
+
+    return _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
 def write_text(text: str, path: str | os.PathLike) -> Path:
     """Write a text file atomically."""
     return _atomic(path, lambda tmp: Path(tmp).write_text(text))

@@ -146,7 +146,7 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from lorakit.fileio import _atomic, write_json
+    from lorakit.fileio import save_image, write_json
     from lorakit.sampling.regional import load_regions
 
     job.sampler.check()
@@ -186,7 +186,7 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
             for (p_idx, i, seed), image in zip(batch, images):
                 stem = f"{p_idx:03d}-{i:04d}-s{seed}"
                 png = out_dir / f"{stem}.png"
-                _atomic(png, lambda tmp, im=image: im.save(tmp, format="PNG"))
+                save_image(image, png)
                 sidecar = {
                     "lorakit.sidecar": SIDECAR_VERSION,
                     "base": job.base,

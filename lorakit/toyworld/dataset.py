@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorakit.fileio import save_image
 from lorakit.toyworld.render import caption, render
 from lorakit.toyworld.scenes import concept_scene
 
@@ -30,10 +31,7 @@ def make_dataset(concept: str, out_dir: str | os.PathLike, n: int, seed: int = 0
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, scene in enumerate(scenes):
-        img_path = out / f"{i:05d}.png"
-        tmp = img_path.with_name(f".{img_path.name}.tmp")
-        render(scene, size).save(tmp, format="PNG")
-        os.replace(tmp, img_path)
+        img_path = save_image(render(scene, size), out / f"{i:05d}.png")
         (out / f"{i:05d}.txt").write_text(caption(scene) + "\n")
         paths.append(img_path)
     return paths

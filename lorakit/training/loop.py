@@ -500,6 +500,8 @@ class TrainLoop:
         if acc.is_main_process and self.sample_fn is not None:
             from diffusers.utils import make_image_grid
 
+            from lorakit.fileio import save_image
+
             for m in self.raw_models:
                 m.eval()
             devices = [acc.device] if acc.device.type == "cuda" else []
@@ -513,10 +515,7 @@ class TrainLoop:
                 images = list(images) + [images[0].copy().point(lambda _: 0)] * (rows * cols - len(images))
                 grid = make_image_grid(images, rows=rows, cols=cols)
                 out = self.output_dir / "samples" / f"step{self.global_step:06d}.png"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_name(f".{out.name}.tmp.png")
-                grid.save(tmp)
-                os.replace(tmp, out)
+                save_image(grid, out)
                 self._log_image(grid)
         acc.wait_for_everyone()
         return out
