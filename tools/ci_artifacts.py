@@ -195,21 +195,16 @@ def hypernet_hash(cfg) -> str:
     their bytes' SHA-256, so the output folder does not matter) and the base weights."""
     from omegaconf import OmegaConf
 
-    from lorakit.toyworld.loras import _hash_files
+    from lorakit.toyworld.loras import RUN_ONLY_KEYS, content_hash
 
     r = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("output_dir", "output_name", "logging", "checkpoint_at_end", "checkpointing_steps", "save_every",
-                "resume"):
+    for key in RUN_ONLY_KEYS + ("resume",):
         r.pop(key, None)
     r["content"] = [_sha_file(p) for p in r["content"]]
     r["style"] = [_sha_file(p) for p in r["style"]]
     r["eval_pairs"] = [[_sha_file(p) for p in pair] for pair in r["eval_pairs"]]
     base = Path(str(r.pop("base_model")))
-    h = hashlib.sha256(repr(sorted(r.items())).encode())
-    for part in ("unet", "text_encoder", "vae"):
-        if (base / part).exists():
-            _hash_files(h, base / part)
-    return h.hexdigest()[:16]
+    return content_hash(r, base)
 
 
 def hypernet_config(files: dict[str, Path], overrides: list[str], holdout, base: str | None = None):
@@ -232,6 +227,7 @@ def train_hypernet(files: dict[str, Path], out: Path, overrides: list[str], hold
     """Stage 2: the toy LoRA.rar hypernetwork on ``files`` in ``out`` (trained or reused), stale files cleared."""
     from omegaconf import OmegaConf
 
+    from lorakit.fileio import copy_file
     from lorakit.training.lorarar import train
 
     out.mkdir(parents=True, exist_ok=True)
@@ -254,9 +250,7 @@ def train_hypernet(files: dict[str, Path], out: Path, overrides: list[str], hold
             except Exception as err:  # noqa: BLE001
                 raise StageError(f"hypernet: training {HYPERNET_RECIPE.name} on {len(cfg.content)} content x "
                                  f"{len(cfg.style)} style LoRAs failed: {type(err).__name__}: {err}") from err
-            tmp = target.with_suffix(".tmp")
-            shutil.copyfile(result.final_path, tmp)
-            os.replace(tmp, target)
+            copy_file(result.final_path, target)
     removed = remove_stale(out, "toy_lorarar", target)
     emit({"stage": "hypernet", "action": "trained" if trained else "reused", "file": str(target),
           "content": [Path(p).name for p in cfg.content], "style": [Path(p).name for p in cfg.style],

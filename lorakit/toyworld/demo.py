@@ -250,7 +250,7 @@ def _run(s: DemoSettings, char: Concept, style: Concept, rows: list[str], out: P
     from tqdm.auto import tqdm
 
     from lorakit.eval.oracle import score
-    from lorakit.fileio import _atomic
+    from lorakit.fileio import save_image
 
     loras = train_loras(s.character, s.style, lora_dir, s.train_steps, s.base, log=print if progress else None)
     runner = _Runner(s, loras, prompt)
@@ -272,7 +272,7 @@ def _run(s: DemoSettings, char: Concept, style: Concept, rows: list[str], out: P
         paths = []
         for seed, image in zip(seeds, images):
             rel = f"images/{row}-s{seed}.png"
-            _atomic(out / rel, lambda tmp, im=image: im.save(tmp, format="PNG"))
+            save_image(image, out / rel)
             paths.append(rel)
         sc = score(images, [s.character, s.style])
         results.append({
@@ -357,13 +357,14 @@ def _seed_range(report: dict) -> str:
 
 
 def to_markdown(report: dict) -> str:
+    from lorakit.eval.report import markdown_table
+
     rows = table_rows(report)
     lines = ["# lorakit demo", "", f"Prompt: `{report['prompt']}`; {report['settings']['k']} images per method, "
              f"seeds {_seed_range(report)}; "
              f"{report['settings']['sample_steps']} DDIM steps, guidance {report['settings']['guidance']}; "
              f"oracle presence threshold 0.5.", "",
-             "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+             markdown_table(rows[0], rows[1:]).rstrip("\n")]
     lines += ["", "LoRAs: " + "; ".join(_lora_lines(report)), "",
               f"Total {report['total_s']:.1f} s, {report['settings']['threads']} thread(s). "
               "setup s = time before the first image (cmlora: frequency profiles; gradient/weighted: fusing).", "",

@@ -32,29 +32,37 @@ def _hash_files(h, root: Path) -> None:
         h.update(hashlib.sha256(f.read_bytes()).digest())
 
 
+# Keys that say where and how a run writes, not what it learns: left out of every hash.
+RUN_ONLY_KEYS = ("output_dir", "output_name", "logging", "checkpoint_at_end", "checkpointing_steps", "save_every")
+
+
+def content_hash(resolved: dict, base: Path, data: Path | None = None) -> str:
+    """16 hex digits of SHA-256 over a resolved config dict, the base's UNet / text-encoder / VAE weights (those
+    that exist) and the files under ``data`` (if given and present)."""
+    h = hashlib.sha256(repr(sorted(resolved.items())).encode())
+    for part in ("unet", "text_encoder", "vae"):
+        if (base / part).exists():
+            _hash_files(h, base / part)
+    if data is not None and data.exists():
+        _hash_files(h, data)
+    return h.hexdigest()[:16]
+
+
 def recipe_hash(cfg) -> str:
     """Hash of what determines a trained LoRA: resolved config (minus output location), base weights, data."""
     from omegaconf import OmegaConf
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("output_dir", "output_name", "logging", "checkpoint_at_end", "checkpointing_steps", "save_every"):
+    for key in RUN_ONLY_KEYS:
         resolved.pop(key, None)
     resolved["data"].pop("cache_dir", None)
-    base = Path(str(cfg.base_model))
-    # Paths are hashed by content below, so the same recipe hashes the same from any working directory.
+    base, data = Path(str(cfg.base_model)), Path(str(cfg.data.path))
+    # Paths are hashed by content, so the same recipe hashes the same from any working directory.
     if base.exists():
         resolved.pop("base_model")
-    if Path(str(cfg.data.path)).exists():
-        resolved["data"].pop("path")
-    h = hashlib.sha256(repr(sorted(resolved.items())).encode())
-    if base.exists():
-        for part in ("unet", "text_encoder", "vae"):
-            if (base / part).exists():
-                _hash_files(h, base / part)
-    data = Path(str(cfg.data.path))
     if data.exists():
-        _hash_files(h, data)
-    return h.hexdigest()[:16]
+        resolved["data"].pop("path")
+    return content_hash(resolved, base, data)
 
 
 def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | None = None,
@@ -70,10 +78,10 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
     Returns:
         Path of the adapter file (kohya keys; ``lorakit.trigger`` in its metadata).
     """
-    import shutil
     import tempfile
 
     from lorakit.config import load_config
+    from lorakit.fileio import copy_file
     from lorakit.toyworld.concepts import get_concept
     from lorakit.training.blockwise import BlockwiseConfig, train
 
@@ -92,8 +100,5 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
                                                                        "checkpoint_at_end=false", "save_every=0",
                                                                        "logging=none",
                                                                        f"data.cache_dir={out_dir / 'latent_cache'}"])
-        result = train(run)
-        tmp = target.with_suffix(".tmp")
-        shutil.copyfile(result.final_path, tmp)
-        os.replace(tmp, target)
+        copy_file(train(run).final_path, target)
     return target
