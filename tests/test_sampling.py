@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lorakit.adapters.io import save_adapter
-from lorakit.sampling import SamplerSettings, dominance_schedule, generate, load_adapters, step_weights
-from lorakit.sampling.cache import cache_plan, unet_split_forward
+from lorakit.sampling import SamplerSettings, cmlora_plan, generate, load_adapters
+from lorakit.sampling.cache import unet_split_forward
 from lorakit.sampling.composer import UNetAdapterSwitch, decode_latents, encode
 from lorakit.sampling.frequency import high_frequency_score, order_by_frequency, radial_profile
 from lorakit.sampling.regional import RegionSpec, Region, parse_regions
@@ -66,27 +66,29 @@ def test_split_forward_equals_unet(arch, sd1_pipe, sdxl_pipe):
         unet_split_forward(pipe.unet, inp["sample"], inp["timestep"], inp["encoder_hidden_states"], 0)
 
 
-def test_dominance_schedule_and_plan():
-    dom = dominance_schedule(40, [2, 0, 1], switch_every=5, warp=0.75)
-    assert len(dom) == 40 and set(dom) == {0, 1, 2}
-    runs, start = [], 0
-    for s in range(1, 41):
-        if s == 40 or dom[s] != dom[s - 1]:
-            runs.append(s - start)
-            start = s
-    assert dom[0] == 2
-    assert runs[0] < max(runs) and runs[-1] < max(runs)  # denser switching early and late
-    assert dominance_schedule(12, [0, 1], 4, 0.0) == [0] * 4 + [1] * 4 + [0] * 4  # warp 0: uniform
-    plan = cache_plan(dom, 3, interval=4)
-    assert all(plan[0])
-    for a in range(3):
-        full = [s for s in range(40) if plan[s][a]]
-        assert max(b - a_ for a_, b in zip(full, full[1:] + [40])) <= 4  # never older than the interval
-        assert any(s >= 20 for s in full) and full[-1] >= 36  # refreshed until the end
-    for s in range(1, 40):
-        if dom[s] != dom[s - 1]:
-            assert plan[s][dom[s]]  # the newly dominant adapter gets a full pass
-    assert step_weights(1, 4, 0.55) == pytest.approx([0.15, 0.55, 0.15, 0.15])
+def test_cmlora_plan_rotation_weights_and_refreshes():
+    # 4 adapters in pass order, the last a background; 40 steps, the official 2/3/2 interval sequence
+    plan = cmlora_plan(40, [2, 0, 1, 3], 3, interval=0, mode="lorakit", cache=True, refresh="round")
+    assert plan.rotations[:4] == [0, 2, 4, 6] and all(plan.full[0])
+    assert {plan.dominant[s] for s in range(0, 21)} == {0, 1, 2}  # early: the background is never dominant
+    assert 3 in plan.dominant[22:] and 0 not in plan.dominant[22:]  # late: it joins, the first leaves
+    for s, w in enumerate(plan.weights):
+        assert sum(w) == pytest.approx(1.0) and w[plan.dominant[s]] == pytest.approx(3.5 / 6.5)
+    for pos in range(4):
+        full = [s for s in range(40) if plan.full[s][pos]]
+        assert len(full) > 1 and full[-1] >= 20, pos  # every cache, the background's too, refreshed late
+    for s in plan.rotations[1:]:
+        assert plan.full[s][plan.dominant[s]]  # the newly dominant adapter gets a full pass
+    official = cmlora_plan(40, [2, 0, 1, 3], 3, interval=2, mode="official", cache=True)
+    assert [row[3] for row in official.full].count(True) == 1  # the official code: background never refreshed
+    age = cmlora_plan(40, [0, 1, 2], 3, interval=0, refresh="age", max_age=4)
+    for pos in range(3):
+        full = [s for s in range(40) if age.full[s][pos]] + [40]
+        assert max(b - a for a, b in zip(full, full[1:])) <= 4
+    nocache = cmlora_plan(10, [0, 1], 2, cache=False)
+    assert all(all(row) for row in nocache.full)
+    with pytest.raises(ValueError, match="refresh"):
+        cmlora_plan(10, [0, 1], 2, refresh="sometimes")
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
@@ -136,33 +138,81 @@ def _direct_weighted_composite(pipe, ads, steps, cfg, prompt, seed, weights_per_
 def test_cmlora_no_cache_equals_direct_weighted_composite(sd1_pipe, adapter_files):
     pipe = copy.deepcopy(sd1_pipe)
     ads = load_adapters(pipe, adapter_files["sd1"])
-    st = SamplerSettings(method="cmlora", steps=4, cfg=4.0, cache=False, switch_every=1, dominant_weight=0.6)
+    st = SamplerSettings(method="cmlora", steps=4, cfg=4.0, cache=False, cmlora_interval=1, encode="per-adapter")
     order = [2, 0, 1]
     ours, info = generate(pipe, ads, st, "a cat", "", [7], order=order)
-    dom = dominance_schedule(4, order, 1, st.schedule_warp)
-    assert info["dominants"] == [ads[d].name for d in dom] and len(set(dom)) == 3
+    assert info["dominants"] == [ads[d].name for d in (2, 0, 1, 2)]
     assert info["passes"] == {**info["passes"], "full": 12, "shallow": 0}
-    ref = _direct_weighted_composite(pipe, ads, 4, 4.0, "a cat", 7, [step_weights(d, 3, 0.6) for d in dom])
+    plan = cmlora_plan(4, order, 3, interval=1, cache=False)
+    weights = [[row[order.index(i)] for i in range(3)] for row in plan.weights]
+    ref = _direct_weighted_composite(pipe, ads, 4, 4.0, "a cat", 7, weights)
     assert np.abs(_arr(ours) - _arr(ref)).max() <= 1
-    uniform, _ = generate(pipe, ads, SamplerSettings(method="composite", steps=4, cfg=4.0), "a cat", "", [7])
+    uniform, _ = generate(pipe, ads, SamplerSettings(method="composite", steps=4, cfg=4.0, encode="per-adapter"),
+                          "a cat", "", [7])
     assert not np.array_equal(_arr(uniform), _arr(ours))  # the dominant weighting matters
 
 
-def test_cache_counts_match_plan_and_refresh_late(sd1_pipe, adapter_files):
+def _direct_terms(pipe, ads, steps, cfg, seed, combine):
+    """Reference for the base-using methods: per step the base's and each adapter's (uncond, cond) predictions
+    (diffusers ``set_adapters`` / ``disable_lora``, text from the base encoder for the base), combined by
+    ``combine(base_pair, adapter_pairs) -> eps``."""
+    gen = [torch.Generator().manual_seed(seed)]
+    pipe.disable_lora()
+    base_text = encode(pipe, "a cat", "", 1, True)["embeds"]
+    pipe.enable_lora()
+    pipe.set_adapters([a.name for a in ads], [a.weight for a in ads])
+    text = encode(pipe, "a cat", "", 1, True)["embeds"]
+    sched = pipe.scheduler
+    sched.set_timesteps(steps)
+    latents = pipe.prepare_latents(1, 4, 32, 32, torch.float32, torch.device("cpu"), gen)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.scale_model_input(torch.cat([latents] * 2), t)
+            pipe.disable_lora()
+            base = pipe.unet(x, t, encoder_hidden_states=base_text).sample.chunk(2)
+            pipe.enable_lora()
+            pairs = []
+            for a in ads:
+                pipe.set_adapters([a.name], [a.weight])
+                pairs.append(pipe.unet(x, t, encoder_hidden_states=text).sample.chunk(2))
+            latents = sched.step(combine(base, pairs, cfg), t, latents).prev_sample
+    return latents
+
+
+def test_uncond_base_and_delta_equal_their_formulas(sd1_pipe, adapter_files):
+    pipe = copy.deepcopy(sd1_pipe)
+    ads = load_adapters(pipe, adapter_files["sd1"][:2])
+    cfg = lambda u, c, g: u + g * (c - u)  # noqa: E731
+
+    def composite_uncond_base(base, pairs, g):
+        return cfg(base[0], sum(c for _, c in pairs) / len(pairs), g)
+
+    def delta(base, pairs, g):
+        p0 = cfg(*base, g)
+        return p0 + sum(cfg(u, c, g) - p0 for u, c in pairs)
+
+    for method, uncond, combine in (("composite", "base", composite_uncond_base), ("delta", "adapter", delta)):
+        st = SamplerSettings(method=method, steps=3, cfg=4.0, uncond=uncond)
+        ours, info = generate(pipe, ads, st, "a cat", "", [2], output_type="latent")
+        ref = _direct_terms(pipe, ads, 3, 4.0, 2, combine)
+        assert (ours - ref).abs().max() < 1e-4, method
+    assert info["passes"]["per_adapter"]["base"]["full"] == 3
+
+
+def test_cache_counts_match_plan(sd1_pipe, adapter_files):
     pipe = copy.deepcopy(sd1_pipe)
     ads = load_adapters(pipe, adapter_files["sd1"])
     steps = 8
-    st = SamplerSettings(method="cmlora", steps=steps, cfg=3.0, cache=True, cache_interval=3, cache_depth=2, switch_every=3)
+    st = SamplerSettings(method="cmlora", steps=steps, cfg=3.0, cache_depth=2, cmlora_interval=0)
     _, info = generate(pipe, ads, st, "a cat", "", [0])
-    plan = cache_plan(dominance_schedule(steps, [0, 1, 2], 3, st.schedule_warp), 3, 3)
-    want_full = sum(sum(row) for row in plan)
-    assert info["plan"] == [[int(v) for v in row] for row in plan]
+    plan = cmlora_plan(steps, [0, 1, 2], 3, interval=0)
+    want_full = sum(sum(row) for row in plan.full)
+    assert info["plan"] == [[int(v) for v in row] for row in plan.full]
     assert info["passes"]["full"] == want_full and info["passes"]["shallow"] == 3 * steps - want_full
     assert want_full < 3 * steps
     for i, a in enumerate(ads):
         per = info["passes"]["per_adapter"][a.name]
-        assert per["full_steps"] == [s for s in range(steps) if plan[s][i]]
-        assert any(s >= steps // 2 for s in per["full_steps"])  # refreshed in the second half
+        assert per["full_steps"] == [s for s in range(steps) if plan.full[s][i]]
 
 
 def test_region_covering_image_equals_plain_prompt(sd1_pipe, sdxl_pipe, adapter_files):

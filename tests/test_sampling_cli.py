@@ -33,7 +33,7 @@ def files(tmp_path_factory, sd1_pipe):
 
 
 def _job(files, out, **kw):
-    sampler = SamplerSettings(**{"method": "cmlora", "steps": 3, "cfg": 4.0, "order": "given", "cache_interval": 2, **kw})
+    sampler = SamplerSettings(**{"method": "cmlora", "steps": 3, "cfg": 4.0, "cmlora_order": "given", "cmlora_interval": 2, **kw})
     return SampleJob(base="tiny:sd1", adapters=files, out_dir=str(out), prompts=["a red cat"], seed=3, num_images=2,
                      sampler=sampler)
 
@@ -83,7 +83,7 @@ def test_two_processes_write_the_same_images(tmp_path, files, one_process):
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
          "--module", "lorakit.cli", "sample", "--base", "tiny:sd1", "--adapters", *files, "--method", "cmlora",
-         "--order", "given", "--cache-interval", "2", "--steps", "3", "--cfg", "4.0", "--prompt", "a red cat",
+         "--cmlora-order", "given", "--cmlora-interval", "2", "--steps", "3", "--cfg", "4.0", "--prompt", "a red cat",
          "--seed", "3", "--num-images", "2", "--out", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=300,
     )

@@ -1,21 +1,25 @@
-"""Seconds per image of merge, switch, composite and cmlora (cache on / off) at N = 2..5 adapters, in one process.
+"""Seconds per image of the composition methods at N adapters, in one process, on the same adapters and seeds.
 
 Prints one JSON line per (N, method): seconds per image, ratio to merge and to composite, and the number of full /
-shallow UNet passes (each pass is one CFG batch). The goal of the cache: cmlora with cache <= 0.5x composite at N=4.
+shallow UNet passes. The goal of CMLoRA's cache: cmlora (default settings) <= 0.5x composite at N = 4.
 
-    python tools/bench_sample.py                 # "mid" random UNet (SD1 layout, SD-like cost per level), CPU
-    python tools/bench_sample.py --unet tiny     # the test pipeline's tiny UNet
+    python tools/bench_sample.py                          # "mid" random UNet (SD1 layout, SD-like cost per level)
+    python tools/bench_sample.py --unet tiny              # the test pipeline's tiny UNet
+    flock /work/heavy.lock python tools/bench_sample.py --unet sd15 --latent 16 --ns 4 --methods composite cmlora
+                                                          # SD 1.5's UNet config, random weights (~3.4 GB fp32)
 
 The "mid" UNet keeps SD1.5's shape (4 levels, channels x1 x2 x4 x4 as 320/640/1280/1280, cross-attention on the
 first 3 levels) so that, as in SD, every level's convolutions cost about the same and the deep path (levels 1-3 +
-mid) dominates. Times are CPU seconds of this process (``time.process_time``, 1 thread by default), which a busy
-shared machine disturbs less than wall-clock seconds; both are printed, ratios use CPU seconds.
+mid) dominates. "sd15" is ``UNet2DConditionModel`` with SD 1.5's config (cross-attention 768) and random
+weights, with a tiny 768-wide text encoder; ``--latent 16`` is SD's 128 px. Times are wall seconds and CPU seconds
+of this process (``time.process_time``, 1 thread by default); ratios use CPU seconds, which a busy shared machine
+disturbs less. Methods: merge, switch, composite, cmlora (lorakit defaults), cmlora_nocache, cmlora_official,
+composite_ubase, delta, merge_ubase.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import time
@@ -40,12 +44,43 @@ def mid_pipeline(seed: int = 0):
     return pipe
 
 
+def sd15_pipeline(latent: int, seed: int = 0):
+    """tiny_pipeline('sd1') with SD 1.5's UNet config (random weights) and a 768-wide tiny text encoder."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from lorakit.models import _tiny_text_encoder, tiny_pipeline
+
+    pipe = tiny_pipeline("sd1", seed=seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=latent, cross_attention_dim=768, attention_head_dim=8)
+    te = _tiny_text_encoder(len(pipe.tokenizer), 768, 2, with_projection=False)
+    pipe.register_modules(unet=unet, text_encoder=te)
+    return pipe
+
+
+METHODS = {
+    "merge": {"method": "merge"},
+    "switch": {"method": "switch"},
+    "composite": {"method": "composite"},
+    "cmlora": {"method": "cmlora"},
+    "cmlora_nocache": {"method": "cmlora", "cache": False},
+    "cmlora_official": {"method": "cmlora", "cmlora_mode": "official"},
+    "composite_ubase": {"method": "composite", "uncond": "base"},
+    "delta": {"method": "delta"},
+    "merge_ubase": {"method": "merge", "uncond": "base"},
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--unet", choices=["mid", "tiny"], default="mid")
+    ap.add_argument("--unet", choices=["mid", "tiny", "sd15"], default="mid")
+    ap.add_argument("--latent", type=int, default=16, help="sd15: latent size (16 = 128 px on SD's VAE)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--ns", type=int, nargs="+", default=[2, 3, 4, 5])
-    ap.add_argument("--cache-interval", type=int, default=5)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--cmlora-interval", type=int, default=0)
+    ap.add_argument("--cache-refresh", default="round", choices=["dominant", "round", "age"])
     ap.add_argument("--cache-depth", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared small CPU)")
     ap.add_argument("--repeats", type=int, default=1, help="images per measurement (seeds 0..r-1), best kept")
@@ -56,50 +91,44 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from lorakit.adapters.io import save_adapter
     from lorakit.models import tiny_pipeline
-    from lorakit.sampling import SamplerSettings, generate, load_adapters
-    from lorakit.sampling import _quiet_loading
+    from lorakit.sampling import SamplerSettings, _quiet_loading, generate, load_adapters
     from lorakit.testing import random_adapter
 
     _quiet_loading()
-    base = mid_pipeline() if args.unet == "mid" else tiny_pipeline("sd1")
+    pipe = {"mid": mid_pipeline, "tiny": lambda: tiny_pipeline("sd1"), "sd15": lambda: sd15_pipeline(args.latent)}[args.unet]()
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench_sample_{os.getpid()}")
     os.makedirs(tmp, exist_ok=True)
     files = [
-        str(save_adapter(random_adapter(base, seed=k, text_encoder=True, std=0.05), os.path.join(tmp, f"a{k}.safetensors")))
+        str(save_adapter(random_adapter(pipe, seed=k, text_encoder=True, std=0.05), os.path.join(tmp, f"a{k}.safetensors")))
         for k in range(max(args.ns))
     ]
-    pipe = copy.deepcopy(base)
     ads = load_adapters(pipe, files)
-    methods = [
-        ("merge", {}),
-        ("switch", {}),
-        ("composite", {}),
-        ("cmlora_nocache", {"cache": False}),
-        ("cmlora_cache", {"cache": True}),
-    ]
-    generate(pipe, ads[:2], SamplerSettings(method="composite", steps=2), "a red cat", "", [0])  # warm-up
+    common = {"steps": args.steps, "cfg": 7.5, "width": size, "height": size, "cmlora_order": "given",
+              "cmlora_interval": args.cmlora_interval, "cache_refresh": args.cache_refresh,
+              "cache_depth": args.cache_depth}
+    generate(pipe, ads[:2], SamplerSettings(**{**common, "method": "composite", "steps": 2}), "a red cat", "", [0],
+             output_type="latent")  # warm-up
     for n in args.ns:
         results = {}
-        for label, extra in methods:
-            method = "cmlora" if label.startswith("cmlora") else label
-            st = SamplerSettings(method=method, steps=args.steps, cfg=7.5, order="given",
-                                 cache_interval=args.cache_interval, cache_depth=args.cache_depth, **extra)
+        for label in args.methods:
+            st = SamplerSettings(**{**common, **METHODS[label]})
             best, info = None, {}
             for r in range(args.repeats):
                 t0, c0 = time.perf_counter(), time.process_time()
-                _, info = generate(pipe, ads[:n], st, "a red cat", "", [r])
+                _, info = generate(pipe, ads[:n], st, "a red cat", "", [r], output_type="latent")
                 dt = (time.process_time() - c0, time.perf_counter() - t0)
                 best = dt if best is None else min(best, dt)
-            passes = info.get("passes", {"full": args.steps, "shallow": 0})
-            results[label] = (best[0], best[1], passes)
+            results[label] = (best[0], best[1], info["passes"])
         for label, (sec, wall, passes) in results.items():
+            ratio = lambda ref: round(sec / results[ref][0], 3) if ref in results else None  # noqa: E731
             print(json.dumps({
-                "bench": "sample", "unet": args.unet, "n_adapters": n, "method": label, "steps": args.steps,
-                "cpu_s_per_image": round(sec, 3), "wall_s_per_image": round(wall, 3),
-                "ratio_to_merge": round(sec / results["merge"][0], 3),
-                "ratio_to_composite": round(sec / results["composite"][0], 3),
-                "full_passes": passes["full"], "shallow_passes": passes["shallow"],
-                "cache_interval": args.cache_interval, "cache_depth": args.cache_depth, "threads": args.threads,
+                "bench": "sample", "unet": args.unet, "latent": pipe.unet.config.sample_size, "n_adapters": n,
+                "method": label, "steps": args.steps, "cpu_s_per_image": round(sec, 3),
+                "wall_s_per_image": round(wall, 3), "ratio_to_merge": ratio("merge"),
+                "ratio_to_composite": ratio("composite"), "full_passes": passes["full"],
+                "shallow_passes": passes["shallow"], "cmlora_interval": args.cmlora_interval,
+                "cache_refresh": args.cache_refresh, "cache_depth": args.cache_depth, "threads": args.threads,
             }), flush=True)
 
 

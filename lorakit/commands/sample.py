@@ -1,4 +1,4 @@
-"""``lorakit sample``: generate images with several LoRAs (merge, switch, composite, cmlora) and regional prompts."""
+"""``lorakit sample``: generate images with several LoRAs (merge, switch, composite, cmlora, delta) and regional prompts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "sample",
-        help="generate images with several LoRAs: merge, LoRA Switch, LoRA Composite, CMLoRA; regional prompts",
+        help="generate images with several LoRAs: merge, LoRA Switch, LoRA Composite, CMLoRA, delta; regional prompts",
         description="Generate images from a base model with several LoRA/LoCon/ED-LoRA adapters. Each image is saved "
         "as PNG with a JSON sidecar (all settings, adapters with SHA-256, seed) so it can be regenerated. Under "
         "`accelerate launch` the images are split across processes; a seed gives the same image either way.",
@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p.add_argument("--base", required=True, help="base model: diffusers folder, .safetensors checkpoint, hub id, or tiny:sd1")
     p.add_argument("--adapters", nargs="+", required=True, metavar="FILE", help="adapter .safetensors files (first = character for switch)")
     p.add_argument("--weights", nargs="+", type=float, help="LoRA scale per adapter (default 1.0 each)")
-    p.add_argument("--method", choices=["merge", "switch", "composite", "cmlora"], default="merge")
+    p.add_argument("--method", choices=["merge", "switch", "composite", "cmlora", "delta"], default="merge",
+                   help="delta: base + the sum of each adapter's difference from the base (docs/sampling.md)")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several prompts)")
     p.add_argument("--negative-prompt", default="", help="negative prompt")
     p.add_argument("--regions", help="regions YAML: global prompt + boxes with their own prompts (replaces --prompt)")
@@ -26,14 +27,29 @@ def add_parser(sub) -> None:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet batch")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, fp32 else")
-    p.add_argument("--switch-every", type=int, default=5, help="switch: steps per adapter (tau); cmlora: mean segment length")
-    p.add_argument("--dominant-weight", type=float, default=0.55, help="cmlora: the dominant adapter's share of the weight")
-    p.add_argument("--schedule-warp", type=float, default=0.75, help="cmlora: 0 uniform; towards 1 denser switching early/late")
-    p.add_argument("--order", choices=["high-first", "low-first", "given"], default="high-first",
-                   help="cmlora: dominance order from frequency profiles (given: the --adapters order, no profiling)")
-    p.add_argument("--no-cache", action="store_true", help="cmlora: full UNet passes on the same schedule")
+    p.add_argument("--kinds", nargs="+", metavar="KIND",
+                   help="concept category per adapter (character, clothing, style, background, object): cmlora's "
+                   "official order; default: each file's lorakit.category metadata")
+    p.add_argument("--uncond", choices=["adapter", "base"], default="adapter",
+                   help="unconditional half of CFG: each pass's own adapters (the references) or the base model's")
+    p.add_argument("--encode", choices=["once", "per-adapter"], default="once",
+                   help="prompt encoded once with the adapters active at the start (the references) or per pass")
+    p.add_argument("--switch-every", type=int, default=5, help="switch: steps per adapter (tau; the first gets tau + 1)")
+    p.add_argument("--cmlora-mode", choices=["lorakit", "official"], default="lorakit",
+                   help="official: the authors' code exactly, bugs included; lorakit: the same with them fixed")
+    p.add_argument("--cmlora-interval", type=int, default=0,
+                   help="cmlora: dominance rotates every 2/3/2 steps (0, the official default), every step (1) or every c steps")
+    p.add_argument("--cmlora-order", choices=["auto", "category", "frequency", "given"], default="auto",
+                   help="cmlora: auto = category order if every kind is known, else frequency profiles (official mode: given)")
+    p.add_argument("--dominant-weight", type=float,
+                   help="cmlora: the dominant adapter's share (default: the official (N - 0.5) / (2N - 1.5))")
+    p.add_argument("--cache", choices=["on", "off"],
+                   help="cmlora: per-adapter deep-feature cache (default: on; official mode: on iff --cmlora-interval >= 2)")
+    p.add_argument("--cache-refresh", choices=["dominant", "round", "age"], default="round",
+                   help="cmlora (lorakit mode): besides the newly dominant adapter, refresh the adapters outside the "
+                   "rotation once per round (round), nothing else (dominant) or every cache older than --cache-max-age (age)")
+    p.add_argument("--cache-max-age", type=int, default=5, help="cmlora --cache-refresh age: oldest cache, in steps")
     p.add_argument("--cache-depth", type=int, default=1, help="cmlora: shallow path = first D down blocks + last D up blocks")
-    p.add_argument("--cache-interval", type=int, default=5, help="cmlora: max age of a cached deep feature (steps)")
     p.add_argument("--profile-prompt", default="a picture", help="cmlora: prompt of the profiling images")
     p.add_argument("--profile-steps", type=int, help="cmlora: steps of the profiling images (default --steps)")
     p.add_argument("--out", required=True, help="output folder")
@@ -62,14 +78,16 @@ def run(args) -> int:
     width, height = parse_size(args.size)
     sampler = SamplerSettings(
         method=args.method, steps=args.steps, cfg=args.cfg, width=width, height=height, scheduler=args.scheduler,
-        switch_every=args.switch_every, dominant_weight=args.dominant_weight, schedule_warp=args.schedule_warp,
-        order=args.order, cache=not args.no_cache, cache_depth=args.cache_depth, cache_interval=args.cache_interval,
+        uncond=args.uncond, encode=args.encode, switch_every=args.switch_every, cmlora_mode=args.cmlora_mode,
+        cmlora_interval=args.cmlora_interval, cmlora_order=args.cmlora_order, dominant_weight=args.dominant_weight,
+        cache=None if args.cache is None else args.cache == "on", cache_refresh=args.cache_refresh,
+        cache_max_age=args.cache_max_age, cache_depth=args.cache_depth,
     )
     if args.regions and args.prompt:
         raise ValueError("give either --prompt or --regions (its global prompt), not both")
     job = SampleJob(
         base=args.base, adapters=args.adapters, out_dir=args.out, prompts=args.prompt,
-        negative_prompt=args.negative_prompt, weights=args.weights, seed=args.seed, num_images=args.num_images,
+        negative_prompt=args.negative_prompt, weights=args.weights, kinds=args.kinds, seed=args.seed, num_images=args.num_images,
         batch_size=args.batch_size, regions=args.regions, dtype=args.dtype, sampler=sampler,
         profile_prompt=args.profile_prompt, profile_steps=args.profile_steps,
     )

@@ -1,4 +1,4 @@
-"""Sampling with several LoRAs: merge, LoRA Switch, LoRA Composite, CMLoRA, regional prompts.
+"""Sampling with several LoRAs: merge, LoRA Switch, LoRA Composite, CMLoRA, delta composite, regional prompts.
 
 Python API::
 
@@ -14,7 +14,8 @@ Under ``accelerate launch`` the (prompt, seed) items are split across processes 
 ``split_between_processes``; an item's image depends only on its prompt and seed, so it is the same as in a
 single process (with the same ``batch_size``; use 1 for bitwise equality across process counts).
 
-Lower-level pieces: :mod:`.composer` (methods), :mod:`.frequency` (profiles), :mod:`.cache` (split UNet),
+Lower-level pieces: :mod:`.composer` (methods and the denoising loop), :mod:`.schedules` (switch and CMLoRA
+schedules), :mod:`.frequency` (profiles), :mod:`.cache` (split UNet), :mod:`.loading` (adapter files),
 :mod:`.regional` (attention processor).
 """
 
@@ -24,25 +25,22 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorakit.sampling.composer import (
-    METHODS,
-    LoadedAdapter,
-    SamplerSettings,
-    dominance_schedule,
-    file_sha256,
-    generate,
-    load_adapters,
-    step_weights,
-)
+from lorakit.sampling.composer import METHODS, SamplerSettings, generate, image_size, unet_pass
 from lorakit.sampling.frequency import ProfileSettings, order_by_frequency, profile_adapters
+from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
+from lorakit.sampling.regional import load_regions
+from lorakit.sampling.schedules import KINDS, category_sequence, cmlora_interval_steps, cmlora_plan, switch_schedule
 
 __all__ = [
     "METHODS",
     "LoadedAdapter",
     "ProfileSettings",
     "SampleJob",
+    "KINDS",
     "SamplerSettings",
-    "dominance_schedule",
+    "category_sequence",
+    "cmlora_interval_steps",
+    "cmlora_plan",
     "generate",
     "load_adapters",
     "order_by_frequency",
@@ -50,10 +48,11 @@ __all__ = [
     "regenerate",
     "run_profile",
     "run_sample",
-    "step_weights",
+    "switch_schedule",
+    "unet_pass",
 ]
 
-SIDECAR_VERSION = "1"
+SIDECAR_VERSION = "2"
 
 
 @dataclass
@@ -66,6 +65,7 @@ class SampleJob:
     prompts: list[str] = field(default_factory=list)
     negative_prompt: str = ""
     weights: list[float] | None = None
+    kinds: list[str] | None = None  # concept category per adapter (cmlora's category order); None: file metadata
     seed: int = 0
     num_images: int = 1
     batch_size: int = 1
@@ -110,24 +110,44 @@ def load_pipeline(base: str, dtype: str = "auto", device=None):
     return pipe
 
 
-def _cmlora_order(pipe, job: SampleJob, adapters: list[LoadedAdapter]) -> tuple[list[int], dict]:
-    if job.sampler.order == "given" or len(adapters) == 1:
-        return list(range(len(adapters))), {}
+def adapter_kinds(job: SampleJob, adapters: list[LoadedAdapter]) -> list[str | None]:
+    """Each adapter's concept category: ``job.kinds`` if given, else the file's ``lorakit.category`` metadata."""
+    if job.kinds is not None:
+        if len(job.kinds) != len(adapters):
+            raise ValueError(f"got {len(job.kinds)} kinds for {len(adapters)} adapters")
+        return list(job.kinds)
+    return [a.category for a in adapters]
+
+
+def _cmlora_order(pipe, job: SampleJob, adapters: list[LoadedAdapter]) -> tuple[list[int], int, dict]:
+    """CMLoRA's pass order, its number of rotating adapters and what decided it (recorded in the sidecar).
+
+    ``auto``: the official category order when every adapter's kind is known, else lorakit's frequency order
+    (official mode: the given order, as the official code has no other); ``category``, ``frequency``, ``given``.
+    """
+    kinds = adapter_kinds(job, adapters)
+    how = job.sampler.cmlora_order
+    if how == "auto":
+        known = all(k is not None for k in kinds)
+        how = "category" if known else ("given" if job.sampler.cmlora_mode == "official" else "frequency")
+    if how == "category":
+        missing = [Path(a.path).name for a, k in zip(adapters, kinds) if k is None]
+        if missing:
+            raise ValueError(f"cmlora category order needs every adapter's kind (--kinds); unknown for {', '.join(missing)}")
+        order, n_rot = category_sequence(kinds)
+        return order, n_rot, {"by": "category", "kinds": kinds}
+    if how == "given" or len(adapters) == 1:
+        return list(range(len(adapters))), len(adapters), {"by": "given"}
     prof = ProfileSettings(
-        base=job.base,
-        prompt=job.profile_prompt,
-        negative_prompt=job.negative_prompt,
-        steps=job.profile_steps or job.sampler.steps,
-        cfg=job.sampler.cfg,
-        seeds=tuple(job.profile_seeds),
-        width=job.sampler.width,
-        height=job.sampler.height,
-        scheduler=job.sampler.scheduler,
+        base=job.base, prompt=job.profile_prompt, negative_prompt=job.negative_prompt,
+        steps=job.profile_steps or job.sampler.steps, cfg=job.sampler.cfg, seeds=tuple(job.profile_seeds),
+        width=job.sampler.width, height=job.sampler.height, scheduler=job.sampler.scheduler,
     )
     profiles = profile_adapters(pipe, adapters, prof, progress=False)
     scores = [profiles[a.name]["score"] for a in adapters]
-    order, groups = order_by_frequency(scores, job.sampler.order)
-    return order, {a.name: {"score": s, "group": g} for a, s, g in zip(adapters, scores, groups)}
+    order, groups = order_by_frequency(scores, "high-first")
+    return order, len(adapters), {"by": "frequency", "scores": {a.name: {"score": s, "group": g}
+                                                                 for a, s, g in zip(adapters, scores, groups)}}
 
 
 def _work_items(job: SampleJob, prompts: list[str]) -> list[tuple[int, int, int]]:
@@ -147,7 +167,6 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
     from tqdm.auto import tqdm
 
     from lorakit.fileio import save_image, write_json
-    from lorakit.sampling.regional import load_regions
 
     job.sampler.check()
     if job.num_images < 1 or job.batch_size < 1:
@@ -158,16 +177,14 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
     _quiet_loading()
     pipe = load_pipeline(job.base, job.dtype, state.device)
     adapters = load_adapters(pipe, job.adapters, job.weights)
-    from lorakit.sampling.composer import image_size
-
     height, width = image_size(pipe, job.sampler)
     regions = load_regions(job.regions, width, height) if job.regions else None
     prompts = [regions.prompt] if regions is not None else list(job.prompts)
     if not prompts:
         raise ValueError("no prompt given: pass --prompt (or a --regions file with a global prompt)")
-    order, profile = (None, {})
+    order, n_rot, profile = None, None, {}
     if job.sampler.method == "cmlora":
-        order, profile = _cmlora_order(pipe, job, adapters)
+        order, n_rot, profile = _cmlora_order(pipe, job, adapters)
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = _work_items(job, prompts)
@@ -181,7 +198,8 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
         for batch in batches:
             p = batch[0][0]
             images, info = generate(
-                pipe, adapters, job.sampler, prompts[p], job.negative_prompt, [s for _, _, s in batch], regions, order
+                pipe, adapters, job.sampler, prompts[p], job.negative_prompt, [s for _, _, s in batch], regions, order,
+                n_rot,
             )
             for (p_idx, i, seed), image in zip(batch, images):
                 stem = f"{p_idx:03d}-{i:04d}-s{seed}"
@@ -197,13 +215,15 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
                     "seed": seed,
                     "dtype": job.dtype,
                     "adapters": [a.record() for a in adapters],
+                    "kinds": job.kinds,
                     "sampler": asdict(job.sampler),
                     "regions": regions.to_dict() if regions is not None else None,
                     "regions_file": str(Path(job.regions).resolve()) if job.regions else None,
                     "profile": profile,
                     "profile_settings": {"prompt": job.profile_prompt, "steps": job.profile_steps, "seeds": list(job.profile_seeds)},
                     "batch_size": job.batch_size,
-                    "schedule": {k: v for k, v in info.items() if k in ("order", "dominants", "active_per_step", "passes")},
+                    "schedule": {k: v for k, v in info.items()
+                                 if k in ("order", "n_rotation", "dominants", "rotations", "active_per_step", "passes")},
                 }
                 write_json(sidecar, png.with_suffix(".json"))
                 written.append(png)
@@ -216,6 +236,9 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
 def regenerate(sidecar_path: str | Path, out_dir: str | Path) -> Path:
     """Regenerate the image a JSON sidecar describes into ``out_dir`` (checks each adapter file's SHA-256)."""
     data = json.loads(Path(sidecar_path).read_text())
+    if data.get("lorakit.sidecar") != SIDECAR_VERSION:
+        raise ValueError(f"{sidecar_path}: sidecar version {data.get('lorakit.sidecar')!r}, this lorakit regenerates "
+                         f"version {SIDECAR_VERSION!r} (run the command recorded in it with this version instead)")
     for a in data["adapters"]:
         if file_sha256(a["path"]) != a["sha256"]:
             raise ValueError(f"{a['path']}: SHA-256 differs from the one recorded in {sidecar_path}; the adapter changed")
@@ -225,6 +248,7 @@ def regenerate(sidecar_path: str | Path, out_dir: str | Path) -> Path:
         base=data["base"],
         adapters=[a["path"] for a in data["adapters"]],
         weights=[a["weight"] for a in data["adapters"]],
+        kinds=data.get("kinds"),
         out_dir=str(out_dir),
         prompts=[data["prompt"]],
         negative_prompt=data["negative_prompt"],

@@ -10,8 +10,11 @@ A UNet pass is split at depth ``d`` (1 <= d < number of down blocks):
 :func:`unet_split_forward` runs the pieces of the UNet itself. A full pass equals ``unet(...)`` exactly (tested)
 and also returns the deep feature; a shallow pass takes a cached deep feature instead of computing it.
 
-:func:`cache_plan` is the CMLoRA refresh schedule: which adapter gets a full pass at which step.
-:class:`DeepFeatureCache` keeps one deep feature per adapter and counts full and shallow passes.
+:class:`DeepFeatureCache` keeps one deep feature per key (CMLoRA: per adapter) and counts full and shallow passes;
+which pass is full comes from :func:`lorakit.sampling.schedules.cmlora_plan`.
+
+The split at depth 1 is the one of the CMLoRA authors' code (DeepCache's ``cache_layer_id=0, cache_block_id=1`` on
+SD1: the cached feature is the input of the last up block), so a shallow pass gives the same numbers.
 """
 
 from __future__ import annotations
@@ -50,6 +53,15 @@ def _down(block, sample, emb, ehs, cross_attention_kwargs):
     if getattr(block, "has_cross_attention", False):
         return block(hidden_states=sample, temb=emb, encoder_hidden_states=ehs, cross_attention_kwargs=cross_attention_kwargs)
     return block(hidden_states=sample, temb=emb)
+
+
+def _without_downsampler(block, sample, emb, ehs, cross_attention_kwargs):
+    downsamplers = block.downsamplers
+    block.downsamplers = None
+    try:
+        return _down(block, sample, emb, ehs, cross_attention_kwargs)
+    finally:
+        block.downsamplers = downsamplers
 
 
 def _up(block, sample, emb, res, ehs, cross_attention_kwargs, upsample_size):
@@ -107,8 +119,12 @@ def unet_split_forward(
     res_stack: tuple = (sample,)
     shallow = deep_feature is not None
     down_blocks = unet.down_blocks[:depth] if shallow else unet.down_blocks
-    for block in down_blocks:
-        sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs)
+    for k, block in enumerate(down_blocks):
+        if shallow and k == depth - 1:
+            # The last shallow block's downsampled output only feeds the deep blocks: skip computing it.
+            sample, res = _without_downsampler(block, sample, emb, ehs, cross_attention_kwargs)
+        else:
+            sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs)
         res_stack += res
     n_up = len(unet.up_blocks)
     if shallow:
@@ -137,42 +153,6 @@ def unet_split_forward(
     if unet.conv_norm_out:
         sample = unet.conv_act(unet.conv_norm_out(sample))
     return unet.conv_out(sample), deep_feature
-
-
-def cache_plan(
-    dominants: list[int], n_adapters: int, interval: int, refresh_on_dominance: bool = True
-) -> list[list[bool]]:
-    """Which adapter runs a full UNet pass at which step.
-
-    Rules (the CMLoRA caching strategy, without the reference's bugs):
-      * step 0: every adapter runs a full pass (no cache yet);
-      * when dominance changes (step s with ``dominants[s] != dominants[s-1]``) the newly dominant adapter runs a
-        full pass (``refresh_on_dominance``);
-      * every adapter whose cache is ``interval`` steps old runs a full pass, at every step up to the last one,
-        so no cache (the background adapters' included) goes stale late in sampling.
-
-    Args:
-        dominants: the dominant adapter's index per step (length = number of steps).
-        n_adapters: number of adapters N.
-        interval: maximum cache age in steps (>= 1; 1 means a full pass every step).
-    Returns:
-        ``plan[step][adapter]`` True for a full pass, False for a shallow pass on the cache.
-    """
-    if interval < 1:
-        raise ValueError(f"cache interval must be >= 1, got {interval}")
-    last_full = [0] * n_adapters
-    plan = []
-    for s, dom in enumerate(dominants):
-        row = []
-        for a in range(n_adapters):
-            full = s == 0 or s - last_full[a] >= interval
-            if refresh_on_dominance and a == dom and s > 0 and dominants[s - 1] != dom:
-                full = True
-            if full:
-                last_full[a] = s
-            row.append(full)
-        plan.append(row)
-    return plan
 
 
 @dataclass

@@ -1,35 +1,41 @@
-"""Multi-LoRA composition at sampling time: merge, LoRA Switch, LoRA Composite and CMLoRA.
+"""Multi-LoRA composition at sampling time: merge, LoRA Switch, LoRA Composite, CMLoRA and delta composite.
 
-* ``merge``: every adapter active at once (diffusers ``set_adapters(names, weights)``), one diffusers pipeline call.
-* ``switch``: one adapter active per step, rotating every ``switch_every`` steps in the given order (first adapter
-  first); the rotation is a ``callback_on_step_end`` of the diffusers pipeline. Text features come from the first
-  adapter (the pipeline encodes the prompt once, before step 0).
-* ``composite``: a denoising loop over the pipeline's UNet / scheduler / VAE; at every step each adapter i gives its
-  own CFG pair (uncond and cond, text encoded with adapter i too); ``eps = mean_i eps_i``.
-* ``cmlora``: the same loop with per-step weights: the dominant adapter gets ``dominant_weight`` of the total and
-  the others share the rest; dominance rotates through the frequency order (:mod:`lorakit.sampling.frequency`) on
-  a non-uniform schedule (:func:`dominance_schedule`, denser switching early and late); with caching on, each
-  adapter runs full UNet passes only on the refresh plan of :func:`lorakit.sampling.cache.cache_plan` and shallow
-  passes on its own cached deep feature otherwise. ``cache=False`` runs the same schedule with full passes.
+Every method runs the same denoising loop over the pipeline's UNet, scheduler and VAE (:func:`generate`). At each
+step a method lists its :class:`Term` s: which adapters are active for one UNet pass (none = the base model) and
+the coefficients of that pass's unconditional and conditional predictions; the step's noise is
+``U + cfg * (C - U)`` with ``U = sum_k u_k * uncond_k`` and ``C = sum_k c_k * cond_k``. Every UNet call goes
+through :func:`unet_pass`, the one place to thread extra UNet inputs.
 
-Where we differ from the reference code (METHODS.md section 3): caches are refreshed on schedule until the last
-step for every adapter (the reference stops refreshing after step 120 and never refreshes the background LoRA);
-frequency scores are measured, never looked up from a category table.
+* ``merge``: all adapters active in one pass (u = c = 1).
+* ``switch``: one adapter per step, rotated as the reference's step-end callback does
+  (:func:`lorakit.sampling.schedules.switch_schedule`).
+* ``composite``: each adapter alone, u = c = 1/N (the reference averages the N CFG pairs).
+* ``cmlora``: composite with CMLoRA's dominant weights, rotation and per-adapter deep-feature cache
+  (:func:`lorakit.sampling.schedules.cmlora_plan`).
+* ``delta``: the base prediction plus the sum of each adapter's difference from it
+  (u = c = 1 per adapter, 1 - N for the base).
+
+``uncond="base"`` takes the unconditional half from the base model for every method (one base pass, adapters
+on the conditional half only). ``encode="once"`` (the reference) encodes the prompt once with the adapters active
+at the start (all of them; switch: the first); ``"per-adapter"`` gives each pass the text features of its own
+adapters. Base passes always use the base text encoder.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
-from lorakit.sampling.cache import DeepFeatureCache, cache_plan
+from lorakit.sampling.cache import DeepFeatureCache
+from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
+from lorakit.sampling.schedules import CACHE_REFRESH_RULES, cmlora_plan, switch_schedule
 
-METHODS = ("merge", "switch", "composite", "cmlora")
+METHODS = ("merge", "switch", "composite", "cmlora", "delta")
+CMLORA_ORDERS = ("auto", "category", "frequency", "given")
+
+__all__ = ["METHODS", "LoadedAdapter", "SamplerSettings", "Term", "file_sha256", "generate", "load_adapters",
+           "unet_pass"]
 
 
 @dataclass
@@ -42,112 +48,68 @@ class SamplerSettings:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
-    switch_every: int = 5  # switch: tau; cmlora: mean segment length of the dominance schedule
-    dominant_weight: float = 0.55  # cmlora: share of the total weight the dominant adapter gets
-    schedule_warp: float = 0.75  # cmlora: 0 = uniform segments, -> 1 = much denser switching early and late
-    order: str = "high-first"  # cmlora: high-first | low-first | given
-    cache: bool = True  # cmlora: per-adapter deep-feature caching
-    cache_depth: int = 1  # cmlora: split depth (1 = first down block + last up block are the shallow path)
-    cache_interval: int = 5  # cmlora: maximum age of an adapter's cached deep feature, in steps
+    uncond: str = "adapter"  # adapter: each pass's own unconditional half (reference) | base: the base model's
+    encode: str = "once"  # once (reference) | per-adapter
+    switch_every: int = 5  # switch: tau
+    cmlora_mode: str = "lorakit"  # lorakit (official bugs fixed) | official (exact, bugs included)
+    cmlora_interval: int = 0  # the official interval: 0 = every 2/3/2 steps, 1 = every step, c = every c steps
+    cmlora_order: str = "auto"  # auto: category if every adapter's kind is known, else frequency | category | ...
+    dominant_weight: float | None = None  # None: the official (N - 0.5) / (2N - 1.5)
+    cache: bool | None = None  # None: lorakit mode on; official mode on iff cmlora_interval >= 2 (as the code)
+    cache_refresh: str = "round"  # lorakit mode: dominant | round | age
+    cache_max_age: int = 5  # refresh rule "age": oldest cache allowed, in steps
+    cache_depth: int = 1  # shallow path = first D down blocks + last D up blocks
 
     def check(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.switch_every < 1:
-            raise ValueError(f"switch_every must be >= 1, got {self.switch_every}")
-        if not 0.0 < self.dominant_weight <= 1.0:
+        """Raise ValueError naming the first bad setting."""
+        choices = {"method": METHODS, "uncond": ("adapter", "base"), "encode": ("once", "per-adapter"),
+                   "cmlora_mode": ("lorakit", "official"), "cmlora_order": CMLORA_ORDERS,
+                   "cache_refresh": CACHE_REFRESH_RULES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("steps", "switch_every", "cache_max_age", "cache_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cmlora_interval < 0:
+            raise ValueError(f"cmlora_interval must be >= 0, got {self.cmlora_interval}")
+        if self.dominant_weight is not None and not 0.0 < self.dominant_weight <= 1.0:
             raise ValueError(f"dominant_weight must be in (0, 1], got {self.dominant_weight}")
-        if not 0.0 <= self.schedule_warp < 1.0:
-            raise ValueError(f"schedule_warp must be in [0, 1), got {self.schedule_warp}")
-        if self.order not in ("high-first", "low-first", "given"):
-            raise ValueError(f"order must be high-first, low-first or given, got {self.order!r}")
-        if self.cache_interval < 1:
-            raise ValueError(f"cache_interval must be >= 1, got {self.cache_interval}")
+        if self.method == "cmlora" and self.cmlora_mode == "official":
+            extras = {"uncond": self.uncond != "adapter", "encode": self.encode != "once",
+                      "dominant_weight": self.dominant_weight is not None, "cmlora_order": self.cmlora_order == "frequency"}
+            bad = [k for k, v in extras.items() if v]
+            if bad:
+                raise ValueError(f"cmlora_mode official reproduces the official code; drop {', '.join(bad)} "
+                                 "(lorakit's options need cmlora_mode lorakit)")
         for name in ("width", "height"):
             v = getattr(self, name)
             if v is not None and (v <= 0 or v % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
 
-
-@dataclass
-class LoadedAdapter:
-    """An adapter file loaded into a pipeline under ``name``."""
-
-    name: str
-    path: str
-    sha256: str
-    kind: str
-    weight: float = 1.0
-    metadata: dict = field(default_factory=dict, repr=False)
-
-    def record(self) -> dict:
-        return {"name": self.name, "path": self.path, "sha256": self.sha256, "kind": self.kind, "weight": self.weight}
+    def cmlora_cache(self) -> bool:
+        if self.cache is not None:
+            return self.cache
+        return self.cmlora_interval >= 2 if self.cmlora_mode == "official" else True
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+@dataclass(frozen=True)
+class Term:
+    """One UNet pass of a step: adapters active (indices; () = base model), coefficients of its unconditional
+    and conditional predictions, and for cached passes whether it is a full pass."""
 
-
-def _read_metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"{path}: not a readable .safetensors adapter file: {err}") from err
-
-
-def load_adapters(pipe, paths: list, weights: list[float] | None = None) -> list[LoadedAdapter]:
-    """Load adapter files into ``pipe`` (diffusers ``load_lora_weights``), each under its own adapter name.
-
-    Files whose metadata says ``lorakit.kind=edlora`` go through ``lorakit.adapters.edlora.load_edlora`` where
-    that module exists; every other file is a plain LoRA/LoCon (kohya, lorakit or diffusers layout).
-
-    Args:
-        paths: adapter ``.safetensors`` files.
-        weights: LoRA scale per adapter (default 1.0 each).
-    Raises:
-        FileNotFoundError, ValueError (via ``AdapterError``) naming the file that does not fit the base.
-    """
-    import importlib.util
-
-    from lorakit.adapters.io import load_adapter, validate_adapter
-
-    weights = [1.0] * len(paths) if weights is None else list(weights)
-    if len(weights) != len(paths):
-        raise ValueError(f"got {len(weights)} weights for {len(paths)} adapters")
-    loaded = []
-    for i, (path, weight) in enumerate(zip(paths, weights)):
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"adapter file not found: {path}")
-        meta = _read_metadata(path)
-        name = f"a{i}_" + re.sub(r"[^A-Za-z0-9_]", "_", path.stem)[:40]
-        kind = meta.get("lorakit.kind", "lora")
-        if kind == "edlora" and importlib.util.find_spec("lorakit.adapters.edlora") is not None:
-            from lorakit.adapters.edlora import load_edlora
-
-            load_edlora(pipe, path, adapter_name=name)
-        else:
-            validate_adapter(load_adapter(path), pipe, path)
-            pipe.load_lora_weights(str(path), adapter_name=name)
-        loaded.append(LoadedAdapter(name, str(path.resolve()), file_sha256(path), kind, float(weight), meta))
-    return loaded
+    adapters: tuple[int, ...]
+    u: float
+    c: float
+    full: bool = True
+    cached: bool = False
 
 
 class UNetAdapterSwitch:
     """Activate adapters on the UNet's peft layers quickly (the per-module part of diffusers' ``set_adapters``).
 
-    diffusers' ``set_adapters`` walks every module of every component; the composite loops switch the UNet's adapter
-    once per UNet pass, so the peft layers are collected once here.
+    diffusers' ``set_adapters`` walks every module of every component; the loop switches the UNet's adapters once
+    per UNet pass, so the peft layers are collected once here. ``activate([], [])`` runs the base model.
     """
 
     def __init__(self, unet):
@@ -167,35 +129,6 @@ class UNetAdapterSwitch:
         self.active = key
 
 
-def dominance_schedule(steps: int, order: list[int], switch_every: int = 5, warp: float = 0.75) -> list[int]:
-    """The dominant adapter (index) per step: segments rotate through ``order``; segments are shorter early and late.
-
-    Segment boundaries are ``round(steps * g(k / K))`` for ``K = max(len(order), ceil(steps / switch_every))``
-    segments, with ``g(u) = u - warp * sin(2 pi u) / (2 pi)``: the slope ``1 - warp cos(2 pi u)`` is smallest at
-    both ends (dense switching) and largest mid-way. ``warp=0`` gives uniform segments.
-
-    Returns:
-        ``[steps]`` list of adapter indices.
-    """
-    if not order:
-        raise ValueError("dominance schedule needs at least one adapter")
-    k_total = min(steps, max(len(order), math.ceil(steps / switch_every)))
-    bounds = sorted({round(steps * (u - warp * math.sin(2 * math.pi * u) / (2 * math.pi))) for u in (k / k_total for k in range(k_total + 1))})
-    bounds[0], bounds[-1] = 0, steps
-    dominants = []
-    for k, (start, end) in enumerate(zip(bounds, bounds[1:])):
-        dominants += [order[k % len(order)]] * (end - start)
-    return dominants
-
-
-def step_weights(dominant: int, n: int, dominant_weight: float) -> list[float]:
-    """Per-adapter noise weights of one CMLoRA step: the dominant one ``dominant_weight``, the rest share the rest."""
-    if n == 1:
-        return [1.0]
-    rest = (1.0 - dominant_weight) / (n - 1)
-    return [dominant_weight if i == dominant else rest for i in range(n)]
-
-
 def _is_xl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None or "XL" in type(pipe).__name__
 
@@ -204,7 +137,8 @@ def encode(pipe, prompt: str, negative_prompt: str | None, batch: int, do_cfg: b
     """Text features of one prompt for a batch, via ``pipe.encode_prompt`` with the currently active adapters.
 
     Returns:
-        ``{'embeds': [2B or B, L, D]}`` (negative rows first under CFG) plus, for SDXL, ``'pooled'`` ``[2B or B, P]``.
+        ``{'embeds': [2B or B, L, D], 'pos', 'neg'}`` (negative rows first under CFG) plus, for SDXL, ``'pooled'``
+        ``[2B or B, P]``, ``'pos_pooled'``, ``'neg_pooled'``.
     """
     device = pipe._execution_device
     neg = negative_prompt or None
@@ -220,13 +154,6 @@ def encode(pipe, prompt: str, negative_prompt: str | None, batch: int, do_cfg: b
     if do_cfg:
         return {"embeds": torch.cat([negs, pos]), "pos": pos, "neg": negs}
     return {"embeds": pos, "pos": pos}
-
-
-def _time_ids(pipe, height: int, width: int, rows: int, dtype) -> torch.Tensor:
-    ids = pipe._get_add_time_ids(
-        (height, width), (0, 0), (height, width), dtype=dtype, text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim
-    )
-    return ids.to(pipe._execution_device).repeat(rows, 1)
 
 
 def set_scheduler(pipe, name: str | None) -> None:
@@ -246,120 +173,6 @@ def image_size(pipe, settings: SamplerSettings) -> tuple[int, int]:
     return settings.height or default, settings.width or default
 
 
-@torch.no_grad()
-def generate(
-    pipe,
-    adapters: list[LoadedAdapter],
-    settings: SamplerSettings,
-    prompt: str,
-    negative_prompt: str | None,
-    seeds: list[int],
-    regions=None,
-    order: list[int] | None = None,
-):
-    """Generate one image per seed for one prompt with a composition method.
-
-    Args:
-        pipe: a diffusers SD/SDXL pipeline with ``adapters`` loaded (:func:`load_adapters`).
-        settings: method and sampler settings.
-        seeds: one seed per image; image i's initial noise (and any scheduler noise) comes from ``seeds[i]``.
-        regions: optional :class:`lorakit.sampling.regional.RegionSpec`; its global prompt replaces ``prompt``.
-        order: cmlora only: adapter indices in dominance order (default: the given order).
-    Returns:
-        ``(images, info)``: PIL images ``[len(seeds)]`` and a dict with the method's schedule (switch order,
-        dominants per step, pass counts).
-    """
-    settings.check()
-    if not adapters:
-        raise ValueError("no adapters given: pass at least one adapter file")
-    set_scheduler(pipe, settings.scheduler)
-    height, width = image_size(pipe, settings)
-    batch = len(seeds)
-    device = pipe._execution_device
-    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    do_cfg = settings.cfg > 1.0 and pipe.unet.config.time_cond_proj_dim is None
-    names = [a.name for a in adapters]
-    scales = [a.weight for a in adapters]
-    if regions is not None:
-        prompt, negative_prompt = regions.prompt, regions.negative_prompt
-    info: dict = {"method": settings.method, "height": height, "width": width}
-
-    controller = previous = None
-    if regions is not None and regions.regions:
-        from lorakit.sampling.regional import RegionalController, install_regional
-
-        controller = RegionalController([r.box for r in regions.regions], aspect=width / height)
-        previous = install_regional(pipe.unet, controller)
-
-    def contexts_for(active: list[int]) -> dict:
-        """Text features (global + regions) with adapters ``active`` on, all components (diffusers set_adapters)."""
-        pipe.set_adapters([names[i] for i in active], [scales[i] for i in active])
-        ctx = encode(pipe, prompt, negative_prompt, batch, do_cfg)
-        if controller is not None:
-            ctx["regions"] = [
-                encode(pipe, r.prompt, r.negative_prompt if r.negative_prompt is not None else negative_prompt, batch, do_cfg)["embeds"]
-                for r in regions.regions
-            ]
-        return ctx
-
-    try:
-        if settings.method in ("merge", "switch"):
-            images = _pipeline_call(pipe, settings, names, scales, contexts_for, controller, generators, height, width, do_cfg, info)
-        else:
-            images = _composite_loop(
-                pipe, settings, names, scales, contexts_for, controller, generators, height, width, do_cfg, order, info
-            )
-    finally:
-        if previous is not None:
-            from lorakit.sampling.regional import remove_regional
-
-            remove_regional(pipe.unet, previous)
-    return images, info
-
-
-def _pipeline_call(pipe, settings, names, scales, contexts_for, controller, generators, height, width, do_cfg, info):
-    """merge / switch: one diffusers pipeline call (switch rotates adapters in ``callback_on_step_end``)."""
-    n = len(names)
-    if settings.method == "merge":
-        ctx = contexts_for(list(range(n)))
-        callback = None
-    else:
-        ctx = contexts_for([0])
-        switch = UNetAdapterSwitch(pipe.unet)
-        switch.activate([names[0]], [scales[0]])
-        active = [0]
-
-        def callback(p, i, t, kwargs):
-            nxt = ((i + 1) // settings.switch_every) % n
-            if i + 1 < settings.steps:
-                switch.activate([names[nxt]], [scales[nxt]])
-                active.append(nxt)
-            return {}
-
-        info["active_per_step"] = active
-    if controller is not None:
-        controller.set_states(ctx["regions"])
-    kwargs = {}
-    if _is_xl(pipe):
-        kwargs["pooled_prompt_embeds"] = ctx["pos_pooled"]
-        if do_cfg:
-            kwargs["negative_pooled_prompt_embeds"] = ctx["neg_pooled"]
-    if do_cfg:
-        kwargs["negative_prompt_embeds"] = ctx["neg"]
-    out = pipe(
-        prompt_embeds=ctx["pos"],
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.cfg,
-        height=height,
-        width=width,
-        generator=generators,
-        callback_on_step_end=callback,
-        output_type="pil",
-        **kwargs,
-    )
-    return out.images
-
-
 def decode_latents(pipe, latents: torch.Tensor):
     """Latents ``[B, 4, h, w]`` -> PIL images, as the diffusers pipelines decode them."""
     vae = pipe.vae
@@ -374,57 +187,226 @@ def decode_latents(pipe, latents: torch.Tensor):
     return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * image.shape[0])
 
 
-def _composite_loop(pipe, settings, names, scales, contexts_for, controller, generators, height, width, do_cfg, order, info):
-    """composite / cmlora: per step, each adapter's own CFG pair, weighted and summed, then one scheduler step."""
-    n = len(names)
-    batch = len(generators)
-    unet, scheduler = pipe.unet, pipe.scheduler
-    device = pipe._execution_device
-    contexts = [contexts_for([i]) for i in range(n)]
-    dtype = contexts[0]["embeds"].dtype
-    added = [None] * n
-    if _is_xl(pipe):
-        ids = _time_ids(pipe, height, width, contexts[0]["embeds"].shape[0], dtype)
-        added = [{"text_embeds": c["pooled"], "time_ids": ids} for c in contexts]
-    latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, dtype, device, generators)
-    extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
-    scheduler.set_timesteps(settings.steps, device=device)
-    timesteps = scheduler.timesteps
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
+def unet_pass(unet, sample, timestep, text, added_cond_kwargs=None, cache: DeepFeatureCache | None = None,
+              cache_key: str = "", full: bool = True, depth: int = 1, step: int = 0, **unet_kwargs) -> torch.Tensor:
+    """The one UNet call of every method. Extra UNet inputs (e.g. ``down_block_additional_residuals``) go in
+    ``unet_kwargs``.
 
-    if settings.method == "cmlora":
+    Args:
+        sample: scaled latents ``[R, C, h, w]`` (R = B or 2B rows); text: ``[R, L, D]``.
+        cache: with a :class:`DeepFeatureCache`, a split pass: ``full`` refreshes ``cache_key``'s deep feature,
+            otherwise a shallow pass reuses it (split depth ``depth``).
+    Returns:
+        The noise prediction ``[R, C, h, w]``.
+    """
+    if cache is None:
+        return unet(sample, timestep, encoder_hidden_states=text, added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False, **unet_kwargs)[0]
+    if unet_kwargs:
+        raise ValueError(f"cached UNet passes do not take {sorted(unet_kwargs)}; run cmlora with cache off")
+    return cache.run(cache_key, step, full, unet, sample, timestep, text, depth, added_cond_kwargs=added_cond_kwargs)
+
+
+@dataclass
+class _Plan:
+    """What the loop needs from a method: the terms of each step, the adapter sets needing text features."""
+
+    terms: list[list[Term]]
+    info: dict = field(default_factory=dict)
+
+
+def _with_uncond_base(terms: list[Term]) -> list[Term]:
+    """The same terms with their unconditional halves replaced by one base-model unconditional pass."""
+    return [Term((), 1.0, 0.0)] + [Term(t.adapters, 0.0, t.c, t.full, t.cached) for t in terms if t.adapters]
+
+
+def method_plan(settings: SamplerSettings, n: int, n_steps: int, order: list[int] | None, n_rotation: int | None) -> _Plan:
+    """The terms of every step for ``settings.method`` with ``n`` adapters (see the module docstring)."""
+    everyone = tuple(range(n))
+    info: dict = {}
+    if settings.method == "merge":
+        terms = [[Term(everyone, 1.0, 1.0)]] * n_steps
+    elif settings.method == "switch":
+        active = switch_schedule(n_steps, n, settings.switch_every)
+        terms = [[Term((a,), 1.0, 1.0)] for a in active]
+        info["active_per_step"] = active
+    elif settings.method == "composite":
+        terms = [[Term((i,), 1.0 / n, 1.0 / n) for i in range(n)]] * n_steps
+    elif settings.method == "delta":
+        terms = [[Term((), 1.0 - n, 1.0 - n)] + [Term((i,), 1.0, 1.0) for i in range(n)]] * n_steps
+    else:
         order = list(range(n)) if order is None else list(order)
         if sorted(order) != list(range(n)):
             raise ValueError(f"cmlora order {order} must be a permutation of 0..{n - 1}")
-        dominants = dominance_schedule(len(timesteps), order, settings.switch_every, settings.schedule_warp)
-        plan = cache_plan(dominants, n, settings.cache_interval) if settings.cache else [[True] * n for _ in timesteps]
-        info.update(order=[names[i] for i in order], dominants=[names[d] for d in dominants], cache=settings.cache)
-    else:
-        dominants, plan = None, [[True] * n for _ in timesteps]
-    cache = DeepFeatureCache()
-    switch = UNetAdapterSwitch(unet)
-    for s, t in enumerate(timesteps):
-        model_in = torch.cat([latents] * 2) if do_cfg else latents
-        model_in = scheduler.scale_model_input(model_in, t)
-        weights = step_weights(dominants[s], n, settings.dominant_weight) if dominants else [1.0 / n] * n
-        eps = None
-        for i in range(n):
-            switch.activate([names[i]], [scales[i]])
+        cache = settings.cmlora_cache()
+        plan = cmlora_plan(n_steps, order, n_rotation or n, settings.cmlora_interval, settings.cmlora_mode, cache,
+                           settings.cache_refresh, settings.cache_max_age, settings.dominant_weight)
+        terms = [[Term((order[p],), w[p], w[p], full[p], cache) for p in range(n)] for w, full in zip(plan.weights, plan.full)]
+        info.update(order=order, n_rotation=n_rotation or n, dominants=[order[d] for d in plan.dominant],
+                    rotations=plan.rotations, cache=cache, plan=[[int(f) for f in row] for row in plan.full])
+    if settings.uncond == "base":
+        terms = [_with_uncond_base(step) for step in terms]
+    return _Plan(terms, info)
+
+
+def _rows(t: torch.Tensor, rows: str) -> torch.Tensor:
+    """The rows of a ``[2B, ...]`` CFG tensor (negative first) a pass needs: pair, uncond or cond."""
+    if rows == "pair":
+        return t
+    neg, pos = t.chunk(2)
+    return neg if rows == "uncond" else pos
+
+
+class _Contexts:
+    """Text features per adapter set, encoded on first use (with all of the pipeline's components' adapters)."""
+
+    def __init__(self, pipe, adapters, prompt, negative_prompt, batch, do_cfg, regions, joint: tuple | None):
+        self.pipe, self.adapters, self.prompt, self.negative = pipe, adapters, prompt, negative_prompt
+        self.batch, self.do_cfg, self.regions, self.joint = batch, do_cfg, regions, joint
+        self.cache: dict = {}
+
+    def _encode(self) -> dict:
+        ctx = encode(self.pipe, self.prompt, self.negative, self.batch, self.do_cfg)
+        if self.regions is not None and self.regions.regions:
+            ctx["regions"] = [
+                encode(self.pipe, r.prompt, r.negative_prompt if r.negative_prompt is not None else self.negative,
+                       self.batch, self.do_cfg)["embeds"]
+                for r in self.regions.regions
+            ]
+        return ctx
+
+    def get(self, active: tuple[int, ...]) -> dict:
+        key = active if (not active or self.joint is None) else self.joint
+        if key not in self.cache:
+            if key:
+                self.pipe.enable_lora()
+                self.pipe.set_adapters([self.adapters[i].name for i in key], [self.adapters[i].weight for i in key])
+                self.cache[key] = self._encode()
+            else:
+                self.pipe.disable_lora()
+                try:
+                    self.cache[key] = self._encode()
+                finally:
+                    self.pipe.enable_lora()
+        return self.cache[key]
+
+
+def _time_ids(pipe, height: int, width: int, rows: int, dtype) -> torch.Tensor:
+    ids = pipe._get_add_time_ids(
+        (height, width), (0, 0), (height, width), dtype=dtype, text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim
+    )
+    return ids.to(pipe._execution_device).repeat(rows, 1)
+
+
+def _term_rows(term: Term, do_cfg: bool) -> str | None:
+    """Which rows a term's pass needs (None: it contributes nothing)."""
+    if not do_cfg:
+        return "cond" if term.c else None
+    if term.u and term.c:
+        return "pair"
+    return "uncond" if term.u else ("cond" if term.c else None)
+
+
+@torch.no_grad()
+def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, prompt: str, negative_prompt: str | None,
+             seeds: list[int], regions=None, order: list[int] | None = None, n_rotation: int | None = None,
+             output_type: str = "pil"):
+    """Generate one image per seed for one prompt with a composition method.
+
+    Args:
+        pipe: a diffusers SD/SDXL pipeline with ``adapters`` loaded (:func:`load_adapters`).
+        settings: method and sampler settings.
+        seeds: one seed per image; image i's initial noise (and any scheduler noise) comes from ``seeds[i]``.
+        regions: optional :class:`lorakit.sampling.regional.RegionSpec`; its global prompt replaces ``prompt``.
+        order: cmlora only: adapter indices in pass order (default: the given order); the first ``n_rotation``
+            (default all) rotate as dominant, the rest are backgrounds (:func:`lorakit.sampling.schedules.cmlora_plan`).
+        output_type: ``"pil"`` or ``"latent"`` (the final latents ``[B, C, h, w]``, before the VAE).
+    Returns:
+        ``(images, info)``: PIL images ``[len(seeds)]`` (or latents) and a dict with the method's schedule
+        (switch order, CMLoRA dominants and cache plan) and UNet pass counts.
+    """
+    settings.check()
+    if not adapters:
+        raise ValueError("no adapters given: pass at least one adapter file")
+    set_scheduler(pipe, settings.scheduler)
+    height, width = image_size(pipe, settings)
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    do_cfg = settings.cfg > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+    if regions is not None:
+        prompt, negative_prompt = regions.prompt, regions.negative_prompt
+    n = len(adapters)
+    pipe.scheduler.set_timesteps(settings.steps, device=pipe._execution_device)
+    plan = method_plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
+    joint = None if settings.encode == "per-adapter" else ((0,) if settings.method == "switch" else tuple(range(n)))
+    contexts = _Contexts(pipe, adapters, prompt, negative_prompt, len(seeds), do_cfg, regions, joint)
+    for step_terms in plan.terms:  # encode up front: set_adapters also touches the UNet
+        for term in step_terms:
+            contexts.get(term.adapters)
+    controller = previous = None
+    if regions is not None and regions.regions:
+        from lorakit.sampling.regional import RegionalController, install_regional
+
+        controller = RegionalController([r.box for r in regions.regions], aspect=width / height)
+        previous = install_regional(pipe.unet, controller)
+    try:
+        latents, passes = _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg)
+    finally:
+        if previous is not None:
+            from lorakit.sampling.regional import remove_regional
+
+            remove_regional(pipe.unet, previous)
+    info = {"method": settings.method, "height": height, "width": width, **plan.info, "passes": passes}
+    for key in ("order", "dominants", "active_per_step"):
+        if key in info:
+            info[key] = [adapters[i].name for i in info[key]]
+    if output_type == "latent":
+        return latents, info
+    return decode_latents(pipe, latents), info
+
+
+def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg):
+    """The denoising loop shared by every method; returns (final latents, pass counts)."""
+    unet, scheduler = pipe.unet, pipe.scheduler
+    device, batch = pipe._execution_device, len(generators)
+    names, scales = [a.name for a in adapters], [a.weight for a in adapters]
+    dtype = contexts.get(plan.terms[0][0].adapters)["embeds"].dtype
+    latents = pipe.prepare_latents(batch, unet.config.in_channels, height, width, dtype, device, generators)
+    extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    xl = _is_xl(pipe)
+    time_ids = {r: _time_ids(pipe, height, width, r * batch, dtype) for r in (1, 2)} if xl else {}
+    switch, cache, log = UNetAdapterSwitch(unet), DeepFeatureCache(), {}
+    for s, t in enumerate(scheduler.timesteps):
+        x = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
+        uncond = cond = None
+        for term in plan.terms[s]:
+            rows = _term_rows(term, do_cfg)
+            if rows is None:
+                continue
+            ctx = contexts.get(term.adapters)
+            pick = (lambda v: _rows(v, rows)) if do_cfg else (lambda v: v)
+            switch.activate([names[i] for i in term.adapters], [scales[i] for i in term.adapters])
             if controller is not None:
-                controller.set_states(contexts[i]["regions"])
-            out = cache.run(
-                names[i], s, plan[s][i], unet, model_in, t, contexts[i]["embeds"], settings.cache_depth,
-                added_cond_kwargs=added[i],
-            )
-            if do_cfg:
-                uncond, cond = out.chunk(2)
-                out = uncond + settings.cfg * (cond - uncond)
-            eps = weights[i] * out if eps is None else eps + weights[i] * out
+                controller.set_states([pick(r) for r in ctx["regions"]])
+            added = {"text_embeds": pick(ctx["pooled"]), "time_ids": time_ids[2 if rows == "pair" else 1]} if xl else None
+            key = "+".join(names[i] for i in term.adapters) or "base"
+            out = unet_pass(unet, pick(x), t, pick(ctx["embeds"]), added, cache if term.cached else None,
+                            f"{key}|{rows}", term.full, settings.cache_depth, s)
+            entry = log.setdefault(key, {"full": 0, "shallow": 0, "full_steps": []})
+            entry["full" if term.full else "shallow"] += 1
+            if term.full:
+                entry["full_steps"].append(s)
+            u_out, c_out = out.chunk(2) if rows == "pair" else ((out, None) if rows == "uncond" else (None, out))
+            if u_out is not None:
+                uncond = term.u * u_out if uncond is None else uncond + term.u * u_out
+            if c_out is not None:
+                cond = term.c * c_out if cond is None else cond + term.c * c_out
+        eps = uncond + settings.cfg * (cond - uncond) if do_cfg else cond
         latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
-    info["passes"] = cache.counts()
-    info["plan"] = [[int(f) for f in row] for row in plan]
-    return decode_latents(pipe, latents)
+    passes = {"full": sum(e["full"] for e in log.values()), "shallow": sum(e["shallow"] for e in log.values()),
+              "per_adapter": log}
+    return latents, passes
 
 
 def settings_dict(settings: SamplerSettings) -> dict:

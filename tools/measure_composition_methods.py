@@ -1,0 +1,196 @@
+"""How often each sampling-time composition method shows ALL of a set's concepts, on the toy world, with 95%
+Wilson intervals and paired comparisons (the same sets, prompts and seeds for every method).
+
+Sets: each ``--characters`` concept with ``--style`` (N = 2), + ``--object`` (N = 3), + ``--background`` (N = 4);
+the prompt is the toy captions' form (``lorakit.toyworld.render.caption``). Every method generates ``--k`` images
+per set with seeds 0..k-1; the toy-world oracle (``lorakit.eval.oracle``) says which concepts each image shows.
+
+Methods (``--methods``): ``merge``, ``switch``, ``composite``, ``cmlora`` (lorakit mode), ``cmlora-official``,
+``delta``; a ``+ubase`` suffix adds ``uncond="base"`` (the unconditional half from the base model). The
+references are ``merge``, ``switch``, ``composite`` and ``cmlora-official``. CMLoRA gets the official category
+order from the toy concepts' kinds.
+
+    python tools/measure_composition_methods.py --adapters-dir artifacts/adapters --sizes 3 4 --k 16 --out /tmp/mcm
+
+Prints one JSON line per (method, N) (all-present rate, n, Wilson interval, per-concept rates, s/image) and per
+(method, reference, N) (paired wins / losses on the same images, exact McNemar p). ``OUT/images.jsonl`` keeps
+every image's verdict; a rerun with the same ``--out`` skips what is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCES = ("merge", "switch", "composite", "cmlora-official")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate k / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pairs (binomial, p = 1/2)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def method_settings(spec: str, steps: int, cfg: float):
+    """``SamplerSettings`` of a method spec such as ``composite+ubase`` or ``cmlora-official``."""
+    from lorakit.sampling import SamplerSettings
+
+    name, *opts = spec.split("+")
+    kw = {"method": name, "steps": steps, "cfg": cfg}
+    if name == "cmlora-official":
+        kw.update(method="cmlora", cmlora_mode="official")
+    for opt in opts:
+        if opt != "ubase":
+            raise ValueError(f"method spec {spec!r}: unknown option {opt!r} (known: ubase)")
+        kw["uncond"] = "base"
+    return SamplerSettings(**kw)
+
+
+def make_sets(args) -> list[dict]:
+    """``[{id, n, concepts: {kind: name}, prompt}]`` for every character and size."""
+    from lorakit.toyworld.render import Scene, caption
+
+    sets = []
+    for n in args.sizes:
+        for char in args.characters:
+            concepts = {"character": char, "style": args.style}
+            if n >= 3:
+                concepts["object"] = args.object
+            if n >= 4:
+                concepts["background"] = args.background
+            scene = Scene(characters=(char,), objects=(concepts["object"],) if n >= 3 else (),
+                          style=args.style, background=concepts.get("background", "plain"))
+            sets.append({"id": f"n{n}-" + "-".join(concepts.values()), "n": n, "concepts": concepts,
+                         "prompt": caption(scene)})
+    return sets
+
+
+def find_adapter(folder: Path, concept: str) -> Path:
+    """The newest ``toy_<concept>-*.safetensors`` in ``folder`` (``tools/ci_artifacts.py`` names)."""
+    found = sorted(folder.glob(f"toy_{concept}-*.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no toy_{concept}-*.safetensors in {folder}; train it with "
+                                f"python tools/ci_artifacts.py --out {folder.parent} --skip-hypernet --concepts {concept}")
+    return found[-1]
+
+
+def run_set(pipe, loaded: dict, set_: dict, spec: str, args) -> list[dict]:
+    """Generate and score one set's images with one method; one record per image."""
+    from lorakit.eval.oracle import score
+    from lorakit.sampling import category_sequence, generate
+
+    kinds = list(set_["concepts"])
+    adapters = [replace(loaded[c], weight=args.scale) for c in set_["concepts"].values()]
+    order, n_rot = category_sequence(kinds)
+    settings = method_settings(spec, args.steps, args.cfg)
+    records, names = [], list(set_["concepts"].values())
+    for start in range(0, args.k, args.batch):
+        seeds = list(range(start, min(args.k, start + args.batch)))
+        t0 = time.perf_counter()
+        images, _ = generate(pipe, adapters, settings, set_["prompt"], "", seeds, order=order, n_rotation=n_rot)
+        seconds = (time.perf_counter() - t0) / len(seeds)
+        verdict = score(images, names)
+        for i, seed in enumerate(seeds):
+            probs = verdict.probs[i].tolist()
+            records.append({"method": spec, "set": set_["id"], "n": set_["n"], "seed": seed,
+                            "probs": dict(zip(names, probs)), "present": [p >= 0.5 for p in probs],
+                            "all": all(p >= 0.5 for p in probs), "s_per_image": seconds})
+    return records
+
+
+def summarise(records: list[dict], methods: list[str]) -> list[dict]:
+    """Rates with Wilson intervals per (method, N) and paired comparisons against every reference."""
+    out, by = [], {}
+    for r in records:
+        by.setdefault((r["method"], r["n"]), {})[(r["set"], r["seed"])] = r
+    for (method, n), recs in sorted(by.items()):
+        k, total = sum(r["all"] for r in recs.values()), len(recs)
+        lo, hi = wilson(k, total)
+        out.append({"method": method, "n_adapters": n, "all_present": round(k / total, 3), "n": total,
+                    "wilson95": [round(lo, 3), round(hi, 3)],
+                    "s_per_image": round(sum(r["s_per_image"] for r in recs.values()) / total, 3)})
+    for (method, n), recs in sorted(by.items()):
+        for ref in REFERENCES:
+            if ref == method or (ref, n) not in by or method not in methods:
+                continue
+            keys = recs.keys() & by[(ref, n)].keys()
+            wins = sum(recs[x]["all"] and not by[(ref, n)][x]["all"] for x in keys)
+            losses = sum(by[(ref, n)][x]["all"] and not recs[x]["all"] for x in keys)
+            out.append({"method": method, "vs": ref, "n_adapters": n, "pairs": len(keys), "wins": wins,
+                        "losses": losses, "mcnemar_p": round(mcnemar_exact(wins, losses), 5)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters-dir", default=str(ROOT / "artifacts" / "adapters"))
+    ap.add_argument("--base", default=str(ROOT / "data" / "toy-base"))
+    ap.add_argument("--characters", nargs="+", default=["frog", "robot"])
+    ap.add_argument("--style", default="ink")
+    ap.add_argument("--object", default="tophat")
+    ap.add_argument("--background", default="starry")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[3, 4])
+    ap.add_argument("--methods", nargs="+", default=["merge", "switch", "composite", "cmlora-official", "cmlora",
+                                                     "composite+ubase", "delta", "merge+ubase"])
+    ap.add_argument("--k", type=int, default=16, help="images per set and method (seeds 0..k-1)")
+    ap.add_argument("--batch", type=int, default=8, help="images per generate call")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=4.0, help="the toy base's guidance (as lorakit demo)")
+    ap.add_argument("--scale", type=float, default=0.8, help="LoRA scale of every adapter (the references' 0.8)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+
+    from lorakit.sampling import _quiet_loading, load_adapters, load_pipeline
+
+    torch.set_num_threads(1)
+    _quiet_loading()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "images.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    done = {(r["method"], r["set"]) for r in records}
+    sets = make_sets(args)
+    names = sorted({c for s in sets for c in s["concepts"].values()})
+    files = [find_adapter(Path(args.adapters_dir), c) for c in names]
+    pipe = load_pipeline(args.base, "fp32")
+    loaded = dict(zip(names, load_adapters(pipe, files)))
+    for set_ in sets:
+        for spec in args.methods:
+            if (spec, set_["id"]) in done:
+                continue
+            recs = run_set(pipe, loaded, set_, spec, args)
+            with log.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in recs)
+            records += recs
+            print(json.dumps({"done": spec, "set": set_["id"], "all_present": sum(r["all"] for r in recs) / len(recs)}),
+                  file=sys.stderr, flush=True)
+    summary = summarise(records, args.methods)
+    (out / "summary.json").write_text(json.dumps({"args": vars(args), "files": [str(f) for f in files],
+                                                  "rows": summary}, indent=1))
+    for row in summary:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
