@@ -97,7 +97,9 @@ def test_composite_of_copies_equals_single_adapter(arch, sd1_pipe, sdxl_pipe, ad
     f = adapter_files[arch][0]
     ads = load_adapters(pipe, [f, f, f])
     single, _ = generate(pipe, ads[:1], SamplerSettings(method="merge", steps=2, cfg=5.0), "a red cat", "", [1])
-    comp, info = generate(pipe, ads, SamplerSettings(method="composite", steps=2, cfg=5.0), "a red cat", "", [1])
+    # per-adapter encoding: encoded once with all three copies on, the text-encoder LoRA would count three times
+    st = SamplerSettings(method="composite", steps=2, cfg=5.0, encode="per-adapter")
+    comp, info = generate(pipe, ads, st, "a red cat", "", [1])
     assert info["passes"]["full"] == 6 and info["passes"]["shallow"] == 0
     assert np.abs(_arr(comp) - _arr(single)).max() <= 1
 
@@ -109,7 +111,8 @@ def test_switch_with_one_adapter_equals_merge(sd1_pipe, adapter_files):
     switched, info = generate(pipe, ads[:1], SamplerSettings(method="switch", steps=3, cfg=5.0, switch_every=1), "a cat", "", [4])
     assert np.array_equal(_arr(merged), _arr(switched))
     two, info = generate(pipe, ads, SamplerSettings(method="switch", steps=4, cfg=5.0, switch_every=1), "a cat", "", [4])
-    assert info["active_per_step"] == [0, 1, 0, 1]
+    # the reference switches after step i when i > 0 and i % tau == 0: the first adapter holds tau + 1 steps
+    assert info["active_per_step"] == [ads[0].name, ads[0].name, ads[1].name, ads[0].name]
     assert not np.array_equal(_arr(two), _arr(merged))
 
 

@@ -63,6 +63,21 @@ def test_cli_errors_are_named(tmp_path, files, capsys):
     assert main(["sample", "--base", "tiny:sd1", "--adapters", files[0], "--prompt", "x", "--size", "33",
                  "--out", str(tmp_path)]) == 1
     assert "multiple of 8" in capsys.readouterr().err
+    assert main(["sample", "--base", "tiny:sd1", "--adapters", files[0], "--kinds", "hero", "--prompt", "x",
+                 "--out", str(tmp_path)]) == 1
+    assert "hero" in capsys.readouterr().err
+    assert main(["sample", "--base", "tiny:sd1", "--adapters", files[0], "--method", "cmlora", "--cmlora-mode",
+                 "official", "--uncond", "base", "--prompt", "x", "--out", str(tmp_path)]) == 1
+    assert "official" in capsys.readouterr().err
+
+
+def test_kinds_give_the_category_order(tmp_path, files):
+    job = _job(files, tmp_path, cmlora_order="auto", steps=2)
+    job.kinds, job.num_images = ["style", "character"], 1
+    side = json.loads(run_sample(job, progress=False)[0].with_suffix(".json").read_text())
+    assert side["profile"]["by"] == "category" and side["kinds"] == ["style", "character"]
+    names = [a["name"] for a in side["adapters"]]
+    assert side["schedule"]["order"] == [names[1], names[0]]  # the character first
 
 
 def test_profile_cli_writes_cache(tmp_path, files, capsys):

@@ -1,16 +1,18 @@
 """How often each sampling-time composition method shows ALL of a set's concepts, on the toy world, with 95%
 Wilson intervals and paired comparisons (the same sets, prompts and seeds for every method).
 
-Sets: each ``--characters`` concept with ``--style`` (N = 2), + ``--object`` (N = 3), + ``--background`` (N = 4);
+Sets: each ``--characters`` concept with ``--style`` (N = 2), + each of ``--objects`` (N = 3), + ``--background``
+(N = 4);
 the prompt is the toy captions' form (``lorakit.toyworld.render.caption``). Every method generates ``--k`` images
 per set with seeds 0..k-1; the toy-world oracle (``lorakit.eval.oracle``) says which concepts each image shows.
 
 Methods (``--methods``): ``merge``, ``switch``, ``composite``, ``cmlora`` (lorakit mode), ``cmlora-official``,
-``delta``; a ``+ubase`` suffix adds ``uncond="base"`` (the unconditional half from the base model). The
+``delta``; a ``+ubase`` suffix adds ``uncond="base"`` (the unconditional half from the base model), and
+``+key=value`` any other ``SamplerSettings`` field (``cmlora+cache_refresh=dominant``, ``composite+encode=per-adapter``). The
 references are ``merge``, ``switch``, ``composite`` and ``cmlora-official``. CMLoRA gets the official category
 order from the toy concepts' kinds.
 
-    python tools/measure_composition_methods.py --adapters-dir artifacts/adapters --sizes 3 4 --k 16 --out /tmp/mcm
+    python tools/measure_composition_methods.py --adapters-dir artifacts/adapters --sizes 3 4 --k 4 --out /tmp/mcm
 
 Prints one JSON line per (method, N) (all-present rate, n, Wilson interval, per-concept rates, s/image) and per
 (method, reference, N) (paired wins / losses on the same images, exact McNemar p). ``OUT/images.jsonl`` keeps
@@ -54,14 +56,18 @@ def method_settings(spec: str, steps: int, cfg: float):
     """``SamplerSettings`` of a method spec such as ``composite+ubase`` or ``cmlora-official``."""
     from lorakit.sampling import SamplerSettings
 
+    from dataclasses import fields
+
     name, *opts = spec.split("+")
     kw = {"method": name, "steps": steps, "cfg": cfg}
     if name == "cmlora-official":
         kw.update(method="cmlora", cmlora_mode="official")
+    types = {f.name: f.type for f in fields(SamplerSettings)}
     for opt in opts:
-        if opt != "ubase":
-            raise ValueError(f"method spec {spec!r}: unknown option {opt!r} (known: ubase)")
-        kw["uncond"] = "base"
+        key, _, value = ("uncond=base" if opt == "ubase" else opt).partition("=")
+        if key not in types or not value:
+            raise ValueError(f"method spec {spec!r}: option {opt!r} is not ubase or a SamplerSettings key=value")
+        kw[key] = {"True": True, "False": False}.get(value, int(value) if value.isdigit() else value)
     return SamplerSettings(**kw)
 
 
@@ -72,15 +78,16 @@ def make_sets(args) -> list[dict]:
     sets = []
     for n in args.sizes:
         for char in args.characters:
-            concepts = {"character": char, "style": args.style}
-            if n >= 3:
-                concepts["object"] = args.object
-            if n >= 4:
-                concepts["background"] = args.background
-            scene = Scene(characters=(char,), objects=(concepts["object"],) if n >= 3 else (),
-                          style=args.style, background=concepts.get("background", "plain"))
-            sets.append({"id": f"n{n}-" + "-".join(concepts.values()), "n": n, "concepts": concepts,
-                         "prompt": caption(scene)})
+            for obj in args.objects if n >= 3 else [None]:
+                concepts = {"character": char, "style": args.style}
+                if obj is not None:
+                    concepts["object"] = obj
+                if n >= 4:
+                    concepts["background"] = args.background
+                scene = Scene(characters=(char,), objects=(obj,) if obj else (), style=args.style,
+                              background=concepts.get("background", "plain"))
+                sets.append({"id": f"n{n}-" + "-".join(concepts.values()), "n": n, "concepts": concepts,
+                             "prompt": caption(scene)})
     return sets
 
 
@@ -144,15 +151,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters-dir", default=str(ROOT / "artifacts" / "adapters"))
     ap.add_argument("--base", default=str(ROOT / "data" / "toy-base"))
-    ap.add_argument("--characters", nargs="+", default=["frog", "robot"])
+    ap.add_argument("--characters", nargs="+", default=["frog", "robot", "ghost"])
     ap.add_argument("--style", default="ink")
-    ap.add_argument("--object", default="tophat")
+    ap.add_argument("--objects", nargs="+", default=["tophat", "mushroom"])
     ap.add_argument("--background", default="starry")
     ap.add_argument("--sizes", nargs="+", type=int, default=[3, 4])
     ap.add_argument("--methods", nargs="+", default=["merge", "switch", "composite", "cmlora-official", "cmlora",
                                                      "composite+ubase", "delta", "merge+ubase"])
-    ap.add_argument("--k", type=int, default=16, help="images per set and method (seeds 0..k-1)")
-    ap.add_argument("--batch", type=int, default=8, help="images per generate call")
+    ap.add_argument("--k", type=int, default=4, help="images per set and method (seeds 0..k-1)")
+    ap.add_argument("--batch", type=int, default=4, help="images per generate call")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0, help="the toy base's guidance (as lorakit demo)")
     ap.add_argument("--scale", type=float, default=0.8, help="LoRA scale of every adapter (the references' 0.8)")

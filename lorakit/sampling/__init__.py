@@ -112,11 +112,13 @@ def load_pipeline(base: str, dtype: str = "auto", device=None):
 
 def adapter_kinds(job: SampleJob, adapters: list[LoadedAdapter]) -> list[str | None]:
     """Each adapter's concept category: ``job.kinds`` if given, else the file's ``lorakit.category`` metadata."""
-    if job.kinds is not None:
-        if len(job.kinds) != len(adapters):
-            raise ValueError(f"got {len(job.kinds)} kinds for {len(adapters)} adapters")
-        return list(job.kinds)
-    return [a.category for a in adapters]
+    kinds = list(job.kinds) if job.kinds is not None else [a.category for a in adapters]
+    if len(kinds) != len(adapters):
+        raise ValueError(f"got {len(kinds)} kinds for {len(adapters)} adapters")
+    for a, k in zip(adapters, kinds):
+        if k is not None and k not in KINDS:
+            raise ValueError(f"{Path(a.path).name}: kind {k!r}; expected one of {', '.join(KINDS)}")
+    return kinds
 
 
 def _cmlora_order(pipe, job: SampleJob, adapters: list[LoadedAdapter]) -> tuple[list[int], int, dict]:
@@ -183,6 +185,7 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
     if not prompts:
         raise ValueError("no prompt given: pass --prompt (or a --regions file with a global prompt)")
     order, n_rot, profile = None, None, {}
+    adapter_kinds(job, adapters)  # a bad --kinds fails before any image
     if job.sampler.method == "cmlora":
         order, n_rot, profile = _cmlora_order(pipe, job, adapters)
     out_dir = Path(job.out_dir)
