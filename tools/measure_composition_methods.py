@@ -14,8 +14,9 @@ order from the toy concepts' kinds.
 
     python tools/measure_composition_methods.py --adapters-dir artifacts/adapters --sizes 3 4 --k 4 --out /tmp/mcm
 
-Prints one JSON line per (method, N) (all-present rate, n, Wilson interval, per-concept rates, s/image) and per
-(method, reference, N) (paired wins / losses on the same images, exact McNemar p). ``OUT/images.jsonl`` keeps
+Prints one JSON line per (method, N) (all-present rate, n, Wilson interval, per-kind rates, the character-and-style
+rate, s/image) and per (method, reference, N) (paired wins / losses on the same images and exact McNemar p, for
+all-present and for character-and-style). ``--summary-only`` re-summarises ``OUT/images.jsonl`` without sampling. ``OUT/images.jsonl`` keeps
 every image's verdict; a rerun with the same ``--out`` skips what is there.
 """
 
@@ -132,18 +133,27 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
     for (method, n), recs in sorted(by.items()):
         k, total = sum(r["all"] for r in recs.values()), len(recs)
         lo, hi = wilson(k, total)
+        # per kind (character, style, object, background: the sets' key order) and character + style together
+        kinds = ("character", "style", "object", "background")[:n]
+        per_kind = {kind: round(sum(r["present"][i] for r in recs.values()) / total, 3) for i, kind in enumerate(kinds)}
+        cs = sum(r["present"][0] and r["present"][1] for r in recs.values())
         out.append({"method": method, "n_adapters": n, "all_present": round(k / total, 3), "n": total,
-                    "wilson95": [round(lo, 3), round(hi, 3)],
+                    "wilson95": [round(lo, 3), round(hi, 3)], "per_kind": per_kind,
+                    "character_and_style": round(cs / total, 3),
+                    "character_and_style_wilson95": [round(v, 3) for v in wilson(cs, total)],
                     "s_per_image": round(sum(r["s_per_image"] for r in recs.values()) / total, 3)})
     for (method, n), recs in sorted(by.items()):
         for ref in REFERENCES:
             if ref == method or (ref, n) not in by or method not in methods:
                 continue
             keys = recs.keys() & by[(ref, n)].keys()
-            wins = sum(recs[x]["all"] and not by[(ref, n)][x]["all"] for x in keys)
-            losses = sum(by[(ref, n)][x]["all"] and not recs[x]["all"] for x in keys)
-            out.append({"method": method, "vs": ref, "n_adapters": n, "pairs": len(keys), "wins": wins,
-                        "losses": losses, "mcnemar_p": round(mcnemar_exact(wins, losses), 5)})
+            row = {"method": method, "vs": ref, "n_adapters": n, "pairs": len(keys)}
+            for label, ok in (("all", lambda r: r["all"]), ("cs", lambda r: r["present"][0] and r["present"][1])):
+                wins = sum(ok(recs[x]) and not ok(by[(ref, n)][x]) for x in keys)
+                losses = sum(ok(by[(ref, n)][x]) and not ok(recs[x]) for x in keys)
+                row.update({f"{label}_wins": wins, f"{label}_losses": losses,
+                            f"{label}_mcnemar_p": round(mcnemar_exact(wins, losses), 5)})
+            out.append(row)
     return out
 
 
@@ -164,7 +174,13 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=4.0, help="the toy base's guidance (as lorakit demo)")
     ap.add_argument("--scale", type=float, default=0.8, help="LoRA scale of every adapter (the references' 0.8)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--summary-only", action="store_true", help="summarise OUT/images.jsonl, generate nothing")
     args = ap.parse_args()
+    if args.summary_only:
+        records = [json.loads(line) for line in (Path(args.out) / "images.jsonl").read_text().splitlines()]
+        for row in summarise(records, args.methods):
+            print(json.dumps(row))
+        return
 
     import torch
 
