@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.resources import data_path
+
 IMAGE_SIZE = 32
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "data" / "oracle"
+DEFAULT_DIR = data_path("oracle")
 
 
 class OracleNet(nn.Module):

@@ -21,6 +21,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lorakit.resources import data_path
 from lorakit.toyworld.concepts import Concept, concepts_of_kind, get_concept
 from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS
 
@@ -145,7 +146,7 @@ class _Runner:
         from lorakit.sampling import load_adapters, load_pipeline
 
         self.s, self.prompt, self.loras = s, prompt, loras
-        self.base = s.base or str(Path(__file__).resolve().parents[2] / "data" / "toy-base")
+        self.base = s.base or str(data_path("toy-base"))
         self._load = load_pipeline
         self.pipe = load_pipeline(self.base, "fp32")
         self.ads = load_adapters(self.pipe, [loras[s.character]["path"], loras[s.style]["path"]])

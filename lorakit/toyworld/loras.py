@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from lorakit.resources import data_path, toy_recipe
 
 
 def recipe_path(concept: str) -> Path:
@@ -19,7 +19,7 @@ def recipe_path(concept: str) -> Path:
     from lorakit.toyworld.concepts import get_concept
 
     c = get_concept(concept)
-    path = REPO / "train_configs" / f"toy_{c.name}.yaml"
+    path = toy_recipe(c.name)
     if not path.exists():
         raise FileNotFoundError(f"no toy recipe for concept {c.name!r}: expected {path}")
     return path
@@ -89,7 +89,7 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Recipes name repo-relative paths: resolve them against the repository, whatever the working directory.
-    ov = [f"base_model={base or REPO / 'data' / 'toy-base'}", f"data.path={REPO / 'data' / 'toy' / name}"]
+    ov = [f"base_model={base or data_path('toy-base')}", f"data.path={data_path('toy', name)}"]
     ov += list(overrides or [])
     cfg = load_config(BlockwiseConfig, recipe_path(name), ov)
     target = out_dir / f"toy_{name}-{recipe_hash(cfg)}.safetensors"
