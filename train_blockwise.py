@@ -12,4 +12,6 @@ import sys
 from lorakit.training.blockwise import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lorakit.errors import script_main
+
+    sys.exit(script_main(main, "train_blockwise.py"))

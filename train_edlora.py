@@ -12,4 +12,6 @@ import sys
 from lorakit.training.edlora import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lorakit.errors import script_main
+
+    sys.exit(script_main(main, "train_edlora.py"))

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lorakit",
         description="Train, fuse, sample and evaluate LoRA adapters for Stable Diffusion (SD1.x/2.x, SDXL).",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also LORAKIT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for _, module in COMMANDS:
         importlib.import_module(module).add_parser(sub)
@@ -36,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorakit.errors import debug_enabled, run_guarded
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled(argv)
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere, also after the subcommand
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -48,12 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        # Our errors name the bad input; show them without a traceback.
-        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    # One error boundary: a user error is one line naming the bad input, exit status 2 (argparse's own).
+    return run_guarded(lambda: args.func(args), f"lorakit {args.command}", debug)
 
 
 if __name__ == "__main__":

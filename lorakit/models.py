@@ -307,28 +307,18 @@ def tiny_pipeline(arch: str = "sd1", seed: int = 0):
     return pipe
 
 
-def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
-    """Save a pipeline with ``save_pretrained`` into ``out_dir`` atomically (temp folder + rename).
+def save_pipeline(pipe, out_dir: str | os.PathLike, overwrite: bool = False, extra=None, inputs=()) -> Path:
+    """Save a pipeline with ``save_pretrained`` into ``out_dir`` atomically (temp folder, then swapped in).
 
-    An existing ``out_dir`` is replaced only after the new folder is complete.
+    ``out_dir`` may be new or empty; an existing folder is replaced only with ``overwrite`` and only if lorakit
+    wrote it (see :mod:`lorakit.outputs`); ``inputs`` (paths the pipeline was made from) are never replaced.
+    ``extra(folder)`` may add files (e.g. a report) before the folder takes its final name.
     """
-    import shutil
+    from lorakit.outputs import replace_dir
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def build(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        if extra is not None:
+            extra(tmp)
+
+    return replace_dir(out_dir, build, kind="pipeline", overwrite=overwrite, inputs=inputs)

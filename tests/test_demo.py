@@ -97,7 +97,7 @@ def test_second_run_reuses_the_loras(demo_run, tmp_path):
 ])
 def test_bad_concept_fails_naming_it(option, value, expect, tmp_path, capsys):
     out = tmp_path / "bad"
-    assert main(["demo", option, value, *QUICK, "--out", str(out)]) == 1
+    assert main(["demo", option, value, *QUICK, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{option} {value!r}" in err and expect in err
     assert not out.exists()  # checked before anything is written or trained

@@ -107,5 +107,5 @@ def test_cli_reads_sidecars(tiny_clip_dir, tmp_path):
     assert res["mean"] == pytest.approx(sum(direct) / 3, abs=1e-4)
     assert "CLIPScore" in (tmp_path / "eval_clipscore.md").read_text()
     (tmp_path / "003.png").write_bytes((tmp_path / "000.png").read_bytes())  # no sidecar
-    assert main(["eval", "--metric", "clipscore", "--images", str(tmp_path), "--clip-model", str(tiny_clip_dir)]) == 1
-    assert main(["eval", "--metric", "clipscore", "--images", str(tmp_path), "--clip-model", str(tmp_path / "nope")]) == 1
+    assert main(["eval", "--metric", "clipscore", "--images", str(tmp_path), "--clip-model", str(tiny_clip_dir)]) == 2
+    assert main(["eval", "--metric", "clipscore", "--images", str(tmp_path), "--clip-model", str(tmp_path / "nope")]) == 2

@@ -80,7 +80,7 @@ def test_cli_with_fused_folder(sd1_pipe, sd1_adapters, tmp_path):
     assert "| mean |" in out.with_suffix(".md").read_text()
     # default prompts come from the trigger; b has none -> a clear error naming the file
     assert main(["eval", "--metric", "retention", "--base", "tiny:sd1:0", "--adapters", str(tmp_path / "b.safetensors"),
-                 "--fused", "merge", "--out", str(out)]) == 1
+                 "--fused", "merge", "--out", str(out)]) == 2
 
 
 def test_sdxl_fused_adapter_file(sdxl_pipe, tmp_path):

@@ -116,4 +116,4 @@ def test_fuse_cli_cat_writes_exact_adapter(tmp_path, adapters):
                  "--out", str(tmp_path / "w.safetensors")]) == 0
     assert {m.rank for m in load_adapter(tmp_path / "w.safetensors").modules.values()} == {1}
     assert main(["fuse", "--method", "cat", "--adapters", *map(str, paths), "--weights", "1",
-                 "--out", str(tmp_path / "x.safetensors")]) == 1
+                 "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -58,16 +58,16 @@ def test_same_seed_same_png_bytes_and_regenerate(tmp_path, files, one_process):
 
 def test_cli_errors_are_named(tmp_path, files, capsys):
     assert main(["sample", "--base", "tiny:sd1", "--adapters", str(tmp_path / "nope.safetensors"), "--prompt", "x",
-                 "--out", str(tmp_path)]) == 1
+                 "--out", str(tmp_path)]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
     assert main(["sample", "--base", "tiny:sd1", "--adapters", files[0], "--prompt", "x", "--size", "33",
-                 "--out", str(tmp_path)]) == 1
+                 "--out", str(tmp_path)]) == 2
     assert "multiple of 8" in capsys.readouterr().err
     assert main(["sample", "--base", "tiny:sd1", "--adapters", files[0], "--kinds", "hero", "--prompt", "x",
-                 "--out", str(tmp_path)]) == 1
+                 "--out", str(tmp_path)]) == 2
     assert "hero" in capsys.readouterr().err
     assert main(["sample", "--base", "tiny:sd1", "--adapters", files[0], "--method", "cmlora", "--cmlora-mode",
-                 "official", "--uncond", "base", "--prompt", "x", "--out", str(tmp_path)]) == 1
+                 "official", "--uncond", "base", "--prompt", "x", "--out", str(tmp_path)]) == 2
     assert "official" in capsys.readouterr().err
 
 

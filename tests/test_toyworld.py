@@ -74,5 +74,5 @@ def test_cli_make_dataset_and_list(tmp_path, capsys):
     assert len(caps) == 3 and all(c.endswith(", pixlor") for c in caps)
     assert main(["toyworld", "list", "--json"]) == 0
     assert '"trigger": "zorbo"' in capsys.readouterr().out
-    assert main(["toyworld", "make-dataset", "dragon", "--out", str(tmp_path / "e")]) == 1
+    assert main(["toyworld", "make-dataset", "dragon", "--out", str(tmp_path / "e")]) == 2
     assert "unknown toy-world concept 'dragon'" in capsys.readouterr().err

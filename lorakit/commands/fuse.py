@@ -133,6 +133,9 @@ def add_parser(sub) -> None:
                    help="pipeline: diffusers folder with the fused weights + lorakit_fusion.json; adapter: a "
                         "fused-delta .safetensors (W_fused - W0) + OUT.fusion.json; auto: pipeline for gradient, "
                         "adapter for the weight merges")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that lorakit wrote (never a file or folder it did not write, "
+                        "never an input)")
     p.add_argument("--rank", type=int, help="truncate the written delta to this rank by SVD (default: exact)")
     p.add_argument("--prompts", nargs="+", metavar="PROMPTS",
                    help="one entry per adapter, several prompts separated by '|' (default: each file's trigger "
@@ -213,6 +216,7 @@ def write_outputs(args, inputs, result, report: dict) -> Path:
     from lorakit.fileio import write_json
     from lorakit.fusion.merge import _maybe_truncate, apply_deltas
     from lorakit.models import save_pipeline
+    from lorakit.outputs import check_out_file
 
     out = Path(args.out)
     fmt = _out_format(args)
@@ -221,6 +225,9 @@ def write_outputs(args, inputs, result, report: dict) -> Path:
             raise ValueError(f"--method {args.method} produces no adapter delta; use --out-format pipeline")
         if out.suffix != ".safetensors":
             raise ValueError(f"--out {out}: an adapter output must end in .safetensors")
+        check_out_file(out, args.overwrite, inputs=_input_paths(args))
+        report_path = out.with_name(out.stem + ".fusion.json")
+        check_out_file(report_path, args.overwrite, flag="--out (report)", inputs=_input_paths(args))
         modules = _maybe_truncate(result.modules, args.rank)
         arch = next((a.arch for a in inputs.adapters if a.arch), None) or "sd1"
         triggers = [a.metadata["lorakit.trigger"] for a in inputs.adapters if a.metadata.get("lorakit.trigger")]
@@ -232,7 +239,7 @@ def write_outputs(args, inputs, result, report: dict) -> Path:
         save_adapter(Adapter(modules=modules, metadata=meta, extra=dict(result.extra)), out)
         report["output"] = {"format": "adapter", "path": str(out), "modules": len(modules),
                             "ranks": sorted({m.rank for m in modules.values()})}
-        write_json(report, out.with_name(out.stem + ".fusion.json"))
+        write_json(report, report_path)
         return out
     pipe = result.pipeline
     if pipe is None:
@@ -242,10 +249,33 @@ def write_outputs(args, inputs, result, report: dict) -> Path:
         apply_deltas(pipe, _maybe_truncate(result.modules, args.rank))
     elif args.rank is not None:
         raise ValueError("--rank applies to --out-format adapter; a fused pipeline holds the full solution")
-    save_pipeline(pipe, out)
     report["output"] = {"format": "pipeline", "path": str(out)}
-    write_json(report, out / "lorakit_fusion.json")
+    save_pipeline(pipe, out, overwrite=args.overwrite, inputs=_input_paths(args),
+                  extra=lambda tmp: write_json(report, tmp / "lorakit_fusion.json"))
     return out
+
+
+def _input_paths(args) -> list[str]:
+    return [*args.adapters, *([args.base] if args.base else []), *([args.hypernet] if getattr(args, "hypernet", None) else [])]
+
+
+def check_output(args) -> None:
+    """Refuse a bad --out before any work: an input, a folder or file lorakit did not write, an existing output
+    without --overwrite, an unwritable place."""
+    from lorakit.outputs import check_out_file, check_replace_dir
+
+    if _out_format(args) == "adapter":
+        out = Path(args.out)
+        if out.suffix != ".safetensors":
+            raise ValueError(f"--out {out}: an adapter output must end in .safetensors")
+        check_out_file(out, args.overwrite, inputs=_input_paths(args))
+        check_out_file(out.with_name(out.stem + ".fusion.json"), args.overwrite, flag="--out (report)",
+                       inputs=_input_paths(args))
+    else:
+        check_replace_dir(args.out, args.overwrite, inputs=_input_paths(args))
+        from lorakit.outputs import check_writable
+
+        check_writable(Path(args.out).parent)
 
 
 def process_state():
@@ -271,11 +301,13 @@ def run(args) -> int:
     method = METHODS[args.method]
     if method.needs_base and not args.base:
         raise ValueError(f"--method {args.method} needs --base")
+    check_output(args)
     state = process_state()
     inputs = build_inputs(args)
     fn = getattr(importlib.import_module(method.module), method.function)
     result = fn(inputs)
     report = {
+        "written_by": "lorakit",
         "method": args.method,
         "base": args.base,
         "inputs": _inputs_report(inputs),
