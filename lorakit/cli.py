@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # (subcommand, module) in the order ``--help`` lists them.
@@ -24,6 +25,19 @@ COMMANDS = [
 ]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's help ends with its default unless the text already gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default in (None, False, "", [], argparse.SUPPRESS)
+                or "default" in text.lower() or f"({default})" in text):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit",
@@ -31,18 +45,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also LORAKIT_DEBUG=1)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' notices and loading bars too (also LORAKIT_VERBOSITY=verbose)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars or notes, only errors and results (also LORAKIT_VERBOSITY=quiet)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for _, module in COMMANDS:
         importlib.import_module(module).add_parser(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorakit import logs
     from lorakit.errors import debug_enabled, run_guarded
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere, also after the subcommand
+    previous = os.environ.get(logs.ENV)
+    try:
+        return _run(logs.take_flags(argv), debug)  # --quiet / --verbose are accepted anywhere too
+    finally:  # a Python caller's environment is left as it was
+        if previous is None:
+            os.environ.pop(logs.ENV, None)
+        else:
+            os.environ[logs.ENV] = previous
+
+
+def _run(argv: list[str], debug: bool) -> int:
+    from lorakit.errors import run_guarded
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

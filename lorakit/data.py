@@ -371,7 +371,7 @@ class LatentCache:
     def fill(self, ds: CaptionedImages, flips: tuple[bool, ...] = (False,), batch_size: int = 8, progress: bool = True) -> int:
         """Encode every (image, flip) of ``ds`` not yet on disk. Returns how many were encoded."""
         import torch
-        from tqdm.auto import tqdm
+        from lorakit.logs import tqdm
 
         from lorakit.fileio import save_safetensors
 

@@ -64,9 +64,11 @@ def run_guarded(fn: Callable[[], int | None], prog: str, debug: bool = False) ->
 
 def script_main(main: Callable[[list[str]], int | None], prog: str) -> int:
     """Entry point of ``train_*.py``: ``main(argv)`` inside :func:`run_guarded`, ``--debug`` taken out of argv."""
+    from lorakit.logs import take_flags
+
     argv = sys.argv[1:]
     debug = debug_enabled(argv)
-    argv = [a for a in argv if a != "--debug"]
+    argv = take_flags([a for a in argv if a != "--debug"])  # --quiet / --verbose
     return run_guarded(lambda: main(argv), prog, debug)
 
 

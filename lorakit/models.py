@@ -76,6 +76,10 @@ def load_base(source: str | os.PathLike, torch_dtype: torch.dtype = torch.float3
     """
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from lorakit.logs import quiet_loaded_libraries
+
+    quiet_loaded_libraries()
+
     src = str(source)
     if src.startswith("tiny:"):
         arch, _, seed = src[len("tiny:") :].partition(":")

@@ -5,6 +5,8 @@ The work is in :mod:`lorakit.toyworld.demo`; this module parses options, sets th
 
 from __future__ import annotations
 
+from lorakit.logs import show_progress
+
 DESCRIPTION = """\
 Offline end-to-end demo on the bundled toy base (data/toy-base, 32x32 images):
 
@@ -45,7 +47,6 @@ def add_parser(sub) -> None:
     p.add_argument("--lora-dir", help="LoRA cache folder (default: OUT/loras)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default: 1, the fastest for the toy model: 2 threads took 2x longer)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -71,7 +72,7 @@ def run(args) -> int:
         if args.sample_steps < 1:
             raise ValueError(f"--sample-steps must be >= 1, got {args.sample_steps}")
         settings.sample_steps = args.sample_steps
-    report = run_demo(settings, progress=not args.quiet)
+    report = run_demo(settings, progress=show_progress())
     print()
     print(f"lorakit demo: {report['prompt']!r}, {settings.k} image(s) per method, "
           f"{report['total_s']:.0f} s in all ({torch.get_num_threads()} thread(s))")

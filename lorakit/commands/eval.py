@@ -100,7 +100,7 @@ def eval_clipscore(args, records) -> tuple[dict, list, list]:
         prompts.append(prompt)
     model, tokenizer, processor = load_clip(args.clip_model, _device(args))
     scores = []
-    from tqdm.auto import tqdm
+    from lorakit.logs import tqdm
 
     for s in tqdm(range(0, len(records), args.batch_size), desc="clipscore"):
         batch = records[s : s + args.batch_size]

@@ -144,7 +144,6 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (gradient) and random drops (dare)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype the base is loaded and saved in (statistics and solves are float64)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     group = p.add_argument_group("method options")
     seen = set()
     for m in METHODS.values():

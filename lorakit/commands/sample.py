@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several prompts)")
     p.add_argument("--negative-prompt", default="", help="negative prompt")
     p.add_argument("--regions", help="regions YAML: global prompt + boxes with their own prompts (replaces --prompt)")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="denoising steps per image")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--size", help="WIDTHxHEIGHT or one number (default: the base's native size)")

@@ -74,7 +74,7 @@ def clip_scores(model, tokenizer, processor, images: list, prompts: list[str], b
     """
     if len(images) != len(prompts):
         raise ValueError(f"clip_scores: {len(images)} images but {len(prompts)} prompts")
-    from tqdm.auto import tqdm
+    from lorakit.logs import tqdm
 
     scores = []
     for start in tqdm(range(0, len(images), batch_size), desc="clipscore", disable=not progress):

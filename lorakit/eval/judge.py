@@ -396,7 +396,7 @@ def judge_presence(client: JudgeClient, image, concepts) -> dict:
 
 def map_items(fn, items, workers: int = 1, desc: str = "judge"):
     """``[fn(item) for item in items]`` with a progress bar, in ``workers`` threads (judges are slow, I/O bound)."""
-    from tqdm.auto import tqdm
+    from lorakit.logs import tqdm
 
     if workers <= 1:
         return [fn(item) for item in tqdm(items, desc=desc)]

@@ -171,7 +171,7 @@ def retention(base_pipe, concepts: list[ConceptSpec], fused, samples: int = 8, s
     Returns:
         ``{"concepts": [{"name", "prompts", "projection", "cosine", "rel_error", "own_change"}], "mean": {...}}``.
     """
-    from tqdm.auto import tqdm
+    from lorakit.logs import tqdm
 
     from lorakit.adapters.io import apply_adapter
 

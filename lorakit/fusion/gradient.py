@@ -38,6 +38,7 @@ import torch
 
 from lorakit.adapters.io import Adapter, LoraModule, live_path
 from lorakit.fusion.capture import GramCollector
+from lorakit.logs import show_progress
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,7 @@ def _my_items(items: list):
 
 def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
     from accelerate import PartialState
-    from tqdm.auto import tqdm
+    from lorakit.logs import tqdm
 
     return tqdm(iterable, desc=desc, total=total, disable=not (enabled and PartialState().is_main_process),
                 leave=False, dynamic_ncols=True)
@@ -527,7 +528,7 @@ def run(inputs) -> "FuseResult":
         scheduler=args.scheduler,
         ridge_target=args.ridge_target,
         unet_inputs=args.unet_inputs,
-        progress=not args.quiet,
+        progress=show_progress(),
     )
     concepts = [
         Concept(name=n, adapter=a, weight=w, prompts=p, sample_prompts=s)

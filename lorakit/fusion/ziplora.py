@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.adapters.io import Adapter, AdapterError, LoraModule, adapter_metadata, live_path
+from lorakit.logs import show_progress
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +534,7 @@ def optimize_coefficients(
     Returns:
         ``({layer key: (m_c [in], m_s [in])}, loss per step)``.
     """
-    from tqdm.auto import tqdm
+    from lorakit.logs import tqdm
 
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -647,7 +648,7 @@ def run_fuse(inputs):
     steps = 100 if args.steps is None else args.steps
     layers = args.layers or list(ALL_LAYERS)
     merged, info = ziplora_merge(pipe, content, style, steps=steps, lr=args.lr, lam=args.lam, layers=layers,
-                                 refs=refs, sources=tuple(inputs.paths), seed=inputs.seed, progress=not args.quiet)
+                                 refs=refs, sources=tuple(inputs.paths), seed=inputs.seed, progress=show_progress())
     hist = info["history"]
     report = {"settings": {"steps": steps, "lr": args.lr, "lam": args.lam, "layers": layers},
               "loss_first": hist[0] if hist else None, "loss_last": hist[-1] if hist else None,

@@ -166,7 +166,7 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
         ValueError / FileNotFoundError naming the bad setting or file.
     """
     from accelerate import PartialState
-    from tqdm.auto import tqdm
+    from lorakit.logs import tqdm
 
     from lorakit.fileio import save_image, write_json
 

@@ -123,7 +123,7 @@ def profile_adapters(pipe, adapters, settings: ProfileSettings, use_cache: bool 
     Returns:
         ``{adapter name: {'score', 'radial' [R], 'cached', 'key', 'path'}}``.
     """
-    from tqdm.auto import tqdm
+    from lorakit.logs import tqdm
 
     from lorakit.sampling.composer import SamplerSettings, generate
 

@@ -248,7 +248,7 @@ def _run(s: DemoSettings, char: Concept, style: Concept, rows: list[str], out: P
          seeds: list[int], progress: bool) -> dict:
     """The body of :func:`run_demo` (settings already checked): train, generate, score; the report without
     its total time."""
-    from tqdm.auto import tqdm
+    from lorakit.logs import tqdm
 
     from lorakit.eval.oracle import score
     from lorakit.fileio import save_image

@@ -534,7 +534,7 @@ class TrainLoop:
     # -- the run
     def run(self) -> TrainResult:
         from accelerate.utils import send_to_device
-        from tqdm.auto import tqdm
+        from lorakit.logs import tqdm
 
         acc, cfg = self.accelerator, self.cfg
         t0 = time.perf_counter()
