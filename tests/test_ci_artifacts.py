@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorakit.fileio import load_safetensors, save_safetensors
+
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +108,17 @@ def test_hypernet_cached_by_recipe_and_input_hashes(tmp_path, capsys):
     moved = tmp_path / "elsewhere"
     moved.mkdir()
     copies = {n: Path(shutil.copy(p, moved / p.name)) for n, p in files.items()}
+    assert ci.hypernet_hash(ci.hypernet_config(copies, ["max_steps=2"], ("robot", "ink"))) in h1.name
+    # ... nor on the checkout they were trained in: each LoRA's references are the concept's images named by the
+    # recipe, never the training folder recorded in the LoRA's metadata (another checkout's, possibly gone)
+    cfg = ci.hypernet_config(files, ["max_steps=2"], ("robot", "ink"))
+    for e in [*cfg.content, *cfg.style, *cfg.eval_pairs[0]]:
+        name = Path(e.path).name.split("-")[0].removeprefix("toy_")
+        assert Path(e.images) == ROOT / "data" / "toy" / name
+    tensors, meta = load_safetensors(files["frog"])
+    gone = json.loads(meta["lorakit.config"])
+    gone["data"]["path"] = str(tmp_path / "another_checkout" / "data" / "toy" / "frog")
+    save_safetensors(tensors, moved / files["frog"].name, {**meta, "lorakit.config": json.dumps(gone)})
     assert ci.hypernet_hash(ci.hypernet_config(copies, ["max_steps=2"], ("robot", "ink"))) in h1.name
 
     # Changed override -> new hash, retrained, old file moved to stale/; a changed input LoRA changes the hash too.

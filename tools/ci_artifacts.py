@@ -164,10 +164,18 @@ def check_adapter_lookup(out: Path, files: dict[str, Path]) -> None:
 def split_loras(files: dict[str, Path], holdout: tuple[str, str] | None):
     """content = characters + objects, style = styles; the held-out content LoRA is left out of training.
 
+    Each LoRA is named with its references, ``{path, images: data/toy/<concept>}`` (the concept's training images
+    in this checkout), never left to the folder recorded in the LoRA's metadata: a cached LoRA trained in another
+    checkout records that checkout's folder, which may be gone; the references were then generated with each LoRA
+    alone instead, so the same files gave other held-out losses depending on which checkouts still existed.
+
     Returns:
-        ``(content paths, style paths, eval pairs [[content, style]])``.
+        ``(content entries, style entries, eval pairs [[content entry, style entry]])``.
     """
     from lorakit.toyworld.concepts import CONCEPTS
+
+    def entry(n: str) -> dict:
+        return {"path": str(files[n]), "images": str(ROOT / "data" / "toy" / n)}
 
     kind = {n: CONCEPTS[n].kind for n in files}
     content = [n for n in files if kind[n] in ("character", "object")]
@@ -179,20 +187,45 @@ def split_loras(files: dict[str, Path], holdout: tuple[str, str] | None):
             raise StageError(f"hypernet: held-out pair {c} + {s}: expected a character/object LoRA and a style LoRA "
                              f"among {sorted(files)}")
         content.remove(c)
-        evals = [[str(files[c]), str(files[s])]]
+        evals = [[entry(c), entry(s)]]
     if not content or not style:
         raise StageError(f"hypernet: need content (character/object) and style LoRAs to train on, got content "
                          f"{content}, style {style}")
-    return [str(files[n]) for n in content], [str(files[n]) for n in style], evals
+    return [entry(n) for n in content], [entry(n) for n in style], evals
 
 
-def _sha_file(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def _sha_tensors(path: str | Path) -> str:
+    """SHA-256 of a safetensors file's tensors (names, dtypes, shapes, bytes), not of its metadata: a LoRA's
+    metadata records the checkout it was trained in, which must not change what it hashes to."""
+    import torch
+
+    from lorakit.fileio import load_safetensors
+
+    tensors, _ = load_safetensors(path)
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _sha_entry(spec: dict) -> dict:
+    """A LoRA entry by content: its tensors' hash and the hash of its reference images (names + bytes)."""
+    from lorakit.toyworld.loras import tree_hash
+
+    out = {"path": _sha_tensors(spec["path"])}
+    if spec.get("images"):
+        out["images"] = tree_hash(Path(spec["images"]))
+    if spec.get("prompt"):
+        out["prompt"] = spec["prompt"]
+    return out
 
 
 def hypernet_hash(cfg) -> str:
-    """Hash of what determines the hypernetwork: resolved recipe (minus output/logging keys, LoRA paths replaced by
-    their bytes' SHA-256, so the output folder does not matter) and the base weights."""
+    """Hash of what determines the hypernetwork: resolved recipe (minus output/logging keys; LoRAs replaced by
+    their tensors' SHA-256 and their reference images' hash, so neither the folders nor the checkout they were
+    trained in matter) and the base weights."""
     from omegaconf import OmegaConf
 
     from lorakit.toyworld.loras import RUN_ONLY_KEYS, content_hash
@@ -200,9 +233,9 @@ def hypernet_hash(cfg) -> str:
     r = OmegaConf.to_container(cfg, resolve=True)
     for key in RUN_ONLY_KEYS + ("resume",):
         r.pop(key, None)
-    r["content"] = [_sha_file(p) for p in r["content"]]
-    r["style"] = [_sha_file(p) for p in r["style"]]
-    r["eval_pairs"] = [[_sha_file(p) for p in pair] for pair in r["eval_pairs"]]
+    r["content"] = [_sha_entry(e) for e in r["content"]]
+    r["style"] = [_sha_entry(e) for e in r["style"]]
+    r["eval_pairs"] = [[_sha_entry(e) for e in pair] for pair in r["eval_pairs"]]
     base = Path(str(r.pop("base_model")))
     return content_hash(r, base)
 
@@ -253,8 +286,8 @@ def train_hypernet(files: dict[str, Path], out: Path, overrides: list[str], hold
             copy_file(result.final_path, target)
     removed = remove_stale(out, "toy_lorarar", target)
     emit({"stage": "hypernet", "action": "trained" if trained else "reused", "file": str(target),
-          "content": [Path(p).name for p in cfg.content], "style": [Path(p).name for p in cfg.style],
-          "held_out": [[Path(p).name for p in pair] for pair in cfg.eval_pairs],
+          "content": [Path(e.path).name for e in cfg.content], "style": [Path(e.path).name for e in cfg.style],
+          "held_out": [[Path(e.path).name for e in pair] for pair in cfg.eval_pairs],
           "eval": held_out_losses(target), "removed": removed, "seconds": round(time.perf_counter() - t0, 2)})
     return target
 

@@ -32,6 +32,13 @@ def _hash_files(h, root: Path) -> None:
         h.update(hashlib.sha256(f.read_bytes()).digest())
 
 
+def tree_hash(root: Path) -> str:
+    """SHA-256 over the relative names and bytes of the files under ``root`` (or of one file)."""
+    h = hashlib.sha256()
+    _hash_files(h, Path(root))
+    return h.hexdigest()
+
+
 # Keys that say where and how a run writes, not what it learns: left out of every hash.
 RUN_ONLY_KEYS = ("output_dir", "output_name", "logging", "checkpoint_at_end", "checkpointing_steps", "save_every")
 

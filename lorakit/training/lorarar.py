@@ -202,20 +202,30 @@ def pair_loss(pipe, noise_scheduler, content: LoraEntry, style: LoraEntry, merge
 
 
 @torch.no_grad()
-def evaluate_pairs(pipe, noise_scheduler, hypernet, pairs, cfg, init_net=None) -> list[dict]:
-    """Loss of the plain sum, the untrained network (``init_net``) and ``hypernet`` on each held-out pair, on the
-    same fixed noise (``cfg.eval_batches`` batches)."""
-    from lorakit.fusion.ziplora import eval_batches, evaluate, ones_coefficients
+def batch_losses(pipe, noise_scheduler, content: LoraEntry, style: LoraEntry, nets: dict, cfg, n: int,
+                 seed: int) -> dict[str, list[float]]:
+    """Per-batch ZipLoRA loss of one pair merged by each of ``nets`` (``{name: hypernetwork, or None for the plain
+    sum}``), all on the same ``n`` noise batches (``cfg.ref_batch_size`` items each) drawn from ``seed``: paired
+    values, for comparing merges batch by batch."""
+    from lorakit.fusion.ziplora import eval_batches, ones_coefficients
 
+    lf = pair_loss(pipe, noise_scheduler, content, style, cfg.merge_layers, cfg.lam)
+    batches = eval_batches(lf, n=n, batch_size=cfg.ref_batch_size, seed=seed)
+    out = {}
+    for name, net in nets.items():
+        coeffs = ones_coefficients(lf.plan, lf.device) if net is None else net.coefficients(lf.plan, lf.deltas)
+        out[name] = [lf(coeffs, b)[0].item() for b in batches]
+    return out
+
+
+def evaluate_pairs(pipe, noise_scheduler, hypernet, pairs, cfg, init_net=None) -> list[dict]:
+    """Mean loss of the plain sum, the untrained network (``init_net``) and ``hypernet`` on each held-out pair, on
+    the same fixed noise (``cfg.eval_batches`` batches drawn from ``cfg.seed + 7``)."""
+    nets = {"sum": None, **({"init": init_net} if init_net is not None else {}), "lorarar": hypernet}
     rows = []
     for c, s in pairs:
-        lf = pair_loss(pipe, noise_scheduler, c, s, cfg.merge_layers, cfg.lam)
-        batches = eval_batches(lf, n=cfg.eval_batches, batch_size=cfg.ref_batch_size, seed=cfg.seed + 7)
-        row = {"content": c.name, "style": s.name, "sum": evaluate(lf, ones_coefficients(lf.plan, lf.device), batches)}
-        if init_net is not None:
-            row["init"] = evaluate(lf, init_net.coefficients(lf.plan, lf.deltas), batches)
-        row["lorarar"] = evaluate(lf, hypernet.coefficients(lf.plan, lf.deltas), batches)
-        rows.append(row)
+        losses = batch_losses(pipe, noise_scheduler, c, s, nets, cfg, cfg.eval_batches, cfg.seed + 7)
+        rows.append({"content": c.name, "style": s.name, **{k: sum(v) / len(v) for k, v in losses.items()}})
     return rows
 
 
@@ -335,4 +345,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["LoraRarConfig", "SyntheticConfig", "train", "main", "evaluate_pairs", "load_entries", "PairDataset"]
+__all__ = ["LoraRarConfig", "SyntheticConfig", "train", "main", "evaluate_pairs", "batch_losses", "load_entries", "PairDataset"]
