@@ -170,7 +170,7 @@ def build_inputs(args):
     if args.prompts is not None and len(args.prompts) != len(paths):
         raise ValueError(f"--prompts has {len(args.prompts)} entries for {len(paths)} adapters; give one per adapter "
                          "(several prompts for one adapter are separated by '|')")
-    adapters = [load_adapter(p) for p in paths]
+    adapters = [load_adapter(p).as_lora() for p in paths]  # LoHa / LoKr layers as exact LoRA factors
     names = [Path(p).stem for p in paths]
     prompts, samples, sources = [], [], []
     for i, (ad, name) in enumerate(zip(adapters, names)):
