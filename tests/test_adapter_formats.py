@@ -250,3 +250,29 @@ def test_unsupported_kind_and_unplaced_key_are_named(tmp_path):
     save_file({"lora_unet_x.lora_mid.weight": torch.zeros(1, 2)}, str(tmp_path / "odd.safetensors"))
     with pytest.raises(AdapterError, match=r"cannot place key 'lora_unet_x.lora_mid.weight' \(format guessed: kohya"):
         load_adapter(tmp_path / "odd.safetensors")
+
+
+def test_loha_file_samples_like_merged_weights(sd1_pipe, tmp_path, capsys):
+    """``sample``'s loader puts a LoHa file in through peft (exact LoRA form): same UNet output as adding the
+    delta to the weights; ``inspect`` reports it."""
+    from lorakit.cli import main
+    from lorakit.sampling.loading import load_adapters
+    from lorakit.testing import unet_inputs
+
+    g = torch.Generator().manual_seed(7)
+    name, w = _sd1_layers(sd1_pipe)["conv"]
+    path = tmp_path / "loha.safetensors"
+    save_file({f"{name}.hada_w1_a": torch.randn(32, 2, generator=g), f"{name}.hada_w1_b": torch.randn(2, 288, generator=g),
+               f"{name}.hada_w2_a": torch.randn(32, 2, generator=g), f"{name}.hada_w2_b": torch.randn(2, 288, generator=g),
+               f"{name}.alpha": torch.tensor(1.0)}, str(path))
+    delta = load_adapter(path).modules["unet.down_blocks.1.resnets.0.conv1"].delta()
+    merged = copy.deepcopy(sd1_pipe)
+    merged.unet.down_blocks[1].resnets[0].conv1.weight.data += delta
+    pipe = copy.deepcopy(sd1_pipe)
+    load_adapters(pipe, [path])
+    inputs = unet_inputs(sd1_pipe)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(**inputs).sample, merged.unet(**inputs).sample, rtol=0, atol=1e-5)
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "loha" and report["layer_types"] == ["loha"] and report["parameters"] == 2 * (64 + 576)

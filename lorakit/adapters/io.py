@@ -81,7 +81,8 @@ class Adapter:
         """The same adapter with every layer in its exact LoRA form (LoRA / LoCon layers are shared, not copied)."""
         if all(isinstance(m, LoraModule) for m in self.modules.values()):
             return self
-        return Adapter({k: m.to_lora() for k, m in self.modules.items()}, dict(self.metadata), dict(self.extra))
+        meta = {k: v for k, v in self.metadata.items() if not (k == "lorakit.kind" and v in ("loha", "lokr"))}
+        return Adapter({k: m.to_lora() for k, m in self.modules.items()}, meta, dict(self.extra))
 
 
 def adapter_metadata(

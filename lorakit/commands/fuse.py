@@ -133,6 +133,9 @@ def add_parser(sub) -> None:
                    help="pipeline: diffusers folder with the fused weights + lorakit_fusion.json; adapter: a "
                         "fused-delta .safetensors (W_fused - W0) + OUT.fusion.json; auto: pipeline for gradient, "
                         "adapter for the weight merges")
+    p.add_argument("--key-style", choices=["auto", "diffusers", "sai"], default="auto",
+                   help="adapter output: kohya UNet names, sai (lora_unet_input_blocks_..., SDXL) or diffusers "
+                        "(lora_unet_down_blocks_...); auto = sai for SDXL, diffusers for SD1/SD2 (docs/formats.md)")
     p.add_argument("--rank", type=int, help="truncate the written delta to this rank by SVD (default: exact)")
     p.add_argument("--prompts", nargs="+", metavar="PROMPTS",
                    help="one entry per adapter, several prompts separated by '|' (default: each file's trigger "
@@ -229,7 +232,8 @@ def write_outputs(args, inputs, result, report: dict) -> Path:
         meta["lorakit.fusion"] = json.dumps({"method": args.method, "inputs": [Path(p).name for p in inputs.paths],
                                              "weights": inputs.weights, "rank": args.rank})
         meta.update(result.metadata)
-        save_adapter(Adapter(modules=modules, metadata=meta, extra=dict(result.extra)), out)
+        save_adapter(Adapter(modules=modules, metadata=meta, extra=dict(result.extra)), out,
+                     key_style=getattr(args, "key_style", "auto"))
         report["output"] = {"format": "adapter", "path": str(out), "modules": len(modules),
                             "ranks": sorted({m.rank for m in modules.values()})}
         write_json(report, out.with_name(out.stem + ".fusion.json"))
