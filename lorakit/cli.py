@@ -15,6 +15,7 @@ import sys
 COMMANDS = [
     ("train", "lorakit.commands.train"),
     ("inspect", "lorakit.commands.inspect"),
+    ("convert", "lorakit.commands.convert"),
     ("make-tiny", "lorakit.commands.make_tiny"),
     ("fuse", "lorakit.commands.fuse"),
     ("sample", "lorakit.commands.sample"),

@@ -1,13 +1,15 @@
-"""Adapter files: kohya-named ``.safetensors`` with lorakit metadata; conversion to and from peft.
+"""Adapter files: kohya / LyCORIS-named ``.safetensors`` with lorakit metadata; conversion to and from peft.
 
-On disk (DESIGN.md): ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``;
-``lora_te_`` (SD1/SD2 text encoder) or ``lora_te1_`` / ``lora_te2_`` (SDXL). AUTOMATIC1111, ComfyUI and
-``diffusers.load_lora_weights`` load these files as they are.
+On disk: ``lora_unet_<module path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (LoHa:
+``.hada_*``, LoKr: ``.lokr_*``); ``lora_te_`` (SD1/SD2 text encoder) or ``lora_te1_`` / ``lora_te2_`` (SDXL).
+SDXL UNet layers are written with SAI / LDM names by default (``lora_unet_input_blocks_4_1_...``, as kohya's
+``sdxl_train_network`` writes them; :mod:`lorakit.adapters.keys`). docs/formats.md says which tool reads which.
 
-In memory an adapter is an :class:`Adapter`: ``{module key: LoraModule}`` where a module key is the module's
+In memory an adapter is an :class:`Adapter`: ``{module key: AdapterModule}`` where a module key is the module's
 path prefixed by its pipeline component (``unet.down_blocks.0.attentions.0.proj_in``,
 ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``, ``text_encoder_2....``), plus metadata and
-any extra tensors (ED-LoRA embeddings).
+any extra tensors (ED-LoRA embeddings). Each layer is one of the adapter types of
+:mod:`lorakit.adapters.registry` (LoRA / LoCon, LoHa, LoKr).
 """
 
 from __future__ import annotations
@@ -20,25 +22,24 @@ from pathlib import Path
 
 import torch
 
+from lorakit.adapters.base import AdapterModule
+from lorakit.adapters.keys import (  # noqa: F401 - re-exported: callers import the naming helpers from here
+    COMPONENTS,
+    KEY_STYLES,
+    UnplacedKeyError,
+    is_sai_name,
+    kernel_hint,
+    kohya_name,
+    kohya_prefix,
+    module_path_from_kohya,
+    sai_names_to_module_keys,
+)
+from lorakit.adapters.locon import is_locon
+from lorakit.adapters.lora import LoraModule
+from lorakit.adapters.registry import module_type_of, split_layer_key, unsupported_kind
 from lorakit.fileio import load_safetensors, save_safetensors
 
 FORMAT_VERSION = "1"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
-# Identifiers that contain "_" in diffusers / transformers module paths; everything else splits on "_".
-_COMPOUNDS = sorted(
-    (
-        tuple(w.split("_"))
-        for w in (
-            "down_blocks up_blocks mid_block transformer_blocks proj_in proj_out to_q to_k to_v to_out "
-            "conv_shortcut time_emb_proj text_model self_attn q_proj k_proj v_proj out_proj conv_in conv_out "
-            "time_embedding add_embedding linear_1 linear_2 conv_norm_out final_layer_norm text_projection "
-            "add_q_proj add_k_proj add_v_proj to_add_out"
-        ).split()
-    ),
-    key=len,
-    reverse=True,
-)
 
 
 class AdapterError(ValueError):
@@ -46,42 +47,11 @@ class AdapterError(ValueError):
 
 
 @dataclass
-class LoraModule:
-    """One adapted layer: ``delta = (alpha / rank) * up @ down``.
-
-    Shapes: Linear ``down [r, in]``, ``up [out, r]``; Conv2d (LoCon) ``down [r, in, kh, kw]``, ``up [out, r, 1, 1]``.
-    """
-
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def is_conv(self) -> bool:
-        return self.down.dim() == 4
-
-    def delta(self) -> torch.Tensor:
-        """The weight change: ``[out, in]`` for Linear, ``[out, in, kh, kw]`` for Conv2d (float32)."""
-        down, up = self.down.float(), self.up.float()
-        if self.is_conv:
-            d = up.flatten(1) @ down.flatten(1)
-            return self.scale * d.reshape(up.shape[0], *down.shape[1:])
-        return self.scale * (up @ down)
-
-
-@dataclass
 class Adapter:
-    """A LoRA / LoCon / ED-LoRA adapter in memory."""
+    """A LoRA / LoCon / LoHa / LoKr / ED-LoRA adapter in memory; ``modules`` values follow
+    :class:`lorakit.adapters.base.AdapterModule`."""
 
-    modules: dict[str, LoraModule] = field(default_factory=dict)
+    modules: dict[str, AdapterModule] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -93,64 +63,26 @@ class Adapter:
     def kind(self) -> str:
         if "lorakit.kind" in self.metadata:
             return self.metadata["lorakit.kind"]
-        return "locon" if any(m.is_conv and m.down.shape[-1] > 1 for m in self.modules.values()) else "lora"
+        kinds = {m.kind for m in self.modules.values()}
+        for kind in ("loha", "lokr"):
+            if kind in kinds:
+                return kind
+        return "locon" if any(is_locon(m) for m in self.modules.values()) else "lora"
 
-    def component(self, name: str) -> dict[str, LoraModule]:
+    def component(self, name: str) -> dict[str, AdapterModule]:
         """The modules of one pipeline component, keyed by their path inside it."""
         prefix = name + "."
         return {k[len(prefix) :]: v for k, v in self.modules.items() if k.startswith(prefix)}
 
     def num_parameters(self) -> int:
-        return sum(m.down.numel() + m.up.numel() for m in self.modules.values())
+        return sum(m.num_parameters() for m in self.modules.values())
 
-
-def kohya_prefix(component: str, arch: str) -> str:
-    """kohya key prefix of a pipeline component for an architecture."""
-    if component == "unet":
-        return "lora_unet_"
-    if component == "text_encoder":
-        return "lora_te1_" if arch == "sdxl" else "lora_te_"
-    if component == "text_encoder_2":
-        return "lora_te2_"
-    raise ValueError(f"unknown pipeline component {component!r}; expected one of {COMPONENTS}")
-
-
-def kohya_name(module_key: str, arch: str) -> str:
-    """``unet.down_blocks.0.attentions.0.proj_in`` -> ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
-    comp, path = module_key.split(".", 1)
-    return kohya_prefix(comp, arch) + path.replace(".", "_")
-
-
-def module_path_from_kohya(name: str) -> str:
-    """Inverse of the kohya naming for diffusers/transformers paths: ``lora_unet_mid_block_attentions_0_proj_in``
-    -> ``unet.mid_block.attentions.0.proj_in``.
-
-    Raises:
-        AdapterError for a prefix that is none of lora_unet_, lora_te_, lora_te1_, lora_te2_.
-    """
-    for prefix, comp in (
-        ("lora_unet_", "unet"),
-        ("lora_te2_", "text_encoder_2"),
-        ("lora_te1_", "text_encoder"),
-        ("lora_te_", "text_encoder"),
-    ):
-        if name.startswith(prefix):
-            words = name[len(prefix) :].split("_")
-            break
-    else:
-        raise AdapterError(f"key {name!r} has no kohya prefix (lora_unet_, lora_te_, lora_te1_, lora_te2_)")
-    parts, i = [], 0
-    while i < len(words):
-        for comp_words in _COMPOUNDS:
-            n = len(comp_words)
-            if tuple(words[i : i + n]) == comp_words:
-                parts.append("_".join(comp_words))
-                i += n
-                break
-        else:
-            parts.append(words[i])
-            i += 1
-    return comp + "." + ".".join(parts)
+    def as_lora(self) -> "Adapter":
+        """The same adapter with every layer in its exact LoRA form (LoRA / LoCon layers are shared, not copied)."""
+        if all(isinstance(m, LoraModule) for m in self.modules.values()):
+            return self
+        meta = {k: v for k, v in self.metadata.items() if not (k == "lorakit.kind" and v in ("loha", "lokr"))}
+        return Adapter({k: m.to_lora() for k, m in self.modules.items()}, meta, dict(self.extra))
 
 
 def adapter_metadata(
@@ -179,22 +111,42 @@ def adapter_metadata(
     return meta
 
 
-def save_adapter(adapter: Adapter, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write an adapter as a kohya-named safetensors file with its metadata, atomically.
+def default_key_style(arch: str) -> str:
+    """The UNet naming written by default: SAI for SDXL (what kohya writes, and the only SDXL naming every
+    consumer places completely: A1111 moves one diffusers-named upsampler), diffusers names for SD1/SD2."""
+    return "sai" if arch == "sdxl" else "diffusers"
+
+
+def adapter_tensors(adapter: Adapter, arch: str, key_style: str = "auto",
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The kohya / LyCORIS-named tensors of an adapter (layers, then extra tensors)."""
+    if key_style not in KEY_STYLES:
+        raise ValueError(f"key style {key_style!r}; expected one of {KEY_STYLES}")
+    style = default_key_style(arch) if key_style == "auto" else key_style
+    if style == "sai" and arch != "sdxl":
+        raise ValueError(f"--key-style sai is for SDXL adapters; this one is {arch} (kohya writes SD1/SD2 with "
+                         "diffusers names)")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, mod in adapter.modules.items():
+        for name, value in mod.state_dict(kohya_name(key, arch, style)).items():
+            cast = dtype is not None and value.is_floating_point() and not name.endswith(".alpha")
+            tensors[name] = value.to(dtype) if cast else value
+    tensors.update(adapter.extra)
+    return tensors
+
+
+def save_adapter(adapter: Adapter, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                 key_style: str = "auto") -> Path:
+    """Write an adapter as a kohya / LyCORIS-named safetensors file with its metadata, atomically.
 
     Args:
         adapter: modules keyed by component path; ``metadata['lorakit.base_arch']`` decides te prefixes.
         dtype: store weights in this dtype (e.g. ``torch.float16``); default keeps each tensor's dtype.
+        key_style: UNet layer names: ``diffusers`` (``lora_unet_down_blocks_...``), ``sai``
+            (``lora_unet_input_blocks_...``, SDXL only) or ``auto`` (:func:`default_key_style`).
     """
     arch = adapter.metadata.get("lorakit.base_arch") or guess_arch(adapter) or "sd1"
-    tensors: dict[str, torch.Tensor] = {}
-    for key, mod in adapter.modules.items():
-        name = kohya_name(key, arch)
-        tensors[f"{name}.lora_down.weight"] = mod.down if dtype is None else mod.down.to(dtype)
-        tensors[f"{name}.lora_up.weight"] = mod.up if dtype is None else mod.up.to(dtype)
-        tensors[f"{name}.alpha"] = torch.tensor(float(mod.alpha))
-    for key, value in adapter.extra.items():
-        tensors[key] = value
+    tensors = adapter_tensors(adapter, arch, key_style, dtype)
     meta = dict(adapter.metadata)
     meta.setdefault("lorakit.format", FORMAT_VERSION)
     meta.setdefault("lorakit.base_arch", arch)
@@ -202,66 +154,25 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, dtype: torch.dtype |
     return save_safetensors(tensors, path, meta)
 
 
-_KOHYA_RE = re.compile(r"^(lora_(?:unet|te|te1|te2)_.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-_PEFT_RE = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)\.(lora_A|lora_B)(?:\.[\w-]+)?\.weight$")
-_LYCORIS_OTHER = ("hada_w1", "lokr_w1", "oft_blocks", ".dora_scale", "lokr_w1_a")
+def load_adapter(path: str | os.PathLike, layers_per_block: int = 2) -> Adapter:
+    """Read an adapter file: lorakit / kohya / LyCORIS files (diffusers or SAI/LDM names; LoRA, LoCon, LoHa,
+    LoKr) and peft / diffusers LoRA files with their alpha metadata (:mod:`lorakit.adapters.formats`).
 
-
-def load_adapter(path: str | os.PathLike) -> Adapter:
-    """Read an adapter file: lorakit/kohya files, kohya LDM-named files (via diffusers' converter) and
-    peft/diffusers-format LoRA files.
-
+    Args:
+        layers_per_block: the base UNet's, for renumbering SAI names (2 for every SD1/SD2/SDXL model).
     Raises:
         FileNotFoundError; AdapterError naming the file for truncated files, unsupported adapter types
-        (LoHa, LoKr, OFT, DoRA) and files without LoRA weights.
+        (OFT, BOFT, DoRA, ...), keys that cannot be placed (with the guessed format) and files without weights.
     """
+    from lorakit.adapters.formats import FormatError, read_layers
+
     path = Path(path)
     tensors, meta = load_safetensors(path)
-    if any(marker in k for k in tensors for marker in _LYCORIS_OTHER):
-        raise AdapterError(f"{path}: LyCORIS LoHa/LoKr/OFT/DoRA adapters are not supported, only LoRA and LoCon")
-    if any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block")) for k in tensors):
-        tensors = _ldm_to_diffusers_names(path, tensors, meta)
-    adapter = Adapter(metadata=meta)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        m = _KOHYA_RE.match(key)
-        if m:
-            groups.setdefault(module_path_from_kohya(m.group(1)), {})[m.group(2).split(".")[0]] = value
-            continue
-        m = _PEFT_RE.match(key)
-        if m:
-            comp = m.group(1) or "unet"
-            part = "lora_down" if m.group(3) == "lora_A" else "lora_up"
-            groups.setdefault(f"{comp}.{m.group(2)}", {})[part] = value
-            continue
-        adapter.extra[key] = value
-    for key, parts in groups.items():
-        if "lora_down" not in parts or "lora_up" not in parts:
-            raise AdapterError(f"{path}: module {key} has {sorted(parts)} but needs both lora_down and lora_up")
-        down, up = parts["lora_down"], parts["lora_up"]
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
-        adapter.modules[key] = LoraModule(down=down, up=up, alpha=alpha)
-    if not adapter.modules:
-        raise AdapterError(f"{path}: no LoRA weights found (expected kohya lora_down/lora_up or peft lora_A/lora_B keys)")
-    return adapter
-
-
-def _ldm_to_diffusers_names(path: Path, tensors: dict, meta: dict) -> dict:
-    """Rename kohya LDM-style UNet keys (input_blocks/middle_block/output_blocks) to diffusers paths."""
-    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
-
-    unet_cfg = _LDM_UNET_CONFIG["sdxl" if any(k.startswith("lora_te2_") for k in tensors) else "sd1"]
     try:
-        return _maybe_map_sgm_blocks_to_diffusers(dict(tensors), unet_cfg)
-    except Exception as err:  # noqa: BLE001
-        raise AdapterError(f"{path}: could not map LDM block names to diffusers names: {err}") from err
-
-
-class _Cfg(dict):
-    __getattr__ = dict.get
-
-
-_LDM_UNET_CONFIG = {"sd1": _Cfg(layers_per_block=2), "sdxl": _Cfg(layers_per_block=2)}
+        layers = read_layers(tensors, meta, path, layers_per_block)
+    except FormatError as err:
+        raise AdapterError(str(err)) from err
+    return Adapter(modules=layers.modules, metadata=meta, extra=layers.extra)
 
 
 def guess_arch(adapter: Adapter) -> str | None:
@@ -274,7 +185,7 @@ def guess_arch(adapter: Adapter) -> str | None:
         return None
     if max(levels) == 3:
         for k, mod in adapter.modules.items():
-            if k.endswith("attn2.to_k") and mod.down.shape[1] == 1024:
+            if k.endswith("attn2.to_k") and mod.delta().shape[1] == 1024:
                 return "sd2"
         return "sd1"
     if max(levels) == 2 and any(k.startswith("unet.down_blocks.2.attentions") for k in keys):
@@ -338,7 +249,9 @@ def to_peft_state_dict(modules: dict[str, LoraModule]) -> dict[str, torch.Tensor
 def apply_adapter(pipe, adapter: Adapter, adapter_name: str = "default") -> list[str]:
     """Inject an adapter into a pipeline's UNet / text encoders with peft and load its weights exactly.
 
-    The adapter is validated against the pipeline first. Returns the components that received weights.
+    The adapter is validated against the pipeline first; LoHa / LoKr layers are injected as their exact LoRA
+    factorisation (:meth:`AdapterModule.to_lora`), so scales and ``set_adapters`` work as for LoRA.
+    Returns the components that received weights.
     Use ``pipe.set_adapters`` (diffusers) to change scales or combine several adapters.
     """
     from peft import inject_adapter_in_model, set_peft_model_state_dict
@@ -346,6 +259,7 @@ def apply_adapter(pipe, adapter: Adapter, adapter_name: str = "default") -> list
     from lorakit.blocks import lora_config
 
     validate_adapter(adapter, pipe)
+    adapter = adapter.as_lora()  # LoHa / LoKr layers go in as their exact LoRA factors
     touched = []
     for comp in COMPONENTS:
         mods = adapter.component(comp)
@@ -391,22 +305,33 @@ def validate_adapter(adapter: Adapter, pipe, source: str | os.PathLike | None = 
             problems.append(f"{key}: no such module in the base {comp}")
             continue
         layer = getattr(layer, "base_layer", layer)
-        if isinstance(layer, torch.nn.Linear):
-            want_down, want_up = (mod.rank, layer.in_features), (layer.out_features, mod.rank)
-        elif isinstance(layer, torch.nn.Conv2d):
-            want_down = (mod.rank, layer.in_channels, *layer.kernel_size)
-            want_up = (layer.out_channels, mod.rank, 1, 1)
-            if mod.down.dim() == 2 and tuple(layer.kernel_size) == (1, 1):
-                want_down, want_up = (mod.rank, layer.in_channels), (layer.out_channels, mod.rank)
-        else:
-            problems.append(f"{key}: base module is {type(layer).__name__}, not Linear/Conv2d")
-            continue
-        if tuple(mod.down.shape) != want_down or tuple(mod.up.shape) != want_up:
-            problems.append(
-                f"{key}: down {tuple(mod.down.shape)} / up {tuple(mod.up.shape)}, base needs {want_down} / {want_up}"
-            )
+        problem = _fit_problem(key, mod, layer)
+        if problem:
+            problems.append(problem)
     if problems:
         raise AdapterError(
             f"{where}adapter does not fit the base ({base_arch}): {len(problems)} problem(s); first: "
             + "; ".join(problems[:5])
         )
+
+
+def _fit_problem(key: str, mod, layer) -> str | None:
+    """Why an adapted layer does not fit a base layer, or None."""
+    if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+        return f"{key}: base module is {type(layer).__name__}, not Linear/Conv2d"
+    if not isinstance(mod, LoraModule):
+        shape, want = tuple(mod.delta().shape), tuple(layer.weight.shape)
+        flat_ok = len(shape) == 2 and shape == (want[0], int(torch.Size(want[1:]).numel()))
+        if shape != want and not (flat_ok and isinstance(layer, torch.nn.Conv2d) and want[2:] == (1, 1)):
+            return f"{key}: {mod.kind} delta {shape}, base weight {want}"
+        return None
+    if isinstance(layer, torch.nn.Linear):
+        want_down, want_up = (mod.rank, layer.in_features), (layer.out_features, mod.rank)
+    else:
+        want_down = (mod.rank, layer.in_channels, *layer.kernel_size)
+        want_up = (layer.out_channels, mod.rank, 1, 1)
+        if mod.down.dim() == 2 and tuple(layer.kernel_size) == (1, 1):
+            want_down, want_up = (mod.rank, layer.in_channels), (layer.out_channels, mod.rank)
+    if tuple(mod.down.shape) != want_down or tuple(mod.up.shape) != want_up:
+        return f"{key}: down {tuple(mod.down.shape)} / up {tuple(mod.up.shape)}, base needs {want_down} / {want_up}"
+    return None

@@ -136,6 +136,9 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out that lorakit wrote (never a file or folder it did not write, "
                         "never an input)")
+    p.add_argument("--key-style", choices=["auto", "diffusers", "sai"], default="auto",
+                   help="adapter output: kohya UNet names, sai (lora_unet_input_blocks_..., SDXL) or diffusers "
+                        "(lora_unet_down_blocks_...); auto = sai for SDXL, diffusers for SD1/SD2 (docs/formats.md)")
     p.add_argument("--rank", type=int, help="truncate the written delta to this rank by SVD (default: exact)")
     p.add_argument("--prompts", nargs="+", metavar="PROMPTS",
                    help="one entry per adapter, several prompts separated by '|' (default: each file's trigger "
@@ -172,7 +175,7 @@ def build_inputs(args):
     if args.prompts is not None and len(args.prompts) != len(paths):
         raise ValueError(f"--prompts has {len(args.prompts)} entries for {len(paths)} adapters; give one per adapter "
                          "(several prompts for one adapter are separated by '|')")
-    adapters = [load_adapter(p) for p in paths]
+    adapters = [load_adapter(p).as_lora() for p in paths]  # LoHa / LoKr layers as exact LoRA factors
     names = [Path(p).stem for p in paths]
     prompts, samples, sources = [], [], []
     for i, (ad, name) in enumerate(zip(adapters, names)):
@@ -235,7 +238,8 @@ def write_outputs(args, inputs, result, report: dict) -> Path:
         meta["lorakit.fusion"] = json.dumps({"method": args.method, "inputs": [Path(p).name for p in inputs.paths],
                                              "weights": inputs.weights, "rank": args.rank})
         meta.update(result.metadata)
-        save_adapter(Adapter(modules=modules, metadata=meta, extra=dict(result.extra)), out)
+        save_adapter(Adapter(modules=modules, metadata=meta, extra=dict(result.extra)), out,
+                     key_style=getattr(args, "key_style", "auto"))
         report["output"] = {"format": "adapter", "path": str(out), "modules": len(modules),
                             "ranks": sorted({m.rank for m in modules.values()})}
         write_json(report, report_path)

@@ -28,11 +28,12 @@ def summarize(adapter) -> dict:
         b = blocks.setdefault(block_of_key(key), {"modules": 0, "ranks": set(), "params": 0})
         b["modules"] += 1
         b["ranks"].add(mod.rank)
-        b["params"] += mod.down.numel() + mod.up.numel()
+        b["params"] += mod.num_parameters()
     meta = adapter.metadata
     config = json.loads(meta["lorakit.config"]) if "lorakit.config" in meta else None
     return {
         "kind": adapter.kind,
+        "layer_types": sorted({m.kind for m in adapter.modules.values()}),
         "arch": adapter.arch or "unknown",
         "modules": len(adapter.modules),
         "linear": sum(not m.is_conv for m in adapter.modules.values()),

@@ -143,6 +143,7 @@ def build_problems(pipe, concepts: list[Concept]) -> dict[str, LayerProblem]:
     problems: dict[str, LayerProblem] = {}
     for i, concept in enumerate(concepts):
         for key, mod in concept.adapter.modules.items():
+            mod = mod.to_lora()  # LoHa / LoKr: the full delta, exactly factored
             comp, path = key.split(".", 1)
             model = getattr(pipe, comp, None)
             if model is None:

@@ -47,11 +47,12 @@ def _module_shape(mods: list[LoraModule]) -> tuple[int, ...]:
 
 
 def _layers(adapters: list[Adapter]) -> dict[str, dict[int, LoraModule]]:
-    """``{key: {adapter index: LoraModule}}`` over the union of adapted layers, in first-seen order."""
+    """``{key: {adapter index: LoraModule}}`` over the union of adapted layers, in first-seen order (LoHa / LoKr
+    layers in their exact LoRA form)."""
     out: dict[str, dict[int, LoraModule]] = {}
     for i, ad in enumerate(adapters):
         for key, mod in ad.modules.items():
-            out.setdefault(key, {})[i] = mod
+            out.setdefault(key, {})[i] = mod.to_lora()
     return out
 
 

@@ -63,7 +63,7 @@ def load_adapters(pipe, paths: list, weights: list[float] | None = None) -> list
     """
     import importlib.util
 
-    from lorakit.adapters.io import load_adapter, validate_adapter
+    from lorakit.adapters.io import apply_adapter, load_adapter, validate_adapter
 
     weights = [1.0] * len(paths) if weights is None else list(weights)
     if len(weights) != len(paths):
@@ -81,7 +81,11 @@ def load_adapters(pipe, paths: list, weights: list[float] | None = None) -> list
 
             load_edlora(pipe, path, adapter_name=name)
         else:
-            validate_adapter(load_adapter(path), pipe, path)
-            pipe.load_lora_weights(str(path), adapter_name=name)
+            adapter = load_adapter(path)
+            validate_adapter(adapter, pipe, path)
+            if any(m.kind != "lora" for m in adapter.modules.values()):  # LoHa / LoKr: diffusers reads LoRA only; peft gets the exact LoRA form
+                apply_adapter(pipe, adapter, name)
+            else:
+                pipe.load_lora_weights(str(path), adapter_name=name)
         loaded.append(LoadedAdapter(name, str(path.resolve()), file_sha256(path), kind, float(weight), meta))
     return loaded

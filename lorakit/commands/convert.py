@@ -1,0 +1,58 @@
+"""``lorakit convert IN OUT``: rewrite an adapter file in another layout (kohya names, SAI names, diffusers)."""
+
+from __future__ import annotations
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="rewrite an adapter file for another tool (kohya/A1111/ComfyUI names, SDXL SAI names, diffusers/peft)",
+        description="Read any adapter file lorakit reads (kohya with diffusers or SAI names, LyCORIS LoHa/LoKr, "
+        "peft/diffusers with alpha metadata) and write it as: kohya (lora_unet_/lora_te*_ names that kohya, "
+        "A1111, ComfyUI and diffusers read; SDXL UNet layers in SAI names unless --key-style diffusers) or "
+        "diffusers (unet./text_encoder. lora_A/lora_B keys with diffusers' lora_adapter_metadata). The delta of "
+        "every layer is kept exactly (see docs/formats.md).",
+    )
+    p.add_argument("input", help="adapter .safetensors file")
+    p.add_argument("output", help="output .safetensors file (must not be the input)")
+    p.add_argument("--to", choices=["kohya", "diffusers"], default="kohya", help="output layout (default: kohya)")
+    p.add_argument("--key-style", choices=["auto", "diffusers", "sai"], default="auto",
+                   help="kohya UNet names: sai (lora_unet_input_blocks_..., SDXL only), diffusers "
+                        "(lora_unet_down_blocks_...), auto = sai for SDXL, diffusers for SD1/SD2")
+    p.add_argument("--as-lora", action="store_true",
+                   help="write LoHa / LoKr layers as their exact LoRA factorisation (readable by diffusers too)")
+    p.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (default: as read)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from lorakit.adapters.export import save_diffusers_adapter
+    from lorakit.adapters.io import load_adapter, save_adapter
+
+    src, dst = Path(args.input), Path(args.output)
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"{dst}: the output must end in .safetensors")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"{dst}: the output would overwrite the input; choose another path")
+    adapter = load_adapter(src)
+    if args.as_lora:
+        adapter = adapter.as_lora()
+    adapter.metadata.setdefault("lorakit.base_arch", adapter.arch or "sd1")
+    adapter.metadata["lorakit.converted_from"] = src.name
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.to == "diffusers":
+        if args.key_style != "auto":
+            raise ValueError("--key-style applies to --to kohya")
+        save_diffusers_adapter(adapter, dst, dtype)
+    else:
+        save_adapter(adapter, dst, dtype=dtype, key_style=args.key_style)
+    kinds = sorted({m.kind for m in adapter.modules.values()})
+    print(f"lorakit convert: {src} -> {dst} ({args.to}, {len(adapter.modules)} layers, {'/'.join(kinds)}, "
+          f"{adapter.metadata['lorakit.base_arch']})")
+    return 0
