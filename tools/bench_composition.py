@@ -481,6 +481,10 @@ def main(argv=None) -> int:
           "of the set, with the 95% Wilson interval and k/n; vs merge: images only this method / only merge got "
           "right (exact McNemar p, two-sided).\n\n"
           + markdown_table(headers, table))
+    small = sorted({c["all_present"]["n"] for c in summary["cells"].values() if c["all_present"]["n"] < 64})
+    if small:
+        md += (f"\nCells with n = {', '.join(map(str, small))} images: below 64 the intervals are wide; read no "
+               "difference off them that the paired test does not confirm.\n")
     write_text(md, out / "table.md")
     print(md)
     return 0

@@ -152,7 +152,8 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[3, 4])
     ap.add_argument("--methods", nargs="+", default=["merge", "switch", "composite", "cmlora-official", "cmlora",
                                                      "composite+ubase", "delta", "merge+ubase"])
-    ap.add_argument("--k", type=int, default=4, help="images per set and method (seeds 0..k-1)")
+    ap.add_argument("--k", type=int, default=11,
+                    help="images per set and method (seeds 0..k-1; default 11: 66 images per cell with 6 sets)")
     ap.add_argument("--batch", type=int, default=4, help="images per generate call")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0, help="the toy base's guidance (as lorakit demo)")
