@@ -14,7 +14,7 @@ import torch
 torch.set_num_threads(1)
 
 from lorakit.cli import main  # noqa: E402
-from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids  # noqa: E402
+from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids, target_ids  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "--quiet"]
@@ -22,10 +22,15 @@ QUICK = ["--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "-
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    import contextlib
+    import io
+
     root = tmp_path_factory.mktemp("demo")
     out, loras = root / "out", root / "loras"
-    assert main(["demo", *QUICK, "--out", str(out), "--lora-dir", str(loras)]) == 0
-    return out, loras, json.loads((out / "report.json").read_text())
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", *QUICK, "--out", str(out), "--lora-dir", str(loras)]) == 0
+    return out, loras, json.loads((out / "report.json").read_text()), printed.getvalue()
 
 
 def test_prompt_is_the_training_caption_form():
@@ -39,21 +44,22 @@ def test_prompt_is_the_training_caption_form():
 
 
 def test_report_files_and_every_method(demo_run):
-    out, _, report = demo_run
+    out, _, report, _ = demo_run
     for name in ("report.html", "report.md", "report.json"):
         assert (out / name).stat().st_size > 0
     expected = method_ids("frog", "ink")
     assert expected == ["base", "frog_only", "ink_only", "merge", "switch", "composite", "cmlora", "gradient",
                         "weighted"]
-    assert [r["method"] for r in report["rows"]] == expected
+    assert target_ids("frog", "ink") == ["frog_target", "ink_target", "target"]
+    assert [r["method"] for r in report["rows"]] == target_ids("frog", "ink") + expected
     assert report["prompt"] == "kwibbit, white plain background, inkvel"
     html, md = (out / "report.html").read_text(), (out / "report.md").read_text()
     for row in report["rows"]:
         assert row["seeds"] == [0] and len(row["images"]) == 1 and len(row["probs"]) == 1
-        assert row["s_per_image"] > 0 and row["setup_s"] >= 0
-        for rel in row["images"]:
-            assert not Path(rel).is_absolute() and (out / rel).is_file()
-            assert f'src="{rel}"' in html and f"]({rel})" in md
+        assert row["kind"] == "target" or (row["s_per_image"] > 0 and row["setup_s"] >= 0)
+        for rel, big in zip(row["images"], row["images_large"]):
+            assert not Path(rel).is_absolute() and (out / rel).is_file() and (out / big).is_file()
+            assert f'href="{rel}"' in html and f'src="{big}"' in html and f"]({rel})" in md and f"]({big})" in md
         assert f"<td>{row['method']}</td>" in html and f"| {row['method']} |" in md
     assert set(report["loras"]) == {"frog", "ink"}
     assert all(not v["cached"] for v in report["loras"].values())
@@ -64,10 +70,13 @@ def test_report_numbers_are_the_oracles_on_the_saved_pngs(demo_run):
 
     from lorakit.eval.oracle import score
 
-    out, _, report = demo_run
+    out, _, report, _ = demo_run
     for row in report["rows"]:
         images = [Image.open(out / rel).convert("RGB") for rel in row["images"]]
         assert all(im.size == (32, 32) for im in images)
+        for im, big in zip(images, row["images_large"]):  # the shown copy: the same pixels, 4x, nearest neighbour
+            large = Image.open(out / big).convert("RGB")
+            assert large.size == (128, 128) and large.resize((32, 32), Image.NEAREST).tobytes() == im.tobytes()
         s = score(images, ["frog", "ink"])
         assert row["character_rate"] == s.rates["frog"]
         assert row["style_rate"] == s.rates["ink"]
@@ -75,8 +84,40 @@ def test_report_numbers_are_the_oracles_on_the_saved_pngs(demo_run):
         assert torch.allclose(torch.tensor(row["probs"]), s.probs, atol=1e-6)
 
 
+def test_target_rows_are_ground_truth_the_oracle_recognises(demo_run):
+    out, _, report, _ = demo_run
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["frog_target"]["character_rate"] == 1.0 and rows["frog_target"]["style_rate"] == 0.0
+    assert rows["ink_target"]["style_rate"] == 1.0 and rows["ink_target"]["character_rate"] == 0.0
+    assert rows["target"]["both_rate"] == 1.0
+
+
+def test_printed_paths_exist(demo_run):
+    import re
+
+    out, _, _, printed = demo_run
+    assert "final artifact:" in printed  # the trainer's summary, now naming the kept file
+    paths = re.findall(r"(/[^\s'\"(),]+\.safetensors)", printed)
+    assert paths and all(Path(p).is_file() for p in paths), printed
+
+
+def test_rerun_removes_only_its_own_stale_images(demo_run, tmp_path):
+    import shutil
+
+    out, loras, first, _ = demo_run
+    again = tmp_path / "rerun"
+    shutil.copytree(out, again)
+    (again / "images" / "mine.png").write_bytes(b"not lorakit's")
+    assert main(["demo", *QUICK, "--seed", "5", "--out", str(again), "--lora-dir", str(loras)]) == 0
+    report = json.loads((again / "report.json").read_text())
+    assert all(not (again / rel).exists() for r in first["rows"] for rel in r["images"] + r["images_large"])
+    assert all((again / rel).is_file() for r in report["rows"] for rel in r["images"] + r["images_large"])
+    assert (again / "images" / "mine.png").read_bytes() == b"not lorakit's"
+    assert len(report["removed_stale"]) == 2 * len(first["rows"])
+
+
 def test_second_run_reuses_the_loras(demo_run, tmp_path):
-    _, loras, first = demo_run
+    _, loras, first, _ = demo_run
     paths = {n: Path(v["path"]) for n, v in first["loras"].items()}
     mtimes = {n: p.stat().st_mtime_ns for n, p in paths.items()}
     assert all(p.parent == loras for p in paths.values())

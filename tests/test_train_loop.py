@@ -86,6 +86,16 @@ def test_periodic_and_final_artifacts(tmp_path):
     assert res.final_path == files[-1]
 
 
+def test_checkpointing_steps_zero_writes_no_checkpoint(tmp_path):
+    res = _run(tmp_path / "none", ["max_steps=4", "checkpointing_steps=0"])
+    assert res.checkpoint is None and latest_checkpoint(tmp_path / "none") is None
+    assert not (tmp_path / "none" / "checkpoints").exists()
+    res = _run(tmp_path / "asked", ["max_steps=4", "checkpointing_steps=0", "checkpoint_at_end=true"])
+    assert res.checkpoint.name == "checkpoint-4"
+    res = _run(tmp_path / "every", ["max_steps=4", "checkpointing_steps=3"])  # periodic + the end by default
+    assert res.checkpoint.name == "checkpoint-4"
+
+
 def test_sampler_layouts_give_the_same_global_batches():
     groups = [list(range(7)), list(range(7, 12))]
     one = GlobalBatchSampler(groups, batch_size=4, num_processes=1, seed=3)

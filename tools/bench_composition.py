@@ -2,24 +2,38 @@
 
 Composition sets: one held-out character plus 1-3 of {object, style, background} (one concept per category),
 so N = 2..4 LoRAs; every combination (78 sets) or a seeded sample of ``--sets-per-size`` per N. Every method
-generates K images per set with fixed seeds (the same seeds for every method), the toy-world oracle says which
-of the set's concepts each image shows, and the table is method x N -> all-concepts-present rate, presence per
-category, seconds per image (sampling only; a fusion method's one-off fuse time per set is reported apart).
+generates K images per set with fixed seeds (the same sets, prompts and seeds for every method), the toy-world
+oracle says which of the set's concepts each image shows, and the table is method x N -> all-concepts-present rate
+with n (images) and a 95% Wilson interval, presence per category, seconds per image (sampling only; a fusion
+method's one-off fuse time per set is reported apart), and a paired exact McNemar test of each method against
+merge on the same images (wins = images only that method got right). ``summary.json`` holds every pair of methods.
 
-Methods: merge (all adapters at --merge-weight, the reference's 0.8), switch, composite, cmlora (sampling time,
-``lorakit.sampling``); gradient (Mix-of-Show gradient fusion -> fused pipeline) and weighted (average of the
-deltas) through ``lorakit fuse``; lorarar (``lorakit fuse --method lorarar --hypernet H``) for the
-character + style pairs only.
+Like for like: every method runs every LoRA at the same scale ``--scale`` (default 0.8, the references' value):
+merge / switch / composite / cmlora set each adapter's weight to it, the fusions get it as ``--weights``
+(weighted then averages the scaled deltas: ``W0 + (1/N) sum_i s dW_i``, Mix-of-Show's baseline). Gradient
+fusion captures each concept's activations on its own training captions (``data/toy/<concept>/*.txt``), not on a
+template the toy world never saw. lorarar's hypernetwork predicts the merge coefficients itself (no scale).
+
+Scale sweep: ``--sweep 0.6 0.8 1.0`` runs every method at every scale on ``--val-k`` validation seeds
+(``--val-seed``, default 1000, disjoint from the report seeds), picks each method's best scale per N there
+(all-present rate; ties go to the scale nearest ``--scale``) and reports the table on the report seeds at the
+picked scales (the validation rates are in ``summary.json``).
+
+Methods: merge, switch, composite, cmlora (sampling time, ``lorakit.sampling``); gradient (Mix-of-Show gradient
+fusion -> fused pipeline) and weighted (average of the deltas) through ``lorakit fuse``; lorarar (``lorakit fuse
+--method lorarar --hypernet H``) for the character + style pairs only.
 
 Inputs: the toy base (``data/toy-base``), one trained LoRA per held-out concept in ``--adapters-dir`` (found by
 their ``lorakit.trigger``; ``.ci/run`` trains them from ``train_configs/toy_*.yaml``), the oracle
 (``data/oracle``) and, for lorarar, a trained hypernetwork.
 
-    python tools/bench_composition.py --adapters-dir artifacts/adapters --k 4 --sets-per-size 6
+    python tools/bench_composition.py --adapters-dir artifacts/adapters --k 22 --sizes 2 --sets-per-size 3
+    python tools/bench_composition.py --sweep 0.6 0.8 1.0 --val-k 8 --k 16 --sizes 2
     python tools/bench_composition.py --dry-run          # list the sets and prompts, check the inputs
 
-Writes ``OUT/results.jsonl`` (one JSON line per method x set), ``OUT/summary.json``, ``OUT/table.md`` and the
-images with sidecars under ``OUT/images/<method>/n<N>/`` (so ``lorakit eval --metric judge`` can score them too).
+Writes ``OUT/results.jsonl`` (one JSON line per method x set x scale, with every image's verdicts),
+``OUT/summary.json``, ``OUT/table.md`` and the images with sidecars under ``OUT/images/<method>/n<N>/`` (so
+``lorakit eval --metric judge`` can score them too).
 """
 
 from __future__ import annotations
@@ -176,15 +190,13 @@ class SamplingRunner:
             profiles = profile_adapters(self.pipe, list(self.loaded.values()), prof, progress=False)
             self.scores = {n: profiles[a.name]["score"] for n, a in self.loaded.items()}
 
-    def run(self, method: str, set_: dict, seeds: list[int]):
+    def run(self, method: str, set_: dict, seeds: list[int], scale: float):
         from dataclasses import replace
 
         from lorakit.sampling import SamplerSettings, generate, order_by_frequency
 
         names = list(set_["concepts"].values())  # the character first (switch starts with it)
-        adapters = [self.loaded[n] for n in names]
-        if method == "merge":
-            adapters = [replace(a, weight=self.args.merge_weight) for a in adapters]
+        adapters = [replace(self.loaded[n], weight=scale) for n in names]  # one scale for every method
         order = order_by_frequency([self.scores[n] for n in names])[0] if method == "cmlora" else None
         settings = SamplerSettings(method=method, steps=self.args.steps, cfg=self.args.cfg)
         t0 = time.perf_counter()
@@ -198,7 +210,7 @@ class FusionRunner:
     def __init__(self, args, adapter_files: dict[str, Path], work: Path):
         self.args, self.files, self.work = args, adapter_files, work
 
-    def run(self, method: str, set_: dict, seeds: list[int]):
+    def run(self, method: str, set_: dict, seeds: list[int], scale: float):
         from lorakit.cli import main as lorakit
         from lorakit.sampling import SamplerSettings, generate, load_adapters, load_pipeline
 
@@ -206,10 +218,15 @@ class FusionRunner:
         if method == "lorarar" and set(concepts) != {"character", "style"}:
             return None, 0.0, {"skipped": "lorarar merges a content LoRA and a style LoRA only"}
         files = [str(self.files[n]) for n in concepts.values()]
-        out = self.work / method / (set_["id"] + ("" if method == "gradient" else ".safetensors"))
+        out = self.work / method / f"s{scale:g}" / (set_["id"] + ("" if method == "gradient" else ".safetensors"))
         cmd = ["fuse", "--method", method, "--base", self.args.base, "--adapters", *files, "--out", str(out), "--quiet"]
         if method == "lorarar":
-            cmd += ["--hypernet", self.args.hypernet]
+            cmd += ["--hypernet", self.args.hypernet]  # its hypernetwork sets the coefficients
+        else:
+            cmd += ["--weights", *[str(scale)] * len(files)]
+            if method == "gradient":
+                cmd += ["--prompts", *["|".join(training_captions(n, self.args.fusion_prompts))
+                                       for n in concepts.values()]]
         t0 = time.perf_counter()
         if lorakit(cmd) != 0:
             raise RuntimeError(f"lorakit {' '.join(cmd)} failed (see the message above)")
@@ -232,11 +249,24 @@ class FusionRunner:
         return images, time.perf_counter() - t0, {"fuse_seconds": fuse_s}
 
 
+def training_captions(concept: str, n: int) -> list[str]:
+    """Up to ``n`` distinct captions of the concept's own training folder ``data/toy/<concept>/*.txt`` (sorted by
+    file name), or, without that folder, ``n`` captions of the same form (``lorakit.toyworld.evaluate``)."""
+    folder = ROOT / "data" / "toy" / concept
+    caps = list(dict.fromkeys(p.read_text().strip() for p in sorted(folder.glob("*.txt")))) if folder.is_dir() else []
+    if not caps:
+        from lorakit.toyworld.evaluate import concept_prompts
+
+        caps = concept_prompts(concept, n, seed=0)
+    return caps[:n]
+
+
 # ------------------------------------------------------------------------------------------------- scoring
 
 
 def presence(images, concepts: dict[str, str], oracle_path: str | None) -> dict:
-    """Oracle verdicts for one set's images: all-present rate and per-category rates."""
+    """Oracle verdicts for one set's images: all-present rate, per-category rates and every image's verdicts
+    (``present``: one ``[bool per category]`` list per image, in the set's category order)."""
     from lorakit.eval.oracle import score
 
     names = list(concepts.values())
@@ -246,35 +276,95 @@ def presence(images, concepts: dict[str, str], oracle_path: str | None) -> dict:
     return {
         "all_present": float(present.all(dim=1).float().mean()),
         "per_category": {cat: float(present[:, i].float().mean()) for i, cat in enumerate(concepts)},
+        "present": [[bool(v) for v in row] for row in present],
     }
 
 
-def summarize(rows: list[dict], methods, sizes) -> tuple[dict, list[str], list[list]]:
-    """method x N table: all-present rate, presence per category, seconds per image (means over sets)."""
+def _cell_images(rows: list[dict]) -> dict:
+    """``{(set, seed): {"all": bool, category: bool}}`` over a cell's rows."""
+    out = {}
+    for r in rows:
+        cats = list(r["categories"])
+        for seed, verdicts in zip(r["seeds"], r.get("present", [])):
+            out[(r["set"], seed)] = {"all": all(verdicts), **dict(zip(cats, verdicts))}
+    return out
+
+
+def summarize(rows: list[dict], methods, sizes, baseline: str = "merge") -> tuple[dict, list[str], list[list]]:
+    """method x N table on the report rows: all-present rate with n and Wilson 95% interval, presence per
+    category, seconds per image, fuse seconds per set, and the paired test against ``baseline``.
+
+    Rates count images (sets x seeds) of the cell. ``summary["paired"]`` holds exact McNemar tests of every pair
+    of methods per N on the images both produced (same set, prompt and seed).
+    """
+    from lorakit.eval.stats import fmt_rate, paired, rate
+
     def mean(xs):
         xs = [x for x in xs if x is not None]
         return sum(xs) / len(xs) if xs else None
 
-    summary, table = {}, []
+    summary, table = {"cells": {}, "paired": []}, []
+    cells = {}
+    for m in methods:  # every cell's per-image verdicts first, so the baseline is there whatever the order
+        for n in sizes:
+            rs = [r for r in rows if r["method"] == m and r["n"] == n and not r.get("skipped")]
+            if rs:
+                cells[(m, n)] = _cell_images(rs)
     for m in methods:
         for n in sizes:
             rs = [r for r in rows if r["method"] == m and r["n"] == n and not r.get("skipped")]
             if not rs:
                 continue
+            imgs = cells[(m, n)]
+            k_all = sum(v["all"] for v in imgs.values())
+            per_cat = {}
+            for c in ("character", *CATEGORIES):
+                have = [v[c] for v in imgs.values() if c in v]
+                per_cat[c] = rate(sum(have), len(have)) if have else None
             cell = {
-                "sets": len(rs),
-                "all_present": mean([r.get("all_present") for r in rs]),
-                "per_category": {c: mean([r.get("per_category", {}).get(c) for r in rs])
-                                 for c in ("character", *CATEGORIES)},
+                "sets": len(rs), "scale": rs[0].get("scale"),
+                "all_present": rate(k_all, len(imgs)),
+                "per_category": per_cat,
                 "seconds_per_image": mean([r["seconds_per_image"] for r in rs]),
                 "fuse_seconds_per_set": mean([r.get("fuse_seconds") for r in rs]),
             }
-            summary[f"{m}/n{n}"] = cell
-            table.append([m, n, cell["sets"], cell["all_present"], *cell["per_category"].values(),
-                          cell["seconds_per_image"], cell["fuse_seconds_per_set"]])
-    headers = ["method", "N", "sets", "all present", "character", "object", "style", "background", "s/image",
-               "fuse s/set"]
+            summary["cells"][f"{m}/n{n}"] = cell
+            vs = "-"
+            base_imgs = cells.get((baseline, n))
+            if m != baseline and base_imgs:
+                keys = sorted(imgs.keys() & base_imgs.keys())
+                t = paired([imgs[x]["all"] for x in keys], [base_imgs[x]["all"] for x in keys])
+                vs = f"+{t['wins']} / -{t['losses']}, p = {t['p']:.3g}"
+            table.append([m, n, f"{cell['scale']:g}" if cell["scale"] is not None else "-", cell["sets"],
+                          fmt_rate(k_all, len(imgs)),
+                          *[f"{v['rate']:.2f}" if v else "-" for v in per_cat.values()],
+                          vs, cell["seconds_per_image"], cell["fuse_seconds_per_set"]])
+    for n in sizes:
+        ms = [m for m in methods if (m, n) in cells]
+        for i, a in enumerate(ms):
+            for b in ms[i + 1:]:
+                keys = sorted(cells[(a, n)].keys() & cells[(b, n)].keys())
+                t = paired([cells[(a, n)][x]["all"] for x in keys], [cells[(b, n)][x]["all"] for x in keys])
+                summary["paired"].append({"n_adapters": n, "a": a, "b": b, **t})
+    headers = ["method", "N", "scale", "sets", "all present [95% CI] (k/n)", "character", "object", "style",
+               "background", f"vs {baseline}: wins / losses, McNemar p", "s/image", "fuse s/set"]
     return summary, headers, table
+
+
+def pick_scales(rows: list[dict], methods, sizes, default: float) -> dict:
+    """``{(method, N): scale}`` with the best all-present rate on the validation rows (ties: nearest ``default``)."""
+    best = {}
+    for m in methods:
+        for n in sizes:
+            by_scale = {}
+            for r in rows:
+                if r["method"] == m and r["n"] == n and not r.get("skipped"):
+                    k, tot = by_scale.get(r["scale"], (0, 0))
+                    by_scale[r["scale"]] = (k + sum(all(v) for v in r.get("present", [])), tot + len(r["seeds"]))
+            if by_scale:
+                best[(m, n)] = max(by_scale, key=lambda sc: (by_scale[sc][0] / max(1, by_scale[sc][1]),
+                                                             -abs(sc - default)))
+    return best
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -293,7 +383,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--merge-weight", type=float, default=0.8, help="merge: every adapter's weight (reference: 0.8)")
+    p.add_argument("--scale", type=float, default=0.8,
+                   help="LoRA scale of every adapter in every method (default 0.8, the references' value)")
+    p.add_argument("--sweep", nargs="+", type=float, metavar="S",
+                   help="scales to choose from per method and N on validation seeds (e.g. 0.6 0.8 1.0)")
+    p.add_argument("--val-k", type=int, default=8, help="validation images per set and scale (with --sweep)")
+    p.add_argument("--val-seed", type=int, default=1000, help="first validation seed (with --sweep)")
+    p.add_argument("--fusion-prompts", type=int, default=8,
+                   help="training captions per concept that gradient fusion captures activations on (default 8)")
     p.add_argument("--hypernet", help="LoRA.rar hypernetwork file (for --methods lorarar)")
     p.add_argument("--oracle", help="oracle folder (default data/oracle)")
     p.add_argument("--no-score", action="store_true", help="time only; do not run the oracle")
@@ -328,37 +425,78 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     files = find_adapters(Path(args.adapters_dir))
     seeds = [args.seed + i for i in range(args.k)]
-    rows = []
+    if args.sweep and set(seeds) & set(range(args.val_seed, args.val_seed + args.val_k)):
+        print(f"bench_composition: validation seeds {args.val_seed}..{args.val_seed + args.val_k - 1} overlap the "
+              f"report seeds {seeds[0]}..{seeds[-1]}; pass another --val-seed", file=sys.stderr)
+        return 2
     results = out / "results.jsonl"
     results.write_text("")
-    sampling = fusion = None
+    runners = {}
+
+    def runner_for(method):
+        key = "sampling" if method in SAMPLING_METHODS else "fusion"
+        if key not in runners:
+            runners[key] = SamplingRunner(args, files) if key == "sampling" else FusionRunner(args, files, out / "fused")
+        return runners[key]
+
+    def run_cell(method, s, run_seeds, scale, phase):
+        images, seconds, extra = runner_for(method).run(method, s, run_seeds, scale)
+        row = {"phase": phase, "method": method, "n": s["n"], "set": s["id"], "prompt": s["prompt"], "scale": scale,
+               "seeds": run_seeds, "categories": list(s["concepts"]), **extra}
+        if images is not None:
+            row["seconds_per_image"] = seconds / len(images)
+            if phase == "report":
+                _save(images, s, method, run_seeds, out)
+            if not args.no_score:
+                row.update(presence(images, s["concepts"], args.oracle))
+        print(json.dumps({k: v for k, v in row.items() if k != "present"}), flush=True)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    chosen, val_rows = {}, []
+    if args.sweep:
+        val_seeds = [args.val_seed + i for i in range(args.val_k)]
+        for method in args.methods:
+            for scale in args.sweep:
+                for s in sets:
+                    val_rows.append(run_cell(method, s, val_seeds, scale, "validation"))
+        chosen = pick_scales(val_rows, args.methods, args.sizes, args.scale)
+    rows = []
     for method in args.methods:
-        if method in SAMPLING_METHODS:
-            sampling = sampling or SamplingRunner(args, files)
-            runner = sampling
-        else:
-            fusion = fusion or FusionRunner(args, files, out / "fused")
-            runner = fusion
         for s in sets:
-            images, seconds, extra = runner.run(method, s, seeds)
-            row = {"method": method, "n": s["n"], "set": s["id"], "prompt": s["prompt"], **extra}
-            if images is not None:
-                row["seconds_per_image"] = seconds / len(images)
-                _save(images, s, method, seeds, out)
-                if not args.no_score:
-                    row.update(presence(images, s["concepts"], args.oracle))
-            print(json.dumps(row), flush=True)
-            with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            rows.append(row)
+            rows.append(run_cell(method, s, seeds, chosen.get((method, s["n"]), args.scale), "report"))
     summary, headers, table = summarize(rows, args.methods, args.sizes)
+    if args.sweep:
+        summary["validation"] = {
+            f"{m}/n{n}/s{sc:g}": _val_rate(val_rows, m, n, sc) for m in args.methods for n in args.sizes
+            for sc in args.sweep}
+        summary["chosen_scales"] = {f"{m}/n{n}": sc for (m, n), sc in chosen.items()}
     write_json({"settings": vars(args), "summary": summary}, out / "summary.json")
+    how = (f"each method at the scale it scored best on validation seeds {args.val_seed}..{args.val_seed + args.val_k - 1}"
+           f" (from {', '.join(f'{x:g}' for x in args.sweep)})" if args.sweep else f"every LoRA at scale {args.scale:g}")
     md = ("## Toy ComposLoRA: all-concepts-present rate (oracle), per category, seconds per image\n\n"
-          f"K = {args.k} images per set, seeds {seeds[0]}..{seeds[-1]}, {args.steps} steps, CFG {args.cfg}.\n\n"
+          f"K = {args.k} images per set, seeds {seeds[0]}..{seeds[-1]} (the same sets, prompts and seeds for every "
+          f"method), {args.steps} steps, CFG {args.cfg}, {how}. Rates: images where the oracle finds every concept "
+          "of the set, with the 95% Wilson interval and k/n; vs merge: images only this method / only merge got "
+          "right (exact McNemar p, two-sided).\n\n"
           + markdown_table(headers, table))
+    small = sorted({c["all_present"]["n"] for c in summary["cells"].values() if c["all_present"]["n"] < 64})
+    if small:
+        md += (f"\nCells with n = {', '.join(map(str, small))} images: below 64 the intervals are wide; read no "
+               "difference off them that the paired test does not confirm.\n")
     write_text(md, out / "table.md")
     print(md)
     return 0
+
+
+def _val_rate(rows, method, n, scale) -> dict | None:
+    from lorakit.eval.stats import rate
+
+    rs = [r for r in rows if r["method"] == method and r["n"] == n and r["scale"] == scale and not r.get("skipped")]
+    if not rs:
+        return None
+    return rate(sum(all(v) for r in rs for v in r.get("present", [])), sum(len(r["seeds"]) for r in rs))
 
 
 if __name__ == "__main__":

@@ -24,33 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lorakit.eval.stats import mcnemar_exact, wilson  # noqa: E402  (re-exported for the tests)
+
 REFERENCES = ("merge", "switch", "composite", "cmlora-official")
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a rate k / n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mcnemar_exact(wins: int, losses: int) -> float:
-    """Two-sided exact McNemar p-value from the discordant pairs (binomial, p = 1/2)."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def method_settings(spec: str, steps: int, cfg: float):
@@ -168,7 +152,8 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[3, 4])
     ap.add_argument("--methods", nargs="+", default=["merge", "switch", "composite", "cmlora-official", "cmlora",
                                                      "composite+ubase", "delta", "merge+ubase"])
-    ap.add_argument("--k", type=int, default=4, help="images per set and method (seeds 0..k-1)")
+    ap.add_argument("--k", type=int, default=11,
+                    help="images per set and method (seeds 0..k-1; default 11: 66 images per cell with 6 sets)")
     ap.add_argument("--batch", type=int, default=4, help="images per generate call")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0, help="the toy base's guidance (as lorakit demo)")

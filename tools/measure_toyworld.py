@@ -7,6 +7,18 @@ oracle find that concept far more often than the base alone? Prints JSON lines (
 For each concept: train its recipe ``train_configs/toy_<concept>.yaml`` (``--steps`` overrides max_steps) with
 the block-wise trainer, generate ``--n`` images from prompts that name the concept's trigger (same prompts and
 seeds with and without the LoRA), score them with the oracle.
+
+``--follow`` measures instead whether each concept's LoRA (at ``--scale``, default 0.8) still honours the prompt,
+on ``--n`` images per row, the same prompts and seeds with and without the LoRA:
+
+* ``presence``: the concept with its trigger in training-caption prompts;
+* ``leak``: the concept when the prompt names only generic things (``red circle, cyan plain background``);
+* ``generic_following``: shape / colour / background kind of those generic prompts, LoRA on vs off (paired);
+* ``plain_white``: ``<trigger>, white plain background`` (the demo's form): how often the oracle finds a plain
+  background (LoRA vs the base on the same prompt, and the base on ``white plain background`` alone), and
+  how often the concept is there.
+
+    python tools/measure_toyworld.py --follow --concepts frog ink --n 64 --threads 1
 """
 
 from __future__ import annotations
@@ -30,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--work", default="artifacts/adapters",
                    help="LoRA cache folder (lorakit.toyworld.loras: reused when recipe, base and data are unchanged)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--follow", action="store_true", help="measure prompt following with each LoRA (see above)")
+    p.add_argument("--scale", type=float, default=0.8, help="LoRA scale for --follow (default 0.8)")
     return p.parse_args(argv)
 
 
@@ -83,17 +97,77 @@ def lora_vs_base(concept: str, base: str, steps: int | None, n: int, work: Path)
             "example_prompt": prompts[0]}
 
 
+def prompt_following(concept: str, base: str, n: int, scale: float, work: Path) -> list[dict]:
+    """Does ``concept``'s LoRA at ``scale`` keep the base's prompt following? (see the module doc)."""
+    from lorakit.eval.oracle import score
+    from lorakit.eval.stats import paired, rate
+    from lorakit.models import load_base
+    from lorakit.toyworld.concepts import get_concept
+    from lorakit.toyworld.evaluate import concept_prompts, generate, generic_prompts
+    from lorakit.toyworld.loras import train_concept_lora
+
+    c = get_concept(concept)
+    path = train_concept_lora(concept, work, base=base)
+    pipe = load_base(base)
+    pipe.set_progress_bar_config(disable=True)
+    asked = generic_prompts(n, seed=7)
+    generic = [p for p, _ in asked]
+    with_trigger = concept_prompts(concept, n, seed=123)
+    plain = [f"{c.trigger}, white plain background"] * n
+    seed = 1000
+    base_img = {"generic": generate(pipe, generic, seed=seed), "trigger": generate(pipe, with_trigger, seed=seed),
+                "plain": generate(pipe, plain, seed=seed),
+                "plain_no_trigger": generate(pipe, ["white plain background"] * n, seed=seed)}
+    pipe.load_lora_weights(str(path), adapter_name=concept)
+    pipe.set_adapters([concept], [scale])
+    lora_img = {k: generate(pipe, p, seed=seed) for k, p in (("generic", generic), ("trigger", with_trigger),
+                                                            ("plain", plain))}
+
+    def present(images, name):
+        return [bool(v) for v in score(images, [name]).present[:, 0]]
+
+    out = []
+    head = {"measure": "prompt_following", "concept": concept, "trigger": c.trigger, "scale": scale, "n": n,
+            "adapter": str(path)}
+    b, l = present(base_img["trigger"], concept), present(lora_img["trigger"], concept)
+    out.append({**head, "row": "presence", "example_prompt": with_trigger[0], "base": rate(sum(b), n),
+                "lora": rate(sum(l), n)})
+    b, l = present(base_img["generic"], concept), present(lora_img["generic"], concept)
+    out.append({**head, "row": "leak", "example_prompt": generic[0], "base": rate(sum(b), n), "lora": rate(sum(l), n)})
+    pb, pl = score(base_img["generic"]).per_image(), score(lora_img["generic"]).per_image()
+    for key in ("shape", "color", "background", "all"):
+        def ok(probs, i):
+            keys = ("shape", "color", "background") if key == "all" else (key,)
+            return all(probs[i][asked[i][1][k]] >= 0.5 for k in keys)
+
+        vb, vl = [ok(pb, i) for i in range(n)], [ok(pl, i) for i in range(n)]
+        out.append({**head, "row": f"generic_following_{key}", "base": rate(sum(vb), n), "lora": rate(sum(vl), n),
+                    "lora_vs_base": paired(vl, vb)})
+    vb, vl = present(base_img["plain"], "plain"), present(lora_img["plain"], "plain")
+    vn = present(base_img["plain_no_trigger"], "plain")
+    out.append({**head, "row": "plain_white_background", "example_prompt": plain[0], "base": rate(sum(vb), n),
+                "lora": rate(sum(vl), n), "base_without_trigger": rate(sum(vn), n), "lora_vs_base": paired(vl, vb),
+                "stripes_lora": rate(sum(present(lora_img["plain"], "stripes")), n),
+                "concept_lora": rate(sum(present(lora_img["plain"], concept)), n)})
+    return out
+
+
 def main(argv=None) -> int:
     from lorakit.toyworld.concepts import HELDOUT
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.n_generic:
+    if args.n_generic and not args.follow:
         emit(base_prompt_following(args.base, args.n_generic))
     concepts = args.concepts if args.concepts is not None else [c.name for c in HELDOUT]
     concepts = [c for c in concepts if c != "none"]
     work = Path(args.work)
+    if args.follow:
+        for c in concepts:
+            for rec in prompt_following(c, args.base, args.n, args.scale, work):
+                emit(rec)
+        return 0
     for c in concepts:
         emit(lora_vs_base(c, args.base, args.steps, args.n, work))
     return 0

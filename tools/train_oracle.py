@@ -7,6 +7,12 @@ shifts. Evaluation renders NEW scenes (another seed) and reports per-concept acc
 images; the numbers go to ``<out>/metrics.json``.
 
     python tools/train_oracle.py --vae /tmp/toybase/vae/toy-vae --out data/oracle
+    python tools/train_oracle.py --init data/oracle --hard-negatives 200 --steps 800 --out /tmp/oracle2   # fine-tune
+
+``--hard-negatives K`` adds K hard negatives per held-out concept (``lorakit.toyworld.hardneg``: blobs in its
+colours, its parts without the telling ones, other concepts in its colours), drawn from seed ``--seed + 20000``;
+their loss counts only the column of the concept they imitate (whether a robot in the frog's greens is a "robot"
+is left open). ``--init`` continues from an oracle folder's weights.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="oracle folder to start from (config.json + oracle.safetensors)")
+    p.add_argument("--hard-negatives", type=int, default=0, help="hard negatives per held-out concept (0: none)")
+    p.add_argument("--hard-frac", type=float, default=0.25, help="share of each batch drawn from the hard negatives")
     return p.parse_args(argv)
 
 
@@ -68,6 +77,23 @@ def vae_roundtrip(vae, x: torch.Tensor, gen: torch.Generator, max_latent_noise: 
         z = z + level * z.std() * torch.randn(z.shape, generator=gen)
         out.append(((vae.decode(z).sample + 1) / 2).clamp(0, 1))
     return torch.cat(out)
+
+
+def render_hard_negatives(k: int, seed: int, concepts: list[str]):
+    """``k`` hard negatives per held-out concept -> images ``[N, 3, 32, 32]``, labels ``[N, C]`` (all 0) and a
+    loss mask ``[N, C]`` that is 1 only in the imitated concept's column."""
+    from lorakit.toyworld.concepts import HELDOUT
+    from lorakit.toyworld.hardneg import hard_negatives
+
+    imgs, masks = [], []
+    for i, c in enumerate(HELDOUT):
+        for im, _, _ in hard_negatives(c.name, k, seed=seed + 100 * i):
+            imgs.append(np.asarray(im))
+            m = np.zeros(len(concepts), np.float32)
+            m[concepts.index(c.name)] = 1
+            masks.append(m)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
+    return x, torch.zeros(len(imgs), len(concepts)), torch.from_numpy(np.stack(masks))
 
 
 def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -151,16 +177,31 @@ def main(argv=None) -> int:
     else:
         log(f"no VAE at {vae_path}: training without the VAE round-trip augmentation")
         x_vae, xe_vae = x, xe
+    n_plain = len(x)
+    mask = torch.ones_like(y)
+    if args.hard_negatives:
+        xh, yh, mh = render_hard_negatives(args.hard_negatives, args.seed + 20000, concepts)
+        xh_vae = vae_roundtrip(vae, xh, gen) if vae is not None else xh
+        x, x_vae, y, mask = torch.cat([x, xh]), torch.cat([x_vae, xh_vae]), torch.cat([y, yh]), torch.cat([mask, mh])
+        log(f"{len(xh)} hard negatives added")
     net = OracleNet(len(concepts), args.width)
+    if args.init:
+        from lorakit.fileio import load_safetensors
+
+        net.load_state_dict({k: v.float() for k, v in load_safetensors(Path(args.init) / "oracle.safetensors")[0].items()})
+        log(f"starting from {args.init}")
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
     for step in range(1, args.steps + 1):
-        idx = torch.randint(0, len(x), (args.batch,), generator=gen)
+        n_hard = round(args.batch * args.hard_frac) if len(x) > n_plain else 0
+        idx = torch.cat([torch.randint(0, n_plain, (args.batch - n_hard,), generator=gen),
+                         torch.randint(n_plain, max(len(x), n_plain + 1), (n_hard,), generator=gen)])
         use_vae = (torch.rand(args.batch, generator=gen) < 0.5).view(-1, 1, 1, 1)
         xb = torch.where(use_vae, x_vae[idx], x[idx])
         xb = degrade(xb, gen)
-        loss = loss_fn(net(xb), y[idx])
+        m = mask[idx]
+        loss = (loss_fn(net(xb), y[idx]) * m).sum() / m.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -174,6 +215,7 @@ def main(argv=None) -> int:
         "per_concept_clean": clean, "per_concept_degraded": degraded,
         "train_seconds": round(time.time() - t0, 1), "steps": args.steps, "batch": args.batch,
         "vae_augmentation": vae is not None, "threads": args.threads,
+        "init": args.init, "hard_negatives_per_concept": args.hard_negatives, "train_scenes": n_plain,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,14 @@ Rows of the report (``METHODS``), all on the same prompt and the same seeds:
 * fusions (:mod:`lorakit.fusion`): ``gradient`` (Mix-of-Show closed form; the fused pipeline is sampled plainly) and
   ``weighted`` (the average of the two deltas added to the base, sampled plainly).
 
-Every image is ``[32, 32]`` RGB, saved as ``<out>/images/<method>-s<seed>.png``; the oracle gives per-image presence
+Above them, **target** rows show what the concepts look like: the renderer's ground truth (``lorakit.toyworld.render``)
+for the same seeds: ``<character>_target`` (the character alone on white), ``<style>_target`` (a generic shape on
+white in the style) and ``target`` (the character on white in the style: what the prompt asks for).
+
+Every image is ``[32, 32]`` RGB, saved as ``<out>/images/<method>-s<seed>.png`` (what the oracle scores) and, enlarged
+4x with nearest-neighbour scaling, as ``<out>/images/x4/<method>-s<seed>.png`` (what the reports show). Image files
+a previous run listed in ``<out>/report.json`` and this run does not rewrite are removed (nothing else is touched).
+The oracle gives per-image presence
 probabilities of the character and the style; the report holds the rates (fraction of images with the concept),
 the both-present rate, seconds per image and each method's setup time (profiling, fusing).
 """
@@ -37,6 +44,15 @@ METHODS = (
     ("gradient", "fusion", "Mix-of-Show gradient fusion (closed form) -> one fused model"),
     ("weighted", "fusion", "average of the two deltas added to the base -> one fused model"),
 )
+
+
+# Ground-truth rows drawn by the renderer (id template, what it shows).
+TARGETS = (
+    ("{character}_target", "rendered ground truth: the character alone on a white plain background"),
+    ("{style}_target", "rendered ground truth: a generic shape on white in the style"),
+    ("target", "rendered ground truth of the prompt: the character on white in the style"),
+)
+ENLARGE = 4  # the reports show images this many times larger (nearest neighbour: pixels stay sharp)
 
 
 @dataclass
@@ -95,6 +111,27 @@ def demo_prompt(character: str, style: str) -> str:
 def method_ids(character: str, style: str) -> list[str]:
     """Row ids in report order, e.g. ``["base", "frog_only", "ink_only", "merge", ...]``."""
     return [m.format(character=character, style=style) for m, _, _ in METHODS]
+
+
+def target_ids(character: str, style: str) -> list[str]:
+    """Ground-truth row ids, e.g. ``["frog_target", "ink_target", "target"]``."""
+    return [t.format(character=character, style=style) for t, _ in TARGETS]
+
+
+def target_images(row: str, character: str, style: str, seeds: list[int]) -> list:
+    """The renderer's ground truth for a target row, one 32x32 PIL image per seed (layout jitter = the seed)."""
+    from lorakit.toyworld.concepts import SHAPES
+    from lorakit.toyworld.render import Scene, render
+
+    if row == f"{character}_target":
+        scenes = [Scene(characters=(character,), seed=sd) for sd in seeds]
+    elif row == f"{style}_target":
+        scenes = [Scene(shape=SHAPES[sd % len(SHAPES)], shape_color="red", style=style, seed=sd) for sd in seeds]
+    elif row == "target":
+        scenes = [Scene(characters=(character,), style=style, seed=sd) for sd in seeds]
+    else:
+        raise ValueError(f"unknown target row {row!r}; expected one of {target_ids(character, style)}")
+    return [render(sc) for sc in scenes]
 
 
 def train_loras(character: str, style: str, lora_dir: Path, train_steps: int | None = None,
@@ -240,6 +277,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     with _quiet_libraries():
         report = _run(s, char, style, rows, out, lora_dir, prompt, seeds, progress)
     report["total_s"] = time.perf_counter() - t_start
+    keep = {p for r in report["rows"] for p in r["images"] + r["images_large"]}
+    report["removed_stale"] = [str(p.relative_to(out.resolve())) for p in remove_stale_images(out, keep)]
     write_reports(report, out)
     return report
 
@@ -250,13 +289,13 @@ def _run(s: DemoSettings, char: Concept, style: Concept, rows: list[str], out: P
     its total time."""
     from lorakit.logs import tqdm
 
-    from lorakit.eval.oracle import score
-    from lorakit.fileio import save_image
-
     loras = train_loras(s.character, s.style, lora_dir, s.train_steps, s.base, log=print if progress else None)
     runner = _Runner(s, loras, prompt)
     kinds = {m.format(character=s.character, style=s.style): (k, d) for m, k, d in METHODS}
     results = []
+    for row, (_, desc) in zip(target_ids(s.character, s.style), TARGETS):
+        images = target_images(row, s.character, s.style, seeds)
+        results.append(_row_record(row, "target", desc, images, seeds, out, s, 0.0, 0.0, {}))
     bar = tqdm(total=len(rows) * s.k, desc="demo", unit="img", disable=not progress, dynamic_ncols=True)
     for row in rows:
         bar.set_postfix_str(f"{row}: setup")
@@ -270,18 +309,8 @@ def _run(s: DemoSettings, char: Concept, style: Concept, rows: list[str], out: P
             images += gen([seed])
             t_gen += time.perf_counter() - t1
             bar.update(1)
-        paths = []
-        for seed, image in zip(seeds, images):
-            rel = f"images/{row}-s{seed}.png"
-            save_image(image, out / rel)
-            paths.append(rel)
-        sc = score(images, [s.character, s.style])
-        results.append({
-            "method": row, "kind": kinds[row][0], "description": kinds[row][1],
-            "character_rate": sc.rates[s.character], "style_rate": sc.rates[s.style], "both_rate": sc.all_rate,
-            "s_per_image": t_gen / s.k, "setup_s": setup_s, "images": paths, "seeds": seeds,
-            "probs": [[float(v) for v in p] for p in sc.probs], "info": info,
-        })
+        results.append(_row_record(row, kinds[row][0], kinds[row][1], images, seeds, out, s, t_gen / s.k, setup_s,
+                                   info))
     bar.set_postfix_str("done")
     bar.close()
     return {
@@ -292,6 +321,54 @@ def _run(s: DemoSettings, char: Concept, style: Concept, rows: list[str], out: P
         "loras": loras,
         "rows": results,
     }
+
+
+def _row_record(row: str, kind: str, description: str, images: list, seeds: list[int], out: Path, s: DemoSettings,
+                s_per_image: float, setup_s: float, info: dict) -> dict:
+    """Save one row's images (32 px + enlarged copies), score them with the oracle; the row's report entry."""
+    from PIL import Image
+
+    from lorakit.eval.oracle import score
+    from lorakit.fileio import save_image
+
+    paths, big = [], []
+    for seed, image in zip(seeds, images):
+        rel, rel_big = f"images/{row}-s{seed}.png", f"images/x{ENLARGE}/{row}-s{seed}.png"
+        save_image(image, out / rel)
+        save_image(image.resize((image.width * ENLARGE, image.height * ENLARGE), Image.NEAREST), out / rel_big)
+        paths.append(rel)
+        big.append(rel_big)
+    sc = score(images, [s.character, s.style])
+    return {
+        "method": row, "kind": kind, "description": description,
+        "character_rate": sc.rates[s.character], "style_rate": sc.rates[s.style], "both_rate": sc.all_rate,
+        "s_per_image": s_per_image, "setup_s": setup_s, "images": paths, "images_large": big, "seeds": seeds,
+        "probs": [[float(v) for v in p] for p in sc.probs], "info": info,
+    }
+
+
+def remove_stale_images(out: Path, keep: set[str]) -> list[Path]:
+    """Delete the image files the previous run listed in ``out/report.json`` that are not in ``keep`` (paths
+    relative to ``out``). Only files inside ``out/images`` that an earlier demo report names are touched.
+
+    Returns:
+        The removed paths.
+    """
+    import json
+
+    try:
+        old = json.loads((out / "report.json").read_text())
+        listed = {p for r in old.get("rows", []) for p in r.get("images", []) + r.get("images_large", [])}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    images = (out / "images").resolve()
+    removed = []
+    for rel in sorted(listed - keep):
+        path = (out / rel).resolve()
+        if images in path.parents and path.suffix == ".png" and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
@@ -334,8 +411,11 @@ def table_rows(report: dict) -> list[list[str]]:
     """The summary table as strings: header + one row per method."""
     c, st = report["concepts"]["character"]["name"], report["concepts"]["style"]["name"]
     head = ["method", "kind", f"{c} rate", f"{st} rate", "both rate", "s / image", "setup s"]
+    def timing(r, key, fmt):
+        return "-" if r["kind"] == "target" else format(r[key], fmt)
+
     body = [[r["method"], r["kind"], f"{r['character_rate']:.2f}", f"{r['style_rate']:.2f}", f"{r['both_rate']:.2f}",
-             f"{r['s_per_image']:.2f}", f"{r['setup_s']:.1f}"] for r in report["rows"]]
+             timing(r, "s_per_image", ".2f"), timing(r, "setup_s", ".1f")] for r in report["rows"]]
     return [head] + body
 
 
@@ -371,7 +451,8 @@ def to_markdown(report: dict) -> str:
               "setup s = time before the first image (cmlora: frequency profiles; gradient/weighted: fusing).", "",
               "## Images", ""]
     for r in report["rows"]:
-        lines.append(f"**{r['method']}** ({r['description']}): " + " ".join(f"![]({p})" for p in r["images"]))
+        lines.append(f"**{r['method']}** ({r['description']}): "
+                     + " ".join(f"[![]({big})]({p})" for p, big in zip(r["images"], r["images_large"])))
         lines.append("")
     return "\n".join(lines)
 
@@ -384,10 +465,11 @@ def to_html(report: dict) -> str:
     body = "".join("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in r) + "</tr>" for r in rows[1:])
     grid = "".join(
         f"<tr><th title=\"{escape(r['description'])}\">{escape(r['method'])}</th>"
-        + "".join(f"<td><img src=\"{escape(p)}\" alt=\"{escape(r['method'])} seed {sd}\" "
+        + "".join(f"<td><a href=\"{escape(p)}\"><img src=\"{escape(big)}\" alt=\"{escape(r['method'])} seed {sd}\" "
                   f"title=\"seed {sd}: {escape(report['concepts']['character']['name'])} {pr[0]:.2f}, "
-                  f"{escape(report['concepts']['style']['name'])} {pr[1]:.2f}\"></td>"
-                  for p, sd, pr in zip(r["images"], r["seeds"], r["probs"]))
+                  f"{escape(report['concepts']['style']['name'])} {pr[1]:.2f}\"></a>"
+                  f"<div class=\"v\">{_verdict(pr)}</div></td>"
+                  for p, big, sd, pr in zip(r["images"], r["images_large"], r["seeds"], r["probs"]))
         + "</tr>"
         for r in report["rows"])
     set_ = report["settings"]
@@ -395,7 +477,8 @@ def to_html(report: dict) -> str:
 <html><head><meta charset="utf-8"><title>lorakit demo</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1.5em}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{background:#f3f3f3}}
-.grid img{{width:96px;height:96px;image-rendering:pixelated}} .grid td{{padding:2px}}</style></head><body>
+.grid img{{width:128px;height:128px;image-rendering:pixelated}} .grid td{{padding:2px;text-align:center}}
+.v{{font-size:11px;color:#555}}</style></head><body>
 <h1>lorakit demo</h1>
 <p>Prompt <code>{escape(report['prompt'])}</code>; {set_['k']} images per method (same seeds for every method);
 {set_['sample_steps']} DDIM steps, guidance {set_['guidance']}. Rates: fraction of images where the oracle finds the
@@ -403,10 +486,17 @@ concept (probability &ge; 0.5); both rate: character and style in the same image
 setup s: time before the first image (cmlora: frequency profiles; gradient/weighted: fusing).</p>
 <table><tr>{th}</tr>{body}</table>
 <p>LoRAs: {escape('; '.join(_lora_lines(report)))}. Total {report['total_s']:.1f} s, {set_['threads']} thread(s).</p>
-<h2>Images</h2><p>Hover an image for its seed and oracle probabilities.</p>
+<h2>Images</h2><p>Shown 4x enlarged (nearest neighbour; click for the 32x32 file). Under each image the oracle's
+verdict (C = character, S = style; upper case = present, lower case = absent); hover for the probabilities. The
+target rows are the renderer's ground truth for the same seeds: what the concepts should look like.</p>
 <table class="grid">{grid}</table>
 </body></html>
 """
+
+
+def _verdict(probs) -> str:
+    c, st = (p >= 0.5 for p in probs)
+    return f"{'C' if c else 'c'} {'S' if st else 's'}"
 
 
 def write_reports(report: dict, out: Path) -> dict[str, Path]:
@@ -420,5 +510,5 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["METHODS", "DemoSettings", "check_concept", "demo_prompt", "format_table", "method_ids", "run_demo",
-           "train_loras", "write_reports"]
+__all__ = ["METHODS", "TARGETS", "DemoSettings", "check_concept", "demo_prompt", "format_table", "method_ids",
+           "remove_stale_images", "run_demo", "target_ids", "target_images", "train_loras", "write_reports"]

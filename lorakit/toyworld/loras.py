@@ -85,6 +85,8 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
     Returns:
         Path of the adapter file (kohya keys; ``lorakit.trigger`` in its metadata).
     """
+    import contextlib
+    import io
     import tempfile
 
     from lorakit.config import load_config
@@ -107,5 +109,16 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
                                                                        "checkpoint_at_end=false", "save_every=0",
                                                                        "logging=none",
                                                                        f"data.cache_dir={out_dir / 'latent_cache'}"])
-        copy_file(train(run).final_path, target)
+        # The trainer's summary names the temporary folder, which is gone when this returns: print it with the
+        # path the LoRA is kept at instead, so every printed path exists.
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                result = train(run)
+        except BaseException:
+            print(buf.getvalue(), end="", flush=True)  # whatever it said before failing
+            raise
+        copy_file(result.final_path, target)
+        text = buf.getvalue().replace(str(result.final_path), str(target))
+        print("\n".join(line for line in text.splitlines() if work not in line), flush=True)
     return target

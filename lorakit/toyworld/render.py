@@ -159,60 +159,89 @@ def _shape(d: ImageDraw.ImageDraw, shape: str, cx, cy, r, colour):
         d.rectangle([cx - a, cy - r, cx + a, cy + r], fill=colour)
 
 
-def _robot(d, cx, cy, s):
-    """Returns (x, y_top, width) of the head, where a hat goes."""
-    d.rectangle([cx - 0.17 * s, cy + 0.28 * s, cx - 0.06 * s, cy + 0.48 * s], fill=(60, 60, 70))
-    d.rectangle([cx + 0.06 * s, cy + 0.28 * s, cx + 0.17 * s, cy + 0.48 * s], fill=(60, 60, 70))
-    d.rectangle([cx - 0.26 * s, cy - 0.06 * s, cx + 0.26 * s, cy + 0.30 * s], fill=(170, 170, 180))
-    d.rectangle([cx - 0.21 * s, cy - 0.36 * s, cx + 0.21 * s, cy - 0.06 * s], fill=(120, 120, 135))
-    d.rectangle([cx - 0.17 * s, cy - 0.27 * s, cx + 0.17 * s, cy - 0.16 * s], fill=(60, 230, 255))
-    d.rectangle([cx - 0.015 * s, cy - 0.46 * s, cx + 0.015 * s, cy - 0.36 * s], fill=(60, 60, 70))
-    d.ellipse([cx - 0.065 * s, cy - 0.53 * s, cx + 0.065 * s, cy - 0.41 * s], fill=(235, 30, 30))
+def _robot(d, cx, cy, s, omit=frozenset()):
+    """Returns (x, y_top, width) of the head, where a hat goes. ``omit``: parts not drawn (``PARTS["robot"]``)."""
+    if "legs" not in omit:
+        d.rectangle([cx - 0.17 * s, cy + 0.28 * s, cx - 0.06 * s, cy + 0.48 * s], fill=(60, 60, 70))
+        d.rectangle([cx + 0.06 * s, cy + 0.28 * s, cx + 0.17 * s, cy + 0.48 * s], fill=(60, 60, 70))
+    if "body" not in omit:
+        d.rectangle([cx - 0.26 * s, cy - 0.06 * s, cx + 0.26 * s, cy + 0.30 * s], fill=(170, 170, 180))
+    if "head" not in omit:
+        d.rectangle([cx - 0.21 * s, cy - 0.36 * s, cx + 0.21 * s, cy - 0.06 * s], fill=(120, 120, 135))
+    if "visor" not in omit:
+        d.rectangle([cx - 0.17 * s, cy - 0.27 * s, cx + 0.17 * s, cy - 0.16 * s], fill=(60, 230, 255))
+    if "antenna" not in omit:
+        d.rectangle([cx - 0.015 * s, cy - 0.46 * s, cx + 0.015 * s, cy - 0.36 * s], fill=(60, 60, 70))
+        d.ellipse([cx - 0.065 * s, cy - 0.53 * s, cx + 0.065 * s, cy - 0.41 * s], fill=(235, 30, 30))
     return cx, cy - 0.36 * s, 0.42 * s
 
 
-def _frog(d, cx, cy, s):
-    d.ellipse([cx - 0.46 * s, cy - 0.18 * s, cx + 0.46 * s, cy + 0.42 * s], fill=(70, 185, 60))
-    d.ellipse([cx - 0.26 * s, cy + 0.02 * s, cx + 0.26 * s, cy + 0.38 * s], fill=(180, 230, 120))
-    for sx in (-1, 1):
-        ex, ey = cx + sx * 0.22 * s, cy - 0.18 * s
-        d.ellipse([ex - 0.14 * s, ey - 0.14 * s, ex + 0.14 * s, ey + 0.14 * s], fill=(70, 185, 60))
-        d.ellipse([ex - 0.10 * s, ey - 0.10 * s, ex + 0.10 * s, ey + 0.10 * s], fill=(255, 255, 255))
-        d.ellipse([ex - 0.05 * s, ey - 0.05 * s, ex + 0.05 * s, ey + 0.05 * s], fill=(10, 10, 10))
-    d.rectangle([cx - 0.2 * s, cy + 0.02 * s, cx + 0.2 * s, cy + 0.07 * s], fill=(200, 30, 40))
+def _frog(d, cx, cy, s, omit=frozenset()):
+    if "body" not in omit:
+        d.ellipse([cx - 0.46 * s, cy - 0.18 * s, cx + 0.46 * s, cy + 0.42 * s], fill=(70, 185, 60))
+    if "belly" not in omit:
+        d.ellipse([cx - 0.26 * s, cy + 0.02 * s, cx + 0.26 * s, cy + 0.38 * s], fill=(180, 230, 120))
+    if "eyes" not in omit:
+        for sx in (-1, 1):
+            ex, ey = cx + sx * 0.22 * s, cy - 0.18 * s
+            d.ellipse([ex - 0.14 * s, ey - 0.14 * s, ex + 0.14 * s, ey + 0.14 * s], fill=(70, 185, 60))
+            d.ellipse([ex - 0.10 * s, ey - 0.10 * s, ex + 0.10 * s, ey + 0.10 * s], fill=(255, 255, 255))
+            d.ellipse([ex - 0.05 * s, ey - 0.05 * s, ex + 0.05 * s, ey + 0.05 * s], fill=(10, 10, 10))
+    if "mouth" not in omit:
+        d.rectangle([cx - 0.2 * s, cy + 0.02 * s, cx + 0.2 * s, cy + 0.07 * s], fill=(200, 30, 40))
     return cx, cy - 0.3 * s, 0.5 * s
 
 
-def _ghost(d, cx, cy, s):
+def _ghost(d, cx, cy, s, omit=frozenset()):
     col = (205, 175, 255)
-    d.ellipse([cx - 0.33 * s, cy - 0.48 * s, cx + 0.33 * s, cy + 0.18 * s], fill=col)
-    d.rectangle([cx - 0.33 * s, cy - 0.15 * s, cx + 0.33 * s, cy + 0.36 * s], fill=col)
-    for k in (-1, 0, 1):
-        hx = cx + k * 0.22 * s
-        d.ellipse([hx - 0.11 * s, cy + 0.25 * s, hx + 0.11 * s, cy + 0.47 * s], fill=col)
+    if "body" not in omit:
+        d.ellipse([cx - 0.33 * s, cy - 0.48 * s, cx + 0.33 * s, cy + 0.18 * s], fill=col)
+        d.rectangle([cx - 0.33 * s, cy - 0.15 * s, cx + 0.33 * s, cy + 0.36 * s], fill=col)
+    if "hem" not in omit:
+        for k in (-1, 0, 1):
+            hx = cx + k * 0.22 * s
+            d.ellipse([hx - 0.11 * s, cy + 0.25 * s, hx + 0.11 * s, cy + 0.47 * s], fill=col)
     for sx in (-1, 1):
         ex = cx + sx * 0.13 * s
-        d.ellipse([ex - 0.06 * s, cy - 0.25 * s, ex + 0.06 * s, cy - 0.07 * s], fill=(20, 15, 40))
-        d.ellipse([ex + sx * 0.07 * s - 0.05 * s, cy - 0.02 * s, ex + sx * 0.07 * s + 0.05 * s, cy + 0.05 * s], fill=(255, 120, 170))
+        if "eyes" not in omit:
+            d.ellipse([ex - 0.06 * s, cy - 0.25 * s, ex + 0.06 * s, cy - 0.07 * s], fill=(20, 15, 40))
+        if "cheeks" not in omit:
+            d.ellipse([ex + sx * 0.07 * s - 0.05 * s, cy - 0.02 * s, ex + sx * 0.07 * s + 0.05 * s, cy + 0.05 * s],
+                      fill=(255, 120, 170))
     return cx, cy - 0.46 * s, 0.46 * s
 
 
-def _tophat(d, x, y_base, w):
+def _tophat(d, x, y_base, w, omit=frozenset()):
     """A top hat whose brim bottom is at ``y_base``, brim width ``w``."""
-    d.rectangle([x - 0.55 * w, y_base - 0.16 * w, x + 0.55 * w, y_base], fill=(25, 25, 30))
-    d.rectangle([x - 0.34 * w, y_base - 0.85 * w, x + 0.34 * w, y_base - 0.1 * w], fill=(25, 25, 30))
-    d.rectangle([x - 0.34 * w, y_base - 0.34 * w, x + 0.34 * w, y_base - 0.18 * w], fill=(215, 30, 45))
+    if "brim" not in omit:
+        d.rectangle([x - 0.55 * w, y_base - 0.16 * w, x + 0.55 * w, y_base], fill=(25, 25, 30))
+    if "crown" not in omit:
+        d.rectangle([x - 0.34 * w, y_base - 0.85 * w, x + 0.34 * w, y_base - 0.1 * w], fill=(25, 25, 30))
+    if "band" not in omit:
+        d.rectangle([x - 0.34 * w, y_base - 0.34 * w, x + 0.34 * w, y_base - 0.18 * w], fill=(215, 30, 45))
 
 
-def _mushroom(d, x, y_base, h):
+def _mushroom(d, x, y_base, h, omit=frozenset()):
     """A mushroom standing on ``y_base``, ``h`` tall."""
-    d.rectangle([x - 0.15 * h, y_base - 0.55 * h, x + 0.15 * h, y_base], fill=(240, 225, 185))
-    d.chord([x - 0.5 * h, y_base - h, x + 0.5 * h, y_base - 0.2 * h], 180, 360, fill=(215, 35, 35))
-    for dx, dy, r in ((-0.25, -0.72, 0.08), (0.05, -0.85, 0.07), (0.27, -0.68, 0.07)):
-        d.ellipse([x + (dx - r) * h, y_base + (dy - r) * h, x + (dx + r) * h, y_base + (dy + r) * h], fill=(255, 255, 255))
+    if "stem" not in omit:
+        d.rectangle([x - 0.15 * h, y_base - 0.55 * h, x + 0.15 * h, y_base], fill=(240, 225, 185))
+    if "cap" not in omit:
+        d.chord([x - 0.5 * h, y_base - h, x + 0.5 * h, y_base - 0.2 * h], 180, 360, fill=(215, 35, 35))
+    if "spots" not in omit:
+        for dx, dy, r in ((-0.25, -0.72, 0.08), (0.05, -0.85, 0.07), (0.27, -0.68, 0.07)):
+            d.ellipse([x + (dx - r) * h, y_base + (dy - r) * h, x + (dx + r) * h, y_base + (dy + r) * h],
+                      fill=(255, 255, 255))
 
 
 _CHARACTERS = {"robot": _robot, "frog": _frog, "ghost": _ghost}
+# The parts each sprite is drawn from (what ``omit`` may leave out; hard negatives draw only some of them).
+PARTS = {
+    "robot": ("legs", "body", "head", "visor", "antenna"),
+    "frog": ("body", "belly", "eyes", "mouth"),
+    "ghost": ("body", "hem", "eyes", "cheeks"),
+    "tophat": ("brim", "crown", "band"),
+    "mushroom": ("stem", "cap", "spots"),
+}
 
 
 # ---------------------------------------------------------------- styles

@@ -110,8 +110,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
-    checkpointing_steps: int = 500  # 0 = only at the end
-    checkpoint_at_end: bool = True
+    checkpointing_steps: int = 500  # 0 = no checkpoints (unless checkpoint_at_end: true, or stop_at_step)
+    # None: a checkpoint at the end when checkpointing_steps > 0 or the run stops early (stop_at_step)
+    checkpoint_at_end: bool | None = None
     checkpoints_total_limit: int | None = 3
     resume: str | None = None  # latest | <path to checkpoint-N>
     stop_at_step: int = 0  # >0: end this run early at that step (checkpoint + step artifact), resume later
@@ -593,7 +594,10 @@ class TrainLoop:
                     samples.append(s)
         bar.close()
         final = self._save_artifact(None if self.global_step >= cfg.max_steps else self.global_step)
-        if cfg.checkpoint_at_end and self.global_step > start_step:
+        at_end = cfg.checkpoint_at_end
+        if at_end is None:  # checkpointing_steps: 0 means no checkpoint, unless the run stops early to resume
+            at_end = cfg.checkpointing_steps > 0 or self.global_step < cfg.max_steps
+        if at_end and self.global_step > start_step:
             self._checkpoint()
         if cfg.logging == "tensorboard":
             acc.end_training()
