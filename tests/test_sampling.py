@@ -210,7 +210,11 @@ def test_uncond_base_and_delta_equal_their_formulas(sd1_pipe, adapter_files):
         p0 = cfg(*base, g)
         return p0 + sum(cfg(u, c, g) - p0 for u, c in pairs)
 
-    for method, uncond, combine in (("composite", "base", composite_uncond_base), ("delta", "adapter", delta)):
+    def delta_uncond_base(base, pairs, g):  # the base's CFG plus each adapter's conditional difference
+        return cfg(base[0], base[1] + sum(c - base[1] for _, c in pairs), g)
+
+    for method, uncond, combine in (("composite", "base", composite_uncond_base), ("delta", "adapter", delta),
+                                    ("delta", "base", delta_uncond_base)):
         st = SamplerSettings(method=method, steps=3, cfg=4.0, uncond=uncond)
         ours, info = generate(pipe, ads, st, "a cat", "", [2], output_type="latent")
         ref = _direct_terms(pipe, ads, 3, 4.0, 2, combine)

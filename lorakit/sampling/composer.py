@@ -16,7 +16,8 @@ through :func:`unet_pass`, the one place to thread extra UNet inputs.
   (u = c = 1 per adapter, 1 - N for the base).
 
 ``uncond="base"`` takes the unconditional half from the base model for every method (one base pass, adapters
-on the conditional half only). ``encode="once"`` (the reference) encodes the prompt once with the adapters active
+on the conditional half only; delta keeps its base conditional term:
+``U_base + cfg * (C_base - U_base) + cfg * sum_i (C_i - C_base)``). ``encode="once"`` (the reference) encodes the prompt once with the adapters active
 at the start (all of them; switch: the first); ``"per-adapter"`` gives each pass the text features of its own
 adapters. Base passes always use the base text encoder.
 """
@@ -241,8 +242,11 @@ class _Plan:
 
 
 def _with_uncond_base(terms: list[Term]) -> list[Term]:
-    """The same terms with their unconditional halves replaced by one base-model unconditional pass."""
-    return [Term((), 1.0, 0.0)] + [Term(t.adapters, 0.0, t.c, t.full, t.cached) for t in terms if t.adapters]
+    """The same terms with their unconditional halves replaced by one base-model unconditional pass (the base's
+    conditional coefficient, delta's 1 - N, is kept: delta then adds each adapter's conditional difference from
+    the base to the base's own CFG)."""
+    base_c = sum(t.c for t in terms if not t.adapters)
+    return [Term((), 1.0, base_c)] + [Term(t.adapters, 0.0, t.c, t.full, t.cached) for t in terms if t.adapters]
 
 
 def method_plan(settings: SamplerSettings, n: int, n_steps: int, order: list[int] | None, n_rotation: int | None) -> _Plan:
