@@ -46,24 +46,28 @@ def test_split_forward_equals_unet(arch, sd1_pipe, sdxl_pipe):
     inp = unet_inputs(pipe, batch=2, seed=3)
     with torch.no_grad():
         ref = pipe.unet(**inp).sample
-    for depth in range(1, len(pipe.unet.down_blocks)):
-        full, deep = unet_split_forward(
-            pipe.unet, inp["sample"], inp["timestep"], inp["encoder_hidden_states"], depth,
-            added_cond_kwargs=inp.get("added_cond_kwargs"),
-        )
-        assert torch.equal(full, ref), depth
+    n_up = len(pipe.unet.up_blocks)
+    splits = [(d, k) for d in range(1, len(pipe.unet.down_blocks)) for k in range(len(pipe.unet.up_blocks[n_up - d].resnets))]
+    assert len(splits) > len(pipe.unet.down_blocks) - 1  # finer splits inside the up blocks are covered
+    for depth, layer in splits:
+        kw = {"added_cond_kwargs": inp.get("added_cond_kwargs"), "layer": layer}
+        full, deep = unet_split_forward(pipe.unet, inp["sample"], inp["timestep"], inp["encoder_hidden_states"], depth, **kw)
+        assert torch.equal(full, ref), (depth, layer)
         shallow, _ = unet_split_forward(
-            pipe.unet, inp["sample"], inp["timestep"], inp["encoder_hidden_states"], depth, deep_feature=deep,
-            added_cond_kwargs=inp.get("added_cond_kwargs"),
+            pipe.unet, inp["sample"], inp["timestep"], inp["encoder_hidden_states"], depth, deep_feature=deep, **kw
         )
-        assert torch.equal(shallow, ref), depth  # same inputs: the cached deep feature is exact
+        assert torch.equal(shallow, ref), (depth, layer)  # same inputs: the cached deep feature is exact
         moved, _ = unet_split_forward(
-            pipe.unet, inp["sample"] + 0.5, inp["timestep"], inp["encoder_hidden_states"], depth, deep_feature=deep,
-            added_cond_kwargs=inp.get("added_cond_kwargs"),
+            pipe.unet, inp["sample"] + 0.5, inp["timestep"], inp["encoder_hidden_states"], depth, deep_feature=deep, **kw
         )
         assert not torch.equal(moved, ref)  # the shallow path really recomputes
+    # the blocks were put back whole
+    assert all(len(b.resnets) == len(b.attentions) for b in pipe.unet.up_blocks if hasattr(b, "attentions"))
+    assert torch.equal(pipe.unet(**inp).sample, ref)
     with pytest.raises(ValueError, match="cache depth"):
         unet_split_forward(pipe.unet, inp["sample"], inp["timestep"], inp["encoder_hidden_states"], 0)
+    with pytest.raises(ValueError, match="cache layer"):
+        unet_split_forward(pipe.unet, inp["sample"], inp["timestep"], inp["encoder_hidden_states"], 1, layer=9)
 
 
 def test_cmlora_plan_rotation_weights_and_refreshes():
@@ -89,6 +93,18 @@ def test_cmlora_plan_rotation_weights_and_refreshes():
     assert all(all(row) for row in nocache.full)
     with pytest.raises(ValueError, match="refresh"):
         cmlora_plan(10, [0, 1], 2, refresh="sometimes")
+
+
+def test_cache_layer_settings(sd1_pipe):
+    unet = sd1_pipe.unet
+    assert SamplerSettings(method="cmlora").cmlora_cache_layer(unet) == 1  # lorakit mode: the finer split
+    assert SamplerSettings(method="cmlora", cmlora_mode="official").cmlora_cache_layer(unet) == 0  # the official one
+    assert SamplerSettings(method="cmlora", cache_layer=2).cmlora_cache_layer(unet) == 2
+    with pytest.raises(ValueError, match="cache_layer"):
+        SamplerSettings(method="cmlora", cmlora_mode="official", cache_layer=1).check()
+    with pytest.raises(ValueError, match="cache_layer"):
+        SamplerSettings(method="cmlora", cache_layer=-1).check()
+    SamplerSettings(method="cmlora", cmlora_mode="official", cache_layer=0).check()
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
@@ -194,7 +210,11 @@ def test_uncond_base_and_delta_equal_their_formulas(sd1_pipe, adapter_files):
         p0 = cfg(*base, g)
         return p0 + sum(cfg(u, c, g) - p0 for u, c in pairs)
 
-    for method, uncond, combine in (("composite", "base", composite_uncond_base), ("delta", "adapter", delta)):
+    def delta_uncond_base(base, pairs, g):  # the base's CFG plus each adapter's conditional difference
+        return cfg(base[0], base[1] + sum(c - base[1] for _, c in pairs), g)
+
+    for method, uncond, combine in (("composite", "base", composite_uncond_base), ("delta", "adapter", delta),
+                                    ("delta", "base", delta_uncond_base)):
         st = SamplerSettings(method=method, steps=3, cfg=4.0, uncond=uncond)
         ours, info = generate(pipe, ads, st, "a cat", "", [2], output_type="latent")
         ref = _direct_terms(pipe, ads, 3, 4.0, 2, combine)

@@ -89,14 +89,17 @@ def test_switch_matches_reference_callback(setup):
     assert schedules.switch_schedule(20, 2, 5) == [0] * 6 + [1] * 5 + [0] * 5 + [1] * 4
 
 
-def _reference_composite(pipe, ads, steps, cfg, seed, weights=None, cache_plan=None, order=None):
+def _reference_composite(pipe, ads, steps, cfg, seed, weights=None, cache_plan=None, order=None, layer=0):
     """The reference's lora_composite loop; with ``weights`` [step][pos] CMLoRA's weighting, with ``cache_plan``
-    [step][pos] (True = cache cleared) its per-LoRA deep-feature cache."""
+    [step][pos] (True = cache cleared) its per-LoRA deep-feature cache; ``layer`` k > 0 caches the output of the
+    last up block's layer k - 1 instead of the block's input (lorakit mode's finer split)."""
     names = [a.name for a in ads]
     order = order or list(range(len(ads)))
     text = _encode_all(pipe, names)
     latents, extra = _start(pipe, steps, seed)
     up_last, up_prev = pipe.unet.up_blocks[-1], pipe.unet.up_blocks[-2]
+    if layer:  # the module whose output is the input of layer k (its cross-attention if it has one)
+        up_prev = (up_last.attentions if hasattr(up_last, "attentions") else up_last.resnets)[layer - 1]
     cached = [None] * len(ads)
     with torch.no_grad():
         for i, t in enumerate(pipe.scheduler.timesteps):
@@ -111,10 +114,15 @@ def _reference_composite(pipe, ads, steps, cfg, seed, weights=None, cache_plan=N
                 def keep_input(module, args, kwargs):
                     grab["f"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-                hooks = [up_last.register_forward_pre_hook(keep_input, with_kwargs=True)]
+                def keep_output(module, args, out):
+                    grab["f"] = out[0] if isinstance(out, tuple) else out
+
+                hooks = [up_prev.register_forward_hook(keep_output) if layer else
+                         up_last.register_forward_pre_hook(keep_input, with_kwargs=True)]
                 if cache_plan is not None and cached[pos] is not None:
                     feature = cached[pos]
-                    hooks.append(up_prev.register_forward_hook(lambda m, args, out: feature))
+                    hooks.append(up_prev.register_forward_hook(
+                        lambda m, args, out: (feature, *out[1:]) if isinstance(out, tuple) else feature))
                 eps = pipe.unet(x, t, encoder_hidden_states=text, cross_attention_kwargs={"scale": SCALE}).sample
                 for h in hooks:
                     h.remove()
@@ -200,9 +208,15 @@ def test_cmlora_lorakit_mode_matches_reference(setup):
     pipe, ads = setup
     order, steps = [2, 0, 1], 11
     weights, cleared = _official_indicator_plan(steps, 3, 2, 0, steps * 120 / 220, fixed=True, round_rule=True)
-    ref = _reference_composite(pipe, ads, steps, 5.0, 3, weights=weights, cache_plan=cleared, order=order)
+    ref = _reference_composite(pipe, ads, steps, 5.0, 3, weights=weights, cache_plan=cleared, order=order, layer=1)
     ours, info = generate(pipe, ads, SamplerSettings(method="cmlora", steps=steps, cfg=5.0), PROMPT, NEG, [3],
                           order=order, n_rotation=2, output_type="latent")
     full_bg = info["passes"]["per_adapter"][ads[1].name]["full_steps"]
     assert len(full_bg) > 1 and max(full_bg) > steps // 2  # the background's cache is refreshed, also late
+    assert info["cache_split"] == [1, 1]  # lorakit mode's default: one layer more cached than the official split
     assert (ours - ref).abs().max() < 1e-4
+    # the official split in lorakit mode (--cache-layer 0) against the reference's own split
+    ref0 = _reference_composite(pipe, ads, steps, 5.0, 3, weights=weights, cache_plan=cleared, order=order)
+    ours0, _ = generate(pipe, ads, SamplerSettings(method="cmlora", steps=steps, cfg=5.0, cache_layer=0), PROMPT, NEG,
+                        [3], order=order, n_rotation=2, output_type="latent")
+    assert (ours0 - ref0).abs().max() < 1e-4 and (ours0 - ours).abs().max() > 1e-4

@@ -14,7 +14,8 @@ mid) dominates. "sd15" is ``UNet2DConditionModel`` with SD 1.5's config (cross-a
 weights, with a tiny 768-wide text encoder; ``--latent 16`` is SD's 128 px. Times are wall seconds and CPU seconds
 of this process (``time.process_time``, 1 thread by default); ratios use CPU seconds, which a busy shared machine
 disturbs less. Methods: merge, switch, composite, cmlora (lorakit defaults), cmlora_nocache, cmlora_official,
-composite_ubase, delta, merge_ubase.
+cmlora_layer0 / cmlora_layer2 (lorakit mode, cache split before layer 0 / 2 of the last up block), composite_ubase,
+delta, merge_ubase.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ METHODS = {
     "cmlora": {"method": "cmlora"},
     "cmlora_nocache": {"method": "cmlora", "cache": False},
     "cmlora_official": {"method": "cmlora", "cmlora_mode": "official"},
+    "cmlora_layer0": {"method": "cmlora", "cache_layer": 0},
+    "cmlora_layer2": {"method": "cmlora", "cache_layer": 2},
     "composite_ubase": {"method": "composite", "uncond": "base"},
     "delta": {"method": "delta"},
     "merge_ubase": {"method": "merge", "uncond": "base"},
@@ -119,8 +122,9 @@ def main() -> None:
                 _, info = generate(pipe, ads[:n], st, "a red cat", "", [r], output_type="latent")
                 dt = (time.process_time() - c0, time.perf_counter() - t0)
                 best = dt if best is None else min(best, dt)
-            results[label] = (best[0], best[1], info["passes"])
-        for label, (sec, wall, passes) in results.items():
+            results[label] = (best[0], best[1], info)
+        for label, (sec, wall, info) in results.items():
+            passes = info["passes"]
             ratio = lambda ref: round(sec / results[ref][0], 3) if ref in results else None  # noqa: E731
             print(json.dumps({
                 "bench": "sample", "unet": args.unet, "latent": pipe.unet.config.sample_size, "n_adapters": n,
@@ -128,7 +132,8 @@ def main() -> None:
                 "wall_s_per_image": round(wall, 3), "ratio_to_merge": ratio("merge"),
                 "ratio_to_composite": ratio("composite"), "full_passes": passes["full"],
                 "shallow_passes": passes["shallow"], "cmlora_interval": args.cmlora_interval,
-                "cache_refresh": args.cache_refresh, "cache_depth": args.cache_depth, "threads": args.threads,
+                "cache_refresh": args.cache_refresh, "cache_depth": args.cache_depth,
+                "cache_split": info.get("cache_split"), "threads": args.threads,
             }), flush=True)
 
 

@@ -49,7 +49,11 @@ def add_parser(sub) -> None:
                    help="cmlora (lorakit mode): besides the newly dominant adapter, refresh the adapters outside the "
                    "rotation once per round (round), nothing else (dominant) or every cache older than --cache-max-age (age)")
     p.add_argument("--cache-max-age", type=int, default=5, help="cmlora --cache-refresh age: oldest cache, in steps")
-    p.add_argument("--cache-depth", type=int, default=1, help="cmlora: shallow path = first D down blocks + last D up blocks")
+    p.add_argument("--cache-depth", type=int, default=1,
+                   help="cmlora: the cache split lies in the D-th up block from the end (default 1, the official)")
+    p.add_argument("--cache-layer", type=int,
+                   help="cmlora: split before layer K of that up block; shallow passes recompute only what follows "
+                   "(default 1 in lorakit mode, 0 = the official split)")
     p.add_argument("--profile-prompt", default="a picture", help="cmlora: prompt of the profiling images")
     p.add_argument("--profile-steps", type=int, help="cmlora: steps of the profiling images (default --steps)")
     p.add_argument("--out", required=True, help="output folder")
@@ -81,7 +85,7 @@ def run(args) -> int:
         uncond=args.uncond, encode=args.encode, switch_every=args.switch_every, cmlora_mode=args.cmlora_mode,
         cmlora_interval=args.cmlora_interval, cmlora_order=args.cmlora_order, dominant_weight=args.dominant_weight,
         cache=None if args.cache is None else args.cache == "on", cache_refresh=args.cache_refresh,
-        cache_max_age=args.cache_max_age, cache_depth=args.cache_depth,
+        cache_max_age=args.cache_max_age, cache_depth=args.cache_depth, cache_layer=args.cache_layer,
     )
     if args.regions and args.prompt:
         raise ValueError("give either --prompt or --regions (its global prompt), not both")

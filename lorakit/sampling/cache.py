@@ -1,11 +1,18 @@
 """Per-LoRA DeepCache-style deep-feature caching on diffusers' ``UNet2DConditionModel``.
 
-A UNet pass is split at depth ``d`` (1 <= d < number of down blocks):
+A UNet pass is split at depth ``d`` (1 <= d < number of down blocks) and layer ``k`` of ``up_blocks[-d]``
+(0 <= k < its number of resnets):
 
-* the **shallow path** is ``conv_in``, the time embedding, ``down_blocks[:d]``, ``up_blocks[-d:]``,
-  ``conv_norm_out`` and ``conv_out``;
-* the **deep feature** is the input of ``up_blocks[-d]`` (the output of ``up_blocks[-d-1]``), i.e. everything
-  the deep blocks (``down_blocks[d:]``, the mid block, ``up_blocks[:-d]``) compute.
+* the **deep feature** is the input of layer ``k`` of ``up_blocks[-d]`` (at ``k = 0`` the block's input, the output
+  of ``up_blocks[-d-1]``), i.e. everything the deep blocks (``down_blocks[d:]``, the mid block,
+  ``up_blocks[:-d]``) and the block's first ``k`` layers compute;
+* the **shallow path** is what the rest needs: ``conv_in``, the time embedding, the down layers whose skip
+  features the remaining up layers consume (``down_blocks[:d]`` less the last ``k`` layers of ``down_blocks[d-1]``,
+  whose skips only fed the cached layers), layers ``k..`` of ``up_blocks[-d]``, ``up_blocks[-d+1:]``,
+  ``conv_norm_out`` and ``conv_out``.
+
+A larger ``k`` caches more and recomputes less (on SD1 at ``d = 1``: ``k = 0`` recomputes 2 down + 3 up layers
+at full resolution, ``k = 1`` 1 + 2, ``k = 2`` 0 + 1), as DeepCache's finer ``cache_block_id``.
 
 :func:`unet_split_forward` runs the pieces of the UNet itself. A full pass equals ``unet(...)`` exactly (tested)
 and also returns the deep feature; a shallow pass takes a cached deep feature instead of computing it.
@@ -13,12 +20,13 @@ and also returns the deep feature; a shallow pass takes a cached deep feature in
 :class:`DeepFeatureCache` keeps one deep feature per key (CMLoRA: per adapter) and counts full and shallow passes;
 which pass is full comes from :func:`lorakit.sampling.schedules.cmlora_plan`.
 
-The split at depth 1 is the one of the CMLoRA authors' code (DeepCache's ``cache_layer_id=0, cache_block_id=1`` on
+The split at depth 1, layer 0 is the one of the CMLoRA authors' code (DeepCache's ``cache_layer_id=0, cache_block_id=1`` on
 SD1: the cached feature is the input of the last up block), so a shallow pass gives the same numbers.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -55,13 +63,34 @@ def _down(block, sample, emb, ehs, cross_attention_kwargs):
     return block(hidden_states=sample, temb=emb)
 
 
-def _without_downsampler(block, sample, emb, ehs, cross_attention_kwargs):
-    downsamplers = block.downsamplers
-    block.downsamplers = None
+@contextmanager
+def _layers(block, start: int, stop: int, resample: bool):
+    """Temporarily keep only layers ``start:stop`` of a diffusers down/up block (resnets and, if any, attentions),
+    and its down/upsampler only if ``resample``: the block's own forward then runs just that part."""
+    saved = {name: getattr(block, name) for name in ("resnets", "attentions", "downsamplers", "upsamplers")
+             if getattr(block, name, None) is not None}
     try:
-        return _down(block, sample, emb, ehs, cross_attention_kwargs)
+        for name in ("resnets", "attentions"):
+            if name in saved:
+                setattr(block, name, saved[name][start:stop])
+        for name in ("downsamplers", "upsamplers"):
+            if name in saved and not resample:
+                setattr(block, name, None)
+        yield block
     finally:
-        block.downsamplers = downsamplers
+        for name, value in saved.items():
+            setattr(block, name, value)
+
+
+def split_layers(unet, depth: int, layer: int) -> None:
+    """Raise ValueError unless (depth, layer) is a split of this UNet (see the module docstring)."""
+    n_down = len(unet.down_blocks)
+    if not 1 <= depth <= n_down - 1:
+        raise ValueError(f"cache depth {depth} out of range: this UNet has {n_down} down blocks, so 1..{n_down - 1}")
+    n_layers = len(unet.up_blocks[len(unet.up_blocks) - depth].resnets)
+    if not 0 <= layer <= n_layers - 1:
+        raise ValueError(f"cache layer {layer} out of range: up block {len(unet.up_blocks) - depth} has {n_layers} "
+                         f"layers, so 0..{n_layers - 1}")
 
 
 def _up(block, sample, emb, res, ehs, cross_attention_kwargs, upsample_size):
@@ -89,6 +118,7 @@ def unet_split_forward(
     cross_attention_kwargs: dict | None = None,
     timestep_cond: torch.Tensor | None = None,
     class_labels: torch.Tensor | None = None,
+    layer: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One UNet pass run piece by piece; full when ``deep_feature`` is None, shallow otherwise.
 
@@ -97,17 +127,16 @@ def unet_split_forward(
         sample: noisy latents ``[B, C, H, W]``; timestep: scalar or ``[B]``.
         encoder_hidden_states: text features ``[B, L, D]``.
         depth: split depth d, ``1 <= d <= len(unet.down_blocks) - 1``.
-        deep_feature: the cached input of ``up_blocks[-d]`` ``[B, C_d, H_d, W_d]`` from an earlier full pass with
-            the same batch layout; None runs the full UNet.
+        deep_feature: the cached input of layer ``layer`` of ``up_blocks[-d]`` ``[B, C_d, H_d, W_d]`` from an
+            earlier full pass with the same batch layout and split; None runs the full UNet.
+        layer: split layer k inside ``up_blocks[-d]``, ``0 <= k < len(up_blocks[-d].resnets)``.
     Returns:
         ``(noise_pred [B, C, H, W], deep_feature)``; the deep feature is the one computed (full pass) or the one
         given (shallow pass).
     Raises:
-        ValueError for a depth outside the range or a deep feature whose batch does not match.
+        ValueError for a split outside the range or a deep feature whose batch does not match.
     """
-    n_down = len(unet.down_blocks)
-    if not 1 <= depth <= n_down - 1:
-        raise ValueError(f"cache depth {depth} out of range: this UNet has {n_down} down blocks, so 1..{n_down - 1}")
+    split_layers(unet, depth, layer)
     if deep_feature is not None and deep_feature.shape[0] != sample.shape[0]:
         raise ValueError(f"cached deep feature has batch {deep_feature.shape[0]}, the sample has {sample.shape[0]}")
     up_factor = 2**unet.num_upsamplers
@@ -117,23 +146,27 @@ def unet_split_forward(
     emb, ehs = _embeddings(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond, class_labels)
     sample = unet.conv_in(sample)
     res_stack: tuple = (sample,)
-    shallow = deep_feature is not None
-    down_blocks = unet.down_blocks[:depth] if shallow else unet.down_blocks
-    for k, block in enumerate(down_blocks):
-        if shallow and k == depth - 1:
-            # The last shallow block's downsampled output only feeds the deep blocks: skip computing it.
-            sample, res = _without_downsampler(block, sample, emb, ehs, cross_attention_kwargs)
-        else:
-            sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs)
-        res_stack += res
     n_up = len(unet.up_blocks)
+    split_block = n_up - depth
+    shallow = deep_feature is not None
     if shallow:
-        # The shallow up blocks consume a prefix of the full residual stack (the deeper blocks' part is on top).
-        needed = sum(len(b.resnets) for b in unet.up_blocks[n_up - depth :])
+        # The shallow up layers consume a prefix of the full pass's skip features (the deeper layers' part is on
+        # top of the stack): run the down layers just far enough to produce that prefix.
+        needed = sum(len(b.resnets) for b in unet.up_blocks[split_block:]) - layer
+        for block in unet.down_blocks:
+            if len(res_stack) >= needed:
+                break
+            n_layers = min(len(block.resnets), needed - len(res_stack))
+            with _layers(block, 0, n_layers, resample=len(res_stack) + n_layers < needed):
+                sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs)
+            res_stack += res
         res_stack = res_stack[:needed]
         sample = deep_feature
-        first_up = n_up - depth
+        first_up = split_block
     else:
+        for block in unet.down_blocks:
+            sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs)
+            res_stack += res
         if unet.mid_block is not None:
             if getattr(unet.mid_block, "has_cross_attention", False):
                 sample = unet.mid_block(sample, emb, encoder_hidden_states=ehs, cross_attention_kwargs=cross_attention_kwargs)
@@ -143,13 +176,21 @@ def unet_split_forward(
     upsample_size = None
     for i in range(first_up, n_up):
         block = unet.up_blocks[i]
-        if i == n_up - depth and not shallow:
-            deep_feature = sample
-        res = res_stack[-len(block.resnets) :]
-        res_stack = res_stack[: -len(block.resnets)]
+        n_layers = len(block.resnets)
+        start = layer if (i == split_block and shallow) else 0
+        res = res_stack[-(n_layers - start) :]
+        res_stack = res_stack[: -(n_layers - start)]
         if i != n_up - 1 and forward_upsample_size:
             upsample_size = res_stack[-1].shape[2:]
-        sample = _up(block, sample, emb, res, ehs, cross_attention_kwargs, upsample_size)
+        if i == split_block and not shallow:
+            if layer:
+                with _layers(block, 0, layer, resample=False):
+                    sample = _up(block, sample, emb, res, ehs, cross_attention_kwargs, upsample_size)
+                res = res[: n_layers - layer]
+                start = layer
+            deep_feature = sample
+        with _layers(block, start, n_layers, resample=True):
+            sample = _up(block, sample, emb, res, ehs, cross_attention_kwargs, upsample_size)
     if unet.conv_norm_out:
         sample = unet.conv_act(unet.conv_norm_out(sample))
     return unet.conv_out(sample), deep_feature
@@ -164,12 +205,15 @@ class DeepFeatureCache:
     shallow: dict[str, int] = field(default_factory=dict)
     full_steps: dict[str, list[int]] = field(default_factory=dict)
 
-    def run(self, name: str, step: int, full: bool, unet, sample, timestep, encoder_hidden_states, depth: int, **kwargs):
-        """Run adapter ``name``'s UNet pass (full: refresh its cache; shallow: reuse it). Returns noise_pred."""
+    def run(self, name: str, step: int, full: bool, unet, sample, timestep, encoder_hidden_states, depth: int,
+            layer: int = 0, **kwargs):
+        """Run adapter ``name``'s UNet pass (full: refresh its cache; shallow: reuse it) split at (``depth``,
+        ``layer``). Returns noise_pred."""
         if not full and name not in self.features:
             raise ValueError(f"adapter {name!r} has no cached deep feature at step {step}; the plan must start with a full pass")
         eps, deep = unet_split_forward(
-            unet, sample, timestep, encoder_hidden_states, depth, None if full else self.features[name], **kwargs
+            unet, sample, timestep, encoder_hidden_states, depth, None if full else self.features[name], layer=layer,
+            **kwargs
         )
         if full:
             self.features[name] = deep

@@ -16,7 +16,8 @@ through :func:`unet_pass`, the one place to thread extra UNet inputs.
   (u = c = 1 per adapter, 1 - N for the base).
 
 ``uncond="base"`` takes the unconditional half from the base model for every method (one base pass, adapters
-on the conditional half only). ``encode="once"`` (the reference) encodes the prompt once with the adapters active
+on the conditional half only; delta keeps its base conditional term:
+``U_base + cfg * (C_base - U_base) + cfg * sum_i (C_i - C_base)``). ``encode="once"`` (the reference) encodes the prompt once with the adapters active
 at the start (all of them; switch: the first); ``"per-adapter"`` gives each pass the text features of its own
 adapters. Base passes always use the base text encoder.
 """
@@ -58,7 +59,8 @@ class SamplerSettings:
     cache: bool | None = None  # None: lorakit mode on; official mode on iff cmlora_interval >= 2 (as the code)
     cache_refresh: str = "round"  # lorakit mode: dominant | round | age
     cache_max_age: int = 5  # refresh rule "age": oldest cache allowed, in steps
-    cache_depth: int = 1  # shallow path = first D down blocks + last D up blocks
+    cache_depth: int = 1  # split in up_blocks[-D] (lorakit.sampling.cache)
+    cache_layer: int | None = None  # split before layer K of that block; None: lorakit mode 1, official mode 0
 
     def check(self) -> None:
         """Raise ValueError naming the first bad setting."""
@@ -73,11 +75,14 @@ class SamplerSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cmlora_interval < 0:
             raise ValueError(f"cmlora_interval must be >= 0, got {self.cmlora_interval}")
+        if self.cache_layer is not None and self.cache_layer < 0:
+            raise ValueError(f"cache_layer must be >= 0, got {self.cache_layer}")
         if self.dominant_weight is not None and not 0.0 < self.dominant_weight <= 1.0:
             raise ValueError(f"dominant_weight must be in (0, 1], got {self.dominant_weight}")
         if self.method == "cmlora" and self.cmlora_mode == "official":
             extras = {"uncond": self.uncond != "adapter", "encode": self.encode != "once",
-                      "dominant_weight": self.dominant_weight is not None, "cmlora_order": self.cmlora_order == "frequency"}
+                      "dominant_weight": self.dominant_weight is not None, "cmlora_order": self.cmlora_order == "frequency",
+                      "cache_layer": bool(self.cache_layer)}
             bad = [k for k, v in extras.items() if v]
             if bad:
                 raise ValueError(f"cmlora_mode official reproduces the official code; drop {', '.join(bad)} "
@@ -86,6 +91,17 @@ class SamplerSettings:
             v = getattr(self, name)
             if v is not None and (v <= 0 or v % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
+
+    def cmlora_cache_layer(self, unet) -> int:
+        """The split layer inside ``up_blocks[-cache_depth]``: the setting, else 0 in official mode (the official
+        split, the block's input) and 1 in lorakit mode (one layer more cached: measured in docs/sampling.md),
+        capped at the block's last layer."""
+        if self.cache_layer is not None:
+            return self.cache_layer
+        if self.cmlora_mode == "official":
+            return 0
+        n_layers = len(unet.up_blocks[len(unet.up_blocks) - self.cache_depth].resnets)
+        return min(1, n_layers - 1)
 
     def cmlora_cache(self) -> bool:
         if self.cache is not None:
@@ -197,14 +213,15 @@ def decode_latents(pipe, latents: torch.Tensor):
 
 
 def unet_pass(unet, sample, timestep, text, added_cond_kwargs=None, cache: DeepFeatureCache | None = None,
-              cache_key: str = "", full: bool = True, depth: int = 1, step: int = 0, **unet_kwargs) -> torch.Tensor:
+              cache_key: str = "", full: bool = True, depth: int = 1, step: int = 0, layer: int = 0,
+              **unet_kwargs) -> torch.Tensor:
     """The one UNet call of every method. Extra UNet inputs (e.g. ``down_block_additional_residuals``) go in
     ``unet_kwargs``.
 
     Args:
         sample: scaled latents ``[R, C, h, w]`` (R = B or 2B rows); text: ``[R, L, D]``.
         cache: with a :class:`DeepFeatureCache`, a split pass: ``full`` refreshes ``cache_key``'s deep feature,
-            otherwise a shallow pass reuses it (split depth ``depth``).
+            otherwise a shallow pass reuses it (split at depth ``depth``, layer ``layer``).
     Returns:
         The noise prediction ``[R, C, h, w]``.
     """
@@ -213,7 +230,7 @@ def unet_pass(unet, sample, timestep, text, added_cond_kwargs=None, cache: DeepF
                     return_dict=False, **unet_kwargs)[0]
     if unet_kwargs:
         raise ValueError(f"cached UNet passes do not take {sorted(unet_kwargs)}; run cmlora with cache off")
-    return cache.run(cache_key, step, full, unet, sample, timestep, text, depth, added_cond_kwargs=added_cond_kwargs)
+    return cache.run(cache_key, step, full, unet, sample, timestep, text, depth, layer, added_cond_kwargs=added_cond_kwargs)
 
 
 @dataclass
@@ -225,8 +242,11 @@ class _Plan:
 
 
 def _with_uncond_base(terms: list[Term]) -> list[Term]:
-    """The same terms with their unconditional halves replaced by one base-model unconditional pass."""
-    return [Term((), 1.0, 0.0)] + [Term(t.adapters, 0.0, t.c, t.full, t.cached) for t in terms if t.adapters]
+    """The same terms with their unconditional halves replaced by one base-model unconditional pass (the base's
+    conditional coefficient, delta's 1 - N, is kept: delta then adds each adapter's conditional difference from
+    the base to the base's own CFG)."""
+    base_c = sum(t.c for t in terms if not t.adapters)
+    return [Term((), 1.0, base_c)] + [Term(t.adapters, 0.0, t.c, t.full, t.cached) for t in terms if t.adapters]
 
 
 def method_plan(settings: SamplerSettings, n: int, n_steps: int, order: list[int] | None, n_rotation: int | None) -> _Plan:
@@ -365,6 +385,8 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
 
             remove_regional(pipe.unet, previous)
     info = {"method": settings.method, "height": height, "width": width, **plan.info, "passes": passes}
+    if plan.info.get("cache"):
+        info["cache_split"] = [settings.cache_depth, settings.cmlora_cache_layer(pipe.unet)]
     for key in ("order", "dominants", "active_per_step"):
         if key in info:
             info[key] = [adapters[i].name for i in info[key]]
@@ -386,6 +408,7 @@ def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, h
     xl = _is_xl(pipe)
     time_ids = {r: _time_ids(pipe, height, width, r * batch, dtype) for r in (1, 2)} if xl else {}
     switch, cache, log = UNetAdapterSwitch(unet), DeepFeatureCache(), {}
+    layer = settings.cmlora_cache_layer(unet) if settings.method == "cmlora" else 0
     for s, t in enumerate(scheduler.timesteps):
         x = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
         uncond = cond = None
@@ -401,7 +424,7 @@ def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, h
             added = {"text_embeds": pick(ctx["pooled"]), "time_ids": time_ids[2 if rows == "pair" else 1]} if xl else None
             key = "+".join(names[i] for i in term.adapters) or "base"
             out = unet_pass(unet, pick(x), t, pick(ctx["embeds"]), added, cache if term.cached else None,
-                            f"{key}|{rows}", term.full, settings.cache_depth, s)
+                            f"{key}|{rows}", term.full, settings.cache_depth, s, layer)
             entry = log.setdefault(key, {"full": 0, "shallow": 0, "full_steps": []})
             entry["full" if term.full else "shallow"] += 1
             if term.full:
