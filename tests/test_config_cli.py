@@ -47,7 +47,7 @@ def test_inspect_reports_blocks_and_fit(sd1_pipe, sdxl_pipe, tmp_path, capsys):
     assert set(report["blocks"]) == {"IN01", "IN02", "IN03", "OUT09", "OUT10", "OUT11"}
     assert report["parameters"] == adapter.num_parameters()
     xl_base = save_pipeline(sdxl_pipe, tmp_path / "xl")
-    assert main(["inspect", str(path), "--base", str(xl_base)]) == 1
+    assert main(["inspect", str(path), "--base", str(xl_base)]) == 1  # a check that fails, not a usage error
     assert "adapter is for sd1 but the base model is sdxl" in capsys.readouterr().out
 
 

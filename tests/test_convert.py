@@ -61,7 +61,7 @@ def test_loha_as_lora_for_diffusers(sd1_pipe, tmp_path):
                f"{name}.alpha": torch.tensor(1.0)}, str(tmp_path / "loha.safetensors"))
     loha = load_adapter(tmp_path / "loha.safetensors")
     assert main(["convert", str(tmp_path / "loha.safetensors"), str(tmp_path / "x.safetensors"), "--to",
-                 "diffusers"]) == 1  # LoHa layers need --as-lora for a diffusers file
+                 "diffusers"]) == 2  # LoHa layers need --as-lora for a diffusers file
     assert main(["convert", str(tmp_path / "loha.safetensors"), str(tmp_path / "k.safetensors")]) == 0
     _same(loha, load_adapter(tmp_path / "k.safetensors"), atol=0)  # LoHa stays LoHa in kohya / LyCORIS layout
     assert main(["convert", str(tmp_path / "loha.safetensors"), str(tmp_path / "d.safetensors"), "--to", "diffusers",
@@ -78,6 +78,6 @@ def test_loha_as_lora_for_diffusers(sd1_pipe, tmp_path):
 
 def test_sai_for_sd1_is_refused(sd1_pipe, tmp_path, capsys):
     src = save_adapter(random_adapter(sd1_pipe), tmp_path / "a.safetensors")
-    assert main(["convert", str(src), str(tmp_path / "b.safetensors"), "--key-style", "sai"]) == 1
+    assert main(["convert", str(src), str(tmp_path / "b.safetensors"), "--key-style", "sai"]) == 2
     assert "--key-style sai is for SDXL" in capsys.readouterr().err
-    assert main(["convert", str(src), str(src)]) == 1
+    assert main(["convert", str(src), str(src)]) == 2
