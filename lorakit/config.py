@@ -136,8 +136,42 @@ def _check_keys(schema: DictConfig, raw: dict, source: str) -> None:
 
 
 def to_dict(cfg) -> dict:
-    """A resolved config as a plain dict (for metadata and logs)."""
-    return OmegaConf.to_container(cfg, resolve=True)
+    """A resolved config as a plain dict, for metadata, checkpoints and logs.
+
+    Values that come from the environment (``${oc.env:HF_TOKEN}``, also through another key or inside a longer
+    string) stay as the unresolved interpolation: a secret given through the environment never lands in a file.
+    """
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    secrets: set[str] = set()
+    _env_values(resolved, raw, secrets)
+    return _keep_unresolved(resolved, raw, secrets)
+
+
+def _from_env(raw) -> bool:
+    return isinstance(raw, str) and "${" in raw and "env:" in raw
+
+
+def _env_values(resolved, raw, out: set) -> None:
+    if isinstance(resolved, dict) and isinstance(raw, dict):
+        for k in resolved:
+            _env_values(resolved[k], raw.get(k), out)
+    elif isinstance(resolved, list) and isinstance(raw, list):
+        for a, b in zip(resolved, raw):
+            _env_values(a, b, out)
+    elif _from_env(raw) and resolved not in (None, ""):
+        out.add(str(resolved))
+
+
+def _keep_unresolved(resolved, raw, secrets: set):
+    if isinstance(resolved, dict) and isinstance(raw, dict):
+        return {k: _keep_unresolved(v, raw.get(k), secrets) for k, v in resolved.items()}
+    if isinstance(resolved, list) and isinstance(raw, list) and len(raw) == len(resolved):
+        return [_keep_unresolved(a, b, secrets) for a, b in zip(resolved, raw)]
+    if isinstance(raw, str) and "${" in raw:
+        if _from_env(raw) or any(s in str(resolved) for s in secrets):
+            return raw
+    return resolved
 
 
 def schema_keys(schema_cls, prefix: str = "") -> list[str]:

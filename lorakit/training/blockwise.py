@@ -187,8 +187,9 @@ def train(cfg, accelerator=None, pipe=None):
     from lorakit.adapters.io import save_adapter
     from lorakit.data import CaptionedImages, LatentCache, collate
     from lorakit.models import load_base, pipeline_arch
-    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, mixed_precision, randn_per_sample
+    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight, mixed_precision, randn_per_sample
 
+    preflight(cfg)  # config values and output_dir, before any model loads
     weight_dtype = _DTYPES[mixed_precision(cfg)]
     save_dtype = _dtype(cfg.save_precision, "save_precision")
     if not cfg.base_model and pipe is None:

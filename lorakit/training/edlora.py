@@ -403,8 +403,9 @@ def train(cfg, accelerator=None, pipe=None):
     from lorakit.config import to_dict
     from lorakit.data import collate
     from lorakit.models import load_base, pipeline_arch
-    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, randn_per_sample
+    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight, randn_per_sample
 
+    preflight(cfg)  # config values and output_dir, before any model loads
     for key in ("mixed_precision", "save_precision"):
         if getattr(cfg, key) not in _DTYPES:
             raise ValueError(f"{key}={getattr(cfg, key)!r}: expected one of {sorted(_DTYPES)}")
