@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+import yaml
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
 class ConfigError(ValueError):
@@ -88,7 +89,15 @@ def load_config(schema_cls, path: str | os.PathLike | None = None, overrides: li
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
-        loaded = OmegaConf.load(path)
+        try:
+            loaded = OmegaConf.load(path)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
         raw = OmegaConf.to_container(loaded)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
@@ -108,6 +117,13 @@ def load_config(schema_cls, path: str | os.PathLike | None = None, overrides: li
             raise ConfigError(f"override {item!r}: bad value for {err.full_key!r}: {err.msg}") from err
         except (ConfigKeyError, ConfigAttributeError) as err:
             raise _unknown_key_error(schema, key, f"override {item!r}") from err
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+    try:  # resolve every interpolation now: a missing environment variable is named before any work starts
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{path or 'config'}: cannot resolve {key or 'a value'}: {str(err).splitlines()[0]}") from None
     return cfg
 
 

@@ -13,6 +13,7 @@ any extra tensors (ED-LoRA embeddings).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -243,7 +244,23 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
         adapter.modules[key] = LoraModule(down=down, up=up, alpha=alpha)
     if not adapter.modules:
         raise AdapterError(f"{path}: no LoRA weights found (expected kohya lora_down/lora_up or peft lora_A/lora_B keys)")
+    check_finite(adapter, path)
     return adapter
+
+
+def check_finite(adapter: Adapter, path) -> None:
+    """Refuse an adapter holding NaN/inf: merged, fused or sampled it would only give NaN weights or black
+    images. Raises AdapterError naming the file and the first bad tensor."""
+    for key, mod in adapter.modules.items():
+        for part, t in (("lora_down", mod.down), ("lora_up", mod.up)):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise AdapterError(f"{path}: {key}.{part} holds NaN/inf values (a diverged training or a damaged "
+                                   "file); lorakit does not use it")
+        if not math.isfinite(mod.alpha):
+            raise AdapterError(f"{path}: {key}.alpha is {mod.alpha}; lorakit does not use it")
+    for key, t in adapter.extra.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise AdapterError(f"{path}: {key} holds NaN/inf values; lorakit does not use it")
 
 
 def _ldm_to_diffusers_names(path: Path, tensors: dict, meta: dict) -> dict:

@@ -145,16 +145,12 @@ class ConceptImages:
         import numpy as np
         from PIL import Image, ImageOps
 
-        from lorakit.data import BadImageError, resize_crop
+        from lorakit.data import open_rgb, resize_crop
         from lorakit.training.loop import rand_per_sample
 
         k = self.items[i]
         rec, res = self.records[k], self.cfg.data.resolution
-        try:
-            with Image.open(rec.path) as raw:
-                img = raw.convert("RGB")
-        except Exception as err:  # noqa: BLE001
-            raise BadImageError(f"unreadable image {rec.path}: {err}") from err
+        img = open_rgb(rec.path)
         size = img.size
         img, crop = resize_crop(img, (res, res), True, None)
         mask = None
