@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+import yaml
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
 class ConfigError(ValueError):
@@ -88,7 +89,15 @@ def load_config(schema_cls, path: str | os.PathLike | None = None, overrides: li
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file not found: {path}")
-        loaded = OmegaConf.load(path)
+        try:
+            loaded = OmegaConf.load(path)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
         raw = OmegaConf.to_container(loaded)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
@@ -108,6 +117,13 @@ def load_config(schema_cls, path: str | os.PathLike | None = None, overrides: li
             raise ConfigError(f"override {item!r}: bad value for {err.full_key!r}: {err.msg}") from err
         except (ConfigKeyError, ConfigAttributeError) as err:
             raise _unknown_key_error(schema, key, f"override {item!r}") from err
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+    try:  # resolve every interpolation now: a missing environment variable is named before any work starts
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{path or 'config'}: cannot resolve {key or 'a value'}: {str(err).splitlines()[0]}") from None
     return cfg
 
 
@@ -136,8 +152,42 @@ def _check_keys(schema: DictConfig, raw: dict, source: str) -> None:
 
 
 def to_dict(cfg) -> dict:
-    """A resolved config as a plain dict (for metadata and logs)."""
-    return OmegaConf.to_container(cfg, resolve=True)
+    """A resolved config as a plain dict, for metadata, checkpoints and logs.
+
+    Values that come from the environment (``${oc.env:HF_TOKEN}``, also through another key or inside a longer
+    string) stay as the unresolved interpolation: a secret given through the environment never lands in a file.
+    """
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    secrets: set[str] = set()
+    _env_values(resolved, raw, secrets)
+    return _keep_unresolved(resolved, raw, secrets)
+
+
+def _from_env(raw) -> bool:
+    return isinstance(raw, str) and "${" in raw and "env:" in raw
+
+
+def _env_values(resolved, raw, out: set) -> None:
+    if isinstance(resolved, dict) and isinstance(raw, dict):
+        for k in resolved:
+            _env_values(resolved[k], raw.get(k), out)
+    elif isinstance(resolved, list) and isinstance(raw, list):
+        for a, b in zip(resolved, raw):
+            _env_values(a, b, out)
+    elif _from_env(raw) and resolved not in (None, ""):
+        out.add(str(resolved))
+
+
+def _keep_unresolved(resolved, raw, secrets: set):
+    if isinstance(resolved, dict) and isinstance(raw, dict):
+        return {k: _keep_unresolved(v, raw.get(k), secrets) for k, v in resolved.items()}
+    if isinstance(resolved, list) and isinstance(raw, list) and len(raw) == len(resolved):
+        return [_keep_unresolved(a, b, secrets) for a, b in zip(resolved, raw)]
+    if isinstance(raw, str) and "${" in raw:
+        if _from_env(raw) or any(s in str(resolved) for s in secrets):
+            return raw
+    return resolved
 
 
 def schema_keys(schema_cls, prefix: str = "") -> list[str]:

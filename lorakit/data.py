@@ -69,6 +69,49 @@ class ImageRecord:
     is_reg: bool = False
 
 
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the caption as "
+                           "UTF-8") from None
+
+
+def to_rgb(img):
+    """A PIL image as 8-bit RGB, correctly for every mode: 16/32-bit greyscale scaled (``convert('RGB')`` clips
+    them to white), float images taken as [0, 1], transparency (RGBA, LA, palette with transparency) laid on
+    white instead of showing whatever colour the transparent pixels hold."""
+    import numpy as np
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "LA", "RGBA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_rgb(path: Path):
+    """Decode an image file to 8-bit RGB (see :func:`to_rgb`); BadImageError naming the file if it cannot."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as raw:
+            raw.load()
+            return to_rgb(raw)
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for damaged files
+        raise BadImageError(f"unreadable image {path}: {err}") from err
+
+
 def _check_image(path: Path) -> tuple[int, int]:
     """(width, height) of a decodable image; raises BadImageError naming the file otherwise."""
     from PIL import Image
@@ -101,7 +144,7 @@ def scan_folder(folder: str | os.PathLike, caption_extension: str = ".txt", defa
     meta = root / "metadata.jsonl"
     entries: list[tuple[Path, str]] = []
     if meta.exists():
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
+        for n, line in enumerate(_read_caption(meta).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -112,10 +155,15 @@ def scan_folder(folder: str | os.PathLike, caption_extension: str = ".txt", defa
             text = row.get("text", row.get("caption", default_caption))
             entries.append((root / name, str(text if text is not None else default_caption)))
     else:
+        uncaptioned = 0
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
             cap = path.with_suffix(caption_extension)
-            text = cap.read_text(encoding="utf-8").strip() if cap.exists() else default_caption
+            uncaptioned += not cap.exists()
+            text = _read_caption(cap).strip() if cap.exists() else default_caption
             entries.append((path, text))
+        if uncaptioned:
+            print(f"lorakit: warning: {uncaptioned} of {len(entries)} images in {root} have no {caption_extension} "
+                  f"caption; they train with data.default_caption={default_caption!r}", file=sys.stderr)
     records = []
     for path, text in entries:
         try:
@@ -193,12 +241,16 @@ def resize_crop(img, target: tuple[int, int], center: bool, gen) -> tuple[object
     tw, th = target
     scale = max(tw / img.width, th / img.height)
     nw, nh = max(tw, round(img.width * scale)), max(th, round(img.height * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
     if center:
         left, top = (nw - tw) // 2, (nh - th) // 2
     else:
         left = int(torch.randint(0, nw - tw + 1, (1,), generator=gen))
         top = int(torch.randint(0, nh - th + 1, (1,), generator=gen))
+    if nw * nh > 4 * tw * th:
+        # An extreme aspect ratio (4 x 20000 at 512 would resize to 512 x 2.56M): resample only the crop's box.
+        box = (left / scale, top / scale, (left + tw) / scale, (top + th) / scale)
+        return img.resize((tw, th), Image.BICUBIC, box=box), (top, left)
+    img = img.resize((nw, nh), Image.BICUBIC)
     return img.crop((left, top, left + tw, top + th)), (top, left)
 
 
@@ -244,14 +296,10 @@ class CaptionedImages:
 
     def _view(self, i: int, gen) -> tuple[object, tuple[int, int], bool]:
         """(PIL image cropped to its target, crop top-left, flipped) for item ``i``."""
-        from PIL import Image, ImageOps
+        from PIL import ImageOps
 
         rec = self.items[i]
-        try:
-            with Image.open(rec.path) as raw:
-                img = raw.convert("RGB")
-        except Exception as err:  # noqa: BLE001
-            raise BadImageError(f"unreadable image {rec.path}: {err}") from err
+        img = open_rgb(rec.path)
         flip = bool(self.cfg.random_flip) and bool(torch_rand(gen) < 0.5)
         img, crop = resize_crop(img, self.targets[i], self.cfg.center_crop, gen)
         if flip:
@@ -297,14 +345,10 @@ class CaptionedImages:
         """Pixel tensor [3, H, W] of the centre crop of item ``i`` (flipped if asked), for the latent cache."""
         import numpy as np
         import torch
-        from PIL import Image, ImageOps
+        from PIL import ImageOps
 
         rec = self.items[i]
-        try:
-            with Image.open(rec.path) as raw:
-                img = raw.convert("RGB")
-        except Exception as err:  # noqa: BLE001
-            raise BadImageError(f"unreadable image {rec.path}: {err}") from err
+        img = open_rgb(rec.path)
         img, _ = resize_crop(img, self.targets[i], True, None)
         if flip:
             img = ImageOps.mirror(img)

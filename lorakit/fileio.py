@@ -20,8 +20,11 @@ _UMASK = _current_umask()
 
 
 def _atomic(path: str | os.PathLike, write) -> Path:
+    from lorakit.outputs import clean_stale
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path.parent, path.name)  # temp files a killed writer left for this name (older than an hour)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -94,7 +94,14 @@ def load_base(source: str | os.PathLike, torch_dtype: torch.dtype = torch.float3
         cls = StableDiffusionXLPipeline if "XL" in cls_name else StableDiffusionPipeline
         if "XL" in cls_name:
             extra = {}
-        pipe = cls.from_pretrained(src, dtype=torch_dtype, **extra, **kwargs)
+        bins = sorted(str(p.relative_to(path)) for p in path.glob("*/*.bin"))
+        try:
+            pipe = cls.from_pretrained(src, dtype=torch_dtype, use_safetensors=True, **extra, **kwargs)
+        except (OSError, ValueError) as err:
+            if bins:
+                raise ValueError(f"{path}: holds pickle weights ({', '.join(bins[:3])}) and lorakit never loads "
+                                 "pickles; save the pipeline with safe_serialization=True (.safetensors)") from err
+            raise ValueError(f"{path}: not a loadable diffusers pipeline folder: {str(err).splitlines()[0]}") from err
     elif path.suffix in (".safetensors", ".ckpt"):
         if path.suffix == ".ckpt":
             raise ValueError(f"{path}: .ckpt files are pickles and lorakit never loads them; convert to .safetensors")
@@ -110,9 +117,16 @@ def load_base(source: str | os.PathLike, torch_dtype: torch.dtype = torch.float3
     elif path.exists():
         raise ValueError(f"{path}: expected a diffusers folder or a .safetensors checkpoint")
     else:
-        if src.startswith((".", "/")) or src.count("/") != 1:
-            raise FileNotFoundError(f"base model not found: {src} (not a folder, not a file, not a hub id)")
-        pipe = DiffusionPipeline.from_pretrained(src, dtype=torch_dtype, **kwargs)
+        looks_local = src.startswith((".", "/", "~")) or src.count("/") != 1 or Path(src.split("/")[0]).is_dir()
+        if looks_local:
+            raise FileNotFoundError(f"base model not found: {src} (no such folder or file here"
+                                    + ("" if src.count("/") != 1 else "; not tried as a hub id because "
+                                       f"{src.split('/')[0]}/ is a local folder") + ")")
+        try:
+            pipe = DiffusionPipeline.from_pretrained(src, dtype=torch_dtype, use_safetensors=True, **kwargs)
+        except OSError as err:
+            raise FileNotFoundError(f"base model {src!r}: no such local folder or file, and not loadable as a hub id "
+                                    f"({str(err).splitlines()[0]})") from err
     detect_arch(pipe.unet.config)  # fail early on unsupported models
     return pipe
 

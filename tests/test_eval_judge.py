@@ -213,3 +213,50 @@ def test_toy_concepts_are_described_for_the_judge():
     assert robot.category == "character" and "robot" in presence_question(robot) and "zorbo" not in presence_question(robot)
     assert ink.category == "style" and presence_question(ink).startswith("Is this image rendered in the style of ink")
     assert _described(Concept("x")) == Concept("x") and _described(Concept("ink")) == Concept("ink")  # plain words: as given
+
+
+def test_key_is_not_sent_along_a_redirect_to_another_host(fake, two_images):
+    """Issue 13 case 5: a 302 to another host must not carry Authorization (urllib copies it by default)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    class Other(BaseHTTPRequestHandler):  # another origin (port): records what arrives
+        def do_GET(self):  # noqa: N802
+            seen.append(dict(self.headers))
+            data = json.dumps({"choices": [{"message": {"content": "yes"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), h) for h in (Redirect, Other)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    target = f"http://127.0.0.1:{servers[1].server_address[1]}/v1/chat/completions"
+    try:
+        client = JudgeClient(f"http://127.0.0.1:{servers[0].server_address[1]}/v1", "m", api_key="sk-secret",
+                             retries=0, parse_retries=0, timeout=10, sleep=lambda s: None)
+        client._post({"model": "m", "messages": []})
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+    assert len(seen) == 1
+    assert not any(k.lower() in ("authorization", "cookie") for k in seen[0]), seen[0]

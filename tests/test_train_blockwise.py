@@ -169,6 +169,8 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(DatasetError, match="empty"):
         run(tmp_path, empty, "max_steps=1")
     # skip mode trains on the rest; a huge learning rate blows the loss up at step 2
-    with pytest.raises(TrainingDiverged, match=r"at step 2.*checkpoint-1"):
+    # (issue 13 case 3: checkpoint-1 holds the blown-up weights, so it is not named as good and never resumed)
+    with pytest.raises(TrainingDiverged, match=r"at step 2.*Last good checkpoint: none \(checkpoint-1 was written "
+                                               r"just before and renamed diverged-checkpoint-1\)"):
         run(tmp_path, data, "data.on_bad_image=skip", "max_steps=4", "learning_rate=1e30", "checkpointing_steps=1",
             "max_grad_norm=0")

@@ -15,6 +15,7 @@ any extra tensors (ED-LoRA embeddings). Each layer is one of the adapter types o
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -172,7 +173,20 @@ def load_adapter(path: str | os.PathLike, layers_per_block: int = 2) -> Adapter:
         layers = read_layers(tensors, meta, path, layers_per_block)
     except FormatError as err:
         raise AdapterError(str(err)) from err
-    return Adapter(modules=layers.modules, metadata=meta, extra=layers.extra)
+    adapter = Adapter(modules=layers.modules, metadata=meta, extra=layers.extra)
+    check_finite(adapter, path)
+    return adapter
+
+
+def check_finite(adapter: Adapter, path) -> None:
+    """Refuse an adapter holding NaN/inf: merged, fused or sampled it would only give NaN weights or black
+    images. Raises AdapterError naming the file and the first bad tensor."""
+    tensors = {k: t for key, mod in adapter.modules.items() for k, t in mod.state_dict(key).items()}
+    tensors.update({k: t for k, t in adapter.extra.items() if isinstance(t, torch.Tensor)})
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AdapterError(f"{path}: {key} holds NaN/inf values (a diverged training or a "
+                               "damaged file); lorakit does not use it")
 
 
 def guess_arch(adapter: Adapter) -> str | None:

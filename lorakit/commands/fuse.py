@@ -170,6 +170,11 @@ def build_inputs(args):
     from lorakit.fusion import FuseInputs, concept_prompts
 
     paths = list(args.adapters)
+    import math
+
+    bad = [w for w in args.weights or [] if not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"--weights {' '.join(map(str, args.weights))}: expected finite numbers, got {bad[0]}")
     if args.weights is not None and len(args.weights) != len(paths):
         raise ValueError(f"--weights has {len(args.weights)} values for {len(paths)} adapters; give one per adapter")
     if args.prompts is not None and len(args.prompts) != len(paths):

@@ -73,6 +73,10 @@ def run_render(args) -> int:
 
     scene = Scene(args.background, args.bg_color, args.shape, args.shape_color, tuple(args.character),
                   tuple(args.object), args.style, args.seed)
-    render(scene, args.size).save(args.out)
+    from lorakit.fileio import save_image
+    from lorakit.outputs import check_out_file
+
+    check_out_file(args.out, overwrite=False)  # never replaces an existing file
+    save_image(render(scene, args.size), args.out)
     print(f"wrote {args.out}: {caption(scene)}")
     return 0

@@ -232,6 +232,31 @@ def api_key_from_env(var: str | None = None) -> str | None:
     return None
 
 
+_CREDENTIAL_HEADERS = ("Authorization", "Proxy-authorization", "Cookie")
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+class _CredentialSafeRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow redirects as urllib does, but never send the key (or cookies) to another scheme, host or port."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and _origin(new.full_url) != _origin(req.full_url):
+            for name in _CREDENTIAL_HEADERS:
+                new.remove_header(name)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_CredentialSafeRedirect)
+
+
 @dataclass
 class JudgeClient:
     """A chat-completions client for one judge model.
@@ -285,7 +310,7 @@ class JudgeClient:
                 self.requests_made += 1
             req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with _OPENER.open(req, timeout=self.timeout) as resp:
                     payload = resp.read()
                 self._reached = True
             except urllib.error.HTTPError as err:

@@ -181,7 +181,11 @@ def apply_deltas(pipe, modules: dict[str, LoraModule]) -> None:
             model = getattr(pipe, comp, None)
             if model is None:
                 raise ValueError(f"the base pipeline has no {comp} (needed by {key})")
-            w = model.get_submodule(live_path(model, path)).weight
+            try:
+                w = model.get_submodule(live_path(model, path)).weight
+            except AttributeError:
+                raise ValueError(f"the base model has no layer {key} (an adapter for another architecture or "
+                                 "base?); fuse adapters made for this base") from None
             delta = full_delta(mod, tuple(w.shape)).reshape(w.shape).to(w.device)
             w.copy_((w.double() + delta).to(w.dtype))
 

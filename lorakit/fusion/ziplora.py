@@ -264,6 +264,8 @@ def load_images(folder: str | Path, size: int, limit: int) -> tuple[torch.Tensor
     [-1, 1], and each image's same-name ``.txt`` caption (None where there is none)."""
     from PIL import Image
 
+    from lorakit.data import _read_caption, open_rgb
+
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"reference image folder not found: {folder}")
@@ -272,14 +274,14 @@ def load_images(folder: str | Path, size: int, limit: int) -> tuple[torch.Tensor
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in reference folder {folder}")
     out, captions = [], []
     for p in files:
-        img = Image.open(p).convert("RGB")
+        img = open_rgb(p)
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2
         img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
         t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
         out.append(t.permute(2, 0, 1).float() / 127.5 - 1.0)
         cap = p.with_suffix(".txt")
-        captions.append(cap.read_text().strip() if cap.exists() else None)
+        captions.append(_read_caption(cap).strip() if cap.exists() else None)
     return torch.stack(out), captions
 
 

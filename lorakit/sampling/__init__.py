@@ -152,6 +152,29 @@ def _cmlora_order(pipe, job: SampleJob, adapters: list[LoadedAdapter]) -> tuple[
                                                                  for a, s, g in zip(adapters, scores, groups)}}
 
 
+def _check_not_foreign(out_dir: Path, stems: list[str]) -> None:
+    """Refuse to replace an image or JSON file lorakit did not write (a lorakit sample has a sidecar JSON with
+    ``lorakit.sidecar``); earlier lorakit samples of the same names are replaced."""
+    from lorakit.outputs import OutputError, check_writable
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir} exists and is not a folder")
+    check_writable(out_dir)
+    if not out_dir.is_dir():
+        return
+    for stem in stems:
+        png, js = out_dir / f"{stem}.png", out_dir / f"{stem}.json"
+        if not (png.exists() or js.exists()):
+            continue
+        try:
+            ours = "lorakit.sidecar" in json.loads(js.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise OutputError(f"--out {out_dir} already holds {stem}.png/.json that lorakit did not write; choose "
+                              "another folder (lorakit never overwrites files it did not write)")
+
+
 def _work_items(job: SampleJob, prompts: list[str]) -> list[tuple[int, int, int]]:
     """(prompt index, image index, seed) for every image of the run."""
     return [(p, i, job.seed + i) for p in range(len(prompts)) for i in range(job.num_images)]
@@ -189,8 +212,9 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
     if job.sampler.method == "cmlora":
         order, n_rot, profile = _cmlora_order(pipe, job, adapters)
     out_dir = Path(job.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     items = _work_items(job, prompts)
+    _check_not_foreign(out_dir, [f"{p_idx:03d}-{i:04d}-s{seed}" for p_idx, i, seed in items])
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with state.split_between_processes(items) as mine:
         batches = []

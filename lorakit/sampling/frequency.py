@@ -91,25 +91,37 @@ def read_cached(adapter_path, key: str) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text()).get("entries", {}).get(key)
-    except (json.JSONDecodeError, AttributeError):
+        return json.loads(path.read_text(encoding="utf-8")).get("entries", {}).get(key)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return None
 
 
-def write_cached(adapter_path, key: str, entry: dict) -> Path:
-    """Add/replace one entry in the adapter's profile JSON (atomic write)."""
+def write_cached(adapter_path, key: str, entry: dict) -> Path | None:
+    """Add/replace one entry in the adapter's profile JSON (atomic write). Returns None, with one warning, where
+    the cache cannot be written (a read-only folder) or the file there is not a lorakit profile (never replaced):
+    the profile is then recomputed next time."""
+    import sys
+
     from lorakit.fileio import write_json
 
     path = profile_path(adapter_path)
     data = {"entries": {}}
     if path.exists():
         try:
-            data = json.loads(path.read_text())
-            data.setdefault("entries", {})
-        except json.JSONDecodeError:
-            data = {"entries": {}}
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+            print(f"lorakit: warning: {path} is not a lorakit profile cache; left as it is (profile not cached)",
+                  file=sys.stderr)
+            return None
     data["entries"][key] = entry
-    return write_json(data, path)
+    try:
+        return write_json(data, path)
+    except OSError as err:
+        print(f"lorakit: warning: cannot cache the profile at {path} ({err.strerror or err}); it is recomputed "
+              "next time", file=sys.stderr)
+        return None
 
 
 def profile_adapters(pipe, adapters, settings: ProfileSettings, use_cache: bool = True, progress: bool = True) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorakit.fileio import save_image
+from lorakit.fileio import save_image, write_text
 from lorakit.toyworld.render import caption, render
 from lorakit.toyworld.scenes import concept_scene
 
@@ -32,6 +32,6 @@ def make_dataset(concept: str, out_dir: str | os.PathLike, n: int, seed: int = 0
     paths = []
     for i, scene in enumerate(scenes):
         img_path = save_image(render(scene, size), out / f"{i:05d}.png")
-        (out / f"{i:05d}.txt").write_text(caption(scene) + "\n")
+        write_text(caption(scene) + "\n", out / f"{i:05d}.txt")
         paths.append(img_path)
     return paths

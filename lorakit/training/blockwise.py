@@ -62,6 +62,34 @@ def block_ranks(cfg, arch: str) -> dict[str, tuple[int, float]]:
     return resolve_block_spec(spec, arch, cfg.network.rank)
 
 
+def layer_width(module: torch.nn.Module) -> int | None:
+    """The largest useful LoRA rank of a layer: min(in, out) (a conv's input counts its kernel)."""
+    if isinstance(module, torch.nn.Linear):
+        return min(module.in_features, module.out_features)
+    if isinstance(module, torch.nn.Conv2d):
+        kh, kw = module.kernel_size
+        return min(module.in_channels * kh * kw, module.out_channels)
+    return None
+
+
+def warn_rank_above_width(model: torch.nn.Module, ranks: dict[str, tuple[int, float]], key: str) -> int:
+    """Print one warning when some layers get a rank above min(in, out): the extra rank adds parameters and
+    memory but no capacity (the update cannot exceed that rank). Returns how many layers are affected."""
+    import sys
+
+    over = []
+    for name, (r, _) in ranks.items():
+        width = layer_width(model.get_submodule(name))
+        if width is not None and r > width:
+            over.append((name, r, width))
+    if over:
+        name, r, width = over[0]
+        print(f"lorakit: warning: {key}={r} is above the width of {len(over)} of {len(ranks)} layers (e.g. {name}: "
+              f"min(in, out) = {width}); a rank above a layer's width adds parameters but no capacity",
+              file=sys.stderr)
+    return len(over)
+
+
 def add_lora(pipe, cfg, arch: str) -> dict[str, torch.nn.Module]:
     """Inject peft LoRA/LoCon into the UNet (configured blocks) and, if asked, the text encoder(s).
 
@@ -76,6 +104,7 @@ def add_lora(pipe, cfg, arch: str) -> dict[str, torch.nn.Module]:
         lora_able_modules(pipe.unet), block_ranks(cfg, arch), net.type, rank=net.rank, alpha=net.alpha,
         conv_rank=net.conv_rank, conv_alpha=net.conv_alpha,
     )
+    warn_rank_above_width(pipe.unet, ranks, "network.rank")
     inject_adapter_in_model(lora_config(ranks, dropout=net.dropout), pipe.unet, adapter_name="default")
     trained = {"unet": pipe.unet}
     if net.train_text_encoder:
@@ -84,6 +113,7 @@ def add_lora(pipe, cfg, arch: str) -> dict[str, torch.nn.Module]:
             if te is None:
                 continue
             te_ranks = {n: (net.text_encoder_rank, net.text_encoder_alpha) for n in text_encoder_modules(te)}
+            warn_rank_above_width(te, te_ranks, "network.text_encoder_rank")
             inject_adapter_in_model(lora_config(te_ranks, dropout=net.dropout), te, adapter_name="default")
             trained[comp] = te
     for module in trained.values():
@@ -187,8 +217,9 @@ def train(cfg, accelerator=None, pipe=None):
     from lorakit.adapters.io import save_adapter
     from lorakit.data import CaptionedImages, LatentCache, collate
     from lorakit.models import load_base, pipeline_arch
-    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, mixed_precision, randn_per_sample
+    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight, mixed_precision, randn_per_sample
 
+    preflight(cfg)  # config values and output_dir, before any model loads
     weight_dtype = _DTYPES[mixed_precision(cfg)]
     save_dtype = _dtype(cfg.save_precision, "save_precision")
     if not cfg.base_model and pipe is None:

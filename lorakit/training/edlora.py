@@ -145,16 +145,12 @@ class ConceptImages:
         import numpy as np
         from PIL import Image, ImageOps
 
-        from lorakit.data import BadImageError, resize_crop
+        from lorakit.data import open_rgb, resize_crop
         from lorakit.training.loop import rand_per_sample
 
         k = self.items[i]
         rec, res = self.records[k], self.cfg.data.resolution
-        try:
-            with Image.open(rec.path) as raw:
-                img = raw.convert("RGB")
-        except Exception as err:  # noqa: BLE001
-            raise BadImageError(f"unreadable image {rec.path}: {err}") from err
+        img = open_rgb(rec.path)
         size = img.size
         img, crop = resize_crop(img, (res, res), True, None)
         mask = None
@@ -403,8 +399,9 @@ def train(cfg, accelerator=None, pipe=None):
     from lorakit.config import to_dict
     from lorakit.data import collate
     from lorakit.models import load_base, pipeline_arch
-    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, randn_per_sample
+    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight, randn_per_sample
 
+    preflight(cfg)  # config values and output_dir, before any model loads
     for key in ("mixed_precision", "save_precision"):
         if getattr(cfg, key) not in _DTYPES:
             raise ValueError(f"{key}={getattr(cfg, key)!r}: expected one of {sorted(_DTYPES)}")

@@ -2,7 +2,7 @@
 
 A trainer builds its models, says which parameters train, and hands the loop three callables; the loop does the
 rest: ``accelerator.prepare``, gradient accumulation, clipping, the diffusers LR scheduler with warmup, NaN
-detection, ``save_state``/``load_state`` checkpoints with exact resume (``resume: latest``), periodic artifacts
+detection, pickle-free checkpoints (:mod:`lorakit.training.state`) with exact resume (``resume: latest``), periodic artifacts
 and samples, a tqdm bar (loss, lr, it/s), tensorboard logs and a final summary.
 
 Example (a complete trainer; ``MyConfig`` extends :class:`TrainConfig` with the recipe's own keys)::
@@ -48,11 +48,16 @@ Contract details:
   * ``sample(step) -> list[PIL.Image] | None`` (optional) runs on the main process every ``sample_every`` steps
     with the models in eval mode and the global RNG state forked (sampling never changes training); the loop
     saves the images as a grid in ``<output_dir>/samples/step000100.png`` and logs it to tensorboard.
-  * Checkpoints: ``<output_dir>/checkpoints/checkpoint-<step>/`` via ``accelerator.save_state`` (trainable
-    parameters only, optimizer, LR scheduler, grad scaler, RNG states) every ``checkpointing_steps`` and at the
-    end. ``resume: latest`` (or a checkpoint path) continues bit-exactly: the data order is a pure function of
-    (seed, position), and the position is restored.
-  * A non-finite loss raises :class:`TrainingDiverged` naming the step and the last good checkpoint.
+  * Checkpoints: ``<output_dir>/checkpoints/checkpoint-<step>/`` (safetensors + JSON, no pickle: trainable
+    parameters only, optimizer, LR scheduler, grad scaler, RNG states, the run identity) every
+    ``checkpointing_steps`` and at the end. ``resume: latest`` continues this run's newest checkpoint bit-exactly
+    (the data order is a pure function of (seed, position), and the position is restored); another run's
+    checkpoints are refused, and a new run into a folder holding one needs ``overwrite: true``.
+  * ``output_dir`` gets a marker file and a lock (a second run into it fails at once); a non-empty folder
+    lorakit did not write is refused before any model loads.
+  * A non-finite loss, or non-finite weights about to be saved, raise :class:`TrainingDiverged` naming the step
+    and the last good checkpoint (one whose weights were followed by a finite loss); a checkpoint written just
+    before the divergence is renamed ``diverged-checkpoint-N``.
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ class TrainConfig:
     checkpoint_at_end: bool | None = None
     checkpoints_total_limit: int | None = 3
     resume: str | None = None  # latest | <path to checkpoint-N>
+    overwrite: bool = False  # start afresh in an output_dir holding an earlier run (its checkpoints are removed)
     stop_at_step: int = 0  # >0: end this run early at that step (checkpoint + step artifact), resume later
     save_every: int = 0  # 0 = only the final artifact
     sample_every: int = 0  # 0 = never
@@ -326,6 +332,128 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
+# Keys that may change between a run and its resumption (they do not change what the run computes per step).
+RESUMABLE_KEYS = {
+    "output_dir", "max_steps", "resume", "overwrite", "stop_at_step", "checkpointing_steps", "checkpoint_at_end",
+    "checkpoints_total_limit", "save_every", "sample_every", "sample_prompts", "sample_num_inference_steps",
+    "sample_guidance_scale", "sample_seed", "sample_resolution", "logging", "log_every", "dataloader_num_workers",
+}
+
+
+def run_config(cfg) -> dict[str, Any]:
+    """The flat config that identifies a run (environment values left unresolved, resumable keys left out)."""
+    flat = _flat_config(cfg) if not isinstance(cfg, dict) else dict(cfg)
+    return {k: v for k, v in flat.items() if k.split(".")[0] not in RESUMABLE_KEYS}
+
+
+def run_identity(cfg) -> str:
+    """A short hash of :func:`run_config`: checkpoints of one run carry it; ``resume=latest`` matches on it."""
+    text = json.dumps(run_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every complete ``checkpoint-N`` folder under ``<output_dir>/checkpoints``, sorted by N."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() for m in [CHECKPOINT_RE.match(p.name)]
+                  if m and p.is_dir())
+
+
+def _checkpoint_run(path: Path) -> tuple[str | None, dict]:
+    try:
+        info = json.loads((path / LOOP_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, {}
+    return info.get("run_id"), info.get("config") or {}
+
+
+def _differing(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    if not keys:
+        return "an older checkpoint format"
+    shown = ", ".join(f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in keys[:3])
+    return shown + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def validate_config(cfg) -> None:
+    """Values every trainer needs, checked before any model loads (one clear error each)."""
+    checks = [
+        ("max_steps", cfg.max_steps >= 1, ">= 1"),
+        ("train_batch_size", cfg.train_batch_size >= 1, ">= 1"),
+        ("gradient_accumulation_steps", cfg.gradient_accumulation_steps >= 1, ">= 1"),
+        ("learning_rate", math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0, "a positive number"),
+        ("lr_warmup_steps", cfg.lr_warmup_steps >= 0, ">= 0"),
+        ("max_grad_norm", math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+        ("checkpointing_steps", cfg.checkpointing_steps >= 0, ">= 0 (0 = only at the end)"),
+        ("save_every", cfg.save_every >= 0, ">= 0"),
+        ("sample_every", cfg.sample_every >= 0, ">= 0"),
+        ("dataloader_num_workers", cfg.dataloader_num_workers >= 0, ">= 0"),
+    ]
+    if cfg.text_encoder_lr is not None:
+        checks.append(("text_encoder_lr", math.isfinite(cfg.text_encoder_lr) and cfg.text_encoder_lr > 0,
+                       "a positive number"))
+    if cfg.checkpoints_total_limit is not None:
+        checks.append(("checkpoints_total_limit", cfg.checkpoints_total_limit >= 1, ">= 1 (or null for no limit)"))
+    for key, ok, want in checks:
+        if not ok:
+            raise ValueError(f"{key}={getattr(cfg, key)!r}: expected {want}")
+    mixed_precision(cfg)
+
+
+def preflight(cfg) -> Path | None:
+    """Checks before any model loads: config values, and whether this run may write into ``output_dir``.
+
+    * ``output_dir`` must be new, empty, or a folder lorakit wrote, and writable;
+    * a new run (no ``resume``) into a folder that holds an earlier run's checkpoints or adapter is refused
+      unless ``overwrite=true``;
+    * ``resume=latest`` continues only checkpoints of this run (same :func:`run_identity`); another run's are
+      refused (``resume=<path>`` continues one explicitly);
+    * ``resume=<path>`` must be a lorakit checkpoint (no pickle is ever loaded).
+
+    Returns the checkpoint to resume from, or None.
+    """
+    from lorakit.outputs import check_add_dir
+    from lorakit.training.state import check_folder
+
+    validate_config(cfg)
+    out = Path(cfg.output_dir)
+    check_add_dir(out, flag="output_dir")
+    found = checkpoints(out)
+    resume = str(cfg.resume).strip() if cfg.resume not in (None, "") else ""
+    if not resume:
+        artifacts = [p for p in (out / f"{cfg.output_name}.safetensors", out / cfg.output_name) if p.exists()]
+        if (found or artifacts) and not cfg.overwrite:
+            what = f"checkpoints up to {found[-1][1].name}" if found else f"the adapter {artifacts[0].name}"
+            raise ValueError(
+                f"output_dir {out} already holds an earlier run ({what}); continue it with resume=latest, start "
+                "afresh with overwrite=true (removes its checkpoints), or choose another output_dir"
+            )
+        return None
+    if resume == "latest":
+        if found and _checkpoint_run(found[-1][1]) == (None, {}):
+            check_folder(found[-1][1])  # the newest is unreadable: say so rather than fall back silently
+        mine = run_identity(cfg)
+        own = [p for _, p in found if _checkpoint_run(p)[0] == mine]
+        if own:
+            check_folder(own[-1])
+            return own[-1]
+        if found:
+            newest = found[-1][1]
+            raise ValueError(
+                f"resume=latest: the checkpoints in {out / 'checkpoints'} (newest {newest.name}) belong to another "
+                f"run ({_differing(_checkpoint_run(newest)[1], run_config(cfg))}); continue that run with its own "
+                f"settings, resume=<path> to continue it explicitly, or overwrite=true / another output_dir"
+            )
+        return None
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint folder")
+    check_folder(path)
+    return path
+
+
 def _flat_config(cfg) -> dict[str, Any]:
     from lorakit.config import to_dict
 
@@ -372,16 +500,14 @@ class TrainLoop:
         self.artifact_suffix, self.summary_hint = artifact_suffix, summary_hint
         self.output_dir = Path(cfg.output_dir)
         self.global_step = 0
-        self.last_checkpoint: Path | None = None
+        self.last_checkpoint: Path | None = None  # newest checkpoint written or resumed from
+        self.good_checkpoint: Path | None = None  # newest one whose weights gave a finite loss afterwards
+        self.pending_checkpoint: Path | None = None  # written, not yet followed by a finite loss
+        self.resumed_from: Path | None = None
+        self.run_id = run_identity(cfg)
+        self._lock = None
         self._loss_takes_models = len(inspect.signature(compute_loss).parameters) >= 3
-        if cfg.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {cfg.max_steps}")
-
-    # -- checkpoint hooks: store only trainable parameters (a LoRA checkpoint is MBs, not GBs)
-    def _save_hook(self, models, weights, output_dir):
-        for i, model in enumerate(models):
-            keep = {n for n, p in model.named_parameters() if p.requires_grad}
-            weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+        self.resume_path = preflight(cfg)
 
     def _trainable_params(self) -> list[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -405,8 +531,6 @@ class TrainLoop:
         )
         prepared = acc.prepare(*self.raw_models, self.optimizer)
         self.models, self.optimizer = list(prepared[:-1]), prepared[-1]
-        acc.register_for_checkpointing(self.lr_scheduler)
-        acc.register_save_state_pre_hook(self._save_hook)
 
     def _loader(self, start_micro: int):
         groups = self.dataset.buckets() if hasattr(self.dataset, "buckets") else [list(range(len(self.dataset)))]
@@ -424,55 +548,131 @@ class TrainLoop:
         )
         return iter(loader)
 
-    # -- checkpoints
+    # -- output folder: marker, lock, a fresh start
+    def _claim_output(self) -> None:
+        """Main process: mark output_dir as lorakit's, take its lock (a second run into it fails at once), and
+        on ``overwrite=true`` remove the earlier run's checkpoints (lorakit wrote them)."""
+        import fcntl
+
+        from lorakit.outputs import claim_dir
+
+        acc, cfg = self.accelerator, self.cfg
+        if acc.is_main_process:
+            claim_dir(self.output_dir, kind="training", flag="output_dir")
+            lock = open(self.output_dir / ".lorakit.lock", "a+")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                raise ValueError(f"output_dir {self.output_dir} is in use by another lorakit run (its lock "
+                                 f"{self.output_dir / '.lorakit.lock'} is held); wait for it or choose another "
+                                 "output_dir") from None
+            self._lock = lock
+            root = self.output_dir / "checkpoints"
+            if root.is_dir():
+                for p in root.glob(".tmp-checkpoint-*"):  # a killed run's half-written checkpoint (we hold the lock)
+                    shutil.rmtree(p, ignore_errors=True)
+            if self.resume_path is None and cfg.overwrite and not cfg.resume:
+                for _, p in checkpoints(self.output_dir):
+                    if (p / LOOP_STATE_FILE).is_file():
+                        shutil.rmtree(p)
+        acc.wait_for_everyone()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # -- checkpoints (no pickle: lorakit.training.state)
     def _resume(self) -> None:
-        cfg = self.cfg
-        if not cfg.resume:
-            return
-        path = latest_checkpoint(cfg.output_dir) if str(cfg.resume) == "latest" else Path(cfg.resume)
+        from lorakit.training import state as S
+
+        cfg, acc = self.cfg, self.accelerator
+        path = self.resume_path
         if path is None:
-            self.accelerator.print(f"lorakit: resume=latest but {self.output_dir / 'checkpoints'} has no checkpoint; starting at step 0")
+            if cfg.resume and str(cfg.resume) == "latest":
+                acc.print(f"lorakit: resume=latest but {self.output_dir / 'checkpoints'} has no checkpoint of this "
+                          "run; starting at step 0")
             return
-        state_file = path / LOOP_STATE_FILE
-        if not state_file.exists():
-            raise FileNotFoundError(f"resume={cfg.resume!r}: {path} is not a lorakit checkpoint (no {LOOP_STATE_FILE})")
-        state = json.loads(state_file.read_text())
-        if state.get("train_batch_size_global") not in (None, cfg.train_batch_size * self.accelerator.num_processes):
-            self.accelerator.print(
-                f"lorakit: warning: checkpoint was made with global batch {state['train_batch_size_global']}, "
-                f"now {cfg.train_batch_size * self.accelerator.num_processes}; the data order will differ"
+        ignored = S.check_folder(path)
+        if ignored:
+            acc.print(f"lorakit: ignoring {', '.join(ignored)} in {path} (lorakit never loads pickle files)")
+        info = S.read_loop_info(path)
+        if info.get("run_id") not in (None, self.run_id):
+            acc.print(f"lorakit: warning: {path} was made by a run with other settings "
+                      f"({_differing(info.get('config') or {}, run_config(cfg))}); continuing it as asked")
+        if info.get("train_batch_size_global") not in (None, cfg.train_batch_size * acc.num_processes):
+            acc.print(
+                f"lorakit: warning: checkpoint was made with global batch {info['train_batch_size_global']}, "
+                f"now {cfg.train_batch_size * acc.num_processes}; the data order will differ"
             )
-        self.accelerator.load_state(str(path), strict=False)
-        self.global_step = int(state["global_step"])
-        self.last_checkpoint = path
-        self.accelerator.print(f"lorakit: resumed from {path} at step {self.global_step}")
+        S.load_model_state(self.raw_models, self.optimizer, self.lr_scheduler, getattr(acc, "scaler", None), path)
+        rank = acc.process_index
+        if (path / f"rng-{rank}.json").is_file():
+            S.load_rng_state(path, rank)
+        else:
+            acc.print(f"lorakit: warning: {path} has no random state for process {rank}; dropout draws will differ")
+        self.global_step = int(info["global_step"])
+        self.last_checkpoint = self.resumed_from = path
+        acc.print(f"lorakit: resumed from {path} at step {self.global_step}")
+
+    def _check_weights(self) -> None:
+        """Never save non-finite weights: stop naming the parameter and the last good checkpoint."""
+        from lorakit.training.state import nonfinite
+
+        bad = nonfinite(self.raw_models)
+        if bad is not None:
+            self._diverged(f"trainable parameter {bad.split(':', 1)[1]} holds NaN/inf after step {self.global_step}")
 
     def _checkpoint(self) -> Path:
+        from lorakit.fileio import write_json
+        from lorakit.training import state as S
+
         acc, cfg = self.accelerator, self.cfg
+        self._check_weights()
         root = self.output_dir / "checkpoints"
         final = root / f"checkpoint-{self.global_step}"
         tmp = root / f".tmp-checkpoint-{self.global_step}"
-        if acc.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            from lorakit.fileio import write_json
-
-            write_json({"global_step": self.global_step,
+            S.save_model_state(self.raw_models, self.optimizer, self.lr_scheduler, getattr(acc, "scaler", None), tmp)
+        S.save_rng_state(tmp, acc.process_index)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            # written last: a folder without it is incomplete and never resumed
+            write_json({"format": S.FORMAT, "global_step": self.global_step, "run_id": self.run_id,
+                        "config": run_config(cfg),
                         "train_batch_size_global": cfg.train_batch_size * acc.num_processes}, tmp / LOOP_STATE_FILE)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            limit = cfg.checkpoints_total_limit
-            if limit:
-                found = sorted((int(m.group(1)), p) for p in root.iterdir() for m in [CHECKPOINT_RE.match(p.name)] if m)
-                for _, old in found[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+            self._rotate(root)
         acc.wait_for_everyone()
-        self.last_checkpoint = final
+        self.last_checkpoint = self.pending_checkpoint = final
         return final
+
+    def _rotate(self, root: Path) -> None:
+        """Keep this run's newest ``checkpoints_total_limit`` checkpoints and always the last verified one;
+        another run's checkpoints are never touched."""
+        limit = self.cfg.checkpoints_total_limit
+        if not limit:
+            return
+        own = [p for _, p in checkpoints(self.output_dir) if _checkpoint_run(p)[0] == self.run_id]
+        keep = set(own[-limit:]) | {self.good_checkpoint, self.resumed_from}
+        for old in own:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _verified(self) -> None:
+        """The weights of the pending checkpoint just gave a finite loss: it is good."""
+        if self.pending_checkpoint is not None:
+            self.good_checkpoint, self.pending_checkpoint = self.pending_checkpoint, None
+            if self.accelerator.is_main_process:
+                self._rotate(self.output_dir / "checkpoints")
 
     # -- artifacts and samples (main process)
     def artifact_path(self, step: int | None = None) -> Path:
@@ -482,6 +682,7 @@ class TrainLoop:
 
     def _save_artifact(self, step: int | None) -> Path | None:
         acc = self.accelerator
+        self._check_weights()
         acc.wait_for_everyone()
         path = self.artifact_path(step)
         if acc.is_main_process and self.save_fn is not None:
@@ -534,11 +735,19 @@ class TrainLoop:
 
     # -- the run
     def run(self) -> TrainResult:
+        """Train to ``max_steps`` (or ``stop_at_step``); see the module docstring."""
+        t0 = time.perf_counter()
+        self._claim_output()
+        try:
+            return self._run(t0)
+        finally:
+            self._release()
+
+    def _run(self, t0: float) -> TrainResult:
         from accelerate.utils import send_to_device
         from lorakit.logs import tqdm
 
         acc, cfg = self.accelerator, self.cfg
-        t0 = time.perf_counter()
         self._prepare()
         self._resume()
         if cfg.logging == "tensorboard":
@@ -569,7 +778,8 @@ class TrainLoop:
                     if acc.sync_gradients:
                         step_loss = acc.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
                         if not math.isfinite(step_loss):
-                            self._diverged(step_loss)
+                            self._diverged(f"loss is {step_loss} at step {self.global_step + 1}")
+                        self._verified()
                         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
                             acc.clip_grad_norm_(params, cfg.max_grad_norm)
                         self.optimizer.step()
@@ -606,10 +816,32 @@ class TrainLoop:
         self._summary(result, start_step)
         return result
 
-    def _diverged(self, value: float):
-        where = self.last_checkpoint or "none (set checkpointing_steps to keep some)"
+    def _diverged(self, what: str):
+        """Stop: name the real last good checkpoint. A checkpoint whose weights led straight to this (written
+        after the last finite loss) is renamed ``diverged-checkpoint-N`` so resume=latest never picks it."""
+        cfg, acc = self.cfg, self.accelerator
+        note = ""
+        bad = self.pending_checkpoint
+        if bad is not None and bad != self.resumed_from:
+            moved = bad.with_name(f"diverged-{bad.name}")
+            if acc.is_main_process and bad.exists():
+                if moved.exists():
+                    shutil.rmtree(moved)
+                bad.rename(moved)
+            note = f" ({bad.name} was written just before and renamed {moved.name})"
+        if self.good_checkpoint is not None:
+            where = str(self.good_checkpoint)
+        elif self.resumed_from is not None:
+            where = f"none known ({self.resumed_from}, resumed from, leads straight to this)"
+        elif bad is not None:
+            where = "none"
+        elif cfg.checkpointing_steps:
+            where = f"none yet (the first was due at step {cfg.checkpointing_steps})"
+        else:
+            where = "none (checkpointing_steps=0: set it to keep some)"
+        self._release()
         raise TrainingDiverged(
-            f"loss is {value} at step {self.global_step + 1}: training stopped. Last good checkpoint: {where}. "
+            f"{what}: training stopped. Last good checkpoint: {where}{note}. "
             "Lower learning_rate, use bf16 instead of fp16, or check the data; resume with resume=<checkpoint>."
         )
 

@@ -248,8 +248,9 @@ def train(cfg, pipe=None):
     from lorakit.fusion.lorarar import MergerHypernet, hypernet_widths, save_hypernet
     from lorakit.fusion.ziplora import noise_scheduler_of, plan_merge
     from lorakit.models import load_base, pipeline_arch
-    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, sample_generator
+    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight, sample_generator
 
+    preflight(cfg)  # config values and output_dir, before any model loads
     if cfg.ref_batch_size < 1:
         raise ValueError(f"ref_batch_size must be >= 1, got {cfg.ref_batch_size}")
     accelerator = make_accelerator(cfg, find_unused_parameters=True)
