@@ -129,12 +129,14 @@ class GramCollector:
         layers: ``{name: (module path in model, {concept: D_i [r_i, in_flat]})}``; ``name`` is the caller's key.
         device: where the statistics live (the model's device).
         keep_inputs: also keep raw flattened inputs per concept (reference/test use only).
+        gram: accumulate ``G``/``P`` (False: keep inputs only, for timing the reference's recipe alone).
 
     Use ``with collector:`` around forward passes and ``collector.concept = i`` to say whose activations run.
     """
 
-    def __init__(self, model, layers: dict, device=None, keep_inputs: bool = False):
+    def __init__(self, model, layers: dict, device=None, keep_inputs: bool = False, gram: bool = True):
         self.model = model
+        self.gram = gram
         self.layers = layers
         self.keep_inputs = keep_inputs
         self.concept: int | None = None
@@ -160,11 +162,12 @@ class GramCollector:
                 return
             x = flat_inputs(module, select_rows(args[0].detach(), self.rows)).to(torch.float64)
             st = self.stats[name]
-            st.G.addmm_(x.T, x)
             st.tokens += x.shape[0]
-            down = self._downs[name].get(self.concept)
-            if down is not None:
-                st.P[self.concept].addmm_(down @ x.T, x)
+            if self.gram:
+                st.G.addmm_(x.T, x)
+                down = self._downs[name].get(self.concept)
+                if down is not None:
+                    st.P[self.concept].addmm_(down @ x.T, x)
             if self.keep_inputs:
                 st.inputs.setdefault(self.concept, []).append(x.cpu())
 

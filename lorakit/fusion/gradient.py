@@ -414,13 +414,16 @@ class WorkItem:
 
 def run_stage(pipe, stage: str, probs: dict[str, LayerProblem], concepts: list[Concept], settings: GradientSettings,
               items: list[WorkItem], run_item, switch: list[LayerProblem] | None = None,
-              base: dict[str, torch.Tensor] | None = None, rows_for=None) -> tuple[dict[str, LayerSolution], dict]:
+              base: dict[str, torch.Tensor] | None = None, rows_for=None,
+              solver=None) -> tuple[dict[str, LayerSolution], dict]:
     """Capture statistics for one stage, reduce them across processes, solve every layer, write W* in place.
 
     Args:
         items: the forward passes, in a fixed global order; ``run_item(item)`` runs one.
         switch: layers set to each concept's own weights (``base`` + its delta) while its items run.
         rows_for: ``rows_for(item, component)`` -> ``[B, S]`` token-row mask for that component's layers (or None).
+        solver: ``solver(prob, stats, n_concepts) -> LayerSolution`` instead of :func:`solve_layer` (benchmarks:
+            the reference's LBFGS on ``stats.inputs``; needs ``settings.keep_inputs``).
     Returns:
         ({key: LayerSolution}, stage report with ``capture_s`` and ``solve_s``).
     """
@@ -438,7 +441,8 @@ def run_stage(pipe, stage: str, probs: dict[str, LayerProblem], concepts: list[C
     for comp in sorted({p.component for p in solve_probs}):
         layers = {p.key: (p.path, p.downs) for p in solve_probs if p.component == comp}
         for sp in splits:
-            collectors[sp][comp] = GramCollector(getattr(pipe, comp), layers, keep_inputs=settings.keep_inputs)
+            collectors[sp][comp] = GramCollector(getattr(pipe, comp), layers, keep_inputs=settings.keep_inputs,
+                                                 gram=solver is None)
     every = [c for per in collectors.values() for c in per.values()]
     weights = ConceptWeights(pipe, switch, base) if switch else None
     mine = _my_items(items)
@@ -470,6 +474,8 @@ def run_stage(pipe, stage: str, probs: dict[str, LayerProblem], concepts: list[C
             zeros_G = torch.zeros(0, 0, dtype=torch.float64, device=dev)
             sol = solve_layer(zeros_G, {i: torch.zeros(0) for i in p.ups}, p, len(concepts), settings.ridge,
                               fallback=fallback[p.key])
+        elif solver is not None:
+            sol = solver(p, collectors["fit"][p.component].stats[p.key], len(concepts))
         else:
             st = collectors["fit"][p.component].stats[p.key]
             vst = collectors["val"][p.component].stats[p.key] if "val" in collectors else None
@@ -592,12 +598,13 @@ def prepare_concepts(pipe, concepts: list[Concept]) -> dict:
     return {"extra": carrier.extra, "metadata": meta, "edlora": json.loads(meta[E.META_KEY])}
 
 
-def fuse_gradient(pipe, concepts: list[Concept], settings: GradientSettings | None = None) -> dict:
+def fuse_gradient(pipe, concepts: list[Concept], settings: GradientSettings | None = None, solver=None) -> dict:
     """Gradient-fuse ``concepts`` into ``pipe`` in place (all three stages).
 
     Args:
         pipe: a diffusers SD/SDXL pipeline holding the base weights (modified in place to the fused model).
         concepts: the adapters with their weights and prompts.
+        solver: a per-layer solver replacing the closed form (see :func:`run_stage`; benchmarks only).
     Returns:
         ``{"modules": {key: LoraModule}`` (exact fused deltas ``W* - W0``), ``"layers": {key: report}``,
         ``"stages": {...}``, ``"extra"``/``"metadata"`` (from stage 0)}.
@@ -634,7 +641,7 @@ def fuse_gradient(pipe, concepts: list[Concept], settings: GradientSettings | No
     by_stage = {st: [p for p in probs.values() if stage_of(p.key) == st] for st in ("text_encoder", "cross_kv", "unet")}
     base = {p.key: getattr(pipe, p.component).get_submodule(p.path).weight.detach().clone() for p in probs.values()}
     sols, stages["text_encoder"] = run_stage(pipe, "text_encoder", probs, concepts, settings, text_items, run_text,
-                                             by_stage["text_encoder"], base, rows_for=text_rows)
+                                             by_stage["text_encoder"], base, rows_for=text_rows, solver=solver)
     solutions.update(sols)
 
     small = _min_resolution(pipe)
@@ -643,7 +650,7 @@ def fuse_gradient(pipe, concepts: list[Concept], settings: GradientSettings | No
         _call_pipe(pipe, item.prompts, item.seeds, 1, small, 1.0)
 
     sols, stages["cross_kv"] = run_stage(pipe, "cross_kv", probs, concepts, settings, text_items, run_kv,
-                                         rows_for=kv_rows)
+                                         rows_for=kv_rows, solver=solver)
     solutions.update(sols)
 
     def run_unet(item):
@@ -651,7 +658,7 @@ def fuse_gradient(pipe, concepts: list[Concept], settings: GradientSettings | No
 
     switch = by_stage["unet"] + (by_stage["text_encoder"] + by_stage["cross_kv"] if settings.unet_inputs == "own" else [])
     sols, stages["unet"] = run_stage(pipe, "unet", probs, concepts, settings, work_items(concepts, settings, "unet"),
-                                     run_unet, switch, base)
+                                     run_unet, switch, base, solver=solver)
     solutions.update(sols)
 
     return {
