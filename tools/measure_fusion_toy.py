@@ -39,6 +39,21 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("gradient", "gradient_exact", "weighted", "reference")
 
 
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``gradient+ridge_target=average`` -> (``gradient``, ``{"ridge_target": "average"}``)."""
+    name, *opts = spec.split("+")
+    if name not in METHODS:
+        raise SystemExit(f"--methods {spec!r}: expected one of {METHODS}, optionally +key=value")
+    kw = {}
+    for opt in opts:
+        k, _, v = opt.partition("=")
+        try:
+            kw[k] = float(v)
+        except ValueError:
+            kw[k] = v
+    return name, kw
+
+
 def eval_prompts(a: str, b: str, n: int, seed: int = 7) -> list[str]:
     """``n`` captions of scenes that show both concepts (character / object / style / background)."""
     from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS, get_concept
@@ -61,16 +76,17 @@ def eval_prompts(a: str, b: str, n: int, seed: int = 7) -> list[str]:
     return out
 
 
-def fused_pipe(method: str, base, adapters, names: list[str], threads_note: dict):
-    """A copy of ``base`` holding ``method``'s fusion of ``adapters``; seconds go to ``threads_note[method]``."""
+def fused_pipe(spec: str, base, adapters, names: list[str], threads_note: dict):
+    """A copy of ``base`` holding method ``spec``'s fusion of ``adapters``; seconds go to ``threads_note[spec]``."""
     from lorakit.fusion.gradient import Concept, GradientSettings, fuse_gradient
     from lorakit.fusion.merge import apply_deltas, weighted
     from lorakit.toyworld.concepts import get_concept
     from lorakit.toyworld.evaluate import concept_prompts
 
+    method, overrides = parse_method(spec)
     pipe = copy.deepcopy(base)
     t0 = time.perf_counter()
-    common = dict(steps=20, samples=1, guidance=1.0, progress=False)
+    common = dict(steps=20, samples=1, guidance=1.0, progress=False, **overrides)
     if method == "weighted":
         apply_deltas(pipe, weighted(adapters, combine="average"))
     else:
@@ -83,7 +99,7 @@ def fused_pipe(method: str, base, adapters, names: list[str], threads_note: dict
         if method == "gradient":
             fuse_gradient(pipe, concepts, GradientSettings(**common))
         elif method == "gradient_exact":
-            fuse_gradient(pipe, concepts, GradientSettings(**common, ridge=1e-6, kv_rows="all"))
+            fuse_gradient(pipe, concepts, GradientSettings(**{**common, "ridge": 1e-6, "kv_rows": "all"}))
         else:
             from lorakit.fusion.gradient import build_problems
 
@@ -92,14 +108,16 @@ def fused_pipe(method: str, base, adapters, names: list[str], threads_note: dict
             fuse_gradient(pipe, concepts, GradientSettings(**common, ridge=0.0, batch=1, keep_inputs=True,
                                                            max_conv_dim=10**9),
                           solver=reference_solver(base_w, {}))
-    threads_note[method] = round(time.perf_counter() - t0, 2)
+    threads_note[spec] = round(time.perf_counter() - t0, 2)
     return pipe
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", nargs="+", default=["frog+ink"], help="concept pairs a+b (held-out toy concepts)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help=f"methods, each one of {METHODS} optionally with +key=value GradientSettings overrides "
+                         "(e.g. gradient+ridge_target=average); the first is compared with every other")
     ap.add_argument("--n", type=int, default=32, help="evaluation images per method (one caption + seed each)")
     ap.add_argument("--lora-dir", default=str(REPO / "artifacts" / "adapters"))
     ap.add_argument("--base", default=str(REPO / "data" / "toy-base"))
