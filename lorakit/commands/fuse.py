@@ -13,6 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def _ridge(value: str):
+    """``--ridge``: ``auto`` or a number >= 0."""
+    import argparse
+
+    if value == "auto":
+        return value
+    try:
+        out = float(value)
+    except ValueError:
+        out = -1.0
+    if not out >= 0 or out == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected auto or a finite number >= 0, got {value!r}")
+    return out
+
+
 @dataclass(frozen=True)
 class Arg:
     """An argparse option a method needs: ``Arg(("--steps",), dict(type=int, help=...))``."""
@@ -41,8 +56,18 @@ _GRADIENT_ARGS = (
     Arg(("--samples",), dict(type=int, default=1, help="gradient: samples (seeds) per sampling prompt (default 1)")),
     Arg(("--guidance",), dict(type=float, default=1.0, help="gradient: CFG scale while recording (default 1 = no "
                                                              "CFG, as the reference)")),
-    Arg(("--ridge",), dict(type=float, default=1e-6, help="gradient: ridge toward W0 relative to trace(G)/in "
-                                                           "(default 1e-6; 1e-4 makes the solution less sensitive to float noise in weakly covered input directions)")),
+    Arg(("--ridge",), dict(type=_ridge, default="auto", help="gradient: ridge toward W0 relative to trace(G)/in, or "
+                                                              "auto (default): per layer, the value of a grid with "
+                                                              "the lowest objective on held-out activations")),
+    Arg(("--val-prompts",), dict(nargs="+", metavar="PROMPTS", help="gradient: held-out prompts per adapter ('|'-"
+                                 "separated) for --ridge auto (default: 'a picture of {trigger}' and '{trigger}, "
+                                 "high quality' for trigger prompts, else none: other seeds only)")),
+    Arg(("--val-samples",), dict(type=int, default=1, help="gradient: held-out seeds per sampling prompt (default 1)")),
+    Arg(("--kv-rows",), dict(choices=["concept", "prompt", "all"], default="concept",
+                             help="gradient: token rows of the to_k/to_v stage: the concept's tokens + the end token "
+                                  "(concept, default, as the reference), every prompt token, or all padded tokens")),
+    Arg(("--capture-batch",), dict(type=int, default=8, help="gradient: prompts x seeds per forward pass while "
+                                                              "recording (default 8)")),
     Arg(("--max-conv-dim",), dict(type=int, default=4608, help="gradient: solve a conv on unfolded patches when "
                                   "in*kh*kw <= this (Gram memory 8*dim^2 bytes); larger convs use the weighted "
                                   "average and are listed in the report (default 4608; 0 = never solve convs)")),
@@ -167,7 +192,7 @@ def build_inputs(args):
     from accelerate import PartialState
 
     from lorakit.adapters.io import load_adapter
-    from lorakit.fusion import FuseInputs, concept_prompts
+    from lorakit.fusion import FuseInputs, concept_prompts, heldout_prompts
 
     paths = list(args.adapters)
     import math
@@ -180,6 +205,9 @@ def build_inputs(args):
     if args.prompts is not None and len(args.prompts) != len(paths):
         raise ValueError(f"--prompts has {len(args.prompts)} entries for {len(paths)} adapters; give one per adapter "
                          "(several prompts for one adapter are separated by '|')")
+    val_given = getattr(args, "val_prompts", None)
+    if val_given is not None and len(val_given) != len(paths):
+        raise ValueError(f"--val-prompts has {len(val_given)} entries for {len(paths)} adapters; give one per adapter")
     adapters = [load_adapter(p).as_lora() for p in paths]  # LoHa / LoKr layers as exact LoRA factors
     names = [Path(p).stem for p in paths]
     prompts, samples, sources = [], [], []
@@ -205,15 +233,18 @@ def build_inputs(args):
         weights=list(args.weights) if args.weights else [1.0] * len(paths),
         prompts=prompts, sample_prompts=samples, rank=args.rank, seed=args.seed, load_pipe=load_pipe, args=args,
         prompt_sources=sources,
+        val_prompts=[heldout_prompts(ad, val_given[i] if val_given else None, args.prompts is not None)
+                     for i, ad in enumerate(adapters)],
     )
 
 
 def _inputs_report(inputs) -> list[dict]:
     return [
         {"path": p, "name": n, "weight": w, "kind": a.kind, "rank": max((m.rank for m in a.modules.values()), default=0),
-         "modules": len(a.modules), "prompts": pr, "sample_prompts": sp, "prompt_source": src}
-        for p, n, w, a, pr, sp, src in zip(inputs.paths, inputs.names, inputs.weights, inputs.adapters, inputs.prompts,
-                                           inputs.sample_prompts, inputs.prompt_sources)
+         "modules": len(a.modules), "prompts": pr, "sample_prompts": sp, "prompt_source": src, "val_prompts": vp}
+        for p, n, w, a, pr, sp, src, vp in zip(inputs.paths, inputs.names, inputs.weights, inputs.adapters,
+                                               inputs.prompts, inputs.sample_prompts, inputs.prompt_sources,
+                                               inputs.val_prompts or [[]] * len(inputs.paths))
     ]
 
 
@@ -333,6 +364,10 @@ def run(args) -> int:
         if summary and summary.get("mean_residual") is not None:
             print(f"  layers {summary['layers']}, mean relative residual {summary['mean_residual']:.3g} "
                   f"(weighted average: {summary['mean_weighted_residual']:.3g}), max {summary['max_residual']:.3g}")
+            if summary.get("mean_heldout_residual") is not None:
+                print(f"  held-out: mean relative residual {summary['mean_heldout_residual']:.3g} (weighted average: "
+                      f"{summary['mean_heldout_weighted_residual']:.3g}) on {summary['heldout_layers']} layers; "
+                      f"capture {summary['capture_s']:.1f} s, solve {summary['solve_s']:.1f} s")
             if summary["fallback_layers"]:
                 print(f"  weighted-average fallback on {len(summary['fallback_layers'])} layer(s): "
                       + ", ".join(summary["fallback_layers"][:5]))

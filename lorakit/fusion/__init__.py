@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # keep ``lorakit --help`` free of torch imports
     from lorakit.adapters.io import Adapter, LoraModule
 
 DEFAULT_TEMPLATE = "photo of a {}"
+# Held-out prompts of a trigger word for gradient fusion's ``--ridge auto`` (other wordings than the fit's).
+HELDOUT_TEMPLATES = ("a picture of {}", "{}, high quality")
 # Used for files with neither --prompts nor trigger metadata (e.g. LoRAs downloaded from the web).
 GENERIC_PROMPTS = ["a photo", "a high quality picture"]
 
@@ -30,6 +32,7 @@ class FuseInputs:
     adapters/paths/names: the input adapters (loaded), their files and short names.
     weights: one multiplier per adapter (``--weights``, default 1.0).
     prompts / sample_prompts: per adapter, the prompts for text-side statistics and for sampling.
+    val_prompts: per adapter, held-out prompts (gradient's ``--ridge auto``), see :func:`heldout_prompts`.
     load_pipe: ``load_pipe()`` returns the base pipeline on this process's device (loaded once; None without --base).
     args: the parsed command line (method-specific options live here, e.g. ``args.steps``, ``args.hypernet``).
     """
@@ -46,6 +49,7 @@ class FuseInputs:
     load_pipe: Any
     args: Any
     prompt_sources: list[str] = field(default_factory=list)
+    val_prompts: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -87,3 +91,19 @@ def concept_prompts(adapter: Adapter, name: str, given: str | None, template: st
         stacklevel=2,
     )
     return list(GENERIC_PROMPTS), list(GENERIC_PROMPTS), "generic"
+
+
+def heldout_prompts(adapter: Adapter, given: str | None, prompts_given: bool,
+                    templates: tuple[str, ...] = HELDOUT_TEMPLATES) -> list[str]:
+    """Held-out prompts of one adapter for gradient fusion's ridge choice: ``--val-prompts`` (``|``-separated),
+    else its ``lorakit.trigger`` in ``templates`` when the fit prompts came from the trigger too, else none (the
+    UNet stage then holds out other seeds only)."""
+    if given:
+        out = [p.strip() for p in given.split("|") if p.strip()]
+        if not out:
+            raise ValueError("--val-prompts entry is empty")
+        return out
+    trigger = (adapter.metadata.get("lorakit.trigger") or "").strip()
+    if trigger and not prompts_given:
+        return [t.format(trigger) for t in templates]
+    return []

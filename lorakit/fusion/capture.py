@@ -11,6 +11,11 @@ because ``sum_i (W0 + U_i D_i) G_i = W0 G + sum_i U_i P_i``. A hook sees one bat
 adds ``X X^T`` to ``G`` and ``(D_c X) X^T`` to ``P_c`` of the concept ``c`` being run, in float64. Memory is
 ``in^2 + sum_i r_i in`` numbers per layer, whatever the number of tokens or sampling steps.
 
+Token rows: a text-side layer (text encoder, cross-attention ``to_k``/``to_v``) sees ``[B, S, d]`` inputs, one row
+per token position. ``collector.rows`` (a ``[B, S]`` boolean mask, see :func:`token_rows`) keeps only the chosen
+positions, so padding never enters the statistics. Masks of ``B`` prompts also apply to ``k * B`` rows (ED-LoRA's
+layer copies of a batch, copy-major).
+
 ``keep_inputs=True`` also keeps the raw inputs per concept (for the LBFGS reference in tools/ and the tests
 only; never in the product path).
 """
@@ -45,6 +50,64 @@ def flat_inputs(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def _find(seq: list[int], sub: list[int]) -> list[int]:
+    """Start positions of ``sub`` in ``seq``."""
+    n = len(sub)
+    return [i for i in range(len(seq) - n + 1) if n and seq[i : i + n] == sub]
+
+
+def token_rows(tokenizer, prompts: list[str], mode: str, concept_ids: set[int] | None = None,
+               trigger: str | None = None) -> torch.Tensor:
+    """Which token positions of each prompt a text-side layer's statistics use.
+
+    Args:
+        tokenizer: the pipeline's CLIP tokenizer (prompts are padded to ``model_max_length`` as the pipeline does).
+        prompts: ``B`` prompts.
+        mode: ``all`` (every position, padding included), ``prompt`` (start token .. first end token, no padding:
+            the Mix-of-Show reference's text-encoder rows) or ``concept`` (the concept's tokens + the first end
+            token: the reference's to_k/to_v rows).
+        concept_ids: ED-LoRA pseudo-word token ids (concept tokens for ``concept``).
+        trigger: plain LoRAs: the trigger word(s), comma-separated; their tokens are the concept tokens.
+    Returns:
+        ``[B, S]`` bool. In ``concept`` mode a prompt without any concept token keeps only its end token.
+    """
+    if mode not in ("all", "prompt", "concept"):
+        raise ValueError(f"token rows {mode!r}: expected all, prompt or concept")
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    eos = tokenizer.eos_token_id
+    subs = []
+    for word in (trigger or "").split(","):
+        word = word.strip()
+        if word:
+            subs.append(tokenizer(word, add_special_tokens=False).input_ids)
+    mask = torch.zeros(len(ids), len(ids[0]), dtype=torch.bool)
+    for b, row in enumerate(ids):
+        end = row.index(eos) if eos in row else len(row) - 1
+        if mode == "all":
+            mask[b] = True
+        elif mode == "prompt":
+            mask[b, : end + 1] = True
+        else:
+            mask[b, end] = True
+            for pos, t in enumerate(row[:end]):
+                if concept_ids and t in concept_ids:
+                    mask[b, pos] = True
+            for sub in subs:
+                for start in _find(row[:end], sub):
+                    mask[b, start : start + len(sub)] = True
+    return mask
+
+
+def select_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``x [k*B, S, d]`` restricted to the positions ``rows [B, S]`` marks -> ``[n, d]``; ``x`` as is when ``rows``
+    is None. Raises RuntimeError when the shapes do not fit (a capture set up for other prompts)."""
+    if rows is None:
+        return x
+    if x.dim() != 3 or x.shape[1] != rows.shape[1] or x.shape[0] % rows.shape[0]:
+        raise RuntimeError(f"token-row mask {tuple(rows.shape)} does not fit layer input {tuple(x.shape)}")
+    return x[rows.to(x.device).repeat(x.shape[0] // rows.shape[0], 1)]
+
+
 @dataclass
 class LayerStats:
     """Accumulated statistics of one layer (see the module docstring).
@@ -66,15 +129,18 @@ class GramCollector:
         layers: ``{name: (module path in model, {concept: D_i [r_i, in_flat]})}``; ``name`` is the caller's key.
         device: where the statistics live (the model's device).
         keep_inputs: also keep raw flattened inputs per concept (reference/test use only).
+        gram: accumulate ``G``/``P`` (False: keep inputs only, for timing the reference's recipe alone).
 
     Use ``with collector:`` around forward passes and ``collector.concept = i`` to say whose activations run.
     """
 
-    def __init__(self, model, layers: dict, device=None, keep_inputs: bool = False):
+    def __init__(self, model, layers: dict, device=None, keep_inputs: bool = False, gram: bool = True):
         self.model = model
+        self.gram = gram
         self.layers = layers
         self.keep_inputs = keep_inputs
         self.concept: int | None = None
+        self.rows: torch.Tensor | None = None  # [B, S] token-row mask of the prompts running (text-side layers)
         self.device = device
         self.stats: dict[str, LayerStats] = {}
         self._downs: dict[str, dict[int, torch.Tensor]] = {}
@@ -94,13 +160,14 @@ class GramCollector:
         def hook(module, args):
             if self.concept is None:
                 return
-            x = flat_inputs(module, args[0].detach()).to(torch.float64)
+            x = flat_inputs(module, select_rows(args[0].detach(), self.rows)).to(torch.float64)
             st = self.stats[name]
-            st.G.addmm_(x.T, x)
             st.tokens += x.shape[0]
-            down = self._downs[name].get(self.concept)
-            if down is not None:
-                st.P[self.concept].addmm_(down @ x.T, x)
+            if self.gram:
+                st.G.addmm_(x.T, x)
+                down = self._downs[name].get(self.concept)
+                if down is not None:
+                    st.P[self.concept].addmm_(down @ x.T, x)
             if self.keep_inputs:
                 st.inputs.setdefault(self.concept, []).append(x.cpu())
 
@@ -117,6 +184,7 @@ class GramCollector:
             h.remove()
         self._handles.clear()
         self.concept = None
+        self.rows = None
         return False
 
     def reduce(self) -> None:
