@@ -353,9 +353,11 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
             contexts.get(term.adapters)
     controller = previous = None
     if regions is not None and regions.regions:
-        from lorakit.sampling.regional import RegionalController, install_regional
+        from lorakit.sampling.regional import RegionalController, install_regional, warn_empty_boxes
 
-        controller = RegionalController([r.box for r in regions.regions], aspect=width / height)
+        warn_empty_boxes(regions, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        controller = RegionalController([r.box for r in regions.regions], aspect=width / height,
+                                        rounding=getattr(regions, "box_rounding", "inside"))
         previous = install_regional(pipe.unet, controller)
     try:
         latents, passes = _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg)
