@@ -49,17 +49,24 @@ def _embeddings(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs
     return emb, encoder_hidden_states
 
 
-def _down(block, sample, emb, ehs, cross_attention_kwargs):
+def _down(block, sample, emb, ehs, cross_attention_kwargs, intrablock: list | None = None):
+    """One down block as ``UNet2DConditionModel.forward`` runs it, with the T2I-Adapter residuals ``intrablock``
+    (popped: inside a cross-attention block, added in place to any other block's output)."""
     if getattr(block, "has_cross_attention", False):
-        return block(hidden_states=sample, temb=emb, encoder_hidden_states=ehs, cross_attention_kwargs=cross_attention_kwargs)
-    return block(hidden_states=sample, temb=emb)
+        extra = {"additional_residuals": intrablock.pop(0)} if intrablock else {}
+        return block(hidden_states=sample, temb=emb, encoder_hidden_states=ehs, cross_attention_kwargs=cross_attention_kwargs,
+                     **extra)
+    sample, res = block(hidden_states=sample, temb=emb)
+    if intrablock:
+        sample += intrablock.pop(0)  # in place, as diffusers does: a skip that is this same tensor gets it too
+    return sample, res
 
 
-def _without_downsampler(block, sample, emb, ehs, cross_attention_kwargs):
+def _without_downsampler(block, sample, emb, ehs, cross_attention_kwargs, intrablock: list | None = None):
     downsamplers = block.downsamplers
     block.downsamplers = None
     try:
-        return _down(block, sample, emb, ehs, cross_attention_kwargs)
+        return _down(block, sample, emb, ehs, cross_attention_kwargs, intrablock)
     finally:
         block.downsamplers = downsamplers
 
@@ -89,6 +96,9 @@ def unet_split_forward(
     cross_attention_kwargs: dict | None = None,
     timestep_cond: torch.Tensor | None = None,
     class_labels: torch.Tensor | None = None,
+    down_intrablock_additional_residuals: list[torch.Tensor] | None = None,
+    down_block_additional_residuals: list[torch.Tensor] | None = None,
+    mid_block_additional_residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One UNet pass run piece by piece; full when ``deep_feature`` is None, shallow otherwise.
 
@@ -99,6 +109,9 @@ def unet_split_forward(
         depth: split depth d, ``1 <= d <= len(unet.down_blocks) - 1``.
         deep_feature: the cached input of ``up_blocks[-d]`` ``[B, C_d, H_d, W_d]`` from an earlier full pass with
             the same batch layout; None runs the full UNet.
+        down_intrablock_additional_residuals: T2I-Adapter features, one per down block (diffusers' meaning).
+        down_block_additional_residuals, mid_block_additional_residual: ControlNet residuals, added to the skip
+            connections and the mid block's output (a shallow pass uses the skips it needs).
     Returns:
         ``(noise_pred [B, C, H, W], deep_feature)``; the deep feature is the one computed (full pass) or the one
         given (shallow pass).
@@ -119,13 +132,17 @@ def unet_split_forward(
     res_stack: tuple = (sample,)
     shallow = deep_feature is not None
     down_blocks = unet.down_blocks[:depth] if shallow else unet.down_blocks
+    intrablock = list(down_intrablock_additional_residuals) if down_intrablock_additional_residuals is not None else None
     for k, block in enumerate(down_blocks):
         if shallow and k == depth - 1:
             # The last shallow block's downsampled output only feeds the deep blocks: skip computing it.
-            sample, res = _without_downsampler(block, sample, emb, ehs, cross_attention_kwargs)
+            sample, res = _without_downsampler(block, sample, emb, ehs, cross_attention_kwargs, intrablock)
         else:
-            sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs)
+            sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs, intrablock)
         res_stack += res
+    if down_block_additional_residuals is not None:
+        # zip stops at the shorter: a shallow pass has only the prefix of the skips its up blocks need
+        res_stack = tuple(r + a for r, a in zip(res_stack, down_block_additional_residuals))
     n_up = len(unet.up_blocks)
     if shallow:
         # The shallow up blocks consume a prefix of the full residual stack (the deeper blocks' part is on top).
@@ -139,6 +156,10 @@ def unet_split_forward(
                 sample = unet.mid_block(sample, emb, encoder_hidden_states=ehs, cross_attention_kwargs=cross_attention_kwargs)
             else:
                 sample = unet.mid_block(sample, emb)
+            if intrablock and sample.shape == intrablock[0].shape:  # T2I-Adapter-XL's mid feature
+                sample += intrablock.pop(0)
+        if mid_block_additional_residual is not None:
+            sample = sample + mid_block_additional_residual
         first_up = 0
     upsample_size = None
     for i in range(first_up, n_up):

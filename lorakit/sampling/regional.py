@@ -140,7 +140,7 @@ def parse_regions(data: dict, width: int, height: int, source: str = "regions", 
     if data.get("conditions"):
         from lorakit.sampling.conditions import parse_conditions
 
-        conditions = parse_conditions(data["conditions"], unit, width, height, len(regions), source, base_dir)
+        conditions = parse_conditions(data["conditions"], unit, width, height, regions, source, base_dir)
     return RegionSpec(prompt=str(data["prompt"]), negative_prompt=str(neg), regions=regions, box_rounding=rounding,
                       conditions=conditions, source=source)
 
