@@ -218,3 +218,20 @@ def test_cli_fused_model_with_conditions_from_regions_file(tmp_path, sd1_pipe):
     side = json.loads((tmp_path / "out" / "000-0000-s0.json").read_text())
     assert [c["type"] for c in side["regions"]["conditions"]] == ["t2i-adapter", "controlnet"]
     assert side["adapters"] == []
+
+
+@torch.no_grad()
+def test_controlnet_reads_the_first_layer_of_layerwise_text(sd1):
+    from lorakit.sampling.conditions import SpatialConditions
+
+    pipe, _ = sd1
+    cn = tiny_controlnet(pipe.unet, seed=6)
+    sc = SpatialConditions([Condition(cn, sketch().convert("RGB"), 1.0)], pipe.unet, 32, 32, (16, 16))
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor(500)
+    text = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+    packed = torch.cat([text, torch.randn_like(text)], dim=-1)  # ED-LoRA layout: layer 0 | layer 1
+    a = sc.unet_kwargs(0, "pair", x, t, text)
+    b = sc.unet_kwargs(1, "pair", x, t, packed)
+    assert torch.equal(a["mid_block_additional_residual"], b["mid_block_additional_residual"])
+    with pytest.raises(ValueError, match="width 45 do not fit"):
+        sc.unet_kwargs(2, "pair", x, t, torch.randn(2, 77, 45))

@@ -48,7 +48,10 @@ class ConditionSpec:
     region_weights: list[tuple[tuple[float, float, float, float], float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "model": self.model, "image": self.image, "weight": self.weight,
+        from lorakit.sampling.loading import file_sha256
+
+        return {"type": self.type, "model": self.model, "image": self.image,
+                "image_sha256": file_sha256(self.image) if Path(self.image).exists() else None, "weight": self.weight,
                 "region_weights": [{"box": list(b), "weight": w} for b, w in self.region_weights]}
 
 
@@ -263,6 +266,19 @@ class SpatialConditions:
             if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
                 raise ValueError(f"{c.name or 'ControlNet'}: {key} {a} does not match the base UNet's {b}")
 
+    def _global_text(self, text: torch.Tensor) -> torch.Tensor:
+        """ED-LoRA packs one text feature per UNet cross-attention layer along the last axis (``[B, L, n * D]``,
+        one text encoder); a ControlNet reads the first layer's features, as its first cross-attention layer is the
+        UNet's first."""
+        dims = {c.model.config.cross_attention_dim for c in self.controlnets}
+        d = dims.pop() if len(dims) == 1 else None
+        if d is None or text.shape[-1] == d:
+            return text
+        if text.shape[-1] % d:
+            raise ValueError(f"ControlNet: text features of width {text.shape[-1]} do not fit its cross-attention "
+                             f"width {d}")
+        return text[..., :d]
+
     def _map(self, c: Condition, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
         key = (id(c), h, w)
         if key not in self._maps:
@@ -283,6 +299,7 @@ class SpatialConditions:
         if self.controlnets:
             key = (step, rows, text.data_ptr(), tuple(text.shape))
             if key not in self._memo:
+                text = self._global_text(text)
                 self._memo = {}  # one step at a time
                 down_sum, mid_sum = None, None
                 for c in self.controlnets:
