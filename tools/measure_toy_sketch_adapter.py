@@ -10,8 +10,8 @@ scene's silhouette through the T2I-Adapter (``--weight``). Per image:
 * **each region shows its shape**: the toy oracle, on each half pasted centred on a white canvas, finds that
   half's prompted shape and colour; both halves must pass.
 
-Prints one JSON line per arm (rates with n and 95% Wilson intervals) and one per paired comparison (exact McNemar
-on the same scenes and seeds), and with ``--out`` writes them with per-image values to a JSON file.
+Prints one JSON line per arm (rates with n and 95% Wilson intervals) and one paired comparison (exact McNemar
+on the same scenes and seeds; a sign test on the per-scene IoU), and with ``--out`` writes them with per-image values to a JSON file.
 
     python tools/measure_toy_sketch_adapter.py --adapter data/toy-sketch-adapter --n 64
 """
@@ -156,8 +156,11 @@ def main(argv=None) -> int:
     a, b = per["regional"], per["regional+sketch"]
     lines.append({"compare": "regional+sketch vs regional", "follows_sketch": paired([r["follows"] for r in a], [r["follows"] for r in b]),
                   "both_regions_show_their_shape": paired([r["both_ok"] for r in a], [r["both_ok"] for r in b]),
-                  "iou_higher_with_sketch": sum(1 for x, y in zip(a, b) if y["iou"] > x["iou"]),
-                  "iou_lower_with_sketch": sum(1 for x, y in zip(a, b) if y["iou"] < x["iou"])})
+                  "iou": {"higher_with_sketch": sum(1 for x, y in zip(a, b) if y["iou"] > x["iou"]),
+                          "lower_with_sketch": sum(1 for x, y in zip(a, b) if y["iou"] < x["iou"]),
+                          "p_sign_test": round(mcnemar_exact(sum(1 for x, y in zip(a, b) if y["iou"] > x["iou"]),
+                                                             sum(1 for x, y in zip(a, b) if y["iou"] < x["iou"])), 6),
+                          "mean_difference": round(float(np.mean([y["iou"] - x["iou"] for x, y in zip(a, b)])), 4)}})
     for line in lines:
         print(json.dumps(line), flush=True)
     if args.out:
