@@ -235,3 +235,14 @@ def test_controlnet_reads_the_first_layer_of_layerwise_text(sd1):
     assert torch.equal(a["mid_block_additional_residual"], b["mid_block_additional_residual"])
     with pytest.raises(ValueError, match="width 45 do not fit"):
         sc.unet_kwargs(2, "pair", x, t, torch.randn(2, 77, 45))
+
+
+def test_missing_condition_model_is_one_line_naming_the_file(tmp_path):
+    from lorakit.sampling.conditions import load_conditions
+
+    sketch().save(tmp_path / "s.png")
+    spec = parse_regions({"prompt": "g", "conditions": [{"type": "t2i-adapter", "model": str(tmp_path / "none"),
+                                                          "image": "s.png"}]}, 32, 32, "r.yaml", base_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"r.yaml: conditions\[0\]: cannot load t2i-adapter .*none") as err:
+        load_conditions(spec.conditions, "cpu", torch.float32, spec.source)
+    assert "\n" not in str(err.value)

@@ -183,7 +183,7 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
     if regions is not None and regions.conditions:
         from lorakit.sampling.conditions import load_conditions
 
-        conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype)
+        conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype, regions.source)
     prompts = [regions.prompt] if regions is not None else list(job.prompts)
     if not prompts:
         raise ValueError("no prompt given: pass --prompt (or a --regions file with a global prompt)")

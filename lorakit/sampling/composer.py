@@ -360,7 +360,7 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
     if conditions is None and regions is not None and getattr(regions, "conditions", None):
         from lorakit.sampling.conditions import load_conditions
 
-        conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype)
+        conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype, regions.source)
     if conditions:
         from lorakit.sampling.conditions import SpatialConditions
 

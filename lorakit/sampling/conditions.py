@@ -149,7 +149,7 @@ def _number(v, where: str) -> float:
         raise ValueError(f"{where}: expected a number, got {v!r}") from None
 
 
-def load_conditions(specs: list[ConditionSpec], device, dtype) -> list[Condition]:
+def load_conditions(specs: list[ConditionSpec], device, dtype, source: str = "regions") -> list[Condition]:
     """Load each condition's model (``T2IAdapter`` / ``ControlNetModel``.from_pretrained: local folder or hub id)
     and image."""
     from diffusers import ControlNetModel, T2IAdapter
@@ -162,7 +162,7 @@ def load_conditions(specs: list[ConditionSpec], device, dtype) -> list[Condition
             model = cls.from_pretrained(spec.model, torch_dtype=dtype)
         except Exception as err:  # noqa: BLE001 - one line naming the model
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"conditions[{k}]: cannot load {spec.type} {spec.model!r}: {first}") from None
+            raise ValueError(f"{source}: conditions[{k}]: cannot load {spec.type} {spec.model!r}: {first}") from None
         with Image.open(spec.image) as im:
             image = im.copy()
         out.append(Condition(model.to(device).eval(), image, spec.weight, list(spec.region_weights),
