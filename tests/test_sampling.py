@@ -256,10 +256,10 @@ def test_region_covering_image_equals_plain_prompt(sd1_pipe, sdxl_pipe, adapter_
 
 
 def test_regions_file_validation():
-    spec = parse_regions({"prompt": "g", "regions": [{"box": [0, 0, 16, 32], "prompt": "r"}]}, 32, 32)
+    spec = parse_regions({"prompt": "g", "unit": "px", "regions": [{"box": [0, 0, 16, 32], "prompt": "r"}]}, 32, 32)
     assert spec.regions[0].box == (0.0, 0.0, 0.5, 1.0)
     with pytest.raises(ValueError, match="regions\\[0\\]"):
-        parse_regions({"prompt": "g", "regions": [{"box": [0.5, 0, 0.2, 1], "prompt": "r"}]}, 32, 32)
+        parse_regions({"prompt": "g", "unit": "fraction", "regions": [{"box": [0.5, 0, 0.2, 1], "prompt": "r"}]}, 32, 32)
     with pytest.raises(ValueError, match="unknown keys"):
         parse_regions({"prompt": "g", "region": []}, 32, 32)
 

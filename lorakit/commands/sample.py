@@ -12,13 +12,16 @@ def add_parser(sub) -> None:
         "`accelerate launch` the images are split across processes; a seed gives the same image either way.",
     )
     p.add_argument("--base", required=True, help="base model: diffusers folder, .safetensors checkpoint, hub id, or tiny:sd1")
-    p.add_argument("--adapters", nargs="+", required=True, metavar="FILE", help="adapter .safetensors files (first = character for switch)")
+    p.add_argument("--adapters", nargs="*", default=[], metavar="FILE",
+                   help="adapter .safetensors files (first = character for switch); none: plain sampling of --base "
+                   "(e.g. a fused model)")
     p.add_argument("--weights", nargs="+", type=float, help="LoRA scale per adapter (default 1.0 each)")
     p.add_argument("--method", choices=["merge", "switch", "composite", "cmlora", "delta"], default="merge",
                    help="delta: base + the sum of each adapter's difference from the base (docs/sampling.md)")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several prompts)")
     p.add_argument("--negative-prompt", default="", help="negative prompt")
-    p.add_argument("--regions", help="regions YAML: global prompt + boxes with their own prompts (replaces --prompt)")
+    p.add_argument("--regions", help="regions YAML: global prompt + boxes with their own prompts (replaces --prompt), "
+                   "optional spatial conditions (T2I-Adapter / ControlNet); see docs/sampling.md")
     p.add_argument("--steps", type=int, default=30, help="denoising steps per image")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")

@@ -196,20 +196,23 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
     job.sampler.check()
     if job.num_images < 1 or job.batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {job.num_images} and {job.batch_size}")
-    if not job.adapters:
-        raise ValueError("no adapters given: pass at least one adapter file")
     state = PartialState()
     _quiet_loading()
     pipe = load_pipeline(job.base, job.dtype, state.device)
     adapters = load_adapters(pipe, job.adapters, job.weights)
     height, width = image_size(pipe, job.sampler)
     regions = load_regions(job.regions, width, height) if job.regions else None
+    conditions = None
+    if regions is not None and regions.conditions:
+        from lorakit.sampling.conditions import load_conditions
+
+        conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype, regions.source)
     prompts = [regions.prompt] if regions is not None else list(job.prompts)
     if not prompts:
         raise ValueError("no prompt given: pass --prompt (or a --regions file with a global prompt)")
     order, n_rot, profile = None, None, {}
     adapter_kinds(job, adapters)  # a bad --kinds fails before any image
-    if job.sampler.method == "cmlora":
+    if job.sampler.method == "cmlora" and adapters:
         order, n_rot, profile = _cmlora_order(pipe, job, adapters)
     out_dir = Path(job.out_dir)
     items = _work_items(job, prompts)
@@ -226,7 +229,7 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
             p = batch[0][0]
             images, info = generate(
                 pipe, adapters, job.sampler, prompts[p], job.negative_prompt, [s for _, _, s in batch], regions, order,
-                n_rot,
+                n_rot, conditions=conditions,
             )
             for (p_idx, i, seed), image in zip(batch, images):
                 stem = f"{p_idx:03d}-{i:04d}-s{seed}"

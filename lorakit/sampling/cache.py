@@ -57,10 +57,21 @@ def _embeddings(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs
     return emb, encoder_hidden_states
 
 
-def _down(block, sample, emb, ehs, cross_attention_kwargs):
+def _down(block, sample, emb, ehs, cross_attention_kwargs, intrablock: list | None = None, apply: bool = True):
+    """One down block as ``UNet2DConditionModel.forward`` runs it, with the T2I-Adapter residuals ``intrablock``
+    (the block's one is popped; when ``apply``: inside a cross-attention block, added in place to any other
+    block's output, as diffusers does)."""
+    extra = intrablock.pop(0) if intrablock else None
+    if not apply:
+        extra = None
     if getattr(block, "has_cross_attention", False):
-        return block(hidden_states=sample, temb=emb, encoder_hidden_states=ehs, cross_attention_kwargs=cross_attention_kwargs)
-    return block(hidden_states=sample, temb=emb)
+        kw = {"additional_residuals": extra} if extra is not None else {}
+        return block(hidden_states=sample, temb=emb, encoder_hidden_states=ehs, cross_attention_kwargs=cross_attention_kwargs,
+                     **kw)
+    sample, res = block(hidden_states=sample, temb=emb)
+    if extra is not None:
+        sample += extra  # in place, as diffusers does: a skip that is this same tensor gets it too
+    return sample, res
 
 
 @contextmanager
@@ -119,6 +130,9 @@ def unet_split_forward(
     timestep_cond: torch.Tensor | None = None,
     class_labels: torch.Tensor | None = None,
     layer: int = 0,
+    down_intrablock_additional_residuals: list[torch.Tensor] | None = None,
+    down_block_additional_residuals: list[torch.Tensor] | None = None,
+    mid_block_additional_residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One UNet pass run piece by piece; full when ``deep_feature`` is None, shallow otherwise.
 
@@ -130,6 +144,10 @@ def unet_split_forward(
         deep_feature: the cached input of layer ``layer`` of ``up_blocks[-d]`` ``[B, C_d, H_d, W_d]`` from an
             earlier full pass with the same batch layout and split; None runs the full UNet.
         layer: split layer k inside ``up_blocks[-d]``, ``0 <= k < len(up_blocks[-d].resnets)``.
+        down_intrablock_additional_residuals: T2I-Adapter features, one per down block (diffusers' meaning); a
+            shallow pass adds those of the down blocks it runs whole.
+        down_block_additional_residuals, mid_block_additional_residual: ControlNet residuals, added to the skip
+            connections and the mid block's output (a shallow pass uses the skips it needs).
     Returns:
         ``(noise_pred [B, C, H, W], deep_feature)``; the deep feature is the one computed (full pass) or the one
         given (shallow pass).
@@ -146,6 +164,7 @@ def unet_split_forward(
     emb, ehs = _embeddings(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond, class_labels)
     sample = unet.conv_in(sample)
     res_stack: tuple = (sample,)
+    intrablock = list(down_intrablock_additional_residuals) if down_intrablock_additional_residuals is not None else None
     n_up = len(unet.up_blocks)
     split_block = n_up - depth
     shallow = deep_feature is not None
@@ -157,21 +176,34 @@ def unet_split_forward(
             if len(res_stack) >= needed:
                 break
             n_layers = min(len(block.resnets), needed - len(res_stack))
-            with _layers(block, 0, n_layers, resample=len(res_stack) + n_layers < needed):
-                sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs)
+            resample = len(res_stack) + n_layers < needed
+            # A T2I-Adapter feature lands after a block's last layer (cross-attention blocks) or on its resampled
+            # output (others): a block cut short of that never reaches it.
+            whole = n_layers == len(block.resnets) and (resample or getattr(block, "has_cross_attention", False))
+            with _layers(block, 0, n_layers, resample=resample):
+                sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs, intrablock, apply=whole)
             res_stack += res
+        if down_block_additional_residuals is not None:
+            # zip stops at the shorter: only the prefix of the skips the shallow up layers need
+            res_stack = tuple(r + a for r, a in zip(res_stack, down_block_additional_residuals))
         res_stack = res_stack[:needed]
         sample = deep_feature
         first_up = split_block
     else:
         for block in unet.down_blocks:
-            sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs)
+            sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs, intrablock)
             res_stack += res
+        if down_block_additional_residuals is not None:
+            res_stack = tuple(r + a for r, a in zip(res_stack, down_block_additional_residuals))
         if unet.mid_block is not None:
             if getattr(unet.mid_block, "has_cross_attention", False):
                 sample = unet.mid_block(sample, emb, encoder_hidden_states=ehs, cross_attention_kwargs=cross_attention_kwargs)
             else:
                 sample = unet.mid_block(sample, emb)
+            if intrablock and sample.shape == intrablock[0].shape:  # T2I-Adapter-XL's mid feature
+                sample += intrablock.pop(0)
+        if mid_block_additional_residual is not None:
+            sample = sample + mid_block_additional_residual
         first_up = 0
     upsample_size = None
     for i in range(first_up, n_up):

@@ -215,8 +215,9 @@ def decode_latents(pipe, latents: torch.Tensor):
 def unet_pass(unet, sample, timestep, text, added_cond_kwargs=None, cache: DeepFeatureCache | None = None,
               cache_key: str = "", full: bool = True, depth: int = 1, step: int = 0, layer: int = 0,
               **unet_kwargs) -> torch.Tensor:
-    """The one UNet call of every method. Extra UNet inputs (e.g. ``down_block_additional_residuals``) go in
-    ``unet_kwargs``.
+    """The one UNet call of every method. Extra UNet inputs go in ``unet_kwargs``: the spatial conditions'
+    ``down_intrablock_additional_residuals`` (T2I-Adapter), ``down_block_additional_residuals`` and
+    ``mid_block_additional_residual`` (ControlNet); lists are copied (the UNet pops from them).
 
     Args:
         sample: scaled latents ``[R, C, h, w]`` (R = B or 2B rows); text: ``[R, L, D]``.
@@ -225,12 +226,12 @@ def unet_pass(unet, sample, timestep, text, added_cond_kwargs=None, cache: DeepF
     Returns:
         The noise prediction ``[R, C, h, w]``.
     """
+    unet_kwargs = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in unet_kwargs.items()}
     if cache is None:
         return unet(sample, timestep, encoder_hidden_states=text, added_cond_kwargs=added_cond_kwargs,
                     return_dict=False, **unet_kwargs)[0]
-    if unet_kwargs:
-        raise ValueError(f"cached UNet passes do not take {sorted(unet_kwargs)}; run cmlora with cache off")
-    return cache.run(cache_key, step, full, unet, sample, timestep, text, depth, layer, added_cond_kwargs=added_cond_kwargs)
+    return cache.run(cache_key, step, full, unet, sample, timestep, text, depth, layer,
+                     added_cond_kwargs=added_cond_kwargs, **unet_kwargs)
 
 
 @dataclass
@@ -339,24 +340,25 @@ def _term_rows(term: Term, do_cfg: bool) -> str | None:
 @torch.no_grad()
 def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, prompt: str, negative_prompt: str | None,
              seeds: list[int], regions=None, order: list[int] | None = None, n_rotation: int | None = None,
-             output_type: str = "pil"):
+             output_type: str = "pil", conditions: list | None = None):
     """Generate one image per seed for one prompt with a composition method.
 
     Args:
-        pipe: a diffusers SD/SDXL pipeline with ``adapters`` loaded (:func:`load_adapters`).
+        pipe: a diffusers SD/SDXL pipeline with ``adapters`` loaded (:func:`load_adapters`). With no adapters
+            (e.g. a fused model) every method is plain sampling of ``pipe``.
         settings: method and sampler settings.
         seeds: one seed per image; image i's initial noise (and any scheduler noise) comes from ``seeds[i]``.
         regions: optional :class:`lorakit.sampling.regional.RegionSpec`; its global prompt replaces ``prompt``.
         order: cmlora only: adapter indices in pass order (default: the given order); the first ``n_rotation``
             (default all) rotate as dominant, the rest are backgrounds (:func:`lorakit.sampling.schedules.cmlora_plan`).
         output_type: ``"pil"`` or ``"latent"`` (the final latents ``[B, C, h, w]``, before the VAE).
+        conditions: loaded spatial conditions (:class:`lorakit.sampling.conditions.Condition`); default: those of
+            ``regions`` (loaded here).
     Returns:
         ``(images, info)``: PIL images ``[len(seeds)]`` (or latents) and a dict with the method's schedule
         (switch order, CMLoRA dominants and cache plan) and UNet pass counts.
     """
     settings.check()
-    if not adapters:
-        raise ValueError("no adapters given: pass at least one adapter file")
     set_scheduler(pipe, settings.scheduler)
     height, width = image_size(pipe, settings)
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
@@ -365,20 +367,37 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
         prompt, negative_prompt = regions.prompt, regions.negative_prompt
     n = len(adapters)
     pipe.scheduler.set_timesteps(settings.steps, device=pipe._execution_device)
-    plan = method_plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
+    if n:
+        plan = method_plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
+    else:  # no adapters (a fused model): the base alone
+        plan = _Plan([[Term((), 1.0, 1.0)]] * len(pipe.scheduler.timesteps), {"note": "no adapters: plain sampling"})
     joint = None if settings.encode == "per-adapter" else ((0,) if settings.method == "switch" else tuple(range(n)))
     contexts = _Contexts(pipe, adapters, prompt, negative_prompt, len(seeds), do_cfg, regions, joint)
     for step_terms in plan.terms:  # encode up front: set_adapters also touches the UNet
         for term in step_terms:
             contexts.get(term.adapters)
+    spatial = None
+    if conditions is None and regions is not None and getattr(regions, "conditions", None):
+        from lorakit.sampling.conditions import load_conditions
+
+        conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype, regions.source)
+    if conditions:
+        from lorakit.sampling.conditions import SpatialConditions
+
+        latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        spatial = SpatialConditions(conditions, pipe.unet, width, height, latent_hw,
+                                    getattr(regions, "box_rounding", "inside") if regions is not None else "inside")
     controller = previous = None
     if regions is not None and regions.regions:
-        from lorakit.sampling.regional import RegionalController, install_regional
+        from lorakit.sampling.regional import RegionalController, install_regional, warn_empty_boxes
 
-        controller = RegionalController([r.box for r in regions.regions], aspect=width / height)
+        warn_empty_boxes(regions, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        controller = RegionalController([r.box for r in regions.regions], aspect=width / height,
+                                        rounding=getattr(regions, "box_rounding", "inside"))
         previous = install_regional(pipe.unet, controller)
     try:
-        latents, passes = _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg)
+        latents, passes = _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg,
+                                   spatial)
     finally:
         if previous is not None:
             from lorakit.sampling.regional import remove_regional
@@ -395,7 +414,7 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
     return decode_latents(pipe, latents), info
 
 
-def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg):
+def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg, spatial=None):
     """The denoising loop shared by every method; returns (final latents, pass counts)."""
     unet, scheduler = pipe.unet, pipe.scheduler
     device, batch = pipe._execution_device, len(generators)
@@ -423,8 +442,10 @@ def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, h
                 controller.set_states([pick(r) for r in ctx["regions"]])
             added = {"text_embeds": pick(ctx["pooled"]), "time_ids": time_ids[2 if rows == "pair" else 1]} if xl else None
             key = "+".join(names[i] for i in term.adapters) or "base"
-            out = unet_pass(unet, pick(x), t, pick(ctx["embeds"]), added, cache if term.cached else None,
-                            f"{key}|{rows}", term.full, settings.cache_depth, s, layer)
+            sample, text = pick(x), pick(ctx["embeds"])
+            cond_kw = spatial.unet_kwargs(s, rows, sample, t, text, added) if spatial is not None else {}
+            out = unet_pass(unet, sample, t, text, added, cache if term.cached else None,
+                            f"{key}|{rows}", term.full, settings.cache_depth, s, layer, **cond_kw)
             entry = log.setdefault(key, {"full": 0, "shallow": 0, "full_steps": []})
             entry["full" if term.full else "shallow"] += 1
             if term.full:

@@ -4,30 +4,47 @@ In every cross-attention layer (``attn2``) queries outside all boxes attend to t
 box attend to that box's prompt, and queries inside several boxes get the average of those boxes' outputs.
 Self-attention is untouched.
 
+Which feature-map cells a box covers (``box_rounding``):
+
+* ``inside`` (default, as Mix-of-Show's sampler): only the cells that lie fully inside the box, rows
+  ``ceil(top * h)`` to ``floor(bottom * h)`` (exclusive), the same for columns; a box edge that falls exactly on a
+  cell boundary keeps that cell (edges are snapped to the grid before rounding).
+* ``center``: the cells whose centres lie inside the box (``top <= (i + 0.5) / h < bottom``).
+
+Both rules are applied at every layer's own resolution, so a small box may cover cells of the latent but none of a
+coarser layer (that layer then sees only the global prompt there).
+
 Composable: :class:`RegionalAttnProcessor` wraps the processor that was on the layer before (diffusers' default, or
 another per-layer processor) and calls it once per prompt with that prompt's text features. Text features may be
 given per layer (``{layer_name: [B, L, D]}``), which is how ED-LoRA's layer-wise embeddings are routed.
 
 Regions file (YAML)::
 
+    unit: px                    # px | fraction: how box values are read (required when a box is given)
+    box_rounding: inside        # inside (default) | center
     prompt: a photo of a man and a cat on the beach          # global prompt
     negative_prompt: low quality                             # optional
     regions:
-      - box: [0.0, 0.0, 1.0, 0.5]        # top, left, bottom, right: fractions (all <= 1) or pixels
+      - box: [0, 0, 512, 256]            # top, left, bottom, right
         prompt: a photo of a man
         negative_prompt: ""              # optional, defaults to the global negative prompt
       - box: [0, 256, 512, 512]
         prompt: a photo of a cat
+    conditions: [...]                    # optional spatial conditions, see lorakit.sampling.conditions
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+BOX_ROUNDINGS = ("inside", "center")
+UNITS = ("px", "fraction")
 
 
 @dataclass
@@ -41,75 +58,152 @@ class Region:
 
 @dataclass
 class RegionSpec:
-    """A global prompt plus regions, as read from a regions YAML."""
+    """A global prompt plus regions (and optional spatial conditions), as read from a regions YAML.
+
+    ``conditions`` holds :class:`lorakit.sampling.conditions.ConditionSpec` entries; ``source`` names the file in
+    messages.
+    """
 
     prompt: str
     negative_prompt: str = ""
     regions: list[Region] = field(default_factory=list)
+    box_rounding: str = "inside"
+    conditions: list = field(default_factory=list)
+    source: str = "regions"
 
     def to_dict(self) -> dict:
         return {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
+            "unit": "fraction",
+            "box_rounding": self.box_rounding,
             "regions": [{"box": list(r.box), "prompt": r.prompt, "negative_prompt": r.negative_prompt} for r in self.regions],
+            "conditions": [c.to_dict() for c in self.conditions],
         }
 
 
-def _fraction_box(box, width: int, height: int, where: str) -> tuple[float, float, float, float]:
+def read_box(box, unit: str, width: int, height: int, where: str) -> tuple[float, float, float, float]:
+    """A ``[top, left, bottom, right]`` box in ``unit`` (px or fraction) -> fractions of the image, validated."""
     if not isinstance(box, (list, tuple)) or len(box) != 4:
         raise ValueError(f"{where}: box must be [top, left, bottom, right], got {box!r}")
     try:
         top, left, bottom, right = (float(v) for v in box)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: box values must be numbers, got {box!r}") from err
-    if max(top, left, bottom, right) > 1.0:  # pixels
-        top, bottom, left, right = top / height, bottom / height, left / width, right / width
+    if unit == "px":
+        if not (0.0 <= top < bottom <= height and 0.0 <= left < right <= width):
+            raise ValueError(f"{where}: box {list(box)} (px) must satisfy 0 <= top < bottom <= {height} and "
+                             f"0 <= left < right <= {width} (image {width}x{height})")
+        return (top / height, left / width, bottom / height, right / width)
     if not (0.0 <= top < bottom <= 1.0 and 0.0 <= left < right <= 1.0):
-        raise ValueError(
-            f"{where}: box {list(box)} must satisfy 0 <= top < bottom <= image height and 0 <= left < right <= width "
-            f"(image {width}x{height}; fractions when all values <= 1)"
-        )
+        raise ValueError(f"{where}: box {list(box)} (fraction) must satisfy 0 <= top < bottom <= 1 and 0 <= left < right <= 1")
     return (top, left, bottom, right)
 
 
-def parse_regions(data: dict, width: int, height: int, source: str = "regions") -> RegionSpec:
-    """Validate a regions mapping (see module docstring) and convert boxes to fractions."""
+def parse_regions(data: dict, width: int, height: int, source: str = "regions", base_dir: str | os.PathLike | None = None) -> RegionSpec:
+    """Validate a regions mapping (see module docstring) and convert boxes to fractions.
+
+    Args:
+        width, height: the output image size in pixels (px boxes and condition images are checked against it).
+        base_dir: folder that relative condition image paths are read from (default: the working directory).
+    Raises:
+        ValueError naming ``source`` and the entry (unknown keys, a missing or bad unit, boxes out of range).
+    """
     if not isinstance(data, dict) or "prompt" not in data:
         raise ValueError(f"{source}: expected a mapping with 'prompt' (global prompt) and 'regions' (list of boxes)")
-    unknown = set(data) - {"prompt", "negative_prompt", "regions"}
+    allowed = {"prompt", "negative_prompt", "regions", "unit", "box_rounding", "conditions"}
+    unknown = set(data) - allowed
     if unknown:
-        raise ValueError(f"{source}: unknown keys {sorted(unknown)}; expected prompt, negative_prompt, regions")
+        raise ValueError(f"{source}: unknown keys {sorted(unknown)}; expected {', '.join(sorted(allowed))}")
+    rounding = data.get("box_rounding", "inside")
+    if rounding not in BOX_ROUNDINGS:
+        raise ValueError(f"{source}: box_rounding must be one of {', '.join(BOX_ROUNDINGS)}, got {rounding!r}")
+    unit = data.get("unit")
+    if unit is not None and unit not in UNITS:
+        raise ValueError(f"{source}: unit must be px or fraction, got {unit!r}")
+    items = data.get("regions") or []
+    if not isinstance(items, list):
+        raise ValueError(f"{source}: regions must be a list of {{box, prompt}} entries")
+    if items and unit is None:
+        raise ValueError(f"{source}: add 'unit: px' or 'unit: fraction' (how the box values are read)")
     neg = data.get("negative_prompt") or ""
     regions = []
-    for i, item in enumerate(data.get("regions") or []):
+    for i, item in enumerate(items):
         where = f"{source}: regions[{i}]"
         if not isinstance(item, dict) or "box" not in item or "prompt" not in item:
             raise ValueError(f"{where}: each region needs 'box' and 'prompt'")
         bad = set(item) - {"box", "prompt", "negative_prompt"}
         if bad:
             raise ValueError(f"{where}: unknown keys {sorted(bad)}; expected box, prompt, negative_prompt")
-        regions.append(Region(_fraction_box(list(item["box"]), width, height, where), str(item["prompt"]), item.get("negative_prompt")))
-    return RegionSpec(prompt=str(data["prompt"]), negative_prompt=str(neg), regions=regions)
+        regions.append(Region(read_box(item["box"], unit, width, height, where), str(item["prompt"]), item.get("negative_prompt")))
+    conditions = []
+    if data.get("conditions"):
+        from lorakit.sampling.conditions import parse_conditions
+
+        conditions = parse_conditions(data["conditions"], unit, width, height, regions, source, base_dir)
+    return RegionSpec(prompt=str(data["prompt"]), negative_prompt=str(neg), regions=regions, box_rounding=rounding,
+                      conditions=conditions, source=source)
 
 
 def load_regions(path: str | os.PathLike, width: int, height: int) -> RegionSpec:
-    """Read a regions YAML file (see module docstring)."""
+    """Read a regions YAML file (see module docstring); condition images are read relative to its folder."""
     from omegaconf import OmegaConf
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"regions file not found: {path}")
-    return parse_regions(OmegaConf.to_container(OmegaConf.load(path), resolve=True), width, height, str(path))
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as err:  # noqa: BLE001 - any YAML error becomes one line naming the file
+        raise ValueError(f"{path}: not a readable YAML mapping: {str(err).splitlines()[0]}") from None
+    return parse_regions(data, width, height, str(path), base_dir=path.parent)
 
 
-def box_mask(box: tuple[float, float, float, float], h: int, w: int) -> torch.Tensor:
-    """``[h, w]`` float mask, 1 on the feature-map cells whose centres lie inside the fractional box."""
+def _snap(x: float) -> float:
+    """``x`` moved onto the nearest integer when it is within float noise of it (box edges on cell boundaries)."""
+    r = round(x)
+    return float(r) if abs(x - r) < 1e-6 else x
+
+
+def cell_range(start: float, end: float, n: int, rounding: str = "inside") -> tuple[int, int]:
+    """Cells ``[i0, i1)`` of an ``n``-cell axis that the fractional interval ``[start, end)`` covers."""
+    a, b = _snap(start * n), _snap(end * n)
+    if rounding == "inside":
+        i0, i1 = math.ceil(a), math.floor(b)
+    elif rounding == "center":
+        i0, i1 = math.ceil(_snap(a - 0.5)), math.ceil(_snap(b - 0.5))
+    else:
+        raise ValueError(f"box_rounding must be one of {', '.join(BOX_ROUNDINGS)}, got {rounding!r}")
+    i0, i1 = max(0, i0), min(n, i1)
+    return i0, max(i0, i1)
+
+
+def box_mask(box: tuple[float, float, float, float], h: int, w: int, rounding: str = "inside") -> torch.Tensor:
+    """``[h, w]`` float mask, 1 on the feature-map cells the fractional box covers under ``rounding``."""
     top, left, bottom, right = box
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
-    inside_y = (ys >= top) & (ys < bottom)
-    inside_x = (xs >= left) & (xs < right)
-    return (inside_y[:, None] & inside_x[None, :]).float()
+    r0, r1 = cell_range(top, bottom, h, rounding)
+    c0, c1 = cell_range(left, right, w, rounding)
+    mask = torch.zeros(h, w)
+    mask[r0:r1, c0:c1] = 1.0
+    return mask
+
+
+def warn_empty_boxes(spec: RegionSpec, latent_h: int, latent_w: int) -> list[int]:
+    """Warn (``UserWarning``) for every region whose box covers no cell of the ``latent_h x latent_w`` latent.
+
+    Returns:
+        The indices of those regions (they change nothing in the image).
+    """
+    empty = []
+    for i, r in enumerate(spec.regions):
+        if not bool(box_mask(r.box, latent_h, latent_w, spec.box_rounding).any()):
+            empty.append(i)
+            warnings.warn(
+                f"{spec.source}: regions[{i}] box {[round(v, 4) for v in r.box]} (fractions) covers no cell of the "
+                f"{latent_h}x{latent_w} latent with box_rounding {spec.box_rounding}; it has no effect",
+                UserWarning, stacklevel=2,
+            )
+    return empty
 
 
 class RegionalController:
@@ -120,9 +214,12 @@ class RegionalController:
     ``global_states`` (optional) overrides the features the UNet passes in (same forms).
     """
 
-    def __init__(self, boxes: list[tuple[float, float, float, float]], aspect: float):
+    def __init__(self, boxes: list[tuple[float, float, float, float]], aspect: float, rounding: str = "inside"):
+        if rounding not in BOX_ROUNDINGS:
+            raise ValueError(f"box_rounding must be one of {', '.join(BOX_ROUNDINGS)}, got {rounding!r}")
         self.boxes = list(boxes)
         self.aspect = aspect  # width / height of the latent
+        self.rounding = rounding
         self.states: list = [None] * len(self.boxes)
         self.global_states = None
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
@@ -145,7 +242,7 @@ class RegionalController:
         """``[R, n_tokens]`` masks of the boxes at this layer's resolution (cached)."""
         h, w = self.grid(n_tokens)
         if (h, w) not in self._masks:
-            self._masks[(h, w)] = torch.stack([box_mask(b, h, w).flatten() for b in self.boxes])
+            self._masks[(h, w)] = torch.stack([box_mask(b, h, w, self.rounding).flatten() for b in self.boxes])
         return self._masks[(h, w)]
 
 

@@ -1,0 +1,54 @@
+"""Toy-world sketch scenes (image + silhouette) and the sketch-adapter measurement's helpers."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lorakit.toyworld.sketch import random_sketch_scene, render_sketch_scene, silhouette_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("measure_sketch", ROOT / "tools" / "measure_toy_sketch_adapter.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_silhouette_marks_the_drawn_shapes_one_per_half():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        scene = random_sketch_scene(rng, 2, "plain", "white")
+        image, sil = render_sketch_scene(scene)
+        assert image.size == (32, 32) and sil.shape == (32, 32) and 0 <= sil.min() and sil.max() <= 1
+        drawn = np.abs(np.asarray(image, np.float32) - np.asarray(image, np.float32)[0, 0]).max(-1) > 40
+        assert (drawn == (sil > 0.5)).mean() > 0.95  # the silhouette is where the shapes are
+        cols = np.nonzero(sil > 0.5)[1]
+        assert cols.min() < 16 <= cols.max()  # a shape in each half
+        assert scene.shapes[0].cx < 0.5 < scene.shapes[1].cx
+        assert len(scene.region_prompts()) == 2 and scene.region_prompts()[0].endswith("white plain background")
+    again = render_sketch_scene(scene)
+    assert np.array_equal(np.asarray(again[0]), np.asarray(image)) and np.array_equal(again[1], sil)
+    assert silhouette_image(sil).mode == "L"
+
+
+def test_measure_helpers():
+    tool = _tool()
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True
+    assert tool.iou(a, b) == 4 / 12
+    img = Image.new("RGB", (32, 32), (250, 200, 210))  # a pink background counts as background
+    img.paste((0, 0, 255), (2, 2, 10, 10))
+    fg = tool.foreground(img)
+    assert fg.sum() == 64 and fg[2:10, 2:10].all()
+    left, right = tool.halves_centred(img)
+    assert np.asarray(left)[2:10, 10:18].tolist() == [[[0, 0, 255]] * 8] * 8
+    assert np.asarray(right)[0, 8:24].tolist() == [[250, 200, 210]] * 16 and np.asarray(right)[0, :8].min() == 255
+    lo, hi = tool.wilson(8, 10)
+    assert 0.44 < lo < 0.5 and 0.94 < hi < 0.98
+    assert tool.mcnemar_exact(6, 0) == 2 / 64 and tool.paired([0, 1, 0, 1], [1, 1, 1, 0]) == {"wins": 2, "losses": 1, "p_mcnemar": 1.0}
