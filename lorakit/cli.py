@@ -48,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from lorakit.errors import InsufficientMemory
+
     try:
         return int(args.func(args) or 0)
+    except InsufficientMemory as err:  # the pre-flight refused: exit 2, as for other usage errors
+        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as err:
         # Our errors name the bad input; show them without a traceback.
         print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
