@@ -471,19 +471,21 @@ def assemble_pipeline(arch: str, models: dict, tokenizer):
     return pipe
 
 
-def sized_pipeline(arch: str = "sd1", size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32):
+def sized_pipeline(arch: str = "sd1", size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu"):
     """A random-weight pipeline of ``arch`` at ``size`` (``tiny`` | ``mid`` | ``full``), built offline.
 
     ``tiny`` is exactly :func:`tiny_pipeline`. ``full`` has the released models' parameter counts (SD 1.5:
     UNet 860M, VAE 84M, CLIP-L 123M; SDXL: UNet 2.57B, VAE 84M, CLIP-L + OpenCLIP-bigG 817M) with a small offline
-    tokenizer (the text encoders keep CLIP's 49408-row embedding). Weights are created in ``dtype``, so a bf16
-    SDXL needs ~7 GB, not 14.
+    tokenizer (the text encoders keep CLIP's 49408-row embedding). Weights are created in ``dtype`` on ``device``
+    (a GPU initialises SD 1.5 in a second; the CPU takes ~30 s), so a bf16 SDXL needs ~7 GB, not 14. The weights
+    depend on the device's random generator: one seed gives one pipeline per device.
     """
     if size == "tiny":
-        return tiny_pipeline(arch, seed=seed).to(dtype=dtype)
+        return tiny_pipeline(arch, seed=seed).to(device=device, dtype=dtype)
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
-    with default_dtype(dtype):
+    with default_dtype(dtype), torch.device(device):
         models = {name: make() for name, make in component_factories(arch, size, tok).items()}
     return assemble_pipeline(arch, models, tok)
 

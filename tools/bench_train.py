@@ -68,12 +68,12 @@ class PeakMemory:
             self.peak_mb = self._peak / 2**20  # whole-process RSS (includes the other run's leftovers)
 
 
-def make_pipe(size: str, dtype: torch.dtype = torch.float32):
+def make_pipe(size: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """tiny / mid: lorakit.models.sized_pipeline's SD1 sizes; sd15 / sdxl: the released models' configs (random)."""
     from lorakit.models import sized_pipeline
 
     arch, name = {"tiny": ("sd1", "tiny"), "mid": ("sd1", "mid"), "sd15": ("sd1", "full"), "sdxl": ("sdxl", "full")}[size]
-    return sized_pipeline(arch, name, seed=0, dtype=dtype)
+    return sized_pipeline(arch, name, seed=0, dtype=dtype, device=device)
 
 
 def make_images(folder: Path, n: int, res: int) -> list[str]:
@@ -181,12 +181,12 @@ def main(argv=None) -> int:
         folder.mkdir()
         captions = make_images(folder, 2 * args.batch, args.resolution)
         wdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        ref = reference(args, make_pipe(args.size, wdtype), folder, captions)
+        ref = reference(args, make_pipe(args.size, wdtype, args.device), folder, captions)
         ref_row = {"run": "reference", **common, **ref, "it_s": 1 / ref["step_s"]}
         print(json.dumps(ref_row), flush=True)
         if args.device == "cuda":
             torch.cuda.empty_cache()
-        lk = lorakit_run(args, make_pipe(args.size, wdtype), folder, Path(tmp) / "out")
+        lk = lorakit_run(args, make_pipe(args.size, wdtype, args.device), folder, Path(tmp) / "out")
         lk_row = {"run": "lorakit", **common, **lk, "it_s": 1 / lk["step_s"], "compile": args.compile}
         print(json.dumps(lk_row), flush=True)
     print(json.dumps({"run": "ratio", **common, "speed_ratio": ref["step_s"] / lk["step_s"],
