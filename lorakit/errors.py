@@ -13,6 +13,10 @@ import sys
 from typing import Callable
 
 
+class InsufficientMemory(ValueError):
+    """A stage's memory estimate exceeds the free memory; the message is one line with the numbers and the override."""
+
+
 def _user_error_types() -> tuple[type, ...]:
     types: list[type] = [ValueError, OSError, LookupError]  # OSError: missing/unreadable/unwritable paths
     try:

@@ -11,6 +11,7 @@ ratios (``speed_ratio`` = reference step time / lorakit step time; > 1 means lor
 
     python tools/bench_train.py                                   # CPU, tiny SD1 pipeline, 32 px, batch 2
     python tools/bench_train.py --device cuda --size sd15 --resolution 512 --batch 4 --dtype bf16
+    python tools/bench_train.py --size mid                        # SD's channel ratios at 1/10 width
 """
 
 from __future__ import annotations
@@ -67,32 +68,12 @@ class PeakMemory:
             self.peak_mb = self._peak / 2**20  # whole-process RSS (includes the other run's leftovers)
 
 
-def sd15_pipeline(seed: int = 0):
-    """A random-weight pipeline with SD 1.5's UNet / VAE / CLIP-L text encoder sizes (no download)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def make_pipe(size: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """tiny / mid: lorakit.models.sized_pipeline's SD1 sizes; sd15 / sdxl: the released models' configs (random)."""
+    from lorakit.models import sized_pipeline
 
-    from lorakit.models import sd_scheduler, tiny_tokenizer
-
-    torch.manual_seed(seed)
-    tok = tiny_tokenizer()
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
-                                      num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sd_scheduler("ddim"),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def make_pipe(size: str):
-    from lorakit.models import tiny_pipeline
-
-    return sd15_pipeline() if size == "sd15" else tiny_pipeline("sd1", seed=0)
+    arch, name = {"tiny": ("sd1", "tiny"), "mid": ("sd1", "mid"), "sd15": ("sd1", "full"), "sdxl": ("sdxl", "full")}[size]
+    return sized_pipeline(arch, name, seed=0, dtype=dtype, device=device)
 
 
 def make_images(folder: Path, n: int, res: int) -> list[str]:
@@ -117,7 +98,10 @@ def reference(args, pipe, folder: Path, captions: list[str]) -> dict:
     for m in (unet, vae, te):
         m.requires_grad_(False)
         m.to(dev, dtype=dtype)
-    ranks = module_ranks(lora_able_modules(unet), resolve_block_spec("all", "sd1", args.rank), "lora", args.rank, args.rank)
+    from lorakit.models import pipeline_arch
+
+    arch = pipeline_arch(pipe)
+    ranks = module_ranks(lora_able_modules(unet), resolve_block_spec("all", arch, args.rank), "lora", args.rank, args.rank)
     unet.add_adapter(lora_config(ranks), adapter_name="default")
     cast_training_params(unet, dtype=torch.float32)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -172,7 +156,8 @@ def lorakit_run(args, pipe, folder: Path, out: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", default="tiny", choices=["tiny", "sd15"], help="tiny SD1 pipeline or SD1.5-sized random")
+    p.add_argument("--size", default="tiny", choices=["tiny", "mid", "sd15", "sdxl"],
+                   help="tiny / mid SD1 pipeline, or SD 1.5- / SDXL-sized random weights (lorakit.models.sized_pipeline)")
     p.add_argument("--resolution", type=int, default=None, help="default: 32 (tiny) / 512 (sd15)")
     p.add_argument("--batch", type=int, default=None, help="default: 2 (tiny) / 4 (sd15)")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: fp32 (cpu) / bf16 (cuda)")
@@ -182,8 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet in the lorakit run")
     args = p.parse_args(argv)
-    args.resolution = args.resolution or (512 if args.size == "sd15" else 32)
-    args.batch = args.batch or (4 if args.size == "sd15" else 2)
+    full = args.size in ("sd15", "sdxl")
+    args.resolution = args.resolution or ({"sd15": 512, "sdxl": 1024}[args.size] if full else 32)
+    args.batch = args.batch or (4 if full else 2)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,12 +180,13 @@ def main(argv=None) -> int:
         folder = Path(tmp) / "img"
         folder.mkdir()
         captions = make_images(folder, 2 * args.batch, args.resolution)
-        ref = reference(args, make_pipe(args.size), folder, captions)
+        wdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        ref = reference(args, make_pipe(args.size, wdtype, args.device), folder, captions)
         ref_row = {"run": "reference", **common, **ref, "it_s": 1 / ref["step_s"]}
         print(json.dumps(ref_row), flush=True)
         if args.device == "cuda":
             torch.cuda.empty_cache()
-        lk = lorakit_run(args, make_pipe(args.size), folder, Path(tmp) / "out")
+        lk = lorakit_run(args, make_pipe(args.size, wdtype, args.device), folder, Path(tmp) / "out")
         lk_row = {"run": "lorakit", **common, **lk, "it_s": 1 / lk["step_s"], "compile": args.compile}
         print(json.dumps(lk_row), flush=True)
     print(json.dumps({"run": "ratio", **common, "speed_ratio": ref["step_s"] / lk["step_s"],

@@ -172,6 +172,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for sampling (gradient) and random drops (dare)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype the base is loaded and saved in (statistics and solves are float64)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="start even when the memory estimate (lorakit.memory) exceeds the free RAM / VRAM")
     group = p.add_argument_group("method options")
     seen = set()
     for m in METHODS.values():
@@ -333,6 +335,26 @@ def process_state():
     return state
 
 
+_MEMORY_STAGES = {"gradient": "fuse-gradient", "ziplora": "ziplora", "lorarar": "ziplora"}
+
+
+def memory_check(args) -> None:
+    """Refuse (InsufficientMemory, exit 2) when the method's estimate exceeds the free memory."""
+    import os
+
+    import torch
+
+    from lorakit.memory import default_device, estimate, preflight
+
+    stage = _MEMORY_STAGES[args.method]
+    size = getattr(args, "resolution", None) if stage == "fuse-gradient" else getattr(args, "ref_size", None)
+    est = estimate(stage, args.base, resolution=size, n_loras=len(args.adapters), dtype=getattr(torch, args.dtype),
+                   device=default_device(), cfg=(getattr(args, "guidance", 1.0) or 1.0) > 1,
+                   max_conv_dim=getattr(args, "max_conv_dim", 4608) or 0,
+                   adapter_bytes=sum(os.path.getsize(a) for a in args.adapters if os.path.isfile(a)))
+    preflight(est, "--no-memory-check")
+
+
 def run(args) -> int:
     import importlib
 
@@ -341,6 +363,8 @@ def run(args) -> int:
     if method.needs_base and not args.base:
         raise ValueError(f"--method {args.method} needs --base")
     check_output(args)
+    if args.base and args.method in _MEMORY_STAGES and not args.no_memory_check:
+        memory_check(args)
     state = process_state()
     inputs = build_inputs(args)
     fn = getattr(importlib.import_module(method.module), method.function)

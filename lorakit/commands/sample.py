@@ -60,6 +60,8 @@ def add_parser(sub) -> None:
     p.add_argument("--profile-prompt", default="a picture", help="cmlora: prompt of the profiling images")
     p.add_argument("--profile-steps", type=int, help="cmlora: steps of the profiling images (default --steps)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="start even when the memory estimate (lorakit.memory) exceeds the free RAM / VRAM")
     p.set_defaults(func=run)
 
 
@@ -79,10 +81,30 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     raise ValueError(f"--size {size!r}: expected WIDTHxHEIGHT or one number")
 
 
+def memory_check(args, width: int | None, height: int | None) -> None:
+    """Refuse (InsufficientMemory, exit 2) when the sampling estimate exceeds the free memory."""
+    import os
+
+    import torch
+
+    from lorakit.memory import default_device, estimate, preflight
+
+    device = default_device()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        args.dtype, torch.float16 if device == "cuda" else torch.float32)
+    size = max(width or 0, height or 0) or None
+    adapter_bytes = sum(os.path.getsize(a) for a in args.adapters if os.path.isfile(a))
+    est = estimate("sample", args.base, resolution=size, batch=args.batch_size, n_loras=len(args.adapters),
+                   dtype=dtype, device=device, cfg=args.cfg > 1, method=args.method, adapter_bytes=adapter_bytes)
+    preflight(est, "--no-memory-check")
+
+
 def run(args) -> int:
     from lorakit.sampling import SampleJob, SamplerSettings, run_sample
 
     width, height = parse_size(args.size)
+    if not args.no_memory_check:
+        memory_check(args, width, height)
     sampler = SamplerSettings(
         method=args.method, steps=args.steps, cfg=args.cfg, width=width, height=height, scheduler=args.scheduler,
         uncond=args.uncond, encode=args.encode, switch_every=args.switch_every, cmlora_mode=args.cmlora_mode,

@@ -410,6 +410,9 @@ def train(cfg, accelerator=None, pipe=None):
         raise ValueError("base_model is not set (a diffusers folder, a .safetensors checkpoint, a hub id or tiny:sd1)")
     words = concept_words(cfg)
     dataset = ConceptImages(cfg)  # bad data fails before the model loads
+    from lorakit.memory import check_training
+
+    check_training("edlora", cfg, pipe if pipe is not None else cfg.base_model, weight_dtype, cfg.network.rank)
 
     pipe = pipe if pipe is not None else load_base(cfg.base_model)
     arch = pipeline_arch(pipe)
@@ -535,8 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 concept.init_word=cat")
     args = parser.parse_args(argv)
     cfg = load_config(EDLoRAConfig, args.config, args.overrides)
-    train(cfg)
-    return 0
+    from lorakit.training.blockwise import run_main
+
+    return run_main(train, cfg)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,7 @@ class TrainConfig:
     logging: str = "tensorboard"  # tensorboard | none
     log_every: int = 1
     dataloader_num_workers: int = 0
+    memory_check: bool = True  # refuse to start when lorakit.memory's estimate exceeds the free RAM / VRAM
 
 
 @dataclass

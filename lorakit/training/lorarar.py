@@ -255,9 +255,12 @@ def train(cfg, pipe=None):
         raise ValueError(f"ref_batch_size must be >= 1, got {cfg.ref_batch_size}")
     accelerator = make_accelerator(cfg, find_unused_parameters=True)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    if pipe is None and not cfg.base_model:
+        raise ValueError("base_model is not set: the base the LoRAs were trained on (a folder, .safetensors or tiny:sd1)")
+    from lorakit.memory import check_training
+
+    check_training("lorarar", cfg, pipe if pipe is not None else cfg.base_model, dtype, rank=4)
     if pipe is None:
-        if not cfg.base_model:
-            raise ValueError("base_model is not set: the base the LoRAs were trained on (a folder, .safetensors or tiny:sd1)")
         pipe = load_base(cfg.base_model)
     _freeze(pipe)
     pipe.to(accelerator.device)
@@ -342,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=50 synthetic.content=3")
     args = parser.parse_args(argv)
     cfg = load_config(LoraRarConfig, args.config, args.overrides)
-    train(cfg)
-    return 0
+    from lorakit.training.blockwise import run_main
+
+    return run_main(train, cfg)
 
 
 __all__ = ["LoraRarConfig", "SyntheticConfig", "train", "main", "evaluate_pairs", "batch_losses", "load_entries", "PairDataset"]

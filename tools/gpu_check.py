@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""The GPU check's measurements (tools/gpu_check.sh runs this after the ``cuda``-marked tests). JSON lines:
+
+  * ``env``: torch / CUDA versions, GPUs, bf16 support, the bf16 dense peak used for MFU;
+  * ``train``: SD 1.5-size (random weights, the released configs) bf16 training step at 512 px, batch 4, rank 4:
+    lorakit's block-wise trainer vs the plain diffusers + peft loop of tools/bench_train.py, step time, it/s, peak
+    allocated VRAM, and lorakit.memory's estimate; ``train_ratio`` with the ratios and the MFU of each (UNet
+    forward + backward FLOPs counted by ``torch.utils.flop_counter`` on the meta device / step time / bf16 peak);
+  * ``sample``: composite vs cmlora with N = 4 random LoRAs at 512 px, 20 steps, bf16: seconds per image, ratio;
+  * ``multi_gpu``: one line saying it was skipped when fewer than 2 GPUs are visible (the 2-GPU DDP equality is a
+    ``cuda`` test and runs there when 2 GPUs exist).
+
+``--dry-run`` runs every step on the CPU with the tiny pipeline at 32 px and 1-2 steps (to test this script).
+
+    python tools/gpu_check.py                 # on a GPU machine (~2-4 min on an H100/H200)
+    python tools/gpu_check.py --dry-run       # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
+
+# Dense bf16 tensor-core peak, FLOP/s (vendor datasheets, no sparsity), by a substring of the device name.
+BF16_PEAK = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+             ("A10G", 70e12), ("L4", 121e12), ("4090", 165e12)]
+
+
+def emit(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def bf16_peak(name: str) -> float | None:
+    return next((v for k, v in BF16_PEAK if k in name), None)
+
+
+def env_row(device: str) -> dict:
+    row = {"check": "env", "torch": torch.__version__, "cuda": torch.version.cuda, "device": device,
+           "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        row.update(name=name, bf16=torch.cuda.is_bf16_supported(), bf16_peak_tflops=(bf16_peak(name) or 0) / 1e12 or None,
+                   vram_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+    return row
+
+
+def unet_train_flops(size: str, batch: int, resolution: int, rank: int) -> float:
+    """FLOPs of one UNet forward + backward with LoRA (flop_counter formulas; meta device, no memory)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lorakit.memory import _add_lora, _unet_inputs, meta_models
+
+    arch_size = {"tiny": "tiny:sd1", "sd15": "random:sd1:full"}[size]
+    arch, models = meta_models(arch_size)
+    unet, vae = models["unet"], models["vae"]
+    _add_lora(unet, arch, rank, conv=False)
+    latent = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    args, kwargs = _unet_inputs(unet, arch, batch, latent, torch.float32)
+    args[0].requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        unet(*args, **kwargs).sample.float().pow(2).mean().backward()
+    return float(counter.get_total_flops())
+
+
+def check_train(a, device: str) -> None:
+    import bench_train
+
+    from lorakit.memory import estimate
+
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    ns = argparse.Namespace(device=device, dtype=a.dtype, rank=4, batch=a.batch, warmup=a.warmup, steps=a.steps,
+                            resolution=a.resolution, compile=False, size=a.size)
+    est = estimate("train", {"tiny": "tiny:sd1", "sd15": "random:sd1:full"}[a.size], resolution=a.resolution,
+                   batch=a.batch, dtype=dtype, device=device)
+    flops = unet_train_flops(a.size, a.batch, a.resolution, 4)
+    peak = bf16_peak(torch.cuda.get_device_name(0)) if device == "cuda" else None
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "img"
+        folder.mkdir()
+        captions = bench_train.make_images(folder, 2 * a.batch, a.resolution)
+        for run in ("reference", "lorakit"):
+            pipe = bench_train.make_pipe(a.size, dtype, device)
+            t0 = time.perf_counter()
+            res = (bench_train.reference(ns, pipe, folder, captions) if run == "reference"
+                   else bench_train.lorakit_run(ns, pipe, folder, Path(tmp) / "out"))
+            row = {"check": "train", "run": run, "size": a.size, "resolution": a.resolution, "batch": a.batch,
+                   "dtype": a.dtype, "step_s": round(res["step_s"], 4), "it_s": round(1 / res["step_s"], 3),
+                   "peak_mem_mb": round(res["peak_mem_mb"], 1), "total_s": round(time.perf_counter() - t0, 1),
+                   "estimate_mb": round(est.total / 2**20, 1) if est else None,
+                   "unet_train_tflop_per_step": round(flops / 1e12, 3)}
+            if peak:
+                row["mfu"] = round(flops / res["step_s"] / peak, 4)
+            rows[run] = row
+            emit(row)
+            del pipe
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    ref, lk = rows["reference"], rows["lorakit"]
+    emit({"check": "train_ratio", "speed_ratio": round(ref["step_s"] / lk["step_s"], 3),
+          "mem_ratio": round(ref["peak_mem_mb"] / max(lk["peak_mem_mb"], 1e-9), 3),
+          "goal": "speed_ratio >= 1 and mem_ratio >= 1 (lorakit at least as fast, no more memory)"})
+
+
+def check_sample(a, device: str) -> None:
+    import bench_scale
+
+    from lorakit.models import sized_pipeline
+
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = sized_pipeline("sd1", "full" if a.size == "sd15" else "tiny", dtype=dtype, device=device)
+        files = bench_scale._adapters(pipe, Path(tmp), a.n_loras)
+        kinds = ["character", "clothing", "style", "background", "object"][: a.n_loras]
+        for method in ("composite", "cmlora"):
+            argv = ["sample", "--base", "bench", "--adapters", *files, "--method", method, "--kinds", *kinds,
+                    "--prompt", "a photo of a cat", "--steps", str(a.sample_steps), "--size", str(a.resolution),
+                    "--dtype", a.dtype, "--out", str(Path(tmp) / method), "--no-memory-check"]
+            with contextlib.redirect_stdout(sys.stderr):  # stdout: JSON lines only
+                bench_scale._patched_cli(pipe, argv)  # warm-up (kernels, allocator)
+                pipe.unload_lora_weights()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                times[method] = bench_scale._patched_cli(pipe, argv)
+                pipe.unload_lora_weights()
+            row = {"check": "sample", "method": method, "n_loras": a.n_loras, "resolution": a.resolution,
+                   "steps": a.sample_steps, "dtype": a.dtype, "s_per_image": round(times[method], 3)}
+            if device == "cuda":
+                row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            emit(row)
+    emit({"check": "sample_ratio", "cmlora_over_composite": round(times["cmlora"] / times["composite"], 3),
+          "goal": "<= 0.5 at N = 4"})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny pipeline, 32 px, 1-2 steps: tests the script")
+    a = p.parse_args(argv)
+    if a.dry_run:
+        device, a.size, a.resolution, a.batch, a.steps, a.warmup, a.sample_steps, a.n_loras, a.dtype = (
+            "cpu", "tiny", 32, 1, 1, 1, 2, 2, "fp32")
+        torch.set_num_threads(1)
+    else:
+        if not torch.cuda.is_available():
+            emit({"check": "env", "error": "no CUDA GPU visible; use --dry-run on the CPU"})
+            return 2
+        device, a.size, a.resolution, a.batch, a.steps, a.warmup, a.sample_steps, a.n_loras, a.dtype = (
+            "cuda", "sd15", 512, 4, 10, 3, 20, 4, "bf16")
+    emit(env_row(device))
+    failures = 0
+    for name, fn in (("train", check_train), ("sample", check_sample)):
+        t0 = time.perf_counter()
+        try:
+            fn(a, device)
+        except Exception as err:  # noqa: BLE001 - one check failing must not hide the others' numbers
+            failures += 1
+            emit({"check": name, "error": f"{type(err).__name__}: {err}"[:500]})
+        emit({"check": f"{name}_done", "seconds": round(time.perf_counter() - t0, 1)})
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if gpus < 2:
+        emit({"check": "multi_gpu", "skipped": f"{gpus} GPU(s) visible; the 2-GPU DDP test needs 2"})
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
