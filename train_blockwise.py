@@ -9,9 +9,7 @@ The recipe lives in lorakit/training/blockwise.py; docs/training.md lists every 
 
 import sys
 
-from lorakit.training.blockwise import main
+from lorakit.training.entry import script
 
 if __name__ == "__main__":
-    from lorakit.errors import script_main
-
-    sys.exit(script_main(main, "train_blockwise.py"))
+    sys.exit(script("blockwise"))

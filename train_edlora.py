@@ -9,9 +9,7 @@ The recipe lives in lorakit/training/edlora.py; docs/edlora.md describes the dat
 
 import sys
 
-from lorakit.training.edlora import main
+from lorakit.training.entry import script
 
 if __name__ == "__main__":
-    from lorakit.errors import script_main
-
-    sys.exit(script_main(main, "train_edlora.py"))
+    sys.exit(script("edlora"))

@@ -9,9 +9,7 @@ The recipe lives in lorakit/training/lorarar.py; docs/lorarar.md describes every
 
 import sys
 
-from lorakit.training.lorarar import main
+from lorakit.training.entry import script
 
 if __name__ == "__main__":
-    from lorakit.errors import script_main
-
-    sys.exit(script_main(main, "train_lorarar.py"))
+    sys.exit(script("lorarar"))

@@ -53,11 +53,11 @@ def test_inspect_reports_blocks_and_fit(sd1_pipe, sdxl_pipe, tmp_path, capsys):
 
 def test_train_overrides_after_config_reach_the_trainer(monkeypatch):
     """`lorakit train edlora --config X key=value` (overrides after the option) passes the overrides on."""
-    import lorakit.training.blockwise as blockwise
+    import lorakit.training.entry as entry
 
     seen = {}
-    monkeypatch.setattr(blockwise, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    monkeypatch.setattr(entry, "main", lambda name, argv: seen.setdefault("argv", (name, argv)) and 0)
     assert main(["train", "blockwise", "--config", "r.yaml", "max_steps=3", "seed=1"]) == 0
-    assert seen["argv"] == ["--config", "r.yaml", "max_steps=3", "seed=1"]
+    assert seen["argv"] == ("blockwise", ["--config", "r.yaml", "max_steps=3", "seed=1"])
     with pytest.raises(SystemExit):
         main(["train", "blockwise", "--config", "r.yaml", "--bogus"])

@@ -5,14 +5,7 @@ For several GPUs use ``accelerate launch train_<recipe>.py ...`` (same arguments
 
 from __future__ import annotations
 
-import importlib
-
-# recipe -> module with ``main(argv) -> int`` (argv: ``--config X.yaml key=value ...``).
-TRAINERS = {
-    "blockwise": "lorakit.training.blockwise",
-    "edlora": "lorakit.training.edlora",
-    "lorarar": "lorakit.training.lorarar",
-}
+from lorakit.training.entry import TRAINERS
 
 
 def add_parser(sub) -> None:
@@ -30,9 +23,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    try:
-        module = importlib.import_module(TRAINERS[args.recipe])
-    except ModuleNotFoundError as err:
-        raise ValueError(f"trainer {args.recipe!r} is not available in this install ({err})") from err
+    from lorakit.training.entry import main
+
     argv = (["--config", args.config] if args.config else []) + list(args.overrides)
-    return int(module.main(argv) or 0)
+    return main(args.recipe, argv)

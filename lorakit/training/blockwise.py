@@ -14,33 +14,16 @@ same as an uninterrupted one.
 
 from __future__ import annotations
 
-import sys
-
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lorakit.config import NetworkConfig
-from lorakit.training.loop import TrainConfig
+from lorakit.training.recipes import BlockwiseConfig  # noqa: F401 - its recipe schema, importable from here
 
 # Salts of the per-sample random streams (see lorakit.training.loop.randn_per_sample).
 SALT_LATENT, SALT_NOISE, SALT_OFFSET, SALT_TIMESTEP = 20, 21, 22, 23
 
 
-@dataclass
-class BlockwiseConfig(TrainConfig):
-    """Config of ``train_blockwise.py``: the shared keys (:class:`TrainConfig`) plus these."""
-
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    trigger: str = ""  # recorded in metadata (lorakit.trigger)
-    prediction_type: str | None = None  # epsilon | v_prediction; default: the base scheduler's
-    noise_offset: float = 0.0
-    min_snr_gamma: float = 0.0  # 0 = off; 5 is the paper's value
-    save_precision: str = "fp32"  # fp32 | fp16 | bf16 (adapter file dtype)
-    channels_last: bool = False
-    compile: bool = False  # torch.compile the UNet (GPU)
-    sample_resolution: int | None = None  # default: data.resolution
 
 
 _DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -343,21 +326,7 @@ def train(cfg, accelerator=None, pipe=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``train_blockwise.py --config X.yaml [key=value ...]``."""
-    import argparse
+    """``train_blockwise.py --config X.yaml [key=value ...]`` (see :mod:`lorakit.training.entry`)."""
+    from lorakit.training.entry import main as entry_main
 
-    from lorakit.config import load_config
-
-    parser = argparse.ArgumentParser(description="Train a block-wise LoRA/LoCon adapter (accelerate launch-able).")
-    parser.add_argument("--config", help="a YAML recipe (train_configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 network.blocks=upper")
-    args = parser.parse_args(argv)
-    cfg = load_config(BlockwiseConfig, args.config, args.overrides)
-    return run_main(train, cfg)
-
-
-def run_main(train_fn, cfg) -> int:
-    """Run a trainer from its ``main`` (a memory refusal is a ValueError: the entry point's error boundary
-    prints it as one line, exit status 2)."""
-    train_fn(cfg)
-    return 0
+    return entry_main("blockwise", argv)

@@ -21,12 +21,12 @@ The result ``<output_dir>/<output_name>.safetensors`` has ``lorakit.kind = edlor
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lorakit.training.loop import TrainConfig
+from lorakit.training.recipes import EDLoRAConfig  # noqa: F401 - its recipe schema, importable from here
 
 SALT_LATENT, SALT_NOISE, SALT_OFFSET, SALT_TIMESTEP, SALT_FLIP = 20, 21, 22, 23, 24
 _DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -34,46 +34,10 @@ UNET_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 TE_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 
 
-@dataclass
-class ConceptConfig:
-    """``concept.*``: the pseudo-words, the class word for the second one, the caption placeholder."""
-
-    name: str = ""  # default: the first pseudo-word without <>
-    tokens: str = "<concept1> <concept2>"  # two new pseudo-words
-    init_word: str = ""  # class word (one token) that initialises the second pseudo-word, e.g. cat, man
-    placeholder: str = "<TOK>"  # replaced by the pseudo-words in every caption
-    init_std: float = 0.013  # std of the first pseudo-word's random init
 
 
-@dataclass
-class EDLoRANetwork:
-    """``network.*``: LoRA rank/alpha (text encoder and UNet attention)."""
-
-    rank: int = 4
-    alpha: float = 4.0  # scale alpha / rank = 1, as the reference's LoRA
-    text_encoder_rank: int = 4
-    text_encoder_alpha: float = 4.0
-    train_text_encoder: bool = True
 
 
-@dataclass
-class EDLoRAConfig(TrainConfig):
-    """Config of ``train_edlora.py``: the shared keys (:class:`TrainConfig`) plus these."""
-
-    concept: ConceptConfig = field(default_factory=ConceptConfig)
-    network: EDLoRANetwork = field(default_factory=EDLoRANetwork)
-    output_name: str = "edlora"
-    learning_rate: float = 1e-4  # UNet LoRA
-    text_encoder_lr: float | None = 1e-5  # text-encoder LoRA
-    embedding_lr: float = 1e-3  # the new token rows
-    lr_scheduler: str = "linear"
-    noise_offset: float = 0.01
-    prediction_type: str | None = None  # epsilon | v_prediction; default: the base scheduler's
-    mask_path: str | None = None  # folder of masks, same stems as the images
-    masked_loss: bool = False
-    attn_reg_weight: float = 0.0  # 0.01 in the paper (needs masks)
-    save_precision: str = "fp32"
-    sample_resolution: int | None = None
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -525,22 +489,10 @@ def train(cfg, accelerator=None, pipe=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``train_edlora.py --config X.yaml [key=value ...]``."""
-    import argparse
+    """``train_edlora.py --config X.yaml [key=value ...]`` (see :mod:`lorakit.training.entry`)."""
+    from lorakit.training.entry import main as entry_main
 
-    from lorakit.config import load_config, schema_keys
-
-    parser = argparse.ArgumentParser(
-        description="Train an ED-LoRA (Mix-of-Show) concept: layer-wise embeddings + LoRA (accelerate launch-able).",
-        epilog="keys: " + ", ".join(schema_keys(EDLoRAConfig)),
-    )
-    parser.add_argument("--config", help="a YAML recipe (train_configs/*edlora*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=100 concept.init_word=cat")
-    args = parser.parse_args(argv)
-    cfg = load_config(EDLoRAConfig, args.config, args.overrides)
-    from lorakit.training.blockwise import run_main
-
-    return run_main(train, cfg)
+    return entry_main("edlora", argv)
 
 
 if __name__ == "__main__":

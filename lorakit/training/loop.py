@@ -77,7 +77,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lorakit.data import DataConfig
+from lorakit.training.recipes import TrainConfig
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LOOP_STATE_FILE = "lorakit_loop.json"
@@ -87,51 +87,6 @@ class TrainingDiverged(ValueError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
-@dataclass
-class TrainConfig:
-    """Keys every lorakit training recipe accepts (YAML or ``key=value`` overrides).
-
-    Trainers subclass this dataclass and add their own keys (``network``, ...).
-    """
-
-    base_model: str = ""
-    data: DataConfig = field(default_factory=DataConfig)
-    output_dir: str = "output"
-    output_name: str = "lora"
-    max_steps: int = 1000
-    seed: int = 0
-    train_batch_size: int = 1  # per process
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    text_encoder_lr: float | None = None  # default: learning_rate
-    optimizer: str = "adamw"  # adamw | adamw8bit
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    lr_scheduler: str = "constant"  # any diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ...
-    lr_warmup_steps: int = 0
-    lr_num_cycles: int = 1
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
-    checkpointing_steps: int = 500  # 0 = no checkpoints (unless checkpoint_at_end: true, or stop_at_step)
-    # None: a checkpoint at the end when checkpointing_steps > 0 or the run stops early (stop_at_step)
-    checkpoint_at_end: bool | None = None
-    checkpoints_total_limit: int | None = 3
-    resume: str | None = None  # latest | <path to checkpoint-N>
-    overwrite: bool = False  # start afresh in an output_dir holding an earlier run (its checkpoints are removed)
-    stop_at_step: int = 0  # >0: end this run early at that step (checkpoint + step artifact), resume later
-    save_every: int = 0  # 0 = only the final artifact
-    sample_every: int = 0  # 0 = never
-    sample_prompts: list[str] = field(default_factory=list)
-    sample_num_inference_steps: int = 25
-    sample_guidance_scale: float = 7.0
-    sample_seed: int = 0
-    logging: str = "tensorboard"  # tensorboard | none
-    log_every: int = 1
-    dataloader_num_workers: int = 0
-    memory_check: bool = True  # refuse to start when lorakit.memory's estimate exceeds the free RAM / VRAM
 
 
 @dataclass

@@ -20,58 +20,23 @@ Output: ``<output_dir>/<output_name>.safetensors`` (the hypernetwork, its config
 
 from __future__ import annotations
 
-import argparse
 import copy
 import glob
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorakit.training.loop import TrainConfig
+from lorakit.training.recipes import LoraRarConfig, SyntheticConfig
 
 SALT_PAIR = 80  # per-sample stream of the reference draws / noise / timesteps of one pair
 
 
-@dataclass
-class SyntheticConfig:
-    """Random LoRAs on the base (``lorakit.testing.random_adapter``) for tests and the CPU toy recipe."""
-
-    content: int = 0  # how many random content LoRAs (blocks: content_blocks)
-    style: int = 0  # how many random style LoRAs (blocks: style_blocks)
-    eval_pairs: int = 0  # extra held-out (content, style) pairs, used only for the end-of-run evaluation
-    rank: int = 4
-    alpha: float = 4.0
-    content_blocks: str = "all"
-    style_blocks: str = "upper"
-    std: float = 0.3
-    images: str = "random"  # random (noise images) | generate (images made with each LoRA alone)
 
 
-@dataclass
-class LoraRarConfig(TrainConfig):
-    """Config of ``train_lorarar.py``: the shared keys (:class:`TrainConfig`) plus these."""
-
-    content: list[Any] = field(default_factory=list)  # paths / globs / {path, images, prompt}
-    style: list[Any] = field(default_factory=list)
-    eval_pairs: list[Any] = field(default_factory=list)  # [[content, style], ...]: held-out pairs to report
-    merge_layers: list[str] = field(default_factory=lambda: ["to_q", "to_out.0"])  # others both touch: summed
-    hidden: int = 128
-    column_norm: str = "layer_rms"  # layer_rms | none
-    init_scale: float = 0.1
-    lam: float = 0.01  # weight of sum_layers |cos(m_c dW_c, m_s dW_s)|
-    ref_batch_size: int = 1  # noisy reference latents per LoRA per pair sample
-    num_ref_images: int = 4
-    reference_size: int = 0  # pixels; 0 = the base's native resolution
-    generate_steps: int = 20  # sampling steps for generated references
-    eval_batches: int = 4
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    output_name: str = "lorarar_hypernet"
-    learning_rate: float = 0.01
-    adam_weight_decay: float = 0.0
 
 
 @dataclass
@@ -333,21 +298,10 @@ def train(cfg, pipe=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lorakit.config import load_config, schema_keys
+    """``train_lorarar.py --config X.yaml [key=value ...]`` (see :mod:`lorakit.training.entry`)."""
+    from lorakit.training.entry import main as entry_main
 
-    parser = argparse.ArgumentParser(
-        prog="train_lorarar.py",
-        description="Train the LoRA.rar merging hypernetwork over content/style LoRA pairs "
-        "(run with `accelerate launch train_lorarar.py --config ...` for several GPUs/processes).",
-        epilog="config keys: " + ", ".join(schema_keys(LoraRarConfig)),
-    )
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. train_configs/toy_lorarar.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=50 synthetic.content=3")
-    args = parser.parse_args(argv)
-    cfg = load_config(LoraRarConfig, args.config, args.overrides)
-    from lorakit.training.blockwise import run_main
-
-    return run_main(train, cfg)
+    return entry_main("lorarar", argv)
 
 
 __all__ = ["LoraRarConfig", "SyntheticConfig", "train", "main", "evaluate_pairs", "batch_losses", "load_entries", "PairDataset"]

@@ -1,0 +1,83 @@
+"""The trainers' command lines (``train_*.py`` and ``lorakit train``): a recipe's arguments are parsed without
+torch, so ``--help`` answers at once and lists every recipe key with its default; training starts after."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from dataclasses import MISSING, dataclass, fields, is_dataclass
+
+
+@dataclass(frozen=True)
+class Trainer:
+    module: str  # has ``train(cfg)``
+    schema: str  # dataclass in lorakit.training.recipes
+    description: str
+    example: str
+    hidden: tuple[str, ...] = ()  # key prefixes the trainer does not read
+
+
+TRAINERS = {
+    "blockwise": Trainer("lorakit.training.blockwise", "BlockwiseConfig",
+                         "Train a block-wise LoRA / LoCon adapter (per-block rank; 0 skips a block).",
+                         "max_steps=100 network.blocks=upper"),
+    "edlora": Trainer("lorakit.training.edlora", "EDLoRAConfig",
+                      "Train an ED-LoRA (Mix-of-Show) concept: layer-wise embeddings + LoRA.",
+                      "max_steps=100 concept.init_word=cat"),
+    "lorarar": Trainer("lorakit.training.lorarar", "LoraRarConfig",
+                       "Train the LoRA.rar merging hypernetwork over content/style LoRA pairs.",
+                       "max_steps=50 synthetic.content=3", hidden=("data.",)),
+}
+
+
+def schema_defaults(schema, prefix: str = "") -> list[tuple[str, object]]:
+    """``[(dotted key, default)]`` of a recipe dataclass, nested sections flattened."""
+    out = []
+    for f in fields(schema):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if is_dataclass(default):
+            out += schema_defaults(type(default), prefix + f.name + ".")
+        else:
+            out.append((prefix + f.name, default))
+    return out
+
+
+def build_parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of trainer ``name`` (blockwise, edlora, lorarar)."""
+    from lorakit.training import recipes
+
+    trainer = TRAINERS[name]
+    keys = [(k, v) for k, v in schema_defaults(getattr(recipes, trainer.schema))
+            if not k.startswith(trainer.hidden or ("\0",))]
+    width = max(len(k) for k, _ in keys)
+    listing = "\n".join(f"  {k:<{width}}  {v!r}" for k, v in keys)
+    parser = argparse.ArgumentParser(
+        prog=prog or f"train_{name}.py",
+        description=f"{trainer.description}\nRuns under `accelerate launch` for several GPUs or processes; "
+        "docs/training.md explains every key.",
+        epilog=f"recipe keys (default):\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="a YAML recipe (train_configs/*.yaml); keys not given keep their default")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {trainer.example}")
+    return parser
+
+
+def main(name: str, argv: list[str] | None = None) -> int:
+    """Parse ``--config X.yaml key=value ...`` for trainer ``name``, then train. Returns the exit status."""
+    from lorakit.config import load_config
+    from lorakit.training import recipes
+
+    args = build_parser(name).parse_args(argv)
+    trainer = TRAINERS[name]
+    cfg = load_config(getattr(recipes, trainer.schema), args.config, args.overrides)
+    importlib.import_module(trainer.module).train(cfg)
+    return 0
+
+
+def script(name: str) -> int:
+    """Entry point of ``train_<name>.py``: :func:`main` inside the one error boundary (``--debug``, ``--quiet``,
+    ``--verbose`` accepted anywhere)."""
+    from lorakit.errors import script_main
+
+    return script_main(lambda argv: main(name, argv), f"train_{name}.py")
