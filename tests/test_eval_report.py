@@ -91,4 +91,4 @@ def test_oracle_metric_with_a_stand_in_oracle(tmp_path, monkeypatch):
     assert calls == [["robot", "ink"], ["robot"]]
     (tmp_path / "4.png").write_bytes((tmp_path / "0.png").read_bytes())
     (tmp_path / "4.json").write_text(json.dumps({"prompt": "p", "concepts": ["unicorn"]}))
-    assert main(["eval", "--metric", "oracle", "--images", str(tmp_path)]) == 1  # unknown concept, named
+    assert main(["eval", "--metric", "oracle", "--images", str(tmp_path)]) == 2  # unknown concept, named

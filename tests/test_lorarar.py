@@ -185,7 +185,7 @@ def test_fuse_cli_lorarar(sd1_pipe, tmp_path):
     for k, m in want.modules.items():
         torch.testing.assert_close(got.modules[k].delta(), m.delta(), rtol=0, atol=1e-6)
     assert main(["fuse", "--method", "lorarar", "--adapters", str(tmp_path / "c.safetensors"),
-                 str(tmp_path / "s.safetensors"), "--out", str(out)]) == 1  # no --hypernet: a named error
+                 str(tmp_path / "s.safetensors"), "--out", str(out)]) == 2  # no --hypernet: a named error
 
 
 def test_hypernet_beats_sum_and_init_on_held_out_toy_pair():

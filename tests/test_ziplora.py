@@ -138,4 +138,4 @@ def test_fuse_cli_ziplora(sd1_pipe, tmp_path):
     assert json.loads(merged.metadata["lorakit.merge"])["method"] == "ziplora"
     assert {m.rank for k, m in merged.modules.items()} == {4}
     assert main(["fuse", "--method", "ziplora", "--base", "tiny:sd1", "--adapters", str(tmp_path / "c.safetensors"),
-                 "--out", str(out)]) == 1  # one adapter: a named error
+                 "--out", str(out)]) == 2  # one adapter: a named error
