@@ -156,15 +156,18 @@ def claim_dir(out: str | os.PathLike, kind: str, flag: str = "--out", inputs: It
 
 
 def check_out_file(out: str | os.PathLike, overwrite: bool = False, flag: str = "--out",
-                   inputs: Iterable = ()) -> Path:
-    """Check that file ``out`` may be written (see the module rules). Returns it as a Path."""
+                   inputs: Iterable = (), overwrite_flag: str | None = "--overwrite") -> Path:
+    """Check that file ``out`` may be written (see the module rules). Returns it as a Path.
+
+    ``overwrite_flag``: how the caller's user allows replacing (None: the command never replaces a file)."""
     out = Path(out)
     check_not_input(out, inputs, flag)
     if out.is_dir():
         raise OutputError(f"{flag} {out} is a folder; give a file path")
     if out.exists():
         if not overwrite:
-            raise OutputError(f"{flag} {out} already exists; pass --overwrite to replace it")
+            hint = f"pass {overwrite_flag} to replace it" if overwrite_flag else "choose another path"
+            raise OutputError(f"{flag} {out} already exists; {hint}")
         if not lorakit_wrote_file(out):
             raise OutputError(f"{flag} {out} exists and was not written by lorakit; lorakit never overwrites it")
     check_writable(out.parent, flag)

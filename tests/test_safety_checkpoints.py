@@ -238,3 +238,13 @@ def test_environment_secrets_never_reach_a_file(tmp_path, monkeypatch):
     assert cfg.base_model == "hf_s3cr3t_value"  # the run itself sees the value
     d = to_dict(cfg)
     assert d["base_model"] == "${oc.env:LK_TEST_TOKEN}" and d["output_name"] == "a${base_model}"
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path, monkeypatch):
+    """Issue 13 case 8 (also when the tests run as root, where chmod does not stop writes)."""
+    import lorakit.outputs
+
+    real = os.access
+    monkeypatch.setattr(lorakit.outputs.os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
+    with pytest.raises(ValueError, match=r"output_dir .*: the folder .* is not writable"):
+        _run(tmp_path / "out", ["max_steps=1"])

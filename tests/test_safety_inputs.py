@@ -248,3 +248,17 @@ def test_toyworld_render_never_replaces_a_file(tmp_path, capsys):
     f.write_bytes(b"mine")
     assert main(["toyworld", "render", "--out", str(f)]) == 2
     assert "already exists" in _one_line(capsys) and f.read_bytes() == b"mine"
+
+
+def test_fused_adapter_never_keeps_layers_the_base_lacks(tmp_path, capsys):
+    """Issue 13 case 7: with --base given, a merge naming layers the base does not have is refused."""
+    g = torch.Generator().manual_seed(0)
+    mods = {"unet.no_such_block.to_q": LoraModule(torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g), 2.0)}
+    odd = save_adapter(Adapter(modules=mods, metadata={"lorakit.base_arch": "sd1"}), tmp_path / "odd.safetensors")
+    good = _adapter(tmp_path / "good.safetensors")
+    assert main(["fuse", "--method", "weighted", "--adapters", str(good), str(odd), "--base", "tiny:sd1",
+                 "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "has no layer unet.no" in _one_line(capsys)  # (kohya names lose the underscores)
+    assert not (tmp_path / "m.safetensors").exists()
+    assert main(["fuse", "--method", "weighted", "--adapters", str(good), "--base", "tiny:sd1",
+                 "--out", str(tmp_path / "ok.safetensors")]) == 0

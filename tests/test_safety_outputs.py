@@ -135,3 +135,16 @@ def test_stale_temp_files_of_a_killed_writer_are_cleaned(tmp_path):
 
 def test_output_error_is_a_value_error():
     assert issubclass(OutputError, ValueError)
+
+
+def test_folders_are_swapped_atomically(tmp_path):
+    """Issue 13 case 10: no moment where only a hidden `.NAME.old` exists (Linux renameat2 exchange)."""
+    from lorakit.outputs import _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    assert _exchange(a, b)
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"

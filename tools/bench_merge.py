@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     cfg = load_config(LoraRarConfig, args.config, [
         f"output_dir={args.out}", f"max_steps={args.train_steps}", f"synthetic.eval_pairs={args.pairs}",
-        "checkpointing_steps=0", "checkpoint_at_end=false", "logging=none", *args.overrides,
+        "checkpointing_steps=0", "checkpoint_at_end=false", "logging=none", "overwrite=true", *args.overrides,
     ])
     device = torch.device(args.device)
     pipe = load_base(cfg.base_model)

@@ -293,7 +293,7 @@ def train_unet(work: Path, vae, mean, std, scale, args):
         ema.copy_to(ema_unet.parameters())
         pipe_out = build_toy_pipeline(seed=args.seed, vae=vae, unet=ema_unet)
         pipe_out.text_encoder.load_state_dict(pipe.text_encoder.state_dict())
-        save_pipeline(pipe_out, path)
+        save_pipeline(pipe_out, path, overwrite=True)  # inside the run's own (marked) output_dir
         log(f"saved pipeline (EMA) at step {loop.global_step} -> {path}")
 
     t0 = time.time()

@@ -269,6 +269,13 @@ def write_outputs(args, inputs, result, report: dict) -> Path:
         report_path = out.with_name(out.stem + ".fusion.json")
         check_out_file(report_path, args.overwrite, flag="--out (report)", inputs=_input_paths(args))
         modules = _maybe_truncate(result.modules, args.rank)
+        if args.base:  # a base was given: never write a delta for layers it does not have
+            from lorakit.fusion.merge import missing_layers
+
+            missing = missing_layers(inputs.load_pipe(), modules)
+            if missing:
+                raise ValueError(f"--base {args.base} has no layer {missing[0]} ({len(missing)} of {len(modules)} "
+                                 "fused modules); the adapters were made for another base")
         arch = next((a.arch for a in inputs.adapters if a.arch), None) or "sd1"
         triggers = [a.metadata["lorakit.trigger"] for a in inputs.adapters if a.metadata.get("lorakit.trigger")]
         meta = adapter_metadata(arch, "fused-delta", trigger=", ".join(triggers) or None,

@@ -76,7 +76,7 @@ def run_render(args) -> int:
     from lorakit.fileio import save_image
     from lorakit.outputs import check_out_file
 
-    check_out_file(args.out, overwrite=False)  # never replaces an existing file
+    check_out_file(args.out, overwrite=False, overwrite_flag=None)  # never replaces an existing file
     save_image(render(scene, args.size), args.out)
     print(f"wrote {args.out}: {caption(scene)}")
     return 0

@@ -171,6 +171,23 @@ def _check_density(density: float) -> None:
         raise ValueError(f"--density must be in (0, 1], got {density}")
 
 
+def missing_layers(pipe, keys) -> list[str]:
+    """The adapter module keys (``unet.down_blocks...``) that name no layer of ``pipe``."""
+    from lorakit.adapters.io import live_path
+
+    out = []
+    for key in keys:
+        comp, path = key.split(".", 1)
+        model = getattr(pipe, comp, None)
+        try:
+            if model is None:
+                raise AttributeError(comp)
+            model.get_submodule(live_path(model, path))
+        except AttributeError:
+            out.append(key)
+    return out
+
+
 def apply_deltas(pipe, modules: dict[str, LoraModule]) -> None:
     """Add each module's delta to the pipeline's base weights in place (float64 sum, cast back)."""
     from lorakit.adapters.io import live_path

@@ -40,7 +40,8 @@ def tree_hash(root: Path) -> str:
 
 
 # Keys that say where and how a run writes, not what it learns: left out of every hash.
-RUN_ONLY_KEYS = ("output_dir", "output_name", "logging", "checkpoint_at_end", "checkpointing_steps", "save_every")
+RUN_ONLY_KEYS = ("output_dir", "output_name", "logging", "checkpoint_at_end", "checkpointing_steps", "save_every",
+                 "overwrite")
 
 
 def content_hash(resolved: dict, base: Path, data: Path | None = None) -> str:

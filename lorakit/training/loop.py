@@ -618,7 +618,9 @@ class TrainLoop:
         if not limit:
             return
         own = [p for _, p in checkpoints(self.output_dir) if _checkpoint_run(p)[0] == self.run_id]
-        keep = set(own[-limit:]) | {self.good_checkpoint, self.resumed_from}
+        keep = set(own[-limit:]) | {self.good_checkpoint}
+        if self.good_checkpoint is None:
+            keep.add(self.resumed_from)  # until a newer one is known good
         for old in own:
             if old not in keep:
                 shutil.rmtree(old, ignore_errors=True)
