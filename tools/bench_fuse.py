@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--eval-samples", type=int, default=2, help="held-out seeds per evaluation prompt")
     ap.add_argument("--per-layer", action="store_true", help="also print one line per layer")
-    ap.add_argument("--no-reference", action="store_true", help="skip the reference recipe (its numbers are 0)")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference recipe (its time is 0 and its weights are W0)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="lorakit GradientSettings overrides, e.g. kv_rows=prompt ridge_target=average ridge=1e-6")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
