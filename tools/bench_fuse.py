@@ -189,8 +189,6 @@ def main(argv=None) -> int:
                         s["trigger"]) for ad, s in zip(adapters, sets)]
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    sync()
-    t0 = time.perf_counter()
     overrides = {}
     for kv in args.set:
         k, v = kv.split("=", 1)
@@ -198,9 +196,11 @@ def main(argv=None) -> int:
             overrides[k] = float(v)
         except ValueError:
             overrides[k] = v
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
     out_l = fuse_gradient(pipe_l, concepts, GradientSettings(**{**common, **overrides}))
     sync()
-    t_lorakit = time.perf_counter() - t0
+    t_lorakit, cpu_lorakit = time.perf_counter() - t0, time.process_time() - c0
     peak_l = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
     probs = out_l["problems"]
     stats_bytes = sum(8 * (p.in_dim ** 2 + sum(d.shape[0] for d in p.downs.values()) * p.in_dim) for p in probs.values()
