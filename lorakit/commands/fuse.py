@@ -56,7 +56,7 @@ _GRADIENT_ARGS = (
     Arg(("--samples",), dict(type=int, default=1, help="gradient: samples (seeds) per sampling prompt (default 1)")),
     Arg(("--guidance",), dict(type=float, default=1.0, help="gradient: CFG scale while recording (default 1 = no "
                                                              "CFG, as the reference)")),
-    Arg(("--ridge",), dict(type=_ridge, default="auto", help="gradient: ridge toward W0 relative to trace(G)/in, or "
+    Arg(("--ridge",), dict(type=_ridge, default="auto", help="gradient: ridge toward --ridge-target, relative to trace(G)/in, or "
                                                               "auto (default): per layer, the value of a grid with "
                                                               "the lowest objective on held-out activations")),
     Arg(("--val-prompts",), dict(nargs="+", metavar="PROMPTS", help="gradient: held-out prompts per adapter ('|'-"
@@ -71,9 +71,9 @@ _GRADIENT_ARGS = (
     Arg(("--max-conv-dim",), dict(type=int, default=4608, help="gradient: solve a conv on unfolded patches when "
                                   "in*kh*kw <= this (Gram memory 8*dim^2 bytes); larger convs use the weighted "
                                   "average and are listed in the report (default 4608; 0 = never solve convs)")),
-    Arg(("--ridge-target",), dict(choices=["base", "average"], default="base",
-                                  help="gradient: the ridge pulls toward W0 (base, default: unseen input directions "
-                                       "keep the base weights) or toward the weighted average")),
+    Arg(("--ridge-target",), dict(choices=["base", "average"], default="average",
+                                  help="gradient: the ridge pulls toward the weighted average (average, default: "
+                                       "unseen input directions keep the average) or toward W0 (base)")),
     Arg(("--unet-inputs",), dict(choices=["fused_text", "own"], default="fused_text",
                                  help="gradient: sample the UNet stage with the fused text encoder and to_k/to_v "
                                       "(fused_text, the reference) or with each concept's own ones")),
@@ -110,7 +110,8 @@ METHODS: dict[str, Method] = {
     "gradient": Method(
         "lorakit.fusion.gradient", "run",
         "Mix-of-Show gradient fusion, closed form: per layer W* = argmin sum_i ||W X_i - (W0 + w_i dW_i) X_i||^2 "
-        "(+ small ridge to W0) from each concept's recorded activations; writes a fused pipeline folder "
+        "(+ a ridge toward the weighted average, chosen per layer on held-out activations) from each concept's "
+        "recorded activations; writes a fused pipeline folder "
         "(or, with --out-format adapter, the delta W* - W0)",
         needs_base=True, default_format="pipeline", args=_GRADIENT_ARGS,
     ),

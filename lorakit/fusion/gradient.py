@@ -2,19 +2,20 @@
 
 Per layer with LoRA in any concept (METHODS.md section 2)::
 
-    W* = argmin_W  sum_i ||W X_i - (W0 + a_i dW_i) X_i||^2  +  lam ||W - W0||^2
-       = (sum_i (W0 + a_i dW_i) G_i + lam W0) (sum_i G_i + lam I)^-1,        G_i = X_i X_i^T
+    W* = argmin_W  sum_i ||W X_i - (W0 + a_i dW_i) X_i||^2  +  lam ||W - T||^2
+       = (sum_i (W0 + a_i dW_i) G_i + lam T) (sum_i G_i + lam I)^-1,        G_i = X_i X_i^T
 
-with ``lam = ridge * trace(G) / in`` (relative to the Gram scale). Writing ``a_i dW_i = U_i D_i`` (LoRA factors),
-``W* - W0 = sum_i U_i (D_i G_i) (G + lam I)^-1``: an exact LoRA of rank ``sum_i r_i`` whose down matrices are
-the accumulated ``P_i = D_i G_i`` times ``(G + lam I)^-1`` (one Cholesky solve per layer, float64).
+with ``lam = ridge * trace(G) / in`` (relative to the Gram scale) and the ridge target ``T`` the weighted average
+``W0 + (1/N) sum_i a_i dW_i`` (default) or W0. Writing ``a_i dW_i = U_i D_i`` (LoRA factors),
+``W* - W0 = sum_i U_i (D_i G_i + lam D_i / N) (G + lam I)^-1``: an exact LoRA of rank ``sum_i r_i`` (one
+Cholesky solve per layer, float64).
 
-The ridge: in input directions no activation reaches, W* keeps W0 (as the reference's LBFGS started at W0,
-whose gradient never leaves the span of the inputs). In weakly covered directions an exact fit extrapolates
-badly to new prompts and seeds; the reference's few LBFGS iterations damp this as a side effect. Here
-``ridge="auto"`` (the default) picks, per layer, the ridge of ``RIDGE_GRID`` with the lowest objective on
-held-out activations (each concept's held-out prompts and other seeds, captured like the fit's), then refits on
-fit + held-out statistics at that ridge.
+The ridge: an exact fit (lam -> 0) extrapolates badly to new prompts and seeds in weakly covered input
+directions; the reference's few LBFGS iterations from W0 damp this as a side effect of stopping early (and keep
+W0 in directions no input reaches). Here ``ridge="auto"`` (the default) walks the path from the exact fit
+(smallest ridge of ``RIDGE_GRID``) to the target (``inf``) and picks, per layer, the point with the lowest
+objective on held-out activations (each concept's held-out prompts and other seeds, captured like the fit's),
+then refits on fit + held-out statistics at that ridge.
 
 Stages, in the reference's order, each capturing statistics with hooks then solving every layer:
   1. ``text_encoder``: each concept's prompts through the text encoder(s) with that concept's LoRA; rows: every
@@ -84,8 +85,9 @@ class GradientSettings:
     guidance: CFG scale while recording (reference: 1.0, no CFG).
     ridge: ``"auto"`` (per layer, the relative ridge of ``RIDGE_GRID`` with the lowest objective on held-out
         activations) or a number: ``lam = ridge * trace(G) / in``.
-    ridge_target: ``base`` (toward W0, as the spec and the reference's LBFGS started at W0) or ``average``
-        (toward the weighted average ``W0 + (1/N) sum_i a_i dW_i``: unseen directions keep the average).
+    ridge_target: ``average`` (default: toward the weighted average ``W0 + (1/N) sum_i a_i dW_i``, so the ridge
+        path runs from the exact fit to the weighted average and unseen input directions keep the average) or
+        ``base`` (toward W0, as the spec's ``lam ||W - W0||^2``; measured worse on held-out activations).
     kv_rows: token rows of the to_k/to_v stage: ``concept`` (the concept's tokens + the end token, the
         reference's), ``prompt`` (every token up to the end token) or ``all`` (the padded sequence).
     batch: prompts x seeds per forward pass while capturing.
@@ -106,7 +108,7 @@ class GradientSettings:
     seed: int = 0
     scheduler: str | None = None
     unet_inputs: str = "fused_text"
-    ridge_target: str = "base"
+    ridge_target: str = "average"
     kv_rows: str = "concept"
     batch: int = 8
     progress: bool = True

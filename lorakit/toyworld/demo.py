@@ -238,9 +238,14 @@ class _Runner:
         pipe = self._load(self.base, "fp32")
         concepts = []
         for name, ad in zip((s.character, s.style), self.ads):
+            from lorakit.toyworld.concepts import get_concept
+            from lorakit.toyworld.evaluate import concept_prompts
+
             prompts = _fusion_prompts(name)
+            held = concept_prompts(name, 2, seed=1)  # other captions for the held-out ridge choice
             concepts.append(FuseConcept(name=name, adapter=load_adapter(ad.path), prompts=prompts,
-                                        sample_prompts=prompts[:2]))
+                                        sample_prompts=prompts[:2], val_prompts=held, val_sample_prompts=held,
+                                        trigger=get_concept(name).trigger))
         out = fuse_gradient(pipe, concepts, GradientSettings(steps=s.sample_steps, seed=s.seed, progress=False))
         res = [r["residual"] for r in out["layers"].values() if r.get("residual") is not None]
         info = {"layers": len(out["layers"]), "mean_residual": sum(res) / len(res) if res else None,

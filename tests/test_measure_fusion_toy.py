@@ -1,0 +1,29 @@
+"""tools/measure_fusion_toy.py: evaluation captions ask for both concepts, method specs parse."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from measure_fusion_toy import eval_prompts, parse_method  # noqa: E402
+
+
+def test_eval_prompts_ask_for_both_concepts_and_differ_from_the_fit_captions():
+    from lorakit.toyworld.concepts import get_concept
+    from lorakit.toyworld.evaluate import concept_prompts
+
+    prompts = eval_prompts("frog", "ink", 16)
+    assert len(prompts) == 16 and len(set(prompts)) > 4
+    assert all(get_concept("frog").trigger in p and get_concept("ink").trigger in p for p in prompts)
+    fit = set(concept_prompts("frog", 4, seed=0) + concept_prompts("ink", 4, seed=0))
+    assert not fit & set(prompts)  # held out: no evaluation caption was fitted
+    assert eval_prompts("robot", "tophat", 4) == eval_prompts("robot", "tophat", 4)  # seeded
+
+
+def test_method_specs():
+    assert parse_method("gradient") == ("gradient", {})
+    assert parse_method("gradient+ridge_target=average+ridge=0.1") == ("gradient", {"ridge_target": "average",
+                                                                                     "ridge": 0.1})
+    with pytest.raises(SystemExit):
+        parse_method("magic")
