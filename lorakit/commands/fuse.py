@@ -129,10 +129,11 @@ def add_parser(sub) -> None:
                                   "(needed by gradient and by --out-format pipeline)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one multiplier per adapter (default 1)")
     p.add_argument("--out", required=True, help="output: a folder (pipeline) or a .safetensors file (adapter)")
-    p.add_argument("--out-format", choices=["auto", "pipeline", "adapter"], default="auto",
+    p.add_argument("--out-format", choices=["auto", "pipeline", "adapter", "single-file"], default="auto",
                    help="pipeline: diffusers folder with the fused weights + lorakit_fusion.json; adapter: a "
-                        "fused-delta .safetensors (W_fused - W0) + OUT.fusion.json; auto: pipeline for gradient, "
-                        "adapter for the weight merges")
+                        "fused-delta .safetensors (W_fused - W0) + OUT.fusion.json; single-file: the fused SD1/SDXL "
+                        "model as one original-layout .safetensors checkpoint (A1111, ComfyUI, diffusers "
+                        "from_single_file) + OUT.fusion.json; auto: pipeline for gradient, adapter for the merges")
     p.add_argument("--key-style", choices=["auto", "diffusers", "sai"], default="auto",
                    help="adapter output: kohya UNet names, sai (lora_unet_input_blocks_..., SDXL) or diffusers "
                         "(lora_unet_down_blocks_...); auto = sai for SDXL, diffusers for SD1/SD2 (docs/formats.md)")
@@ -238,6 +239,8 @@ def write_outputs(args, inputs, result, report: dict) -> Path:
                             "ranks": sorted({m.rank for m in modules.values()})}
         write_json(report, out.with_name(out.stem + ".fusion.json"))
         return out
+    if fmt == "single-file" and out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: a single-file checkpoint must end in .safetensors")
     pipe = result.pipeline
     if pipe is None:
         pipe = inputs.load_pipe()
@@ -246,6 +249,13 @@ def write_outputs(args, inputs, result, report: dict) -> Path:
         apply_deltas(pipe, _maybe_truncate(result.modules, args.rank))
     elif args.rank is not None:
         raise ValueError("--rank applies to --out-format adapter; a fused pipeline holds the full solution")
+    if fmt == "single-file":
+        from lorakit.single_file import save_single_file
+
+        save_single_file(pipe, out, metadata={"lorakit.fusion": json.dumps({"method": args.method})})
+        report["output"] = {"format": "single-file", "path": str(out)}
+        write_json(report, out.with_name(out.stem + ".fusion.json"))
+        return out
     save_pipeline(pipe, out)
     report["output"] = {"format": "pipeline", "path": str(out)}
     write_json(report, out / "lorakit_fusion.json")
