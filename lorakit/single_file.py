@@ -106,10 +106,19 @@ def pipeline_to_ldm(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.T
     """The original-layout state dict of an SD1 or SDXL pipeline (CPU tensors, ``dtype`` if given).
 
     Raises:
-        ValueError for SD2 (its OpenCLIP-H text encoder layout is not written) and other architectures.
+        ValueError for SD2 (its OpenCLIP-H text encoder layout is not written) and other architectures, and for
+        pipelines whose tokenizer gained tokens (fused ED-LoRA concepts): a checkpoint holds no tokenizer and the
+        tools that open it have no per-layer routing, so those pseudo-words could not be used.
     """
     from lorakit.models import pipeline_arch
 
+    for name in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, name, None)
+        if tok is not None and len(tok) > tok.vocab_size:
+            added = sorted(t for t, i in tok.get_added_vocab().items() if i >= tok.vocab_size)
+            raise ValueError(f"the pipeline's {name} has {len(tok) - tok.vocab_size} added tokens ({added[:3]}...): a "
+                             "single-file checkpoint cannot carry them (ED-LoRA concepts need lorakit's tokenizer and "
+                             "per-layer routing); write --out-format pipeline")
     arch = pipeline_arch(pipe)
     if arch not in ("sd1", "sdxl"):
         raise ValueError(f"single-file checkpoints are written for SD1 and SDXL pipelines; this one is {arch} "

@@ -73,3 +73,11 @@ def test_fuse_writes_a_single_file(sd1_pipe, tmp_path):
                                                    local_files_only=True)
     _assert_same_weights(want, got)
     assert main(common + ["--out", str(tmp_path / "fused.ckpt"), "--out-format", "single-file"]) == 1
+
+
+def test_added_tokens_are_refused(sd1_pipe, tmp_path):
+    pipe = copy.deepcopy(sd1_pipe)
+    pipe.tokenizer.add_tokens(["<c1>", "<c1>@1"])
+    with pytest.raises(ValueError, match="added tokens"):
+        save_single_file(pipe, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

@@ -62,7 +62,21 @@ def outputs(pipe, arch: str, folder: Path) -> dict[str, Path]:
     for kind in ("loha", "lokr"):
         files[f"{kind} kohya ({style} names)"] = save_adapter(_lycoris(base, kind), folder / f"{kind}.safetensors")
     files["locon diffusers/peft (convert --to diffusers)"] = save_diffusers_adapter(base, folder / "peft.safetensors")
+    files[f"edlora kohya ({style} names) + embeddings"] = save_adapter(_edlora(pipe, base, arch), folder / "ed.safetensors")
     return files
+
+
+def _edlora(pipe, base: Adapter, arch: str) -> Adapter:
+    """An ED-LoRA file: the attention LoRA layers of ``base`` plus per-layer embeddings of two pseudo-words."""
+    from lorakit.adapters.edlora import EDLoRAConcept, cross_attention_layers, edlora_adapter
+
+    layers = cross_attention_layers(pipe.unet)
+    g = torch.Generator().manual_seed(1)
+    comps = ["text_encoder", "text_encoder_2"] if arch == "sdxl" else ["text_encoder"]
+    emb = {c: {w: torch.randn(len(layers), getattr(pipe, c).config.hidden_size, generator=g) for w in ("<c1>", "<c2>")}
+           for c in comps}
+    mods = {k: m for k, m in base.modules.items() if ".attn" in k or "self_attn" in k}
+    return edlora_adapter(mods, emb, [EDLoRAConcept("c", ["<c1>", "<c2>"], "cat")], layers, arch)
 
 
 def _expected(keys: list[str]) -> dict[str, str]:
@@ -94,7 +108,7 @@ def check(arch: str, folder: Path) -> list[dict]:
         names = list(expected)
         # kohya's own networks/lora.py reads LoRA / LoCon; LoHa / LoKr load through LyCORIS's kohya network
         # module, which names layers the same way
-        kohya = "kohya sd-scripts" if output.startswith("locon") else "LyCORIS in sd-scripts"
+        kohya = "kohya sd-scripts" if output.startswith(("locon", "edlora")) else "LyCORIS in sd-scripts"
         by_consumer = {
             "A1111 (re-implemented)": a1111_placement(names, pipe, arch),
             "ComfyUI (re-implemented)": comfyui_placement(keys, pipe, arch),
