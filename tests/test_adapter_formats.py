@@ -275,4 +275,4 @@ def test_loha_file_samples_like_merged_weights(sd1_pipe, tmp_path, capsys):
         torch.testing.assert_close(pipe.unet(**inputs).sample, merged.unet(**inputs).sample, rtol=0, atol=1e-5)
     assert main(["inspect", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["kind"] == "loha" and report["layer_types"] == ["loha"] and report["parameters"] == 2 * (64 + 576)
+    assert report["kind"] == "loha" and report["layer_types"] == ["loha"] and "LoHa" in report["format"] and report["parameters"] == 2 * (64 + 576)

@@ -54,6 +54,7 @@ class Adapter:
     modules: dict[str, AdapterModule] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    source_format: str | None = None  # the layout it was read from (load_adapter), for reports
 
     @property
     def arch(self) -> str | None:
@@ -172,7 +173,7 @@ def load_adapter(path: str | os.PathLike, layers_per_block: int = 2) -> Adapter:
         layers = read_layers(tensors, meta, path, layers_per_block)
     except FormatError as err:
         raise AdapterError(str(err)) from err
-    return Adapter(modules=layers.modules, metadata=meta, extra=layers.extra)
+    return Adapter(modules=layers.modules, metadata=meta, extra=layers.extra, source_format=layers.format)
 
 
 def guess_arch(adapter: Adapter) -> str | None:
