@@ -276,3 +276,27 @@ def test_loha_file_samples_like_merged_weights(sd1_pipe, tmp_path, capsys):
     assert main(["inspect", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "loha" and report["layer_types"] == ["loha"] and "LoHa" in report["format"] and report["parameters"] == 2 * (64 + 576)
+
+
+@pytest.mark.slow
+def test_full_size_sdxl_sai_names_round_trip():
+    """Every attention / resnet / sampler layer of a real-size SDXL UNet (transformer depth 1, 2, 10; meta device):
+    lorakit's SAI name, read back through diffusers' converter, is the same layer."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from lorakit.adapters.keys import sai_names_to_module_keys
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    paths = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+             and any(w in n for w in (".attentions.", ".resnets.", "samplers."))]
+    names = {"lora_unet_" + sai_unet_path(p, "sdxl").replace(".", "_"): p for p in paths}
+    assert len(names) == len(paths) == 788
+    back = sai_names_to_module_keys(list(names))
+    assert all(back[n] == "unet." + p for n, p in names.items())
