@@ -199,6 +199,15 @@ def test_lycoris_lokr_file_factorised_and_whole(sd1_pipe, tmp_path):
     torch.testing.assert_close(conv, want, rtol=0, atol=1e-5)
 
 
+def test_lycoris_prefix_names_a_diffusers_unet_layer(tmp_path):
+    g = torch.Generator().manual_seed(8)
+    name = "lycoris_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lokr_w1": torch.randn(2, 2, generator=g), f"{name}.lokr_w2": torch.randn(16, 16, generator=g)},
+              str(tmp_path / "st.safetensors"))
+    ad = load_adapter(tmp_path / "st.safetensors")
+    assert list(ad.modules) == ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+
+
 @pytest.mark.parametrize("effective_conv", [False, True])
 def test_loha_matches_peft_loha_layer(effective_conv):
     from peft import LoHaConfig, inject_adapter_in_model
