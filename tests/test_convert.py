@@ -1,6 +1,5 @@
 """``lorakit convert``: every layout round-trips the deltas exactly, and diffusers reads what it writes."""
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file

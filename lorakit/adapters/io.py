@@ -23,20 +23,15 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.base import AdapterModule
-from lorakit.adapters.keys import (  # noqa: F401 - re-exported: callers import the naming helpers from here
+from lorakit.adapters.keys import (  # noqa: F401 - kohya_prefix / module_path_from_kohya re-exported for callers
     COMPONENTS,
     KEY_STYLES,
-    UnplacedKeyError,
-    is_sai_name,
-    kernel_hint,
     kohya_name,
     kohya_prefix,
     module_path_from_kohya,
-    sai_names_to_module_keys,
 )
 from lorakit.adapters.locon import is_locon
 from lorakit.adapters.lora import LoraModule
-from lorakit.adapters.registry import module_type_of, split_layer_key, unsupported_kind
 from lorakit.fileio import load_safetensors, save_safetensors
 
 FORMAT_VERSION = "1"
