@@ -83,3 +83,10 @@ def test_sai_for_sd1_is_refused(sd1_pipe, tmp_path, capsys):
     assert main(["convert", str(src), str(tmp_path / "b.safetensors"), "--key-style", "sai"]) == 1
     assert "--key-style sai is for SDXL" in capsys.readouterr().err
     assert main(["convert", str(src), str(src)]) == 1
+    foreign = tmp_path / "theirs.safetensors"
+    foreign.write_bytes(b"not ours")
+    assert main(["convert", str(src), str(foreign), "--overwrite"]) == 1
+    assert foreign.read_bytes() == b"not ours"
+    assert main(["convert", str(src), str(tmp_path / "c.safetensors")]) == 0
+    assert main(["convert", str(src), str(tmp_path / "c.safetensors")]) == 1  # exists: needs --overwrite
+    assert main(["convert", str(src), str(tmp_path / "c.safetensors"), "--overwrite"]) == 0

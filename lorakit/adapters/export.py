@@ -59,6 +59,7 @@ def save_diffusers_adapter(adapter: Adapter, path: str | os.PathLike, dtype: tor
             tensors[f"{comp}.{p}.lora_A.weight"], tensors[f"{comp}.{p}.lora_B.weight"] = down, up
         meta.update({f"{comp}.{k}": v for k, v in peft_metadata(mods).items()})
     header = {k: v for k, v in adapter.metadata.items() if k.startswith(("lorakit.", "ss_"))}
+    header.setdefault("lorakit.format", "1")
     header.update({"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(meta, sort_keys=True)})
     tensors.update(adapter.extra)
     return save_safetensors(tensors, path, header)
