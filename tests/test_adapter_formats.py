@@ -199,6 +199,15 @@ def test_lycoris_lokr_file_factorised_and_whole(sd1_pipe, tmp_path):
     torch.testing.assert_close(conv, want, rtol=0, atol=1e-5)
 
 
+def test_lycoris_prefix_names_a_diffusers_unet_layer(tmp_path):
+    g = torch.Generator().manual_seed(8)
+    name = "lycoris_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lokr_w1": torch.randn(2, 2, generator=g), f"{name}.lokr_w2": torch.randn(16, 16, generator=g)},
+              str(tmp_path / "st.safetensors"))
+    ad = load_adapter(tmp_path / "st.safetensors")
+    assert list(ad.modules) == ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+
+
 @pytest.mark.parametrize("effective_conv", [False, True])
 def test_loha_matches_peft_loha_layer(effective_conv):
     from peft import LoHaConfig, inject_adapter_in_model
@@ -275,4 +284,28 @@ def test_loha_file_samples_like_merged_weights(sd1_pipe, tmp_path, capsys):
         torch.testing.assert_close(pipe.unet(**inputs).sample, merged.unet(**inputs).sample, rtol=0, atol=1e-5)
     assert main(["inspect", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["kind"] == "loha" and report["layer_types"] == ["loha"] and report["parameters"] == 2 * (64 + 576)
+    assert report["kind"] == "loha" and report["layer_types"] == ["loha"] and "LoHa" in report["format"] and report["parameters"] == 2 * (64 + 576)
+
+
+@pytest.mark.slow
+def test_full_size_sdxl_sai_names_round_trip():
+    """Every attention / resnet / sampler layer of a real-size SDXL UNet (transformer depth 1, 2, 10; meta device):
+    lorakit's SAI name, read back through diffusers' converter, is the same layer."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from lorakit.adapters.keys import sai_names_to_module_keys
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    paths = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+             and any(w in n for w in (".attentions.", ".resnets.", "samplers."))]
+    names = {"lora_unet_" + sai_unet_path(p, "sdxl").replace(".", "_"): p for p in paths}
+    assert len(names) == len(paths) == 788
+    back = sai_names_to_module_keys(list(names))
+    assert all(back[n] == "unet." + p for n, p in names.items())

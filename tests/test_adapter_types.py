@@ -78,7 +78,7 @@ def test_loha_delta_and_exact_lora(conv):
     want = want.reshape(out, inn, 3, 3) if conv else want
     torch.testing.assert_close(mod.delta().double(), want, rtol=1e-5, atol=1e-5)
     lora = mod.to_lora()
-    assert lora.rank == min(r * r, out, inn * k)
+    assert lora.rank == r * r  # Khatri-Rao factors: exact at the rank bound, no decomposition
     torch.testing.assert_close(lora.delta(), mod.delta(), rtol=0, atol=1e-5)
 
 
@@ -122,3 +122,19 @@ def test_unsupported_kinds_are_named():
     assert unsupported_kind("lora_unet_x.oft_blocks") == "OFT"
     assert unsupported_kind("lora_unet_x.dora_scale") == "DoRA"
     assert unsupported_kind("lora_unet_x.lora_down.weight") is None
+
+
+def test_weighted_merge_of_loha_lokr_and_lora_is_exact():
+    from lorakit.adapters.io import Adapter
+    from lorakit.fusion.merge import cat, weighted
+
+    g = _g(7)
+    key = "unet.down_blocks.0.attentions.0.proj_in"
+    loha = LohaModule(_r(8, 2, g=g), _r(2, 6, g=g), _r(8, 2, g=g), _r(2, 6, g=g), alpha=1.0)
+    lokr = LokrModule(w1=_r(2, 2, g=g), w2_a=_r(4, 1, g=g), w2_b=_r(1, 3, g=g), alpha=3.0)
+    lora = LoraModule(_r(3, 6, g=g), _r(8, 3, g=g), alpha=1.5)
+    ads = [Adapter({key: m}) for m in (loha, lokr, lora)]
+    want = (0.5 * loha.delta() + 2.0 * lokr.delta() + 1.0 * lora.delta()) / 3
+    got = weighted(ads, [0.5, 2.0, 1.0])[key].delta()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    torch.testing.assert_close(cat(ads, [0.5, 2.0, 1.0])[key].delta(), 3 * want, rtol=0, atol=1e-4)

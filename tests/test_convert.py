@@ -1,6 +1,5 @@
 """``lorakit convert``: every layout round-trips the deltas exactly, and diffusers reads what it writes."""
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -39,16 +38,19 @@ def test_sdxl_key_styles_round_trip(sdxl_pipe, tmp_path):
     _same(ad, load_adapter(tmp_path / "d.safetensors"), atol=0)
 
 
-def test_to_diffusers_keeps_every_alpha(sd1_pipe, tmp_path):
-    ad = random_adapter(sd1_pipe, network="locon", rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0)
+def test_to_diffusers_keeps_every_layer_scale(sd1_pipe, tmp_path):
+    ad = random_adapter(sd1_pipe, network="locon", rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0, text_encoder=True)
+    te_key = next(k for k in ad.modules if k.startswith("text_encoder."))
+    ad.modules[te_key].alpha = 5.0  # a text-encoder alpha_pattern entry too
     first = next(iter(ad.modules))
     ad.modules[first].alpha = 7.0  # one layer off the common alpha: goes to alpha_pattern
     src = save_adapter(ad, tmp_path / "a.safetensors")
     out = tmp_path / "diffusers.safetensors"
     assert main(["convert", str(src), str(out), "--to", "diffusers"]) == 0
-    assert all(k.startswith("unet.") and ".lora_" in k for k in _keys(out))
+    assert all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in _keys(out))
     again = load_adapter(out)
-    _same(ad, again, atol=0)
+    assert all(m.scale == 1.0 for m in again.modules.values())  # alpha / rank folded into lora_B
+    _same(ad, again, atol=1e-6)
     assert_same_deltas(again, diffusers_deltas(sd1_pipe, out), sd1_pipe)
 
 
@@ -81,3 +83,10 @@ def test_sai_for_sd1_is_refused(sd1_pipe, tmp_path, capsys):
     assert main(["convert", str(src), str(tmp_path / "b.safetensors"), "--key-style", "sai"]) == 2
     assert "--key-style sai is for SDXL" in capsys.readouterr().err
     assert main(["convert", str(src), str(src)]) == 2
+    foreign = tmp_path / "theirs.safetensors"
+    foreign.write_bytes(b"not ours")
+    assert main(["convert", str(src), str(foreign), "--overwrite"]) == 2
+    assert foreign.read_bytes() == b"not ours"
+    assert main(["convert", str(src), str(tmp_path / "c.safetensors")]) == 0
+    assert main(["convert", str(src), str(tmp_path / "c.safetensors")]) == 2  # exists: needs --overwrite
+    assert main(["convert", str(src), str(tmp_path / "c.safetensors"), "--overwrite"]) == 0

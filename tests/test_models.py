@@ -104,5 +104,5 @@ def test_make_tiny_size_and_random_base(tmp_path, capsys):
     assert list(load_base("random:sd1:mid:0").unet.config.block_out_channels) == [32, 64, 128, 128]
     with pytest.raises(ValueError, match="random:ARCH:SIZE"):
         load_base("random:sd1:huge")
-    assert main(["make-tiny", "--config", str(tmp_path), "--out", str(tmp_path / "x")]) == 1  # names the config
+    assert main(["make-tiny", "--config", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # names the config
     assert not (tmp_path / "x").exists() and "unet/config.json: missing" in capsys.readouterr().err

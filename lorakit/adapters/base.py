@@ -68,6 +68,18 @@ def exact_lora(delta: torch.Tensor, rank_bound: int) -> "LoraModule":
     return LoraModule(down=down.float().contiguous(), up=up.float().contiguous(), alpha=float(r))
 
 
+def factored_lora(up: torch.Tensor, down: torch.Tensor, scale: float, shape: torch.Size) -> "LoraModule":
+    """A scale-1 LoRA with ``delta = scale * up @ down`` for a layer of delta ``shape`` (``up [out, R]``,
+    ``down [R, in*kh*kw]``; conv layers get ``down [R, in, kh, kw]``, ``up [out, R, 1, 1]``)."""
+    from lorakit.adapters.lora import LoraModule
+
+    R = up.shape[1]
+    up = up.double() * scale
+    if len(shape) == 4:
+        up, down = up.reshape(shape[0], R, 1, 1), down.reshape(R, *shape[1:])
+    return LoraModule(down=down.float().contiguous(), up=up.float().contiguous(), alpha=float(R))
+
+
 def conv_shape(flat: torch.Tensor, kernel: tuple[int, int] | None) -> torch.Tensor:
     """``[out, in*kh*kw]`` -> ``[out, in, kh, kw]`` when ``kernel`` is known and not 1x1; else unchanged."""
     if kernel is None or tuple(kernel) == (1, 1):

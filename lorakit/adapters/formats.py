@@ -32,7 +32,7 @@ from lorakit.adapters.lora import LoraModule
 from lorakit.adapters.registry import module_type_of, split_layer_key, unsupported_kind
 
 EXTRA_PREFIXES = ("edlora_emb.",)  # tensors that are not layers (ED-LoRA embeddings)
-_KOHYA_PREFIX = re.compile(r"^lora_(?:unet|te|te1|te2)_")
+_KOHYA_PREFIX = re.compile(r"^(?:lora_(?:unet|te|te1|te2)_|lycoris_)")
 _PEFT_RE = re.compile(
     r"^(?:base_model\.model\.)?(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)\.(lora_A|lora_B)(?:\.[\w-]+)?\.weight$"
 )

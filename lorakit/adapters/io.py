@@ -24,20 +24,15 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.base import AdapterModule
-from lorakit.adapters.keys import (  # noqa: F401 - re-exported: callers import the naming helpers from here
+from lorakit.adapters.keys import (  # noqa: F401 - kohya_prefix / module_path_from_kohya re-exported for callers
     COMPONENTS,
     KEY_STYLES,
-    UnplacedKeyError,
-    is_sai_name,
-    kernel_hint,
     kohya_name,
     kohya_prefix,
     module_path_from_kohya,
-    sai_names_to_module_keys,
 )
 from lorakit.adapters.locon import is_locon
 from lorakit.adapters.lora import LoraModule
-from lorakit.adapters.registry import module_type_of, split_layer_key, unsupported_kind
 from lorakit.fileio import load_safetensors, save_safetensors
 
 FORMAT_VERSION = "1"
@@ -55,6 +50,7 @@ class Adapter:
     modules: dict[str, AdapterModule] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    source_format: str | None = None  # the layout it was read from (load_adapter), for reports
 
     @property
     def arch(self) -> str | None:
@@ -173,7 +169,7 @@ def load_adapter(path: str | os.PathLike, layers_per_block: int = 2) -> Adapter:
         layers = read_layers(tensors, meta, path, layers_per_block)
     except FormatError as err:
         raise AdapterError(str(err)) from err
-    adapter = Adapter(modules=layers.modules, metadata=meta, extra=layers.extra)
+    adapter = Adapter(modules=layers.modules, metadata=meta, extra=layers.extra, source_format=layers.format)
     check_finite(adapter, path)
     return adapter
 

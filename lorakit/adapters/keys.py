@@ -35,7 +35,7 @@ _COMPOUNDS = sorted(
     reverse=True,
 )
 _PREFIXES = (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"),
-             ("lora_te_", "text_encoder"))
+             ("lora_te_", "text_encoder"), ("lycoris_", "unet"))  # lycoris_: LyCORIS on a diffusers UNet (SimpleTuner)
 _SAI_WORDS = ("input_blocks", "middle_block", "output_blocks", "time_embed_", "label_emb_")
 # Convolutions with a 3x3 kernel in SD / SDXL UNets (their flattened LoHa / LoKr factors need the kernel back).
 _KERNEL3_LEAVES = ("conv1", "conv2", "conv", "conv_in", "conv_out")
@@ -76,7 +76,7 @@ def module_path_from_kohya(name: str) -> str:
     -> ``unet.mid_block.attentions.0.proj_in``.
 
     Raises:
-        UnplacedKeyError for a prefix that is none of lora_unet_, lora_te_, lora_te1_, lora_te2_.
+        UnplacedKeyError for a prefix that is none of lora_unet_, lora_te_, lora_te1_, lora_te2_, lycoris_.
     """
     for prefix, comp in _PREFIXES:
         if name.startswith(prefix):

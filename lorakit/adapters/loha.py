@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from lorakit.adapters.base import conv_shape, exact_lora
+from lorakit.adapters.base import conv_shape, exact_lora, factored_lora
 
 
 def _tucker(t: torch.Tensor, w_b: torch.Tensor, w_a: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,15 @@ class LohaModule:
         return sum(t.numel() for t in (self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2) if t is not None)
 
     def to_lora(self):
-        return exact_lora(self.delta(), self.rank * self.w2_b.shape[0])
+        """Exact LoRA of rank ``r1 * r2``: ``(A1 B1) * (A2 B2) = sum_ij (a1_i * a2_j)(b1_i * b2_j)^T`` (column-wise
+        products of the factors), no decomposition needed; Tucker layers go through an SVD."""
+        if self.t1 is not None:
+            return exact_lora(self.delta(), self.rank * self.w2_b.shape[0])
+        out = self.w1_a.shape[0]
+        up = (self.w1_a.double()[:, :, None] * self.w2_a.double()[:, None, :]).reshape(out, -1)
+        down = (self.w1_b.double()[:, None, :] * self.w2_b.double()[None, :, :]).reshape(up.shape[1], -1)
+        shape = conv_shape(torch.empty(out, down.shape[1], device="meta"), self.kernel).shape
+        return factored_lora(up, down, self.scale, shape)
 
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
         out = {f"{name}.hada_w1_a": self.w1_a, f"{name}.hada_w1_b": self.w1_b, f"{name}.hada_w2_a": self.w2_a,

@@ -16,7 +16,13 @@ from typing import ClassVar
 
 import torch
 
-from lorakit.adapters.base import conv_shape, exact_lora
+from lorakit.adapters.base import conv_shape, factored_lora
+
+
+def _split(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [m, n] = U @ V`` exactly (float64 SVD, rank min(m, n))."""
+    U, S, Vh = torch.linalg.svd(w.contiguous(), full_matrices=False)
+    return (U * S).contiguous(), Vh.contiguous()
 
 
 @dataclass
@@ -77,10 +83,17 @@ class LokrModule:
         return sum(t.numel() for t in parts if t is not None)
 
     def to_lora(self):
-        w1, w2 = self._w1(), self._w2()
-        r1 = min(w1.shape) if self.w1_b is None else self.w1_b.shape[0]
-        r2 = min(w2.shape[0], w2[0].numel()) if self.w2_b is None else self.w2_b.shape[0]
-        return exact_lora(self.delta(), r1 * r2)
+        """Exact LoRA: with ``w1 = U1 V1`` and ``w2 = U2 V2``, ``kron(w1, w2) = kron(U1, U2) kron(V1, V2)``.
+        Stored low-rank factors are used as they are; whole factors (small) are split by their own SVD."""
+        u1, v1 = (self.w1_a.double(), self.w1_b.double()) if self.w1 is None else _split(self.w1.double())
+        if self.w2_a is not None and self.t2 is None:
+            u2, v2 = self.w2_a.double(), self.w2_b.double().reshape(self.w2_b.shape[0], -1)
+        else:
+            w2 = self._w2()
+            u2, v2 = _split(w2.reshape(w2.shape[0], -1))
+        up = torch.kron(u1.contiguous(), u2.contiguous())
+        down = torch.kron(v1.contiguous(), v2.contiguous())
+        return factored_lora(up, down, self.scale, self.delta().shape)
 
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
         out = {f"{name}.{s}": getattr(self, s.removeprefix("lokr_")) for s in self.suffixes[:-1]

@@ -24,7 +24,26 @@ def add_parser(sub) -> None:
     p.add_argument("--as-lora", action="store_true",
                    help="write LoHa / LoKr layers as their exact LoRA factorisation (readable by diffusers too)")
     p.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (default: as read)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT that lorakit wrote (never a "
+                                                            "file it did not write)")
     p.set_defaults(func=run)
+
+
+def check_output(dst, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite`` and its header says lorakit wrote it."""
+    from safetensors import safe_open
+
+    if not dst.exists():
+        return
+    if not overwrite:
+        raise ValueError(f"{dst} exists; pass --overwrite to replace it (only files lorakit wrote are replaced)")
+    try:
+        with safe_open(str(dst), "pt") as f:
+            ours = "lorakit.format" in (f.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: certainly not ours
+        ours = False
+    if not ours:
+        raise ValueError(f"{dst} exists and lorakit did not write it; choose another output path")
 
 
 def run(args) -> int:
@@ -40,6 +59,7 @@ def run(args) -> int:
         raise ValueError(f"{dst}: the output must end in .safetensors")
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError(f"{dst}: the output would overwrite the input; choose another path")
+    check_output(dst, args.overwrite)
     adapter = load_adapter(src)
     if args.as_lora:
         adapter = adapter.as_lora()

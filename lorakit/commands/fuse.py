@@ -155,10 +155,11 @@ def add_parser(sub) -> None:
                                   "(needed by gradient and by --out-format pipeline)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one multiplier per adapter (default 1)")
     p.add_argument("--out", required=True, help="output: a folder (pipeline) or a .safetensors file (adapter)")
-    p.add_argument("--out-format", choices=["auto", "pipeline", "adapter"], default="auto",
+    p.add_argument("--out-format", choices=["auto", "pipeline", "adapter", "single-file"], default="auto",
                    help="pipeline: diffusers folder with the fused weights + lorakit_fusion.json; adapter: a "
-                        "fused-delta .safetensors (W_fused - W0) + OUT.fusion.json; auto: pipeline for gradient, "
-                        "adapter for the weight merges")
+                        "fused-delta .safetensors (W_fused - W0) + OUT.fusion.json; single-file: the fused SD1/SDXL "
+                        "model as one original-layout .safetensors checkpoint (A1111, ComfyUI, diffusers "
+                        "from_single_file) + OUT.fusion.json; auto: pipeline for gradient, adapter for the merges")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out that lorakit wrote (never a file or folder it did not write, "
                         "never an input)")
@@ -290,6 +291,8 @@ def write_outputs(args, inputs, result, report: dict) -> Path:
                             "ranks": sorted({m.rank for m in modules.values()})}
         write_json(report, report_path)
         return out
+    if fmt == "single-file" and out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: a single-file checkpoint must end in .safetensors")
     pipe = result.pipeline
     if pipe is None:
         pipe = inputs.load_pipe()
@@ -298,6 +301,13 @@ def write_outputs(args, inputs, result, report: dict) -> Path:
         apply_deltas(pipe, _maybe_truncate(result.modules, args.rank))
     elif args.rank is not None:
         raise ValueError("--rank applies to --out-format adapter; a fused pipeline holds the full solution")
+    if fmt == "single-file":
+        from lorakit.single_file import save_single_file
+
+        save_single_file(pipe, out, metadata={"lorakit.fusion": json.dumps({"method": args.method})})
+        report["output"] = {"format": "single-file", "path": str(out)}
+        write_json(report, out.with_name(out.stem + ".fusion.json"))
+        return out
     report["output"] = {"format": "pipeline", "path": str(out)}
     save_pipeline(pipe, out, overwrite=args.overwrite, inputs=_input_paths(args),
                   extra=lambda tmp: write_json(report, tmp / "lorakit_fusion.json"))
@@ -313,10 +323,10 @@ def check_output(args) -> None:
     without --overwrite, an unwritable place."""
     from lorakit.outputs import check_out_file, check_replace_dir
 
-    if _out_format(args) == "adapter":
+    if _out_format(args) in ("adapter", "single-file"):
         out = Path(args.out)
         if out.suffix != ".safetensors":
-            raise ValueError(f"--out {out}: an adapter output must end in .safetensors")
+            raise ValueError(f"--out {out}: a {_out_format(args)} output must end in .safetensors")
         check_out_file(out, args.overwrite, inputs=_input_paths(args))
         check_out_file(out.with_name(out.stem + ".fusion.json"), args.overwrite, flag="--out (report)",
                        inputs=_input_paths(args))

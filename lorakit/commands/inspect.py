@@ -9,7 +9,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "inspect",
         help="show what an adapter file holds (kind, arch, per-block ranks, trigger, config) and if it fits a base",
-        description="Read a LoRA/LoCon/ED-LoRA .safetensors file (lorakit, kohya, diffusers/peft layouts) and "
+        description="Read a LoRA/LoCon/LoHa/LoKr/ED-LoRA .safetensors file (lorakit, kohya with diffusers or SAI "
+        "names, LyCORIS, diffusers/peft layouts; docs/formats.md) and "
         "print its kind, architecture, per-block ranks, layer counts, parameter count, trigger words and "
         "training config summary. With --base, check that it fits that base model.",
     )
@@ -34,6 +35,7 @@ def summarize(adapter) -> dict:
     return {
         "kind": adapter.kind,
         "layer_types": sorted({m.kind for m in adapter.modules.values()}),
+        "format": adapter.source_format,
         "arch": adapter.arch or "unknown",
         "modules": len(adapter.modules),
         "linear": sum(not m.is_conv for m in adapter.modules.values()),
@@ -76,7 +78,7 @@ def run(args) -> int:
         print(json.dumps(report, indent=2))
         return 0 if report.get("fits_base", True) else 1
     print(f"file:       {args.file}")
-    print(f"kind:       {report['kind']}    arch: {report['arch']}")
+    print(f"kind:       {report['kind']}    arch: {report['arch']}    format: {report['format']}")
     print(f"modules:    {report['modules']} ({report['linear']} linear, {report['conv']} conv)")
     print(f"parameters: {report['parameters']:,}")
     if report["trigger"]:
