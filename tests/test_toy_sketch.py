@@ -1,6 +1,7 @@
 """Toy-world sketch scenes (image + silhouette) and the sketch-adapter measurement's helpers."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,17 @@ def test_measure_helpers():
     lo, hi = tool.wilson(8, 10)
     assert 0.44 < lo < 0.5 and 0.94 < hi < 0.98
     assert tool.mcnemar_exact(6, 0) == 2 / 64 and tool.paired([0, 1, 0, 1], [1, 1, 1, 0]) == {"wins": 2, "losses": 1, "p_mcnemar": 1.0}
+
+
+def test_training_tool_writes_a_loadable_adapter_deterministically(tmp_path):
+    import torch
+    from diffusers import T2IAdapter
+
+    spec = importlib.util.spec_from_file_location("train_sketch", ROOT / "tools" / "train_toy_sketch_adapter.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for name in ("a", "b"):
+        assert tool.main(["--steps", "2", "--batch", "2", "--out", str(tmp_path / name), "--log-every", "1"]) == 0
+    a, b = (T2IAdapter.from_pretrained(tmp_path / n) for n in ("a", "b"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert json.loads((tmp_path / "a" / "train_log.json").read_text())["steps"] == 2
