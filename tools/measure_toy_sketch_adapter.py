@@ -90,7 +90,7 @@ def paired(a: list[bool], b: list[bool]) -> dict:
     """b vs a on the same items: wins = b only, losses = a only."""
     wins = sum(1 for x, y in zip(a, b) if y and not x)
     losses = sum(1 for x, y in zip(a, b) if x and not y)
-    return {"wins": wins, "losses": losses, "p_mcnemar": round(mcnemar_exact(wins, losses), 6)}
+    return {"wins": wins, "losses": losses, "p_mcnemar": float(f"{mcnemar_exact(wins, losses):.3g}")}
 
 
 def main(argv=None) -> int:
@@ -169,8 +169,7 @@ def main(argv=None) -> int:
                   "both_regions_color_and_shape": paired([r["both_color_and_shape"] for r in a], [r["both_color_and_shape"] for r in b]),
                   "iou": {"higher_with_sketch": sum(1 for x, y in zip(a, b) if y["iou"] > x["iou"]),
                           "lower_with_sketch": sum(1 for x, y in zip(a, b) if y["iou"] < x["iou"]),
-                          "p_sign_test": round(mcnemar_exact(sum(1 for x, y in zip(a, b) if y["iou"] > x["iou"]),
-                                                             sum(1 for x, y in zip(a, b) if y["iou"] < x["iou"])), 6),
+                          "p_sign_test": float(f"{mcnemar_exact(sum(1 for x, y in zip(a, b) if y['iou'] > x['iou']), sum(1 for x, y in zip(a, b) if y['iou'] < x['iou'])):.3g}"),
                           "mean_difference": round(float(np.mean([y["iou"] - x["iou"] for x, y in zip(a, b)])), 4)}})
     for line in lines:
         print(json.dumps(line), flush=True)
