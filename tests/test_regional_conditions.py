@@ -180,6 +180,8 @@ def test_regions_file_conditions(tmp_path):
     spec = parse({"type": "t2i-adapter", "model": "m", "image": "s.png", "weight": 0.8, "region_weights": [0.5, None]})
     c = spec.conditions[0]
     assert c.weight == 0.8 and c.region_weights == [((0.0, 0.0, 1.0, 0.5), 0.5)] and c.image == str(tmp_path / "s.png")
+    (tmp_path / "cn").mkdir()
+    assert parse({"type": "controlnet", "model": "cn", "image": "s.png"}).conditions[0].model == str(tmp_path / "cn")
     boxed = parse({"type": "controlnet", "model": "m", "image": "big.png", "region_weights": [{"box": [0, 0, 16, 32], "weight": 0}]})
     assert boxed.conditions[0].region_weights == [((0.0, 0.0, 0.5, 1.0), 0.0)]
     errors = [
