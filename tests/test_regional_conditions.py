@@ -248,3 +248,17 @@ def test_missing_condition_model_is_one_line_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"r.yaml: conditions\[0\]: cannot load t2i-adapter .*none") as err:
         load_conditions(spec.conditions, "cpu", torch.float32, spec.source)
     assert "\n" not in str(err.value)
+
+
+def test_sdxl_t2i_adapter_xl_reaches_the_unet(sdxl_pipe):
+    from diffusers import T2IAdapter
+
+    pipe = copy.deepcopy(sdxl_pipe)
+    torch.manual_seed(0)
+    ch = list(pipe.unet.config.block_out_channels)
+    xl = T2IAdapter(in_channels=1, channels=ch + ch[-1:], num_res_blocks=1, downscale_factor=2 * pipe.vae_scale_factor,
+                    adapter_type="full_adapter_xl").eval()  # features for the 3 down blocks and the mid block
+    spec = RegionSpec("a blue dog", regions=[Region((0.0, 0.0, 1.0, 0.5), "a red cat")])
+    none = _latents(pipe, [], None, regions=spec, steps=2)
+    assert torch.equal(_latents(pipe, [], [Condition(xl, sketch(), 0.0)], regions=spec, steps=2), none)
+    assert (_latents(pipe, [], [Condition(xl, sketch(), 1.0)], regions=spec, steps=2) - none).abs().max() > 1e-3
