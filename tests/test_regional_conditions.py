@@ -219,7 +219,11 @@ def test_cli_fused_model_with_conditions_from_regions_file(tmp_path, sd1_pipe):
     assert rc == 0
     side = json.loads((tmp_path / "out" / "000-0000-s0.json").read_text())
     assert [c["type"] for c in side["regions"]["conditions"]] == ["t2i-adapter", "controlnet"]
-    assert side["adapters"] == []
+    assert side["adapters"] == [] and len(side["regions"]["conditions"][0]["image_sha256"]) == 64
+    from lorakit.sampling import regenerate
+
+    again = regenerate(tmp_path / "out" / "000-0000-s0.json", tmp_path / "again")
+    assert again.read_bytes() == (tmp_path / "out" / "000-0000-s0.png").read_bytes()
 
 
 @torch.no_grad()
