@@ -180,6 +180,8 @@ def test_regions_file_conditions(tmp_path):
     spec = parse({"type": "t2i-adapter", "model": "m", "image": "s.png", "weight": 0.8, "region_weights": [0.5, None]})
     c = spec.conditions[0]
     assert c.weight == 0.8 and c.region_weights == [((0.0, 0.0, 1.0, 0.5), 0.5)] and c.image == str(tmp_path / "s.png")
+    (tmp_path / "cn").mkdir()
+    assert parse({"type": "controlnet", "model": "cn", "image": "s.png"}).conditions[0].model == str(tmp_path / "cn")
     boxed = parse({"type": "controlnet", "model": "m", "image": "big.png", "region_weights": [{"box": [0, 0, 16, 32], "weight": 0}]})
     assert boxed.conditions[0].region_weights == [((0.0, 0.0, 0.5, 1.0), 0.0)]
     errors = [
@@ -217,7 +219,11 @@ def test_cli_fused_model_with_conditions_from_regions_file(tmp_path, sd1_pipe):
     assert rc == 0
     side = json.loads((tmp_path / "out" / "000-0000-s0.json").read_text())
     assert [c["type"] for c in side["regions"]["conditions"]] == ["t2i-adapter", "controlnet"]
-    assert side["adapters"] == []
+    assert side["adapters"] == [] and len(side["regions"]["conditions"][0]["image_sha256"]) == 64
+    from lorakit.sampling import regenerate
+
+    again = regenerate(tmp_path / "out" / "000-0000-s0.json", tmp_path / "again")
+    assert again.read_bytes() == (tmp_path / "out" / "000-0000-s0.png").read_bytes()
 
 
 @torch.no_grad()
@@ -246,3 +252,17 @@ def test_missing_condition_model_is_one_line_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"r.yaml: conditions\[0\]: cannot load t2i-adapter .*none") as err:
         load_conditions(spec.conditions, "cpu", torch.float32, spec.source)
     assert "\n" not in str(err.value)
+
+
+def test_sdxl_t2i_adapter_xl_reaches_the_unet(sdxl_pipe):
+    from diffusers import T2IAdapter
+
+    pipe = copy.deepcopy(sdxl_pipe)
+    torch.manual_seed(0)
+    ch = list(pipe.unet.config.block_out_channels)
+    xl = T2IAdapter(in_channels=1, channels=ch + ch[-1:], num_res_blocks=1, downscale_factor=2 * pipe.vae_scale_factor,
+                    adapter_type="full_adapter_xl").eval()  # features for the 3 down blocks and the mid block
+    spec = RegionSpec("a blue dog", regions=[Region((0.0, 0.0, 1.0, 0.5), "a red cat")])
+    none = _latents(pipe, [], None, regions=spec, steps=2)
+    assert torch.equal(_latents(pipe, [], [Condition(xl, sketch(), 0.0)], regions=spec, steps=2), none)
+    assert (_latents(pipe, [], [Condition(xl, sketch(), 1.0)], regions=spec, steps=2) - none).abs().max() > 1e-3

@@ -1,6 +1,7 @@
 """Toy-world sketch scenes (image + silhouette) and the sketch-adapter measurement's helpers."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,29 @@ def test_measure_helpers():
     img.paste((0, 0, 255), (2, 2, 10, 10))
     fg = tool.foreground(img)
     assert fg.sum() == 64 and fg[2:10, 2:10].all()
-    left, right = tool.halves_centred(img)
-    assert np.asarray(left)[2:10, 10:18].tolist() == [[[0, 0, 255]] * 8] * 8
-    assert np.asarray(right)[0, 8:24].tolist() == [[250, 200, 210]] * 16 and np.asarray(right)[0, :8].min() == 255
+    scene = random_sketch_scene(np.random.default_rng(3), 2, "plain", "white")
+    image, _ = render_sketch_scene(scene)
+    views = tool.region_views(image, scene)
+    assert [v.size for v in views] == [(32, 32), (32, 32)]
+    from lorakit.eval.oracle import load_oracle
+
+    oracle = load_oracle()
+    for p, v in zip(scene.shapes, views):  # the view the measurement reads finds the rendered shape and colour
+        assert oracle.score([v], [p.shape, p.color]).present.all()
     lo, hi = tool.wilson(8, 10)
     assert 0.44 < lo < 0.5 and 0.94 < hi < 0.98
     assert tool.mcnemar_exact(6, 0) == 2 / 64 and tool.paired([0, 1, 0, 1], [1, 1, 1, 0]) == {"wins": 2, "losses": 1, "p_mcnemar": 1.0}
+
+
+def test_training_tool_writes_a_loadable_adapter_deterministically(tmp_path):
+    import torch
+    from diffusers import T2IAdapter
+
+    spec = importlib.util.spec_from_file_location("train_sketch", ROOT / "tools" / "train_toy_sketch_adapter.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for name in ("a", "b"):
+        assert tool.main(["--steps", "2", "--batch", "2", "--out", str(tmp_path / name), "--log-every", "1"]) == 0
+    a, b = (T2IAdapter.from_pretrained(tmp_path / n) for n in ("a", "b"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert json.loads((tmp_path / "a" / "train_log.json").read_text())["steps"] == 2

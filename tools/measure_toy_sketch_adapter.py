@@ -7,8 +7,10 @@ scene's silhouette through the T2I-Adapter (``--weight``). Per image:
 
 * **follows the sketch**: IoU of the drawn foreground (pixels far from the border's median colour) with the silhouette
   >= ``--iou`` (default 0.5); also the mean IoU;
-* **each region shows its shape**: the toy oracle, on each half pasted centred on a white canvas, finds that
-  half's prompted shape and colour; both halves must pass.
+* **each region shows its shape where the sketch puts it**: the toy oracle reads a 16 x 16 window centred on the
+  sketch's shape, scaled to 32 x 32 (the toy shapes here are smaller than the oracle's training scenes; on the
+  renders themselves this view finds every shape and colour), and says whether it shows that region's prompted
+  colour and shape; rates per region (n = 2 per scene) and per scene (both regions).
 
 Prints one JSON line per arm (rates with n and 95% Wilson intervals) and one paired comparison (exact McNemar
 on the same scenes and seeds; a sign test on the per-scene IoU), and with ``--out`` writes them with per-image values to a JSON file.
@@ -64,16 +66,17 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def halves_centred(image):
-    """Each half of a square image pasted centred on a white canvas of the full size (what the oracle reads)."""
+def region_views(image, scene, side: int = 16):
+    """For each shape of ``scene``: the ``side`` x ``side`` window of ``image`` centred on where the sketch puts it
+    (moved inside the image), scaled to the image size (what the oracle reads)."""
     from PIL import Image
 
     w, h = image.size
     out = []
-    for k in range(2):
-        canvas = Image.new("RGB", (w, h), (255, 255, 255))
-        canvas.paste(image.crop((k * w // 2, 0, (k + 1) * w // 2, h)), (w // 4, 0))
-        out.append(canvas)
+    for p in scene.shapes:
+        x0 = int(round(min(max(p.cx * w - side / 2, 0), w - side)))
+        y0 = int(round(min(max(p.cy * h - side / 2, 0), h - side)))
+        out.append(image.crop((x0, y0, x0 + side, y0 + side)).resize((w, h), Image.BILINEAR))
     return out
 
 
@@ -87,7 +90,7 @@ def paired(a: list[bool], b: list[bool]) -> dict:
     """b vs a on the same items: wins = b only, losses = a only."""
     wins = sum(1 for x, y in zip(a, b) if y and not x)
     losses = sum(1 for x, y in zip(a, b) if x and not y)
-    return {"wins": wins, "losses": losses, "p_mcnemar": round(mcnemar_exact(wins, losses), 6)}
+    return {"wins": wins, "losses": losses, "p_mcnemar": float(f"{mcnemar_exact(wins, losses):.3g}")}
 
 
 def main(argv=None) -> int:
@@ -138,28 +141,35 @@ def main(argv=None) -> int:
                 img.save(Path(args.images) / f"{i:03d}-{arm}.png")
             fg = foreground(img)
             target = sil > 0.5
-            halves_ok = []
-            for k, half in enumerate(halves_centred(img)):
-                p = scene.shapes[k]
-                s = oracle.score([half], [p.shape, p.color])
-                halves_ok.append(bool(s.present.all()))
+            shape_ok, color_ok = [], []
+            for p, view in zip(scene.shapes, region_views(img, scene)):
+                present = oracle.score([view], [p.shape, p.color]).present[0].tolist()
+                shape_ok.append(bool(present[0]))
+                color_ok.append(bool(present[1]))
             per[arm].append({"scene": i, "iou": round(iou(fg, target), 4), "follows": iou(fg, target) >= args.iou,
-                             "halves_ok": halves_ok, "both_ok": all(halves_ok), "prompts": prompts})
+                             "shape_ok": shape_ok, "color_ok": color_ok, "both_color": all(color_ok),
+                             "both_color_and_shape": all(shape_ok) and all(color_ok), "prompts": prompts})
     summary = {"n": args.n, "steps": args.steps, "cfg": args.cfg, "weight": args.weight, "iou_threshold": args.iou,
                "seconds": round(time.time() - t0, 1)}
     lines = []
     for arm, rows in per.items():
         line = {"arm": arm, **summary, "follows_sketch": rate([r["follows"] for r in rows]),
-                "both_regions_show_their_shape": rate([r["both_ok"] for r in rows]),
-                "mean_iou": round(float(np.mean([r["iou"] for r in rows])), 4)}
+                "mean_iou": round(float(np.mean([r["iou"] for r in rows])), 4),
+                "region_color": rate([v for r in rows for v in r["color_ok"]]),
+                "region_shape": rate([v for r in rows for v in r["shape_ok"]]),
+                "both_regions_color": rate([r["both_color"] for r in rows]),
+                "both_regions_color_and_shape": rate([r["both_color_and_shape"] for r in rows])}
         lines.append(line)
     a, b = per["regional"], per["regional+sketch"]
+    flat = lambda rows, key: [v for r in rows for v in r[key]]  # noqa: E731
     lines.append({"compare": "regional+sketch vs regional", "follows_sketch": paired([r["follows"] for r in a], [r["follows"] for r in b]),
-                  "both_regions_show_their_shape": paired([r["both_ok"] for r in a], [r["both_ok"] for r in b]),
+                  "region_color": paired(flat(a, "color_ok"), flat(b, "color_ok")),
+                  "region_shape": paired(flat(a, "shape_ok"), flat(b, "shape_ok")),
+                  "both_regions_color": paired([r["both_color"] for r in a], [r["both_color"] for r in b]),
+                  "both_regions_color_and_shape": paired([r["both_color_and_shape"] for r in a], [r["both_color_and_shape"] for r in b]),
                   "iou": {"higher_with_sketch": sum(1 for x, y in zip(a, b) if y["iou"] > x["iou"]),
                           "lower_with_sketch": sum(1 for x, y in zip(a, b) if y["iou"] < x["iou"]),
-                          "p_sign_test": round(mcnemar_exact(sum(1 for x, y in zip(a, b) if y["iou"] > x["iou"]),
-                                                             sum(1 for x, y in zip(a, b) if y["iou"] < x["iou"])), 6),
+                          "p_sign_test": float(f"{mcnemar_exact(sum(1 for x, y in zip(a, b) if y['iou'] > x['iou']), sum(1 for x, y in zip(a, b) if y['iou'] < x['iou'])):.3g}"),
                           "mean_difference": round(float(np.mean([y["iou"] - x["iou"] for x, y in zip(a, b)])), 4)}})
     for line in lines:
         print(json.dumps(line), flush=True)

@@ -124,6 +124,9 @@ def main(argv=None) -> int:
               "cpu_seconds": round(cpu_seconds, 1), "parameters": sum(p.numel() for p in adapter.parameters()),
               "loss_per_50": [round(float(np.mean(log[i:i + 50])), 5) for i in range(0, len(log), 50)]}
     (tmp / "train_log.json").write_text(json.dumps(record, indent=1))
+    tmp.chmod(0o755)  # mkdtemp makes it private
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     if out.exists():
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

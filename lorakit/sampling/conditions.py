@@ -19,7 +19,8 @@ Regions file entries (``conditions:`` next to ``regions:``, see :mod:`lorakit.sa
 
     conditions:
       - type: t2i-adapter                # t2i-adapter | controlnet
-        model: TencentARC/t2iadapter_sketch_sd14v1     # local diffusers folder or hub id
+        model: TencentARC/t2iadapter_sketch_sd14v1     # hub id, or a local diffusers folder (relative to the
+                                                       # regions file if it is there, else to the working directory)
         image: sketch.png                # relative to the regions file; the output size or the same aspect ratio
         weight: 1.0                      # optional, default 1.0
         region_weights: [0.8, 1.0]       # optional: one weight per region (null keeps `weight`), or
@@ -138,7 +139,10 @@ def parse_conditions(items, unit: str | None, width: int, height: int, regions: 
                 if unit is None:
                     raise ValueError(f"{source}: add 'unit: px' or 'unit: fraction' (how the box values are read)")
                 boxes.append((read_box(entry["box"], unit, width, height, w2), _number(entry["weight"], f"{w2}: weight")))
-        out.append(ConditionSpec(str(item["type"]), str(item["model"]), str(image), weight, boxes))
+        model = str(item["model"])
+        if base_dir is not None and not Path(model).is_absolute() and (Path(base_dir) / model).is_dir():
+            model = str(Path(base_dir) / model)  # a local folder next to the regions file
+        out.append(ConditionSpec(str(item["type"]), model, str(image), weight, boxes))
     return out
 
 
