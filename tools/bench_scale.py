@@ -8,11 +8,14 @@ then times the stage only:
   * ``train_ref``:  plain diffusers + peft LoRA step (VAE encode, text encode, UNet forward/backward, AdamW) as in
                     tools/bench_train.py;
   * ``train``:      lorakit's block-wise trainer (latent cache, shared loop) on the same images, rank, dtype;
-  * ``sample_ref``: a diffusers pipeline call with two peft LoRAs active (``unet.set_adapters``);
+  * ``sample_ref``: a diffusers pipeline call with two peft LoRAs active (``unet.set_adapters``), CFG 7.5;
   * ``sample``:     ``lorakit sample --method merge`` with two random LoRAs of the same rank;
   * ``composite``:  ``lorakit sample --method composite`` (one UNet pass per LoRA per step);
   * ``fuse``:       ``lorakit fuse --method gradient`` of two LoRAs end to end (capture + solve), with the number of
                     layers that fell back to the weighted average.
+
+Sampling rows run one image at S (warm-up, not counted), S and 2S steps: ``total_s`` is the 2S run, ``step_s`` the marginal
+``(t(2S) - t(S)) / S`` (the fixed cost of loading adapters, encoding, decoding and writing files left out).
 
 Sizes: tiny and mid (``sized_pipeline``'s; 2x VAE) at 32 px, sd15 / sdxl (the released models' configs) at 128 px:
 latents are 16x16 everywhere, so the cost grows with the model only. Each row also has ``lorakit.memory``'s
@@ -98,11 +101,18 @@ def _patched_cli(pipe, argv: list[str]) -> float:
 
 
 def _sample(args, pipe, work: Path, method: str) -> dict:
+    """One image at S and at 2S steps: total seconds of the 2S run, and the marginal seconds per step
+    ``(t(2S) - t(S)) / S`` (without the fixed cost: adapter loading, prompt encoding, VAE decode, PNG + sidecar)."""
     files = _adapters(pipe, work, args.n_loras)
-    total = _patched_cli(pipe, ["sample", "--base", "bench", "--adapters", *files, "--method", method, "--prompt",
-                                "a photo of a cat", "--steps", str(args.sample_steps), "--size", str(args.resolution),
-                                "--dtype", args.dtype, "--out", str(work / "s"), "--no-memory-check"])
-    return {"total_s": total, "step_s": total / args.sample_steps, "n_loras": args.n_loras}
+    times = []
+    for steps in (args.sample_steps, args.sample_steps, 2 * args.sample_steps):  # the first warms up (lazy imports)
+        times.append(_patched_cli(pipe, ["sample", "--base", "bench", "--adapters", *files, "--method", method,
+                                         "--prompt", "a photo of a cat", "--steps", str(steps), "--size",
+                                         str(args.resolution), "--dtype", args.dtype, "--out", str(work / f"s{steps}"),
+                                         "--no-memory-check"]))
+        pipe.unload_lora_weights()
+    return {"total_s": times[2], "step_s": (times[2] - times[1]) / args.sample_steps, "steps": 2 * args.sample_steps,
+            "n_loras": args.n_loras}
 
 
 def _sample_ref(args, pipe, work: Path) -> dict:
@@ -123,13 +133,16 @@ def _sample_ref(args, pipe, work: Path) -> dict:
         names.append(f"a{i}")
     pipe.unet.set_adapters(names, [1.0] * len(names))
     pipe.to(dtype=_torch_dtype(args.dtype))
-    gen = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        pipe("a photo of a cat", num_inference_steps=args.sample_steps, height=args.resolution, width=args.resolution,
-             guidance_scale=7.5, generator=gen, output_type="np")
-    total = time.perf_counter() - t0
-    return {"total_s": total, "step_s": total / args.sample_steps, "n_loras": args.n_loras}
+    times = []
+    for steps in (args.sample_steps, args.sample_steps, 2 * args.sample_steps):  # as _sample: warm-up, S, 2S
+        gen = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pipe("a photo of a cat", num_inference_steps=steps, height=args.resolution, width=args.resolution,
+                 guidance_scale=7.5, generator=gen, output_type="np")
+        times.append(time.perf_counter() - t0)
+    return {"total_s": times[2], "step_s": (times[2] - times[1]) / args.sample_steps, "steps": 2 * args.sample_steps,
+            "n_loras": args.n_loras}
 
 
 def _fuse(args, pipe, work: Path) -> dict:

@@ -43,7 +43,9 @@ tmp, rc, secs, dry = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.
 row = {"check": "cuda_tests", "rc": rc, "seconds": secs}
 log = (tmp / "pytest.log").read_text()
 if dry:
-    row["collected"] = sum(1 for line in log.splitlines() if "::" in line)
+    # pytest -q --collect-only prints "tests/test_cuda.py: 7" per file
+    row["collected"] = sum(int(line.rsplit(": ", 1)[1]) for line in log.splitlines()
+                           if line.startswith("tests/") and line.rsplit(": ", 1)[-1].isdigit())
 elif (tmp / "junit.xml").exists():
     import xml.etree.ElementTree as ET
     suite = ET.parse(tmp / "junit.xml").getroot()
