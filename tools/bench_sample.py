@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--cache-refresh", default="round", choices=["dominant", "round", "age"])
     ap.add_argument("--cache-depth", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared small CPU)")
-    ap.add_argument("--repeats", type=int, default=1, help="images per measurement (seeds 0..r-1), best kept")
+    ap.add_argument("--repeats", type=int, default=1, help="images per measurement (seeds 0..r-1, methods interleaved), best kept")
     args = ap.parse_args()
 
     import torch
@@ -114,15 +114,14 @@ def main() -> None:
              output_type="latent")  # warm-up
     for n in args.ns:
         results = {}
-        for label in args.methods:
-            st = SamplerSettings(**{**common, **METHODS[label]})
-            best, info = None, {}
-            for r in range(args.repeats):
+        for r in range(args.repeats):  # methods interleaved, so a change of the machine's load hits them alike
+            for label in args.methods:
+                st = SamplerSettings(**{**common, **METHODS[label]})
                 t0, c0 = time.perf_counter(), time.process_time()
                 _, info = generate(pipe, ads[:n], st, "a red cat", "", [r], output_type="latent")
                 dt = (time.process_time() - c0, time.perf_counter() - t0)
-                best = dt if best is None else min(best, dt)
-            results[label] = (best[0], best[1], info)
+                old = results.get(label)
+                results[label] = (min(dt[0], old[0]), min(dt[1], old[1]), info) if old else (*dt, info)
         for label, (sec, wall, info) in results.items():
             passes = info["passes"]
             ratio = lambda ref: round(sec / results[ref][0], 3) if ref in results else None  # noqa: E731
