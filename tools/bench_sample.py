@@ -5,6 +5,7 @@ shallow UNet passes. The goal of CMLoRA's cache: cmlora (default settings) <= 0.
 
     python tools/bench_sample.py                          # "mid" random UNet (SD1 layout, SD-like cost per level)
     python tools/bench_sample.py --unet tiny              # the test pipeline's tiny UNet
+    python tools/bench_sample.py --split-costs --repeats 3  # shallow / full pass cost per cache split layer
     flock /work/heavy.lock python tools/bench_sample.py --unet sd15 --latent 16 --ns 4 --methods composite cmlora
                                                           # SD 1.5's UNet config, random weights (~3.4 GB fp32)
 
@@ -75,6 +76,42 @@ METHODS = {
 }
 
 
+def split_costs(pipe, ads, args) -> None:
+    """One JSON line per cache split (depth ``--cache-depth``, every layer of that up block): the CPU seconds of a
+    shallow pass over those of a full pass (batch 2, one LoRA active, best of ``--repeats``)."""
+    import torch
+
+    from lorakit.sampling.cache import unet_split_forward
+    from lorakit.sampling.composer import UNetAdapterSwitch
+
+    unet = pipe.unet
+    UNetAdapterSwitch(unet).activate([ads[0].name], [ads[0].weight])
+    size = unet.config.sample_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, size, size, generator=gen)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    t = torch.tensor(500)
+
+    def best(fn):
+        fn()  # warm-up
+        times = []
+        for _ in range(max(1, args.repeats)):
+            c0 = time.process_time()
+            fn()
+            times.append(time.process_time() - c0)
+        return min(times)
+
+    with torch.no_grad():
+        full = best(lambda: unet(x, t, encoder_hidden_states=text, return_dict=False))
+        n_layers = len(unet.up_blocks[len(unet.up_blocks) - args.cache_depth].resnets)
+        for layer in range(n_layers):
+            _, deep = unet_split_forward(unet, x, t, text, args.cache_depth, layer=layer)
+            shallow = best(lambda: unet_split_forward(unet, x, t, text, args.cache_depth, deep_feature=deep, layer=layer))
+            print(json.dumps({"bench": "split_cost", "unet": args.unet, "latent": size, "cache_depth": args.cache_depth,
+                              "cache_layer": layer, "full_cpu_s": round(full, 4), "shallow_cpu_s": round(shallow, 4),
+                              "shallow_over_full": round(shallow / full, 3), "threads": args.threads}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--unet", choices=["mid", "tiny", "sd15"], default="mid")
@@ -86,7 +123,9 @@ def main() -> None:
     ap.add_argument("--cache-refresh", default="round", choices=["dominant", "round", "age"])
     ap.add_argument("--cache-depth", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared small CPU)")
-    ap.add_argument("--repeats", type=int, default=1, help="images per measurement (seeds 0..r-1), best kept")
+    ap.add_argument("--split-costs", action="store_true",
+                    help="instead: a shallow pass's cost over a full pass's, per cache split layer")
+    ap.add_argument("--repeats", type=int, default=1, help="images per measurement (seeds 0..r-1, methods interleaved), best kept")
     args = ap.parse_args()
 
     import torch
@@ -110,19 +149,21 @@ def main() -> None:
     common = {"steps": args.steps, "cfg": 7.5, "width": size, "height": size, "cmlora_order": "given",
               "cmlora_interval": args.cmlora_interval, "cache_refresh": args.cache_refresh,
               "cache_depth": args.cache_depth}
+    if args.split_costs:
+        split_costs(pipe, ads, args)
+        return
     generate(pipe, ads[:2], SamplerSettings(**{**common, "method": "composite", "steps": 2}), "a red cat", "", [0],
              output_type="latent")  # warm-up
     for n in args.ns:
         results = {}
-        for label in args.methods:
-            st = SamplerSettings(**{**common, **METHODS[label]})
-            best, info = None, {}
-            for r in range(args.repeats):
+        for r in range(args.repeats):  # methods interleaved, so a change of the machine's load hits them alike
+            for label in args.methods:
+                st = SamplerSettings(**{**common, **METHODS[label]})
                 t0, c0 = time.perf_counter(), time.process_time()
                 _, info = generate(pipe, ads[:n], st, "a red cat", "", [r], output_type="latent")
                 dt = (time.process_time() - c0, time.perf_counter() - t0)
-                best = dt if best is None else min(best, dt)
-            results[label] = (best[0], best[1], info)
+                old = results.get(label)
+                results[label] = (min(dt[0], old[0]), min(dt[1], old[1]), info) if old else (*dt, info)
         for label, (sec, wall, info) in results.items():
             passes = info["passes"]
             ratio = lambda ref: round(sec / results[ref][0], 3) if ref in results else None  # noqa: E731
