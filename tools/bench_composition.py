@@ -379,6 +379,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
     p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], help="set sizes N (default 2 3 4)")
     p.add_argument("--sets-per-size", type=int, default=None, help="seeded sample of sets per N (default: all)")
+    p.add_argument("--sets", nargs="+", metavar="ID",
+                   help="only these set ids (e.g. n2-frog-ink n2-robot-ink; --dry-run lists them)")
     p.add_argument("--k", type=int, default=4, help="images per set and method (seeds SEED..SEED+K-1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
@@ -402,10 +404,17 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        sets = composition_sets(tuple(args.sizes), args.sets_per_size, args.seed)
+        sets = composition_sets(tuple(args.sizes), None if args.sets else args.sets_per_size, args.seed)
     except ImportError as err:
         print(f"bench_composition: cannot build the composition sets: the toy world is missing ({err})", file=sys.stderr)
         return 2
+    if args.sets:
+        unknown = sorted(set(args.sets) - {s["id"] for s in sets})
+        if unknown:
+            print(f"bench_composition: --sets {' '.join(unknown)}: no such set at sizes {args.sizes} "
+                  "(--dry-run lists them)", file=sys.stderr)
+            return 2
+        sets = [s for s in sets if s["id"] in args.sets]
     missing = missing_inputs(args, sets)
     if args.dry_run:
         for s in sets:
