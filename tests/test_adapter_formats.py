@@ -256,8 +256,8 @@ def test_unsupported_kind_and_unplaced_key_are_named(tmp_path):
                "lora_unet_input_blocks_99_7_foo.lora_up.weight": torch.zeros(2, 1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(AdapterError, match=r"lora_unet_input_blocks_99_7_foo.*SAI/LDM names"):
         load_adapter(tmp_path / "bad.safetensors")
-    save_file({"lora_unet_x.lora_mid.weight": torch.zeros(1, 2)}, str(tmp_path / "odd.safetensors"))
-    with pytest.raises(AdapterError, match=r"cannot place key 'lora_unet_x.lora_mid.weight' \(format guessed: kohya"):
+    save_file({"lora_unet_x.lora_foo.weight": torch.zeros(1, 2)}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(AdapterError, match=r"cannot place key 'lora_unet_x.lora_foo.weight' \(format guessed: kohya"):
         load_adapter(tmp_path / "odd.safetensors")
 
 

@@ -138,3 +138,16 @@ def test_weighted_merge_of_loha_lokr_and_lora_is_exact():
     got = weighted(ads, [0.5, 2.0, 1.0])[key].delta()
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
     torch.testing.assert_close(cat(ads, [0.5, 2.0, 1.0])[key].delta(), 3 * want, rtol=0, atol=1e-4)
+
+
+def test_tucker_locon_folds_into_one_down_factor():
+    """LyCORIS LoCon with use_tucker: up(mid(down(x))) as three convolutions equals one conv with the delta."""
+    g = _g(9)
+    r, cin, cout = 3, 4, 5
+    down, mid, up = _r(r, cin, 1, 1, g=g), _r(r, r, 3, 3, g=g), _r(cout, r, 1, 1, g=g)
+    mod = LoraModule.from_parts({"lora_down.weight": down, "lora_mid.weight": mid, "lora_up.weight": up,
+                                 "alpha": torch.tensor(1.5)})
+    x = _r(2, cin, 7, 7, g=g)
+    chain = torch.nn.functional.conv2d(torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, down), mid, padding=1), up)
+    one = torch.nn.functional.conv2d(x, mod.delta(), padding=1)
+    torch.testing.assert_close(one, chain * 0.5, rtol=0, atol=1e-4)

@@ -18,7 +18,7 @@ class LoraModule:
     alpha: float
 
     kind: ClassVar[str] = "lora"
-    suffixes: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight", "alpha")
+    suffixes: ClassVar[tuple[str, ...]] = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
 
     @property
     def rank(self) -> int:
@@ -53,7 +53,16 @@ class LoraModule:
 
     @classmethod
     def from_parts(cls, parts: dict[str, torch.Tensor], kernel=None) -> "LoraModule":
-        """From ``{suffix: tensor}`` of one layer; a missing alpha means ``alpha = rank`` (scale 1)."""
+        """From ``{suffix: tensor}`` of one layer; a missing alpha means ``alpha = rank`` (scale 1).
+
+        A LyCORIS Tucker LoCon (``lora_mid.weight [r, r, kh, kw]`` between a 1x1 ``lora_down [r, in, 1, 1]`` and
+        ``lora_up``) is folded exactly into one down factor: ``down'[a, i, k, l] = sum_b mid[a, b, k, l] down[b, i]``.
+        """
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise KeyError("LoRA layer needs both lora_down.weight and lora_up.weight")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
+        if "lora_mid.weight" in parts:
+            mid = parts["lora_mid.weight"]
+            down = torch.einsum("abkl,bi->aikl", mid.double(), down.double().flatten(1)).to(down.dtype)
         return cls(down=down, up=up, alpha=alpha)
