@@ -174,3 +174,12 @@ def test_bad_inputs_are_named(tmp_path):
                                                r"just before and renamed diverged-checkpoint-1\)"):
         run(tmp_path, data, "data.on_bad_image=skip", "max_steps=4", "learning_rate=1e30", "checkpointing_steps=1",
             "max_grad_norm=0")
+
+
+def test_default_latent_cache_inside_a_new_output_dir(tmp_path):
+    """The recipes' default: the latent cache inside output_dir, which the run claims first (a fresh run into a
+    new folder must not refuse the folder its own cache just filled)."""
+    data = make_images(tmp_path / "img")
+    res = run(tmp_path, data, "max_steps=1", "data.cache_latents=true", name="fresh")
+    assert res.final_path.is_file()
+    assert list((tmp_path / "fresh" / "latent_cache").glob("*.safetensors"))

@@ -260,6 +260,12 @@ def train(cfg, accelerator=None, pipe=None):
                               "latents); training without the cache")
         else:
             cache_dir = cfg.data.cache_dir or str(Path(cfg.output_dir) / "latent_cache")
+            if cfg.data.cache_dir is None and accelerator.is_main_process:
+                # the cache goes inside output_dir: claim (check + mark) it first, as the loop would
+                from lorakit.outputs import claim_dir
+
+                claim_dir(cfg.output_dir, kind="training", flag="output_dir")
+            accelerator.wait_for_everyone()
             cache = LatentCache(cache_dir, pipe.vae, device, vae_dtype)
             flips = (False, True) if cfg.data.random_flip else (False,)
             if accelerator.is_main_process:
