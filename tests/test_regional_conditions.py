@@ -266,3 +266,12 @@ def test_sdxl_t2i_adapter_xl_reaches_the_unet(sdxl_pipe):
     none = _latents(pipe, [], None, regions=spec, steps=2)
     assert torch.equal(_latents(pipe, [], [Condition(xl, sketch(), 0.0)], regions=spec, steps=2), none)
     assert (_latents(pipe, [], [Condition(xl, sketch(), 1.0)], regions=spec, steps=2) - none).abs().max() > 1e-3
+
+
+def test_sdxl_controlnet_reaches_the_unet(sdxl_pipe):
+    pipe = copy.deepcopy(sdxl_pipe)
+    cn = tiny_controlnet(pipe.unet, seed=7)  # SDXL: the ControlNet takes the pooled text and time ids too
+    image = sketch(seed=4).convert("RGB")
+    none = _latents(pipe, [], None, steps=2)
+    assert torch.equal(_latents(pipe, [], [Condition(cn, image, 0.0)], steps=2), none)
+    assert (_latents(pipe, [], [Condition(cn, image, 1.0)], steps=2) - none).abs().max() > 1e-3
