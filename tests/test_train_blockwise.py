@@ -174,3 +174,15 @@ def test_bad_inputs_are_named(tmp_path):
                                                r"just before and renamed diverged-checkpoint-1\)"):
         run(tmp_path, data, "data.on_bad_image=skip", "max_steps=4", "learning_rate=1e30", "checkpointing_steps=1",
             "max_grad_norm=0")
+
+
+def test_environment_secret_stays_unresolved_in_the_adapter(tmp_path, monkeypatch):
+    """Issue 13 case 5: a ${oc.env:...} value is used but never written (adapter metadata, checkpoints)."""
+    monkeypatch.setenv("LK_TEST_HF_TOKEN", "hf_not_for_files_123")
+    data = make_images(tmp_path / "img", n=2)
+    res = run(tmp_path, data, "max_steps=1", "checkpointing_steps=1", 'sample_prompts=["${oc.env:LK_TEST_HF_TOKEN}"]')
+    meta = load_adapter(res.final_path).metadata
+    assert json.loads(meta["lorakit.config"])["sample_prompts"] == ["${oc.env:LK_TEST_HF_TOKEN}"]
+    for p in (tmp_path / "out").rglob("*"):
+        if p.is_file():
+            assert b"hf_not_for_files_123" not in p.read_bytes(), p
