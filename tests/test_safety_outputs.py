@@ -164,3 +164,15 @@ def test_demo_never_writes_among_foreign_files(tmp_path, capsys):
     (old / "report.json").write_text("{}")
     _claim_demo_folder(old)
     assert (old / MARKER).is_file()
+
+
+def test_eval_report_never_overwrites_foreign_files(tmp_path):
+    from lorakit.eval.report import check_report_paths, write_report
+
+    (tmp_path / "r.md").write_text("my notes")
+    with pytest.raises(OutputError, match="not a lorakit report"):
+        write_report({"metric": "x"}, tmp_path / "r", "t", ["a"], [[1]])
+    assert (tmp_path / "r.md").read_text() == "my notes"
+    write_report({"metric": "x"}, tmp_path / "s", "t", ["a"], [[1]])
+    write_report({"metric": "x", "n": 2}, tmp_path / "s.json", "t", ["a"], [[2]])  # its own earlier report
+    assert check_report_paths(tmp_path / "s.md") == tmp_path / "s"
