@@ -117,8 +117,8 @@ def load_config(schema_cls, path: str | os.PathLike | None = None, overrides: li
             raise ConfigError(f"override {item!r}: bad value for {err.full_key!r}: {err.msg}") from err
         except (ConfigKeyError, ConfigAttributeError) as err:
             raise _unknown_key_error(schema, key, f"override {item!r}") from err
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise ConfigError(f"override {item!r}: {str(err).splitlines()[0]} (quote the value?)") from None
     try:  # resolve every interpolation now: a missing environment variable is named before any work starts
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:

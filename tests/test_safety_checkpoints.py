@@ -248,3 +248,14 @@ def test_unwritable_output_dir_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr(lorakit.outputs.os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
     with pytest.raises(ValueError, match=r"output_dir .*: the folder .* is not writable"):
         _run(tmp_path / "out", ["max_steps=1"])
+
+
+def test_half_written_checkpoint_of_a_killed_run_is_cleaned(tmp_path):
+    """Issue 13 case 10: a `.tmp-checkpoint-N` left by kill -9 is removed by the next run (it holds the lock)."""
+    out = tmp_path / "run"
+    _run(out, ["max_steps=4", "stop_at_step=2"])
+    stale = out / "checkpoints" / ".tmp-checkpoint-3"
+    stale.mkdir()
+    (stale / "params.safetensors").write_bytes(b"half")
+    res = _run(out, ["max_steps=4", "resume=latest"])
+    assert res.global_step == 4 and not stale.exists()

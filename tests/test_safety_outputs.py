@@ -148,3 +148,31 @@ def test_folders_are_swapped_atomically(tmp_path):
     (b / "x").write_text("b")
     assert _exchange(a, b)
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def test_demo_never_writes_among_foreign_files(tmp_path, capsys):
+    from lorakit.toyworld.demo import _claim_demo_folder
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("my own report")
+    (mine / "notes.txt").write_text("x")
+    assert main(["demo", "--out", str(mine)]) == 2
+    assert "did not write" in _err_line(capsys) and (mine / "report.html").read_text() == "my own report"
+    old = tmp_path / "demo_out"  # a demo folder of an earlier lorakit (no marker, only the demo's names)
+    (old / "images").mkdir(parents=True)
+    (old / "report.json").write_text("{}")
+    _claim_demo_folder(old)
+    assert (old / MARKER).is_file()
+
+
+def test_eval_report_never_overwrites_foreign_files(tmp_path):
+    from lorakit.eval.report import check_report_paths, write_report
+
+    (tmp_path / "r.md").write_text("my notes")
+    with pytest.raises(OutputError, match="not a lorakit report"):
+        write_report({"metric": "x"}, tmp_path / "r", "t", ["a"], [[1]])
+    assert (tmp_path / "r.md").read_text() == "my notes"
+    write_report({"metric": "x"}, tmp_path / "s", "t", ["a"], [[1]])
+    write_report({"metric": "x", "n": 2}, tmp_path / "s.json", "t", ["a"], [[2]])  # its own earlier report
+    assert check_report_paths(tmp_path / "s.md") == tmp_path / "s"

@@ -183,3 +183,15 @@ def test_default_latent_cache_inside_a_new_output_dir(tmp_path):
     res = run(tmp_path, data, "max_steps=1", "data.cache_latents=true", name="fresh")
     assert res.final_path.is_file()
     assert list((tmp_path / "fresh" / "latent_cache").glob("*.safetensors"))
+
+
+def test_environment_secret_stays_unresolved_in_the_adapter(tmp_path, monkeypatch):
+    """Issue 13 case 5: a ${oc.env:...} value is used but never written (adapter metadata, checkpoints)."""
+    monkeypatch.setenv("LK_TEST_HF_TOKEN", "hf_not_for_files_123")
+    data = make_images(tmp_path / "img", n=2)
+    res = run(tmp_path, data, "max_steps=1", "checkpointing_steps=1", 'sample_prompts=["${oc.env:LK_TEST_HF_TOKEN}"]')
+    meta = load_adapter(res.final_path).metadata
+    assert json.loads(meta["lorakit.config"])["sample_prompts"] == ["${oc.env:LK_TEST_HF_TOKEN}"]
+    for p in (tmp_path / "out").rglob("*"):
+        if p.is_file():
+            assert b"hf_not_for_files_123" not in p.read_bytes(), p

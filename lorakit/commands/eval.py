@@ -352,6 +352,10 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.metric == "retention" or args.images:
+        from lorakit.eval.report import check_report_paths
+
+        check_report_paths(_default_out(args))  # before any scoring (a judge run costs money)
     if args.metric == "retention":
         result, headers, rows = eval_retention(args)
         title = f"Concept retention of {args.fused}"

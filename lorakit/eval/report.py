@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -35,6 +36,34 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lorakit_report(js: Path) -> bool:
+    try:
+        data = json.loads(js.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and ("metric" in data or data.get("written_by") == "lorakit")
+
+
+def check_report_paths(out: str | os.PathLike) -> Path:
+    """``out`` without a .json/.md suffix, after checking that ``OUT.json`` / ``OUT.md`` are new or an earlier
+    lorakit report (one with a ``metric``); anything else is never overwritten (OutputError)."""
+    from lorakit.outputs import OutputError
+
+    out = Path(out)
+    if out.suffix in (".json", ".md"):
+        out = out.with_suffix("")
+    js, md = out.with_name(out.name + ".json"), out.with_name(out.name + ".md")
+    for p in (js, md):
+        if p.is_dir():
+            raise OutputError(f"--out {out}: {p} is a folder")
+    ours = _lorakit_report(js)
+    for p in (js, md):
+        if p.exists() and not ours:
+            raise OutputError(f"--out {out}: {p} exists and is not a lorakit report; lorakit never overwrites it "
+                              "(choose another --out)")
+    return out
+
+
 def write_report(result: dict, out: str | os.PathLike, title: str, headers: list[str], rows: list[list]) -> tuple[Path, Path]:
     """Write ``result`` to ``OUT.json`` and a markdown file ``OUT.md`` (title + table), atomically.
 
@@ -44,9 +73,7 @@ def write_report(result: dict, out: str | os.PathLike, title: str, headers: list
     Returns:
         (json path, markdown path).
     """
-    out = Path(out)
-    if out.suffix in (".json", ".md"):
-        out = out.with_suffix("")
+    out = check_report_paths(out)
     js = write_json(result, out.with_name(out.name + ".json"))
     md = write_text(f"## {title}\n\n" + markdown_table(headers, rows), out.with_name(out.name + ".md"))
     return js, md

@@ -253,6 +253,21 @@ class _Runner:
         return lambda seeds: _plain(pipe, self.prompt, seeds, s.sample_steps, s.guidance), info
 
 
+_DEMO_NAMES = {"report.html", "report.json", "report.md", "images", "loras"}
+
+
+def _claim_demo_folder(out: Path) -> None:
+    """The demo writes only into a new, empty or lorakit folder (a demo folder of an earlier version, holding
+    nothing but the demo's own names, counts as lorakit's)."""
+    from lorakit.outputs import claim_dir, is_marked, write_marker
+
+    if out.is_dir() and not is_marked(out):
+        names = {p.name for p in out.iterdir()}
+        if names and names <= _DEMO_NAMES and (out / "report.json").is_file():
+            write_marker(out, "demo")
+    claim_dir(out, kind="demo")
+
+
 def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     """Train/reuse the LoRAs, generate ``k`` images per method, score them, write the reports.
 
@@ -275,6 +290,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         if r not in rows_all:
             raise ValueError(f"unknown demo method {r!r}; expected one of {rows_all}")
     out = Path(s.out)
+    _claim_demo_folder(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lora_dir = Path(s.lora_dir) if s.lora_dir else out / "loras"
     prompt = demo_prompt(s.character, s.style)
