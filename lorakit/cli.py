@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorakit.threads import configure_threads
+
+    configure_threads()  # before any command loads torch: one thread unless OMP_NUM_THREADS is set (lorakit/threads.py)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -1,15 +1,16 @@
 import os
 
-# Before torch loads OpenMP: busy-waiting threads made 2-thread runs 10-100x slower whenever another process held
-# the second core (measured on the 2-core CI machine). The test models are tiny, so one thread is the fast choice.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from lorakit.threads import configure_threads
+
+# Before torch loads OpenMP: lorakit's defaults (passive waiting, one thread), whatever OMP_NUM_THREADS says, so the
+# tests train the same bits everywhere; LORAKIT_TEST_THREADS=N to try another count.
+configure_threads(int(os.environ.get("LORAKIT_TEST_THREADS", "1")))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(int(os.environ.get("LORAKIT_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

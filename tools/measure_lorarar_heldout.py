@@ -124,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--refs", choices=["images", "generated"], default="images")
     p.add_argument("--hypernet-override", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    from lorakit.threads import configure_threads
+
+    configure_threads(1)  # before torch loads; each variant sets its own count below
     import torch
 
     from lorakit.models import load_base
@@ -134,7 +137,6 @@ def main(argv=None) -> int:
     # the order of tools/ci_artifacts.py and the test (the LoRAs' order is the pair order the network trains in)
     concepts = [c.name for c in HELDOUT if c.kind in ("character", "object", "style")]
     args.adapters_dir = args.adapters_dir or str(default_cache_dir())
-    torch.set_num_threads(1)
     t0 = time.perf_counter()
     # (not ci.train_adapters: it clears other files of these concepts from a cache that other runs share)
     files = {c: train_concept_lora(c, args.adapters_dir, overrides=args.lora_override) for c in concepts}

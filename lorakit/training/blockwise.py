@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from lorakit.config import load_config
+    from lorakit.threads import configure_threads
+
+    configure_threads()  # one torch thread unless OMP_NUM_THREADS is set (lorakit/threads.py)
 
     parser = argparse.ArgumentParser(description="Train a block-wise LoRA/LoCon adapter (accelerate launch-able).")
     parser.add_argument("--config", help="a YAML recipe (train_configs/*.yaml)")

@@ -529,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from lorakit.config import load_config, schema_keys
+    from lorakit.threads import configure_threads
+
+    configure_threads()  # one torch thread unless OMP_NUM_THREADS is set (lorakit/threads.py)
 
     parser = argparse.ArgumentParser(
         description="Train an ED-LoRA (Mix-of-Show) concept: layer-wise embeddings + LoRA (accelerate launch-able).",

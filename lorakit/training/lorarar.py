@@ -330,6 +330,9 @@ def train(cfg, pipe=None):
 
 def main(argv: list[str] | None = None) -> int:
     from lorakit.config import load_config, schema_keys
+    from lorakit.threads import configure_threads
+
+    configure_threads()  # one torch thread unless OMP_NUM_THREADS is set (lorakit/threads.py)
 
     parser = argparse.ArgumentParser(
         prog="train_lorarar.py",
