@@ -9,7 +9,11 @@ The recipe lives in lorakit/training/blockwise.py; docs/training.md lists every 
 
 import sys
 
-from lorakit.training.entry import script
+from lorakit.threads import configure_threads
+
+configure_threads()  # before torch loads: lorakit's thread defaults (lorakit/threads.py), as `lorakit demo` and CI
+
+from lorakit.training.entry import script  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(script("blockwise"))

@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from lorakit import logs
-    from lorakit.errors import debug_enabled, run_guarded
+    from lorakit.errors import debug_enabled
+    from lorakit.threads import configure_threads
+
+    configure_threads()  # before any command loads torch: one thread unless OMP_NUM_THREADS is set
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)

@@ -1,15 +1,50 @@
 import os
 
-# Before torch loads OpenMP: busy-waiting threads made 2-thread runs 10-100x slower whenever another process held
-# the second core (measured on the 2-core CI machine). The test models are tiny, so one thread is the fast choice.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from lorakit.threads import configure_threads
+
+# Before torch loads OpenMP: lorakit's defaults (passive waiting, one thread), whatever OMP_NUM_THREADS says, so the
+# tests train the same bits everywhere; LORAKIT_TEST_THREADS=N to try another count.
+configure_threads(int(os.environ.get("LORAKIT_TEST_THREADS", "1")))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(int(os.environ.get("LORAKIT_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def toy_loras(request):
+    """``{concept: file}`` of every held-out toy concept LoRA (its recipe ``train_configs/toy_<concept>.yaml``) from
+    the toy LoRA cache shared with ``lorakit demo`` and ``.ci/run`` (``lorakit.toyworld.loras.default_cache_dir``).
+    Missing ones are trained first (about a minute each on one idle core), with a line per LoRA on the terminal
+    so a first run does not sit silent."""
+    import time
+
+    from lorakit.toyworld.concepts import HELDOUT
+    from lorakit.toyworld.loras import concept_lora_path, default_cache_dir, train_concept_lora
+
+    cache = default_cache_dir()
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    names = [c.name for c in HELDOUT]
+    missing = [n for n in names if not concept_lora_path(n, cache).exists()]
+
+    def say(msg):
+        with capture.global_and_fixture_disabled():
+            print(msg, flush=True)
+
+    if missing:
+        say(f"\n[toy LoRAs] training {len(missing)} of {len(names)} into {cache} (cached for the next run; "
+            f"`python tools/ci_artifacts.py --skip-hypernet --jobs 2` trains them two at a time)")
+    files = {}
+    for name in names:
+        t0 = time.perf_counter()
+        if name in missing:
+            say(f"[toy LoRAs] {missing.index(name) + 1}/{len(missing)} {name} ...")
+        files[name] = train_concept_lora(name, cache)
+        if name in missing:
+            say(f"[toy LoRAs] {name}: {files[name].name} in {time.perf_counter() - t0:.0f} s")
+    return files
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,10 @@ real toy base, one thread)."""
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,11 @@ def test_adapters_reused_retrained_and_stale_removed(tmp_path, capsys):
     (out / "toy_frog-abcd1234").mkdir()
     shutil.copyfile(files["frog"], out / "toy_frog-abcd1234" / "toy_frog.safetensors")
     (out / "toy_frog-1111111111111111.tmp").write_bytes(b"x")
+    running = out / "toy_frog-inprogress"  # a young temp folder: maybe another process's run, left alone
+    running.mkdir()
+    old = time.time() - ci.LEFTOVER_AGE_S - 60
+    for p in (out / "toy_frog-abcd1234", out / "toy_frog-1111111111111111.tmp"):
+        os.utime(p, (old, old))
     sidecar = out / (files["frog"].name + ".profile.json")  # the benchmark's cmlora profile cache: kept
     sidecar.write_text("{}")
     assert bench.find_adapters(out)["frog"] != files["frog"]  # the newest file would win without the clean-up
@@ -71,7 +78,8 @@ def test_adapters_reused_retrained_and_stale_removed(tmp_path, capsys):
     assert rec["action"] == "reused"
     assert sorted(rec["removed"]) == sorted([stale.name, "toy_frog-abcd1234", "toy_frog-1111111111111111.tmp"])
     assert sorted(p.name for p in out.iterdir()) == sorted([files["frog"].name, sidecar.name, files["ink"].name,
-                                                           "latent_cache"])
+                                                           "latent_cache", running.name])
+    running.rmdir()
     assert [p.name for p in (tmp_path / "stale" / "adapters").iterdir()] == [stale.name]
     assert bench.find_adapters(out) == files
 

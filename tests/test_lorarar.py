@@ -188,19 +188,44 @@ def test_fuse_cli_lorarar(sd1_pipe, tmp_path):
                  str(tmp_path / "s.safetensors"), "--out", str(out)]) == 2  # no --hypernet: a named error
 
 
-def test_hypernet_beats_sum_and_init_on_held_out_toy_pair():
-    """The paper's claim on real trained LoRAs: the toy hypernetwork (4 characters/objects x 2 styles, the ghost
-    character held out of training) lowers the ZipLoRA loss of the unseen ghost + ink pair below both the plain sum
-    and its own initialisation. LoRAs and hypernetwork are the CI artifacts (trained here when absent, cached by
-    recipe hash)."""
+def _tool(name):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ci_artifacts", ROOT / "tools" / "ci_artifacts.py")
-    ci = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ci)
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return mod
+
+
+# Held-out claim on the toy world, scored on 64 paired noise batches: the trained network's mean loss on the unseen
+# pair is below the plain sum's and its initialisation's. Only the direction is asserted: measured with
+# tools/measure_lorarar_heldout.py (docs/lorarar.md), the gain over the sum ranges from about 5 % (this recipe's
+# LoRA order, seed 0: paired 95 % interval -9.3 % to -1.8 %) to 17 % with other seeds / LoRA orders, so a size
+# threshold (the former ">= 5 %" on 4 batches, 4.4 % in CI) sits inside the run-to-run variation.
+HELD_OUT_BATCHES = 64
+
+
+@pytest.mark.slow
+def test_hypernet_beats_sum_and_init_on_held_out_toy_pair(toy_loras):
+    """The paper's claim on real trained LoRAs: the toy hypernetwork (4 characters/objects x 2 styles, the ghost
+    character held out of training) lowers the ZipLoRA loss of the unseen ghost + ink pair below both the plain sum
+    and its own initialisation, on average over 64 paired noise batches. LoRAs: the shared toy LoRA cache
+    (``toy_loras``); the hypernetwork is the CI artifact (``tools/ci_artifacts.py``, cached by hash in
+    artifacts/hypernet). References are the concepts' images named by the recipe, never a folder found in a LoRA's
+    metadata."""
+    from lorakit.models import load_base
+
+    ci, measure = _tool("ci_artifacts"), _tool("measure_lorarar_heldout")
     reset_accelerate()
-    files = ci.train_adapters(ROOT / "artifacts" / "adapters", [])
-    path = ci.train_hypernet(files, ROOT / "artifacts" / "hypernet", [], ("ghost", "ink"))
-    (row,) = ci.held_out_losses(path)
-    assert row["content"].startswith("toy_ghost-") and row["style"].startswith("toy_ink-")
-    assert row["lorarar"] < 0.95 * row["sum"] and row["lorarar"] < 0.95 * row["init"], row
+    path = ci.train_hypernet(toy_loras, ROOT / "artifacts" / "hypernet", [], ("ghost", "ink"))
+    pipe = load_base(str(ROOT / "data" / "toy-base"))
+    pipe.set_progress_bar_config(disable=True)
+    cfg = ci.hypernet_config(toy_loras, [], ("ghost", "ink"))
+    (row,) = measure.evaluate(pipe, cfg, path, [0], HELD_OUT_BATCHES, "images")
+    print(row)
+    assert row["pair"][0].startswith("toy_ghost-") and row["pair"][1].startswith("toy_ink-")
+    assert row["lorarar"] < row["sum"] and row["lorarar"] < row["init"], row

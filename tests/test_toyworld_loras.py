@@ -1,21 +1,19 @@
 """Must-show of the toy world: every held-out concept's LoRA makes the oracle find that concept in generated
 images far more often than the base model alone.
 
-The LoRAs are the recipes' own (``train_configs/toy_<concept>.yaml``), trained through
-``lorakit.toyworld.loras.train_concept_lora`` into ``artifacts/adapters`` and reused while recipe, base weights
-and data are unchanged. ``.ci/run`` trains them before the tests (the same files feed the CI benchmark); on a
-machine without them this file trains them first (about a minute each on one CPU core).
+The LoRAs are the recipes' own (``train_configs/toy_<concept>.yaml``) from the toy LoRA cache that ``lorakit demo``
+and ``.ci/run`` share (the ``toy_loras`` fixture: reused while recipe, base weights and data are unchanged; missing
+ones are trained first, about a minute each on one idle core). Slow (``pytest -m slow``; ``.ci/run`` runs it after
+training the LoRAs).
 """
 
 from pathlib import Path
 
 import pytest
-import torch
 
 from lorakit.toyworld.concepts import HELDOUT
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / "artifacts" / "adapters"
 N = 16
 # "Far more often": the LoRA's rate beats the base's by at least this much (measured margins: docs/toyworld.md).
 MIN_GAIN = 0.25
@@ -30,14 +28,13 @@ def toy_pipe():
     return pipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("concept", [c.name for c in HELDOUT])
-def test_concept_lora_beats_base(toy_pipe, concept):
+def test_concept_lora_beats_base(toy_pipe, toy_loras, concept):
     from lorakit.eval.oracle import score
     from lorakit.toyworld.evaluate import concept_prompts, generate
-    from lorakit.toyworld.loras import train_concept_lora
 
-    torch.set_num_threads(1)
-    path = train_concept_lora(concept, CACHE)
+    path = toy_loras[concept]
     prompts = concept_prompts(concept, N, seed=123)
     base_rate = score(generate(toy_pipe, prompts, seed=1000), [concept]).rates[concept]
     toy_pipe.load_lora_weights(str(path), adapter_name=concept)

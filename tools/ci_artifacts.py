@@ -11,7 +11,7 @@ Stages (each prints JSON lines: what it trains or reuses, and its wall time):
    ``train_configs/toy_<concept>.yaml`` with ``lorakit.toyworld.loras.train_concept_lora`` into
    ``OUT/adapters/toy_<concept>-<hash>.safetensors``. The hash covers the resolved recipe, the base weights and
    the concept's images, so an unchanged recipe is reused and any change retrains. Files of the same concept with
-   another hash are moved to ``OUT/stale/adapters/`` (leftovers of interrupted runs are deleted), so the benchmark,
+   another hash are moved to ``OUT/stale/adapters/`` (leftovers of interrupted runs over 6 hours old are deleted), so the benchmark,
    which finds adapters by their ``lorakit.trigger``, sees exactly the current ones.
 2. ``hypernet``: ``train_configs/toy_lorarar.yaml`` trained on those LoRAs (content = characters + objects,
    style = styles, references = each LoRA's training images) into ``OUT/hypernet/toy_lorarar-<hash>.safetensors``
@@ -58,11 +58,16 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+LEFTOVER_AGE_S = 6 * 3600  # a temp run folder / .tmp file younger than this may belong to a run in progress
+
+
 def remove_stale(folder: Path, prefix: str, keep: Path) -> list[str]:
     """Clear ``folder/<prefix>-*`` except ``keep`` and its sidecars (``keep.name`` + anything, e.g. the
     benchmark's ``.profile.json``): other ``.safetensors`` files and their sidecars (older hashes, or someone's
     experiment) are moved to ``<folder>/../stale/<folder name>/`` (out of the benchmark's sight, nothing lost);
-    leftovers of interrupted runs (``.tmp`` files, temp run folders) are deleted.
+    leftovers of interrupted runs (``.tmp`` files, temp run folders) are deleted once they are ``LEFTOVER_AGE_S``
+    old: a younger one may be another process's training in progress (the cache is shared by the demo, the tests
+    and CI).
 
     Returns:
         The names cleared.
@@ -70,6 +75,9 @@ def remove_stale(folder: Path, prefix: str, keep: Path) -> list[str]:
     gone = []
     for p in sorted(folder.glob(f"{prefix}-*")):
         if p.name.startswith(keep.name):
+            continue
+        leftover = not (p.is_file() and (p.suffix == ".safetensors" or ".safetensors." in p.name))
+        if leftover and time.time() - p.stat().st_mtime < LEFTOVER_AGE_S:
             continue
         if p.is_file() and (p.suffix == ".safetensors" or ".safetensors." in p.name):
             trash = folder.parent / "stale" / folder.name
@@ -386,9 +394,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from lorakit.threads import configure_threads
+
+    configure_threads(max(1, args.threads))  # before torch loads (passive OpenMP waiting; workers inherit it)
     import torch
 
-    torch.set_num_threads(max(1, args.threads))
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         from bench_composition import ALL_METHODS

@@ -110,12 +110,12 @@ def evaluate(pipe, cfg, path: Path, eval_seeds: list[int], n: int, refs: str) ->
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--adapters-dir", default=str(ROOT / "artifacts" / "adapters"),
-                   help="toy concept LoRAs (trained there when missing; default: the shared cache artifacts/adapters)")
+    p.add_argument("--adapters-dir", default=None,
+                   help="toy concept LoRAs (trained there when missing; default: the shared toy LoRA cache)")
     p.add_argument("--lora-override", action="append", default=[], metavar="KEY=VALUE",
                    help="override of every concept recipe, e.g. seed=1 (use another --adapters-dir)")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "measure_lorarar"),
-                   help="hypernetworks go to OUT/t<threads>/ (cached by hash)")
+                   help="hypernetworks go to OUT/t<threads>-seed<seed>/ (cached by hash)")
     p.add_argument("--hypernet-seeds", nargs="+", type=int, default=[0])
     p.add_argument("--threads", nargs="+", type=int, default=[1], help="torch threads for training (and scoring)")
     p.add_argument("--holdout", nargs=2, default=["ghost", "ink"], metavar=("CONTENT", "STYLE"))
@@ -124,15 +124,22 @@ def main(argv=None) -> int:
     p.add_argument("--refs", choices=["images", "generated"], default="images")
     p.add_argument("--hypernet-override", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    from lorakit.threads import configure_threads
 
+    configure_threads(1)  # before torch loads; each variant sets its own count below
     import torch
 
     from lorakit.models import load_base
+    from lorakit.toyworld.loras import default_cache_dir, train_concept_lora
 
-    concepts = ["frog", "ghost", "robot", "mushroom", "tophat", "ink", "pixel"]
-    torch.set_num_threads(1)
+    from lorakit.toyworld.concepts import HELDOUT
+
+    # the order of tools/ci_artifacts.py and the test (the LoRAs' order is the pair order the network trains in)
+    concepts = [c.name for c in HELDOUT if c.kind in ("character", "object", "style")]
+    args.adapters_dir = args.adapters_dir or str(default_cache_dir())
     t0 = time.perf_counter()
-    files = ci.train_adapters(Path(args.adapters_dir), args.lora_override, concepts)
+    # (not ci.train_adapters: it clears other files of these concepts from a cache that other runs share)
+    files = {c: train_concept_lora(c, args.adapters_dir, overrides=args.lora_override) for c in concepts}
     emit({"kind": "adapters", "dir": args.adapters_dir, "overrides": args.lora_override,
           "seconds": round(time.perf_counter() - t0, 1)})
     pipe = load_base(str(ROOT / "data" / "toy-base"))
@@ -143,7 +150,8 @@ def main(argv=None) -> int:
             torch.set_num_threads(threads)
             ov = [f"seed={seed}", *args.hypernet_override]
             t0 = time.perf_counter()
-            path = ci.train_hypernet(files, Path(args.out) / f"t{threads}", ov, tuple(args.holdout))
+            # one folder per variant: train_hypernet moves other hashes in its folder to stale/
+            path = ci.train_hypernet(files, Path(args.out) / f"t{threads}-seed{seed}", ov, tuple(args.holdout))
             variant = {"lora_overrides": args.lora_override, "hypernet_seed": seed, "threads": threads}
             emit({"kind": "train", **variant, "file": str(path), "seconds": round(time.perf_counter() - t0, 1),
                   "stored_row": ci.held_out_losses(path)})

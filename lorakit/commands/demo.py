@@ -11,7 +11,7 @@ DESCRIPTION = """\
 Offline end-to-end demo on the bundled toy base (data/toy-base, 32x32 images):
 
   1. trains a character LoRA and a style LoRA from train_configs/toy_<concept>.yaml (300 steps each;
-     cached by recipe hash under LORA_DIR, so a second run reuses them);
+     cached by recipe hash under LORA_DIR, shared with the tests and CI, so a second run reuses them);
   2. composes them with every method: sampling-time merge, switch, composite, cmlora and fusion-time
      gradient (Mix-of-Show) and weighted, plus reference rows: base (no LoRA) and each LoRA alone;
      K images per method from the prompt "<character trigger>, white plain background, <style trigger>",
@@ -44,28 +44,26 @@ def add_parser(sub) -> None:
                    help="training steps of each LoRA, overriding the recipes' max_steps (default: the recipes' 300)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps per image (default: 20)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    p.add_argument("--lora-dir", help="LoRA cache folder (default: OUT/loras)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default: 1, the fastest for the toy model: 2 threads took 2x longer)")
+    p.add_argument("--lora-dir", help="LoRA cache folder (default: $LORAKIT_TOY_LORAS, else artifacts/adapters in "
+                   "the repository: the cache the tests and .ci/run use, so a LoRA is trained once per recipe)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1, or OMP_NUM_THREADS when set; 1 is the fastest for the toy "
+                   "model: 2 threads took 2x longer)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import os
-    import sys
+    from lorakit.threads import configure_threads
 
-    # With OpenMP's default (active) waiting, 2 torch threads on a machine where another job holds a core run
-    # ~100x slower on this small model (measured: 43 s instead of 0.5 s per image); passive waiting fixes it.
-    # libgomp reads this when torch loads, so it only takes effect if torch is not imported yet.
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    threads = configure_threads(args.threads)  # (passive OpenMP waiting only takes effect before torch loads)
     import torch
+
+    torch.set_num_threads(threads)  # torch's own default stops at the core count; an explicit --threads does not
 
     from lorakit.toyworld.demo import DemoSettings, format_table, run_demo
 
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
     settings = DemoSettings(character=args.character, style=args.style, out=args.out, lora_dir=args.lora_dir,
                             k=args.k, seed=args.seed, train_steps=args.steps)
     if args.sample_steps is not None:

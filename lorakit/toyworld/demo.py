@@ -61,7 +61,8 @@ class DemoSettings:
 
     character / style: held-out concept names or trigger words (``frog``/``kwibbit``, ``ink``/``inkvel``).
     out: output folder (report.html / .json / .md, images/).
-    lora_dir: where trained LoRAs are cached by recipe hash (default ``<out>/loras``).
+    lora_dir: where trained LoRAs are cached by recipe hash (default: the toy LoRA cache shared with the tests and
+        CI, :func:`lorakit.toyworld.loras.default_cache_dir`).
     k: images per method; image i of every method uses seed ``seed + i``.
     train_steps: overrides the recipes' ``max_steps`` (None = the recipes' 300).
     sample_steps / guidance: DDIM steps and CFG scale of every image (the toy measurements' 20 and 4).
@@ -292,7 +293,12 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     out = Path(s.out)
     _claim_demo_folder(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    lora_dir = Path(s.lora_dir) if s.lora_dir else out / "loras"
+    if s.lora_dir:
+        lora_dir = Path(s.lora_dir)
+    else:
+        from lorakit.toyworld.loras import default_cache_dir
+
+        lora_dir = default_cache_dir()
     prompt = demo_prompt(s.character, s.style)
     seeds = [s.seed + i for i in range(s.k)]
     with _quiet_libraries():

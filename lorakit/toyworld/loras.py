@@ -73,13 +73,48 @@ def recipe_hash(cfg) -> str:
     return content_hash(resolved, base, data)
 
 
+CACHE_ENV = "LORAKIT_TOY_LORAS"
+
+
+def default_cache_dir() -> Path:
+    """The one cache of trained toy concept LoRAs, shared by ``lorakit demo``, the tests and ``.ci/run``:
+    ``$LORAKIT_TOY_LORAS`` when set, else ``<repository>/artifacts/adapters`` in a clone, else (an installed
+    package) ``~/.cache/lorakit/toy-loras``. Files are named by recipe hash, so one cache holds every recipe
+    variant and a LoRA is trained once per hash."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file() and (repo / "lorakit").is_dir():
+        return repo / "artifacts" / "adapters"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit" / "toy-loras"
+
+
+def _overrides(name: str, base: str | None, overrides: list[str] | None) -> list[str]:
+    # Recipes name repo-relative paths: resolve them against the repository, whatever the working directory.
+    return [f"base_model={base or data_path('toy-base')}", f"data.path={data_path('toy', name)}", *(overrides or [])]
+
+
+def concept_lora_path(concept: str, out_dir: str | os.PathLike, base: str | None = None,
+                      overrides: list[str] | None = None) -> Path:
+    """Where :func:`train_concept_lora` keeps (or will keep) this concept's LoRA: ``out_dir/toy_<concept>-<hash>
+    .safetensors``; it is cached when the file exists."""
+    from lorakit.config import load_config
+    from lorakit.toyworld.concepts import get_concept
+    from lorakit.training.blockwise import BlockwiseConfig
+
+    name = get_concept(concept).name
+    cfg = load_config(BlockwiseConfig, recipe_path(name), _overrides(name, base, overrides))
+    return Path(out_dir) / f"toy_{name}-{recipe_hash(cfg)}.safetensors"
+
+
 def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | None = None,
                        overrides: list[str] | None = None, force: bool = False) -> Path:
     """Train (or reuse) the LoRA of one held-out toy concept.
 
     Args:
         concept: held-out concept name or trigger word (``frog``, ``kwibbit``, ...).
-        out_dir: the LoRA goes to ``out_dir/toy_<concept>-<hash>.safetensors``.
+        out_dir: the LoRA goes to ``out_dir/toy_<concept>-<hash>.safetensors`` (:func:`concept_lora_path`).
         base: base model (default: the recipe's, ``data/toy-base``).
         overrides: extra ``key=value`` recipe overrides (e.g. ``["max_steps=100"]``).
         force: retrain even when a LoRA with the same recipe hash exists.
@@ -98,11 +133,8 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
     name = get_concept(concept).name
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Recipes name repo-relative paths: resolve them against the repository, whatever the working directory.
-    ov = [f"base_model={base or data_path('toy-base')}", f"data.path={data_path('toy', name)}"]
-    ov += list(overrides or [])
-    cfg = load_config(BlockwiseConfig, recipe_path(name), ov)
-    target = out_dir / f"toy_{name}-{recipe_hash(cfg)}.safetensors"
+    ov = _overrides(name, base, overrides)
+    target = concept_lora_path(name, out_dir, base, overrides)
     if target.exists() and not force:
         return target
     with tempfile.TemporaryDirectory(prefix=f"toy_{name}-", dir=out_dir) as work:
