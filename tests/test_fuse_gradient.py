@@ -143,7 +143,8 @@ def _eps(pipe, prompt):
 
 @pytest.fixture(scope="module")
 def fused_auto(sd1_pipe):
-    """The default recipe: ridge chosen per layer on held-out prompts and seeds, to_k/to_v on concept rows."""
+    """The default ridge (chosen per layer on held-out prompts and seeds, toward the average), to_k/to_v on the
+    reference's rows (trigger tokens + end token)."""
     from lorakit.fusion import heldout_prompts
 
     pipe = copy.deepcopy(sd1_pipe)
@@ -152,7 +153,7 @@ def fused_auto(sd1_pipe):
     for c, ad, t in zip(concepts, adapters, TRIGGERS):
         c.trigger, c.val_prompts = t, heldout_prompts(ad, None, False)
         c.val_sample_prompts = list(c.val_prompts)
-    settings = GradientSettings(**{**SETTINGS, "ridge": "auto", "ridge_target": "average"})
+    settings = GradientSettings(**{**SETTINGS, "ridge": "auto", "ridge_target": "average", "kv_rows": "concept"})
     return pipe, adapters, fuse_gradient(pipe, concepts, settings)
 
 
@@ -294,6 +295,8 @@ def test_fuse_cli_gradient_pipeline_matches_library(tmp_path, sd1_pipe, fused_tw
                                                             for t in TRIGGERS]
     assert set(report["layers"]) == set(out["layers"]) and report["time_s"] > 0
     assert all(r["method"] == "closed_form" for r in report["layers"].values())
+    kv = [r for k, r in report["layers"].items() if stage_of(k) == "cross_kv"]
+    assert kv and all(r["tokens"] == 2 * 2 * 77 for r in kv)  # default --kv-rows all: 2 concepts x 2 prompts x 77
     saved = load_base(dest)
     for key in list(out["modules"])[::7]:
         torch.testing.assert_close(_weight(saved, key), _weight(pipe, key), rtol=1e-5, atol=1e-6)

@@ -168,12 +168,12 @@ def main(argv=None) -> int:
             a, b = present[first].all(1), present[other].all(1)
             wins, losses = int((a & ~b).sum()), int((~a & b).sum())
             emit({"pair": pair, "compare": f"{first} vs {other}", "on": "both", "n": int(a.numel()),
-                  "wins": wins, "losses": losses, "mcnemar_p": round(mcnemar_exact(wins, losses), 4)})
+                  "wins": wins, "losses": losses, "mcnemar_p": float(f"{mcnemar_exact(wins, losses):.3g}")})
             for j, c in enumerate(names):
                 a1, b1 = present[first][:, j], present[other][:, j]
                 w1, l1 = int((a1 & ~b1).sum()), int((~a1 & b1).sum())
                 emit({"pair": pair, "compare": f"{first} vs {other}", "on": c, "n": int(a1.numel()),
-                      "wins": w1, "losses": l1, "mcnemar_p": round(mcnemar_exact(w1, l1), 4)})
+                      "wins": w1, "losses": l1, "mcnemar_p": float(f"{mcnemar_exact(w1, l1):.3g}")})
     if args.out:
         from lorakit.fileio import write_text
 

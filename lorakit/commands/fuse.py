@@ -63,9 +63,10 @@ _GRADIENT_ARGS = (
                                  "separated) for --ridge auto (default: 'a picture of {trigger}' and '{trigger}, "
                                  "high quality' for trigger prompts, else none: other seeds only)")),
     Arg(("--val-samples",), dict(type=int, default=1, help="gradient: held-out seeds per sampling prompt (default 1)")),
-    Arg(("--kv-rows",), dict(choices=["concept", "prompt", "all"], default="concept",
-                             help="gradient: token rows of the to_k/to_v stage: the concept's tokens + the end token "
-                                  "(concept, default, as the reference), every prompt token, or all padded tokens")),
+    Arg(("--kv-rows",), dict(choices=["all", "concept", "prompt"], default="all",
+                             help="gradient: token rows of the to_k/to_v stage: the padded sequence the UNet reads "
+                                  "(all, default), the concept's tokens + the end token (concept, the reference's), "
+                                  "or every prompt token")),
     Arg(("--capture-batch",), dict(type=int, default=8, help="gradient: prompts x seeds per forward pass while "
                                                               "recording (default 8)")),
     Arg(("--max-conv-dim",), dict(type=int, default=4608, help="gradient: solve a conv on unfolded patches when "

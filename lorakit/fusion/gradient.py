@@ -20,9 +20,9 @@ then refits on fit + held-out statistics at that ridge.
 Stages, in the reference's order, each capturing statistics with hooks then solving every layer:
   1. ``text_encoder``: each concept's prompts through the text encoder(s) with that concept's LoRA; rows: every
      token from the start token to the end token (no padding), as the reference;
-  2. ``cross_kv``: UNet ``attn2.to_k``/``attn2.to_v`` with inputs from the FUSED text encoder; rows: the
-     concept's tokens (ED-LoRA pseudo-words, or a plain LoRA's trigger tokens) + the end token, as the reference
-     (``kv_rows`` changes this);
+  2. ``cross_kv``: UNet ``attn2.to_k``/``attn2.to_v`` with inputs from the FUSED text encoder; rows: the padded
+     sequence the UNet reads while sampling (``kv_rows="all"``, chosen by held-out measurement; ``"concept"`` is
+     the reference's concept tokens + end token);
   3. ``unet``: every other UNet layer, inputs recorded while sampling each concept's prompts with that
      concept's LoRA on these layers (fused text encoder and fused to_k/to_v, as in the reference), all steps,
      several prompts and seeds per forward pass (``batch``).
@@ -88,8 +88,9 @@ class GradientSettings:
     ridge_target: ``average`` (default: toward the weighted average ``W0 + (1/N) sum_i a_i dW_i``, so the ridge
         path runs from the exact fit to the weighted average and unseen input directions keep the average) or
         ``base`` (toward W0, as the spec's ``lam ||W - W0||^2``; measured worse on held-out activations).
-    kv_rows: token rows of the to_k/to_v stage: ``concept`` (the concept's tokens + the end token, the
-        reference's), ``prompt`` (every token up to the end token) or ``all`` (the padded sequence).
+    kv_rows: token rows of the to_k/to_v stage: ``all`` (default: the padded sequence the UNet reads while
+        sampling), ``concept`` (the concept's tokens + the end token, the reference's) or ``prompt`` (every token
+        up to the end token). With the held-out ridge, ``all`` measured best on held-out padded rows.
     batch: prompts x seeds per forward pass while capturing.
     max_conv_dim: solve a Conv2d on unfolded patches when in*kh*kw <= this; larger convs fall back to the
         weighted average (reported). 0 = weighted average for every conv.
@@ -109,7 +110,7 @@ class GradientSettings:
     scheduler: str | None = None
     unet_inputs: str = "fused_text"
     ridge_target: str = "average"
-    kv_rows: str = "concept"
+    kv_rows: str = "all"
     batch: int = 8
     progress: bool = True
     keep_inputs: bool = False  # tests / bench only: keep raw activations for the LBFGS reference
