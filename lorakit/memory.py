@@ -366,10 +366,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def worth_checking(base) -> bool:
+    """False for an already loaded pipeline (its memory is spent) and ``tiny:`` bases (a few MB; a trace costs
+    seconds)."""
+    return not hasattr(base, "unet") and not str(base).startswith("tiny:")
+
+
 def check_training(stage: str, cfg, base, dtype: torch.dtype, rank: int, conv: bool = False) -> None:
     """Pre-flight of a trainer (``cfg``: its config). Skipped when ``cfg.memory_check`` is false, for an already
     loaded pipeline (its memory is spent) and for ``tiny:`` bases (a few MB; the trace would cost seconds)."""
-    if not getattr(cfg, "memory_check", True) or hasattr(base, "unet") or str(base).startswith("tiny:"):
+    if not getattr(cfg, "memory_check", True) or not worth_checking(base):
         return
     resolution = getattr(cfg.data, "resolution", None) if hasattr(cfg, "data") else None
     if stage in ("lorarar", "ziplora"):

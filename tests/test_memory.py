@@ -146,12 +146,15 @@ def test_sample_and_fuse_refuse_and_override(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1024)
     fake = tmp_path / "x.safetensors"
     fake.write_bytes(b"")
-    assert main(["sample", "--base", "tiny:sd1", "--adapters", str(fake), "--prompt", "a", "--out",
+    assert main(["sample", "--base", "random:sd1:mid", "--adapters", str(fake), "--prompt", "a", "--out",
                  str(tmp_path / "s")]) == 2
     assert "sample needs ~" in capsys.readouterr().err
-    assert main(["fuse", "--method", "gradient", "--base", "tiny:sd1", "--adapters", str(fake), str(fake),
+    assert main(["fuse", "--method", "gradient", "--base", "random:sd1:mid", "--adapters", str(fake), str(fake),
                  "--out", str(tmp_path / "f")]) == 2
     assert "fuse-gradient needs ~" in capsys.readouterr().err
-    # The override passes the check (the empty adapter file then fails to load: a different error, exit 1).
+    # The override, and a tiny: base, pass without an estimate (the empty adapter file then fails: exit 1).
+    monkeypatch.setattr(memory, "estimate", lambda *a, **k: pytest.fail("no estimate expected"))
+    assert main(["sample", "--base", "random:sd1:mid", "--adapters", str(fake), "--prompt", "a", "--out",
+                 str(tmp_path / "s"), "--no-memory-check"]) == 1
     assert main(["sample", "--base", "tiny:sd1", "--adapters", str(fake), "--prompt", "a", "--out",
-                 str(tmp_path / "s"), "--no-memory-check"]) != 2
+                 str(tmp_path / "s")]) == 1

@@ -363,7 +363,10 @@ def memory_check(args) -> None:
 
     import torch
 
-    from lorakit.memory import default_device, estimate, preflight
+    from lorakit.memory import default_device, estimate, preflight, worth_checking
+
+    if not worth_checking(args.base):
+        return
 
     stage = _MEMORY_STAGES[args.method]
     size = getattr(args, "resolution", None) if stage == "fuse-gradient" else getattr(args, "ref_size", None)

@@ -87,7 +87,10 @@ def memory_check(args, width: int | None, height: int | None) -> None:
 
     import torch
 
-    from lorakit.memory import default_device, estimate, preflight
+    from lorakit.memory import default_device, estimate, preflight, worth_checking
+
+    if not worth_checking(args.base):
+        return
 
     device = default_device()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
