@@ -2,15 +2,16 @@
 
 For every held-out concept three families (``FAMILIES``), all drawn with :mod:`lorakit.toyworld.render`'s sprites:
 
-* ``blobs``: 2-4 ellipses / rectangles in the concept's own colours on a generic scene (a green and a pale-green
-  oval is not a frog);
+* ``blobs``: 2-4 ellipses / rectangles / rings around a blob in the concept's own colours on a generic scene (a
+  green and a pale-green oval, a green ring around a red one, is not a frog);
 * ``parts``: the concept with its most telling parts left out (a frog's body without eyes and mouth, the eyes and
   mouth without the body; a checkerboard in other colours; stripes in the checker's colours; a starless night
   sky; posterized colours without the ink outlines; 2x2 blocks without the pixel palette);
 * ``recoloured``: the other characters and objects (or, for backgrounds and styles, other patterns) drawn in the
   concept's colours (a robot in the frog's greens).
 
-A good oracle scores the concept absent on every one of them (``tools/measure_oracle.py`` measures how often).
+A quarter of them is drawn in the ink style and 15% in the pixel style (never the concept's own), as generated
+images often are. A good oracle scores the concept absent on every one of them (``tools/measure_oracle.py`` measures how often).
 
 >>> imgs = hard_negatives("frog", 6, seed=0)      # [(PIL image 32x32, family, what), ...] families in turn
 """
@@ -96,7 +97,12 @@ def _blobs(concept: str, rng: np.random.Generator, n: int) -> np.ndarray:
         w, h = rng.uniform(0.08, 0.3, size=2) * n
         col = tuple(int(v) for v in pal[int(rng.integers(len(pal)))])
         box = [cx - w, cy - h, cx + w, cy + h]
-        (d.ellipse if rng.random() < 0.6 else d.rectangle)(box, fill=col)
+        u = rng.random()
+        if u < 0.35:  # a ring in one of its colours around a blob in another
+            inner = tuple(int(v) for v in pal[int(rng.integers(len(pal)))])
+            d.ellipse(box, fill=inner, outline=col, width=max(2, int(n * rng.uniform(0.03, 0.07))))
+        else:
+            (d.ellipse if u < 0.75 else d.rectangle)(box, fill=col)
     return np.asarray(canvas, np.float32)
 
 
@@ -217,5 +223,12 @@ def hard_negatives(concept: str, n: int, seed: int = 0, size: int = 32) -> list[
             arr, what = (_sprite_parts if c.name in PART_KEEPS else _other_parts)(c.name, rng, big, i)
         else:
             arr, what = _recoloured(c.name, rng, big, i)
-        out.append((_to_image(arr, size), family, what))
+        # Generated images often carry a style: some negatives are drawn in one (never the concept's own).
+        u = rng.random()
+        if u < 0.25 and c.name != "ink":
+            arr, what = R._ink(arr), what + ", ink style"
+        img = _to_image(arr, size)
+        if 0.25 <= u < 0.4 and c.name != "pixel":
+            img, what = R._pixelate(img, max(2, size // 16)), what + ", pixel style"
+        out.append((img, family, what))
     return out
