@@ -91,7 +91,8 @@ def run_set(pipe, loaded: dict, set_: dict, spec: str, args) -> list[dict]:
     from lorakit.sampling import category_sequence, generate
 
     kinds = list(set_["concepts"])
-    adapters = [replace(loaded[c], weight=args.scale) for c in set_["concepts"].values()]
+    adapters = [replace(loaded[c], weight=args.scale * args.kind_scale.get(kind, 1.0))
+                for kind, c in set_["concepts"].items()]
     order, n_rot = category_sequence(kinds)
     settings = method_settings(spec, args.steps, args.cfg)
     records, names = [], list(set_["concepts"].values())
@@ -158,9 +159,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0, help="the toy base's guidance (as lorakit demo)")
     ap.add_argument("--scale", type=float, default=0.8, help="LoRA scale of every adapter (the references' 0.8)")
+    ap.add_argument("--kind-scale", nargs="+", default=[], metavar="KIND=F",
+                    help="multiply one kind's LoRA scale, e.g. object=1.5 (every method alike)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary-only", action="store_true", help="summarise OUT/images.jsonl, generate nothing")
     args = ap.parse_args()
+    try:
+        args.kind_scale = {k: float(v) for k, v in (item.split("=") for item in args.kind_scale)}
+    except ValueError:
+        ap.error(f"--kind-scale {' '.join(args.kind_scale)}: expected KIND=FACTOR, e.g. object=1.5")
     if args.summary_only:
         records = [json.loads(line) for line in (Path(args.out) / "images.jsonl").read_text().splitlines()]
         for row in summarise(records, args.methods):
