@@ -218,8 +218,10 @@ def main(argv=None) -> int:
     sync()
     t0, c0 = time.perf_counter(), time.process_time()
     if not args.no_reference:
-        fuse_gradient(pipe_r, ref_concepts, GradientSettings(**common, ridge=0.0, batch=1, keep_inputs=True,
-                                                             max_conv_dim=10**9),
+        # the reference's rows: kv_rows="concept" with trigger=None = ED-LoRA pseudo-words + end token, or the end
+        # token alone for a plain LoRA
+        ref = GradientSettings(**common, ridge=0.0, batch=1, keep_inputs=True, kv_rows="concept", max_conv_dim=10**9)
+        fuse_gradient(pipe_r, ref_concepts, ref,
                       solver=reference_solver(base_w, timing))
     sync()
     t_reference, cpu_reference = time.perf_counter() - t0, time.process_time() - c0

@@ -105,8 +105,9 @@ def fused_pipe(spec: str, base, adapters, names: list[str], threads_note: dict):
 
             base_w = {k: getattr(base, p.component).get_submodule(p.path).weight.detach().cpu()
                       for k, p in build_problems(base, concepts).items()}
-            fuse_gradient(pipe, concepts, GradientSettings(**common, ridge=0.0, batch=1, keep_inputs=True,
-                                                           max_conv_dim=10**9),
+            ref = GradientSettings(**{**common, "ridge": 0.0, "batch": 1, "keep_inputs": True, "kv_rows": "concept",
+                                      "max_conv_dim": 10**9})  # the reference's rows (trigger=None: end token)
+            fuse_gradient(pipe, concepts, ref,
                           solver=reference_solver(base_w, {}))
     threads_note[spec] = round(time.perf_counter() - t0, 2)
     return pipe
