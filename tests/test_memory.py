@@ -132,9 +132,11 @@ def test_trainer_refuses_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train needs ~" in err and "0.2 GiB free" in err and "memory_check=false" in err
     assert not (tmp_path / "o").exists()  # refused before anything was loaded or written
+    from lorakit.errors import run_guarded
     from lorakit.training.blockwise import main as trainer_main
 
-    assert trainer_main(common[2:]) == 2  # train_blockwise.py: the same one line, exit 2
+    # train_blockwise.py: the same one line, exit 2 (its entry point wraps main in the same error boundary)
+    assert run_guarded(lambda: trainer_main(common[2:]), "train_blockwise.py") == 2
     monkeypatch.setattr(memory, "estimate", lambda *a, **k: pytest.fail("memory_check=false: no estimate"))
     assert main(common + ["memory_check=false"]) == 0  # the override
     assert (tmp_path / "o" / "lora.safetensors").exists()
@@ -152,9 +154,9 @@ def test_sample_and_fuse_refuse_and_override(tmp_path, monkeypatch, capsys):
     assert main(["fuse", "--method", "gradient", "--base", "random:sd1:mid", "--adapters", str(fake), str(fake),
                  "--out", str(tmp_path / "f")]) == 2
     assert "fuse-gradient needs ~" in capsys.readouterr().err
-    # The override, and a tiny: base, pass without an estimate (the empty adapter file then fails: exit 1).
+    # The override, and a tiny: base, pass without an estimate (the empty adapter file then fails: exit 2).
     monkeypatch.setattr(memory, "estimate", lambda *a, **k: pytest.fail("no estimate expected"))
     assert main(["sample", "--base", "random:sd1:mid", "--adapters", str(fake), "--prompt", "a", "--out",
-                 str(tmp_path / "s"), "--no-memory-check"]) == 1
+                 str(tmp_path / "s"), "--no-memory-check"]) == 2
     assert main(["sample", "--base", "tiny:sd1", "--adapters", str(fake), "--prompt", "a", "--out",
-                 str(tmp_path / "s")]) == 1
+                 str(tmp_path / "s")]) == 2
