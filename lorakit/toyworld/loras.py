@@ -41,7 +41,7 @@ def tree_hash(root: Path) -> str:
 
 # Keys that say where and how a run writes, not what it learns: left out of every hash.
 RUN_ONLY_KEYS = ("output_dir", "output_name", "logging", "checkpoint_at_end", "checkpointing_steps", "save_every",
-                 "overwrite")
+                 "overwrite", "memory_check", "resume")
 
 
 def content_hash(resolved: dict, base: Path, data: Path | None = None) -> str:
