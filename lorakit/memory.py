@@ -11,7 +11,8 @@ Parts of an :class:`Estimate` (bytes):
   * ``weights``: every model of the pipeline in the run's dtype, plus the adapters loaded on top;
   * ``optimizer``: AdamW's two fp32 states per trainable parameter;
   * ``step``: the traced peak of one step (activations, gradients, temporaries);
-  * ``cache`` / ``gram``: CMLoRA's per-LoRA deep features, gradient fusion's float64 Gram matrices;
+  * ``cache`` / ``gram`` / ``copies``: CMLoRA's per-LoRA deep features; gradient fusion's float64 Gram
+    matrices, and its copy of the LoRA'd layers' weights plus the widest layer's float64 solve;
   * ``runtime``: the process itself (Python, torch, diffusers; ~0.6 GiB RSS on the CPU, 0 on CUDA where the
     check uses the free memory the driver reports).
 
@@ -319,7 +320,21 @@ def estimate(stage: str, base, *, resolution: int | None = None, batch: int = 1,
             est.parts["cache"] = n_loras * unet_batch * channels * latent * latent * torch.finfo(dtype).bits // 8
         if stage == "fuse-gradient":
             est.parts["gram"] = _gram_bytes(models, rank, n_loras, max_conv_dim)
+            # The weight switcher keeps a copy of every LoRA'd layer's weights; each solve holds G + lam I and its
+            # Cholesky factor (float64) of the widest layer.
+            lora_layers = [m.base_layer for m in unet.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+            width = max((_flat_in(m) for m in lora_layers if _flat_in(m) <= max_conv_dim or
+                         isinstance(m, torch.nn.Linear)), default=0)
+            est.parts["copies"] = sum(m.weight.numel() for m in lora_layers) * torch.finfo(dtype).bits // 8 \
+                + 2 * 8 * width * width
     return est
+
+
+def _flat_in(layer: torch.nn.Module) -> int:
+    """Width of a layer's unfolded input: ``in_features``, or ``in_channels * kh * kw`` for a conv."""
+    if isinstance(layer, torch.nn.Conv2d):
+        return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+    return getattr(layer, "in_features", 0)
 
 
 def _gram_bytes(models: dict, rank: int, n_loras: int, max_conv_dim: int) -> int:
