@@ -93,6 +93,7 @@ def test_adapters_reused_retrained_and_stale_removed(tmp_path, capsys):
     assert bench.find_adapters(out)["frog"] == changed["frog"]
 
 
+@pytest.mark.slow  # 27-90 s in CI (2 processes / several trainings)
 def test_hypernet_cached_by_recipe_and_input_hashes(tmp_path, capsys):
     # 2 worker processes make the same files as a serial run
     files = ci.train_adapters(tmp_path / "adapters", ["max_steps=2"], ["frog", "robot", "ink"], jobs=2)

@@ -130,6 +130,7 @@ def test_resume_is_exact(sd1_pipe, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow  # 27-90 s in CI (2 processes / several trainings)
 def test_two_processes_equal_one(tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 (gloo, CPU) x batch 1 == 1 process x batch 2."""
     img_dir, _ = make_concept_folder(tmp_path, masks=False)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from lorakit.adapters.io import load_adapter, save_adapter
@@ -12,6 +13,7 @@ from lorakit.models import tiny_pipeline
 from lorakit.testing import random_adapter
 
 
+@pytest.mark.slow  # 27-90 s in CI (2 processes / several trainings)
 def test_two_process_gradient_fusion_equals_one(tmp_path):
     from lorakit.cli import main
 

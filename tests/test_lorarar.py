@@ -143,6 +143,7 @@ def test_config_errors_name_the_key_and_file(tmp_path):
         train(cfg_for(tmp_path, f"content=[{tmp_path}/nothing_here/*.safetensors]"))
 
 
+@pytest.mark.slow  # 27-90 s in CI (2 processes / several trainings)
 def test_two_processes_equal_one(tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 (gloo, CPU) x 1 pair == 1 process x 2 pairs."""
     args = ["--config", str(ROOT / "train_configs/toy_lorarar.yaml"), "base_model=tiny:sd1", "synthetic.content=2",

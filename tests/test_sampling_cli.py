@@ -92,6 +92,7 @@ def test_profile_cli_writes_cache(tmp_path, files, capsys):
     assert sorted(r["rank"] for r in second.values()) == [0, 1]
 
 
+@pytest.mark.slow  # 27-90 s in CI (2 processes / several trainings)
 def test_two_processes_write_the_same_images(tmp_path, files, one_process):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
     two = subprocess.run(
