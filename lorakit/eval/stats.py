@@ -56,4 +56,4 @@ def paired(a: list[bool], b: list[bool]) -> dict:
         raise ValueError(f"paired comparison needs the same items: {len(a)} vs {len(b)} results")
     wins = sum(x and not y for x, y in zip(a, b))
     losses = sum(y and not x for x, y in zip(a, b))
-    return {"pairs": len(a), "wins": wins, "losses": losses, "p": round(mcnemar_exact(wins, losses), 5)}
+    return {"pairs": len(a), "wins": wins, "losses": losses, "p": float(f"{mcnemar_exact(wins, losses):.3g}")}
