@@ -25,6 +25,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lorakit.logs import quiet_loaded_libraries
 from lorakit.sampling.composer import METHODS, SamplerSettings, generate, image_size, unet_pass
 from lorakit.sampling.frequency import ProfileSettings, order_by_frequency, profile_adapters
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
@@ -86,16 +87,6 @@ def _dtype(name: str, device):
     if name not in table:
         raise ValueError(f"dtype must be auto, fp32, fp16 or bf16, got {name!r}")
     return table[name]
-
-
-def _quiet_loading():
-    """Silence transformers' per-load key report (diffusers loads text-encoder LoRA through it)."""
-    try:
-        from transformers.utils import logging as tlog
-
-        tlog.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def load_pipeline(base: str, dtype: str = "auto", device=None):
@@ -197,7 +188,7 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
     if job.num_images < 1 or job.batch_size < 1:
         raise ValueError(f"num_images and batch_size must be >= 1, got {job.num_images} and {job.batch_size}")
     state = PartialState()
-    _quiet_loading()
+    quiet_loaded_libraries()  # diffusers loads text-encoder LoRA through transformers: its key report
     pipe = load_pipeline(job.base, job.dtype, state.device)
     adapters = load_adapters(pipe, job.adapters, job.weights)
     height, width = image_size(pipe, job.sampler)
@@ -298,7 +289,7 @@ def regenerate(sidecar_path: str | Path, out_dir: str | Path) -> Path:
 def run_profile(base: str, adapters: list[str], settings: ProfileSettings | None = None, dtype: str = "auto",
                 use_cache: bool = True) -> dict:
     """Profile adapter files on a base: ``{path: {'score', 'group', 'rank', 'cached', ...}}`` (see :mod:`.frequency`)."""
-    _quiet_loading()
+    quiet_loaded_libraries()  # diffusers loads text-encoder LoRA through transformers: its key report
     pipe = load_pipeline(base, dtype)
     loaded = load_adapters(pipe, adapters)
     settings = settings or ProfileSettings(base=base)
