@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,16 +190,21 @@ def _keep_unresolved(resolved, raw, secrets: set):
     return resolved
 
 
-def schema_keys(schema_cls, prefix: str = "") -> list[str]:
-    """All dotted keys of a dataclass schema (for ``--help`` text)."""
+def schema_defaults(schema_cls, prefix: str = "") -> list[tuple[str, Any]]:
+    """``[(dotted key, default)]`` of a dataclass schema, nested sections flattened (for ``--help`` text)."""
     out = []
     for f in fields(schema_cls):
-        default = f.default_factory() if callable(getattr(f, "default_factory", None)) else f.default
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
         if is_dataclass(default):
-            out += schema_keys(type(default), prefix + f.name + ".")
+            out += schema_defaults(type(default), prefix + f.name + ".")
         else:
-            out.append(prefix + f.name)
+            out.append((prefix + f.name, default))
     return out
 
 
-__all__ = ["ConfigError", "NetworkConfig", "load_config", "to_dict", "schema_keys", "field"]
+def schema_keys(schema_cls, prefix: str = "") -> list[str]:
+    """All dotted keys of a dataclass schema."""
+    return [key for key, _ in schema_defaults(schema_cls, prefix)]
+
+
+__all__ = ["ConfigError", "NetworkConfig", "load_config", "to_dict", "schema_keys", "schema_defaults", "field"]

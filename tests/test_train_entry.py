@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from lorakit.training import recipes
-from lorakit.training.entry import TRAINERS, build_parser, schema_defaults
+from lorakit.config import schema_defaults
+from lorakit.training.entry import TRAINERS, build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 

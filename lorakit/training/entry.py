@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from dataclasses import MISSING, dataclass, fields, is_dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -30,20 +30,9 @@ TRAINERS = {
 }
 
 
-def schema_defaults(schema, prefix: str = "") -> list[tuple[str, object]]:
-    """``[(dotted key, default)]`` of a recipe dataclass, nested sections flattened."""
-    out = []
-    for f in fields(schema):
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        if is_dataclass(default):
-            out += schema_defaults(type(default), prefix + f.name + ".")
-        else:
-            out.append((prefix + f.name, default))
-    return out
-
-
 def build_parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
     """The argument parser of trainer ``name`` (blockwise, edlora, lorarar)."""
+    from lorakit.config import schema_defaults
     from lorakit.training import recipes
 
     trainer = TRAINERS[name]
