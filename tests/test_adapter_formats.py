@@ -8,6 +8,8 @@ out here (LyCORIS files).
 import copy
 import json
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -259,6 +261,26 @@ def test_unsupported_kind_and_unplaced_key_are_named(tmp_path):
     save_file({"lora_unet_x.lora_foo.weight": torch.zeros(1, 2)}, str(tmp_path / "odd.safetensors"))
     with pytest.raises(AdapterError, match=r"cannot place key 'lora_unet_x.lora_foo.weight' \(format guessed: kohya"):
         load_adapter(tmp_path / "odd.safetensors")
+
+
+@pytest.mark.parametrize("tensors, kind", [
+    ({"lora_unet_x.oft_blocks": torch.zeros(4, 2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}, "OFT"),
+    ({"lora_unet_x.oft_blocks": torch.zeros(2, 4, 2, 2), "lora_unet_x.rescale": torch.ones(8, 1)}, "BOFT"),
+    ({"unet.x.boft_R.weight": torch.zeros(2, 4, 2, 2), "unet.x.boft_s.weight": torch.ones(8, 1)}, "BOFT"),
+])
+def test_oft_and_boft_files_are_refused_by_kind(tensors, kind, tmp_path, capsys):
+    """LyCORIS writes OFT and BOFT under one name (``oft_blocks``; BOFT's has 4 dimensions): each is refused
+    with its own kind and the key, by the reader and by ``lorakit inspect`` (one line, exit 2)."""
+    from lorakit.cli import main
+
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(tensors, str(path))
+    first = next(k for k in tensors if "oft" in k)
+    with pytest.raises(AdapterError, match=rf"{kind} adapters are not supported \(key '{re.escape(first)}'\)"):
+        load_adapter(path)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{kind} adapters are not supported" in err and "Traceback" not in err
 
 
 def test_loha_file_samples_like_merged_weights(sd1_pipe, tmp_path, capsys):

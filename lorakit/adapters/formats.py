@@ -74,8 +74,8 @@ def read_layers(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: 
         of a layer type lorakit does not read (OFT, BOFT, DoRA, ...).
     """
     fmt = guess_format(tensors)
-    for key in tensors:
-        kind = unsupported_kind(key)
+    for key, value in tensors.items():
+        kind = unsupported_kind(key, value.ndim)
         if kind and not key.startswith(EXTRA_PREFIXES):
             raise FormatError(f"{source}: {kind} adapters are not supported (key {key!r}); lorakit reads LoRA, "
                               "LoCon, LoHa and LoKr")
