@@ -1,0 +1,333 @@
+"""Run other tools' own loading code on the files lorakit writes. By hand, not in CI: it needs their sources.
+
+    python tools/check_consumers_real.py --sources DIR [--arch sd1 sdxl]
+
+DIR holds source checkouts, never copied into lorakit:
+
+* ``DIR/comfyui``: ComfyUI (its ``comfy/`` package). Run: ``comfy.model_detection.detect_unet_config`` and the
+  SD15 / SDXL ``process_clip_state_dict`` on lorakit's single-file checkpoint of the same pipeline, then
+  ``comfy.lora.model_lora_keys_unet`` / ``model_lora_keys_clip``, ``comfy.lora_convert.convert_lora``,
+  ``comfy.lora.load_lora`` and ``comfy.lora.calculate_weight`` (the weight each patch gives).
+* ``DIR/sd-scripts``: kohya sd-scripts. Run: ``networks.lora.create_network_from_weights`` on kohya's own
+  UNet class for SDXL (``library.sdxl_original_unet.SdxlUNet2DConditionModel``, full size on the meta device:
+  layer names only) and on the diffusers UNet for SD1 (kohya's SD1 UNet has diffusers' module names), then
+  ``merge_to`` for SD1 (the weight it merges).
+* ``DIR/lycoris``: LyCORIS. Run: ``lycoris.kohya.create_network_from_weights`` + ``merge_to`` on the UNet as
+  kohya names it (SD1: diffusers names; SDXL: the single-file checkpoint's module tree, which is kohya's SDXL
+  UNet naming) and the text encoders.
+
+Needs ``einops``. kohya sd-scripts and LyCORIS name text-encoder layers by the module tree of transformers 4
+(which sd-scripts pins), where ``CLIPTextModel`` has a ``text_model`` level that transformers 5 dropped; under
+transformers 5 the encoders are handed to them inside a ``text_model`` wrapper so the tree is the one they
+were written for. Imports of theirs that pull in GPUs, torchvision or cv2 and are not used here are replaced
+by stand-ins written in this file.
+
+One JSON line per (arch, output, consumer): ``keys_used`` / ``keys`` (tensors of the file the consumer takes),
+``layers`` / ``placed`` (layers put on the module lorakit means), ``exact`` (of those, the ones whose weight
+change equals lorakit's within 1e-6 of its largest entry; null where the consumer's weights were not computed)
+and the first problem. docs/formats.md is written from this output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from check_consumers import outputs  # noqa: E402 - tools/ is not a package
+
+from lorakit.adapters.io import load_adapter  # noqa: E402
+from lorakit.models import tiny_pipeline  # noqa: E402
+from lorakit.single_file import pipeline_to_ldm  # noqa: E402
+
+UNET = "model.diffusion_model."
+
+
+# --------------------------------------------------------------------------------------------- stand-ins
+
+
+def _comfy_imports(root: Path) -> None:
+    """ComfyUI on CPU, with ``comfy.model_base`` (GPU model classes, torchvision) replaced by empty classes:
+    comfy/lora.py only asks ``isinstance(model, comfy.model_base.X)`` for non-SD models."""
+    if "comfy.lora" in sys.modules:
+        return
+    sys.path.insert(0, str(root))
+    sys.argv = sys.argv[:1] + ["--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    stand_in = types.ModuleType("comfy.model_base")
+
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        cls = type(name, (), {})
+        setattr(stand_in, name, cls)
+        return cls
+
+    stand_in.__getattr__ = __getattr__
+    sys.modules["comfy.model_base"] = stand_in
+    comfy.model_base = stand_in
+
+
+def _kohya_imports(root: Path) -> None:
+    """sd-scripts' ``library.utils`` imports torchvision and cv2 for image code; networks/lora.py only needs
+    its ``setup_logging``."""
+    if "library.utils" not in sys.modules:
+        utils = types.ModuleType("library.utils")
+        utils.setup_logging = lambda *a, **k: None
+        sys.modules["library.utils"] = utils
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+# ------------------------------------------------------------------------------------------------ consumers
+
+
+def comfyui(root: Path, pipe, arch: str, path: Path, ldm: dict) -> dict:
+    _comfy_imports(root)
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.model_detection
+    import comfy.supported_models
+    import comfy.utils
+
+    unet_sd = {"diffusion_model." + k[len(UNET):]: v for k, v in ldm.items() if k.startswith(UNET)}
+    unet_config = comfy.model_detection.detect_unet_config(ldm, UNET)
+    model = types.SimpleNamespace(state_dict=lambda: unet_sd,
+                                  model_config=types.SimpleNamespace(unet_config=unet_config))
+    clip_cls = comfy.supported_models.SDXL if arch == "sdxl" else comfy.supported_models.SD15
+    clip_sd = clip_cls.process_clip_state_dict(None, {k: v for k, v in ldm.items() if not k.startswith(UNET)})
+    clip = types.SimpleNamespace(state_dict=lambda: clip_sd)
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    key_map = comfy.lora.model_lora_keys_clip(clip, key_map)
+    lora = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(str(path), safe_load=True))
+    warnings = _Warnings()
+    logging.getLogger().addHandler(warnings)
+    try:
+        patches = comfy.lora.load_lora(lora, key_map)
+    finally:
+        logging.getLogger().removeHandler(warnings)
+    unused = {m.split(": ", 1)[1] for m in warnings.messages if m.startswith("lora key not loaded")}
+    # their own diffusers <-> original-layout table, to name each patched weight the way lorakit does
+    to_diffusers = {"diffusion_model." + v: "unet." + k[: -len(".weight")]
+                    for k, v in comfy.utils.unet_to_diffusers(unet_config).items() if k.endswith(".weight")}
+    weights = {**unet_sd, **clip_sd}
+    deltas = {}
+    for target, patch in patches.items():
+        if target in to_diffusers:
+            key = to_diffusers[target]
+        else:
+            key = (target[: -len(".weight")].replace("clip_l.transformer.", "text_encoder.")
+                   .replace("clip_g.transformer.", "text_encoder_2."))
+        base = torch.zeros_like(weights[target], dtype=torch.float32)
+        deltas[key] = comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], base, target)
+    return {"keys_used": len(lora) - len(unused), "deltas": deltas}
+
+
+def _names_in(models: dict[str, torch.nn.Module]) -> dict[int, str]:
+    return {id(m): f"{comp}.{name}" for comp, model in models.items() for name, m in model.named_modules()}
+
+
+def _zeroed(model: torch.nn.Module) -> torch.nn.Module:
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model
+
+
+def _te(model: torch.nn.Module) -> torch.nn.Module:
+    """A zeroed copy of a text encoder with transformers 4's module tree (``text_model.encoder...``)."""
+    model = _zeroed(model)
+    if hasattr(model, "text_model"):
+        return model
+    wrapper = torch.nn.Module()
+    wrapper.text_model = model
+    return wrapper
+
+
+def _used(keys: list[str], names: set[str]) -> int:
+    return sum(k.split(".", 1)[0] in names for k in keys)
+
+
+def kohya(root: Path, pipe, arch: str, path: Path, keys: list[str]) -> dict:
+    _kohya_imports(root)
+    import networks.lora as kohya_lora
+
+    comps = ["text_encoder", "text_encoder_2"] if arch == "sdxl" else ["text_encoder"]
+    tes = {c: _te(getattr(pipe, c)) for c in comps}
+    te_arg = list(tes.values()) if arch == "sdxl" else tes["text_encoder"]
+    if arch == "sdxl":  # kohya's SDXL UNet is fixed at full size: build it without memory, for its layer names
+        from library.sdxl_original_unet import SdxlUNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = SdxlUNet2DConditionModel()
+    else:
+        unet = _zeroed(pipe.unet)
+    network, weights = kohya_lora.create_network_from_weights(1.0, str(path), None, te_arg, unet, for_inference=True)
+    loras = network.text_encoder_loras + network.unet_loras
+    used = _used(keys, {lora.lora_name for lora in loras})
+    if arch == "sdxl":
+        placed = {lora.lora_name for lora in network.unet_loras}
+        te_names = _names_in(tes)
+        te_placed = {lora.lora_name: te_names[id(lora.org_module)] for lora in network.text_encoder_loras}
+        return {"keys_used": used, "names": placed, "te_names": te_placed}
+    models = {"unet": unet, **tes}
+    name_of = _names_in(models)
+    network.merge_to(te_arg, unet, weights, torch.float32, "cpu")
+    deltas = {name_of[id(lora.org_module)]: lora.org_module.weight.detach().clone() for lora in loras}
+    return {"keys_used": used, "deltas": deltas}
+
+
+class _ModuleTree(torch.nn.Module):
+    """Linear / Conv2d modules at the paths of a state dict (the original-layout UNet, as kohya names it)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        for key, w in state.items():
+            if not key.endswith(".weight") or w.ndim not in (2, 4):
+                continue
+            parent = self
+            *path, leaf, _ = key.split(".")
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            mod = torch.nn.Linear(w.shape[1], w.shape[0], bias=False) if w.ndim == 2 else torch.nn.Conv2d(
+                w.shape[1], w.shape[0], tuple(w.shape[2:]), bias=False)
+            with torch.no_grad():
+                mod.weight.zero_()
+            parent.add_module(leaf, mod)
+
+
+def lycoris(root: Path, pipe, arch: str, path: Path, keys: list[str], ldm: dict) -> dict:
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from lycoris.kohya import create_network_from_weights
+
+    comps = ["text_encoder", "text_encoder_2"] if arch == "sdxl" else ["text_encoder"]
+    tes = {c: _te(getattr(pipe, c)) for c in comps}
+    te_arg = list(tes.values()) if arch == "sdxl" else tes["text_encoder"]
+    if arch == "sdxl":
+        unet = _ModuleTree({k[len(UNET):]: v for k, v in ldm.items() if k.startswith(UNET)})
+        sai_to_key = _sai_to_module_keys(pipe, ldm)
+    else:
+        unet = _zeroed(pipe.unet)
+    network, weights = create_network_from_weights(1.0, str(path), None, te_arg, unet)
+    loras = network.unet_loras + network.text_encoder_loras
+    used = _used(keys, {lora.lora_name for lora in loras})
+    name_of = _names_in({"unet": unet, **tes})
+    network.merge_to(te_arg, unet, weights, torch.float32, "cpu")
+    deltas = {}
+    for lora in loras:
+        org = lora.org_module[0] if isinstance(lora.org_module, list) else lora.org_module
+        key = name_of[id(org)]
+        if arch == "sdxl" and key.startswith("unet."):
+            key = sai_to_key[key[len("unet."):]]
+        deltas[key] = org.weight.detach().clone()
+    return {"keys_used": used, "deltas": deltas}
+
+
+def _sai_to_module_keys(pipe, ldm: dict) -> dict[str, str]:
+    """original-layout UNet module path -> ``unet.<diffusers path>``, through diffusers' own single-file
+    converter (not lorakit's name table)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    probe = {k: torch.full((1,), float(i)) for i, k in enumerate(ldm) if k.startswith(UNET)}
+    converted = convert_ldm_unet_checkpoint(probe, dict(pipe.unet.config))
+    index = {int(v.item()): k for k, v in converted.items()}
+    out = {}
+    for i, k in enumerate(ldm):
+        if k.startswith(UNET) and k.endswith(".weight") and i in index:
+            out[k[len(UNET): -len(".weight")]] = "unet." + index[i][: -len(".weight")]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _score(output: str, consumer: str, arch: str, keys: list[str], got: dict, ours: dict) -> dict:
+    row = {"arch": arch, "output": output, "consumer": consumer, "keys_used": got["keys_used"], "keys": len(keys),
+           "layers": len(ours)}
+    if "deltas" in got:
+        placed = [k for k in ours if k in got["deltas"]]
+        exact = []
+        for k in placed:
+            mine, theirs = ours[k], got["deltas"][k].float()
+            if mine.numel() == theirs.numel():
+                diff = (mine.reshape(theirs.shape) - theirs).abs().max() / mine.abs().max().clamp_min(1e-30)
+                if diff <= 1e-6:
+                    exact.append(k)
+        row.update(placed=len(placed), exact=len(exact),
+                   first_problem=([k for k in ours if k not in got["deltas"]] + [k for k in placed if k not in exact])[:1])
+    else:  # layer names only (kohya SDXL): the UNet layers kohya's own network has, the text encoders by module
+        te_right = [n for n, k in got["te_names"].items() if k in ours]
+        unet_names = [n for n in {k.split(".", 1)[0] for k in keys} if n.startswith("lora_unet_")]
+        unet_right = [n for n in unet_names if n in got["names"]]
+        row.update(placed=len(te_right) + len(unet_right), exact=None,
+                   first_problem=[n for n in unet_names if n not in got["names"]][:1])
+    return row
+
+
+def check(arch: str, folder: Path, sources: Path, consumers: list[str]) -> list[dict]:
+    pipe = tiny_pipeline(arch)
+    ldm = pipeline_to_ldm(pipe)
+    rows = []
+    for output, path in outputs(pipe, arch, folder).items():
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+        ours = {k: m.delta() for k, m in load_adapter(path).modules.items()}
+        for consumer in consumers:
+            try:
+                if consumer == "ComfyUI":
+                    got = comfyui(sources / "comfyui", pipe, arch, path, ldm)
+                elif consumer == "kohya sd-scripts":
+                    if not output.startswith(("locon kohya", "edlora", "locon diffusers")):
+                        continue  # LoHa / LoKr: kohya loads them through LyCORIS
+                    got = kohya(sources / "sd-scripts", pipe, arch, path, keys)
+                else:
+                    got = lycoris(sources / "lycoris", pipe, arch, path, keys, ldm)
+            except Exception as err:  # noqa: BLE001 - a consumer refusing the file is a result
+                rows.append({"arch": arch, "output": output, "consumer": consumer, "keys_used": 0, "keys": len(keys),
+                             "layers": len(ours), "placed": 0, "refused": f"{type(err).__name__}: {err}"[:200]})
+                continue
+            rows.append(_score(output, consumer, arch, keys, got, ours))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sources", required=True, type=Path, help="folder with comfyui/, sd-scripts/, lycoris/")
+    parser.add_argument("--arch", nargs="+", default=["sd1", "sdxl"])
+    parser.add_argument("--consumers", nargs="+", default=["ComfyUI", "kohya sd-scripts", "LyCORIS"])
+    args = parser.parse_args()
+    logging.disable(logging.INFO)
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.arch:
+            (Path(tmp) / arch).mkdir()
+            for row in check(arch, Path(tmp) / arch, args.sources, args.consumers):
+                print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
