@@ -130,6 +130,25 @@ def test_diffusers_file_with_lora_alpha_metadata(sd1_pipe, tmp_path):
     assert_same_deltas(ours, diffusers_deltas(sd1_pipe, path), sd1_pipe)
 
 
+def test_diffusers_text_encoder_file_names_layers_like_kohya(sd1_pipe, tmp_path):
+    """diffusers' own save_lora_weights under transformers 5 writes ``text_encoder.encoder.layers...`` (no
+    ``text_model.``): lorakit names those layers as it names a kohya file's, and applies diffusers' delta."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from lorakit.adapters.keys import module_path_from_kohya
+
+    pipe = copy.deepcopy(sd1_pipe)
+    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                             target_modules=["q_proj", "out_proj", "fc1"]))
+    type(pipe).save_lora_weights(tmp_path, text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder))
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    ours = load_adapter(path)
+    kohya = module_path_from_kohya("lora_te_text_model_encoder_layers_0_self_attn_q_proj")
+    assert kohya in ours.modules and len(ours.modules) == 6
+    assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in ours.modules)
+    assert_same_deltas(ours, diffusers_deltas(sd1_pipe, path), sd1_pipe)
+
+
 def test_peft_adapter_config_beside_the_file(tmp_path):
     g = torch.Generator().manual_seed(2)
     save_file({"base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.randn(4, 8, generator=g),

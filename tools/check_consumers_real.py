@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_consumers import outputs  # noqa: E402 - tools/ is not a package
 
 from lorakit.adapters.io import load_adapter  # noqa: E402
+from lorakit.adapters.keys import kohya_name  # noqa: E402
 from lorakit.models import tiny_pipeline  # noqa: E402
 from lorakit.single_file import pipeline_to_ldm  # noqa: E402
 
@@ -186,12 +187,12 @@ def kohya(root: Path, pipe, arch: str, path: Path, keys: list[str]) -> dict:
         unet = _zeroed(pipe.unet)
     network, weights = kohya_lora.create_network_from_weights(1.0, str(path), None, te_arg, unet, for_inference=True)
     loras = network.text_encoder_loras + network.unet_loras
-    used = _used(keys, {lora.lora_name for lora in loras})
+    used = _used(list(weights), {lora.lora_name for lora in loras})  # after its own diffusers -> SAI renaming
     if arch == "sdxl":
         placed = {lora.lora_name for lora in network.unet_loras}
         te_names = _names_in(tes)
         te_placed = {lora.lora_name: te_names[id(lora.org_module)] for lora in network.text_encoder_loras}
-        return {"keys_used": used, "names": placed, "te_names": te_placed}
+        return {"keys_used": used, "names": placed, "te_names": te_placed, "keys": list(weights)}
     models = {"unet": unet, **tes}
     name_of = _names_in(models)
     network.merge_to(te_arg, unet, weights, torch.float32, "cpu")
@@ -237,15 +238,18 @@ def lycoris(root: Path, pipe, arch: str, path: Path, keys: list[str], ldm: dict)
     loras = network.unet_loras + network.text_encoder_loras
     used = _used(keys, {lora.lora_name for lora in loras})
     name_of = _names_in({"unet": unet, **tes})
-    network.merge_to(te_arg, unet, weights, torch.float32, "cpu")
-    deltas = {}
-    for lora in loras:
+
+    def key_of(lora):
         org = lora.org_module[0] if isinstance(lora.org_module, list) else lora.org_module
         key = name_of[id(org)]
-        if arch == "sdxl" and key.startswith("unet."):
-            key = sai_to_key[key[len("unet."):]]
-        deltas[key] = org.weight.detach().clone()
-    return {"keys_used": used, "deltas": deltas}
+        return (sai_to_key[key[len("unet."):]] if arch == "sdxl" and key.startswith("unet.") else key), org
+
+    # the weight change its forward adds (LoHa / LoKr: get_weight * scalar; LoCon: the merged change)
+    forward = {key_of(lora)[0]: (lora.get_weight(lora.shape) * lora.scalar).detach().float()
+               for lora in loras if hasattr(lora, "get_weight") and hasattr(lora, "scalar")}
+    network.merge_to(te_arg, unet, weights, torch.float32, "cpu")
+    merged = {key: org.weight.detach().clone() for key, org in map(key_of, loras)}
+    return {"keys_used": used, "deltas": {**merged, **forward}, "merged": merged}
 
 
 def _sai_to_module_keys(pipe, ldm: dict) -> dict[str, str]:
@@ -266,34 +270,63 @@ def _sai_to_module_keys(pipe, ldm: dict) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------- report
 
 
+def _exact(keys: list[str], ours: dict, theirs: dict) -> list[str]:
+    """The keys whose weight change matches lorakit's within 1e-6 of its largest entry."""
+    out = []
+    for k in keys:
+        mine, other = ours[k], theirs[k].float()
+        if mine.numel() == other.numel():
+            diff = (mine.reshape(other.shape) - other).abs().max() / mine.abs().max().clamp_min(1e-30)
+            if diff <= 1e-6:
+                out.append(k)
+    return out
+
+
 def _score(output: str, consumer: str, arch: str, keys: list[str], got: dict, ours: dict) -> dict:
     row = {"arch": arch, "output": output, "consumer": consumer, "keys_used": got["keys_used"], "keys": len(keys),
            "layers": len(ours)}
     if "deltas" in got:
         placed = [k for k in ours if k in got["deltas"]]
-        exact = []
-        for k in placed:
-            mine, theirs = ours[k], got["deltas"][k].float()
-            if mine.numel() == theirs.numel():
-                diff = (mine.reshape(theirs.shape) - theirs).abs().max() / mine.abs().max().clamp_min(1e-30)
-                if diff <= 1e-6:
-                    exact.append(k)
+        exact = _exact(placed, ours, got["deltas"])
         row.update(placed=len(placed), exact=len(exact),
                    first_problem=([k for k in ours if k not in got["deltas"]] + [k for k in placed if k not in exact])[:1])
-    else:  # layer names only (kohya SDXL): the UNet layers kohya's own network has, the text encoders by module
+        if "merged" in got and got["merged"] is not got["deltas"]:
+            row["merge_to_exact"] = len(_exact(placed, ours, got["merged"]))
+    else:  # kohya SDXL, layer names only: a UNet layer is placed right when kohya's network has a module of
+        # that (SAI) name, after kohya's own renaming of the file, and it is the SAI name of lorakit's module
         te_right = [n for n, k in got["te_names"].items() if k in ours]
-        unet_names = [n for n in {k.split(".", 1)[0] for k in keys} if n.startswith("lora_unet_")]
-        unet_right = [n for n in unet_names if n in got["names"]]
+        in_file = {k.split(".", 1)[0] for k in got["keys"]}
+        want = {kohya_name(k, arch, "sai"): k for k in ours if k.startswith("unet.")}
+        unet_right = [n for n in want if n in in_file and n in got["names"]]
         row.update(placed=len(te_right) + len(unet_right), exact=None,
-                   first_problem=[n for n in unet_names if n not in got["names"]][:1])
+                   first_problem=[want[n] for n in want if n not in unet_right][:1])
     return row
+
+
+def diffusers_written(pipe, folder: Path) -> Path:
+    """A LoRA file written by diffusers' own ``save_lora_weights`` (attention and resnet layers of the UNet,
+    the text encoder's attention), for comparison with lorakit's ``convert --to diffusers`` output."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = copy.deepcopy(pipe)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]))
+    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    type(pipe).save_lora_weights(folder / "diffusers-own", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                 text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder))
+    return folder / "diffusers-own" / "pytorch_lora_weights.safetensors"
 
 
 def check(arch: str, folder: Path, sources: Path, consumers: list[str]) -> list[dict]:
     pipe = tiny_pipeline(arch)
     ldm = pipeline_to_ldm(pipe)
     rows = []
-    for output, path in outputs(pipe, arch, folder).items():
+    files = outputs(pipe, arch, folder)
+    files["diffusers' own save_lora_weights (reference, not lorakit)"] = diffusers_written(pipe, folder)
+    for output, path in files.items():
         with safe_open(str(path), "pt") as f:
             keys = list(f.keys())
         ours = {k: m.delta() for k, m in load_adapter(path).modules.items()}
@@ -302,7 +335,7 @@ def check(arch: str, folder: Path, sources: Path, consumers: list[str]) -> list[
                 if consumer == "ComfyUI":
                     got = comfyui(sources / "comfyui", pipe, arch, path, ldm)
                 elif consumer == "kohya sd-scripts":
-                    if not output.startswith(("locon kohya", "edlora", "locon diffusers")):
+                    if output.startswith(("loha", "lokr")):
                         continue  # LoHa / LoKr: kohya loads them through LyCORIS
                     got = kohya(sources / "sd-scripts", pipe, arch, path, keys)
                 else:
