@@ -12,6 +12,12 @@ DIR holds source checkouts, never copied into lorakit:
   UNet class for SDXL (``library.sdxl_original_unet.SdxlUNet2DConditionModel``, full size on the meta device:
   layer names only) and on the diffusers UNet for SD1 (kohya's SD1 UNet has diffusers' module names), then
   ``merge_to`` for SD1 (the weight it merges).
+* ``DIR/a1111``: the files of AUTOMATIC1111's ``extensions-builtin/Lora`` (``networks.py``, ``network*.py``,
+  ``lyco_helpers.py``, ``lora_logger.py``). Run: ``networks.load_network`` (its
+  ``convert_diffusers_name_to_compvis`` and fallbacks, on a model whose module tree is the single-file
+  checkpoint's: ``model.diffusion_model.*``, the CLIP ``transformer.*`` / SDXL embedders) and each module's
+  ``calc_updown`` (the weight change it applies). ``modules.*`` (the webui), ``gradio`` and ``lora_patches``
+  are stand-ins.
 * ``DIR/lycoris``: LyCORIS. Run: ``lycoris.kohya.create_network_from_weights`` + ``merge_to`` on the UNet as
   kohya names it (SD1: diffusers names; SDXL: the single-file checkpoint's module tree, which is kohya's SDXL
   UNet naming) and the text encoders.
@@ -36,6 +42,7 @@ import json
 import logging
 import sys
 import tempfile
+import traceback
 import types
 from pathlib import Path
 
@@ -99,6 +106,112 @@ class _Warnings(logging.Handler):
 
     def emit(self, record):
         self.messages.append(record.getMessage())
+
+
+def _a1111_imports(root: Path, sd_model) -> types.ModuleType:
+    """A1111's Lora extension with the webui's ``modules`` package replaced by the few names it touches here."""
+    def module(name, **attrs):
+        mod = types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        sys.modules[name] = mod
+        return mod
+
+    from safetensors.torch import load_file
+
+    opts = types.SimpleNamespace(lora_functional=False, lora_preferred_name="Alias from file",
+                                 lora_bundled_ti_to_infotext=False, lora_in_memory_limit=0)
+    shared = module("modules.shared", sd_model=sd_model, opts=opts, walk_files=lambda *a, **k: [], cmd_opts=types.SimpleNamespace(lora_dir=tempfile.mkdtemp(), lyco_dir_backcompat=tempfile.mkdtemp()))
+    devices = module("modules.devices", cpu=torch.device("cpu"), device=torch.device("cpu"), dtype=torch.float32,
+                     torch_gc=lambda: None, cond_cast_unet=lambda x: x)
+    sd_models = module("modules.sd_models", read_state_dict=lambda f: load_file(f),
+                       read_metadata_from_safetensors=lambda f: {})
+    errors = module("modules.errors", display=lambda *a, **k: None)
+    parts = dict(shared=shared, devices=devices, sd_models=sd_models, errors=errors,
+                 scripts=module("modules.scripts"), sd_hijack=module("modules.sd_hijack"),
+                 cache=module("modules.cache"), hashes=module("modules.hashes"), patches=module("modules.patches"))
+    mmdit = module("modules.models.sd3.mmdit", QkvLinear=type("QkvLinear", (), {}))
+    sd3 = module("modules.models.sd3", __path__=[], mmdit=mmdit)
+    ti = module("modules.textual_inversion.textual_inversion")
+    module("modules", **parts, __path__=[], models=module("modules.models", __path__=[], sd3=sd3),
+           textual_inversion=module("modules.textual_inversion", __path__=[], textual_inversion=ti))
+    module("gradio")
+    module("lora_patches", LoraPatches=object)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("networks", root / "networks.py")
+    networks = importlib.util.module_from_spec(spec)
+    sys.modules["networks"] = networks
+    spec.loader.exec_module(networks)
+    return networks
+
+
+class _A1111Model(torch.nn.Module):
+    """The module tree A1111 names LoRA layers after: ``model.diffusion_model.*`` and the text encoders
+    (SD1: ``cond_stage_model.wrapped.transformer.*``; SDXL: ``conditioner.embedders[i].wrapped.*``), built from
+    the single-file checkpoint's keys (its state dict is that tree's)."""
+
+    def __init__(self, ldm: dict, arch: str):
+        super().__init__()
+        self.is_sdxl = arch == "sdxl"
+        self.model = _ModuleTree({k[len("model."):]: v for k, v in ldm.items() if k.startswith(UNET)}, keep=True)
+        if self.is_sdxl:
+            embedders = []
+            for i in (0, 1):
+                prefix = f"conditioner.embedders.{i}."
+                emb = torch.nn.Module()
+                emb.wrapped = _ModuleTree({k[len(prefix):]: v for k, v in ldm.items() if k.startswith(prefix)}, keep=True)
+                embedders.append(emb)
+            self.conditioner = torch.nn.Module()
+            self.conditioner.embedders = torch.nn.ModuleList(embedders)
+        else:
+            cond = torch.nn.Module()
+            prefix = "cond_stage_model."
+            cond.wrapped = _ModuleTree({k[len(prefix):]: v for k, v in ldm.items() if k.startswith(prefix)}, keep=True)
+            self.cond_stage_model = cond
+
+
+def _open_clip_to_hf(path: str) -> str:
+    """OpenCLIP (SDXL second encoder, original layout) -> transformers names, for reporting."""
+    import re
+
+    m = re.match(r"model\.transformer\.resblocks\.(\d+)\.(.+)$", path)
+    leaf = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    return f"text_encoder_2.text_model.encoder.layers.{m.group(1)}.{leaf.get(m.group(2), m.group(2))}" if m else path
+
+
+def a1111(root: Path, pipe, arch: str, path: Path, ldm: dict) -> dict:
+    sd_model = _A1111Model(ldm, arch)
+    networks = _a1111_imports(root, sd_model)
+    sai_to_key = _sai_to_module_keys(pipe, ldm)
+    names = {id(m): n for n, m in sd_model.named_modules()}
+    net = networks.load_network("probe", types.SimpleNamespace(filename=str(path)))
+    keys = net_keys(path)
+    deltas, used = {}, 0
+    for key, mod in net.modules.items():
+        used += sum(k.split(".", 1)[0] == mod.network_key.split(".", 1)[0] for k in keys)
+        name = names[id(mod.sd_module)]
+        if name.startswith("model.diffusion_model."):
+            target = sai_to_key.get(name[len("model.diffusion_model."):])
+        elif name.startswith("cond_stage_model.wrapped.transformer.") or name.startswith("conditioner.embedders.0."):
+            target = "text_encoder." + name.split("transformer.", 1)[1]
+        else:
+            target = _open_clip_to_hf(name.split("wrapped.", 1)[1])
+        if isinstance(mod.sd_module, torch.nn.MultiheadAttention):  # OpenCLIP's fused q/k/v: one layer each
+            proj = key.rsplit("_", 2)[-2] + "_proj"
+            target = _open_clip_to_hf(name.split("wrapped.", 1)[1]).replace(".attn", ".self_attn") + "." + proj
+            weight = mod.sd_module.in_proj_weight
+        else:
+            weight = mod.sd_module.weight
+        updown, _ = mod.calc_updown(torch.zeros_like(weight))  # A1111 adds this to the weight
+        deltas[target] = updown.detach()
+    return {"keys_used": used, "deltas": deltas}
+
+
+def net_keys(path: Path) -> list[str]:
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
 
 
 # ------------------------------------------------------------------------------------------------ consumers
@@ -201,19 +314,32 @@ def kohya(root: Path, pipe, arch: str, path: Path, keys: list[str]) -> dict:
 
 
 class _ModuleTree(torch.nn.Module):
-    """Linear / Conv2d modules at the paths of a state dict (the original-layout UNet, as kohya names it)."""
+    """Linear / Conv2d modules at the paths of a state dict (the original-layout UNet, as kohya names it);
+    ``keep``: also OpenCLIP's fused attention projections."""
 
-    def __init__(self, state: dict[str, torch.Tensor]):
+    def __init__(self, state: dict[str, torch.Tensor], keep: bool = False):
         super().__init__()
         for key, w in state.items():
-            if not key.endswith(".weight") or w.ndim not in (2, 4):
+            fused = keep and key.endswith(".in_proj_weight")
+            if not fused and (not key.endswith(".weight") or w.ndim not in (2, 4)):
                 continue
             parent = self
-            *path, leaf, _ = key.split(".")
+            *path, leaf, _ = key.split(".") if not fused else (*key.split("."), None)
+            if fused:
+                leaf = path.pop()
             for part in path:
                 if not hasattr(parent, part):
                     parent.add_module(part, torch.nn.Module())
                 parent = getattr(parent, part)
+            if fused:  # OpenCLIP attention: one MultiheadAttention with q/k/v fused (as in A1111's model)
+                mod = torch.nn.MultiheadAttention(w.shape[1], 1, bias=False)
+                with torch.no_grad():
+                    for p in mod.parameters():
+                        p.zero_()
+                parent.add_module(leaf, mod)
+                continue
+            if isinstance(parent, torch.nn.MultiheadAttention):
+                continue
             mod = torch.nn.Linear(w.shape[1], w.shape[0], bias=False) if w.ndim == 2 else torch.nn.Conv2d(
                 w.shape[1], w.shape[0], tuple(w.shape[2:]), bias=False)
             with torch.no_grad():
@@ -332,7 +458,9 @@ def check(arch: str, folder: Path, sources: Path, consumers: list[str]) -> list[
         ours = {k: m.delta() for k, m in load_adapter(path).modules.items()}
         for consumer in consumers:
             try:
-                if consumer == "ComfyUI":
+                if consumer == "A1111":
+                    got = a1111(sources / "a1111", pipe, arch, path, ldm)
+                elif consumer == "ComfyUI":
                     got = comfyui(sources / "comfyui", pipe, arch, path, ldm)
                 elif consumer == "kohya sd-scripts":
                     if output.startswith(("loha", "lokr")):
@@ -341,6 +469,7 @@ def check(arch: str, folder: Path, sources: Path, consumers: list[str]) -> list[
                 else:
                     got = lycoris(sources / "lycoris", pipe, arch, path, keys, ldm)
             except Exception as err:  # noqa: BLE001 - a consumer refusing the file is a result
+                traceback.print_exc()
                 rows.append({"arch": arch, "output": output, "consumer": consumer, "keys_used": 0, "keys": len(keys),
                              "layers": len(ours), "placed": 0, "refused": f"{type(err).__name__}: {err}"[:200]})
                 continue
@@ -350,9 +479,9 @@ def check(arch: str, folder: Path, sources: Path, consumers: list[str]) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sources", required=True, type=Path, help="folder with comfyui/, sd-scripts/, lycoris/")
+    parser.add_argument("--sources", required=True, type=Path, help="folder with comfyui/, a1111/, sd-scripts/, lycoris/")
     parser.add_argument("--arch", nargs="+", default=["sd1", "sdxl"])
-    parser.add_argument("--consumers", nargs="+", default=["ComfyUI", "kohya sd-scripts", "LyCORIS"])
+    parser.add_argument("--consumers", nargs="+", default=["ComfyUI", "A1111", "kohya sd-scripts", "LyCORIS"])
     args = parser.parse_args()
     logging.disable(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp:
