@@ -78,6 +78,6 @@ def run(args) -> int:
           f"{adapter.metadata['lorakit.base_arch']})")
     if args.to == "diffusers":
         print("lorakit convert: note: this layout is for diffusers / peft; ComfyUI skips its attention layers "
-              "(as it does in diffusers' own files) and kohya sd-scripts / LyCORIS read none of it: give those "
-              "tools the kohya layout (--to kohya, the default). docs/formats.md has the measured table.")
+              "(as it does in diffusers' own files) and A1111, kohya sd-scripts and LyCORIS read none of it: give "
+              "those tools the kohya layout (--to kohya, the default). docs/formats.md has the measured table.")
     return 0
