@@ -182,6 +182,21 @@ def _open_clip_to_hf(path: str) -> str:
 
 
 def a1111(root: Path, pipe, arch: str, path: Path, ldm: dict) -> dict:
+    """A1111's modules are top-level names (``networks``, ``network``, ``modules``...) that would shadow kohya's
+    ``networks`` package: they are imported for this call only."""
+    before, path_before = dict(sys.modules), list(sys.path)
+    try:
+        return _a1111(root, pipe, arch, path, ldm)
+    finally:
+        for name in list(sys.modules):
+            if name not in before:
+                del sys.modules[name]
+            elif sys.modules[name] is not before[name]:
+                sys.modules[name] = before[name]
+        sys.path[:] = path_before
+
+
+def _a1111(root: Path, pipe, arch: str, path: Path, ldm: dict) -> dict:
     sd_model = _A1111Model(ldm, arch)
     networks = _a1111_imports(root, sd_model)
     sai_to_key = _sai_to_module_keys(pipe, ldm)
