@@ -209,7 +209,7 @@ def _a1111(root: Path, pipe, arch: str, path: Path, ldm: dict) -> dict:
         name = names[id(mod.sd_module)]
         if name.startswith("model.diffusion_model."):
             target = sai_to_key.get(name[len("model.diffusion_model."):])
-        elif name.startswith("cond_stage_model.wrapped.transformer.") or name.startswith("conditioner.embedders.0."):
+        elif name.startswith(("cond_stage_model.wrapped.transformer.", "conditioner.embedders.0.")):
             target = "text_encoder." + name.split("transformer.", 1)[1]
         else:
             target = _open_clip_to_hf(name.split("wrapped.", 1)[1])

@@ -164,7 +164,11 @@ def kohya_placement(names: list[str], pipe, arch: str, rename_diffusers: bool = 
     For SDXL it first renames diffusers-named UNet layers to SAI names (``rename_diffusers``; LyCORIS's loader
     does not). A file layer with no such module is left out."""
     if arch == "sdxl" and rename_diffusers:
-        from lorakit.adapters.keys import is_sai_name, kohya_name, module_path_from_kohya
+        from lorakit.adapters.keys import (
+            is_sai_name,
+            kohya_name,
+            module_path_from_kohya,
+        )
 
         renamed = {n: n if is_sai_name(n) or not n.startswith("lora_unet_")
                    else kohya_name(module_path_from_kohya(n), arch, "sai") for n in names}
