@@ -56,14 +56,15 @@ def main(argv=None) -> int:
     ap.add_argument("--iou", type=float, default=0.5, help="IoU that counts as following the sketch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="JSON file with the summary and per-image values")
-    ap.add_argument("--images", help="folder for the images (PNG) of both arms")
+    ap.add_argument("--images", help="folder for the images (PNG) of both arms, the sketches and the targets")
+    ap.add_argument("--sheet", type=int, default=8, help="with --images: sheet.html shows this many scenes per layout")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from lorakit.logs import quiet_loaded_libraries
     from lorakit.toyworld.regional_demo import (ARMS, character_views, foreground, iou, load_sketch_pipeline,
-                                                sample_scene)
-    from lorakit.toyworld.sketch import random_character_scene, render_character_scene
+                                                sample_scene, write_sheet)
+    from lorakit.toyworld.sketch import random_character_scene, render_character_scene, silhouette_image
 
     quiet_loaded_libraries()
     pipe, adapters, sketch_adapter = load_sketch_pipeline(args.base, args.adapter, args.characters, args.loras,
@@ -80,13 +81,17 @@ def main(argv=None) -> int:
     for lay_i, (lay, chars) in enumerate(layouts.items()):
         for i in range(args.n):
             scene = random_character_scene(rng, chars)
-            _, sil = render_character_scene(scene)
+            target, sil = render_character_scene(scene)
             seed = args.seed + lay_i * args.n + i
+            stem = f"{lay.replace(' ', '_')}-{i:03d}"
+            if args.images:
+                silhouette_image(sil).save(Path(args.images) / f"{stem}-sketch.png")
+                target.save(Path(args.images) / f"{stem}-target.png")
             for arm in ARMS:
                 img = sample_scene(pipe, adapters, sketch_adapter, scene, seed, arm, args.method, args.steps, args.cfg,
                                    args.weight, args.uncond)
                 if args.images:
-                    img.save(Path(args.images) / f"{lay.replace(' ', '_')}-{i:03d}-{arm}.png")
+                    img.save(Path(args.images) / f"{stem}-{arm}.png")
                 own, other = [], []
                 for c, view, o in zip(scene.characters, character_views(img, scene), reversed(scene.characters)):
                     p = oracle.score([view], [c.name, o.name]).present[0].tolist()
@@ -129,6 +134,22 @@ def main(argv=None) -> int:
                       **compare(arms[ARMS[0]], arms[ARMS[1]])})
     for line in lines:
         print(json.dumps(line), flush=True)
+    if args.images and args.sheet:
+        sheet = []
+        for lay in layouts:
+            for i in range(min(args.sheet, args.n)):
+                stem = f"{lay.replace(' ', '_')}-{i:03d}"
+                verdicts = {}
+                for arm in ARMS:
+                    r = per[lay][arm][i]
+                    marks = " ".join(c.upper() if ok else c for c, ok in zip(r["characters"], r["own"]))
+                    verdicts[arm] = f"{marks}, IoU {r['iou']:.2f}"
+                sheet.append({"title": f"{lay} {i}: {' | '.join(per[lay][ARMS[0]][i]['characters'])}, seed "
+                                       f"{per[lay][ARMS[0]][i]['seed']}",
+                              "images": {"sketch": f"{stem}-sketch.png", "target (render)": f"{stem}-target.png",
+                                         **{arm: f"{stem}-{arm}.png" for arm in ARMS}},
+                              "verdicts": verdicts})
+        print(f"wrote {write_sheet(args.images, sheet)}", file=sys.stderr)
     if args.out:
         from lorakit.fileio import write_json
 

@@ -97,3 +97,44 @@ def sample_scene(pipe, loras, adapter, scene: CharacterScene, seed: int, arm: st
     images, _ = generate(pipe, loras, SamplerSettings(method=method, steps=steps, cfg=cfg, uncond=uncond), "", "", [seed],
                          regions=spec, conditions=conds)
     return images[0]
+
+
+def write_sheet(folder, scenes: list[dict], enlarge: int = 4):
+    """``folder/sheet.html``: per scene the sketch, the rendered target and both arms' images, enlarged ``enlarge``
+    times with nearest-neighbour scaling (``folder/x4/``), each with the oracle's per-region verdict and the IoU.
+
+    ``scenes``: ``{"title", "images": {column: 32x32 file name in folder}, "verdicts": {column: text}}``.
+    """
+    from html import escape
+    from pathlib import Path
+
+    from lorakit.fileio import save_image, write_text
+
+    folder = Path(folder)
+    big = folder / f"x{enlarge}"
+    big.mkdir(exist_ok=True)
+    columns = list(scenes[0]["images"]) if scenes else []
+    rows = []
+    for s in scenes:
+        cells = []
+        for col in columns:
+            name = s["images"][col]
+            img = Image.open(folder / name)
+            save_image(img.resize((img.width * enlarge, img.height * enlarge), Image.NEAREST), big / name)
+            cells.append(f"<td><a href=\"{escape(name)}\"><img src=\"x{enlarge}/{escape(name)}\" alt=\"{escape(col)}\">"
+                         f"</a><div class=\"v\">{escape(s['verdicts'].get(col, ''))}</div></td>")
+        rows.append(f"<tr><th>{escape(s['title'])}</th>{''.join(cells)}</tr>")
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    write_text(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>two characters placed by sketches</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:center}} img{{width:{32 * enlarge}px;image-rendering:pixelated}}
+.v{{font-size:11px;color:#555}}</style></head><body>
+<h1>Two toy characters placed by their sketches</h1>
+<p>Regional sampling, one box per half with its character's trigger word; with and without the toy sketch adapter
+(same seed). Images {enlarge}x enlarged (nearest neighbour; click for the 32x32 file). Under each image: the oracle's
+verdict for each region's character where its sketch puts it (upper case = found, lower case = not) and the IoU of
+the drawn figures with the sketch.</p>
+<table><tr><th>scene</th>{head}</tr>{''.join(rows)}</table></body></html>
+""", folder / "sheet.html")
+    return folder / "sheet.html"
