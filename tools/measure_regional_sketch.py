@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="JSON file with the summary and per-image values")
     ap.add_argument("--images", help="folder for the images (PNG) of both arms, the sketches and the targets")
+    ap.add_argument("--summarize", help="summarize the rows of a stopped run (<out>.partial.jsonl) instead of sampling")
     ap.add_argument("--sheet", type=int, default=8, help="with --images: sheet.html shows this many scenes per layout")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -66,44 +67,62 @@ def main(argv=None) -> int:
                                                 sample_scene, write_sheet)
     from lorakit.toyworld.sketch import random_character_scene, render_character_scene, silhouette_image
 
-    quiet_loaded_libraries()
-    pipe, adapters, sketch_adapter = load_sketch_pipeline(args.base, args.adapter, args.characters, args.loras,
-                                                          args.scale)
-    from lorakit.eval.oracle import load_oracle
-
-    oracle = load_oracle()
-    rng = np.random.default_rng(args.seed)
     layouts = {"as given": tuple(args.characters), "swapped": tuple(reversed(args.characters))}
     per: dict[str, dict[str, list[dict]]] = {lay: {a: [] for a in ARMS} for lay in layouts}
-    if args.images:
-        Path(args.images).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    for lay_i, (lay, chars) in enumerate(layouts.items()):
+    if args.summarize:  # the rows of a run stopped early: complete (scene, both arms) pairs of both layouts
+        for line in Path(args.summarize).read_text().splitlines():
+            r = json.loads(line)
+            per[r.pop("layout")][r.pop("arm")].append(r)
+        args.n = min(len(rows) for arms in per.values() for rows in arms.values())
+        per = {lay: {a: rows[: args.n] for a, rows in arms.items()} for lay, arms in per.items()}
+    else:
+        quiet_loaded_libraries()
+        pipe, adapters, sketch_adapter = load_sketch_pipeline(args.base, args.adapter, args.characters, args.loras,
+                                                              args.scale)
+        from lorakit.eval.oracle import load_oracle
+
+        oracle = load_oracle()
+        rng = np.random.default_rng(args.seed)
+        if args.images:
+            Path(args.images).mkdir(parents=True, exist_ok=True)
+        partial = Path(args.out).with_suffix(".partial.jsonl") if args.out else None
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text("")
+        # The layouts alternate, so that a run stopped early (its rows are in <out>.partial.jsonl; --summarize reads
+        # them) still has both.
         for i in range(args.n):
-            scene = random_character_scene(rng, chars)
-            target, sil = render_character_scene(scene)
-            seed = args.seed + lay_i * args.n + i
-            stem = f"{lay.replace(' ', '_')}-{i:03d}"
-            if args.images:
-                silhouette_image(sil).save(Path(args.images) / f"{stem}-sketch.png")
-                target.save(Path(args.images) / f"{stem}-target.png")
-            for arm in ARMS:
-                img = sample_scene(pipe, adapters, sketch_adapter, scene, seed, arm, args.method, args.steps, args.cfg,
-                                   args.weight, args.uncond)
+            for lay_i, (lay, chars) in enumerate(layouts.items()):
+                scene = random_character_scene(rng, chars)
+                target, sil = render_character_scene(scene)
+                seed = args.seed + lay_i * args.n + i
+                stem = f"{lay.replace(' ', '_')}-{i:03d}"
                 if args.images:
-                    img.save(Path(args.images) / f"{stem}-{arm}.png")
-                own, other = [], []
-                for c, view, o in zip(scene.characters, character_views(img, scene), reversed(scene.characters)):
-                    p = oracle.score([view], [c.name, o.name]).present[0].tolist()
-                    own.append(bool(p[0]))
-                    other.append(bool(p[1]))
-                v = iou(foreground(img), sil > 0.5)
-                per[lay][arm].append({"scene": i, "seed": seed, "characters": list(chars), "iou": round(v, 4),
-                                      "follows": v >= args.iou, "own": own, "other": other, "both": all(own),
-                                      "both_and_follows": all(own) and v >= args.iou, "any_swap": any(other)})
-            print(f"{lay} {i + 1}/{args.n} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+                    silhouette_image(sil).save(Path(args.images) / f"{stem}-sketch.png")
+                    target.save(Path(args.images) / f"{stem}-target.png")
+                for arm in ARMS:
+                    img = sample_scene(pipe, adapters, sketch_adapter, scene, seed, arm, args.method, args.steps, args.cfg,
+                                       args.weight, args.uncond)
+                    if args.images:
+                        img.save(Path(args.images) / f"{stem}-{arm}.png")
+                    own, other = [], []
+                    for c, view, o in zip(scene.characters, character_views(img, scene), reversed(scene.characters)):
+                        p = oracle.score([view], [c.name, o.name]).present[0].tolist()
+                        own.append(bool(p[0]))
+                        other.append(bool(p[1]))
+                    v = iou(foreground(img), sil > 0.5)
+                    row = {"scene": i, "seed": seed, "characters": list(chars), "iou": round(v, 4),
+                           "follows": v >= args.iou, "own": own, "other": other, "both": all(own),
+                           "both_and_follows": all(own) and v >= args.iou, "any_swap": any(other)}
+                    per[lay][arm].append(row)
+                    if partial is not None:
+                        with partial.open("a") as f:
+                            f.write(json.dumps({"layout": lay, "arm": arm, **row}) + "\n")
+                print(f"{lay} {i + 1}/{args.n} {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
     summary = {"n_per_layout": args.n, "method": args.method, "uncond": args.uncond, "scale": args.scale, "weight": args.weight,
-               "steps": args.steps, "cfg": args.cfg, "iou_threshold": args.iou, "seconds": round(time.time() - t0, 1)}
+               "steps": args.steps, "cfg": args.cfg, "iou_threshold": args.iou,
+               "seconds": None if args.summarize else round(time.time() - t0, 1)}
 
     def arm_line(rows: list[dict]) -> dict:
         flat = lambda key: [x for r in rows for x in r[key]]  # noqa: E731
