@@ -51,7 +51,8 @@ def test_oracle_view_finds_each_character_on_the_render():
 @torch.no_grad()
 def test_sketch_per_region_moves_the_figures_onto_the_silhouettes():
     """No LoRAs (the mechanics only): the same seed with the sketch draws figures whose mask overlaps the
-    silhouettes far more than without it, in both layouts (measured with the LoRAs, 64 scenes: docs/sampling.md)."""
+    silhouettes far more than without it, in both layouts (measured with the LoRAs, 64 scenes: docs/sampling.md).
+    Here, 10 steps, seeds 1-4: IoU 0.55-0.62 with the sketch, 0.00-0.10 without; the thresholds sit between."""
     from diffusers import T2IAdapter
 
     from lorakit.sampling import load_pipeline

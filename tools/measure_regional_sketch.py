@@ -17,7 +17,9 @@ weighted per region (``--weight``). Same seeds, prompts and LoRA scale in both a
 
 Prints one JSON line per (layout, arm) and per arm over both layouts (rates with n and 95% Wilson intervals), and
 the paired comparisons (exact McNemar on the same scenes and seeds; a sign test on the per-scene IoU); ``--out``
-writes them with per-image values, ``--images`` the PNGs of both arms.
+writes them with per-image values (and, while running, each row to ``<out>.partial.jsonl``: ``--summarize`` that
+file summarizes a run stopped early), ``--images`` the PNGs of both arms with ``sheet.html`` (4x enlarged, the
+oracle's verdicts).
 
     OMP_NUM_THREADS=1 flock /work/heavy.lock python tools/measure_regional_sketch.py --n 64 --out metrics.json
 """
