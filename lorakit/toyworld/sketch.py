@@ -7,6 +7,14 @@ scenes put one shape in each half (left, right), the layout regional sampling us
 >>> scene = random_sketch_scene(np.random.default_rng(0), n_shapes=2)
 >>> image, silhouette = render_sketch_scene(scene)      # PIL RGB 32x32, float32 [32, 32] in [0, 1]
 >>> scene.region_prompts()                               # one prompt per half, e.g. ['red circle, white plain background', ...]
+
+Characters placed by sketches (Mix-of-Show's figure): a :class:`CharacterScene` puts one held-out character per
+half at a random size and place; :func:`render_character_scene` draws them with the renderer's sprites and returns
+their silhouette (the sketch) too.
+
+>>> scene = random_character_scene(np.random.default_rng(0), ("frog", "robot"))
+>>> image, silhouette = render_character_scene(scene)
+>>> scene.region_prompts()                               # ['kwibbit, white plain background', 'zorbo, white plain background']
 """
 
 from __future__ import annotations
