@@ -98,8 +98,11 @@ class GradientSettings:
         sampling), ``concept`` (the concept's tokens + the end token, the reference's) or ``prompt`` (every token
         up to the end token). With the held-out ridge, ``all`` measured best on held-out padded rows.
     batch: prompts x seeds per forward pass while capturing.
-    max_conv_dim: solve a Conv2d on unfolded patches when in*kh*kw <= this; larger convs fall back to the
-        weighted average (reported). 0 = weighted average for every conv.
+    max_conv_dim: solve a Conv2d on unfolded patches (Gram ``(in*kh*kw)^2``) when in*kh*kw <= this; larger
+        convs are handled by ``large_convs``. 0 = every conv.
+    large_convs: ``subspace`` (default: solved within the span of the concepts' LoRA down matrices, ``W = W0 +
+        U C D``, from an ``R x R`` Gram of the inputs seen through ``D``, ``R`` = sum of ranks; reported per layer
+        as ``space``) or ``average`` (the weighted average, reported under ``fallback_layers``).
     scheduler: a ``lorakit.models.sd_scheduler`` name for sampling; None = the pipeline's own.
     unet_inputs: what the UNet stage samples with besides concept i's UNet LoRA: ``fused_text`` (the fused
         text encoder and to_k/to_v, as the reference) or ``own`` (concept i's own text encoder and to_k/to_v too).
@@ -112,6 +115,7 @@ class GradientSettings:
     guidance: float = 1.0
     ridge: float | str = "auto"
     max_conv_dim: int = 4608
+    large_convs: str = "subspace"
     seed: int = 0
     scheduler: str | None = None
     unet_inputs: str = "fused_text"
@@ -337,6 +341,7 @@ def run(inputs) -> "FuseResult":
         "capture_s": round(sum(st.get("capture_s", 0.0) for st in out["stages"].values()), 3),
         "solve_s": round(sum(st.get("solve_s", 0.0) for st in out["stages"].values()), 3),
         "fallback_layers": sorted(k for k, r in layers.items() if r["method"] != "closed_form"),
+        "subspace_layers": sorted(k for k, r in layers.items() if "space" in r),
     }
     settings_dict = {k: v for k, v in settings.__dict__.items() if k not in ("progress", "keep_inputs")}
     report = {"settings": settings_dict, "summary": summary, "stages": out["stages"], "layers": layers}

@@ -193,6 +193,34 @@ def _choose_ridge(ridge, G, P, val, U, Dw, prob: LayerProblem, order, target, gr
     return float(ridge), G, P
 
 
+def stacked_down(prob: LayerProblem) -> torch.Tensor:
+    """``D = [D_i; ...]`` ``[R, in_flat]``, concepts in order: the basis of a layer's LoRA subspace."""
+    return torch.cat([prob.downs[i] for i in sorted(prob.downs)], 0)
+
+
+def subspace_problem(prob: LayerProblem) -> LayerProblem:
+    """The layer's problem restricted to its LoRA subspace, ``W = W0 + U C D`` (``C [R, R]``): the inputs are
+    ``z = D x`` (``R`` numbers), concept i's LoRA reads ``z`` through rows of the identity. Its Gram matrix is
+    ``[R, R]`` whatever the layer's size (large convs); :func:`lift` maps its solution back."""
+    order = sorted(prob.downs)
+    R = sum(prob.downs[i].shape[0] for i in order)
+    eye = torch.eye(R, dtype=torch.float64)
+    downs, k = {}, 0
+    for i in order:
+        r = prob.downs[i].shape[0]
+        downs[i] = eye[k : k + r]
+        k += r
+    return LayerProblem(prob.key, prob.component, prob.path, (prob.shape[0], R), ups=prob.ups, downs=downs)
+
+
+def lift(sol: LayerSolution, prob: LayerProblem) -> LayerSolution:
+    """A :func:`subspace_problem` solution as a solution of ``prob``: ``down = C @ D``."""
+    D = stacked_down(prob).to(sol.down.device)
+    R = D.shape[0]
+    sol.report.update(in_dim=prob.in_dim, space=f"LoRA subspace (dim {R})")
+    return LayerSolution(up=sol.up, down=sol.down @ D, report=sol.report)
+
+
 def fused_weight(W0: torch.Tensor, sol: LayerSolution) -> torch.Tensor:
     """``W0 + up @ down`` in float64, reshaped like ``W0``, cast to its dtype."""
     delta = (sol.up @ sol.down).reshape(W0.shape)

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorakit.fusion.capture import GramCollector
-from lorakit.fusion.gradient_solve import LayerProblem, LayerSolution, fused_weight, solve_layer, stage_of
+from lorakit.fusion.gradient_solve import (
+    LayerProblem, LayerSolution, fused_weight, lift, solve_layer, stacked_down, stage_of, subspace_problem,
+)
 
 if TYPE_CHECKING:
     from lorakit.fusion.gradient import Concept, GradientSettings
@@ -83,13 +85,31 @@ def _min_resolution(pipe) -> int:
 
 @dataclass
 class WorkItem:
-    """One capture forward pass: ``prompts`` (with one seed each) of concept ``concept``; ``split`` is ``fit`` or
-    ``val`` (held-out statistics for ``ridge="auto"``)."""
+    """One capture forward pass: ``prompts`` (with one seed each) of concept ``concept``. ``splits`` says, per
+    prompt, whose statistics its rows feed: ``fit`` or ``val`` (held-out statistics for ``ridge="auto"``); fit and
+    held-out prompts of a concept share passes. ``split``: ``fit``, ``val``, or ``mixed`` when the pass has both."""
 
     concept: int
     prompts: list[str]
     seeds: list[int]
     split: str = "fit"
+    splits: list[str] | None = None
+
+    def __post_init__(self):
+        if self.splits is None:
+            self.splits = [self.split] * len(self.prompts)
+        kinds = set(self.splits)
+        self.split = kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def batch_rows(self, split: str) -> torch.Tensor | slice | None:
+        """The prompts of ``split`` in this pass: None (all of them), a ``slice`` of the batch when they are
+        consecutive (the usual case: fit prompts first), else a ``[B]`` bool mask."""
+        hits = [k for k, s in enumerate(self.splits) if s == split]
+        if len(hits) == len(self.splits):
+            return None
+        if hits and hits[-1] - hits[0] + 1 == len(hits):
+            return slice(hits[0], hits[-1] + 1)
+        return torch.tensor([s == split for s in self.splits])
 
 
 def run_stage(pipe, stage: str, probs: dict[str, LayerProblem], concepts: list[Concept], settings: GradientSettings,
@@ -111,22 +131,24 @@ def run_stage(pipe, stage: str, probs: dict[str, LayerProblem], concepts: list[C
     stage_probs = [p for p in probs.values() if stage_of(p.key) == stage]
     if not stage_probs:
         return {}, {"layers": 0}
+    large = {p.key for p in stage_probs if p.is_conv and p.in_dim > settings.max_conv_dim}
     fallback = {}
-    for p in stage_probs:
-        if p.is_conv and p.in_dim > settings.max_conv_dim:
-            fallback[p.key] = f"conv in*kh*kw = {p.in_dim} > max_conv_dim {settings.max_conv_dim}"
-    splits = sorted({it.split for it in items})
+    if settings.large_convs == "average":
+        fallback = {k: f"conv in*kh*kw = {probs[k].in_dim} > max_conv_dim {settings.max_conv_dim}" for k in large}
+    subspace = large - set(fallback)
+    splits = sorted({sp for it in items for sp in it.splits})
     collectors = _collectors(pipe, [p for p in stage_probs if p.key not in fallback], splits, settings,
-                             gram=solver is None)
+                             gram=solver is None, subspace=subspace)
     weights = ConceptWeights(pipe, switch, base) if switch else None
     _capture(collectors, _my_items(items), run_item, weights, rows_for, f"fuse: {stage} capture", settings.progress)
     t_capture = time.perf_counter() - t0
     t1 = time.perf_counter()
-    solutions = _solve_stage(pipe, stage, stage_probs, collectors, fallback, len(concepts), settings, solver)
+    solutions = _solve_stage(pipe, stage, stage_probs, collectors, fallback, len(concepts), settings, solver,
+                             subspace)
     if fallback:
         warnings.warn(
             f"gradient fusion: {len(fallback)} conv layer(s) use the weighted average instead of the solve "
-            f"(raise --max-conv-dim to solve them): {', '.join(sorted(fallback)[:5])}"
+            f"(raise --max-conv-dim, or large_convs='subspace', to solve them): {', '.join(sorted(fallback)[:5])}"
             + (" ..." if len(fallback) > 5 else ""),
             stacklevel=2,
         )
@@ -134,8 +156,9 @@ def run_stage(pipe, stage: str, probs: dict[str, LayerProblem], concepts: list[C
         "layers": len(stage_probs),
         "solved": len(stage_probs) - len(fallback),
         "fallback_layers": sorted(fallback),
+        "subspace_layers": sorted(subspace),
         "work_items": len(items),
-        "forward_passes": {sp: sum(1 for it in items if it.split == sp) for sp in splits},
+        "forward_passes": {sp: sum(1 for it in items if sp in it.splits) for sp in splits},
         "capture_s": round(t_capture, 3),
         "solve_s": round(time.perf_counter() - t1, 3),
         "total_s": round(time.perf_counter() - t0, 3),
@@ -148,14 +171,17 @@ def run_stage(pipe, stage: str, probs: dict[str, LayerProblem], concepts: list[C
 
 
 def _collectors(pipe, solve_probs: list[LayerProblem], splits: list[str], settings: GradientSettings,
-                gram: bool) -> dict[str, dict[str, GramCollector]]:
-    """``{split: {component: GramCollector}}`` over the layers to solve."""
+                gram: bool, subspace: set[str] = frozenset()) -> dict[str, dict[str, GramCollector]]:
+    """``{split: {component: GramCollector}}`` over the layers to solve; ``subspace`` layers record their inputs
+    seen through the LoRA down matrices (:func:`subspace_problem`)."""
     collectors: dict[str, dict[str, GramCollector]] = {sp: {} for sp in splits}
     for comp in sorted({p.component for p in solve_probs}):
-        layers = {p.key: (p.path, p.downs) for p in solve_probs if p.component == comp}
+        mine = [p for p in solve_probs if p.component == comp]
+        layers = {p.key: (p.path, subspace_problem(p).downs if p.key in subspace else p.downs) for p in mine}
+        project = {p.key: stacked_down(p) for p in mine if p.key in subspace}
         for sp in splits:
             collectors[sp][comp] = GramCollector(getattr(pipe, comp), layers, keep_inputs=settings.keep_inputs,
-                                                 gram=gram)
+                                                 gram=gram, project=project)
     return collectors
 
 
@@ -172,9 +198,7 @@ def _capture(collectors: dict[str, dict[str, GramCollector]], mine: list[WorkIte
                 if weights is not None:
                     weights.set(item.concept)
                 for sp, per in collectors.items():
-                    for comp, c in per.items():
-                        c.concept = item.concept if sp == item.split else None
-                        c.rows = rows_for(item, comp) if rows_for is not None and sp == item.split else None
+                    _point(per, item, sp, rows_for)
                 run_item(item)
     finally:
         for c in every:
@@ -185,9 +209,27 @@ def _capture(collectors: dict[str, dict[str, GramCollector]], mine: list[WorkIte
         c.reduce()
 
 
+def _point(per: dict[str, GramCollector], item: WorkItem, split: str, rows_for) -> None:
+    """Point one split's collectors at ``item``: its concept, and the rows of its prompts of that split (token rows
+    ``[B, S]`` for text-side layers, prompts ``[B]`` otherwise); a pass without such prompts records nothing."""
+    batch = item.batch_rows(split)
+    active = split in item.splits
+    for comp, c in per.items():
+        c.concept = item.concept if active else None
+        rows = rows_for(item, comp) if rows_for is not None and active else None
+        if rows is not None and batch is not None:
+            keep = torch.zeros(len(item.prompts), dtype=torch.bool)
+            keep[batch] = True
+            rows = rows & keep[:, None]
+        c.rows = rows if rows is not None else (batch if active else None)
+        c.batch = len(item.prompts)
+
+
 def _solve_stage(pipe, stage: str, stage_probs: list[LayerProblem], collectors: dict, fallback: dict[str, str],
-                 n_concepts: int, settings: GradientSettings, solver) -> dict[str, LayerSolution]:
-    """Solve every layer of the stage (``fallback`` layers: the weighted average) and write ``W*`` in place."""
+                 n_concepts: int, settings: GradientSettings, solver,
+                 subspace: set[str] = frozenset()) -> dict[str, LayerSolution]:
+    """Solve every layer of the stage (``fallback`` layers: the weighted average; ``subspace`` layers in their
+    LoRA subspace) and write ``W*`` in place."""
     solutions: dict[str, LayerSolution] = {}
     for p in _progress(stage_probs, f"fuse: {stage} solve", settings.progress):
         if p.key in fallback:
@@ -201,8 +243,11 @@ def _solve_stage(pipe, stage: str, stage_probs: list[LayerProblem], collectors: 
             st = collectors["fit"][p.component].stats[p.key]
             vst = collectors["val"][p.component].stats[p.key] if "val" in collectors else None
             val = (vst.G, vst.P) if vst is not None and settings.ridge == "auto" else None
-            sol = solve_layer(st.G, st.P, p, n_concepts, settings.ridge, ridge_target=settings.ridge_target,
+            sub = subspace_problem(p) if p.key in subspace else p
+            sol = solve_layer(st.G, st.P, sub, n_concepts, settings.ridge, ridge_target=settings.ridge_target,
                               val=val)
+            if sub is not p:
+                sol = lift(sol, p)
             sol.report["tokens"] = int(st.tokens.item())
             if vst is not None:
                 sol.report["heldout_tokens"] = int(vst.tokens.item())
@@ -222,11 +267,11 @@ def _call_pipe(pipe, prompts: list[str], seeds: list[int], steps: int, size: int
     return pipe(**kwargs)
 
 
-def _batched(concept: int, pairs: list[tuple[str, int]], split: str, batch: int) -> list[WorkItem]:
-    """``(prompt, seed)`` pairs of one concept in forward passes of at most ``batch``."""
+def _batched(concept: int, triples: list[tuple[str, int, str]], batch: int) -> list[WorkItem]:
+    """``(prompt, seed, split)`` triples of one concept in forward passes of at most ``batch``."""
     batch = max(1, int(batch))
-    return [WorkItem(concept, [p for p, _ in pairs[k : k + batch]], [s for _, s in pairs[k : k + batch]], split)
-            for k in range(0, len(pairs), batch)]
+    return [WorkItem(concept, [p for p, _, _ in chunk], [s for _, s, _ in chunk], splits=[sp for _, _, sp in chunk])
+            for chunk in (triples[k : k + batch] for k in range(0, len(triples), batch))]
 
 
 def work_items(concepts: list[Concept], settings: GradientSettings, kind: str) -> list[WorkItem]:
@@ -246,5 +291,5 @@ def work_items(concepts: list[Concept], settings: GradientSettings, kind: str) -
             held = c.val_sample_prompts or c.sample_prompts
             val = [(p, settings.seed + 100_000 + k * settings.val_samples + j) for k, p in enumerate(held)
                    for j in range(settings.val_samples)] if auto else []
-        items += _batched(i, fit, "fit", settings.batch) + _batched(i, val, "val", settings.batch)
+        items += _batched(i, [(p, sd, "fit") for p, sd in fit] + [(p, sd, "val") for p, sd in val], settings.batch)
     return items
