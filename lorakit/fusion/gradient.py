@@ -185,6 +185,10 @@ def prepare_concepts(pipe, concepts: list[Concept]) -> dict:
     table = []
     for c in ed:
         info, rows = E.read_edlora(c.adapter, c.name)
+        for comp, words in rows.items():
+            for w, emb in words.items():
+                if not bool(torch.isfinite(emb).all()):
+                    raise ValueError(f"{c.name}: the {comp} embedding of {w} has NaN or inf")
         if info["n_layers"] != state.n_layers or dict(info["components"]) != state.dims:
             raise ValueError(f"{c.name}: ED-LoRA for {info['n_layers']} cross-attention layers / encoders "
                              f"{info['components']}; the base has {state.n_layers} / {state.dims}")
