@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=None, help="base model (default tiny:sd1, or data/toy-base with --toy)")
     ap.add_argument("--adapters", nargs="*", help="adapter files (default: 2 random trigger LoRAs on the tiny base)")
+    ap.add_argument("--network", choices=["lora", "locon"], default="lora",
+                    help="the 2 random adapters: LoRA on the text encoder and attention layers, or LoCon (also convs)")
     ap.add_argument("--toy", action="store_true", help="toy-world captions as prompts (adapters: toy LoRAs)")
     ap.add_argument("--n-prompts", type=int, default=4, help="--toy: captions per set (fit, held-out, evaluation)")
     ap.add_argument("--steps", type=int, default=20)
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
     else:
         adapters, names = [], []
         for seed, trig in ((1, "red circle"), (2, "blue square")):
-            ad = random_adapter(base, network="lora", text_encoder=True, rank=4, alpha=4.0, seed=seed, std=0.1)
+            ad = random_adapter(base, network=args.network, text_encoder=True, rank=4, alpha=4.0, seed=seed, std=0.1)
             ad.metadata["lorakit.trigger"] = trig
             adapters.append(ad)
             names.append(trig.replace(" ", "_"))
@@ -246,7 +248,7 @@ def main(argv=None) -> int:
             if obj["w0"] <= 0:
                 continue
             rel = {m: v / obj["w0"] for m, v in obj.items() if m != "w0"}
-            name = f"{stage}/{rows}" if stage == "cross_kv" else stage
+            name = f"{stage}/{rows}" if stage == "cross_kv" else f"{stage}/conv" if prob.is_conv else stage
             if args.per_layer:
                 print(json.dumps({"layer": key, "set": name, **{f"heldout_{m}": round(v, 6) for m, v in rel.items()},
                                   "ridge": out_l["layers"][key].get("ridge")}))
