@@ -205,8 +205,11 @@ def main(argv=None) -> int:
     t_lorakit, cpu_lorakit = time.perf_counter() - t0, time.process_time() - c0
     peak_l = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
     probs = out_l["problems"]
-    stats_bytes = sum(8 * (p.in_dim ** 2 + sum(d.shape[0] for d in p.downs.values()) * p.in_dim) for p in probs.values()
-                      if out_l["layers"][p.key]["method"] == "closed_form")
+    def gram_dim(p):  # a conv solved in its LoRA subspace keeps an R x R Gram
+        return sum(d.shape[0] for d in p.downs.values()) if "space" in out_l["layers"][p.key] else p.in_dim
+
+    stats_bytes = sum(8 * (gram_dim(p) ** 2 + sum(d.shape[0] for d in p.downs.values()) * gram_dim(p))
+                      for p in probs.values() if out_l["layers"][p.key]["method"] == "closed_form")
     n_splits = 2  # fit + held-out statistics with ridge auto
 
     # reference: its own rows (trigger=None: a plain LoRA keeps only the end token), one prompt per pass, LBFGS
