@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--eval-samples", type=int, default=2, help="held-out seeds per evaluation prompt")
     ap.add_argument("--per-layer", action="store_true", help="also print one line per layer")
+    ap.add_argument("--no-eval", action="store_true", help="times only: skip the held-out scoring")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference recipe (its time is 0 and its weights are W0)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="lorakit GradientSettings overrides, e.g. kv_rows=prompt ridge_target=average ridge=1e-6")
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
 
     # held-out scoring
     t0 = time.perf_counter()
-    grams = heldout_grams(base, adapters, sets, probs, args)
+    grams = {} if args.no_eval else heldout_grams(base, adapters, sets, probs, args)
     t_eval = time.perf_counter() - t0
     per_stage: dict = {}
     for key, prob in probs.items():
