@@ -108,7 +108,11 @@ def main(argv=None) -> int:
     from lorakit.toyworld.evaluate import generate
 
     files = dict(kv.split("=", 1) for kv in args.edloras)
-    words = {n: words_of(load_adapter(p)) for n, p in files.items()}
+    needed = {n for tag in args.sets for n in tag.split("+")}
+    missing = sorted(needed - set(files))
+    if missing:
+        raise SystemExit(f"--sets name {missing} without a --edloras file")
+    words = {n: words_of(load_adapter(files[n])) for n in needed}
     base = load_base(args.base)
     base.set_progress_bar_config(disable=True)
     lines = []
