@@ -66,6 +66,28 @@ def _status_mb(key: str) -> float:
     return float("nan")
 
 
+class PeakAnon:
+    """Peak private (anonymous) RSS during a block, polled every 5 ms from /proc/self/status. The kernel's peak
+    (``VmHWM``) also counts file-backed pages: library code and mmap-read files, shared and droppable, which
+    differ between code paths that run different library functions."""
+
+    def __enter__(self):
+        self.peak_mb, self._stop = _status_mb("RssAnon"), threading.Event()
+
+        def poll():
+            while not self._stop.wait(0.005):
+                self.peak_mb = max(self.peak_mb, _status_mb("RssAnon"))
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, _status_mb("RssAnon"))
+
+
 def _reset_peak() -> float:
     """Free what Python and malloc hold, reset the kernel's peak-RSS counter to the current RSS; the RSS, MiB."""
     import ctypes
@@ -306,7 +328,8 @@ def run_points(args, points: list[dict], emit) -> None:
             work = Path(tmp) / f"p{i}"
             work.mkdir()
             load = os.getloadavg()[0]
-            res = run_point(args, pipe, work)
+            with PeakAnon() as anon:
+                res = run_point(args, pipe, work)
             peak = _status_mb("VmHWM")
             load = round((load + os.getloadavg()[0]) / 2, 1)  # the machine's 1-min load average (2 cores here)
             row = {"run": args.one, "size": args.size, "arch": arch, "resolution": args.resolution,
@@ -317,7 +340,8 @@ def run_points(args, points: list[dict], emit) -> None:
                    "shared_process": len(points) > 1, "point": i,
                    **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()},
                    "rss_after_build_mb": round(rss_built, 1), "rss_before_mb": round(rss_before, 1),
-                   "peak_rss_mb": round(peak, 1), "load_avg": load}
+                   "peak_rss_mb": round(peak, 1), "peak_anon_mb": round(anon.peak_mb, 1),
+                   "file_rss_mb": round(_status_mb("RssFile"), 1), "load_avg": load}
             row = {k: v for k, v in row.items() if v is not None}
             row["estimate_mb"] = _estimate_mb(args, args.one) if args.estimate else None
             emit(row)
@@ -346,8 +370,11 @@ def derived_rows(rows: list[dict]) -> list[dict]:
         for lk, ref in (("train", "train_ref"), ("sample", "sample_ref")):
             a, b = by.get((size, lk)), by.get((size, ref))
             if a and b:
-                out.append({"run": "ratio", "size": size, "stage": lk, "time_ratio": round(a["step_s"] / b["step_s"], 3),
-                            "peak_rss_ratio": round(a["peak_rss_mb"] / b["peak_rss_mb"], 3)})
+                row = {"run": "ratio", "size": size, "stage": lk, "time_ratio": round(a["step_s"] / b["step_s"], 3),
+                       "peak_rss_ratio": round(a["peak_rss_mb"] / b["peak_rss_mb"], 3)}
+                if "peak_anon_mb" in a and "peak_anon_mb" in b:
+                    row["peak_anon_ratio"] = round(a["peak_anon_mb"] / b["peak_anon_mb"], 3)
+                out.append(row)
         for stage in STAGES:  # each variant of the trainer and each sampling method vs the plain one
             base = {**{s: "train" for s in TRAIN}, **{s: "sample" for s in SAMPLE}}.get(stage)
             a, b = by.get((size, stage)), by.get((size, base))
@@ -369,10 +396,13 @@ def derived_rows(rows: list[dict]) -> list[dict]:
     for (size, stage, res, rank, n, net), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         if len(rs) > 1:
             peaks, times = [r["peak_rss_mb"] for r in rs], [_time(r) for r in rs]
+            anon = [r["peak_anon_mb"] for r in rs if "peak_anon_mb" in r]
             out.append({"run": "spread", "size": size, "stage": stage, "resolution": res, "rank": rank, "n": len(rs),
                         "peak_rss_mb_mean": round(statistics.mean(peaks), 1), "peak_rss_mb_min": min(peaks),
                         "peak_rss_mb_max": max(peaks), "time_s_mean": round(statistics.mean(times), 3),
-                        "time_s_min": min(times), "time_s_max": max(times)})
+                        "time_s_min": min(times), "time_s_max": max(times),
+                        **({"peak_anon_mb_mean": round(statistics.mean(anon), 1), "peak_anon_mb_min": min(anon),
+                            "peak_anon_mb_max": max(anon)} if anon else {})})
     mean = {k: (statistics.mean(_time(r) for r in rs), statistics.mean(r["peak_rss_mb"] for r in rs))
             for k, rs in groups.items()}
     for axis, pos in (("n_loras", 4), ("resolution", 2), ("rank", 3)):
