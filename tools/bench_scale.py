@@ -127,7 +127,11 @@ def _train(args, pipe, work: Path, stage: str) -> dict:
         extra = {"train": (), "train_gc": ("gradient_checkpointing=true",),
                  "train_locon": ("network.type=locon", f"network.conv_rank={args.rank}",
                                  f"network.conv_alpha={args.rank}")}[stage]
-        res = bench_train.lorakit_run(ns, pipe, folder, work / "out", extra)
+        import lorakit.models
+
+        # As `lorakit train` runs: the trainer loads (here: is handed) the base itself, so it owns it.
+        lorakit.models.load_base = lambda *a, **k: pipe
+        res = bench_train.lorakit_run(ns, None, folder, work / "out", extra)
     return {"step_s": res["step_s"], "total_s": time.perf_counter() - t0}
 
 
