@@ -446,8 +446,9 @@ def plot(rows: list[dict], png: Path) -> Path:
         for stage in dict.fromkeys(r["stage"] for r in curves if r["axis"] == axis):
             pts = [r for r in curves if r["axis"] == axis and r["stage"] == stage]
             xs = [r["x"] for r in pts]
-            axs[0][j].plot(xs, [r["time_s"] for r in pts], marker="o", label=stage)
-            axs[1][j].plot(xs, [r["peak_rss_mb"] / 1024 for r in pts], marker="o", label=stage)
+            label = {"sample": "merge", "train": "train (lorakit)"}.get(stage, stage)
+            axs[0][j].plot(xs, [r["time_s"] for r in pts], marker="o", label=label)
+            axs[1][j].plot(xs, [r["peak_rss_mb"] / 1024 for r in pts], marker="o", label=label)
         for i in (0, 1):
             axs[i][j].set_xscale("log", base=2)
             axs[i][j].set_xticks(sorted({r["x"] for r in curves if r["axis"] == axis}))
