@@ -40,10 +40,11 @@ def _row(run, **kw):
 def test_curve_rows_vary_one_axis_at_the_others_defaults():
     bench = _module()
     rows = [
-        _row("composite", n_loras=2, step_s=2.0, peak_rss_mb=3000.0),
-        _row("composite", n_loras=4, step_s=4.0, peak_rss_mb=3100.0),
-        _row("composite", n_loras=8, step_s=8.0, peak_rss_mb=3300.0),
-        _row("composite", n_loras=4, resolution=256, step_s=9.0),  # not on the N axis (resolution 256)
+        # sampling curves use the whole image's seconds (total_s), not the per-step marginal
+        _row("composite", n_loras=2, step_s=-1.0, total_s=2.0, peak_rss_mb=3000.0),
+        _row("composite", n_loras=4, step_s=9.0, total_s=4.0, peak_rss_mb=3100.0),
+        _row("composite", n_loras=8, step_s=1.0, total_s=8.0, peak_rss_mb=3300.0),
+        _row("composite", n_loras=4, resolution=256, step_s=9.0, total_s=9.0),  # not on the N axis (256 px)
         _row("train", step_s=5.0),
         _row("train", resolution=256, step_s=15.0, peak_rss_mb=3600.0),
         _row("train", rank=64, step_s=6.0, peak_rss_mb=3150.0),
@@ -89,6 +90,6 @@ def test_plot_writes_a_png(tmp_path):
 
     pytest.importorskip("matplotlib")
     bench = _module()
-    rows = [_row("sample", n_loras=n, step_s=float(n), peak_rss_mb=3000.0 + n) for n in (2, 4, 8)]
+    rows = [_row("sample", n_loras=n, step_s=float(n), total_s=float(n), peak_rss_mb=3000.0 + n) for n in (2, 4, 8)]
     png = bench.plot(bench.derived_rows(rows), tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

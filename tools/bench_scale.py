@@ -407,8 +407,10 @@ def derived_rows(rows: list[dict]) -> list[dict]:
                         "time_s_min": min(times), "time_s_max": max(times),
                         **({"peak_anon_mb_mean": round(statistics.mean(anon), 1), "peak_anon_mb_min": min(anon),
                             "peak_anon_mb_max": max(anon)} if anon else {})})
-    mean = {k: (statistics.mean(_time(r) for r in rs), statistics.mean(r["peak_rss_mb"] for r in rs))
-            for k, rs in groups.items()}
+    # Curves: sampling by the whole image (its per-step marginal is a difference of two noisy totals), the
+    # others by step (training) or in total (fusion).
+    mean = {k: (statistics.mean(r["total_s"] if r["run"] in SAMPLE else _time(r) for r in rs),
+                statistics.mean(r["peak_rss_mb"] for r in rs)) for k, rs in groups.items()}
     for axis, pos in (("n_loras", 4), ("resolution", 2), ("rank", 3)):
         series: dict[tuple, list[tuple]] = {}
         for key, (t, peak) in mean.items():
@@ -456,7 +458,7 @@ def plot(rows: list[dict], png: Path) -> Path:
             axs[i][j].grid(alpha=0.3)
         axs[1][j].set_xlabel(labels[axis])
         axs[0][j].legend(fontsize=7)
-    axs[0][0].set_ylabel("seconds per step")
+    axs[0][0].set_ylabel("seconds (sampling: per image)")
     axs[1][0].set_ylabel("peak RSS (GiB)")
     fig.suptitle("SD 1.5 size, CPU, bf16, one thread", fontsize=9)
     fig.tight_layout()
