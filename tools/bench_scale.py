@@ -14,6 +14,17 @@ then times the stage only:
   * ``fuse``:       ``lorakit fuse --method gradient`` of two LoRAs end to end (capture + solve), with the number of
                     layers that fell back to the weighted average.
 
+  * ``train_gc`` / ``train_locon`` / ``train_edlora``: the block-wise trainer with gradient checkpointing, LoCon,
+                    and the ED-LoRA trainer;
+  * ``switch`` / ``cmlora``: ``lorakit sample --method switch / cmlora`` (cmlora with ``--kinds``: no profiling);
+  * ``ziplora`` / ``lorarar``: ``lorakit fuse`` of one pair (LoRA.rar with a random-weight hypernetwork).
+
+Curves: ``--n-loras 2 4 8``, ``--resolutions 64 128 256``, ``--ranks 4 16 64`` give one point per value (``curve``
+rows: each against its smallest), ``--repeat K`` K fresh processes per point (``spread`` rows), ``--shared`` runs
+the points of the stages that leave the base unchanged in one process per size; ``--derive FILE --plot PNG``
+draws the curves (matplotlib: ``pip install 'lorakit[bench]'``). Rows carry the kernel's peak RSS, the peak
+private (anonymous) RSS and the machine's load average.
+
 Sampling rows run one image at S (warm-up, not counted), S and 2S steps: ``total_s`` is the 2S run, ``step_s`` the marginal
 ``(t(2S) - t(S)) / S`` (the fixed cost of loading adapters, encoding, decoding and writing files left out).
 
