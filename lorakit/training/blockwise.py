@@ -216,6 +216,7 @@ def train(cfg, accelerator=None, pipe=None):
     check_training("train", cfg, pipe if pipe is not None else cfg.base_model, weight_dtype,
                    max(cfg.network.rank, cfg.network.conv_rank or 0), conv=cfg.network.type == "locon")
 
+    owns_pipe = pipe is None  # a pipeline passed in stays whole; one loaded here may lose its VAE encoder
     if pipe is None:
         pipe = load_base(cfg.base_model)
     arch = pipeline_arch(pipe)
@@ -274,6 +275,11 @@ def train(cfg, accelerator=None, pipe=None):
                 accelerator.print(f"lorakit: latent cache {cache_dir}: {n} encoded, {total - n} reused")
             accelerator.wait_for_everyone()
             dataset.latent_cache = cache
+            if owns_pipe and cache.complete(dataset, flips):
+                # Every latent is on disk and sampling only decodes: the encoder's weights (65 MiB at SD 1.5 in
+                # bf16) would sit unused through the whole run.
+                pipe.vae.encoder = None
+                pipe.vae.quant_conv = None
 
     order = list(trained)
     scaling = pipe.vae.config.scaling_factor
