@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
+
+from lorakit.sampling.methods import SAMPLERS
+
 
 def add_parser(sub) -> None:
+    methods_help = "\n".join(f"  {name:<10} {s.help}" for name, s in SAMPLERS.items())
     p = sub.add_parser(
         "sample",
         help="generate images with several LoRAs: merge, LoRA Switch, LoRA Composite, CMLoRA, delta; regional prompts",
         description="Generate images from a base model with several LoRA/LoCon/ED-LoRA adapters. Each image is saved "
         "as PNG with a JSON sidecar (all settings, adapters with SHA-256, seed) so it can be regenerated. Under "
-        "`accelerate launch` the images are split across processes; a seed gives the same image either way.",
+        "`accelerate launch` the images are split across processes; a seed gives the same image either way.\n\n"
+        "methods:\n" + methods_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--base", required=True, help="base model: diffusers folder, .safetensors checkpoint, hub id, or tiny:sd1")
     p.add_argument("--adapters", nargs="*", default=[], metavar="FILE",
                    help="adapter .safetensors files (first = character for switch); none: plain sampling of --base "
                    "(e.g. a fused model)")
     p.add_argument("--weights", nargs="+", type=float, help="LoRA scale per adapter (default 1.0 each)")
-    p.add_argument("--method", choices=["merge", "switch", "composite", "cmlora", "delta"], default="merge",
-                   help="delta: base + the sum of each adapter's difference from the base (docs/sampling.md)")
+    p.add_argument("--method", choices=list(SAMPLERS), default="merge", help="composition method (see above)")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several prompts)")
     p.add_argument("--negative-prompt", default="", help="negative prompt")
     p.add_argument("--regions", help="regions YAML: global prompt + boxes with their own prompts (replaces --prompt), "
