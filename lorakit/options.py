@@ -57,18 +57,20 @@ def default_help(owners: list[tuple[str, dataclasses.Field]]) -> str:
     return " (default: " + ", ".join(f"{n} {t}" for n, t in shown) + ")"
 
 
-def add_options(group, settings: Iterable[tuple[str, type]]) -> dict[str, list[str]]:
+def add_options(group, settings: Iterable[tuple[str, type]], skip: Iterable[str] = ()) -> dict[str, list[str]]:
     """Add one flag per option field of the ``(owner name, settings class)`` pairs to an argparse group.
 
     A flag declared by several classes is added once (argparse details from the first; the help joins the
     distinct help texts and lists each owner's default).
-    Every flag defaults to None so that :func:`from_args` can tell "not given" from a value. Returns
-    ``{field name: [owner names]}``.
+    Every flag defaults to None so that :func:`from_args` can tell "not given" from a value. Fields named in
+    ``skip`` (flags added elsewhere) are left out. Returns ``{field name: [owner names]}``.
     """
     owners: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    skip = set(skip)
     for owner, cls in settings:
         for f in option_fields(cls):
-            owners.setdefault(f.name, []).append((owner, f))
+            if f.name not in skip:
+                owners.setdefault(f.name, []).append((owner, f))
     for name, declared in owners.items():
         first = declared[0][1]
         kwargs = dict(first.metadata["argparse"])
