@@ -44,6 +44,16 @@ def add_parser(sub) -> None:
     p.add_argument("--encode", choices=["once", "per-adapter"], default="once",
                    help="prompt encoded once with the adapters active at the start (the references) or per pass")
     p.add_argument("--switch-every", type=int, default=5, help="switch: steps per adapter (tau; the first gets tau + 1)")
+    _add_cmlora_options(p)
+    p.add_argument("--profile-prompt", default="a picture", help="cmlora: prompt of the profiling images")
+    p.add_argument("--profile-steps", type=int, help="cmlora: steps of the profiling images (default --steps)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="start even when the memory estimate (lorakit.memory) exceeds the free RAM / VRAM")
+    p.set_defaults(func=run)
+
+
+def _add_cmlora_options(p) -> None:
     p.add_argument("--cmlora-mode", choices=["lorakit", "official"], default="lorakit",
                    help="official: the authors' code exactly, bugs included; lorakit: the same with them fixed")
     p.add_argument("--cmlora-interval", type=int, default=0,
@@ -63,12 +73,6 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-layer", type=int,
                    help="cmlora: split before layer K of that up block; shallow passes recompute only what follows "
                    "(default 1 in lorakit mode, 0 = the official split)")
-    p.add_argument("--profile-prompt", default="a picture", help="cmlora: prompt of the profiling images")
-    p.add_argument("--profile-steps", type=int, help="cmlora: steps of the profiling images (default --steps)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--no-memory-check", action="store_true",
-                   help="start even when the memory estimate (lorakit.memory) exceeds the free RAM / VRAM")
-    p.set_defaults(func=run)
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
