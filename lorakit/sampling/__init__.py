@@ -171,6 +171,40 @@ def _work_items(job: SampleJob, prompts: list[str]) -> list[tuple[int, int, int]
     return [(p, i, job.seed + i) for p in range(len(prompts)) for i in range(job.num_images)]
 
 
+def _batches(items: list, batch_size: int) -> list[list]:
+    """This process's items in UNet batches of one prompt each."""
+    batches = []
+    for p in sorted({it[0] for it in items}):
+        share = [it for it in items if it[0] == p]
+        batches += [share[k : k + batch_size] for k in range(0, len(share), batch_size)]
+    return batches
+
+
+def _sidecar(job: SampleJob, prompts: list[str], p_idx: int, i: int, seed: int, adapters, regions, profile: dict,
+             info: dict) -> dict:
+    """The JSON sidecar of one image: every setting needed to make it again."""
+    return {
+        "lorakit.sidecar": SIDECAR_VERSION,
+        "base": job.base,
+        "prompt": prompts[p_idx],
+        "negative_prompt": job.negative_prompt,
+        "prompt_index": p_idx,
+        "image_index": i,
+        "seed": seed,
+        "dtype": job.dtype,
+        "adapters": [a.record() for a in adapters],
+        "kinds": job.kinds,
+        "sampler": asdict(job.sampler),
+        "regions": regions.to_dict() if regions is not None else None,
+        "regions_file": str(Path(job.regions).resolve()) if job.regions else None,
+        "profile": profile,
+        "profile_settings": {"prompt": job.profile_prompt, "steps": job.profile_steps, "seeds": list(job.profile_seeds)},
+        "batch_size": job.batch_size,
+        "schedule": {k: v for k, v in info.items()
+                     if k in ("order", "n_rotation", "dominants", "rotations", "active_per_step", "passes")},
+    }
+
+
 def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
     """Generate and save every image of a job on this process's share of the work (see module docstring).
 
@@ -211,10 +245,7 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with state.split_between_processes(items) as mine:
-        batches = []
-        for p in sorted({it[0] for it in mine}):
-            share = [it for it in mine if it[0] == p]
-            batches += [share[k : k + job.batch_size] for k in range(0, len(share), job.batch_size)]
+        batches = _batches(mine, job.batch_size)
         bar = tqdm(total=len(mine), desc=f"sample[{state.process_index}]", disable=not progress or not state.is_local_main_process)
         for batch in batches:
             p = batch[0][0]
@@ -226,26 +257,7 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
                 stem = f"{p_idx:03d}-{i:04d}-s{seed}"
                 png = out_dir / f"{stem}.png"
                 save_image(image, png)
-                sidecar = {
-                    "lorakit.sidecar": SIDECAR_VERSION,
-                    "base": job.base,
-                    "prompt": prompts[p_idx],
-                    "negative_prompt": job.negative_prompt,
-                    "prompt_index": p_idx,
-                    "image_index": i,
-                    "seed": seed,
-                    "dtype": job.dtype,
-                    "adapters": [a.record() for a in adapters],
-                    "kinds": job.kinds,
-                    "sampler": asdict(job.sampler),
-                    "regions": regions.to_dict() if regions is not None else None,
-                    "regions_file": str(Path(job.regions).resolve()) if job.regions else None,
-                    "profile": profile,
-                    "profile_settings": {"prompt": job.profile_prompt, "steps": job.profile_steps, "seeds": list(job.profile_seeds)},
-                    "batch_size": job.batch_size,
-                    "schedule": {k: v for k, v in info.items()
-                                 if k in ("order", "n_rotation", "dominants", "rotations", "active_per_step", "passes")},
-                }
+                sidecar = _sidecar(job, prompts, p_idx, i, seed, adapters, regions, profile, info)
                 write_json(sidecar, png.with_suffix(".json"))
                 written.append(png)
             bar.update(len(batch))

@@ -24,8 +24,6 @@ adapters. Base passes always use the base text encoder.
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 
 from lorakit.sampling.cache import DeepFeatureCache
@@ -248,17 +246,7 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
     for step_terms in plan.terms:  # encode up front: set_adapters also touches the UNet
         for term in step_terms:
             contexts.get(term.adapters)
-    spatial = None
-    if conditions is None and regions is not None and getattr(regions, "conditions", None):
-        from lorakit.sampling.conditions import load_conditions
-
-        conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype, regions.source)
-    if conditions:
-        from lorakit.sampling.conditions import SpatialConditions
-
-        latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-        spatial = SpatialConditions(conditions, pipe.unet, width, height, latent_hw,
-                                    getattr(regions, "box_rounding", "inside") if regions is not None else "inside")
+    spatial = _spatial_conditions(pipe, regions, conditions, height, width)
     controller = previous = None
     if regions is not None and regions.regions:
         from lorakit.sampling.regional import RegionalController, install_regional, warn_empty_boxes
@@ -275,15 +263,36 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
             from lorakit.sampling.regional import remove_regional
 
             remove_regional(pipe.unet, previous)
+    info = _run_info(pipe, settings, adapters, plan, passes, height, width)
+    if output_type == "latent":
+        return latents, info
+    return decode_latents(pipe, latents), info
+
+
+def _spatial_conditions(pipe, regions, conditions, height: int, width: int):
+    """The spatial conditions (T2I-Adapter / ControlNet) of a run: ``conditions``, else those of ``regions``."""
+    if conditions is None and regions is not None and getattr(regions, "conditions", None):
+        from lorakit.sampling.conditions import load_conditions
+
+        conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype, regions.source)
+    if not conditions:
+        return None
+    from lorakit.sampling.conditions import SpatialConditions
+
+    latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return SpatialConditions(conditions, pipe.unet, width, height, latent_hw,
+                             getattr(regions, "box_rounding", "inside") if regions is not None else "inside")
+
+
+def _run_info(pipe, settings: SamplerSettings, adapters, plan: Plan, passes: dict, height: int, width: int) -> dict:
+    """What the sidecar records of a run: method, size, the plan's schedule with adapter names, pass counts."""
     info = {"method": settings.method, "height": height, "width": width, **plan.info, "passes": passes}
     if plan.info.get("cache"):
         info["cache_split"] = [settings.cache_depth, settings.cmlora_cache_layer(pipe.unet)]
     for key in ("order", "dominants", "active_per_step"):
         if key in info:
             info[key] = [adapters[i].name for i in info[key]]
-    if output_type == "latent":
-        return latents, info
-    return decode_latents(pipe, latents), info
+    return info
 
 
 def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg, spatial=None):
@@ -332,7 +341,3 @@ def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, h
     passes = {"full": sum(e["full"] for e in log.values()), "shallow": sum(e["shallow"] for e in log.values()),
               "per_adapter": log}
     return latents, passes
-
-
-def settings_dict(settings: SamplerSettings) -> dict:
-    return asdict(settings)
