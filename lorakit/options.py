@@ -90,3 +90,9 @@ def from_args(settings_class: type, args, **overrides):
             values[f.name] = value
     values.update(overrides)
     return settings_class(**values)
+
+
+def listing(entries: dict) -> str:
+    """``--help`` lines ``  name  help`` of a registry's entries (each with a ``help`` attribute)."""
+    width = max(map(len, entries), default=0) + 1
+    return "\n".join(f"  {name:<{width}} {entry.help}" for name, entry in entries.items())

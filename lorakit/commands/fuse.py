@@ -10,20 +10,16 @@ import time
 from pathlib import Path
 
 from lorakit.fusion.registry import METHODS
-from lorakit.options import add_options, from_args
+from lorakit.options import add_options, from_args, listing
 
 
 def add_parser(sub) -> None:
-    methods_help = "\n".join(f"  {name:<9} {m.help}" for name, m in METHODS.items())
-    import argparse
-
     p = sub.add_parser(
         "fuse",
         help="fuse several LoRA/LoCon/ED-LoRA adapters: gradient fusion (Mix-of-Show) or weight merges",
         description="Fuse several adapters into one model or one adapter file.\n\nmethods (dW_i = adapter i's "
-        "delta, w_i = its --weights value):\n" + methods_help + "\n\nMulti-GPU: accelerate launch -m lorakit.cli "
+        "delta, w_i = its --weights value):\n" + listing(METHODS) + "\n\nMulti-GPU: accelerate launch -m lorakit.cli "
         "fuse ... splits the gradient method's activation capture between processes.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--method", required=True, choices=list(METHODS), help="fusion method (see above)")
     p.add_argument("--adapters", nargs="+", required=True, metavar="FILE", help="adapter .safetensors files")

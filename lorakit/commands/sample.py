@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
-
+from lorakit.options import listing
 from lorakit.sampling.methods import SAMPLERS
 
 
 def add_parser(sub) -> None:
-    methods_help = "\n".join(f"  {name:<10} {s.help}" for name, s in SAMPLERS.items())
     p = sub.add_parser(
         "sample",
         help="generate images with several LoRAs: merge, LoRA Switch, LoRA Composite, CMLoRA, delta; regional prompts",
         description="Generate images from a base model with several LoRA/LoCon/ED-LoRA adapters. Each image is saved "
         "as PNG with a JSON sidecar (all settings, adapters with SHA-256, seed) so it can be regenerated. Under "
         "`accelerate launch` the images are split across processes; a seed gives the same image either way.\n\n"
-        "methods:\n" + methods_help,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "methods:\n" + listing(SAMPLERS),
     )
     p.add_argument("--base", required=True, help="base model: diffusers folder, .safetensors checkpoint, hub id, or tiny:sd1")
     p.add_argument("--adapters", nargs="*", default=[], metavar="FILE",
