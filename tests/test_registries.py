@@ -70,3 +70,13 @@ def test_a_registered_sampler_is_offered_and_planned(monkeypatch):
     assert plan.info == {"halves": True} and plan.terms[2] == [Term((0,), 0.5, 0.5), Term((1,), 0.5, 0.5)]
     with pytest.raises(ValueError, match="method must be one of"):
         SamplerSettings(method="unknown").check()
+
+
+def test_the_registries_load_without_torch():
+    """``lorakit --help`` builds every command's flags from the registries without importing torch."""
+    import subprocess
+    import sys
+
+    code = "import sys; from lorakit.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
