@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from lorakit.options import option
 from lorakit.sampling.schedules import CACHE_REFRESH_RULES, cmlora_plan, switch_schedule
 
 CMLORA_ORDERS = ("auto", "category", "frequency", "given")
@@ -19,26 +20,40 @@ CMLORA_ORDERS = ("auto", "category", "frequency", "given")
 
 @dataclass
 class SamplerSettings:
-    """Settings of one sampling run (all go into each image's JSON sidecar)."""
+    """Settings of one sampling run (all go into each image's JSON sidecar); the :func:`lorakit.options.option`
+    fields are ``lorakit sample`` flags of the same name."""
 
     method: str = "merge"
-    steps: int = 30
-    cfg: float = 7.5
+    steps: int = option(30, "denoising steps per image", type=int)
+    cfg: float = option(7.5, "classifier-free guidance scale", type=float)
     width: int | None = None
     height: int | None = None
-    scheduler: str | None = None
-    uncond: str = "adapter"  # adapter: each pass's own unconditional half (reference) | base: the base model's
-    encode: str = "once"  # once (reference) | per-adapter
-    switch_every: int = 5  # switch: tau
-    cmlora_mode: str = "lorakit"  # lorakit (official bugs fixed) | official (exact, bugs included)
-    cmlora_interval: int = 0  # the official interval: 0 = every 2/3/2 steps, 1 = every step, c = every c steps
-    cmlora_order: str = "auto"  # auto: category if every adapter's kind is known, else frequency | category | ...
-    dominant_weight: float | None = None  # None: the official (N - 0.5) / (2N - 1.5)
-    cache: bool | None = None  # None: lorakit mode on; official mode on iff cmlora_interval >= 2 (as the code)
-    cache_refresh: str = "round"  # lorakit mode: dominant | round | age
-    cache_max_age: int = 5  # refresh rule "age": oldest cache allowed, in steps
-    cache_depth: int = 1  # split in up_blocks[-D] (lorakit.sampling.cache)
-    cache_layer: int | None = None  # split before layer K of that block; None: lorakit mode 1, official mode 0
+    scheduler: str | None = option(None, "ddim, ddpm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras",
+                                   show_default="the base's")
+    uncond: str = option("adapter", "unconditional half of CFG: each pass's own adapters (the references) or the "
+                         "base model's", choices=["adapter", "base"])
+    encode: str = option("once", "prompt encoded once with the adapters active at the start (the references) or "
+                         "per pass", choices=["once", "per-adapter"])
+    switch_every: int = option(5, "switch: steps per adapter (tau; the first gets tau + 1)", type=int)
+    cmlora_mode: str = option("lorakit", "official: the authors' code exactly, bugs included; lorakit: the same "
+                              "with them fixed", choices=["lorakit", "official"])
+    cmlora_interval: int = option(0, "cmlora: dominance rotates every 2/3/2 steps (0, the official default), every "
+                                  "step (1) or every c steps", type=int)
+    cmlora_order: str = option("auto", "cmlora: auto = category order if every kind is known, else frequency "
+                               "profiles (official mode: given)", choices=list(CMLORA_ORDERS))
+    dominant_weight: float | None = option(None, "cmlora: the dominant adapter's share", type=float,
+                                           show_default="the official (N - 0.5) / (2N - 1.5)")
+    # None: lorakit mode on; official mode on iff cmlora_interval >= 2 (as the official code); flag --cache on|off
+    cache: bool | None = None
+    cache_refresh: str = option("round", "cmlora (lorakit mode): besides the newly dominant adapter, refresh the "
+                                "adapters outside the rotation once per round (round), nothing else (dominant) or "
+                                "every cache older than --cache-max-age (age)", choices=list(CACHE_REFRESH_RULES))
+    cache_max_age: int = option(5, "cmlora --cache-refresh age: oldest cache, in steps", type=int)
+    cache_depth: int = option(1, "cmlora: the cache split lies in the D-th up block from the end (1: the "
+                              "official)", type=int)
+    cache_layer: int | None = option(None, "cmlora: split before layer K of that up block; shallow passes "
+                                     "recompute only what follows", type=int,
+                                     show_default="1 in lorakit mode, 0 = the official split")
 
     def check(self) -> None:
         """Raise ValueError naming the first bad setting."""
