@@ -19,45 +19,30 @@ schedules), :mod:`.frequency` (profiles), :mod:`.cache` (split UNet), :mod:`.loa
 :mod:`.regional` (attention processor).
 """
 
-# The names below load lazily (PEP 562), so that torch-free modules of this package (the method registry in
-# lorakit.sampling.methods, read by `lorakit sample --help`) import without torch.
-_LAZY = frozenset({
-    "KINDS", "LoadedAdapter", "METHODS", "ProfileSettings", "SIDECAR_VERSION", "SampleJob", "SamplerSettings",
-    "_check_not_foreign", "adapter_kinds", "category_sequence", "cmlora_interval_steps", "cmlora_plan",
-    "file_sha256", "generate", "image_size", "load_adapters", "load_pipeline", "load_regions",
-    "order_by_frequency", "profile_adapters", "quiet_loaded_libraries", "regenerate", "run_profile", "run_sample",
-    "switch_schedule", "unet_pass",
-})
-
-__all__ = [
-    "METHODS",
-    "LoadedAdapter",
-    "ProfileSettings",
-    "SampleJob",
-    "KINDS",
-    "SamplerSettings",
-    "category_sequence",
-    "cmlora_interval_steps",
-    "cmlora_plan",
-    "generate",
-    "load_adapters",
-    "order_by_frequency",
-    "profile_adapters",
-    "regenerate",
-    "run_profile",
-    "run_sample",
-    "switch_schedule",
-    "unet_pass",
-]
+# The names below load lazily (PEP 562): name -> the module that defines it, so that the torch-free modules of
+# this package (the method registry in lorakit.sampling.methods, read by `lorakit sample --help`) import
+# without torch.
+_LAZY = {
+    **dict.fromkeys(("SIDECAR_VERSION", "SampleJob", "_check_not_foreign", "adapter_kinds", "load_pipeline",
+                     "regenerate", "run_profile", "run_sample"), "jobs"),
+    **dict.fromkeys(("METHODS", "generate", "image_size", "unet_pass"), "composer"),
+    **dict.fromkeys(("SamplerSettings",), "methods"),
+    **dict.fromkeys(("ProfileSettings", "order_by_frequency", "profile_adapters"), "frequency"),
+    **dict.fromkeys(("LoadedAdapter", "file_sha256", "load_adapters"), "loading"),
+    **dict.fromkeys(("load_regions",), "regional"),
+    **dict.fromkeys(("KINDS", "category_sequence", "cmlora_interval_steps", "cmlora_plan", "switch_schedule"),
+                    "schedules"),
+}
+__all__ = sorted(name for name in _LAZY if not name.startswith("_") and name != "SIDECAR_VERSION")
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        from lorakit.sampling import jobs
+        import importlib
 
-        return getattr(jobs, name)
+        return getattr(importlib.import_module(f"lorakit.sampling.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'lorakit.sampling' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _LAZY)
+    return sorted(set(globals()) | set(_LAZY))

@@ -8,32 +8,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorakit.logs import quiet_loaded_libraries
-from lorakit.sampling.composer import METHODS, SamplerSettings, generate, image_size, unet_pass
+from lorakit.sampling.composer import generate, image_size
 from lorakit.sampling.frequency import ProfileSettings, order_by_frequency, profile_adapters
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
+from lorakit.sampling.methods import SamplerSettings
 from lorakit.sampling.regional import load_regions
-from lorakit.sampling.schedules import KINDS, category_sequence, cmlora_interval_steps, cmlora_plan, switch_schedule
-
-__all__ = [
-    "METHODS",
-    "LoadedAdapter",
-    "ProfileSettings",
-    "SampleJob",
-    "KINDS",
-    "SamplerSettings",
-    "category_sequence",
-    "cmlora_interval_steps",
-    "cmlora_plan",
-    "generate",
-    "load_adapters",
-    "order_by_frequency",
-    "profile_adapters",
-    "regenerate",
-    "run_profile",
-    "run_sample",
-    "switch_schedule",
-    "unet_pass",
-]
+from lorakit.sampling.schedules import KINDS, category_sequence
 
 SIDECAR_VERSION = "2"
 
