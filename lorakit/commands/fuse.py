@@ -220,6 +220,18 @@ def process_state():
     return state
 
 
+def _fusion_layers(paths):
+    """The layers gradient fusion of these files solves, or None (the estimate's default layers) when a file
+    cannot be read: the load that follows reports that in its own words."""
+    from lorakit.adapters.io import AdapterError
+    from lorakit.memory import fusion_layers
+
+    try:
+        return fusion_layers(paths)
+    except (AdapterError, OSError, ValueError):
+        return None
+
+
 def memory_check(args) -> None:
     """Refuse (InsufficientMemory, exit 2) when the method's estimate exceeds the free memory."""
     import os
@@ -234,10 +246,14 @@ def memory_check(args) -> None:
     stage = METHODS[args.method].memory_stage
     opts = from_args(METHODS[args.method].settings, args)
     size = getattr(opts, "resolution", None) if stage == "fuse-gradient" else getattr(opts, "ref_size", None)
+    extra = {}
+    if stage == "fuse-gradient":
+        # the layers the files adapt (LoCon's convs included), the capture batch, the held-out Grams
+        extra = dict(batch=opts.capture_batch, heldout=opts.ridge == "auto", layers=_fusion_layers(args.adapters))
     est = estimate(stage, args.base, resolution=size, n_loras=len(args.adapters), dtype=getattr(torch, args.dtype),
                    device=default_device(), cfg=(getattr(opts, "guidance", 1.0) or 1.0) > 1,
-                   max_conv_dim=getattr(opts, "max_conv_dim", 4608) or 0,
-                   adapter_bytes=sum(os.path.getsize(a) for a in args.adapters if os.path.isfile(a)))
+                   max_conv_dim=getattr(opts, "max_conv_dim", 4608),
+                   adapter_bytes=sum(os.path.getsize(a) for a in args.adapters if os.path.isfile(a)), **extra)
     preflight(est, "--no-memory-check")
 
 
