@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -123,3 +125,14 @@ def test_fusion_rows_count_layers_by_kind():
     assert bench.layers_by_kind(Pipe(), layers) == {
         "linear": {"solved": 1, "subspace": 0, "fallback": 0}, "conv1x1": {"solved": 1, "subspace": 0, "fallback": 0},
         "conv": {"solved": 0, "subspace": 1, "fallback": 1}}
+
+
+@pytest.mark.slow
+def test_cmlora_flops_count_full_and_shallow_passes_of_the_plan():
+    bench = _module()
+    row = bench.cmlora_flops("sd1", "mid", 64, 4, 10)
+    assert row["full_passes"] + row["shallow_passes"] == 40 and row["full_passes"] >= 4  # step 0: every cache
+    assert 0 < row["shallow_pass_gflop"] < row["full_pass_gflop"]
+    expected = (row["full_passes"] * row["full_pass_gflop"] + row["shallow_passes"] * row["shallow_pass_gflop"]) \
+        / (40 * row["full_pass_gflop"])
+    assert abs(row["cmlora_over_composite"] - expected) < 0.05  # the row's GFLOPs are rounded to 0.1

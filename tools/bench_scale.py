@@ -567,10 +567,45 @@ def parse_args(argv=None):
     p.add_argument("--derive", metavar="JSONL", help="only print the ratio / growth / curve / spread rows of the "
                                                       "runs in this file")
     p.add_argument("--plot", metavar="PNG", help="with --derive: draw the curve rows into this PNG (needs matplotlib)")
+    p.add_argument("--cmlora-flops", type=int, metavar="STEPS", help="only count CMLoRA's and Composite's UNet FLOPs "
+                   "for an image of STEPS steps (meta device, seconds) at --resolutions and --n-loras, first --sizes")
     p.add_argument("--one", choices=STAGES, help=argparse.SUPPRESS)  # internal: run points in this process
     p.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
     p.add_argument("--points", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def cmlora_flops(arch: str, size: str, pixels: int, n_loras: int, steps: int) -> dict:
+    """CMLoRA's UNet FLOPs against Composite's for one image (CFG batch 2, default plan), counted on the meta
+    device: a full and a shallow (cached) pass of the split UNet, times the passes of each kind in the plan."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lorakit.memory import meta_models
+    from lorakit.sampling.cache import unet_split_forward
+    from lorakit.sampling.schedules import cmlora_plan
+
+    _, models = meta_models(f"random:{arch}:{size}")
+    unet, dev = models["unet"], torch.device("meta")
+    if arch == "sdxl":
+        raise SystemExit("--cmlora-flops: SD1 layouts only")
+    lat = pixels // 8
+    x = torch.empty(2, unet.config.in_channels, lat, lat, device=dev)
+    ehs = torch.empty(2, 77, unet.config.cross_attention_dim, device=dev)
+    t = torch.tensor([500, 500], device=dev)
+    with FlopCounterMode(display=False) as fc:
+        _, deep = unet_split_forward(unet, x, t, ehs, 1)
+    full = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        unet_split_forward(unet, x, t, ehs, 1, deep_feature=deep)
+    shallow = fc.get_total_flops()
+    plan = cmlora_plan(steps, list(range(n_loras)), n_loras)
+    n_full = sum(sum(row) for row in plan.full)
+    n_shallow = steps * n_loras - n_full
+    return {"run": "cmlora_flops", "size": size, "arch": arch, "resolution": pixels, "n_loras": n_loras, "steps": steps,
+            "full_pass_gflop": round(full / 1e9, 1), "shallow_pass_gflop": round(shallow / 1e9, 1),
+            "full_passes": n_full, "shallow_passes": n_shallow,
+            "cmlora_over_composite": round((n_full * full + n_shallow * shallow) / (steps * n_loras * full), 3)}
 
 
 def _emit(row: dict, out: Path | None) -> None:
@@ -692,6 +727,11 @@ def main(argv=None) -> int:
                 sys.stdout = real
         return 0
     out = Path(args.out) if args.out else None
+    if args.cmlora_flops:
+        for px in args.resolutions or [SIZES[s][2] for s in args.sizes]:
+            for n in args.n_loras:
+                _emit({**cmlora_flops(*SIZES[args.sizes[0]][:2], px, n, args.cmlora_flops), "size": args.sizes[0]}, out)
+        return 0
     if args.derive:
         runs = [json.loads(ln) for ln in Path(args.derive).read_text().splitlines() if ln.strip()]
         derived = derived_rows([r for r in runs if r.get("run") in STAGES])
