@@ -23,7 +23,12 @@ Curves: ``--n-loras 2 4 8``, ``--resolutions 64 128 256``, ``--ranks 4 16 64`` g
 rows: each against its smallest), ``--repeat K`` K fresh processes per point (``spread`` rows), ``--shared`` runs
 the points of the stages that leave the base unchanged in one process per size; ``--derive FILE --plot PNG``
 draws the curves (matplotlib: ``pip install 'lorakit[bench]'``). Rows carry the kernel's peak RSS, the peak
-private (anonymous) RSS and the machine's load average.
+private (anonymous) RSS and the machine's load average. Repeats run every stage once, then again, so the
+lorakit and reference arms interleave (``paired_ratio`` rows: the k-th run of each, ratio per pair, mean, min,
+max). ``--max-rss-mb`` stops a point's process whose RSS passes it (the row says so, with the highest RSS seen).
+Gradient fusion rows count the layers per kind (linear, 1x1 conv, larger conv) solved on their full input, in
+the LoRA subspace or by the weighted average; ``--fuse-ridge`` and ``--capture-batch`` are passed to it.
+``--cmlora-flops STEPS`` only counts CMLoRA's UNet FLOPs against Composite's for one image (meta device).
 
 Sampling rows run one image at S (warm-up, not counted), S and 2S steps: ``total_s`` is the 2S run, ``step_s`` the marginal
 ``(t(2S) - t(S)) / S`` (the fixed cost of loading adapters, encoding, decoding and writing files left out).
