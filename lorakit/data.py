@@ -1,6 +1,7 @@
 """Training data: image folders with captions, tag shuffling, aspect buckets, regularisation images, latent cache.
 
-(The dataset classes follow below the config; :class:`DataConfig` is imported by the shared training loop.)
+(The dataset classes follow below the config, whose schema the recipes import without torch: so torch, PIL and
+numpy are imported inside the functions that use them.)
 """
 
 from __future__ import annotations
@@ -307,9 +308,10 @@ class CaptionedImages:
         return img, crop, flip
 
     def get_item(self, i: int, sample_id: int) -> dict:
-        from lorakit.training.loop import sample_generator
-
         import numpy as np
+
+        from lorakit.rng import sample_generator
+
         import torch
 
         rec, (tw, th) = self.items[i], self.targets[i]

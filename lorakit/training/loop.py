@@ -77,6 +77,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from lorakit.precision import precision_name
+from lorakit.rng import mix_seed, rand_per_sample, randint_per_sample, randn_per_sample, sample_generator
 from lorakit.training.recipes import TrainConfig
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -107,11 +109,7 @@ class TrainResult:
 
 def mixed_precision(cfg) -> str:
     """``cfg.mixed_precision`` as ``no``/``fp16``/``bf16`` (YAML reads a bare ``no`` as false)."""
-    value = str(cfg.mixed_precision).strip().lower()
-    value = "no" if value in ("no", "false", "none", "fp32", "") else value
-    if value not in ("no", "fp16", "bf16"):
-        raise ValueError(f"mixed_precision={cfg.mixed_precision!r}: expected 'no', 'fp16' or 'bf16'")
-    return value
+    return precision_name(cfg.mixed_precision, "mixed_precision")
 
 
 def make_accelerator(cfg, find_unused_parameters: bool = False, **kwargs):
@@ -181,37 +179,6 @@ def build_optimizer(cfg, param_groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, fused=True if cuda else None, **kw)
 
 
-def _mix(*parts: int) -> int:
-    digest = hashlib.blake2b(":".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def sample_generator(seed: int, sample_id: int, salt: int = 0) -> torch.Generator:
-    """A CPU generator for one sample's random draws, seeded by (seed, sample id, salt)."""
-    return torch.Generator().manual_seed(_mix(seed, sample_id, salt))
-
-
-def randn_per_sample(shape, sample_ids, seed: int, salt: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Normal noise ``[b, *shape]``, row ``k`` drawn from ``sample_generator(seed, sample_ids[k], salt)``.
-
-    The draws are made on the CPU, so they are equal on every device and for any process layout.
-    """
-    rows = [torch.randn(tuple(shape), generator=sample_generator(seed, int(i), salt)) for i in sample_ids]
-    return torch.stack(rows).to(device=device, dtype=dtype)
-
-
-def randint_per_sample(low: int, high: int, sample_ids, seed: int, salt: int = 1, device=None) -> torch.Tensor:
-    """Integers in ``[low, high)``, one per sample (LongTensor ``[b]``), keyed like :func:`randn_per_sample`."""
-    vals = [torch.randint(low, high, (1,), generator=sample_generator(seed, int(i), salt)) for i in sample_ids]
-    return torch.cat(vals).to(device)
-
-
-def rand_per_sample(sample_ids, seed: int, salt: int = 2, device=None) -> torch.Tensor:
-    """Uniform floats in ``[0, 1)``, one per sample (``[b]``), keyed like :func:`randn_per_sample`."""
-    vals = [torch.rand((1,), generator=sample_generator(seed, int(i), salt)) for i in sample_ids]
-    return torch.cat(vals).to(device)
-
-
 class GlobalBatchSampler:
     """Batch sampler that gives this process its slice of every global batch.
 
@@ -239,7 +206,7 @@ class GlobalBatchSampler:
         """The global batches (dataset indices) of one epoch, in order."""
         if self._cache and self._cache[0] == epoch:
             return self._cache[1]
-        gen = torch.Generator().manual_seed(_mix(self.seed, epoch, 7))
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 7))
         batches = []
         for group in self.groups:
             perm = [group[i] for i in torch.randperm(len(group), generator=gen).tolist()]
