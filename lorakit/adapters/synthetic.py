@@ -6,7 +6,12 @@ from __future__ import annotations
 import torch
 
 from lorakit.adapters.io import Adapter, LoraModule, adapter_metadata, file_path
-from lorakit.blocks import lora_able_modules, module_ranks, resolve_block_spec, text_encoder_modules
+from lorakit.blocks import (
+    lora_able_modules,
+    module_ranks,
+    resolve_block_spec,
+    text_encoder_modules,
+)
 from lorakit.conditioning import text_encoders
 from lorakit.models import pipeline_arch
 

@@ -26,7 +26,13 @@ from omegaconf import OmegaConf
 from peft import inject_adapter_in_model
 
 from lorakit.adapters.io import Adapter, adapter_metadata, from_peft, save_adapter
-from lorakit.blocks import lora_able_modules, lora_config, module_ranks, resolve_block_spec, text_encoder_modules
+from lorakit.blocks import (
+    lora_able_modules,
+    lora_config,
+    module_ranks,
+    resolve_block_spec,
+    text_encoder_modules,
+)
 from lorakit.conditioning import batch_time_ids, encode_prompts, is_sdxl, text_encoders
 from lorakit.config import to_dict
 from lorakit.data import CaptionedImages, LatentCache, collate
@@ -36,9 +42,20 @@ from lorakit.outputs import claim_dir
 from lorakit.precision import torch_dtype
 from lorakit.training import diffusion_step as step
 from lorakit.training.entry import main as entry_main
-from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight
+from lorakit.training.loop import (
+    TrainLoop,
+    build_optimizer,
+    make_accelerator,
+    preflight,
+)
 from lorakit.training.recipes import BlockwiseConfig  # noqa: F401 - its recipe schema, importable from here
-from lorakit.training.setup import base_pipeline, freeze_and_place, require_base, sample_images, trainable_count
+from lorakit.training.setup import (
+    base_pipeline,
+    freeze_and_place,
+    require_base,
+    sample_images,
+    trainable_count,
+)
 
 # Salts of the per-sample random streams (kept here for callers; see lorakit.training.diffusion_step).
 SALT_LATENT, SALT_NOISE, SALT_OFFSET, SALT_TIMESTEP = (step.SALT_LATENT, step.SALT_NOISE, step.SALT_OFFSET,

@@ -48,7 +48,12 @@ from lorakit.models import load_base, pipeline_arch
 from lorakit.precision import torch_dtype
 from lorakit.rng import sample_generator
 from lorakit.training.entry import main as entry_main
-from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight
+from lorakit.training.loop import (
+    TrainLoop,
+    build_optimizer,
+    make_accelerator,
+    preflight,
+)
 from lorakit.training.recipes import LoraRarConfig, SyntheticConfig
 from lorakit.training.setup import FROZEN
 
