@@ -48,6 +48,8 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from lorakit.hashing import file_sha256  # noqa: E402
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -222,15 +224,6 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ar), -b[0] * b[1]))
 
 
-def file_hash(path: Path) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resize_crop(img, target: tuple[int, int], center: bool, gen) -> tuple[object, tuple[int, int]]:
     """Resize a PIL image to cover ``target`` (width, height) and crop to it.
 
@@ -309,10 +302,9 @@ class CaptionedImages:
 
     def get_item(self, i: int, sample_id: int) -> dict:
         import numpy as np
+        import torch
 
         from lorakit.rng import sample_generator
-
-        import torch
 
         rec, (tw, th) = self.items[i], self.targets[i]
         gen = sample_generator(self.seed, sample_id, salt=10)
@@ -402,7 +394,7 @@ class LatentCache:
     def path_for(self, ds: CaptionedImages, i: int, flip: bool) -> Path:
         rec, (w, h) = ds.items[i], ds.targets[i]
         if rec.path not in self._hashes:
-            self._hashes[rec.path] = file_hash(rec.path)
+            self._hashes[rec.path] = file_sha256(rec.path)
         tag = "_flip" if flip else ""
         return self.dir / f"{self._hashes[rec.path][:24]}_{w}x{h}{tag}_vae{self.vae_id}.safetensors"
 

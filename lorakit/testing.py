@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lorakit.adapters.synthetic import random_adapter  # noqa: F401 - tests and benchmarks import it from here
+from lorakit.conditioning import is_sdxl
 
 
 def unet_inputs(pipe, batch: int = 1, seed: int = 0) -> dict:
@@ -17,7 +18,7 @@ def unet_inputs(pipe, batch: int = 1, seed: int = 0) -> dict:
         "timestep": torch.tensor([500] * batch),
         "encoder_hidden_states": torch.randn(batch, 77, cfg.cross_attention_dim, generator=g),
     }
-    if cfg.addition_embed_type == "text_time":
+    if is_sdxl(pipe):
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         inputs["added_cond_kwargs"] = {
             "text_embeds": torch.randn(batch, pooled, generator=g),

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit.fileio import write_json
+from lorakit.hashing import file_sha256
 
 KEY_ENV_VARS = ("LORAKIT_JUDGE_API_KEY", "OPENAI_API_KEY")
 
@@ -208,10 +209,6 @@ class AnswerCache:
 
 
 # -------------------------------------------------------------------------------------------------- client
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".bmp": "image/bmp"}

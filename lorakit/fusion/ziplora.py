@@ -36,13 +36,14 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.adapters.io import Adapter, AdapterError, LoraModule, adapter_metadata, live_path
+from lorakit.conditioning import is_sdxl, pixel_size, sdxl_time_ids
+from lorakit.data import IMAGE_EXTENSIONS
 from lorakit.logs import show_progress
 
 log = logging.getLogger(__name__)
 
 ALL_LAYERS = ("*",)
 LORARAR_LAYERS = ("to_q", "to_out.0")  # the paper's merged layers; to_k / to_v are summed
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # --------------------------------------------------------------------------------------------- merge plan
@@ -305,18 +306,14 @@ def adapter_weights(pipe, adapter: Adapter, scale: float = 1.0):
             layer.weight.data = data
 
 
-def pixel_size(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]) -> dict:
     """Base text-encoder conditioning: ``embeds [n, L, D]`` (+ SDXL ``text_embeds [n, P]``, ``time_ids [n, 6]``)."""
     device = pipe.unet.device
-    if hasattr(pipe, "text_encoder_2"):
+    if is_sdxl(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         s = float(pixel_size(pipe))
-        time_ids = torch.tensor([[s, s, 0.0, 0.0, s, s]] * len(prompts), device=device)
+        time_ids = sdxl_time_ids((s, s), (0.0, 0.0), (s, s), len(prompts), device=device)
         return {"embeds": embeds, "text_embeds": pooled, "time_ids": time_ids}
     embeds = pipe.encode_prompt(prompts, device, 1, False)[0]
     return {"embeds": embeds}
