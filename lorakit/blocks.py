@@ -172,63 +172,77 @@ def resolve_block_spec(spec, arch: str, rank: int) -> dict[str, tuple[int, float
         spec = "all"
     vec = _parse_vector(spec)
     if vec is not None:
-        if arch == "sdxl" and len(vec) == SDXL_BLOCK_LR_LEN:
-            mids = vec[10:13]
-            if len(set(mids)) != 1:
-                raise ValueError(
-                    f"23-value SDXL block vector: MID00-MID02 = {mids}, but lorakit gives the mid block one rank; "
-                    "use the same value three times (or the 19-value IN00-IN08, MID, OUT00-OUT08 vector)")
-            vec = vec[1:10] + [mids[0]] + vec[13:22]
-        if len(vec) == len(fines):
-            return {f: (int(v), 1.0) for f, v in zip(fines, vec)}
-        lbw = LBW_BLOCKS[arch]
-        if len(vec) == len(lbw):
-            weights = dict(zip(lbw, vec))
-            return {f: ((rank, weights[f]) if weights.get(f, 0.0) != 0.0 else (0, 1.0)) for f in fines}
-        raise ValueError(
-            f"block vector has {len(vec)} values; for {arch} expected {len(fines)} (kohya block_dims "
-            f"{fines[0]}..{fines[-1]})"
-            + (f", {SDXL_BLOCK_LR_LEN} (kohya sdxl block_lr layout)" if arch == "sdxl" else "")
-            + f" or {len(lbw)} (LoRA Block Weight {','.join(lbw)})"
-        )
+        return _from_vector(vec, arch, fines, rank)
     if isinstance(spec, str):
-        name = PRESET_ALIASES.get(spec.strip().lower(), spec.strip().lower())
-        if name == "all":
-            return {f: (rank, 1.0) for f in fines}
-        if name == "none":
-            return {f: (0, 1.0) for f in fines}
-        if name in PRESETS[arch]:
-            keep = set(PRESETS[arch][name])
-            return {f: ((rank, 1.0) if coarse_of[f] in keep else (0, 1.0)) for f in fines}
-        choices = ["all", "none", *PRESETS[arch], *PRESET_ALIASES]
-        raise ValueError(f"unknown block preset {spec!r}{_closest(name, choices)}; presets: {', '.join(choices)}")
+        return _from_preset(spec, arch, fines, coarse_of, rank)
     if hasattr(spec, "items"):
-        items = {str(k).upper(): v for k, v in dict(spec).items()}
-        default = items.pop("DEFAULT", 0)
-        default = rank if default is True else int(default)
-        out = {f: (default, 1.0) for f in fines}
-        coarse = COARSE[arch]
-        for key, value in items.items():
-            if value is None or isinstance(value, str) and not value.strip().lstrip("-").isdigit():
-                raise ValueError(
-                    f"block {key!r}: rank {value!r} is not a number (in YAML flow mappings write a space after "
-                    "the colon: {IN0: 8, OUT3: 8})")
-            r = rank if value is True else (0 if value is False else int(value))
-            if key in ("TE", "BASE"):
-                continue
-            if key in fines:
-                out[key] = (r, 1.0)
-            elif key in coarse:
-                for f in fines:
-                    if coarse_of[f] == key:
-                        out[f] = (r, 1.0)
-            else:
-                raise ValueError(
-                    f"unknown block {key!r} for {arch}{_closest(key, coarse + fines)}; "
-                    f"use {', '.join(coarse)} or kohya fine blocks {fines[0]}..{fines[-1]}"
-                )
-        return out
+        return _from_mapping(spec, arch, fines, coarse_of, rank)
     raise ValueError(f"cannot read block spec {spec!r}: expected a preset name, a mapping or a vector")
+
+
+def _from_vector(vec: list, arch: str, fines: list[str], rank: int) -> dict[str, tuple[int, float]]:
+    """A kohya block_dims vector (or SDXL block_lr layout) of ranks, or an LBW vector of alpha multipliers."""
+    if arch == "sdxl" and len(vec) == SDXL_BLOCK_LR_LEN:
+        mids = vec[10:13]
+        if len(set(mids)) != 1:
+            raise ValueError(
+                f"23-value SDXL block vector: MID00-MID02 = {mids}, but lorakit gives the mid block one rank; "
+                "use the same value three times (or the 19-value IN00-IN08, MID, OUT00-OUT08 vector)")
+        vec = vec[1:10] + [mids[0]] + vec[13:22]
+    if len(vec) == len(fines):
+        return {f: (int(v), 1.0) for f, v in zip(fines, vec)}
+    lbw = LBW_BLOCKS[arch]
+    if len(vec) == len(lbw):
+        weights = dict(zip(lbw, vec))
+        return {f: ((rank, weights[f]) if weights.get(f, 0.0) != 0.0 else (0, 1.0)) for f in fines}
+    raise ValueError(
+        f"block vector has {len(vec)} values; for {arch} expected {len(fines)} (kohya block_dims "
+        f"{fines[0]}..{fines[-1]})"
+        + (f", {SDXL_BLOCK_LR_LEN} (kohya sdxl block_lr layout)" if arch == "sdxl" else "")
+        + f" or {len(lbw)} (LoRA Block Weight {','.join(lbw)})"
+    )
+
+
+def _from_preset(spec: str, arch: str, fines: list[str], coarse_of: dict, rank: int) -> dict[str, tuple[int, float]]:
+    name = PRESET_ALIASES.get(spec.strip().lower(), spec.strip().lower())
+    if name == "all":
+        return {f: (rank, 1.0) for f in fines}
+    if name == "none":
+        return {f: (0, 1.0) for f in fines}
+    if name in PRESETS[arch]:
+        keep = set(PRESETS[arch][name])
+        return {f: ((rank, 1.0) if coarse_of[f] in keep else (0, 1.0)) for f in fines}
+    choices = ["all", "none", *PRESETS[arch], *PRESET_ALIASES]
+    raise ValueError(f"unknown block preset {spec!r}{_closest(name, choices)}; presets: {', '.join(choices)}")
+
+
+def _from_mapping(spec, arch: str, fines: list[str], coarse_of: dict, rank: int) -> dict[str, tuple[int, float]]:
+    """``{block: rank}`` with coarse or fine block names and an optional ``default``."""
+    items = {str(k).upper(): v for k, v in dict(spec).items()}
+    default = items.pop("DEFAULT", 0)
+    default = rank if default is True else int(default)
+    out = {f: (default, 1.0) for f in fines}
+    coarse = COARSE[arch]
+    for key, value in items.items():
+        if value is None or isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+            raise ValueError(
+                f"block {key!r}: rank {value!r} is not a number (in YAML flow mappings write a space after "
+                "the colon: {IN0: 8, OUT3: 8})")
+        r = rank if value is True else (0 if value is False else int(value))
+        if key in ("TE", "BASE"):
+            continue
+        if key in fines:
+            out[key] = (r, 1.0)
+        elif key in coarse:
+            for f in fines:
+                if coarse_of[f] == key:
+                    out[f] = (r, 1.0)
+        else:
+            raise ValueError(
+                f"unknown block {key!r} for {arch}{_closest(key, coarse + fines)}; "
+                f"use {', '.join(coarse)} or kohya fine blocks {fines[0]}..{fines[-1]}"
+            )
+    return out
 
 
 def _coarse_of_fine(fine: str, arch: str) -> str:

@@ -386,6 +386,10 @@ class LatentCache:
         bar.close()
         return len(todo)
 
+    def complete(self, ds: CaptionedImages, flips: tuple[bool, ...] = (False,)) -> bool:
+        """Every (image, flip) of ``ds`` is on disk."""
+        return all(self.path_for(ds, i, f).exists() for i in range(len(ds)) for f in flips)
+
     def get(self, ds: CaptionedImages, i: int, flip: bool):
         """(mean, std) of item ``i``, from disk (encoded now if missing)."""
 
@@ -395,6 +399,9 @@ class LatentCache:
             t, _ = load_safetensors(p)
             return t["mean"], t["std"]
         self.misses += 1
+        if getattr(self.vae, "encoder", None) is None:
+            raise FileNotFoundError(f"{p}: a cached latent disappeared during training (the trainer freed the VAE "
+                                    "encoder once the cache was complete); restart the run to re-encode it")
         mean, std = self.encode(ds.center_view(i, flip)[None])
         save_safetensors({"mean": mean[0], "std": std[0]}, p, {"source": str(ds.items[i].path)})
         return mean[0], std[0]

@@ -39,6 +39,7 @@ from lorakit.errors import InsufficientMemory  # noqa: F401 - raised here, caugh
 GIB = 2**30
 CPU_RUNTIME_BYTES = int(0.6 * GIB)  # RSS of a process that imported torch + diffusers + transformers + peft
 STAGES = ("train", "edlora", "lorarar", "ziplora", "fuse-gradient", "sample")
+ZIPLORA_BYTES_PER_WEIGHT = 40  # bytes per weight element of a ZipLoRA-merged layer (measured, see estimate())
 
 
 @dataclass
@@ -298,17 +299,8 @@ def estimate(stage: str, base, *, resolution: int | None = None, batch: int = 1,
     est = Estimate(stage, device, {"runtime": CPU_RUNTIME_BYTES if device == "cpu" else 0})
     est.parts["weights"] = sum(_nbytes(m) for m in models.values())
     if stage in ("train", "edlora", "lorarar", "ziplora"):
-        adapters = 2 if stage in ("lorarar", "ziplora") else 1
-        trainable = _add_lora(unet, arch, rank * adapters, conv)
-        est.parts["weights"] += trainable * 4 - trainable * torch.finfo(dtype).bits // 8  # trainable stays fp32
-        for name, p in unet.named_parameters():
-            if "lora_" in name:
-                p.data = torch.empty(p.shape, device="meta", dtype=torch.float32)
-        if stage in ("train", "edlora"):
-            est.parts["optimizer"] = 2 * 4 * trainable
-        step = unet_step_peak(unet, arch, batch, latent, dtype, train=True,
-                              gradient_checkpointing=gradient_checkpointing)
-        est.parts["step"] = max(step, vae_peak(vae, resolution, dtype, decode=False))
+        _training_parts(est, stage, arch, unet, vae, resolution, latent, batch=batch, rank=rank, conv=conv,
+                        dtype=dtype, gradient_checkpointing=gradient_checkpointing)
     elif stage in ("sample", "fuse-gradient"):
         lora = _add_lora(unet, arch, rank, conv) * torch.finfo(dtype).bits // 8
         est.parts["weights"] += adapter_bytes if adapter_bytes is not None else lora * n_loras
@@ -319,15 +311,41 @@ def estimate(stage: str, base, *, resolution: int | None = None, batch: int = 1,
             channels = unet.config.block_out_channels[1]
             est.parts["cache"] = n_loras * unet_batch * channels * latent * latent * torch.finfo(dtype).bits // 8
         if stage == "fuse-gradient":
-            est.parts["gram"] = _gram_bytes(models, rank, n_loras, max_conv_dim)
-            # The weight switcher keeps a copy of every LoRA'd layer's weights; each solve holds G + lam I and its
-            # Cholesky factor (float64) of the widest layer.
-            lora_layers = [m.base_layer for m in unet.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
-            width = max((_flat_in(m) for m in lora_layers if _flat_in(m) <= max_conv_dim or
-                         isinstance(m, torch.nn.Linear)), default=0)
-            est.parts["copies"] = sum(m.weight.numel() for m in lora_layers) * torch.finfo(dtype).bits // 8 \
-                + 2 * 8 * width * width
+            _gradient_fusion_parts(est, models, unet, rank, n_loras, max_conv_dim, dtype)
     return est
+
+
+def _training_parts(est: Estimate, stage: str, arch, unet, vae, resolution: int, latent: int, *, batch: int,
+                    rank: int, conv: bool, dtype, gradient_checkpointing: bool) -> None:
+    adapters = 2 if stage in ("lorarar", "ziplora") else 1
+    trainable = _add_lora(unet, arch, rank * adapters, conv)
+    est.parts["weights"] += trainable * 4 - trainable * torch.finfo(dtype).bits // 8  # trainable stays fp32
+    for name, p in unet.named_parameters():
+        if "lora_" in name:
+            p.data = torch.empty(p.shape, device="meta", dtype=torch.float32)
+    if stage in ("train", "edlora"):
+        est.parts["optimizer"] = 2 * 4 * trainable
+    if stage == "ziplora":
+        # ZipLoRA materialises full-size weights of every merged layer (both LoRAs' fp32 deltas, the
+        # content-only and style-only weights, each step's merged weights and their gradients); not traced,
+        # counted per weight element: measured at SD 1.5 size (bf16, 128 px) 12.9 GiB peak, ~40 bytes each.
+        numel = sum(m.base_layer.weight.numel() for m in unet.modules()
+                    if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+        est.parts["merge"] = numel * ZIPLORA_BYTES_PER_WEIGHT
+    step = unet_step_peak(unet, arch, batch, latent, dtype, train=True,
+                          gradient_checkpointing=gradient_checkpointing)
+    est.parts["step"] = max(step, vae_peak(vae, resolution, dtype, decode=False))
+
+
+def _gradient_fusion_parts(est: Estimate, models, unet, rank: int, n_loras: int, max_conv_dim: int, dtype) -> None:
+    est.parts["gram"] = _gram_bytes(models, rank, n_loras, max_conv_dim)
+    # The weight switcher keeps a copy of every LoRA'd layer's weights; each solve holds G + lam I and its
+    # Cholesky factor (float64) of the widest layer.
+    lora_layers = [m.base_layer for m in unet.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    width = max((_flat_in(m) for m in lora_layers if _flat_in(m) <= max_conv_dim or
+                 isinstance(m, torch.nn.Linear)), default=0)
+    est.parts["copies"] = sum(m.weight.numel() for m in lora_layers) * torch.finfo(dtype).bits // 8 \
+        + 2 * 8 * width * width
 
 
 def _flat_in(layer: torch.nn.Module) -> int:

@@ -24,6 +24,8 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lorakit.logs import quiet_loaded_libraries
@@ -168,10 +170,37 @@ def save_pipeline(pipe, out_dir: str | os.PathLike, overwrite: bool = False, ext
     """
     def build(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for name in ("text_encoder", "text_encoder_2"):
+            if (tmp / name).is_dir():
+                add_text_model_prefix(tmp / name)
         if extra is not None:
             extra(tmp)
 
     return replace_dir(out_dir, build, kind="pipeline", overwrite=overwrite, inputs=inputs)
+
+
+def add_text_model_prefix(folder: Path) -> None:
+    """Give a saved CLIP text encoder's weights the ``text_model.`` prefix where they lack it.
+
+    transformers 5 saves ``CLIPTextModel`` without the prefix, which transformers 4 cannot load (it keeps
+    random weights and only warns); with the prefix both versions load every weight.
+    """
+
+    def renamed(key: str) -> str:
+        return key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            keys, meta = list(f.keys()), f.metadata()
+            if all(renamed(k) == k for k in keys):
+                continue
+            tensors = {renamed(k): f.get_tensor(k) for k in keys}
+        save_file(tensors, str(shard), metadata=meta)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed(k): v for k, v in data.get("weight_map", {}).items()}
+        index.write_text(json.dumps(data, indent=2))
 
 
 def pipeline_from_configs(folder: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.float32):

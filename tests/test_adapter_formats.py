@@ -8,6 +8,8 @@ out here (LyCORIS files).
 import copy
 import json
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -125,6 +127,25 @@ def test_diffusers_file_with_lora_alpha_metadata(sd1_pipe, tmp_path):
     alphas = {k: m.alpha for k, m in ours.modules.items()}
     assert alphas["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"] == 2.0
     assert alphas["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"] == 8.0
+    assert_same_deltas(ours, diffusers_deltas(sd1_pipe, path), sd1_pipe)
+
+
+def test_diffusers_text_encoder_file_names_layers_like_kohya(sd1_pipe, tmp_path):
+    """diffusers' own save_lora_weights under transformers 5 writes ``text_encoder.encoder.layers...`` (no
+    ``text_model.``): lorakit names those layers as it names a kohya file's, and applies diffusers' delta."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from lorakit.adapters.keys import module_path_from_kohya
+
+    pipe = copy.deepcopy(sd1_pipe)
+    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                             target_modules=["q_proj", "out_proj", "fc1"]))
+    type(pipe).save_lora_weights(tmp_path, text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder))
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    ours = load_adapter(path)
+    kohya = module_path_from_kohya("lora_te_text_model_encoder_layers_0_self_attn_q_proj")
+    assert kohya in ours.modules and len(ours.modules) == 6
+    assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in ours.modules)
     assert_same_deltas(ours, diffusers_deltas(sd1_pipe, path), sd1_pipe)
 
 
@@ -259,6 +280,26 @@ def test_unsupported_kind_and_unplaced_key_are_named(tmp_path):
     save_file({"lora_unet_x.lora_foo.weight": torch.zeros(1, 2)}, str(tmp_path / "odd.safetensors"))
     with pytest.raises(AdapterError, match=r"cannot place key 'lora_unet_x.lora_foo.weight' \(format guessed: kohya"):
         load_adapter(tmp_path / "odd.safetensors")
+
+
+@pytest.mark.parametrize("tensors, kind", [
+    ({"lora_unet_x.oft_blocks": torch.zeros(4, 2, 2), "lora_unet_x.alpha": torch.tensor(1.0)}, "OFT"),
+    ({"lora_unet_x.oft_blocks": torch.zeros(2, 4, 2, 2), "lora_unet_x.rescale": torch.ones(8, 1)}, "BOFT"),
+    ({"unet.x.boft_R.weight": torch.zeros(2, 4, 2, 2), "unet.x.boft_s.weight": torch.ones(8, 1)}, "BOFT"),
+])
+def test_oft_and_boft_files_are_refused_by_kind(tensors, kind, tmp_path, capsys):
+    """LyCORIS writes OFT and BOFT under one name (``oft_blocks``; BOFT's has 4 dimensions): each is refused
+    with its own kind and the key, by the reader and by ``lorakit inspect`` (one line, exit 2)."""
+    from lorakit.cli import main
+
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(tensors, str(path))
+    first = next(k for k in tensors if "oft" in k)
+    with pytest.raises(AdapterError, match=rf"{kind} adapters are not supported \(key '{re.escape(first)}'\)"):
+        load_adapter(path)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{kind} adapters are not supported" in err and "Traceback" not in err
 
 
 def test_loha_file_samples_like_merged_weights(sd1_pipe, tmp_path, capsys):

@@ -29,3 +29,67 @@ def test_derived_rows():
     growth = [r for r in out if r["run"] == "growth"]
     assert growth == [{"run": "growth", "size": "sd15", "stage": "train", "params_x": 430.0, "time_x": 25.0,
                        "peak_rss_x": 10.0}]
+
+
+def _row(run, **kw):
+    row = {"run": run, "size": "sd15", "resolution": 128, "rank": 4, "unet_params_m": 860.0, "peak_rss_mb": 3000.0}
+    row.update(kw)
+    return row
+
+
+def test_curve_rows_vary_one_axis_at_the_others_defaults():
+    bench = _module()
+    rows = [
+        # sampling curves use the whole image's seconds (total_s), not the per-step marginal
+        _row("composite", n_loras=2, step_s=-1.0, total_s=2.0, peak_rss_mb=3000.0),
+        _row("composite", n_loras=4, step_s=9.0, total_s=4.0, peak_rss_mb=3100.0),
+        _row("composite", n_loras=8, step_s=1.0, total_s=8.0, peak_rss_mb=3300.0),
+        _row("composite", n_loras=4, resolution=256, step_s=9.0, total_s=9.0),  # not on the N axis (256 px)
+        _row("train", step_s=5.0),
+        _row("train", resolution=256, step_s=15.0, peak_rss_mb=3600.0),
+        _row("train", rank=64, step_s=6.0, peak_rss_mb=3150.0),
+    ]
+    curves = [r for r in bench.derived_rows(rows) if r["run"] == "curve"]
+    n_axis = [(r["x"], r["time_x"], r["peak_rss_x"]) for r in curves if r["stage"] == "composite" and r["axis"] == "n_loras"]
+    assert n_axis == [(2, 1.0, 1.0), (4, 2.0, round(3100 / 3000, 3)), (8, 4.0, 1.1)]
+    res_axis = [(r["x"], r["time_x"]) for r in curves if r["stage"] == "train" and r["axis"] == "resolution"]
+    assert res_axis == [(128, 1.0), (256, 3.0)]
+    rank_axis = [(r["x"], r["peak_rss_x"]) for r in curves if r["stage"] == "train" and r["axis"] == "rank"]
+    assert rank_axis == [(4, 1.0), (64, 1.05)]
+    assert not [r for r in curves if r["stage"] == "composite" and r["axis"] == "resolution"]  # one point only
+
+
+def test_spread_rows_and_ratios_of_the_variants():
+    bench = _module()
+    rows = [_row("train_ref", step_s=10.0, peak_rss_mb=2831.0), _row("train_ref", step_s=12.0, peak_rss_mb=2841.0),
+            _row("train", step_s=7.0, peak_rss_mb=2842.0), _row("train", step_s=8.0, peak_rss_mb=2830.0),
+            _row("train_gc", step_s=9.0, peak_rss_mb=2700.0)]
+    out = bench.derived_rows(rows)
+    spread = {r["stage"]: r for r in out if r["run"] == "spread"}
+    assert spread["train_ref"]["n"] == 2 and spread["train_ref"]["peak_rss_mb_min"] == 2831.0
+    assert spread["train"]["peak_rss_mb_max"] == 2842.0 and spread["train"]["time_s_mean"] == 7.5
+    assert "train_gc" not in spread  # one run
+    ratios = {r["stage"]: r for r in out if r["run"] == "ratio"}
+    assert ratios["train_gc"]["vs"] == "train" and ratios["train_gc"]["peak_rss_ratio"] == round(2700 / 2830, 3)
+
+
+def test_plan_shares_one_process_per_size_for_the_base_preserving_stages():
+    bench = _module()
+    args = bench.parse_args(["--sizes", "sd15", "--stages", "train", "sample", "cmlora", "--n-loras", "4", "2",
+                             "--shared"])
+    procs = bench.plan(args)
+    assert [len(points) for _, points in procs] == [1, 4]
+    assert procs[0][1] == [{"one": "train", "resolution": 128, "rank": 4, "n_loras": 2}]
+    assert [(p["one"], p["n_loras"]) for p in procs[1][1]] == [("sample", 4), ("cmlora", 4), ("sample", 2), ("cmlora", 2)]
+    args = bench.parse_args(["--sizes", "sd15", "--stages", "sample", "--repeat", "2", "--shared"])
+    assert [len(points) for _, points in bench.plan(args)] == [1, 1]  # repeats: a fresh process each
+
+
+def test_plot_writes_a_png(tmp_path):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    bench = _module()
+    rows = [_row("sample", n_loras=n, step_s=float(n), total_s=float(n), peak_rss_mb=3000.0 + n) for n in (2, 4, 8)]
+    png = bench.plot(bench.derived_rows(rows), tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

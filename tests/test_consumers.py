@@ -25,10 +25,12 @@ def test_a1111_rewrite_misplaces_the_sdxl_upsampler_only_under_diffusers_names(s
 
 
 def test_kohya_sdxl_network_has_sai_names_only(sdxl_pipe):
-    placed = kohya_placement(["lora_unet_down_blocks_1_attentions_0_proj_in", "lora_unet_input_blocks_4_1_proj_in"],
-                             sdxl_pipe, "sdxl")
-    assert placed == {"lora_unet_down_blocks_1_attentions_0_proj_in": None,
-                      "lora_unet_input_blocks_4_1_proj_in": "unet.down_blocks.1.attentions.0.proj_in"}
+    """kohya's SDXL network is named in SAI names; kohya renames diffusers-named files first (as its
+    create_network_from_weights does, checked by tools/check_consumers_real.py), LyCORIS's loader does not."""
+    names = ["lora_unet_down_blocks_1_attentions_0_proj_in", "lora_unet_input_blocks_4_1_proj_in"]
+    proj_in = "unet.down_blocks.1.attentions.0.proj_in"
+    assert kohya_placement(names, sdxl_pipe, "sdxl") == dict.fromkeys(names, proj_in)
+    assert kohya_placement(names, sdxl_pipe, "sdxl", rename_diffusers=False) == {names[0]: None, names[1]: proj_in}
 
 
 def test_comfyui_reads_both_unet_namings_and_processor_style_diffusers_names(sd1_pipe):
@@ -45,7 +47,7 @@ def test_comfyui_reads_both_unet_namings_and_processor_style_diffusers_names(sd1
 
 def test_sdxl_outputs_table(tmp_path):
     """The SDXL rows of docs/formats.md: SAI-named files place every layer in every consumer but diffusers'
-    LoHa / LoKr refusal; diffusers names lose one layer in A1111 and the UNet in kohya."""
+    LoHa / LoKr refusal; diffusers names lose one layer in A1111 (kohya renames them to SAI names itself)."""
     rows = {(r["output"], r["consumer"]): r for r in check_consumers.check("sdxl", tmp_path)}
     n = rows[("locon kohya (sai names)", "diffusers (run)")]["layers"]
     for consumer in ("A1111 (re-implemented)", "ComfyUI (re-implemented)", "kohya sd-scripts (re-implemented)",
@@ -57,5 +59,5 @@ def test_sdxl_outputs_table(tmp_path):
         assert "refused" in rows[(f"{kind} kohya (sai names)", "diffusers (run)")]
     a1111 = rows[("locon kohya (diffusers names)", "A1111 (re-implemented)")]
     assert (a1111["placed"], a1111["first_problem"]) == (n - 1, ["lora_unet_up_blocks_0_upsamplers_0_conv"])
-    assert rows[("locon kohya (diffusers names)", "kohya sd-scripts (re-implemented)")]["unplaced"] > 0
+    assert rows[("locon kohya (diffusers names)", "kohya sd-scripts (re-implemented)")]["placed"] == n
     assert rows[("locon diffusers/peft (convert --to diffusers)", "diffusers (run)")]["placed"] == n

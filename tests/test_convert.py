@@ -38,7 +38,7 @@ def test_sdxl_key_styles_round_trip(sdxl_pipe, tmp_path):
     _same(ad, load_adapter(tmp_path / "d.safetensors"), atol=0)
 
 
-def test_to_diffusers_keeps_every_layer_scale(sd1_pipe, tmp_path):
+def test_to_diffusers_keeps_every_layer_scale(sd1_pipe, tmp_path, capsys):
     ad = random_adapter(sd1_pipe, network="locon", rank=4, alpha=2.0, conv_rank=2, conv_alpha=3.0, text_encoder=True)
     te_key = next(k for k in ad.modules if k.startswith("text_encoder."))
     ad.modules[te_key].alpha = 5.0  # a text-encoder alpha_pattern entry too
@@ -47,6 +47,7 @@ def test_to_diffusers_keeps_every_layer_scale(sd1_pipe, tmp_path):
     src = save_adapter(ad, tmp_path / "a.safetensors")
     out = tmp_path / "diffusers.safetensors"
     assert main(["convert", str(src), str(out), "--to", "diffusers"]) == 0
+    assert "ComfyUI skips its attention layers" in capsys.readouterr().out  # measured, docs/formats.md
     assert all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in _keys(out))
     again = load_adapter(out)
     assert all(m.scale == 1.0 for m in again.modules.values())  # alpha / rank folded into lora_B

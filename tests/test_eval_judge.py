@@ -206,7 +206,7 @@ def test_cli_yesno_and_pairwise(fake, tmp_path):
 
 
 def test_toy_concepts_are_described_for_the_judge():
-    from lorakit.commands.eval import _described
+    from lorakit.eval.metrics import _described
     from lorakit.eval.judge import presence_question
 
     robot, ink = _described(Concept("zorbo")), _described(Concept("inkvel"))

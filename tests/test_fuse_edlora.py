@@ -76,3 +76,12 @@ def test_two_edlora_concepts_with_clashing_words_are_renamed(tmp_path, sd1_pipe)
     loaded = E.load_edlora(pipe, dest)
     assert loaded["words"] == {"<c1>": "<c1>", "<c2>": "<c2>", "<c1#2>": "<c1#2>", "<c2#2>": "<c2#2>"}
     assert set(fused.modules) == set(a.modules) | set(b.modules)
+
+
+def test_nan_in_an_edlora_embedding_names_the_file_and_word(sd1_pipe):
+    ad = _edlora(sd1_pipe, 1)
+    key = next(k for k in ad.extra if "<c2>" in k)
+    ad.extra[key][3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"broken: the text_encoder embedding of <c2> has NaN or inf"):
+        fuse_gradient(copy.deepcopy(sd1_pipe), [_concept(ad, "broken")],
+                      GradientSettings(steps=1, resolution=16, progress=False))

@@ -252,6 +252,104 @@ def test_batched_capture_equals_one_pass_per_prompt(sd1_pipe):
         torch.testing.assert_close(stats[1][key], G, rtol=1e-4, atol=1e-6 * float(G.abs().max()))
 
 
+def test_fit_and_heldout_prompts_share_passes_with_the_same_statistics(sd1_pipe):
+    """ridge="auto": a concept's fit and held-out prompts run in the same forward passes; each split's statistics
+    (UNet layers: batch rows; text encoder and to_k/to_v: token rows) equal those of one pass per prompt."""
+    from lorakit.fusion.gradient import _call_pipe, build_problems, run_stage, work_items
+    from lorakit.fusion.capture import token_rows
+
+    stats = []
+    for batch in (1, 8):
+        pipe = copy.deepcopy(sd1_pipe)
+        concepts = _concepts(_text_side_adapters(pipe), [1.0, 1.0])
+        for c in concepts:
+            c.val_prompts = c.val_sample_prompts = [f"a picture of {c.trigger}"]
+        settings = GradientSettings(**{**SETTINGS, "ridge": "auto", "batch": batch})
+        probs = build_problems(pipe, concepts)
+        unet_items = work_items(concepts, settings, "unet")
+        assert [it.split for it in unet_items] == (["fit", "val"] * 2 if batch == 1 else ["mixed"] * 2)
+
+        def run_unet(item):
+            _call_pipe(pipe, item.prompts, item.seeds, 2, 16, 1.0)
+
+        def run_text(item):
+            pipe.encode_prompt(prompt=item.prompts, device="cpu", num_images_per_prompt=1,
+                               do_classifier_free_guidance=False)
+
+        def text_rows(item, comp):
+            return token_rows(pipe.tokenizer, item.prompts, "prompt")
+
+        q = {k: p for k, p in probs.items() if k.endswith("attn2.to_q")}
+        te = {k: p for k, p in probs.items() if stage_of(k) == "text_encoder"}
+        _, rep_u = run_stage(pipe, "unet", q, concepts, settings, unet_items, run_unet, list(q.values()))
+        _, rep_t = run_stage(pipe, "text_encoder", te, concepts, settings, work_items(concepts, settings, "text"),
+                             run_text, list(te.values()), rows_for=text_rows)
+        stats.append({(split, k): (s.G, s.P, float(s.tokens)) for rep in (rep_u, rep_t)
+                      for split, name in (("fit", "collectors"), ("val", "val_collectors"))
+                      for coll in rep[name].values() for k, s in coll.stats.items()})
+    assert {sp for sp, _ in stats[0]} == {"fit", "val"}
+    for key, (G, P, n) in stats[0].items():
+        G8, P8, n8 = stats[1][key]
+        assert n8 == n > 0, key
+        torch.testing.assert_close(G8, G, rtol=1e-4, atol=1e-6 * float(G.abs().max()))
+        for i in P:
+            torch.testing.assert_close(P8[i], P[i], rtol=1e-4, atol=1e-6 * float(P[i].abs().max()) + 1e-12)
+
+
+def _conv_keys(out):
+    return [k for k, p in out["problems"].items() if p.is_conv]
+
+
+def test_large_convs_solved_in_the_lora_subspace(sd1_pipe):
+    """Convs above max_conv_dim (here every conv: max_conv_dim=0) are solved within the span of the concepts' down
+    matrices from an R x R Gram: one concept comes back as its own delta; with two, the fit is at least as good as
+    the weighted average (which lies in that subspace) and no better than the full solve on unfolded patches."""
+    pipe = copy.deepcopy(sd1_pipe)
+    ad = _adapters(pipe)[0]  # LoCon: convs of the upper blocks
+    out = fuse_gradient(pipe, _concepts([ad], [0.7]), GradientSettings(**{**SETTINGS, "steps": 1, "max_conv_dim": 0}))
+    convs = _conv_keys(out)
+    assert len(convs) >= 4 and out["stages"]["unet"]["subspace_layers"] == sorted(convs)
+    assert not out["stages"]["unet"]["fallback_layers"]
+    for key in convs:
+        prob, rep = out["problems"][key], out["layers"][key]
+        assert rep["space"].startswith("LoRA subspace") and rep["in_dim"] == prob.in_dim
+        G = out["stages"]["unet"]["collectors"]["unet"].stats[key].G
+        assert G.shape == (4, 4)  # rank 4: one R x R Gram, not (in*kh*kw)^2
+        fused = out["modules"][key].delta().double().reshape(prob.shape[0], -1)
+        want = 0.7 * ad.modules[key].delta().double().reshape(fused.shape)
+        torch.testing.assert_close(fused, want, rtol=1e-3, atol=1e-6)
+        assert rep["residual"] < 1e-4
+
+    runs = {}
+    for dim in (0, 10**9):
+        p2 = copy.deepcopy(sd1_pipe)
+        ads = _adapters(p2)
+        b = random_adapter(p2, "upper", network="locon", rank=2, alpha=2.0, seed=3, std=0.15)
+        b.metadata["lorakit.trigger"] = TRIGGERS[1]
+        runs[dim] = fuse_gradient(p2, _concepts([ads[0], b], [1.0, 1.0]),
+                                  GradientSettings(**{**SETTINGS, "steps": 1, "max_conv_dim": dim}))
+    convs = _conv_keys(runs[0])
+    assert len(convs) >= 4
+    for key in convs:
+        sub, full = runs[0]["layers"][key], runs[10**9]["layers"][key]
+        assert "space" in sub and "space" not in full
+        assert sub["residual"] <= sub["weighted_residual"] + 1e-6, (key, sub)
+        assert full["residual"] <= sub["residual"] + 1e-6, (key, full, sub)
+        assert sub["weighted_residual"] == pytest.approx(full["weighted_residual"], rel=1e-3)
+    assert any(sub["residual"] < 0.9 * sub["weighted_residual"] for sub in (runs[0]["layers"][k] for k in convs))
+
+
+def test_large_convs_average_when_asked(sd1_pipe):
+    pipe = copy.deepcopy(sd1_pipe)
+    ad = _adapters(pipe)[0]
+    settings = GradientSettings(**{**SETTINGS, "steps": 1, "max_conv_dim": 0, "large_convs": "average"})
+    with pytest.warns(UserWarning, match="weighted average"):
+        out = fuse_gradient(pipe, _concepts([ad], [1.0]), settings)
+    convs = _conv_keys(out)
+    assert out["stages"]["unet"]["fallback_layers"] == sorted(convs)
+    assert all(out["layers"][k]["method"] == "weighted_fallback" for k in convs)
+
+
 def test_nan_adapter_and_singular_system_are_clear_errors(tmp_path, sd1_pipe, capsys):
     from lorakit.cli import main
     from lorakit.fusion.gradient import build_problems, solve_layer

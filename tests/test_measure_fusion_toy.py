@@ -27,3 +27,14 @@ def test_method_specs():
                                                                                      "ridge": 0.1})
     with pytest.raises(SystemExit):
         parse_method("magic")
+
+
+def test_edlora_set_prompts_hold_every_concept_as_pseudo_words():
+    from measure_edlora_fusion_toy import many_prompts, with_words
+
+    names = ["robot", "frog", "tophat", "mushroom"]
+    words = {n: f"<{n}1> <{n}2>" for n in names}
+    prompts = with_words(many_prompts(names, 12), names, words)
+    assert len(prompts) == 12 and len(set(prompts)) > 3
+    assert all(all(w in p for w in words.values()) for p in prompts)
+    assert not any(t in p for p in prompts for t in ("zorbo", "kwibbit", "hattock", "shroomel"))

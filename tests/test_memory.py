@@ -160,3 +160,29 @@ def test_sample_and_fuse_refuse_and_override(tmp_path, monkeypatch, capsys):
                  str(tmp_path / "s"), "--no-memory-check"]) == 2
     assert main(["sample", "--base", "tiny:sd1", "--adapters", str(fake), "--prompt", "a", "--out",
                  str(tmp_path / "s")]) == 2
+
+
+@pytest.mark.parametrize("argv, stage", [
+    (["train", "edlora", "concept.init_word=cat", "concept.placeholder=<TOK>"], "edlora"),
+    (["train", "lorarar", "synthetic.content=1", "synthetic.style=1"], "lorarar"),
+    (["fuse", "--method", "ziplora"], "ziplora"),
+])
+def test_every_heavy_command_refuses_before_loading(tmp_path, monkeypatch, capsys, argv, stage):
+    """The trainers and fuse methods not covered above say what they need, in one line, before the base loads."""
+    import lorakit.models
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": GIB // 4)
+    monkeypatch.setattr(lorakit.models, "load_base", lambda *a, **k: pytest.fail("loaded the base"))
+    if argv[0] == "train":
+        data = _images(tmp_path / "img", 2, 32)
+        for cap in data.glob("*.txt"):
+            cap.write_text("a photo of <TOK>")
+        argv = argv + ["base_model=random:sd1:mid", f"data.path={data}", f"output_dir={tmp_path / 'o'}",
+                       "max_steps=1", "logging=none", "checkpointing_steps=0", "data.resolution=32"]
+    else:
+        fake = tmp_path / "x.safetensors"
+        fake.write_bytes(b"")
+        argv = argv + ["--base", "random:sd1:mid", "--adapters", str(fake), str(fake), "--out", str(tmp_path / "f.safetensors")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{stage} needs ~" in err and "0.2 GiB free" in err, err

@@ -43,6 +43,26 @@ def test_make_tiny_loads_in_diffusers(tmp_path):
         img = pipe("a photo of a cat", num_inference_steps=2, height=32, width=32, output_type="np").images
         assert img.shape == (1, 32, 32, 3)
         assert detect_arch(load_base(out).unet.config) == arch
+        _text_encoders_in_both_key_layouts(out, pipe, ref)
+
+
+def _text_encoders_in_both_key_layouts(out, pipe, ref):
+    """Each text encoder file holds every weight under ``text_model.*`` (+ ``text_projection``): the layout
+    transformers 4 loads, and transformers 5 loads it too (weights equal to the built model's)."""
+    from safetensors import safe_open
+
+    for name in ("text_encoder", "text_encoder_2"):
+        built = getattr(ref, name, None)
+        if built is None:
+            continue
+        with safe_open(str(out / name / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        v4_layout = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k
+                     for k in built.state_dict()}
+        assert keys == v4_layout, name
+        loaded = getattr(pipe, name).state_dict()
+        assert loaded.keys() == built.state_dict().keys()
+        assert all(torch.equal(loaded[k], v) for k, v in built.state_dict().items()), name
 
 
 def test_load_base_errors_name_the_input(tmp_path):

@@ -32,7 +32,8 @@ def test_wheel_bundles_the_toy_world(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("lorakit/resources.py", "lorakit/_bundled/data/toy-base/model_index.json",
                    "lorakit/_bundled/data/toy-base/unet/diffusion_pytorch_model.safetensors",
-                   "lorakit/_bundled/data/oracle/oracle.safetensors", "lorakit/_bundled/recipes/toy_frog.yaml"):
+                   "lorakit/_bundled/data/oracle/oracle.safetensors", "lorakit/_bundled/recipes/toy_frog.yaml",
+                   "lorakit/_bundled/data/toy/generic/00000.txt"):  # the recipes' regularisation images
         assert needed in names, needed
     # symlinks in the clone become real files in the wheel
     frog = zipfile.ZipFile(wheel).read("lorakit/_bundled/recipes/toy_frog.yaml").decode()

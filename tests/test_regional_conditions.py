@@ -1,6 +1,7 @@
 """Spatial conditions (T2I-Adapter, ControlNet) in lorakit sampling, on tiny random models built in code."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -275,3 +276,29 @@ def test_sdxl_controlnet_reaches_the_unet(sdxl_pipe):
     none = _latents(pipe, [], None, steps=2)
     assert torch.equal(_latents(pipe, [], [Condition(cn, image, 0.0)], steps=2), none)
     assert (_latents(pipe, [], [Condition(cn, image, 1.0)], steps=2) - none).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("body, entry", [
+    ("regions:\n  - {box: [0, 0, 1.5, 0.5], prompt: a}\n", r"regions\[0\]: box \[0, 0, 1.5, 0.5\] \(fraction\) must satisfy"),
+    ("regions:\n  - {box: [0, 0, 1, 0.5], prompt: a, weight: 2}\n", r"regions\[0\]: unknown keys \['weight'\]"),
+    ("scale: 2\nregions: []\n", r"unknown keys \['scale'\]"),
+    ("regions:\n  - {box: [0, 0, 1, 0.5], prompt: a}\nconditions:\n  - {type: t2i-adapter, model: m, image: wide.png}\n",
+     r"conditions\[0\]: image .*wide.png is 64x32; expected 32x32"),
+    ("regions:\n  - {box: [0, 0, 1, 0.5], prompt: a}\nconditions:\n  - {type: t2i-adapter, model: m, image: s.png, "
+     "region_weights: [{box: [0, 0, 2, 1], weight: 1}]}\n", r"conditions\[0\]: region_weights\[0\]: box \[0, 0, 2, 1\]"),
+])
+def test_cli_bad_regions_file_is_one_line_naming_file_and_entry_exit_2(tmp_path, capsys, body, entry):
+    """The issue's bad inputs (a box out of range, unknown keys, a condition image of the wrong size) through
+    `lorakit sample`: exit 2, one line on stderr naming the file and the entry, no traceback."""
+    from lorakit.cli import main
+
+    Image.new("L", (64, 32)).save(tmp_path / "wide.png")
+    sketch().save(tmp_path / "s.png")
+    (tmp_path / "r.yaml").write_text("unit: fraction\nprompt: g\n" + body)
+    rc = main(["sample", "--base", "tiny:sd1", "--regions", str(tmp_path / "r.yaml"), "--steps", "1", "--out",
+               str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(tmp_path / "r.yaml") in err and re.search(entry, err), err
+    assert not list(tmp_path.glob("out/*.png"))

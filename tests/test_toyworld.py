@@ -66,12 +66,44 @@ def test_make_dataset_writes_image_caption_pairs(tmp_path):
     assert set(CONCEPTS) >= {"frog"}
 
 
+def test_generic_dataset_has_generic_captions_only(tmp_path):
+    from lorakit.toyworld.concepts import BY_TRIGGER
+
+    make_dataset("generic", tmp_path / "g", n=24, seed=3)
+    caps = [(tmp_path / "g" / f"{i:05d}.txt").read_text().strip() for i in range(24)]
+    assert all(c.endswith(" background") for c in caps)
+    assert not any(t in c for c in caps for t in BY_TRIGGER)  # regularisation images never name a held-out concept
+    assert sum("," in c for c in caps) >= 18  # mostly a shape and a background (a few empty backgrounds)
+    make_dataset("generic", tmp_path / "h", n=24, seed=3)
+    assert (tmp_path / "g" / "00007.png").read_bytes() == (tmp_path / "h" / "00007.png").read_bytes()
+
+
+def test_recipe_hash_covers_the_regularisation_images(tmp_path):
+    from lorakit.config import load_config
+    from lorakit.resources import data_path
+    from lorakit.toyworld.loras import recipe_hash, recipe_path
+    from lorakit.training.blockwise import BlockwiseConfig
+
+    make_dataset("generic", tmp_path / "reg", n=2, seed=0)
+    base = [f"base_model={data_path('toy-base')}", f"data.path={data_path('toy', 'frog')}"]
+
+    def h(*ov):
+        return recipe_hash(load_config(BlockwiseConfig, recipe_path("frog"), [*base, *ov]))
+
+    with_reg = h(f"data.reg_path={tmp_path / 'reg'}")
+    assert with_reg != h("data.reg_path=null")
+    (tmp_path / "reg" / "00000.txt").write_text("blue square, pink plain background\n")
+    assert h(f"data.reg_path={tmp_path / 'reg'}") != with_reg  # content, not the path string
+
+
 def test_cli_make_dataset_and_list(tmp_path, capsys):
     from lorakit.cli import main
 
     assert main(["toyworld", "make-dataset", "pixlor", "--out", str(tmp_path / "d"), "--n", "3"]) == 0
     caps = sorted(p.read_text().strip() for p in (tmp_path / "d").glob("*.txt"))
     assert len(caps) == 3 and all(c.endswith(", pixlor") for c in caps)
+    assert main(["toyworld", "make-dataset", "generic", "--out", str(tmp_path / "r"), "--n", "2"]) == 0
+    assert "regularisation" in capsys.readouterr().out
     assert main(["toyworld", "list", "--json"]) == 0
     assert '"trigger": "zorbo"' in capsys.readouterr().out
     assert main(["toyworld", "make-dataset", "dragon", "--out", str(tmp_path / "e")]) == 2

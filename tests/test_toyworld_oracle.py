@@ -64,3 +64,50 @@ def test_oracle_calls_hard_negatives_absent():
         absent += (p < 0.5).tolist()
     assert sum(absent) / len(absent) >= 0.95, per
     assert min(v for k, v in per.items() if k != "pixel") >= 0.9, per  # pixel: see docs/toyworld.md
+
+
+def _tool(name):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _labelled_folder(tmp_path, labels):
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    recs = []
+    for i in range(len(labels)):
+        Image.new("RGB", (32, 32), (10 * i, 100, 50)).save(tmp_path / "images" / f"{i:03d}.png")
+        recs.append({"index": i, "source": "lora_alone" if i < 3 else "merged_with_style", "file": f"images/{i:03d}.png"})
+    (tmp_path / "images.json").write_text(json.dumps({"concept": "frog", "style": "ink", "images": recs}))
+    (tmp_path / "labels.json").write_text(json.dumps({"labels": labels}))
+
+
+def test_train_oracle_takes_only_the_even_half_of_labelled_generated_images(tmp_path):
+    labels = [1, 0, 0, 1, 1, 0]
+    _labelled_folder(tmp_path, labels)
+    concepts = [c for c in CONCEPTS]
+    x, y, m = _tool("train_oracle").load_generated([(str(tmp_path), str(tmp_path / "labels.json"))], concepts)
+    col = concepts.index("frog")
+    assert x.shape == (3, 3, 32, 32)
+    assert abs(float(x[1, 0, 0, 0]) - 20 / 255) < 1e-6  # image 2, not image 1
+    assert y[:, col].tolist() == [1.0, 0.0, 1.0] and y.sum() == 2  # labels of indices 0, 2, 4
+    assert (m.sum(1) == 1).all() and (m[:, col] == 1).all()  # loss only in the labelled concept's column
+
+
+def test_oracle_generated_scores_the_held_out_half(tmp_path, capsys):
+    import json
+
+    _labelled_folder(tmp_path, [1, 0, 0, 1, 1, 0])
+    og = _tool("oracle_generated")
+    assert og.main(["score", "--out", str(tmp_path), "--labels", str(tmp_path / "labels.json"), "--half", "odd"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    overall = next(r for r in rows if r["images"] == "all")
+    assert overall["half"] == "odd" and overall["n"] == 3 and overall["person_positive"] == 1  # indices 1, 3, 5

@@ -149,12 +149,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=None, help="base model (default tiny:sd1, or data/toy-base with --toy)")
     ap.add_argument("--adapters", nargs="*", help="adapter files (default: 2 random trigger LoRAs on the tiny base)")
+    ap.add_argument("--network", choices=["lora", "locon"], default="lora",
+                    help="the 2 random adapters: LoRA on the text encoder and attention layers, or LoCon (also convs)")
     ap.add_argument("--toy", action="store_true", help="toy-world captions as prompts (adapters: toy LoRAs)")
     ap.add_argument("--n-prompts", type=int, default=4, help="--toy: captions per set (fit, held-out, evaluation)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--eval-samples", type=int, default=2, help="held-out seeds per evaluation prompt")
     ap.add_argument("--per-layer", action="store_true", help="also print one line per layer")
+    ap.add_argument("--no-eval", action="store_true", help="times only: skip the held-out scoring")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference recipe (its time is 0 and its weights are W0)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="lorakit GradientSettings overrides, e.g. kv_rows=prompt ridge_target=average ridge=1e-6")
@@ -175,7 +178,7 @@ def main(argv=None) -> int:
     else:
         adapters, names = [], []
         for seed, trig in ((1, "red circle"), (2, "blue square")):
-            ad = random_adapter(base, network="lora", text_encoder=True, rank=4, alpha=4.0, seed=seed, std=0.1)
+            ad = random_adapter(base, network=args.network, text_encoder=True, rank=4, alpha=4.0, seed=seed, std=0.1)
             ad.metadata["lorakit.trigger"] = trig
             adapters.append(ad)
             names.append(trig.replace(" ", "_"))
@@ -203,8 +206,11 @@ def main(argv=None) -> int:
     t_lorakit, cpu_lorakit = time.perf_counter() - t0, time.process_time() - c0
     peak_l = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
     probs = out_l["problems"]
-    stats_bytes = sum(8 * (p.in_dim ** 2 + sum(d.shape[0] for d in p.downs.values()) * p.in_dim) for p in probs.values()
-                      if out_l["layers"][p.key]["method"] == "closed_form")
+    def gram_dim(p):  # a conv solved in its LoRA subspace keeps an R x R Gram
+        return sum(d.shape[0] for d in p.downs.values()) if "space" in out_l["layers"][p.key] else p.in_dim
+
+    stats_bytes = sum(8 * (gram_dim(p) ** 2 + sum(d.shape[0] for d in p.downs.values()) * gram_dim(p))
+                      for p in probs.values() if out_l["layers"][p.key]["method"] == "closed_form")
     n_splits = 2  # fit + held-out statistics with ridge auto
 
     # reference: its own rows (trigger=None: a plain LoRA keeps only the end token), one prompt per pass, LBFGS
@@ -229,7 +235,7 @@ def main(argv=None) -> int:
 
     # held-out scoring
     t0 = time.perf_counter()
-    grams = heldout_grams(base, adapters, sets, probs, args)
+    grams = {} if args.no_eval else heldout_grams(base, adapters, sets, probs, args)
     t_eval = time.perf_counter() - t0
     per_stage: dict = {}
     for key, prob in probs.items():
@@ -246,7 +252,7 @@ def main(argv=None) -> int:
             if obj["w0"] <= 0:
                 continue
             rel = {m: v / obj["w0"] for m, v in obj.items() if m != "w0"}
-            name = f"{stage}/{rows}" if stage == "cross_kv" else stage
+            name = f"{stage}/{rows}" if stage == "cross_kv" else f"{stage}/conv" if prob.is_conv else stage
             if args.per_layer:
                 print(json.dumps({"layer": key, "set": name, **{f"heldout_{m}": round(v, 6) for m, v in rel.items()},
                                   "ridge": out_l["layers"][key].get("ridge")}))

@@ -133,10 +133,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from lorakit.adapters.io import save_adapter
     from lorakit.models import tiny_pipeline
-    from lorakit.sampling import SamplerSettings, _quiet_loading, generate, load_adapters
+    from lorakit.logs import quiet_loaded_libraries
+    from lorakit.sampling import SamplerSettings, generate, load_adapters
     from lorakit.testing import random_adapter
 
-    _quiet_loading()
+    quiet_loaded_libraries()
     pipe = {"mid": mid_pipeline, "tiny": lambda: tiny_pipeline("sd1"), "sd15": lambda: sd15_pipeline(args.latent)}[args.unet]()
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench_sample_{os.getpid()}")

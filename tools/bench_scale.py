@@ -14,6 +14,17 @@ then times the stage only:
   * ``fuse``:       ``lorakit fuse --method gradient`` of two LoRAs end to end (capture + solve), with the number of
                     layers that fell back to the weighted average.
 
+  * ``train_gc`` / ``train_locon`` / ``train_edlora``: the block-wise trainer with gradient checkpointing, LoCon,
+                    and the ED-LoRA trainer;
+  * ``switch`` / ``cmlora``: ``lorakit sample --method switch / cmlora`` (cmlora with ``--kinds``: no profiling);
+  * ``ziplora`` / ``lorarar``: ``lorakit fuse`` of one pair (LoRA.rar with a random-weight hypernetwork).
+
+Curves: ``--n-loras 2 4 8``, ``--resolutions 64 128 256``, ``--ranks 4 16 64`` give one point per value (``curve``
+rows: each against its smallest), ``--repeat K`` K fresh processes per point (``spread`` rows), ``--shared`` runs
+the points of the stages that leave the base unchanged in one process per size; ``--derive FILE --plot PNG``
+draws the curves (matplotlib: ``pip install 'lorakit[bench]'``). Rows carry the kernel's peak RSS, the peak
+private (anonymous) RSS and the machine's load average.
+
 Sampling rows run one image at S (warm-up, not counted), S and 2S steps: ``total_s`` is the 2S run, ``step_s`` the marginal
 ``(t(2S) - t(S)) / S`` (the fixed cost of loading adapters, encoding, decoding and writing files left out).
 
@@ -32,10 +43,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,12 +57,61 @@ SIZES = {  # name: (arch, sized_pipeline size, pixels, default dtype)
     "sd15": ("sd1", "full", 128, "bf16"),
     "sdxl": ("sdxl", "full", 128, "bf16"),
 }
-STAGES = ("train_ref", "train", "sample_ref", "sample", "composite", "fuse")
+TRAIN = ("train_ref", "train", "train_gc", "train_locon", "train_edlora")
+SAMPLE = ("sample_ref", "sample", "switch", "composite", "cmlora")
+STAGES = (*TRAIN, *SAMPLE, "fuse", "ziplora", "lorarar")
+# Stages that leave the built base as they found it (adapters loaded per call, then unloaded): with --shared
+# they run one after another in one process per size, the peak RSS reset before each (/proc/self/clear_refs).
+SHAREABLE = ("sample", "switch", "composite", "cmlora", "lorarar")
+N_STAGES = (*SAMPLE, "fuse")  # stages whose cost depends on the number of LoRAs (--n-loras); the others use 2
 RANK = 4
+_SAMPLE_METHOD = {"sample": "merge", "switch": "switch", "composite": "composite", "cmlora": "cmlora"}
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(key: str) -> float:
+    """``VmHWM`` (peak RSS since start or the last reset) or ``VmRSS`` of this process, MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class PeakAnon:
+    """Peak private (anonymous) RSS during a block, polled every 5 ms from /proc/self/status. The kernel's peak
+    (``VmHWM``) also counts file-backed pages: library code and mmap-read files, shared and droppable, which
+    differ between code paths that run different library functions."""
+
+    def __enter__(self):
+        self.peak_mb, self._stop = _status_mb("RssAnon"), threading.Event()
+
+        def poll():
+            while not self._stop.wait(0.005):
+                self.peak_mb = max(self.peak_mb, _status_mb("RssAnon"))
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, _status_mb("RssAnon"))
+
+
+def _reset_peak() -> float:
+    """Free what Python and malloc hold, reset the kernel's peak-RSS counter to the current RSS; the RSS, MiB."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
 
 
 def _torch_dtype(name: str):
@@ -60,29 +120,64 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def _train(args, pipe, work: Path, reference: bool) -> dict:
+def _train(args, pipe, work: Path, stage: str) -> dict:
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_train
 
     folder = work / "img"
     folder.mkdir()
     captions = bench_train.make_images(folder, 2 * args.batch, args.resolution)
-    ns = argparse.Namespace(device="cpu", dtype=args.dtype, rank=RANK, batch=args.batch, warmup=args.warmup,
+    ns = argparse.Namespace(device="cpu", dtype=args.dtype, rank=args.rank, batch=args.batch, warmup=args.warmup,
                             steps=args.steps, resolution=args.resolution, compile=False)
     t0 = time.perf_counter()
-    res = (bench_train.reference(ns, pipe, folder, captions) if reference
-           else bench_train.lorakit_run(ns, pipe, folder, work / "out"))
+    if stage == "train_ref":
+        res = bench_train.reference(ns, pipe, folder, captions)
+    elif stage == "train_edlora":
+        res = _train_edlora(args, pipe, folder, work / "out")
+    else:
+        extra = {"train": (), "train_gc": ("gradient_checkpointing=true",),
+                 "train_locon": ("network.type=locon", f"network.conv_rank={args.rank}",
+                                 f"network.conv_alpha={args.rank}")}[stage]
+        import lorakit.models
+
+        # As `lorakit train` runs: the trainer loads (here: is handed) the base itself, so it owns it.
+        lorakit.models.load_base = lambda *a, **k: pipe
+        res = bench_train.lorakit_run(ns, None, folder, work / "out", extra)
     return {"step_s": res["step_s"], "total_s": time.perf_counter() - t0}
 
 
-def _adapters(pipe, work: Path, n: int) -> list[str]:
+def _train_edlora(args, pipe, folder: Path, out: Path) -> dict:
+    """ED-LoRA (two new tokens, LoRA on the text encoder and the UNet's attention), same images and steps."""
+    import contextlib
+    import statistics
+
+    from lorakit.config import load_config
+    from lorakit.training.edlora import EDLoRAConfig, train
+
+    for cap in folder.glob("*.txt"):
+        cap.write_text("a photo of <TOK>")
+    cfg = load_config(EDLoRAConfig, None, [
+        "base_model=bench", f"data.path={folder}", f"output_dir={out}", f"data.resolution={args.resolution}",
+        f"train_batch_size={args.batch}", f"max_steps={args.warmup + args.steps}", f"network.rank={args.rank}",
+        f"network.alpha={args.rank}", f"network.text_encoder_rank={args.rank}", f"mixed_precision={args.dtype}",
+        "concept.tokens=<cat1> <cat2>", "concept.init_word=cat", "concept.placeholder=<TOK>", "logging=none",
+        "checkpointing_steps=0", "checkpoint_at_end=false", "sample_every=0",
+    ])
+    with contextlib.redirect_stdout(sys.stderr):
+        res = train(cfg, pipe=pipe)
+    return {"step_s": statistics.median(res.step_seconds[args.warmup:])}
+
+
+def _adapters(pipe, work: Path, n: int, rank: int, network: str = "lora") -> list[str]:
     from lorakit.adapters.io import save_adapter
     from lorakit.testing import random_adapter
 
     files = []
     for i in range(n):
-        files.append(str(work / f"lora{i}.safetensors"))
-        save_adapter(random_adapter(pipe, rank=RANK, alpha=RANK, seed=i, std=0.01), files[-1])
+        files.append(str(work / f"{network}{rank}_{i}.safetensors"))
+        if not Path(files[-1]).exists():
+            save_adapter(random_adapter(pipe, network=network, rank=rank, alpha=rank, conv_rank=rank,
+                                        conv_alpha=rank, seed=i, std=0.01), files[-1])
     return files
 
 
@@ -99,19 +194,27 @@ def _patched_cli(pipe, argv: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def _sample_steps(args) -> tuple[int, int, int]:
+    """Steps of the warm-up image, the short and the long timed image."""
+    short = args.sample_steps
+    return args.warmup_steps or short, short, args.sample_steps_long or 2 * short
+
+
 def _sample(args, pipe, work: Path, method: str) -> dict:
-    """One image at S and at 2S steps: total seconds of the 2S run, and the marginal seconds per step
-    ``(t(2S) - t(S)) / S`` (without the fixed cost: adapter loading, prompt encoding, VAE decode, PNG + sidecar)."""
-    files = _adapters(pipe, work, args.n_loras)
-    times = []
-    for steps in (args.sample_steps, args.sample_steps, 2 * args.sample_steps):  # the first warms up (lazy imports)
+    """One warm-up image, then one at S and one at L steps: total seconds of the L run, and the marginal seconds
+    per step ``(t(L) - t(S)) / (L - S)`` (without the fixed cost: adapter loading, prompt encoding, VAE decode,
+    PNG + sidecar)."""
+    files = _adapters(pipe, work, args.n_loras, args.rank)
+    kinds = ["--kinds", *(("character", "style", "clothing", "object")[i % 4] for i in range(len(files)))] \
+        if method == "cmlora" else []
+    steps, times = _sample_steps(args), []
+    for i, n in enumerate(steps):  # the first warms up (lazy imports, first-call allocations)
         times.append(_patched_cli(pipe, ["sample", "--base", "bench", "--adapters", *files, "--method", method,
-                                         "--prompt", "a photo of a cat", "--steps", str(steps), "--size",
-                                         str(args.resolution), "--dtype", args.dtype, "--out", str(work / f"s{steps}"),
+                                         *kinds, "--prompt", "a photo of a cat", "--steps", str(n), "--size",
+                                         str(args.resolution), "--dtype", args.dtype, "--out", str(work / f"s{i}"),
                                          "--no-memory-check"]))
         pipe.unload_lora_weights()
-    return {"total_s": times[2], "step_s": (times[2] - times[1]) / args.sample_steps, "steps": 2 * args.sample_steps,
-            "n_loras": args.n_loras}
+    return {"total_s": times[2], "step_s": (times[2] - times[1]) / (steps[2] - steps[1]), "steps": steps[2]}
 
 
 def _sample_ref(args, pipe, work: Path) -> dict:
@@ -122,39 +225,74 @@ def _sample_ref(args, pipe, work: Path) -> dict:
     from lorakit.models import pipeline_arch
 
     # The modules random_adapter (lorakit's runs) adapts: "all" blocks, LoRA.
-    targets = list(module_ranks(lora_able_modules(pipe.unet), resolve_block_spec("all", pipeline_arch(pipe), RANK),
-                                "lora", RANK, RANK))
+    targets = list(module_ranks(lora_able_modules(pipe.unet), resolve_block_spec("all", pipeline_arch(pipe), args.rank),
+                                "lora", args.rank, args.rank))
     names = []
     for i in range(args.n_loras):
         torch.manual_seed(i)
-        pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets, init_lora_weights=False),
-                              adapter_name=f"a{i}")
+        pipe.unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=targets,
+                                         init_lora_weights=False), adapter_name=f"a{i}")
         names.append(f"a{i}")
     pipe.unet.set_adapters(names, [1.0] * len(names))
     pipe.to(dtype=_torch_dtype(args.dtype))
-    times = []
-    for steps in (args.sample_steps, args.sample_steps, 2 * args.sample_steps):  # as _sample: warm-up, S, 2S
+    steps, times = _sample_steps(args), []
+    for n in steps:  # as _sample: warm-up, S, L
         gen = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         with torch.no_grad():
-            pipe("a photo of a cat", num_inference_steps=steps, height=args.resolution, width=args.resolution,
+            pipe("a photo of a cat", num_inference_steps=n, height=args.resolution, width=args.resolution,
                  guidance_scale=7.5, generator=gen, output_type="np")
         times.append(time.perf_counter() - t0)
-    return {"total_s": times[2], "step_s": (times[2] - times[1]) / args.sample_steps, "steps": 2 * args.sample_steps,
-            "n_loras": args.n_loras}
+    return {"total_s": times[2], "step_s": (times[2] - times[1]) / (steps[2] - steps[1]), "steps": steps[2]}
+
+
+def _cli_dtype(args) -> str:
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
 
 
 def _fuse(args, pipe, work: Path) -> dict:
-    files = _adapters(pipe, work, args.n_loras)
+    files = _adapters(pipe, work, args.n_loras, args.rank, args.network)
     out = work / "fused.safetensors"
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
     total = _patched_cli(pipe, ["fuse", "--method", "gradient", "--base", "bench", "--adapters", *files, "--out",
-                                str(out), "--out-format", "adapter", "--steps", str(args.sample_steps), "--resolution",
-                                str(args.resolution), "--dtype", dtype, "--quiet", "--no-memory-check"])
+                                str(out), "--out-format", "adapter", "--steps", str(args.fuse_steps), "--resolution",
+                                str(args.resolution), "--dtype", _cli_dtype(args), "--quiet", "--no-memory-check"])
     report = json.loads(out.with_name(out.stem + ".fusion.json").read_text())
     summary = report.get("summary", {})
-    return {"total_s": total, "n_loras": args.n_loras, "layers": summary.get("layers"),
-            "fallback_layers": len(summary.get("fallback_layers") or [])}
+    fallback = summary.get("fallback_layers") or []
+    return {"total_s": total, "layers": summary.get("layers"), "fallback_layers": len(fallback),
+            "fallback_examples": fallback[:3], "capture_s": summary.get("capture_s"), "solve_s": summary.get("solve_s")}
+
+
+def _ziplora(args, pipe, work: Path) -> dict:
+    """ZipLoRA of one pair: generated references (``--ref-num`` images of ``--ref-steps`` steps per LoRA), then
+    the coefficient optimisation; run at ``--zip-steps`` S and 2S optimisation steps, marginal seconds per step."""
+    files = _adapters(pipe, work, 2, args.rank)
+    times = []
+    for i, steps in enumerate((args.zip_steps, 2 * args.zip_steps)):
+        times.append(_patched_cli(pipe, [
+            "fuse", "--method", "ziplora", "--base", "bench", "--adapters", *files, "--out", str(work / f"zip{i}.safetensors"),
+            "--steps", str(steps), "--ref-num", str(args.ref_num), "--ref-steps", str(args.ref_steps), "--ref-size",
+            str(args.resolution), "--dtype", _cli_dtype(args), "--quiet", "--no-memory-check"]))
+        pipe.unload_lora_weights()
+    step_s = (times[1] - times[0]) / args.zip_steps
+    return {"total_s": times[1], "step_s": step_s, "steps": 2 * args.zip_steps, "ref_num": args.ref_num,
+            "ref_steps": args.ref_steps, "fixed_s": times[0] - args.zip_steps * step_s}
+
+
+def _lorarar(args, pipe, work: Path) -> dict:
+    """LoRA.rar of one pair: one forward pass of a hypernetwork (random weights: the cost is a trained one's)
+    over the pair's columns. Needs no base: its own memory is ``peak - rss_before``."""
+    from lorakit.adapters.io import load_adapter
+    from lorakit.fusion.lorarar import MergerHypernet, hypernet_widths, save_hypernet
+    from lorakit.fusion.ziplora import plan_merge
+
+    files = _adapters(pipe, work, 2, args.rank)
+    net = MergerHypernet(hypernet_widths([plan_merge(load_adapter(files[0]), load_adapter(files[1]))]))
+    save_hypernet(net, work / "hypernet.safetensors")
+    rss_before = _reset_peak()  # the pair and the hypernetwork were made here; what is measured is the command
+    total = _patched_cli(pipe, ["fuse", "--method", "lorarar", "--hypernet", str(work / "hypernet.safetensors"),
+                                "--adapters", *files, "--out", str(work / "rar.safetensors"), "--quiet"])
+    return {"total_s": total, "rss_before_fuse_mb": round(rss_before, 1)}
 
 
 def _estimate_mb(args, stage: str) -> float | None:
@@ -162,15 +300,31 @@ def _estimate_mb(args, stage: str) -> float | None:
 
     arch, size, _, _ = SIZES[args.size]
     base = f"random:{arch}:{size}"
-    kind = {"train_ref": "train", "train": "train", "fuse": "fuse-gradient"}.get(stage, "sample")
-    est = estimate(kind, base, resolution=args.resolution, batch=args.batch if kind == "train" else 1, rank=RANK,
-                   n_loras=args.n_loras, dtype=_torch_dtype(args.dtype), method=stage if stage == "composite" else "merge",
-                   cfg=kind != "fuse-gradient")
+    kind = {"train_edlora": "edlora", "fuse": "fuse-gradient", "ziplora": "ziplora", "lorarar": "ziplora"}.get(
+        stage, "train" if stage in TRAIN else "sample")
+    est = estimate(kind, base, resolution=args.resolution, batch=args.batch if kind != "sample" else 1,
+                   rank=args.rank, n_loras=args.n_loras if stage in N_STAGES else 2, dtype=_torch_dtype(args.dtype),
+                   method=_SAMPLE_METHOD.get(stage, "merge"), cfg=kind != "fuse-gradient",
+                   gradient_checkpointing=stage == "train_gc",
+                   conv=stage == "train_locon" or (stage == "fuse" and args.network == "locon"))
     return round(est.total / 2**20, 1) if est else None
 
 
-def run_one(args) -> dict:
-    """One (size, stage) in this process; returns its JSON row."""
+def run_point(args, pipe, work: Path) -> dict:
+    """One stage at one (resolution, rank, N) on the built base; its result fields."""
+    stage = args.one
+    if stage in TRAIN:
+        return _train(args, pipe, work, stage)
+    if stage == "sample_ref":
+        return _sample_ref(args, pipe, work)
+    if stage in _SAMPLE_METHOD:
+        return _sample(args, pipe, work, _SAMPLE_METHOD[stage])
+    return {"fuse": _fuse, "ziplora": _ziplora, "lorarar": _lorarar}[stage](args, pipe, work)
+
+
+def run_points(args, points: list[dict], emit) -> None:
+    """Build the base once, then run each point (a dict of stage / resolution / rank / n_loras) in order; the
+    peak RSS of each is the process's peak since a reset just before it (the first: since the start)."""
     import torch
 
     from lorakit.models import sized_pipeline
@@ -179,67 +333,185 @@ def run_one(args) -> dict:
     arch, size, _, _ = SIZES[args.size]
     t0 = time.perf_counter()
     pipe = sized_pipeline(arch, size, seed=0, dtype=_torch_dtype(args.dtype))
-    build_s, rss_built = time.perf_counter() - t0, _rss_mb()
+    build_s, rss_built = time.perf_counter() - t0, _status_mb("VmRSS")
     params = sum(p.numel() for p in pipe.unet.parameters())
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        if args.one in ("train_ref", "train"):
-            res = _train(args, pipe, work, reference=args.one == "train_ref")
-        elif args.one == "sample_ref":
-            res = _sample_ref(args, pipe, work)
-        elif args.one in ("sample", "composite"):
-            res = _sample(args, pipe, work, "merge" if args.one == "sample" else "composite")
-        else:
-            res = _fuse(args, pipe, work)
-    peak = _rss_mb()
-    del pipe
-    row = {"run": args.one, "size": args.size, "arch": arch, "resolution": args.resolution, "dtype": args.dtype,
-           "batch": args.batch, "rank": RANK, "unet_params_m": round(params / 1e6, 1), "threads": args.threads,
-           "build_s": round(build_s, 2), **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()},
-           "rss_after_build_mb": round(rss_built, 1), "peak_rss_mb": round(peak, 1)}
-    row["estimate_mb"] = _estimate_mb(args, args.one)
-    return row
+        for i, point in enumerate(points):
+            for key, value in point.items():
+                setattr(args, key, value)
+            rss_before = _reset_peak() if i else rss_built  # the first point's peak includes the build, as before
+            work = Path(tmp) / f"p{i}"
+            work.mkdir()
+            load = os.getloadavg()[0]
+            with PeakAnon() as anon:
+                res = run_point(args, pipe, work)
+            peak = _status_mb("VmHWM")
+            load = round((load + os.getloadavg()[0]) / 2, 1)  # the machine's 1-min load average (2 cores here)
+            row = {"run": args.one, "size": args.size, "arch": arch, "resolution": args.resolution,
+                   "dtype": args.dtype, "batch": args.batch, "rank": args.rank,
+                   "n_loras": args.n_loras if args.one in N_STAGES else (2 if args.one in ("ziplora", "lorarar") else None),
+                   "network": args.network if args.one == "fuse" else None,
+                   "unet_params_m": round(params / 1e6, 1), "threads": args.threads, "build_s": round(build_s, 2),
+                   "shared_process": len(points) > 1, "point": i,
+                   **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()},
+                   "rss_after_build_mb": round(rss_built, 1), "rss_before_mb": round(rss_before, 1),
+                   "peak_rss_mb": round(peak, 1), "peak_anon_mb": round(anon.peak_mb, 1),
+                   "file_rss_mb": round(_status_mb("RssFile"), 1), "load_avg": load}
+            row = {k: v for k, v in row.items() if v is not None}
+            row["estimate_mb"] = _estimate_mb(args, args.one) if args.estimate else None
+            emit(row)
+
+
+def _default_point(row: dict) -> bool:
+    """The row was run at its size's default resolution, rank 4 and (for N-dependent stages) N = 2."""
+    return (row.get("resolution", SIZES[row["size"]][2]) == SIZES[row["size"]][2] and row.get("rank", RANK) == RANK
+            and row.get("n_loras", 2) in (2, None) and row.get("network", "lora") == "lora")
+
+
+def _time(row: dict) -> float:
+    return row["step_s"] if "step_s" in row else row["total_s"]
 
 
 def derived_rows(rows: list[dict]) -> list[dict]:
-    """``ratio`` rows (lorakit / reference at each size) and ``growth`` rows (each size / tiny, per stage)."""
+    """``ratio`` rows (lorakit / reference at each size), ``growth`` rows (each size / tiny, per stage), ``curve``
+    rows (time and peak RSS against N, resolution and rank, each / its smallest value) and ``spread`` rows (the
+    repeats of one point: mean, min, max)."""
+    import statistics
+
+    ok = [r for r in rows if "error" not in r]
     out = []
-    by = {(r["size"], r["run"]): r for r in rows if "error" not in r}
-    for size in {r["size"] for r in rows}:
-        for lk, ref, key in (("train", "train_ref", "step_s"), ("sample", "sample_ref", "step_s")):
+    by = {(r["size"], r["run"]): r for r in ok if _default_point(r)}
+    for size in sorted({r["size"] for r in ok}):
+        for lk, ref in (("train", "train_ref"), ("sample", "sample_ref")):
             a, b = by.get((size, lk)), by.get((size, ref))
             if a and b:
-                out.append({"run": "ratio", "size": size, "stage": lk, "time_ratio": round(a[key] / b[key], 3),
+                row = {"run": "ratio", "size": size, "stage": lk, "time_ratio": round(a["step_s"] / b["step_s"], 3),
+                       "peak_rss_ratio": round(a["peak_rss_mb"] / b["peak_rss_mb"], 3)}
+                if "peak_anon_mb" in a and "peak_anon_mb" in b:
+                    row["peak_anon_ratio"] = round(a["peak_anon_mb"] / b["peak_anon_mb"], 3)
+                out.append(row)
+        for stage in STAGES:  # each variant of the trainer and each sampling method vs the plain one
+            base = {**{s: "train" for s in TRAIN}, **{s: "sample" for s in SAMPLE}}.get(stage)
+            a, b = by.get((size, stage)), by.get((size, base))
+            if a and b and stage not in (base, "train_ref", "sample_ref"):
+                out.append({"run": "ratio", "size": size, "stage": stage, "vs": base,
+                            "time_ratio": round(_time(a) / _time(b), 3),
                             "peak_rss_ratio": round(a["peak_rss_mb"] / b["peak_rss_mb"], 3)})
     for (size, stage), r in sorted(by.items()):
         base = by.get(("tiny", stage))
         if base and size != "tiny":
-            key = "step_s" if "step_s" in r else "total_s"
             out.append({"run": "growth", "size": size, "stage": stage,
                         "params_x": round(r["unet_params_m"] / base["unet_params_m"], 1),
-                        "time_x": round(r[key] / base[key], 1),
+                        "time_x": round(_time(r) / _time(base), 1),
                         "peak_rss_x": round(r["peak_rss_mb"] / base["peak_rss_mb"], 2)})
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        key = (r["size"], r["run"], r.get("resolution"), r.get("rank"), r.get("n_loras"), r.get("network"))
+        groups.setdefault(key, []).append(r)
+    for (size, stage, res, rank, n, net), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        if len(rs) > 1:
+            peaks, times = [r["peak_rss_mb"] for r in rs], [_time(r) for r in rs]
+            anon = [r["peak_anon_mb"] for r in rs if "peak_anon_mb" in r]
+            out.append({"run": "spread", "size": size, "stage": stage, "resolution": res, "rank": rank, "n": len(rs),
+                        "peak_rss_mb_mean": round(statistics.mean(peaks), 1), "peak_rss_mb_min": min(peaks),
+                        "peak_rss_mb_max": max(peaks), "time_s_mean": round(statistics.mean(times), 3),
+                        "time_s_min": min(times), "time_s_max": max(times),
+                        **({"peak_anon_mb_mean": round(statistics.mean(anon), 1), "peak_anon_mb_min": min(anon),
+                            "peak_anon_mb_max": max(anon)} if anon else {})})
+    # Curves: sampling by the whole image (its per-step marginal is a difference of two noisy totals), the
+    # others by step (training) or in total (fusion).
+    mean = {k: (statistics.mean(r["total_s"] if r["run"] in SAMPLE else _time(r) for r in rs),
+                statistics.mean(r["peak_rss_mb"] for r in rs)) for k, rs in groups.items()}
+    for axis, pos in (("n_loras", 4), ("resolution", 2), ("rank", 3)):
+        series: dict[tuple, list[tuple]] = {}
+        for key, (t, peak) in mean.items():
+            size, stage = key[0], key[1]
+            others = [key[i] for i in (2, 3, 4) if i != pos]
+            defaults = [v for i, v in ((2, SIZES[size][2]), (3, RANK), (4, 2)) if i != pos]
+            if key[pos] is None or any(o not in (d, None) for o, d in zip(others, defaults)) or key[5] not in (None, "lora"):
+                continue
+            series.setdefault((size, stage), []).append((key[pos], t, peak))
+        for (size, stage), pts in sorted(series.items()):
+            if len(pts) < 2:
+                continue
+            pts.sort()
+            x0, t0, p0 = pts[0]
+            for x, t, peak in pts:
+                out.append({"run": "curve", "size": size, "stage": stage, "axis": axis, "x": x, "time_s": round(t, 3),
+                            "peak_rss_mb": round(peak, 1), "time_x": round(t / t0, 2), "peak_rss_x": round(peak / p0, 3)})
     return out
+
+
+def plot(rows: list[dict], png: Path) -> Path:
+    """One PNG: time (top) and peak RSS (bottom) against N, resolution and rank (the ``curve`` rows)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise SystemExit("--plot needs matplotlib: pip install 'lorakit[bench]'") from err
+    curves = [r for r in rows if r.get("run") == "curve"]
+    axes_names = [a for a in ("n_loras", "resolution", "rank") if any(r["axis"] == a for r in curves)]
+    fig, axs = plt.subplots(2, len(axes_names), figsize=(3.2 * len(axes_names), 5.2), squeeze=False)
+    labels = {"n_loras": "LoRAs N", "resolution": "pixels", "rank": "rank"}
+    for j, axis in enumerate(axes_names):
+        for stage in dict.fromkeys(r["stage"] for r in curves if r["axis"] == axis):
+            pts = [r for r in curves if r["axis"] == axis and r["stage"] == stage]
+            xs = [r["x"] for r in pts]
+            label = {"sample": "merge", "train": "train (lorakit)"}.get(stage, stage)
+            axs[0][j].plot(xs, [r["time_s"] for r in pts], marker="o", label=label)
+            axs[1][j].plot(xs, [r["peak_rss_mb"] / 1024 for r in pts], marker="o", label=label)
+        for i in (0, 1):
+            axs[i][j].set_xscale("log", base=2)
+            axs[i][j].set_xticks(sorted({r["x"] for r in curves if r["axis"] == axis}))
+            axs[i][j].get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            axs[i][j].grid(alpha=0.3)
+        axs[1][j].set_xlabel(labels[axis])
+        axs[0][j].legend(fontsize=7)
+    axs[0][0].set_ylabel("seconds (sampling: per image)")
+    axs[1][0].set_ylabel("peak RSS (GiB)")
+    fig.suptitle("SD 1.5 size, CPU, bf16, one thread", fontsize=9)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=80)
+    return png
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["tiny", "mid", "sd15"])
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=["train_ref", "train", "sample_ref", "sample",
+                                                                   "composite", "fuse"])
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: fp32 tiny/mid, bf16 sd15/sdxl")
-    p.add_argument("--resolution", type=int, help="pixels (default: 32 tiny/mid, 128 sd15/sdxl: 16x16 latents)")
+    p.add_argument("--resolutions", nargs="+", type=int, help="pixels (default: 32 tiny/mid, 128 sd15/sdxl: 16x16 latents)")
+    p.add_argument("--ranks", nargs="+", type=int, default=[RANK], help="LoRA ranks (every LoRA of a point)")
+    p.add_argument("--n-loras", nargs="+", type=int, default=[2], help="LoRAs of the sampling and gradient-fusion stages")
+    p.add_argument("--repeat", type=int, default=1, help="run every point this many times (in its own process)")
+    p.add_argument("--shared", action="store_true", help="run the points of the stages that leave the base unchanged "
+                   f"({', '.join(SHAREABLE)}) in one process per size (one build), peak RSS reset before each")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=2, help="timed training steps (median)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--sample-steps", type=int, default=2, help="sampling steps per image (and gradient capture)")
-    p.add_argument("--n-loras", type=int, default=2)
+    p.add_argument("--sample-steps", type=int, default=2, help="sampling: steps of the short timed image (S)")
+    p.add_argument("--sample-steps-long", type=int, help="sampling: steps of the long timed image (default 2S)")
+    p.add_argument("--warmup-steps", type=int, help="sampling: steps of the warm-up image (default S)")
+    p.add_argument("--fuse-steps", type=int, default=2, help="gradient fusion: sampling steps recorded per prompt")
+    p.add_argument("--network", choices=["lora", "locon"], default="lora",
+                   help="gradient fusion's random adapters: lora (linear + 1x1 convs) or locon (every conv too)")
+    p.add_argument("--zip-steps", type=int, default=2, help="ziplora: optimisation steps of the short run (S; then 2S)")
+    p.add_argument("--ref-num", type=int, default=1, help="ziplora: reference images per LoRA")
+    p.add_argument("--ref-steps", type=int, default=2, help="ziplora: sampling steps per reference image")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--timeout", type=int, default=1800, help="seconds per (size, stage) process")
+    p.add_argument("--no-estimate", dest="estimate", action="store_false", help="skip lorakit.memory's estimate")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per point")
     p.add_argument("--out", help="append JSON lines here too (e.g. runs/scale.jsonl)")
-    p.add_argument("--derive", metavar="JSONL", help="only print the ratio / growth rows of the runs in this file "
-                                                      "(the last row of each size and stage)")
-    p.add_argument("--one", choices=STAGES, help=argparse.SUPPRESS)  # internal: run one stage in this process
+    p.add_argument("--derive", metavar="JSONL", help="only print the ratio / growth / curve / spread rows of the "
+                                                      "runs in this file")
+    p.add_argument("--plot", metavar="PNG", help="with --derive: draw the curve rows into this PNG (needs matplotlib)")
+    p.add_argument("--one", choices=STAGES, help=argparse.SUPPRESS)  # internal: run points in this process
     p.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
+    p.add_argument("--points", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -251,49 +523,94 @@ def _emit(row: dict, out: Path | None) -> None:
             f.write(line + "\n")
 
 
+def plan(args) -> list[tuple[str, list[dict]]]:
+    """``[(size, [point, ...]), ...]``: one entry per process."""
+    procs = []
+    for size in args.sizes:
+        shared = []
+        for n in args.n_loras:  # the first N of --n-loras first, every stage at it, then the next N
+            for stage in args.stages:
+                if stage not in N_STAGES and n != args.n_loras[0]:
+                    continue
+                for res in args.resolutions or [SIZES[size][2]]:
+                    for rank in args.ranks:
+                        for _ in range(args.repeat):
+                            point = {"one": stage, "resolution": res, "rank": rank,
+                                     "n_loras": n if stage in N_STAGES else 2}
+                            if args.shared and stage in SHAREABLE and args.repeat == 1:
+                                shared.append(point)
+                            else:
+                                procs.append((size, [point]))
+        if shared:
+            procs.append((size, shared))
+    return procs
+
+
+def _run_process(args, size: str, points: list[dict], env: dict, out: Path | None) -> list[dict]:
+    cmd = [sys.executable, __file__, "--size", size, "--points", json.dumps(points), "--one", points[0]["one"],
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--sample-steps",
+           str(args.sample_steps), "--fuse-steps", str(args.fuse_steps), "--network", args.network, "--zip-steps",
+           str(args.zip_steps), "--ref-num", str(args.ref_num), "--ref-steps", str(args.ref_steps),
+           "--threads", str(args.threads)]
+    for flag, value in (("--dtype", args.dtype), ("--sample-steps-long", args.sample_steps_long),
+                        ("--warmup-steps", args.warmup_steps)):
+        cmd += [flag, str(value)] if value else []
+    cmd += [] if args.estimate else ["--no-estimate"]
+    rows, t0 = [], time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        timer = threading.Timer(args.timeout * len(points), proc.kill)
+        timer.start()
+        for line in proc.stdout:
+            if line.startswith("ROW "):
+                row = {**json.loads(line[4:]), "wall_s": round(time.perf_counter() - t0, 1)}
+                rows.append(row)
+                _emit(row, out)
+        proc.wait()
+        timer.cancel()
+        err.seek(0)
+        tail = (err.read().strip().splitlines() or ["no output"])[-1][:300]
+    for point in points[len(rows):]:
+        row = {"run": point["one"], "size": size, "resolution": point["resolution"], "rank": point["rank"],
+               "n_loras": point["n_loras"], "error": tail if proc.returncode != -9 else "timeout"}
+        rows.append(row)
+        _emit(row, out)
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.one:
+    if args.points:
         _, _, px, dt = SIZES[args.size]
-        args.resolution, args.dtype = args.resolution or px, args.dtype or dt
-        with open(os.devnull, "w") as devnull:  # stdout carries the one JSON row only
-            real, sys.stdout = sys.stdout, devnull
+        args.dtype = args.dtype or dt
+        real = sys.stdout
+
+        def emit(row):
+            print("ROW " + json.dumps(row), file=real, flush=True)
+
+        with open(os.devnull, "w") as devnull:  # stdout carries the JSON rows only
+            sys.stdout = devnull
             try:
-                row = run_one(args)
+                run_points(args, json.loads(args.points), emit)
             finally:
                 sys.stdout = real
-        print("ROW " + json.dumps(row), flush=True)
         return 0
     out = Path(args.out) if args.out else None
     if args.derive:
         runs = [json.loads(ln) for ln in Path(args.derive).read_text().splitlines() if ln.strip()]
-        last = {(r["size"], r["run"]): r for r in runs if r.get("run") in STAGES}
-        for row in derived_rows(list(last.values())):
+        derived = derived_rows([r for r in runs if r.get("run") in STAGES])
+        for row in derived:
             _emit(row, out)
+        if args.plot:
+            print(f"wrote {plot(derived, Path(args.plot))}", file=sys.stderr)
         return 0
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "LORAKIT_NO_MEMORY_CHECK": "1"}
     rows = []
-    for size in args.sizes:
-        for stage in args.stages:
-            cmd = [sys.executable, __file__, "--one", stage, "--size", size, "--batch", str(args.batch), "--steps",
-                   str(args.steps), "--warmup", str(args.warmup), "--sample-steps", str(args.sample_steps),
-                   "--n-loras", str(args.n_loras), "--threads", str(args.threads)]
-            cmd += ["--dtype", args.dtype] if args.dtype else []
-            cmd += ["--resolution", str(args.resolution)] if args.resolution else []
-            t0 = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-                row = json.loads(lines[-1][4:]) if lines else {
-                    "run": stage, "size": size, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-            except subprocess.TimeoutExpired:
-                row = {"run": stage, "size": size, "error": f"timeout after {args.timeout} s"}
-            row["wall_s"] = round(time.perf_counter() - t0, 1)
-            rows.append(row)
-            _emit(row, out)
+    for size, points in plan(args):
+        rows += _run_process(args, size, points, env, out)
     for row in derived_rows(rows):
         _emit(row, out)
     return 0

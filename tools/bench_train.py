@@ -134,7 +134,8 @@ def reference(args, pipe, folder: Path, captions: list[str]) -> dict:
     return {"step_s": statistics.median(times[args.warmup :]), "peak_mem_mb": mem.peak_mb}
 
 
-def lorakit_run(args, pipe, folder: Path, out: Path) -> dict:
+def lorakit_run(args, pipe, folder: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
+    """``extra``: more config overrides (e.g. ``gradient_checkpointing=true``, ``network.type=locon``)."""
     from lorakit.config import load_config
     from lorakit.training.blockwise import BlockwiseConfig, train
 
@@ -144,7 +145,7 @@ def lorakit_run(args, pipe, folder: Path, out: Path) -> dict:
         f"train_batch_size={args.batch}", f"max_steps={args.warmup + args.steps}", f"network.rank={args.rank}",
         f"network.alpha={args.rank}", "network.blocks=all", "network.type=lora", f"mixed_precision={mp}",
         "data.cache_latents=true", "logging=none", "checkpointing_steps=0", "checkpoint_at_end=false",
-        f"channels_last={str(args.device == 'cuda').lower()}", f"compile={str(args.compile).lower()}",
+        f"channels_last={str(args.device == 'cuda').lower()}", f"compile={str(args.compile).lower()}", *extra,
     ])
     import contextlib
 

@@ -112,7 +112,7 @@ def check(arch: str, folder: Path) -> list[dict]:
         by_consumer = {
             "A1111 (re-implemented)": a1111_placement(names, pipe, arch),
             "ComfyUI (re-implemented)": comfyui_placement(keys, pipe, arch),
-            f"{kohya} (re-implemented)": kohya_placement(names, pipe, arch),
+            f"{kohya} (re-implemented)": kohya_placement(names, pipe, arch, rename_diffusers=kohya == "kohya sd-scripts"),
         }
         ran = diffusers_placement(path, pipe)
         if isinstance(ran, str):

@@ -122,7 +122,7 @@ def check_sample(a, device: str) -> None:
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
         pipe = sized_pipeline("sd1", "full" if a.size == "sd15" else "tiny", dtype=dtype, device=device)
-        files = bench_scale._adapters(pipe, Path(tmp), a.n_loras)
+        files = bench_scale._adapters(pipe, Path(tmp), a.n_loras, rank=bench_scale.RANK)
         kinds = ["character", "clothing", "style", "background", "object"][: a.n_loras]
         for method in ("composite", "cmlora"):
             argv = ["sample", "--base", "bench", "--adapters", *files, "--method", method, "--kinds", *kinds,

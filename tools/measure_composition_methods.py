@@ -176,10 +176,11 @@ def main() -> None:
 
     import torch
 
-    from lorakit.sampling import _quiet_loading, load_adapters, load_pipeline
+    from lorakit.logs import quiet_loaded_libraries
+    from lorakit.sampling import load_adapters, load_pipeline
 
     torch.set_num_threads(1)
-    _quiet_loading()
+    quiet_loaded_libraries()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "images.jsonl"

@@ -33,20 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lorakit.eval.stats import mcnemar_exact, wilson  # noqa: E402
-
-
-def foreground(image, threshold: float = 60.0) -> np.ndarray:
-    """Pixels whose colour is far from the background's (the median colour of the border): ``[H, W]`` bool.
-
-    The base does not always draw the prompted white exactly, so the background is estimated per image."""
-    a = np.asarray(image.convert("RGB"), np.float32)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    return np.abs(a - np.median(border, axis=0)).max(-1) > threshold
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+from lorakit.toyworld.regional_demo import foreground, iou  # noqa: E402
 
 
 def region_views(image, scene, side: int = 16):

@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--follow", action="store_true", help="measure prompt following with each LoRA (see above)")
     p.add_argument("--scale", type=float, default=0.8, help="LoRA scale for --follow (default 0.8)")
+    p.add_argument("--no-plain", action="store_true", help="--follow without the plain_white_background row")
     return p.parse_args(argv)
 
 
@@ -97,8 +98,11 @@ def lora_vs_base(concept: str, base: str, steps: int | None, n: int, work: Path)
             "example_prompt": prompts[0]}
 
 
-def prompt_following(concept: str, base: str, n: int, scale: float, work: Path) -> list[dict]:
-    """Does ``concept``'s LoRA at ``scale`` keep the base's prompt following? (see the module doc)."""
+def prompt_following(concept: str, base: str, n: int, scale: float, work: Path, plain: bool = True,
+                     base_cache: dict | None = None) -> list[dict]:
+    """Does ``concept``'s LoRA at ``scale`` keep the base's prompt following? (see the module doc). ``plain=False``
+    skips the ``plain_white_background`` row; ``base_cache`` keeps the base's generic images between concepts
+    (same prompts and seeds for every concept)."""
     from lorakit.eval.oracle import score
     from lorakit.eval.stats import paired, rate
     from lorakit.models import load_base
@@ -113,15 +117,20 @@ def prompt_following(concept: str, base: str, n: int, scale: float, work: Path) 
     asked = generic_prompts(n, seed=7)
     generic = [p for p, _ in asked]
     with_trigger = concept_prompts(concept, n, seed=123)
-    plain = [f"{c.trigger}, white plain background"] * n
+    plain_prompts = [f"{c.trigger}, white plain background"] * n
     seed = 1000
-    base_img = {"generic": generate(pipe, generic, seed=seed), "trigger": generate(pipe, with_trigger, seed=seed),
-                "plain": generate(pipe, plain, seed=seed),
-                "plain_no_trigger": generate(pipe, ["white plain background"] * n, seed=seed)}
+    cache = base_cache if base_cache is not None else {}
+    for key, prompts in (("generic", generic), ("plain_no_trigger", ["white plain background"] * n)):
+        if (key, n) not in cache and (plain or key == "generic"):
+            cache[(key, n)] = generate(pipe, prompts, seed=seed)
+    base_img = {"generic": cache[("generic", n)], "trigger": generate(pipe, with_trigger, seed=seed)}
+    rows = [("generic", generic), ("trigger", with_trigger)]
+    if plain:
+        base_img.update(plain=generate(pipe, plain_prompts, seed=seed), plain_no_trigger=cache[("plain_no_trigger", n)])
+        rows.append(("plain", plain_prompts))
     pipe.load_lora_weights(str(path), adapter_name=concept)
     pipe.set_adapters([concept], [scale])
-    lora_img = {k: generate(pipe, p, seed=seed) for k, p in (("generic", generic), ("trigger", with_trigger),
-                                                            ("plain", plain))}
+    lora_img = {k: generate(pipe, p, seed=seed) for k, p in rows}
 
     def present(images, name):
         return [bool(v) for v in score(images, [name]).present[:, 0]]
@@ -143,9 +152,11 @@ def prompt_following(concept: str, base: str, n: int, scale: float, work: Path) 
         vb, vl = [ok(pb, i) for i in range(n)], [ok(pl, i) for i in range(n)]
         out.append({**head, "row": f"generic_following_{key}", "base": rate(sum(vb), n), "lora": rate(sum(vl), n),
                     "lora_vs_base": paired(vl, vb)})
+    if not plain:
+        return out
     vb, vl = present(base_img["plain"], "plain"), present(lora_img["plain"], "plain")
     vn = present(base_img["plain_no_trigger"], "plain")
-    out.append({**head, "row": "plain_white_background", "example_prompt": plain[0], "base": rate(sum(vb), n),
+    out.append({**head, "row": "plain_white_background", "example_prompt": plain_prompts[0], "base": rate(sum(vb), n),
                 "lora": rate(sum(vl), n), "base_without_trigger": rate(sum(vn), n), "lora_vs_base": paired(vl, vb),
                 "stripes_lora": rate(sum(present(lora_img["plain"], "stripes")), n),
                 "concept_lora": rate(sum(present(lora_img["plain"], concept)), n)})
@@ -164,8 +175,9 @@ def main(argv=None) -> int:
     concepts = [c for c in concepts if c != "none"]
     work = Path(args.work)
     if args.follow:
+        cache: dict = {}
         for c in concepts:
-            for rec in prompt_following(c, args.base, args.n, args.scale, work):
+            for rec in prompt_following(c, args.base, args.n, args.scale, work, not args.no_plain, cache):
                 emit(rec)
         return 0
     for c in concepts:

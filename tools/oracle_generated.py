@@ -39,6 +39,8 @@ def parse_args(argv=None):
     s.add_argument("--labels", required=True, help="JSON list of 0/1, one per image in images.json order")
     s.add_argument("--oracle", nargs="+", default=[str(ROOT / "data" / "oracle")])
     s.add_argument("--thresholds", nargs="+", type=float, default=[0.5])
+    s.add_argument("--half", choices=("all", "even", "odd"), default="all",
+                   help="score only the even or odd indices (train_oracle.py --generated trains on the even ones)")
     return p.parse_args(argv)
 
 
@@ -111,9 +113,10 @@ def score_cmd(args) -> int:
             pos = [v >= t for v in p]
             tp = sum(a and b for a, b in zip(pos, truth))
             for source in (None, *dict.fromkeys(r["source"] for r in meta["images"])):
-                idx = [i for i, r in enumerate(meta["images"]) if source is None or r["source"] == source]
+                idx = [i for i, r in enumerate(meta["images"]) if (source is None or r["source"] == source)
+                       and (args.half == "all" or i % 2 == (args.half == "odd"))]
                 tp = sum(pos[i] and truth[i] for i in idx)
-                print(json.dumps({"oracle": folder, "concept": meta["concept"], "threshold": t,
+                print(json.dumps({"oracle": folder, "concept": meta["concept"], "threshold": t, "half": args.half,
                                   "images": source or "all", "n": len(idx),
                                   "person_positive": sum(truth[i] for i in idx),
                                   "oracle_positive": sum(pos[i] for i in idx),

@@ -13,6 +13,12 @@ images; the numbers go to ``<out>/metrics.json``.
 colours, its parts without the telling ones, other concepts in its colours), drawn from seed ``--seed + 20000``;
 their loss counts only the column of the concept they imitate (whether a robot in the frog's greens is a "robot"
 is left open). ``--init`` continues from an oracle folder's weights.
+
+``--generated OUT LABELS`` adds generated images a person labelled (``tools/oracle_generated.py make`` wrote
+``OUT``; ``LABELS`` is the JSON of 0/1 verdicts): only the even-indexed ones, so the odd-indexed half stays a
+held-out check (``tools/oracle_generated.py score --half odd``). Like hard negatives, their loss counts only the
+labelled concept's column, and they are drawn into the hard share of each batch (``--hard-frac``), without the
+VAE round trip (they already are decoded images).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--init", help="oracle folder to start from (config.json + oracle.safetensors)")
     p.add_argument("--hard-negatives", type=int, default=0, help="hard negatives per held-out concept (0: none)")
     p.add_argument("--hard-frac", type=float, default=0.25, help="share of each batch drawn from the hard negatives")
+    p.add_argument("--generated", nargs=2, action="append", default=[], metavar=("OUT", "LABELS"),
+                   help="person-labelled generated images (even indices only; repeatable)")
     return p.parse_args(argv)
 
 
@@ -94,6 +102,27 @@ def render_hard_negatives(k: int, seed: int, concepts: list[str]):
             masks.append(m)
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
     return x, torch.zeros(len(imgs), len(concepts)), torch.from_numpy(np.stack(masks))
+
+
+def load_generated(pairs: list[tuple[str, str]], concepts: list[str]):
+    """Even-indexed person-labelled generated images of each ``(OUT, LABELS)`` -> images ``[N, 3, 32, 32]``,
+    labels ``[N, C]`` (the person's verdict in the labelled concept's column) and a loss mask of that column."""
+    from PIL import Image
+
+    imgs, labels, masks = [], [], []
+    for out, labels_file in pairs:
+        meta = json.loads((Path(out) / "images.json").read_text())
+        verdicts = json.loads(Path(labels_file).read_text())
+        verdicts = verdicts["labels"] if isinstance(verdicts, dict) else verdicts
+        col = concepts.index(meta["concept"])
+        for i, rec in enumerate(meta["images"][::2]):
+            imgs.append(np.asarray(Image.open(Path(out) / rec["file"]).convert("RGB").resize((32, 32))))
+            y, m = np.zeros(len(concepts), np.float32), np.zeros(len(concepts), np.float32)
+            y[col], m[col] = float(verdicts[2 * i]), 1.0
+            labels.append(y)
+            masks.append(m)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
+    return x, torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(masks))
 
 
 def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -184,6 +213,10 @@ def main(argv=None) -> int:
         xh_vae = vae_roundtrip(vae, xh, gen) if vae is not None else xh
         x, x_vae, y, mask = torch.cat([x, xh]), torch.cat([x_vae, xh_vae]), torch.cat([y, yh]), torch.cat([mask, mh])
         log(f"{len(xh)} hard negatives added")
+    if args.generated:
+        xg, yg, mg = load_generated(args.generated, concepts)
+        x, x_vae, y, mask = torch.cat([x, xg]), torch.cat([x_vae, xg]), torch.cat([y, yg]), torch.cat([mask, mg])
+        log(f"{len(xg)} person-labelled generated images added (even indices)")
     net = OracleNet(len(concepts), args.width)
     if args.init:
         from lorakit.fileio import load_safetensors
@@ -216,6 +249,7 @@ def main(argv=None) -> int:
         "train_seconds": round(time.time() - t0, 1), "steps": args.steps, "batch": args.batch,
         "vae_augmentation": vae is not None, "threads": args.threads,
         "init": args.init, "hard_negatives_per_concept": args.hard_negatives, "train_scenes": n_plain,
+        "generated": [list(g) for g in args.generated],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -157,11 +157,23 @@ def comfyui_placement(keys, pipe, arch: str) -> dict[str, str | None]:
     return out
 
 
-def kohya_placement(names: list[str], pipe, arch: str) -> dict[str, str | None]:
+def kohya_placement(names: list[str], pipe, arch: str, rename_diffusers: bool = True) -> dict[str, str | None]:
     """Where kohya sd-scripts' ``create_network_from_weights`` puts each layer: its network names every
     Linear / Conv2d inside Transformer2DModel (+ ResnetBlock2D / Down- / Upsample2D for LoCon) and CLIP attention
     / MLP modules, after its own UNet's module names: diffusers names for SD1/SD2, original (SAI) names for SDXL.
-    A file layer with no such module is left out."""
+    For SDXL it first renames diffusers-named UNet layers to SAI names (``rename_diffusers``; LyCORIS's loader
+    does not). A file layer with no such module is left out."""
+    if arch == "sdxl" and rename_diffusers:
+        from lorakit.adapters.keys import (
+            is_sai_name,
+            kohya_name,
+            module_path_from_kohya,
+        )
+
+        renamed = {n: n if is_sai_name(n) or not n.startswith("lora_unet_")
+                   else kohya_name(module_path_from_kohya(n), arch, "sai") for n in names}
+        placed = kohya_placement(list(renamed.values()), pipe, arch, rename_diffusers=False)
+        return {n: placed[r] for n, r in renamed.items()}
     table = {}
     for p in _weights(pipe.unet):
         if any(w in p for w in (".attentions.", ".resnets.", "samplers.")):

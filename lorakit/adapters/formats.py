@@ -74,8 +74,8 @@ def read_layers(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: 
         of a layer type lorakit does not read (OFT, BOFT, DoRA, ...).
     """
     fmt = guess_format(tensors)
-    for key in tensors:
-        kind = unsupported_kind(key)
+    for key, value in tensors.items():
+        kind = unsupported_kind(key, value.ndim)
         if kind and not key.startswith(EXTRA_PREFIXES):
             raise FormatError(f"{source}: {kind} adapters are not supported (key {key!r}); lorakit reads LoRA, "
                               "LoCon, LoHa and LoKr")
@@ -176,5 +176,13 @@ def _peft_modules(groups: dict, meta: dict, source: Path, fmt: str) -> dict:
         down, up = parts["lora_A"], parts["lora_B"]
         comp, path = key.split(".", 1)
         alpha = float(parts["alpha"]) if "alpha" in parts else _alpha(configs.get(comp), path, down.shape[0])
-        out[key] = LoraModule(down=down, up=up, alpha=alpha)
+        out[_with_text_model(comp, path)] = LoraModule(down=down, up=up, alpha=alpha)
     return out
+
+
+def _with_text_model(comp: str, path: str) -> str:
+    """A text-encoder layer as lorakit names it: diffusers saves under transformers 5 without the
+    ``text_model.`` level (``text_encoder.encoder.layers.0...``), under transformers 4 with it."""
+    if comp.startswith("text_encoder") and not path.startswith(("text_model.", "text_projection")):
+        path = "text_model." + path
+    return f"{comp}.{path}"

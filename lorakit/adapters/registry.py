@@ -29,8 +29,11 @@ def split_layer_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def unsupported_kind(key: str) -> str | None:
-    """The adapter kind a tensor name belongs to when lorakit does not read that kind."""
+def unsupported_kind(key: str, ndim: int | None = None) -> str | None:
+    """The adapter kind a tensor name belongs to when lorakit does not read that kind. LyCORIS stores OFT and
+    BOFT under the same name, ``oft_blocks``: [blocks, size, size] for OFT, [m, blocks, size, size] for BOFT."""
+    if key.endswith(".oft_blocks") and ndim == 4:
+        return "BOFT"
     return next((kind for frag, kind in UNSUPPORTED.items() if frag in key), None)
 
 

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     )
     p.add_argument("input", help="adapter .safetensors file")
     p.add_argument("output", help="output .safetensors file (must not be the input)")
-    p.add_argument("--to", choices=["kohya", "diffusers"], default="kohya", help="output layout (default: kohya)")
+    p.add_argument("--to", choices=["kohya", "diffusers"], default="kohya",
+                   help="output layout (default: kohya, which every tool reads; diffusers: for diffusers / peft only)")
     p.add_argument("--key-style", choices=["auto", "diffusers", "sai"], default="auto",
                    help="kohya UNet names: sai (lora_unet_input_blocks_..., SDXL only), diffusers "
                         "(lora_unet_down_blocks_...), auto = sai for SDXL, diffusers for SD1/SD2")
@@ -75,4 +76,8 @@ def run(args) -> int:
     kinds = sorted({m.kind for m in adapter.modules.values()})
     print(f"lorakit convert: {src} -> {dst} ({args.to}, {len(adapter.modules)} layers, {'/'.join(kinds)}, "
           f"{adapter.metadata['lorakit.base_arch']})")
+    if args.to == "diffusers":
+        print("lorakit convert: note: this layout is for diffusers / peft; ComfyUI skips its attention layers "
+              "(as it does in diffusers' own files) and A1111, kohya sd-scripts and LyCORIS read none of it: give "
+              "those tools the kohya layout (--to kohya, the default). docs/formats.md has the measured table.")
     return 0

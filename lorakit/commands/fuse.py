@@ -1,154 +1,25 @@
 """``lorakit fuse --method METHOD --adapters A B ... --out OUT``: fuse several adapters into one model or adapter.
 
-Adding a method is one entry in ``METHODS``: ``name: Method(module, function, help, ...)`` where
-``module.function(inputs: lorakit.fusion.FuseInputs) -> lorakit.fusion.FuseResult``; method-specific options
-go in its ``args`` (flags shared by several methods are declared once, the first declaration's help wins).
+The methods, their help and their options come from :mod:`lorakit.fusion.registry`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def _ridge(value: str):
-    """``--ridge``: ``auto`` or a number >= 0."""
-    import argparse
-
-    if value == "auto":
-        return value
-    try:
-        out = float(value)
-    except ValueError:
-        out = -1.0
-    if not out >= 0 or out == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected auto or a finite number >= 0, got {value!r}")
-    return out
-
-
-@dataclass(frozen=True)
-class Arg:
-    """An argparse option a method needs: ``Arg(("--steps",), dict(type=int, help=...))``."""
-
-    flags: tuple
-    kwargs: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Method:
-    """One fusion method: where its ``run`` lives, what it computes, what it needs."""
-
-    module: str
-    function: str
-    help: str
-    needs_base: bool = False
-    default_format: str = "adapter"  # what --out-format auto writes
-    args: tuple = ()
-
-
-_GRADIENT_ARGS = (
-    Arg(("--steps",), dict(type=int, default=None, help="gradient: sampling steps recorded per prompt (default 20, "
-                                                         "the reference's)")),
-    Arg(("--resolution",), dict(type=int, default=None, help="gradient: sampling size in pixels (default: the "
-                                                              "pipeline's, 512 SD1 / 1024 SDXL)")),
-    Arg(("--samples",), dict(type=int, default=1, help="gradient: samples (seeds) per sampling prompt (default 1)")),
-    Arg(("--guidance",), dict(type=float, default=1.0, help="gradient: CFG scale while recording (default 1 = no "
-                                                             "CFG, as the reference)")),
-    Arg(("--ridge",), dict(type=_ridge, default="auto", help="gradient: ridge toward --ridge-target, relative to trace(G)/in, or "
-                                                              "auto (default): per layer, the value of a grid with "
-                                                              "the lowest objective on held-out activations")),
-    Arg(("--val-prompts",), dict(nargs="+", metavar="PROMPTS", help="gradient: held-out prompts per adapter ('|'-"
-                                 "separated) for --ridge auto (default: 'a picture of {trigger}' and '{trigger}, "
-                                 "high quality' for trigger prompts, else none: other seeds only)")),
-    Arg(("--val-samples",), dict(type=int, default=1, help="gradient: held-out seeds per sampling prompt (default 1)")),
-    Arg(("--kv-rows",), dict(choices=["all", "concept", "prompt"], default="all",
-                             help="gradient: token rows of the to_k/to_v stage: the padded sequence the UNet reads "
-                                  "(all, default), the concept's tokens + the end token (concept, the reference's), "
-                                  "or every prompt token")),
-    Arg(("--capture-batch",), dict(type=int, default=8, help="gradient: prompts x seeds per forward pass while "
-                                                              "recording (default 8)")),
-    Arg(("--max-conv-dim",), dict(type=int, default=4608, help="gradient: solve a conv on unfolded patches when "
-                                  "in*kh*kw <= this (Gram memory 8*dim^2 bytes); larger convs use the weighted "
-                                  "average and are listed in the report (default 4608; 0 = never solve convs)")),
-    Arg(("--ridge-target",), dict(choices=["base", "average"], default="average",
-                                  help="gradient: the ridge pulls toward the weighted average (average, default: "
-                                       "unseen input directions keep the average) or toward W0 (base)")),
-    Arg(("--unet-inputs",), dict(choices=["fused_text", "own"], default="fused_text",
-                                 help="gradient: sample the UNet stage with the fused text encoder and to_k/to_v "
-                                      "(fused_text, the reference) or with each concept's own ones")),
-    Arg(("--scheduler",), dict(default=None, help="gradient: sampler while recording (ddim, ddpm, euler, euler_a, "
-                                                   "dpmpp_2m, dpmpp_2m_karras; default: the pipeline's)")),
-)
-_MERGE_ARGS = (
-    Arg(("--combine",), dict(choices=["average", "sum"], default=None,
-                             help="weighted/svd: average (divide by N; weighted's default) or sum (svd's default)")),
-    Arg(("--density",), dict(type=float, default=0.5, help="ties/dare: fraction of each delta's entries kept "
-                                                           "(default 0.5)")),
-    Arg(("--majority-sign",), dict(choices=["total", "frequency"], default="total",
-                                   help="ties/dare-ties: sign election by summed magnitude or by count")),
-    Arg(("--dare-variant",), dict(choices=["linear", "ties"], default="linear",
-                                  help="dare: peft dare_linear (weighted sum) or dare_ties (sign election + mean)")),
-)
-
-_PAIR_ARGS = (  # ziplora / lorarar (lorakit.fusion.ziplora, lorakit.fusion.lorarar)
-    Arg(("--hypernet",), dict(help="lorarar: the trained hypernetwork .safetensors (train_lorarar.py)")),
-    Arg(("--layers",), dict(nargs="+", metavar="PATTERN", help="ziplora/lorarar: UNet layers that get per-column "
-                                                                "coefficients, e.g. to_q to_out.0 (default: ziplora "
-                                                                "every shared layer, lorarar the hypernetwork's)")),
-    Arg(("--lr",), dict(type=float, default=0.01, help="ziplora: Adam learning rate of the coefficients (0.01)")),
-    Arg(("--lam",), dict(type=float, default=0.01, help="ziplora: weight of the |cos| term (0.01)")),
-    Arg(("--ref-images",), dict(nargs=2, metavar="DIR", help="ziplora: reference image folders of CONTENT and "
-                                                             "STYLE (default: the files' metadata, else generated)")),
-    Arg(("--ref-num",), dict(type=int, default=4, help="ziplora: reference images per LoRA (4)")),
-    Arg(("--ref-size",), dict(type=int, default=None, help="ziplora: reference image size in pixels (default: base's)")),
-    Arg(("--ref-steps",), dict(type=int, default=20, help="ziplora: sampling steps for generated references (20)")),
-)
-
-# name -> Method. Order = the order --help lists them.
-METHODS: dict[str, Method] = {
-    "gradient": Method(
-        "lorakit.fusion.gradient", "run",
-        "Mix-of-Show gradient fusion, closed form: per layer W* = argmin sum_i ||W X_i - (W0 + w_i dW_i) X_i||^2 "
-        "(+ a ridge toward the weighted average, chosen per layer on held-out activations) from each concept's "
-        "recorded activations; writes a fused pipeline folder "
-        "(or, with --out-format adapter, the delta W* - W0)",
-        needs_base=True, default_format="pipeline", args=_GRADIENT_ARGS,
-    ),
-    "weighted": Method("lorakit.fusion.merge", "run", "W0 + (1/N) sum_i w_i dW_i (average, Mix-of-Show's weight "
-                       "fusion); --combine sum drops the 1/N; exact (rank = sum of ranks)", args=_MERGE_ARGS),
-    "cat": Method("lorakit.fusion.merge", "run", "sum_i w_i dW_i exactly: factors stacked, rank = sum of ranks "
-                  "(peft's cat)", args=_MERGE_ARGS),
-    "svd": Method("lorakit.fusion.merge", "run", "sum_i w_i dW_i (or the average with --combine average) "
-                  "truncated by SVD to --rank (default: the largest input rank)", args=_MERGE_ARGS),
-    "ties": Method("lorakit.fusion.merge", "run", "TIES (peft merge_utils.ties): keep the top --density of each "
-                   "w_i-weighted delta, elect a sign per entry, average the agreeing entries; SVD to --rank",
-                   args=_MERGE_ARGS),
-    "dare": Method("lorakit.fusion.merge", "run", "DARE (peft dare_linear / dare_ties): drop entries at random "
-                   "keeping --density, rescale by 1/density, weighted sum (or TIES merge); SVD to --rank",
-                   args=_MERGE_ARGS),
-    "ziplora": Method("lorakit.fusion.ziplora", "run_fuse", "ZipLoRA: --adapters CONTENT STYLE; per-column "
-                      "coefficients m_c, m_s (init 1) optimised --steps (default 100) on the base so the merge "
-                      "reproduces each LoRA on its reference images; exact rank r_c + r_s LoRA", needs_base=True,
-                      args=_PAIR_ARGS),
-    "lorarar": Method("lorakit.fusion.lorarar", "run_fuse", "LoRA.rar: --adapters CONTENT STYLE merged in one "
-                      "forward pass of a trained --hypernet (train_lorarar.py); exact rank r_c + r_s LoRA",
-                      args=_PAIR_ARGS),
-}
+from lorakit.fusion.registry import METHODS
+from lorakit.options import add_options, from_args, listing
 
 
 def add_parser(sub) -> None:
-    methods_help = "\n".join(f"  {name:<9} {m.help}" for name, m in METHODS.items())
-    import argparse
-
     p = sub.add_parser(
         "fuse",
         help="fuse several LoRA/LoCon/ED-LoRA adapters: gradient fusion (Mix-of-Show) or weight merges",
         description="Fuse several adapters into one model or one adapter file.\n\nmethods (dW_i = adapter i's "
-        "delta, w_i = its --weights value):\n" + methods_help + "\n\nMulti-GPU: accelerate launch -m lorakit.cli "
+        "delta, w_i = its --weights value):\n" + listing(METHODS) + "\n\nMulti-GPU: accelerate launch -m lorakit.cli "
         "fuse ... splits the gradient method's activation capture between processes.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--method", required=True, choices=list(METHODS), help="fusion method (see above)")
     p.add_argument("--adapters", nargs="+", required=True, metavar="FILE", help="adapter .safetensors files")
@@ -177,13 +48,7 @@ def add_parser(sub) -> None:
                    help="dtype the base is loaded and saved in (statistics and solves are float64)")
     p.add_argument("--no-memory-check", action="store_true",
                    help="start even when the memory estimate (lorakit.memory) exceeds the free RAM / VRAM")
-    group = p.add_argument_group("method options")
-    seen = set()
-    for m in METHODS.values():
-        for arg in m.args:
-            if arg.flags[0] not in seen:
-                seen.add(arg.flags[0])
-                group.add_argument(*arg.flags, **arg.kwargs)
+    add_options(p.add_argument_group("method options"), [(name, m.settings) for name, m in METHODS.items()])
     p.set_defaults(func=run)
 
 
@@ -236,7 +101,8 @@ def build_inputs(args):
     return FuseInputs(
         method=args.method, adapters=adapters, paths=paths, names=names,
         weights=list(args.weights) if args.weights else [1.0] * len(paths),
-        prompts=prompts, sample_prompts=samples, rank=args.rank, seed=args.seed, load_pipe=load_pipe, args=args,
+        prompts=prompts, sample_prompts=samples, rank=args.rank, seed=args.seed, load_pipe=load_pipe,
+        settings=from_args(METHODS[args.method].settings, args),
         prompt_sources=sources,
         val_prompts=[heldout_prompts(ad, val_given[i] if val_given else None, args.prompts is not None)
                      for i, ad in enumerate(adapters)],
@@ -354,9 +220,6 @@ def process_state():
     return state
 
 
-_MEMORY_STAGES = {"gradient": "fuse-gradient", "ziplora": "ziplora", "lorarar": "ziplora"}
-
-
 def memory_check(args) -> None:
     """Refuse (InsufficientMemory, exit 2) when the method's estimate exceeds the free memory."""
     import os
@@ -368,29 +231,27 @@ def memory_check(args) -> None:
     if not worth_checking(args.base):
         return
 
-    stage = _MEMORY_STAGES[args.method]
-    size = getattr(args, "resolution", None) if stage == "fuse-gradient" else getattr(args, "ref_size", None)
+    stage = METHODS[args.method].memory_stage
+    opts = from_args(METHODS[args.method].settings, args)
+    size = getattr(opts, "resolution", None) if stage == "fuse-gradient" else getattr(opts, "ref_size", None)
     est = estimate(stage, args.base, resolution=size, n_loras=len(args.adapters), dtype=getattr(torch, args.dtype),
-                   device=default_device(), cfg=(getattr(args, "guidance", 1.0) or 1.0) > 1,
-                   max_conv_dim=getattr(args, "max_conv_dim", 4608) or 0,
+                   device=default_device(), cfg=(getattr(opts, "guidance", 1.0) or 1.0) > 1,
+                   max_conv_dim=getattr(opts, "max_conv_dim", 4608) or 0,
                    adapter_bytes=sum(os.path.getsize(a) for a in args.adapters if os.path.isfile(a)))
     preflight(est, "--no-memory-check")
 
 
 def run(args) -> int:
-    import importlib
-
     t0 = time.perf_counter()
     method = METHODS[args.method]
     if method.needs_base and not args.base:
         raise ValueError(f"--method {args.method} needs --base")
     check_output(args)
-    if args.base and args.method in _MEMORY_STAGES and not args.no_memory_check:
+    if args.base and method.memory_stage and not args.no_memory_check:
         memory_check(args)
     state = process_state()
     inputs = build_inputs(args)
-    fn = getattr(importlib.import_module(method.module), method.function)
-    result = fn(inputs)
+    result = method.load()(inputs)
     report = {
         "written_by": "lorakit",
         "method": args.method,

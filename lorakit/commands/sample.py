@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from lorakit.options import add_options, from_args, listing
+from lorakit.sampling.methods import SAMPLERS, SamplerSettings
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -9,59 +12,35 @@ def add_parser(sub) -> None:
         help="generate images with several LoRAs: merge, LoRA Switch, LoRA Composite, CMLoRA, delta; regional prompts",
         description="Generate images from a base model with several LoRA/LoCon/ED-LoRA adapters. Each image is saved "
         "as PNG with a JSON sidecar (all settings, adapters with SHA-256, seed) so it can be regenerated. Under "
-        "`accelerate launch` the images are split across processes; a seed gives the same image either way.",
+        "`accelerate launch` the images are split across processes; a seed gives the same image either way.\n\n"
+        "methods:\n" + listing(SAMPLERS),
     )
     p.add_argument("--base", required=True, help="base model: diffusers folder, .safetensors checkpoint, hub id, or tiny:sd1")
     p.add_argument("--adapters", nargs="*", default=[], metavar="FILE",
                    help="adapter .safetensors files (first = character for switch); none: plain sampling of --base "
                    "(e.g. a fused model)")
     p.add_argument("--weights", nargs="+", type=float, help="LoRA scale per adapter (default 1.0 each)")
-    p.add_argument("--method", choices=["merge", "switch", "composite", "cmlora", "delta"], default="merge",
-                   help="delta: base + the sum of each adapter's difference from the base (docs/sampling.md)")
+    p.add_argument("--method", choices=list(SAMPLERS), default="merge", help="composition method (see above)")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeat for several prompts)")
     p.add_argument("--negative-prompt", default="", help="negative prompt")
     p.add_argument("--regions", help="regions YAML: global prompt + boxes with their own prompts (replaces --prompt), "
                    "optional spatial conditions (T2I-Adapter / ControlNet); see docs/sampling.md")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps per image")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--size", help="WIDTHxHEIGHT or one number (default: the base's native size)")
-    p.add_argument("--scheduler", help="ddim, ddpm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras (default: the base's)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet batch")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, fp32 else")
     p.add_argument("--kinds", nargs="+", metavar="KIND",
                    help="concept category per adapter (character, clothing, style, background, object): cmlora's "
                    "official order; default: each file's lorakit.category metadata")
-    p.add_argument("--uncond", choices=["adapter", "base"], default="adapter",
-                   help="unconditional half of CFG: each pass's own adapters (the references) or the base model's")
-    p.add_argument("--encode", choices=["once", "per-adapter"], default="once",
-                   help="prompt encoded once with the adapters active at the start (the references) or per pass")
-    p.add_argument("--switch-every", type=int, default=5, help="switch: steps per adapter (tau; the first gets tau + 1)")
-    p.add_argument("--cmlora-mode", choices=["lorakit", "official"], default="lorakit",
-                   help="official: the authors' code exactly, bugs included; lorakit: the same with them fixed")
-    p.add_argument("--cmlora-interval", type=int, default=0,
-                   help="cmlora: dominance rotates every 2/3/2 steps (0, the official default), every step (1) or every c steps")
-    p.add_argument("--cmlora-order", choices=["auto", "category", "frequency", "given"], default="auto",
-                   help="cmlora: auto = category order if every kind is known, else frequency profiles (official mode: given)")
-    p.add_argument("--dominant-weight", type=float,
-                   help="cmlora: the dominant adapter's share (default: the official (N - 0.5) / (2N - 1.5))")
     p.add_argument("--cache", choices=["on", "off"],
                    help="cmlora: per-adapter deep-feature cache (default: on; official mode: on iff --cmlora-interval >= 2)")
-    p.add_argument("--cache-refresh", choices=["dominant", "round", "age"], default="round",
-                   help="cmlora (lorakit mode): besides the newly dominant adapter, refresh the adapters outside the "
-                   "rotation once per round (round), nothing else (dominant) or every cache older than --cache-max-age (age)")
-    p.add_argument("--cache-max-age", type=int, default=5, help="cmlora --cache-refresh age: oldest cache, in steps")
-    p.add_argument("--cache-depth", type=int, default=1,
-                   help="cmlora: the cache split lies in the D-th up block from the end (default 1, the official)")
-    p.add_argument("--cache-layer", type=int,
-                   help="cmlora: split before layer K of that up block; shallow passes recompute only what follows "
-                   "(default 1 in lorakit mode, 0 = the official split)")
     p.add_argument("--profile-prompt", default="a picture", help="cmlora: prompt of the profiling images")
     p.add_argument("--profile-steps", type=int, help="cmlora: steps of the profiling images (default --steps)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-memory-check", action="store_true",
                    help="start even when the memory estimate (lorakit.memory) exceeds the free RAM / VRAM")
+    add_options(p.add_argument_group("sampler settings"), [("sample", SamplerSettings)])
     p.set_defaults(func=run)
 
 
@@ -81,7 +60,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     raise ValueError(f"--size {size!r}: expected WIDTHxHEIGHT or one number")
 
 
-def memory_check(args, width: int | None, height: int | None) -> None:
+def memory_check(args, sampler) -> None:
     """Refuse (InsufficientMemory, exit 2) when the sampling estimate exceeds the free memory."""
     import os
 
@@ -95,26 +74,21 @@ def memory_check(args, width: int | None, height: int | None) -> None:
     device = default_device()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         args.dtype, torch.float16 if device == "cuda" else torch.float32)
-    size = max(width or 0, height or 0) or None
+    size = max(sampler.width or 0, sampler.height or 0) or None
     adapter_bytes = sum(os.path.getsize(a) for a in args.adapters if os.path.isfile(a))
     est = estimate("sample", args.base, resolution=size, batch=args.batch_size, n_loras=len(args.adapters),
-                   dtype=dtype, device=device, cfg=args.cfg > 1, method=args.method, adapter_bytes=adapter_bytes)
+                   dtype=dtype, device=device, cfg=sampler.cfg > 1, method=sampler.method, adapter_bytes=adapter_bytes)
     preflight(est, "--no-memory-check")
 
 
 def run(args) -> int:
-    from lorakit.sampling import SampleJob, SamplerSettings, run_sample
+    from lorakit.sampling import SampleJob, run_sample
 
     width, height = parse_size(args.size)
+    sampler = from_args(SamplerSettings, args, width=width, height=height,
+                        cache=None if args.cache is None else args.cache == "on")
     if not args.no_memory_check:
-        memory_check(args, width, height)
-    sampler = SamplerSettings(
-        method=args.method, steps=args.steps, cfg=args.cfg, width=width, height=height, scheduler=args.scheduler,
-        uncond=args.uncond, encode=args.encode, switch_every=args.switch_every, cmlora_mode=args.cmlora_mode,
-        cmlora_interval=args.cmlora_interval, cmlora_order=args.cmlora_order, dominant_weight=args.dominant_weight,
-        cache=None if args.cache is None else args.cache == "on", cache_refresh=args.cache_refresh,
-        cache_max_age=args.cache_max_age, cache_depth=args.cache_depth, cache_layer=args.cache_layer,
-    )
+        memory_check(args, sampler)
     if args.regions and args.prompt:
         raise ValueError("give either --prompt or --regions (its global prompt), not both")
     job = SampleJob(

@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
         description="Render N training images of CONCEPT (a name such as robot, or its trigger word such as "
         "zorbo) into OUT as 00000.png + 00000.txt pairs. Same arguments give identical files.",
     )
-    mk.add_argument("concept", help="concept name or trigger word (see `lorakit toyworld list`)")
+    mk.add_argument("concept", help="concept name or trigger word (see `lorakit toyworld list`), or `generic` for "
+                    "generic scenes with their captions (regularisation images, data.reg_path)")
     mk.add_argument("--out", required=True, help="output folder")
     mk.add_argument("--n", type=int, default=64, help="number of images (default: 64)")
     mk.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -59,8 +60,12 @@ def run_list(args) -> int:
 
 def run_make_dataset(args) -> int:
     from lorakit.toyworld.concepts import get_concept
-    from lorakit.toyworld.dataset import make_dataset
+    from lorakit.toyworld.dataset import GENERIC, make_dataset
 
+    if args.concept == GENERIC:
+        paths = make_dataset(GENERIC, args.out, args.n, seed=args.seed, size=args.size)
+        print(f"wrote {len(paths)} generic scenes + captions (regularisation images) to {args.out}")
+        return 0
     concept = get_concept(args.concept)
     paths = make_dataset(args.concept, args.out, args.n, seed=args.seed, size=args.size)
     print(f"wrote {len(paths)} images + captions of {concept.name}"

@@ -9,4 +9,14 @@ Modules, one metric each:
   * :mod:`lorakit.eval.retention` - how much of each concept's own noise-prediction change a fused or composed
     model keeps.
   * :mod:`lorakit.eval.report` - JSON + markdown table output.
+  * :mod:`lorakit.eval.registry` - the metrics by name, :func:`evaluate` and :func:`evaluate_to_files` (what
+    ``lorakit eval`` runs); :mod:`lorakit.eval.settings` - each metric's settings; :mod:`lorakit.eval.metrics` -
+    the metrics as functions of their settings.
 """
+
+from lorakit.eval.registry import METRICS, default_out, evaluate, evaluate_to_files, register
+from lorakit.eval.settings import (ClipScoreSettings, EvalSettings, JudgeSettings, OracleSettings,
+                                   RetentionSettings)
+
+__all__ = ["METRICS", "ClipScoreSettings", "EvalSettings", "JudgeSettings", "OracleSettings", "RetentionSettings",
+           "default_out", "evaluate", "evaluate_to_files", "register"]

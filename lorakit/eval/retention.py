@@ -160,6 +160,38 @@ def _load_fused(fused, base_pipe, concept_names):
     raise ValueError(f"--fused: expected a diffusers folder, an adapter .safetensors file or merge[:W], got {fused!r}")
 
 
+def _add_concepts(base_pipe, concepts: list[ConceptSpec], names: list[str]) -> list[list[str]]:
+    """Inject each concept's adapter into ``base_pipe`` as ``names[i]``; returns each concept's prompts as typed in
+    ``base_pipe`` (ED-LoRA words may be renamed there)."""
+    from lorakit.adapters.io import apply_adapter
+
+    base_prompts = []
+    for name, spec in zip(names, concepts):
+        if spec.adapter.kind == "edlora":
+            if not spec.path:
+                raise ValueError(f"{spec.name}: an ED-LoRA concept needs its file path (ConceptSpec.path)")
+            from lorakit.adapters.edlora import load_edlora
+
+            words = load_edlora(base_pipe, spec.path, adapter_name=name)["words"]
+            base_prompts.append(_rename(spec.prompts, words))
+        else:
+            apply_adapter(base_pipe, spec.adapter, name)
+            base_prompts.append(list(spec.prompts))
+    return base_prompts
+
+
+def _three_predictions(base_pipe, fused_pipe, activate_fused, name: str, inputs, fused_prompts):
+    """Noise predictions of the base, the concept's own adapter ``name`` and the fused model on one batch."""
+    p, x, t = inputs
+    base_pipe.disable_lora()
+    eps0 = noise_prediction(base_pipe, p, x, t)
+    base_pipe.enable_lora()
+    base_pipe.set_adapters([name])
+    eps_i = noise_prediction(base_pipe, p, x, t)
+    activate_fused()
+    return eps0, eps_i, noise_prediction(fused_pipe, fused_prompts, x, t)
+
+
 @torch.no_grad()
 def retention(base_pipe, concepts: list[ConceptSpec], fused, samples: int = 8, seed: int = 0, batch_size: int = 8, progress: bool = False) -> dict:
     """Retention of every concept in a fused / composed model.
@@ -175,23 +207,10 @@ def retention(base_pipe, concepts: list[ConceptSpec], fused, samples: int = 8, s
     """
     from lorakit.logs import tqdm
 
-    from lorakit.adapters.io import apply_adapter
-
     if not concepts:
         raise ValueError("retention needs at least one concept adapter")
     names = [f"lorakit_concept_{i}" for i in range(len(concepts))]
-    base_prompts = []  # each concept's prompts as typed in base_pipe (ED-LoRA words may be renamed there)
-    for name, spec in zip(names, concepts):
-        if spec.adapter.kind == "edlora":
-            if not spec.path:
-                raise ValueError(f"{spec.name}: an ED-LoRA concept needs its file path (ConceptSpec.path)")
-            from lorakit.adapters.edlora import load_edlora
-
-            words = load_edlora(base_pipe, spec.path, adapter_name=name)["words"]
-            base_prompts.append(_rename(spec.prompts, words))
-        else:
-            apply_adapter(base_pipe, spec.adapter, name)
-            base_prompts.append(list(spec.prompts))
+    base_prompts = _add_concepts(base_pipe, concepts, names)
     activate_fused, fused_pipe, fused_words = _load_fused(fused, base_pipe, names)
     rows = []
     bar = tqdm(total=len(concepts) * samples, desc="retention", disable=not progress)
@@ -208,17 +227,10 @@ def retention(base_pipe, concepts: list[ConceptSpec], fused, samples: int = 8, s
             fused_prompts = prompts
         acc = _Accum()
         for s in range(0, samples, batch_size):
-            p, x, t = prompts[s : s + batch_size], latents[s : s + batch_size], timesteps[s : s + batch_size]
-            pf = fused_prompts[s : s + batch_size]
-            base_pipe.disable_lora()
-            eps0 = noise_prediction(base_pipe, p, x, t)
-            base_pipe.enable_lora()
-            base_pipe.set_adapters([name])
-            eps_i = noise_prediction(base_pipe, p, x, t)
-            activate_fused()
-            eps_f = noise_prediction(fused_pipe, pf, x, t)
-            acc.add(eps0, eps_i, eps_f)
-            bar.update(len(p))
+            inputs = prompts[s : s + batch_size], latents[s : s + batch_size], timesteps[s : s + batch_size]
+            acc.add(*_three_predictions(base_pipe, fused_pipe, activate_fused, name, inputs,
+                                        fused_prompts[s : s + batch_size]))
+            bar.update(len(inputs[0]))
         rows.append({"name": spec.name, "prompts": spec.prompts, **acc.result()})
     bar.close()
     keys = ("projection", "cosine", "rel_error", "own_change")

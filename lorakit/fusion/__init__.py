@@ -4,9 +4,9 @@ Methods: ``gradient`` (Mix-of-Show gradient fusion in closed form, :mod:`lorakit
 weight merges ``weighted``/``cat``/``svd``/``ties``/``dare`` (:mod:`lorakit.fusion.merge`); activation
 statistics in :mod:`lorakit.fusion.capture`.
 
-A method is a function ``run(inputs: FuseInputs) -> FuseResult``, registered by one line in ``METHODS`` of
-``lorakit/commands/fuse.py``; the command loads the adapters, resolves weights and prompts, and writes the
-outputs (adapter file and/or pipeline folder + ``lorakit_fusion.json``).
+A method is a function ``run(inputs: FuseInputs) -> FuseResult`` with a settings dataclass, registered by one
+line in :mod:`lorakit.fusion.registry`; the command loads the adapters, resolves weights and prompts, and writes
+the outputs (adapter file and/or pipeline folder + ``lorakit_fusion.json``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class FuseInputs:
     prompts / sample_prompts: per adapter, the prompts for text-side statistics and for sampling.
     val_prompts: per adapter, held-out prompts (gradient's ``--ridge auto``), see :func:`heldout_prompts`.
     load_pipe: ``load_pipe()`` returns the base pipeline on this process's device (loaded once; None without --base).
-    args: the parsed command line (method-specific options live here, e.g. ``args.steps``, ``args.hypernet``).
+    settings: the method's settings dataclass (``lorakit.fusion.registry``), e.g. ``settings.steps``.
     """
 
     method: str
@@ -47,9 +47,15 @@ class FuseInputs:
     rank: int | None
     seed: int
     load_pipe: Any
-    args: Any
+    settings: Any
     prompt_sources: list[str] = field(default_factory=list)
     val_prompts: list[list[str]] = field(default_factory=list)
+
+    @property
+    def args(self):
+        """The method's settings under their former name (methods written against the command line's namespace
+        read the same attribute names)."""
+        return self.settings
 
 
 @dataclass

@@ -50,6 +50,21 @@ def flat_inputs(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def projected_inputs(module: torch.nn.Module, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``down @ flat_inputs(module, x).T`` transposed, ``[n, R]``, without unfolding a conv's patches: the inputs
+    seen through the stacked LoRA down matrices ``down [R, in_flat]`` (for a Conv2d: ``conv2d(x, down)``)."""
+    if isinstance(module, torch.nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"grouped convolutions (groups={module.groups}) are not supported by gradient fusion")
+        w = down.reshape(down.shape[0], *module.weight.shape[1:]).to(x.dtype)
+        pad = module.padding if module.padding_mode == "zeros" else None
+        if pad is None:
+            raise ValueError(f"conv padding_mode {module.padding_mode!r} is not supported by gradient fusion")
+        z = F.conv2d(x, w, None, module.stride, pad, module.dilation)  # [B, R, H', W']
+        return z.permute(0, 2, 3, 1).reshape(-1, down.shape[0])
+    return x.reshape(-1, x.shape[-1]) @ down.to(x.dtype).T
+
+
 def _find(seq: list[int], sub: list[int]) -> list[int]:
     """Start positions of ``sub`` in ``seq``."""
     n = len(sub)
@@ -98,11 +113,23 @@ def token_rows(tokenizer, prompts: list[str], mode: str, concept_ids: set[int] |
     return mask
 
 
-def select_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """``x [k*B, S, d]`` restricted to the positions ``rows [B, S]`` marks -> ``[n, d]``; ``x`` as is when ``rows``
-    is None. Raises RuntimeError when the shapes do not fit (a capture set up for other prompts)."""
+def select_rows(x: torch.Tensor, rows: torch.Tensor | slice | None, batch: int | None = None) -> torch.Tensor:
+    """``x [k*B, S, d]`` restricted to the positions ``rows [B, S]`` marks -> ``[n, d]``, or ``x [k*B, ...]``
+    restricted to the batch entries ``rows [B]`` marks (or the ``slice`` ``rows`` of each of the ``k`` copies of a
+    batch of ``batch`` prompts); ``x`` as is when ``rows`` is None. Raises RuntimeError when the shapes do not fit
+    (a capture set up for other prompts)."""
     if rows is None:
         return x
+    if isinstance(rows, slice):
+        if not batch or x.shape[0] % batch:
+            raise RuntimeError(f"batch slice of {batch} prompts does not fit layer input {tuple(x.shape)}")
+        if x.shape[0] == batch:
+            return x[rows]
+        return torch.cat([x[j * batch :][rows] for j in range(x.shape[0] // batch)], 0)
+    if rows.dim() == 1:
+        if x.shape[0] % rows.shape[0]:
+            raise RuntimeError(f"batch-row mask {tuple(rows.shape)} does not fit layer input {tuple(x.shape)}")
+        return x[rows.to(x.device).repeat(x.shape[0] // rows.shape[0])]
     if x.dim() != 3 or x.shape[1] != rows.shape[1] or x.shape[0] % rows.shape[0]:
         raise RuntimeError(f"token-row mask {tuple(rows.shape)} does not fit layer input {tuple(x.shape)}")
     return x[rows.to(x.device).repeat(x.shape[0] // rows.shape[0], 1)]
@@ -131,16 +158,25 @@ class GramCollector:
         keep_inputs: also keep raw flattened inputs per concept (reference/test use only).
         gram: accumulate ``G``/``P`` (False: keep inputs only, for timing the reference's recipe alone).
 
+    project: ``{name: down [R, in_flat]}``: record those layers' inputs seen through ``down``
+        (:func:`projected_inputs`), so their ``G`` is ``[R, R]`` (the LoRA-subspace solve of large convs); their
+        ``{concept: D_i}`` are then ``[r_i, R]``.
+
     Use ``with collector:`` around forward passes and ``collector.concept = i`` to say whose activations run.
     """
 
-    def __init__(self, model, layers: dict, device=None, keep_inputs: bool = False, gram: bool = True):
+    def __init__(self, model, layers: dict, device=None, keep_inputs: bool = False, gram: bool = True,
+                 project: dict[str, torch.Tensor] | None = None):
         self.model = model
+        self.project = dict(project or {})
         self.gram = gram
         self.layers = layers
         self.keep_inputs = keep_inputs
         self.concept: int | None = None
-        self.rows: torch.Tensor | None = None  # [B, S] token-row mask of the prompts running (text-side layers)
+        # [B, S] token-row mask of the prompts running (text-side layers), or [B] mask / slice of the prompts to
+        # record out of ``batch`` prompts (see :func:`select_rows`)
+        self.rows: torch.Tensor | slice | None = None
+        self.batch: int | None = None
         self.device = device
         self.stats: dict[str, LayerStats] = {}
         self._downs: dict[str, dict[int, torch.Tensor]] = {}
@@ -148,19 +184,23 @@ class GramCollector:
         for name, (path, downs) in layers.items():
             module = model.get_submodule(path)
             dev = device or module.weight.device
-            dim = module.weight[0].numel()
+            dim = self.project[name].shape[0] if name in self.project else module.weight[0].numel()
             self.stats[name] = LayerStats(
                 G=torch.zeros(dim, dim, dtype=torch.float64, device=dev),
                 P={c: torch.zeros(d.shape[0], dim, dtype=torch.float64, device=dev) for c, d in downs.items()},
                 tokens=torch.zeros((), dtype=torch.float64, device=dev),
             )
             self._downs[name] = {c: d.to(device=dev, dtype=torch.float64) for c, d in downs.items()}
+            if name in self.project:
+                self.project[name] = self.project[name].to(device=dev, dtype=torch.float32)
 
     def _hook(self, name: str):
         def hook(module, args):
             if self.concept is None:
                 return
-            x = flat_inputs(module, select_rows(args[0].detach(), self.rows)).to(torch.float64)
+            x = select_rows(args[0].detach(), self.rows, self.batch)
+            down = self.project.get(name)
+            x = (flat_inputs(module, x) if down is None else projected_inputs(module, x, down)).to(torch.float64)
             st = self.stats[name]
             st.tokens += x.shape[0]
             if self.gram:
@@ -185,6 +225,7 @@ class GramCollector:
         self._handles.clear()
         self.concept = None
         self.rows = None
+        self.batch = None
         return False
 
     def reduce(self) -> None:

@@ -209,14 +209,14 @@ def run_fuse(inputs):
     from lorakit.fusion import FuseResult
     from lorakit.fusion.ziplora import check_pair
 
-    args = inputs.args
-    if not getattr(args, "hypernet", None):
+    opts = inputs.settings
+    if not getattr(opts, "hypernet", None):
         raise ValueError("--method lorarar needs --hypernet FILE (train one with `accelerate launch train_lorarar.py`)")
     content, style = check_pair(inputs)
-    net = load_hypernet(args.hypernet)
+    net = load_hypernet(opts.hypernet)
     t0 = time.perf_counter()
-    merged = merge_pair(net, content, style, layers=args.layers, sources=tuple(inputs.paths))
+    merged = merge_pair(net, content, style, layers=opts.layers, sources=tuple(inputs.paths))
     seconds = time.perf_counter() - t0
-    layers = list(args.layers or net.merge_layers)
-    report = {"settings": {"hypernet": str(args.hypernet), "layers": layers}, "merge_seconds": seconds}
+    layers = list(opts.layers or net.merge_layers)
+    report = {"settings": {"hypernet": str(opts.hypernet), "layers": layers}, "merge_seconds": seconds}
     return FuseResult(modules=merged.modules, report=report, metadata={"lorakit.merge": merged.metadata["lorakit.merge"]})

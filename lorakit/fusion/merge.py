@@ -211,22 +211,22 @@ def run(inputs):
     """``lorakit fuse --method weighted|cat|svd|ties|dare`` on the loaded adapters."""
     from lorakit.fusion import FuseResult
 
-    args = inputs.args
+    opts = inputs.settings
     common = dict(weights=inputs.weights, rank=inputs.rank)
     if inputs.method == "weighted":
-        modules = weighted(inputs.adapters, combine=args.combine or "average", **common)
+        modules = weighted(inputs.adapters, combine=opts.combine or "average", **common)
     elif inputs.method == "cat":
         modules = cat(inputs.adapters, **common)
     elif inputs.method == "svd":
-        modules = svd(inputs.adapters, combine=args.combine or "sum", **common)
+        modules = svd(inputs.adapters, combine=opts.combine or "sum", **common)
     elif inputs.method == "ties":
-        modules = ties(inputs.adapters, density=args.density, majority_sign=args.majority_sign, **common)
+        modules = ties(inputs.adapters, density=opts.density, majority_sign=opts.majority_sign, **common)
     elif inputs.method == "dare":
-        modules = dare(inputs.adapters, density=args.density, variant=args.dare_variant,
-                       majority_sign=args.majority_sign, seed=inputs.seed, **common)
+        modules = dare(inputs.adapters, density=opts.density, variant=opts.dare_variant,
+                       majority_sign=opts.majority_sign, seed=inputs.seed, **common)
     else:
         raise ValueError(f"lorakit.fusion.merge has no method {inputs.method!r}")
-    settings = {"combine": args.combine, "density": args.density, "majority_sign": args.majority_sign,
-                "dare_variant": args.dare_variant}
+    settings = {"combine": opts.combine, "density": opts.density, "majority_sign": opts.majority_sign,
+                "dare_variant": opts.dare_variant}
     return FuseResult(modules=modules, report={"settings": settings,
                                                "ranks": {k: m.rank for k, m in modules.items()}})

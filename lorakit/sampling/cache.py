@@ -32,11 +32,6 @@ from dataclasses import dataclass, field
 import torch
 
 
-def max_cache_depth(unet) -> int:
-    """The deepest split that still leaves deep blocks to cache: ``len(unet.down_blocks) - 1``."""
-    return len(unet.down_blocks) - 1
-
-
 def _embeddings(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond, class_labels):
     """Time (+ class, + added) embedding and processed text features, as ``UNet2DConditionModel.forward`` does."""
     t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
@@ -163,49 +158,82 @@ def unet_split_forward(
         sample = 2 * sample - 1.0
     emb, ehs = _embeddings(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, timestep_cond, class_labels)
     sample = unet.conv_in(sample)
-    res_stack: tuple = (sample,)
     intrablock = list(down_intrablock_additional_residuals) if down_intrablock_additional_residuals is not None else None
-    n_up = len(unet.up_blocks)
-    split_block = n_up - depth
-    shallow = deep_feature is not None
-    if shallow:
-        # The shallow up layers consume a prefix of the full pass's skip features (the deeper layers' part is on
-        # top of the stack): run the down layers just far enough to produce that prefix.
-        needed = sum(len(b.resnets) for b in unet.up_blocks[split_block:]) - layer
-        for block in unet.down_blocks:
-            if len(res_stack) >= needed:
-                break
-            n_layers = min(len(block.resnets), needed - len(res_stack))
-            resample = len(res_stack) + n_layers < needed
-            # A T2I-Adapter feature lands after a block's last layer (cross-attention blocks) or on its resampled
-            # output (others): a block cut short of that never reaches it.
-            whole = n_layers == len(block.resnets) and (resample or getattr(block, "has_cross_attention", False))
-            with _layers(block, 0, n_layers, resample=resample):
-                sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs, intrablock, apply=whole)
-            res_stack += res
-        if down_block_additional_residuals is not None:
-            # zip stops at the shorter: only the prefix of the skips the shallow up layers need
-            res_stack = tuple(r + a for r, a in zip(res_stack, down_block_additional_residuals))
-        res_stack = res_stack[:needed]
-        sample = deep_feature
-        first_up = split_block
+    ctx = _PassInputs(emb, ehs, cross_attention_kwargs, intrablock)
+    split_block = len(unet.up_blocks) - depth
+    if deep_feature is not None:
+        res_stack = _shallow_down(unet, ctx, sample, split_block, layer, down_block_additional_residuals)
+        sample, first_up = deep_feature, split_block
     else:
-        for block in unet.down_blocks:
-            sample, res = _down(block, sample, emb, ehs, cross_attention_kwargs, intrablock)
-            res_stack += res
-        if down_block_additional_residuals is not None:
-            res_stack = tuple(r + a for r, a in zip(res_stack, down_block_additional_residuals))
-        if unet.mid_block is not None:
-            if getattr(unet.mid_block, "has_cross_attention", False):
-                sample = unet.mid_block(sample, emb, encoder_hidden_states=ehs, cross_attention_kwargs=cross_attention_kwargs)
-            else:
-                sample = unet.mid_block(sample, emb)
-            if intrablock and sample.shape == intrablock[0].shape:  # T2I-Adapter-XL's mid feature
-                sample += intrablock.pop(0)
-        if mid_block_additional_residual is not None:
-            sample = sample + mid_block_additional_residual
+        sample, res_stack = _full_down_mid(unet, ctx, sample, down_block_additional_residuals,
+                                           mid_block_additional_residual)
         first_up = 0
-    upsample_size = None
+    sample, computed = _up_blocks(unet, ctx, sample, res_stack, first_up, split_block, layer,
+                                  shallow=deep_feature is not None, forward_upsample_size=forward_upsample_size)
+    if unet.conv_norm_out:
+        sample = unet.conv_act(unet.conv_norm_out(sample))
+    return unet.conv_out(sample), (deep_feature if deep_feature is not None else computed)
+
+
+@dataclass
+class _PassInputs:
+    """What every block of one UNet pass reads; ``intrablock`` (T2I-Adapter features) is consumed in order."""
+
+    emb: torch.Tensor
+    ehs: torch.Tensor
+    cross_attention_kwargs: dict | None
+    intrablock: list | None
+
+
+def _shallow_down(unet, ctx: _PassInputs, sample, split_block: int, layer: int, down_residuals) -> tuple:
+    """The skip features a shallow pass's up layers need: the shallow up layers consume a prefix of the full
+    pass's skip features (the deeper layers' part is on top of the stack), so the down layers run just far
+    enough to produce that prefix."""
+    res_stack: tuple = (sample,)
+    needed = sum(len(b.resnets) for b in unet.up_blocks[split_block:]) - layer
+    for block in unet.down_blocks:
+        if len(res_stack) >= needed:
+            break
+        n_layers = min(len(block.resnets), needed - len(res_stack))
+        resample = len(res_stack) + n_layers < needed
+        # A T2I-Adapter feature lands after a block's last layer (cross-attention blocks) or on its resampled
+        # output (others): a block cut short of that never reaches it.
+        whole = n_layers == len(block.resnets) and (resample or getattr(block, "has_cross_attention", False))
+        with _layers(block, 0, n_layers, resample=resample):
+            sample, res = _down(block, sample, ctx.emb, ctx.ehs, ctx.cross_attention_kwargs, ctx.intrablock,
+                                apply=whole)
+        res_stack += res
+    if down_residuals is not None:
+        # zip stops at the shorter: only the prefix of the skips the shallow up layers need
+        res_stack = tuple(r + a for r, a in zip(res_stack, down_residuals))
+    return res_stack[:needed]
+
+
+def _full_down_mid(unet, ctx: _PassInputs, sample, down_residuals, mid_residual) -> tuple:
+    """Every down block and the mid block; returns (mid output, skip features)."""
+    res_stack: tuple = (sample,)
+    for block in unet.down_blocks:
+        sample, res = _down(block, sample, ctx.emb, ctx.ehs, ctx.cross_attention_kwargs, ctx.intrablock)
+        res_stack += res
+    if down_residuals is not None:
+        res_stack = tuple(r + a for r, a in zip(res_stack, down_residuals))
+    if unet.mid_block is not None:
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            sample = unet.mid_block(sample, ctx.emb, encoder_hidden_states=ctx.ehs,
+                                    cross_attention_kwargs=ctx.cross_attention_kwargs)
+        else:
+            sample = unet.mid_block(sample, ctx.emb)
+        if ctx.intrablock and sample.shape == ctx.intrablock[0].shape:  # T2I-Adapter-XL's mid feature
+            sample += ctx.intrablock.pop(0)
+    if mid_residual is not None:
+        sample = sample + mid_residual
+    return sample, res_stack
+
+
+def _up_blocks(unet, ctx: _PassInputs, sample, res_stack: tuple, first_up: int, split_block: int, layer: int,
+               shallow: bool, forward_upsample_size: bool):
+    """The up blocks from ``first_up``; returns (output, the deep feature a full pass computed or None)."""
+    n_up, upsample_size, deep_feature = len(unet.up_blocks), None, None
     for i in range(first_up, n_up):
         block = unet.up_blocks[i]
         n_layers = len(block.resnets)
@@ -217,15 +245,13 @@ def unet_split_forward(
         if i == split_block and not shallow:
             if layer:
                 with _layers(block, 0, layer, resample=False):
-                    sample = _up(block, sample, emb, res, ehs, cross_attention_kwargs, upsample_size)
+                    sample = _up(block, sample, ctx.emb, res, ctx.ehs, ctx.cross_attention_kwargs, upsample_size)
                 res = res[: n_layers - layer]
                 start = layer
             deep_feature = sample
         with _layers(block, start, n_layers, resample=True):
-            sample = _up(block, sample, emb, res, ehs, cross_attention_kwargs, upsample_size)
-    if unet.conv_norm_out:
-        sample = unet.conv_act(unet.conv_norm_out(sample))
-    return unet.conv_out(sample), deep_feature
+            sample = _up(block, sample, ctx.emb, res, ctx.ehs, ctx.cross_attention_kwargs, upsample_size)
+    return sample, deep_feature
 
 
 @dataclass

@@ -24,102 +24,17 @@ adapters. Base passes always use the base text encoder.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import torch
 
 from lorakit.conditioning import is_sdxl, sdxl_time_ids
 from lorakit.sampling.cache import DeepFeatureCache
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
-from lorakit.sampling.schedules import CACHE_REFRESH_RULES, cmlora_plan, switch_schedule
+from lorakit.sampling.methods import SAMPLERS, Plan, SamplerSettings, Term, method_plan
 
-METHODS = ("merge", "switch", "composite", "cmlora", "delta")
-CMLORA_ORDERS = ("auto", "category", "frequency", "given")
+METHODS = SAMPLERS  # name -> Sampler (lorakit.sampling.methods)
 
 __all__ = ["METHODS", "LoadedAdapter", "SamplerSettings", "Term", "file_sha256", "generate", "load_adapters",
            "unet_pass"]
-
-
-@dataclass
-class SamplerSettings:
-    """Settings of one sampling run (all go into each image's JSON sidecar)."""
-
-    method: str = "merge"
-    steps: int = 30
-    cfg: float = 7.5
-    width: int | None = None
-    height: int | None = None
-    scheduler: str | None = None
-    uncond: str = "adapter"  # adapter: each pass's own unconditional half (reference) | base: the base model's
-    encode: str = "once"  # once (reference) | per-adapter
-    switch_every: int = 5  # switch: tau
-    cmlora_mode: str = "lorakit"  # lorakit (official bugs fixed) | official (exact, bugs included)
-    cmlora_interval: int = 0  # the official interval: 0 = every 2/3/2 steps, 1 = every step, c = every c steps
-    cmlora_order: str = "auto"  # auto: category if every adapter's kind is known, else frequency | category | ...
-    dominant_weight: float | None = None  # None: the official (N - 0.5) / (2N - 1.5)
-    cache: bool | None = None  # None: lorakit mode on; official mode on iff cmlora_interval >= 2 (as the code)
-    cache_refresh: str = "round"  # lorakit mode: dominant | round | age
-    cache_max_age: int = 5  # refresh rule "age": oldest cache allowed, in steps
-    cache_depth: int = 1  # split in up_blocks[-D] (lorakit.sampling.cache)
-    cache_layer: int | None = None  # split before layer K of that block; None: lorakit mode 1, official mode 0
-
-    def check(self) -> None:
-        """Raise ValueError naming the first bad setting."""
-        choices = {"method": METHODS, "uncond": ("adapter", "base"), "encode": ("once", "per-adapter"),
-                   "cmlora_mode": ("lorakit", "official"), "cmlora_order": CMLORA_ORDERS,
-                   "cache_refresh": CACHE_REFRESH_RULES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("steps", "switch_every", "cache_max_age", "cache_depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cmlora_interval < 0:
-            raise ValueError(f"cmlora_interval must be >= 0, got {self.cmlora_interval}")
-        if self.cache_layer is not None and self.cache_layer < 0:
-            raise ValueError(f"cache_layer must be >= 0, got {self.cache_layer}")
-        if self.dominant_weight is not None and not 0.0 < self.dominant_weight <= 1.0:
-            raise ValueError(f"dominant_weight must be in (0, 1], got {self.dominant_weight}")
-        if self.method == "cmlora" and self.cmlora_mode == "official":
-            extras = {"uncond": self.uncond != "adapter", "encode": self.encode != "once",
-                      "dominant_weight": self.dominant_weight is not None, "cmlora_order": self.cmlora_order == "frequency",
-                      "cache_layer": bool(self.cache_layer)}
-            bad = [k for k, v in extras.items() if v]
-            if bad:
-                raise ValueError(f"cmlora_mode official reproduces the official code; drop {', '.join(bad)} "
-                                 "(lorakit's options need cmlora_mode lorakit)")
-        for name in ("width", "height"):
-            v = getattr(self, name)
-            if v is not None and (v <= 0 or v % 8):
-                raise ValueError(f"{name} must be a positive multiple of 8, got {v}")
-
-    def cmlora_cache_layer(self, unet) -> int:
-        """The split layer inside ``up_blocks[-cache_depth]``: the setting, else 0 in official mode (the official
-        split, the block's input) and 1 in lorakit mode (one layer more cached: measured in docs/sampling.md),
-        capped at the block's last layer."""
-        if self.cache_layer is not None:
-            return self.cache_layer
-        if self.cmlora_mode == "official":
-            return 0
-        n_layers = len(unet.up_blocks[len(unet.up_blocks) - self.cache_depth].resnets)
-        return min(1, n_layers - 1)
-
-    def cmlora_cache(self) -> bool:
-        if self.cache is not None:
-            return self.cache
-        return self.cmlora_interval >= 2 if self.cmlora_mode == "official" else True
-
-
-@dataclass(frozen=True)
-class Term:
-    """One UNet pass of a step: adapters active (indices; () = base model), coefficients of its unconditional
-    and conditional predictions, and for cached passes whether it is a full pass."""
-
-    adapters: tuple[int, ...]
-    u: float
-    c: float
-    full: bool = True
-    cached: bool = False
 
 
 class UNetAdapterSwitch:
@@ -234,51 +149,6 @@ def unet_pass(unet, sample, timestep, text, added_cond_kwargs=None, cache: DeepF
                      added_cond_kwargs=added_cond_kwargs, **unet_kwargs)
 
 
-@dataclass
-class _Plan:
-    """What the loop needs from a method: the terms of each step, the adapter sets needing text features."""
-
-    terms: list[list[Term]]
-    info: dict = field(default_factory=dict)
-
-
-def _with_uncond_base(terms: list[Term]) -> list[Term]:
-    """The same terms with their unconditional halves replaced by one base-model unconditional pass (the base's
-    conditional coefficient, delta's 1 - N, is kept: delta then adds each adapter's conditional difference from
-    the base to the base's own CFG)."""
-    base_c = sum(t.c for t in terms if not t.adapters)
-    return [Term((), 1.0, base_c)] + [Term(t.adapters, 0.0, t.c, t.full, t.cached) for t in terms if t.adapters]
-
-
-def method_plan(settings: SamplerSettings, n: int, n_steps: int, order: list[int] | None, n_rotation: int | None) -> _Plan:
-    """The terms of every step for ``settings.method`` with ``n`` adapters (see the module docstring)."""
-    everyone = tuple(range(n))
-    info: dict = {}
-    if settings.method == "merge":
-        terms = [[Term(everyone, 1.0, 1.0)]] * n_steps
-    elif settings.method == "switch":
-        active = switch_schedule(n_steps, n, settings.switch_every)
-        terms = [[Term((a,), 1.0, 1.0)] for a in active]
-        info["active_per_step"] = active
-    elif settings.method == "composite":
-        terms = [[Term((i,), 1.0 / n, 1.0 / n) for i in range(n)]] * n_steps
-    elif settings.method == "delta":
-        terms = [[Term((), 1.0 - n, 1.0 - n)] + [Term((i,), 1.0, 1.0) for i in range(n)]] * n_steps
-    else:
-        order = list(range(n)) if order is None else list(order)
-        if sorted(order) != list(range(n)):
-            raise ValueError(f"cmlora order {order} must be a permutation of 0..{n - 1}")
-        cache = settings.cmlora_cache()
-        plan = cmlora_plan(n_steps, order, n_rotation or n, settings.cmlora_interval, settings.cmlora_mode, cache,
-                           settings.cache_refresh, settings.cache_max_age, settings.dominant_weight)
-        terms = [[Term((order[p],), w[p], w[p], full[p], cache) for p in range(n)] for w, full in zip(plan.weights, plan.full)]
-        info.update(order=order, n_rotation=n_rotation or n, dominants=[order[d] for d in plan.dominant],
-                    rotations=plan.rotations, cache=cache, plan=[[int(f) for f in row] for row in plan.full])
-    if settings.uncond == "base":
-        terms = [_with_uncond_base(step) for step in terms]
-    return _Plan(terms, info)
-
-
 def _rows(t: torch.Tensor, rows: str) -> torch.Tensor:
     """The rows of a ``[2B, ...]`` CFG tensor (negative first) a pass needs: pair, uncond or cond."""
     if rows == "pair":
@@ -367,23 +237,13 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
     if n:
         plan = method_plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
     else:  # no adapters (a fused model): the base alone
-        plan = _Plan([[Term((), 1.0, 1.0)]] * len(pipe.scheduler.timesteps), {"note": "no adapters: plain sampling"})
+        plan = Plan([[Term((), 1.0, 1.0)]] * len(pipe.scheduler.timesteps), {"note": "no adapters: plain sampling"})
     joint = None if settings.encode == "per-adapter" else ((0,) if settings.method == "switch" else tuple(range(n)))
     contexts = _Contexts(pipe, adapters, prompt, negative_prompt, len(seeds), do_cfg, regions, joint)
     for step_terms in plan.terms:  # encode up front: set_adapters also touches the UNet
         for term in step_terms:
             contexts.get(term.adapters)
-    spatial = None
-    if conditions is None and regions is not None and getattr(regions, "conditions", None):
-        from lorakit.sampling.conditions import load_conditions
-
-        conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype, regions.source)
-    if conditions:
-        from lorakit.sampling.conditions import SpatialConditions
-
-        latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-        spatial = SpatialConditions(conditions, pipe.unet, width, height, latent_hw,
-                                    getattr(regions, "box_rounding", "inside") if regions is not None else "inside")
+    spatial = _spatial_conditions(pipe, regions, conditions, height, width)
     controller = previous = None
     if regions is not None and regions.regions:
         from lorakit.sampling.regional import RegionalController, install_regional, warn_empty_boxes
@@ -400,15 +260,36 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
             from lorakit.sampling.regional import remove_regional
 
             remove_regional(pipe.unet, previous)
+    info = _run_info(pipe, settings, adapters, plan, passes, height, width)
+    if output_type == "latent":
+        return latents, info
+    return decode_latents(pipe, latents), info
+
+
+def _spatial_conditions(pipe, regions, conditions, height: int, width: int):
+    """The spatial conditions (T2I-Adapter / ControlNet) of a run: ``conditions``, else those of ``regions``."""
+    if conditions is None and regions is not None and getattr(regions, "conditions", None):
+        from lorakit.sampling.conditions import load_conditions
+
+        conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype, regions.source)
+    if not conditions:
+        return None
+    from lorakit.sampling.conditions import SpatialConditions
+
+    latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return SpatialConditions(conditions, pipe.unet, width, height, latent_hw,
+                             getattr(regions, "box_rounding", "inside") if regions is not None else "inside")
+
+
+def _run_info(pipe, settings: SamplerSettings, adapters, plan: Plan, passes: dict, height: int, width: int) -> dict:
+    """What the sidecar records of a run: method, size, the plan's schedule with adapter names, pass counts."""
     info = {"method": settings.method, "height": height, "width": width, **plan.info, "passes": passes}
     if plan.info.get("cache"):
         info["cache_split"] = [settings.cache_depth, settings.cmlora_cache_layer(pipe.unet)]
     for key in ("order", "dominants", "active_per_step"):
         if key in info:
             info[key] = [adapters[i].name for i in info[key]]
-    if output_type == "latent":
-        return latents, info
-    return decode_latents(pipe, latents), info
+    return info
 
 
 def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg, spatial=None):
@@ -457,7 +338,3 @@ def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, h
     passes = {"full": sum(e["full"] for e in log.values()), "shallow": sum(e["shallow"] for e in log.values()),
               "per_adapter": log}
     return latents, passes
-
-
-def settings_dict(settings: SamplerSettings) -> dict:
-    return asdict(settings)

@@ -90,10 +90,6 @@ def parse_conditions(items, unit: str | None, width: int, height: int, regions: 
     Raises:
         ValueError naming ``source`` and the entry.
     """
-    from PIL import Image
-
-    from lorakit.sampling.regional import read_box
-
     if not isinstance(items, list):
         raise ValueError(f"{source}: conditions must be a list of {{type, model, image}} entries")
     out = []
@@ -110,40 +106,56 @@ def parse_conditions(items, unit: str | None, width: int, height: int, regions: 
         if item["type"] not in CONDITION_TYPES:
             raise ValueError(f"{where}: type must be one of {', '.join(CONDITION_TYPES)}, got {item['type']!r}")
         weight = _number(item.get("weight", 1.0), f"{where}: weight")
-        image = Path(str(item["image"]))
-        if not image.is_absolute() and base_dir is not None:
-            image = Path(base_dir) / image
-        if not image.exists():
-            raise ValueError(f"{where}: image not found: {image}")
-        try:
-            with Image.open(image) as im:
-                size = im.size
-        except Exception as err:  # noqa: BLE001 - one line naming the file
-            raise ValueError(f"{where}: cannot read image {image}: {err}") from None
-        check_image_size(image, size, width, height, where)
-        rw = item.get("region_weights") or []
-        if not isinstance(rw, list):
-            raise ValueError(f"{where}: region_weights must be a list")
-        boxes = []
-        if rw and all(not isinstance(v, dict) for v in rw):
-            if len(rw) != len(regions):
-                raise ValueError(f"{where}: region_weights has {len(rw)} numbers for {len(regions)} regions")
-            boxes = [(r.box, _number(v, f"{where}: region_weights[{k}]")) for k, (r, v) in enumerate(zip(regions, rw))
-                     if v is not None]
-        else:
-            for k, entry in enumerate(rw):
-                w2 = f"{where}: region_weights[{k}]"
-                if not isinstance(entry, dict) or set(entry) != {"box", "weight"}:
-                    raise ValueError(f"{w2}: expected {{box: [top, left, bottom, right], weight: number}} (or a list "
-                                     f"of one number per region)")
-                if unit is None:
-                    raise ValueError(f"{source}: add 'unit: px' or 'unit: fraction' (how the box values are read)")
-                boxes.append((read_box(entry["box"], unit, width, height, w2), _number(entry["weight"], f"{w2}: weight")))
+        image = _condition_image(item, where, width, height, base_dir)
+        boxes = _region_weights(item, where, unit, width, height, regions, source)
         model = str(item["model"])
         if base_dir is not None and not Path(model).is_absolute() and (Path(base_dir) / model).is_dir():
             model = str(Path(base_dir) / model)  # a local folder next to the regions file
         out.append(ConditionSpec(str(item["type"]), model, str(image), weight, boxes))
     return out
+
+
+def _condition_image(item: dict, where: str, width: int, height: int, base_dir) -> Path:
+    """The entry's image path (relative to ``base_dir``), checked to exist, open and fit the image size."""
+    from PIL import Image
+
+    image = Path(str(item["image"]))
+    if not image.is_absolute() and base_dir is not None:
+        image = Path(base_dir) / image
+    if not image.exists():
+        raise ValueError(f"{where}: image not found: {image}")
+    try:
+        with Image.open(image) as im:
+            size = im.size
+    except Exception as err:  # noqa: BLE001 - one line naming the file
+        raise ValueError(f"{where}: cannot read image {image}: {err}") from None
+    check_image_size(image, size, width, height, where)
+    return image
+
+
+def _region_weights(item: dict, where: str, unit: str | None, width: int, height: int, regions: list,
+                    source: str) -> list:
+    """The entry's ``region_weights`` as ``[(box, weight)]``: one number per region, or ``{box, weight}`` entries."""
+    from lorakit.sampling.regional import read_box
+
+    rw = item.get("region_weights") or []
+    if not isinstance(rw, list):
+        raise ValueError(f"{where}: region_weights must be a list")
+    if rw and all(not isinstance(v, dict) for v in rw):
+        if len(rw) != len(regions):
+            raise ValueError(f"{where}: region_weights has {len(rw)} numbers for {len(regions)} regions")
+        return [(r.box, _number(v, f"{where}: region_weights[{k}]")) for k, (r, v) in enumerate(zip(regions, rw))
+                if v is not None]
+    boxes = []
+    for k, entry in enumerate(rw):
+        w2 = f"{where}: region_weights[{k}]"
+        if not isinstance(entry, dict) or set(entry) != {"box", "weight"}:
+            raise ValueError(f"{w2}: expected {{box: [top, left, bottom, right], weight: number}} (or a list "
+                             f"of one number per region)")
+        if unit is None:
+            raise ValueError(f"{source}: add 'unit: px' or 'unit: fraction' (how the box values are read)")
+        boxes.append((read_box(entry["box"], unit, width, height, w2), _number(entry["weight"], f"{w2}: weight")))
+    return boxes
 
 
 def _number(v, where: str) -> float:

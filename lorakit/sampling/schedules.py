@@ -98,6 +98,29 @@ def _late_after(steps: int, official: bool) -> float:
     return OFFICIAL_LATE_AFTER if official else steps * OFFICIAL_LATE_AFTER / OFFICIAL_DEFAULT_STEPS
 
 
+def _check_plan(mode: str, refresh: str, n: int, r: int) -> None:
+    if mode not in ("lorakit", "official"):
+        raise ValueError(f"cmlora mode must be lorakit or official, got {mode!r}")
+    if refresh not in CACHE_REFRESH_RULES:
+        raise ValueError(f"cache refresh must be one of {', '.join(CACHE_REFRESH_RULES)}, got {refresh!r}")
+    if not 1 <= r <= n:
+        raise ValueError(f"n_rotation must be in 1..{n}, got {r}")
+
+
+def _rotation_refresh(indicator: int, n: int, r: int, late: bool, official: bool, refresh: str) -> set[int]:
+    """Positions that run a full pass at a rotation step: the newly dominant one (not in the official late phase)
+    and, under lorakit's ``round`` rule at the start of a round, every position outside the rotation."""
+    out = set()
+    if not late:
+        out.add(indicator % r)
+    elif not official:
+        out.add(1 + indicator % r)
+    if not official and refresh == "round" and indicator % r == 0:
+        in_rotation = range(1, r + 1) if late else range(r)
+        out.update(p for p in range(n) if p not in in_rotation)
+    return out
+
+
 def cmlora_plan(
     steps: int, sequence: list[int], n_rotation: int, interval: int = 0, mode: str = "lorakit",
     cache: bool = True, refresh: str = "round", max_age: int = 5, dominant_weight: float | None = None,
@@ -125,13 +148,8 @@ def cmlora_plan(
     Returns:
         :class:`CMLoRAPlan`.
     """
-    if mode not in ("lorakit", "official"):
-        raise ValueError(f"cmlora mode must be lorakit or official, got {mode!r}")
-    if refresh not in CACHE_REFRESH_RULES:
-        raise ValueError(f"cache refresh must be one of {', '.join(CACHE_REFRESH_RULES)}, got {refresh!r}")
+    _check_plan(mode, refresh, len(sequence), n_rotation)
     n, r = len(sequence), n_rotation
-    if not 1 <= r <= n:
-        raise ValueError(f"n_rotation must be in 1..{n}, got {r}")
     official = mode == "official"
     rotations = cmlora_interval_steps(steps, interval)
     rot_set, late_after = set(rotations), _late_after(steps, official)
@@ -145,13 +163,7 @@ def cmlora_plan(
         late = r < n and i > late_after
         refresh_now = set()
         if i in rot_set:
-            if not late:
-                refresh_now.add(indicator % r)
-            elif not official:
-                refresh_now.add(1 + indicator % r)
-            if not official and refresh == "round" and indicator % r == 0:
-                in_rotation = range(1, r + 1) if late else range(r)
-                refresh_now.update(p for p in range(n) if p not in in_rotation)
+            refresh_now = _rotation_refresh(indicator, n, r, late, official, refresh)
             indicator += 1
         dom = (indicator - 1) % r + (1 if late else 0)
         row = []

@@ -9,11 +9,18 @@ import numpy as np
 
 from lorakit.fileio import save_image, write_text
 from lorakit.toyworld.render import caption, render
-from lorakit.toyworld.scenes import concept_scene
+from lorakit.toyworld.scenes import concept_scene, generic_scene
+
+
+# The name ``make_dataset`` takes for the regularisation folder: generic scenes (what the base already draws).
+GENERIC = "generic"
 
 
 def make_dataset(concept: str, out_dir: str | os.PathLike, n: int, seed: int = 0, size: int = 32) -> list[Path]:
-    """Render ``n`` training images of one concept (name or trigger word) into ``out_dir``.
+    """Render ``n`` training images of one concept (name or trigger word) into ``out_dir``; ``concept="generic"``
+    renders generic scenes with their own captions instead (``red circle, cyan plain background``; a few empty
+    backgrounds), the regularisation images (``data.reg_path``) that keep a LoRA from rewriting what the base
+    draws for prompts without its trigger.
 
     Each image ``out_dir/00000.png`` has its caption in ``out_dir/00000.txt`` (the format the trainers read).
     Same arguments -> byte-identical files.
@@ -26,7 +33,7 @@ def make_dataset(concept: str, out_dir: str | os.PathLike, n: int, seed: int = 0
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
-    scenes = [concept_scene(concept, rng) for _ in range(n)]
+    scenes = [generic_scene(rng) if concept == GENERIC else concept_scene(concept, rng) for _ in range(n)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from lorakit.resources import data_path
 from lorakit.toyworld.concepts import Concept, concepts_of_kind, get_concept
+from lorakit.toyworld.demo_report import format_table, write_reports
 from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS
 
 # (row id template, kind, what it is). "{character}" / "{style}" are filled with the concept names.
@@ -429,112 +430,6 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
-
-
-# ------------------------------------------------------------------------------------------------ reports
-
-
-def table_rows(report: dict) -> list[list[str]]:
-    """The summary table as strings: header + one row per method."""
-    c, st = report["concepts"]["character"]["name"], report["concepts"]["style"]["name"]
-    head = ["method", "kind", f"{c} rate", f"{st} rate", "both rate", "s / image", "setup s"]
-    def timing(r, key, fmt):
-        return "-" if r["kind"] == "target" else format(r[key], fmt)
-
-    body = [[r["method"], r["kind"], f"{r['character_rate']:.2f}", f"{r['style_rate']:.2f}", f"{r['both_rate']:.2f}",
-             timing(r, "s_per_image", ".2f"), timing(r, "setup_s", ".1f")] for r in report["rows"]]
-    return [head] + body
-
-
-def format_table(report: dict) -> str:
-    """Plain-text table for the terminal."""
-    rows = table_rows(report)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
-                     for r in rows)
-
-
-def _lora_lines(report: dict) -> list[str]:
-    return [f"{name}: {Path(v['path']).name} ({'cached' if v['cached'] else 'trained'}, {v['seconds']:.1f} s)"
-            for name, v in report["loras"].items()]
-
-
-def _seed_range(report: dict) -> str:
-    seeds = report["rows"][0]["seeds"] if report["rows"] else []
-    return "-" if not seeds else str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-
-
-def to_markdown(report: dict) -> str:
-    from lorakit.eval.report import markdown_table
-
-    rows = table_rows(report)
-    lines = ["# lorakit demo", "", f"Prompt: `{report['prompt']}`; {report['settings']['k']} images per method, "
-             f"seeds {_seed_range(report)}; "
-             f"{report['settings']['sample_steps']} DDIM steps, guidance {report['settings']['guidance']}; "
-             f"oracle presence threshold 0.5.", "",
-             markdown_table(rows[0], rows[1:]).rstrip("\n")]
-    lines += ["", "LoRAs: " + "; ".join(_lora_lines(report)), "",
-              f"Total {report['total_s']:.1f} s, {report['settings']['threads']} thread(s). "
-              "setup s = time before the first image (cmlora: frequency profiles; gradient/weighted: fusing).", "",
-              "## Images", ""]
-    for r in report["rows"]:
-        lines.append(f"**{r['method']}** ({r['description']}): "
-                     + " ".join(f"[![]({big})]({p})" for p, big in zip(r["images"], r["images_large"])))
-        lines.append("")
-    return "\n".join(lines)
-
-
-def to_html(report: dict) -> str:
-    from html import escape
-
-    rows = table_rows(report)
-    th = "".join(f"<th>{escape(v)}</th>" for v in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in r) + "</tr>" for r in rows[1:])
-    grid = "".join(
-        f"<tr><th title=\"{escape(r['description'])}\">{escape(r['method'])}</th>"
-        + "".join(f"<td><a href=\"{escape(p)}\"><img src=\"{escape(big)}\" alt=\"{escape(r['method'])} seed {sd}\" "
-                  f"title=\"seed {sd}: {escape(report['concepts']['character']['name'])} {pr[0]:.2f}, "
-                  f"{escape(report['concepts']['style']['name'])} {pr[1]:.2f}\"></a>"
-                  f"<div class=\"v\">{_verdict(pr)}</div></td>"
-                  for p, big, sd, pr in zip(r["images"], r["images_large"], r["seeds"], r["probs"]))
-        + "</tr>"
-        for r in report["rows"])
-    set_ = report["settings"]
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>lorakit demo</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1.5em}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{background:#f3f3f3}}
-.grid img{{width:128px;height:128px;image-rendering:pixelated}} .grid td{{padding:2px;text-align:center}}
-.v{{font-size:11px;color:#555}}</style></head><body>
-<h1>lorakit demo</h1>
-<p>Prompt <code>{escape(report['prompt'])}</code>; {set_['k']} images per method (same seeds for every method);
-{set_['sample_steps']} DDIM steps, guidance {set_['guidance']}. Rates: fraction of images where the oracle finds the
-concept (probability &ge; 0.5); both rate: character and style in the same image.
-setup s: time before the first image (cmlora: frequency profiles; gradient/weighted: fusing).</p>
-<table><tr>{th}</tr>{body}</table>
-<p>LoRAs: {escape('; '.join(_lora_lines(report)))}. Total {report['total_s']:.1f} s, {set_['threads']} thread(s).</p>
-<h2>Images</h2><p>Shown 4x enlarged (nearest neighbour; click for the 32x32 file). Under each image the oracle's
-verdict (C = character, S = style; upper case = present, lower case = absent); hover for the probabilities. The
-target rows are the renderer's ground truth for the same seeds: what the concepts should look like.</p>
-<table class="grid">{grid}</table>
-</body></html>
-"""
-
-
-def _verdict(probs) -> str:
-    c, st = (p >= 0.5 for p in probs)
-    return f"{'C' if c else 'c'} {'S' if st else 's'}"
-
-
-def write_reports(report: dict, out: Path) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out`` (atomically)."""
-    from lorakit.fileio import write_json, write_text
-
-    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
-    write_json(report, paths["json"])
-    write_text(to_markdown(report), paths["md"])
-    write_text(to_html(report), paths["html"])
-    return paths
 
 
 __all__ = ["METHODS", "TARGETS", "DemoSettings", "check_concept", "demo_prompt", "format_table", "method_ids",

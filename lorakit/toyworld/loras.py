@@ -65,11 +65,14 @@ def recipe_hash(cfg) -> str:
         resolved.pop(key, None)
     resolved["data"].pop("cache_dir", None)
     base, data = Path(str(cfg.base_model)), Path(str(cfg.data.path))
+    reg = Path(str(cfg.data.reg_path)) if cfg.data.get("reg_path") else None
     # Paths are hashed by content, so the same recipe hashes the same from any working directory.
     if base.exists():
         resolved.pop("base_model")
     if data.exists():
         resolved["data"].pop("path")
+    if reg is not None and reg.exists():
+        resolved["data"]["reg_path"] = tree_hash(reg)
     return content_hash(resolved, base, data)
 
 
@@ -92,7 +95,19 @@ def default_cache_dir() -> Path:
 
 def _overrides(name: str, base: str | None, overrides: list[str] | None) -> list[str]:
     # Recipes name repo-relative paths: resolve them against the repository, whatever the working directory.
-    return [f"base_model={base or data_path('toy-base')}", f"data.path={data_path('toy', name)}", *(overrides or [])]
+    out = [f"base_model={base or data_path('toy-base')}", f"data.path={data_path('toy', name)}"]
+    reg = _recipe_reg_path(name)
+    if reg and Path(reg).parts[0] == "data":
+        out.append(f"data.reg_path={data_path(*Path(reg).parts[1:])}")
+    return [*out, *(overrides or [])]
+
+
+def _recipe_reg_path(name: str) -> str | None:
+    """The recipe's ``data.reg_path`` as written (a ``data/...`` path in the bundled recipes), or None."""
+    from omegaconf import OmegaConf
+
+    reg = OmegaConf.select(OmegaConf.load(recipe_path(name)), "data.reg_path")
+    return str(reg) if reg else None
 
 
 def concept_lora_path(concept: str, out_dir: str | os.PathLike, base: str | None = None,

@@ -11,7 +11,7 @@ pixels: position and size jitter come from ``Scene.seed`` only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -322,8 +322,3 @@ def render(scene: Scene, size: int = 32) -> Image.Image:
     if scene.style == "pixel":
         img = _pixelate(img, max(2, size // 16))
     return img
-
-
-def with_seed(scene: Scene, seed: int) -> Scene:
-    """``scene`` with another jitter seed."""
-    return replace(scene, seed=seed)

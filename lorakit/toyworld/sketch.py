@@ -7,6 +7,14 @@ scenes put one shape in each half (left, right), the layout regional sampling us
 >>> scene = random_sketch_scene(np.random.default_rng(0), n_shapes=2)
 >>> image, silhouette = render_sketch_scene(scene)      # PIL RGB 32x32, float32 [32, 32] in [0, 1]
 >>> scene.region_prompts()                               # one prompt per half, e.g. ['red circle, white plain background', ...]
+
+Characters placed by sketches (Mix-of-Show's figure): a :class:`CharacterScene` puts one held-out character per
+half at a random size and place; :func:`render_character_scene` draws them with the renderer's sprites and returns
+their silhouette (the sketch) too.
+
+>>> scene = random_character_scene(np.random.default_rng(0), ("frog", "robot"))
+>>> image, silhouette = render_character_scene(scene)
+>>> scene.region_prompts()                               # ['kwibbit, white plain background', 'zorbo, white plain background']
 """
 
 from __future__ import annotations
@@ -91,3 +99,87 @@ def render_sketch_scene(scene: SketchScene, size: int = 32) -> tuple[Image.Image
 def silhouette_image(silhouette: np.ndarray) -> Image.Image:
     """A silhouette as the grayscale sketch image an adapter reads (white shapes on black)."""
     return Image.fromarray((np.clip(silhouette, 0, 1) * 255).round().astype(np.uint8), mode="L")
+
+
+# ---------------------------------------------------------------- characters placed by sketches
+
+# Extent of each character sprite around its anchor (cx, cy), in units of its size s: (half width, top, bottom),
+# read off the sprite functions of lorakit.toyworld.render.
+CHARACTER_EXTENT = {"robot": (0.26, 0.53, 0.48), "frog": (0.46, 0.32, 0.42), "ghost": (0.33, 0.48, 0.47)}
+
+
+@dataclass(frozen=True)
+class PlacedCharacter:
+    """A held-out character sprite anchored at (cx, cy) with size s, all fractions of the image side."""
+
+    name: str
+    cx: float
+    cy: float
+    s: float
+
+    def box(self) -> tuple[float, float, float, float]:
+        """Its bounding box (top, left, bottom, right), fractions."""
+        hw, top, bottom = CHARACTER_EXTENT[self.name]
+        return (self.cy - top * self.s, self.cx - hw * self.s, self.cy + bottom * self.s, self.cx + hw * self.s)
+
+
+@dataclass(frozen=True)
+class CharacterScene:
+    """Two characters, one per half (the first on the left), on a generic background."""
+
+    characters: tuple[PlacedCharacter, ...]
+    background: str = "plain"
+    bg_color: str = "white"
+
+    def background_prompt(self) -> str:
+        return f"{self.bg_color} {self.background} background"
+
+    def region_prompts(self) -> list[str]:
+        """A prompt per character, written like the toy LoRAs' captions (trigger word, background)."""
+        from lorakit.toyworld.concepts import get_concept
+
+        return [f"{get_concept(c.name).trigger}, {self.background_prompt()}" for c in self.characters]
+
+
+def random_character_scene(rng: np.random.Generator, characters=("frog", "robot"), background: str = "plain",
+                           bg_color: str = "white") -> CharacterScene:
+    """One character per half, each of a random size (0.40-0.55 of the image side) at a random place that keeps
+    its whole sprite inside its half."""
+    placed = []
+    for k, name in enumerate(characters):
+        hw, top, bottom = CHARACTER_EXTENT[name]
+        s = float(rng.uniform(0.40, 0.55))
+        s = min(s, 0.44 / (2 * hw))  # the widest sprite must fit in its half, 0.02 from each side
+        lo = 0.5 * k
+        cx = rng.uniform(lo + hw * s + 0.02, lo + 0.5 - hw * s - 0.02)
+        cy = rng.uniform(top * s + 0.04, 1 - bottom * s - 0.04)
+        placed.append(PlacedCharacter(name, float(cx), float(cy), s))
+    return CharacterScene(tuple(placed), background, bg_color)
+
+
+class _MaskDraw:
+    """Draws what a sprite function draws, in one grey level (its silhouette)."""
+
+    def __init__(self, draw: ImageDraw.ImageDraw):
+        self._draw = draw
+
+    def __getattr__(self, name):
+        method = getattr(self._draw, name)
+        return lambda *args, **kwargs: method(*args, **{**kwargs, "fill": 255})
+
+
+def render_character_scene(scene: CharacterScene, size: int = 32) -> tuple[Image.Image, np.ndarray]:
+    """The scene's RGB image (the characters as the toy world draws them) and its silhouette ``[size, size]``."""
+    from lorakit.toyworld.render import _CHARACTERS
+
+    n = size * SUPERSAMPLE
+    bg = _background(Scene(background=scene.background, bg_color=scene.bg_color), n, np.random.default_rng(0))
+    canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    mask = Image.new("L", (n, n), 0)
+    d, dm = ImageDraw.Draw(canvas), _MaskDraw(ImageDraw.Draw(mask))
+    for c in scene.characters:
+        _CHARACTERS[c.name](d, c.cx * n, c.cy * n, c.s * n)
+        _CHARACTERS[c.name](dm, c.cx * n, c.cy * n, c.s * n)
+    image = canvas.resize((size, size), Image.BOX)
+    silhouette = np.asarray(mask.resize((size, size), Image.BOX), np.float32) / 255.0
+    return image, silhouette

@@ -1,0 +1,173 @@
+"""Gradient fusion of 2, 3 and 4 ED-LoRA concepts vs weighted average vs merge, scored by the toy oracle.
+
+Inputs: one ED-LoRA file per toy concept (``--edloras robot=PATH frog=PATH ...``, trained with
+``train_configs/toy_edlora_character.yaml`` and ``data.path=data/toy/<c>``, ``concept.*`` set to the concept, as
+``output/edlora_toy/train_all.sh`` in the docs does). For each set (``--sets robot+frog robot+frog+ghost ...``)
+one model per method:
+  * ``gradient``: ``lorakit.fusion.gradient`` with its defaults; fit prompts ``concept_prompts(c, 4, seed=0)``,
+    held-out ``seed=1`` (toy captions with the trigger word replaced by the concept's pseudo-words);
+  * ``weighted``: every ED-LoRA loaded (``load_edlora``: its embeddings and routing) with LoRA scale ``1/N``
+    (Mix-of-Show's weight fusion: the average of the deltas);
+  * ``merge``: the same with scale 1 (the sum of the deltas).
+Evaluation: ``--n`` captions of scenes with every concept of the set (random generic backgrounds, prompt rng seed
+7), the triggers replaced by pseudo-words; image seeds 5000..; 20 DDIM steps, guidance 4 (the toy defaults). The
+oracle scores each image on every concept of the set. JSON lines: per method, each concept's rate and "all
+concepts" with Wilson 95% intervals; per method pair, exact McNemar (paired: same captions and seeds).
+
+    python tools/measure_edlora_fusion_toy.py --edloras robot=output/edlora_toy/robot/edlora.safetensors \
+        frog=output/edlora_toy/frog/edlora.safetensors --sets robot+frog --n 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lorakit.eval.stats import mcnemar_exact, wilson  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("gradient", "weighted", "merge")
+
+
+def words_of(adapter) -> str:
+    """The pseudo-words that stand for an ED-LoRA file's concept (its ``lorakit.trigger``)."""
+    words = (adapter.metadata.get("lorakit.trigger") or "").strip()
+    if not words:
+        raise SystemExit("an ED-LoRA file without lorakit.trigger metadata")
+    return words
+
+
+def with_words(prompts: list[str], names: list[str], words: dict[str, str]) -> list[str]:
+    """Toy captions with each concept's trigger word replaced by its pseudo-words."""
+    from lorakit.toyworld.concepts import get_concept
+
+    out = []
+    for p in prompts:
+        for n in names:
+            p = p.replace(get_concept(n).trigger, words[n])
+        out.append(p)
+    return out
+
+
+def fused_pipe(method: str, base, files: dict[str, str], names: list[str], words: dict[str, str]):
+    """A copy of ``base`` with the set ``names`` fused by ``method``."""
+    from lorakit.adapters.edlora import load_edlora
+    from lorakit.adapters.io import load_adapter
+    from lorakit.fusion.gradient import Concept, GradientSettings, fuse_gradient
+    from lorakit.toyworld.evaluate import concept_prompts
+
+    pipe = copy.deepcopy(base)
+    if method == "gradient":
+        concepts = []
+        for n in names:
+            fit = with_words(concept_prompts(n, 4, seed=0), [n], words)
+            val = with_words(concept_prompts(n, 4, seed=1), [n], words)
+            concepts.append(Concept(n, load_adapter(files[n]), 1.0, fit, list(fit), val, list(val)))
+        fuse_gradient(pipe, concepts, GradientSettings(steps=20, samples=1, guidance=1.0, progress=False))
+    else:
+        scale = 1.0 / len(names) if method == "weighted" else 1.0
+        adapter_names = [load_edlora(pipe, files[n], adapter_name=f"c{i}")["adapter_name"]
+                         for i, n in enumerate(names)]
+        pipe.set_adapters(adapter_names, [scale] * len(names))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def compare(emit, tag: str, names: list[str], first: str, other: str, present: dict) -> None:
+    a_all, b_all = present[first].all(1), present[other].all(1)
+    rows = [("all", a_all, b_all)] + [(n, present[first][:, j], present[other][:, j]) for j, n in enumerate(names)]
+    for on, a, b in rows:
+        wins, losses = int((a & ~b).sum()), int((~a & b).sum())
+        emit({"set": tag, "compare": f"{first} vs {other}", "on": on, "n": int(a.numel()), "wins": wins,
+              "losses": losses, "mcnemar_p": float(f"{mcnemar_exact(wins, losses):.3g}")})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--edloras", nargs="+", required=True, metavar="CONCEPT=PATH")
+    ap.add_argument("--sets", nargs="+", default=["robot+frog"], help="concept sets a+b[+c...]")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--n", type=int, default=32, help="evaluation images per method and set")
+    ap.add_argument("--base", default=str(REPO / "data" / "toy-base"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="also write the JSON lines here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from lorakit.adapters.io import load_adapter
+    from lorakit.eval.oracle import score
+    from lorakit.models import load_base
+    from lorakit.toyworld.evaluate import generate
+
+    files = dict(kv.split("=", 1) for kv in args.edloras)
+    needed = {n for tag in args.sets for n in tag.split("+")}
+    missing = sorted(needed - set(files))
+    if missing:
+        raise SystemExit(f"--sets name {missing} without a --edloras file")
+    words = {n: words_of(load_adapter(files[n])) for n in needed}
+    base = load_base(args.base)
+    base.set_progress_bar_config(disable=True)
+    lines = []
+
+    def emit(obj):
+        print(json.dumps(obj), flush=True)
+        lines.append(obj)
+
+    for tag in args.sets:
+        names = tag.split("+")
+        prompts = with_words(many_prompts(names, args.n), names, words)
+        present = {}
+        for method in args.methods:
+            t0 = time.perf_counter()
+            pipe = fused_pipe(method, base, files, names, words)
+            fuse_s = time.perf_counter() - t0
+            s = score(generate(pipe, prompts, seed=5000), names)
+            present[method] = s.present.clone()
+            row = {"set": tag, "method": method, "n": len(prompts), "fuse_s": round(fuse_s, 1),
+                   "example_prompt": prompts[0]}
+            for j, c in enumerate(names + ["all"]):
+                k = int(s.present[:, j].sum()) if c != "all" else int(s.present.all(1).sum())
+                lo, hi = wilson(k, len(prompts))
+                row[c] = {"k": k, "rate": round(k / len(prompts), 4), "ci95": [round(lo, 3), round(hi, 3)]}
+            emit(row)
+            del pipe
+        for other in args.methods[1:]:
+            compare(emit, tag, names, args.methods[0], other, present)
+    if args.out:
+        from lorakit.fileio import write_text
+
+        write_text("".join(json.dumps(x) + "\n" for x in lines), args.out)
+    return 0
+
+
+def many_prompts(names: list[str], n: int, seed: int = 7) -> list[str]:
+    """``n`` captions of scenes with every concept of ``names`` (characters and objects)."""
+    import numpy as np
+
+    from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS, get_concept
+    from lorakit.toyworld.render import Scene, caption
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        kw = dict(background=str(rng.choice(GENERIC_BACKGROUNDS)), bg_color=str(rng.choice(list(BACKGROUND_COLORS))))
+        for c in map(get_concept, names):
+            key = {"character": "characters", "object": "objects"}.get(c.kind)
+            if key is None:
+                kw["style" if c.kind == "style" else "background"] = c.name
+            else:
+                kw[key] = kw.get(key, ()) + (c.name,)
+        out.append(caption(Scene(**kw)))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
