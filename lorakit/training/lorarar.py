@@ -44,7 +44,8 @@ from lorakit.fusion.ziplora import (
     reference_for,
 )
 from lorakit.memory import check_training
-from lorakit.models import load_base, pipeline_arch
+from lorakit import models as base_models  # looked up at call time: tests replace load_base
+from lorakit.models import pipeline_arch
 from lorakit.precision import torch_dtype
 from lorakit.rng import sample_generator
 from lorakit.training.entry import main as entry_main
@@ -245,7 +246,7 @@ def check_recipe(cfg, pipe) -> Run:
 
 def setup_models(run: Run) -> None:
     """Load the base, freeze it (eval mode) and move it to the device."""
-    pipe = run.pipe if run.pipe is not None else load_base(run.cfg.base_model)
+    pipe = run.pipe if run.pipe is not None else base_models.load_base(run.cfg.base_model)
     for name in FROZEN:
         model = getattr(pipe, name, None)
         if model is not None:

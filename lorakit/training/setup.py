@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.models import load_base
+from lorakit import models  # looked up at call time: tests replace models.load_base
 
 FROZEN = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -18,7 +18,7 @@ def require_base(cfg, pipe) -> None:
 
 def base_pipeline(cfg, pipe=None):
     """``pipe``, or the recipe's ``base_model`` loaded."""
-    return pipe if pipe is not None else load_base(cfg.base_model)
+    return pipe if pipe is not None else models.load_base(cfg.base_model)
 
 
 def freeze_and_place(pipe, device, dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
