@@ -1,6 +1,6 @@
 """An MLLM judge on any OpenAI-compatible chat endpoint (vLLM, ollama, llama.cpp server, hosted APIs).
 
-Two protocols (METHODS.md sections 3 and 4):
+Two protocols (docs/eval.md, "MLLM judge"):
   * ``pairwise``: two images from one prompt, each scored 0-10 on composition and quality; asked in both orders
     (image A first, then B first) and averaged, which cancels the judge's position bias.
   * ``yesno``: one image, one question per concept ("does it show the subject?", "is it in the style?");
