@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+# looked up at call time: tests replace models.load_base
+from lorakit import models as base_models
 from lorakit.adapters.io import load_adapter, validate_adapter
 from lorakit.adapters.synthetic import random_adapter
 from lorakit.conditioning import pixel_size
@@ -44,7 +46,6 @@ from lorakit.fusion.ziplora import (
     reference_for,
 )
 from lorakit.memory import check_training
-from lorakit import models as base_models  # looked up at call time: tests replace load_base
 from lorakit.models import pipeline_arch
 from lorakit.precision import torch_dtype
 from lorakit.rng import sample_generator
