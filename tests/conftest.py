@@ -1,16 +1,32 @@
 import os
+import sys
+from pathlib import Path
 
 from lorakit.threads import configure_threads
 
 # Before torch loads OpenMP: lorakit's defaults (passive waiting, one thread), whatever OMP_NUM_THREADS says, so the
 # tests train the same bits everywhere; LORAKIT_TEST_THREADS=N to try another count.
-configure_threads(int(os.environ.get("LORAKIT_TEST_THREADS", "1")))
+THREADS = configure_threads(int(os.environ.get("LORAKIT_TEST_THREADS", "1")))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+# tools/*.py are scripts, not a package: tests that check a tool import it by name (`import bench_scale`).
+sys.path.insert(0, str(ROOT / "tools"))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _session_threads():
+    """Every test (and the fixtures set up after it) runs on the session's torch thread count, whatever a tool's
+    ``main`` or a test set before: tiny models run as fast on one thread, several times faster when other jobs
+    share the cores, and the count changes float reduction order, hence the bits of what a test trains."""
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
-from lorakit.cli import main  # noqa: E402
-from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids, target_ids  # noqa: E402
+from lorakit.cli import main
+from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids, target_ids
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "--quiet"]

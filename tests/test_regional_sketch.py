@@ -13,14 +13,6 @@ from lorakit.toyworld.sketch import (CHARACTER_EXTENT, CharacterScene, PlacedCha
                                      render_character_scene)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_character_scenes_keep_each_sprite_in_its_half():
     rng = np.random.default_rng(0)
     for _ in range(200):

@@ -12,6 +12,7 @@ import torch
 
 from lorakit.config import load_config
 from lorakit.fileio import load_safetensors
+from lorakit.testing import reset_accelerate
 from lorakit.training.loop import TrainConfig, TrainingDiverged, TrainLoop, build_optimizer, latest_checkpoint, make_accelerator
 from lorakit.training.state import CheckpointError
 
@@ -41,10 +42,7 @@ class Net(torch.nn.Module):
 
 
 def _run(out, overrides, nan_at=None, nan_grad_at=None, hidden=4):
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     cfg = load_config(TrainConfig, None, [f"output_dir={out}", "logging=none", "learning_rate=0.05",
                                           "train_batch_size=3", "lr_scheduler=cosine", *overrides])
     acc = make_accelerator(cfg)

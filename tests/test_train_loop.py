@@ -7,6 +7,7 @@ import torch
 
 from lorakit.config import load_config
 from lorakit.fileio import load_safetensors, save_safetensors
+from lorakit.testing import reset_accelerate
 from lorakit.training.loop import (
     GlobalBatchSampler,
     TrainConfig,
@@ -33,10 +34,7 @@ class PointSet(torch.utils.data.Dataset):
 
 
 def _run(tmp_path, overrides, nan_at=None):
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", "logging=none", "learning_rate=0.3",
                                           "train_batch_size=3", "lr_scheduler=cosine", "lr_warmup_steps=2", *overrides])
     acc = make_accelerator(cfg)
