@@ -66,7 +66,7 @@ def test_report_files_and_every_method(demo_run):
 def test_report_numbers_are_the_oracles_on_the_saved_pngs(demo_run):
     from PIL import Image
 
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
 
     out, _, report, _ = demo_run
     for row in report["rows"]:

@@ -127,11 +127,9 @@ def test_imports_point_down_the_layers():
     assert not upward, "imports pointing up:\n" + "\n".join(upward)
 
 
-# Imports inside functions that still point up; each is to be removed (the oracle belongs under toyworld/).
+# Imports inside functions that still point up; each is to be removed.
 LAZY_UPWARD_ALLOWLIST = {
     ("lorakit.data", "lorakit.training.loop"),
-    ("lorakit.eval.metrics", "lorakit.toyworld.concepts"),
-    ("lorakit.eval.oracle", "lorakit.toyworld.concepts"),
 }
 
 

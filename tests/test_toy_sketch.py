@@ -45,7 +45,7 @@ def test_measure_helpers():
     image, _ = render_sketch_scene(scene)
     views = tool.region_views(image, scene)
     assert [v.size for v in views] == [(32, 32), (32, 32)]
-    from lorakit.eval.oracle import load_oracle
+    from lorakit.toyworld.oracle import load_oracle
 
     oracle = load_oracle()
     for p, v in zip(scene.shapes, views):  # the view the measurement reads finds the rendered shape and colour

@@ -6,7 +6,7 @@ import pytest
 import torch
 import train_oracle
 
-from lorakit.eval.oracle import load_oracle, score
+from lorakit.toyworld.oracle import load_oracle, score
 from lorakit.toyworld.concepts import CONCEPTS, HELDOUT
 from lorakit.toyworld.render import Scene, render
 from lorakit.toyworld.scenes import mixed_scene

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         quiet_loaded_libraries()
         pipe, adapters, sketch_adapter = load_sketch_pipeline(args.base, args.adapter, args.characters, args.loras,
                                                               args.scale)
-        from lorakit.eval.oracle import load_oracle
+        from lorakit.toyworld.oracle import load_oracle
 
         oracle = load_oracle()
         rng = np.random.default_rng(args.seed)

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 
     from diffusers import StableDiffusionPipeline, T2IAdapter
 
-    from lorakit.eval.oracle import load_oracle
+    from lorakit.toyworld.oracle import load_oracle
     from lorakit.sampling import SamplerSettings, generate
     from lorakit.sampling.conditions import Condition
     from lorakit.sampling.regional import Region, RegionSpec
