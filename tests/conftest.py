@@ -76,8 +76,8 @@ def sdxl_pipe():
 
     return tiny_pipeline("sdxl", seed=0)
 
-# `pytest -m quick` (or `pytest --quick`, which also skips importing the other test files): a subset that touches
-# every module cheaply, to run after each change (well under a minute on 2 idle cores): the layering and registry
+# `pytest -m quick` (or `pytest --quick`, which also checks that every name below exists): a subset that touches
+# every module cheaply, to run after each change (well under a minute on 2 cores): the layering and registry
 # checks, configs, file formats, named user errors, and one tiny train / fuse / sample / eval smoke each. Whole
 # files ("*") or the named tests (parametrized ones: every case) of each file. `-m "not slow"` is unchanged.
 QUICK = {
@@ -101,6 +101,8 @@ QUICK = {
     "test_edlora_train.py": {"test_bad_inputs_are_named"},
     "test_eval_api.py": {"test_every_metric_has_settings_with_the_shared_fields",
                          "test_evaluation_needs_no_toy_world_and_the_toy_world_registers_its_oracle"},
+    "test_eval_clipscore.py": {"test_negative_cosine_scores_zero"},
+    "test_eval_retention.py": {"test_fused_equal_to_base_keeps_nothing"},
     "test_eval_bench_sets.py": {"test_sets_cover_every_combination",
                                 "test_summary_counts_images_with_intervals_and_pairs_them"},
     "test_eval_judge.py": {"test_parsers", "test_pairwise_asks_both_orders_and_averages",
@@ -135,8 +137,9 @@ QUICK = {
                          "test_regions_file_validation"},
     "test_sampling_cli.py": {"test_cli_errors_are_named"},
     "test_single_file.py": {"test_added_tokens_are_refused"},
+    "test_toy_sketch.py": {"test_silhouette_marks_the_drawn_shapes_one_per_half", "test_measure_helpers"},
     "test_toyworld.py": {"test_concept_sets_are_disjoint_and_complete", "test_render_is_deterministic_by_seed",
-                         "test_captions_use_triggers_and_tags"},
+                         "test_captions_use_triggers_and_tags", "test_recipe_hash_covers_the_regularisation_images"},
     "test_toyworld_hardneg.py": {"test_wilson_and_paired_tests"},
     "test_toyworld_oracle.py": {"test_oracle_knows_every_concept", "test_score_contract_pil_and_tensor_agree"},
     "test_train_blockwise.py": {"test_configured_blocks_metadata_and_diffusers_load"},
