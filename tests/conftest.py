@@ -63,6 +63,46 @@ def toy_loras(request):
     return files
 
 
+class _RegressionPoints(torch.utils.data.Dataset):
+    """Ten 3-d points of a noiseless linear regression, y = x . (1, -2, 0.5) + 0.3 (seed 0)."""
+
+    def __init__(self, n=10):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+@pytest.fixture
+def regression_loop():
+    """``run(out, overrides, make_model, loss_fn)``: lorakit's shared ``TrainLoop`` on ten regression points, with
+    fresh accelerate state, ``TrainConfig`` = ``output_dir=out``, no logging, batch 3, cosine schedule, then
+    ``overrides``; the model built by ``make_model()`` after ``torch.manual_seed(0)``; ``loss_fn(batch, step,
+    model, cfg)``; the model's state dict saved as safetensors. Returns the loop's result."""
+    from lorakit.config import load_config
+    from lorakit.fileio import save_safetensors
+    from lorakit.testing import reset_accelerate
+    from lorakit.training.loop import TrainConfig, TrainLoop, build_optimizer, make_accelerator
+
+    def run(out, overrides, make_model, loss_fn):
+        reset_accelerate()
+        cfg = load_config(TrainConfig, None, [f"output_dir={out}", "logging=none", "train_batch_size=3",
+                                              "lr_scheduler=cosine", *overrides])
+        acc = make_accelerator(cfg)
+        torch.manual_seed(0)
+        model = make_model()
+        opt = build_optimizer(cfg, [{"params": model.parameters()}])
+        return TrainLoop(cfg, acc, [model], opt, _RegressionPoints(), lambda batch, step, models: loss_fn(
+            batch, step, models[0], cfg), lambda path: save_safetensors(model.state_dict(), path)).run()
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def sd1_pipe():
     from lorakit.models import tiny_pipeline
