@@ -25,3 +25,12 @@ def unet_inputs(pipe, batch: int = 1, seed: int = 0) -> dict:
             "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * batch),
         }
     return inputs
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so that a second training in the same process builds its
+    ``Accelerator`` afresh (accelerate keeps one shared state per process and refuses some changes to it)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

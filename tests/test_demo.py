@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
-from lorakit.cli import main  # noqa: E402
-from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids, target_ids  # noqa: E402
+from lorakit.cli import main
+from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids, target_ids
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "--quiet"]
@@ -68,7 +66,7 @@ def test_report_files_and_every_method(demo_run):
 def test_report_numbers_are_the_oracles_on_the_saved_pngs(demo_run):
     from PIL import Image
 
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
 
     out, _, report, _ = demo_run
     for row in report["rows"]:

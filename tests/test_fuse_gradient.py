@@ -2,8 +2,6 @@
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,17 +12,7 @@ from lorakit.fusion.gradient import Concept, GradientSettings, fuse_gradient, st
 from lorakit.fusion.merge import apply_deltas, weighted
 from lorakit.testing import random_adapter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from lbfgs_fusion_reference import REFERENCE_ITERS, layer_data, lbfgs_solve, mse_objective  # noqa: E402
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 matmuls run faster on one thread (and do not spin against other jobs on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from lbfgs_fusion_reference import REFERENCE_ITERS, layer_data, lbfgs_solve, mse_objective
 
 # A fixed tiny ridge: these tests check the exact least-squares solve (ridge="auto" has its own tests).
 SETTINGS = dict(steps=2, resolution=16, progress=False, keep_inputs=True, seed=0, ridge=1e-6, ridge_target="base")

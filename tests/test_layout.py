@@ -123,11 +123,8 @@ def test_imports_point_down_the_layers():
     assert not upward, "imports pointing up:\n" + "\n".join(upward)
 
 
-# Imports inside functions that still point up; each is to be removed (the oracle belongs under toyworld/).
-LAZY_UPWARD_ALLOWLIST = {
-    ("lorakit.eval.metrics", "lorakit.toyworld.concepts"),
-    ("lorakit.eval.oracle", "lorakit.toyworld.concepts"),
-}
+# Imports inside functions that still point up; each is to be removed.
+LAZY_UPWARD_ALLOWLIST: set[tuple[str, str]] = set()
 
 
 def test_no_new_lazy_import_points_up():

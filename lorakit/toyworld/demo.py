@@ -356,7 +356,7 @@ def _row_record(row: str, kind: str, description: str, images: list, seeds: list
     """Save one row's images (32 px + enlarged copies), score them with the oracle; the row's report entry."""
     from PIL import Image
 
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
     from lorakit.fileio import save_image
 
     paths, big = [], []
