@@ -135,6 +135,25 @@ def select_rows(x: torch.Tensor, rows: torch.Tensor | slice | None, batch: int |
     return x[rows.to(x.device).repeat(x.shape[0] // rows.shape[0], 1)]
 
 
+def concept_runs(owners: list[int], n: int) -> list[tuple[int, int, int]]:
+    """``(concept, start, stop)``: the runs of consecutive prompts of one concept (``owners``: one concept per prompt
+    of a batch, -1 = skip) in a layer input of ``n`` rows (``k`` copies of the batch, copy-major: CFG, ED-LoRA's
+    layer copies), so each run is a view of the input, not a copy. Runs never span two copies."""
+    B = len(owners)
+    if n % B:
+        raise RuntimeError(f"concepts of {B} prompts do not fit a layer input of {n} rows")
+    runs: list[tuple[int, int, int]] = []
+    for j in range(n // B):
+        for b, c in enumerate(owners):
+            if c < 0:
+                continue
+            if b > 0 and runs and runs[-1][0] == c and runs[-1][2] == j * B + b:
+                runs[-1] = (c, runs[-1][1], j * B + b + 1)
+            else:
+                runs.append((c, j * B + b, j * B + b + 1))
+    return runs
+
+
 @dataclass
 class LayerStats:
     """Accumulated statistics of one layer (see the module docstring).
@@ -162,7 +181,9 @@ class GramCollector:
         (:func:`projected_inputs`), so their ``G`` is ``[R, R]`` (the LoRA-subspace solve of large convs); their
         ``{concept: D_i}`` are then ``[r_i, R]``.
 
-    Use ``with collector:`` around forward passes and ``collector.concept = i`` to say whose activations run.
+    Use ``with collector:`` around forward passes and ``collector.concept = i`` to say whose activations run, or
+    ``collector.owners`` (``[B]``, one concept per prompt, -1 for prompts not to record) for a batch that mixes
+    concepts.
     """
 
     def __init__(self, model, layers: dict, device=None, keep_inputs: bool = False, gram: bool = True,
@@ -173,6 +194,14 @@ class GramCollector:
         self.layers = layers
         self.keep_inputs = keep_inputs
         self.concept: int | None = None
+        # or, for a batch of several concepts: ``[B]`` concept of each prompt (-1: not recorded); ``rows`` is then
+        # None or a ``[B, S]`` token-row mask
+        self.owners = None
+        # rows wait in a float64 buffer until a layer has ``_flush_rows`` of them (at most about the size of its
+        # Gram matrix, or 1 MiB): small per-call products cost more in overhead than in arithmetic
+        self._buffers: dict[str, list] = {}
+        self._buffered: dict[str, int] = {}
+        self._flush_rows: dict[str, int] = {}
         # [B, S] token-row mask of the prompts running (text-side layers), or [B] mask / slice of the prompts to
         # record out of ``batch`` prompts (see :func:`select_rows`)
         self.rows: torch.Tensor | slice | None = None
@@ -191,27 +220,82 @@ class GramCollector:
                 tokens=torch.zeros((), dtype=torch.float64, device=dev),
             )
             self._downs[name] = {c: d.to(device=dev, dtype=torch.float64) for c, d in downs.items()}
+            self._flush_rows[name] = max(dim, (1 << 17) // max(dim, 1))
             if name in self.project:
                 self.project[name] = self.project[name].to(device=dev, dtype=torch.float32)
 
+    @property
+    def owners(self) -> list[int] | None:
+        return self._owners
+
+    @owners.setter
+    def owners(self, value) -> None:
+        self._owners = None if value is None else [int(o) for o in value]
+        self._runs = {}
+
+    def _runs_of(self, n: int) -> list[tuple[int, int, int]]:
+        if n not in self._runs:
+            self._runs[n] = concept_runs(self._owners, n)
+        return self._runs[n]
+
+    def _selected(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """The rows of ``x`` to record, as ``(concept, rows)`` pieces."""
+        if self._owners is None:
+            return [] if self.concept is None else [(self.concept, select_rows(x, self.rows, self.batch))]
+        pieces = []
+        for c, start, stop in self._runs_of(x.shape[0]):
+            part = x[start:stop]
+            if self.rows is not None:  # [B, S] token rows of the batch
+                if x.dim() != 3 or x.shape[1] != self.rows.shape[1]:
+                    raise RuntimeError(f"token-row mask {tuple(self.rows.shape)} does not fit layer input "
+                                       f"{tuple(x.shape)}")
+                b0 = start % len(self._owners)
+                part = part[self.rows[b0 : b0 + stop - start].to(x.device)]
+            pieces.append((c, part))
+        return pieces
+
     def _hook(self, name: str):
         def hook(module, args):
-            if self.concept is None:
+            pieces = self._selected(args[0].detach())
+            if not pieces:
                 return
-            x = select_rows(args[0].detach(), self.rows, self.batch)
             down = self.project.get(name)
-            x = (flat_inputs(module, x) if down is None else projected_inputs(module, x, down)).to(torch.float64)
-            st = self.stats[name]
+            buf = self._buffers.setdefault(name, [])
+            for c, x in pieces:
+                if x.shape[0]:
+                    flat = flat_inputs(module, x) if down is None else projected_inputs(module, x, down)
+                    buf.append((c, flat.to(torch.float64, copy=True)))  # a copy: later in-place ops cannot change it
+                    self._buffered[name] = self._buffered.get(name, 0) + flat.shape[0]
+            if self._buffered.get(name, 0) >= self._flush_rows[name]:
+                self._flush(name)
+
+        return hook
+
+    def _flush(self, name: str) -> None:
+        """Add the buffered rows of one layer to its statistics (one product per concept, not one per call)."""
+        buf = self._buffers.pop(name, [])
+        self._buffered[name] = 0
+        if not buf:
+            return
+        st = self.stats[name]
+        by_concept: dict[int, list[torch.Tensor]] = {}
+        for c, x in buf:
+            by_concept.setdefault(c, []).append(x)
+        for c, parts in by_concept.items():
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
             st.tokens += x.shape[0]
             if self.gram:
                 st.G.addmm_(x.T, x)
-                down = self._downs[name].get(self.concept)
-                if down is not None:
-                    st.P[self.concept].addmm_(down @ x.T, x)
+                d = self._downs[name].get(c)
+                if d is not None:
+                    st.P[c].addmm_(d @ x.T, x)
             if self.keep_inputs:
-                st.inputs.setdefault(self.concept, []).append(x.cpu())
+                st.inputs.setdefault(c, []).append(x.cpu())
 
-        return hook
+    def flush(self) -> None:
+        """Add every buffered row to the statistics (done on leaving the ``with`` block)."""
+        for name in list(self._buffers):
+            self._flush(name)
 
     def __enter__(self):
         for name, (path, _) in self.layers.items():
@@ -223,7 +307,9 @@ class GramCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.flush()
         self.concept = None
+        self.owners = None
         self.rows = None
         self.batch = None
         return False

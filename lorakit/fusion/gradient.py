@@ -263,8 +263,9 @@ def _run_stages(pipe, concepts: list[Concept], settings: GradientSettings, probs
     def text_rows(item, comp):  # the reference's text-encoder rows: every token up to the end token, no padding
         return token_rows(tokenizers[comp], item.prompts, "prompt")
 
-    def kv_rows(item, comp):
-        return token_rows(pipe.tokenizer, item.prompts, settings.kv_rows, concept_ids, concepts[item.concept].trigger)
+    def kv_rows(item, comp):  # each prompt with its own concept's trigger
+        return torch.cat([token_rows(pipe.tokenizer, [p], settings.kv_rows, concept_ids, concepts[o].trigger)
+                          for o, p in zip(item.owners, item.prompts)], 0)
 
     def run_text(item):
         pipe.encode_prompt(prompt=item.prompts, device=device, num_images_per_prompt=1,
