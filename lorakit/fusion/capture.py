@@ -177,6 +177,8 @@ class GramCollector:
         keep_inputs: also keep raw flattened inputs per concept (reference/test use only).
         gram: accumulate ``G``/``P`` (False: keep inputs only, for timing the reference's recipe alone).
 
+    follow: another collector of the same layers (e.g. the fit statistics when this one holds the held-out ones):
+        its hooks record for both, so each layer input is flattened once.
     project: ``{name: down [R, in_flat]}``: record those layers' inputs seen through ``down``
         (:func:`projected_inputs`), so their ``G`` is ``[R, R]`` (the LoRA-subspace solve of large convs); their
         ``{concept: D_i}`` are then ``[r_i, R]``.
@@ -187,8 +189,14 @@ class GramCollector:
     """
 
     def __init__(self, model, layers: dict, device=None, keep_inputs: bool = False, gram: bool = True,
-                 project: dict[str, torch.Tensor] | None = None):
+                 project: dict[str, torch.Tensor] | None = None, follow: GramCollector | None = None):
         self.model = model
+        self._leader = follow
+        self._group = [self]
+        if follow is not None:
+            if follow.layers.keys() != layers.keys():
+                raise ValueError("a following collector records the same layers as its leader")
+            follow._group.append(self)
         self.project = dict(project or {})
         self.gram = gram
         self.layers = layers
@@ -256,20 +264,34 @@ class GramCollector:
 
     def _hook(self, name: str):
         def hook(module, args):
-            pieces = self._selected(args[0].detach())
-            if not pieces:
-                return
-            down = self.project.get(name)
-            buf = self._buffers.setdefault(name, [])
-            for c, x in pieces:
-                if x.shape[0]:
-                    flat = flat_inputs(module, x) if down is None else projected_inputs(module, x, down)
-                    buf.append((c, flat.to(torch.float64, copy=True)))  # a copy: later in-place ops cannot change it
-                    self._buffered[name] = self._buffered.get(name, 0) + flat.shape[0]
-            if self._buffered.get(name, 0) >= self._flush_rows[name]:
-                self._flush(name)
+            x = args[0].detach()
+            whole = None
+            for coll in self._group:
+                if coll._owners is not None and coll.rows is None:
+                    # whole prompts: flatten the input once for every split and take each run's rows as a view
+                    if whole is None:
+                        down = self.project.get(name)
+                        whole = (flat_inputs(module, x) if down is None else projected_inputs(module, x, down)).to(
+                            torch.float64, copy=True)  # a copy: later in-place ops cannot change it
+                        per = whole.shape[0] // x.shape[0]
+                    coll._add(name, [(c, whole[s * per : e * per]) for c, s, e in coll._runs_of(x.shape[0])])
+                else:
+                    down = self.project.get(name)
+                    coll._add(name, [(c, (flat_inputs(module, part) if down is None else projected_inputs(
+                        module, part, down)).to(torch.float64, copy=True))
+                        for c, part in coll._selected(x) if part.shape[0]])
 
         return hook
+
+    def _add(self, name: str, pieces: list[tuple[int, torch.Tensor]]) -> None:
+        if not pieces:
+            return
+        buf = self._buffers.setdefault(name, [])
+        for c, flat in pieces:
+            buf.append((c, flat))
+            self._buffered[name] = self._buffered.get(name, 0) + flat.shape[0]
+        if self._buffered[name] >= self._flush_rows[name]:
+            self._flush(name)
 
     def _flush(self, name: str) -> None:
         """Add the buffered rows of one layer to its statistics (one product per concept, not one per call)."""
@@ -298,6 +320,8 @@ class GramCollector:
             self._flush(name)
 
     def __enter__(self):
+        if self._leader is not None:  # the leader's hooks record for this collector too
+            return self
         for name, (path, _) in self.layers.items():
             module = self.model.get_submodule(path)
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))

@@ -98,6 +98,8 @@ class GradientSettings:
         sampling), ``concept`` (the concept's tokens + the end token, the reference's) or ``prompt`` (every token
         up to the end token). With the held-out ridge, ``all`` measured best on held-out padded rows.
     batch: prompts x seeds per forward pass while capturing.
+    share_passes: every concept's prompts share forward passes (each prompt runs with its own concept's weights:
+        LoRA deltas added per prompt by hooks); False: one concept per pass, its weights written into the layers.
     max_conv_dim: solve a Conv2d on unfolded patches (Gram ``(in*kh*kw)^2``) when in*kh*kw <= this; larger
         convs are handled by ``large_convs``. 0 = every conv.
     large_convs: ``subspace`` (default: solved within the span of the concepts' LoRA down matrices, ``W = W0 +
@@ -122,6 +124,7 @@ class GradientSettings:
     ridge_target: str = "average"
     kv_rows: str = "all"
     batch: int = 8
+    share_passes: bool = True
     progress: bool = True
     keep_inputs: bool = False  # tests / bench only: keep raw activations for the LBFGS reference
 

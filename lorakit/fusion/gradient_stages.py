@@ -118,10 +118,11 @@ class ConceptWeights:
                 up, down = factors[c]
                 xs = x[start:stop]
                 if isinstance(module, torch.nn.Conv2d):
-                    d = F.conv2d(F.conv2d(xs, down, None, module.stride, module.padding, module.dilation), up)
-                else:
-                    d = (xs @ down.T) @ up.T
-                out[start:stop] += d.to(out.dtype)
+                    out[start:stop] += F.conv2d(F.conv2d(xs, down, None, module.stride, module.padding,
+                                                         module.dilation), up)
+                else:  # out += (x D^T) U^T in place
+                    rows = out[start:stop].view(-1, out.shape[-1])
+                    rows.addmm_(xs.reshape(-1, xs.shape[-1]) @ down.T, up.T)
             return out
 
         return hook
@@ -252,9 +253,10 @@ def _collectors(pipe, solve_probs: list[LayerProblem], splits: list[str], settin
         mine = [p for p in solve_probs if p.component == comp]
         layers = {p.key: (p.path, subspace_problem(p).downs if p.key in subspace else p.downs) for p in mine}
         project = {p.key: stacked_down(p) for p in mine if p.key in subspace}
-        for sp in splits:
+        for sp in splits:  # the first split's hooks record every split
             collectors[sp][comp] = GramCollector(getattr(pipe, comp), layers, keep_inputs=settings.keep_inputs,
-                                                 gram=gram, project=project)
+                                                 gram=gram, project=project,
+                                                 follow=collectors[splits[0]][comp] if sp != splits[0] else None)
     return collectors
 
 
@@ -361,4 +363,6 @@ def work_items(concepts: list[Concept], settings: GradientSettings, kind: str) -
             val = [(p, settings.seed + 100_000 + k * settings.val_samples + j) for k, p in enumerate(held)
                    for j in range(settings.val_samples)] if auto else []
         triples += [(i, p, sd, "fit") for p, sd in fit] + [(i, p, sd, "val") for p, sd in val]
+    if not settings.share_passes:
+        return [it for i in range(len(concepts)) for it in _batched([t for t in triples if t[0] == i], settings.batch)]
     return _batched(triples, settings.batch)
