@@ -214,6 +214,11 @@ def test_kv_stage_fits_concept_and_end_rows_only(sd1_pipe, fused_auto):
     want = sum(2 * (n + 1) for n in n_trigger)
     kv = [r for k, r in out["layers"].items() if stage_of(k) == "cross_kv"]
     assert kv and all(r["tokens"] == want for r in kv)
+    # the held-out statistics that choose the ridge: every token of the held-out prompts, never padding
+    from lorakit.fusion import HELDOUT_TEMPLATES
+
+    n_val = sum(len(tok(h.format(t)).input_ids) for t in TRIGGERS for h in HELDOUT_TEMPLATES)
+    assert all(r["heldout_tokens"] == n_val for r in kv)
     rows = token_rows(tok, ["photo of a red circle", "blue square"], "concept", trigger="red circle")
     ids = tok(["photo of a red circle"], padding="max_length", max_length=77).input_ids[0]
     assert rows.shape == (2, 77) and rows[0].sum() == n_trigger[0] + 1 and rows[1].sum() == 1  # no trigger: end only
@@ -276,7 +281,7 @@ def test_fit_and_heldout_prompts_share_passes_with_the_same_statistics(sd1_pipe)
             pipe.encode_prompt(prompt=item.prompts, device="cpu", num_images_per_prompt=1,
                                do_classifier_free_guidance=False)
 
-        def text_rows(item, comp):
+        def text_rows(item, comp, split):
             return token_rows(pipe.tokenizer, item.prompts, "prompt")
 
         q = {k: p for k, p in probs.items() if k.endswith("attn2.to_q")}

@@ -195,7 +195,8 @@ def run_stage(pipe, stage: str, probs: dict[str, LayerProblem], concepts: list[C
     Args:
         items: the forward passes, in a fixed global order; ``run_item(item)`` runs one.
         switch: layers set to each concept's own weights (``base`` + its delta) while its items run.
-        rows_for: ``rows_for(item, component)`` -> ``[B, S]`` token-row mask for that component's layers (or None).
+        rows_for: ``rows_for(item, component, split)`` -> ``[B, S]`` token-row mask for that component's layers in
+            that split's statistics (or None).
         solver: ``solver(prob, stats, n_concepts) -> LayerSolution`` instead of :func:`solve_layer` (benchmarks:
             the reference's LBFGS on ``stats.inputs``; needs ``settings.keep_inputs``).
     Returns:
@@ -291,7 +292,7 @@ def _point(per: dict[str, GramCollector], item: WorkItem, split: str, rows_for) 
     for comp, c in per.items():
         c.concept = None
         c.owners = owners
-        c.rows = rows_for(item, comp) if rows_for is not None and owners is not None else None
+        c.rows = rows_for(item, comp, split) if rows_for is not None and owners is not None else None
         c.batch = len(item.prompts)
 
 
