@@ -2,7 +2,8 @@
 
 Two recipes fuse the same concepts from the same base, each end to end (capture + solve, timed):
   * ``lorakit``: ``fuse_gradient`` with its defaults (``--ridge auto``: per-layer ridge chosen on held-out prompts
-    and seeds; text rows start..end token; to_k/to_v rows = trigger tokens + end token; batched capture);
+    and seeds; text rows start..end token; to_k/to_v fitted on the padded rows the UNet reads, their ridge scored
+    on held-out prompt rows without padding; every concept's prompts in the same batched passes);
   * ``reference``: our re-implementation of the official ``gradient_fusion.py`` routine (not its code): the same
     stage order, ITS OWN rows (text encoder: the unpadded prompt; to_k/to_v: tokens with id >= the end token, i.e.
     ED-LoRA pseudo-words + the end token, only the end token for a plain LoRA), one prompt per forward pass, every
