@@ -142,3 +142,12 @@ def test_bad_concept_fails_naming_it(option, value, expect, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{option} {value!r}" in err and expect in err
     assert not out.exists()  # checked before anything is written or trained
+
+
+def test_html_shows_each_images_verdict_by_concept_name(demo_run):
+    out, _, report, _ = demo_run
+    html = (out / "report.html").read_text()
+    for row in report["rows"]:
+        for probs in row["probs"]:
+            mark = ["\u2713" if p >= 0.5 else "\u2717" for p in probs]  # check mark / ballot x
+            assert f'<div class="v">frog {mark[0]} ink {mark[1]}</div>' in html
