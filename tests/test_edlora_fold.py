@@ -32,9 +32,11 @@ def _edlora(pipe, seed, words=("<c1>", "<c2>")):
     ad = random_adapter(pipe, network="lora", text_encoder=True, rank=2, alpha=2.0, seed=seed, std=0.1)
     mods = {k: m for k, m in ad.modules.items() if k.startswith("text_encoder") or ".attn" in k}
     g = torch.Generator().manual_seed(100 + seed)
-    dim = pipe.text_encoder.config.hidden_size
-    emb = {"text_encoder": {w: torch.randn(len(layers), dim, generator=g) * 0.5 for w in words}}
-    return E.edlora_adapter(mods, emb, [E.EDLoRAConcept(f"c{seed}", list(words), "cat")], layers, "sd1")
+    comps = [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
+    emb = {c: {w: torch.randn(len(layers), getattr(pipe, c).config.hidden_size, generator=g) * 0.5 for w in words}
+           for c in comps}
+    arch = "sdxl" if len(comps) == 2 else "sd1"
+    return E.edlora_adapter(mods, emb, [E.EDLoRAConcept(f"c{seed}", list(words), "cat")], layers, arch)
 
 
 def _concept(ad, name):
@@ -54,7 +56,9 @@ def test_row_pairs_match_context_one_to_one_and_the_words_proportionally():
     assert row_pairs(same, same, eos) == (list(range(5)), list(range(5)))
 
 
-def test_fold_follows_the_concept_on_held_out_prompts_better_than_the_unfolded_fusion(tmp_path, sd1_pipe):
+@pytest.mark.parametrize("arch", ["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])
+def test_fold_follows_the_concept_on_held_out_prompts_better_than_the_unfolded_fusion(tmp_path, arch, request):
+    sd1_pipe = request.getfixturevalue(f"{arch}_pipe")  # either architecture; the name of the SD1 case kept
     ad = _edlora(sd1_pipe, 1)
     fused = copy.deepcopy(sd1_pipe)
     concepts = [_concept(ad, "c1")]
@@ -65,7 +69,10 @@ def test_fold_follows_the_concept_on_held_out_prompts_better_than_the_unfolded_f
     assert out["fold"]["stand_ins"] == {"c1": {"text": "tin robot", "pseudo_words": "<c1> <c2>"}}
     assert out["extra"] == {} and out["edlora"] is None
     # an ordinary pipeline again: the base tokenizer and vocabulary, no hooks or per-layer processors
-    assert len(fused.tokenizer) == sd1_pipe.tokenizer.vocab_size == fused.text_encoder.get_input_embeddings().num_embeddings
+    for tok, enc in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        if getattr(fused, enc, None) is not None:
+            n = getattr(sd1_pipe, tok).vocab_size
+            assert len(getattr(fused, tok)) == n == getattr(fused, enc).get_input_embeddings().num_embeddings
     assert not hasattr(fused, "_lorakit_edlora")
     assert not any(type(p).__name__ == "LayerwiseAttnProcessor" for p in fused.unet.attn_processors.values())
 
