@@ -12,6 +12,9 @@ concept (seed 2), never fitted:
   prompt): ``base`` = 1; ``unfolded`` = the gradient-fused model with the stand-in prompt; ``folded``; and
   ``lorakit`` = the fused model with the pseudo-words (lorakit's own pipeline). Per prompt, folded vs unfolded
   wins / losses with an exact sign (McNemar) test.
+* ``collateral``: on ``--n`` generic prompts without any concept (seed 3), the keys / values of the base and
+  of the folded model against the unfolded fused model's (absolute mean squared difference): what folding
+  changes elsewhere, next to what fusing itself changes.
 * ``--images``: oracle presence of the concept in one image per prompt (seeds 5000.., toy sampling defaults) for
   the same four, Wilson 95% intervals, folded vs each other paired (McNemar).
 
@@ -44,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fit", type=int, default=4, help="fit prompts per concept (and as many held-out for ridges)")
     ap.add_argument("--steps", type=int, default=20, help="gradient fusion's UNet-stage sampling steps")
     ap.add_argument("--images", action="store_true", help="also score one image per prompt with the oracle")
+    ap.add_argument("--no-preserve", action="store_true", help="ablation: fold without the rows that keep the "
+                    "unfolded model's keys / values on the prompts with the concept words removed")
     ap.add_argument("--base", default=str(REPO / "data" / "toy-base"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="also write the JSON lines here")
@@ -79,16 +84,23 @@ def main(argv=None) -> int:
     fused = copy.deepcopy(base)
     t0 = time.perf_counter()
     fold = ConceptFold.prepare(fused, concepts, args.concept_word)
+    fold.preserve = not args.no_preserve
     out = fuse_gradient(fused, concepts, GradientSettings(steps=args.steps, progress=False))
     t1 = time.perf_counter()
     unfolded = copy.deepcopy(fused)
     out = fold.apply(fused, concepts, out)
     t2 = time.perf_counter()
     stand = {n: s["text"] for n, s in out["fold"]["stand_ins"].items()}
-    emit({"measure": "edlora_fold_fit", "concepts": list(files), "stand_ins": stand, "fuse_s": round(t1 - t0, 1),
+    emit({"measure": "edlora_fold_fit", "concepts": list(files), "stand_ins": stand, "preserve": fold.preserve, "fuse_s": round(t1 - t0, 1),
           "fold_s": round(t2 - t1, 1), "rows": out["fold"]["rows"],
           "mean_heldout_vs_unfolded": out["fold"]["mean_heldout_vs_unfolded"],
           "ridges": sorted({str(r["ridge"]) for r in out["fold"]["layers"].values()})})
+    from lorakit.toyworld.evaluate import generic_prompts
+
+    other = [p for p, _ in generic_prompts(args.n, seed=3)]  # no concept: what the fold should leave alone
+    emit({"measure": "edlora_fold_collateral", "n": len(other), "example": other[0],
+          "kv_vs_unfolded": {m: round(kv_gap(pipe, other, unfolded, other), 6) for m, pipe in
+                             (("base", base), ("folded", fused))}})
     for n, path in files.items():
         held = concept_prompts(n, args.n, seed=2)
         ref_prompts = pseudo(n, held)

@@ -15,6 +15,9 @@ encoder): the targets of gradient fusion's to_k/to_v stage. ``T_l`` is gradient 
 (what the unfolded model has); ``lam`` is chosen per layer on the held-out prompts as gradient fusion's ridge.
 Rows are aligned token by token (:func:`row_pairs`): the tokens before and after the words match one to one,
 the stand-in's tokens are paired with the pseudo-words proportionally (a shorter stand-in fits their average).
+The same prompts with the concept words removed add rows whose target is the unfolded model's own output
+(``T_l x``): without them the fold also moved the keys / values of prompts without any concept about as far as
+the whole fusion had (measured on the toy base; docs/edlora.md).
 
 Afterwards the pseudo-words are removed (tokenizers restored, embedding tables back to the base vocabulary,
 ED-LoRA's hooks and per-layer processors taken off): an ordinary SD1 / SDXL pipeline that the stand-in words
@@ -182,7 +185,7 @@ def with_stand_ins(prompt: str, subs: list[tuple[str, str]]) -> str:
 @dataclass
 class _Rows:
     """Features of one split: plain inputs ``x [N, C]``, per-layer targets' inputs ``xt [L, N, C]`` and the
-    concept each row belongs to ``owner [N]``."""
+    concept each row belongs to ``owner [N]`` (``-1``: a row that keeps the unfolded model's keys / values)."""
 
     x: torch.Tensor
     xt: torch.Tensor
@@ -196,9 +199,10 @@ class ConceptFold:
     tokenizers), ``apply`` after it (solves, writes the weights, removes the pseudo-words).
     """
 
-    def __init__(self, stand_ins: list[StandIn], tokenizers: dict[str, object]):
+    def __init__(self, stand_ins: list[StandIn], tokenizers: dict[str, object], preserve: bool = True):
         self.stand_ins = stand_ins
         self.tokenizers = tokenizers
+        self.preserve = preserve
 
     @classmethod
     def prepare(cls, pipe, concepts, given=None) -> "ConceptFold":
@@ -234,6 +238,12 @@ class ConceptFold:
                 xs.append(x[b, rp])
                 xts.append(xt[:, b, rt])
                 owners.append(torch.full((len(rp),), i))
+            if self.preserve:
+                keep = plain_features(pipe, [" ".join(with_stand_ins(p, [(w, "") for w, _ in subs]).split())
+                                             for p in prompts]).reshape(-1, x.shape[-1])
+                xs.append(keep)
+                xts.append(keep.expand(xt.shape[0], -1, -1))
+                owners.append(torch.full((keep.shape[0],), -1))
         if not xs:
             return None
         return _Rows(torch.cat(xs).double(), torch.cat(xts, 1).double(), torch.cat(owners))
@@ -280,10 +290,14 @@ def _delta(mod: LoraModule | None, like: torch.Tensor) -> torch.Tensor:
     return (mod.up.double() @ mod.down.double()).to(like.device) * mod.scale
 
 
-def _targets(rows: _Rows, layer: int, w0: torch.Tensor, prob) -> torch.Tensor:
-    """``(W0 + a_i dW_i) x_i^(l)`` for every row, with the concept i that owns it."""
+def _targets(rows: _Rows, layer: int, w0: torch.Tensor, prob, current: torch.Tensor) -> torch.Tensor:
+    """``(W0 + a_i dW_i) x_i^(l)`` for every row, with the concept i that owns it; ``current x`` for the rows that
+    keep the unfolded model's output."""
     xt = rows.xt[layer].to(w0.device)
     y = xt @ w0.T
+    keep = (rows.owner == -1).to(w0.device)
+    if keep.any():
+        y[keep] = xt[keep] @ current.T
     if prob is not None:
         for i, up in prob.ups.items():
             mine = (rows.owner == i).to(w0.device)
@@ -307,10 +321,10 @@ def _err(W, x, y) -> float:
 
 def _solve(fit: _Rows, val: _Rows | None, layer: int, w0, prob, current, ridge, key) -> tuple[torch.Tensor, dict]:
     dev = current.device
-    x, y = fit.x.to(dev), _targets(fit, layer, w0, prob)
+    x, y = fit.x.to(dev), _targets(fit, layer, w0, prob, current)
     rep = {}
     if ridge == "auto" and val is not None:
-        xv, yv = val.x.to(dev), _targets(val, layer, w0, prob)
+        xv, yv = val.x.to(dev), _targets(val, layer, w0, prob, current)
         scores = [(_err(_fit(x, y, current, r), xv, yv), r) for r in FOLD_RIDGES]
         best, rel = min(scores, key=lambda t: (t[0], -t[1]))
         unfolded = _err(current, xv, yv)
