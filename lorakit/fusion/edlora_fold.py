@@ -184,8 +184,9 @@ def with_stand_ins(prompt: str, subs: list[tuple[str, str]]) -> str:
 
 @dataclass
 class _Rows:
-    """Features of one split: plain inputs ``x [N, C]``, per-layer targets' inputs ``xt [L, N, C]`` and the
-    concept each row belongs to ``owner [N]`` (``-1``: a row that keeps the unfolded model's keys / values)."""
+    """Features of one split (float32; solved in float64 one layer at a time): plain inputs ``x [N, C]``; for its
+    first ``M`` rows the inputs of the per-layer targets ``xt [L, M, C]`` and the concept that owns each
+    ``owner [M]``; rows ``M:`` keep the unfolded model's keys / values (their target input is ``x`` itself)."""
 
     x: torch.Tensor
     xt: torch.Tensor
@@ -222,7 +223,7 @@ class ConceptFold:
         from lorakit.adapters.edlora import layer_hidden_states
 
         eos = pipe.tokenizer.eos_token_id
-        xs, xts, owners = [], [], []
+        xs, xts, owners, keeps = [], [], [], []
         for i, c in enumerate(concepts):
             prompts = c.prompts if split == "fit" else c.val_prompts
             if not prompts:
@@ -241,12 +242,10 @@ class ConceptFold:
             if self.preserve:
                 keep = plain_features(pipe, [" ".join(with_stand_ins(p, [(w, "") for w, _ in subs]).split())
                                              for p in prompts]).reshape(-1, x.shape[-1])
-                xs.append(keep)
-                xts.append(keep.expand(xt.shape[0], -1, -1))
-                owners.append(torch.full((keep.shape[0],), -1))
+                keeps.append(keep)
         if not xs:
             return None
-        return _Rows(torch.cat(xs).double(), torch.cat(xts, 1).double(), torch.cat(owners))
+        return _Rows(torch.cat(xs + keeps).float(), torch.cat(xts, 1).float(), torch.cat(owners))
 
     def apply(self, pipe, concepts, out: dict, ridge: float | str = "auto") -> dict:
         """Fold into ``pipe`` (after gradient fusion) and return ``out`` with the to_k / to_v modules replaced by
@@ -291,19 +290,18 @@ def _delta(mod: LoraModule | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def _targets(rows: _Rows, layer: int, w0: torch.Tensor, prob, current: torch.Tensor) -> torch.Tensor:
-    """``(W0 + a_i dW_i) x_i^(l)`` for every row, with the concept i that owns it; ``current x`` for the rows that
-    keep the unfolded model's output."""
-    xt = rows.xt[layer].to(w0.device)
+    """``(W0 + a_i dW_i) x_i^(l)`` for every concept row (concept i owns it), then ``current x`` for the rows
+    that keep the unfolded model's output."""
+    dev = w0.device
+    xt = rows.xt[layer].to(dev, torch.float64)
     y = xt @ w0.T
-    keep = (rows.owner == -1).to(w0.device)
-    if keep.any():
-        y[keep] = xt[keep] @ current.T
     if prob is not None:
         for i, up in prob.ups.items():
-            mine = (rows.owner == i).to(w0.device)
+            mine = (rows.owner == i).to(dev)
             if mine.any():
-                y[mine] += (xt[mine] @ prob.downs[i].to(w0.device).T) @ up.to(w0.device).T
-    return y
+                y[mine] += (xt[mine] @ prob.downs[i].to(dev).T) @ up.to(dev).T
+    keep = rows.x[xt.shape[0] :].to(dev, torch.float64)
+    return torch.cat([y, keep @ current.T])
 
 
 def _fit(x, y, target, rel):
@@ -321,10 +319,10 @@ def _err(W, x, y) -> float:
 
 def _solve(fit: _Rows, val: _Rows | None, layer: int, w0, prob, current, ridge, key) -> tuple[torch.Tensor, dict]:
     dev = current.device
-    x, y = fit.x.to(dev), _targets(fit, layer, w0, prob, current)
+    x, y = fit.x.to(dev, torch.float64), _targets(fit, layer, w0, prob, current)
     rep = {}
     if ridge == "auto" and val is not None:
-        xv, yv = val.x.to(dev), _targets(val, layer, w0, prob, current)
+        xv, yv = val.x.to(dev, torch.float64), _targets(val, layer, w0, prob, current)
         scores = [(_err(_fit(x, y, current, r), xv, yv), r) for r in FOLD_RIDGES]
         best, rel = min(scores, key=lambda t: (t[0], -t[1]))
         unfolded = _err(current, xv, yv)
