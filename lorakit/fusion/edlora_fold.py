@@ -204,6 +204,7 @@ class ConceptFold:
         self.stand_ins = stand_ins
         self.tokenizers = tokenizers
         self.preserve = preserve
+        self.keep_prompts = [""]  # classifier-free guidance's unconditional prompt: its keys / values stay
 
     @classmethod
     def prepare(cls, pipe, concepts, given=None) -> "ConceptFold":
@@ -245,6 +246,8 @@ class ConceptFold:
                 keeps.append(keep)
         if not xs:
             return None
+        if self.preserve and self.keep_prompts:
+            keeps.append(plain_features(pipe, list(self.keep_prompts)).reshape(-1, xs[0].shape[-1]))
         return _Rows(torch.cat(xs + keeps).float(), torch.cat(xts, 1).float(), torch.cat(owners))
 
     def apply(self, pipe, concepts, out: dict, ridge: float | str = "auto") -> dict:
