@@ -91,8 +91,8 @@ def main(argv=None) -> int:
     out = fold.apply(fused, concepts, out)
     t2 = time.perf_counter()
     stand = {n: s["text"] for n, s in out["fold"]["stand_ins"].items()}
-    emit({"measure": "edlora_fold_fit", "concepts": list(files), "stand_ins": stand, "preserve": fold.preserve, "fuse_s": round(t1 - t0, 1),
-          "fold_s": round(t2 - t1, 1), "rows": out["fold"]["rows"],
+    emit({"measure": "edlora_fold_fit", "concepts": list(files), "stand_ins": stand, "preserve": fold.preserve,
+          "fuse_s": round(t1 - t0, 1), "fold_s": round(t2 - t1, 1), "rows": out["fold"]["rows"],
           "mean_heldout_vs_unfolded": out["fold"]["mean_heldout_vs_unfolded"],
           "ridges": sorted({str(r["ridge"]) for r in out["fold"]["layers"].values()})})
     from lorakit.toyworld.evaluate import generic_prompts

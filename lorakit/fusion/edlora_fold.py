@@ -207,7 +207,7 @@ class ConceptFold:
         self.keep_prompts = [""]  # classifier-free guidance's unconditional prompt: its keys / values stay
 
     @classmethod
-    def prepare(cls, pipe, concepts, given=None) -> "ConceptFold":
+    def prepare(cls, pipe, concepts, given=None) -> ConceptFold:
         stand_ins = resolve_stand_ins(pipe, concepts, given)
         toks = {t: copy.deepcopy(getattr(pipe, t)) for c, t in _TOKENIZERS if getattr(pipe, t, None) is not None}
         return cls(stand_ins, toks)
