@@ -123,6 +123,15 @@ def test_stand_ins_that_cannot_be_folded_are_refused(sd1_pipe, words, message):
         resolve_stand_ins(sd1_pipe, concepts, words)
 
 
+def test_a_stand_in_that_is_a_plain_loras_trigger_is_refused(sd1_pipe):
+    lora = random_adapter(sd1_pipe, rank=2, seed=3)
+    concepts = [_concept(_edlora(sd1_pipe, 1), "a"), Concept("plain", lora, 1.0, ["a robot"], ["a robot"],
+                                                              trigger="zorbo, robot")]
+    with pytest.raises(ValueError, match=r"stand-in 'robot' of concept c1 collides with the trigger 'robot' of plain"):
+        resolve_stand_ins(sd1_pipe, concepts, ["c1=robot"])
+    assert [s.text for s in resolve_stand_ins(sd1_pipe, concepts, ["c1=tin can"])] == ["tin can"]
+
+
 def test_collision_exits_2_with_one_line_before_fusing(tmp_path, sd1_pipe, capsys):
     files = [str(save_adapter(_edlora(sd1_pipe, s), tmp_path / f"e{s}.safetensors")) for s in (1, 2)]
     rc = main(["fuse", "--method", "gradient", "--base", "tiny:sd1", "--adapters", *files, "--fold-concepts",

@@ -112,6 +112,13 @@ def resolve_stand_ins(pipe, concepts, given) -> list[StandIn]:
         if hit or not ids[s.name] or max(ids[s.name]) >= tok.vocab_size:
             raise ValueError(f"concept {s.name}: stand-in {s.text!r} must be plain words of the base vocabulary "
                              f"(no pseudo-word{', found ' + hit[0] if hit else ''}); give --concept-word {s.name}=TEXT")
+    for c in concepts:  # a plain LoRA's trigger words keep calling that LoRA
+        for word in (c.trigger or "").split(",") if c.adapter.kind != "edlora" else []:
+            t = tok(word.strip(), add_special_tokens=False).input_ids
+            for s in found:
+                if t and (_contains(ids[s.name], t) or _contains(t, ids[s.name])):
+                    raise ValueError(f"stand-in {s.text!r} of concept {s.name} collides with the trigger "
+                                     f"{word.strip()!r} of {c.name}; give --concept-word {s.name}=TEXT")
     for k, a in enumerate(found):
         for b in found[k + 1 :]:
             if _contains(ids[a.name], ids[b.name]) or _contains(ids[b.name], ids[a.name]):
