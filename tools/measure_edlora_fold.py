@@ -142,9 +142,9 @@ def images(emit, name: str, models: dict, n: int) -> None:
               "ci95": [round(lo, 3), round(hi, 3)], "example": prompts[0]})
     for other in ("base", "unfolded", "lorakit"):
         a, b = present["folded"], present[other]
-        w, l = int((a & ~b).sum()), int((~a & b).sum())
+        wins, losses = int((a & ~b).sum()), int((~a & b).sum())
         emit({"measure": "edlora_fold_presence_pair", "concept": name, "compare": f"folded vs {other}", "n": n,
-              "wins": w, "losses": l, "mcnemar_p": float(f"{mcnemar_exact(w, l):.3g}")})
+              "wins": wins, "losses": losses, "mcnemar_p": float(f"{mcnemar_exact(wins, losses):.3g}")})
 
 
 if __name__ == "__main__":
