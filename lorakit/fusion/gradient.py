@@ -354,10 +354,19 @@ def run(inputs) -> "FuseResult":
         concepts.append(Concept(name=name, adapter=ad, weight=inputs.weights[i], prompts=inputs.prompts[i],
                                 sample_prompts=inputs.sample_prompts[i], val_prompts=list(val),
                                 val_sample_prompts=list(val), trigger=trigger))
+    fold = None
+    if getattr(inputs.settings, "fold_concepts", False):  # ED-LoRA concepts -> plain words (edlora_fold)
+        from lorakit.fusion.edlora_fold import ConceptFold
+
+        fold = ConceptFold.prepare(pipe, concepts, getattr(inputs.settings, "concept_word", None))
     out = fuse_gradient(pipe, concepts, settings)
+    if fold is not None:
+        out = fold.apply(pipe, concepts, out, settings.ridge)
     settings_dict = {k: v for k, v in settings.__dict__.items() if k not in ("progress", "keep_inputs")}
     report = {"settings": settings_dict, "summary": summary(out["layers"], out["stages"]), "stages": out["stages"],
               "layers": out["layers"]}
+    if out.get("fold"):
+        report["fold"] = out["fold"]  # the stand-in words of the folded ED-LoRA concepts
     if out["edlora"]:
         report["edlora"] = out["edlora"]  # the concepts' pseudo-words / layer tokens in the fused tokenizer
     return FuseResult(modules=out["modules"], pipeline=pipe, report=report, extra=out["extra"],

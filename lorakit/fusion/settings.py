@@ -67,6 +67,13 @@ class GradientOptions:
                               choices=["fused_text", "own"])
     scheduler: str | None = option(None, f"gradient: sampler while recording ({SCHEDULERS})",
                                    show_default="the pipeline's")
+    # ED-LoRA concepts folded into plain words (lorakit.fusion.edlora_fold; docs/edlora.md)
+    fold_concepts: bool = option(False, "gradient: fold ED-LoRA concepts into the cross-attention to_k/to_v weights "
+                                 "so plain words (--concept-word) call them: no added tokens, writable as "
+                                 "--out-format single-file", action="store_true")
+    concept_word: tuple | None = option(None, "gradient --fold-concepts: the plain words that stand for an ED-LoRA "
+                                        "concept", nargs="+", metavar="CONCEPT=TEXT",
+                                        show_default="the concept's name")
 
 
 @dataclass(frozen=True)
