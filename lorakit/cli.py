@@ -32,10 +32,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (not action.option_strings or default in (None, False, "", [], argparse.SUPPRESS)
-                or "default" in text.lower() or f"({default})" in text):
+        if not action.option_strings or "default" in text.lower() or "required" in text.lower():
             return text
+        if action.required:
+            return f"{text} (required)".strip()
+        # identity, not ==: 0 and 0.0 compare equal to False but are real defaults to show
+        if any(default is v for v in (False, argparse.SUPPRESS)) or action.nargs == 0:
+            return text  # a flag: off unless given
+        if default is None or default == "" or default == []:
+            return f"{text} (default: none)".strip()
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        if f"({shown})" in text:
+            return text
         return f"{text} (default: {shown})".strip()
 
 
@@ -53,9 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for _, module in COMMANDS:
         importlib.import_module(module).add_parser(sub)
+    _use_formatter(sub)
+    return parser
+
+
+def _use_formatter(sub: argparse._SubParsersAction) -> None:
+    """Give every subcommand parser, nested ones too (``toyworld render``), the HelpFormatter."""
     for command in sub.choices.values():
         command.formatter_class = HelpFormatter
-    return parser
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _use_formatter(action)
 
 
 def main(argv: list[str] | None = None) -> int:

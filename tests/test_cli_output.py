@@ -12,22 +12,42 @@ from lorakit.cli import build_parser, main
 
 
 def _subcommands():
-    parser = build_parser()
-    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return sub.choices
+    """Every subcommand parser by name, nested ones too (``toyworld render``)."""
+    found = {}
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, command in action.choices.items():
+                    found[f"{prefix}{name}"] = command
+                    walk(command, f"{prefix}{name} ")
+
+    walk(build_parser(), "")
+    return found
 
 
 @pytest.mark.parametrize("name", sorted(_subcommands()))
 def test_every_option_has_help_and_its_default(name):
     command = _subcommands()[name]
     text = " ".join(command.format_help().split())
+    formatter = command._get_formatter()
     for action in command._actions:
         if not action.option_strings or action.option_strings[0] == "-h":
             continue
         assert action.help, f"lorakit {name} {action.option_strings[0]} has no help text"
-        if action.default not in (None, False, "", [], argparse.SUPPRESS) and "default" not in action.help.lower():
-            assert str(action.default if not isinstance(action.default, list) else action.default[0]) in text, \
-                f"lorakit {name} {action.option_strings[0]}: default {action.default!r} not shown"
+        shown = formatter._get_help_string(action).lower()
+        if action.nargs != 0:  # flags are off unless given; every other option says its default or that it is required
+            assert "default" in shown or "required" in shown, \
+                f"lorakit {name} {action.option_strings[0]}: neither a default nor 'required' in {shown!r}"
+        has_default = action.default is not None and action.default is not False and action.default not in ("", [])
+        if action.nargs != 0 and has_default and action.default is not argparse.SUPPRESS:
+            if "default" not in action.help.lower():
+                value = action.default if not isinstance(action.default, list) else action.default[0]
+                assert f"default: {value}" in text, f"lorakit {name} {action.option_strings[0]}: default {value!r} not shown"
+
+
+def test_zero_defaults_are_shown():
+    assert "(default: 0)" in " ".join(_subcommands()["sample"].format_help().split())
 
 
 @pytest.fixture

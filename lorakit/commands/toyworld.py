@@ -36,8 +36,8 @@ def add_parser(sub) -> None:
     rd.add_argument("--character", action="append", default=[], help="robot|frog|ghost (up to 2)")
     rd.add_argument("--object", action="append", default=[], help="tophat|mushroom")
     rd.add_argument("--style", help="pixel|ink")
-    rd.add_argument("--seed", type=int, default=0)
-    rd.add_argument("--size", type=int, default=32)
+    rd.add_argument("--seed", type=int, default=0, help="layout jitter seed (default: 0)")
+    rd.add_argument("--size", type=int, default=32, help="image size in pixels (default: 32, the toy base's size)")
     rd.set_defaults(func=run_render)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 

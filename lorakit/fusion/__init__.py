@@ -51,12 +51,6 @@ class FuseInputs:
     prompt_sources: list[str] = field(default_factory=list)
     val_prompts: list[list[str]] = field(default_factory=list)
 
-    @property
-    def args(self):
-        """The method's settings under their former name (methods written against the command line's namespace
-        read the same attribute names)."""
-        return self.settings
-
 
 @dataclass
 class FuseResult:

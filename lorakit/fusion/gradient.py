@@ -294,30 +294,46 @@ def _run_stages(pipe, concepts: list[Concept], settings: GradientSettings, probs
     return solutions, stages
 
 
+def settings_from(opts, seed: int) -> GradientSettings:
+    """:class:`GradientSettings` from the command's options (:class:`lorakit.fusion.settings.GradientOptions`)."""
+    return GradientSettings(
+        steps=opts.steps if opts.steps is not None else 20, resolution=opts.resolution, samples=opts.samples,
+        guidance=opts.guidance, ridge=opts.ridge, val_samples=opts.val_samples, kv_rows=opts.kv_rows,
+        batch=opts.capture_batch, max_conv_dim=opts.max_conv_dim, large_convs=opts.large_convs, seed=seed,
+        scheduler=opts.scheduler, ridge_target=opts.ridge_target, unet_inputs=opts.unet_inputs,
+        progress=show_progress(),
+    )
+
+
+def summary(layers: dict[str, dict], stages: dict[str, dict]) -> dict:
+    """The report's ``summary``: mean / max relative residuals (fit and held-out), times, fallback layers."""
+    res = [r["residual"] for r in layers.values() if r.get("residual") is not None]
+    wres = [r["weighted_residual"] for r in layers.values() if r.get("weighted_residual") is not None]
+    held = [(r["heldout_residual"], r["heldout_weighted_residual"]) for r in layers.values()
+            if r.get("heldout_residual") is not None and r.get("heldout_weighted_residual") is not None]
+    return {
+        "layers": len(layers),
+        "mean_residual": sum(res) / len(res) if res else None,
+        "max_residual": max(res) if res else None,
+        "mean_weighted_residual": sum(wres) / len(wres) if wres else None,
+        "heldout_layers": len(held),
+        "mean_heldout_residual": sum(h for h, _ in held) / len(held) if held else None,
+        "mean_heldout_weighted_residual": sum(w for _, w in held) / len(held) if held else None,
+        "capture_s": round(sum(st.get("capture_s", 0.0) for st in stages.values()), 3),
+        "solve_s": round(sum(st.get("solve_s", 0.0) for st in stages.values()), 3),
+        "fallback_layers": sorted(k for k, r in layers.items() if r["method"] != "closed_form"),
+        "subspace_layers": sorted(k for k, r in layers.items() if "space" in r),
+    }
+
+
 def run(inputs) -> "FuseResult":
     """``lorakit fuse --method gradient``: :func:`fuse_gradient` on the base named by ``--base``."""
     from lorakit.fusion import FuseResult
 
-    args = inputs.args
     pipe = inputs.load_pipe()
     if pipe is None:
         raise ValueError("--method gradient needs --base (the model the adapters were trained on)")
-    settings = GradientSettings(
-        steps=args.steps if args.steps is not None else 20,
-        resolution=args.resolution,
-        samples=args.samples,
-        guidance=args.guidance,
-        ridge=args.ridge,
-        val_samples=args.val_samples,
-        kv_rows=args.kv_rows,
-        batch=args.capture_batch,
-        max_conv_dim=args.max_conv_dim,
-        seed=inputs.seed,
-        scheduler=args.scheduler,
-        ridge_target=args.ridge_target,
-        unet_inputs=args.unet_inputs,
-        progress=show_progress(),
-    )
+    settings = settings_from(inputs.settings, inputs.seed)
     concepts = []
     for i, (name, ad) in enumerate(zip(inputs.names, inputs.adapters)):
         val = inputs.val_prompts[i] if inputs.val_prompts else []
@@ -329,26 +345,9 @@ def run(inputs) -> "FuseResult":
                                 sample_prompts=inputs.sample_prompts[i], val_prompts=list(val),
                                 val_sample_prompts=list(val), trigger=trigger))
     out = fuse_gradient(pipe, concepts, settings)
-    layers = out["layers"]
-    res = [r["residual"] for r in layers.values() if r.get("residual") is not None]
-    wres = [r["weighted_residual"] for r in layers.values() if r.get("weighted_residual") is not None]
-    held = [(r["heldout_residual"], r["heldout_weighted_residual"]) for r in layers.values()
-            if r.get("heldout_residual") is not None and r.get("heldout_weighted_residual") is not None]
-    summary = {
-        "layers": len(layers),
-        "mean_residual": sum(res) / len(res) if res else None,
-        "max_residual": max(res) if res else None,
-        "mean_weighted_residual": sum(wres) / len(wres) if wres else None,
-        "heldout_layers": len(held),
-        "mean_heldout_residual": sum(h for h, _ in held) / len(held) if held else None,
-        "mean_heldout_weighted_residual": sum(w for _, w in held) / len(held) if held else None,
-        "capture_s": round(sum(st.get("capture_s", 0.0) for st in out["stages"].values()), 3),
-        "solve_s": round(sum(st.get("solve_s", 0.0) for st in out["stages"].values()), 3),
-        "fallback_layers": sorted(k for k, r in layers.items() if r["method"] != "closed_form"),
-        "subspace_layers": sorted(k for k, r in layers.items() if "space" in r),
-    }
     settings_dict = {k: v for k, v in settings.__dict__.items() if k not in ("progress", "keep_inputs")}
-    report = {"settings": settings_dict, "summary": summary, "stages": out["stages"], "layers": layers}
+    report = {"settings": settings_dict, "summary": summary(out["layers"], out["stages"]), "stages": out["stages"],
+              "layers": out["layers"]}
     if out["edlora"]:
         report["edlora"] = out["edlora"]  # the concepts' pseudo-words / layer tokens in the fused tokenizer
     return FuseResult(modules=out["modules"], pipeline=pipe, report=report, extra=out["extra"],

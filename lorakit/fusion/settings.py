@@ -52,8 +52,11 @@ class GradientOptions:
                           "token", choices=["all", "concept", "prompt"])
     capture_batch: int = option(8, "gradient: prompts x seeds per forward pass while recording", type=int)
     max_conv_dim: int = option(4608, "gradient: solve a conv on unfolded patches when in*kh*kw <= this (Gram memory "
-                               "8*dim^2 bytes); larger convs use the weighted average and are listed in the report "
-                               "(0 = never solve convs)", type=int)
+                               "8*dim^2 bytes); larger convs go to --large-convs (0: every conv does)", type=int)
+    large_convs: str = option("subspace", "gradient: convs above --max-conv-dim are solved within the span of the "
+                              "concepts' LoRA down matrices (subspace: an R x R Gram, R = sum of ranks; listed in the "
+                              "report as subspace_layers) or take the weighted average (average: listed as "
+                              "fallback_layers)", choices=["subspace", "average"])
     ridge_target: str = option("average", "gradient: the ridge pulls toward the weighted average (average: unseen "
                                "input directions keep the average) or toward W0 (base)", choices=["base", "average"])
     unet_inputs: str = option("fused_text", "gradient: sample the UNet stage with the fused text encoder and "

@@ -293,7 +293,7 @@ def run_fuse(inputs):
     """``lorakit fuse --method ziplora --base BASE --adapters CONTENT STYLE --out merged.safetensors``."""
     from lorakit.fusion import FuseResult
 
-    args = inputs.args
+    args = inputs.settings
     content, style = check_pair(inputs)
     pipe = inputs.load_pipe()
     images = getattr(args, "ref_images", None) or [None, None]
