@@ -178,3 +178,20 @@ def test_trainer_resumes_bit_exactly(tmp_path):
     raw = {k[2:]: v for k, v in ema.items() if k.startswith("0:")}
     saved = _tensors(one / "unet/toy-unet/unet/diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(saved[k], raw[k]) for k in saved)  # the pipeline holds the EMA, not the raw UNet
+
+
+def test_make_dataset_writes_identity_and_class_world_folders(tmp_path):
+    from PIL import Image
+
+    from lorakit.toyworld.v2.dataset import make_dataset
+
+    paths = make_dataset("kwibbit", tmp_path / "a", 4, seed=3)
+    again = make_dataset("kwibbit", tmp_path / "b", 4, seed=3)
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+    assert Image.open(paths[0]).size == (64, 64)
+    caps = [p.with_suffix(".txt").read_text().strip() for p in paths]
+    assert all(c.startswith("kwibbit frog, ") for c in caps), caps
+    reg = make_dataset("class", tmp_path / "reg", 6, seed=1)
+    assert not any(t in p.with_suffix(".txt").read_text() for p in reg for t in ("kwibbit", "zorbo", "hattock"))
+    with pytest.raises(ValueError, match="identities"):
+        make_dataset("frog", tmp_path / "c", 2)
