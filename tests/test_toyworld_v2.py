@@ -195,3 +195,29 @@ def test_make_dataset_writes_identity_and_class_world_folders(tmp_path):
     assert not any(t in p.with_suffix(".txt").read_text() for p in reg for t in ("kwibbit", "zorbo", "hattock"))
     with pytest.raises(ValueError, match="identities"):
         make_dataset("frog", tmp_path / "c", 2)
+
+
+def test_oracle_v2_trains_saves_and_scores(tmp_path):
+    """A few steps of tools/train_oracle_v2.py: files, metrics with identity-vs-class rows, and the score API."""
+    import json
+
+    from lorakit.toyworld.v2.oracle import Oracle
+
+    spec = importlib.util.spec_from_file_location("train_oracle_v2", ROOT / "tools" / "train_oracle_v2.py")
+    tr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tr)
+    out = tmp_path / "oracle"
+    assert tr.main(["--out", str(out), "--n-train", "24", "--n-eval", "24", "--steps", "2", "--batch", "8"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "min_identity_vs_class_accuracy" in metrics["degraded"]
+    assert "vs_class_accuracy" in metrics["per_concept_clean"]["kwibbit"]
+    oracle = Oracle.load(out)
+    imgs = [render(Scene(characters=("kwibbit",), seed=s)) for s in range(3)] + [render(Scene(shape="circle"), 32)]
+    s = oracle.score(imgs, ["frog", "kwibbit"])
+    assert tuple(s.probs.shape) == (4, 2) and set(s.rates) == {"frog", "kwibbit"}
+    with pytest.raises(ValueError, match="does not know"):
+        oracle.score(imgs, ["dragon"])
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "world": "v1"}))
+    with pytest.raises(ValueError, match="not a toy world v2 oracle"):
+        Oracle.load(out)
