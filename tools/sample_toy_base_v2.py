@@ -2,7 +2,7 @@
 
 Rows: per class prompt, the renderer's ground truth for seeds 0..k-1 (``target``) and the base's images for the
 same prompt and seeds; a last pair of rows shows renders with identities and their VAE round trip. Writes a PNG
-(2x nearest-neighbour) and prints one JSON line (pipeline, step, VAE L1 error on the round-trip row).
+(``--scale`` x nearest-neighbour, default 2) and prints one JSON line (pipeline, step, VAE L1 error on the round-trip row).
 
     python tools/sample_toy_base_v2.py --base /work/shared_artifacts/toybase_v2/run --out grid.png --k 6
 """
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--scale", type=int, default=2, help="nearest-neighbour enlargement of the saved grid")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusionPipeline
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     for i, row in enumerate(rows):
         for j, im in enumerate(row):
             grid.paste(im, (64 * j, 64 * i))
-    grid = grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST)
+    grid = grid.resize((grid.width * args.scale, grid.height * args.scale), Image.NEAREST)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out, optimize=True)
     print(json.dumps({"pipeline": str(path), "step": step, "prompts": [q for q, _ in PROMPTS],
