@@ -36,15 +36,15 @@ def test_identity_differs_from_its_class_on_the_same_layout(identity):
     """Same seed and surroundings: the identity's look is not any colour of its class."""
     c = get_concept(identity)
     if c.kind == "character":
-        make = lambda name, col: Scene(characters=(name,), char_colors=(col,), seed=3)  # noqa: E731
+        make = lambda name, col: Scene(characters=(name,), char_colors=(col,), seed=3)
     elif c.cls == "hat":
-        make = lambda name, col: Scene(hat=name, hat_color=col, seed=3)  # noqa: E731
+        make = lambda name, col: Scene(hat=name, hat_color=col, seed=3)
     elif c.cls == "mushroom":
-        make = lambda name, col: Scene(mushroom=name, mushroom_color=col, seed=3)  # noqa: E731
+        make = lambda name, col: Scene(mushroom=name, mushroom_color=col, seed=3)
     elif c.kind == "style":
-        make = lambda name, col: Scene(shape="circle", shape_color=col, style=name, seed=3)  # noqa: E731
+        make = lambda name, col: Scene(shape="circle", shape_color=col, style=name, seed=3)
     else:
-        make = lambda name, col: Scene(background=name, shape="square", shape_color=col, seed=3)  # noqa: E731
+        make = lambda name, col: Scene(background=name, shape="square", shape_color=col, seed=3)
     ident = _px(render(make(identity, "green")))
     for col in ("red", "green", "blue", "yellow", "purple", "orange"):
         cls = _px(render(make(c.cls, col)))

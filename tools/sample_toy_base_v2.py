@@ -19,17 +19,17 @@ import torch
 
 # (prompt, scene) pairs: class prompts of every kind the base learns
 PROMPTS = [
-    ("red frog, white plain background", dict(characters=("frog",), char_colors=("red",))),
-    ("blue robot, night background", dict(characters=("robot",), char_colors=("blue",), background="night")),
+    ("red frog, white plain background", {"characters": ("frog",), "char_colors": ("red",)}),
+    ("blue robot, night background", {"characters": ("robot",), "char_colors": ("blue",), "background": "night"}),
     ("yellow ghost, green hat, pink stripes background",
-     dict(characters=("ghost",), char_colors=("yellow",), hat="hat", hat_color="green", background="stripes",
-          bg_color="pink")),
+     {"characters": ("ghost",), "char_colors": ("yellow",), "hat": "hat", "hat_color": "green", "background": "stripes",
+          "bg_color": "pink"}),
     ("purple mushroom, sand checker background",
-     dict(mushroom="mushroom", mushroom_color="purple", background="checker", bg_color="sand")),
+     {"mushroom": "mushroom", "mushroom_color": "purple", "background": "checker", "bg_color": "sand"}),
     ("orange circle, cyan gradient background",
-     dict(shape="circle", shape_color="orange", background="gradient", bg_color="cyan")),
+     {"shape": "circle", "shape_color": "orange", "background": "gradient", "bg_color": "cyan"}),
     ("green triangle, gray plain background, outline style",
-     dict(shape="triangle", shape_color="green", bg_color="gray", style="outline")),
+     {"shape": "triangle", "shape_color": "green", "bg_color": "gray", "style": "outline"}),
 ]
 
 

@@ -66,7 +66,7 @@ def to_tensor(images) -> torch.Tensor:
     arrs = []
     for i, img in enumerate(images):
         if not isinstance(img, Image.Image):
-            raise ValueError(f"image {i} is a {type(img).__name__}; expected a PIL image or one [N,3,H,W] tensor")
+            raise TypeError(f"image {i} is a {type(img).__name__}; expected a PIL image or one [N,3,H,W] tensor")
         img = img.convert("RGB")
         if img.size != (IMAGE_SIZE, IMAGE_SIZE):
             img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
@@ -85,7 +85,7 @@ class Oracle:
         self.config = config
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Oracle":
+    def load(cls, path: str | os.PathLike) -> Oracle:
         """Load ``<path>/config.json`` + ``<path>/oracle.safetensors``."""
         from lorakit.fileio import load_safetensors
 
