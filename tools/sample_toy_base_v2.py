@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--oracle", help="a v2 oracle folder: also count, per prompt, the images showing all its concepts")
     p.add_argument("--scale", type=int, default=2, help="nearest-neighbour enlargement of the saved grid")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -68,12 +69,23 @@ def main(argv=None) -> int:
     path, step = newest_pipeline(Path(args.base))
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    rows = []
+    oracle = None
+    if args.oracle:
+        from lorakit.toyworld.v2.oracle import Oracle
+
+        oracle = Oracle.load(args.oracle)
+    rows, verdicts = [], {}
     for prompt, fields in PROMPTS:
         rows.append([render(Scene(**fields, seed=s)) for s in range(args.k)])
         g = [torch.Generator().manual_seed(s) for s in range(args.k)]
         rows.append(pipe([prompt] * args.k, num_inference_steps=args.steps, guidance_scale=args.guidance,
                          generator=g, height=64, width=64).images)
+        if oracle is not None:
+            wanted = sorted(Scene(**fields).concepts())
+            sc = oracle.score(rows[-1], wanted)
+            verdicts[prompt] = {"concepts": wanted, "all_present": int(sc.present.all(dim=1).sum()),
+                                "present": {c: int(sc.present[:, i].sum()) for i, c in enumerate(wanted)},
+                                "n": args.k}
     rng = np.random.default_rng(123)
     real = [render(mixed_scene(rng)) for _ in range(args.k)]
     x = torch.from_numpy(np.stack([np.asarray(r) for r in real])).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -89,7 +101,7 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out, optimize=True)
     print(json.dumps({"pipeline": str(path), "step": step, "prompts": [q for q, _ in PROMPTS],
-                      "vae_l1_per_channel_0_255": round(l1, 2), "out": args.out}))
+                      "vae_l1_per_channel_0_255": round(l1, 2), "out": args.out, "oracle": verdicts or None}))
     return 0
 
 
