@@ -48,6 +48,34 @@ def newest_pipeline(base: Path) -> tuple[Path, int | None]:
     return path, step
 
 
+def measure_following(pipe, oracle, args) -> dict:
+    """Prompt following on ``args.follow`` random class-world captions: per concept kind, k of n images where
+    the oracle finds the captioned concept (Wilson 95% interval), and the rate with every concept found."""
+    from lorakit.eval.stats import fmt_rate
+    from lorakit.toyworld.v2.concepts import CONCEPTS
+    from lorakit.toyworld.v2.render import caption
+    from lorakit.toyworld.v2.scenes import class_scene
+
+    rng = np.random.default_rng(2026)
+    scenes = [class_scene(rng) for _ in range(args.follow)]
+    hits: dict[str, list[int]] = {}
+    every = 0
+    for i in range(0, len(scenes), 8):
+        chunk = scenes[i : i + 8]
+        g = [torch.Generator().manual_seed(i + j) for j in range(len(chunk))]
+        images = pipe([caption(s) for s in chunk], num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      generator=g, height=64, width=64).images
+        probs = oracle.probabilities(images)
+        for s, p in zip(chunk, probs):
+            found = [bool(p[oracle.concepts.index(c)] >= 0.5) for c in sorted(s.concepts())]
+            for c, ok in zip(sorted(s.concepts()), found):
+                hits.setdefault(CONCEPTS[c].kind, []).append(ok)
+            every += all(found)
+    out = {kind: fmt_rate(sum(v), len(v)) for kind, v in sorted(hits.items())}
+    out["all_concepts"] = fmt_rate(every, len(scenes))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True)
@@ -57,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--oracle", help="a v2 oracle folder: also count, per prompt, the images showing all its concepts")
+    p.add_argument("--follow", type=int, default=0, metavar="N",
+                   help="with --oracle: also N random class-world captions (seed 0..N-1), rates per concept kind")
     p.add_argument("--scale", type=int, default=2, help="nearest-neighbour enlargement of the saved grid")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -86,6 +116,7 @@ def main(argv=None) -> int:
             verdicts[prompt] = {"concepts": wanted, "all_present": int(sc.present.all(dim=1).sum()),
                                 "present": {c: int(sc.present[:, i].sum()) for i, c in enumerate(wanted)},
                                 "n": args.k}
+    follow = measure_following(pipe, oracle, args) if oracle is not None and args.follow else None
     rng = np.random.default_rng(123)
     real = [render(mixed_scene(rng)) for _ in range(args.k)]
     x = torch.from_numpy(np.stack([np.asarray(r) for r in real])).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -101,7 +132,8 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out, optimize=True)
     print(json.dumps({"pipeline": str(path), "step": step, "prompts": [q for q, _ in PROMPTS],
-                      "vae_l1_per_channel_0_255": round(l1, 2), "out": args.out, "oracle": verdicts or None}))
+                      "vae_l1_per_channel_0_255": round(l1, 2), "out": args.out, "oracle": verdicts or None,
+                      "following": follow}))
     return 0
 
 
