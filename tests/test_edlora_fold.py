@@ -19,14 +19,6 @@ from lorakit.testing import random_adapter
 HELD_OUT = ["a drawing of {} in the snow", "{} on a red table", "two {} and a tree, night", "close-up of {}"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _edlora(pipe, seed, words=("<c1>", "<c2>")):
     layers = E.cross_attention_layers(pipe.unet)
     ad = random_adapter(pipe, network="lora", text_encoder=True, rank=2, alpha=2.0, seed=seed, std=0.1)

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
 
 
 def images(emit, name: str, models: dict, n: int) -> None:
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
     from lorakit.toyworld.evaluate import generate
 
     present = {}
