@@ -15,7 +15,7 @@ Parts of an :class:`Estimate` (bytes):
   * ``gram`` / ``copies`` / ``solve`` / ``capture``: gradient fusion's float64 Gram matrices of its largest stage
     (fit and, with ``--ridge auto``, held-out), its two copies of the adapted layers' weights (the base weights
     and the UNet stage's saved weights), the widest layer's float64 solve, and the widest conv's unfolded inputs
-    while capturing (:func:`fusion_layers` reads the layers from the adapter files when they are given);
+    while capturing (:func:`lorakit.fusion.gradient_memory.fusion_layers` reads the layers from the adapter files when they are given);
   * ``runtime``: the process itself (Python, torch, diffusers; ~0.6 GiB RSS on the CPU, 0 on CUDA where the
     check uses the free memory the driver reports).
 
@@ -271,7 +271,7 @@ def estimate(stage: str, base, *, resolution: int | None = None, batch: int = 1,
              dtype: torch.dtype = torch.float32, device: str = "cpu", gradient_checkpointing: bool = False,
              conv: bool = False, cfg: bool = True, method: str = "merge", max_conv_dim: int = 4608,
              adapter_bytes: int | None = None, heldout: bool = True,
-             layers: list[FusionLayer] | None = None) -> Estimate | None:
+             layers: list | None = None) -> Estimate | None:
     """What ``stage`` needs on ``device``, from the base's configs. None when the base's configs are not at hand.
 
     Args:
@@ -286,7 +286,7 @@ def estimate(stage: str, base, *, resolution: int | None = None, batch: int = 1,
         adapter_bytes: the adapters' total size when known (their files); default ``n_loras`` rank-``rank`` LoRAs
             on every LoRA-able UNet module.
         heldout: ``fuse-gradient`` with ``--ridge auto``: held-out Gram matrices beside the fit ones.
-        layers: ``fuse-gradient``: the layers the adapters adapt (:func:`fusion_layers` of their files); default
+        layers: ``fuse-gradient``: the layers the adapters adapt (``lorakit.fusion.gradient_memory.fusion_layers`` of their files); default
             every LoRA-able UNet module (``conv``: every conv too) with ``n_loras`` rank-``rank`` LoRAs.
         For ``fuse-gradient``, ``batch`` is the capture batch (prompts x seeds per forward pass).
     """
@@ -319,9 +319,12 @@ def estimate(stage: str, base, *, resolution: int | None = None, batch: int = 1,
             channels = unet.config.block_out_channels[1]
             est.parts["cache"] = n_loras * unet_batch * channels * latent * latent * torch.finfo(dtype).bits // 8
         if stage == "fuse-gradient":
+            from lorakit.fusion import gradient_memory  # the methods' own costs; fusion imports this module
+
             if layers is None:
-                layers = _meta_fusion_layers(unet, rank * n_loras)
-            _gradient_fusion_parts(est, layers, max_conv_dim, dtype, heldout, rows=unet_batch * latent * latent)
+                layers = gradient_memory.meta_fusion_layers(unet, rank * n_loras)
+            gradient_memory.add_gradient_fusion_parts(est.parts, layers, max_conv_dim, dtype, heldout,
+                                                      rows=unet_batch * latent * latent)
     return est
 
 
@@ -345,86 +348,6 @@ def _training_parts(est: Estimate, stage: str, arch, unet, vae, resolution: int,
     step = unet_step_peak(unet, arch, batch, latent, dtype, train=True,
                           gradient_checkpointing=gradient_checkpointing)
     est.parts["step"] = max(step, vae_peak(vae, resolution, dtype, decode=False))
-
-
-@dataclass(frozen=True)
-class FusionLayer:
-    """One layer gradient fusion solves: adapter key, output and flattened input width (``in * kh * kw``), the
-    sum of the concepts' ranks on it, and whether it is a conv with a kernel larger than 1 x 1 (unfolded)."""
-
-    key: str
-    out: int
-    in_flat: int
-    rank: int
-    is_conv: bool = False
-    kernel: bool = False
-
-
-def fusion_layers(paths) -> list[FusionLayer]:
-    """The layers gradient fusion of these adapter files solves, from the files' LoRA factors (LoHa / LoKr in
-    their exact LoRA form). Raises what :func:`lorakit.adapters.io.load_adapter` raises."""
-    from lorakit.adapters.io import load_adapter
-
-    found: dict[str, FusionLayer] = {}
-    for path in paths:
-        for key, mod in load_adapter(path).modules.items():
-            mod = mod.to_lora()
-            shape = tuple(mod.down.shape)
-            prev = found.get(key)
-            found[key] = FusionLayer(key, int(mod.up.shape[0]), int(torch.Size(shape[1:]).numel()),
-                                     (prev.rank if prev else 0) + int(shape[0]), len(shape) == 4,
-                                     len(shape) == 4 and shape[2] * shape[3] > 1)
-    return list(found.values())
-
-
-def _meta_fusion_layers(unet, rank: int) -> list[FusionLayer]:
-    """The LoRA'd layers of a meta UNet (after :func:`_add_lora`), each with total rank ``rank``."""
-    out = []
-    for name, m in unet.named_modules():
-        layer = getattr(m, "base_layer", None)
-        if not hasattr(m, "lora_A") or layer is None:
-            continue
-        conv = isinstance(layer, torch.nn.Conv2d)
-        out.append(FusionLayer("unet." + name, layer.weight.shape[0], _flat_in(layer), rank, conv,
-                               conv and layer.kernel_size[0] * layer.kernel_size[1] > 1))
-    return out
-
-
-def _gradient_fusion_parts(est: Estimate, layers: list[FusionLayer], max_conv_dim: int, dtype, heldout: bool,
-                           rows: int) -> None:
-    """Gradient fusion's parts (see the module docstring). Its stages (text encoder, to_k/to_v, UNet) run one
-    after another, each holding only its own Gram matrices: ``[d, d] + [R, d]`` float64 per layer and split,
-    ``d = in * kh * kw``, or ``d = R`` for a conv solved in its LoRA subspace (``in * kh * kw > max_conv_dim``);
-    the held-out split (``--ridge auto``) doubles them. The base weights of every adapted layer are copied once,
-    the UNet stage's layers once more (restored after the concepts' passes). The widest solve holds four
-    ``[d, d]`` float64 matrices (eigenvectors, fit + held-out Gram, ``G + lam I``, its Cholesky factor); the
-    widest unfolded conv input ``[rows, d]`` is held in the run's dtype and float64 while capturing."""
-    from lorakit.fusion.gradient_solve import stage_of
-
-    size = torch.finfo(dtype).bits // 8
-    splits = 2 if heldout else 1
-    per_stage: dict[str, int] = {}
-    widest = unfolded = 0
-    for layer in layers:
-        subspace = layer.is_conv and layer.in_flat > max_conv_dim
-        d = layer.rank if subspace else layer.in_flat
-        stage = stage_of(layer.key)
-        per_stage[stage] = per_stage.get(stage, 0) + splits * 8 * (d * d + layer.rank * d)
-        widest = max(widest, d)
-        if layer.kernel and not subspace:
-            unfolded = max(unfolded, layer.in_flat)
-    est.parts["gram"] = max(per_stage.values(), default=0)
-    est.parts["copies"] = size * sum(layer.out * layer.in_flat * (2 if stage_of(layer.key) == "unet" else 1)
-                                     for layer in layers)
-    est.parts["solve"] = 4 * 8 * widest * widest
-    est.parts["capture"] = rows * unfolded * (size + 8)
-
-
-def _flat_in(layer: torch.nn.Module) -> int:
-    """Width of a layer's unfolded input: ``in_features``, or ``in_channels * kh * kw`` for a conv."""
-    if isinstance(layer, torch.nn.Conv2d):
-        return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
-    return getattr(layer, "in_features", 0)
 
 
 def available_bytes(device: str = "cpu") -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import bench_scale as bench
 from pathlib import Path
 
 import pytest
@@ -10,15 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "tools" / "bench_scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_derived_rows():
-    bench = _module()
     rows = [
         {"run": "train_ref", "size": "tiny", "step_s": 1.0, "peak_rss_mb": 500, "unet_params_m": 2.0},
         {"run": "train", "size": "tiny", "step_s": 2.0, "peak_rss_mb": 400, "unet_params_m": 2.0},
@@ -40,7 +32,6 @@ def _row(run, **kw):
 
 
 def test_curve_rows_vary_one_axis_at_the_others_defaults():
-    bench = _module()
     rows = [
         # sampling curves use the whole image's seconds (total_s), not the per-step marginal
         _row("composite", n_loras=2, step_s=-1.0, total_s=2.0, peak_rss_mb=3000.0),
@@ -62,7 +53,6 @@ def test_curve_rows_vary_one_axis_at_the_others_defaults():
 
 
 def test_spread_rows_and_ratios_of_the_variants():
-    bench = _module()
     rows = [_row("train_ref", step_s=10.0, peak_rss_mb=2831.0), _row("train_ref", step_s=12.0, peak_rss_mb=2841.0),
             _row("train", step_s=7.0, peak_rss_mb=2842.0), _row("train", step_s=8.0, peak_rss_mb=2830.0),
             _row("train_gc", step_s=9.0, peak_rss_mb=2700.0)]
@@ -76,7 +66,6 @@ def test_spread_rows_and_ratios_of_the_variants():
 
 
 def test_plan_shares_one_process_per_size_for_the_base_preserving_stages():
-    bench = _module()
     args = bench.parse_args(["--sizes", "sd15", "--stages", "train", "sample", "cmlora", "--n-loras", "4", "2",
                              "--shared"])
     procs = bench.plan(args)
@@ -91,7 +80,6 @@ def test_plot_writes_a_png(tmp_path):
     import pytest
 
     pytest.importorskip("matplotlib")
-    bench = _module()
     rows = [_row("sample", n_loras=n, step_s=float(n), total_s=float(n), peak_rss_mb=3000.0 + n) for n in (2, 4, 8)]
     png = bench.plot(bench.derived_rows(rows), tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

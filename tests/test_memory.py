@@ -192,7 +192,7 @@ def test_fusion_layers_read_from_the_files_count_locon_convs(tmp_path, sd1_pipe)
     """Gradient fusion's estimate takes its layers from the adapter files: a LoCon's 3x3 convs are unfolded
     (in * 9 wide) and raise the Gram and weight-copy parts over a LoRA's; the ranks of two files add up."""
     from lorakit.adapters.io import save_adapter
-    from lorakit.memory import fusion_layers
+    from lorakit.fusion.gradient_memory import fusion_layers
     from lorakit.testing import random_adapter
 
     files = {}

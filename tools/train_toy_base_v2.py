@@ -229,7 +229,13 @@ def train_unet(work: Path, vae, mean, std, scale, args) -> Path:
 
     from lorakit.models import save_pipeline
     from lorakit.toyworld.v2.models import build_toy_pipeline
-    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, randint_per_sample, randn_per_sample
+    from lorakit.training.loop import (
+        TrainLoop,
+        build_optimizer,
+        make_accelerator,
+        randint_per_sample,
+        randn_per_sample,
+    )
 
     _, n_class, captions = load_data(work)
     captions = captions[:n_class]
@@ -307,8 +313,9 @@ def main(argv=None) -> int:
         mean, std, scale = encode_latents(work, vae, vae_step)
     final = train_unet(work, vae, mean, std, scale, args)
     if args.out:
-        from lorakit.models import save_pipeline
         from diffusers import StableDiffusionPipeline
+
+        from lorakit.models import save_pipeline
 
         save_pipeline(StableDiffusionPipeline.from_pretrained(final), args.out, overwrite=True)
         log(f"exported {final} -> {args.out}")

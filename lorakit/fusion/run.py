@@ -282,7 +282,7 @@ def _fusion_layers(paths):
     """The layers gradient fusion of these files solves, or None (the estimate's default layers) when a file
     cannot be read: the load that follows reports that in its own words."""
     from lorakit.adapters.io import AdapterError
-    from lorakit.memory import fusion_layers
+    from lorakit.fusion.gradient_memory import fusion_layers
 
     try:
         return fusion_layers(paths)

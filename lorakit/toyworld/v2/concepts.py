@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS, SHAPE_COLORS, SHAPES
+from lorakit.toyworld.concepts import (
+    BACKGROUND_COLORS,
+    GENERIC_BACKGROUNDS,
+    SHAPE_COLORS,
+    SHAPES,
+)
 
 KINDS = ("shape", "color", "background", "character", "object", "style")
 

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS, SHAPE_COLORS, SHAPES
+from lorakit.toyworld.concepts import (
+    BACKGROUND_COLORS,
+    GENERIC_BACKGROUNDS,
+    SHAPE_COLORS,
+    SHAPES,
+)
 from lorakit.toyworld.v2.concepts import CONCEPTS, concepts_of
 
 SIZE = 64

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS, SHAPE_COLORS, SHAPES
+from lorakit.toyworld.concepts import (
+    BACKGROUND_COLORS,
+    GENERIC_BACKGROUNDS,
+    SHAPE_COLORS,
+    SHAPES,
+)
 from lorakit.toyworld.v2.concepts import CONCEPTS, IDENTITY_OF_CLASS, get_concept
 from lorakit.toyworld.v2.render import Scene
 

@@ -1,0 +1,223 @@
+"""Toy world v2: the 64x64 renderer (classes vs identities, whole-scene captions), its models' SD1 layout, and
+the base trainer's bit-exact resume (tools/train_toy_base_v2.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lorakit.toyworld.v2.concepts import CLASSES, IDENTITIES, VOCAB, get_concept
+from lorakit.toyworld.v2.render import Scene, caption, render
+from lorakit.toyworld.v2.scenes import class_scene, concept_scene, mixed_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _px(img) -> np.ndarray:
+    return np.asarray(img, np.float32)
+
+
+def test_renders_are_64px_and_deterministic():
+    s = Scene(characters=("frog",), char_colors=("blue",), hat="hat", background="night", style="outline", seed=4)
+    a, b = render(s), render(s)
+    assert a.size == (64, 64) and a.mode == "RGB"
+    assert (_px(a) == _px(b)).all()
+    assert render(s, 32).size == (32, 32)
+    with pytest.raises(ValueError, match="size"):
+        render(s, 40)
+
+
+@pytest.mark.parametrize("identity", [c.name for c in IDENTITIES])
+def test_identity_differs_from_its_class_on_the_same_layout(identity):
+    """Same seed and surroundings: the identity's look is not any colour of its class."""
+    c = get_concept(identity)
+    if c.kind == "character":
+        make = lambda name, col: Scene(characters=(name,), char_colors=(col,), seed=3)
+    elif c.cls == "hat":
+        make = lambda name, col: Scene(hat=name, hat_color=col, seed=3)
+    elif c.cls == "mushroom":
+        make = lambda name, col: Scene(mushroom=name, mushroom_color=col, seed=3)
+    elif c.kind == "style":
+        make = lambda name, col: Scene(shape="circle", shape_color=col, style=name, seed=3)
+    else:
+        make = lambda name, col: Scene(background=name, shape="square", shape_color=col, seed=3)
+    ident = _px(render(make(identity, "green")))
+    for col in ("red", "green", "blue", "yellow", "purple", "orange"):
+        cls = _px(render(make(c.cls, col)))
+        assert np.abs(ident - cls).mean() > 8, (identity, col)
+
+
+@pytest.mark.parametrize("kind", ["robot", "frog", "ghost", "hat", "mushroom"])
+def test_class_instances_vary_and_identities_do_not(kind):
+    """A sprite's variation numbers change a class instance's parts and proportions, never an identity's look."""
+    from PIL import Image, ImageDraw
+
+    from lorakit.toyworld.v2 import render as R
+
+    draw = {**R._SPRITES, "hat": R._hat, "mushroom": R._mushroom}[kind]
+
+    def sprite(v, identity):
+        img = Image.new("RGB", (256, 256), (240, 240, 232))
+        draw(ImageDraw.Draw(img), 128, 170 if kind in ("hat", "mushroom") else 140, 150, (40, 70, 220),
+             np.asarray(v), identity)
+        return _px(img)
+
+    rng = np.random.default_rng(0)
+    vs = [rng.uniform(0, 1, 4) for _ in range(6)]
+    cls = [sprite(v, False) for v in vs]
+    ident = [sprite(v, True) for v in vs]
+    assert all((x == ident[0]).all() for x in ident[1:])
+    assert sum(not (x == cls[0]).all() for x in cls[1:]) >= 4
+
+
+def test_captions_describe_the_whole_scene():
+    s = Scene(characters=("kwibbit", "robot"), char_colors=("red", "blue"), hat="hattock", mushroom="mushroom",
+              mushroom_color="yellow", background="checker", bg_color="pink", style="pixlor", seed=1)
+    assert caption(s) == ("kwibbit frog, blue robot, hattock hat, yellow mushroom, pink checker background, "
+                          "pixlor mosaic style")
+    assert caption(Scene(shape="circle", shape_color="red", background="nocturo")) == "red circle, nocturo night background"
+    assert {"kwibbit", "frog", "robot", "hattock", "hat", "mushroom", "checker", "pixlor", "mosaic"} <= s.concepts()
+    with pytest.raises(ValueError, match="character"):
+        Scene(characters=("dragon",))
+
+
+def test_every_word_is_one_token():
+    from lorakit.toyworld.v2.models import toy_tokenizer
+
+    tok = toy_tokenizer()
+    for w in VOCAB:
+        assert len(tok.tokenize(w)) == 1, w
+    rng = np.random.default_rng(0)
+    scenes = [class_scene(rng) for _ in range(40)] + [mixed_scene(rng) for _ in range(40)]
+    for s in scenes:
+        for word in caption(s).replace(",", " ").split():
+            assert word in VOCAB, word
+
+
+def test_class_world_never_shows_an_identity_and_concept_sets_do():
+    rng = np.random.default_rng(1)
+    ids = {c.name for c in IDENTITIES}
+    for _ in range(200):
+        s = class_scene(rng)
+        assert not (s.concepts() & ids), caption(s)
+    mixed = set().union(*(mixed_scene(rng).concepts() for _ in range(300)))
+    assert ids <= mixed and {c.name for c in CLASSES} <= mixed
+    for c in IDENTITIES:
+        for _ in range(5):
+            s = concept_scene(c.name, rng)
+            assert c.name in s.concepts() and c.name in caption(s)
+    with pytest.raises(ValueError, match="identities"):
+        concept_scene("frog", rng)
+
+
+def test_models_have_the_sd1_layout():
+    from lorakit.blocks import fine_blocks, lora_able_modules
+    from lorakit.models import tiny_unet
+    from lorakit.toyworld.v2.models import toy_unet, toy_vae
+
+    unet = toy_unet()
+    assert unet.config.layers_per_block == 2 and len(unet.down_blocks) == 4
+    got = lora_able_modules(unet)
+    assert set(got) == set(lora_able_modules(tiny_unet("sd1")))  # same module paths as lorakit's SD1 layout
+    assert {m.fine for m in got.values()} == set(fine_blocks("sd1")) - {"IN00"}
+    vae = toy_vae()
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert tuple(z.shape) == (1, 4, 16, 16)
+
+
+def _trainer():
+    spec = importlib.util.spec_from_file_location("train_toy_base_v2", ROOT / "tools" / "train_toy_base_v2.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def _same(a: Path, b: Path) -> bool:
+    x, y = _tensors(a), _tensors(b)
+    return set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_trainer_resumes_bit_exactly(tmp_path):
+    """3 steps in one run == 2 steps, then a rerun with 3: VAE, UNet, its EMA and the optimizer state."""
+    import shutil
+
+    tr = _trainer()
+    common = ["--n-class", "12", "--n-mixed", "4", "--vae-batch", "2", "--unet-batch", "2", "--save-every", "2"]
+    one, chunks = tmp_path / "one", tmp_path / "chunks"
+    assert tr.main(["--work", str(one), *common, "--vae-steps", "3", "--unet-steps", "3"]) == 0
+    # the VAE stage in chunks (the same data: the render is seeded)
+    vae_file = "vae/toy-vae/diffusion_pytorch_model.safetensors"
+    args = tr.parse_args(["--work", str(chunks), *common, "--vae-steps", "2"])
+    tr.render_data(chunks, args.n_class, args.n_mixed, args.seed)
+    tr.train_vae(chunks, args)
+    assert not _same(chunks / vae_file, one / vae_file)
+    # the rest by rerunning the whole command: the VAE continues to step 3, then the UNet runs 2 steps, then 3
+    assert tr.main(["--work", str(chunks), *common, "--vae-steps", "3", "--unet-steps", "2"]) == 0
+    assert _same(chunks / vae_file, one / vae_file)
+    shutil.copytree(chunks / "unet" / "toy-unet", tmp_path / "step2")
+    assert tr.main(["--work", str(chunks), *common, "--vae-steps", "3", "--unet-steps", "3"]) == 0
+    for rel in ("unet/toy-unet/unet/diffusion_pytorch_model.safetensors",  # the saved (EMA) weights
+                "unet/checkpoints/checkpoint-3/params.safetensors",       # UNet + EMA shadow + EMA step count
+                "unet/checkpoints/checkpoint-3/optimizer.safetensors"):
+        assert _same(one / rel, chunks / rel), rel
+    assert not _same(tmp_path / "step2/unet/diffusion_pytorch_model.safetensors",
+                     chunks / "unet/toy-unet/unet/diffusion_pytorch_model.safetensors")
+    ema = _tensors(one / "unet/checkpoints/checkpoint-3/params.safetensors")
+    assert float(ema["1:steps"]) == 3
+    raw = {k[2:]: v for k, v in ema.items() if k.startswith("0:")}
+    saved = _tensors(one / "unet/toy-unet/unet/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved)  # the pipeline holds the EMA, not the raw UNet
+
+
+def test_make_dataset_writes_identity_and_class_world_folders(tmp_path):
+    from PIL import Image
+
+    from lorakit.toyworld.v2.dataset import make_dataset
+
+    paths = make_dataset("kwibbit", tmp_path / "a", 4, seed=3)
+    again = make_dataset("kwibbit", tmp_path / "b", 4, seed=3)
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+    assert Image.open(paths[0]).size == (64, 64)
+    caps = [p.with_suffix(".txt").read_text().strip() for p in paths]
+    assert all(c.startswith("kwibbit frog, ") for c in caps), caps
+    reg = make_dataset("class", tmp_path / "reg", 6, seed=1)
+    assert not any(t in p.with_suffix(".txt").read_text() for p in reg for t in ("kwibbit", "zorbo", "hattock"))
+    with pytest.raises(ValueError, match="identities"):
+        make_dataset("frog", tmp_path / "c", 2)
+
+
+def test_oracle_v2_trains_saves_and_scores(tmp_path):
+    """A few steps of tools/train_oracle_v2.py: files, metrics with identity-vs-class rows, and the score API."""
+    import json
+
+    from lorakit.toyworld.v2.oracle import Oracle
+
+    spec = importlib.util.spec_from_file_location("train_oracle_v2", ROOT / "tools" / "train_oracle_v2.py")
+    tr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tr)
+    out = tmp_path / "oracle"
+    assert tr.main(["--out", str(out), "--n-train", "24", "--n-eval", "24", "--steps", "2", "--batch", "8"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "min_identity_vs_class_accuracy" in metrics["degraded"]
+    assert "vs_class_accuracy" in metrics["per_concept_clean"]["kwibbit"]
+    oracle = Oracle.load(out)
+    imgs = [render(Scene(characters=("kwibbit",), seed=s)) for s in range(3)] + [render(Scene(shape="circle"), 32)]
+    s = oracle.score(imgs, ["frog", "kwibbit"])
+    assert tuple(s.probs.shape) == (4, 2) and set(s.rates) == {"frog", "kwibbit"}
+    with pytest.raises(ValueError, match="does not know"):
+        oracle.score(imgs, ["dragon"])
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "world": "v1"}))
+    with pytest.raises(ValueError, match="not a toy world v2 oracle"):
+        Oracle.load(out)
