@@ -86,7 +86,6 @@ def test_plot_writes_a_png(tmp_path):
 
 
 def test_repeats_interleave_the_arms_and_pair_their_ratios():
-    bench = _module()
     args = bench.parse_args(["--sizes", "sd15", "--stages", "train_ref", "train", "--repeat", "3"])
     assert [points[0]["one"] for _, points in bench.plan(args)] == ["train_ref", "train"] * 3
     rows = [_row("train_ref", step_s=10.0, total_s=60.0, peak_rss_mb=2855.0),
@@ -101,7 +100,6 @@ def test_repeats_interleave_the_arms_and_pair_their_ratios():
 def test_fusion_rows_count_layers_by_kind():
     import torch
 
-    bench = _module()
 
     class Pipe:
         unet = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Conv2d(2, 2, 1),
@@ -117,7 +115,6 @@ def test_fusion_rows_count_layers_by_kind():
 
 @pytest.mark.slow
 def test_cmlora_flops_count_full_and_shallow_passes_of_the_plan():
-    bench = _module()
     row = bench.cmlora_flops("sd1", "mid", 64, 4, 10)
     assert row["full_passes"] + row["shallow_passes"] == 40 and row["full_passes"] >= 4  # step 0: every cache
     assert 0 < row["shallow_pass_gflop"] < row["full_pass_gflop"]
