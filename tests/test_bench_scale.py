@@ -121,3 +121,14 @@ def test_cmlora_flops_count_full_and_shallow_passes_of_the_plan():
     expected = (row["full_passes"] * row["full_pass_gflop"] + row["shallow_passes"] * row["shallow_pass_gflop"]) \
         / (40 * row["full_pass_gflop"])
     assert abs(row["cmlora_over_composite"] - expected) < 0.05  # the row's GFLOPs are rounded to 0.1
+
+
+def test_rss_guard_stops_a_process_past_its_limit():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(200 * 2**20); time.sleep(20)"])
+    guard = bench.RssGuard(proc, 100)
+    assert proc.wait(timeout=15) != 0
+    guard.stop()
+    assert guard.tripped and guard.peak_mb > 100
