@@ -1,51 +1,27 @@
 """Training data: image folders with captions, tag shuffling, aspect buckets, regularisation images, latent cache.
 
-(The dataset classes follow below the config; :class:`DataConfig` is imported by the shared training loop.)
+The ``data.*`` keys of a recipe are :class:`lorakit.config.DataConfig` (re-exported here).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image, ImageOps
 
-@dataclass
-class DataConfig:
-    """``data.*`` keys of every training recipe.
-
-    ``path``: a folder of images with same-name ``.txt`` captions, or a ``datasets`` imagefolder with
-    ``metadata.jsonl`` (``file_name`` + ``text``/``caption`` columns).
-    """
-
-    path: str = ""
-    caption_extension: str = ".txt"
-    default_caption: str = ""  # used for images without a caption
-    repeats: int = 1
-    resolution: int = 512
-    center_crop: bool = True
-    random_flip: bool = False
-    shuffle_tags: bool = False  # shuffle comma-separated tags ...
-    keep_tokens: int = 0  # ... keeping the first N tags in place
-    caption_dropout: float = 0.0  # probability of an empty caption
-    buckets: bool = False  # aspect-ratio buckets
-    bucket_min: int = 256
-    bucket_max: int = 1024
-    bucket_step: int = 64
-    reg_path: str | None = None  # regularisation (prior-preservation) images
-    reg_weight: float = 1.0
-    reg_repeats: int = 1
-    cache_latents: bool = False
-    cache_dir: str | None = None  # default: <output_dir>/latent_cache
-    on_bad_image: str = "error"  # error | skip
-
-
-# ------------------------------------------------------------------------------------------------ datasets
-
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+from lorakit.config import DataConfig  # noqa: F401 - the data.* schema, re-exported
+from lorakit.fileio import load_safetensors, save_safetensors
+from lorakit.hashing import file_sha256
+from lorakit.logs import tqdm
+from lorakit.rng import sample_generator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -81,8 +57,6 @@ def to_rgb(img):
     """A PIL image as 8-bit RGB, correctly for every mode: 16/32-bit greyscale scaled (``convert('RGB')`` clips
     them to white), float images taken as [0, 1], transparency (RGBA, LA, palette with transparency) laid on
     white instead of showing whatever colour the transparent pixels hold."""
-    import numpy as np
-    from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
@@ -102,7 +76,6 @@ def to_rgb(img):
 
 def open_rgb(path: Path):
     """Decode an image file to 8-bit RGB (see :func:`to_rgb`); BadImageError naming the file if it cannot."""
-    from PIL import Image
 
     try:
         with Image.open(path) as raw:
@@ -114,7 +87,6 @@ def open_rgb(path: Path):
 
 def _check_image(path: Path) -> tuple[int, int]:
     """(width, height) of a decodable image; raises BadImageError naming the file otherwise."""
-    from PIL import Image
 
     try:
         with Image.open(path) as img:
@@ -188,7 +160,6 @@ def process_caption(caption: str, shuffle_tags: bool, keep_tokens: int, dropout:
     ``shuffle_tags`` shuffles the comma-separated tags after the first ``keep_tokens`` (which stay in place);
     with probability ``dropout`` the caption becomes empty (unconditional training).
     """
-    import torch
 
     drop = torch.rand((1,), generator=gen).item()
     if shuffle_tags:
@@ -221,22 +192,11 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ar), -b[0] * b[1]))
 
 
-def file_hash(path: Path) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resize_crop(img, target: tuple[int, int], center: bool, gen) -> tuple[object, tuple[int, int]]:
     """Resize a PIL image to cover ``target`` (width, height) and crop to it.
 
     Returns (image, (crop top, crop left)) in resized pixels, as SDXL's ``crops_coords_top_left`` wants.
     """
-    import torch
-    from PIL import Image
 
     tw, th = target
     scale = max(tw / img.width, th / img.height)
@@ -296,7 +256,6 @@ class CaptionedImages:
 
     def _view(self, i: int, gen) -> tuple[object, tuple[int, int], bool]:
         """(PIL image cropped to its target, crop top-left, flipped) for item ``i``."""
-        from PIL import ImageOps
 
         rec = self.items[i]
         img = open_rgb(rec.path)
@@ -307,10 +266,7 @@ class CaptionedImages:
         return img, crop, flip
 
     def get_item(self, i: int, sample_id: int) -> dict:
-        from lorakit.training.loop import sample_generator
 
-        import numpy as np
-        import torch
 
         rec, (tw, th) = self.items[i], self.targets[i]
         gen = sample_generator(self.seed, sample_id, salt=10)
@@ -343,9 +299,6 @@ class CaptionedImages:
 
     def center_view(self, i: int, flip: bool):
         """Pixel tensor [3, H, W] of the centre crop of item ``i`` (flipped if asked), for the latent cache."""
-        import numpy as np
-        import torch
-        from PIL import ImageOps
 
         rec = self.items[i]
         img = open_rgb(rec.path)
@@ -356,14 +309,12 @@ class CaptionedImages:
 
 
 def torch_rand(gen) -> float:
-    import torch
 
     return torch.rand((1,), generator=gen).item()
 
 
 def collate(items: list[dict]) -> dict:
     """Stack a list of dataset items into a batch (tensors stacked, captions as a list)."""
-    import torch
 
     out = {}
     for key in items[0]:
@@ -385,7 +336,6 @@ class LatentCache:
     """
 
     def __init__(self, cache_dir: str | os.PathLike, vae, device=None, dtype=None):
-        import torch
 
         self.dir = Path(cache_dir)
         self.vae, self.device = vae, device or torch.device("cpu")
@@ -400,13 +350,12 @@ class LatentCache:
     def path_for(self, ds: CaptionedImages, i: int, flip: bool) -> Path:
         rec, (w, h) = ds.items[i], ds.targets[i]
         if rec.path not in self._hashes:
-            self._hashes[rec.path] = file_hash(rec.path)
+            self._hashes[rec.path] = file_sha256(rec.path)
         tag = "_flip" if flip else ""
         return self.dir / f"{self._hashes[rec.path][:24]}_{w}x{h}{tag}_vae{self.vae_id}.safetensors"
 
     def encode(self, pixels):
         """[B, 3, H, W] in [-1, 1] -> (mean, std) each [B, C, H/f, W/f] float32 on the CPU."""
-        import torch
 
         with torch.no_grad():
             dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
@@ -414,10 +363,7 @@ class LatentCache:
 
     def fill(self, ds: CaptionedImages, flips: tuple[bool, ...] = (False,), batch_size: int = 8, progress: bool = True) -> int:
         """Encode every (image, flip) of ``ds`` not yet on disk. Returns how many were encoded."""
-        import torch
-        from lorakit.logs import tqdm
 
-        from lorakit.fileio import save_safetensors
 
         todo, seen = [], set()
         for i in range(len(ds)):
@@ -446,7 +392,6 @@ class LatentCache:
 
     def get(self, ds: CaptionedImages, i: int, flip: bool):
         """(mean, std) of item ``i``, from disk (encoded now if missing)."""
-        from lorakit.fileio import load_safetensors, save_safetensors
 
         p = self.path_for(ds, i, flip)
         if p.exists():

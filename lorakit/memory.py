@@ -11,8 +11,11 @@ Parts of an :class:`Estimate` (bytes):
   * ``weights``: every model of the pipeline in the run's dtype, plus the adapters loaded on top;
   * ``optimizer``: AdamW's two fp32 states per trainable parameter;
   * ``step``: the traced peak of one step (activations, gradients, temporaries);
-  * ``cache`` / ``gram`` / ``copies``: CMLoRA's per-LoRA deep features; gradient fusion's float64 Gram
-    matrices, and its copy of the LoRA'd layers' weights plus the widest layer's float64 solve;
+  * ``cache``: CMLoRA's per-LoRA deep features;
+  * ``gram`` / ``copies`` / ``solve`` / ``capture``: gradient fusion's float64 Gram matrices of its largest stage
+    (fit and, with ``--ridge auto``, held-out), its two copies of the adapted layers' weights (the base weights
+    and the UNet stage's saved weights), the widest layer's float64 solve, and the widest conv's unfolded inputs
+    while capturing (:func:`lorakit.fusion.gradient_memory.fusion_layers` reads the layers from the adapter files when they are given);
   * ``runtime``: the process itself (Python, torch, diffusers; ~0.6 GiB RSS on the CPU, 0 on CUDA where the
     check uses the free memory the driver reports).
 
@@ -267,7 +270,8 @@ def vae_peak(vae, pixels: int, dtype: torch.dtype, decode: bool) -> int:
 def estimate(stage: str, base, *, resolution: int | None = None, batch: int = 1, rank: int = 4, n_loras: int = 1,
              dtype: torch.dtype = torch.float32, device: str = "cpu", gradient_checkpointing: bool = False,
              conv: bool = False, cfg: bool = True, method: str = "merge", max_conv_dim: int = 4608,
-             adapter_bytes: int | None = None) -> Estimate | None:
+             adapter_bytes: int | None = None, heldout: bool = True,
+             layers: list | None = None) -> Estimate | None:
     """What ``stage`` needs on ``device``, from the base's configs. None when the base's configs are not at hand.
 
     Args:
@@ -281,6 +285,10 @@ def estimate(stage: str, base, *, resolution: int | None = None, batch: int = 1,
             one deep feature per LoRA; composite / switch / cmlora keep every adapter loaded, merge too).
         adapter_bytes: the adapters' total size when known (their files); default ``n_loras`` rank-``rank`` LoRAs
             on every LoRA-able UNet module.
+        heldout: ``fuse-gradient`` with ``--ridge auto``: held-out Gram matrices beside the fit ones.
+        layers: ``fuse-gradient``: the layers the adapters adapt (``lorakit.fusion.gradient_memory.fusion_layers`` of their files); default
+            every LoRA-able UNet module (``conv``: every conv too) with ``n_loras`` rank-``rank`` LoRAs.
+        For ``fuse-gradient``, ``batch`` is the capture batch (prompts x seeds per forward pass).
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
@@ -311,7 +319,12 @@ def estimate(stage: str, base, *, resolution: int | None = None, batch: int = 1,
             channels = unet.config.block_out_channels[1]
             est.parts["cache"] = n_loras * unet_batch * channels * latent * latent * torch.finfo(dtype).bits // 8
         if stage == "fuse-gradient":
-            _gradient_fusion_parts(est, models, unet, rank, n_loras, max_conv_dim, dtype)
+            from lorakit.fusion import gradient_memory  # the methods' own costs; fusion imports this module
+
+            if layers is None:
+                layers = gradient_memory.meta_fusion_layers(unet, rank * n_loras)
+            gradient_memory.add_gradient_fusion_parts(est.parts, layers, max_conv_dim, dtype, heldout,
+                                                      rows=unet_batch * latent * latent)
     return est
 
 
@@ -335,46 +348,6 @@ def _training_parts(est: Estimate, stage: str, arch, unet, vae, resolution: int,
     step = unet_step_peak(unet, arch, batch, latent, dtype, train=True,
                           gradient_checkpointing=gradient_checkpointing)
     est.parts["step"] = max(step, vae_peak(vae, resolution, dtype, decode=False))
-
-
-def _gradient_fusion_parts(est: Estimate, models, unet, rank: int, n_loras: int, max_conv_dim: int, dtype) -> None:
-    est.parts["gram"] = _gram_bytes(models, rank, n_loras, max_conv_dim)
-    # The weight switcher keeps a copy of every LoRA'd layer's weights; each solve holds G + lam I and its
-    # Cholesky factor (float64) of the widest layer.
-    lora_layers = [m.base_layer for m in unet.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
-    width = max((_flat_in(m) for m in lora_layers if _flat_in(m) <= max_conv_dim or
-                 isinstance(m, torch.nn.Linear)), default=0)
-    est.parts["copies"] = sum(m.weight.numel() for m in lora_layers) * torch.finfo(dtype).bits // 8 \
-        + 2 * 8 * width * width
-
-
-def _flat_in(layer: torch.nn.Module) -> int:
-    """Width of a layer's unfolded input: ``in_features``, or ``in_channels * kh * kw`` for a conv."""
-    if isinstance(layer, torch.nn.Conv2d):
-        return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
-    return getattr(layer, "in_features", 0)
-
-
-def _gram_bytes(models: dict, rank: int, n_loras: int, max_conv_dim: int) -> int:
-    """float64 Gram ``[in, in]`` + per-concept ``[r, in]`` for every LoRA'd Linear/solved Conv of the models."""
-    total = 0
-    for model in models.values():
-        for name, mod in model.named_modules():
-            if "lora_" in name or "base_layer" in name:
-                continue
-            layer = getattr(mod, "base_layer", mod)
-            if not hasattr(mod, "lora_A"):
-                continue
-            if isinstance(layer, torch.nn.Linear):
-                n_in = layer.in_features
-            elif isinstance(layer, torch.nn.Conv2d):
-                n_in = layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
-                if n_in > max_conv_dim:
-                    continue
-            else:
-                continue
-            total += 8 * (n_in * n_in + n_loras * rank * n_in)
-    return total
 
 
 def available_bytes(device: str = "cpu") -> int:

@@ -118,7 +118,8 @@ def pipeline_to_ldm(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.T
             added = sorted(t for t, i in tok.get_added_vocab().items() if i >= tok.vocab_size)
             raise ValueError(f"the pipeline's {name} has {len(tok) - tok.vocab_size} added tokens ({added[:3]}...): a "
                              "single-file checkpoint cannot carry them (ED-LoRA concepts need lorakit's tokenizer and "
-                             "per-layer routing); write --out-format pipeline")
+                             "per-layer routing); fold them into plain words with "
+                             "--fold-concepts (docs/edlora.md) or write --out-format pipeline")
     arch = pipeline_arch(pipe)
     if arch not in ("sd1", "sdxl"):
         raise ValueError(f"single-file checkpoints are written for SD1 and SDXL pipelines; this one is {arch} "

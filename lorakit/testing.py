@@ -4,62 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.adapters.io import Adapter, LoraModule, adapter_metadata, file_path
-from lorakit.blocks import lora_able_modules, module_ranks, resolve_block_spec, text_encoder_modules
-from lorakit.models import pipeline_arch
-
-
-def random_adapter(
-    pipe,
-    blocks="all",
-    network: str = "lora",
-    rank: int = 4,
-    alpha: float = 2.0,
-    conv_rank: int | None = None,
-    conv_alpha: float | None = None,
-    text_encoder: bool = False,
-    seed: int = 0,
-    std: float = 0.1,
-) -> Adapter:
-    """An adapter with random non-zero down/up weights on the modules a block spec selects.
-
-    Args:
-        pipe: a diffusers SD/SDXL pipeline (tiny ones in tests).
-        blocks / network / rank / alpha / conv_*: as in a training config.
-        text_encoder: also adapt every text encoder's attention and MLP layers (rank ``rank``).
-        std: standard deviation of the random entries.
-    """
-    arch = pipeline_arch(pipe)
-    g = torch.Generator().manual_seed(seed)
-    ranks = module_ranks(
-        lora_able_modules(pipe.unet),
-        resolve_block_spec(blocks, arch, rank),
-        network,
-        rank=rank,
-        alpha=alpha,
-        conv_rank=conv_rank,
-        conv_alpha=conv_alpha,
-    )
-    adapter = Adapter(metadata=adapter_metadata(arch, network, rank=rank, alpha=alpha))
-    targets = [("unet", pipe.unet, name, r, a) for name, (r, a) in ranks.items()]
-    if text_encoder:
-        for comp in ("text_encoder", "text_encoder_2"):
-            model = getattr(pipe, comp, None)
-            if model is not None:
-                targets += [(comp, model, n, rank, alpha) for n in text_encoder_modules(model)]
-    for comp, model, name, r, a in targets:
-        layer = model.get_submodule(name)
-        if isinstance(layer, torch.nn.Linear):
-            down = torch.randn(r, layer.in_features, generator=g) * std
-            up = torch.randn(layer.out_features, r, generator=g) * std
-        elif tuple(layer.kernel_size) == (1, 1):
-            down = torch.randn(r, layer.in_channels, 1, 1, generator=g) * std
-            up = torch.randn(layer.out_channels, r, 1, 1, generator=g) * std
-        else:
-            down = torch.randn(r, layer.in_channels, *layer.kernel_size, generator=g) * std
-            up = torch.randn(layer.out_channels, r, 1, 1, generator=g) * std
-        adapter.modules[f"{comp}.{file_path(model, comp, name)}"] = LoraModule(down, up, float(a))
-    return adapter
+from lorakit.adapters.synthetic import random_adapter  # noqa: F401 - tests and benchmarks import it from here
+from lorakit.conditioning import is_sdxl
 
 
 def unet_inputs(pipe, batch: int = 1, seed: int = 0) -> dict:
@@ -72,10 +18,19 @@ def unet_inputs(pipe, batch: int = 1, seed: int = 0) -> dict:
         "timestep": torch.tensor([500] * batch),
         "encoder_hidden_states": torch.randn(batch, 77, cfg.cross_attention_dim, generator=g),
     }
-    if cfg.addition_embed_type == "text_time":
+    if is_sdxl(pipe):
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         inputs["added_cond_kwargs"] = {
             "text_embeds": torch.randn(batch, pooled, generator=g),
             "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * batch),
         }
     return inputs
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so that a second training in the same process builds its
+    ``Accelerator`` afresh (accelerate keeps one shared state per process and refuses some changes to it)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

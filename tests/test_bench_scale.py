@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
+import bench_scale as bench
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "tools" / "bench_scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_derived_rows():
-    bench = _module()
     rows = [
         {"run": "train_ref", "size": "tiny", "step_s": 1.0, "peak_rss_mb": 500, "unet_params_m": 2.0},
         {"run": "train", "size": "tiny", "step_s": 2.0, "peak_rss_mb": 400, "unet_params_m": 2.0},
@@ -38,7 +32,6 @@ def _row(run, **kw):
 
 
 def test_curve_rows_vary_one_axis_at_the_others_defaults():
-    bench = _module()
     rows = [
         # sampling curves use the whole image's seconds (total_s), not the per-step marginal
         _row("composite", n_loras=2, step_s=-1.0, total_s=2.0, peak_rss_mb=3000.0),
@@ -60,7 +53,6 @@ def test_curve_rows_vary_one_axis_at_the_others_defaults():
 
 
 def test_spread_rows_and_ratios_of_the_variants():
-    bench = _module()
     rows = [_row("train_ref", step_s=10.0, peak_rss_mb=2831.0), _row("train_ref", step_s=12.0, peak_rss_mb=2841.0),
             _row("train", step_s=7.0, peak_rss_mb=2842.0), _row("train", step_s=8.0, peak_rss_mb=2830.0),
             _row("train_gc", step_s=9.0, peak_rss_mb=2700.0)]
@@ -74,7 +66,6 @@ def test_spread_rows_and_ratios_of_the_variants():
 
 
 def test_plan_shares_one_process_per_size_for_the_base_preserving_stages():
-    bench = _module()
     args = bench.parse_args(["--sizes", "sd15", "--stages", "train", "sample", "cmlora", "--n-loras", "4", "2",
                              "--shared"])
     procs = bench.plan(args)
@@ -89,7 +80,47 @@ def test_plot_writes_a_png(tmp_path):
     import pytest
 
     pytest.importorskip("matplotlib")
-    bench = _module()
     rows = [_row("sample", n_loras=n, step_s=float(n), total_s=float(n), peak_rss_mb=3000.0 + n) for n in (2, 4, 8)]
     png = bench.plot(bench.derived_rows(rows), tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_repeats_interleave_the_arms_and_pair_their_ratios():
+    bench = _module()
+    args = bench.parse_args(["--sizes", "sd15", "--stages", "train_ref", "train", "--repeat", "3"])
+    assert [points[0]["one"] for _, points in bench.plan(args)] == ["train_ref", "train"] * 3
+    rows = [_row("train_ref", step_s=10.0, total_s=60.0, peak_rss_mb=2855.0),
+            _row("train", step_s=5.0, total_s=40.0, peak_rss_mb=2795.0),
+            _row("train_ref", step_s=4.0, total_s=30.0, peak_rss_mb=2856.0),
+            _row("train", step_s=4.0, total_s=33.0, peak_rss_mb=2794.0)]
+    paired = [r for r in bench.derived_rows(rows) if r["run"] == "paired_ratio"]
+    assert len(paired) == 1 and paired[0]["time_ratios"] == [0.5, 1.0] and paired[0]["time_ratio_mean"] == 0.75
+    assert paired[0]["total_ratios"] == [round(40 / 60, 3), 1.1] and paired[0]["peak_rss_mb_diff"] == [-60.0, -62.0]
+
+
+def test_fusion_rows_count_layers_by_kind():
+    import torch
+
+    bench = _module()
+
+    class Pipe:
+        unet = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Conv2d(2, 2, 1),
+                                    "c": torch.nn.Conv2d(2, 2, 3), "d": torch.nn.Conv2d(2, 2, 3)})
+
+    layers = {"unet.a": {"method": "closed_form"}, "unet.b": {"method": "closed_form"},
+              "unet.c": {"method": "closed_form", "space": "LoRA subspace (dim 8)"},
+              "unet.d": {"method": "weighted_fallback"}}
+    assert bench.layers_by_kind(Pipe(), layers) == {
+        "linear": {"solved": 1, "subspace": 0, "fallback": 0}, "conv1x1": {"solved": 1, "subspace": 0, "fallback": 0},
+        "conv": {"solved": 0, "subspace": 1, "fallback": 1}}
+
+
+@pytest.mark.slow
+def test_cmlora_flops_count_full_and_shallow_passes_of_the_plan():
+    bench = _module()
+    row = bench.cmlora_flops("sd1", "mid", 64, 4, 10)
+    assert row["full_passes"] + row["shallow_passes"] == 40 and row["full_passes"] >= 4  # step 0: every cache
+    assert 0 < row["shallow_pass_gflop"] < row["full_pass_gflop"]
+    expected = (row["full_passes"] * row["full_pass_gflop"] + row["shallow_passes"] * row["shallow_pass_gflop"]) \
+        / (40 * row["full_pass_gflop"])
+    assert abs(row["cmlora_over_composite"] - expected) < 0.05  # the row's GFLOPs are rounded to 0.1

@@ -1,36 +1,23 @@
 """tools/ci_artifacts.py: the CI-trained LoRAs and hypernetwork are cached by recipe hash (2-step trainings on the
 real toy base, one thread)."""
 
-import importlib.util
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
+import bench_composition as bench
+import ci_artifacts as ci
 import pytest
-import torch
 
 from lorakit.fileio import load_safetensors, save_safetensors
-
-torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 if not (ROOT / "data" / "toy-base" / "model_index.json").exists():
     pytest.skip("needs the bundled toy base data/toy-base", allow_module_level=True)
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ci = _load("ci_artifacts")
-bench = _load("bench_composition")
 
 
 def _records(capsys, stage):

@@ -1,13 +1,9 @@
 """Which consumer places which layer of lorakit's outputs (A1111 / ComfyUI / kohya name logic re-implemented in
 lorakit.adapters.consumers; diffusers run for real)."""
 
-import sys
-from pathlib import Path
-
 from lorakit.adapters.consumers import a1111_placement, comfyui_placement, kohya_placement
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import check_consumers  # noqa: E402
+import check_consumers
 
 
 def test_a1111_rewrite_misplaces_the_sdxl_upsampler_only_under_diffusers_names(sdxl_pipe):

@@ -16,6 +16,7 @@ from PIL import Image
 
 from lorakit.config import load_config
 from lorakit.fileio import load_safetensors
+from lorakit.testing import reset_accelerate
 from lorakit.training.blockwise import BlockwiseConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +33,7 @@ def _images(folder: Path, n: int = 2, res: int = 32) -> Path:
 
 
 def _train(tmp_path, name: str, *overrides, base: str = "tiny:sd1"):
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     data = _images(tmp_path / "img")
     cfg = load_config(BlockwiseConfig, None, [
         f"base_model={base}", f"data.path={data}", f"output_dir={tmp_path / name}", "logging=none", "max_steps=3",

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)
-
-from lorakit.cli import main  # noqa: E402
-from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids, target_ids  # noqa: E402
+from lorakit.cli import main
+from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids, target_ids
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "--quiet"]
@@ -68,7 +66,7 @@ def test_report_files_and_every_method(demo_run):
 def test_report_numbers_are_the_oracles_on_the_saved_pngs(demo_run):
     from PIL import Image
 
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
 
     out, _, report, _ = demo_run
     for row in report["rows"]:
@@ -142,3 +140,31 @@ def test_bad_concept_fails_naming_it(option, value, expect, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{option} {value!r}" in err and expect in err
     assert not out.exists()  # checked before anything is written or trained
+
+
+def test_html_shows_each_images_verdict_by_concept_name(demo_run):
+    out, _, report, _ = demo_run
+    html = (out / "report.html").read_text()
+    for row in report["rows"]:
+        for probs in row["probs"]:
+            mark = ["\u2713" if p >= 0.5 else "\u2717" for p in probs]  # check mark / ballot x
+            assert f'<div class="v">frog {mark[0]} ink {mark[1]}</div>' in html
+
+
+def test_a_batched_row_gives_each_seed_its_own_image(demo_run, tmp_path):
+    """Rows are generated in one batch; image i must still be the image of seed i alone (up to float rounding)."""
+    import numpy as np
+    from PIL import Image
+
+    from lorakit.toyworld.demo import DemoSettings, run_demo
+
+    _, loras, _, _ = demo_run
+    common = dict(lora_dir=str(loras), train_steps=2, sample_steps=4, methods=["base", "merge"])
+    run_demo(DemoSettings(out=str(tmp_path / "two"), k=2, seed=0, **common), progress=False)
+    run_demo(DemoSettings(out=str(tmp_path / "one"), k=1, seed=1, **common), progress=False)
+    for row in ("base", "merge"):
+        batched = np.asarray(Image.open(tmp_path / "two" / "images" / f"{row}-s1.png"), dtype=int)
+        alone = np.asarray(Image.open(tmp_path / "one" / "images" / f"{row}-s1.png"), dtype=int)
+        assert np.abs(batched - alone).max() <= 2, row
+        first = np.asarray(Image.open(tmp_path / "two" / "images" / f"{row}-s0.png"), dtype=int)
+        assert np.abs(first - alone).max() > 2, row  # seeds 0 and 1 differ: the comparison can fail

@@ -11,15 +11,6 @@ from lorakit.adapters.io import AdapterError, apply_adapter, load_adapter, save_
 from lorakit.models import pipeline_arch
 from lorakit.testing import random_adapter
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and much faster when other test runs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ATTN = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
 
 

@@ -14,19 +14,11 @@ from PIL import Image
 from lorakit.adapters import edlora as ed
 from lorakit.adapters.io import load_adapter
 from lorakit.config import ConfigError, load_config
+from lorakit.testing import reset_accelerate
 from lorakit.training.edlora import EDLoRAConfig, encode_captions, text_sides, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_LRS = ["learning_rate=1e-4", "text_encoder_lr=1e-5", "embedding_lr=1e-3", "lr_scheduler=linear"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and much faster when other test runs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_concept_folder(root: Path, n: int = 4, masks: bool = True) -> tuple[Path, Path]:
@@ -54,13 +46,6 @@ def cfg_for(tmp_path, img_dir, *extra):
         "concept.init_word=cat", "concept.placeholder=<TOK>", "concept.name=cat", "checkpointing_steps=0",
         "sample_every=0", *PAPER_LRS, *extra,
     ])
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def tensors(path):

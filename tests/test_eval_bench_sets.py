@@ -1,6 +1,6 @@
 """tools/bench_composition.py: the composition sets and the check of its inputs (the run itself is a benchmark)."""
 
-import importlib.util
+import bench_composition as bench
 import json
 from pathlib import Path
 
@@ -9,15 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_composition", ROOT / "tools" / "bench_composition.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_sets_cover_every_combination(bench):
+def test_sets_cover_every_combination():
     sets = bench.composition_sets((2, 3, 4))
     counts = {n: sum(s["n"] == n for s in sets) for n in (2, 3, 4)}
     assert counts == {2: 18, 3: 36, 4: 24}  # 3 characters x (2+2+2 | 4+4+4 | 8)
@@ -31,7 +23,7 @@ def test_sets_cover_every_combination(bench):
         bench.composition_sets((5,))
 
 
-def test_missing_inputs_are_named(bench, tmp_path, sd1_pipe, capsys):
+def test_missing_inputs_are_named(tmp_path, sd1_pipe, capsys):
     from lorakit.adapters.io import adapter_metadata, save_adapter
     from lorakit.testing import random_adapter
 
@@ -57,7 +49,7 @@ def _row(method, set_id, seeds, present, scale=0.8, n=2, cats=("character", "sty
             "present": present, "seconds_per_image": 0.1}
 
 
-def test_summary_counts_images_with_intervals_and_pairs_them(bench):
+def test_summary_counts_images_with_intervals_and_pairs_them():
     seeds = [0, 1, 2, 3]
     rows = [
         _row("merge", "a", seeds, [[True, True], [True, False], [False, False], [False, True]]),
@@ -80,7 +72,7 @@ def test_summary_counts_images_with_intervals_and_pairs_them(bench):
         == "+5 / -0, p = 0.0625"
 
 
-def test_scale_is_picked_on_validation_rows(bench):
+def test_scale_is_picked_on_validation_rows():
     rows = [_row("merge", "a", [10, 11], [[True, True], [False, True]], scale=0.6),
             _row("merge", "a", [10, 11], [[True, True], [True, True]], scale=1.0),
             _row("merge", "a", [10, 11], [[True, True], [True, True]], scale=0.8),
@@ -91,7 +83,7 @@ def test_scale_is_picked_on_validation_rows(bench):
     assert picked[("switch", 2)] in (0.6, 1.0)
 
 
-def test_every_method_gets_the_same_scale_and_fusion_its_training_captions(bench, tmp_path, monkeypatch):
+def test_every_method_gets_the_same_scale_and_fusion_its_training_captions(tmp_path, monkeypatch):
     caps = bench.training_captions("frog", 3)
     assert len(caps) == 3 and all(c.startswith("kwibbit") for c in caps)
     calls = []

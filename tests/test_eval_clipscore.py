@@ -11,15 +11,6 @@ from lorakit.cli import main
 from lorakit.eval.clipscore import clip_scores, load_clip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared, busy CPU its spin-waits cost 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel

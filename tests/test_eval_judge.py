@@ -206,6 +206,7 @@ def test_cli_yesno_and_pairwise(fake, tmp_path):
 
 
 def test_toy_concepts_are_described_for_the_judge():
+    import lorakit.toyworld  # noqa: F401  (registers the trigger words' descriptions)
     from lorakit.eval.metrics import _described
     from lorakit.eval.judge import presence_question
 

@@ -62,7 +62,7 @@ def test_presence_summary_and_tables(tmp_path):
 
 
 def test_oracle_metric_with_a_stand_in_oracle(tmp_path, monkeypatch):
-    import lorakit.eval.oracle as oracle
+    import lorakit.toyworld.oracle as oracle
     from lorakit.toyworld.concepts import get_concept
 
     calls = []

@@ -12,15 +12,6 @@ from lorakit.eval.retention import ConceptSpec, retention
 from lorakit.testing import random_adapter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny UNets gain nothing from a second thread, and on a shared, busy CPU its spin-waits cost 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _merged_copy(pipe, adapter):
     """The base with ``W0 + delta`` written into its weights (a reference 'fused' model, no peft)."""
     out = copy.deepcopy(pipe)

@@ -13,14 +13,6 @@ from lorakit.fusion.gradient import Concept, GradientSettings, fuse_gradient
 from lorakit.testing import random_adapter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _edlora(pipe, seed, words=("<c1>", "<c2>")):
     layers = E.cross_attention_layers(pipe.unet)
     ad = random_adapter(pipe, network="lora", text_encoder=True, rank=2, alpha=2.0, seed=seed, std=0.1)

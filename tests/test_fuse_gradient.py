@@ -2,8 +2,6 @@
 
 import copy
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,17 +12,7 @@ from lorakit.fusion.gradient import Concept, GradientSettings, fuse_gradient, st
 from lorakit.fusion.merge import apply_deltas, weighted
 from lorakit.testing import random_adapter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from lbfgs_fusion_reference import REFERENCE_ITERS, layer_data, lbfgs_solve, mse_objective  # noqa: E402
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 matmuls run faster on one thread (and do not spin against other jobs on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+from lbfgs_fusion_reference import REFERENCE_ITERS, layer_data, lbfgs_solve, mse_objective
 
 # A fixed tiny ridge: these tests check the exact least-squares solve (ridge="auto" has its own tests).
 SETTINGS = dict(steps=2, resolution=16, progress=False, keep_inputs=True, seed=0, ridge=1e-6, ridge_target="base")
@@ -214,6 +202,11 @@ def test_kv_stage_fits_concept_and_end_rows_only(sd1_pipe, fused_auto):
     want = sum(2 * (n + 1) for n in n_trigger)
     kv = [r for k, r in out["layers"].items() if stage_of(k) == "cross_kv"]
     assert kv and all(r["tokens"] == want for r in kv)
+    # the held-out statistics that choose the ridge: every token of the held-out prompts, never padding
+    from lorakit.fusion import HELDOUT_TEMPLATES
+
+    n_val = sum(len(tok(h.format(t)).input_ids) for t in TRIGGERS for h in HELDOUT_TEMPLATES)
+    assert all(r["heldout_tokens"] == n_val for r in kv)
     rows = token_rows(tok, ["photo of a red circle", "blue square"], "concept", trigger="red circle")
     ids = tok(["photo of a red circle"], padding="max_length", max_length=77).input_ids[0]
     assert rows.shape == (2, 77) and rows[0].sum() == n_trigger[0] + 1 and rows[1].sum() == 1  # no trigger: end only
@@ -238,7 +231,7 @@ def test_batched_capture_equals_one_pass_per_prompt(sd1_pipe):
         settings = GradientSettings(**{**SETTINGS, "samples": 2, "batch": batch})
         probs = build_problems(pipe, concepts)
         items = work_items(concepts, settings, "unet")
-        assert len(items) == (4 if batch == 1 else 1) * 2
+        assert len(items) == (8 if batch == 1 else 1)  # both concepts share one pass
 
         def run_unet(item):
             from lorakit.fusion.gradient import _call_pipe
@@ -267,7 +260,7 @@ def test_fit_and_heldout_prompts_share_passes_with_the_same_statistics(sd1_pipe)
         settings = GradientSettings(**{**SETTINGS, "ridge": "auto", "batch": batch})
         probs = build_problems(pipe, concepts)
         unet_items = work_items(concepts, settings, "unet")
-        assert [it.split for it in unet_items] == (["fit", "val"] * 2 if batch == 1 else ["mixed"] * 2)
+        assert [it.split for it in unet_items] == (["fit", "val"] * 2 if batch == 1 else ["mixed"])
 
         def run_unet(item):
             _call_pipe(pipe, item.prompts, item.seeds, 2, 16, 1.0)
@@ -276,7 +269,7 @@ def test_fit_and_heldout_prompts_share_passes_with_the_same_statistics(sd1_pipe)
             pipe.encode_prompt(prompt=item.prompts, device="cpu", num_images_per_prompt=1,
                                do_classifier_free_guidance=False)
 
-        def text_rows(item, comp):
+        def text_rows(item, comp, split):
             return token_rows(pipe.tokenizer, item.prompts, "prompt")
 
         q = {k: p for k, p in probs.items() if k.endswith("attn2.to_q")}

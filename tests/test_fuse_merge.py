@@ -9,15 +9,6 @@ from lorakit.adapters.io import Adapter, LoraModule, load_adapter, save_adapter
 from lorakit.fusion import merge
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is faster and does not spin against other jobs on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _adapter(seed, keys, rank=3, conv=False):
     g = torch.Generator().manual_seed(seed)
     mods = {}

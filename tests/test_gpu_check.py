@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def test_bf16_peak_and_sd15_flops():
@@ -36,3 +35,20 @@ def test_gpu_check_dry_run_on_cpu():
     assert {"env", "train_ratio", "sample_ratio", "multi_gpu", "total"} <= checks.keys()
     assert not any("error" in r for r in rows), rows
     assert checks["total"]["dry_run"] is True
+
+
+def test_gpu_check_calls_fit_bench_scale_signatures():
+    """gpu_check.py reuses bench_scale's helpers: every ``bench_scale.f(...)`` call in it binds to f's current
+    signature (a changed signature once failed the GPU check's dry run in CI with a TypeError)."""
+    import ast
+    import inspect
+
+    import bench_scale
+
+    tree = ast.parse((ROOT / "tools" / "gpu_check.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and isinstance(n.func.value, ast.Name) and n.func.value.id == "bench_scale"]
+    assert calls
+    for call in calls:
+        sig = inspect.signature(getattr(bench_scale, call.func.attr))
+        sig.bind(*[None] * len(call.args), **{k.arg: None for k in call.keywords})

@@ -17,26 +17,10 @@ from lorakit.config import ConfigError, load_config
 from lorakit.fileio import load_safetensors, save_safetensors
 from lorakit.fusion.lorarar import MergerHypernet, hypernet_widths, load_hypernet, merge_pair, save_hypernet
 from lorakit.fusion.ziplora import export_merged, merged_delta, plan_merge
-from lorakit.testing import random_adapter, unet_inputs
+from lorakit.testing import random_adapter, reset_accelerate, unet_inputs
 from lorakit.training.lorarar import LoraRarConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one thread is as fast, and much faster when other test processes share the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def pair(pipe):
@@ -189,19 +173,6 @@ def test_fuse_cli_lorarar(sd1_pipe, tmp_path):
                  str(tmp_path / "s.safetensors"), "--out", str(out)]) == 2  # no --hypernet: a named error
 
 
-def _tool(name):
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return mod
-
-
 # Held-out claim on the toy world, scored on 64 paired noise batches: the trained network's mean loss on the unseen
 # pair is below the plain sum's and its initialisation's. Only the direction is asserted: measured with
 # tools/measure_lorarar_heldout.py (docs/lorarar.md), the gain over the sum ranges from about 5 % (this recipe's
@@ -218,9 +189,11 @@ def test_hypernet_beats_sum_and_init_on_held_out_toy_pair(toy_loras):
     (``toy_loras``); the hypernetwork is the CI artifact (``tools/ci_artifacts.py``, cached by hash in
     artifacts/hypernet). References are the concepts' images named by the recipe, never a folder found in a LoRA's
     metadata."""
+    import ci_artifacts as ci
+    import measure_lorarar_heldout as measure
+
     from lorakit.models import load_base
 
-    ci, measure = _tool("ci_artifacts"), _tool("measure_lorarar_heldout")
     reset_accelerate()
     path = ci.train_hypernet(toy_loras, ROOT / "artifacts" / "hypernet", [], ("ghost", "ink"))
     pipe = load_base(str(ROOT / "data" / "toy-base"))

@@ -1,12 +1,8 @@
 """tools/measure_composition_methods.py: its statistics and method specs (the sampling itself is tested elsewhere)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import measure_composition_methods as mcm  # noqa: E402
+import measure_composition_methods as mcm
 
 
 def test_wilson_and_mcnemar():

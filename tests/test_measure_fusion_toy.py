@@ -1,12 +1,8 @@
 """tools/measure_fusion_toy.py: evaluation captions ask for both concepts, method specs parse."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from measure_fusion_toy import eval_prompts, parse_method  # noqa: E402
+from measure_fusion_toy import eval_prompts, parse_method
 
 
 def test_eval_prompts_ask_for_both_concepts_and_differ_from_the_fit_captions():

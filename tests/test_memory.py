@@ -186,3 +186,70 @@ def test_every_heavy_command_refuses_before_loading(tmp_path, monkeypatch, capsy
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{stage} needs ~" in err and "0.2 GiB free" in err, err
+
+
+def test_fusion_layers_read_from_the_files_count_locon_convs(tmp_path, sd1_pipe):
+    """Gradient fusion's estimate takes its layers from the adapter files: a LoCon's 3x3 convs are unfolded
+    (in * 9 wide) and raise the Gram and weight-copy parts over a LoRA's; the ranks of two files add up."""
+    from lorakit.adapters.io import save_adapter
+    from lorakit.fusion.gradient_memory import fusion_layers
+    from lorakit.testing import random_adapter
+
+    files = {}
+    for net in ("lora", "locon"):
+        files[net] = [tmp_path / f"{net}{i}.safetensors" for i in range(2)]
+        for i, f in enumerate(files[net]):
+            save_adapter(random_adapter(sd1_pipe, network=net, rank=4, conv_rank=4, conv_alpha=4, seed=i), f)
+    lora, locon = fusion_layers(files["lora"]), fusion_layers(files["locon"])
+    assert all(layer.rank == 8 for layer in lora + locon)  # 4 + 4 from the two files
+    assert not any(layer.kernel for layer in lora) and any(layer.kernel for layer in locon)
+    conv = next(layer for layer in locon if layer.kernel)
+    module = sd1_pipe.unet.get_submodule(conv.key.split(".", 1)[1])
+    assert conv.in_flat == module.in_channels * 9 and conv.out == module.out_channels
+    est = {net: estimate("fuse-gradient", "random:sd1:mid", resolution=64, n_loras=2, layers=layers)
+           for net, layers in (("lora", lora), ("locon", locon))}
+    assert est["locon"].parts["gram"] > est["lora"].parts["gram"]
+    assert est["locon"].parts["copies"] > est["lora"].parts["copies"]
+    assert est["locon"].parts["capture"] > 0 == est["lora"].parts["capture"]
+    # --ridge auto keeps held-out Grams beside the fit ones: twice the Gram part
+    fixed = estimate("fuse-gradient", "random:sd1:mid", resolution=64, n_loras=2, layers=locon, heldout=False)
+    assert est["locon"].parts["gram"] == 2 * fixed.parts["gram"]
+    # a conv wider than max_conv_dim is solved in its LoRA subspace: an R x R Gram, far smaller
+    small = estimate("fuse-gradient", "random:sd1:mid", resolution=64, n_loras=2, layers=locon, max_conv_dim=0)
+    assert small.parts["gram"] < est["locon"].parts["gram"]
+
+
+@pytest.mark.slow
+def test_sd15_locon_fusion_estimate_counts_what_was_measured():
+    """SD 1.5 size, two rank-4 LoCons, --ridge auto (bf16): the estimate holds the parts the measured run held
+    (tools/bench_scale.py, docs/performance.md): fit + held-out Grams of the UNet stage (~7 GiB) and two copies
+    of the adapted weights (~3.2 GiB), over 13 GiB in all; a fixed ridge drops the held-out half."""
+    auto = estimate("fuse-gradient", "random:sd1:full", resolution=64, n_loras=2, batch=8, dtype=torch.bfloat16,
+                    conv=True, cfg=False)
+    fixed = estimate("fuse-gradient", "random:sd1:full", resolution=64, n_loras=2, batch=8, dtype=torch.bfloat16,
+                     conv=True, cfg=False, heldout=False)
+    assert 6.5 < auto.parts["gram"] / GIB < 7.5 and 3.0 < auto.parts["copies"] / GIB < 3.4
+    assert auto.total / GIB > 13 and auto.total - fixed.total == auto.parts["gram"] // 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, stage", [
+    (["fuse", "--method", "gradient", "--dtype", "bfloat16"], "fuse-gradient"),
+    (["fuse", "--method", "ziplora", "--dtype", "bfloat16"], "ziplora"),
+])
+def test_sdxl_stages_that_cannot_fit_24gb_refuse_before_loading(tmp_path, monkeypatch, capsys, argv, stage):
+    """SDXL size on a 24 GB machine (22 GiB free): gradient fusion (its Gram matrices) and ZipLoRA (its merged
+    full-size weights) are refused from the estimate, before the base is built."""
+    import re
+
+    import lorakit.models
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 22 * GIB)
+    monkeypatch.setattr(lorakit.models, "load_base", lambda *a, **k: pytest.fail("loaded the base"))
+    fake = tmp_path / "x.safetensors"
+    fake.write_bytes(b"")
+    assert main(argv + ["--base", "random:sdxl:full", "--adapters", str(fake), str(fake), "--out",
+                        str(tmp_path / "f.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{stage} needs ~" in err and "22.0 GiB free" in err, err
+    assert float(re.search(r"needs ~([\d.]+) GiB", err).group(1)) > 24

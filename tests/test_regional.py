@@ -11,14 +11,6 @@ from lorakit.sampling import SamplerSettings, generate, load_adapters
 from lorakit.sampling.regional import Region, RegionSpec, box_mask, cell_range, load_regions, parse_regions, warn_empty_boxes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _cols(mask):
     return torch.nonzero(mask.any(0)).flatten().tolist()
 

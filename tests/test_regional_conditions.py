@@ -14,14 +14,6 @@ from lorakit.sampling.conditions import Condition, weight_map
 from lorakit.sampling.regional import Region, RegionSpec, parse_regions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_t2i(unet, seed=0, in_channels=1, vae_factor=2):
     from diffusers import T2IAdapter
 

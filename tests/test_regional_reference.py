@@ -81,7 +81,6 @@ def reference_regional(pipe, adapter, sketch, weight, weight_boxes, prompt, regi
 def test_regional_with_adapter_matches_reference(sd1_pipe):
     from diffusers import T2IAdapter
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     adapter = T2IAdapter(in_channels=1, channels=list(sd1_pipe.unet.config.block_out_channels), num_res_blocks=1,
                          downscale_factor=2).eval()

@@ -13,14 +13,6 @@ from lorakit.toyworld.sketch import (CHARACTER_EXTENT, CharacterScene, PlacedCha
                                      render_character_scene)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_character_scenes_keep_each_sprite_in_its_half():
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -34,7 +26,7 @@ def test_character_scenes_keep_each_sprite_in_its_half():
 
 
 def test_oracle_view_finds_each_character_on_the_render():
-    from lorakit.eval.oracle import load_oracle
+    from lorakit.toyworld.oracle import load_oracle
 
     scene = CharacterScene((PlacedCharacter("frog", 0.25, 0.55, 0.46), PlacedCharacter("robot", 0.76, 0.47, 0.5)))
     image, _ = render_character_scene(scene)

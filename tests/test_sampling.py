@@ -15,15 +15,6 @@ from lorakit.sampling.regional import RegionSpec, Region, parse_regions
 from lorakit.testing import random_adapter, unet_inputs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: one thread is faster than two on a shared 2-core machine (no OpenMP spinning).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def adapter_files(tmp_path_factory, sd1_pipe, sdxl_pipe):
     root = tmp_path_factory.mktemp("adapters")

@@ -7,20 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lorakit.adapters.io import save_adapter
 from lorakit.cli import main
 from lorakit.sampling import SampleJob, SamplerSettings, regenerate, run_sample
 from lorakit.testing import random_adapter
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

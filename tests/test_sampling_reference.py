@@ -23,14 +23,6 @@ SCALE = 0.8  # the reference's LoRA scale
 PROMPT, NEG = "a red cat", "blurry"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, sd1_pipe):
     root = tmp_path_factory.mktemp("ref_adapters")

@@ -1,22 +1,16 @@
 """Toy-world sketch scenes (image + silhouette) and the sketch-adapter measurement's helpers."""
 
-import importlib.util
 import json
 from pathlib import Path
 
+import measure_toy_sketch_adapter
 import numpy as np
+import train_toy_sketch_adapter
 from PIL import Image
 
 from lorakit.toyworld.sketch import random_sketch_scene, render_sketch_scene, silhouette_image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("measure_sketch", ROOT / "tools" / "measure_toy_sketch_adapter.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_silhouette_marks_the_drawn_shapes_one_per_half():
@@ -37,7 +31,7 @@ def test_silhouette_marks_the_drawn_shapes_one_per_half():
 
 
 def test_measure_helpers():
-    tool = _tool()
+    tool = measure_toy_sketch_adapter
     a = np.zeros((4, 4), bool)
     a[:2] = True
     b = np.zeros((4, 4), bool)
@@ -51,7 +45,7 @@ def test_measure_helpers():
     image, _ = render_sketch_scene(scene)
     views = tool.region_views(image, scene)
     assert [v.size for v in views] == [(32, 32), (32, 32)]
-    from lorakit.eval.oracle import load_oracle
+    from lorakit.toyworld.oracle import load_oracle
 
     oracle = load_oracle()
     for p, v in zip(scene.shapes, views):  # the view the measurement reads finds the rendered shape and colour
@@ -65,9 +59,7 @@ def test_training_tool_writes_a_loadable_adapter_deterministically(tmp_path):
     import torch
     from diffusers import T2IAdapter
 
-    spec = importlib.util.spec_from_file_location("train_sketch", ROOT / "tools" / "train_toy_sketch_adapter.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = train_toy_sketch_adapter
     for name in ("a", "b"):
         assert tool.main(["--steps", "2", "--batch", "2", "--out", str(tmp_path / name), "--log-every", "1"]) == 0
     a, b = (T2IAdapter.from_pretrained(tmp_path / n) for n in ("a", "b"))

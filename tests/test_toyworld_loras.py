@@ -31,7 +31,7 @@ def toy_pipe():
 @pytest.mark.slow
 @pytest.mark.parametrize("concept", [c.name for c in HELDOUT])
 def test_concept_lora_beats_base(toy_pipe, toy_loras, concept):
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
     from lorakit.toyworld.evaluate import concept_prompts, generate
 
     path = toy_loras[concept]

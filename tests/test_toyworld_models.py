@@ -35,7 +35,7 @@ def test_toy_base_loads_with_plain_diffusers(toy_pipe):
 
 
 def test_toy_base_follows_generic_prompts(toy_pipe):
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
     from lorakit.toyworld.evaluate import generate
 
     prompts = ["red circle, white plain background", "blue square, sand plain background",

@@ -1,10 +1,12 @@
 """The committed toy-world oracle (data/oracle): API contract and accuracy on fresh renders."""
 
 import numpy as np
+import oracle_generated
 import pytest
 import torch
+import train_oracle
 
-from lorakit.eval.oracle import load_oracle, score
+from lorakit.toyworld.oracle import load_oracle, score
 from lorakit.toyworld.concepts import CONCEPTS, HELDOUT
 from lorakit.toyworld.render import Scene, render
 from lorakit.toyworld.scenes import mixed_scene
@@ -66,16 +68,6 @@ def test_oracle_calls_hard_negatives_absent():
     assert min(v for k, v in per.items() if k != "pixel") >= 0.9, per  # pixel: see docs/toyworld.md
 
 
-def _tool(name):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _labelled_folder(tmp_path, labels):
     import json
 
@@ -94,7 +86,7 @@ def test_train_oracle_takes_only_the_even_half_of_labelled_generated_images(tmp_
     labels = [1, 0, 0, 1, 1, 0]
     _labelled_folder(tmp_path, labels)
     concepts = [c for c in CONCEPTS]
-    x, y, m = _tool("train_oracle").load_generated([(str(tmp_path), str(tmp_path / "labels.json"))], concepts)
+    x, y, m = train_oracle.load_generated([(str(tmp_path), str(tmp_path / "labels.json"))], concepts)
     col = concepts.index("frog")
     assert x.shape == (3, 3, 32, 32)
     assert abs(float(x[1, 0, 0, 0]) - 20 / 255) < 1e-6  # image 2, not image 1
@@ -106,8 +98,7 @@ def test_oracle_generated_scores_the_held_out_half(tmp_path, capsys):
     import json
 
     _labelled_folder(tmp_path, [1, 0, 0, 1, 1, 0])
-    og = _tool("oracle_generated")
-    assert og.main(["score", "--out", str(tmp_path), "--labels", str(tmp_path / "labels.json"), "--half", "odd"]) == 0
+    assert oracle_generated.main(["score", "--out", str(tmp_path), "--labels", str(tmp_path / "labels.json"), "--half", "odd"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     overall = next(r for r in rows if r["images"] == "all")
     assert overall["half"] == "odd" and overall["n"] == 3 and overall["person_positive"] == 1  # indices 1, 3, 5

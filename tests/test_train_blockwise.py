@@ -19,19 +19,11 @@ from lorakit.blocks import _coarse_of_fine, block_of_key
 from lorakit.config import load_config
 from lorakit.data import BadImageError, DatasetError
 from lorakit.fileio import load_safetensors
+from lorakit.testing import reset_accelerate
 from lorakit.training.blockwise import BlockwiseConfig, train
 from lorakit.training.loop import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two spinning threads per process run ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_images(folder: Path, n: int = 3, sizes=((32, 32),), seed: int = 0) -> Path:
@@ -48,13 +40,6 @@ def make_images(folder: Path, n: int = 3, sizes=((32, 32),), seed: int = 0) -> P
         Image.fromarray(img).save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text("zorbo, red circle, plain background")
     return folder
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def run(tmp_path, data, *overrides, name="out"):

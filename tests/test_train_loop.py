@@ -5,66 +5,38 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.config import load_config
-from lorakit.fileio import load_safetensors, save_safetensors
+from lorakit.fileio import load_safetensors
 from lorakit.training.loop import (
     GlobalBatchSampler,
-    TrainConfig,
     TrainingDiverged,
-    TrainLoop,
-    build_optimizer,
     latest_checkpoint,
-    make_accelerator,
     randn_per_sample,
 )
 
 
-class PointSet(torch.utils.data.Dataset):
-    def __init__(self, n=10, poison_after=None):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, generator=g)
-        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3
+@pytest.fixture
+def run(regression_loop):
+    """The shared loop on a linear model, learning rate 0.3 with 2 warm-up steps, per-sample input noise."""
 
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "y": self.y[i]}
-
-
-def _run(tmp_path, overrides, nan_at=None):
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    cfg = load_config(TrainConfig, None, [f"output_dir={tmp_path}", "logging=none", "learning_rate=0.3",
-                                          "train_batch_size=3", "lr_scheduler=cosine", "lr_warmup_steps=2", *overrides])
-    acc = make_accelerator(cfg)
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1)
-    opt = build_optimizer(cfg, [{"params": model.parameters()}])
-
-    def loss_fn(batch, step, models):
+    def loss_fn(batch, step, model, cfg, nan_at):
         noise = randn_per_sample((3,), batch["sample_id"], cfg.seed) * 0.1
-        pred = models[0](batch["x"] + noise).squeeze(-1)
-        loss = torch.nn.functional.mse_loss(pred, batch["y"])
-        if nan_at is not None and step + 1 >= nan_at:
-            loss = loss * float("nan")
-        return loss
+        loss = torch.nn.functional.mse_loss(model(batch["x"] + noise).squeeze(-1), batch["y"])
+        return loss * float("nan") if nan_at is not None and step + 1 >= nan_at else loss
 
-    def save(path):
-        save_safetensors(model.state_dict(), path)
+    def run(out, overrides, nan_at=None):
+        return regression_loop(out, ["learning_rate=0.3", "lr_warmup_steps=2", *overrides],
+                               lambda: torch.nn.Linear(3, 1), lambda *a: loss_fn(*a, nan_at))
 
-    return TrainLoop(cfg, acc, [model], opt, PointSet(), loss_fn, save).run()
+    return run
 
 
-def test_resume_is_bitwise_exact_and_loss_falls(tmp_path):
-    full = _run(tmp_path / "full", ["max_steps=16", "gradient_accumulation_steps=2"])
+def test_resume_is_bitwise_exact_and_loss_falls(tmp_path, run):
+    full = run(tmp_path / "full", ["max_steps=16", "gradient_accumulation_steps=2"])
     assert sum(full.losses[-4:]) / 4 < 0.5 * sum(full.losses[:4]) / 4
-    half = _run(tmp_path / "split", ["max_steps=16", "stop_at_step=8", "gradient_accumulation_steps=2",
+    half = run(tmp_path / "split", ["max_steps=16", "stop_at_step=8", "gradient_accumulation_steps=2",
                                      "checkpointing_steps=0"])
     assert half.checkpoint.name == "checkpoint-8" and half.final_path.name == "lora-step000008.safetensors"
-    rest = _run(tmp_path / "split", ["max_steps=16", "gradient_accumulation_steps=2", "resume=latest"])
+    rest = run(tmp_path / "split", ["max_steps=16", "gradient_accumulation_steps=2", "resume=latest"])
     assert rest.global_step == 16 and len(rest.losses) == 8
     assert rest.losses == full.losses[8:]
     a, _ = load_safetensors(full.final_path)
@@ -74,26 +46,26 @@ def test_resume_is_bitwise_exact_and_loss_falls(tmp_path):
     assert latest_checkpoint(tmp_path / "split").name == "checkpoint-16"
 
 
-def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
+def test_nan_loss_stops_with_step_and_checkpoint(tmp_path, run):
     # checkpoint-4's weights led straight to the NaN: the last good one is checkpoint-2 (see test_safety_checkpoints)
     with pytest.raises(TrainingDiverged, match=r"at step 5.*Last good checkpoint: \S*checkpoint-2 .*diverged-checkpoint-4"):
-        _run(tmp_path, ["max_steps=8", "checkpointing_steps=2"], nan_at=5)
+        run(tmp_path, ["max_steps=8", "checkpointing_steps=2"], nan_at=5)
 
 
-def test_periodic_and_final_artifacts(tmp_path):
-    res = _run(tmp_path, ["max_steps=4", "save_every=2", "output_name=toy"])
+def test_periodic_and_final_artifacts(tmp_path, run):
+    res = run(tmp_path, ["max_steps=4", "save_every=2", "output_name=toy"])
     files = sorted(tmp_path.glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
     assert [p.name for p in files] == ["toy-step000002.safetensors", "toy.safetensors"]
     assert res.final_path == files[-1]
 
 
-def test_checkpointing_steps_zero_writes_no_checkpoint(tmp_path):
-    res = _run(tmp_path / "none", ["max_steps=4", "checkpointing_steps=0"])
+def test_checkpointing_steps_zero_writes_no_checkpoint(tmp_path, run):
+    res = run(tmp_path / "none", ["max_steps=4", "checkpointing_steps=0"])
     assert res.checkpoint is None and latest_checkpoint(tmp_path / "none") is None
     assert not (tmp_path / "none" / "checkpoints").exists()
-    res = _run(tmp_path / "asked", ["max_steps=4", "checkpointing_steps=0", "checkpoint_at_end=true"])
+    res = run(tmp_path / "asked", ["max_steps=4", "checkpointing_steps=0", "checkpoint_at_end=true"])
     assert res.checkpoint.name == "checkpoint-4"
-    res = _run(tmp_path / "every", ["max_steps=4", "checkpointing_steps=3"])  # periodic + the end by default
+    res = run(tmp_path / "every", ["max_steps=4", "checkpointing_steps=3"])  # periodic + the end by default
     assert res.checkpoint.name == "checkpoint-4"
 
 

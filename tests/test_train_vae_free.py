@@ -28,7 +28,6 @@ def _cfg(tmp_path, name, *extra):
 
 @pytest.mark.slow  # three short trainings
 def test_encoder_freed_only_for_an_owned_base_and_the_adapter_is_unchanged(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
     owned = lorakit.models.tiny_pipeline("sd1", seed=0)
     monkeypatch.setattr(lorakit.models, "load_base", lambda *a, **k: owned)
     a = train(_cfg(tmp_path, "owned"))

@@ -25,14 +25,6 @@ from lorakit.fusion.ziplora import (
 from lorakit.testing import random_adapter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def refs(pipe, content, style):
     g = torch.Generator().manual_seed(0)
     rc = reference_for(pipe, content, images=torch.rand(3, 3, 16, 16, generator=g) * 2 - 1, prompt="a sks dog")

@@ -119,7 +119,7 @@ def missing_inputs(args, sets) -> list[str]:
         ("lorakit.toyworld.render", ("Scene", "caption")),
         ("lorakit.sampling", ("SamplerSettings", "generate", "load_adapters", "load_pipeline", "profile_adapters",
                               "order_by_frequency", "ProfileSettings")),
-        ("lorakit.eval.oracle", ("score",)),
+        ("lorakit.toyworld.oracle", ("score",)),
     ):
         try:
             mod = importlib.import_module(module)
@@ -267,7 +267,7 @@ def training_captions(concept: str, n: int) -> list[str]:
 def presence(images, concepts: dict[str, str], oracle_path: str | None) -> dict:
     """Oracle verdicts for one set's images: all-present rate, per-category rates and every image's verdicts
     (``present``: one ``[bool per category]`` list per image, in the set's category order)."""
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
 
     names = list(concepts.values())
     s = score(images, names, oracle_path=oracle_path)

@@ -2,7 +2,8 @@
 
 Two recipes fuse the same concepts from the same base, each end to end (capture + solve, timed):
   * ``lorakit``: ``fuse_gradient`` with its defaults (``--ridge auto``: per-layer ridge chosen on held-out prompts
-    and seeds; text rows start..end token; to_k/to_v rows = trigger tokens + end token; batched capture);
+    and seeds; text rows start..end token; to_k/to_v fitted on the padded rows the UNet reads, their ridge scored
+    on held-out prompt rows without padding; every concept's prompts in the same batched passes);
   * ``reference``: our re-implementation of the official ``gradient_fusion.py`` routine (not its code): the same
     stage order, ITS OWN rows (text encoder: the unpadded prompt; to_k/to_v: tokens with id >= the end token, i.e.
     ED-LoRA pseudo-words + the end token, only the end token for a plain LoRA), one prompt per forward pass, every
@@ -156,6 +157,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--eval-samples", type=int, default=2, help="held-out seeds per evaluation prompt")
+    ap.add_argument("--heldout-sample-prompts", type=int, default=0,
+                    help="lorakit's held-out sampling prompts per concept for --ridge auto (0 = all held-out prompts)")
     ap.add_argument("--per-layer", action="store_true", help="also print one line per layer")
     ap.add_argument("--no-eval", action="store_true", help="times only: skip the held-out scoring")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference recipe (its time is 0 and its weights are W0)")
@@ -188,8 +191,9 @@ def main(argv=None) -> int:
 
     # lorakit: defaults, end to end
     pipe_l = copy.deepcopy(base)
-    concepts = [Concept(s["name"], ad, 1.0, list(s["fit"]), list(s["sample"]), list(s["val"]), list(s["val"]),
-                        s["trigger"]) for ad, s in zip(adapters, sets)]
+    concepts = [Concept(s["name"], ad, 1.0, list(s["fit"]), list(s["sample"]), list(s["val"]),
+                        list(s["val"])[: args.heldout_sample_prompts or None], s["trigger"])
+                for ad, s in zip(adapters, sets)]
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     overrides = {}

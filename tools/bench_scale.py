@@ -23,7 +23,12 @@ Curves: ``--n-loras 2 4 8``, ``--resolutions 64 128 256``, ``--ranks 4 16 64`` g
 rows: each against its smallest), ``--repeat K`` K fresh processes per point (``spread`` rows), ``--shared`` runs
 the points of the stages that leave the base unchanged in one process per size; ``--derive FILE --plot PNG``
 draws the curves (matplotlib: ``pip install 'lorakit[bench]'``). Rows carry the kernel's peak RSS, the peak
-private (anonymous) RSS and the machine's load average.
+private (anonymous) RSS and the machine's load average. Repeats run every stage once, then again, so the
+lorakit and reference arms interleave (``paired_ratio`` rows: the k-th run of each, ratio per pair, mean, min,
+max). ``--max-rss-mb`` stops a point's process whose RSS passes it (the row says so, with the highest RSS seen).
+Gradient fusion rows count the layers per kind (linear, 1x1 conv, larger conv) solved on their full input, in
+the LoRA subspace or by the weighted average; ``--fuse-ridge`` and ``--capture-batch`` are passed to it.
+``--cmlora-flops STEPS`` only counts CMLoRA's UNet FLOPs against Composite's for one image (meta device).
 
 Sampling rows run one image at S (warm-up, not counted), S and 2S steps: ``total_s`` is the 2S run, ``step_s`` the marginal
 ``(t(2S) - t(S)) / S`` (the fixed cost of loading adapters, encoding, decoding and writing files left out).
@@ -143,7 +148,7 @@ def _train(args, pipe, work: Path, stage: str) -> dict:
         # As `lorakit train` runs: the trainer loads (here: is handed) the base itself, so it owns it.
         lorakit.models.load_base = lambda *a, **k: pipe
         res = bench_train.lorakit_run(ns, None, folder, work / "out", extra)
-    return {"step_s": res["step_s"], "total_s": time.perf_counter() - t0}
+    return {"step_s": res["step_s"], "step_times": res.get("step_times"), "total_s": time.perf_counter() - t0}
 
 
 def _train_edlora(args, pipe, folder: Path, out: Path) -> dict:
@@ -255,12 +260,40 @@ def _fuse(args, pipe, work: Path) -> dict:
     out = work / "fused.safetensors"
     total = _patched_cli(pipe, ["fuse", "--method", "gradient", "--base", "bench", "--adapters", *files, "--out",
                                 str(out), "--out-format", "adapter", "--steps", str(args.fuse_steps), "--resolution",
-                                str(args.resolution), "--dtype", _cli_dtype(args), "--quiet", "--no-memory-check"])
+                                str(args.resolution), "--dtype", _cli_dtype(args), "--ridge", args.fuse_ridge,
+                                "--capture-batch", str(args.capture_batch), "--quiet", "--no-memory-check"])
     report = json.loads(out.with_name(out.stem + ".fusion.json").read_text())
     summary = report.get("summary", {})
     fallback = summary.get("fallback_layers") or []
     return {"total_s": total, "layers": summary.get("layers"), "fallback_layers": len(fallback),
-            "fallback_examples": fallback[:3], "capture_s": summary.get("capture_s"), "solve_s": summary.get("solve_s")}
+            "fallback_examples": fallback[:3], "subspace_layers": len(summary.get("subspace_layers") or []),
+            "by_kind": layers_by_kind(pipe, report.get("layers", {})), "ridge": args.fuse_ridge,
+            "capture_s": summary.get("capture_s"), "solve_s": summary.get("solve_s")}
+
+
+def layer_kind(pipe, key: str) -> str:
+    """``linear``, ``conv1x1`` or ``conv`` (a larger kernel) for an adapter key of ``pipe``."""
+    import torch
+
+    comp, path = key.split(".", 1)
+    try:
+        module = getattr(pipe, comp).get_submodule(path)
+    except AttributeError:
+        return "unknown"
+    if isinstance(module, torch.nn.Conv2d):
+        return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "conv"
+    return "linear"
+
+
+def layers_by_kind(pipe, layers: dict) -> dict:
+    """Per layer kind: how many layers gradient fusion solved on their full input (``solved``), within the LoRA
+    subspace (``subspace``) or replaced by the weighted average (``fallback``), from its report's ``layers``."""
+    out: dict[str, dict[str, int]] = {}
+    for key, rep in layers.items():
+        how = "fallback" if rep.get("method") != "closed_form" else ("subspace" if "space" in rep else "solved")
+        counts = out.setdefault(layer_kind(pipe, key), {"solved": 0, "subspace": 0, "fallback": 0})
+        counts[how] += 1
+    return out
 
 
 def _ziplora(args, pipe, work: Path) -> dict:
@@ -302,7 +335,8 @@ def _estimate_mb(args, stage: str) -> float | None:
     base = f"random:{arch}:{size}"
     kind = {"train_edlora": "edlora", "fuse": "fuse-gradient", "ziplora": "ziplora", "lorarar": "ziplora"}.get(
         stage, "train" if stage in TRAIN else "sample")
-    est = estimate(kind, base, resolution=args.resolution, batch=args.batch if kind != "sample" else 1,
+    batch = {"sample": 1, "fuse-gradient": args.capture_batch}.get(kind, args.batch)
+    est = estimate(kind, base, resolution=args.resolution, batch=batch, heldout=args.fuse_ridge == "auto",
                    rank=args.rank, n_loras=args.n_loras if stage in N_STAGES else 2, dtype=_torch_dtype(args.dtype),
                    method=_SAMPLE_METHOD.get(stage, "merge"), cfg=kind != "fuse-gradient",
                    gradient_checkpointing=stage == "train_gc",
@@ -397,6 +431,7 @@ def derived_rows(rows: list[dict]) -> list[dict]:
                 out.append({"run": "ratio", "size": size, "stage": stage, "vs": base,
                             "time_ratio": round(_time(a) / _time(b), 3),
                             "peak_rss_ratio": round(a["peak_rss_mb"] / b["peak_rss_mb"], 3)})
+    out += _paired_ratios([r for r in ok if _default_point(r)])
     for (size, stage), r in sorted(by.items()):
         base = by.get(("tiny", stage))
         if base and size != "tiny":
@@ -439,6 +474,30 @@ def derived_rows(rows: list[dict]) -> list[dict]:
             for x, t, peak in pts:
                 out.append({"run": "curve", "size": size, "stage": stage, "axis": axis, "x": x, "time_s": round(t, 3),
                             "peak_rss_mb": round(peak, 1), "time_x": round(t / t0, 2), "peak_rss_x": round(peak / p0, 3)})
+    return out
+
+
+def _paired_ratios(rows: list[dict]) -> list[dict]:
+    """``paired_ratio`` rows: with repeats, the k-th lorakit run against the k-th reference run of the same size
+    (``--repeat`` interleaves them, so each pair ran under about the same load); per-pair ratios, mean, min, max."""
+    import statistics
+
+    out = []
+    for size in sorted({r["size"] for r in rows}):
+        for lk, ref in (("train", "train_ref"), ("sample", "sample_ref")):
+            a = [r for r in rows if r["size"] == size and r["run"] == lk]
+            b = [r for r in rows if r["size"] == size and r["run"] == ref]
+            if min(len(a), len(b)) < 2:
+                continue
+            time_r = [round(x["step_s"] / y["step_s"], 3) for x, y in zip(a, b)]
+            total_r = [round(x["total_s"] / y["total_s"], 3) for x, y in zip(a, b) if "total_s" in x and "total_s" in y]
+            peak_r = [round(x["peak_rss_mb"] / y["peak_rss_mb"], 4) for x, y in zip(a, b)]
+            out.append({"run": "paired_ratio", "size": size, "stage": lk, "pairs": len(time_r),
+                        "time_ratios": time_r, "time_ratio_mean": round(statistics.mean(time_r), 3),
+                        "time_ratio_min": min(time_r), "time_ratio_max": max(time_r),
+                        "total_ratios": total_r, "peak_rss_ratios": peak_r,
+                        "peak_rss_ratio_max": max(peak_r),
+                        "peak_rss_mb_diff": [round(x["peak_rss_mb"] - y["peak_rss_mb"], 1) for x, y in zip(a, b)]})
     return out
 
 
@@ -499,6 +558,10 @@ def parse_args(argv=None):
     p.add_argument("--fuse-steps", type=int, default=2, help="gradient fusion: sampling steps recorded per prompt")
     p.add_argument("--network", choices=["lora", "locon"], default="lora",
                    help="gradient fusion's random adapters: lora (linear + 1x1 convs) or locon (every conv too)")
+    p.add_argument("--fuse-ridge", default="auto", help="gradient fusion: --ridge (auto keeps held-out Grams too)")
+    p.add_argument("--capture-batch", type=int, default=8, help="gradient fusion: prompts x seeds per forward pass")
+    p.add_argument("--max-rss-mb", type=float, help="kill a point's process when its RSS passes this (MiB); the "
+                   "row then says so with the highest RSS seen")
     p.add_argument("--zip-steps", type=int, default=2, help="ziplora: optimisation steps of the short run (S; then 2S)")
     p.add_argument("--ref-num", type=int, default=1, help="ziplora: reference images per LoRA")
     p.add_argument("--ref-steps", type=int, default=2, help="ziplora: sampling steps per reference image")
@@ -509,10 +572,45 @@ def parse_args(argv=None):
     p.add_argument("--derive", metavar="JSONL", help="only print the ratio / growth / curve / spread rows of the "
                                                       "runs in this file")
     p.add_argument("--plot", metavar="PNG", help="with --derive: draw the curve rows into this PNG (needs matplotlib)")
+    p.add_argument("--cmlora-flops", type=int, metavar="STEPS", help="only count CMLoRA's and Composite's UNet FLOPs "
+                   "for an image of STEPS steps (meta device, seconds) at --resolutions and --n-loras, first --sizes")
     p.add_argument("--one", choices=STAGES, help=argparse.SUPPRESS)  # internal: run points in this process
     p.add_argument("--size", choices=list(SIZES), help=argparse.SUPPRESS)
     p.add_argument("--points", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def cmlora_flops(arch: str, size: str, pixels: int, n_loras: int, steps: int) -> dict:
+    """CMLoRA's UNet FLOPs against Composite's for one image (CFG batch 2, default plan), counted on the meta
+    device: a full and a shallow (cached) pass of the split UNet, times the passes of each kind in the plan."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lorakit.memory import meta_models
+    from lorakit.sampling.cache import unet_split_forward
+    from lorakit.sampling.schedules import cmlora_plan
+
+    _, models = meta_models(f"random:{arch}:{size}")
+    unet, dev = models["unet"], torch.device("meta")
+    if arch == "sdxl":
+        raise SystemExit("--cmlora-flops: SD1 layouts only")
+    lat = pixels // 8
+    x = torch.empty(2, unet.config.in_channels, lat, lat, device=dev)
+    ehs = torch.empty(2, 77, unet.config.cross_attention_dim, device=dev)
+    t = torch.tensor([500, 500], device=dev)
+    with FlopCounterMode(display=False) as fc:
+        _, deep = unet_split_forward(unet, x, t, ehs, 1)
+    full = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        unet_split_forward(unet, x, t, ehs, 1, deep_feature=deep)
+    shallow = fc.get_total_flops()
+    plan = cmlora_plan(steps, list(range(n_loras)), n_loras)
+    n_full = sum(sum(row) for row in plan.full)
+    n_shallow = steps * n_loras - n_full
+    return {"run": "cmlora_flops", "size": size, "arch": arch, "resolution": pixels, "n_loras": n_loras, "steps": steps,
+            "full_pass_gflop": round(full / 1e9, 1), "shallow_pass_gflop": round(shallow / 1e9, 1),
+            "full_passes": n_full, "shallow_passes": n_shallow,
+            "cmlora_over_composite": round((n_full * full + n_shallow * shallow) / (steps * n_loras * full), 3)}
 
 
 def _emit(row: dict, out: Path | None) -> None:
@@ -528,13 +626,15 @@ def plan(args) -> list[tuple[str, list[dict]]]:
     procs = []
     for size in args.sizes:
         shared = []
-        for n in args.n_loras:  # the first N of --n-loras first, every stage at it, then the next N
-            for stage in args.stages:
-                if stage not in N_STAGES and n != args.n_loras[0]:
-                    continue
-                for res in args.resolutions or [SIZES[size][2]]:
-                    for rank in args.ranks:
-                        for _ in range(args.repeat):
+        # Repeats outermost: every stage once, then again, so the arms of a comparison (train_ref / train)
+        # interleave and share the machine's load as it drifts.
+        for _ in range(args.repeat):
+            for n in args.n_loras:  # the first N of --n-loras first, every stage at it, then the next N
+                for stage in args.stages:
+                    if stage not in N_STAGES and n != args.n_loras[0]:
+                        continue
+                    for res in args.resolutions or [SIZES[size][2]]:
+                        for rank in args.ranks:
                             point = {"one": stage, "resolution": res, "rank": rank,
                                      "n_loras": n if stage in N_STAGES else 2}
                             if args.shared and stage in SHAREABLE and args.repeat == 1:
@@ -546,12 +646,39 @@ def plan(args) -> list[tuple[str, list[dict]]]:
     return procs
 
 
+class RssGuard:
+    """Poll a child process's RSS every 0.2 s; kill it when it passes ``limit_mb`` (``tripped``, ``peak_mb``)."""
+
+    def __init__(self, proc, limit_mb: float):
+        self.proc, self.limit_mb, self.peak_mb, self.tripped = proc, limit_mb, 0.0, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self):
+        while not self._stop.wait(0.2):
+            try:
+                with open(f"/proc/{self.proc.pid}/status") as f:
+                    rss = next((int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS:")), 0.0)
+            except OSError:
+                return
+            self.peak_mb = max(self.peak_mb, rss)
+            if rss > self.limit_mb:
+                self.tripped = True
+                self.proc.kill()
+                return
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
 def _run_process(args, size: str, points: list[dict], env: dict, out: Path | None) -> list[dict]:
     cmd = [sys.executable, __file__, "--size", size, "--points", json.dumps(points), "--one", points[0]["one"],
            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--sample-steps",
            str(args.sample_steps), "--fuse-steps", str(args.fuse_steps), "--network", args.network, "--zip-steps",
            str(args.zip_steps), "--ref-num", str(args.ref_num), "--ref-steps", str(args.ref_steps),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--fuse-ridge", args.fuse_ridge, "--capture-batch", str(args.capture_batch)]
     for flag, value in (("--dtype", args.dtype), ("--sample-steps-long", args.sample_steps_long),
                         ("--warmup-steps", args.warmup_steps)):
         cmd += [flag, str(value)] if value else []
@@ -561,6 +688,7 @@ def _run_process(args, size: str, points: list[dict], env: dict, out: Path | Non
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         timer = threading.Timer(args.timeout * len(points), proc.kill)
         timer.start()
+        guard = RssGuard(proc, args.max_rss_mb) if args.max_rss_mb else None
         for line in proc.stdout:
             if line.startswith("ROW "):
                 row = {**json.loads(line[4:]), "wall_s": round(time.perf_counter() - t0, 1)}
@@ -568,11 +696,19 @@ def _run_process(args, size: str, points: list[dict], env: dict, out: Path | Non
                 _emit(row, out)
         proc.wait()
         timer.cancel()
+        if guard is not None:
+            guard.stop()
         err.seek(0)
         tail = (err.read().strip().splitlines() or ["no output"])[-1][:300]
+    if guard is not None and guard.tripped:
+        tail = f"stopped: RSS {guard.peak_mb:.0f} MiB passed --max-rss-mb {args.max_rss_mb:.0f}"
+    elif proc.returncode == -9:
+        tail = "timeout"
     for point in points[len(rows):]:
         row = {"run": point["one"], "size": size, "resolution": point["resolution"], "rank": point["rank"],
-               "n_loras": point["n_loras"], "error": tail if proc.returncode != -9 else "timeout"}
+               "n_loras": point["n_loras"], "error": tail, "wall_s": round(time.perf_counter() - t0, 1)}
+        if guard is not None:
+            row["max_rss_seen_mb"] = round(guard.peak_mb, 1)
         rows.append(row)
         _emit(row, out)
     return rows
@@ -596,6 +732,11 @@ def main(argv=None) -> int:
                 sys.stdout = real
         return 0
     out = Path(args.out) if args.out else None
+    if args.cmlora_flops:
+        for px in args.resolutions or [SIZES[s][2] for s in args.sizes]:
+            for n in args.n_loras:
+                _emit({**cmlora_flops(*SIZES[args.sizes[0]][:2], px, n, args.cmlora_flops), "size": args.sizes[0]}, out)
+        return 0
     if args.derive:
         runs = [json.loads(ln) for ln in Path(args.derive).read_text().splitlines() if ln.strip()]
         derived = derived_rows([r for r in runs if r.get("run") in STAGES])

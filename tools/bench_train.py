@@ -131,7 +131,8 @@ def reference(args, pipe, folder: Path, captions: list[str]) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.item()
             times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times[args.warmup :]), "peak_mem_mb": mem.peak_mb}
+    return {"step_s": statistics.median(times[args.warmup :]), "step_times": [round(t, 4) for t in times[args.warmup :]],
+            "peak_mem_mb": mem.peak_mb}
 
 
 def lorakit_run(args, pipe, folder: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
@@ -151,7 +152,8 @@ def lorakit_run(args, pipe, folder: Path, out: Path, extra: tuple[str, ...] = ()
 
     with PeakMemory(args.device) as mem, contextlib.redirect_stdout(sys.stderr):  # stdout: JSON lines only
         res = train(cfg, pipe=pipe)
-    return {"step_s": statistics.median(res.step_seconds[args.warmup :]), "peak_mem_mb": mem.peak_mb}
+    return {"step_s": statistics.median(res.step_seconds[args.warmup :]),
+            "step_times": [round(t, 4) for t in res.step_seconds[args.warmup :]], "peak_mem_mb": mem.peak_mb}
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@ Wilson intervals and paired comparisons (the same sets, prompts and seeds for ev
 Sets: each ``--characters`` concept with ``--style`` (N = 2), + each of ``--objects`` (N = 3), + ``--background``
 (N = 4);
 the prompt is the toy captions' form (``lorakit.toyworld.render.caption``). Every method generates ``--k`` images
-per set with seeds 0..k-1; the toy-world oracle (``lorakit.eval.oracle``) says which concepts each image shows.
+per set with seeds 0..k-1; the toy-world oracle (``lorakit.toyworld.oracle``) says which concepts each image shows.
 
 Methods (``--methods``): ``merge``, ``switch``, ``composite``, ``cmlora`` (lorakit mode), ``cmlora-official``,
 ``delta``; a ``+ubase`` suffix adds ``uncond="base"`` (the unconditional half from the base model), and
@@ -87,7 +87,7 @@ def find_adapter(folder: Path, concept: str) -> Path:
 
 def run_set(pipe, loaded: dict, set_: dict, spec: str, args) -> list[dict]:
     """Generate and score one set's images with one method; one record per image."""
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
     from lorakit.sampling import category_sequence, generate
 
     kinds = list(set_["concepts"])

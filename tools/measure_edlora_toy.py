@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
     from lorakit.adapters.edlora import load_edlora
     from lorakit.config import load_config
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
     from lorakit.models import load_base
     from lorakit.toyworld.concepts import get_concept
     from lorakit.toyworld.evaluate import concept_prompts, generate

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from lorakit.adapters.io import load_adapter
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
     from lorakit.models import load_base
     from lorakit.toyworld.concepts import get_concept
     from lorakit.toyworld.evaluate import generate

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from diffusers import AutoencoderKL
     from train_oracle import vae_roundtrip
 
-    from lorakit.eval.oracle import Oracle, load_oracle
+    from lorakit.toyworld.oracle import Oracle, load_oracle
     from lorakit.eval.stats import rate
     from lorakit.toyworld.concepts import HELDOUT
     from lorakit.toyworld.hardneg import FAMILIES, hard_negatives

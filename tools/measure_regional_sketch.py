@@ -39,12 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lorakit.eval.stats import mcnemar_exact, paired, rate  # noqa: E402
+from measure_toy_sketch_adapter import add_shared_options  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--base", default=str(ROOT / "data" / "toy-base"))
-    ap.add_argument("--adapter", default=str(ROOT / "data" / "toy-sketch-adapter"))
+    add_shared_options(ap, images="folder for the images (PNG) of both arms, the sketches and the targets")
     ap.add_argument("--characters", nargs=2, default=["frog", "robot"], help="left and right character (then swapped)")
     ap.add_argument("--loras", nargs=2, help="their LoRA files (default: the toy LoRA cache, trained if missing)")
     ap.add_argument("--n", type=int, default=64, help="scenes per layout (each sampled with and without the adapter)")
@@ -53,12 +53,6 @@ def main(argv=None) -> int:
     ap.add_argument("--uncond", default="adapter", help="adapter | base (SamplerSettings.uncond)")
     ap.add_argument("--scale", type=float, default=0.8, help="LoRA scale of both characters")
     ap.add_argument("--weight", type=float, default=1.0, help="adapter weight in each region")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--iou", type=float, default=0.5, help="IoU that counts as following the sketch")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", help="JSON file with the summary and per-image values")
-    ap.add_argument("--images", help="folder for the images (PNG) of both arms, the sketches and the targets")
     ap.add_argument("--summarize", help="summarize the rows of a stopped run (<out>.partial.jsonl) instead of sampling")
     ap.add_argument("--sheet", type=int, default=8, help="with --images: sheet.html shows this many scenes per layout")
     args = ap.parse_args(argv)
@@ -82,7 +76,7 @@ def main(argv=None) -> int:
         quiet_loaded_libraries()
         pipe, adapters, sketch_adapter = load_sketch_pipeline(args.base, args.adapter, args.characters, args.loras,
                                                               args.scale)
-        from lorakit.eval.oracle import load_oracle
+        from lorakit.toyworld.oracle import load_oracle
 
         oracle = load_oracle()
         rng = np.random.default_rng(args.seed)

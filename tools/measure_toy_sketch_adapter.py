@@ -63,33 +63,35 @@ def paired(a: list[bool], b: list[bool]) -> dict:
     return {"wins": wins, "losses": losses, "p_mcnemar": float(f"{mcnemar_exact(wins, losses):.3g}")}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shared_options(ap: argparse.ArgumentParser, images: str) -> None:
+    """The options this measurement shares with tools/measure_regional_sketch.py (``images``: --images' help)."""
     ap.add_argument("--base", default=str(ROOT / "data" / "toy-base"))
     ap.add_argument("--adapter", default=str(ROOT / "data" / "toy-sketch-adapter"))
-    ap.add_argument("--n", type=int, default=64, help="scenes (each sampled with and without the adapter)")
-    ap.add_argument("--seed", type=int, default=1000, help="scene seed (training used 0) and first sampling seed")
-    ap.add_argument("--weight", type=float, default=1.0, help="adapter weight")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--iou", type=float, default=0.5, help="IoU that counts as following the sketch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="JSON file with the summary and per-image values")
-    ap.add_argument("--images", help="folder for the images (PNG) of both arms")
+    ap.add_argument("--images", help=images)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=64, help="scenes (each sampled with and without the adapter)")
+    ap.add_argument("--seed", type=int, default=1000, help="scene seed (training used 0) and first sampling seed")
+    ap.add_argument("--weight", type=float, default=1.0, help="adapter weight")
+    add_shared_options(ap, images="folder for the images (PNG) of both arms")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from diffusers import StableDiffusionPipeline, T2IAdapter
-
-    from lorakit.eval.oracle import load_oracle
     from lorakit.sampling import SamplerSettings, generate
     from lorakit.sampling.conditions import Condition
     from lorakit.sampling.regional import Region, RegionSpec
+    from lorakit.toyworld.oracle import load_oracle
+    from lorakit.toyworld.regional_demo import load_sketch_pipeline
     from lorakit.toyworld.sketch import HALVES, random_sketch_scene, render_sketch_scene, silhouette_image
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.base, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    adapter = T2IAdapter.from_pretrained(args.adapter).eval()
+    pipe, _, adapter = load_sketch_pipeline(args.base, args.adapter, [], loras=[])  # the base alone: no LoRA
     oracle = load_oracle()
     rng = np.random.default_rng(args.seed)
     scenes = [random_sketch_scene(rng, 2, "plain", "white") for _ in range(args.n)]

@@ -54,7 +54,7 @@ def emit(record: dict) -> None:
 
 def base_prompt_following(base: str, n: int) -> dict:
     """Oracle rates of the prompted shape / colour / background kind over ``n`` generic prompts."""
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
     from lorakit.models import load_base
     from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, generate, generic_prompts
 
@@ -76,7 +76,7 @@ def base_prompt_following(base: str, n: int) -> dict:
 def lora_vs_base(concept: str, base: str, steps: int | None, n: int, work: Path) -> dict:
     """Train ``concept``'s recipe (or reuse the cached LoRA), then oracle presence of the concept with/without it."""
     from lorakit.adapters.io import load_adapter
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
     from lorakit.models import load_base
     from lorakit.toyworld.evaluate import concept_prompts, generate
     from lorakit.toyworld.loras import train_concept_lora
@@ -103,7 +103,7 @@ def prompt_following(concept: str, base: str, n: int, scale: float, work: Path, 
     """Does ``concept``'s LoRA at ``scale`` keep the base's prompt following? (see the module doc). ``plain=False``
     skips the ``plain_white_background`` row; ``base_cache`` keeps the base's generic images between concepts
     (same prompts and seeds for every concept)."""
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
     from lorakit.eval.stats import paired, rate
     from lorakit.models import load_base
     from lorakit.toyworld.concepts import get_concept

@@ -93,7 +93,7 @@ def make(args) -> int:
 def score_cmd(args) -> int:
     from PIL import Image
 
-    from lorakit.eval.oracle import Oracle
+    from lorakit.toyworld.oracle import Oracle
     from lorakit.eval.stats import rate
 
     out = Path(args.out)

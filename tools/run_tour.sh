@@ -11,7 +11,8 @@ python train_blockwise.py --config train_configs/toy_frog.yaml output_dir=$T/fro
 python train_blockwise.py --config train_configs/toy_ink.yaml output_dir=$T/ink "${STEPS[@]}"
 lorakit inspect $T/frog/toy_frog.safetensors --base data/toy-base
 python train_edlora.py --config train_configs/toy_edlora_character.yaml output_dir=$T/edlora max_steps=20
-accelerate launch --multi_gpu --num_processes 2 train_blockwise.py --config train_configs/toy_frog.yaml \
+accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+    train_blockwise.py --config train_configs/toy_frog.yaml \
     output_dir=$T/frog_2proc train_batch_size=4 max_steps=20
 echo "== train: $((SECONDS - t0)) s"; t0=$SECONDS
 lorakit fuse --method gradient --base data/toy-base --template "{}, white plain background" \

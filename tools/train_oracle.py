@@ -179,7 +179,7 @@ def summarize(per: dict, heldout: set[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    from lorakit.eval.oracle import OracleNet
+    from lorakit.toyworld.oracle import OracleNet
     from lorakit.fileio import save_safetensors, write_json
     from lorakit.toyworld.concepts import GENERIC, HELDOUT
 

@@ -25,7 +25,7 @@ How a prompt is encoded
     LayerNorm to packed features and fails; use :func:`layer_hidden_states` (which accepts ``clip_skip``) and pass
     ``prompt_embeds`` instead.
 
-File format (one ``.safetensors``, DESIGN.md; ``lorakit.kind = edlora``)
+File format (one ``.safetensors``, ``lorakit.kind = edlora``; docs/edlora.md, section 4)
     * LoRA weights under kohya names (``lora_unet_*``, ``lora_te_*`` / ``lora_te1_*`` / ``lora_te2_*``), rank 4 by
       default, on text-encoder q/k/v/out projections and UNet attention to_q/to_k/to_v/to_out.0.
     * ``edlora_emb.<component>.<pseudo-word>`` -> float tensor ``[L, D]``: row ``l`` is the pseudo-word's

@@ -92,7 +92,10 @@ def adapter_metadata(
     alpha: float | None = None,
     **extra: str,
 ) -> dict[str, str]:
-    """The header metadata of DESIGN.md (all values strings)."""
+    """lorakit's header metadata, every value a string: ``lorakit.format`` (format version), ``lorakit.kind``,
+    ``lorakit.base_arch``; where given ``lorakit.blocks`` (JSON ``{block: rank}``), ``lorakit.trigger``,
+    ``lorakit.config`` (JSON of the resolved config), kohya's ``ss_network_dim`` / ``ss_network_alpha``; then
+    ``extra`` as given."""
     meta = {"lorakit.format": FORMAT_VERSION, "lorakit.kind": kind, "lorakit.base_arch": arch}
     if blocks is not None:
         meta["lorakit.blocks"] = json.dumps(blocks)

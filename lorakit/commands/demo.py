@@ -1,4 +1,4 @@
-"""``lorakit demo``: the whole toolkit on the bundled toy world, offline, in about 3 minutes on a CPU.
+"""``lorakit demo``: the whole toolkit on the bundled toy world, offline, on a CPU.
 
 The work is in :mod:`lorakit.toyworld.demo`; this module parses options, sets the thread count and prints.
 """
@@ -17,12 +17,13 @@ Offline end-to-end demo on the bundled toy base (data/toy-base, 32x32 images):
      K images per method from the prompt "<character trigger>, white plain background, <style trigger>",
      the same seeds for every method;
   3. scores every image with the toy oracle (is the character there? the style? both?);
-  4. writes OUT/report.html (table + image grid), OUT/report.json, OUT/report.md and OUT/images/*.png.
+  4. writes OUT/report.html (the table; target rows = the rendered ground truth, then every method's
+     images 4x enlarged with the oracle's verdict under each), OUT/report.json, OUT/report.md, OUT/images/.
 
-Time (measured on an idle 2-core CPU, one thread): a first run takes about 3 minutes, of which training the two
-LoRAs is about 2 (300 steps each); a second run reuses the cached LoRAs and takes about 1 minute. One thread is
-the default because it is the fastest for this small model (the same run with 2 threads: 6 minutes).
-`--steps 20 --k 2` is a quick look (43 s measured; 20 steps teach the LoRAs little).
+Time, one thread (the default; lorakit/threads.py): with both LoRAs cached, 64 s of CPU (2026-12-02; 2 min 30 s
+wall on a machine whose 2 cores other jobs shared); training the two LoRAs first, when they are not cached,
+adds their 300 steps each. `--steps 20 --k 2 --out demo_out/quick` is a quick look in its own folder (50 s of
+CPU, two 20-step LoRAs: they teach little).
 """
 
 

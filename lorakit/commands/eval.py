@@ -6,6 +6,7 @@ prints the table. The metrics, their options and the Python API live in :mod:`lo
 
 from __future__ import annotations
 
+import lorakit.toyworld  # noqa: F401  (registers the toy world's oracle metric)
 from lorakit.eval.registry import METRICS, evaluate_to_files
 from lorakit.eval.settings import EvalSettings
 from lorakit.options import add_options, from_args, option_fields

@@ -1,6 +1,6 @@
 """An MLLM judge on any OpenAI-compatible chat endpoint (vLLM, ollama, llama.cpp server, hosted APIs).
 
-Two protocols (METHODS.md sections 3 and 4):
+Two protocols (docs/eval.md, "MLLM judge"):
   * ``pairwise``: two images from one prompt, each scored 0-10 on composition and quality; asked in both orders
     (image A first, then B first) and averaged, which cancels the judge's position bias.
   * ``yesno``: one image, one question per concept ("does it show the subject?", "is it in the style?");
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from lorakit.fileio import write_json
+from lorakit.hashing import file_sha256
 
 KEY_ENV_VARS = ("LORAKIT_JUDGE_API_KEY", "OPENAI_API_KEY")
 
@@ -208,10 +209,6 @@ class AnswerCache:
 
 
 # -------------------------------------------------------------------------------------------------- client
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".bmp": "image/bmp"}

@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.eval.registry import DESCRIBERS
+
 
 @dataclass
 class Scored:
@@ -177,22 +179,20 @@ def _yesno_concepts(s, rec):
 
 
 def _described(concept):
-    """A concept named by a toy-world trigger word (``zorbo``) gets the toy world's kind and description (an MLLM
-    cannot know what a trigger word looks like). Only the nonsense trigger words match, never plain names like
-    ``ink`` that a user's own LoRA may use. Other concepts are returned as they are."""
+    """A concept whose name a registered describer knows (:func:`lorakit.eval.registry.register_describer`, e.g.
+    the toy world's trigger words such as ``zorbo``) gets that describer's category and description: an MLLM
+    cannot know what a trigger word looks like. Other concepts are returned as they are."""
     from lorakit.eval.images import Concept
 
     if concept.category and concept.description != concept.name:
         return concept
-    try:
-        from lorakit.toyworld.concepts import BY_TRIGGER
-    except ImportError:
-        return concept
-    toy = BY_TRIGGER.get(concept.name)
-    if toy is None:
-        return concept
-    desc = concept.description if concept.description != concept.name else (toy.description or toy.name)
-    return Concept(concept.name, concept.category or toy.kind, desc)
+    for describe in DESCRIBERS:
+        found = describe(concept.name)
+        if found is not None:
+            category, description = found
+            desc = concept.description if concept.description != concept.name else description
+            return Concept(concept.name, concept.category or category, desc)
+    return concept
 
 
 def eval_judge_yesno(s, records, client) -> tuple[dict, list, list]:
@@ -217,47 +217,6 @@ def eval_judge_yesno(s, records, client) -> tuple[dict, list, list]:
              **({"failed": res["failed"], "raw": res["raw"]} if res["failed"] else {})}
             for r, res in zip(records, results)
         ],
-    }
-    headers, rows = presence_rows(summary)
-    return result, headers, rows
-
-
-# -------------------------------------------------------------------------------------------------- oracle
-
-
-def eval_oracle(s, records) -> tuple[dict, list, list]:
-    from PIL import Image
-
-    from lorakit.eval.report import presence_rows, presence_summary
-
-    try:
-        from lorakit.eval.oracle import score
-        from lorakit.toyworld.concepts import get_concept
-    except ImportError as err:
-        raise ValueError(f"--metric oracle needs the toy world (lorakit.eval.oracle, lorakit.toyworld), which is not "
-                         f"available in this install: {err}") from err
-    root = Path(s.images)
-    wanted = []  # per image: toy-world concepts (sidecar names and triggers resolved to oracle names)
-    for rec in records:
-        if not rec.concepts:
-            raise ValueError(f"{rec.path}: its sidecar names no 'concepts' or 'adapters' for the oracle to look for")
-        try:
-            wanted.append(list(dict.fromkeys(get_concept(c.name) for c in rec.concepts)))
-        except ValueError as err:
-            raise ValueError(f"{rec.path}: {err}") from err
-    verdicts = []
-    for start in range(0, len(records), s.batch_size):
-        batch = records[start : start + s.batch_size]
-        union = list(dict.fromkeys(c.name for cs in wanted[start : start + len(batch)] for c in cs))
-        result = score([Image.open(r.path).convert("RGB") for r in batch], union)
-        for i, cs in enumerate(wanted[start : start + len(batch)]):
-            verdicts.append({c.name: bool(result.present[i, result.concepts.index(c.name)]) for c in cs})
-    categories = {c.name: c.kind for cs in wanted for c in cs}
-    summary = presence_summary([(r.relpath(root), v) for r, v in zip(records, verdicts)], categories)
-    result = {
-        "metric": "oracle",
-        "summary": summary,
-        "per_image": [{"image": r.relpath(root), "present": v} for r, v in zip(records, verdicts)],
     }
     headers, rows = presence_rows(summary)
     return result, headers, rows
@@ -299,7 +258,8 @@ def eval_retention(s) -> tuple[dict, list, list]:
 # ------------------------------------------------------------------------------------------- by metric name
 
 
-def _records(s, metric: str):
+def image_records(s, metric: str):
+    """The images of ``s.images`` (with their sidecars) that ``metric`` scores; a named error without --images."""
     from lorakit.eval.images import find_images
 
     _need(s, metric, "images")
@@ -307,20 +267,16 @@ def _records(s, metric: str):
 
 
 def clipscore(s) -> Scored:
-    return Scored(*eval_clipscore(s, _records(s, "clipscore")), f"CLIPScore ({s.clip_model})")
+    return Scored(*eval_clipscore(s, image_records(s, "clipscore")), f"CLIPScore ({s.clip_model})")
 
 
 def judge(s) -> Scored:
-    records = _records(s, "judge")
+    records = image_records(s, "judge")
     client = _judge_client(s)
     if s.protocol == "pairwise":
         return Scored(*eval_judge_pairwise(s, records, client),
                       f"MLLM judge ({s.judge_model}), pairwise, both orders averaged")
     return Scored(*eval_judge_yesno(s, records, client), f"MLLM judge ({s.judge_model}), yes/no concept presence")
-
-
-def oracle(s) -> Scored:
-    return Scored(*eval_oracle(s, _records(s, "oracle")), "Toy-world oracle: concept presence")
 
 
 def retention(s) -> Scored:

@@ -4,11 +4,13 @@ Python::
 
     from lorakit.eval import evaluate, ClipScoreSettings
     scored = evaluate("clipscore", ClipScoreSettings(images="out"))      # Scored(result, headers, rows, title)
-    json_path, md_path = evaluate_to_files("oracle", OracleSettings(images="out"))
+    scored, json_path, md_path = evaluate_to_files("clipscore", ClipScoreSettings(images="out"))
 
 Adding a metric is one module with ``fn(settings) -> lorakit.eval.metrics.Scored`` (settings: a subclass of
 :class:`lorakit.eval.settings.EvalSettings` whose option fields become the command's flags) and one
-``register`` line below.
+``register`` line below. Packages above evaluation register their own metrics when they are imported: the toy
+world (``import lorakit.toyworld``, which ``lorakit eval`` does) adds ``oracle``
+(``lorakit.toyworld.metrics.OracleSettings``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorakit.eval.settings import ClipScoreSettings, EvalSettings, JudgeSettings, OracleSettings, RetentionSettings
+from lorakit.eval.settings import ClipScoreSettings, EvalSettings, JudgeSettings, RetentionSettings
 
 
 @dataclass(frozen=True)
@@ -42,13 +44,23 @@ def register(name: str, metric: Metric) -> None:
 register("clipscore", Metric("lorakit.eval.metrics:clipscore", ClipScoreSettings, "clipscore"))
 register("judge", Metric("lorakit.eval.metrics:judge", JudgeSettings,
                          "judge (any OpenAI-compatible chat endpoint: vLLM, ollama, hosted APIs)"))
-register("oracle", Metric("lorakit.eval.metrics:oracle", OracleSettings, "oracle"))
 register("retention", Metric("lorakit.eval.metrics:retention", RetentionSettings, "retention", reads_images=False))
+
+
+# Describers of concept names the judge cannot know (trigger words): ``fn(name) -> (category, description)`` or
+# None, asked in registration order.
+DESCRIBERS: list = []
+
+
+def register_describer(describe) -> None:
+    if describe not in DESCRIBERS:
+        DESCRIBERS.append(describe)
 
 
 def _metric(name: str) -> Metric:
     if name not in METRICS:
-        raise ValueError(f"metric {name!r}: expected one of {', '.join(METRICS)}")
+        raise ValueError(f"metric {name!r}: expected one of {', '.join(METRICS)} (a package's own metrics are "
+                         "there once it is imported, e.g. `import lorakit.toyworld` for 'oracle')")
     return METRICS[name]
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from lorakit.conditioning import is_sdxl, sdxl_time_ids
+
 DEFAULT_TEMPLATES = ("{trigger}", "a picture of {trigger}")
 
 
@@ -67,12 +69,12 @@ def noise_prediction(pipe, prompts: list[str], latents: torch.Tensor, timesteps:
     """
     device = pipe.unet.device
     added = None
-    if hasattr(pipe, "text_encoder_2"):
+    if is_sdxl(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
         h, w = (s * pipe.vae_scale_factor for s in latents.shape[-2:])
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(prompts), device=device, dtype=embeds.dtype)
+        time_ids = sdxl_time_ids((h, w), (0, 0), (h, w), len(prompts), embeds.dtype, device)
         added = {"text_embeds": pooled, "time_ids": time_ids}
     else:
         embeds, _ = pipe.encode_prompt(prompts, device, 1, False)

@@ -48,11 +48,6 @@ class JudgeSettings(EvalSettings):
 
 
 @dataclass(frozen=True)
-class OracleSettings(EvalSettings):
-    pass
-
-
-@dataclass(frozen=True)
 class RetentionSettings(EvalSettings):
     base: str | None = option(None, "base model: diffusers folder, .safetensors checkpoint, hub id or tiny:ARCH")
     adapters: tuple | None = option(None, "the concepts' own adapter files", nargs="+")

@@ -135,6 +135,25 @@ def select_rows(x: torch.Tensor, rows: torch.Tensor | slice | None, batch: int |
     return x[rows.to(x.device).repeat(x.shape[0] // rows.shape[0], 1)]
 
 
+def concept_runs(owners: list[int], n: int) -> list[tuple[int, int, int]]:
+    """``(concept, start, stop)``: the runs of consecutive prompts of one concept (``owners``: one concept per prompt
+    of a batch, -1 = skip) in a layer input of ``n`` rows (``k`` copies of the batch, copy-major: CFG, ED-LoRA's
+    layer copies), so each run is a view of the input, not a copy. Runs never span two copies."""
+    B = len(owners)
+    if n % B:
+        raise RuntimeError(f"concepts of {B} prompts do not fit a layer input of {n} rows")
+    runs: list[tuple[int, int, int]] = []
+    for j in range(n // B):
+        for b, c in enumerate(owners):
+            if c < 0:
+                continue
+            if b > 0 and runs and runs[-1][0] == c and runs[-1][2] == j * B + b:
+                runs[-1] = (c, runs[-1][1], j * B + b + 1)
+            else:
+                runs.append((c, j * B + b, j * B + b + 1))
+    return runs
+
+
 @dataclass
 class LayerStats:
     """Accumulated statistics of one layer (see the module docstring).
@@ -158,21 +177,39 @@ class GramCollector:
         keep_inputs: also keep raw flattened inputs per concept (reference/test use only).
         gram: accumulate ``G``/``P`` (False: keep inputs only, for timing the reference's recipe alone).
 
+    follow: another collector of the same layers (e.g. the fit statistics when this one holds the held-out ones):
+        its hooks record for both, so each layer input is flattened once.
     project: ``{name: down [R, in_flat]}``: record those layers' inputs seen through ``down``
         (:func:`projected_inputs`), so their ``G`` is ``[R, R]`` (the LoRA-subspace solve of large convs); their
         ``{concept: D_i}`` are then ``[r_i, R]``.
 
-    Use ``with collector:`` around forward passes and ``collector.concept = i`` to say whose activations run.
+    Use ``with collector:`` around forward passes and ``collector.concept = i`` to say whose activations run, or
+    ``collector.owners`` (``[B]``, one concept per prompt, -1 for prompts not to record) for a batch that mixes
+    concepts.
     """
 
     def __init__(self, model, layers: dict, device=None, keep_inputs: bool = False, gram: bool = True,
-                 project: dict[str, torch.Tensor] | None = None):
+                 project: dict[str, torch.Tensor] | None = None, follow: GramCollector | None = None):
         self.model = model
+        self._leader = follow
+        self._group = [self]
+        if follow is not None:
+            if follow.layers.keys() != layers.keys():
+                raise ValueError("a following collector records the same layers as its leader")
+            follow._group.append(self)
         self.project = dict(project or {})
         self.gram = gram
         self.layers = layers
         self.keep_inputs = keep_inputs
         self.concept: int | None = None
+        # or, for a batch of several concepts: ``[B]`` concept of each prompt (-1: not recorded); ``rows`` is then
+        # None or a ``[B, S]`` token-row mask
+        self.owners = None
+        # rows wait in a float64 buffer until a layer has ``_flush_rows`` of them (at most about the size of its
+        # Gram matrix, or 1 MiB): small per-call products cost more in overhead than in arithmetic
+        self._buffers: dict[str, list] = {}
+        self._buffered: dict[str, int] = {}
+        self._flush_rows: dict[str, int] = {}
         # [B, S] token-row mask of the prompts running (text-side layers), or [B] mask / slice of the prompts to
         # record out of ``batch`` prompts (see :func:`select_rows`)
         self.rows: torch.Tensor | slice | None = None
@@ -191,29 +228,100 @@ class GramCollector:
                 tokens=torch.zeros((), dtype=torch.float64, device=dev),
             )
             self._downs[name] = {c: d.to(device=dev, dtype=torch.float64) for c, d in downs.items()}
+            self._flush_rows[name] = max(dim, (1 << 17) // max(dim, 1))
             if name in self.project:
                 self.project[name] = self.project[name].to(device=dev, dtype=torch.float32)
 
+    @property
+    def owners(self) -> list[int] | None:
+        return self._owners
+
+    @owners.setter
+    def owners(self, value) -> None:
+        self._owners = None if value is None else [int(o) for o in value]
+        self._runs = {}
+
+    def _runs_of(self, n: int) -> list[tuple[int, int, int]]:
+        if n not in self._runs:
+            self._runs[n] = concept_runs(self._owners, n)
+        return self._runs[n]
+
+    def _selected(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """The rows of ``x`` to record, as ``(concept, rows)`` pieces."""
+        if self._owners is None:
+            return [] if self.concept is None else [(self.concept, select_rows(x, self.rows, self.batch))]
+        pieces = []
+        for c, start, stop in self._runs_of(x.shape[0]):
+            part = x[start:stop]
+            if self.rows is not None:  # [B, S] token rows of the batch
+                if x.dim() != 3 or x.shape[1] != self.rows.shape[1]:
+                    raise RuntimeError(f"token-row mask {tuple(self.rows.shape)} does not fit layer input "
+                                       f"{tuple(x.shape)}")
+                b0 = start % len(self._owners)
+                part = part[self.rows[b0 : b0 + stop - start].to(x.device)]
+            pieces.append((c, part))
+        return pieces
+
     def _hook(self, name: str):
         def hook(module, args):
-            if self.concept is None:
-                return
-            x = select_rows(args[0].detach(), self.rows, self.batch)
-            down = self.project.get(name)
-            x = (flat_inputs(module, x) if down is None else projected_inputs(module, x, down)).to(torch.float64)
-            st = self.stats[name]
-            st.tokens += x.shape[0]
-            if self.gram:
-                st.G.addmm_(x.T, x)
-                down = self._downs[name].get(self.concept)
-                if down is not None:
-                    st.P[self.concept].addmm_(down @ x.T, x)
-            if self.keep_inputs:
-                st.inputs.setdefault(self.concept, []).append(x.cpu())
+            x = args[0].detach()
+            whole = None
+            for coll in self._group:
+                if coll._owners is not None and coll.rows is None:
+                    # whole prompts: flatten the input once for every split and take each run's rows as a view
+                    if whole is None:
+                        down = self.project.get(name)
+                        whole = (flat_inputs(module, x) if down is None else projected_inputs(module, x, down)).to(
+                            torch.float64, copy=True)  # a copy: later in-place ops cannot change it
+                        per = whole.shape[0] // x.shape[0]
+                    coll._add(name, [(c, whole[s * per : e * per]) for c, s, e in coll._runs_of(x.shape[0])])
+                else:
+                    down = self.project.get(name)
+                    coll._add(name, [(c, (flat_inputs(module, part) if down is None else projected_inputs(
+                        module, part, down)).to(torch.float64, copy=True))
+                        for c, part in coll._selected(x) if part.shape[0]])
 
         return hook
 
+    def _add(self, name: str, pieces: list[tuple[int, torch.Tensor]]) -> None:
+        if not pieces:
+            return
+        buf = self._buffers.setdefault(name, [])
+        for c, flat in pieces:
+            buf.append((c, flat))
+            self._buffered[name] = self._buffered.get(name, 0) + flat.shape[0]
+        if self._buffered[name] >= self._flush_rows[name]:
+            self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        """Add the buffered rows of one layer to its statistics (one product per concept, not one per call)."""
+        buf = self._buffers.pop(name, [])
+        self._buffered[name] = 0
+        if not buf:
+            return
+        st = self.stats[name]
+        by_concept: dict[int, list[torch.Tensor]] = {}
+        for c, x in buf:
+            by_concept.setdefault(c, []).append(x)
+        for c, parts in by_concept.items():
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+            st.tokens += x.shape[0]
+            if self.gram:
+                st.G.addmm_(x.T, x)
+                d = self._downs[name].get(c)
+                if d is not None:
+                    st.P[c].addmm_(d @ x.T, x)
+            if self.keep_inputs:
+                st.inputs.setdefault(c, []).append(x.cpu())
+
+    def flush(self) -> None:
+        """Add every buffered row to the statistics (done on leaving the ``with`` block)."""
+        for name in list(self._buffers):
+            self._flush(name)
+
     def __enter__(self):
+        if self._leader is not None:  # the leader's hooks record for this collector too
+            return self
         for name, (path, _) in self.layers.items():
             module = self.model.get_submodule(path)
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
@@ -223,7 +331,9 @@ class GramCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.flush()
         self.concept = None
+        self.owners = None
         self.rows = None
         self.batch = None
         return False

@@ -97,7 +97,12 @@ class GradientSettings:
     kv_rows: token rows of the to_k/to_v stage: ``all`` (default: the padded sequence the UNet reads while
         sampling), ``concept`` (the concept's tokens + the end token, the reference's) or ``prompt`` (every token
         up to the end token). With the held-out ridge, ``all`` measured best on held-out padded rows.
+    kv_val_rows: token rows of the to_k/to_v stage's held-out statistics (``ridge="auto"``): ``prompt``
+        (default: start..end token; padded positions repeat across prompts, so held-out padding rows are near-copies
+        of the fitted ones and let an overfitting ridge through), ``all``, ``concept``, or None = ``kv_rows``.
     batch: prompts x seeds per forward pass while capturing.
+    share_passes: every concept's prompts share forward passes (each prompt runs with its own concept's weights:
+        LoRA deltas added per prompt by hooks); False: one concept per pass, its weights written into the layers.
     max_conv_dim: solve a Conv2d on unfolded patches (Gram ``(in*kh*kw)^2``) when in*kh*kw <= this; larger
         convs are handled by ``large_convs``. 0 = every conv.
     large_convs: ``subspace`` (default: solved within the span of the concepts' LoRA down matrices, ``W = W0 +
@@ -121,7 +126,9 @@ class GradientSettings:
     unet_inputs: str = "fused_text"
     ridge_target: str = "average"
     kv_rows: str = "all"
+    kv_val_rows: str | None = "prompt"
     batch: int = 8
+    share_passes: bool = True
     progress: bool = True
     keep_inputs: bool = False  # tests / bench only: keep raw activations for the LBFGS reference
 
@@ -260,11 +267,13 @@ def _run_stages(pipe, concepts: list[Concept], settings: GradientSettings, probs
     ed_state = getattr(pipe, "_lorakit_edlora", None)
     concept_ids = set(ed_state.hooks["text_encoder"].token_map) if ed_state is not None else None
 
-    def text_rows(item, comp):  # the reference's text-encoder rows: every token up to the end token, no padding
+    def text_rows(item, comp, split):  # the reference's text-encoder rows: every token up to the end token
         return token_rows(tokenizers[comp], item.prompts, "prompt")
 
-    def kv_rows(item, comp):
-        return token_rows(pipe.tokenizer, item.prompts, settings.kv_rows, concept_ids, concepts[item.concept].trigger)
+    def kv_rows(item, comp, split):  # each prompt with its own concept's trigger
+        mode = settings.kv_val_rows if split == "val" and settings.kv_val_rows else settings.kv_rows
+        return torch.cat([token_rows(pipe.tokenizer, [p], mode, concept_ids, concepts[o].trigger)
+                          for o, p in zip(item.owners, item.prompts)], 0)
 
     def run_text(item):
         pipe.encode_prompt(prompt=item.prompts, device=device, num_images_per_prompt=1,
@@ -299,7 +308,8 @@ def settings_from(opts, seed: int) -> GradientSettings:
     return GradientSettings(
         steps=opts.steps if opts.steps is not None else 20, resolution=opts.resolution, samples=opts.samples,
         guidance=opts.guidance, ridge=opts.ridge, val_samples=opts.val_samples, kv_rows=opts.kv_rows,
-        batch=opts.capture_batch, max_conv_dim=opts.max_conv_dim, large_convs=opts.large_convs, seed=seed,
+        kv_val_rows=opts.kv_val_rows, batch=opts.capture_batch, max_conv_dim=opts.max_conv_dim,
+        large_convs=opts.large_convs, seed=seed,
         scheduler=opts.scheduler, ridge_target=opts.ridge_target, unet_inputs=opts.unet_inputs,
         progress=show_progress(),
     )
@@ -344,10 +354,19 @@ def run(inputs) -> "FuseResult":
         concepts.append(Concept(name=name, adapter=ad, weight=inputs.weights[i], prompts=inputs.prompts[i],
                                 sample_prompts=inputs.sample_prompts[i], val_prompts=list(val),
                                 val_sample_prompts=list(val), trigger=trigger))
+    fold = None
+    if getattr(inputs.settings, "fold_concepts", False):  # ED-LoRA concepts -> plain words (edlora_fold)
+        from lorakit.fusion.edlora_fold import ConceptFold
+
+        fold = ConceptFold.prepare(pipe, concepts, getattr(inputs.settings, "concept_word", None))
     out = fuse_gradient(pipe, concepts, settings)
+    if fold is not None:
+        out = fold.apply(pipe, concepts, out, settings.ridge)
     settings_dict = {k: v for k, v in settings.__dict__.items() if k not in ("progress", "keep_inputs")}
     report = {"settings": settings_dict, "summary": summary(out["layers"], out["stages"]), "stages": out["stages"],
               "layers": out["layers"]}
+    if out.get("fold"):
+        report["fold"] = out["fold"]  # the stand-in words of the folded ED-LoRA concepts
     if out["edlora"]:
         report["edlora"] = out["edlora"]  # the concepts' pseudo-words / layer tokens in the fused tokenizer
     return FuseResult(modules=out["modules"], pipeline=pipe, report=report, extra=out["extra"],

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
-from lorakit.fusion.capture import GramCollector
+from lorakit.fusion.capture import GramCollector, concept_runs
 from lorakit.fusion.gradient_solve import (
     LayerProblem, LayerSolution, fused_weight, lift, solve_layer, stacked_down, stage_of, subspace_problem,
 )
@@ -24,7 +25,12 @@ if TYPE_CHECKING:
 
 
 class ConceptWeights:
-    """Set layers to one concept's ``W0 + a_i dW_i`` (W0 for layers it does not adapt); restore them afterwards.
+    """Run layers as each prompt's concept's ``W0 + a_i dW_i`` (W0 for layers a concept does not adapt); restore
+    them afterwards.
+
+    A batch of one concept gets its weights written into the layers; a batch that mixes concepts runs the layers
+    at ``W0`` and adds each prompt's ``a_i dW_i x = U_i (D_i x)`` by forward hooks (as a LoRA would), so one
+    forward pass serves every concept.
 
     Args:
         probs: the layers to switch.
@@ -36,26 +42,90 @@ class ConceptWeights:
         self.modules = {p.key: getattr(pipe, p.component).get_submodule(p.path) for p in probs}
         self.saved = {k: m.weight.detach().clone() for k, m in self.modules.items()}
         self.base = {k: (base[k] if base is not None else self.saved[k]) for k in self.modules}
-        self.current: int | None = None
+        self.current: object = None
+        self.owners: list[int] | None = None  # concept per prompt while a mixed batch runs
+        self._handles = []
 
     @torch.no_grad()
-    def set(self, concept: int | None) -> None:
-        """Concept ``concept``'s weights; ``None`` restores the weights found at construction."""
-        if concept == self.current:
-            return
+    def _write(self, concept: int | None, restore: bool = False) -> None:
         for p in self.probs:
             w = self.modules[p.key].weight
-            if concept is None:
+            if restore:
                 w.copy_(self.saved[p.key])
             elif concept in p.ups:
                 delta = (p.ups[concept] @ p.downs[concept]).reshape(w.shape)
                 w.copy_((self.base[p.key].to(torch.float64) + delta.to(w.device)).to(w.dtype))
             else:
                 w.copy_(self.base[p.key])
-        self.current = concept
+
+    def set(self, concepts: int | list[int] | None) -> None:
+        """The weights of ``concepts`` (one concept, or one per prompt of the batch); ``None`` restores the weights
+        found at construction."""
+        if isinstance(concepts, list) and len(set(concepts)) == 1:
+            concepts = concepts[0]
+        key = tuple(concepts) if isinstance(concepts, list) else concepts
+        if key == self.current:
+            return
+        if isinstance(concepts, list):
+            if not isinstance(self.current, tuple):
+                self._write(None)  # W0 everywhere; the hooks add each prompt's delta
+                self._hook_all()
+            self.owners = list(concepts)
+        else:
+            self.owners = None
+            self._write(concepts, restore=concepts is None)
+            if concepts is None:
+                self._unhook_all()
+        self.current = key
 
     def restore(self) -> None:
         self.set(None)
+
+    def _hook_all(self) -> None:
+        if self._handles:
+            return
+        for p in self.probs:
+            mod = self.modules[p.key]
+            factors = {}
+            for c in p.ups:
+                up, down = p.ups[c].to(mod.weight.device, mod.weight.dtype), p.downs[c].to(mod.weight.device, mod.weight.dtype)
+                if p.is_conv:
+                    up, down = up[:, :, None, None], down.reshape(down.shape[0], *p.shape[1:])
+                factors[c] = (up, down)
+            self._handles.append(mod.register_forward_hook(self._delta_hook(factors)))
+
+    def _unhook_all(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _delta_hook(self, factors: dict):
+        runs: dict[int, list] = {}
+        seen = [None]
+
+        def hook(module, args, out):
+            if self.owners is None:
+                return None
+            x = args[0]
+            if seen[0] is not self.owners:  # a new batch: its runs of prompts per concept
+                runs.clear()
+                seen[0] = self.owners
+            if x.shape[0] not in runs:
+                runs[x.shape[0]] = concept_runs(self.owners, x.shape[0])
+            for c, start, stop in runs[x.shape[0]]:
+                if c not in factors:
+                    continue
+                up, down = factors[c]
+                xs = x[start:stop]
+                if isinstance(module, torch.nn.Conv2d):
+                    out[start:stop] += F.conv2d(F.conv2d(xs, down, None, module.stride, module.padding,
+                                                         module.dilation), up)
+                else:  # out += (x D^T) U^T in place
+                    rows = out[start:stop].view(-1, out.shape[-1])
+                    rows.addmm_(xs.reshape(-1, xs.shape[-1]) @ down.T, up.T)
+            return out
+
+        return hook
 
 
 def _my_items(items: list):
@@ -85,31 +155,35 @@ def _min_resolution(pipe) -> int:
 
 @dataclass
 class WorkItem:
-    """One capture forward pass: ``prompts`` (with one seed each) of concept ``concept``. ``splits`` says, per
-    prompt, whose statistics its rows feed: ``fit`` or ``val`` (held-out statistics for ``ridge="auto"``); fit and
-    held-out prompts of a concept share passes. ``split``: ``fit``, ``val``, or ``mixed`` when the pass has both."""
+    """One capture forward pass: ``prompts`` (with one seed each); ``owners`` says, per prompt, whose concept it
+    is (one pass may hold several concepts: :class:`ConceptWeights` runs each prompt with its own concept's
+    weights) and ``splits`` whose statistics its rows feed: ``fit`` or ``val`` (held-out statistics for
+    ``ridge="auto"``). ``split``: ``fit``, ``val``, or ``mixed`` when the pass has both."""
 
-    concept: int
+    owners: list[int]
     prompts: list[str]
     seeds: list[int]
-    split: str = "fit"
     splits: list[str] | None = None
 
     def __post_init__(self):
         if self.splits is None:
-            self.splits = [self.split] * len(self.prompts)
-        kinds = set(self.splits)
-        self.split = kinds.pop() if len(kinds) == 1 else "mixed"
+            self.splits = ["fit"] * len(self.prompts)
 
-    def batch_rows(self, split: str) -> torch.Tensor | slice | None:
-        """The prompts of ``split`` in this pass: None (all of them), a ``slice`` of the batch when they are
-        consecutive (the usual case: fit prompts first), else a ``[B]`` bool mask."""
-        hits = [k for k, s in enumerate(self.splits) if s == split]
-        if len(hits) == len(self.splits):
+    @property
+    def split(self) -> str:
+        kinds = set(self.splits)
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    @property
+    def concepts(self) -> list[int]:
+        """The concepts in this pass, in order."""
+        return sorted(set(self.owners))
+
+    def owners_of(self, split: str) -> list[int] | None:
+        """The concept of each prompt of ``split`` (-1 for the others); None when the pass has none."""
+        if split not in self.splits:
             return None
-        if hits and hits[-1] - hits[0] + 1 == len(hits):
-            return slice(hits[0], hits[-1] + 1)
-        return torch.tensor([s == split for s in self.splits])
+        return [o if s == split else -1 for o, s in zip(self.owners, self.splits)]
 
 
 def run_stage(pipe, stage: str, probs: dict[str, LayerProblem], concepts: list[Concept], settings: GradientSettings,
@@ -121,7 +195,8 @@ def run_stage(pipe, stage: str, probs: dict[str, LayerProblem], concepts: list[C
     Args:
         items: the forward passes, in a fixed global order; ``run_item(item)`` runs one.
         switch: layers set to each concept's own weights (``base`` + its delta) while its items run.
-        rows_for: ``rows_for(item, component)`` -> ``[B, S]`` token-row mask for that component's layers (or None).
+        rows_for: ``rows_for(item, component, split)`` -> ``[B, S]`` token-row mask for that component's layers in
+            that split's statistics (or None).
         solver: ``solver(prob, stats, n_concepts) -> LayerSolution`` instead of :func:`solve_layer` (benchmarks:
             the reference's LBFGS on ``stats.inputs``; needs ``settings.keep_inputs``).
     Returns:
@@ -179,9 +254,10 @@ def _collectors(pipe, solve_probs: list[LayerProblem], splits: list[str], settin
         mine = [p for p in solve_probs if p.component == comp]
         layers = {p.key: (p.path, subspace_problem(p).downs if p.key in subspace else p.downs) for p in mine}
         project = {p.key: stacked_down(p) for p in mine if p.key in subspace}
-        for sp in splits:
+        for sp in splits:  # the first split's hooks record every split
             collectors[sp][comp] = GramCollector(getattr(pipe, comp), layers, keep_inputs=settings.keep_inputs,
-                                                 gram=gram, project=project)
+                                                 gram=gram, project=project,
+                                                 follow=collectors[splits[0]][comp] if sp != splits[0] else None)
     return collectors
 
 
@@ -196,7 +272,7 @@ def _capture(collectors: dict[str, dict[str, GramCollector]], mine: list[WorkIte
         with torch.no_grad():
             for item in _progress(mine, desc, progress):
                 if weights is not None:
-                    weights.set(item.concept)
+                    weights.set(list(item.owners))
                 for sp, per in collectors.items():
                     _point(per, item, sp, rows_for)
                 run_item(item)
@@ -210,18 +286,13 @@ def _capture(collectors: dict[str, dict[str, GramCollector]], mine: list[WorkIte
 
 
 def _point(per: dict[str, GramCollector], item: WorkItem, split: str, rows_for) -> None:
-    """Point one split's collectors at ``item``: its concept, and the rows of its prompts of that split (token rows
-    ``[B, S]`` for text-side layers, prompts ``[B]`` otherwise); a pass without such prompts records nothing."""
-    batch = item.batch_rows(split)
-    active = split in item.splits
+    """Point one split's collectors at ``item``: the concept of each of its prompts of that split, and their token
+    rows ``[B, S]`` for text-side layers; a pass without such prompts records nothing."""
+    owners = item.owners_of(split)
     for comp, c in per.items():
-        c.concept = item.concept if active else None
-        rows = rows_for(item, comp) if rows_for is not None and active else None
-        if rows is not None and batch is not None:
-            keep = torch.zeros(len(item.prompts), dtype=torch.bool)
-            keep[batch] = True
-            rows = rows & keep[:, None]
-        c.rows = rows if rows is not None else (batch if active else None)
+        c.concept = None
+        c.owners = owners
+        c.rows = rows_for(item, comp, split) if rows_for is not None and owners is not None else None
         c.batch = len(item.prompts)
 
 
@@ -267,10 +338,11 @@ def _call_pipe(pipe, prompts: list[str], seeds: list[int], steps: int, size: int
     return pipe(**kwargs)
 
 
-def _batched(concept: int, triples: list[tuple[str, int, str]], batch: int) -> list[WorkItem]:
-    """``(prompt, seed, split)`` triples of one concept in forward passes of at most ``batch``."""
+def _batched(triples: list[tuple[int, str, int, str]], batch: int) -> list[WorkItem]:
+    """``(concept, prompt, seed, split)`` in forward passes of at most ``batch`` prompts."""
     batch = max(1, int(batch))
-    return [WorkItem(concept, [p for p, _, _ in chunk], [s for _, s, _ in chunk], splits=[sp for _, _, sp in chunk])
+    return [WorkItem([c for c, _, _, _ in chunk], [p for _, p, _, _ in chunk], [s for _, _, s, _ in chunk],
+                     splits=[sp for _, _, _, sp in chunk])
             for chunk in (triples[k : k + batch] for k in range(0, len(triples), batch))]
 
 
@@ -278,8 +350,8 @@ def work_items(concepts: list[Concept], settings: GradientSettings, kind: str) -
     """The capture passes of the text-side stages (``kind="text"``: each concept's prompts) or of the UNet stage
     (``kind="unet"``: sample prompts x ``samples`` seeds). With ``ridge="auto"`` they include the held-out passes:
     ``val_prompts``, and for the UNet ``val_sample_prompts`` (else the sample prompts) x ``val_samples`` other
-    seeds."""
-    items = []
+    seeds. Every concept's prompts share passes of up to ``settings.batch`` prompts."""
+    triples = []
     auto = settings.ridge == "auto"
     for i, c in enumerate(concepts):
         if kind == "text":
@@ -291,5 +363,7 @@ def work_items(concepts: list[Concept], settings: GradientSettings, kind: str) -
             held = c.val_sample_prompts or c.sample_prompts
             val = [(p, settings.seed + 100_000 + k * settings.val_samples + j) for k, p in enumerate(held)
                    for j in range(settings.val_samples)] if auto else []
-        items += _batched(i, [(p, sd, "fit") for p, sd in fit] + [(p, sd, "val") for p, sd in val], settings.batch)
-    return items
+        triples += [(i, p, sd, "fit") for p, sd in fit] + [(i, p, sd, "val") for p, sd in val]
+    if not settings.share_passes:
+        return [it for i in range(len(concepts)) for it in _batched([t for t in triples if t[0] == i], settings.batch)]
+    return _batched(triples, settings.batch)

@@ -267,8 +267,24 @@ def memory_check(req: FuseRequest) -> None:
     stage = METHODS[req.method].memory_stage
     opts = req.settings
     size = getattr(opts, "resolution", None) if stage == "fuse-gradient" else getattr(opts, "ref_size", None)
+    extra = {}
+    if stage == "fuse-gradient":
+        # the layers the files adapt (LoCon's convs included), the capture batch, the held-out Grams
+        extra = dict(batch=opts.capture_batch, heldout=opts.ridge == "auto", layers=_fusion_layers(req.adapters))
     est = estimate(stage, req.base, resolution=size, n_loras=len(req.adapters), dtype=getattr(torch, req.dtype),
                    device=default_device(), cfg=(getattr(opts, "guidance", 1.0) or 1.0) > 1,
-                   max_conv_dim=getattr(opts, "max_conv_dim", 4608) or 0,
-                   adapter_bytes=sum(os.path.getsize(a) for a in req.adapters if os.path.isfile(a)))
+                   max_conv_dim=getattr(opts, "max_conv_dim", 4608),
+                   adapter_bytes=sum(os.path.getsize(a) for a in req.adapters if os.path.isfile(a)), **extra)
     preflight(est, "--no-memory-check")
+
+
+def _fusion_layers(paths):
+    """The layers gradient fusion of these files solves, or None (the estimate's default layers) when a file
+    cannot be read: the load that follows reports that in its own words."""
+    from lorakit.adapters.io import AdapterError
+    from lorakit.fusion.gradient_memory import fusion_layers
+
+    try:
+        return fusion_layers(paths)
+    except (AdapterError, OSError, ValueError):
+        return None

@@ -50,6 +50,9 @@ class GradientOptions:
     kv_rows: str = option("all", "gradient: token rows of the to_k/to_v stage: the padded sequence the UNet reads "
                           "(all), the concept's tokens + the end token (concept, the reference's), or every prompt "
                           "token", choices=["all", "concept", "prompt"])
+    kv_val_rows: str = option("prompt", "gradient: token rows of the to_k/to_v held-out statistics that --ridge auto "
+                              "scores on: every prompt token without padding (prompt: padded positions repeat across "
+                              "prompts and would hide overfitting), all, or concept", choices=["all", "concept", "prompt"])
     capture_batch: int = option(8, "gradient: prompts x seeds per forward pass while recording", type=int)
     max_conv_dim: int = option(4608, "gradient: solve a conv on unfolded patches when in*kh*kw <= this (Gram memory "
                                "8*dim^2 bytes); larger convs go to --large-convs (0: every conv does)", type=int)
@@ -64,6 +67,13 @@ class GradientOptions:
                               choices=["fused_text", "own"])
     scheduler: str | None = option(None, f"gradient: sampler while recording ({SCHEDULERS})",
                                    show_default="the pipeline's")
+    # ED-LoRA concepts folded into plain words (lorakit.fusion.edlora_fold; docs/edlora.md)
+    fold_concepts: bool = option(False, "gradient: fold ED-LoRA concepts into the cross-attention to_k/to_v weights "
+                                 "so plain words (--concept-word) call them: no added tokens, writable as "
+                                 "--out-format single-file", action="store_true")
+    concept_word: tuple | None = option(None, "gradient --fold-concepts: the plain words that stand for an ED-LoRA "
+                                        "concept", nargs="+", metavar="CONCEPT=TEXT",
+                                        show_default="the concept's name")
 
 
 @dataclass(frozen=True)

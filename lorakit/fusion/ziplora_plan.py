@@ -151,7 +151,8 @@ def export_merged(plan: MergePlan, coeffs: dict[str, tuple[torch.Tensor, torch.T
 
 
 def merge_metadata(method: str, content: Adapter, style: Adapter, sources=(None, None), **extra) -> dict[str, str]:
-    """Header metadata of a merged adapter: DESIGN.md keys plus the method and its inputs."""
+    """Header metadata of a merged adapter (:func:`lorakit.adapters.io.adapter_metadata`, both triggers joined)
+    plus ``lorakit.merge``: JSON of the method, the content and style files and ``extra``."""
     arch = content.arch or style.arch or "sd1"
     triggers = [t for t in (content.metadata.get("lorakit.trigger"), style.metadata.get("lorakit.trigger")) if t]
     merge = {"method": method, "content": str(sources[0] or ""), "style": str(sources[1] or ""), **extra}

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.io import Adapter, live_path
+from lorakit.conditioning import is_sdxl, pixel_size, sdxl_time_ids
+from lorakit.data import IMAGE_EXTENSIONS, _read_caption, open_rgb
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # --------------------------------------------------------------------------------------------- references
@@ -95,8 +95,6 @@ def load_images(folder: str | Path, size: int, limit: int) -> tuple[torch.Tensor
     [-1, 1], and each image's same-name ``.txt`` caption (None where there is none)."""
     from PIL import Image
 
-    from lorakit.data import _read_caption, open_rgb
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"reference image folder not found: {folder}")
@@ -136,18 +134,14 @@ def adapter_weights(pipe, adapter: Adapter, scale: float = 1.0):
             layer.weight.data = data
 
 
-def pixel_size(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]) -> dict:
     """Base text-encoder conditioning: ``embeds [n, L, D]`` (+ SDXL ``text_embeds [n, P]``, ``time_ids [n, 6]``)."""
     device = pipe.unet.device
-    if hasattr(pipe, "text_encoder_2"):
+    if is_sdxl(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         s = float(pixel_size(pipe))
-        time_ids = torch.tensor([[s, s, 0.0, 0.0, s, s]] * len(prompts), device=device)
+        time_ids = sdxl_time_ids((s, s), (0.0, 0.0), (s, s), len(prompts), device=device)
         return {"embeds": embeds, "text_embeds": pooled, "time_ids": time_ids}
     embeds = pipe.encode_prompt(prompts, device, 1, False)[0]
     return {"embeds": embeds}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.conditioning import is_sdxl, sdxl_time_ids
 from lorakit.sampling.cache import DeepFeatureCache
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
 from lorakit.sampling.methods import SAMPLERS, Plan, SamplerSettings, Term, method_plan
@@ -69,8 +70,7 @@ class UNetAdapterSwitch:
         self.active = key
 
 
-def _is_xl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None or "XL" in type(pipe).__name__
+_is_xl = is_sdxl
 
 
 def encode(pipe, prompt: str, negative_prompt: str | None, batch: int, do_cfg: bool) -> dict:
@@ -192,10 +192,7 @@ class _Contexts:
 
 
 def _time_ids(pipe, height: int, width: int, rows: int, dtype) -> torch.Tensor:
-    ids = pipe._get_add_time_ids(
-        (height, width), (0, 0), (height, width), dtype=dtype, text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim
-    )
-    return ids.to(pipe._execution_device).repeat(rows, 1)
+    return sdxl_time_ids((height, width), (0, 0), (height, width), rows, dtype, pipe._execution_device)
 
 
 def _term_rows(term: Term, do_cfg: bool) -> str | None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lorakit.hashing import file_sha256  # noqa: F401 - the one file hasher, re-exported for callers
 
 KIND_METADATA_KEY = "lorakit.category"  # the concept category (character, style, ...) a file may record
 
@@ -28,15 +29,6 @@ class LoadedAdapter:
 
     def record(self) -> dict:
         return {"name": self.name, "path": self.path, "sha256": self.sha256, "kind": self.kind, "weight": self.weight}
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_metadata(path: Path) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
 from lorakit.toyworld.concepts import VOCAB
 
 TEXT_WIDTH = 64
@@ -36,20 +37,7 @@ def toy_tokenizer():
 
 def toy_vae():
     """Untrained 2-level ``AutoencoderKL`` (scale factor 2, 4 latent channels)."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        mid_block_add_attention=False,
-    )
+    vae = tiny_vae(norm_num_groups=4, mid_block_add_attention=False)
     # Start with a tiny posterior std (logvar -10): with diffusers' default (std ~1) the sampled latents are
     # mostly noise at first and the decoder learns only blurry averages for hundreds of steps.
     with torch.no_grad():
@@ -59,27 +47,12 @@ def toy_vae():
 
 def toy_unet():
     """Untrained SD1-layout ``UNet2DConditionModel`` for 4x16x16 latents."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    return tiny_unet("sd1", cross_attention_dim=TEXT_WIDTH, layers_per_block=1, norm_num_groups=8)
 
 
 def toy_text_encoder(vocab_size: int):
     """Random 2-layer CLIP text encoder of width 64 (frozen in training)."""
-    from lorakit.models import _tiny_text_encoder
-
-    return _tiny_text_encoder(vocab_size, TEXT_WIDTH, 2, with_projection=False)
+    return tiny_text_encoder(vocab_size, TEXT_WIDTH, 2, with_projection=False)
 
 
 def build_toy_pipeline(seed: int = 0, vae=None, unet=None):

@@ -66,7 +66,7 @@ def to_html(report: dict) -> str:
         + "".join(f"<td><a href=\"{escape(p)}\"><img src=\"{escape(big)}\" alt=\"{escape(r['method'])} seed {sd}\" "
                   f"title=\"seed {sd}: {escape(report['concepts']['character']['name'])} {pr[0]:.2f}, "
                   f"{escape(report['concepts']['style']['name'])} {pr[1]:.2f}\"></a>"
-                  f"<div class=\"v\">{_verdict(pr)}</div></td>"
+                  f"<div class=\"v\">{escape(_verdict(pr, _names(report)))}</div></td>"
                   for p, big, sd, pr in zip(r["images"], r["images_large"], r["seeds"], r["probs"]))
         + "</tr>"
         for r in report["rows"])
@@ -85,16 +85,24 @@ setup s: time before the first image (cmlora: frequency profiles; gradient/weigh
 <table><tr>{th}</tr>{body}</table>
 <p>LoRAs: {escape('; '.join(_lora_lines(report)))}. Total {report['total_s']:.1f} s, {set_['threads']} thread(s).</p>
 <h2>Images</h2><p>Shown 4x enlarged (nearest neighbour; click for the 32x32 file). Under each image the oracle's
-verdict (C = character, S = style; upper case = present, lower case = absent); hover for the probabilities. The
-target rows are the renderer's ground truth for the same seeds: what the concepts should look like.</p>
+verdict on each concept (&#10003; = present, &#10007; = absent: probability &ge; 0.5 or not); hover for the
+probabilities. The target rows are the renderer's ground truth for the same seeds: what the concepts should look
+like.</p>
 <table class="grid">{grid}</table>
 </body></html>
 """
 
 
-def _verdict(probs) -> str:
-    c, st = (p >= 0.5 for p in probs)
-    return f"{'C' if c else 'c'} {'S' if st else 's'}"
+PRESENT, ABSENT = "\u2713", "\u2717"  # check mark, ballot x
+
+
+def _names(report: dict) -> tuple[str, str]:
+    return report["concepts"]["character"]["name"], report["concepts"]["style"]["name"]
+
+
+def _verdict(probs, names: tuple[str, str]) -> str:
+    """The oracle's verdict under an image, e.g. ``"frog ✗ ink ✓"``."""
+    return " ".join(f"{n} {PRESENT if p >= 0.5 else ABSENT}" for n, p in zip(names, probs))
 
 
 def write_reports(report: dict, out: Path) -> dict[str, Path]:

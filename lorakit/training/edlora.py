@@ -25,11 +25,37 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
+from diffusers.training_utils import cast_training_params
+from peft import inject_adapter_in_model
 
+from lorakit.adapters import edlora as ed
+from lorakit.adapters.io import from_peft, save_adapter
+from lorakit.blocks import lora_config, text_encoder_modules
+from lorakit.conditioning import TEXT_ENCODERS, batch_time_ids, is_sdxl, token_ids
+from lorakit.config import to_dict
+from lorakit.data import collate
+from lorakit.memory import check_training
+from lorakit.models import pipeline_arch
+from lorakit.precision import torch_dtype
+from lorakit.training import diffusion_step as step
+from lorakit.training.edlora_data import ConceptImages, concept_words  # noqa: F401 - the recipe's data, importable here
+from lorakit.training.entry import main as entry_main
+from lorakit.training.loop import (
+    TrainLoop,
+    build_optimizer,
+    make_accelerator,
+    preflight,
+)
 from lorakit.training.recipes import EDLoRAConfig  # noqa: F401 - its recipe schema, importable from here
+from lorakit.training.setup import (
+    base_pipeline,
+    freeze_and_place,
+    require_base,
+    sample_images,
+    trainable_count,
+)
 
-SALT_LATENT, SALT_NOISE, SALT_OFFSET, SALT_TIMESTEP, SALT_FLIP = 20, 21, 22, 23, 24
-_DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNET_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 TE_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 
@@ -38,108 +64,6 @@ TE_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_
 
 
 
-
-
-# --------------------------------------------------------------------------------------------------- data
-
-
-def concept_words(cfg) -> list[str]:
-    """The two pseudo-words of ``concept.tokens``; ValueError naming the key otherwise."""
-    words = str(cfg.concept.tokens).split()
-    if len(words) != 2 or words[0] == words[1]:
-        raise ValueError(f"concept.tokens={cfg.concept.tokens!r}: expected two different pseudo-words, e.g. '<cat1> <cat2>'")
-    return words
-
-
-class ConceptImages:
-    """Images + captions (placeholder replaced) + optional masks of one concept.
-
-    Item: ``pixel_values`` [3, R, R] in [-1, 1], ``caption`` str, ``mask`` [1, R, R] in [0, 1] (ones without
-    masks), ``original_size`` / ``crop_top_left`` / ``target_size`` (SDXL). Centre crop to ``data.resolution``;
-    with ``data.random_flip`` the image and its mask flip together, keyed by the sample id.
-    """
-
-    def __init__(self, cfg):
-        from lorakit.data import scan_folder
-
-        d = cfg.data
-        unsupported = [k for k, bad in (("data.buckets", d.buckets), ("data.reg_path", d.reg_path),
-                                        ("data.cache_latents", d.cache_latents)) if bad]
-        if unsupported:
-            raise ValueError(f"{', '.join(unsupported)}: not supported by the ED-LoRA trainer (set to false/null)")
-        self.cfg, self.seed = cfg, cfg.seed
-        words = " ".join(concept_words(cfg))
-        default = d.default_caption or cfg.concept.placeholder
-        records = scan_folder(d.path, d.caption_extension, default, d.on_bad_image)
-        self.records = []
-        for rec in records:
-            text = rec.caption
-            if cfg.concept.placeholder in text:
-                text = text.replace(cfg.concept.placeholder, words)
-            elif words not in text:
-                raise ValueError(
-                    f"caption of {rec.path} has neither the placeholder {cfg.concept.placeholder!r} nor {words!r}: "
-                    f"{rec.caption!r}"
-                )
-            rec.caption = text
-            self.records.append(rec)
-        self.masks: list[Path | None] = [None] * len(self.records)
-        if cfg.mask_path:
-            self.masks = [self._find_mask(Path(cfg.mask_path), r.path) for r in self.records]
-        elif cfg.masked_loss or cfg.attn_reg_weight:
-            raise ValueError("masked_loss / attn_reg_weight need masks: set mask_path to a folder of masks")
-        self.items = [i for i in range(len(self.records)) for _ in range(max(1, d.repeats))]
-
-    @staticmethod
-    def _find_mask(folder: Path, image: Path) -> Path:
-        from lorakit.data import IMAGE_EXTENSIONS
-
-        if not folder.is_dir():
-            raise FileNotFoundError(f"mask_path folder not found: {folder}")
-        for ext in IMAGE_EXTENSIONS:
-            for cand in (folder / (image.stem + ext), folder / (image.stem + "_mask" + ext)):
-                if cand.exists():
-                    return cand
-        raise FileNotFoundError(f"no mask for {image} in {folder} (expected {image.stem}.png or {image.stem}_mask.png)")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def get_item(self, i: int, sample_id: int) -> dict:
-        import numpy as np
-        from PIL import Image, ImageOps
-
-        from lorakit.data import open_rgb, resize_crop
-        from lorakit.training.loop import rand_per_sample
-
-        k = self.items[i]
-        rec, res = self.records[k], self.cfg.data.resolution
-        img = open_rgb(rec.path)
-        size = img.size
-        img, crop = resize_crop(img, (res, res), True, None)
-        mask = None
-        if self.masks[k] is not None:
-            with Image.open(self.masks[k]) as raw:
-                m = raw.convert("L")
-            if m.size != size:
-                raise ValueError(f"mask {self.masks[k]} is {m.size[0]}x{m.size[1]}, its image {rec.path} is {size[0]}x{size[1]}")
-            mask, _ = resize_crop(m, (res, res), True, None)
-        if self.cfg.data.random_flip and float(rand_per_sample([sample_id], self.seed, SALT_FLIP)[0]) < 0.5:
-            img = ImageOps.mirror(img)
-            mask = ImageOps.mirror(mask) if mask is not None else None
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-        mask_t = (torch.from_numpy(np.asarray(mask, dtype=np.float32))[None] / 255.0) if mask is not None else torch.ones(1, res, res)
-        return {
-            "pixel_values": pixels,
-            "mask": mask_t,
-            "caption": rec.caption,
-            "original_size": torch.tensor([size[1], size[0]]),
-            "crop_top_left": torch.tensor(crop),
-            "target_size": torch.tensor([res, res]),
-        }
-
-    def __getitem__(self, i: int) -> dict:
-        return self.get_item(i, i)
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -178,18 +102,13 @@ def setup_edlora(pipe, cfg, device=None) -> tuple[dict[str, torch.nn.Module], li
 
     Returns ``(trained {component: module}, text sides, cross-attention layer paths)``.
     """
-    from peft import inject_adapter_in_model
-
-    from lorakit.adapters import edlora as ed
-    from lorakit.blocks import lora_config, text_encoder_modules
-
     words = concept_words(cfg)
     layers = ed.cross_attention_layers(pipe.unet)
     L = len(layers)
     gen = torch.Generator().manual_seed(cfg.seed)
     sides, trained = [], {}
     net = cfg.network
-    for comp, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+    for comp, tok_name in TEXT_ENCODERS:
         enc = getattr(pipe, comp, None)
         if enc is None:
             continue
@@ -216,25 +135,20 @@ def setup_edlora(pipe, cfg, device=None) -> tuple[dict[str, torch.nn.Module], li
         p.requires_grad_("lora_" in name)
     ed.install_layerwise_processors(pipe.unet, tuple(getattr(pipe, s.component).config.hidden_size for s in sides))
     trained = {"unet": pipe.unet, **trained}
-    for module in trained.values():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+    cast_training_params(list(trained.values()), dtype=torch.float32)  # trainable weights stay fp32
     return trained, sides, layers
 
 
 def text_sides(pipe, words: list[str], n_layers: int) -> list[TextSide]:
     """The :class:`TextSide` of every text encoder of a pipeline whose tokenizers already hold ``words``' tokens."""
-    from lorakit.adapters.edlora import layer_token_names
-
     sides = []
-    for comp, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+    for comp, tok_name in TEXT_ENCODERS:
         if getattr(pipe, comp, None) is None:
             continue
         tok = getattr(pipe, tok_name)
         tmap = {}
         for w in words:
-            ids = tok.convert_tokens_to_ids(layer_token_names(w, n_layers))
+            ids = tok.convert_tokens_to_ids(ed.layer_token_names(w, n_layers))
             tmap[ids[0]] = ids
         first = min(i for v in tmap.values() for i in v)
         sides.append(TextSide(comp, tok, tmap, first, tok.eos_token_id))
@@ -243,13 +157,10 @@ def text_sides(pipe, words: list[str], n_layers: int) -> list[TextSide]:
 
 def encode_captions(captions: list[str], sides: list[TextSide], encoders: dict, n_layers: int, device) -> dict:
     """Packed per-layer text conditioning: ``encoder_hidden_states [B, S, L * C]`` (+ SDXL ``text_embeds [B, P]``)."""
-    from lorakit.adapters import edlora as ed
-
     sdxl = len(sides) > 1
     per_layer, pooled = [], None
     for s in sides:
-        ids = s.tokenizer(captions, padding="max_length", max_length=s.tokenizer.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids.to(device)
+        ids = token_ids(s.tokenizer, captions, device)
         lw = ed.encode_layerwise(encoders[s.component], ids, s.token_map, n_layers, s.eos_token_id,
                                  output_hidden_states=sdxl)
         per_layer.append(lw.hidden_states[-2] if sdxl else lw.hidden)
@@ -316,37 +227,152 @@ def attention_regulariser(maps: list[torch.Tensor], mask: torch.Tensor, present:
 
 
 def edlora_loss(unet, noise_scheduler, latents, cond, sample_ids, cfg, time_ids=None, mask=None) -> torch.Tensor:
-    """Denoising loss of a micro-batch, masked (``mask [B, 1, H, W]``) when ``cfg.masked_loss``.
-
-    Noise (+ ``noise_offset`` x per-channel offset) and timesteps are drawn per sample id (see the loop).
-    """
-    from lorakit.training.loop import randint_per_sample, randn_per_sample
-
-    dev, seed = latents.device, cfg.seed
-    noise = randn_per_sample(latents.shape[1:], sample_ids, seed, SALT_NOISE, dev, latents.dtype)
-    if cfg.noise_offset:
-        offset = randn_per_sample((latents.shape[1], 1, 1), sample_ids, seed, SALT_OFFSET, dev, latents.dtype)
-        noise = noise + cfg.noise_offset * offset
-    t = randint_per_sample(0, noise_scheduler.config.num_train_timesteps, sample_ids, seed, SALT_TIMESTEP, dev)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    kwargs = {}
-    if "text_embeds" in cond:
-        kwargs["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": time_ids}
-    pred = unet(noisy, t, cond["encoder_hidden_states"], **kwargs).sample
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, t)
-    else:
-        raise ValueError(f"prediction_type {kind!r} is not supported; use 'epsilon' or 'v_prediction'")
-    err = (pred.float() - target.float()) ** 2
+    """Denoising loss of a micro-batch (:func:`lorakit.training.diffusion_step.predict`), masked
+    (``mask [B, 1, H, W]``) when ``cfg.masked_loss``."""
+    p = step.predict(unet, noise_scheduler, latents, cond, sample_ids, cfg.seed, cfg.noise_offset, time_ids)
+    err = (p.pred.float() - p.target.float()) ** 2
     if cfg.masked_loss and mask is not None:
         err = err * torch.nn.functional.interpolate(mask.float(), size=err.shape[-2:], mode="area")
     return err.mean()
 
 
-# --------------------------------------------------------------------------------------------------- train
+# --------------------------------------------------------------------------------------------------- the recipe
+
+
+@dataclass
+class Run:
+    """What the phases of one ED-LoRA training build and the loop's callables use."""
+
+    cfg: object
+    accelerator: object
+    pipe: object
+    arch: str
+    words: list[str]
+    weight_dtype: torch.dtype
+    noise_scheduler: object = None
+    trained: dict | None = None
+    sides: list[TextSide] | None = None
+    layers: list[str] | None = None
+    probe: dict | None = None  # the attention probe's store (attn_reg_weight)
+
+
+def check_recipe(cfg, pipe) -> tuple[ConceptImages, torch.dtype]:
+    """Config values, output_dir and the data, before any model loads. Returns (dataset, compute dtype)."""
+    preflight(cfg)
+    weight_dtype = torch_dtype(cfg.mixed_precision, "mixed_precision")
+    torch_dtype(cfg.save_precision, "save_precision")
+    require_base(cfg, pipe)
+    concept_words(cfg)
+    dataset = ConceptImages(cfg)
+    check_training("edlora", cfg, pipe if pipe is not None else cfg.base_model, weight_dtype, cfg.network.rank)
+    return dataset, weight_dtype
+
+
+def setup_models(cfg, accelerator, pipe, weight_dtype) -> Run:
+    """Load the base, make the accelerator, freeze the base and place it (the SDXL VAE in fp32)."""
+    pipe = base_pipeline(cfg, pipe)
+    sdxl = is_sdxl(pipe)
+    if accelerator is None:
+        accelerator = make_accelerator(cfg, find_unused_parameters=sdxl)
+    set_seed(cfg.seed)  # peft's lora_A init: same on every process
+    noise_scheduler = step.training_scheduler(pipe, cfg.prediction_type)
+    freeze_and_place(pipe, accelerator.device, weight_dtype, torch.float32 if sdxl else weight_dtype)
+    return Run(cfg, accelerator, pipe, pipeline_arch(pipe), concept_words(cfg), weight_dtype, noise_scheduler)
+
+
+def setup_adapters(run: Run) -> None:
+    """Concept tokens, trainable rows, LoRA, per-layer processors and (``attn_reg_weight``) attention probes."""
+    run.trained, run.sides, run.layers = setup_edlora(run.pipe, run.cfg, run.accelerator.device)
+    for m in run.trained.values():
+        m.to(run.accelerator.device)
+    if run.cfg.attn_reg_weight:
+        run.probe = {}
+        for name in run.layers:
+            proc = run.pipe.unet.get_submodule(name).processor
+            proc.inner = AttentionProbe(proc.inner, run.probe)
+
+
+def setup_optimizer(run: Run) -> tuple[torch.optim.Optimizer, list[dict]]:
+    """AdamW with three learning rates: embedding rows, text-encoder LoRA, UNet LoRA."""
+    cfg, trained = run.cfg, run.trained
+    rows = [trained[s.component].get_input_embeddings().rows for s in run.sides]
+    te_lora = [p for s in run.sides for n, p in trained[s.component].named_parameters()
+               if "lora_" in n and p.requires_grad]
+    unet_lora = [p for p in run.pipe.unet.parameters() if p.requires_grad]
+    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
+    groups = [{"params": rows, "lr": cfg.embedding_lr}, {"params": te_lora, "lr": te_lr},
+              {"params": unet_lora, "lr": cfg.learning_rate}]
+    return build_optimizer(cfg, groups), groups
+
+
+def loss_fn(run: Run, order: list[str]):
+    """``compute_loss(batch, step, models)``: latents, per-layer text conditioning, (masked) denoising loss, and
+    the cross-attention regulariser."""
+    cfg, pipe, acc, store = run.cfg, run.pipe, run.accelerator, run.probe
+    device, n_layers, sdxl = acc.device, len(run.layers), is_sdxl(run.pipe)
+    word_ids = [w_ids[0] for w_ids in run.sides[0].token_map.values()]
+
+    def compute_loss(batch, step_index, models):
+        live = dict(zip(order, models))
+        latents = step.vae_latents(pipe.vae, batch, cfg.seed, run.weight_dtype)
+        cond = encode_captions(batch["caption"], run.sides, live, n_layers, device)
+        time_ids = batch_time_ids(batch, run.weight_dtype, device) if sdxl else None
+        if store is not None:
+            tok_ids = token_ids(run.sides[0].tokenizer, batch["caption"])
+            store["positions"] = [(tok_ids == w).to(device) for w in word_ids]
+            store["maps"] = []
+        with acc.autocast():
+            loss = edlora_loss(live["unet"], run.noise_scheduler, latents, cond, batch["sample_id"], cfg, time_ids,
+                               batch["mask"])
+            if store is not None:
+                present = torch.stack([p.any(-1) for p in store["positions"]], -1).float()
+                loss = loss + cfg.attn_reg_weight * attention_regulariser(store["maps"], batch["mask"], present)
+                store["positions"] = None
+        return loss
+
+    return compute_loss
+
+
+def save_fn(run: Run):
+    """``save(path)``: the ED-LoRA file (LoRA in ``save_precision``, embeddings, concept, layers)."""
+    cfg, words, n_layers = run.cfg, run.words, len(run.layers)
+    save_dtype = torch_dtype(cfg.save_precision, "save_precision")
+
+    def save(path):
+        modules = {}
+        for comp, model in run.trained.items():
+            modules.update(from_peft(model, comp))
+        for m in modules.values():
+            m.down, m.up = m.down.to(save_dtype), m.up.to(save_dtype)
+        name = cfg.concept.name or words[0].strip("<>")
+        concept = ed.EDLoRAConcept(name=name, words=words, init_word=cfg.concept.init_word)
+        adapter = ed.edlora_adapter(modules, embeddings_of(run.trained, run.sides, words, n_layers), [concept],
+                                    run.layers, run.arch, config=to_dict(cfg), rank=cfg.network.rank,
+                                    alpha=cfg.network.alpha)
+        save_adapter(adapter, path)
+
+    return save
+
+
+def sample_fn(run: Run):
+    """``sample(step)``: the sample prompts (placeholder -> pseudo-words) through the trained encoders."""
+    cfg, sides, n_layers, device = run.cfg, run.sides, len(run.layers), run.accelerator.device
+    if not cfg.sample_every:
+        return None
+
+    def sample(step_index):
+        if not cfg.sample_prompts:
+            return None
+        prompts = [p.replace(cfg.concept.placeholder, " ".join(run.words)) for p in cfg.sample_prompts]
+        encoders = {s.component: run.trained[s.component] for s in sides}
+        cond = encode_captions(prompts, sides, encoders, n_layers, device)
+        neg = encode_captions([""] * len(prompts), sides, encoders, n_layers, device)
+        kw = dict(prompt_embeds=cond["encoder_hidden_states"], negative_prompt_embeds=neg["encoder_hidden_states"])
+        if is_sdxl(run.pipe):
+            kw.update(pooled_prompt_embeds=cond["text_embeds"], negative_pooled_prompt_embeds=neg["text_embeds"])
+        return sample_images(run.pipe, cfg, run.accelerator, **kw)
+
+    return sample
 
 
 def train(cfg, accelerator=None, pipe=None):
@@ -355,143 +381,30 @@ def train(cfg, accelerator=None, pipe=None):
     ``pipe``: an already loaded base pipeline to train in place (tests inspect it afterwards); default: load
     ``cfg.base_model``.
     """
-    from accelerate.utils import set_seed
-    from diffusers import DDPMScheduler
-
-    from lorakit.adapters import edlora as ed
-    from lorakit.adapters.io import from_peft, save_adapter
-    from lorakit.config import to_dict
-    from lorakit.data import collate
-    from lorakit.models import load_base, pipeline_arch
-    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight, randn_per_sample
-
-    preflight(cfg)  # config values and output_dir, before any model loads
-    for key in ("mixed_precision", "save_precision"):
-        if getattr(cfg, key) not in _DTYPES:
-            raise ValueError(f"{key}={getattr(cfg, key)!r}: expected one of {sorted(_DTYPES)}")
-    weight_dtype, save_dtype = _DTYPES[cfg.mixed_precision], _DTYPES[cfg.save_precision]
-    if not cfg.base_model:
-        raise ValueError("base_model is not set (a diffusers folder, a .safetensors checkpoint, a hub id or tiny:sd1)")
-    words = concept_words(cfg)
-    dataset = ConceptImages(cfg)  # bad data fails before the model loads
-    from lorakit.memory import check_training
-
-    check_training("edlora", cfg, pipe if pipe is not None else cfg.base_model, weight_dtype, cfg.network.rank)
-
-    pipe = pipe if pipe is not None else load_base(cfg.base_model)
-    arch = pipeline_arch(pipe)
-    sdxl = arch == "sdxl"
-    if accelerator is None:
-        accelerator = make_accelerator(cfg, find_unused_parameters=sdxl)
-    set_seed(cfg.seed)  # peft's lora_A init: same on every process
-    device = accelerator.device
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if cfg.prediction_type:
-        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-        pipe.scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        model = getattr(pipe, comp, None)
-        if model is not None:
-            model.requires_grad_(False)
-            model.to(device, dtype=torch.float32 if comp == "vae" and sdxl else weight_dtype)
-    trained, sides, layers = setup_edlora(pipe, cfg, device)
-    L = len(layers)
-    for m in trained.values():
-        m.to(device)
-
-    store: dict = {}
-    if cfg.attn_reg_weight:
-        for name in layers:
-            proc = pipe.unet.get_submodule(name).processor
-            proc.inner = AttentionProbe(proc.inner, store)
-
-    rows = [trained[s.component].get_input_embeddings().rows for s in sides]
-    te_lora = [p for s in sides for n, p in trained[s.component].named_parameters() if "lora_" in n and p.requires_grad]
-    unet_lora = [p for p in pipe.unet.parameters() if p.requires_grad]
-    te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate
-    groups = [{"params": rows, "lr": cfg.embedding_lr}, {"params": te_lora, "lr": te_lr},
-              {"params": unet_lora, "lr": cfg.learning_rate}]
-    optimizer = build_optimizer(cfg, groups)
-    order = list(trained)
-    scaling = pipe.vae.config.scaling_factor
-    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-    word_ids = [[w_ids[0] for w_ids in s.token_map.values()] for s in sides][0]
-
-    def compute_loss(batch, step, models):
-        live = dict(zip(order, models))
-        ids = batch["sample_id"]
-        with torch.no_grad():
-            dist = pipe.vae.encode(batch["pixel_values"].to(device, pipe.vae.dtype)).latent_dist
-        mean, std = dist.mean.float(), dist.std.float()
-        eps = randn_per_sample(mean.shape[1:], ids, cfg.seed, SALT_LATENT, device)
-        latents = ((mean + std * eps - shift) * scaling).to(weight_dtype)
-        cond = encode_captions(batch["caption"], sides, live, L, device)
-        time_ids = None
-        if sdxl:
-            time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], 1).to(device, weight_dtype)
-        if cfg.attn_reg_weight:
-            tok_ids = sides[0].tokenizer(batch["caption"], padding="max_length", truncation=True,
-                                         max_length=sides[0].tokenizer.model_max_length, return_tensors="pt").input_ids
-            store["positions"] = [(tok_ids == w).to(device) for w in word_ids]
-            store["maps"] = []
-        with accelerator.autocast():
-            loss = edlora_loss(live["unet"], noise_scheduler, latents, cond, ids, cfg, time_ids, batch["mask"])
-            if cfg.attn_reg_weight:
-                present = torch.stack([p.any(-1) for p in store["positions"]], -1).float()
-                loss = loss + cfg.attn_reg_weight * attention_regulariser(store["maps"], batch["mask"], present)
-                store["positions"] = None
-        return loss
-
-    def adapter():
-        modules = {}
-        for comp, model in trained.items():
-            modules.update(from_peft(model, comp))
-        for m in modules.values():
-            m.down, m.up = m.down.to(save_dtype), m.up.to(save_dtype)
-        name = cfg.concept.name or words[0].strip("<>")
-        concept = ed.EDLoRAConcept(name=name, words=words, init_word=cfg.concept.init_word)
-        return ed.edlora_adapter(modules, embeddings_of(trained, sides, words, L), [concept], layers, arch,
-                                 config=to_dict(cfg), rank=cfg.network.rank, alpha=cfg.network.alpha)
-
-    def save(path):
-        save_adapter(adapter(), path)
-
-    size = cfg.sample_resolution or cfg.data.resolution
-
-    def sample(step):
-        if not cfg.sample_prompts:
-            return None
-        prompts = [p.replace(cfg.concept.placeholder, " ".join(words)) for p in cfg.sample_prompts]
-        encoders = {s.component: trained[s.component] for s in sides}
-        cond = encode_captions(prompts, sides, encoders, L, device)
-        neg = encode_captions([""] * len(prompts), sides, encoders, L, device)
-        kw = dict(prompt_embeds=cond["encoder_hidden_states"], negative_prompt_embeds=neg["encoder_hidden_states"])
-        if sdxl:
-            kw.update(pooled_prompt_embeds=cond["text_embeds"], negative_pooled_prompt_embeds=neg["text_embeds"])
-        gen = torch.Generator(device="cpu").manual_seed(cfg.sample_seed)
-        with accelerator.autocast():
-            return pipe(num_inference_steps=cfg.sample_num_inference_steps, guidance_scale=cfg.sample_guidance_scale,
-                        generator=gen, height=size, width=size, **kw).images
-
+    dataset, weight_dtype = check_recipe(cfg, pipe)
+    run = setup_models(cfg, accelerator, pipe, weight_dtype)
+    setup_adapters(run)
+    optimizer, groups = setup_optimizer(run)
+    order = list(run.trained)
+    words = " ".join(run.words)
     final = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
     hint = (f"  use it:          from lorakit.adapters.edlora import load_edlora; load_edlora(pipe, '{final}'); "
-            f"pipe('a photo of {' '.join(words)}')")
-    loop = TrainLoop(cfg, accelerator, [trained[c] for c in order], optimizer, dataset, compute_loss, save,
-                     sample=sample if cfg.sample_every else None, collate_fn=collate, summary_hint=hint)
-    accelerator.print(
-        f"lorakit: ED-LoRA {' '.join(words)} (init {cfg.concept.init_word!r}) on {arch} ({cfg.base_model}): "
-        f"{L} cross-attention layers -> {2 * L} new tokens per text encoder, "
-        f"{sum(p.numel() for g in groups for p in g['params']):,} trainable parameters, "
+            f"pipe('a photo of {words}')")
+    loop = TrainLoop(cfg, run.accelerator, [run.trained[c] for c in order], optimizer, dataset, loss_fn(run, order),
+                     save_fn(run), sample=sample_fn(run), collate_fn=collate, summary_hint=hint)
+    n_layers = len(run.layers)
+    run.accelerator.print(
+        f"lorakit: ED-LoRA {words} (init {cfg.concept.init_word!r}) on {run.arch} ({cfg.base_model}): "
+        f"{n_layers} cross-attention layers -> {2 * n_layers} new tokens per text encoder, "
+        f"{trainable_count(groups):,} trainable parameters, "
         f"{len(dataset.records)} images x {cfg.data.repeats} repeats, global batch "
-        f"{cfg.train_batch_size * accelerator.num_processes}"
+        f"{cfg.train_batch_size * run.accelerator.num_processes}"
     )
     return loop.run()
 
 
 def main(argv: list[str] | None = None) -> int:
     """``train_edlora.py --config X.yaml [key=value ...]`` (see :mod:`lorakit.training.entry`)."""
-    from lorakit.training.entry import main as entry_main
-
     return entry_main("edlora", argv)
 
 

@@ -7,6 +7,10 @@ import argparse
 import importlib
 from dataclasses import dataclass
 
+from lorakit.config import load_config, schema_defaults
+from lorakit.errors import script_main
+from lorakit.training import recipes
+
 
 @dataclass(frozen=True)
 class Trainer:
@@ -32,9 +36,6 @@ TRAINERS = {
 
 def build_parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
     """The argument parser of trainer ``name`` (blockwise, edlora, lorarar)."""
-    from lorakit.config import schema_defaults
-    from lorakit.training import recipes
-
     trainer = TRAINERS[name]
     keys = [(k, v) for k, v in schema_defaults(getattr(recipes, trainer.schema))
             if not k.startswith(trainer.hidden or ("\0",))]
@@ -54,9 +55,6 @@ def build_parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(name: str, argv: list[str] | None = None) -> int:
     """Parse ``--config X.yaml key=value ...`` for trainer ``name``, then train. Returns the exit status."""
-    from lorakit.config import load_config
-    from lorakit.training import recipes
-
     args = build_parser(name).parse_args(argv)
     trainer = TRAINERS[name]
     cfg = load_config(getattr(recipes, trainer.schema), args.config, args.overrides)
@@ -67,6 +65,4 @@ def main(name: str, argv: list[str] | None = None) -> int:
 def script(name: str) -> int:
     """Entry point of ``train_<name>.py``: :func:`main` inside the one error boundary (``--debug``, ``--quiet``,
     ``--verbose`` accepted anywhere)."""
-    from lorakit.errors import script_main
-
     return script_main(lambda argv: main(name, argv), f"train_{name}.py")

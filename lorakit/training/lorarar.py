@@ -10,7 +10,7 @@ so 2 processes x batch b train the same network as 1 process x batch 2b, and res
 LoRAs: ``content`` / ``style`` list file paths or globs, or mappings ``{path, images, prompt}`` (``images``: a
 folder of reference images with optional same-name .txt captions). Where no images are given or named in the
 file's metadata, references are generated with that LoRA alone (a warning says so). ``synthetic`` adds random
-LoRAs (``lorakit.testing.random_adapter``) for smoke tests and the CPU toy recipe. ``eval_pairs`` (or
+LoRAs (:func:`lorakit.adapters.synthetic.random_adapter`) for smoke tests and the CPU toy recipe. ``eval_pairs`` (or
 ``synthetic.eval_pairs``) are held-out pairs: at the end the loss of their plain sum, of the untrained network and
 of the trained network is measured on the same noise, printed, and stored in the hypernetwork's metadata.
 
@@ -30,7 +30,34 @@ from typing import Any
 
 import torch
 
+# looked up at call time: tests replace models.load_base
+from lorakit import models as base_models
+from lorakit.adapters.io import load_adapter, validate_adapter
+from lorakit.adapters.synthetic import random_adapter
+from lorakit.conditioning import pixel_size
+from lorakit.config import to_dict
+from lorakit.fusion.lorarar import MergerHypernet, hypernet_widths, save_hypernet
+from lorakit.fusion.ziplora import (
+    ZipLoRALoss,
+    eval_batches,
+    noise_scheduler_of,
+    ones_coefficients,
+    plan_merge,
+    reference_for,
+)
+from lorakit.memory import check_training
+from lorakit.models import pipeline_arch
+from lorakit.precision import torch_dtype
+from lorakit.rng import sample_generator
+from lorakit.training.entry import main as entry_main
+from lorakit.training.loop import (
+    TrainLoop,
+    build_optimizer,
+    make_accelerator,
+    preflight,
+)
 from lorakit.training.recipes import LoraRarConfig, SyntheticConfig
+from lorakit.training.setup import FROZEN
 
 SALT_PAIR = 80  # per-sample stream of the reference draws / noise / timesteps of one pair
 
@@ -73,9 +100,6 @@ def expand_entries(items, key: str) -> list[dict]:
 
 def load_entries(cfg, pipe) -> tuple[list[LoraEntry], list[LoraEntry], list[tuple[LoraEntry, LoraEntry]]]:
     """The content LoRAs, style LoRAs and held-out eval pairs of a config, with their references."""
-    from lorakit.adapters.io import load_adapter, validate_adapter
-    from lorakit.fusion.ziplora import reference_for
-
     size = cfg.reference_size or None
     refs_cache: dict[str, LoraEntry] = {}
 
@@ -104,9 +128,6 @@ def load_entries(cfg, pipe) -> tuple[list[LoraEntry], list[LoraEntry], list[tupl
 
 def synthetic_entries(cfg, pipe):
     """Random content/style LoRAs and held-out pairs per ``cfg.synthetic`` (seeded by ``cfg.seed``)."""
-    from lorakit.fusion.ziplora import pixel_size, reference_for
-    from lorakit.testing import random_adapter
-
     syn = cfg.synthetic
     if syn.images not in ("random", "generate"):
         raise ValueError(f"synthetic.images={syn.images!r}: expected 'random' or 'generate'")
@@ -158,8 +179,6 @@ class PairDataset(torch.utils.data.Dataset):
 
 def pair_loss(pipe, noise_scheduler, content: LoraEntry, style: LoraEntry, merge_layers, lam: float):
     """The :class:`ZipLoRALoss` of one pair on the pipeline's UNet."""
-    from lorakit.fusion.ziplora import ZipLoRALoss, plan_merge
-
     plan = plan_merge(content.adapter, style.adapter, merge_layers)
     if not plan.merged:
         raise ValueError(f"{content.name} + {style.name}: no layer both touch matches merge_layers {list(merge_layers)}")
@@ -172,8 +191,6 @@ def batch_losses(pipe, noise_scheduler, content: LoraEntry, style: LoraEntry, ne
     """Per-batch ZipLoRA loss of one pair merged by each of ``nets`` (``{name: hypernetwork, or None for the plain
     sum}``), all on the same ``n`` noise batches (``cfg.ref_batch_size`` items each) drawn from ``seed``: paired
     values, for comparing merges batch by batch."""
-    from lorakit.fusion.ziplora import eval_batches, ones_coefficients
-
     lf = pair_loss(pipe, noise_scheduler, content, style, cfg.merge_layers, cfg.lam)
     batches = eval_batches(lf, n=n, batch_size=cfg.ref_batch_size, seed=seed)
     out = {}
@@ -194,12 +211,128 @@ def evaluate_pairs(pipe, noise_scheduler, hypernet, pairs, cfg, init_net=None) -
     return rows
 
 
-def _freeze(pipe) -> None:
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+
+# --------------------------------------------------------------------------------------------------- the recipe
+
+
+@dataclass
+class Run:
+    """What the phases of one hypernetwork training build and the loop's callables use."""
+
+    cfg: Any
+    accelerator: Any
+    pipe: Any
+    dtype: torch.dtype
+    content: list = None
+    style: list = None
+    evals: list = None
+    noise_scheduler: Any = None
+    net: Any = None
+    init_net: Any = None
+
+
+def check_recipe(cfg, pipe) -> Run:
+    """Config values and output_dir before any model loads; the accelerator (every pair may leave some merged
+    layer without a gradient, so DDP looks for unused parameters)."""
+    preflight(cfg)
+    if cfg.ref_batch_size < 1:
+        raise ValueError(f"ref_batch_size must be >= 1, got {cfg.ref_batch_size}")
+    accelerator = make_accelerator(cfg, find_unused_parameters=True)
+    dtype = torch_dtype(cfg.mixed_precision, "mixed_precision")
+    if pipe is None and not cfg.base_model:
+        raise ValueError("base_model is not set: the base the LoRAs were trained on (a folder, .safetensors or tiny:sd1)")
+    check_training("lorarar", cfg, pipe if pipe is not None else cfg.base_model, dtype, rank=4)
+    return Run(cfg, accelerator, pipe, dtype)
+
+
+def setup_models(run: Run) -> None:
+    """Load the base, freeze it (eval mode) and move it to the device."""
+    pipe = run.pipe if run.pipe is not None else base_models.load_base(run.cfg.base_model)
+    for name in FROZEN:
         model = getattr(pipe, name, None)
         if model is not None:
             model.requires_grad_(False)
             model.eval()
+    pipe.to(run.accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    if run.cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    run.pipe = pipe
+
+
+def setup_data(run: Run) -> tuple[PairDataset, list]:
+    """The LoRAs with their references (made in fp32), then the base in the compute dtype; every training pair
+    must share a merged layer. Returns the pair dataset and the merge plans of the training and held-out pairs."""
+    cfg, pipe = run.cfg, run.pipe
+    run.content, run.style, run.evals = load_entries(cfg, pipe)
+    if run.dtype != pipe.unet.dtype:
+        pipe.to(dtype=run.dtype)
+    run.noise_scheduler = noise_scheduler_of(pipe)
+    dataset = PairDataset(len(run.content), len(run.style))
+    plans = [plan_merge(c.adapter, s.adapter, cfg.merge_layers) for c in run.content for s in run.style]
+    n_style = len(run.style)
+    empty = [f"{run.content[k // n_style].name} + {run.style[k % n_style].name}"
+             for k, p in enumerate(plans) if not p.merged]
+    if empty:
+        raise ValueError(f"no layer both LoRAs touch matches merge_layers {list(cfg.merge_layers)} for: {empty[:3]}")
+    return dataset, plans + [plan_merge(c.adapter, s.adapter, cfg.merge_layers) for c, s in run.evals]
+
+
+def setup_network(run: Run, plans: list) -> tuple[torch.optim.Optimizer, list[int]]:
+    """The hypernetwork (seeded), a frozen copy of its initial state, and its optimizer."""
+    cfg = run.cfg
+    widths = hypernet_widths(plans)
+    torch.manual_seed(cfg.seed)
+    run.net = MergerHypernet(widths, hidden=cfg.hidden, column_norm=cfg.column_norm,
+                             merge_layers=list(cfg.merge_layers), init_scale=cfg.init_scale,
+                             base_arch=pipeline_arch(run.pipe)).to(run.accelerator.device)
+    run.init_net = copy.deepcopy(run.net)
+    return build_optimizer(cfg, [{"params": run.net.parameters()}]), widths
+
+
+def loss_fn(run: Run):
+    """``compute_loss(batch, step, models)``: mean ZipLoRA loss of the batch's pairs merged by the network."""
+    cfg = run.cfg
+
+    def compute_loss(batch, step, models):
+        problems = [
+            pair_loss(run.pipe, run.noise_scheduler, run.content[int(i)], run.style[int(j)], cfg.merge_layers, cfg.lam)
+            for i, j in zip(batch["content"], batch["style"])
+        ]
+        coeffs = run.net.coefficients([p.plan for p in problems], [p.deltas for p in problems], net=models[0])
+        total = 0.0
+        for problem, co, sid in zip(problems, coeffs, batch["sample_id"].tolist()):
+            g = sample_generator(cfg.seed, sid, SALT_PAIR)
+            with run.accelerator.autocast():
+                loss, _ = problem(co, problem.batch(g, cfg.ref_batch_size))
+            total = total + loss
+        return total / len(problems)
+
+    return compute_loss
+
+
+def save_fn(run: Run, final_path: Path, eval_rows: list[dict]):
+    """``save(path)``: the hypernetwork with its config; the final one also with the held-out rows."""
+    cfg = run.cfg
+    meta = {
+        "lorakit.base_arch": pipeline_arch(run.pipe),
+        "lorakit.config": json.dumps(to_dict(cfg), default=str),
+        "lorakit.trained_on": json.dumps({"content": [c.name for c in run.content],
+                                          "style": [s.name for s in run.style]}),
+    }
+
+    def save(path):
+        if run.evals and Path(path) == final_path:  # main process, final artifact: held-out rows in its metadata
+            eval_rows[:] = evaluate_pairs(run.pipe, run.noise_scheduler, run.net, run.evals, cfg, run.init_net)
+            for r in eval_rows:
+                print(
+                    f"lorakit: held-out {r['content']} + {r['style']}: loss plain sum {r['sum']:.5f}, "
+                    f"untrained {r['init']:.5f}, lorarar {r['lorarar']:.5f}"
+                )
+        extra = {"lorakit.eval": json.dumps(eval_rows)} if eval_rows else {}
+        save_hypernet(run.net, path, {**meta, **extra})
+
+    return save
 
 
 def train(cfg, pipe=None):
@@ -209,98 +342,29 @@ def train(cfg, pipe=None):
     Args:
         pipe: a base pipeline to use instead of loading ``cfg.base_model`` (it gets frozen and moved).
     """
-    from lorakit.config import to_dict
-    from lorakit.fusion.lorarar import MergerHypernet, hypernet_widths, save_hypernet
-    from lorakit.fusion.ziplora import noise_scheduler_of, plan_merge
-    from lorakit.models import load_base, pipeline_arch
-    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight, sample_generator
-
-    preflight(cfg)  # config values and output_dir, before any model loads
-    if cfg.ref_batch_size < 1:
-        raise ValueError(f"ref_batch_size must be >= 1, got {cfg.ref_batch_size}")
-    accelerator = make_accelerator(cfg, find_unused_parameters=True)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    if pipe is None and not cfg.base_model:
-        raise ValueError("base_model is not set: the base the LoRAs were trained on (a folder, .safetensors or tiny:sd1)")
-    from lorakit.memory import check_training
-
-    check_training("lorarar", cfg, pipe if pipe is not None else cfg.base_model, dtype, rank=4)
-    if pipe is None:
-        pipe = load_base(cfg.base_model)
-    _freeze(pipe)
-    pipe.to(accelerator.device)
-    pipe.set_progress_bar_config(disable=True)
-    if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    content, style, evals = load_entries(cfg, pipe)
-    if dtype != pipe.unet.dtype:
-        pipe.to(dtype=dtype)
-    noise_scheduler = noise_scheduler_of(pipe)
-    dataset = PairDataset(len(content), len(style))
-    plans = [plan_merge(c.adapter, s.adapter, cfg.merge_layers) for c in content for s in style]
-    empty = [f"{content[k // len(style)].name} + {style[k % len(style)].name}" for k, p in enumerate(plans) if not p.merged]
-    if empty:
-        raise ValueError(f"no layer both LoRAs touch matches merge_layers {list(cfg.merge_layers)} for: {empty[:3]}")
-    widths = hypernet_widths(plans + [plan_merge(c.adapter, s.adapter, cfg.merge_layers) for c, s in evals])
-    arch = pipeline_arch(pipe)
-    torch.manual_seed(cfg.seed)
-    net = MergerHypernet(widths, hidden=cfg.hidden, column_norm=cfg.column_norm, merge_layers=list(cfg.merge_layers),
-                         init_scale=cfg.init_scale, base_arch=arch).to(accelerator.device)
-    init_net = copy.deepcopy(net)
-    optimizer = build_optimizer(cfg, [{"params": net.parameters()}])
-    accelerator.print(
-        f"lorakit: LoRA.rar on {len(content)} content x {len(style)} style LoRAs = {len(dataset)} pairs; "
-        f"hypernetwork {sum(p.numel() for p in net.parameters())} parameters, widths {widths}"
+    run = check_recipe(cfg, pipe)
+    setup_models(run)
+    dataset, plans = setup_data(run)
+    optimizer, widths = setup_network(run, plans)
+    run.accelerator.print(
+        f"lorakit: LoRA.rar on {len(run.content)} content x {len(run.style)} style LoRAs = {len(dataset)} pairs; "
+        f"hypernetwork {sum(p.numel() for p in run.net.parameters())} parameters, widths {widths}"
     )
-
-    def compute_loss(batch, step, models):
-        problems = [
-            pair_loss(pipe, noise_scheduler, content[int(i)], style[int(j)], cfg.merge_layers, cfg.lam)
-            for i, j in zip(batch["content"], batch["style"])
-        ]
-        coeffs = net.coefficients([p.plan for p in problems], [p.deltas for p in problems], net=models[0])
-        total = 0.0
-        for problem, co, sid in zip(problems, coeffs, batch["sample_id"].tolist()):
-            g = sample_generator(cfg.seed, sid, SALT_PAIR)
-            with accelerator.autocast():
-                loss, _ = problem(co, problem.batch(g, cfg.ref_batch_size))
-            total = total + loss
-        return total / len(problems)
-
-    meta = {
-        "lorakit.base_arch": arch,
-        "lorakit.config": json.dumps(to_dict(cfg), default=str),
-        "lorakit.trained_on": json.dumps({"content": [c.name for c in content], "style": [s.name for s in style]}),
-    }
     eval_rows: list[dict] = []
     final_path = Path(cfg.output_dir) / f"{cfg.output_name}.safetensors"
-
-    def save(path):
-        if evals and Path(path) == final_path:  # main process, final artifact: held-out rows go into its metadata
-            eval_rows[:] = evaluate_pairs(pipe, noise_scheduler, net, evals, cfg, init_net)
-            for r in eval_rows:
-                print(
-                    f"lorakit: held-out {r['content']} + {r['style']}: loss plain sum {r['sum']:.5f}, "
-                    f"untrained {r['init']:.5f}, lorarar {r['lorarar']:.5f}"
-                )
-        extra = {"lorakit.eval": json.dumps(eval_rows)} if eval_rows else {}
-        save_hypernet(net, path, {**meta, **extra})
-
     loop = TrainLoop(
-        cfg, accelerator, [net], optimizer, dataset, compute_loss, save,
+        cfg, run.accelerator, [run.net], optimizer, dataset, loss_fn(run), save_fn(run, final_path, eval_rows),
         summary_hint=f"  merge a pair:    lorakit fuse --method lorarar --hypernet {final_path} "
         "--adapters CONTENT STYLE --out merged.safetensors",
     )
     result = loop.run()
     result.eval = eval_rows
-    result.hypernet = net
+    result.hypernet = run.net
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     """``train_lorarar.py --config X.yaml [key=value ...]`` (see :mod:`lorakit.training.entry`)."""
-    from lorakit.training.entry import main as entry_main
-
     return entry_main("lorarar", argv)
 
 

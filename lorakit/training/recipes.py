@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorakit.config import NetworkConfig
-from lorakit.data import DataConfig
+from lorakit.config import DataConfig, NetworkConfig
 
 
 @dataclass

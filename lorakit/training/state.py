@@ -21,7 +21,10 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from lorakit.fileio import load_safetensors, save_safetensors, write_text
 
 FORMAT = "lorakit-checkpoint-2"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
@@ -58,8 +61,6 @@ def _unjson(obj):
 
 
 def _write_json(obj, path: Path) -> None:
-    from lorakit.fileio import write_text
-
     write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n", path)
 
 
@@ -73,8 +74,6 @@ def _read_json(path: Path):
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from lorakit.fileio import load_safetensors
-
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (an incomplete checkpoint?)")
     tensors, _ = load_safetensors(path)
@@ -82,8 +81,6 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from lorakit.fileio import save_safetensors
-
     save_safetensors({k: v.detach().cpu().clone() for k, v in tensors.items()}, path)
 
 
@@ -126,8 +123,6 @@ def save_model_state(models, optimizer, scheduler, scaler, folder: Path) -> None
 
 def save_rng_state(folder: Path, rank: int) -> None:
     """Every process: its torch (CPU, CUDA), Python and NumPy generator states."""
-    import numpy as np
-
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, st in enumerate(torch.cuda.get_rng_state_all()):
@@ -204,8 +199,6 @@ def load_model_state(models, optimizer, scheduler, scaler, folder: Path) -> None
 
 
 def load_rng_state(folder: Path, rank: int) -> None:
-    import numpy as np
-
     tensors = _read_tensors(folder / f"rng-{rank}.safetensors")
     info = _read_json(folder / f"rng-{rank}.json")
     torch.set_rng_state(tensors["torch_cpu"])

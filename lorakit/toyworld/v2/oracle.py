@@ -3,7 +3,7 @@
 Multi-label presence of every generic, class and identity concept of :mod:`lorakit.toyworld.v2.concepts`; an
 identity also shows its class (``kwibbit`` is a ``frog``), so ``frog`` without ``kwibbit`` means "a frog that is
 not kwibbit". Trained by ``tools/train_oracle_v2.py``; scores come as v1's
-:class:`lorakit.eval.oracle.OracleScores`::
+:class:`lorakit.toyworld.oracle.OracleScores`::
 
     from lorakit.toyworld.v2.oracle import Oracle
     s = Oracle.load("/path/to/oracle_v2").score(images, ["frog", "kwibbit"])
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.eval.oracle import OracleScores
+from lorakit.toyworld.oracle import OracleScores
 
 IMAGE_SIZE = 64
 
@@ -96,7 +96,7 @@ class Oracle:
                 raise FileNotFoundError(f"oracle file missing: {f} (build it with tools/train_oracle_v2.py)")
         config = json.loads(cfg_path.read_text())
         if config.get("world") != "v2":
-            raise ValueError(f"{cfg_path}: not a toy world v2 oracle (use lorakit.eval.oracle for v1)")
+            raise ValueError(f"{cfg_path}: not a toy world v2 oracle (use lorakit.toyworld.oracle for v1)")
         net = OracleNet(len(config["concepts"]), width=config.get("width", 32))
         net.load_state_dict({k: v.float() for k, v in load_safetensors(w_path)[0].items()})
         return cls(net, config["concepts"], config)

@@ -1,13 +1,14 @@
 """Toy-world oracle: a small CNN that says which toy concepts an image shows (multi-label presence).
 
 It knows every generic concept (shapes, shape colours, background kinds) and every held-out one (characters,
-objects, styles, backgrounds) of :mod:`lorakit.toyworld.concepts`. It was trained by ``tools/train_oracle.py``
+objects, styles, backgrounds) of :mod:`lorakit.toyworld.concepts`; ``lorakit eval --metric oracle`` runs it on
+generated images (:mod:`lorakit.toyworld.metrics`). It was trained by ``tools/train_oracle.py``
 on renders degraded like generated images (noise, blur, the toy VAE's round trip with latent noise); its
 weights are ``data/oracle/oracle.safetensors`` + ``data/oracle/config.json``.
 
 Usage::
 
-    from lorakit.eval.oracle import score
+    from lorakit.toyworld.oracle import score
     s = score(images, ["robot", "ink"])      # images: list of PIL images or a float tensor [N, 3, H, W] in [0, 1]
     s.probs        # FloatTensor [N, 2]: presence probability of each asked concept in each image
     s.present      # BoolTensor  [N, 2]: probs >= threshold (default 0.5)
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from lorakit.resources import data_path
+from lorakit.toyworld.concepts import get_concept
 
 IMAGE_SIZE = 32
 DEFAULT_DIR = data_path("oracle")
@@ -154,8 +156,6 @@ class Oracle:
 
     def score(self, images, concepts=None, threshold: float = 0.5) -> OracleScores:
         """Score ``images`` for ``concepts`` (names or trigger words; default: all). See :class:`OracleScores`."""
-        from lorakit.toyworld.concepts import get_concept
-
         names = self.concepts if concepts is None else list(dict.fromkeys(get_concept(c).name for c in concepts))
         for n in names:
             if n not in self.concepts:
