@@ -109,14 +109,16 @@ class _Rows(torch.utils.data.Dataset):
 
 
 def _cfg(work: Path, name: str, steps: int, batch: int, lr: float, seed: int, save_every: int = 0):
+    from omegaconf import OmegaConf
+
     from lorakit.training.loop import TrainConfig
 
-    return TrainConfig(
+    return OmegaConf.structured(TrainConfig(
         output_dir=str(work / name), output_name=f"toy-{name}", max_steps=steps, train_batch_size=batch,
         learning_rate=lr, lr_scheduler="constant_with_warmup", lr_warmup_steps=min(100, steps // 10),
         adam_weight_decay=0.0, max_grad_norm=1.0, checkpointing_steps=save_every * 5 if save_every else 0,
         checkpoints_total_limit=1, save_every=save_every, logging="none", seed=seed, resume="latest",
-    )
+    ))
 
 
 def train_vae(work: Path, steps: int, batch: int, seed: int):
