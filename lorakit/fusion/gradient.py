@@ -1,6 +1,6 @@
 """Mix-of-Show gradient fusion, solved in closed form from activation Gram matrices.
 
-Per layer with LoRA in any concept (METHODS.md section 2)::
+Per layer with LoRA in any concept (docs/fusion.md)::
 
     W* = argmin_W  sum_i ||W X_i - (W0 + a_i dW_i) X_i||^2  +  lam ||W - T||^2
        = (sum_i (W0 + a_i dW_i) G_i + lam T) (sum_i G_i + lam I)^-1,        G_i = X_i X_i^T
