@@ -315,8 +315,9 @@ def _solve_stage(pipe, stage: str, stage_probs: list[LayerProblem], collectors: 
             vst = collectors["val"][p.component].stats[p.key] if "val" in collectors else None
             val = (vst.G, vst.P) if vst is not None and settings.ridge == "auto" else None
             sub = subspace_problem(p) if p.key in subspace else p
+            rows = int(st.tokens.item()) + (int(vst.tokens.item()) if val is not None else 0)  # bounds G's rank
             sol = solve_layer(st.G, st.P, sub, n_concepts, settings.ridge, ridge_target=settings.ridge_target,
-                              val=val)
+                              val=val, rows=rows)
             if sub is not p:
                 sol = lift(sol, p)
             sol.report["tokens"] = int(st.tokens.item())
