@@ -357,6 +357,24 @@ def test_nan_adapter_and_singular_system_are_clear_errors(tmp_path, sd1_pipe, ca
     err = capsys.readouterr().err
     assert rc == 2 and "broken" in err and key in err and "NaN" in err and "Traceback" not in err, (rc, err)
     assert len(err.strip().splitlines()) == 1, err
+    ok = _text_side_adapters(pipe)[1]
+    prob = next(iter(build_problems(pipe, _concepts([ok], [1.0])).values()))
+    n = prob.in_dim
+    x = torch.randn(3, n, dtype=torch.float64)  # 3 rows: G has rank 3 < n
+    G, P = x.T @ x, {0: prob.downs[0] @ (x.T @ x)}
+    with pytest.raises(ValueError, match=f"{prob.key}.*singular"):
+        solve_layer(G, P, prob, 1, 0.0)
+    with pytest.raises(ValueError, match=f"{prob.key}.*NaN"):
+        solve_layer(G * float("nan"), P, prob, 1, "auto")
+    assert solve_layer(G, P, prob, 1, "auto").report["ridge_source"] == "no held-out data"
+
+
+def test_inf_adapter_and_singular_system_from_the_command_line_exit_2(tmp_path, sd1_pipe, capsys):
+    from lorakit.cli import main
+
+    pipe = copy.deepcopy(sd1_pipe)
+    ad = _text_side_adapters(pipe)[0]
+    key = next(iter(ad.modules))
     # an inf too; and a singular system from the command line (no ridge, fewer token rows than inputs)
     ad.modules[key].up[0, 0] = float("inf")
     path = save_adapter(ad, tmp_path / "broken_inf.safetensors")
@@ -370,16 +388,6 @@ def test_nan_adapter_and_singular_system_are_clear_errors(tmp_path, sd1_pipe, ca
     err = capsys.readouterr().err
     assert rc == 2 and "singular" in err and "layer text_encoder." in err and "Traceback" not in err, (rc, err)
     assert len(err.strip().splitlines()) == 1, err
-    ok = _text_side_adapters(pipe)[1]
-    prob = next(iter(build_problems(pipe, _concepts([ok], [1.0])).values()))
-    n = prob.in_dim
-    x = torch.randn(3, n, dtype=torch.float64)  # 3 rows: G has rank 3 < n
-    G, P = x.T @ x, {0: prob.downs[0] @ (x.T @ x)}
-    with pytest.raises(ValueError, match=f"{prob.key}.*singular"):
-        solve_layer(G, P, prob, 1, 0.0)
-    with pytest.raises(ValueError, match=f"{prob.key}.*NaN"):
-        solve_layer(G * float("nan"), P, prob, 1, "auto")
-    assert solve_layer(G, P, prob, 1, "auto").report["ridge_source"] == "no held-out data"
 
 
 def test_fuse_cli_gradient_pipeline_matches_library(tmp_path, sd1_pipe, fused_two):
