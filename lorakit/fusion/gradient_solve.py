@@ -81,6 +81,14 @@ class _Objective:
         """objective / objective(W0): 0 = every concept reproduced, 1 = no better than dropping the LoRAs."""
         return max(self(E), 0.0) / self.K if self.K > 0 else None
 
+    def relative_many(self, Es: torch.Tensor) -> list[float | None]:
+        """:meth:`relative` of each ``Es[k]`` (``[g, R, in]``), in a few batched products."""
+        if self.K <= 0:
+            return [None] * Es.shape[0]
+        quad = (self.UtU * (Es @ self.G @ Es.transpose(1, 2))).sum((1, 2))
+        lin = (self.UtU * (Es @ self.Pst.T)).sum((1, 2))
+        return [max(float(v), 0.0) / self.K for v in (quad - 2 * lin + self.K)]
+
 
 def _check_finite(key: str, G: torch.Tensor, P: dict) -> None:
     if not bool(torch.isfinite(G).all()) or not all(bool(torch.isfinite(p).all()) for p in P.values()):
@@ -114,14 +122,10 @@ def _ridge_path(G, Pst, target, rels, key: str, dim: int | None = None) -> list[
                          f"({err}); use a larger --ridge") from None
     s = s.clamp(min=0)
     PQ, TQ = Pst @ Q, target @ Q
-    out = []
-    for rel in rels:
-        if rel == float("inf"):
-            out.append((rel, target.clone()))
-            continue
-        lam = rel * scale
-        out.append((rel, ((PQ + lam * TQ) / (s + lam)) @ Q.T))
-    return out
+    finite = [rel for rel in rels if rel != float("inf")]
+    lam = torch.tensor(finite, dtype=G.dtype, device=G.device)[:, None, None] * scale
+    path = dict(zip(finite, ((PQ + lam * TQ) / (s + lam)) @ Q.T))  # [g, R, in] in two batched products
+    return [(rel, target.clone() if rel == float("inf") else path[rel]) for rel in rels]
 
 
 def solve_layer(G: torch.Tensor, P: dict[int, torch.Tensor], prob: LayerProblem, n_concepts: int,
@@ -250,7 +254,8 @@ def _choose_ridge(ridge, G, P, val, U, Dw, prob: LayerProblem, order, target, gr
     if ridge == "auto" and val is not None and float(val[0].diagonal().sum()) > 0:
         held = _Objective(U, prob, order, *val)
         Pst = torch.cat([P[i] for i in order], 0)
-        scores = [(held.relative(E), rel) for rel, E in _ridge_path(G, Pst, target, grid, prob.key, dim)]
+        path = _ridge_path(G, Pst, target, grid, prob.key, dim)
+        scores = list(zip(held.relative_many(torch.stack([E for _, E in path])), [rel for rel, _ in path]))
         best = min(scores, key=lambda t: (t[0] if t[0] is not None else float("inf"), -t[1]))
         report.update(ridge_source="held-out", heldout_residual=best[0], heldout_weighted_residual=held.relative(Dw),
                       heldout_grid={f"{r:g}": v for v, r in scores})
