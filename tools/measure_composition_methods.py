@@ -77,7 +77,13 @@ def make_sets(args) -> list[dict]:
 
 
 def find_adapter(folder: Path, concept: str) -> Path:
-    """The newest ``toy_<concept>-*.safetensors`` in ``folder`` (``tools/ci_artifacts.py`` names)."""
+    """The concept's LoRA of today's recipe and base in ``folder`` (``toy_<concept>-<recipe hash>.safetensors``,
+    :func:`lorakit.toyworld.loras.concept_lora_path`), else the newest ``toy_<concept>-*.safetensors`` there."""
+    from lorakit.toyworld.loras import concept_lora_path
+
+    current = concept_lora_path(concept, folder)
+    if current.exists():
+        return current
     found = sorted(folder.glob(f"toy_{concept}-*.safetensors"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"no toy_{concept}-*.safetensors in {folder}; train it with "
@@ -96,8 +102,9 @@ def run_set(pipe, loaded: dict, set_: dict, spec: str, args) -> list[dict]:
     order, n_rot = category_sequence(kinds)
     settings = method_settings(spec, args.steps, args.cfg)
     records, names = [], list(set_["concepts"].values())
-    for start in range(0, args.k, args.batch):
-        seeds = list(range(start, min(args.k, start + args.batch)))
+    first, stop = args.seed_start, args.seed_start + args.k
+    for start in range(first, stop, args.batch):
+        seeds = list(range(start, min(stop, start + args.batch)))
         t0 = time.perf_counter()
         images, _ = generate(pipe, adapters, settings, set_["prompt"], "", seeds, order=order, n_rotation=n_rot)
         seconds = (time.perf_counter() - t0) / len(seeds)
@@ -154,7 +161,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["merge", "switch", "composite", "cmlora-official", "cmlora",
                                                      "composite+ubase", "delta", "merge+ubase"])
     ap.add_argument("--k", type=int, default=11,
-                    help="images per set and method (seeds 0..k-1; default 11: 66 images per cell with 6 sets)")
+                    help="images per set and method (default 11: 66 images per cell with 6 sets)")
+    ap.add_argument("--seed-start", type=int, default=0,
+                    help="seeds seed_start..seed_start+k-1 (choose settings on one range, report on another)")
     ap.add_argument("--batch", type=int, default=4, help="images per generate call")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0, help="the toy base's guidance (as lorakit demo)")
