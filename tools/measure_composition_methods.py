@@ -149,6 +149,32 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
     return out
 
 
+def markdown(rows: list[dict]) -> str:
+    """The summary as markdown tables, one per N: rate [95% CI], per kind, and the paired all-present test against
+    each reference (wins / losses, exact McNemar p)."""
+    lines = []
+    for n in sorted({r["n_adapters"] for r in rows}):
+        rates = [r for r in rows if r["n_adapters"] == n and "vs" not in r]
+        kinds = list(rates[0]["per_kind"])
+        refs = [ref for ref in REFERENCES if any(r["method"] == ref for r in rates)]
+        lines += ["", f"| method (N = {n}) | n | all present [95% CI] | " + " | ".join(kinds) +
+                  " | character + style [95% CI] | " + " | ".join(f"vs {ref}: W / L, p" for ref in refs) + " |",
+                  "|---" * (4 + len(kinds) + len(refs)) + "|"]
+        for r in rates:
+            k = round(r["all_present"] * r["n"])
+            cs = round(r["character_and_style"] * r["n"])
+            pairs = []
+            for ref in refs:
+                pr = next((x for x in rows if x.get("vs") == ref and x["method"] == r["method"] and x["n_adapters"] == n), None)
+                pairs.append("-" if pr is None else f"{pr['all_wins']} / {pr['all_losses']}, {pr['all_mcnemar_p']:.2g}")
+            lines.append(f"| {r['method']} | {r['n']} | {k}/{r['n']} = {r['all_present']:.2f} "
+                         f"[{r['wilson95'][0]:.2f}, {r['wilson95'][1]:.2f}] | "
+                         + " | ".join(f"{v:.2f}" for v in r["per_kind"].values())
+                         + f" | {cs}/{r['n']} [{r['character_and_style_wilson95'][0]:.2f}, "
+                           f"{r['character_and_style_wilson95'][1]:.2f}] | " + " | ".join(pairs) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters-dir", default=str(ROOT / "artifacts" / "adapters"))
@@ -172,6 +198,7 @@ def main() -> None:
                     help="multiply one kind's LoRA scale, e.g. object=1.5 (every method alike)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary-only", action="store_true", help="summarise OUT/images.jsonl, generate nothing")
+    ap.add_argument("--markdown", action="store_true", help="with --summary-only: also print markdown tables")
     args = ap.parse_args()
     try:
         args.kind_scale = {k: float(v) for k, v in (item.split("=") for item in args.kind_scale)}
@@ -179,8 +206,11 @@ def main() -> None:
         ap.error(f"--kind-scale {' '.join(args.kind_scale)}: expected KIND=FACTOR, e.g. object=1.5")
     if args.summary_only:
         records = [json.loads(line) for line in (Path(args.out) / "images.jsonl").read_text().splitlines()]
-        for row in summarise(records, args.methods):
+        rows = summarise(records, args.methods)
+        for row in rows:
             print(json.dumps(row))
+        if args.markdown:
+            print(markdown(rows))
         return
 
     import torch
