@@ -30,6 +30,11 @@ DEFAULT_VARIANTS = ["cmlora+cache_refresh=dominant", "cmlora+cache_refresh=age",
                     "cmlora-official+cmlora_interval=2"]
 
 
+def distance(a, b) -> list[float]:
+    """Mean and max absolute difference of two latent batches."""
+    return [round(float((a - b).abs().mean()), 4), round(float((a - b).abs().max()), 4)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters-dir", default=str(ROOT / "artifacts" / "adapters"))
@@ -43,12 +48,19 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS)
     args = ap.parse_args()
 
+    import measure_composition_methods as mcm
     import torch
 
-    import measure_composition_methods as mcm
     from lorakit.logs import quiet_loaded_libraries
-    from lorakit.sampling import (ProfileSettings, category_sequence, generate, load_adapters, load_pipeline,
-                                  order_by_frequency, profile_adapters)
+    from lorakit.sampling import (
+        ProfileSettings,
+        category_sequence,
+        generate,
+        load_adapters,
+        load_pipeline,
+        order_by_frequency,
+        profile_adapters,
+    )
     from lorakit.toyworld.concepts import get_concept
     from lorakit.toyworld.render import Scene, caption
 
@@ -84,10 +96,11 @@ def main() -> None:
                       "latent_abs_mean": round(float(ref.abs().mean()), 4)}), flush=True)
     for spec in [*base_runs, *(v for v in args.variants if v not in base_runs)]:
         lat, info, order, how = base_runs[spec] if spec in base_runs else run(spec)
-        d = lambda other: [round(float((lat - other).abs().mean()), 4), round(float((lat - other).abs().max()), 4)]  # noqa: E731
-        print(json.dumps({"variant": spec, "order": order, "order_by": how, "passes": info.get("passes", {}).get("full"),
-                          "shallow": info.get("passes", {}).get("shallow"), "vs_uncached_mean_max": d(ref),
-                          "vs_default_mean_max": d(default), "vs_composite_mean_max": d(composite)}), flush=True)
+        passes = info.get("passes", {})
+        print(json.dumps({"variant": spec, "order": order, "order_by": how, "passes": passes.get("full"),
+                          "shallow": passes.get("shallow"), "vs_uncached_mean_max": distance(lat, ref),
+                          "vs_default_mean_max": distance(lat, default),
+                          "vs_composite_mean_max": distance(lat, composite)}), flush=True)
 
 
 if __name__ == "__main__":
