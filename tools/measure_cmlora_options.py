@@ -1,7 +1,8 @@
 """What each of CMLoRA's named options changes, on the toy world: final latents and UNet passes.
 
 For one toy set (``--concepts``, kinds from the toy world, prompt = the toy caption, every LoRA at ``--scale``),
-every variant generates the final latents of ``--seeds``; each JSON line gives the variant's mean and max absolute
+CMLoRA uncached, CMLoRA's defaults, Composite and every variant generate the final latents of ``--seeds``;
+each JSON line gives the variant's mean and max absolute
 difference from CMLoRA without any cache (``cmlora+cache=False``: the same weights and dominance, every pass
 full), from the default and from Composite, plus its full / shallow pass counts and order. The staleness a cache rule
 adds shows as its distance from the uncached run; an order's or a split's effect as its distance from the default.
@@ -24,9 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-DEFAULT_VARIANTS = ["composite", "cmlora", "cmlora+cache_refresh=dominant", "cmlora+cache_refresh=age",
+DEFAULT_VARIANTS = ["cmlora+cache_refresh=dominant", "cmlora+cache_refresh=age",
                     "cmlora+cache_layer=0", "cmlora+cmlora_order=frequency", "cmlora+cmlora_order=given",
                     "cmlora-official+cmlora_interval=2"]
+
+
+def distance(a, b) -> list[float]:
+    """Mean and max absolute difference of two latent batches."""
+    return [round(float((a - b).abs().mean()), 4), round(float((a - b).abs().max()), 4)]
 
 
 def main() -> None:
@@ -39,15 +45,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--scale", type=float, default=0.8)
-    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
+    ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS)
     args = ap.parse_args()
 
+    import measure_composition_methods as mcm
     import torch
 
-    import measure_composition_methods as mcm
     from lorakit.logs import quiet_loaded_libraries
-    from lorakit.sampling import (ProfileSettings, category_sequence, generate, load_adapters, load_pipeline,
-                                  order_by_frequency, profile_adapters)
+    from lorakit.sampling import (
+        ProfileSettings,
+        category_sequence,
+        generate,
+        load_adapters,
+        load_pipeline,
+        order_by_frequency,
+        profile_adapters,
+    )
     from lorakit.toyworld.concepts import get_concept
     from lorakit.toyworld.render import Scene, caption
 
@@ -76,18 +89,18 @@ def main() -> None:
         lat, info = generate(pipe, ads, st, prompt, "", args.seeds, order=order, n_rotation=rot, output_type="latent")
         return lat, info, [args.concepts[i] for i in order], how
 
-    ref, _, _, _ = run("cmlora+cache=False")
-    default, _, _, _ = run("cmlora")
-    composite, _, _, _ = run("composite")
+    base_runs = {spec: run(spec) for spec in ("cmlora+cache=False", "cmlora", "composite")}
+    ref, default, composite = (base_runs[s][0] for s in ("cmlora+cache=False", "cmlora", "composite"))
     print(json.dumps({"prompt": prompt, "concepts": args.concepts, "kinds": kinds, "seeds": args.seeds,
                       "steps": args.steps, "files": [f.name for f in files],
                       "latent_abs_mean": round(float(ref.abs().mean()), 4)}), flush=True)
-    for spec in args.variants:
-        lat, info, order, how = run(spec)
-        d = lambda other: [round(float((lat - other).abs().mean()), 4), round(float((lat - other).abs().max()), 4)]  # noqa: E731
-        print(json.dumps({"variant": spec, "order": order, "order_by": how, "passes": info.get("passes", {}).get("full"),
-                          "shallow": info.get("passes", {}).get("shallow"), "vs_uncached_mean_max": d(ref),
-                          "vs_default_mean_max": d(default), "vs_composite_mean_max": d(composite)}), flush=True)
+    for spec in [*base_runs, *(v for v in args.variants if v not in base_runs)]:
+        lat, info, order, how = base_runs[spec] if spec in base_runs else run(spec)
+        passes = info.get("passes", {})
+        print(json.dumps({"variant": spec, "order": order, "order_by": how, "passes": passes.get("full"),
+                          "shallow": passes.get("shallow"), "vs_uncached_mean_max": distance(lat, ref),
+                          "vs_default_mean_max": distance(lat, default),
+                          "vs_composite_mean_max": distance(lat, composite)}), flush=True)
 
 
 if __name__ == "__main__":
