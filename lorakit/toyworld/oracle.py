@@ -153,7 +153,7 @@ class Oracle:
             raise ValueError(f"{path}: a toy world {config['world']} oracle (load it with its world's Oracle)")
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None) -> "Oracle":
+    def load(cls, path: str | os.PathLike | None = None) -> Oracle:
         """Load ``<path>/config.json`` + ``<path>/oracle.safetensors`` (default: :meth:`default_dir`)."""
         from lorakit.fileio import load_safetensors
 
