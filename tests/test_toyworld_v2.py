@@ -344,3 +344,16 @@ def test_identity_lora_trains_caches_and_is_measured(tmp_path, monkeypatch):
     assert [(r["images"], r["prompts"]) for r in ceiling] == [
         ("render", "generic"), ("render", "world"), ("vae_round_trip", "generic"), ("vae_round_trip", "world")]
     assert all(r["shape"]["n"] == 2 for r in ceiling if r["prompts"] == "generic")
+
+
+def test_found_by_kind_counts_each_captioned_concept_and_whole_images():
+    from lorakit.toyworld.v2.evaluate import found_by_kind
+
+    concepts = ["circle", "red", "plain", "frog", "night", "hat"]
+    scenes = [Scene(shape="circle", shape_color="red"),                       # circle, red, plain
+              Scene(characters=("frog",), hat="hat", background="night")]      # frog, hat, night
+    probs = torch.tensor([[0.9, 0.2, 0.7, 0.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.6, 0.5, 0.9]])
+    got = found_by_kind(scenes, probs, concepts)
+    assert got == {"shape": [True], "color": [False], "background": [True, True], "character": [True],
+                   "object": [True], "all": [False, True]}

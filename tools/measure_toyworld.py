@@ -65,9 +65,9 @@ def emit(record: dict) -> None:
 
 def base_prompt_following(base: str, n: int) -> dict:
     """Oracle rates of the prompted shape / colour / background kind over ``n`` generic prompts."""
-    from lorakit.toyworld.oracle import score
     from lorakit.models import load_base
     from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, generate, generic_prompts
+    from lorakit.toyworld.oracle import score
 
     pipe = load_base(base)
     pipe.set_progress_bar_config(disable=True)
@@ -87,10 +87,10 @@ def base_prompt_following(base: str, n: int) -> dict:
 def lora_vs_base(concept: str, base: str, steps: int | None, n: int, work: Path) -> dict:
     """Train ``concept``'s recipe (or reuse the cached LoRA), then oracle presence of the concept with/without it."""
     from lorakit.adapters.io import load_adapter
-    from lorakit.toyworld.oracle import score
     from lorakit.models import load_base
     from lorakit.toyworld.evaluate import concept_prompts, generate
     from lorakit.toyworld.loras import train_concept_lora
+    from lorakit.toyworld.oracle import score
 
     t0 = time.perf_counter()
     path = train_concept_lora(concept, work, base=base, overrides=[f"max_steps={steps}"] if steps else None)
@@ -114,12 +114,12 @@ def prompt_following(concept: str, base: str, n: int, scale: float, work: Path, 
     """Does ``concept``'s LoRA at ``scale`` keep the base's prompt following? (see the module doc). ``plain=False``
     skips the ``plain_white_background`` row; ``base_cache`` keeps the base's generic images between concepts
     (same prompts and seeds for every concept)."""
-    from lorakit.toyworld.oracle import score
     from lorakit.eval.stats import paired, rate
     from lorakit.models import load_base
     from lorakit.toyworld.concepts import get_concept
     from lorakit.toyworld.evaluate import concept_prompts, generate, generic_prompts
     from lorakit.toyworld.loras import train_concept_lora
+    from lorakit.toyworld.oracle import score
 
     c = get_concept(concept)
     path = train_concept_lora(concept, work, base=base)
@@ -179,7 +179,12 @@ def main_v2(args) -> int:
     all; ``none`` for the base only)."""
     from lorakit.toyworld.v2.concepts import IDENTITIES
     from lorakit.toyworld.v2.loras import identity_name
-    from lorakit.toyworld.v2.measure import base_following, load_pipeline, measure_identities, oracle_ceiling
+    from lorakit.toyworld.v2.measure import (
+        base_following,
+        load_pipeline,
+        measure_identities,
+        oracle_ceiling,
+    )
     from lorakit.toyworld.v2.oracle import Oracle
 
     if not args.oracle:

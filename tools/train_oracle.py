@@ -59,18 +59,14 @@ def log(msg):
 
 def render_set(n: int, seed: int, concepts: list[str]):
     """n scenes (75% mixed, 25% generic) -> images float [n, 3, 32, 32] in [0, 1], labels float [n, C]."""
+    from lorakit.toyworld.oracle import presence_labels
     from lorakit.toyworld.render import render
     from lorakit.toyworld.scenes import generic_scene, mixed_scene
 
     rng = np.random.default_rng(seed)
     scenes = [mixed_scene(rng) if rng.random() < 0.75 else generic_scene(rng) for _ in range(n)]
     imgs = np.stack([np.asarray(render(s)) for s in scenes])
-    labels = np.zeros((n, len(concepts)), np.float32)
-    index = {c: i for i, c in enumerate(concepts)}
-    for k, s in enumerate(scenes):
-        for c in s.concepts():
-            labels[k, index[c]] = 1
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0, torch.from_numpy(labels)
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0, presence_labels(scenes, concepts)
 
 
 @torch.no_grad()

@@ -43,18 +43,14 @@ def log(msg):
 
 def render_set(n: int, seed: int, concepts: list[str]):
     """``n`` scenes -> images uint8 ``[n, 3, 64, 64]`` and labels float ``[n, C]``."""
+    from lorakit.toyworld.oracle import presence_labels
     from lorakit.toyworld.v2.render import render
     from lorakit.toyworld.v2.scenes import class_scene, mixed_scene
 
     rng = np.random.default_rng(seed)
     scenes = [mixed_scene(rng) if rng.random() < 0.6 else class_scene(rng) for _ in range(n)]
     imgs = np.stack([np.asarray(render(s)) for s in scenes]).transpose(0, 3, 1, 2)
-    labels = np.zeros((n, len(concepts)), np.float32)
-    index = {c: i for i, c in enumerate(concepts)}
-    for k, s in enumerate(scenes):
-        for c in s.concepts():
-            labels[k, index[c]] = 1
-    return torch.from_numpy(np.ascontiguousarray(imgs)), torch.from_numpy(labels)
+    return torch.from_numpy(np.ascontiguousarray(imgs)), presence_labels(scenes, concepts)
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:

@@ -215,24 +215,6 @@ def encode_latents(work: Path, vae):
 # ------------------------------------------------------------------------------------------------ 4. unet
 
 
-class LatentCaptions(torch.utils.data.Dataset):
-    """Cached VAE posteriors + caption ids; draws the latent sample per sample id (same on any process layout)."""
-
-    def __init__(self, mean, std, caption_ids, seed):
-        self.mean, self.std, self.ids, self.seed = mean, std, caption_ids, seed
-
-    def __len__(self):
-        return len(self.mean)
-
-    def get_item(self, i, sample_id):
-        from lorakit.training.loop import sample_generator
-
-        g = sample_generator(self.seed, sample_id, salt=11)
-        eps = torch.randn(self.mean[i].shape, generator=g)
-        drop = torch.rand((), generator=g) < 0.1
-        return {"latent": self.mean[i] + self.std[i] * eps, "caption": torch.tensor(0 if drop else self.ids[i])}
-
-
 def train_unet(work: Path, vae, mean, std, scale, args):
     import copy
 
@@ -240,8 +222,14 @@ def train_unet(work: Path, vae, mean, std, scale, args):
     from diffusers.training_utils import EMAModel
 
     from lorakit.models import save_pipeline
-    from lorakit.toyworld.base import build_toy_pipeline
-    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, randint_per_sample, randn_per_sample
+    from lorakit.toyworld.base import LatentCaptions, build_toy_pipeline
+    from lorakit.training.loop import (
+        TrainLoop,
+        build_optimizer,
+        make_accelerator,
+        randint_per_sample,
+        randn_per_sample,
+    )
 
     _, n_generic, captions = load_data(work)
     captions = captions[:n_generic]

@@ -182,24 +182,6 @@ def encode_latents(work: Path, vae, vae_step: int):
 # ------------------------------------------------------------------------------------------------ 4. unet
 
 
-class LatentCaptions(torch.utils.data.Dataset):
-    """Cached VAE posteriors + caption ids; the latent sample and the caption dropout come from the sample id."""
-
-    def __init__(self, mean, std, caption_ids, seed):
-        self.mean, self.std, self.ids, self.seed = mean, std, caption_ids, seed
-
-    def __len__(self):
-        return len(self.mean)
-
-    def get_item(self, i, sample_id):
-        from lorakit.training.loop import sample_generator
-
-        g = sample_generator(self.seed, sample_id, salt=11)
-        eps = torch.randn(self.mean[i].shape, generator=g)
-        drop = torch.rand((), generator=g) < 0.1
-        return {"latent": self.mean[i] + self.std[i] * eps, "caption": torch.tensor(0 if drop else self.ids[i])}
-
-
 class EMAShadow(torch.nn.Module):
     """The EMA weights as a module the training loop checkpoints with the UNet (its parameters are marked
     trainable so they are saved and restored, but no optimizer touches them: only ``update`` changes them)."""
@@ -228,6 +210,7 @@ def train_unet(work: Path, vae, mean, std, scale, args) -> Path:
     from diffusers import DDPMScheduler
 
     from lorakit.models import save_pipeline
+    from lorakit.toyworld.base import LatentCaptions
     from lorakit.toyworld.v2.models import build_toy_pipeline
     from lorakit.training.loop import (
         TrainLoop,

@@ -84,3 +84,23 @@ def build_toy_pipeline(seed: int = 0, vae=None, unet=None, parts=None):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class LatentCaptions(torch.utils.data.Dataset):
+    """The toy bases' UNet training data (``tools/train_toy_base*.py``): cached VAE posteriors + caption ids. The
+    latent sample and the 10% caption dropout (id 0, the empty caption) come from the sample id, so any process
+    layout and any resume draw the same."""
+
+    def __init__(self, mean, std, caption_ids, seed):
+        self.mean, self.std, self.ids, self.seed = mean, std, caption_ids, seed
+
+    def __len__(self):
+        return len(self.mean)
+
+    def get_item(self, i, sample_id):
+        from lorakit.training.loop import sample_generator
+
+        g = sample_generator(self.seed, sample_id, salt=11)
+        eps = torch.randn(self.mean[i].shape, generator=g)
+        drop = torch.rand((), generator=g) < 0.1
+        return {"latent": self.mean[i] + self.std[i] * eps, "caption": torch.tensor(0 if drop else self.ids[i])}

@@ -11,7 +11,6 @@ from lorakit.fileio import save_image, write_text
 from lorakit.toyworld.render import caption, render
 from lorakit.toyworld.scenes import concept_scene, generic_scene
 
-
 # The name ``make_dataset`` takes for the regularisation folder: generic scenes (what the base already draws).
 GENERIC = "generic"
 

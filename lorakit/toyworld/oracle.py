@@ -93,6 +93,17 @@ def to_tensor(images, size: int = IMAGE_SIZE) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
 
 
+def presence_labels(scenes, concepts: list[str]) -> torch.Tensor:
+    """The oracle's training targets: float ``[len(scenes), len(concepts)]``, 1 where ``scene.concepts()`` holds
+    the concept (v1 and v2 scenes alike)."""
+    labels = torch.zeros(len(scenes), len(concepts))
+    index = {c: i for i, c in enumerate(concepts)}
+    for k, s in enumerate(scenes):
+        for c in s.concepts():
+            labels[k, index[c]] = 1
+    return labels
+
+
 @dataclass
 class OracleScores:
     """What :func:`score` returns.
@@ -153,7 +164,7 @@ class Oracle:
             raise ValueError(f"{path}: a toy world {config['world']} oracle (load it with its world's Oracle)")
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None) -> "Oracle":
+    def load(cls, path: str | os.PathLike | None = None) -> Oracle:
         """Load ``<path>/config.json`` + ``<path>/oracle.safetensors`` (default: :meth:`default_dir`)."""
         from lorakit.fileio import load_safetensors
 

@@ -7,6 +7,8 @@ images share prompts and seeds, a paired McNemar test. ``tools/measure_toyworld.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 from lorakit.eval.stats import paired, rate
@@ -159,7 +161,8 @@ def measure_identities(identities: list[str], base: str | Path, oracle, n: int, 
     cache = {} if cache is None else cache
     out = []
     for identity in identities:
-        path = train_identity_lora(identity, work, base, overrides)
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer's summary; stdout carries the rows
+            path = train_identity_lora(identity, work, base, overrides)
         lora_pipe = load_pipeline(base)
         lora_pipe.load_lora_weights(str(path), adapter_name=identity)
         lora_pipe.set_adapters([identity], [scale])
