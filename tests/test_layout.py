@@ -162,3 +162,35 @@ def test_the_checks_see_what_they_check():
     assert "lorakit.sampling.composer" in graph["lorakit.sampling.jobs"]
     assert "lorakit.models" not in graph["lorakit.sampling.composer"]  # imported inside a function only
     assert "lorakit.models" in _graph(lazy=True)["lorakit.sampling.composer"]
+
+
+# Import name -> distribution name, where they differ.
+_DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml"}
+
+
+def _declared() -> set[str]:
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [d for group in project["optional-dependencies"].values() for d in group]
+    return {re.split(r"[<>=!~\[ ;]", s, maxsplit=1)[0].lower() for s in specs}
+
+
+def test_every_third_party_import_is_declared():
+    """What lorakit and the train_*.py scripts import is in pyproject.toml, not there by chance through another
+    package's dependencies."""
+    import sys
+
+    files = list(ROOT.rglob("*.py")) + list(ROOT.parent.glob("train_*.py"))
+    imported = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "lorakit"}
+    assert "torch" in third_party and "yaml" in third_party  # the check sees what it checks
+    undeclared = sorted(m for m in third_party if _DISTRIBUTIONS.get(m, m).lower() not in _declared())
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"

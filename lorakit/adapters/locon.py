@@ -6,9 +6,6 @@ from __future__ import annotations
 
 from lorakit.adapters.lora import LoraModule
 
-KIND = "locon"
-
-
 def is_locon(module) -> bool:
     """A LoRA module whose down factor has a kernel larger than 1x1."""
     return isinstance(module, LoraModule) and module.is_conv and tuple(module.down.shape[-2:]) != (1, 1)
