@@ -237,7 +237,7 @@ def _solve_in_gram_range(G, P, prob: LayerProblem, n_concepts: int, ridge, ridge
     if lam:  # one step of refinement on the full statistics (Q is accurate to ~eps * |G| / s in a direction of G's
         # eigenvalue s; the step brings the solution to the full Cholesky solve's accuracy)
         heldout = sol.report.get("ridge_source") == "held-out"
-        Gf, Gf_r = (G + val[0], G_r + val_r[0]) if heldout else (G, G_r)
+        Gf, Gf_r = (G_all, G_r + val_r[0]) if heldout else (G, G_r)
         rhs = torch.cat([P[i] + val[1][i] if heldout else P[i] for i in order], 0) + lam * target
         L = torch.linalg.cholesky(Gf_r + lam * torch.eye(Q.shape[1], dtype=G.dtype, device=G.device))
         res = rhs - down @ Gf - lam * down
