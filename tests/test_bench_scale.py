@@ -155,3 +155,15 @@ def test_rss_guard_stops_a_process_past_its_limit():
     assert proc.wait(timeout=15) != 0
     guard.stop()
     assert guard.tripped and guard.peak_mb > 100
+
+
+def test_markdown_tables_list_every_run_and_the_pairs():
+    rows = [_row("composite", resolution=64, n_loras=4, total_s=160.0, step_s=5.0, steps=30, estimate_mb=2700.0),
+            _row("cmlora", resolution=64, n_loras=4, total_s=32.0, step_s=0.9, steps=30),
+            _row("composite", resolution=64, n_loras=4, total_s=200.0, step_s=6.0, steps=30),
+            _row("cmlora", resolution=64, n_loras=4, total_s=50.0, step_s=1.0, steps=30),
+            {"run": "ziplora", "size": "sd15", "resolution": 256, "rank": 4, "error": "timeout"}]
+    text = bench.markdown(rows + bench.derived_rows(rows))
+    assert text.count("| composite | 64 | 4 | 4 | ") == 2 and "160.0 /image of 30 steps" in text
+    assert "**timeout**" in text
+    assert "| cmlora / composite (total_s) | resolution 64, n_loras 4, rank 4 | 2 | [0.2, 0.25] | 0.225 (0.2-0.25) |" in text

@@ -531,6 +531,55 @@ def _paired_ratios(groups: dict[tuple, list[dict]]) -> list[dict]:
     return out
 
 
+def _seconds(r: dict) -> str:
+    if r["run"] in TRAIN:
+        times = r.get("step_times") or []
+        return f"{r['step_s']:.2f} /step" + (f" ({min(times):.2f}-{max(times):.2f})" if len(times) > 1 else "")
+    if r["run"] in SAMPLE:
+        return f"{r['total_s']:.1f} /image of {r['steps']} steps ({r['step_s']:.2f} /step marginal)"
+    if r["run"] == "ziplora":
+        return f"{r['total_s']:.1f} total, {r['steps']} steps ({r['step_s']:.2f} /step, {r['fixed_s']:.1f} fixed)"
+    return f"{r['total_s']:.1f} total"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The tables of docs/performance.md from a file's runs and derived rows: every run, the ratios, the pairs,
+    the curves."""
+    runs = [r for r in rows if r.get("run") in STAGES]
+    derived = [r for r in rows if r.get("run") in ("ratio", "paired_ratio", "curve")]
+    lines = ["| stage | px | N | rank | seconds | peak RSS MiB | estimate MiB | load |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['run']} | {r.get('resolution')} | {r.get('n_loras', '-')} | {r.get('rank')} | "
+                         f"**{r['error']}** | {r.get('max_rss_seen_mb', '-')} | - | - |")
+            continue
+        lines.append(f"| {r['run']} | {r['resolution']} | {r.get('n_loras', '-')} | {r['rank']} | {_seconds(r)} | "
+                     f"{r['peak_rss_mb']:.0f} | {r.get('estimate_mb') or '-'} | {r.get('load_avg', '-')} |")
+    lines += ["", "| ratio | at | time | peak RSS |", "|---|---|---|---|"]
+    for r in (r for r in derived if r["run"] == "ratio"):
+        at = ", ".join(f"{k} {r[k]}" for k in ("resolution", "n_loras", "rank") if k in r)
+        vs = r.get("vs") or {"train": "train_ref", "sample": "sample_ref"}[r["stage"]]
+        lines.append(f"| {r['stage']} / {vs} | {at} | {r['time_ratio']} | {r['peak_rss_ratio']} |")
+    pairs = [r for r in derived if r["run"] == "paired_ratio"]
+    if pairs:
+        lines += ["", "| pairs | at | n | time ratio per pair | mean (min-max) | peak RSS ratio per pair |", "|---|---|---|---|---|---|"]
+        for r in pairs:
+            at = ", ".join(f"{k} {r[k]}" for k in ("resolution", "n_loras", "rank") if k in r)
+            lines.append(f"| {r['stage']} / {r['vs']} ({r['time']}) | {at} | {r['pairs']} | {r['time_ratios']} | "
+                         f"{r['time_ratio_mean']} ({r['time_ratio_min']}-{r['time_ratio_max']}) | {r['peak_rss_ratios']} |")
+    curves = [r for r in derived if r["run"] == "curve"]
+    if curves:
+        lines += ["", "| curve | at | x: seconds / peak RSS MiB (x its smallest) |", "|---|---|---|"]
+        series: dict[tuple, list[dict]] = {}
+        for r in curves:
+            series.setdefault((r["stage"], r["axis"], json.dumps(r["at"])), []).append(r)
+        for (stage, axis, at), pts in series.items():
+            cells = "; ".join(f"{p['x']}: {p['time_s']:.1f} s ({p['time_x']}x) / {p['peak_rss_mb']:.0f} ({p['peak_rss_x']}x)" for p in pts)
+            where = ", ".join(f"{k} {v}" for k, v in json.loads(at).items())
+            lines.append(f"| {stage} against {axis} | {where} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], png: Path) -> Path:
     """One PNG: time (top) and peak RSS (bottom) against N, resolution and rank (the ``curve`` rows)."""
     try:
@@ -545,10 +594,13 @@ def plot(rows: list[dict], png: Path) -> Path:
     fig, axs = plt.subplots(2, len(axes_names), figsize=(3.2 * len(axes_names), 5.2), squeeze=False)
     labels = {"n_loras": "LoRAs N", "resolution": "pixels", "rank": "rank"}
     for j, axis in enumerate(axes_names):
-        for stage in dict.fromkeys(r["stage"] for r in curves if r["axis"] == axis):
-            pts = [r for r in curves if r["axis"] == axis and r["stage"] == stage]
+        on_axis = [r for r in curves if r["axis"] == axis]
+        for stage, at in dict.fromkeys((r["stage"], json.dumps(r.get("at", {}))) for r in on_axis):
+            pts = [r for r in on_axis if r["stage"] == stage and json.dumps(r.get("at", {})) == at]
             xs = [r["x"] for r in pts]
-            label = {"sample": "merge", "train": "train (lorakit)"}.get(stage, stage)
+            label = {"sample": "merge", "train": "train (lorakit)", "train_ref": "train (reference)"}.get(stage, stage)
+            if len({json.dumps(r.get("at", {})) for r in on_axis if r["stage"] == stage}) > 1:
+                label += " " + ", ".join(f"{k[0] if k != 'n_loras' else 'N'}={v}" for k, v in json.loads(at).items())
             axs[0][j].plot(xs, [r["time_s"] for r in pts], marker="o", label=label)
             axs[1][j].plot(xs, [r["peak_rss_mb"] / 1024 for r in pts], marker="o", label=label)
         for i in (0, 1):
@@ -604,6 +656,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="append JSON lines here too (e.g. runs/scale.jsonl)")
     p.add_argument("--derive", metavar="JSONL", help="only print the ratio / growth / curve / spread rows of the "
                                                       "runs in this file")
+    p.add_argument("--markdown", action="store_true", help="with --derive: print the runs, ratios, pairs and curves "
+                   "as markdown tables (docs/performance.md) instead of JSON lines")
     p.add_argument("--plot", metavar="PNG", help="with --derive: draw the curve rows into this PNG (needs matplotlib)")
     p.add_argument("--cmlora-flops", type=int, metavar="STEPS", help="only count CMLoRA's and Composite's UNet FLOPs "
                    "for an image of STEPS steps (meta device, seconds) at --resolutions and --n-loras, first --sizes")
@@ -774,7 +828,9 @@ def main(argv=None) -> int:
     if args.derive:
         runs = [json.loads(ln) for ln in Path(args.derive).read_text().splitlines() if ln.strip()]
         derived = derived_rows([r for r in runs if r.get("run") in STAGES])
-        for row in derived:
+        if args.markdown:
+            print(markdown([r for r in runs if r.get("run") in STAGES] + derived), end="")
+        for row in [] if args.markdown else derived:
             _emit(row, out)
         if args.plot:
             print(f"wrote {plot(derived, Path(args.plot))}", file=sys.stderr)
