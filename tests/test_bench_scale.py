@@ -38,6 +38,7 @@ def test_curve_rows_vary_one_axis_at_the_others_defaults():
         _row("composite", n_loras=4, step_s=9.0, total_s=4.0, peak_rss_mb=3100.0),
         _row("composite", n_loras=8, step_s=1.0, total_s=8.0, peak_rss_mb=3300.0),
         _row("composite", n_loras=4, resolution=256, step_s=9.0, total_s=9.0),  # not on the N axis (256 px)
+        _row("composite", n_loras=16, step_s=9.0, total_s=99.0, steps=30),  # nor is an image of other steps
         _row("train", step_s=5.0),
         _row("train", resolution=256, step_s=15.0, peak_rss_mb=3600.0),
         _row("train", rank=64, step_s=6.0, peak_rss_mb=3150.0),

@@ -421,8 +421,9 @@ AXES = (("n_loras", 4), ("resolution", 2), ("rank", 3))  # curve axes and their 
 
 
 def _key(r: dict) -> tuple:
-    """``(size, stage, resolution, rank, n_loras, network)`` of a row: the point it measured."""
-    return r["size"], r["run"], r.get("resolution"), r.get("rank"), r.get("n_loras"), r.get("network")
+    """``(size, stage, resolution, rank, n_loras, network, steps)`` of a row: the point it measured (steps: of a
+    sampling image)."""
+    return r["size"], r["run"], r.get("resolution"), r.get("rank"), r.get("n_loras"), r.get("network"), r.get("steps")
 
 
 def _where(key: tuple) -> dict:
@@ -453,7 +454,7 @@ def derived_rows(rows: list[dict]) -> list[dict]:
                 continue
             other = (key[0], ref, *key[2:])
             if ref in ("train", "train_ref") and other not in groups:  # trainers record no N
-                other = (key[0], ref, key[2], key[3], None, key[5])
+                other = (key[0], ref, key[2], key[3], None, *key[5:])
             if other not in groups:
                 continue
             ta, tb = (statistics.mean(r.get(field, _time(r)) for r in groups[k]) for k in (key, other))
@@ -473,7 +474,7 @@ def derived_rows(rows: list[dict]) -> list[dict]:
                         "params_x": round(r["unet_params_m"] / base["unet_params_m"], 1),
                         "time_x": round(_time(r) / _time(base), 1),
                         "peak_rss_x": round(r["peak_rss_mb"] / base["peak_rss_mb"], 2)})
-    for (size, stage, res, rank, n, net), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (size, stage, res, rank, n, net, _), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         if len(rs) > 1:
             peaks, times = [r["peak_rss_mb"] for r in rs], [_time(r) for r in rs]
             anon = [r["peak_anon_mb"] for r in rs if "peak_anon_mb" in r]
@@ -492,7 +493,7 @@ def derived_rows(rows: list[dict]) -> list[dict]:
         for key, (t, peak) in image.items():
             if key[pos] is None or key[5] not in (None, "lora"):
                 continue
-            fixed = tuple((name, key[i]) for name, i in AXES if i != pos and key[i] is not None)
+            fixed = tuple((name, key[i]) for name, i in (*AXES, ("steps", 6)) if i != pos and key[i] is not None)
             series.setdefault((key[0], key[1], fixed), []).append((key[pos], t, peak))
         for (size, stage, fixed), pts in sorted(series.items(), key=str):
             if len(pts) < 2:
