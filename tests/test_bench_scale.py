@@ -78,6 +78,8 @@ def test_plan_shares_one_process_per_size_for_the_base_preserving_stages():
     args = bench.parse_args(["--sizes", "sd15", "--stages", "composite", "cmlora", "--repeat", "2", "--shared"])
     # repeats of shared stages run in the one process, the arms alternating
     assert [[p["one"] for p in points] for _, points in bench.plan(args)] == [["composite", "cmlora"] * 2]
+    args = bench.parse_args(["--sizes", "sd15", "--stages", "sample", "--repeat", "2", "--shared"])
+    assert [len(points) for _, points in bench.plan(args)] == [2]  # --shared: the repeats interleave in one process
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -38,3 +38,35 @@ def test_wheel_bundles_the_toy_world(tmp_path):
     # symlinks in the clone become real files in the wheel
     frog = zipfile.ZipFile(wheel).read("lorakit/_bundled/recipes/toy_frog.yaml").decode()
     assert frog == (REPO / "train_configs" / "toy_frog.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_installed_package_runs_the_demo_from_another_folder(tmp_path):
+    """`pip install .` (not editable) into a fresh virtual environment, then `lorakit demo` from a folder outside
+    the clone, offline: the installed copy (not the clone) trains two toy LoRAs from its bundled recipes and data,
+    composes and scores them. The environment sees the already installed dependencies (--system-site-packages),
+    so nothing is downloaded; a short run (2 training steps, 1 image, 2 sampling steps) keeps it cheap."""
+    import json
+    import os
+    import venv
+
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+                              "--no-build-isolation", "--no-index", "-q", str(REPO)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LORAKIT_TOY_LORAS")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    where = subprocess.run([str(python), "-c", "import lorakit; print(lorakit.__file__)"], cwd=elsewhere, env=env,
+                           capture_output=True, text=True)
+    assert Path(where.stdout.strip()).is_relative_to(env_dir), where.stdout + where.stderr
+    demo = subprocess.run([str(env_dir / "bin" / "lorakit"), "--quiet", "demo", "--steps", "2", "--k", "1",
+                           "--sample-steps", "2", "--lora-dir", "loras", "--out", "out"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    report = json.loads((elsewhere / "out" / "report.json").read_text())
+    assert set(report["loras"]) == {"frog", "ink"} and len(list((elsewhere / "loras").iterdir())) >= 2
+    assert not (REPO / "loras").exists() and not (REPO / "out").exists()

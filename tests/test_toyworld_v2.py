@@ -340,3 +340,7 @@ def test_identity_lora_trains_caches_and_is_measured(tmp_path, monkeypatch):
     lora.set_adapters(["kwibbit"], [0.8])
     a, b = (np.asarray(measure.images(p, ["kwibbit frog, white plain background"])[0]) for p in (base, lora))
     assert np.abs(a.astype(int) - b.astype(int)).max() > 0
+    ceiling = measure.oracle_ceiling(base.vae, Oracle.load(oracle_dir), 2)
+    assert [(r["images"], r["prompts"]) for r in ceiling] == [
+        ("render", "generic"), ("render", "world"), ("vae_round_trip", "generic"), ("vae_round_trip", "world")]
+    assert all(r["shape"]["n"] == 2 for r in ceiling if r["prompts"] == "generic")

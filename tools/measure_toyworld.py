@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--no-plain", action="store_true", help="--follow without the plain_white_background row")
     p.add_argument("--world", choices=("v1", "v2"), default="v1", help="toy world (v2: see above)")
     p.add_argument("--oracle", help="--world v2: the v2 oracle folder (tools/train_oracle_v2.py)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="--world v2: also score the renderer's images of the base prompts (raw and through the VAE)")
     return p.parse_args(argv)
 
 
@@ -177,7 +179,7 @@ def main_v2(args) -> int:
     all; ``none`` for the base only)."""
     from lorakit.toyworld.v2.concepts import IDENTITIES
     from lorakit.toyworld.v2.loras import identity_name
-    from lorakit.toyworld.v2.measure import base_following, load_pipeline, measure_identities
+    from lorakit.toyworld.v2.measure import base_following, load_pipeline, measure_identities, oracle_ceiling
     from lorakit.toyworld.v2.oracle import Oracle
 
     if not args.oracle:
@@ -190,7 +192,9 @@ def main_v2(args) -> int:
     names = [identity_name(c) for c in names]  # unknown names fail here, before any image is made
     cache: dict = {}  # the base's images, shared by the rows that use the same prompts
     if args.n_generic:
-        for row in base_following(load_pipeline(args.base), oracle, args.n_generic, cache):
+        pipe = load_pipeline(args.base)
+        rows = oracle_ceiling(pipe.vae, oracle, args.n_generic) if args.ceiling else []
+        for row in rows + base_following(pipe, oracle, args.n_generic, cache):
             emit(row)
     measure_identities(names, args.base, oracle, args.n, args.scale, Path(args.work),
                        [f"max_steps={args.steps}"] if args.steps else None, emit, cache)

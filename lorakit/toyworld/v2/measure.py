@@ -51,6 +51,41 @@ def base_following(pipe, oracle, n: int, cache: dict | None = None) -> list[dict
     return rows
 
 
+def vae_round_trip(vae, imgs: list) -> list:
+    """PIL images through ``vae`` (posterior mean, no noise) and back to PIL."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    x = torch.from_numpy(np.stack([np.asarray(i) for i in imgs])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return [Image.fromarray(((r.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for r in y]
+
+
+def oracle_ceiling(vae, oracle, n: int) -> list[dict]:
+    """:func:`base_following`'s rows on the renderer's own images of the same prompts, raw and through the
+    base's VAE: what a perfect base would score (the measurement's ceiling)."""
+    from lorakit.toyworld.v2.render import Scene, render
+
+    asked = generic_prompts(n, seed=GENERIC_PROMPT_SEED)
+    scenes = [Scene(shape=w["shape"], shape_color=w["color"], background=w["background"],
+                    bg_color=p.split(", ")[1].split()[0], seed=i) for i, (p, w) in enumerate(asked)]
+    world = world_prompts(n, seed=WORLD_PROMPT_SEED)
+    rows = []
+    for source, f in (("render", lambda x: x), ("vae_round_trip", lambda x: vae_round_trip(vae, x))):
+        probs = oracle.score(f([render(s) for s in scenes])).per_image()
+        verdicts = {k: [probs[i][w[k]] >= 0.5 for i, (_, w) in enumerate(asked)] for k in ("shape", "color",
+                                                                                            "background")}
+        verdicts["all"] = [all(v[i] for v in verdicts.values()) for i in range(n)]
+        head = {"measure": "v2_oracle_ceiling", "images": source, "n": n}
+        rows.append({**head, "prompts": "generic", **{k: rate(sum(v), n) for k, v in verdicts.items()}})
+        wimg = f([render(s) for _, s in world])
+        by_kind = found_by_kind([s for _, s in world], oracle.probabilities(wimg), oracle.concepts)
+        rows.append({**head, "prompts": "world", **{k: rate(sum(v), len(v)) for k, v in sorted(by_kind.items())}})
+    return rows
+
+
 def cached(cache: dict, key, pipe, prompts: list[str]) -> list:
     """The base's images for ``prompts`` (kept in ``cache`` under ``key``: every LoRA is compared to the same)."""
     if key not in cache:
