@@ -38,6 +38,7 @@ def test_curve_rows_vary_one_axis_at_the_others_defaults():
         _row("composite", n_loras=4, step_s=9.0, total_s=4.0, peak_rss_mb=3100.0),
         _row("composite", n_loras=8, step_s=1.0, total_s=8.0, peak_rss_mb=3300.0),
         _row("composite", n_loras=4, resolution=256, step_s=9.0, total_s=9.0),  # not on the N axis (256 px)
+        _row("composite", n_loras=16, step_s=9.0, total_s=99.0, steps=30),  # nor is an image of other steps
         _row("train", step_s=5.0),
         _row("train", resolution=256, step_s=15.0, peak_rss_mb=3600.0),
         _row("train", rank=64, step_s=6.0, peak_rss_mb=3150.0),
@@ -49,7 +50,9 @@ def test_curve_rows_vary_one_axis_at_the_others_defaults():
     assert res_axis == [(128, 1.0), (256, 3.0)]
     rank_axis = [(r["x"], r["peak_rss_x"]) for r in curves if r["stage"] == "train" and r["axis"] == "rank"]
     assert rank_axis == [(4, 1.0), (64, 1.05)]
-    assert not [r for r in curves if r["stage"] == "composite" and r["axis"] == "resolution"]  # one point only
+    # one series per value of the other axes: composite against resolution at N = 4, none at N = 2 (one point)
+    res_composite = [(r["x"], r["at"], r["time_x"]) for r in curves if r["stage"] == "composite" and r["axis"] == "resolution"]
+    assert res_composite == [(128, {"rank": 4, "n_loras": 4}, 1.0), (256, {"rank": 4, "n_loras": 4}, 2.25)]
 
 
 def test_spread_rows_and_ratios_of_the_variants():
@@ -62,7 +65,7 @@ def test_spread_rows_and_ratios_of_the_variants():
     assert spread["train"]["peak_rss_mb_max"] == 2842.0 and spread["train"]["time_s_mean"] == 7.5
     assert "train_gc" not in spread  # one run
     ratios = {r["stage"]: r for r in out if r["run"] == "ratio"}
-    assert ratios["train_gc"]["vs"] == "train" and ratios["train_gc"]["peak_rss_ratio"] == round(2700 / 2830, 3)
+    assert ratios["train_gc"]["vs"] == "train" and ratios["train_gc"]["peak_rss_ratio"] == round(2700 / 2836, 3)  # / the mean of the repeats
 
 
 def test_plan_shares_one_process_per_size_for_the_base_preserving_stages():
@@ -72,6 +75,9 @@ def test_plan_shares_one_process_per_size_for_the_base_preserving_stages():
     assert [len(points) for _, points in procs] == [1, 4]
     assert procs[0][1] == [{"one": "train", "resolution": 128, "rank": 4, "n_loras": 2}]
     assert [(p["one"], p["n_loras"]) for p in procs[1][1]] == [("sample", 4), ("cmlora", 4), ("sample", 2), ("cmlora", 2)]
+    args = bench.parse_args(["--sizes", "sd15", "--stages", "composite", "cmlora", "--repeat", "2", "--shared"])
+    # repeats of shared stages run in the one process, the arms alternating
+    assert [[p["one"] for p in points] for _, points in bench.plan(args)] == [["composite", "cmlora"] * 2]
     args = bench.parse_args(["--sizes", "sd15", "--stages", "sample", "--repeat", "2", "--shared"])
     assert [len(points) for _, points in bench.plan(args)] == [2]  # --shared: the repeats interleave in one process
 
@@ -95,6 +101,26 @@ def test_repeats_interleave_the_arms_and_pair_their_ratios():
     paired = [r for r in bench.derived_rows(rows) if r["run"] == "paired_ratio"]
     assert len(paired) == 1 and paired[0]["time_ratios"] == [0.5, 1.0] and paired[0]["time_ratio_mean"] == 0.75
     assert paired[0]["total_ratios"] == [round(40 / 60, 3), 1.1] and paired[0]["peak_rss_mb_diff"] == [-60.0, -62.0]
+
+
+def test_cmlora_pairs_with_composite_per_image_at_its_own_point():
+    """CMLoRA / Composite by the whole image's seconds, paired run by run, at 64 px and N = 4; a 256 px train
+    pair is paired with its own reference, not with the default point's."""
+    rows = [_row("composite", resolution=64, n_loras=4, total_s=160.0, step_s=5.0),
+            _row("cmlora", resolution=64, n_loras=4, total_s=32.0, step_s=0.9),
+            _row("composite", resolution=64, n_loras=4, total_s=200.0, step_s=6.0),
+            _row("cmlora", resolution=64, n_loras=4, total_s=50.0, step_s=1.0),
+            _row("composite", resolution=64, n_loras=2, total_s=90.0, step_s=3.0),
+            _row("train_ref", resolution=256, step_s=20.0), _row("train", resolution=256, step_s=15.0),
+            _row("train_ref", resolution=256, step_s=10.0), _row("train", resolution=256, step_s=10.0),
+            _row("train_ref", step_s=1.0)]
+    out = bench.derived_rows(rows)
+    paired = {r["stage"]: r for r in out if r["run"] == "paired_ratio"}
+    assert paired["cmlora"]["vs"] == "composite" and paired["cmlora"]["time_ratios"] == [0.2, 0.25]
+    assert paired["cmlora"]["n_loras"] == 4 and paired["cmlora"]["resolution"] == 64
+    assert paired["train"]["time_ratios"] == [0.75, 1.0] and paired["train"]["resolution"] == 256
+    ratio = [r for r in out if r["run"] == "ratio" and r["stage"] == "cmlora" and r.get("vs") == "composite"]
+    assert [(r["n_loras"], r["time_ratio"]) for r in ratio] == [(4, round(41 / 180, 3))]
 
 
 def test_fusion_rows_count_layers_by_kind():
@@ -132,3 +158,15 @@ def test_rss_guard_stops_a_process_past_its_limit():
     assert proc.wait(timeout=15) != 0
     guard.stop()
     assert guard.tripped and guard.peak_mb > 100
+
+
+def test_markdown_tables_list_every_run_and_the_pairs():
+    rows = [_row("composite", resolution=64, n_loras=4, total_s=160.0, step_s=5.0, steps=30, estimate_mb=2700.0),
+            _row("cmlora", resolution=64, n_loras=4, total_s=32.0, step_s=0.9, steps=30),
+            _row("composite", resolution=64, n_loras=4, total_s=200.0, step_s=6.0, steps=30),
+            _row("cmlora", resolution=64, n_loras=4, total_s=50.0, step_s=1.0, steps=30),
+            {"run": "ziplora", "size": "sd15", "resolution": 256, "rank": 4, "error": "timeout"}]
+    text = bench.markdown(rows + bench.derived_rows(rows))
+    assert text.count("| composite | 64 | 4 | 4 | ") == 2 and "160.0 /image of 30 steps" in text
+    assert "**timeout**" in text
+    assert "| cmlora / composite (total_s) | resolution 64, n_loras 4, rank 4 | 2 | [0.2, 0.25] | 0.225 (0.2-0.25) |" in text

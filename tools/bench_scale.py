@@ -415,32 +415,58 @@ def _time(row: dict) -> float:
     return row["step_s"] if "step_s" in row else row["total_s"]
 
 
+# lorakit against its reference at the same point: (lorakit stage, reference stage, the time compared)
+COMPARISONS = (("train", "train_ref", "step_s"), ("sample", "sample_ref", "step_s"), ("cmlora", "composite", "total_s"))
+AXES = (("n_loras", 4), ("resolution", 2), ("rank", 3))  # curve axes and their place in a point's key
+
+
+def _key(r: dict) -> tuple:
+    """``(size, stage, resolution, rank, n_loras, network, steps)`` of a row: the point it measured (steps: of a
+    sampling image)."""
+    return r["size"], r["run"], r.get("resolution"), r.get("rank"), r.get("n_loras"), r.get("network"), r.get("steps")
+
+
+def _where(key: tuple) -> dict:
+    """The point's resolution / rank / N, for a derived row (those the runs recorded)."""
+    return {k: v for k, v in zip(("resolution", "rank", "n_loras"), key[2:5]) if v is not None}
+
+
 def derived_rows(rows: list[dict]) -> list[dict]:
-    """``ratio`` rows (lorakit / reference at each size), ``growth`` rows (each size / tiny, per stage), ``curve``
-    rows (time and peak RSS against N, resolution and rank, each / its smallest value) and ``spread`` rows (the
-    repeats of one point: mean, min, max)."""
+    """``ratio`` rows (lorakit / reference, each variant / its plain stage, CMLoRA / Composite: at each point
+    both ran, means of the repeats), ``paired_ratio`` rows (the k-th runs of both arms), ``growth`` rows (each
+    size / tiny at the default point), ``curve`` rows (time and peak RSS against N, resolution and rank, the
+    other two fixed, each / its smallest value) and ``spread`` rows (the repeats of one point: mean, min, max)."""
     import statistics
 
     ok = [r for r in rows if "error" not in r]
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        groups.setdefault(_key(r), []).append(r)
     out = []
+    mean = {k: (statistics.mean(_time(r) for r in rs), statistics.mean(r["peak_rss_mb"] for r in rs)) for k, rs in groups.items()}
+    # (stage, its reference, "vs" shown, time compared): sampling variants by the whole image
+    comparisons = [(a, b, None, f) for a, b, f in COMPARISONS[:2]] + [(a, b, b, f) for a, b, f in COMPARISONS[2:]]
+    comparisons += [(s, "train", "train", "step_s") for s in TRAIN[2:]]
+    comparisons += [(s, "sample", "sample", "total_s") for s in SAMPLE[2:]]
+    for key in sorted(groups, key=str):
+        for lk, ref, vs, field in comparisons:
+            if key[1] != lk:
+                continue
+            other = (key[0], ref, *key[2:])
+            if ref in ("train", "train_ref") and other not in groups:  # trainers record no N
+                other = (key[0], ref, key[2], key[3], None, *key[5:])
+            if other not in groups:
+                continue
+            ta, tb = (statistics.mean(r.get(field, _time(r)) for r in groups[k]) for k in (key, other))
+            pa, pb = mean[key][1], mean[other][1]
+            row = {"run": "ratio", "size": key[0], "stage": lk, **({"vs": vs} if vs else {}), **_where(key),
+                   "time_ratio": round(ta / tb, 3), "peak_rss_ratio": round(pa / pb, 3)}
+            anon = [[r["peak_anon_mb"] for r in groups[k] if "peak_anon_mb" in r] for k in (key, other)]
+            if vs is None and all(anon):
+                row["peak_anon_ratio"] = round(statistics.mean(anon[0]) / statistics.mean(anon[1]), 3)
+            out.append(row)
+    out += _paired_ratios(groups)
     by = {(r["size"], r["run"]): r for r in ok if _default_point(r)}
-    for size in sorted({r["size"] for r in ok}):
-        for lk, ref in (("train", "train_ref"), ("sample", "sample_ref")):
-            a, b = by.get((size, lk)), by.get((size, ref))
-            if a and b:
-                row = {"run": "ratio", "size": size, "stage": lk, "time_ratio": round(a["step_s"] / b["step_s"], 3),
-                       "peak_rss_ratio": round(a["peak_rss_mb"] / b["peak_rss_mb"], 3)}
-                if "peak_anon_mb" in a and "peak_anon_mb" in b:
-                    row["peak_anon_ratio"] = round(a["peak_anon_mb"] / b["peak_anon_mb"], 3)
-                out.append(row)
-        for stage in STAGES:  # each variant of the trainer and each sampling method vs the plain one
-            base = {**{s: "train" for s in TRAIN}, **{s: "sample" for s in SAMPLE}}.get(stage)
-            a, b = by.get((size, stage)), by.get((size, base))
-            if a and b and stage not in (base, "train_ref", "sample_ref"):
-                out.append({"run": "ratio", "size": size, "stage": stage, "vs": base,
-                            "time_ratio": round(_time(a) / _time(b), 3),
-                            "peak_rss_ratio": round(a["peak_rss_mb"] / b["peak_rss_mb"], 3)})
-    out += _paired_ratios([r for r in ok if _default_point(r)])
     for (size, stage), r in sorted(by.items()):
         base = by.get(("tiny", stage))
         if base and size != "tiny":
@@ -448,11 +474,7 @@ def derived_rows(rows: list[dict]) -> list[dict]:
                         "params_x": round(r["unet_params_m"] / base["unet_params_m"], 1),
                         "time_x": round(_time(r) / _time(base), 1),
                         "peak_rss_x": round(r["peak_rss_mb"] / base["peak_rss_mb"], 2)})
-    groups: dict[tuple, list[dict]] = {}
-    for r in ok:
-        key = (r["size"], r["run"], r.get("resolution"), r.get("rank"), r.get("n_loras"), r.get("network"))
-        groups.setdefault(key, []).append(r)
-    for (size, stage, res, rank, n, net), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (size, stage, res, rank, n, net, _), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         if len(rs) > 1:
             peaks, times = [r["peak_rss_mb"] for r in rs], [_time(r) for r in rs]
             anon = [r["peak_anon_mb"] for r in rs if "peak_anon_mb" in r]
@@ -463,51 +485,100 @@ def derived_rows(rows: list[dict]) -> list[dict]:
                         **({"peak_anon_mb_mean": round(statistics.mean(anon), 1), "peak_anon_mb_min": min(anon),
                             "peak_anon_mb_max": max(anon)} if anon else {})})
     # Curves: sampling by the whole image (its per-step marginal is a difference of two noisy totals), the
-    # others by step (training) or in total (fusion).
-    mean = {k: (statistics.mean(r["total_s"] if r["run"] in SAMPLE else _time(r) for r in rs),
-                statistics.mean(r["peak_rss_mb"] for r in rs)) for k, rs in groups.items()}
-    for axis, pos in (("n_loras", 4), ("resolution", 2), ("rank", 3)):
+    # others by step (training) or in total (fusion); one series per value of the two other axes.
+    image = {k: (statistics.mean(r["total_s"] if r["run"] in SAMPLE else _time(r) for r in rs), mean[k][1])
+             for k, rs in groups.items()}
+    for axis, pos in AXES:
         series: dict[tuple, list[tuple]] = {}
-        for key, (t, peak) in mean.items():
-            size, stage = key[0], key[1]
-            others = [key[i] for i in (2, 3, 4) if i != pos]
-            defaults = [v for i, v in ((2, SIZES[size][2]), (3, RANK), (4, 2)) if i != pos]
-            if key[pos] is None or any(o not in (d, None) for o, d in zip(others, defaults)) or key[5] not in (None, "lora"):
+        for key, (t, peak) in image.items():
+            if key[pos] is None or key[5] not in (None, "lora"):
                 continue
-            series.setdefault((size, stage), []).append((key[pos], t, peak))
-        for (size, stage), pts in sorted(series.items()):
+            fixed = tuple((name, key[i]) for name, i in (*AXES, ("steps", 6)) if i != pos and key[i] is not None)
+            series.setdefault((key[0], key[1], fixed), []).append((key[pos], t, peak))
+        for (size, stage, fixed), pts in sorted(series.items(), key=str):
             if len(pts) < 2:
                 continue
             pts.sort()
             x0, t0, p0 = pts[0]
             for x, t, peak in pts:
-                out.append({"run": "curve", "size": size, "stage": stage, "axis": axis, "x": x, "time_s": round(t, 3),
-                            "peak_rss_mb": round(peak, 1), "time_x": round(t / t0, 2), "peak_rss_x": round(peak / p0, 3)})
+                out.append({"run": "curve", "size": size, "stage": stage, "axis": axis, "at": dict(fixed), "x": x,
+                            "time_s": round(t, 3), "peak_rss_mb": round(peak, 1), "time_x": round(t / t0, 2),
+                            "peak_rss_x": round(peak / p0, 3)})
     return out
 
 
-def _paired_ratios(rows: list[dict]) -> list[dict]:
-    """``paired_ratio`` rows: with repeats, the k-th lorakit run against the k-th reference run of the same size
+def _paired_ratios(groups: dict[tuple, list[dict]]) -> list[dict]:
+    """``paired_ratio`` rows: with repeats, the k-th lorakit run against the k-th reference run at the same point
     (``--repeat`` interleaves them, so each pair ran under about the same load); per-pair ratios, mean, min, max."""
     import statistics
 
     out = []
-    for size in sorted({r["size"] for r in rows}):
-        for lk, ref in (("train", "train_ref"), ("sample", "sample_ref")):
-            a = [r for r in rows if r["size"] == size and r["run"] == lk]
-            b = [r for r in rows if r["size"] == size and r["run"] == ref]
+    for key, a in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        for lk, ref, field in COMPARISONS:
+            if key[1] != lk:
+                continue
+            b = groups.get((key[0], ref, *key[2:]), [])
             if min(len(a), len(b)) < 2:
                 continue
-            time_r = [round(x["step_s"] / y["step_s"], 3) for x, y in zip(a, b)]
+            time_r = [round(x[field] / y[field], 3) for x, y in zip(a, b)]
             total_r = [round(x["total_s"] / y["total_s"], 3) for x, y in zip(a, b) if "total_s" in x and "total_s" in y]
             peak_r = [round(x["peak_rss_mb"] / y["peak_rss_mb"], 4) for x, y in zip(a, b)]
-            out.append({"run": "paired_ratio", "size": size, "stage": lk, "pairs": len(time_r),
-                        "time_ratios": time_r, "time_ratio_mean": round(statistics.mean(time_r), 3),
+            out.append({"run": "paired_ratio", "size": key[0], "stage": lk, "vs": ref, **_where(key), "time": field,
+                        "pairs": len(time_r), "time_ratios": time_r, "time_ratio_mean": round(statistics.mean(time_r), 3),
                         "time_ratio_min": min(time_r), "time_ratio_max": max(time_r),
                         "total_ratios": total_r, "peak_rss_ratios": peak_r,
                         "peak_rss_ratio_max": max(peak_r),
                         "peak_rss_mb_diff": [round(x["peak_rss_mb"] - y["peak_rss_mb"], 1) for x, y in zip(a, b)]})
     return out
+
+
+def _seconds(r: dict) -> str:
+    if r["run"] in TRAIN:
+        times = r.get("step_times") or []
+        return f"{r['step_s']:.2f} /step" + (f" ({min(times):.2f}-{max(times):.2f})" if len(times) > 1 else "")
+    if r["run"] in SAMPLE:
+        return f"{r['total_s']:.1f} /image of {r['steps']} steps ({r['step_s']:.2f} /step marginal)"
+    if r["run"] == "ziplora":
+        return f"{r['total_s']:.1f} total, {r['steps']} steps ({r['step_s']:.2f} /step, {r['fixed_s']:.1f} fixed)"
+    return f"{r['total_s']:.1f} total"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The tables of docs/performance.md from a file's runs and derived rows: every run, the ratios, the pairs,
+    the curves."""
+    runs = [r for r in rows if r.get("run") in STAGES]
+    derived = [r for r in rows if r.get("run") in ("ratio", "paired_ratio", "curve")]
+    lines = ["| stage | px | N | rank | seconds | peak RSS MiB | estimate MiB | load |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['run']} | {r.get('resolution')} | {r.get('n_loras', '-')} | {r.get('rank')} | "
+                         f"**{r['error']}** | {r.get('max_rss_seen_mb', '-')} | - | - |")
+            continue
+        lines.append(f"| {r['run']} | {r['resolution']} | {r.get('n_loras', '-')} | {r['rank']} | {_seconds(r)} | "
+                     f"{r['peak_rss_mb']:.0f} | {r.get('estimate_mb') or '-'} | {r.get('load_avg', '-')} |")
+    lines += ["", "| ratio | at | time | peak RSS |", "|---|---|---|---|"]
+    for r in (r for r in derived if r["run"] == "ratio"):
+        at = ", ".join(f"{k} {r[k]}" for k in ("resolution", "n_loras", "rank") if k in r)
+        vs = r.get("vs") or {"train": "train_ref", "sample": "sample_ref"}[r["stage"]]
+        lines.append(f"| {r['stage']} / {vs} | {at} | {r['time_ratio']} | {r['peak_rss_ratio']} |")
+    pairs = [r for r in derived if r["run"] == "paired_ratio"]
+    if pairs:
+        lines += ["", "| pairs | at | n | time ratio per pair | mean (min-max) | peak RSS ratio per pair |", "|---|---|---|---|---|---|"]
+        for r in pairs:
+            at = ", ".join(f"{k} {r[k]}" for k in ("resolution", "n_loras", "rank") if k in r)
+            lines.append(f"| {r['stage']} / {r['vs']} ({r['time']}) | {at} | {r['pairs']} | {r['time_ratios']} | "
+                         f"{r['time_ratio_mean']} ({r['time_ratio_min']}-{r['time_ratio_max']}) | {r['peak_rss_ratios']} |")
+    curves = [r for r in derived if r["run"] == "curve"]
+    if curves:
+        lines += ["", "| curve | at | x: seconds / peak RSS MiB (x its smallest) |", "|---|---|---|"]
+        series: dict[tuple, list[dict]] = {}
+        for r in curves:
+            series.setdefault((r["stage"], r["axis"], json.dumps(r["at"])), []).append(r)
+        for (stage, axis, at), pts in series.items():
+            cells = "; ".join(f"{p['x']}: {p['time_s']:.1f} s ({p['time_x']}x) / {p['peak_rss_mb']:.0f} ({p['peak_rss_x']}x)" for p in pts)
+            where = ", ".join(f"{k} {v}" for k, v in json.loads(at).items())
+            lines.append(f"| {stage} against {axis} | {where} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], png: Path) -> Path:
@@ -524,10 +595,13 @@ def plot(rows: list[dict], png: Path) -> Path:
     fig, axs = plt.subplots(2, len(axes_names), figsize=(3.2 * len(axes_names), 5.2), squeeze=False)
     labels = {"n_loras": "LoRAs N", "resolution": "pixels", "rank": "rank"}
     for j, axis in enumerate(axes_names):
-        for stage in dict.fromkeys(r["stage"] for r in curves if r["axis"] == axis):
-            pts = [r for r in curves if r["axis"] == axis and r["stage"] == stage]
+        on_axis = [r for r in curves if r["axis"] == axis]
+        for stage, at in dict.fromkeys((r["stage"], json.dumps(r.get("at", {}))) for r in on_axis):
+            pts = [r for r in on_axis if r["stage"] == stage and json.dumps(r.get("at", {})) == at]
             xs = [r["x"] for r in pts]
-            label = {"sample": "merge", "train": "train (lorakit)"}.get(stage, stage)
+            label = {"sample": "merge", "train": "train (lorakit)", "train_ref": "train (reference)"}.get(stage, stage)
+            if len({json.dumps(r.get("at", {})) for r in on_axis if r["stage"] == stage}) > 1:
+                label += " " + ", ".join(f"{k[0] if k != 'n_loras' else 'N'}={v}" for k, v in json.loads(at).items())
             axs[0][j].plot(xs, [r["time_s"] for r in pts], marker="o", label=label)
             axs[1][j].plot(xs, [r["peak_rss_mb"] / 1024 for r in pts], marker="o", label=label)
         for i in (0, 1):
@@ -583,6 +657,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="append JSON lines here too (e.g. runs/scale.jsonl)")
     p.add_argument("--derive", metavar="JSONL", help="only print the ratio / growth / curve / spread rows of the "
                                                       "runs in this file")
+    p.add_argument("--markdown", action="store_true", help="with --derive: print the runs, ratios, pairs and curves "
+                   "as markdown tables (docs/performance.md) instead of JSON lines")
     p.add_argument("--plot", metavar="PNG", help="with --derive: draw the curve rows into this PNG (needs matplotlib)")
     p.add_argument("--cmlora-flops", type=int, metavar="STEPS", help="only count CMLoRA's and Composite's UNet FLOPs "
                    "for an image of STEPS steps (meta device, seconds) at --resolutions and --n-loras, first --sizes")
@@ -753,7 +829,9 @@ def main(argv=None) -> int:
     if args.derive:
         runs = [json.loads(ln) for ln in Path(args.derive).read_text().splitlines() if ln.strip()]
         derived = derived_rows([r for r in runs if r.get("run") in STAGES])
-        for row in derived:
+        if args.markdown:
+            print(markdown([r for r in runs if r.get("run") in STAGES] + derived), end="")
+        for row in [] if args.markdown else derived:
             _emit(row, out)
         if args.plot:
             print(f"wrote {plot(derived, Path(args.plot))}", file=sys.stderr)
