@@ -343,18 +343,25 @@ def test_large_convs_average_when_asked(sd1_pipe):
     assert all(out["layers"][k]["method"] == "weighted_fallback" for k in convs)
 
 
-def test_nan_adapter_and_singular_system_are_clear_errors(tmp_path, sd1_pipe, capsys):
+def _fuse_with_poisoned_value(tmp_path, sd1_pipe, capsys, value, name):
+    """Save a text-side adapter with one `value` (NaN / inf) in an up matrix and fuse it from the command line:
+    (exit status, stderr, the poisoned module's key, the pipeline copy)."""
     from lorakit.cli import main
-    from lorakit.fusion.gradient import build_problems, solve_layer
 
     pipe = copy.deepcopy(sd1_pipe)
     ad = _text_side_adapters(pipe)[0]
     key = next(iter(ad.modules))
-    ad.modules[key].up[0, 0] = float("nan")
-    path = save_adapter(ad, tmp_path / "broken.safetensors")
+    ad.modules[key].up[0, 0] = value
+    path = save_adapter(ad, tmp_path / f"{name}.safetensors")
     rc = main(["fuse", "--method", "gradient", "--base", "tiny:sd1", "--adapters", str(path), "--out",
-               str(tmp_path / "o"), "--quiet"])
-    err = capsys.readouterr().err
+               str(tmp_path / f"out_{name}"), "--quiet"])
+    return rc, capsys.readouterr().err, key, pipe
+
+
+def test_nan_adapter_and_singular_system_are_clear_errors(tmp_path, sd1_pipe, capsys):
+    from lorakit.fusion.gradient import build_problems, solve_layer
+
+    rc, err, key, pipe = _fuse_with_poisoned_value(tmp_path, sd1_pipe, capsys, float("nan"), "broken")
     assert rc == 2 and "broken" in err and key in err and "NaN" in err and "Traceback" not in err, (rc, err)
     assert len(err.strip().splitlines()) == 1, err
     ok = _text_side_adapters(pipe)[1]
@@ -372,15 +379,8 @@ def test_nan_adapter_and_singular_system_are_clear_errors(tmp_path, sd1_pipe, ca
 def test_inf_adapter_and_singular_system_from_the_command_line_exit_2(tmp_path, sd1_pipe, capsys):
     from lorakit.cli import main
 
-    pipe = copy.deepcopy(sd1_pipe)
-    ad = _text_side_adapters(pipe)[0]
-    key = next(iter(ad.modules))
     # an inf too; and a singular system from the command line (no ridge, fewer token rows than inputs)
-    ad.modules[key].up[0, 0] = float("inf")
-    path = save_adapter(ad, tmp_path / "broken_inf.safetensors")
-    rc = main(["fuse", "--method", "gradient", "--base", "tiny:sd1", "--adapters", str(path), "--out",
-               str(tmp_path / "o2"), "--quiet"])
-    err = capsys.readouterr().err
+    rc, err, key, pipe = _fuse_with_poisoned_value(tmp_path, sd1_pipe, capsys, float("inf"), "broken_inf")
     assert rc == 2 and "broken_inf" in err and key in err and "inf" in err and "Traceback" not in err, (rc, err)
     good = save_adapter(_text_side_adapters(pipe)[1], tmp_path / "good.safetensors")
     rc = main(["fuse", "--method", "gradient", "--base", "tiny:sd1", "--adapters", str(good), "--out",
