@@ -4,7 +4,6 @@ images and their prompt conditioning), from given images, the file's training da
 from __future__ import annotations
 
 import json
-import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,8 +14,6 @@ import torch
 from lorakit.adapters.io import Adapter, live_path
 from lorakit.conditioning import is_sdxl, pixel_size, sdxl_time_ids
 from lorakit.data import IMAGE_EXTENSIONS, _read_caption, open_rgb
-
-log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- references

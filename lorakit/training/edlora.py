@@ -35,6 +35,7 @@ from lorakit.blocks import lora_config, text_encoder_modules
 from lorakit.conditioning import TEXT_ENCODERS, batch_time_ids, is_sdxl, token_ids
 from lorakit.config import to_dict
 from lorakit.data import collate
+from lorakit.logs import note
 from lorakit.memory import check_training
 from lorakit.models import pipeline_arch
 from lorakit.precision import torch_dtype
@@ -393,7 +394,7 @@ def train(cfg, accelerator=None, pipe=None):
     loop = TrainLoop(cfg, run.accelerator, [run.trained[c] for c in order], optimizer, dataset, loss_fn(run, order),
                      save_fn(run), sample=sample_fn(run), collate_fn=collate, summary_hint=hint)
     n_layers = len(run.layers)
-    run.accelerator.print(
+    note(
         f"lorakit: ED-LoRA {words} (init {cfg.concept.init_word!r}) on {run.arch} ({cfg.base_model}): "
         f"{n_layers} cross-attention layers -> {2 * n_layers} new tokens per text encoder, "
         f"{trainable_count(groups):,} trainable parameters, "
