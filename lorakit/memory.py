@@ -42,7 +42,6 @@ from lorakit.errors import InsufficientMemory  # noqa: F401 - raised here, caugh
 GIB = 2**30
 CPU_RUNTIME_BYTES = int(0.6 * GIB)  # RSS of a process that imported torch + diffusers + transformers + peft
 STAGES = ("train", "edlora", "lorarar", "ziplora", "fuse-gradient", "sample")
-ZIPLORA_BYTES_PER_WEIGHT = 40  # bytes per weight element of a ZipLoRA-merged layer (measured, see estimate())
 
 
 @dataclass
@@ -338,13 +337,8 @@ def _training_parts(est: Estimate, stage: str, arch, unet, vae, resolution: int,
             p.data = torch.empty(p.shape, device="meta", dtype=torch.float32)
     if stage in ("train", "edlora"):
         est.parts["optimizer"] = 2 * 4 * trainable
-    if stage == "ziplora":
-        # ZipLoRA materialises full-size weights of every merged layer (both LoRAs' fp32 deltas, the
-        # content-only and style-only weights, each step's merged weights and their gradients); not traced,
-        # counted per weight element: measured at SD 1.5 size (bf16, 128 px) 12.9 GiB peak, ~40 bytes each.
-        numel = sum(m.base_layer.weight.numel() for m in unet.modules()
-                    if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
-        est.parts["merge"] = numel * ZIPLORA_BYTES_PER_WEIGHT
+    if stage == "ziplora":  # one pass over both halves, content and style (ZipLoRALoss); no full-size weight
+        batch *= 2
     step = unet_step_peak(unet, arch, batch, latent, dtype, train=True,
                           gradient_checkpointing=gradient_checkpointing)
     est.parts["step"] = max(step, vae_peak(vae, resolution, dtype, decode=False))

@@ -142,7 +142,7 @@ def tiny_unet(arch: str = "sd1", cross_attention_dim: int | None = None, **overr
 
 def tiny_vae(**overrides):
     """A 2-level ``AutoencoderKL`` (scale factor 2, 4 latent channels); ``overrides``: other arguments."""
-    return AutoencoderKL(
+    settings = dict(
         in_channels=3,
         out_channels=3,
         block_out_channels=(16, 32),
@@ -150,8 +150,10 @@ def tiny_vae(**overrides):
         up_block_types=("UpDecoderBlock2D",) * 2,
         latent_channels=4,
         sample_size=32,
-        **{"norm_num_groups": 16, "layers_per_block": 1, **overrides},
+        norm_num_groups=16,
+        layers_per_block=1,
     )
+    return AutoencoderKL(**{**settings, **overrides})
 
 
 def sd_scheduler(name: str = "ddim"):

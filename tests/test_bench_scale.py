@@ -73,7 +73,7 @@ def test_plan_shares_one_process_per_size_for_the_base_preserving_stages():
     assert procs[0][1] == [{"one": "train", "resolution": 128, "rank": 4, "n_loras": 2}]
     assert [(p["one"], p["n_loras"]) for p in procs[1][1]] == [("sample", 4), ("cmlora", 4), ("sample", 2), ("cmlora", 2)]
     args = bench.parse_args(["--sizes", "sd15", "--stages", "sample", "--repeat", "2", "--shared"])
-    assert [len(points) for _, points in bench.plan(args)] == [1, 1]  # repeats: a fresh process each
+    assert [len(points) for _, points in bench.plan(args)] == [2]  # --shared: the repeats interleave in one process
 
 
 def test_plot_writes_a_png(tmp_path):

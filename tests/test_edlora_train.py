@@ -195,3 +195,18 @@ def test_attention_regulariser_is_zero_inside_the_mask_only():
     outside = [torch.stack([1 - inside, 1 - inside], -1)]
     assert float(attention_regulariser(outside, mask, present)) > 0.5
     assert float(attention_regulariser(outside, mask, torch.zeros(1, 2))) == 0.0  # words absent: no penalty
+
+
+def test_sampling_during_training_keeps_one_progress_bar(sd1_pipe, tmp_path, capfd):
+    """The sample grid's pipeline run prints no bar of its own under the training bar (it used to nest an
+    unlabelled 'it/s' bar below 'train')."""
+    img_dir, _ = make_concept_folder(tmp_path, masks=False)
+    cfg = cfg_for(tmp_path, img_dir, "sample_every=2", "sample_num_inference_steps=3", "sample_prompts=[<TOK>]")
+    reset_accelerate()
+    pipe = copy.deepcopy(sd1_pipe)
+    pipe.set_progress_bar_config()  # a base as models.load_base returns it: diffusers' bar on
+    result = train(cfg, pipe=pipe)
+    assert result.samples and Path(result.samples[-1]).is_file()
+    err = capfd.readouterr().err.replace("\r", "\n")
+    bars = [line for line in err.splitlines() if "|" in line and ("it/s" in line or "s/it" in line or "/3 [" in line)]
+    assert not bars, bars[:3]

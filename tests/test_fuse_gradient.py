@@ -355,7 +355,8 @@ def test_nan_adapter_and_singular_system_are_clear_errors(tmp_path, sd1_pipe, ca
     rc = main(["fuse", "--method", "gradient", "--base", "tiny:sd1", "--adapters", str(path), "--out",
                str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err
-    assert rc != 0 and "broken" in err and key in err and "NaN" in err and "Traceback" not in err, (rc, err)
+    assert rc == 2 and "broken" in err and key in err and "NaN" in err and "Traceback" not in err, (rc, err)
+    assert len(err.strip().splitlines()) == 1, err
     ok = _text_side_adapters(pipe)[1]
     prob = next(iter(build_problems(pipe, _concepts([ok], [1.0])).values()))
     n = prob.in_dim
@@ -366,6 +367,27 @@ def test_nan_adapter_and_singular_system_are_clear_errors(tmp_path, sd1_pipe, ca
     with pytest.raises(ValueError, match=f"{prob.key}.*NaN"):
         solve_layer(G * float("nan"), P, prob, 1, "auto")
     assert solve_layer(G, P, prob, 1, "auto").report["ridge_source"] == "no held-out data"
+
+
+def test_inf_adapter_and_singular_system_from_the_command_line_exit_2(tmp_path, sd1_pipe, capsys):
+    from lorakit.cli import main
+
+    pipe = copy.deepcopy(sd1_pipe)
+    ad = _text_side_adapters(pipe)[0]
+    key = next(iter(ad.modules))
+    # an inf too; and a singular system from the command line (no ridge, fewer token rows than inputs)
+    ad.modules[key].up[0, 0] = float("inf")
+    path = save_adapter(ad, tmp_path / "broken_inf.safetensors")
+    rc = main(["fuse", "--method", "gradient", "--base", "tiny:sd1", "--adapters", str(path), "--out",
+               str(tmp_path / "o2"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "broken_inf" in err and key in err and "inf" in err and "Traceback" not in err, (rc, err)
+    good = save_adapter(_text_side_adapters(pipe)[1], tmp_path / "good.safetensors")
+    rc = main(["fuse", "--method", "gradient", "--base", "tiny:sd1", "--adapters", str(good), "--out",
+               str(tmp_path / "o3"), "--ridge", "0", "--steps", "1", "--resolution", "16", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "singular" in err and "layer text_encoder." in err and "Traceback" not in err, (rc, err)
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_fuse_cli_gradient_pipeline_matches_library(tmp_path, sd1_pipe, fused_two):

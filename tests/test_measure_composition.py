@@ -29,3 +29,13 @@ def test_method_specs_and_summary():
     assert new["all_present"] == 1.0 and new["per_kind"] == {"character": 1.0, "style": 1.0}
     pair = next(r for r in rows if r.get("vs") == "merge")
     assert (pair["all_wins"], pair["all_losses"], pair["pairs"]) == (5, 0, 6)
+
+
+def test_markdown_table_has_intervals_and_paired_tests():
+    rec = lambda m, seed, present: {"method": m, "set": "s", "n": 3, "seed": seed, "present": present,  # noqa: E731
+                                    "all": all(present), "s_per_image": 1.0}
+    records = [rec("new", s, [True, True, s < 3]) for s in range(6)] + [rec("merge", s, [True, s == 0, False])
+                                                                        for s in range(6)]
+    table = mcm.markdown(mcm.summarise(records, ["new", "merge"]))
+    assert "| new | 6 | 3/6 = 0.50 [0.19, 0.81] | 1.00 | 1.00 | 0.50 | 6/6 [0.61, 1.00] | 3 / 0, 0.25 |" in table
+    assert "| merge | 6 | 0/6 = 0.00 [0.00, 0.39] |" in table

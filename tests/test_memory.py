@@ -238,8 +238,8 @@ def test_sd15_locon_fusion_estimate_counts_what_was_measured():
     (["fuse", "--method", "ziplora", "--dtype", "bfloat16"], "ziplora"),
 ])
 def test_sdxl_stages_that_cannot_fit_24gb_refuse_before_loading(tmp_path, monkeypatch, capsys, argv, stage):
-    """SDXL size on a 24 GB machine (22 GiB free): gradient fusion (its Gram matrices) and ZipLoRA (its merged
-    full-size weights) are refused from the estimate, before the base is built."""
+    """SDXL size on a 24 GB machine (22 GiB free): gradient fusion (its Gram matrices) and ZipLoRA (a training
+    step over both reference halves at 1024 px) are refused from the estimate, before the base is built."""
     import re
 
     import lorakit.models

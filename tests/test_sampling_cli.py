@@ -71,6 +71,29 @@ def test_kinds_give_the_category_order(tmp_path, files):
     assert side["schedule"]["order"] == [names[1], names[0]]  # the character first
 
 
+def test_file_metadata_gives_the_category_order_else_frequency(tmp_path, sd1_pipe):
+    # no --kinds: each file's lorakit.category decides; one file without it -> lorakit's frequency order
+    paths = []
+    for k, kind in enumerate(["style", "character", None]):
+        ad = random_adapter(sd1_pipe, seed=40 + k, std=0.2)
+        if kind:
+            ad.metadata["lorakit.category"] = kind
+        paths.append(str(save_adapter(ad, tmp_path / f"m{k}.safetensors")))
+    job = _job(paths[:2], tmp_path / "meta", cmlora_order="auto", steps=2)
+    job.num_images = 1
+    side = json.loads(run_sample(job, progress=False)[0].with_suffix(".json").read_text())
+    names = [a["name"] for a in side["adapters"]]
+    assert side["profile"]["by"] == "category" and side["schedule"]["order"] == [names[1], names[0]]
+    job = _job(paths, tmp_path / "freq", cmlora_order="auto", steps=2)
+    job.num_images, job.profile_steps, job.profile_seeds = 1, 2, [0]
+    side = json.loads(run_sample(job, progress=False)[0].with_suffix(".json").read_text())
+    assert side["profile"]["by"] == "frequency" and len(side["profile"]["scores"]) == 3
+    official = _job(paths, tmp_path / "off", cmlora_order="auto", cmlora_mode="official", steps=2)
+    official.num_images = 1
+    side = json.loads(run_sample(official, progress=False)[0].with_suffix(".json").read_text())
+    assert side["profile"]["by"] == "given"  # the official code has no other order
+
+
 def test_profile_cli_writes_cache(tmp_path, files, capsys):
     args = ["profile", *files, "--base", "tiny:sd1", "--steps", "2", "--seeds", "0", "--json"]
     assert main(args) == 0

@@ -221,3 +221,126 @@ def test_oracle_v2_trains_saves_and_scores(tmp_path):
     (out / "config.json").write_text(json.dumps({**cfg, "world": "v1"}))
     with pytest.raises(ValueError, match="not a toy world v2 oracle"):
         Oracle.load(out)
+
+
+# ---------------------------------------------------------------- identity LoRA recipes and their measurement
+
+
+@pytest.mark.parametrize("identity", [c.name for c in IDENTITIES])
+def test_every_identity_has_a_recipe_with_scene_captions_and_regularisation(identity):
+    from omegaconf import OmegaConf
+
+    from lorakit.toyworld.v2.loras import recipe_path
+
+    path = recipe_path(identity)
+    assert path.resolve() == (ROOT / "train_configs" / f"toy2_{identity}.yaml").resolve()
+    cfg = OmegaConf.load(path)
+    assert cfg.trigger == identity and cfg.data.resolution == 64
+    assert cfg.data.path == f"data/toy2/{identity}" and cfg.data.reg_path == "data/toy2/class"
+    assert cfg.network.blocks == "all" and cfg.max_steps > 0
+
+
+def test_recipe_names_must_be_identities():
+    from lorakit.toyworld.v2.loras import identity_name
+
+    assert identity_name("kwibbit") == "kwibbit"
+    with pytest.raises(ValueError, match="identities: zorbo, kwibbit"):
+        identity_name("frog")
+    with pytest.raises(ValueError, match="unknown toy-world v2 concept"):
+        identity_name("dragon")
+
+
+def test_identity_prompts_pair_trigger_and_class_captions():
+    from lorakit.toyworld.v2.evaluate import identity_prompts, world_prompts
+
+    for identity in [c.name for c in IDENTITIES]:
+        c = get_concept(identity)
+        triples = identity_prompts(identity, 6, seed=5)
+        assert triples == identity_prompts(identity, 6, seed=5)
+        for trig, cls, scene in triples:
+            assert f"{identity} {c.cls}" in trig and identity not in cls
+            assert c.cls in cls.replace(",", " ").split() and c.cls in scene.concepts()
+            assert not any(get_concept(x).role == "identity" for x in scene.concepts())
+    assert [p for p, _ in world_prompts(4, seed=1)] == [caption(s) for _, s in world_prompts(4, seed=1)]
+
+
+def test_ensure_data_renders_the_recipe_folders_once(tmp_path):
+    from lorakit.toyworld.loras import tree_hash
+    from lorakit.toyworld.v2.loras import DATA_N, REG_N, ensure_data
+
+    data, reg = ensure_data("hattock", tmp_path)
+    assert len(list(data.glob("*.png"))) == DATA_N and len(list(reg.glob("*.png"))) == REG_N
+    assert all("hattock hat" in p.read_text() for p in data.glob("*.txt"))
+    before = (tree_hash(data), tree_hash(reg))
+    (data / "00000.txt").touch()
+    assert ensure_data("hattock", tmp_path) == (data, reg)  # present: not rendered again
+    assert (tree_hash(data), tree_hash(reg)) == before
+    assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*tmp*"))
+
+
+def _random_v2_world(root: Path) -> tuple[Path, Path]:
+    """An untrained v2 pipeline and an untrained v2 oracle (plumbing only: their verdicts mean nothing)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lorakit.toyworld.v2.concepts import CONCEPTS
+    from lorakit.toyworld.v2.models import build_toy_pipeline
+    from lorakit.toyworld.v2.oracle import OracleNet
+
+    build_toy_pipeline(0).save_pretrained(root / "pipe")
+    (root / "oracle").mkdir()
+    torch.manual_seed(0)
+    save_file(OracleNet(len(CONCEPTS)).state_dict(), root / "oracle" / "oracle.safetensors")
+    (root / "oracle" / "config.json").write_text(json.dumps({"world": "v2", "concepts": list(CONCEPTS)}))
+    return root / "pipe", root / "oracle"
+
+
+def _measure_tool():
+    spec = importlib.util.spec_from_file_location("measure_toyworld", ROOT / "tools" / "measure_toyworld.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_measure_v2_refuses_missing_oracle_and_v1_base(capsys):
+    from lorakit.errors import run_guarded
+
+    tool = _measure_tool()
+    assert run_guarded(lambda: tool.main(["--world", "v2", "--concepts", "none"]), "m") == 2
+    assert "--world v2 needs --oracle" in capsys.readouterr().err
+    assert run_guarded(lambda: tool.main(["--world", "v2", "--oracle", "o", "--base", "data/toy-base"]), "m") == 2
+    assert "needs a v2 pipeline folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_identity_lora_trains_caches_and_is_measured(tmp_path, monkeypatch):
+    """End to end on an untrained v2 world: the recipe trains (2 steps), is cached by hash, the LoRA changes
+    the images, and every measurement row comes out paired on the same n."""
+    from lorakit.toyworld.v2 import measure
+    from lorakit.toyworld.v2.loras import lora_path
+    from lorakit.toyworld.v2.oracle import Oracle
+
+    monkeypatch.setattr(measure, "NUM_STEPS", 2)
+    pipe, oracle_dir = _random_v2_world(tmp_path)
+    work, n = tmp_path / "work", 3
+    rows = measure.measure_identities(["kwibbit"], pipe, Oracle.load(oracle_dir), n, 0.8, work, ["max_steps=2"])
+    adapter = Path(rows[0]["adapter"])
+    assert adapter == lora_path("kwibbit", work, pipe, ["max_steps=2"]) and adapter.exists()
+    names = [r["row"] for r in rows]
+    assert names[:3] == ["presence", "leak_class", "leak_world"] and names[-1] == "summary"
+    assert "following_world_all" in names and "following_world_background" in names
+    assert all(r["lora_vs_base"]["pairs"] == r["base"]["n"] for r in rows[:-1])
+    assert rows[0]["base"]["n"] == n and set(rows[-1]) >= {"presence_ok", "leak_ok", "following_ok"}
+    mtime = adapter.stat().st_mtime_ns
+    measure.measure_identities(["kwibbit"], pipe, Oracle.load(oracle_dir), 1, 0.8, work, ["max_steps=2"])
+    assert adapter.stat().st_mtime_ns == mtime  # reused, not retrained
+    base, lora = measure.load_pipeline(pipe), measure.load_pipeline(pipe)
+    lora.load_lora_weights(str(adapter), adapter_name="kwibbit")
+    lora.set_adapters(["kwibbit"], [0.8])
+    a, b = (np.asarray(measure.images(p, ["kwibbit frog, white plain background"])[0]) for p in (base, lora))
+    assert np.abs(a.astype(int) - b.astype(int)).max() > 0
+    ceiling = measure.oracle_ceiling(base.vae, Oracle.load(oracle_dir), 2)
+    assert [(r["images"], r["prompts"]) for r in ceiling] == [
+        ("render", "generic"), ("render", "world"), ("vae_round_trip", "generic"), ("vae_round_trip", "world")]
+    assert all(r["shape"]["n"] == 2 for r in ceiling if r["prompts"] == "generic")

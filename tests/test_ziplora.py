@@ -131,3 +131,35 @@ def test_fuse_cli_ziplora(sd1_pipe, tmp_path):
     assert {m.rank for k, m in merged.modules.items()} == {4}
     assert main(["fuse", "--method", "ziplora", "--base", "tiny:sd1", "--adapters", str(tmp_path / "c.safetensors"),
                  "--out", str(out)]) == 2  # one adapter: a named error
+
+
+def test_low_rank_loss_equals_the_dense_merge(sd1_pipe):
+    """Predictions and the cosine term from the LoRA factors equal those of the materialised merged weights
+    ``W0 + m_c * dW_c + m_s * dW_s``, for linear layers and LoCon convolutions, at coefficients other than 1."""
+    content = random_adapter(sd1_pipe, "all", network="locon", rank=3, alpha=3.0, conv_rank=2, conv_alpha=1.0, seed=7, std=0.3)
+    style = random_adapter(sd1_pipe, "all", network="locon", rank=2, alpha=4.0, conv_rank=3, conv_alpha=3.0, seed=8, std=0.3)
+    rc, rs = refs(sd1_pipe, content, style)
+    lf = ZipLoRALoss(sd1_pipe.unet, noise_scheduler_of(sd1_pipe), plan_merge(content, style, ["*"]), rc, rs, lam=1.0)
+    assert any(la.content.is_conv and la.content.down.shape[-1] == 3 for la in lf.plan.merged)
+    g = torch.Generator().manual_seed(3)
+    coeffs = {k: (1 + 0.5 * torch.randn(a.shape, generator=g), 1 + 0.5 * torch.randn(b.shape, generator=g))
+              for k, (a, b) in ones_coefficients(lf.plan).items()}
+    (batch,) = eval_batches(lf, n=1, batch_size=1)
+    weights, cos = lf.merged_weights(coeffs)
+    want_cos = sum(torch.nn.functional.cosine_similarity((m_c.reshape(1, -1, *[1] * (dc.dim() - 2)) * dc).flatten(),
+                                                         (m_s.reshape(1, -1, *[1] * (ds.dim() - 2)) * ds).flatten(), dim=0).abs()
+                   for la in lf.plan.merged for (dc, ds), (m_c, m_s) in [(la.deltas(), coeffs[la.key])])
+    torch.testing.assert_close(cos, want_cos, rtol=1e-4, atol=1e-5)
+    unet = copy.deepcopy(sd1_pipe.unet)
+    with torch.no_grad():
+        for la in lf.plan.merged:
+            w = unet.get_submodule(la.path).weight
+            w.add_(merged_delta(*la.deltas(), *coeffs[la.key]).reshape(w.shape))
+        want = unet(batch.noisy[0], batch.timesteps[0], **batch.cond[0]).sample
+        got = lf.predict(weights, batch.noisy[0], batch.timesteps[0], batch.cond[0])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    # gradients reach the coefficients only
+    loss, _ = lf(coeffs_req := {k: (a.clone().requires_grad_(), b.clone().requires_grad_()) for k, (a, b) in coeffs.items()}, batch)
+    loss.backward()
+    assert all(a.grad is not None and b.grad is not None for a, b in coeffs_req.values())
+    assert all(p.grad is None for p in sd1_pipe.unet.parameters())

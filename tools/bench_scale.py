@@ -205,6 +205,9 @@ def _sample_steps(args) -> tuple[int, int, int]:
     return args.warmup_steps or short, short, args.sample_steps_long or 2 * short
 
 
+_WARMED: set[str] = set()  # sampling methods already run in this process (--warmup-once)
+
+
 def _sample(args, pipe, work: Path, method: str) -> dict:
     """One warm-up image, then one at S and one at L steps: total seconds of the L run, and the marginal seconds
     per step ``(t(L) - t(S)) / (L - S)`` (without the fixed cost: adapter loading, prompt encoding, VAE decode,
@@ -213,13 +216,19 @@ def _sample(args, pipe, work: Path, method: str) -> dict:
     kinds = ["--kinds", *(("character", "style", "clothing", "object")[i % 4] for i in range(len(files)))] \
         if method == "cmlora" else []
     steps, times = _sample_steps(args), []
+    skip_warmup = args.warmup_once and method in _WARMED
+    _WARMED.add(method)
     for i, n in enumerate(steps):  # the first warms up (lazy imports, first-call allocations)
+        if i == 0 and skip_warmup:
+            times.append(None)
+            continue
         times.append(_patched_cli(pipe, ["sample", "--base", "bench", "--adapters", *files, "--method", method,
                                          *kinds, "--prompt", "a photo of a cat", "--steps", str(n), "--size",
                                          str(args.resolution), "--dtype", args.dtype, "--out", str(work / f"s{i}"),
                                          "--no-memory-check"]))
         pipe.unload_lora_weights()
-    return {"total_s": times[2], "step_s": (times[2] - times[1]) / (steps[2] - steps[1]), "steps": steps[2]}
+    return {"total_s": times[2], "step_s": (times[2] - times[1]) / (steps[2] - steps[1]), "steps": steps[2],
+            "short_s": times[1], "short_steps": steps[1], "warmed_up": not skip_warmup}
 
 
 def _sample_ref(args, pipe, work: Path) -> dict:
@@ -548,13 +557,16 @@ def parse_args(argv=None):
     p.add_argument("--n-loras", nargs="+", type=int, default=[2], help="LoRAs of the sampling and gradient-fusion stages")
     p.add_argument("--repeat", type=int, default=1, help="run every point this many times (in its own process)")
     p.add_argument("--shared", action="store_true", help="run the points of the stages that leave the base unchanged "
-                   f"({', '.join(SHAREABLE)}) in one process per size (one build), peak RSS reset before each")
+                   f"({', '.join(SHAREABLE)}) in one process per size (one build), peak RSS reset before each; "
+                   "with --repeat the repeats run in it one after another (A B A B)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=2, help="timed training steps (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--sample-steps", type=int, default=2, help="sampling: steps of the short timed image (S)")
     p.add_argument("--sample-steps-long", type=int, help="sampling: steps of the long timed image (default 2S)")
     p.add_argument("--warmup-steps", type=int, help="sampling: steps of the warm-up image (default S)")
+    p.add_argument("--warmup-once", action="store_true", help="sampling with --shared: the warm-up image only "
+                   "at a method's first point in the process (later points of it are already warm)")
     p.add_argument("--fuse-steps", type=int, default=2, help="gradient fusion: sampling steps recorded per prompt")
     p.add_argument("--network", choices=["lora", "locon"], default="lora",
                    help="gradient fusion's random adapters: lora (linear + 1x1 convs) or locon (every conv too)")
@@ -637,7 +649,7 @@ def plan(args) -> list[tuple[str, list[dict]]]:
                         for rank in args.ranks:
                             point = {"one": stage, "resolution": res, "rank": rank,
                                      "n_loras": n if stage in N_STAGES else 2}
-                            if args.shared and stage in SHAREABLE and args.repeat == 1:
+                            if args.shared and stage in SHAREABLE:
                                 shared.append(point)
                             else:
                                 procs.append((size, [point]))
@@ -679,6 +691,7 @@ def _run_process(args, size: str, points: list[dict], env: dict, out: Path | Non
            str(args.sample_steps), "--fuse-steps", str(args.fuse_steps), "--network", args.network, "--zip-steps",
            str(args.zip_steps), "--ref-num", str(args.ref_num), "--ref-steps", str(args.ref_steps),
            "--threads", str(args.threads), "--fuse-ridge", args.fuse_ridge, "--capture-batch", str(args.capture_batch)]
+    cmd += ["--warmup-once"] if args.warmup_once else []
     for flag, value in (("--dtype", args.dtype), ("--sample-steps-long", args.sample_steps_long),
                         ("--warmup-steps", args.warmup_steps)):
         cmd += [flag, str(value)] if value else []

@@ -77,7 +77,13 @@ def make_sets(args) -> list[dict]:
 
 
 def find_adapter(folder: Path, concept: str) -> Path:
-    """The newest ``toy_<concept>-*.safetensors`` in ``folder`` (``tools/ci_artifacts.py`` names)."""
+    """The concept's LoRA of today's recipe and base in ``folder`` (``toy_<concept>-<recipe hash>.safetensors``,
+    :func:`lorakit.toyworld.loras.concept_lora_path`), else the newest ``toy_<concept>-*.safetensors`` there."""
+    from lorakit.toyworld.loras import concept_lora_path
+
+    current = concept_lora_path(concept, folder)
+    if current.exists():
+        return current
     found = sorted(folder.glob(f"toy_{concept}-*.safetensors"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"no toy_{concept}-*.safetensors in {folder}; train it with "
@@ -96,8 +102,9 @@ def run_set(pipe, loaded: dict, set_: dict, spec: str, args) -> list[dict]:
     order, n_rot = category_sequence(kinds)
     settings = method_settings(spec, args.steps, args.cfg)
     records, names = [], list(set_["concepts"].values())
-    for start in range(0, args.k, args.batch):
-        seeds = list(range(start, min(args.k, start + args.batch)))
+    first, stop = args.seed_start, args.seed_start + args.k
+    for start in range(first, stop, args.batch):
+        seeds = list(range(start, min(stop, start + args.batch)))
         t0 = time.perf_counter()
         images, _ = generate(pipe, adapters, settings, set_["prompt"], "", seeds, order=order, n_rotation=n_rot)
         seconds = (time.perf_counter() - t0) / len(seeds)
@@ -142,6 +149,32 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
     return out
 
 
+def markdown(rows: list[dict]) -> str:
+    """The summary as markdown tables, one per N: rate [95% CI], per kind, and the paired all-present test against
+    each reference (wins / losses, exact McNemar p)."""
+    lines = []
+    for n in sorted({r["n_adapters"] for r in rows}):
+        rates = [r for r in rows if r["n_adapters"] == n and "vs" not in r]
+        kinds = list(rates[0]["per_kind"])
+        refs = [ref for ref in REFERENCES if any(r["method"] == ref for r in rates)]
+        lines += ["", f"| method (N = {n}) | n | all present [95% CI] | " + " | ".join(kinds) +
+                  " | character + style [95% CI] | " + " | ".join(f"vs {ref}: W / L, p" for ref in refs) + " |",
+                  "|---" * (4 + len(kinds) + len(refs)) + "|"]
+        for r in rates:
+            k = round(r["all_present"] * r["n"])
+            cs = round(r["character_and_style"] * r["n"])
+            pairs = []
+            for ref in refs:
+                pr = next((x for x in rows if x.get("vs") == ref and x["method"] == r["method"] and x["n_adapters"] == n), None)
+                pairs.append("-" if pr is None else f"{pr['all_wins']} / {pr['all_losses']}, {pr['all_mcnemar_p']:.2g}")
+            lines.append(f"| {r['method']} | {r['n']} | {k}/{r['n']} = {r['all_present']:.2f} "
+                         f"[{r['wilson95'][0]:.2f}, {r['wilson95'][1]:.2f}] | "
+                         + " | ".join(f"{v:.2f}" for v in r["per_kind"].values())
+                         + f" | {cs}/{r['n']} [{r['character_and_style_wilson95'][0]:.2f}, "
+                           f"{r['character_and_style_wilson95'][1]:.2f}] | " + " | ".join(pairs) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters-dir", default=str(ROOT / "artifacts" / "adapters"))
@@ -154,7 +187,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["merge", "switch", "composite", "cmlora-official", "cmlora",
                                                      "composite+ubase", "delta", "merge+ubase"])
     ap.add_argument("--k", type=int, default=11,
-                    help="images per set and method (seeds 0..k-1; default 11: 66 images per cell with 6 sets)")
+                    help="images per set and method (default 11: 66 images per cell with 6 sets)")
+    ap.add_argument("--seed-start", type=int, default=0,
+                    help="seeds seed_start..seed_start+k-1 (choose settings on one range, report on another)")
     ap.add_argument("--batch", type=int, default=4, help="images per generate call")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0, help="the toy base's guidance (as lorakit demo)")
@@ -163,6 +198,7 @@ def main() -> None:
                     help="multiply one kind's LoRA scale, e.g. object=1.5 (every method alike)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary-only", action="store_true", help="summarise OUT/images.jsonl, generate nothing")
+    ap.add_argument("--markdown", action="store_true", help="with --summary-only: also print markdown tables")
     args = ap.parse_args()
     try:
         args.kind_scale = {k: float(v) for k, v in (item.split("=") for item in args.kind_scale)}
@@ -170,8 +206,11 @@ def main() -> None:
         ap.error(f"--kind-scale {' '.join(args.kind_scale)}: expected KIND=FACTOR, e.g. object=1.5")
     if args.summary_only:
         records = [json.loads(line) for line in (Path(args.out) / "images.jsonl").read_text().splitlines()]
-        for row in summarise(records, args.methods):
+        rows = summarise(records, args.methods)
+        for row in rows:
             print(json.dumps(row))
+        if args.markdown:
+            print(markdown(rows))
         return
 
     import torch

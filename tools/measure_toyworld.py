@@ -19,6 +19,13 @@ on ``--n`` images per row, the same prompts and seeds with and without the LoRA:
   how often the concept is there.
 
     python tools/measure_toyworld.py --follow --concepts frog ink --n 64 --threads 1
+
+``--world v2`` measures toy world v2 instead (``--base``: a v2 pipeline, ``--oracle``: a v2 oracle folder; the
+rows are made by :mod:`lorakit.toyworld.v2.measure`): the base's prompt following (``--concepts none``), and per
+identity (``kwibbit``...) its recipe ``train_configs/toy2_<identity>.yaml`` trained on that base and measured
+as ``--follow`` does, with the class prompt (``red frog`` for ``kwibbit frog``) as the hardest leak test:
+
+    python tools/measure_toyworld.py --world v2 --base PIPELINE --oracle ORACLE --concepts kwibbit --n 64
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--follow", action="store_true", help="measure prompt following with each LoRA (see above)")
     p.add_argument("--scale", type=float, default=0.8, help="LoRA scale for --follow (default 0.8)")
     p.add_argument("--no-plain", action="store_true", help="--follow without the plain_white_background row")
+    p.add_argument("--world", choices=("v1", "v2"), default="v1", help="toy world (v2: see above)")
+    p.add_argument("--oracle", help="--world v2: the v2 oracle folder (tools/train_oracle_v2.py)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="--world v2: also score the renderer's images of the base prompts (raw and through the VAE)")
     return p.parse_args(argv)
 
 
@@ -163,12 +174,41 @@ def prompt_following(concept: str, base: str, n: int, scale: float, work: Path, 
     return out
 
 
+def main_v2(args) -> int:
+    """``--world v2``: the base's prompt following (always), then each identity's LoRA (``--concepts``, default
+    all; ``none`` for the base only)."""
+    from lorakit.toyworld.v2.concepts import IDENTITIES
+    from lorakit.toyworld.v2.loras import identity_name
+    from lorakit.toyworld.v2.measure import base_following, load_pipeline, measure_identities, oracle_ceiling
+    from lorakit.toyworld.v2.oracle import Oracle
+
+    if not args.oracle:
+        raise ValueError("--world v2 needs --oracle: a v2 oracle folder (tools/train_oracle_v2.py)")
+    if args.base == "data/toy-base" or not Path(args.base, "model_index.json").exists():
+        raise FileNotFoundError(f"--base {args.base}: --world v2 needs a v2 pipeline folder (model_index.json), "
+                                "e.g. <work>/unet/toy-unet-stepNNNNNN from tools/train_toy_base_v2.py")
+    oracle = Oracle.load(args.oracle)
+    names = [c.name for c in IDENTITIES] if args.concepts is None else [c for c in args.concepts if c != "none"]
+    names = [identity_name(c) for c in names]  # unknown names fail here, before any image is made
+    cache: dict = {}  # the base's images, shared by the rows that use the same prompts
+    if args.n_generic:
+        pipe = load_pipeline(args.base)
+        rows = oracle_ceiling(pipe.vae, oracle, args.n_generic) if args.ceiling else []
+        for row in rows + base_following(pipe, oracle, args.n_generic, cache):
+            emit(row)
+    measure_identities(names, args.base, oracle, args.n, args.scale, Path(args.work),
+                       [f"max_steps={args.steps}"] if args.steps else None, emit, cache)
+    return 0
+
+
 def main(argv=None) -> int:
     from lorakit.toyworld.concepts import HELDOUT
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.world == "v2":
+        return main_v2(args)
     if args.n_generic and not args.follow:
         emit(base_prompt_following(args.base, args.n_generic))
     concepts = args.concepts if args.concepts is not None else [c.name for c in HELDOUT]
@@ -186,4 +226,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from lorakit.errors import run_guarded
+
+    raise SystemExit(run_guarded(main, "measure_toyworld"))

@@ -52,27 +52,23 @@ def measure_following(pipe, oracle, args) -> dict:
     """Prompt following on ``args.follow`` random class-world captions: per concept kind, k of n images where
     the oracle finds the captioned concept (Wilson 95% interval), and the rate with every concept found."""
     from lorakit.eval.stats import fmt_rate
-    from lorakit.toyworld.v2.concepts import CONCEPTS
+    from lorakit.toyworld.v2.evaluate import found_by_kind
     from lorakit.toyworld.v2.render import caption
     from lorakit.toyworld.v2.scenes import class_scene
 
     rng = np.random.default_rng(2026)
     scenes = [class_scene(rng) for _ in range(args.follow)]
-    hits: dict[str, list[int]] = {}
-    every = 0
+    hits: dict[str, list[bool]] = {}
     for i in range(0, len(scenes), 8):
         chunk = scenes[i : i + 8]
         g = [torch.Generator().manual_seed(i + j) for j in range(len(chunk))]
         images = pipe([caption(s) for s in chunk], num_inference_steps=args.steps, guidance_scale=args.guidance,
                       generator=g, height=64, width=64).images
-        probs = oracle.probabilities(images)
-        for s, p in zip(chunk, probs):
-            found = [bool(p[oracle.concepts.index(c)] >= 0.5) for c in sorted(s.concepts())]
-            for c, ok in zip(sorted(s.concepts()), found):
-                hits.setdefault(CONCEPTS[c].kind, []).append(ok)
-            every += all(found)
+        for kind, found in found_by_kind(chunk, oracle.probabilities(images), oracle.concepts).items():
+            hits.setdefault(kind, []).extend(found)
+    every = hits.pop("all")
     out = {kind: fmt_rate(sum(v), len(v)) for kind, v in sorted(hits.items())}
-    out["all_concepts"] = fmt_rate(every, len(scenes))
+    out["all_concepts"] = fmt_rate(sum(every), len(every))
     return out
 
 

@@ -81,6 +81,14 @@ class _Objective:
         """objective / objective(W0): 0 = every concept reproduced, 1 = no better than dropping the LoRAs."""
         return max(self(E), 0.0) / self.K if self.K > 0 else None
 
+    def relative_many(self, Es: torch.Tensor) -> list[float | None]:
+        """:meth:`relative` of each ``Es[k]`` (``[g, R, in]``), in a few batched products."""
+        if self.K <= 0:
+            return [None] * Es.shape[0]
+        quad = (self.UtU * (Es @ self.G @ Es.transpose(1, 2))).sum((1, 2))
+        lin = (self.UtU * (Es @ self.Pst.T)).sum((1, 2))
+        return [max(float(v), 0.0) / self.K for v in (quad - 2 * lin + self.K)]
+
 
 def _check_finite(key: str, G: torch.Tensor, P: dict) -> None:
     if not bool(torch.isfinite(G).all()) or not all(bool(torch.isfinite(p).all()) for p in P.values()):
@@ -88,13 +96,14 @@ def _check_finite(key: str, G: torch.Tensor, P: dict) -> None:
                          "(check the base model, the adapters and --dtype)")
 
 
-def _ridge_solve(G, rhs_base, target, rel: float, key: str) -> tuple[torch.Tensor, float]:
-    """``(rhs_base + lam target) (G + lam I)^-1`` by Cholesky, ``lam = rel * trace(G) / in``; ``target`` for
-    ``rel = inf``. Raises ValueError naming the layer when the system is singular."""
+def _ridge_solve(G, rhs_base, target, rel: float, key: str, dim: int | None = None) -> tuple[torch.Tensor, float]:
+    """``(rhs_base + lam target) (G + lam I)^-1`` by Cholesky, ``lam = rel * trace(G) / dim`` (``dim``: the layer's
+    input size, default ``G``'s); ``target`` for ``rel = inf``. Raises ValueError naming the layer when the system
+    is singular."""
     if rel == float("inf"):
         return target.clone(), float("inf")
     n = G.shape[0]
-    lam = rel * float(G.diagonal().sum()) / n
+    lam = rel * float(G.diagonal().sum()) / (dim or n)
     L, info = torch.linalg.cholesky_ex(G + lam * torch.eye(n, dtype=G.dtype, device=G.device))
     if int(info.item()) != 0:
         raise ValueError(f"gradient fusion: layer {key}: the least-squares system is singular at ridge {rel:g} "
@@ -102,11 +111,10 @@ def _ridge_solve(G, rhs_base, target, rel: float, key: str) -> tuple[torch.Tenso
     return torch.cholesky_solve((rhs_base + lam * target).T, L).T, lam
 
 
-def _ridge_path(G, Pst, target, rels, key: str) -> list[tuple[float, torch.Tensor]]:
-    """The ridge solutions for every relative ridge in ``rels`` from one eigendecomposition of ``G``.
-    Raises ValueError naming the layer when the decomposition fails."""
-    n = G.shape[0]
-    scale = float(G.diagonal().sum()) / n
+def _ridge_path(G, Pst, target, rels, key: str, dim: int | None = None) -> list[tuple[float, torch.Tensor]]:
+    """The ridge solutions for every relative ridge in ``rels`` from one eigendecomposition of ``G`` (``dim`` as
+    in :func:`_ridge_solve`). Raises ValueError naming the layer when the decomposition fails."""
+    scale = float(G.diagonal().sum()) / (dim or G.shape[0])
     try:
         s, Q = torch.linalg.eigh(G)
     except torch.linalg.LinAlgError as err:
@@ -114,20 +122,17 @@ def _ridge_path(G, Pst, target, rels, key: str) -> list[tuple[float, torch.Tenso
                          f"({err}); use a larger --ridge") from None
     s = s.clamp(min=0)
     PQ, TQ = Pst @ Q, target @ Q
-    out = []
-    for rel in rels:
-        if rel == float("inf"):
-            out.append((rel, target.clone()))
-            continue
-        lam = rel * scale
-        out.append((rel, ((PQ + lam * TQ) / (s + lam)) @ Q.T))
-    return out
+    finite = [rel for rel in rels if rel != float("inf")]
+    lam = torch.tensor(finite, dtype=G.dtype, device=G.device)[:, None, None] * scale
+    path = dict(zip(finite, ((PQ + lam * TQ) / (s + lam)) @ Q.T))  # [g, R, in] in two batched products
+    return [(rel, target.clone() if rel == float("inf") else path[rel]) for rel in rels]
 
 
 def solve_layer(G: torch.Tensor, P: dict[int, torch.Tensor], prob: LayerProblem, n_concepts: int,
                 ridge: float | str, fallback: str | None = None, ridge_target: str = "base",
                 val: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None,
-                grid: tuple[float, ...] = RIDGE_GRID) -> LayerSolution:
+                grid: tuple[float, ...] = RIDGE_GRID, rows: int | None = None,
+                dim: int | None = None) -> LayerSolution:
     """Ridge least-squares fused delta of one layer, its ridge and its residuals.
 
     Args:
@@ -141,6 +146,10 @@ def solve_layer(G: torch.Tensor, P: dict[int, torch.Tensor], prob: LayerProblem,
             ``RIDGE_WITHOUT_HELDOUT``.
         fallback: a reason to return the weighted average instead of solving (e.g. conv too large).
         ridge_target: the ridge pulls toward W0 (``base``) or the weighted average (``average``).
+        rows: how many activation rows ``G`` (plus ``val``'s Gram) sums, when known: their rank is at most that,
+            and a layer with far fewer rows than inputs is solved exactly within the range of its Gram matrices
+            (:func:`gram_range`), at a cost growing with ``rows`` instead of ``in^3``.
+        dim: the input size the relative ridge is scaled by (default ``G``'s; set for a problem in reduced inputs).
     Returns:
         :class:`LayerSolution`; its report has ``ridge`` (relative; ``inf`` = the target itself), ``residual`` =
         objective / objective(W0) on the activations fitted (0 = every concept reproduced), ``weighted_residual``
@@ -163,9 +172,12 @@ def solve_layer(G: torch.Tensor, P: dict[int, torch.Tensor], prob: LayerProblem,
     if fallback is not None:
         report.update(method="weighted_fallback", reason=fallback, residual=None, weighted_residual=None)
         return LayerSolution(up=U, down=Dw, report=report)
+    reduced = _solve_in_gram_range(G, P, prob, n_concepts, ridge, ridge_target, val, grid, rows)
+    if reduced is not None:
+        return reduced
     target = Dw if ridge_target == "average" else torch.zeros_like(D)
-    rel, G_all, P_all = _choose_ridge(ridge, G, P, val, U, Dw, prob, order, target, grid, report)
-    M, lam = _ridge_solve(G_all, torch.cat([P_all[i] for i in order], 0), target, rel, prob.key)
+    rel, G_all, P_all = _choose_ridge(ridge, G, P, val, U, Dw, prob, order, target, grid, report, dim)
+    M, lam = _ridge_solve(G_all, torch.cat([P_all[i] for i in order], 0), target, rel, prob.key, dim)
     fit = _Objective(U, prob, order, G_all, P_all)
     inf = rel == float("inf")  # JSON has no infinity: the ridge target itself is reported as "inf"
     report.update(method="closed_form", ridge="inf" if inf else rel, ridge_lambda=None if inf else lam,
@@ -174,14 +186,76 @@ def solve_layer(G: torch.Tensor, P: dict[int, torch.Tensor], prob: LayerProblem,
     return LayerSolution(up=U, down=M, report=report)
 
 
-def _choose_ridge(ridge, G, P, val, U, Dw, prob: LayerProblem, order, target, grid, report: dict):
+# A layer is solved in the range of its Gram matrices when their rows are at most this share of its inputs (with
+# the held-out ridge path; a fixed ridge's one Cholesky is cheaper, so there the share is smaller).
+RANGE_SHARE_AUTO, RANGE_SHARE_FIXED = 0.5, 0.125
+# The share of trace(G) the range may miss before the layer is solved on its full input instead.
+RANGE_LOST_TRACE = 1e-10
+
+
+def gram_range(G: torch.Tensor, rows: int) -> torch.Tensor:
+    """An orthonormal basis ``[in, rows]`` of the range of a Gram matrix of at most ``rows`` activation rows
+    (its rank is at most ``rows``): ``G`` times a seeded Gaussian sketch, orthonormalised."""
+    gen = torch.Generator(device=G.device).manual_seed(0)
+    sketch = torch.randn(G.shape[0], rows, generator=gen, dtype=G.dtype, device=G.device)
+    return torch.linalg.qr(G @ sketch).Q
+
+
+def _solve_in_gram_range(G, P, prob: LayerProblem, n_concepts: int, ridge, ridge_target: str, val, grid,
+                         rows: int | None) -> LayerSolution | None:
+    """The layer's solution from the same problem restricted to the range ``Q`` of ``G`` (+ held-out Gram), or
+    None when that does not pay (too many rows) or ``Q`` misses part of ``G``.
+
+    Exact: every ``G_i``, ``P_i = D_i G_i`` and held-out statistic lives in ``range(Q)``, so with ``x = Q z + y``
+    (``y`` orthogonal), ``(P + lam T)(G + lam I)^-1 = (P Q + lam T Q)(Q^T G Q + lam I)^-1 Q^T + T (I - Q Q^T)``:
+    the ridge problem of the ``rows``-dimensional inputs ``z`` (same objective, same held-out scores, same chosen
+    ridge), lifted back with the ridge target ``T`` where no activation reaches."""
+    auto = ridge == "auto" and val is not None
+    if rows is None or ridge == 0 or (ridge == "auto" and not auto):
+        return None
+    n = G.shape[0]
+    if not 0 < rows <= n * (RANGE_SHARE_AUTO if auto else RANGE_SHARE_FIXED):
+        return None
+    G_all = G + val[0] if auto else G
+    Q = gram_range(G_all, int(rows))
+    proj = lambda M: M @ Q  # noqa: E731
+    G_r = Q.T @ G @ Q
+    val_r = (Q.T @ val[0] @ Q, {i: proj(p) for i, p in val[1].items()}) if auto else None
+    kept = float(G_r.diagonal().sum()) + (float(val_r[0].diagonal().sum()) if auto else 0.0)
+    total = float(G_all.diagonal().sum())
+    if total - kept > RANGE_LOST_TRACE * total:
+        return None
+    order = sorted(prob.downs)
+    sub = LayerProblem(prob.key, prob.component, prob.path, (prob.shape[0], Q.shape[1]), ups=prob.ups,
+                       downs={i: proj(prob.downs[i].to(G.device)) for i in order})
+    sol = solve_layer(G_r, {i: proj(P[i]) for i in order}, sub, n_concepts, ridge, ridge_target=ridge_target,
+                      val=val_r, grid=grid, dim=n)
+    D = torch.cat([prob.downs[i] for i in order], 0).to(G.device)
+    target = D / n_concepts if ridge_target == "average" else torch.zeros_like(D)
+    down = sol.down @ Q.T + target - (target @ Q) @ Q.T  # the target where no activation reaches
+    lam = sol.report.get("ridge_lambda")
+    if lam:  # one step of refinement on the full statistics (Q is accurate to ~eps * |G| / s in a direction of G's
+        # eigenvalue s; the step brings the solution to the full Cholesky solve's accuracy)
+        heldout = sol.report.get("ridge_source") == "held-out"
+        Gf, Gf_r = (G + val[0], G_r + val_r[0]) if heldout else (G, G_r)
+        rhs = torch.cat([P[i] + val[1][i] if heldout else P[i] for i in order], 0) + lam * target
+        L = torch.linalg.cholesky(Gf_r + lam * torch.eye(Q.shape[1], dtype=G.dtype, device=G.device))
+        res = rhs - down @ Gf - lam * down
+        res_q = res @ Q
+        down = down + torch.cholesky_solve(res_q.T, L).T @ Q.T + (res - res_q @ Q.T) / lam
+    sol.report.update(in_dim=prob.in_dim, range_dim=int(Q.shape[1]))
+    return LayerSolution(up=sol.up, down=down, report=sol.report)
+
+
+def _choose_ridge(ridge, G, P, val, U, Dw, prob: LayerProblem, order, target, grid, report: dict, dim=None):
     """The relative ridge of one layer and the statistics to solve with: ``"auto"`` with held-out statistics
     scores every ridge of ``grid`` fitted on ``(G, P)`` on ``val`` and returns the best with fit + held-out
     statistics; else the given ridge (or ``RIDGE_WITHOUT_HELDOUT``) with ``(G, P)``. Adds to ``report``."""
     if ridge == "auto" and val is not None and float(val[0].diagonal().sum()) > 0:
         held = _Objective(U, prob, order, *val)
         Pst = torch.cat([P[i] for i in order], 0)
-        scores = [(held.relative(E), rel) for rel, E in _ridge_path(G, Pst, target, grid, prob.key)]
+        path = _ridge_path(G, Pst, target, grid, prob.key, dim)
+        scores = list(zip(held.relative_many(torch.stack([E for _, E in path])), [rel for rel, _ in path]))
         best = min(scores, key=lambda t: (t[0] if t[0] is not None else float("inf"), -t[1]))
         report.update(ridge_source="held-out", heldout_residual=best[0], heldout_weighted_residual=held.relative(Dw),
                       heldout_grid={f"{r:g}": v for v, r in scores})

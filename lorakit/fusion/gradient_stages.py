@@ -86,43 +86,53 @@ class ConceptWeights:
             return
         for p in self.probs:
             mod = self.modules[p.key]
-            factors = {}
-            for c in p.ups:
-                up, down = p.ups[c].to(mod.weight.device, mod.weight.dtype), p.downs[c].to(mod.weight.device, mod.weight.dtype)
-                if p.is_conv:
-                    up, down = up[:, :, None, None], down.reshape(down.shape[0], *p.shape[1:])
-                factors[c] = (up, down)
-            self._handles.append(mod.register_forward_hook(self._delta_hook(factors)))
+            order = sorted(p.ups)
+            up = torch.cat([p.ups[c] for c in order], 1).to(mod.weight.device, mod.weight.dtype)  # [out, R]
+            down = torch.cat([p.downs[c] for c in order], 0).to(mod.weight.device, mod.weight.dtype)  # [R, in]
+            if p.is_conv:
+                up, down = up[:, :, None, None], down.reshape(down.shape[0], *p.shape[1:])
+            blocks, k = {}, 0
+            for c in order:
+                blocks[c] = (k, k + p.ups[c].shape[1])
+                k += p.ups[c].shape[1]
+            self._handles.append(mod.register_forward_hook(self._delta_hook(up, down, blocks)))
 
     def _unhook_all(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-    def _delta_hook(self, factors: dict):
-        runs: dict[int, list] = {}
+    def _delta_hook(self, up: torch.Tensor, down: torch.Tensor, blocks: dict[int, tuple[int, int]]):
+        """``out += U ((D x) * m)`` with every concept's factors stacked (``U [out, R]``, ``D [R, in]``) and ``m``
+        keeping, for each prompt's rows, the rank block of that prompt's concept: two products per call whatever
+        the number of concepts."""
+        masks: dict[int, torch.Tensor] = {}
         seen = [None]
+
+        def mask_of(n: int) -> torch.Tensor:  # [n, R]: the k copies of the batch are copy-major (concept_runs)
+            if seen[0] is not self.owners:
+                masks.clear()
+                seen[0] = self.owners
+            if n not in masks:
+                m = torch.zeros(n, up.shape[1], dtype=up.dtype, device=up.device)
+                for c, start, stop in concept_runs(self.owners, n):
+                    if c in blocks:
+                        m[start:stop, blocks[c][0] : blocks[c][1]] = 1
+                masks[n] = m
+            return masks[n]
 
         def hook(module, args, out):
             if self.owners is None:
                 return None
             x = args[0]
-            if seen[0] is not self.owners:  # a new batch: its runs of prompts per concept
-                runs.clear()
-                seen[0] = self.owners
-            if x.shape[0] not in runs:
-                runs[x.shape[0]] = concept_runs(self.owners, x.shape[0])
-            for c, start, stop in runs[x.shape[0]]:
-                if c not in factors:
-                    continue
-                up, down = factors[c]
-                xs = x[start:stop]
-                if isinstance(module, torch.nn.Conv2d):
-                    out[start:stop] += F.conv2d(F.conv2d(xs, down, None, module.stride, module.padding,
-                                                         module.dilation), up)
-                else:  # out += (x D^T) U^T in place
-                    rows = out[start:stop].view(-1, out.shape[-1])
-                    rows.addmm_(xs.reshape(-1, xs.shape[-1]) @ down.T, up.T)
+            m = mask_of(x.shape[0])
+            if isinstance(module, torch.nn.Conv2d):
+                z = F.conv2d(x, down, None, module.stride, module.padding, module.dilation)
+                out += F.conv2d(z * m[:, :, None, None], up)
+            else:  # out += ((x D^T) * m) U^T in place
+                z = x @ down.T
+                z *= m.view(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
+                out.view(-1, out.shape[-1]).addmm_(z.view(-1, z.shape[-1]), up.T)
             return out
 
         return hook
@@ -315,8 +325,9 @@ def _solve_stage(pipe, stage: str, stage_probs: list[LayerProblem], collectors: 
             vst = collectors["val"][p.component].stats[p.key] if "val" in collectors else None
             val = (vst.G, vst.P) if vst is not None and settings.ridge == "auto" else None
             sub = subspace_problem(p) if p.key in subspace else p
+            rows = int(st.tokens.item()) + (int(vst.tokens.item()) if val is not None else 0)  # bounds G's rank
             sol = solve_layer(st.G, st.P, sub, n_concepts, settings.ridge, ridge_target=settings.ridge_target,
-                              val=val)
+                              val=val, rows=rows)
             if sub is not p:
                 sol = lift(sol, p)
             sol.report["tokens"] = int(st.tokens.item())

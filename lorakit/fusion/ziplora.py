@@ -7,8 +7,9 @@ LoRA.rar, :mod:`lorakit.fusion.lorarar`) is
     L = mse(f_merged(x_c), f_c(x_c)) + mse(f_merged(x_s), f_s(x_s)) + lam * sum_layers |cos(m_c*dW_c, m_s*dW_s)|
 
 with ``f`` the UNet's noise prediction on noisy latents ``x`` of each LoRA's own reference images and prompts.
-The base UNet never changes: each prediction runs ``torch.func.functional_call`` with the adapted weights
-``W0 + dW`` of the touched layers, so gradients reach only the coefficients.
+The base UNet never changes: each prediction runs ``torch.func.functional_call`` on its detached weights with
+every LoRA's low-rank output added to its layer's, so gradients reach only the coefficients and no full-size
+weight is formed.
 
 A column-scaled merge is exactly a LoRA of rank ``r_c + r_s`` (:func:`export_merged`): scale the columns of
 each down matrix by its coefficient (with the alpha/rank scale folded in) and stack down and up matrices.
@@ -60,6 +61,11 @@ class LossBatch:
 class ZipLoRALoss:
     """The ZipLoRA objective for one (content, style) pair on a frozen UNet.
 
+    The adapted layers are never materialised: each prediction adds every LoRA's low-rank output to its layer's
+    (``x -> up((down * m) x)``, by forward hooks), and the cosine term is computed from the factors. So the
+    memory is the base's plus the activations, not several full-size float32 copies of every merged weight
+    (40 bytes per weight element: 13 GiB at SD 1.5 size).
+
     Args:
         unet: the base UNet (not changed; its parameters are used detached).
         noise_scheduler: a diffusers scheduler with ``add_noise`` and ``config.num_train_timesteps`` (DDPM).
@@ -74,41 +80,56 @@ class ZipLoRALoss:
         self.device, self.dtype = p.device, p.dtype
         self.refs = (ref_c.to(self.device, self.dtype), ref_s.to(self.device, self.dtype))
         self.params = {n: t.detach() for n, t in unet.named_parameters()}
-        self.deltas = {layer.key: tuple(d.to(self.device) for d in layer.deltas()) for layer in plan.merged}
+        self._deltas = None
 
-        def weight_name(key):
-            name = key.split(".", 1)[1] + ".weight"
-            if name not in self.params:
-                raise AdapterError(f"layer {key}: the base UNet has no parameter {name}")
-            return name
+        def factors(key: str, mods: list[LoraModule]) -> tuple[torch.Tensor, torch.Tensor]:
+            module = self._module(key)
+            return _patch_factors(module, [(m, None) for m in mods], self.device)
 
-        def over(mods):
-            out = {}
-            for key, mod in mods.items():
-                if key.startswith("unet."):
-                    w = self.params[weight_name(key)]
-                    out[weight_name(key)] = (w.float() + mod.delta().to(self.device).reshape(w.shape)).to(w.dtype)
-            return out
-
-        unet_layers = [layer for layer in plan.merged + plan.summed]
+        unet_layers = [la for la in plan.merged + plan.summed if la.key.startswith("unet.")]
         content = {**plan.content_only, **{la.key: la.content for la in unet_layers}}
         style = {**plan.style_only, **{la.key: la.style for la in unet_layers}}
-        self.content_weights, self.style_weights = over(content), over(style)
-        fixed = over({**plan.content_only, **plan.style_only})
+        self.content_weights = {k: factors(k, [m]) for k, m in content.items() if k.startswith("unet.")}
+        self.style_weights = {k: factors(k, [m]) for k, m in style.items() if k.startswith("unet.")}
+        fixed = {k: factors(k, [m]) for k, m in {**plan.content_only, **plan.style_only}.items() if k.startswith("unet.")}
         for layer in plan.summed:
             if layer.key.startswith("unet."):
-                name = weight_name(layer.key)
-                dc, ds = layer.deltas()
-                w = self.params[name]
-                fixed[name] = (w.float() + (dc + ds).to(self.device).reshape(w.shape)).to(w.dtype)
+                fixed[layer.key] = factors(layer.key, [layer.content, layer.style])
         self.fixed_weights = fixed
-        self.merged_names = {layer.key: weight_name(layer.key) for layer in plan.merged}
+        self.merged_layers = {layer.key: layer for layer in plan.merged}
+        for key in self.merged_layers:
+            self._module(key)
+        # |<m_c dW_c, m_s dW_s>| and both norms are sums over columns of m_c m_s g_cs, m_c^2 g_cc, m_s^2 g_ss
+        self.grams = {layer.key: _column_grams(layer, self.device) for layer in plan.merged}
+
+    def _module(self, key: str):
+        name = key.split(".", 1)[1]
+        try:
+            module = self.unet.get_submodule(name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            raise AdapterError(f"layer {key}: the base UNet has no linear or conv layer {name}")
+        return module
+
+    @property
+    def deltas(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{merged layer key: (dW_c, dW_s)}``, float32, computed on first use (LoRA.rar's hypernetwork reads
+        the columns)."""
+        if self._deltas is None:
+            self._deltas = {layer.key: tuple(d.to(self.device) for d in layer.deltas()) for layer in self.plan.merged}
+        return self._deltas
 
     def predict(self, weights: dict, sample, timestep, cond: dict) -> torch.Tensor:
-        """UNet noise prediction with some weights replaced: ``[b, C, h, w]``."""
+        """UNet noise prediction with low-rank updates ``{layer key: (down, up)}`` added: ``[b, C, h, w]``."""
         from torch.func import functional_call
 
-        out = functional_call(self.unet, {**self.params, **weights}, (sample,), {"timestep": timestep, **cond, "return_dict": False})
+        handles = [self._module(key).register_forward_hook(_lowrank_hook(*f)) for key, f in weights.items()]
+        try:
+            out = functional_call(self.unet, self.params, (sample,), {"timestep": timestep, **cond, "return_dict": False})
+        finally:
+            for h in handles:
+                h.remove()
         return out[0]
 
     @torch.no_grad()
@@ -129,18 +150,18 @@ class ZipLoRALoss:
         return LossBatch(tuple(noisy), tuple(ts), tuple(conds), tuple(targets))
 
     def merged_weights(self, coeffs: dict) -> tuple[dict, torch.Tensor]:
-        """The merged model's replaced weights for ``coeffs`` and the cosine penalty ``sum_layers |cos|``."""
+        """The merged model's low-rank updates for ``coeffs`` (for :meth:`predict`) and the cosine penalty
+        ``sum_layers |cos(m_c * dW_c, m_s * dW_s)|``, both differentiable in ``coeffs``."""
         weights = dict(self.fixed_weights)
         cos_sum = torch.zeros((), device=self.device)
-        for key, name in self.merged_names.items():
-            dc, ds = self.deltas[key]
+        for key, layer in self.merged_layers.items():
             m_c, m_s = coeffs[key]
-            sc, ss = _per_column(m_c, dc) * dc, _per_column(m_s, ds) * ds
-            w = self.params[name]
-            weights[name] = (w.float() + (sc + ss).reshape(w.shape)).to(w.dtype)
-            cos_sum = cos_sum + F.cosine_similarity(sc.flatten(), ss.flatten(), dim=0, eps=1e-12).abs()
+            weights[key] = _patch_factors(self._module(key), [(layer.content, m_c), (layer.style, m_s)], self.device)
+            g_cs, g_cc, g_ss = self.grams[key]
+            dot = (m_c * m_s * g_cs).sum()
+            norms = ((m_c * m_c * g_cc).sum() * (m_s * m_s * g_ss).sum()).clamp_min(1e-24).sqrt()
+            cos_sum = cos_sum + (dot / norms).abs()
         return weights, cos_sum
-
     def __call__(self, coeffs: dict, batch: LossBatch) -> tuple[torch.Tensor, dict]:
         """The loss (scalar, differentiable in ``coeffs``) and its parts as floats."""
         weights, cos_sum = self.merged_weights(coeffs)
@@ -161,6 +182,65 @@ def _cat_cond(a: dict, b: dict) -> dict:
     if "added_cond_kwargs" in a:
         out["added_cond_kwargs"] = {k: torch.cat([a["added_cond_kwargs"][k], b["added_cond_kwargs"][k]]) for k in a["added_cond_kwargs"]}
     return out
+
+
+def _down_up(mod: LoraModule, module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LoRA's factors in the layout of ``module``: Linear ``[r, in]``, ``[out, r]``; Conv2d ``[r, in, kh, kw]``
+    (a 1x1 conv's down may be stored 2-D), ``[out, r, 1, 1]``."""
+    down, up = mod.down.float(), mod.up.float()
+    if isinstance(module, torch.nn.Conv2d):
+        if down.dim() == 2:
+            down = down.reshape(*down.shape, 1, 1)
+        return down, up.reshape(up.shape[0], -1, 1, 1)
+    return down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
+
+
+def _patch_factors(module, mods: list[tuple[LoraModule, torch.Tensor | None]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One low-rank update ``(down, up)`` for the sum of ``scale * m * dW`` over ``mods`` (``m`` scales the
+    down factor's input columns; ``None``: 1): the factors stacked, ranks added."""
+    downs, ups = [], []
+    for mod, m in mods:
+        down, up = _down_up(mod, module)
+        down = down.to(device) * mod.scale
+        if m is not None:
+            down = down * m.reshape(1, -1, *([1] * (down.dim() - 2))).to(down.dtype)
+        downs.append(down)
+        ups.append(up.to(device))
+    return torch.cat(downs), torch.cat(ups, dim=1)
+
+
+def _lowrank_hook(down: torch.Tensor, up: torch.Tensor):
+    """A forward hook adding ``up(down(x))`` to a Linear or Conv2d output, in the input's dtype."""
+
+    def hook(module, inputs, out):
+        x = inputs[0]
+        d, u = down.to(x.dtype), up.to(x.dtype)
+        if isinstance(module, torch.nn.Conv2d):
+            h = F.conv2d(x, d, None, module.stride, module.padding, module.dilation, module.groups)
+            return out + F.conv2d(h, u)
+        return out + F.linear(F.linear(x, d), u)
+
+    return hook
+
+
+@torch.no_grad()
+def _column_grams(layer: MergeLayer, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per input column ``i``: ``<dW_c[:, i], dW_s[:, i]>``, ``|dW_c[:, i]|^2``, ``|dW_s[:, i]|^2`` (float64 from
+    the factors: ``sum_ab (B_a^T B_b) sum_k A_a[a, i, k] A_b[b, i, k]``), so the cosine of the column-scaled
+    deltas needs no full-size matrix."""
+    parts = []
+    for mod in (layer.content, layer.style):
+        down, up = mod.down.double().to(device), mod.up.double().to(device)
+        parts.append((mod.scale * down.reshape(down.shape[0], down.shape[1], -1), up.reshape(up.shape[0], -1)))
+    if parts[0][0].shape[1:] != parts[1][0].shape[1:]:  # a 1x1 conv stored 2-D in one file and 4-D in the other
+        k = max(parts[0][0].shape[2], parts[1][0].shape[2])
+        parts = [(a.reshape(a.shape[0], a.shape[1], k), b) for a, b in parts]
+
+    def gram(x, y):
+        (a_x, b_x), (a_y, b_y) = x, y
+        return torch.einsum("ab,aik,bik->i", b_x.T @ b_y, a_x, a_y).float()
+
+    return gram(parts[0], parts[1]), gram(parts[0], parts[0]), gram(parts[1], parts[1])
 
 
 def ones_coefficients(plan: MergePlan, device=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -35,9 +35,10 @@ def toy_tokenizer():
     return tiny_tokenizer(tuple(dict.fromkeys(VOCAB + EXTRA_WORDS)))
 
 
-def toy_vae():
-    """Untrained 2-level ``AutoencoderKL`` (scale factor 2, 4 latent channels)."""
-    vae = tiny_vae(norm_num_groups=4, mid_block_add_attention=False)
+def toy_vae(**overrides):
+    """Untrained 2-level ``AutoencoderKL`` (scale factor 2, 4 latent channels); ``overrides``: other
+    ``AutoencoderKL`` arguments (toy world v2's has 3 levels)."""
+    vae = tiny_vae(**{"norm_num_groups": 4, "mid_block_add_attention": False, **overrides})
     # Start with a tiny posterior std (logvar -10): with diffusers' default (std ~1) the sampled latents are
     # mostly noise at first and the decoder learns only blurry averages for hundreds of steps.
     with torch.no_grad():
@@ -55,20 +56,27 @@ def toy_text_encoder(vocab_size: int):
     return tiny_text_encoder(vocab_size, TEXT_WIDTH, 2, with_projection=False)
 
 
-def build_toy_pipeline(seed: int = 0, vae=None, unet=None):
-    """An (untrained unless ``vae``/``unet`` are given) toy ``StableDiffusionPipeline``, fp32, CPU."""
+def build_toy_pipeline(seed: int = 0, vae=None, unet=None, parts=None):
+    """An (untrained unless ``vae``/``unet`` are given) toy ``StableDiffusionPipeline``, fp32, CPU.
+
+    ``parts``: where ``toy_tokenizer``, ``toy_text_encoder``, ``toy_vae`` and ``toy_unet`` come from (default
+    this module; toy world v2 passes its own). The text encoder's weights depend only on ``seed``.
+    """
+    import sys
+
     from diffusers import StableDiffusionPipeline
 
     from lorakit.models import sd_scheduler
 
+    parts = parts or sys.modules[__name__]
     torch.manual_seed(seed)
-    tokenizer = toy_tokenizer()
-    text_encoder = toy_text_encoder(len(tokenizer))
+    tokenizer = parts.toy_tokenizer()
+    text_encoder = parts.toy_text_encoder(len(tokenizer))
     pipe = StableDiffusionPipeline(
-        vae=vae if vae is not None else toy_vae(),
+        vae=vae if vae is not None else parts.toy_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=unet if unet is not None else toy_unet(),
+        unet=unet if unet is not None else parts.toy_unet(),
         scheduler=sd_scheduler("ddim"),
         safety_checker=None,
         feature_extractor=None,

@@ -34,11 +34,16 @@ def make_dataset(concept: str, out_dir: str | os.PathLike, n: int, seed: int = 0
         raise ValueError(f"n must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
     scenes = [generic_scene(rng) if concept == GENERIC else concept_scene(concept, rng) for _ in range(n)]
+    return write_scenes(scenes, out_dir, lambda s: render(s, size), caption)
+
+
+def write_scenes(scenes, out_dir: str | os.PathLike, draw, describe) -> list[Path]:
+    """Write ``draw(scene)`` as ``out_dir/00000.png`` and ``describe(scene)`` as ``out_dir/00000.txt`` for each
+    scene in order (the folder format the trainers read). Returns the image paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, scene in enumerate(scenes):
-        img_path = save_image(render(scene, size), out / f"{i:05d}.png")
-        write_text(caption(scene) + "\n", out / f"{i:05d}.txt")
-        paths.append(img_path)
+        paths.append(save_image(draw(scene), out / f"{i:05d}.png"))
+        write_text(describe(scene) + "\n", out / f"{i:05d}.txt")
     return paths

@@ -114,13 +114,10 @@ def concept_lora_path(concept: str, out_dir: str | os.PathLike, base: str | None
                       overrides: list[str] | None = None) -> Path:
     """Where :func:`train_concept_lora` keeps (or will keep) this concept's LoRA: ``out_dir/toy_<concept>-<hash>
     .safetensors``; it is cached when the file exists."""
-    from lorakit.config import load_config
     from lorakit.toyworld.concepts import get_concept
-    from lorakit.training.blockwise import BlockwiseConfig
 
     name = get_concept(concept).name
-    cfg = load_config(BlockwiseConfig, recipe_path(name), _overrides(name, base, overrides))
-    return Path(out_dir) / f"toy_{name}-{recipe_hash(cfg)}.safetensors"
+    return recipe_lora_path(recipe_path(name), f"toy_{name}", out_dir, _overrides(name, base, overrides))
 
 
 def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | None = None,
@@ -136,27 +133,43 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
     Returns:
         Path of the adapter file (kohya keys; ``lorakit.trigger`` in its metadata).
     """
+    from lorakit.toyworld.concepts import get_concept
+
+    name = get_concept(concept).name
+    return train_recipe_lora(recipe_path(name), f"toy_{name}", out_dir, _overrides(name, base, overrides), force)
+
+
+def recipe_lora_path(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str]) -> Path:
+    """``out_dir/<stem>-<recipe hash>.safetensors``: where :func:`train_recipe_lora` keeps this recipe's LoRA."""
+    from lorakit.config import load_config
+    from lorakit.training.blockwise import BlockwiseConfig
+
+    cfg = load_config(BlockwiseConfig, recipe, overrides)
+    return Path(out_dir) / f"{stem}-{recipe_hash(cfg)}.safetensors"
+
+
+def train_recipe_lora(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str],
+                      force: bool = False) -> Path:
+    """Train a block-wise recipe (with ``overrides``) into ``out_dir/<stem>-<hash>.safetensors``, or return that
+    file when it exists (and not ``force``). The latent cache is ``out_dir/latent_cache``."""
     import contextlib
     import io
     import tempfile
 
     from lorakit.config import load_config
     from lorakit.fileio import copy_file
-    from lorakit.toyworld.concepts import get_concept
     from lorakit.training.blockwise import BlockwiseConfig, train
 
-    name = get_concept(concept).name
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ov = _overrides(name, base, overrides)
-    target = concept_lora_path(name, out_dir, base, overrides)
+    target = recipe_lora_path(recipe, stem, out_dir, overrides)
     if target.exists() and not force:
         return target
-    with tempfile.TemporaryDirectory(prefix=f"toy_{name}-", dir=out_dir) as work:
-        run = load_config(BlockwiseConfig, recipe_path(name), ov + [f"output_dir={work}", "checkpointing_steps=0",
-                                                                       "checkpoint_at_end=false", "save_every=0",
-                                                                       "logging=none",
-                                                                       f"data.cache_dir={out_dir / 'latent_cache'}"])
+    with tempfile.TemporaryDirectory(prefix=f"{stem}-", dir=out_dir) as work:
+        run = load_config(BlockwiseConfig, recipe, overrides + [f"output_dir={work}", "checkpointing_steps=0",
+                                                                "checkpoint_at_end=false", "save_every=0",
+                                                                "logging=none",
+                                                                f"data.cache_dir={out_dir / 'latent_cache'}"])
         # The trainer's summary names the temporary folder, which is gone when this returns: print it with the
         # path the LoRA is kept at instead, so every printed path exists.
         buf = io.StringIO()

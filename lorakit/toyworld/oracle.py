@@ -37,10 +37,13 @@ DEFAULT_DIR = data_path("oracle")
 
 
 class OracleNet(nn.Module):
-    """CNN over 32x32 RGB ``[N, 3, 32, 32]`` in [0, 1] -> presence logits ``[N, n_concepts]``."""
+    """CNN over RGB ``[N, 3, S, S]`` in [0, 1] -> presence logits ``[N, n_concepts]``; ``image_size`` S is 32 (v1)
+    or 64 (toy world v2: one more stride-2 stage in front, so both reach 4x4 before the head)."""
 
-    def __init__(self, n_concepts: int, width: int = 32):
+    def __init__(self, n_concepts: int, width: int = 32, image_size: int = IMAGE_SIZE):
         super().__init__()
+        if image_size not in (32, 64):
+            raise ValueError(f"OracleNet image_size must be 32 or 64, got {image_size}")
         w = width
 
         def block(cin, cout):
@@ -49,8 +52,11 @@ class OracleNet(nn.Module):
                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
             )
 
+        stem = [] if image_size == 32 else [nn.Conv2d(3, w // 2, 3, padding=1), nn.BatchNorm2d(w // 2),
+                                            nn.ReLU(inplace=True), nn.MaxPool2d(2)]  # 64 -> 32
         self.features = nn.Sequential(
-            block(3, w // 2), nn.MaxPool2d(2),  # 16x16
+            *stem,
+            block(w // 2 if stem else 3, w // 2), nn.MaxPool2d(2),  # 16x16
             block(w // 2, w), nn.MaxPool2d(2),  # 8x8
             block(w, 2 * w), nn.MaxPool2d(2),  # 4x4
             block(2 * w, 4 * w),
@@ -60,6 +66,31 @@ class OracleNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features((x - 0.5) / 0.25))
+
+
+def to_tensor(images, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Images (list of PIL, any size, or a float tensor ``[N, 3, H, W]`` in [0, 1]) -> ``[N, 3, size, size]``."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"image tensor must be [N, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+        x = images.detach().float().cpu()
+        if x.shape[-2:] != (size, size):
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
+        return x.clamp(0, 1)
+    arrs = []
+    for i, img in enumerate(images):
+        if not isinstance(img, Image.Image):
+            raise ValueError(f"image {i} is a {type(img).__name__}; expected a PIL image or one [N,3,H,W] tensor")
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BOX)
+        arrs.append(np.asarray(img, np.float32) / 255.0)
+    if not arrs:
+        return torch.zeros(0, 3, size, size)
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -99,7 +130,11 @@ class OracleScores:
 
 
 class Oracle:
-    """A loaded oracle: ``Oracle.load(dir)``, then :meth:`score`."""
+    """A loaded oracle: ``Oracle.load(dir)``, then :meth:`score`. Toy world v2's oracle
+    (:class:`lorakit.toyworld.v2.oracle.Oracle`) is this class at 64x64 over v2's concepts."""
+
+    image_size = IMAGE_SIZE
+    trainer = "tools/train_oracle.py"
 
     def __init__(self, net: OracleNet, concepts: list[str], config: dict):
         self.net = net.eval()
@@ -107,44 +142,35 @@ class Oracle:
         self.config = config
 
     @classmethod
+    def default_dir(cls) -> Path:
+        """``$LORAKIT_ORACLE`` or the bundled ``data/oracle``."""
+        return Path(os.environ.get("LORAKIT_ORACLE") or DEFAULT_DIR)
+
+    @classmethod
+    def check_config(cls, config: dict, path: Path) -> None:
+        """Refuse an oracle of another toy world."""
+        if config.get("world", "v1") != "v1":
+            raise ValueError(f"{path}: a toy world {config['world']} oracle (load it with its world's Oracle)")
+
+    @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "Oracle":
-        """Load ``<path>/config.json`` + ``<path>/oracle.safetensors`` (default ``data/oracle`` of the repo,
-        or ``$LORAKIT_ORACLE``)."""
+        """Load ``<path>/config.json`` + ``<path>/oracle.safetensors`` (default: :meth:`default_dir`)."""
         from lorakit.fileio import load_safetensors
 
-        folder = Path(path or os.environ.get("LORAKIT_ORACLE") or DEFAULT_DIR)
+        folder = Path(path) if path else cls.default_dir()
         cfg_path, w_path = folder / "config.json", folder / "oracle.safetensors"
         for f in (cfg_path, w_path):
             if not f.exists():
-                raise FileNotFoundError(f"oracle file missing: {f} (build it with tools/train_oracle.py)")
+                raise FileNotFoundError(f"oracle file missing: {f} (build it with {cls.trainer})")
         config = json.loads(cfg_path.read_text())
-        net = OracleNet(len(config["concepts"]), width=config.get("width", 32))
+        cls.check_config(config, cfg_path)
+        net = OracleNet(len(config["concepts"]), width=config.get("width", 32), image_size=cls.image_size)
         net.load_state_dict({k: v.float() for k, v in load_safetensors(w_path)[0].items()})
         return cls(net, config["concepts"], config)
 
     def to_tensor(self, images) -> torch.Tensor:
-        """Images (list of PIL, or float tensor ``[N, 3, H, W]`` in [0, 1]) -> ``[N, 3, 32, 32]`` float."""
-        import numpy as np
-        from PIL import Image
-
-        if isinstance(images, torch.Tensor):
-            if images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(f"image tensor must be [N, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
-            x = images.detach().float().cpu()
-            if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-                x = torch.nn.functional.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="area")
-            return x.clamp(0, 1)
-        arrs = []
-        for i, img in enumerate(images):
-            if not isinstance(img, Image.Image):
-                raise ValueError(f"image {i} is a {type(img).__name__}; expected a PIL image or one [N,3,H,W] tensor")
-            img = img.convert("RGB")
-            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-                img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
-            arrs.append(np.asarray(img, np.float32) / 255.0)
-        if not arrs:
-            return torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE)
-        return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
+        """Images (list of PIL, or float tensor ``[N, 3, H, W]`` in [0, 1]) -> ``[N, 3, S, S]`` float."""
+        return to_tensor(images, self.image_size)
 
     @torch.no_grad()
     def probabilities(self, images) -> torch.Tensor:
@@ -154,9 +180,13 @@ class Oracle:
             return torch.zeros(0, len(self.concepts))
         return torch.cat([torch.sigmoid(self.net(x[i : i + 256])) for i in range(0, len(x), 256)])
 
+    def concept_name(self, name: str) -> str:
+        """The concept a name asks for (v1: a name or a trigger word)."""
+        return get_concept(name).name
+
     def score(self, images, concepts=None, threshold: float = 0.5) -> OracleScores:
         """Score ``images`` for ``concepts`` (names or trigger words; default: all). See :class:`OracleScores`."""
-        names = self.concepts if concepts is None else list(dict.fromkeys(get_concept(c).name for c in concepts))
+        names = self.concepts if concepts is None else list(dict.fromkeys(self.concept_name(c) for c in concepts))
         for n in names:
             if n not in self.concepts:
                 raise ValueError(f"the oracle does not know concept {n!r}; it knows {self.concepts}")

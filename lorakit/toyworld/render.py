@@ -55,21 +55,21 @@ class Scene:
     seed: int = 0
 
     def __post_init__(self):
-        _check(self.background, [*GENERIC_BACKGROUNDS, *(c.name for c in concepts_of_kind("background", True))], "background")
-        _check(self.bg_color, BACKGROUND_COLORS, "bg_color")
+        check_choice(self.background, [*GENERIC_BACKGROUNDS, *(c.name for c in concepts_of_kind("background", True))], "background")
+        check_choice(self.bg_color, BACKGROUND_COLORS, "bg_color")
         if self.shape is not None:
-            _check(self.shape, SHAPES, "shape")
-        _check(self.shape_color, SHAPE_COLORS, "shape_color")
+            check_choice(self.shape, SHAPES, "shape")
+        check_choice(self.shape_color, SHAPE_COLORS, "shape_color")
         for ch in self.characters:
-            _check(ch, [c.name for c in concepts_of_kind("character")], "character")
+            check_choice(ch, [c.name for c in concepts_of_kind("character")], "character")
         if len(self.characters) > 2:
             raise ValueError(f"a scene holds at most 2 characters, got {list(self.characters)}")
         for ob in self.objects:
-            _check(ob, [c.name for c in concepts_of_kind("object")], "object")
+            check_choice(ob, [c.name for c in concepts_of_kind("object")], "object")
         if len(set(self.objects)) != len(self.objects):
             raise ValueError(f"objects repeat: {list(self.objects)}")
         if self.style is not None:
-            _check(self.style, [c.name for c in concepts_of_kind("style")], "style")
+            check_choice(self.style, [c.name for c in concepts_of_kind("style")], "style")
 
     def concepts(self) -> set[str]:
         """Names of the concepts this scene shows (the oracle's targets)."""
@@ -82,7 +82,8 @@ class Scene:
         return out
 
 
-def _check(value, allowed, what):
+def check_choice(value, allowed, what):
+    """A ValueError naming ``what``, the bad value and the allowed ones, unless ``value`` is allowed."""
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; expected one of {sorted(allowed)}")
 
@@ -131,12 +132,13 @@ def _background(scene: Scene, n: int, rng: np.random.Generator) -> np.ndarray:
             cx, cy = rng.uniform(0.04, 0.96, size=2) * n
             r = rng.uniform(0.025, 0.04) * n
             colour = (255, 230, 80) if rng.random() < 0.6 else (245, 245, 255)
-            d.polygon(_star_points(cx, cy, r, r * 0.45), fill=colour)
+            d.polygon(star_points(cx, cy, r, r * 0.45), fill=colour)
         return np.asarray(pil, np.float32)
     raise AssertionError(scene.background)
 
 
-def _star_points(cx, cy, r_out, r_in, points=4):
+def star_points(cx, cy, r_out, r_in, points=4):
+    """Polygon of a ``points``-point star centred at (cx, cy)."""
     angles = np.arange(2 * points) * np.pi / points - np.pi / 2
     radii = np.where(np.arange(2 * points) % 2 == 0, r_out, r_in)
     return [(float(cx + r * np.cos(a)), float(cy + r * np.sin(a))) for a, r in zip(angles, radii)]
@@ -145,7 +147,8 @@ def _star_points(cx, cy, r_out, r_in, points=4):
 # ---------------------------------------------------------------- sprites (PIL, supersampled canvas)
 
 
-def _shape(d: ImageDraw.ImageDraw, shape: str, cx, cy, r, colour):
+def draw_shape(d: ImageDraw.ImageDraw, shape: str, cx, cy, r, colour):
+    """A generic shape (circle, square, triangle, cross) of radius ``r`` at (cx, cy)."""
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     elif shape == "square":
@@ -294,7 +297,7 @@ def render(scene: Scene, size: int = 32) -> Image.Image:
     jit = rng.uniform(-1, 1, size=6)
     if scene.shape is not None:
         r = n * (0.22 + 0.05 * jit[0])
-        _shape(d, scene.shape, n * (0.5 + 0.12 * jit[1]), n * (0.5 + 0.12 * jit[2]), r, SHAPE_COLORS[scene.shape_color])
+        draw_shape(d, scene.shape, n * (0.5 + 0.12 * jit[1]), n * (0.5 + 0.12 * jit[2]), r, SHAPE_COLORS[scene.shape_color])
     head = None
     if len(scene.characters) == 1:
         s = n * (0.62 + 0.06 * jit[3])

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS, SHAPE_COLORS, SHAPES
-from lorakit.toyworld.render import SUPERSAMPLE, Scene, _background, _shape
+from lorakit.toyworld.render import SUPERSAMPLE, Scene, _background, draw_shape
 
 HALVES = ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0))  # left, right: (top, left, bottom, right) fractions
 
@@ -89,8 +89,8 @@ def render_sketch_scene(scene: SketchScene, size: int = 32) -> tuple[Image.Image
     mask = Image.new("L", (n, n), 0)
     d, dm = ImageDraw.Draw(canvas), ImageDraw.Draw(mask)
     for p in scene.shapes:
-        _shape(d, p.shape, p.cx * n, p.cy * n, p.r * n, SHAPE_COLORS[p.color])
-        _shape(dm, p.shape, p.cx * n, p.cy * n, p.r * n, 255)
+        draw_shape(d, p.shape, p.cx * n, p.cy * n, p.r * n, SHAPE_COLORS[p.color])
+        draw_shape(dm, p.shape, p.cx * n, p.cy * n, p.r * n, 255)
     image = canvas.resize((size, size), Image.BOX)
     silhouette = np.asarray(mask.resize((size, size), Image.BOX), np.float32) / 255.0
     return image, silhouette

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from lorakit.config import load_config, schema_defaults
 from lorakit.errors import script_main
 from lorakit.training import recipes
+from lorakit.training.key_help import key_help
 
 
 @dataclass(frozen=True)
@@ -18,19 +19,21 @@ class Trainer:
     schema: str  # dataclass in lorakit.training.recipes
     description: str
     example: str
+    doc: str  # the docs page that explains its keys
     hidden: tuple[str, ...] = ()  # key prefixes the trainer does not read
 
 
 TRAINERS = {
     "blockwise": Trainer("lorakit.training.blockwise", "BlockwiseConfig",
                          "Train a block-wise LoRA / LoCon adapter (per-block rank; 0 skips a block).",
-                         "max_steps=100 network.blocks=upper"),
+                         "max_steps=100 network.blocks=upper", "docs/training.md"),
     "edlora": Trainer("lorakit.training.edlora", "EDLoRAConfig",
                       "Train an ED-LoRA (Mix-of-Show) concept: layer-wise embeddings + LoRA.",
-                      "max_steps=100 concept.init_word=cat"),
+                      "max_steps=100 concept.init_word=cat", "docs/edlora.md"),
     "lorarar": Trainer("lorakit.training.lorarar", "LoraRarConfig",
                        "Train the LoRA.rar merging hypernetwork over content/style LoRA pairs.",
-                       "max_steps=50 synthetic.content=3", hidden=("data.",)),
+                       "max_steps=50 synthetic.content=3", "docs/lorarar.md",
+                       hidden=("data.", "text_encoder_lr", "sample_")),
 }
 
 
@@ -39,17 +42,19 @@ def build_parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
     trainer = TRAINERS[name]
     keys = [(k, v) for k, v in schema_defaults(getattr(recipes, trainer.schema))
             if not k.startswith(trainer.hidden or ("\0",))]
-    width = max(len(k) for k, _ in keys)
-    listing = "\n".join(f"  {k:<{width}}  {v!r}" for k, v in keys)
+    shown = [(k, repr(v)) for k, v in keys]
+    width, dwidth = max(len(k) for k, _ in shown), min(24, max(len(d) for _, d in shown))
+    listing = "\n".join(f"  {k:<{width}}  {d:<{dwidth}}  {key_help(name, k)}" for k, d in shown)
     parser = argparse.ArgumentParser(
         prog=prog or f"train_{name}.py",
         description=f"{trainer.description}\nRuns under `accelerate launch` for several GPUs or processes; "
-        "docs/training.md explains every key.",
-        epilog=f"recipe keys (default):\n{listing}",
+        f"{trainer.doc} explains every key.",
+        epilog=f"recipe keys (default, meaning):\n{listing}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="a YAML recipe (train_configs/*.yaml); keys not given keep their default")
-    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {trainer.example}")
+    parser.add_argument("--config", help="a YAML recipe (train_configs/*.yaml); keys not given keep their default "
+                        "(default: none, every key at its default)")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {trainer.example} (default: none)")
     return parser
 
 

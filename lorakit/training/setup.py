@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from lorakit import models  # looked up at call time: tests replace models.load_base
-from lorakit.logs import show_progress
 
 FROZEN = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -35,7 +34,7 @@ def sample_images(pipe, cfg, accelerator, **inputs):
     """Images of the recipe's sample settings (``sample_*`` keys), seeded, under the run's autocast."""
     size = cfg.sample_resolution or cfg.data.resolution
     gen = torch.Generator(device="cpu").manual_seed(cfg.sample_seed)
-    pipe.set_progress_bar_config(desc="samples", leave=False, disable=not show_progress())
+    pipe.set_progress_bar_config(disable=True)  # the training bar stays the one bar; a sampling one would nest under it
     with accelerator.autocast():
         return pipe(num_inference_steps=cfg.sample_num_inference_steps, guidance_scale=cfg.sample_guidance_scale,
                     generator=gen, height=size, width=size, **inputs).images

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorakit.fileio import save_image, write_text
+from lorakit.toyworld.dataset import write_scenes
 from lorakit.toyworld.v2.render import caption, render
 from lorakit.toyworld.v2.scenes import class_scene, concept_scene
 
@@ -28,10 +28,4 @@ def make_dataset(concept: str, out_dir: str | os.PathLike, n: int, seed: int = 0
         raise ValueError(f"n must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
     scenes = [class_scene(rng) if concept == CLASS_WORLD else concept_scene(concept, rng) for _ in range(n)]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, scene in enumerate(scenes):
-        paths.append(save_image(render(scene), out / f"{i:05d}.png"))
-        write_text(caption(scene) + "\n", out / f"{i:05d}.txt")
-    return paths
+    return write_scenes(scenes, out_dir, render, caption)

@@ -14,11 +14,13 @@
 
 from __future__ import annotations
 
-import torch
+import sys
 
+from lorakit.toyworld import base as v1
+from lorakit.toyworld.base import toy_text_encoder  # noqa: F401 - the same frozen 2-layer encoder as v1
 from lorakit.toyworld.v2.concepts import VOCAB
 
-TEXT_WIDTH = 64
+TEXT_WIDTH = v1.TEXT_WIDTH
 IMAGE_SIZE = 64
 LATENT_SIZE = 16
 
@@ -31,51 +33,16 @@ def toy_tokenizer():
 
 
 def toy_vae():
-    """Untrained 3-level ``AutoencoderKL`` (64x64 RGB <-> 4x16x16)."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=IMAGE_SIZE,
-        mid_block_add_attention=False,
-    )
-    # A tiny posterior std at the start (logvar -10): with diffusers' default (std ~1) the decoder first learns
-    # only blurry averages of noisy latents.
-    with torch.no_grad():
-        vae.quant_conv.bias[vae.config.latent_channels :] = -10.0
-    return vae
+    """Untrained 3-level ``AutoencoderKL`` (64x64 RGB <-> 4x16x16), v1's VAE with one more level."""
+    return v1.toy_vae(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                      up_block_types=("UpDecoderBlock2D",) * 3, sample_size=IMAGE_SIZE)
 
 
 def toy_unet():
-    """Untrained ``UNet2DConditionModel`` in SD1's block layout for 4x16x16 latents."""
-    from diffusers import UNet2DConditionModel
+    """Untrained ``UNet2DConditionModel`` in SD1's block layout (``layers_per_block=2``) for 4x16x16 latents."""
+    from lorakit.tiny_models import tiny_unet
 
-    return UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-
-
-def toy_text_encoder(vocab_size: int):
-    """Random 2-layer CLIP text encoder of width 64 (frozen in training)."""
-    from lorakit.models import _tiny_text_encoder
-
-    return _tiny_text_encoder(vocab_size, TEXT_WIDTH, 2, with_projection=False)
+    return tiny_unet("sd1", cross_attention_dim=TEXT_WIDTH, sample_size=LATENT_SIZE, norm_num_groups=8)
 
 
 def build_toy_pipeline(seed: int = 0, vae=None, unet=None):
@@ -83,22 +50,4 @@ def build_toy_pipeline(seed: int = 0, vae=None, unet=None):
 
     The text encoder's weights depend only on ``seed``.
     """
-    from diffusers import StableDiffusionPipeline
-
-    from lorakit.models import sd_scheduler
-
-    torch.manual_seed(seed)
-    tokenizer = toy_tokenizer()
-    text_encoder = toy_text_encoder(len(tokenizer))
-    pipe = StableDiffusionPipeline(
-        vae=vae if vae is not None else toy_vae(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet if unet is not None else toy_unet(),
-        scheduler=sd_scheduler("ddim"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return v1.build_toy_pipeline(seed, vae, unet, parts=sys.modules[__name__])

@@ -23,6 +23,7 @@ from lorakit.toyworld.concepts import (
     SHAPE_COLORS,
     SHAPES,
 )
+from lorakit.toyworld.render import check_choice, draw_shape, star_points
 from lorakit.toyworld.v2.concepts import CONCEPTS, concepts_of
 
 SIZE = 64
@@ -70,24 +71,24 @@ class Scene:
     seed: int = 0
 
     def __post_init__(self):
-        _check(self.background, BACKGROUNDS, "background")
-        _check(self.bg_color, BACKGROUND_COLORS, "bg_color")
+        check_choice(self.background, BACKGROUNDS, "background")
+        check_choice(self.bg_color, BACKGROUND_COLORS, "bg_color")
         if self.shape is not None:
-            _check(self.shape, SHAPES, "shape")
+            check_choice(self.shape, SHAPES, "shape")
         for col in (self.shape_color, self.hat_color, self.mushroom_color, *self.char_colors):
-            _check(col, SHAPE_COLORS, "colour")
+            check_choice(col, SHAPE_COLORS, "colour")
         for ch in self.characters:
-            _check(ch, CHARACTERS, "character")
+            check_choice(ch, CHARACTERS, "character")
         if len(self.characters) > 2:
             raise ValueError(f"a scene holds at most 2 characters, got {list(self.characters)}")
         if self.char_colors and len(self.char_colors) != len(self.characters):
             raise ValueError(f"char_colors {list(self.char_colors)} must give one colour per character")
         if self.hat is not None:
-            _check(self.hat, HATS, "hat")
+            check_choice(self.hat, HATS, "hat")
         if self.mushroom is not None:
-            _check(self.mushroom, MUSHROOMS, "mushroom")
+            check_choice(self.mushroom, MUSHROOMS, "mushroom")
         if self.style is not None:
-            _check(self.style, STYLES, "style")
+            check_choice(self.style, STYLES, "style")
 
     def colour_of(self, i: int) -> str:
         return self.char_colors[i] if self.char_colors else "red"
@@ -99,11 +100,6 @@ class Scene:
         if self.shape is not None:
             names |= {self.shape, self.shape_color}
         return names | {CONCEPTS[n].cls for n in names if CONCEPTS[n].cls}
-
-
-def _check(value, allowed, what):
-    if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r}; expected one of {sorted(allowed)}")
 
 
 def _tag(name: str, colour: str | None) -> str:
@@ -141,12 +137,6 @@ def _shade(c, f):
 def _tint(c, f):
     """Blend ``c`` towards white by ``f``."""
     return _rgb(np.array(c, np.float32) * (1 - f) + 255 * f)
-
-
-def _star_points(cx, cy, r_out, r_in, points=4):
-    angles = np.arange(2 * points) * np.pi / points - np.pi / 2
-    radii = np.where(np.arange(2 * points) % 2 == 0, r_out, r_in)
-    return [(float(cx + r * np.cos(a)), float(cy + r * np.sin(a))) for a, r in zip(angles, radii)]
 
 
 # ---------------------------------------------------------------- backgrounds ([n, n, 3] float)
@@ -188,25 +178,11 @@ def _background(scene: Scene, n: int, rng: np.random.Generator) -> np.ndarray:
     for _ in range(7):
         cx, cy = rng.uniform(0.3, 0.96) * n, rng.uniform(0.04, 0.96) * n
         r = rng.uniform(0.03, 0.045) * n
-        d.polygon(_star_points(cx, cy, r, r * 0.4), fill=(255, 230, 80) if rng.random() < 0.6 else (245, 245, 255))
+        d.polygon(star_points(cx, cy, r, r * 0.4), fill=(255, 230, 80) if rng.random() < 0.6 else (245, 245, 255))
     return np.asarray(pil, np.float32)
 
 
 # ---------------------------------------------------------------- sprites (PIL, supersampled canvas)
-
-
-def _shape(d, shape, cx, cy, r, colour):
-    if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    elif shape == "square":
-        k = r * 0.88
-        d.rectangle([cx - k, cy - k, cx + k, cy + k], fill=colour)
-    elif shape == "triangle":
-        d.polygon([(cx, cy - r * 1.05), (cx + r * 1.1, cy + r * 0.85), (cx - r * 1.1, cy + r * 0.85)], fill=colour)
-    else:
-        a = r * 0.36
-        d.rectangle([cx - r, cy - a, cx + r, cy + a], fill=colour)
-        d.rectangle([cx - a, cy - r, cx + a, cy + r], fill=colour)
 
 
 def _robot(d, cx, cy, s, colour, v, identity):
@@ -389,7 +365,7 @@ def render(scene: Scene, size: int = SIZE) -> Image.Image:
     d = ImageDraw.Draw(canvas)
     if scene.shape is not None:
         r = n * (0.22 + 0.05 * jit[0])
-        _shape(d, scene.shape, n * (0.5 + 0.12 * jit[1]), n * (0.5 + 0.12 * jit[2]), r, SHAPE_COLORS[scene.shape_color])
+        draw_shape(d, scene.shape, n * (0.5 + 0.12 * jit[1]), n * (0.5 + 0.12 * jit[2]), r, SHAPE_COLORS[scene.shape_color])
     head = None
     chars = scene.characters
     shift = -0.08 if scene.mushroom is not None and len(chars) == 1 else 0.0

@@ -1,0 +1,93 @@
+"""Train toy world v2 identity LoRAs from their recipes (``train_configs/toy2_<identity>.yaml``), cached by hash.
+
+A recipe names its data as ``data/toy2/<identity>`` (whole-scene captions) and ``data/toy2/class``
+(regularisation images of the class world). Those folders are not shipped: :func:`ensure_data` renders them
+(deterministically: same arguments, same bytes) under the LoRA cache, and the recipe hash covers their bytes,
+as for v1 (:mod:`lorakit.toyworld.loras`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lorakit.resources import BUNDLED
+from lorakit.toyworld.loras import recipe_lora_path, train_recipe_lora
+from lorakit.toyworld.v2.concepts import get_concept
+from lorakit.toyworld.v2.dataset import CLASS_WORLD, make_dataset
+
+# Images per folder and the seed each is rendered with (the recipes' comments say the same).
+DATA_N = 40
+DATA_SEED = 0
+REG_N = 40
+REG_SEED = 1
+
+
+def identity_name(concept: str) -> str:
+    """``concept`` if it is a v2 identity (``kwibbit``), else a ValueError naming the identities."""
+    c = get_concept(concept)
+    if c.role != "identity":
+        from lorakit.toyworld.v2.concepts import IDENTITIES
+
+        raise ValueError(f"{concept!r} is a v2 {c.role} concept; v2 LoRAs are made for the identities: "
+                         f"{', '.join(i.name for i in IDENTITIES)}")
+    return c.name
+
+
+def recipe_path(identity: str) -> Path:
+    """``train_configs/toy2_<identity>.yaml`` (through the bundled recipes folder)."""
+    path = BUNDLED / "recipes" / f"toy2_{identity_name(identity)}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"no toy world v2 recipe for {identity!r}: expected {path}")
+    return path
+
+
+def ensure_data(identity: str, root: str | os.PathLike) -> tuple[Path, Path]:
+    """The identity's dataset and the regularisation folder under ``root`` (``<identity>-n40-s0``,
+    ``class-n40-s1``), rendered when missing. A folder is written under a temporary name and renamed, so a
+    half-written one is never used."""
+    root = Path(root)
+    out = []
+    for name, n, seed in ((identity_name(identity), DATA_N, DATA_SEED), (CLASS_WORLD, REG_N, REG_SEED)):
+        folder = root / f"{name}-n{n}-s{seed}"
+        if not folder.is_dir():
+            tmp = root / f".{folder.name}.tmp{os.getpid()}"
+            make_dataset(name, tmp, n, seed)
+            os.replace(tmp, folder)
+        out.append(folder)
+    return out[0], out[1]
+
+
+def _overrides(identity: str, base: str | os.PathLike, out_dir: Path, overrides: list[str] | None) -> list[str]:
+    if not Path(base).exists() and not str(base).startswith(("tiny:", "random:")):
+        raise FileNotFoundError(f"toy world v2 base not found: {base} (a v2 pipeline folder, e.g. one of "
+                                f"<work>/unet/toy-unet-stepNNNNNN written by tools/train_toy_base_v2.py)")
+    data, reg = ensure_data(identity, out_dir / "toy2-data")
+    return [f"base_model={base}", f"data.path={data}", f"data.reg_path={reg}", *(overrides or [])]
+
+
+def lora_path(identity: str, out_dir: str | os.PathLike, base: str | os.PathLike,
+              overrides: list[str] | None = None) -> Path:
+    """Where :func:`train_identity_lora` keeps this identity's LoRA (``out_dir/toy2_<identity>-<hash>
+    .safetensors``)."""
+    name = identity_name(identity)
+    return recipe_lora_path(recipe_path(name), f"toy2_{name}", out_dir,
+                            _overrides(name, base, Path(out_dir), overrides))
+
+
+def train_identity_lora(identity: str, out_dir: str | os.PathLike, base: str | os.PathLike,
+                        overrides: list[str] | None = None, force: bool = False) -> Path:
+    """Train (or reuse) the v2 LoRA of ``identity`` on the v2 pipeline ``base``.
+
+    Args:
+        identity: a v2 identity (``kwibbit``, ``zorbo``, ...).
+        out_dir: LoRA cache folder; its data goes to ``out_dir/toy2-data``.
+        base: a v2 pipeline folder (there is no bundled v2 base yet).
+        overrides: extra ``key=value`` recipe overrides (``["max_steps=100"]``).
+        force: retrain even when the LoRA with this hash exists.
+    Returns:
+        The adapter file (kohya keys; ``lorakit.trigger`` = the identity in its metadata).
+    """
+    name = identity_name(identity)
+    return train_recipe_lora(recipe_path(name), f"toy2_{name}", out_dir,
+                             _overrides(name, base, Path(out_dir), overrides), force)
