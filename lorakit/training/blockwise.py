@@ -43,20 +43,10 @@ from lorakit.outputs import claim_dir
 from lorakit.precision import torch_dtype
 from lorakit.training import diffusion_step as step
 from lorakit.training.entry import main as entry_main
-from lorakit.training.loop import (
-    TrainLoop,
-    build_optimizer,
-    make_accelerator,
-    preflight,
-)
+from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight
 from lorakit.training.recipes import BlockwiseConfig  # noqa: F401 - its recipe schema, importable from here
-from lorakit.training.setup import (
-    base_pipeline,
-    freeze_and_place,
-    require_base,
-    sample_images,
-    trainable_count,
-)
+from lorakit.training.setup import DiffusionRun, base_pipeline, freeze_and_place, require_base, sample_images
+from lorakit.training.setup import trainable_count
 
 # Salts of the per-sample random streams (kept here for callers; see lorakit.training.diffusion_step).
 SALT_LATENT, SALT_NOISE, SALT_OFFSET, SALT_TIMESTEP = (step.SALT_LATENT, step.SALT_NOISE, step.SALT_OFFSET,
@@ -157,13 +147,9 @@ def adapter_from_pipe(pipe, cfg, arch: str, trained: dict, dtype: torch.dtype | 
 
 
 @dataclass
-class Run:
+class Run(DiffusionRun):
     """What the phases of one training build and the loop's callables use."""
 
-    cfg: object
-    accelerator: object
-    pipe: object
-    arch: str
     weight_dtype: torch.dtype
     vae_dtype: torch.dtype
     noise_scheduler: object = None
