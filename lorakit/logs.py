@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 
 LEVELS = ("quiet", "normal", "verbose")
@@ -84,10 +83,9 @@ def configure(chosen: str | None = None) -> str:
             warnings.filterwarnings("ignore", message=pattern)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-    if warnings.showwarning is not _show_warning:
-        _show = warnings.showwarning
-        warnings.showwarning = _show_warning
-        _show_warning.previous = _show
+    if warnings.formatwarning is not _format_warning:
+        _format_warning.previous = warnings.formatwarning
+        warnings.formatwarning = _format_warning
     logging.getLogger("lorakit").setLevel({"quiet": logging.WARNING, "normal": logging.INFO,
                                            "verbose": logging.DEBUG}[current])
     return current
@@ -115,15 +113,16 @@ def warn(message: str, stacklevel: int = 1) -> None:
         warnings.warn(message, LorakitWarning, stacklevel=stacklevel + 1)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """lorakit's own warnings as one line; anything else (shown only under ``--verbose``) as Python shows it."""
+def _format_warning(message, category, filename, lineno, line=None):
+    """lorakit's own warnings as one line; anything else (shown only under ``--verbose``) as Python shows it.
+    (Formatting, not showing, is replaced: ``warnings.catch_warnings(record=True)`` and ``pytest.warns`` still
+    record them.)"""
     if issubclass(category, LorakitWarning):
-        print(f"lorakit: warning: {message}", file=file or sys.stderr, flush=True)
-    else:
-        _show_warning.previous(message, category, filename, lineno, file, line)
+        return f"lorakit: warning: {message}\n"
+    return _format_warning.previous(message, category, filename, lineno, line)
 
 
-_show_warning.previous = warnings.showwarning
+_format_warning.previous = warnings.formatwarning
 
 
 def quiet_loaded_libraries() -> None:

@@ -114,12 +114,20 @@ def test_notes_follow_the_verbosity_and_the_main_process(clean_verbosity, monkey
     assert capsys.readouterr().out == "a note\n"
 
 
-def test_lorakit_warnings_are_one_line_also_under_quiet(clean_verbosity, capsys):
-    logs.configure("quiet")
-    warnings.simplefilter("always")
-    logs.warn("checkpoint was made with global batch 8, now 4")
-    err = capsys.readouterr().err
-    assert err == "lorakit: warning: checkpoint was made with global batch 8, now 4\n"
+def test_lorakit_warnings_are_one_line_also_under_quiet():
+    code = ("import warnings; from lorakit import logs; logs.configure('quiet'); "
+            "logs.warn('checkpoint was made with global batch 8, now 4'); warnings.warn('a library notice')")
+    env = {k: v for k, v in os.environ.items() if k != logs.ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    lines = out.stderr.splitlines()
+    assert lines[0] == "lorakit: warning: checkpoint was made with global batch 8, now 4", out.stderr
+    assert "UserWarning: a library notice" in lines[1]  # anything else as Python shows it
+
+
+def test_lorakit_warnings_are_caught_as_warnings(clean_verbosity):
+    logs.configure("normal")
+    with pytest.warns(UserWarning, match="global batch"):
+        logs.warn("checkpoint was made with global batch 8, now 4")
 
 
 REPO = Path(__file__).resolve().parents[1]
