@@ -9,7 +9,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from PIL import Image, ImageOps
 from lorakit.config import DataConfig  # noqa: F401 - the data.* schema, re-exported
 from lorakit.fileio import load_safetensors, save_safetensors
 from lorakit.hashing import file_sha256
-from lorakit.logs import tqdm
+from lorakit.logs import tqdm, warn
 from lorakit.rng import sample_generator
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -134,8 +133,8 @@ def scan_folder(folder: str | os.PathLike, caption_extension: str = ".txt", defa
             text = _read_caption(cap).strip() if cap.exists() else default_caption
             entries.append((path, text))
         if uncaptioned:
-            print(f"lorakit: warning: {uncaptioned} of {len(entries)} images in {root} have no {caption_extension} "
-                  f"caption; they train with data.default_caption={default_caption!r}", file=sys.stderr)
+            warn(f"{uncaptioned} of {len(entries)} images in {root} have no {caption_extension} "
+                 f"caption; they train with data.default_caption={default_caption!r}")
     records = []
     for path, text in entries:
         try:
@@ -145,7 +144,7 @@ def scan_folder(folder: str | os.PathLike, caption_extension: str = ".txt", defa
         except BadImageError as err:
             if on_bad_image == "error":
                 raise BadImageError(f"{err} (set data.on_bad_image=skip to skip such files)") from err
-            print(f"lorakit: skipping {err}", file=sys.stderr)
+            warn(f"skipping {err}")
             continue
         records.append(ImageRecord(path, text, size, weight, is_reg))
     if not records:

@@ -3,8 +3,20 @@
 By default the libraries' chatter that tells a user nothing (diffusers' "Loading pipeline components" bars and
 "No LoRA keys associated to CLIPTextModel", transformers' "Loading weights" bars, peft's "Already found a
 `peft_config`", deprecation notices) is off; ``--verbose`` (or ``LORAKIT_VERBOSITY=verbose``) shows it all;
-``--quiet`` also hides lorakit's own progress and notes, leaving errors and the final result lines.
+``--quiet`` also hides lorakit's own progress and notes, leaving errors, warnings and the final result lines.
 The choice travels in the environment, so processes started by ``accelerate launch`` follow it.
+
+Where each kind of message goes:
+
+- results (what a command made or measured): ``print`` to stdout in ``lorakit/commands`` and the trainers'
+  summary, always shown;
+- notes (what lorakit is doing: a cache reused, a checkpoint resumed): :func:`note`, stdout, not under ``--quiet``;
+- warnings (something the user may want to change): :func:`warn` (``warnings.warn`` of a :class:`LorakitWarning`,
+  so Python callers can filter them and tests can catch them); the command line shows each as one ``lorakit: warning: ...`` line on stderr;
+- errors: an exception, turned into one line and exit status 2 by :func:`lorakit.errors.run_guarded`;
+- progress bars: :func:`tqdm`, not under ``--quiet``.
+
+Notes and warnings are written by the main process only (``RANK`` 0 under ``accelerate launch``).
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ _LIBRARY_ENV = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
+_SET_HERE: set[str] = set()  # the keys of _LIBRARY_ENV that configure() put into the environment
 # Python warnings from the libraries that say nothing a lorakit user can act on.
 _UNINFORMATIVE = (
     r"Already found a `peft_config` attribute",
@@ -56,16 +69,60 @@ def configure(chosen: str | None = None) -> str:
             raise ValueError(f"verbosity must be one of {LEVELS}, got {chosen!r}")
         os.environ[ENV] = chosen
     current = level()
-    if current != "verbose":
+    if current == "verbose":  # undo what an earlier configure() set (a user's own setting stays)
+        for key in _SET_HERE & set(os.environ):
+            if os.environ[key] == _LIBRARY_ENV[key]:
+                del os.environ[key]
+        _SET_HERE.clear()
+    else:
         for key, value in _LIBRARY_ENV.items():
-            os.environ.setdefault(key, value)
+            if key not in os.environ:
+                os.environ[key] = value
+                _SET_HERE.add(key)
         for pattern in _UNINFORMATIVE:
             warnings.filterwarnings("ignore", message=pattern)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if warnings.formatwarning is not _format_warning:
+        _format_warning.previous = warnings.formatwarning
+        warnings.formatwarning = _format_warning
     logging.getLogger("lorakit").setLevel({"quiet": logging.WARNING, "normal": logging.INFO,
                                            "verbose": logging.DEBUG}[current])
     return current
+
+
+def main_process() -> bool:
+    """Whether this is the main process (``RANK`` unset or 0, as ``accelerate launch`` / torchrun set it)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def note(message: str) -> None:
+    """A note on what lorakit is doing: stdout, main process only, hidden under ``--quiet``."""
+    if level() != "quiet" and main_process():
+        print(message, flush=True)
+
+
+class LorakitWarning(UserWarning):
+    """A warning of lorakit's own: something the user may want to change."""
+
+
+def warn(message: str, stacklevel: int = 1) -> None:
+    """A :class:`LorakitWarning` (one line on stderr from the command line), main process only. ``stacklevel`` 1
+    names the caller's line, as ``warnings.warn``'s 2 does."""
+    if main_process():
+        warnings.warn(message, LorakitWarning, stacklevel=stacklevel + 1)
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    """lorakit's own warnings as one line; anything else (shown only under ``--verbose``) as Python shows it.
+    (Formatting, not showing, is replaced: ``warnings.catch_warnings(record=True)`` and ``pytest.warns`` still
+    record them.)"""
+    if issubclass(category, LorakitWarning):
+        return f"lorakit: warning: {message}\n"
+    return _format_warning.previous(message, category, filename, lineno, line)
+
+
+_format_warning.previous = warnings.formatwarning
 
 
 def quiet_loaded_libraries() -> None:

@@ -8,15 +8,13 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lorakit.tiny_models import (
     ARCHES,
-    sd_scheduler,
+    assemble_pipeline,
     tiny_pipeline,
     tiny_text_encoder,
     tiny_tokenizer,
@@ -132,18 +130,6 @@ class default_dtype:
 
     def __exit__(self, *exc):
         torch.set_default_dtype(self.old)
-
-
-def assemble_pipeline(arch: str, models: dict, tokenizer):
-    """A diffusers pipeline from built models (``unet``, ``vae``, ``text_encoder``[, ``text_encoder_2``])."""
-    if arch == "sdxl":
-        pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(),
-                                         scheduler=sd_scheduler("euler"), **models)
-    else:
-        pipe = StableDiffusionPipeline(tokenizer=tokenizer, scheduler=sd_scheduler("ddim"), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False, **models)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def sized_pipeline(arch: str = "sd1", size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,

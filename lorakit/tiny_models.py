@@ -189,29 +189,22 @@ def tiny_pipeline(arch: str = "sd1", seed: int = 0):
     vocab = len(tokenizer)
     unet = tiny_unet(arch)
     vae = tiny_vae()
+    models = {"unet": unet, "vae": vae}
+    models["text_encoder"] = tiny_text_encoder(vocab, 32, 2, with_projection=False)
     if arch == "sdxl":
-        te1 = tiny_text_encoder(vocab, 32, 2, with_projection=False)
-        te2 = tiny_text_encoder(vocab, 32, 2, with_projection=True)
-        pipe = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=te1,
-            text_encoder_2=te2,
-            tokenizer=tokenizer,
-            tokenizer_2=tiny_tokenizer(),
-            unet=unet,
-            scheduler=sd_scheduler("euler"),
-        )
+        models["text_encoder_2"] = tiny_text_encoder(vocab, 32, 2, with_projection=True)
+    return assemble_pipeline(arch, models, tokenizer)
+
+
+def assemble_pipeline(arch: str, models: dict, tokenizer):
+    """A diffusers pipeline from built models (``unet``, ``vae``, ``text_encoder``[, ``text_encoder_2``]) with the
+    default scheduler of ``arch`` (DDIM; Euler for SDXL, whose second tokenizer is :func:`tiny_tokenizer`), no
+    safety checker and no progress bar."""
+    if arch == "sdxl":
+        pipe = StableDiffusionXLPipeline(tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(),
+                                         scheduler=sd_scheduler("euler"), **models)
     else:
-        te = tiny_text_encoder(vocab, 32, 2, with_projection=False)
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=te,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=sd_scheduler("ddim"),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = StableDiffusionPipeline(tokenizer=tokenizer, scheduler=sd_scheduler("ddim"), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False, **models)
     pipe.set_progress_bar_config(disable=True)
     return pipe

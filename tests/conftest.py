@@ -234,3 +234,43 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# Tests write only under their tmp_path; the exceptions are the toy LoRA and hypernetwork caches in artifacts/
+# (by recipe hash, shared with `lorakit demo` and .ci/run, so a LoRA is trained once) and Python's own caches.
+_MAY_APPEAR = ("artifacts", "__pycache__", ".pytest_cache")
+
+
+def _new_paths() -> set[str] | None:
+    """Untracked and ignored paths of the clone (``git status``), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=normal"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    paths = {line[3:] for line in out.stdout.splitlines() if line[:2] in ("??", "!!")}
+    return {p for p in paths if not any(part in _MAY_APPEAR for part in Path(p).parts)}
+
+
+def pytest_sessionstart(session):
+    session.config._paths_before = _new_paths()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_paths_before", None)
+    after = _new_paths() if before is not None else None
+    if before is None or after is None or not after - before:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = (f"tests wrote into the clone (not under tmp_path): {', '.join(sorted(after - before))} "
+               "(tests/conftest.py _MAY_APPEAR lists the caches that may)")
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_line(message, red=True)
+    else:
+        print(message, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,9 +1,12 @@
 """What commands print: every --help option explained with its default; library chatter off unless --verbose;
---quiet hides progress bars."""
+--quiet hides progress bars and notes; lorakit's warnings are one line each."""
 
 import argparse
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -85,7 +88,91 @@ def test_quiet_hides_progress_bars(clean_verbosity, capsys):
     assert "hidden-bar" not in err and "shown-bar" in err
 
 
+def test_verbose_undoes_the_library_settings_lorakit_made(clean_verbosity, monkeypatch):
+    monkeypatch.delenv("DIFFUSERS_VERBOSITY", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # the user's own
+    logs.configure("normal")
+    assert os.environ["DIFFUSERS_VERBOSITY"] == "error" and os.environ["TRANSFORMERS_VERBOSITY"] == "info"
+    logs.configure("verbose")
+    assert "DIFFUSERS_VERBOSITY" not in os.environ and os.environ["TRANSFORMERS_VERBOSITY"] == "info"
+
+
 def test_cli_restores_the_callers_verbosity(clean_verbosity, tmp_path):
     os.environ[logs.ENV] = "verbose"
     main(["--quiet", "inspect", str(tmp_path / "missing.safetensors")])
     assert os.environ[logs.ENV] == "verbose"
+
+
+def test_notes_follow_the_verbosity_and_the_main_process(clean_verbosity, monkeypatch, capsys):
+    logs.configure("normal")
+    logs.note("a note")
+    logs.configure("quiet")
+    logs.note("a hidden note")
+    logs.configure("normal")
+    monkeypatch.setenv("RANK", "1")  # a second process under accelerate launch says nothing
+    logs.note("from process 1")
+    assert capsys.readouterr().out == "a note\n"
+
+
+def test_lorakit_warnings_are_one_line_also_under_quiet():
+    code = ("import warnings; from lorakit import logs; logs.configure('quiet'); "
+            "logs.warn('checkpoint was made with global batch 8, now 4'); warnings.warn('a library notice')")
+    env = {k: v for k, v in os.environ.items() if k != logs.ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    lines = out.stderr.splitlines()
+    assert lines[0] == "lorakit: warning: checkpoint was made with global batch 8, now 4", out.stderr
+    assert "UserWarning: a library notice" in lines[1]  # anything else as Python shows it
+
+
+def test_lorakit_warnings_are_caught_as_warnings(clean_verbosity):
+    logs.configure("normal")
+    with pytest.warns(UserWarning, match="global batch"):
+        logs.warn("checkpoint was made with global batch 8, now 4")
+
+
+REPO = Path(__file__).resolve().parents[1]
+# What the libraries print while lorakit loads a pipeline or trains: diffusers' loading bars, the notice that
+# torchvision is missing, diffusers' float32 casting notice. None of it is anything a lorakit user acts on.
+LIBRARY_CHATTER = ("Loading pipeline components", "torchvision", "should be kept in float32", "Loading weights")
+
+
+def _run(*argv):
+    env = {k: v for k, v in os.environ.items() if k != logs.ENV and k not in logs._LIBRARY_ENV}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_inspect_with_a_base_prints_library_chatter_only_when_verbose(tmp_path):
+    """``lorakit inspect FILE --base`` loads the toy base through diffusers (three runs, ~12 s of CPU each)."""
+    from lorakit.adapters.io import save_adapter
+    from lorakit.adapters.synthetic import random_adapter
+    from lorakit.models import load_base
+
+    lora = save_adapter(random_adapter(load_base(str(REPO / "data" / "toy-base"))), tmp_path / "one.safetensors")
+    command = ["-m", "lorakit.cli", "inspect", str(lora), "--base", "data/toy-base"]
+    default, verbose, quiet = _run(*command), _run(*command, "--verbose"), _run("-m", "lorakit.cli", "--quiet",
+                                                                                   *command[2:])
+    assert not [c for c in LIBRARY_CHATTER if c in default.stderr], default.stderr[-2000:]
+    assert "Loading pipeline components" in verbose.stderr
+    assert "fits base:" in default.stdout and quiet.stdout == default.stdout and quiet.stderr == ""
+
+
+@pytest.mark.slow
+def test_training_script_follows_quiet_and_verbose(tmp_path):
+    """``train_blockwise.py`` (one step on the tiny SD1 model): by default its notes and summary, no library
+    chatter; ``--verbose`` adds the libraries' notices; ``--quiet`` keeps only the summary (~15 s of CPU each)."""
+    common = ["train_blockwise.py", "--config", "train_configs/toy_character.yaml", "base_model=tiny:sd1",
+              "max_steps=1", "logging=none", "checkpoint_at_end=false", "sample_every=0", "save_every=0",
+              "data.cache_latents=false"]
+    default = _run(*common, f"output_dir={tmp_path / 'default'}")
+    verbose = _run(*common, f"output_dir={tmp_path / 'verbose'}", "--verbose")
+    quiet = _run("train_blockwise.py", "--quiet", *common[1:], f"output_dir={tmp_path / 'quiet'}")
+    assert not [c for c in LIBRARY_CHATTER if c in default.stderr], default.stderr[-2000:]
+    assert "lorakit: block-wise" in default.stdout and "lorakit: trained 1 steps" in default.stdout
+    assert "train:" in default.stderr  # the progress bar
+    assert "should be kept in float32" in verbose.stderr
+    assert "lorakit: block-wise" not in quiet.stdout and "lorakit: trained 1 steps" in quiet.stdout
+    assert quiet.stderr == "", quiet.stderr[-2000:]

@@ -194,3 +194,26 @@ def test_every_third_party_import_is_declared():
     assert "torch" in third_party and "yaml" in third_party  # the check sees what it checks
     undeclared = sorted(m for m in third_party if _DISTRIBUTIONS.get(m, m).lower() not in _declared())
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+
+
+# Functions of tools/ and the train_*.py scripts still over the limit; each is to be removed once it is split.
+TOOL_FUNCTION_ALLOWLIST = {
+    "tools/bench_composition.py:main", "tools/bench_fuse.py:main", "tools/bench_merge.py:main",
+    "tools/bench_scale.py:derived_rows", "tools/measure_edlora_fold.py:main", "tools/measure_regional_sketch.py:main",
+    "tools/measure_toy_sketch_adapter.py:main", "tools/measure_toyworld.py:prompt_following", "tools/train_oracle.py:main",
+    "tools/train_toy_base.py:train_unet", "tools/train_toy_base_v2.py:train_unet", "tools/train_toy_sketch_adapter.py:main",
+}
+
+
+def test_tool_and_script_functions_are_short():
+    repo = ROOT.parent
+    too_long = []
+    for path in sorted(list((repo / "tools").glob("*.py")) + list(repo.glob("train_*.py"))):
+        rel = path.relative_to(repo).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                key = f"{rel}:{node.name}"
+                if lines > MAX_FUNCTION_LINES and key not in TOOL_FUNCTION_ALLOWLIST:
+                    too_long.append(f"{key}: {lines} lines")
+    assert not too_long, f"over {MAX_FUNCTION_LINES} lines per function:\n" + "\n".join(too_long)

@@ -14,6 +14,19 @@ from lorakit.toyworld.concepts import concepts_of_kind
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _source_copy(tmp_path: Path) -> Path:
+    """What a build reads (pyproject.toml, README.md, lorakit/ with the clone's links followed), copied under
+    ``tmp_path``: setuptools writes build/ and *.egg-info next to its sources, which must not be the clone."""
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "lorakit", src / "lorakit", ignore=shutil.ignore_patterns("__pycache__"))
+    return src
+
+
 def test_resources_resolve_in_a_clone():
     assert (data_path("toy-base") / "model_index.json").is_file()
     assert (data_path("oracle") / "oracle.safetensors").is_file()
@@ -25,8 +38,8 @@ def test_resources_resolve_in_a_clone():
 
 @pytest.mark.slow
 def test_wheel_bundles_the_toy_world(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
-                          "-q", "-w", str(tmp_path)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", str(_source_copy(tmp_path)), "--no-deps",
+                          "--no-build-isolation", "-q", "-w", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     (wheel,) = tmp_path.glob("lorakit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -54,7 +67,8 @@ def test_installed_package_runs_the_demo_from_another_folder(tmp_path):
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-                              "--no-build-isolation", "--no-index", "-q", str(REPO)], capture_output=True, text=True)
+                              "--no-build-isolation", "--no-index", "-q", str(_source_copy(tmp_path))],
+                             capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -112,7 +112,7 @@ def split_costs(pipe, ads, args) -> None:
                               "shallow_over_full": round(shallow / full, 3), "threads": args.threads}), flush=True)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--unet", choices=["mid", "tiny", "sd15"], default="mid")
     ap.add_argument("--latent", type=int, default=16, help="sd15: latent size (16 = 128 px on SD's VAE)")
@@ -126,7 +126,11 @@ def main() -> None:
     ap.add_argument("--split-costs", action="store_true",
                     help="instead: a shallow pass's cost over a full pass's, per cache split layer")
     ap.add_argument("--repeats", type=int, default=1, help="images per measurement (seeds 0..r-1, methods interleaved), best kept")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = _parser().parse_args()
 
     import torch
 

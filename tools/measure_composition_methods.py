@@ -175,7 +175,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters-dir", default=str(ROOT / "artifacts" / "adapters"))
     ap.add_argument("--base", default=str(ROOT / "data" / "toy-base"))
@@ -199,6 +199,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary-only", action="store_true", help="summarise OUT/images.jsonl, generate nothing")
     ap.add_argument("--markdown", action="store_true", help="with --summary-only: also print markdown tables")
+    return ap
+
+
+def main() -> None:
+    ap = _parser()
     args = ap.parse_args()
     try:
         args.kind_scale = {k: float(v) for k, v in (item.split("=") for item in args.kind_scale)}

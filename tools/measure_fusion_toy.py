@@ -113,7 +113,7 @@ def fused_pipe(spec: str, base, adapters, names: list[str], threads_note: dict):
     return pipe
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", nargs="+", default=["frog+ink"], help="concept pairs a+b (held-out toy concepts)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS),
@@ -124,7 +124,11 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default=str(REPO / "data" / "toy-base"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="also write the JSON lines here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     from lorakit.adapters.io import load_adapter
     from lorakit.toyworld.oracle import score

@@ -62,6 +62,12 @@ _SUFFIX = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_
            "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
 
 
+def _a1111_layer(kind: str, rest: str) -> str:
+    """The compvis tail of a down / up block layer: ``1_<rest>`` in its attention, ``0_<renamed rest>`` in its
+    resnet."""
+    return f"1_{rest}" if kind == "attentions" else f"0_{_SUFFIX.get(rest, rest)}"
+
+
 def _a1111_convert(name: str) -> str:
     """A1111's diffusers-name -> compvis-name rewrite (SD1 block arithmetic for every model)."""
     def m(pattern):
@@ -75,14 +81,12 @@ def _a1111_convert(name: str) -> str:
     if g := m(r"lora_unet_time_embedding_linear_(\d+)(.*)"):
         return f"diffusion_model_time_embed_{g[0] * 2 - 2}{g[1]}"
     if g := m(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
-        sfx = _SUFFIX.get(g[3], g[3]) if g[1] == "resnets" else g[3]
-        return f"diffusion_model_input_blocks_{1 + g[0] * 3 + g[2]}_{1 if g[1] == 'attentions' else 0}_{sfx}"
+        return f"diffusion_model_input_blocks_{1 + g[0] * 3 + g[2]}_{_a1111_layer(g[1], g[3])}"
     if g := m(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)"):
         sfx = _SUFFIX.get(g[2], g[2]) if g[0] == "resnets" else g[2]
         return f"diffusion_model_middle_block_{1 if g[0] == 'attentions' else g[1] * 2}_{sfx}"
     if g := m(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
-        sfx = _SUFFIX.get(g[3], g[3]) if g[1] == "resnets" else g[3]
-        return f"diffusion_model_output_blocks_{g[0] * 3 + g[2]}_{1 if g[1] == 'attentions' else 0}_{sfx}"
+        return f"diffusion_model_output_blocks_{g[0] * 3 + g[2]}_{_a1111_layer(g[1], g[3])}"
     if g := m(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv"):
         return f"diffusion_model_input_blocks_{3 + g[0] * 3}_0_op"
     if g := m(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv"):

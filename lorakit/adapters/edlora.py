@@ -55,7 +55,6 @@ Public functions
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,8 +67,8 @@ from lorakit.adapters.edlora_tokens import (  # noqa: F401 - re-exported: the ED
     layer_variant_ids, pack_layers, unpack_layers,
 )
 from lorakit.adapters.io import Adapter, AdapterError, adapter_metadata, load_adapter
+from lorakit.logs import warn
 
-log = logging.getLogger(__name__)
 
 EMB_PREFIX = "edlora_emb."
 META_KEY = "lorakit.edlora"
@@ -305,7 +304,7 @@ def _add_words(pipe, state: EDLoRAState, info: dict, table: dict, comps: dict, p
         for w in c["words"]:
             words[w] = _free_word(w, tokenizers)
             if words[w] != w:
-                log.warning("%s: pseudo-word %s is taken in this pipeline; it is %s here", path, w, words[w])
+                warn(f"{path}: pseudo-word {w} is taken in this pipeline; it is {words[w]} here")
     for comp in comps:
         renamed = {words[w]: rows for w, rows in table[comp].items()}
         tokenizer = getattr(pipe, _TOKENIZER_OF[comp])

@@ -6,11 +6,11 @@ Each metric ``fn(settings) -> Scored`` returns the full JSON-able result, a tabl
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.eval.registry import DESCRIBERS
+from lorakit.logs import warn
 
 
 @dataclass
@@ -120,8 +120,7 @@ def eval_judge_pairwise(s, records, client) -> tuple[dict, list, list]:
     if not pairs:
         raise ValueError(f"no image in {root_a} has a same-name image in {root_b}")
     if lonely_a or lonely_b:
-        print(f"warning: {len(lonely_a)} images of --images and {len(lonely_b)} of --against have no partner; skipped",
-              file=sys.stderr)
+        warn(f"{len(lonely_a)} images of --images and {len(lonely_b)} of --against have no partner; skipped")
 
     def one(pair):
         a, b = pair
@@ -196,7 +195,7 @@ def _described(concept):
 
 
 def eval_judge_yesno(s, records, client) -> tuple[dict, list, list]:
-    from lorakit.eval.judge import map_items, judge_presence
+    from lorakit.eval.judge import judge_presence, map_items
     from lorakit.eval.report import presence_rows, presence_summary
 
     root = Path(s.images)

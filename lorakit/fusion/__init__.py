@@ -11,9 +11,10 @@ the outputs (adapter file and/or pipeline folder + ``lorakit_fusion.json``).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from lorakit.logs import warn
 
 if TYPE_CHECKING:  # keep ``lorakit --help`` free of torch imports
     from lorakit.adapters.io import Adapter, LoraModule
@@ -85,11 +86,8 @@ def concept_prompts(adapter: Adapter, name: str, given: str | None, template: st
     trigger = (adapter.metadata.get("lorakit.trigger") or "").strip()
     if trigger:
         return [template.format(trigger), trigger], [template.format(trigger)], "trigger"
-    warnings.warn(
-        f"{name}: no --prompts and no lorakit.trigger metadata; using generic prompts {GENERIC_PROMPTS} "
-        "(give --prompts 'trigger words ...' for a fusion that knows what this adapter draws)",
-        stacklevel=2,
-    )
+    warn(f"{name}: no --prompts and no lorakit.trigger metadata; using generic prompts {GENERIC_PROMPTS} "
+         "(give --prompts 'trigger words ...' for a fusion that knows what this adapter draws)")
     return list(GENERIC_PROMPTS), list(GENERIC_PROMPTS), "generic"
 
 

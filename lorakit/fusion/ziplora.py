@@ -28,7 +28,6 @@ Merge plans and the export live in :mod:`lorakit.fusion.ziplora_plan`, reference
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +43,6 @@ from lorakit.fusion.ziplora_reference import (  # noqa: F401  (re-exported)
     load_images, pixel_size, prompt_of, reference_for,
 )
 from lorakit.logs import show_progress
-
-log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- the loss

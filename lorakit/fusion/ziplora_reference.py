@@ -4,8 +4,6 @@ images and their prompt conditioning), from given images, the file's training da
 from __future__ import annotations
 
 import json
-import logging
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +13,7 @@ import torch
 from lorakit.adapters.io import Adapter, live_path
 from lorakit.conditioning import is_sdxl, pixel_size, sdxl_time_ids
 from lorakit.data import IMAGE_EXTENSIONS, _read_caption, open_rgb
-
-log = logging.getLogger(__name__)
-
+from lorakit.logs import warn
 
 # --------------------------------------------------------------------------------------------- references
 
@@ -195,11 +191,9 @@ def reference_for(
         images = data_dir_of(adapter)
     if images is None:
         if not has_prompt and not prompt:
-            warnings.warn(f"{name}: no trigger or tags in its metadata; generating references with an empty prompt")
-        warnings.warn(
-            f"{name}: no reference images (none given, none named in its metadata); generating {num_images} with "
-            "this LoRA alone"
-        )
+            warn(f"{name}: no trigger or tags in its metadata; generating references with an empty prompt")
+        warn(f"{name}: no reference images (none given, none named in its metadata); generating {num_images} with "
+             "this LoRA alone")
         latents = generate_latents(pipe, adapter, prompt, num_images, steps=generate_steps, seed=seed, size=size)
         prompts = [prompt] * num_images
     else:

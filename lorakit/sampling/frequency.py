@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorakit.logs import warn
+
 PROFILE_VERSION = "1"
 
 
@@ -100,7 +102,6 @@ def write_cached(adapter_path, key: str, entry: dict) -> Path | None:
     """Add/replace one entry in the adapter's profile JSON (atomic write). Returns None, with one warning, where
     the cache cannot be written (a read-only folder) or the file there is not a lorakit profile (never replaced):
     the profile is then recomputed next time."""
-    import sys
 
     from lorakit.fileio import write_json
 
@@ -112,15 +113,13 @@ def write_cached(adapter_path, key: str, entry: dict) -> Path | None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
-            print(f"lorakit: warning: {path} is not a lorakit profile cache; left as it is (profile not cached)",
-                  file=sys.stderr)
+            warn(f"{path} is not a lorakit profile cache; left as it is (profile not cached)")
             return None
     data["entries"][key] = entry
     try:
         return write_json(data, path)
     except OSError as err:
-        print(f"lorakit: warning: cannot cache the profile at {path} ({err.strerror or err}); it is recomputed "
-              "next time", file=sys.stderr)
+        warn(f"cannot cache the profile at {path} ({err.strerror or err}); it is recomputed next time")
         return None
 
 
@@ -136,7 +135,6 @@ def profile_adapters(pipe, adapters, settings: ProfileSettings, use_cache: bool 
         ``{adapter name: {'score', 'radial' [R], 'cached', 'key', 'path'}}``.
     """
     from lorakit.logs import tqdm
-
     from lorakit.sampling.composer import SamplerSettings, generate
 
     out = {}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.tiny_models import tiny_text_encoder, tiny_unet, tiny_vae
+from lorakit.tiny_models import assemble_pipeline, tiny_text_encoder, tiny_unet, tiny_vae
 from lorakit.toyworld.concepts import VOCAB
 
 TEXT_WIDTH = 64
@@ -64,26 +64,13 @@ def build_toy_pipeline(seed: int = 0, vae=None, unet=None, parts=None):
     """
     import sys
 
-    from diffusers import StableDiffusionPipeline
-
-    from lorakit.models import sd_scheduler
-
     parts = parts or sys.modules[__name__]
     torch.manual_seed(seed)
     tokenizer = parts.toy_tokenizer()
-    text_encoder = parts.toy_text_encoder(len(tokenizer))
-    pipe = StableDiffusionPipeline(
-        vae=vae if vae is not None else parts.toy_vae(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet if unet is not None else parts.toy_unet(),
-        scheduler=sd_scheduler("ddim"),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    models = {"text_encoder": parts.toy_text_encoder(len(tokenizer))}
+    models["vae"] = vae if vae is not None else parts.toy_vae()
+    models["unet"] = unet if unet is not None else parts.toy_unet()
+    return assemble_pipeline("sd1", models, tokenizer)
 
 
 class LatentCaptions(torch.utils.data.Dataset):

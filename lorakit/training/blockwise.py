@@ -36,26 +36,17 @@ from lorakit.blocks import (
 from lorakit.conditioning import batch_time_ids, encode_prompts, is_sdxl, text_encoders
 from lorakit.config import to_dict
 from lorakit.data import CaptionedImages, LatentCache, collate
+from lorakit.logs import note, warn
 from lorakit.memory import check_training
 from lorakit.models import pipeline_arch
 from lorakit.outputs import claim_dir
 from lorakit.precision import torch_dtype
 from lorakit.training import diffusion_step as step
 from lorakit.training.entry import main as entry_main
-from lorakit.training.loop import (
-    TrainLoop,
-    build_optimizer,
-    make_accelerator,
-    preflight,
-)
+from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight
 from lorakit.training.recipes import BlockwiseConfig  # noqa: F401 - its recipe schema, importable from here
-from lorakit.training.setup import (
-    base_pipeline,
-    freeze_and_place,
-    require_base,
-    sample_images,
-    trainable_count,
-)
+from lorakit.training.setup import DiffusionRun, base_pipeline, freeze_and_place, require_base, sample_images
+from lorakit.training.setup import trainable_count
 
 # Salts of the per-sample random streams (kept here for callers; see lorakit.training.diffusion_step).
 SALT_LATENT, SALT_NOISE, SALT_OFFSET, SALT_TIMESTEP = (step.SALT_LATENT, step.SALT_NOISE, step.SALT_OFFSET,
@@ -90,9 +81,8 @@ def warn_rank_above_width(model: torch.nn.Module, ranks: dict[str, tuple[int, fl
             over.append((name, r, width))
     if over:
         name, r, width = over[0]
-        print(f"lorakit: warning: {key}={r} is above the width of {len(over)} of {len(ranks)} layers (e.g. {name}: "
-              f"min(in, out) = {width}); a rank above a layer's width adds parameters but no capacity",
-              file=sys.stderr)
+        warn(f"{key}={r} is above the width of {len(over)} of {len(ranks)} layers (e.g. {name}: "
+             f"min(in, out) = {width}); a rank above a layer's width adds parameters but no capacity")
     return len(over)
 
 
@@ -157,13 +147,9 @@ def adapter_from_pipe(pipe, cfg, arch: str, trained: dict, dtype: torch.dtype | 
 
 
 @dataclass
-class Run:
+class Run(DiffusionRun):
     """What the phases of one training build and the loop's callables use."""
 
-    cfg: object
-    accelerator: object
-    pipe: object
-    arch: str
     weight_dtype: torch.dtype
     vae_dtype: torch.dtype
     noise_scheduler: object = None
@@ -225,8 +211,8 @@ def setup_latent_cache(run: Run, dataset: CaptionedImages) -> None:
     if not cfg.data.cache_latents:
         return
     if not cfg.data.center_crop:
-        acc.print("lorakit: data.cache_latents needs data.center_crop=true (random crops change the latents); "
-                  "training without the cache")
+        note("lorakit: data.cache_latents needs data.center_crop=true (random crops change the latents); "
+             "training without the cache")
         return
     cache_dir = cfg.data.cache_dir or str(Path(cfg.output_dir) / "latent_cache")
     if cfg.data.cache_dir is None and acc.is_main_process:
@@ -238,7 +224,7 @@ def setup_latent_cache(run: Run, dataset: CaptionedImages) -> None:
     if acc.is_main_process:
         n = cache.fill(dataset, flips)
         total = len({cache.path_for(dataset, i, f) for i in range(len(dataset)) for f in flips})
-        acc.print(f"lorakit: latent cache {cache_dir}: {n} encoded, {total - n} reused")
+        note(f"lorakit: latent cache {cache_dir}: {n} encoded, {total - n} reused")
     acc.wait_for_everyone()
     dataset.latent_cache = cache
     if run.owns_pipe and cache.complete(dataset, flips):
@@ -310,7 +296,7 @@ def train(cfg, accelerator=None, pipe=None):
                      save_fn(run), sample=sample_fn(run), collate_fn=collate, summary_hint=hint)
     if cfg.compile:
         loop.raw_models[0] = torch.compile(loop.raw_models[0])
-    run.accelerator.print(
+    note(
         f"lorakit: block-wise {cfg.network.type} on {run.arch} ({cfg.base_model}): "
         f"{trainable_count(groups):,} trainable parameters, {dataset.num_images} images x {cfg.data.repeats} repeats"
         + (f" + {dataset.num_reg} regularisation images" if dataset.num_reg else "")

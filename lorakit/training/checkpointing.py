@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from lorakit.fileio import write_json
+from lorakit.logs import note, warn
 from lorakit.outputs import claim_dir
 from lorakit.training import state as S
 from lorakit.training.run_dir import (
@@ -65,19 +66,19 @@ class Checkpointing:
         path = self.resume_path
         if path is None:
             if cfg.resume and str(cfg.resume) == "latest":
-                acc.print(f"lorakit: resume=latest but {self.output_dir / 'checkpoints'} has no checkpoint of this "
-                          "run; starting at step 0")
+                note(f"lorakit: resume=latest but {self.output_dir / 'checkpoints'} has no checkpoint of this "
+                     "run; starting at step 0")
             return
         ignored = S.check_folder(path)
         if ignored:
-            acc.print(f"lorakit: ignoring {', '.join(ignored)} in {path} (lorakit never loads pickle files)")
+            note(f"lorakit: ignoring {', '.join(ignored)} in {path} (lorakit never loads pickle files)")
         info = S.read_loop_info(path)
         if info.get("run_id") not in (None, self.run_id):
-            acc.print(f"lorakit: warning: {path} was made by a run with other settings "
-                      f"({differing(info.get('config') or {}, run_config(cfg))}); continuing it as asked")
+            warn(f"{path} was made by a run with other settings "
+                 f"({differing(info.get('config') or {}, run_config(cfg))}); continuing it as asked")
         if info.get("train_batch_size_global") not in (None, cfg.train_batch_size * acc.num_processes):
-            acc.print(
-                f"lorakit: warning: checkpoint was made with global batch {info['train_batch_size_global']}, "
+            warn(
+                f"checkpoint was made with global batch {info['train_batch_size_global']}, "
                 f"now {cfg.train_batch_size * acc.num_processes}; the data order will differ"
             )
         S.load_model_state(self.raw_models, self.optimizer, self.lr_scheduler, getattr(acc, "scaler", None), path)
@@ -85,10 +86,10 @@ class Checkpointing:
         if (path / f"rng-{rank}.json").is_file():
             S.load_rng_state(path, rank)
         else:
-            acc.print(f"lorakit: warning: {path} has no random state for process {rank}; dropout draws will differ")
+            warn(f"{path} has no random state for process {rank}; dropout draws will differ")
         self.global_step = int(info["global_step"])
         self.last_checkpoint = self.resumed_from = path
-        acc.print(f"lorakit: resumed from {path} at step {self.global_step}")
+        note(f"lorakit: resumed from {path} at step {self.global_step}")
 
     def _check_weights(self) -> None:
         """Never save non-finite weights: stop naming the parameter and the last good checkpoint."""

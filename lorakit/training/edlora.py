@@ -35,26 +35,17 @@ from lorakit.blocks import lora_config, text_encoder_modules
 from lorakit.conditioning import TEXT_ENCODERS, batch_time_ids, is_sdxl, token_ids
 from lorakit.config import to_dict
 from lorakit.data import collate
+from lorakit.logs import note
 from lorakit.memory import check_training
 from lorakit.models import pipeline_arch
 from lorakit.precision import torch_dtype
 from lorakit.training import diffusion_step as step
 from lorakit.training.edlora_data import ConceptImages, concept_words  # noqa: F401 - the recipe's data, importable here
 from lorakit.training.entry import main as entry_main
-from lorakit.training.loop import (
-    TrainLoop,
-    build_optimizer,
-    make_accelerator,
-    preflight,
-)
+from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight
 from lorakit.training.recipes import EDLoRAConfig  # noqa: F401 - its recipe schema, importable from here
-from lorakit.training.setup import (
-    base_pipeline,
-    freeze_and_place,
-    require_base,
-    sample_images,
-    trainable_count,
-)
+from lorakit.training.setup import DiffusionRun, base_pipeline, freeze_and_place, require_base, sample_images
+from lorakit.training.setup import trainable_count
 
 UNET_TARGETS = (".to_q", ".to_k", ".to_v", ".to_out.0")
 TE_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
@@ -240,13 +231,9 @@ def edlora_loss(unet, noise_scheduler, latents, cond, sample_ids, cfg, time_ids=
 
 
 @dataclass
-class Run:
+class Run(DiffusionRun):
     """What the phases of one ED-LoRA training build and the loop's callables use."""
 
-    cfg: object
-    accelerator: object
-    pipe: object
-    arch: str
     words: list[str]
     weight_dtype: torch.dtype
     noise_scheduler: object = None
@@ -393,7 +380,7 @@ def train(cfg, accelerator=None, pipe=None):
     loop = TrainLoop(cfg, run.accelerator, [run.trained[c] for c in order], optimizer, dataset, loss_fn(run, order),
                      save_fn(run), sample=sample_fn(run), collate_fn=collate, summary_hint=hint)
     n_layers = len(run.layers)
-    run.accelerator.print(
+    note(
         f"lorakit: ED-LoRA {words} (init {cfg.concept.init_word!r}) on {run.arch} ({cfg.base_model}): "
         f"{n_layers} cross-attention layers -> {2 * n_layers} new tokens per text encoder, "
         f"{trainable_count(groups):,} trainable parameters, "

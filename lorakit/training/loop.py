@@ -77,7 +77,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import make_image_grid
 
 from lorakit.fileio import save_image
-from lorakit.logs import tqdm
+from lorakit.logs import note, tqdm, warn
 from lorakit.rng import (  # noqa: F401 - re-exported
     rand_per_sample,
     randint_per_sample,
@@ -167,7 +167,7 @@ class TrainLoop(Checkpointing):
             for m in self.raw_models:
                 fn = getattr(m, "enable_gradient_checkpointing", None) or getattr(m, "gradient_checkpointing_enable", None)
                 if fn is None:
-                    acc.print(f"lorakit: {type(m).__name__} has no gradient checkpointing; running without it")
+                    note(f"lorakit: {type(m).__name__} has no gradient checkpointing; running without it")
                 else:
                     fn()
         # The scheduler steps once per optimizer step, on every process alike (not through accelerate, which
@@ -246,7 +246,7 @@ class TrainLoop(Checkpointing):
             tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
             tracker.add_image("samples", np.asarray(grid), self.global_step, dataformats="HWC")
         except Exception as err:  # noqa: BLE001 - a logging failure must not stop training
-            self.accelerator.print(f"lorakit: could not log the sample grid to tensorboard: {err}")
+            warn(f"could not log the sample grid to tensorboard: {err}")
 
     # -- the run
     def run(self) -> TrainResult:

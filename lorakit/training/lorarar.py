@@ -45,6 +45,7 @@ from lorakit.fusion.ziplora import (
     plan_merge,
     reference_for,
 )
+from lorakit.logs import note
 from lorakit.memory import check_training
 from lorakit.models import pipeline_arch
 from lorakit.precision import torch_dtype
@@ -346,7 +347,7 @@ def train(cfg, pipe=None):
     setup_models(run)
     dataset, plans = setup_data(run)
     optimizer, widths = setup_network(run, plans)
-    run.accelerator.print(
+    note(
         f"lorakit: LoRA.rar on {len(run.content)} content x {len(run.style)} style LoRAs = {len(dataset)} pairs; "
         f"hypernetwork {sum(p.numel() for p in run.net.parameters())} parameters, widths {widths}"
     )

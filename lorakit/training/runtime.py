@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
+from lorakit.logs import warn
 from lorakit.precision import precision_name
 
 
@@ -76,7 +76,7 @@ def build_optimizer(cfg, param_groups: list[dict]) -> torch.optim.Optimizer:
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(groups, **kw)
-        print(f"lorakit: optimizer adamw8bit unavailable ({reason}); falling back to torch AdamW (32-bit)", file=sys.stderr)
+        warn(f"optimizer adamw8bit unavailable ({reason}); falling back to torch AdamW (32-bit)")
     elif name != "adamw":
         raise ValueError(f"optimizer={cfg.optimizer!r}: expected 'adamw' or 'adamw8bit'")
     return torch.optim.AdamW(groups, fused=True if cuda else None, **kw)

@@ -3,11 +3,23 @@ base, place it on the device in the compute dtype, and sample it during training
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lorakit import models  # looked up at call time: tests replace models.load_base
 
 FROZEN = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class DiffusionRun:
+    """What every diffusion trainer's phases share; each trainer's ``Run`` adds its own fields after these."""
+
+    cfg: object
+    accelerator: object
+    pipe: object
+    arch: str
 
 
 def require_base(cfg, pipe) -> None:
