@@ -35,7 +35,7 @@ def distance(a, b) -> list[float]:
     return [round(float((a - b).abs().mean()), 4), round(float((a - b).abs().max()), 4)]
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapters-dir", default=str(ROOT / "artifacts" / "adapters"))
     ap.add_argument("--base", default=str(ROOT / "data" / "toy-base"))
@@ -46,7 +46,11 @@ def main() -> None:
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--scale", type=float, default=0.8)
     ap.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = _parser().parse_args()
 
     import measure_composition_methods as mcm
     import torch
