@@ -63,8 +63,11 @@ SIZES = {  # name: (arch, sized_pipeline size, pixels, default dtype)
     "sdxl": ("sdxl", "full", 128, "bf16"),
 }
 TRAIN = ("train_ref", "train", "train_gc", "train_locon", "train_edlora")
+# The reference loop of each trainer variant (tools/bench_train.py): diffusers' gradient checkpointing, peft LoRA on
+# the resnet convs too, peft LoRA + textual inversion of the same two tokens.
+TRAIN_REFS = {"train_gc": "train_ref_gc", "train_locon": "train_ref_locon", "train_edlora": "train_ref_edlora"}
 SAMPLE = ("sample_ref", "sample", "switch", "composite", "cmlora")
-STAGES = (*TRAIN, *SAMPLE, "fuse", "ziplora", "lorarar")
+STAGES = (*TRAIN, *TRAIN_REFS.values(), *SAMPLE, "fuse", "ziplora", "lorarar")
 # Stages that leave the built base as they found it (adapters loaded per call, then unloaded): with --shared
 # they run one after another in one process per size, the peak RSS reset before each (/proc/self/clear_refs).
 SHAREABLE = ("sample", "switch", "composite", "cmlora", "lorarar")
@@ -137,6 +140,11 @@ def _train(args, pipe, work: Path, stage: str) -> dict:
     t0 = time.perf_counter()
     if stage == "train_ref":
         res = bench_train.reference(ns, pipe, folder, captions)
+    elif stage in ("train_ref_gc", "train_ref_locon"):
+        res = bench_train.reference(ns, pipe, folder, captions, network="locon" if stage.endswith("locon") else "lora",
+                                    gradient_checkpointing=stage.endswith("gc"))
+    elif stage == "train_ref_edlora":
+        res = bench_train.reference_edlora(ns, pipe, folder)
     elif stage == "train_edlora":
         res = _train_edlora(args, pipe, folder, work / "out")
     else:
@@ -342,21 +350,21 @@ def _estimate_mb(args, stage: str) -> float | None:
 
     arch, size, _, _ = SIZES[args.size]
     base = f"random:{arch}:{size}"
-    kind = {"train_edlora": "edlora", "fuse": "fuse-gradient", "ziplora": "ziplora", "lorarar": "ziplora"}.get(
-        stage, "train" if stage in TRAIN else "sample")
+    kind = {"train_edlora": "edlora", "train_ref_edlora": "edlora", "fuse": "fuse-gradient", "ziplora": "ziplora",
+            "lorarar": "ziplora"}.get(stage, "train" if stage.startswith("train") else "sample")
     batch = {"sample": 1, "fuse-gradient": args.capture_batch}.get(kind, args.batch)
     est = estimate(kind, base, resolution=args.resolution, batch=batch, heldout=args.fuse_ridge == "auto",
                    rank=args.rank, n_loras=args.n_loras if stage in N_STAGES else 2, dtype=_torch_dtype(args.dtype),
                    method=_SAMPLE_METHOD.get(stage, "merge"), cfg=kind != "fuse-gradient",
-                   gradient_checkpointing=stage == "train_gc",
-                   conv=stage == "train_locon" or (stage == "fuse" and args.network == "locon"))
+                   gradient_checkpointing=stage.endswith("_gc"),
+                   conv=stage.endswith("_locon") or (stage == "fuse" and args.network == "locon"))
     return round(est.total / 2**20, 1) if est else None
 
 
 def run_point(args, pipe, work: Path) -> dict:
     """One stage at one (resolution, rank, N) on the built base; its result fields."""
     stage = args.one
-    if stage in TRAIN:
+    if stage in TRAIN or stage in TRAIN_REFS.values():
         return _train(args, pipe, work, stage)
     if stage == "sample_ref":
         return _sample_ref(args, pipe, work)
@@ -416,7 +424,8 @@ def _time(row: dict) -> float:
 
 
 # lorakit against its reference at the same point: (lorakit stage, reference stage, the time compared)
-COMPARISONS = (("train", "train_ref", "step_s"), ("sample", "sample_ref", "step_s"), ("cmlora", "composite", "total_s"))
+COMPARISONS = (("train", "train_ref", "step_s"), ("sample", "sample_ref", "step_s"), ("cmlora", "composite", "total_s"),
+               *((s, ref, "step_s") for s, ref in TRAIN_REFS.items()))
 AXES = (("n_loras", 4), ("resolution", 2), ("rank", 3))  # curve axes and their place in a point's key
 
 
@@ -453,7 +462,7 @@ def derived_rows(rows: list[dict]) -> list[dict]:
             if key[1] != lk:
                 continue
             other = (key[0], ref, *key[2:])
-            if ref in ("train", "train_ref") and other not in groups:  # trainers record no N
+            if ref.startswith("train") and other not in groups:  # trainers record no N
                 other = (key[0], ref, key[2], key[3], None, *key[5:])
             if other not in groups:
                 continue
@@ -533,7 +542,7 @@ def _paired_ratios(groups: dict[tuple, list[dict]]) -> list[dict]:
 
 
 def _seconds(r: dict) -> str:
-    if r["run"] in TRAIN:
+    if r["run"].startswith("train"):
         times = r.get("step_times") or []
         return f"{r['step_s']:.2f} /step" + (f" ({min(times):.2f}-{max(times):.2f})" if len(times) > 1 else "")
     if r["run"] in SAMPLE:
