@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import bench_scale as bench
 from pathlib import Path
 
@@ -217,3 +219,26 @@ def test_reference_loops_train_what_the_variants_train(tmp_path):
     assert not torch.equal(emb[new[0]], emb[new[1]])  # both started as "cat"; a step moved them apart
     assert any("lora_A" in n for n, _ in pipe.text_encoder.named_parameters())
     assert not any("lora_A" in n for n, m in pipe.unet.named_modules() if "resnets" in n)
+
+
+def test_docs_tables_come_from_the_files_between_their_markers(tmp_path):
+    """--derive FILES --docs MD: the runs of every file (their own derived rows left out and derived again), the
+    N table of the sampling methods, written between the marker lines and nowhere else."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(json.dumps(_row(m, resolution=256, n_loras=n, steps=2, step_s=1.0, total_s=t,
+                                            peak_rss_mb=2700.0 + n))
+                           for m, n, t in (("composite", 2, 20.0), ("cmlora", 2, 15.0), ("composite", 4, 40.0))) + "\n")
+    b.write_text(json.dumps(_row("cmlora", resolution=256, n_loras=4, steps=2, step_s=1.0, total_s=22.0)) + "\n"
+                 + json.dumps({"run": "ratio", "size": "sd15", "stage": "cmlora", "time_ratio": 9.9}) + "\n")
+    md = tmp_path / "perf.md"
+    md.write_text("intro\n" + bench.MARKERS[0] + "old tables\n" + bench.MARKERS[1] + "after\n")
+    assert bench.main(["--derive", str(a), str(b), "--docs", str(md)]) == 0
+    text = md.read_text()
+    assert text.startswith("intro\n" + bench.MARKERS[0]) and text.endswith(bench.MARKERS[1] + "after\n")
+    assert "old tables" not in text and "9.9" not in text
+    assert "| 256 px, 2-step image: s / peak RSS MiB | N = 2 | N = 4 |" in text
+    assert "| composite | 20.0 / 2702 | 40.0 / 2704 |" in text and "| cmlora | 15.0 / 2702 | 22.0 / 3000 |" in text
+    assert "| cmlora / composite | resolution 256, n_loras 4, rank 4 | 0.55 |" in text
+    md.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no '<!-- tables"):
+        bench.main(["--derive", str(a), "--docs", str(md)])

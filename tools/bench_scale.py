@@ -577,6 +577,7 @@ def markdown(rows: list[dict]) -> str:
             at = ", ".join(f"{k} {r[k]}" for k in ("resolution", "n_loras", "rank") if k in r)
             lines.append(f"| {r['stage']} / {r['vs']} ({r['time']}) | {at} | {r['pairs']} | {r['time_ratios']} | "
                          f"{r['time_ratio_mean']} ({r['time_ratio_min']}-{r['time_ratio_max']}) | {r['peak_rss_ratios']} |")
+    lines += _n_table(runs)
     curves = [r for r in derived if r["run"] == "curve"]
     if curves:
         lines += ["", "| curve | at | x: seconds / peak RSS MiB (x its smallest) |", "|---|---|---|"]
@@ -588,6 +589,45 @@ def markdown(rows: list[dict]) -> str:
             where = ", ".join(f"{k} {v}" for k, v in json.loads(at).items())
             lines.append(f"| {stage} against {axis} | {where} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def _n_table(runs: list[dict]) -> list[str]:
+    """Markdown lines: per resolution and image length, each sampling method's seconds per image / peak RSS MiB
+    against N (means of the repeats), when more than one N ran."""
+    import statistics
+
+    points: dict[tuple, dict[str, dict[int, list[dict]]]] = {}
+    for r in runs:
+        if r["run"] in SAMPLE and "error" not in r and r.get("n_loras"):
+            by_stage = points.setdefault((r["resolution"], r["steps"]), {})
+            by_stage.setdefault(r["run"], {}).setdefault(r["n_loras"], []).append(r)
+    lines = []
+    for (px, steps), by_stage in sorted(points.items()):
+        ns = sorted({n for by_n in by_stage.values() for n in by_n})
+        if len(ns) < 2:
+            continue
+        lines += ["", f"| {px} px, {steps}-step image: s / peak RSS MiB | " + " | ".join(f"N = {n}" for n in ns) + " |",
+                  "|---" * (len(ns) + 1) + "|"]
+        for stage, by_n in by_stage.items():
+            cells = [f"{statistics.mean(r['total_s'] for r in by_n[n]):.1f} / "
+                     f"{statistics.mean(r['peak_rss_mb'] for r in by_n[n]):.0f}" if n in by_n else "-" for n in ns]
+            lines.append(f"| {_SAMPLE_METHOD[stage] if stage in _SAMPLE_METHOD else stage} | " + " | ".join(cells) + " |")
+    return lines
+
+
+MARKERS = ("<!-- tables: bench_scale --derive --markdown -->\n", "<!-- end tables -->\n")
+
+
+def write_tables(md: Path, tables: str) -> None:
+    """Replace what lies between the two MARKERS lines of ``md`` with ``tables`` (written to a temporary file
+    beside it, then renamed)."""
+    text = md.read_text()
+    if MARKERS[0] not in text or MARKERS[1] not in text:
+        raise SystemExit(f"{md}: no '{MARKERS[0].strip()}' ... '{MARKERS[1].strip()}' lines to put the tables between")
+    i, j = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(text[:i] + tables + text[j:])
+    os.replace(tmp, md)
 
 
 def plot(rows: list[dict], png: Path) -> Path:
@@ -664,10 +704,12 @@ def parse_args(argv=None):
     p.add_argument("--no-estimate", dest="estimate", action="store_false", help="skip lorakit.memory's estimate")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per point")
     p.add_argument("--out", help="append JSON lines here too (e.g. runs/scale.jsonl)")
-    p.add_argument("--derive", metavar="JSONL", help="only print the ratio / growth / curve / spread rows of the "
-                                                      "runs in this file")
+    p.add_argument("--derive", metavar="JSONL", nargs="+", help="only print the ratio / growth / curve / spread rows "
+                   "of the runs in these files")
     p.add_argument("--markdown", action="store_true", help="with --derive: print the runs, ratios, pairs and curves "
                    "as markdown tables (docs/performance.md) instead of JSON lines")
+    p.add_argument("--docs", metavar="MD", help="with --derive: put the markdown tables between the marker lines "
+                   "of this file (docs/performance.md) instead of printing them")
     p.add_argument("--plot", metavar="PNG", help="with --derive: draw the curve rows into this PNG (needs matplotlib)")
     p.add_argument("--cmlora-flops", type=int, metavar="STEPS", help="only count CMLoRA's and Composite's UNet FLOPs "
                    "for an image of STEPS steps (meta device, seconds) at --resolutions and --n-loras, first --sizes")
@@ -836,11 +878,14 @@ def main(argv=None) -> int:
                 _emit({**cmlora_flops(*SIZES[args.sizes[0]][:2], px, n, args.cmlora_flops), "size": args.sizes[0]}, out)
         return 0
     if args.derive:
-        runs = [json.loads(ln) for ln in Path(args.derive).read_text().splitlines() if ln.strip()]
-        derived = derived_rows([r for r in runs if r.get("run") in STAGES])
-        if args.markdown:
-            print(markdown([r for r in runs if r.get("run") in STAGES] + derived), end="")
-        for row in [] if args.markdown else derived:
+        runs = [json.loads(ln) for f in args.derive for ln in Path(f).read_text().splitlines() if ln.strip()]
+        runs = [r for r in runs if r.get("run") in STAGES]  # the files' own derived rows are derived again
+        derived = derived_rows(runs)
+        if args.docs:
+            write_tables(Path(args.docs), markdown(runs + derived))
+        elif args.markdown:
+            print(markdown(runs + derived), end="")
+        for row in [] if args.markdown or args.docs else derived:
             _emit(row, out)
         if args.plot:
             print(f"wrote {plot(derived, Path(args.plot))}", file=sys.stderr)
