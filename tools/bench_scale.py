@@ -549,6 +549,9 @@ def _seconds(r: dict) -> str:
         return f"{r['total_s']:.1f} /image of {r['steps']} steps ({r['step_s']:.2f} /step marginal)"
     if r["run"] == "ziplora":
         return f"{r['total_s']:.1f} total, {r['steps']} steps ({r['step_s']:.2f} /step, {r['fixed_s']:.1f} fixed)"
+    if r["run"] == "fuse" and "capture_s" in r:
+        return (f"{r['total_s']:.1f} total (capture {r['capture_s']:.0f}, solve {r['solve_s']:.0f}; ridge {r.get('ridge')}; "
+                f"{r.get('layers')} layers, {r.get('fallback_layers')} fallback)")
     return f"{r['total_s']:.1f} total"
 
 
