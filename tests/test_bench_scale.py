@@ -91,6 +91,8 @@ def test_plot_writes_a_png(tmp_path):
     rows = [_row("sample", n_loras=n, step_s=float(n), total_s=float(n), peak_rss_mb=3000.0 + n) for n in (2, 4, 8)]
     png = bench.plot(bench.derived_rows(rows), tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no curve to draw"):  # one point per axis: a line, not a traceback
+        bench.plot(bench.derived_rows(rows[:1]), tmp_path / "none.png")
 
 
 def test_repeats_interleave_the_arms_and_pair_their_ratios():

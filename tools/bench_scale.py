@@ -644,6 +644,8 @@ def plot(rows: list[dict], png: Path) -> Path:
         raise SystemExit("--plot needs matplotlib: pip install 'lorakit[bench]'") from err
     curves = [r for r in rows if r.get("run") == "curve"]
     axes_names = [a for a in ("n_loras", "resolution", "rank") if any(r["axis"] == a for r in curves)]
+    if not axes_names:
+        raise SystemExit("--plot: no curve to draw (no stage ran at two values of N, resolution or rank)")
     fig, axs = plt.subplots(2, len(axes_names), figsize=(3.2 * len(axes_names), 5.2), squeeze=False)
     labels = {"n_loras": "LoRAs N", "resolution": "pixels", "rank": "rank"}
     for j, axis in enumerate(axes_names):
