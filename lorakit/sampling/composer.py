@@ -256,10 +256,7 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
         prompt, negative_prompt = regions.prompt, regions.negative_prompt
     n = len(adapters)
     pipe.scheduler.set_timesteps(settings.steps, device=pipe._execution_device)
-    if n:
-        plan = method_plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
-    else:  # no adapters (a fused model): the base alone
-        plan = Plan([[Term((), 1.0, 1.0)]] * len(pipe.scheduler.timesteps), {"note": "no adapters: plain sampling"})
+    plan = _plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
     joint = None if settings.encode == "per-adapter" else ((0,) if settings.method == "switch" else tuple(range(n)))
     if settings.prompt_parts == "per-adapter" and regions is not None:
         raise ValueError("prompt_parts per-adapter does not combine with regions (each region has its own prompt)")
@@ -269,14 +266,7 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
         for term in step_terms:
             contexts.get(term.adapters)
     spatial = _spatial_conditions(pipe, regions, conditions, height, width)
-    controller = previous = None
-    if regions is not None and regions.regions:
-        from lorakit.sampling.regional import RegionalController, install_regional, warn_empty_boxes
-
-        warn_empty_boxes(regions, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-        controller = RegionalController([r.box for r in regions.regions], aspect=width / height,
-                                        rounding=getattr(regions, "box_rounding", "inside"))
-        previous = install_regional(pipe.unet, controller)
+    controller, previous = _install_regions(pipe, regions, height, width)
     try:
         latents, passes = _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg,
                                    spatial)
@@ -291,6 +281,26 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
     if output_type == "latent":
         return latents, info
     return decode_latents(pipe, latents), info
+
+
+def _plan(settings: SamplerSettings, n: int, n_steps: int, order, n_rotation) -> Plan:
+    """The method's per-step terms for ``n`` adapters; with none (e.g. a fused model), plain sampling."""
+    if n:
+        return method_plan(settings, n, n_steps, order, n_rotation)
+    return Plan([[Term((), 1.0, 1.0)]] * n_steps, {"note": "no adapters: plain sampling"})
+
+
+def _install_regions(pipe, regions, height: int, width: int):
+    """Region attention for ``regions`` installed on the UNet: ``(controller, previous processors)``, or
+    ``(None, None)`` without regions."""
+    if regions is None or not regions.regions:
+        return None, None
+    from lorakit.sampling.regional import RegionalController, install_regional, warn_empty_boxes
+
+    warn_empty_boxes(regions, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    controller = RegionalController([r.box for r in regions.regions], aspect=width / height,
+                                    rounding=getattr(regions, "box_rounding", "inside"))
+    return controller, install_regional(pipe.unet, controller)
 
 
 def _spatial_conditions(pipe, regions, conditions, height: int, width: int):
