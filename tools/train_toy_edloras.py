@@ -1,0 +1,48 @@
+"""Train the toy ED-LoRA concepts into the shared cache, one chunk of steps per call (``lorakit.toyworld.edloras``).
+
+    python tools/train_toy_edloras.py robot frog tophat mushroom --chunk-steps 100
+
+Each call trains the first concept that is not cached yet up to its next multiple of ``--chunk-steps`` and
+exits: 0 when every concept named is cached (their paths printed), 3 when more chunks remain. So a shared
+machine's job lock can be taken per chunk:
+
+    until flock -w 1800 /work/heavy.lock python tools/train_toy_edloras.py robot frog --chunk-steps 100; \
+        [ $? -ne 3 ]; do :; done
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lorakit.threads import configure_threads
+
+MORE = 3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("concepts", nargs="+", help="held-out characters or objects (robot, frog, tophat, ...)")
+    ap.add_argument("--chunk-steps", type=int, default=0, help="steps per call (default 0: the whole run)")
+    ap.add_argument("--cache", help="cache folder (default: lorakit.toyworld.loras.default_cache_dir())")
+    args = ap.parse_args(argv)
+    configure_threads()
+    from lorakit.toyworld.edloras import concept_edlora_path, train_concept_edlora
+    from lorakit.toyworld.loras import default_cache_dir
+
+    cache = Path(args.cache) if args.cache else default_cache_dir()
+    for c in args.concepts:
+        if not concept_edlora_path(c, cache).exists() and train_concept_edlora(
+                c, cache, chunk_steps=args.chunk_steps) is None:
+            print(f"{c}: stopped at a chunk boundary; call again to continue", flush=True)
+            return MORE
+    for c in args.concepts:
+        print(concept_edlora_path(c, cache), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
