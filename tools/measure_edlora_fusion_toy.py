@@ -1,9 +1,9 @@
 """Gradient fusion of 2, 3 and 4 ED-LoRA concepts vs weighted average vs merge, scored by the toy oracle.
 
-Inputs: one ED-LoRA file per toy concept (``--edloras robot=PATH frog=PATH ...``, trained with
-``train_configs/toy_edlora_character.yaml`` and ``data.path=data/toy/<c>``, ``concept.*`` set to the concept, as
-``output/edlora_toy/train_all.sh`` in the docs does). For each set (``--sets robot+frog robot+frog+ghost ...``)
-one model per method:
+Inputs: one ED-LoRA file per toy concept: by default the toy cache's (``tools/train_toy_edloras.py robot frog
+tophat mushroom``: ``train_configs/toy_edlora_character.yaml`` with each concept's images and words, cached by
+recipe hash like the toy LoRAs), or ``--edloras robot=PATH frog=PATH ...``. For each set (``--sets robot+frog
+robot+frog+tophat ...``) one model per method:
   * ``gradient``: ``lorakit.fusion.gradient`` with its defaults; fit prompts ``concept_prompts(c, 4, seed=0)``,
     held-out ``seed=1`` (toy captions with the trigger word replaced by the concept's pseudo-words);
   * ``weighted``: every ED-LoRA loaded (``load_edlora``: its embeddings and routing) with LoRA scale ``1/N``
@@ -14,8 +14,8 @@ Evaluation: ``--n`` captions of scenes with every concept of the set (random gen
 oracle scores each image on every concept of the set. JSON lines: per method, each concept's rate and "all
 concepts" with Wilson 95% intervals; per method pair, exact McNemar (paired: same captions and seeds).
 
-    python tools/measure_edlora_fusion_toy.py --edloras robot=output/edlora_toy/robot/edlora.safetensors \
-        frog=output/edlora_toy/frog/edlora.safetensors --sets robot+frog --n 16
+    python tools/measure_edlora_fusion_toy.py --sets robot+frog robot+frog+tophat --n 96 \
+        --cache artifacts/edlora_fusion_toy --chunks 2     # exit 3: call again (one job-lock hold per call)
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def fused_pipe(method: str, base, files: dict[str, str], names: list[str], words
             fit = with_words(concept_prompts(n, 4, seed=0), [n], words)
             val = with_words(concept_prompts(n, 4, seed=1), [n], words)
             concepts.append(Concept(n, load_adapter(files[n]), 1.0, fit, list(fit), val, list(val)))
-        fuse_gradient(pipe, concepts, GradientSettings(steps=20, samples=1, guidance=1.0, progress=False))
+        fuse_gradient(pipe, concepts, GradientSettings(progress=False))
     else:
         scale = 1.0 / len(names) if method == "weighted" else 1.0
         adapter_names = [load_edlora(pipe, files[n], adapter_name=f"c{i}")["adapter_name"]
@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunks", type=int, default=0,
                     help="with --cache: compute at most this many missing (set, method) results, then exit 3 if "
                          "more remain (one job-lock hold per call); 0 = all")
+    ap.add_argument("--hold-s", type=float, default=0,
+                    help="with --cache: start no further (set, method) once the last one's time no longer fits in "
+                         "this many seconds since the start (exit 3); 0 = no limit")
     ap.add_argument("--out", help="also write the JSON lines here")
     return ap
 
@@ -162,7 +165,7 @@ def main(argv=None) -> int:
     files = edlora_files(args.edloras, needed)
     words = {n: words_of(load_adapter(files[n])) for n in needed}
     base = None
-    lines, done = [], 0
+    lines, done, last, t_start = [], 0, 0.0, time.monotonic()
     if args.cache:
         Path(args.cache).mkdir(parents=True, exist_ok=True)
 
@@ -178,14 +181,16 @@ def main(argv=None) -> int:
             if cached is not None and cached.exists():
                 res = json.loads(cached.read_text())
             else:
-                if args.chunks and done >= args.chunks:
+                late = args.hold_s and last and time.monotonic() - t_start + last > args.hold_s
+                if (args.chunks and done >= args.chunks) or late:
                     print(f"{tag} {method}: not measured yet; call again to continue", flush=True)
                     return 3
                 if base is None:
                     base = load_base(args.base)
                     base.set_progress_bar_config(disable=True)
+                t = time.monotonic()
                 res = measure(tag, method, base, files, words, args.n)
-                done += 1
+                done, last = done + 1, time.monotonic() - t
                 if cached is not None:
                     write_text(json.dumps(res), cached)
             present[method] = torch.tensor(res["present"], dtype=torch.bool)

@@ -2,8 +2,9 @@
 
     python tools/train_toy_edloras.py robot frog tophat mushroom --chunk-steps 100
 
-Each call trains the first concept that is not cached yet up to its next multiple of ``--chunk-steps`` and
-exits: 0 when every concept named is cached (their paths printed), 3 when more chunks remain. So a shared
+Each call trains the first concept that is not cached yet up to its next multiple of ``--chunk-steps`` (and
+more chunks while ``--hold-s`` allows) and exits: 0 when every concept named is cached (their paths printed),
+3 when more chunks remain. So a shared
 machine's job lock can be taken per chunk:
 
     until flock -w 1800 /work/heavy.lock python tools/train_toy_edloras.py robot frog --chunk-steps 100; \
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,6 +29,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("concepts", nargs="+", help="held-out characters or objects (robot, frog, tophat, ...)")
     ap.add_argument("--chunk-steps", type=int, default=0, help="steps per call (default 0: the whole run)")
+    ap.add_argument("--hold-s", type=float, default=0,
+                    help="train further chunks in this call while the last chunk's time still fits in this many "
+                         "seconds since the start (default 0: one chunk per call)")
     ap.add_argument("--cache", help="cache folder (default: lorakit.toyworld.loras.default_cache_dir())")
     args = ap.parse_args(argv)
     configure_threads()
@@ -34,11 +39,14 @@ def main(argv=None) -> int:
     from lorakit.toyworld.loras import default_cache_dir
 
     cache = Path(args.cache) if args.cache else default_cache_dir()
-    for c in args.concepts:
-        if not concept_edlora_path(c, cache).exists() and train_concept_edlora(
-                c, cache, chunk_steps=args.chunk_steps) is None:
-            print(f"{c}: stopped at a chunk boundary; call again to continue", flush=True)
+    t0, last = time.monotonic(), 0.0
+    while todo := [c for c in args.concepts if not concept_edlora_path(c, cache).exists()]:
+        if last and (not args.hold_s or time.monotonic() - t0 + last > args.hold_s):
+            print(f"{todo[0]}: not finished; call again to continue", flush=True)
             return MORE
+        t = time.monotonic()
+        train_concept_edlora(todo[0], cache, chunk_steps=args.chunk_steps)
+        last = time.monotonic() - t
     for c in args.concepts:
         print(concept_edlora_path(c, cache), flush=True)
     return 0
