@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorakit.toyworld.edloras import concept_edlora_path, edlora_overrides, train_concept_edlora
+from lorakit.toyworld.edloras import concept_edlora_path, edlora_overrides, train_concept_edlora, trained_steps
 
 
 def test_paths_are_named_by_concept_and_recipe(tmp_path):
@@ -24,7 +24,8 @@ def test_chunked_training_equals_one_run(tmp_path):
     small = ["max_steps=2", "train_batch_size=2"]
     whole = train_concept_edlora("frog", tmp_path / "whole", overrides=small)
     assert whole == concept_edlora_path("frog", tmp_path / "whole", overrides=small) and whole.exists()
-    assert train_concept_edlora("frog", tmp_path / "chunks", overrides=small, chunk_steps=1) is None
+    assert train_concept_edlora("frog", tmp_path / "chunks", overrides=small, max_new_steps=1) is None
+    assert trained_steps("frog", tmp_path / "chunks", overrides=small) == 1
     chunked = train_concept_edlora("frog", tmp_path / "chunks", overrides=small, chunk_steps=1)
     assert chunked.name == whole.name
     a, b = load_file(whole), load_file(chunked)

@@ -46,7 +46,8 @@ def concept_edlora_path(concept: str, out_dir: str | os.PathLike, base: str | No
 
 
 def train_concept_edlora(concept: str, out_dir: str | os.PathLike, base: str | None = None,
-                         overrides: list[str] | None = None, chunk_steps: int = 0) -> Path | None:
+                         overrides: list[str] | None = None, chunk_steps: int = 0,
+                         max_new_steps: int = 0) -> Path | None:
     """Train (or reuse) the toy ED-LoRA of ``concept``.
 
     Args:
@@ -55,6 +56,7 @@ def train_concept_edlora(concept: str, out_dir: str | os.PathLike, base: str | N
         base: base model (default: the bundled toy base).
         overrides: extra ``key=value`` recipe overrides (part of the hash).
         chunk_steps: > 0: train at most up to the next multiple of this many steps in this call.
+        max_new_steps: > 0: train at most this many steps in this call (e.g. what fits in a time budget).
     Returns:
         The cached file, or None when this call stopped at a chunk boundary (call again to continue).
     """
@@ -68,6 +70,8 @@ def train_concept_edlora(concept: str, out_dir: str | os.PathLike, base: str | N
     cfg = recipe_config(toy_recipe(RECIPE), edlora_overrides(concept, base, overrides), "edlora")
     done = _last_checkpoint_step(work)
     stop = min(cfg.max_steps, (done // chunk_steps + 1) * chunk_steps) if chunk_steps > 0 else cfg.max_steps
+    if max_new_steps > 0:
+        stop = min(stop, done + max_new_steps)
     run = [f"output_dir={work}", "logging=none", "resume=latest", "checkpointing_steps=0", "save_every=0"]
     if stop < cfg.max_steps:
         run.append(f"stop_at_step={stop}")
@@ -76,6 +80,12 @@ def train_concept_edlora(concept: str, out_dir: str | os.PathLike, base: str | N
         return None
     copy_file(result.final_path, target)
     return target
+
+
+def trained_steps(concept: str, out_dir: str | os.PathLike, base: str | None = None,
+                  overrides: list[str] | None = None) -> int:
+    """Steps of ``concept``'s run done so far (its newest checkpoint; 0 before the first chunk)."""
+    return _last_checkpoint_step(concept_edlora_path(concept, out_dir, base, overrides).with_suffix(".work"))
 
 
 def _last_checkpoint_step(work: Path) -> int:
