@@ -139,13 +139,19 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
     return train_recipe_lora(recipe_path(name), f"toy_{name}", out_dir, _overrides(name, base, overrides), force)
 
 
-def recipe_lora_path(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str]) -> Path:
-    """``out_dir/<stem>-<recipe hash>.safetensors``: where :func:`train_recipe_lora` keeps this recipe's LoRA."""
+def recipe_config(recipe: Path, overrides: list[str], trainer: str = "blockwise"):
+    """The resolved recipe of ``trainer`` (a :data:`lorakit.training.entry.TRAINERS` name) with ``overrides``."""
     from lorakit.config import load_config
-    from lorakit.training.blockwise import BlockwiseConfig
+    from lorakit.training import recipes
+    from lorakit.training.entry import TRAINERS
 
-    cfg = load_config(BlockwiseConfig, recipe, overrides)
-    return Path(out_dir) / f"{stem}-{recipe_hash(cfg)}.safetensors"
+    return load_config(getattr(recipes, TRAINERS[trainer].schema), recipe, overrides)
+
+
+def recipe_lora_path(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str],
+                     trainer: str = "blockwise") -> Path:
+    """``out_dir/<stem>-<recipe hash>.safetensors``: where :func:`train_recipe_lora` keeps this recipe's LoRA."""
+    return Path(out_dir) / f"{stem}-{recipe_hash(recipe_config(recipe, overrides, trainer))}.safetensors"
 
 
 def train_recipe_lora(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str],
