@@ -11,6 +11,10 @@ import importlib
 import os
 import sys
 
+from lorakit import logs
+from lorakit.errors import debug_enabled, run_guarded
+from lorakit.threads import configure_threads
+
 # (subcommand, module) in the order ``--help`` lists them.
 COMMANDS = [
     ("train", "lorakit.commands.train"),
@@ -75,10 +79,6 @@ def _use_formatter(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lorakit import logs
-    from lorakit.errors import debug_enabled
-    from lorakit.threads import configure_threads
-
     configure_threads()  # before any command loads torch: one thread unless OMP_NUM_THREADS is set
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -95,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str], debug: bool) -> int:
-    from lorakit.errors import run_guarded
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from lorakit.adapters.keys import sai_unet_path
+from lorakit.adapters.keys import is_sai_name, kohya_name, module_path_from_kohya, sai_unet_path
 
 _LAYER_SUFFIX = re.compile(r"\.(lora_down\.weight|lora_up\.weight|alpha|hada_\w+|lokr_\w+)$")
 
@@ -168,12 +168,6 @@ def kohya_placement(names: list[str], pipe, arch: str, rename_diffusers: bool = 
     For SDXL it first renames diffusers-named UNet layers to SAI names (``rename_diffusers``; LyCORIS's loader
     does not). A file layer with no such module is left out."""
     if arch == "sdxl" and rename_diffusers:
-        from lorakit.adapters.keys import (
-            is_sai_name,
-            kohya_name,
-            module_path_from_kohya,
-        )
-
         renamed = {n: n if is_sai_name(n) or not n.startswith("lora_unet_")
                    else kohya_name(module_path_from_kohya(n), arch, "sai") for n in names}
         placed = kohya_placement(list(renamed.values()), pipe, arch, rename_diffusers=False)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.base import AdapterModule
+from lorakit.adapters.formats import FormatError, read_layers
 from lorakit.adapters.keys import (  # noqa: F401 - kohya_prefix / module_path_from_kohya re-exported for callers
     COMPONENTS,
     KEY_STYLES,
@@ -33,7 +34,10 @@ from lorakit.adapters.keys import (  # noqa: F401 - kohya_prefix / module_path_f
 )
 from lorakit.adapters.locon import is_locon
 from lorakit.adapters.lora import LoraModule
+from lorakit.blocks import lora_config
 from lorakit.fileio import load_safetensors, save_safetensors
+from lorakit.logs import library_notices_off
+from lorakit.models import pipeline_arch
 
 FORMAT_VERSION = "1"
 
@@ -164,8 +168,6 @@ def load_adapter(path: str | os.PathLike, layers_per_block: int = 2) -> Adapter:
         FileNotFoundError; AdapterError naming the file for truncated files, unsupported adapter types
         (OFT, BOFT, DoRA, ...), keys that cannot be placed (with the guessed format) and files without weights.
     """
-    from lorakit.adapters.formats import FormatError, read_layers
-
     path = Path(path)
     tensors, meta = load_safetensors(path)
     try:
@@ -269,7 +271,6 @@ def apply_adapter(pipe, adapter: Adapter, adapter_name: str = "default") -> list
     """
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    from lorakit.blocks import lora_config
 
     validate_adapter(adapter, pipe)
     adapter = adapter.as_lora()  # LoHa / LoKr layers go in as their exact LoRA factors
@@ -282,7 +283,8 @@ def apply_adapter(pipe, adapter: Adapter, adapter_name: str = "default") -> list
         mods = {live_path(model, p): m for p, m in mods.items()}
         ranks = {p: (m.rank, m.alpha) for p, m in mods.items()}
         cfg = lora_config(ranks)
-        inject_adapter_in_model(cfg, model, adapter_name=adapter_name)
+        with library_notices_off():  # peft's notice on a model's second adapter
+            inject_adapter_in_model(cfg, model, adapter_name=adapter_name)
         ref = {p: LoraModule(m.down, m.up, m.alpha) for p, m in mods.items()}
         result = set_peft_model_state_dict(model, to_peft_state_dict(ref), adapter_name=adapter_name)
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
@@ -298,8 +300,6 @@ def validate_adapter(adapter: Adapter, pipe, source: str | os.PathLike | None = 
     Raises:
         AdapterError listing the first offenders (at most 5) and how many there are.
     """
-    from lorakit.models import pipeline_arch
-
     where = f"{source}: " if source else ""
     base_arch = pipeline_arch(pipe)
     arch = adapter.metadata.get("lorakit.base_arch") or guess_arch(adapter)
