@@ -11,13 +11,15 @@ import hashlib
 import os
 from pathlib import Path
 
+from lorakit.config import load_config
+from lorakit.fileio import copy_file
 from lorakit.resources import data_path, toy_recipe
+from lorakit.toyworld.concepts import get_concept
+from lorakit.training.blockwise import BlockwiseConfig, train
 
 
 def recipe_path(concept: str) -> Path:
     """``train_configs/toy_<concept>.yaml`` for a held-out concept name (or its trigger word)."""
-    from lorakit.toyworld.concepts import get_concept
-
     c = get_concept(concept)
     path = toy_recipe(c.name)
     if not path.exists():
@@ -114,8 +116,6 @@ def concept_lora_path(concept: str, out_dir: str | os.PathLike, base: str | None
                       overrides: list[str] | None = None) -> Path:
     """Where :func:`train_concept_lora` keeps (or will keep) this concept's LoRA: ``out_dir/toy_<concept>-<hash>
     .safetensors``; it is cached when the file exists."""
-    from lorakit.toyworld.concepts import get_concept
-
     name = get_concept(concept).name
     return recipe_lora_path(recipe_path(name), f"toy_{name}", out_dir, _overrides(name, base, overrides))
 
@@ -133,17 +133,12 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
     Returns:
         Path of the adapter file (kohya keys; ``lorakit.trigger`` in its metadata).
     """
-    from lorakit.toyworld.concepts import get_concept
-
     name = get_concept(concept).name
     return train_recipe_lora(recipe_path(name), f"toy_{name}", out_dir, _overrides(name, base, overrides), force)
 
 
 def recipe_lora_path(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str]) -> Path:
     """``out_dir/<stem>-<recipe hash>.safetensors``: where :func:`train_recipe_lora` keeps this recipe's LoRA."""
-    from lorakit.config import load_config
-    from lorakit.training.blockwise import BlockwiseConfig
-
     cfg = load_config(BlockwiseConfig, recipe, overrides)
     return Path(out_dir) / f"{stem}-{recipe_hash(cfg)}.safetensors"
 
@@ -155,10 +150,6 @@ def train_recipe_lora(recipe: Path, stem: str, out_dir: str | os.PathLike, overr
     import contextlib
     import io
     import tempfile
-
-    from lorakit.config import load_config
-    from lorakit.fileio import copy_file
-    from lorakit.training.blockwise import BlockwiseConfig, train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 
 from lorakit.eval.stats import paired, rate
+from lorakit.models import load_base
 from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, generate, generic_prompts
 from lorakit.toyworld.v2.evaluate import found_by_kind, identity_prompts, world_prompts
+from lorakit.toyworld.v2.loras import train_identity_lora
+from lorakit.toyworld.v2.render import Scene, render
 
 # Prompt and image seeds of every v2 measurement (the same for the base and every LoRA, so rows pair up).
 GENERIC_PROMPT_SEED = 7
@@ -68,8 +71,6 @@ def vae_round_trip(vae, imgs: list) -> list:
 def oracle_ceiling(vae, oracle, n: int) -> list[dict]:
     """:func:`base_following`'s rows on the renderer's own images of the same prompts, raw and through the
     base's VAE: what a perfect base would score (the measurement's ceiling)."""
-    from lorakit.toyworld.v2.render import Scene, render
-
     asked = generic_prompts(n, seed=GENERIC_PROMPT_SEED)
     scenes = [Scene(shape=w["shape"], shape_color=w["color"], background=w["background"],
                     bg_color=p.split(", ")[1].split()[0], seed=i) for i, (p, w) in enumerate(asked)]
@@ -144,8 +145,6 @@ def identity_following(identity: str, base_pipe, lora_pipe, oracle, n: int, scal
 
 
 def load_pipeline(path: str | Path):
-    from lorakit.models import load_base
-
     pipe = load_base(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -155,8 +154,6 @@ def measure_identities(identities: list[str], base: str | Path, oracle, n: int, 
                        overrides: list[str] | None = None, emit=None, cache: dict | None = None) -> list[dict]:
     """Train (or reuse) each identity's recipe LoRA on ``base`` and return (and ``emit``) its rows; ``cache``
     keeps the base's images (shared with :func:`base_following`)."""
-    from lorakit.toyworld.v2.loras import train_identity_lora
-
     base_pipe = load_pipeline(base)
     cache = {} if cache is None else cache
     out = []
