@@ -43,8 +43,14 @@ from pathlib import Path
 
 import torch
 
+from lorakit.sampling.boxes import (  # noqa: F401 - box_mask / cell_range / read_box re-exported for callers
+    BOX_ROUNDINGS,
+    UNITS,
+    box_mask,
+    cell_range,
+    read_box,
+)
 from lorakit.sampling.conditions import parse_conditions
-
 
 
 @dataclass
