@@ -21,6 +21,7 @@ Notes and warnings are written by the main process only (``RANK`` 0 under ``acce
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -89,6 +90,21 @@ def configure(chosen: str | None = None) -> str:
     logging.getLogger("lorakit").setLevel({"quiet": logging.WARNING, "normal": logging.INFO,
                                            "verbose": logging.DEBUG}[current])
     return current
+
+
+@contextlib.contextmanager
+def library_notices_off():
+    """Inside, the libraries' Python warnings that tell a lorakit user nothing (``_UNINFORMATIVE``) are dropped
+    unless the verbosity is ``verbose``; the warnings filters are restored on leaving. For library calls that
+    warn by design whatever the caller does, so Python callers of lorakit (and the tests) stay quiet too, not
+    only the command line: peft says "Already found a `peft_config` attribute" for every adapter injected into a
+    model that already holds one, and loading several adapters into one pipeline is what sampling, eval and
+    fusion do."""
+    with warnings.catch_warnings():
+        if level() != "verbose":
+            for pattern in _UNINFORMATIVE:
+                warnings.filterwarnings("ignore", message=pattern)
+        yield
 
 
 def main_process() -> bool:

@@ -176,3 +176,50 @@ def test_training_script_follows_quiet_and_verbose(tmp_path):
     assert "should be kept in float32" in verbose.stderr
     assert "lorakit: block-wise" not in quiet.stdout and "lorakit: trained 1 steps" in quiet.stdout
     assert quiet.stderr == "", quiet.stderr[-2000:]
+
+
+
+def test_loading_several_adapters_hides_peft_notice_unless_verbose(clean_verbosity, tmp_path):
+    """peft warns "Already found a `peft_config`" for every adapter after the first, however they are loaded;
+    lorakit's loaders drop it for Python callers too (not only on the command line), except under --verbose."""
+    from lorakit.adapters.io import apply_adapter, save_adapter
+    from lorakit.models import tiny_pipeline
+    from lorakit.sampling.loading import load_adapters
+    from lorakit.testing import random_adapter
+
+    pipe, other = tiny_pipeline("sd1", seed=0), tiny_pipeline("sd1", seed=0)
+    files = [save_adapter(random_adapter(pipe, seed=k), tmp_path / f"a{k}.safetensors") for k in range(3)]
+    adapters = [random_adapter(other, seed=k) for k in range(3)]
+
+    def peft_notices(verbosity, first, last):
+        os.environ[logs.ENV] = verbosity
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            load_adapters(pipe, files[first:last])  # diffusers' load_lora_weights (sampling, the demo)
+            for k in range(first, last):  # lorakit's own peft injection (retention, LoHa / LoKr files)
+                apply_adapter(other, adapters[k], f"b{k}")
+            warnings.warn("something a user should see")
+        assert "something a user should see" in [str(w.message) for w in seen]
+        return len([w for w in seen if "Already found a `peft_config`" in str(w.message)])
+
+    assert peft_notices("normal", 0, 2) == 0  # the second adapter of each pipeline would warn
+    assert peft_notices("verbose", 2, 3) == 2
+    assert len(pipe.get_list_adapters()["unet"]) == 3 and set(other.unet.peft_config) == {"b0", "b1", "b2"}
+
+
+@pytest.mark.slow
+def test_sampling_with_two_adapters_prints_library_notices_only_when_verbose(tmp_path):
+    """``lorakit sample`` with two LoRAs on the tiny SD1 model, one step (two runs, ~12 s of CPU each): peft's
+    second-adapter notice and the loading chatter only under ``--verbose``."""
+    from lorakit.adapters.io import save_adapter
+    from lorakit.models import tiny_pipeline
+    from lorakit.testing import random_adapter
+
+    pipe = tiny_pipeline("sd1", seed=0)
+    files = [str(save_adapter(random_adapter(pipe, seed=k), tmp_path / f"a{k}.safetensors")) for k in range(2)]
+    command = ["-m", "lorakit.cli", "sample", "--base", "tiny:sd1", "--adapters", *files, "--prompt", "a cat",
+               "--steps", "1"]
+    default = _run(*command, "--out", str(tmp_path / "default"))
+    verbose = _run(*command, "--out", str(tmp_path / "verbose"), "--verbose")
+    assert not [c for c in (*LIBRARY_CHATTER, "peft_config") if c in default.stderr], default.stderr[-2000:]
+    assert "Already found a `peft_config`" in verbose.stderr and "torchvision" in verbose.stderr

@@ -370,6 +370,7 @@ def parse_args(argv=None):
                    help="torch threads per process (default 1: the toy models are too small to gain from more, and "
                    "extra threads stall badly on a busy machine)")
     p.add_argument("--jobs", type=int, default=1, help="LoRAs trained at a time, in worker processes (e.g. $(nproc))")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' notices and loading bars too")
     p.add_argument("--lora-override", action="append", default=[], metavar="KEY=VALUE",
                    help="override of every concept recipe (e.g. max_steps=2; changes the hash); repeatable")
     p.add_argument("--hypernet-override", action="append", default=[], metavar="KEY=VALUE",
@@ -394,6 +395,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from lorakit import logs
+
+    logs.configure("verbose" if args.verbose else None)  # before the libraries load; the workers inherit it
     from lorakit.threads import configure_threads
 
     configure_threads(max(1, args.threads))  # before torch loads (passive OpenMP waiting; workers inherit it)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--oracle", help="--world v2: the v2 oracle folder (tools/train_oracle_v2.py)")
     p.add_argument("--ceiling", action="store_true",
                    help="--world v2: also score the renderer's images of the base prompts (raw and through the VAE)")
+    p.add_argument("--image-store", help="--world v2: keep every generated image in this folder, so that a run "
+                   "stopped by --budget-s continues where it stopped when run again")
+    p.add_argument("--budget-s", type=float, help="--world v2 with --image-store: stop (exit status 3) before a batch "
+                   "of images would end later than this many seconds after the start")
     return p.parse_args(argv)
 
 
@@ -184,9 +189,13 @@ def main_v2(args) -> int:
         load_pipeline,
         measure_identities,
         oracle_ceiling,
+        stored,
     )
+    from lorakit.toyworld.v2.image_store import OutOfTime, pipeline_tag
     from lorakit.toyworld.v2.oracle import Oracle
 
+    if args.budget_s is not None and not args.image_store:
+        raise ValueError("--budget-s needs --image-store (where the images made before the stop are kept)")
     if not args.oracle:
         raise ValueError("--world v2 needs --oracle: a v2 oracle folder (tools/train_oracle_v2.py)")
     if args.base == "data/toy-base" or not Path(args.base, "model_index.json").exists():
@@ -195,14 +204,20 @@ def main_v2(args) -> int:
     oracle = Oracle.load(args.oracle)
     names = [c.name for c in IDENTITIES] if args.concepts is None else [c for c in args.concepts if c != "none"]
     names = [identity_name(c) for c in names]  # unknown names fail here, before any image is made
+    store = Path(args.image_store) if args.image_store else None
+    deadline = time.monotonic() + args.budget_s if args.budget_s is not None else None
     cache: dict = {}  # the base's images, shared by the rows that use the same prompts
-    if args.n_generic:
-        pipe = load_pipeline(args.base)
-        rows = oracle_ceiling(pipe.vae, oracle, args.n_generic) if args.ceiling else []
-        for row in rows + base_following(pipe, oracle, args.n_generic, cache):
-            emit(row)
-    measure_identities(names, args.base, oracle, args.n, args.scale, Path(args.work),
-                       [f"max_steps={args.steps}"] if args.steps else None, emit, cache)
+    try:
+        if args.n_generic:
+            pipe = stored(load_pipeline(args.base), store, pipeline_tag(args.base), deadline)
+            rows = oracle_ceiling(pipe.vae, oracle, args.n_generic) if args.ceiling else []
+            for row in rows + base_following(pipe, oracle, args.n_generic, cache):
+                emit(row)
+        measure_identities(names, args.base, oracle, args.n, args.scale, Path(args.work),
+                           [f"max_steps={args.steps}"] if args.steps else None, emit, cache, store, deadline)
+    except OutOfTime as err:
+        print(f"measure_toyworld: {err}; run the same command again to continue", file=sys.stderr)
+        return 3
     return 0
 
 

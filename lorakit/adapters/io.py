@@ -36,6 +36,7 @@ from lorakit.adapters.locon import is_locon
 from lorakit.adapters.lora import LoraModule
 from lorakit.blocks import lora_config
 from lorakit.fileio import load_safetensors, save_safetensors
+from lorakit.logs import library_notices_off
 from lorakit.models import pipeline_arch
 
 FORMAT_VERSION = "1"
@@ -281,7 +282,8 @@ def apply_adapter(pipe, adapter: Adapter, adapter_name: str = "default") -> list
         mods = {live_path(model, p): m for p, m in mods.items()}
         ranks = {p: (m.rank, m.alpha) for p, m in mods.items()}
         cfg = lora_config(ranks)
-        inject_adapter_in_model(cfg, model, adapter_name=adapter_name)
+        with library_notices_off():  # peft's notice on a model's second adapter
+            inject_adapter_in_model(cfg, model, adapter_name=adapter_name)
         ref = {p: LoraModule(m.down, m.up, m.alpha) for p, m in mods.items()}
         result = set_peft_model_state_dict(model, to_peft_state_dict(ref), adapter_name=adapter_name)
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]

@@ -32,6 +32,7 @@ from lorakit.sampling.cache import DeepFeatureCache
 from lorakit.sampling.conditions import SpatialConditions, load_conditions
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
 from lorakit.sampling.methods import SAMPLERS, Plan, SamplerSettings, Term, method_plan
+from lorakit.sampling.prompt_parts import adapter_prompt_parts
 from lorakit.sampling.regional import RegionalController, install_regional, remove_regional, warn_empty_boxes
 
 METHODS = SAMPLERS  # name -> Sampler (lorakit.sampling.methods)
@@ -160,15 +161,17 @@ def _rows(t: torch.Tensor, rows: str) -> torch.Tensor:
 
 
 class _Contexts:
-    """Text features per adapter set, encoded on first use (with all of the pipeline's components' adapters)."""
+    """Text features per (adapter set, prompt), encoded on first use (with all of the pipeline's components'
+    adapters). With ``parts`` (one prompt per adapter) a pass with one adapter gets its own part."""
 
-    def __init__(self, pipe, adapters, prompt, negative_prompt, batch, do_cfg, regions, joint: tuple | None):
+    def __init__(self, pipe, adapters, prompt, negative_prompt, batch, do_cfg, regions, joint: tuple | None,
+                 parts: list[str] | None = None):
         self.pipe, self.adapters, self.prompt, self.negative = pipe, adapters, prompt, negative_prompt
-        self.batch, self.do_cfg, self.regions, self.joint = batch, do_cfg, regions, joint
+        self.batch, self.do_cfg, self.regions, self.joint, self.parts = batch, do_cfg, regions, joint, parts
         self.cache: dict = {}
 
-    def _encode(self) -> dict:
-        ctx = encode(self.pipe, self.prompt, self.negative, self.batch, self.do_cfg)
+    def _encode(self, prompt: str) -> dict:
+        ctx = encode(self.pipe, prompt, self.negative, self.batch, self.do_cfg)
         if self.regions is not None and self.regions.regions:
             ctx["regions"] = [
                 encode(self.pipe, r.prompt, r.negative_prompt if r.negative_prompt is not None else self.negative,
@@ -178,19 +181,38 @@ class _Contexts:
         return ctx
 
     def get(self, active: tuple[int, ...]) -> dict:
-        key = active if (not active or self.joint is None) else self.joint
+        prompt = self.parts[active[0]] if self.parts is not None and len(active) == 1 else self.prompt
+        encoder = active if (not active or self.joint is None) else self.joint
+        key = (encoder, prompt)
         if key not in self.cache:
-            if key:
+            if encoder:
                 self.pipe.enable_lora()
-                self.pipe.set_adapters([self.adapters[i].name for i in key], [self.adapters[i].weight for i in key])
-                self.cache[key] = self._encode()
+                self.pipe.set_adapters([self.adapters[i].name for i in encoder],
+                                       [self.adapters[i].weight for i in encoder])
+                self.cache[key] = self._encode(prompt)
             else:
                 self.pipe.disable_lora()
                 try:
-                    self.cache[key] = self._encode()
+                    self.cache[key] = self._encode(prompt)
                 finally:
                     self.pipe.enable_lora()
         return self.cache[key]
+
+
+def prompt_parts_of(settings: SamplerSettings, adapters: list[LoadedAdapter], prompt: str) -> list[str] | None:
+    """Each adapter's part of ``prompt`` under ``--prompt-parts per-adapter`` (None for ``joint``): triggers from
+    ``settings.triggers``, else each file's ``lorakit.trigger`` metadata."""
+    if settings.prompt_parts != "per-adapter" or not adapters:
+        return None
+    triggers = list(settings.triggers) if settings.triggers else [
+        (a.metadata or {}).get("lorakit.trigger", "") for a in adapters]
+    if len(triggers) != len(adapters):
+        raise ValueError(f"triggers: got {len(triggers)} words for {len(adapters)} adapters")
+    missing = [a.name for a, t in zip(adapters, triggers) if not t]
+    if missing:
+        raise ValueError(f"prompt_parts per-adapter: no trigger for {', '.join(missing)} (no lorakit.trigger "
+                         "metadata; set --triggers)")
+    return adapter_prompt_parts(prompt, triggers)
 
 
 def _time_ids(pipe, height: int, width: int, rows: int, dtype) -> torch.Tensor:
@@ -236,22 +258,17 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
         prompt, negative_prompt = regions.prompt, regions.negative_prompt
     n = len(adapters)
     pipe.scheduler.set_timesteps(settings.steps, device=pipe._execution_device)
-    if n:
-        plan = method_plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
-    else:  # no adapters (a fused model): the base alone
-        plan = Plan([[Term((), 1.0, 1.0)]] * len(pipe.scheduler.timesteps), {"note": "no adapters: plain sampling"})
+    plan = _plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
     joint = None if settings.encode == "per-adapter" else ((0,) if settings.method == "switch" else tuple(range(n)))
-    contexts = _Contexts(pipe, adapters, prompt, negative_prompt, len(seeds), do_cfg, regions, joint)
+    if settings.prompt_parts == "per-adapter" and regions is not None:
+        raise ValueError("prompt_parts per-adapter does not combine with regions (each region has its own prompt)")
+    parts = prompt_parts_of(settings, adapters, prompt)
+    contexts = _Contexts(pipe, adapters, prompt, negative_prompt, len(seeds), do_cfg, regions, joint, parts)
     for step_terms in plan.terms:  # encode up front: set_adapters also touches the UNet
         for term in step_terms:
             contexts.get(term.adapters)
     spatial = _spatial_conditions(pipe, regions, conditions, height, width)
-    controller = previous = None
-    if regions is not None and regions.regions:
-        warn_empty_boxes(regions, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-        controller = RegionalController([r.box for r in regions.regions], aspect=width / height,
-                                        rounding=getattr(regions, "box_rounding", "inside"))
-        previous = install_regional(pipe.unet, controller)
+    controller, previous = _install_regions(pipe, regions, height, width)
     try:
         latents, passes = _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg,
                                    spatial)
@@ -259,9 +276,30 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
         if previous is not None:
             remove_regional(pipe.unet, previous)
     info = _run_info(pipe, settings, adapters, plan, passes, height, width)
+    if parts is not None:
+        info["prompt_parts"] = parts
     if output_type == "latent":
         return latents, info
     return decode_latents(pipe, latents), info
+
+
+def _plan(settings: SamplerSettings, n: int, n_steps: int, order, n_rotation) -> Plan:
+    """The method's per-step terms for ``n`` adapters; with none (e.g. a fused model), plain sampling."""
+    if n:
+        return method_plan(settings, n, n_steps, order, n_rotation)
+    return Plan([[Term((), 1.0, 1.0)]] * n_steps, {"note": "no adapters: plain sampling"})
+
+
+def _install_regions(pipe, regions, height: int, width: int):
+    """Region attention for ``regions`` installed on the UNet: ``(controller, previous processors)``, or
+    ``(None, None)`` without regions."""
+    if regions is None or not regions.regions:
+        return None, None
+
+    warn_empty_boxes(regions, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    controller = RegionalController([r.box for r in regions.regions], aspect=width / height,
+                                    rounding=getattr(regions, "box_rounding", "inside"))
+    return controller, install_regional(pipe.unet, controller)
 
 
 def _spatial_conditions(pipe, regions, conditions, height: int, width: int):

@@ -9,6 +9,7 @@ from pathlib import Path
 from lorakit.adapters.edlora import load_edlora
 from lorakit.adapters.io import apply_adapter, load_adapter, validate_adapter
 from lorakit.hashing import file_sha256  # noqa: F401 - the one file hasher, re-exported for callers
+from lorakit.logs import library_notices_off
 
 KIND_METADATA_KEY = "lorakit.category"  # the concept category (character, style, ...) a file may record
 
@@ -76,6 +77,7 @@ def load_adapters(pipe, paths: list, weights: list[float] | None = None) -> list
             if any(m.kind != "lora" for m in adapter.modules.values()):  # LoHa / LoKr: diffusers reads LoRA only; peft gets the exact LoRA form
                 apply_adapter(pipe, adapter, name)
             else:
-                pipe.load_lora_weights(str(path), adapter_name=name)
+                with library_notices_off():  # peft's notice on every adapter after the first
+                    pipe.load_lora_weights(str(path), adapter_name=name)
         loaded.append(LoadedAdapter(name, str(path.resolve()), file_sha256(path), kind, float(weight), meta))
     return loaded

@@ -13,9 +13,11 @@ from pathlib import Path
 
 from lorakit.config import load_config
 from lorakit.fileio import copy_file
+from lorakit.outputs import is_marked
 from lorakit.resources import data_path, toy_recipe
 from lorakit.toyworld.concepts import get_concept
 from lorakit.training.blockwise import BlockwiseConfig, train
+from lorakit.training.run_dir import checkpoints
 
 
 def recipe_path(concept: str) -> Path:
@@ -174,3 +176,55 @@ def train_recipe_lora(recipe: Path, stem: str, out_dir: str | os.PathLike, overr
         text = buf.getvalue().replace(str(result.final_path), str(target))
         print("\n".join(line for line in text.splitlines() if work not in line), flush=True)
     return target
+
+
+def train_recipe_lora_chunk(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str],
+                            stop_at_step: int) -> Path | None:
+    """Train a recipe up to step ``stop_at_step`` (or its ``max_steps``, if fewer), continuing where an earlier
+    call stopped; returns the LoRA (the file :func:`train_recipe_lora` would write, same hash) once ``max_steps``
+    are done, else None.
+
+    For machines where one recipe does not fit in one sitting: the run lives in
+    ``out_dir/.<stem>-<hash>.partial`` with a checkpoint at each stop, and the trainer resumes it bit-exactly
+    (the data order and RNG states are restored, the learning-rate schedule does not depend on where a run
+    stops), so the LoRA is the one an uninterrupted run gives. The folder is removed when the LoRA is kept.
+    """
+    import contextlib
+    import io
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = recipe_lora_path(recipe, stem, out_dir, overrides)
+    if target.exists():
+        return target
+    work = partial_dir(target)
+    run = load_config(BlockwiseConfig, recipe, overrides + [f"output_dir={work}", "checkpointing_steps=0",
+                                                            "save_every=0", "logging=none", "resume=latest",
+                                                            f"stop_at_step={stop_at_step}",
+                                                            f"data.cache_dir={out_dir / 'latent_cache'}"])
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            result = train(run)
+    except BaseException:
+        print(buf.getvalue(), end="", flush=True)
+        raise
+    print(buf.getvalue(), end="", flush=True)
+    if result.global_step < run.max_steps:
+        return None
+    copy_file(result.final_path, target)
+    if is_marked(work):  # the trainer's own folder: nothing in it is the user's
+        shutil.rmtree(work)
+    return target
+
+
+def partial_dir(target: Path) -> Path:
+    """The folder :func:`train_recipe_lora_chunk` trains ``target`` in until it is done."""
+    return target.parent / f".{target.stem}.partial"
+
+
+def partial_step(target: Path) -> int:
+    """The step an unfinished :func:`train_recipe_lora_chunk` run of ``target`` has reached (0: not started)."""
+    found = checkpoints(partial_dir(target))
+    return found[-1][0] if found else 0

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from lorakit.resources import BUNDLED
-from lorakit.toyworld.loras import recipe_lora_path, train_recipe_lora
+from lorakit.toyworld.loras import recipe_lora_path, train_recipe_lora, train_recipe_lora_chunk
 from lorakit.toyworld.v2.concepts import IDENTITIES, get_concept
 from lorakit.toyworld.v2.dataset import CLASS_WORLD, make_dataset
 
@@ -89,3 +89,12 @@ def train_identity_lora(identity: str, out_dir: str | os.PathLike, base: str | o
     name = identity_name(identity)
     return train_recipe_lora(recipe_path(name), f"toy2_{name}", out_dir,
                              _overrides(name, base, Path(out_dir), overrides), force)
+
+
+def train_identity_lora_chunk(identity: str, out_dir: str | os.PathLike, base: str | os.PathLike,
+                              stop_at_step: int, overrides: list[str] | None = None) -> Path | None:
+    """:func:`train_identity_lora` in parts: train up to ``stop_at_step``, continuing an earlier call's run;
+    the LoRA (the same file, bit for bit) once the recipe's ``max_steps`` are done, else None."""
+    name = identity_name(identity)
+    return train_recipe_lora_chunk(recipe_path(name), f"toy2_{name}", out_dir,
+                                   _overrides(name, base, Path(out_dir), overrides), stop_at_step)

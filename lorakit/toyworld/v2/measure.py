@@ -15,6 +15,7 @@ from lorakit.eval.stats import paired, rate
 from lorakit.models import load_base
 from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, generate, generic_prompts
 from lorakit.toyworld.v2.evaluate import found_by_kind, identity_prompts, world_prompts
+from lorakit.toyworld.v2.image_store import StoredPipe, pipeline_tag
 from lorakit.toyworld.v2.loras import train_identity_lora
 from lorakit.toyworld.v2.render import Scene, render
 
@@ -150,11 +151,25 @@ def load_pipeline(path: str | Path):
     return pipe
 
 
+def stored(pipe, store: Path | None, tag: str, deadline: float | None):
+    """``pipe`` itself, or (with a ``store`` folder) a :class:`~lorakit.toyworld.v2.image_store.StoredPipe` keeping
+    its images under ``store/tag`` and stopping at ``deadline`` (``time.monotonic()``)."""
+    if store is None:
+        return pipe
+
+    return StoredPipe(pipe, Path(store) / tag, deadline)
+
+
 def measure_identities(identities: list[str], base: str | Path, oracle, n: int, scale: float, work: Path,
-                       overrides: list[str] | None = None, emit=None, cache: dict | None = None) -> list[dict]:
+                       overrides: list[str] | None = None, emit=None, cache: dict | None = None,
+                       store: Path | None = None, deadline: float | None = None) -> list[dict]:
     """Train (or reuse) each identity's recipe LoRA on ``base`` and return (and ``emit``) its rows; ``cache``
-    keeps the base's images (shared with :func:`base_following`)."""
+    keeps the base's images (shared with :func:`base_following`). With ``store``, every image is kept on disk
+    and the run raises :class:`~lorakit.toyworld.v2.image_store.OutOfTime` before passing ``deadline``; the
+    same call again continues it."""
     base_pipe = load_pipeline(base)
+    if store is not None:
+        base_pipe = stored(base_pipe, store, pipeline_tag(base), deadline)
     cache = {} if cache is None else cache
     out = []
     for identity in identities:
@@ -163,6 +178,9 @@ def measure_identities(identities: list[str], base: str | Path, oracle, n: int, 
         lora_pipe = load_pipeline(base)
         lora_pipe.load_lora_weights(str(path), adapter_name=identity)
         lora_pipe.set_adapters([identity], [scale])
+        if store is not None:
+            lora_pipe = stored(lora_pipe, store, pipeline_tag(base, path, scale), deadline)
+            lora_pipe.last_batch_s = base_pipe.last_batch_s  # the same cost per batch: stop before the first one too
         rows = identity_following(identity, base_pipe, lora_pipe, oracle, n, scale, cache)
         for r in rows:
             r["adapter"] = str(path)
