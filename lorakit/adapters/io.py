@@ -271,7 +271,6 @@ def apply_adapter(pipe, adapter: Adapter, adapter_name: str = "default") -> list
     """
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-
     validate_adapter(adapter, pipe)
     adapter = adapter.as_lora()  # LoHa / LoKr layers go in as their exact LoRA factors
     touched = []

@@ -27,10 +27,13 @@ from __future__ import annotations
 import torch
 
 from lorakit.conditioning import is_sdxl, sdxl_time_ids
+from lorakit.models import sd_scheduler
 from lorakit.sampling.cache import DeepFeatureCache
+from lorakit.sampling.conditions import SpatialConditions, load_conditions
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
 from lorakit.sampling.methods import SAMPLERS, Plan, SamplerSettings, Term, method_plan
 from lorakit.sampling.prompt_parts import adapter_prompt_parts
+from lorakit.sampling.regional import RegionalController, install_regional, remove_regional, warn_empty_boxes
 
 METHODS = SAMPLERS  # name -> Sampler (lorakit.sampling.methods)
 
@@ -101,7 +104,6 @@ def set_scheduler(pipe, name: str | None) -> None:
     """Replace the pipeline's scheduler by a named one (``lorakit.models.sd_scheduler`` names), keeping its config."""
     if not name:
         return
-    from lorakit.models import sd_scheduler
 
     template = sd_scheduler(name)
     extra = {k: True for k in ("use_karras_sigmas",) if template.config.get(k)}
@@ -274,8 +276,6 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
                                    spatial)
     finally:
         if previous is not None:
-            from lorakit.sampling.regional import remove_regional
-
             remove_regional(pipe.unet, previous)
     info = _run_info(pipe, settings, adapters, plan, passes, height, width)
     if parts is not None:
@@ -297,7 +297,6 @@ def _install_regions(pipe, regions, height: int, width: int):
     ``(None, None)`` without regions."""
     if regions is None or not regions.regions:
         return None, None
-    from lorakit.sampling.regional import RegionalController, install_regional, warn_empty_boxes
 
     warn_empty_boxes(regions, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     controller = RegionalController([r.box for r in regions.regions], aspect=width / height,
@@ -308,12 +307,9 @@ def _install_regions(pipe, regions, height: int, width: int):
 def _spatial_conditions(pipe, regions, conditions, height: int, width: int):
     """The spatial conditions (T2I-Adapter / ControlNet) of a run: ``conditions``, else those of ``regions``."""
     if conditions is None and regions is not None and getattr(regions, "conditions", None):
-        from lorakit.sampling.conditions import load_conditions
-
         conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype, regions.source)
     if not conditions:
         return None
-    from lorakit.sampling.conditions import SpatialConditions
 
     latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     return SpatialConditions(conditions, pipe.unet, width, height, latent_hw,

@@ -11,13 +11,19 @@ import hashlib
 import os
 from pathlib import Path
 
+from lorakit.config import load_config
+from lorakit.fileio import copy_file
+from lorakit.outputs import is_marked
 from lorakit.resources import data_path, toy_recipe
+from lorakit.toyworld.concepts import get_concept
+from lorakit.training import recipes
+from lorakit.training.blockwise import BlockwiseConfig, train
+from lorakit.training.entry import TRAINERS
+from lorakit.training.run_dir import checkpoints
 
 
 def recipe_path(concept: str) -> Path:
     """``train_configs/toy_<concept>.yaml`` for a held-out concept name (or its trigger word)."""
-    from lorakit.toyworld.concepts import get_concept
-
     c = get_concept(concept)
     path = toy_recipe(c.name)
     if not path.exists():
@@ -114,8 +120,6 @@ def concept_lora_path(concept: str, out_dir: str | os.PathLike, base: str | None
                       overrides: list[str] | None = None) -> Path:
     """Where :func:`train_concept_lora` keeps (or will keep) this concept's LoRA: ``out_dir/toy_<concept>-<hash>
     .safetensors``; it is cached when the file exists."""
-    from lorakit.toyworld.concepts import get_concept
-
     name = get_concept(concept).name
     return recipe_lora_path(recipe_path(name), f"toy_{name}", out_dir, _overrides(name, base, overrides))
 
@@ -133,18 +137,12 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
     Returns:
         Path of the adapter file (kohya keys; ``lorakit.trigger`` in its metadata).
     """
-    from lorakit.toyworld.concepts import get_concept
-
     name = get_concept(concept).name
     return train_recipe_lora(recipe_path(name), f"toy_{name}", out_dir, _overrides(name, base, overrides), force)
 
 
 def recipe_config(recipe: Path, overrides: list[str], trainer: str = "blockwise"):
     """The resolved recipe of ``trainer`` (a :data:`lorakit.training.entry.TRAINERS` name) with ``overrides``."""
-    from lorakit.config import load_config
-    from lorakit.training import recipes
-    from lorakit.training.entry import TRAINERS
-
     return load_config(getattr(recipes, TRAINERS[trainer].schema), recipe, overrides)
 
 
@@ -161,10 +159,6 @@ def train_recipe_lora(recipe: Path, stem: str, out_dir: str | os.PathLike, overr
     import contextlib
     import io
     import tempfile
-
-    from lorakit.config import load_config
-    from lorakit.fileio import copy_file
-    from lorakit.training.blockwise import BlockwiseConfig, train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -206,11 +200,6 @@ def train_recipe_lora_chunk(recipe: Path, stem: str, out_dir: str | os.PathLike,
     import io
     import shutil
 
-    from lorakit.config import load_config
-    from lorakit.fileio import copy_file
-    from lorakit.outputs import is_marked
-    from lorakit.training.blockwise import BlockwiseConfig, train
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = recipe_lora_path(recipe, stem, out_dir, overrides)
@@ -244,7 +233,5 @@ def partial_dir(target: Path) -> Path:
 
 def partial_step(target: Path) -> int:
     """The step an unfinished :func:`train_recipe_lora_chunk` run of ``target`` has reached (0: not started)."""
-    from lorakit.training.run_dir import checkpoints
-
     found = checkpoints(partial_dir(target))
     return found[-1][0] if found else 0
