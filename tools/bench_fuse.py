@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lbfgs_fusion_reference import REFERENCE_ITERS, layer_data, lbfgs_solve  # noqa: E402
 
-from lorakit.adapters.io import live_path, load_adapter  # noqa: E402
+from lorakit.adapters.io import load_adapter  # noqa: E402
 from lorakit.fusion.capture import GramCollector, token_rows  # noqa: E402
 from lorakit.fusion.gradient import (  # noqa: E402
     Concept, GradientSettings, LayerSolution, _call_pipe, _min_resolution, fuse_gradient, stage_of,

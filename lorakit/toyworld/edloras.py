@@ -17,8 +17,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lorakit.fileio import copy_file
 from lorakit.resources import data_path, toy_recipe
+from lorakit.toyworld.concepts import get_concept
 from lorakit.toyworld.loras import recipe_config, recipe_hash
+from lorakit.training.edlora import train
+from lorakit.training.run_dir import checkpoints
 
 RECIPE = "edlora_character"
 KINDS = ("character", "object")
@@ -26,8 +30,6 @@ KINDS = ("character", "object")
 
 def edlora_overrides(concept: str, base: str | None = None, overrides: list[str] | None = None) -> list[str]:
     """The recipe overrides that make ``toy_edlora_character.yaml`` learn ``concept``."""
-    from lorakit.toyworld.concepts import get_concept
-
     c = get_concept(concept)
     if not c.heldout or c.kind not in KINDS:
         raise ValueError(f"toy ED-LoRA concept {concept!r}: expected a held-out character or object")
@@ -39,8 +41,6 @@ def edlora_overrides(concept: str, base: str | None = None, overrides: list[str]
 def concept_edlora_path(concept: str, out_dir: str | os.PathLike, base: str | None = None,
                         overrides: list[str] | None = None) -> Path:
     """Where :func:`train_concept_edlora` keeps this concept's ED-LoRA (cached when the file exists)."""
-    from lorakit.toyworld.concepts import get_concept
-
     cfg = recipe_config(toy_recipe(RECIPE), edlora_overrides(concept, base, overrides), "edlora")
     return Path(out_dir) / f"toy_edlora_{get_concept(concept).name}-{recipe_hash(cfg)}.safetensors"
 
@@ -60,8 +60,6 @@ def train_concept_edlora(concept: str, out_dir: str | os.PathLike, base: str | N
     Returns:
         The cached file, or None when this call stopped at a chunk boundary (call again to continue).
     """
-    from lorakit.fileio import copy_file
-    from lorakit.training.edlora import train
 
     target = concept_edlora_path(concept, out_dir, base, overrides)
     if target.exists():
@@ -89,7 +87,6 @@ def trained_steps(concept: str, out_dir: str | os.PathLike, base: str | None = N
 
 
 def _last_checkpoint_step(work: Path) -> int:
-    from lorakit.training.run_dir import checkpoints
 
     found = checkpoints(work)
     return found[-1][0] if found else 0
