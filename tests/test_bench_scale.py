@@ -91,6 +91,8 @@ def test_plot_writes_a_png(tmp_path):
     rows = [_row("sample", n_loras=n, step_s=float(n), total_s=float(n), peak_rss_mb=3000.0 + n) for n in (2, 4, 8)]
     png = bench.plot(bench.derived_rows(rows), tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no curve to draw"):  # one point per axis: a line, not a traceback
+        bench.plot(bench.derived_rows(rows[:1]), tmp_path / "none.png")
 
 
 def test_repeats_interleave_the_arms_and_pair_their_ratios():
@@ -167,9 +169,12 @@ def test_markdown_tables_list_every_run_and_the_pairs():
             _row("cmlora", resolution=64, n_loras=4, total_s=32.0, step_s=0.9, steps=30),
             _row("composite", resolution=64, n_loras=4, total_s=200.0, step_s=6.0, steps=30),
             _row("cmlora", resolution=64, n_loras=4, total_s=50.0, step_s=1.0, steps=30),
-            {"run": "ziplora", "size": "sd15", "resolution": 256, "rank": 4, "error": "timeout"}]
+            {"run": "ziplora", "size": "sd15", "resolution": 256, "rank": 4, "error": "timeout"},
+            _row("fuse", resolution=64, n_loras=2, total_s=109.9, capture_s=45.5, solve_s=60.9, ridge="auto",
+                 layers=192, fallback_layers=0)]
     text = bench.markdown(rows + bench.derived_rows(rows))
     assert text.count("| composite | 64 | 4 | 4 | ") == 2 and "160.0 /image of 30 steps" in text
+    assert "| fuse | 64 | 2 | 4 | 109.9 total (capture 46, solve 61; ridge auto; 192 layers, 0 fallback) |" in text
     assert "**timeout**" in text
     assert "| cmlora / composite (total_s) | resolution 64, n_loras 4, rank 4 | 2 | [0.2, 0.25] | 0.225 (0.2-0.25) |" in text
 

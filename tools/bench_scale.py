@@ -549,6 +549,9 @@ def _seconds(r: dict) -> str:
         return f"{r['total_s']:.1f} /image of {r['steps']} steps ({r['step_s']:.2f} /step marginal)"
     if r["run"] == "ziplora":
         return f"{r['total_s']:.1f} total, {r['steps']} steps ({r['step_s']:.2f} /step, {r['fixed_s']:.1f} fixed)"
+    if r["run"] == "fuse" and "capture_s" in r:
+        return (f"{r['total_s']:.1f} total (capture {r['capture_s']:.0f}, solve {r['solve_s']:.0f}; ridge {r.get('ridge')}; "
+                f"{r.get('layers')} layers, {r.get('fallback_layers')} fallback)")
     return f"{r['total_s']:.1f} total"
 
 
@@ -641,6 +644,8 @@ def plot(rows: list[dict], png: Path) -> Path:
         raise SystemExit("--plot needs matplotlib: pip install 'lorakit[bench]'") from err
     curves = [r for r in rows if r.get("run") == "curve"]
     axes_names = [a for a in ("n_loras", "resolution", "rank") if any(r["axis"] == a for r in curves)]
+    if not axes_names:
+        raise SystemExit("--plot: no curve to draw (no stage ran at two values of N, resolution or rank)")
     fig, axs = plt.subplots(2, len(axes_names), figsize=(3.2 * len(axes_names), 5.2), squeeze=False)
     labels = {"n_loras": "LoRAs N", "resolution": "pixels", "rank": "rank"}
     for j, axis in enumerate(axes_names):

@@ -15,7 +15,6 @@ any extra tensors (ED-LoRA embeddings). Each layer is one of the adapter types o
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field

@@ -180,8 +180,10 @@ class _Contexts:
             ]
         return ctx
 
-    def get(self, active: tuple[int, ...]) -> dict:
-        prompt = self.parts[active[0]] if self.parts is not None and len(active) == 1 else self.prompt
+    def get(self, active: tuple[int, ...], part: int | None = None) -> dict:
+        if part is None and len(active) == 1:
+            part = active[0]
+        prompt = self.parts[part] if self.parts is not None and part is not None else self.prompt
         encoder = active if (not active or self.joint is None) else self.joint
         key = (encoder, prompt)
         if key not in self.cache:
@@ -266,7 +268,7 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
     contexts = _Contexts(pipe, adapters, prompt, negative_prompt, len(seeds), do_cfg, regions, joint, parts)
     for step_terms in plan.terms:  # encode up front: set_adapters also touches the UNet
         for term in step_terms:
-            contexts.get(term.adapters)
+            contexts.get(term.adapters, term.part)
     spatial = _spatial_conditions(pipe, regions, conditions, height, width)
     controller, previous = _install_regions(pipe, regions, height, width)
     try:
@@ -346,13 +348,14 @@ def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, h
             rows = _term_rows(term, do_cfg)
             if rows is None:
                 continue
-            ctx = contexts.get(term.adapters)
+            ctx = contexts.get(term.adapters, term.part)
             pick = (lambda v: _rows(v, rows)) if do_cfg else (lambda v: v)
             switch.activate([names[i] for i in term.adapters], [scales[i] for i in term.adapters])
             if controller is not None:
                 controller.set_states([pick(r) for r in ctx["regions"]])
             added = {"text_embeds": pick(ctx["pooled"]), "time_ids": time_ids[2 if rows == "pair" else 1]} if xl else None
             key = "+".join(names[i] for i in term.adapters) or "base"
+            key += f"@{names[term.part]}" if term.part is not None else ""
             sample, text = pick(x), pick(ctx["embeds"])
             cond_kw = spatial.unet_kwargs(s, rows, sample, t, text, added) if spatial is not None else {}
             out = unet_pass(unet, sample, t, text, added, cache if term.cached else None,

@@ -18,7 +18,9 @@ from lorakit.fileio import copy_file
 from lorakit.outputs import is_marked
 from lorakit.resources import data_path, toy_recipe
 from lorakit.toyworld.concepts import get_concept
+from lorakit.training import recipes
 from lorakit.training.blockwise import BlockwiseConfig, train
+from lorakit.training.entry import TRAINERS
 from lorakit.training.run_dir import checkpoints
 
 
@@ -141,10 +143,15 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
     return train_recipe_lora(recipe_path(name), f"toy_{name}", out_dir, _overrides(name, base, overrides), force)
 
 
-def recipe_lora_path(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str]) -> Path:
+def recipe_config(recipe: Path, overrides: list[str], trainer: str = "blockwise"):
+    """The resolved recipe of ``trainer`` (a :data:`lorakit.training.entry.TRAINERS` name) with ``overrides``."""
+    return load_config(getattr(recipes, TRAINERS[trainer].schema), recipe, overrides)
+
+
+def recipe_lora_path(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str],
+                     trainer: str = "blockwise") -> Path:
     """``out_dir/<stem>-<recipe hash>.safetensors``: where :func:`train_recipe_lora` keeps this recipe's LoRA."""
-    cfg = load_config(BlockwiseConfig, recipe, overrides)
-    return Path(out_dir) / f"{stem}-{recipe_hash(cfg)}.safetensors"
+    return Path(out_dir) / f"{stem}-{recipe_hash(recipe_config(recipe, overrides, trainer))}.safetensors"
 
 
 def _train_captured(run):
