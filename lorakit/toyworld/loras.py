@@ -7,7 +7,9 @@ the resolved recipe (after overrides), the base model's weights, or the concept'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -152,12 +154,23 @@ def recipe_lora_path(recipe: Path, stem: str, out_dir: str | os.PathLike, overri
     return Path(out_dir) / f"{stem}-{recipe_hash(recipe_config(recipe, overrides, trainer))}.safetensors"
 
 
+def _train_captured(run):
+    """``train(run)`` with what it prints held back: ``(result, printed text)``; when it fails, what it printed
+    so far is shown before the error."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            result = train(run)
+    except BaseException:
+        print(buf.getvalue(), end="", flush=True)
+        raise
+    return result, buf.getvalue()
+
+
 def train_recipe_lora(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str],
                       force: bool = False) -> Path:
     """Train a block-wise recipe (with ``overrides``) into ``out_dir/<stem>-<hash>.safetensors``, or return that
     file when it exists (and not ``force``). The latent cache is ``out_dir/latent_cache``."""
-    import contextlib
-    import io
     import tempfile
 
     out_dir = Path(out_dir)
@@ -172,15 +185,9 @@ def train_recipe_lora(recipe: Path, stem: str, out_dir: str | os.PathLike, overr
                                                                 f"data.cache_dir={out_dir / 'latent_cache'}"])
         # The trainer's summary names the temporary folder, which is gone when this returns: print it with the
         # path the LoRA is kept at instead, so every printed path exists.
-        buf = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(buf):
-                result = train(run)
-        except BaseException:
-            print(buf.getvalue(), end="", flush=True)  # whatever it said before failing
-            raise
+        result, printed = _train_captured(run)
         copy_file(result.final_path, target)
-        text = buf.getvalue().replace(str(result.final_path), str(target))
+        text = printed.replace(str(result.final_path), str(target))
         print("\n".join(line for line in text.splitlines() if work not in line), flush=True)
     return target
 
@@ -196,8 +203,6 @@ def train_recipe_lora_chunk(recipe: Path, stem: str, out_dir: str | os.PathLike,
     (the data order and RNG states are restored, the learning-rate schedule does not depend on where a run
     stops), so the LoRA is the one an uninterrupted run gives. The folder is removed when the LoRA is kept.
     """
-    import contextlib
-    import io
     import shutil
 
     out_dir = Path(out_dir)
@@ -210,14 +215,8 @@ def train_recipe_lora_chunk(recipe: Path, stem: str, out_dir: str | os.PathLike,
                                                             "save_every=0", "logging=none", "resume=latest",
                                                             f"stop_at_step={stop_at_step}",
                                                             f"data.cache_dir={out_dir / 'latent_cache'}"])
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            result = train(run)
-    except BaseException:
-        print(buf.getvalue(), end="", flush=True)
-        raise
-    print(buf.getvalue(), end="", flush=True)
+    result, printed = _train_captured(run)
+    print(printed, end="", flush=True)
     if result.global_step < run.max_steps:
         return None
     copy_file(result.final_path, target)
