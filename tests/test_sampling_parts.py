@@ -1,6 +1,7 @@
 """Per-adapter prompt parts (--prompt-parts per-adapter) and per-adapter guidance (--adapter-guidance, delta)."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -38,26 +39,33 @@ def test_adapter_guidance_plan_and_checks():
     terms = method_plan(st, 3, 2, None, None).terms
     # eps = U_b + cfg (C - U_b), C = (1 - 4.5) c_b + 3 c_0 + c_1 + 0.5 c_2 = c_b + sum g_i (c_i - c_b)
     assert terms[0] == [Term((), 1.0, -3.5), Term((0,), 0.0, 3.0), Term((1,), 0.0, 1.0), Term((2,), 0.0, 0.5)]
+    # per-adapter parts: each difference against the base on that adapter's part
+    parts = method_plan(replace(st, prompt_parts="per-adapter"), 3, 2, None, None).terms[0]
+    assert parts == [Term((), 1.0, 1.0)] + [t for i, g in enumerate((3.0, 1.0, 0.5))
+                                           for t in (Term((i,), 0.0, g), Term((), 0.0, -g, part=i))]
     with pytest.raises(ValueError, match="2 values for 3 adapters"):
         method_plan(SamplerSettings(method="delta", adapter_guidance=(1.0, 2.0)), 3, 2, None, None)
-    for bad, msg in ((dict(method="composite", adapter_guidance=(1.0,)), "needs method delta"),
-                     (dict(method="delta", adapter_guidance=(-1.0,)), ">= 0"),
-                     (dict(method="merge", prompt_parts="per-adapter"), "merge has none"),
-                     (dict(method="cmlora", cmlora_mode="official", prompt_parts="per-adapter"), "drop prompt_parts")):
+    for bad, msg in (({"method": "composite", "adapter_guidance": (1.0,)}, "needs method delta"),
+                     ({"method": "delta", "adapter_guidance": (-1.0,)}, ">= 0"),
+                     ({"method": "merge", "prompt_parts": "per-adapter"}, "merge has none"),
+                     ({"method": "cmlora", "cmlora_mode": "official", "prompt_parts": "per-adapter"}, "drop prompt_parts")):
         with pytest.raises(ValueError, match=msg):
             SamplerSettings(**bad).check()
 
 
 def _reference(pipe, ads, gains, steps, cfg, seed):
     """Delta with the base's unconditional pass, per-adapter prompt parts and gains, written out with diffusers:
-    eps = u_b + cfg * (c_b + sum_i g_i (c_i - c_b) - u_b), c_i on adapter i's part (text encoded once with both
-    adapters active, as --encode once), c_b and u_b from the base on the whole prompt."""
+    eps = u_b + cfg * (c_b + sum_i g_i (c_i - c_b,i) - u_b): c_i adapter i on its part (text encoded once with
+    both adapters active, as --encode once), c_b,i the base on that part, c_b and u_b the base on the prompt."""
     parts = ["a cat, on grass", "a red dog, on grass"]
     pipe.disable_lora()
     base_text = encode(pipe, PROMPT, "", 1, True)["embeds"]
     pipe.enable_lora()
     pipe.set_adapters([a.name for a in ads], [a.weight for a in ads])
     part_text = [encode(pipe, p, "", 1, False)["embeds"] for p in parts]
+    pipe.disable_lora()
+    base_part_text = [encode(pipe, p, "", 1, False)["embeds"] for p in parts]
+    pipe.enable_lora()
     sched = pipe.scheduler
     sched.set_timesteps(steps)
     latents = pipe.prepare_latents(1, 4, 32, 32, torch.float32, torch.device("cpu"), [torch.Generator().manual_seed(seed)])
@@ -68,9 +76,12 @@ def _reference(pipe, ads, gains, steps, cfg, seed):
             u_b, c_b = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=base_text).sample.chunk(2)
             pipe.enable_lora()
             cond = c_b.clone()
-            for a, g, text in zip(ads, gains, part_text):
+            for a, g, text, base_part in zip(ads, gains, part_text, base_part_text):
+                pipe.disable_lora()
+                c_bi = pipe.unet(x, t, encoder_hidden_states=base_part).sample
+                pipe.enable_lora()
                 pipe.set_adapters([a.name], [a.weight])
-                cond += g * (pipe.unet(x, t, encoder_hidden_states=text).sample - c_b)
+                cond += g * (pipe.unet(x, t, encoder_hidden_states=text).sample - c_bi)
             latents = sched.step(u_b + cfg * (cond - u_b), t, latents).prev_sample
     return latents
 

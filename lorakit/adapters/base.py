@@ -9,14 +9,11 @@ exact for LoRA stays exact for the other types.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from lorakit.adapters.lora import LoraModule
-
-if TYPE_CHECKING:
-    from lorakit.adapters.lora import LoraModule
 
 
 @runtime_checkable

@@ -15,7 +15,6 @@ any extra tensors (ED-LoRA embeddings). Each layer is one of the adapter types o
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -270,7 +269,6 @@ def apply_adapter(pipe, adapter: Adapter, adapter_name: str = "default") -> list
     Use ``pipe.set_adapters`` (diffusers) to change scales or combine several adapters.
     """
     from peft import inject_adapter_in_model, set_peft_model_state_dict
-
 
     validate_adapter(adapter, pipe)
     adapter = adapter.as_lora()  # LoHa / LoKr layers go in as their exact LoRA factors

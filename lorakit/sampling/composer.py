@@ -27,10 +27,13 @@ from __future__ import annotations
 import torch
 
 from lorakit.conditioning import is_sdxl, sdxl_time_ids
+from lorakit.models import sd_scheduler
 from lorakit.sampling.cache import DeepFeatureCache
+from lorakit.sampling.conditions import SpatialConditions, load_conditions
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
 from lorakit.sampling.methods import SAMPLERS, Plan, SamplerSettings, Term, method_plan
 from lorakit.sampling.prompt_parts import adapter_prompt_parts
+from lorakit.sampling.regional import RegionalController, install_regional, remove_regional, warn_empty_boxes
 
 METHODS = SAMPLERS  # name -> Sampler (lorakit.sampling.methods)
 
@@ -101,7 +104,6 @@ def set_scheduler(pipe, name: str | None) -> None:
     """Replace the pipeline's scheduler by a named one (``lorakit.models.sd_scheduler`` names), keeping its config."""
     if not name:
         return
-    from lorakit.models import sd_scheduler
 
     template = sd_scheduler(name)
     extra = {k: True for k in ("use_karras_sigmas",) if template.config.get(k)}
@@ -178,8 +180,10 @@ class _Contexts:
             ]
         return ctx
 
-    def get(self, active: tuple[int, ...]) -> dict:
-        prompt = self.parts[active[0]] if self.parts is not None and len(active) == 1 else self.prompt
+    def get(self, active: tuple[int, ...], part: int | None = None) -> dict:
+        if part is None and len(active) == 1:
+            part = active[0]
+        prompt = self.parts[part] if self.parts is not None and part is not None else self.prompt
         encoder = active if (not active or self.joint is None) else self.joint
         key = (encoder, prompt)
         if key not in self.cache:
@@ -197,11 +201,14 @@ class _Contexts:
         return self.cache[key]
 
 
-def prompt_parts_of(settings: SamplerSettings, adapters: list[LoadedAdapter], prompt: str) -> list[str] | None:
+def prompt_parts_of(settings: SamplerSettings, adapters: list[LoadedAdapter], prompt: str,
+                    regions=None) -> list[str] | None:
     """Each adapter's part of ``prompt`` under ``--prompt-parts per-adapter`` (None for ``joint``): triggers from
     ``settings.triggers``, else each file's ``lorakit.trigger`` metadata."""
     if settings.prompt_parts != "per-adapter" or not adapters:
         return None
+    if regions is not None:
+        raise ValueError("prompt_parts per-adapter does not combine with regions (each region has its own prompt)")
     triggers = list(settings.triggers) if settings.triggers else [
         (a.metadata or {}).get("lorakit.trigger", "") for a in adapters]
     if len(triggers) != len(adapters):
@@ -258,13 +265,11 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
     pipe.scheduler.set_timesteps(settings.steps, device=pipe._execution_device)
     plan = _plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
     joint = None if settings.encode == "per-adapter" else ((0,) if settings.method == "switch" else tuple(range(n)))
-    if settings.prompt_parts == "per-adapter" and regions is not None:
-        raise ValueError("prompt_parts per-adapter does not combine with regions (each region has its own prompt)")
-    parts = prompt_parts_of(settings, adapters, prompt)
+    parts = prompt_parts_of(settings, adapters, prompt, regions)
     contexts = _Contexts(pipe, adapters, prompt, negative_prompt, len(seeds), do_cfg, regions, joint, parts)
     for step_terms in plan.terms:  # encode up front: set_adapters also touches the UNet
         for term in step_terms:
-            contexts.get(term.adapters)
+            contexts.get(term.adapters, term.part)
     spatial = _spatial_conditions(pipe, regions, conditions, height, width)
     controller, previous = _install_regions(pipe, regions, height, width)
     try:
@@ -272,12 +277,8 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
                                    spatial)
     finally:
         if previous is not None:
-            from lorakit.sampling.regional import remove_regional
-
             remove_regional(pipe.unet, previous)
-    info = _run_info(pipe, settings, adapters, plan, passes, height, width)
-    if parts is not None:
-        info["prompt_parts"] = parts
+    info = _run_info(pipe, settings, adapters, plan, passes, height, width, parts)
     if output_type == "latent":
         return latents, info
     return decode_latents(pipe, latents), info
@@ -295,7 +296,6 @@ def _install_regions(pipe, regions, height: int, width: int):
     ``(None, None)`` without regions."""
     if regions is None or not regions.regions:
         return None, None
-    from lorakit.sampling.regional import RegionalController, install_regional, warn_empty_boxes
 
     warn_empty_boxes(regions, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     controller = RegionalController([r.box for r in regions.regions], aspect=width / height,
@@ -306,21 +306,22 @@ def _install_regions(pipe, regions, height: int, width: int):
 def _spatial_conditions(pipe, regions, conditions, height: int, width: int):
     """The spatial conditions (T2I-Adapter / ControlNet) of a run: ``conditions``, else those of ``regions``."""
     if conditions is None and regions is not None and getattr(regions, "conditions", None):
-        from lorakit.sampling.conditions import load_conditions
-
         conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype, regions.source)
     if not conditions:
         return None
-    from lorakit.sampling.conditions import SpatialConditions
 
     latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     return SpatialConditions(conditions, pipe.unet, width, height, latent_hw,
                              getattr(regions, "box_rounding", "inside") if regions is not None else "inside")
 
 
-def _run_info(pipe, settings: SamplerSettings, adapters, plan: Plan, passes: dict, height: int, width: int) -> dict:
-    """What the sidecar records of a run: method, size, the plan's schedule with adapter names, pass counts."""
+def _run_info(pipe, settings: SamplerSettings, adapters, plan: Plan, passes: dict, height: int, width: int,
+              parts: list[str] | None = None) -> dict:
+    """What the sidecar records of a run: method, size, the plan's schedule with adapter names, pass counts, and
+    the per-adapter prompt parts if any."""
     info = {"method": settings.method, "height": height, "width": width, **plan.info, "passes": passes}
+    if parts is not None:
+        info["prompt_parts"] = parts
     if plan.info.get("cache"):
         info["cache_split"] = [settings.cache_depth, settings.cmlora_cache_layer(pipe.unet)]
     for key in ("order", "dominants", "active_per_step"):
@@ -350,13 +351,14 @@ def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, h
             rows = _term_rows(term, do_cfg)
             if rows is None:
                 continue
-            ctx = contexts.get(term.adapters)
+            ctx = contexts.get(term.adapters, term.part)
             pick = (lambda v: _rows(v, rows)) if do_cfg else (lambda v: v)
             switch.activate([names[i] for i in term.adapters], [scales[i] for i in term.adapters])
             if controller is not None:
                 controller.set_states([pick(r) for r in ctx["regions"]])
             added = {"text_embeds": pick(ctx["pooled"]), "time_ids": time_ids[2 if rows == "pair" else 1]} if xl else None
             key = "+".join(names[i] for i in term.adapters) or "base"
+            key += f"@{names[term.part]}" if term.part is not None else ""
             sample, text = pick(x), pick(ctx["embeds"])
             cond_kw = spatial.unet_kwargs(s, rows, sample, t, text, added) if spatial is not None else {}
             out = unet_pass(unet, sample, t, text, added, cache if term.cached else None,

@@ -130,6 +130,9 @@ class Term:
     c: float
     full: bool = True
     cached: bool = False
+    # --prompt-parts per-adapter: the prompt part of adapter `part` (a base pass on one adapter's part); None:
+    # a one-adapter pass sees its own part, any other pass the whole prompt
+    part: int | None = None
 
 
 @dataclass
@@ -169,10 +172,15 @@ def composite_plan(settings: SamplerSettings, n: int, n_steps: int, order=None, 
 
 
 def delta_plan(settings: SamplerSettings, n: int, n_steps: int, order=None, n_rotation=None):
-    """``p_base + sum_i g_i (p_i - p_base)``: g = ``settings.adapter_guidance`` (default 1 each)."""
+    """``p_base + sum_i g_i (p_i - p_base)``: g = ``settings.adapter_guidance`` (default 1 each). With per-adapter
+    prompt parts each difference is taken on the adapter's own part, ``p_i(part_i) - p_base(part_i)``, so the
+    prompt's difference from the part never enters it (N more base passes)."""
     gains = [1.0] * n if settings.adapter_guidance is None else [float(g) for g in settings.adapter_guidance]
     if len(gains) != n:
         raise ValueError(f"adapter_guidance has {len(gains)} values for {n} adapters")
+    if settings.prompt_parts == "per-adapter":
+        step = [Term((), 1.0, 1.0)] + [t for i, g in enumerate(gains) for t in (Term((i,), g, g), Term((), -g, -g, part=i))]
+        return [step] * n_steps, {}
     base = 1.0 - sum(gains)
     return [[Term((), base, base)] + [Term((i,), g, g) for i, g in enumerate(gains)]] * n_steps, {}
 
@@ -201,9 +209,10 @@ register("delta", Sampler(delta_plan, "base + the sum of each adapter's differen
 def _with_uncond_base(terms: list[Term]) -> list[Term]:
     """The same terms with their unconditional halves replaced by one base-model unconditional pass (the base's
     conditional coefficient, delta's 1 - N, is kept: delta then adds each adapter's conditional difference from
-    the base to the base's own CFG)."""
-    base_c = sum(t.c for t in terms if not t.adapters)
-    return [Term((), 1.0, base_c)] + [Term(t.adapters, 0.0, t.c, t.full, t.cached) for t in terms if t.adapters]
+    the base to the base's own CFG; base passes on an adapter's prompt part keep their conditional half)."""
+    base_c = sum(t.c for t in terms if not t.adapters and t.part is None)
+    return [Term((), 1.0, base_c)] + [Term(t.adapters, 0.0, t.c, t.full, t.cached, t.part) for t in terms
+                                      if t.adapters or t.part is not None]
 
 
 def method_plan(settings: SamplerSettings, n: int, n_steps: int, order: list[int] | None, n_rotation: int | None) -> Plan:

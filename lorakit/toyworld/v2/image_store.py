@@ -15,6 +15,9 @@ import os
 import time
 from pathlib import Path
 
+from lorakit.fileio import save_image
+from lorakit.toyworld.loras import content_hash, tree_hash
+
 
 class OutOfTime(RuntimeError):
     """The next batch would end after the deadline; what was generated so far is on disk."""
@@ -23,8 +26,6 @@ class OutOfTime(RuntimeError):
 def pipeline_tag(base: str | os.PathLike, adapter: str | os.PathLike | None = None, scale: float = 1.0) -> str:
     """A folder name for a pipeline's images: a hash of the base's weights, plus the adapter file's bytes and
     scale when a LoRA is loaded (the images change exactly when these do)."""
-    from lorakit.toyworld.loras import content_hash, tree_hash
-
     tag = "base-" + content_hash({}, Path(base))
     if adapter is not None:
         tag += f"-lora-{tree_hash(Path(adapter))[:16]}-s{scale:g}"
@@ -48,8 +49,6 @@ class StoredPipe:
 
     def __call__(self, prompts, generator, **call):
         from PIL import Image
-
-        from lorakit.fileio import save_image
 
         paths = [self._path(p, g.initial_seed(), call) for p, g in zip(prompts, generator)]
         if all(p.exists() for p in paths):

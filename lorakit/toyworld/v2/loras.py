@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lorakit.resources import BUNDLED
 from lorakit.toyworld.loras import recipe_lora_path, train_recipe_lora, train_recipe_lora_chunk
-from lorakit.toyworld.v2.concepts import get_concept
+from lorakit.toyworld.v2.concepts import IDENTITIES, get_concept
 from lorakit.toyworld.v2.dataset import CLASS_WORLD, make_dataset
 
 # Images per folder and the seed each is rendered with (the recipes' comments say the same).
@@ -27,8 +27,6 @@ def identity_name(concept: str) -> str:
     """``concept`` if it is a v2 identity (``kwibbit``), else a ValueError naming the identities."""
     c = get_concept(concept)
     if c.role != "identity":
-        from lorakit.toyworld.v2.concepts import IDENTITIES
-
         raise ValueError(f"{concept!r} is a v2 {c.role} concept; v2 LoRAs are made for the identities: "
                          f"{', '.join(i.name for i in IDENTITIES)}")
     return c.name

@@ -12,8 +12,12 @@ import sys
 from pathlib import Path
 
 from lorakit.eval.stats import paired, rate
+from lorakit.models import load_base
 from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, generate, generic_prompts
 from lorakit.toyworld.v2.evaluate import found_by_kind, identity_prompts, world_prompts
+from lorakit.toyworld.v2.image_store import StoredPipe, pipeline_tag
+from lorakit.toyworld.v2.loras import train_identity_lora
+from lorakit.toyworld.v2.render import Scene, render
 
 # Prompt and image seeds of every v2 measurement (the same for the base and every LoRA, so rows pair up).
 GENERIC_PROMPT_SEED = 7
@@ -68,8 +72,6 @@ def vae_round_trip(vae, imgs: list) -> list:
 def oracle_ceiling(vae, oracle, n: int) -> list[dict]:
     """:func:`base_following`'s rows on the renderer's own images of the same prompts, raw and through the
     base's VAE: what a perfect base would score (the measurement's ceiling)."""
-    from lorakit.toyworld.v2.render import Scene, render
-
     asked = generic_prompts(n, seed=GENERIC_PROMPT_SEED)
     scenes = [Scene(shape=w["shape"], shape_color=w["color"], background=w["background"],
                     bg_color=p.split(", ")[1].split()[0], seed=i) for i, (p, w) in enumerate(asked)]
@@ -144,8 +146,6 @@ def identity_following(identity: str, base_pipe, lora_pipe, oracle, n: int, scal
 
 
 def load_pipeline(path: str | Path):
-    from lorakit.models import load_base
-
     pipe = load_base(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -156,7 +156,6 @@ def stored(pipe, store: Path | None, tag: str, deadline: float | None):
     its images under ``store/tag`` and stopping at ``deadline`` (``time.monotonic()``)."""
     if store is None:
         return pipe
-    from lorakit.toyworld.v2.image_store import StoredPipe
 
     return StoredPipe(pipe, Path(store) / tag, deadline)
 
@@ -168,9 +167,6 @@ def measure_identities(identities: list[str], base: str | Path, oracle, n: int, 
     keeps the base's images (shared with :func:`base_following`). With ``store``, every image is kept on disk
     and the run raises :class:`~lorakit.toyworld.v2.image_store.OutOfTime` before passing ``deadline``; the
     same call again continues it."""
-    from lorakit.toyworld.v2.image_store import pipeline_tag
-    from lorakit.toyworld.v2.loras import train_identity_lora
-
     base_pipe = load_pipeline(base)
     if store is not None:
         base_pipe = stored(base_pipe, store, pipeline_tag(base), deadline)
