@@ -1,7 +1,8 @@
 """The ``lorakit`` command line: one subcommand per stage (train, fuse, sample, eval, inspect, ...).
 
-Each subcommand lives in ``lorakit/commands/<name>.py`` with ``add_parser(subparsers)`` and ``run(args)``;
-modules import torch/diffusers inside ``run`` so ``lorakit --help`` stays fast.
+Each subcommand lives in ``lorakit/commands/<name>.py`` with its ``HELP`` line, ``DESCRIPTION``,
+``add_arguments(parser)`` and ``run(args)`` (and ``PARSER_OPTIONS``, more ``add_parser`` arguments, where it needs
+them); modules import torch/diffusers inside ``run`` so ``lorakit --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ import argparse
 import importlib
 import os
 import sys
+
+from lorakit import logs
+from lorakit.errors import debug_enabled, run_guarded
+from lorakit.threads import configure_threads
 
 # (subcommand, module) in the order ``--help`` lists them.
 COMMANDS = [
@@ -59,8 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars or notes, only errors and results (also LORAKIT_VERBOSITY=quiet)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for _, module in COMMANDS:
-        importlib.import_module(module).add_parser(sub)
+    for name, module in COMMANDS:
+        command = importlib.import_module(module)
+        p = sub.add_parser(name, help=command.HELP, description=command.DESCRIPTION,
+                           **getattr(command, "PARSER_OPTIONS", {}))
+        if hasattr(command, "run"):
+            p.set_defaults(func=command.run)
+        command.add_arguments(p)
     _use_formatter(sub)
     return parser
 
@@ -75,10 +85,6 @@ def _use_formatter(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lorakit import logs
-    from lorakit.errors import debug_enabled
-    from lorakit.threads import configure_threads
-
     configure_threads()  # before any command loads torch: one thread unless OMP_NUM_THREADS is set
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -95,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str], debug: bool) -> int:
-    from lorakit.errors import run_guarded
-
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

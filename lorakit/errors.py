@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Callable
 
+from lorakit.logs import take_flags
+
 
 class InsufficientMemory(ValueError):
     """A stage's memory estimate exceeds the free memory; the message is one line with the numbers and the override."""
@@ -68,8 +70,6 @@ def run_guarded(fn: Callable[[], int | None], prog: str, debug: bool = False) ->
 
 def script_main(main: Callable[[list[str]], int | None], prog: str) -> int:
     """Entry point of ``train_*.py``: ``main(argv)`` inside :func:`run_guarded`, ``--debug`` taken out of argv."""
-    from lorakit.logs import take_flags
-
     argv = sys.argv[1:]
     debug = debug_enabled(argv)
     argv = take_flags([a for a in argv if a != "--debug"])  # --quiet / --verbose

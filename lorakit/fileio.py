@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from lorakit.outputs import clean_stale
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -20,8 +22,6 @@ _UMASK = _current_umask()
 
 
 def _atomic(path: str | os.PathLike, write) -> Path:
-    from lorakit.outputs import clean_stale
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path.parent, path.name)  # temp files a killed writer left for this name (older than an hour)

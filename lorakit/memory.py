@@ -37,7 +37,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from lorakit.blocks import lora_able_modules, lora_config, module_ranks, resolve_block_spec
 from lorakit.errors import InsufficientMemory  # noqa: F401 - raised here, caught by the CLI and the trainers
+from lorakit.fusion import gradient_memory
+from lorakit.models import component_factories, detect_arch, parse_random_spec
 
 GIB = 2**30
 CPU_RUNTIME_BYTES = int(0.6 * GIB)  # RSS of a process that imported torch + diffusers + transformers + peft
@@ -143,8 +146,6 @@ def meta_models(base) -> tuple[str, dict[str, torch.nn.Module]] | None:
     ``base``: a loaded pipeline, ``tiny:ARCH[:SEED]``, ``random:ARCH:SIZE[:SEED]``, a diffusers folder, or a
     single-file ``.safetensors`` (its architecture from the key names, sizes of the released models).
     """
-    from lorakit.models import component_factories, detect_arch, parse_random_spec
-
     with torch.device("meta"):
         if hasattr(base, "unet"):
             from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -189,8 +190,6 @@ def _nbytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
 def _add_lora(unet, arch: str, rank: int, conv: bool) -> int:
     """Add a peft LoRA (all blocks) to a meta UNet as the trainers do; returns its parameter count."""
     from peft import inject_adapter_in_model
-
-    from lorakit.blocks import lora_able_modules, lora_config, module_ranks, resolve_block_spec
 
     ranks = module_ranks(lora_able_modules(unet), resolve_block_spec("all", arch, rank), "locon" if conv else "lora",
                          rank=rank, alpha=rank, conv_rank=rank if conv else None, conv_alpha=rank if conv else None)
@@ -318,8 +317,6 @@ def estimate(stage: str, base, *, resolution: int | None = None, batch: int = 1,
             channels = unet.config.block_out_channels[1]
             est.parts["cache"] = n_loras * unet_batch * channels * latent * latent * torch.finfo(dtype).bits // 8
         if stage == "fuse-gradient":
-            from lorakit.fusion import gradient_memory  # the methods' own costs; fusion imports this module
-
             if layers is None:
                 layers = gradient_memory.meta_fusion_layers(unet, rank * n_loras)
             gradient_memory.add_gradient_fusion_parts(est.parts, layers, max_conv_dim, dtype, heldout,

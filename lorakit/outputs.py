@@ -95,7 +95,7 @@ def lorakit_wrote_file(path: str | os.PathLike) -> bool:
 
 def write_marker(folder: str | os.PathLike, kind: str) -> None:
     """Mark ``folder`` as written by lorakit (``kind``: pipeline, training, samples, ...)."""
-    from lorakit.fileio import write_json
+    from lorakit.fileio import write_json  # lazy: fileio imports this module (clean_stale), and torch
 
     write_json({"written_by": "lorakit", "kind": kind}, Path(folder) / MARKER)
 

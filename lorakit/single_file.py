@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.keys import sai_unet_path
+from lorakit.fileio import save_safetensors
+from lorakit.models import pipeline_arch
 
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -110,8 +112,6 @@ def pipeline_to_ldm(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.T
         pipelines whose tokenizer gained tokens (fused ED-LoRA concepts): a checkpoint holds no tokenizer and the
         tools that open it have no per-layer routing, so those pseudo-words could not be used.
     """
-    from lorakit.models import pipeline_arch
-
     for name in ("tokenizer", "tokenizer_2"):
         tok = getattr(pipe, name, None)
         if tok is not None and len(tok) > tok.vocab_size:
@@ -137,6 +137,4 @@ def pipeline_to_ldm(pipe, dtype: torch.dtype | None = None) -> dict[str, torch.T
 def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype | None = None,
                      metadata: dict[str, str] | None = None) -> Path:
     """Write :func:`pipeline_to_ldm` to one ``.safetensors`` file, atomically."""
-    from lorakit.fileio import save_safetensors
-
     return save_safetensors(pipeline_to_ldm(pipe, dtype), path, metadata)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import bench_scale as bench
 from pathlib import Path
 
@@ -89,6 +91,8 @@ def test_plot_writes_a_png(tmp_path):
     rows = [_row("sample", n_loras=n, step_s=float(n), total_s=float(n), peak_rss_mb=3000.0 + n) for n in (2, 4, 8)]
     png = bench.plot(bench.derived_rows(rows), tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no curve to draw"):  # one point per axis: a line, not a traceback
+        bench.plot(bench.derived_rows(rows[:1]), tmp_path / "none.png")
 
 
 def test_repeats_interleave_the_arms_and_pair_their_ratios():
@@ -165,8 +169,81 @@ def test_markdown_tables_list_every_run_and_the_pairs():
             _row("cmlora", resolution=64, n_loras=4, total_s=32.0, step_s=0.9, steps=30),
             _row("composite", resolution=64, n_loras=4, total_s=200.0, step_s=6.0, steps=30),
             _row("cmlora", resolution=64, n_loras=4, total_s=50.0, step_s=1.0, steps=30),
-            {"run": "ziplora", "size": "sd15", "resolution": 256, "rank": 4, "error": "timeout"}]
+            {"run": "ziplora", "size": "sd15", "resolution": 256, "rank": 4, "error": "timeout"},
+            _row("fuse", resolution=64, n_loras=2, total_s=109.9, capture_s=45.5, solve_s=60.9, ridge="auto",
+                 layers=192, fallback_layers=0)]
     text = bench.markdown(rows + bench.derived_rows(rows))
     assert text.count("| composite | 64 | 4 | 4 | ") == 2 and "160.0 /image of 30 steps" in text
+    assert "| fuse | 64 | 2 | 4 | 109.9 total (capture 46, solve 61; ridge auto; 192 layers, 0 fallback) |" in text
     assert "**timeout**" in text
     assert "| cmlora / composite (total_s) | resolution 64, n_loras 4, rank 4 | 2 | [0.2, 0.25] | 0.225 (0.2-0.25) |" in text
+
+
+def test_trainer_variants_pair_with_their_own_reference_loops():
+    rows = [_row("train_ref_locon", step_s=10.0, peak_rss_mb=3000.0), _row("train_locon", step_s=8.0, peak_rss_mb=2900.0),
+            _row("train_ref_locon", step_s=20.0, peak_rss_mb=3010.0), _row("train_locon", step_s=10.0, peak_rss_mb=2910.0),
+            _row("train", step_s=5.0, peak_rss_mb=2800.0), _row("train_ref_edlora", step_s=4.0)]
+    out = bench.derived_rows(rows)
+    ratios = {(r["stage"], r["vs"]): r for r in out if r["run"] == "ratio" and "vs" in r}
+    assert ratios[("train_locon", "train_ref_locon")]["time_ratio"] == 0.6  # 9 / 15
+    assert ratios[("train_locon", "train")]["time_ratio"] == 1.8  # against the plain LoRA trainer too
+    assert not any(r["stage"] == "train_edlora" for r in out if r["run"] == "ratio")  # no lorakit run to pair
+    pairs = [r for r in out if r["run"] == "paired_ratio"]
+    assert [(p["stage"], p["vs"], p["time_ratios"]) for p in pairs] == [("train_locon", "train_ref_locon", [0.8, 0.5])]
+    assert "| train_locon / train_ref_locon (step_s) | resolution 128, rank 4 | 2 | [0.8, 0.5] |" in bench.markdown(
+        rows + out)
+
+
+@pytest.mark.slow
+def test_reference_loops_train_what_the_variants_train(tmp_path):
+    """The reference loops of the trainer variants (tools/bench_train.py) on the tiny pipeline: LoCon's adapts the
+    resnet convs, the gradient-checkpointing one turns diffusers' checkpointing on, ED-LoRA's trains LoRAs on both
+    models' attention and only the two new embedding rows."""
+    import argparse
+
+    import bench_train
+    import torch
+
+    args = argparse.Namespace(device="cpu", dtype="fp32", rank=2, batch=1, warmup=0, steps=1, resolution=32)
+    folder = tmp_path / "img"
+    folder.mkdir()
+    captions = bench_train.make_images(folder, 2, 32)
+    torch.manual_seed(0)
+    pipe = bench_train.make_pipe("tiny")
+    bench_train.reference(args, pipe, folder, captions, network="locon", gradient_checkpointing=True)
+    lora_convs = [n for n, m in pipe.unet.named_modules() if isinstance(m, torch.nn.Conv2d) and "resnets" in n
+                  and n.endswith("lora_A.default")]
+    assert lora_convs and pipe.unet.is_gradient_checkpointing
+    pipe = bench_train.make_pipe("tiny")
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    res = bench_train.reference_edlora(args, pipe, folder)
+    emb = pipe.text_encoder.get_input_embeddings().weight.detach()
+    new = pipe.tokenizer.convert_tokens_to_ids(["<cat1>", "<cat2>"])
+    assert emb.shape[0] == before.shape[0] + 2 and res["step_s"] > 0
+    assert torch.equal(emb[: before.shape[0]].to(before.dtype), before)  # every old row restored
+    assert not torch.equal(emb[new[0]], emb[new[1]])  # both started as "cat"; a step moved them apart
+    assert any("lora_A" in n for n, _ in pipe.text_encoder.named_parameters())
+    assert not any("lora_A" in n for n, m in pipe.unet.named_modules() if "resnets" in n)
+
+
+def test_docs_tables_come_from_the_files_between_their_markers(tmp_path):
+    """--derive FILES --docs MD: the runs of every file (their own derived rows left out and derived again), the
+    N table of the sampling methods, written between the marker lines and nowhere else."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(json.dumps(_row(m, resolution=256, n_loras=n, steps=2, step_s=1.0, total_s=t,
+                                            peak_rss_mb=2700.0 + n))
+                           for m, n, t in (("composite", 2, 20.0), ("cmlora", 2, 15.0), ("composite", 4, 40.0))) + "\n")
+    b.write_text(json.dumps(_row("cmlora", resolution=256, n_loras=4, steps=2, step_s=1.0, total_s=22.0)) + "\n"
+                 + json.dumps({"run": "ratio", "size": "sd15", "stage": "cmlora", "time_ratio": 9.9}) + "\n")
+    md = tmp_path / "perf.md"
+    md.write_text("intro\n" + bench.MARKERS[0] + "old tables\n" + bench.MARKERS[1] + "after\n")
+    assert bench.main(["--derive", str(a), str(b), "--docs", str(md)]) == 0
+    text = md.read_text()
+    assert text.startswith("intro\n" + bench.MARKERS[0]) and text.endswith(bench.MARKERS[1] + "after\n")
+    assert "old tables" not in text and "9.9" not in text
+    assert "| 256 px, 2-step image: s / peak RSS MiB | N = 2 | N = 4 |" in text
+    assert "| composite | 20.0 / 2702 | 40.0 / 2704 |" in text and "| cmlora | 15.0 / 2702 | 22.0 / 3000 |" in text
+    assert "| cmlora / composite | resolution 256, n_loras 4, rank 4 | 0.55 |" in text
+    md.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="no '<!-- tables"):
+        bench.main(["--derive", str(a), "--docs", str(md)])

@@ -19,6 +19,8 @@ def test_method_specs_and_summary():
     assert (st.method, st.cmlora_mode) == ("cmlora", "official")
     st = mcm.method_settings("composite+ubase+encode=per-adapter", 10, 4.0)
     assert (st.uncond, st.encode) == ("base", "per-adapter")
+    st = mcm.method_settings("delta+ubase+parts+kg=character:3,object:2", 10, 4.0, ["character", "style", "object"])
+    assert (st.prompt_parts, st.adapter_guidance, st.uncond) == ("per-adapter", (3.0, 1.0, 2.0), "base")
     with pytest.raises(ValueError, match="nonsense"):
         mcm.method_settings("merge+nonsense", 10, 4.0)
     rec = lambda m, seed, present: {"method": m, "set": "s", "n": 2, "seed": seed, "present": present,  # noqa: E731

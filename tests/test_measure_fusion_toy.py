@@ -34,3 +34,21 @@ def test_edlora_set_prompts_hold_every_concept_as_pseudo_words():
     assert len(prompts) == 12 and len(set(prompts)) > 3
     assert all(all(w in p for w in words.values()) for p in prompts)
     assert not any(t in p for p in prompts for t in ("zorbo", "kwibbit", "hattock", "shroomel"))
+
+
+def test_edlora_results_are_cached_per_set_method_files_and_n(tmp_path, monkeypatch):
+    from measure_edlora_fusion_toy import edlora_files, result_path
+
+    files = {"robot": "a/toy_edlora_robot-1.safetensors", "frog": "a/toy_edlora_frog-2.safetensors"}
+    path = result_path(str(tmp_path), "robot+frog", "gradient", files, 96)
+    assert path == result_path(str(tmp_path), "robot+frog", "gradient", dict(files), 96)
+    assert path.parent == tmp_path and path.name.startswith("robot+frog-gradient-n96-")
+    others = [result_path(str(tmp_path), "robot+frog", "weighted", files, 96),
+              result_path(str(tmp_path), "robot+frog", "gradient", files, 32),
+              result_path(str(tmp_path), "robot+frog", "gradient", {**files, "frog": "a/toy_edlora_frog-3.safetensors"},
+                          96)]
+    assert len({path, *others}) == 4  # a retrained file (new hash) is measured again
+    monkeypatch.setenv("LORAKIT_TOY_LORAS", str(tmp_path))  # an empty cache: the error names the training command
+    with pytest.raises(SystemExit, match="train_toy_edloras.py frog"):
+        edlora_files(["robot=x.safetensors"], {"robot", "frog"})
+    assert edlora_files(["robot=x.safetensors", "frog=y.safetensors"], {"robot", "frog"})["frog"] == "y.safetensors"

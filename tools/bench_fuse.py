@@ -8,7 +8,8 @@ Two recipes fuse the same concepts from the same base, each end to end (capture 
     stage order, ITS OWN rows (text encoder: the unpadded prompt; to_k/to_v: tokens with id >= the end token, i.e.
     ED-LoRA pseudo-words + the end token, only the end token for a plain LoRA), one prompt per forward pass, every
     activation kept on the host, LBFGS from W0 per layer (500 iterations text encoder and to_k/to_v, 50 UNet).
-Both get the same fit prompts, sampling prompts, steps and size. Then every layer's weights of both fused models,
+Both get the same fit prompts, sampling prompts and size; each samples with its own number of steps (the
+reference: ``--steps``, 20 as in its code; lorakit: its default, 10, chosen by held-out measurement, docs/fusion.md). Then every layer's weights of both fused models,
 the base W0 and the weighted average ``W0 + (1/N) sum_i dW_i`` are scored on HELD-OUT activations that neither
 recipe saw (other prompts with each concept's trigger, other seeds), recorded with each concept's OWN model (its
 LoRA fully on: what the fused layer should reproduce):
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lbfgs_fusion_reference import REFERENCE_ITERS, layer_data, lbfgs_solve  # noqa: E402
 
-from lorakit.adapters.io import live_path, load_adapter  # noqa: E402
+from lorakit.adapters.io import load_adapter  # noqa: E402
 from lorakit.fusion.capture import GramCollector, token_rows  # noqa: E402
 from lorakit.fusion.gradient import (  # noqa: E402
     Concept, GradientSettings, LayerSolution, _call_pipe, _min_resolution, fuse_gradient, stage_of,
@@ -154,7 +155,9 @@ def main(argv=None) -> int:
                     help="the 2 random adapters: LoRA on the text encoder and attention layers, or LoCon (also convs)")
     ap.add_argument("--toy", action="store_true", help="toy-world captions as prompts (adapters: toy LoRAs)")
     ap.add_argument("--n-prompts", type=int, default=4, help="--toy: captions per set (fit, held-out, evaluation)")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20,
+                    help="sampling steps of the reference recipe and of the held-out evaluation (lorakit samples "
+                         "with its own default, GradientSettings.steps, unless --set steps=N)")
     ap.add_argument("--resolution", type=int, default=32)
     ap.add_argument("--eval-samples", type=int, default=2, help="held-out seeds per evaluation prompt")
     ap.add_argument("--heldout-sample-prompts", type=int, default=0,
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
             adapters.append(ad)
             names.append(trig.replace(" ", "_"))
     sets = concept_sets(adapters, names, args.toy, args.n_prompts)
-    common = dict(steps=args.steps, resolution=args.resolution, samples=1, guidance=1.0, progress=False)
+    common = dict(resolution=args.resolution, samples=1, guidance=1.0, progress=False)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     # lorakit: defaults, end to end
@@ -199,13 +202,16 @@ def main(argv=None) -> int:
     overrides = {}
     for kv in args.set:
         k, v = kv.split("=", 1)
-        try:
-            overrides[k] = float(v)
-        except ValueError:
-            overrides[k] = v
+        for kind in (int, float, str):  # steps=10 must stay an int
+            try:
+                overrides[k] = kind(v)
+                break
+            except ValueError:
+                continue
     sync()
     t0, c0 = time.perf_counter(), time.process_time()
-    out_l = fuse_gradient(pipe_l, concepts, GradientSettings(**{**common, **overrides}))
+    settings_l = GradientSettings(**{**common, **overrides})
+    out_l = fuse_gradient(pipe_l, concepts, settings_l)
     sync()
     t_lorakit, cpu_lorakit = time.perf_counter() - t0, time.process_time() - c0
     peak_l = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
@@ -230,7 +236,7 @@ def main(argv=None) -> int:
     if not args.no_reference:
         # the reference's rows: kv_rows="concept" with trigger=None = ED-LoRA pseudo-words + end token, or the end
         # token alone for a plain LoRA
-        ref = GradientSettings(**common, ridge=0.0, batch=1, keep_inputs=True, kv_rows="concept", max_conv_dim=10**9)
+        ref = GradientSettings(**common, steps=args.steps, ridge=0.0, batch=1, keep_inputs=True, kv_rows="concept", max_conv_dim=10**9)
         fuse_gradient(pipe_r, ref_concepts, ref,
                       solver=reference_solver(base_w, timing))
     sync()
@@ -279,7 +285,8 @@ def main(argv=None) -> int:
     st = out_l["stages"]
     print(json.dumps({
         "base": base_name, "adapters": names, "lorakit_settings": overrides, "device": args.device, "threads": torch.get_num_threads(),
-        "steps": args.steps, "resolution": args.resolution, "layers": len(probs),
+        "reference_steps": args.steps, "lorakit_steps": settings_l.steps, "resolution": args.resolution,
+        "layers": len(probs),
         "lorakit_s": round(t_lorakit, 2),
         "lorakit_capture_s": round(sum(s.get("capture_s", 0) for s in st.values()), 2),
         "lorakit_solve_s": round(sum(s.get("solve_s", 0) for s in st.values()), 2),

@@ -63,8 +63,11 @@ SIZES = {  # name: (arch, sized_pipeline size, pixels, default dtype)
     "sdxl": ("sdxl", "full", 128, "bf16"),
 }
 TRAIN = ("train_ref", "train", "train_gc", "train_locon", "train_edlora")
+# The reference loop of each trainer variant (tools/bench_train.py): diffusers' gradient checkpointing, peft LoRA on
+# the resnet convs too, peft LoRA + textual inversion of the same two tokens.
+TRAIN_REFS = {"train_gc": "train_ref_gc", "train_locon": "train_ref_locon", "train_edlora": "train_ref_edlora"}
 SAMPLE = ("sample_ref", "sample", "switch", "composite", "cmlora")
-STAGES = (*TRAIN, *SAMPLE, "fuse", "ziplora", "lorarar")
+STAGES = (*TRAIN, *TRAIN_REFS.values(), *SAMPLE, "fuse", "ziplora", "lorarar")
 # Stages that leave the built base as they found it (adapters loaded per call, then unloaded): with --shared
 # they run one after another in one process per size, the peak RSS reset before each (/proc/self/clear_refs).
 SHAREABLE = ("sample", "switch", "composite", "cmlora", "lorarar")
@@ -137,6 +140,11 @@ def _train(args, pipe, work: Path, stage: str) -> dict:
     t0 = time.perf_counter()
     if stage == "train_ref":
         res = bench_train.reference(ns, pipe, folder, captions)
+    elif stage in ("train_ref_gc", "train_ref_locon"):
+        res = bench_train.reference(ns, pipe, folder, captions, network="locon" if stage.endswith("locon") else "lora",
+                                    gradient_checkpointing=stage.endswith("gc"))
+    elif stage == "train_ref_edlora":
+        res = bench_train.reference_edlora(ns, pipe, folder)
     elif stage == "train_edlora":
         res = _train_edlora(args, pipe, folder, work / "out")
     else:
@@ -342,21 +350,21 @@ def _estimate_mb(args, stage: str) -> float | None:
 
     arch, size, _, _ = SIZES[args.size]
     base = f"random:{arch}:{size}"
-    kind = {"train_edlora": "edlora", "fuse": "fuse-gradient", "ziplora": "ziplora", "lorarar": "ziplora"}.get(
-        stage, "train" if stage in TRAIN else "sample")
+    kind = {"train_edlora": "edlora", "train_ref_edlora": "edlora", "fuse": "fuse-gradient", "ziplora": "ziplora",
+            "lorarar": "ziplora"}.get(stage, "train" if stage.startswith("train") else "sample")
     batch = {"sample": 1, "fuse-gradient": args.capture_batch}.get(kind, args.batch)
     est = estimate(kind, base, resolution=args.resolution, batch=batch, heldout=args.fuse_ridge == "auto",
                    rank=args.rank, n_loras=args.n_loras if stage in N_STAGES else 2, dtype=_torch_dtype(args.dtype),
                    method=_SAMPLE_METHOD.get(stage, "merge"), cfg=kind != "fuse-gradient",
-                   gradient_checkpointing=stage == "train_gc",
-                   conv=stage == "train_locon" or (stage == "fuse" and args.network == "locon"))
+                   gradient_checkpointing=stage.endswith("_gc"),
+                   conv=stage.endswith("_locon") or (stage == "fuse" and args.network == "locon"))
     return round(est.total / 2**20, 1) if est else None
 
 
 def run_point(args, pipe, work: Path) -> dict:
     """One stage at one (resolution, rank, N) on the built base; its result fields."""
     stage = args.one
-    if stage in TRAIN:
+    if stage in TRAIN or stage in TRAIN_REFS.values():
         return _train(args, pipe, work, stage)
     if stage == "sample_ref":
         return _sample_ref(args, pipe, work)
@@ -416,7 +424,8 @@ def _time(row: dict) -> float:
 
 
 # lorakit against its reference at the same point: (lorakit stage, reference stage, the time compared)
-COMPARISONS = (("train", "train_ref", "step_s"), ("sample", "sample_ref", "step_s"), ("cmlora", "composite", "total_s"))
+COMPARISONS = (("train", "train_ref", "step_s"), ("sample", "sample_ref", "step_s"), ("cmlora", "composite", "total_s"),
+               *((s, ref, "step_s") for s, ref in TRAIN_REFS.items()))
 AXES = (("n_loras", 4), ("resolution", 2), ("rank", 3))  # curve axes and their place in a point's key
 
 
@@ -453,7 +462,7 @@ def derived_rows(rows: list[dict]) -> list[dict]:
             if key[1] != lk:
                 continue
             other = (key[0], ref, *key[2:])
-            if ref in ("train", "train_ref") and other not in groups:  # trainers record no N
+            if ref.startswith("train") and other not in groups:  # trainers record no N
                 other = (key[0], ref, key[2], key[3], None, *key[5:])
             if other not in groups:
                 continue
@@ -533,13 +542,16 @@ def _paired_ratios(groups: dict[tuple, list[dict]]) -> list[dict]:
 
 
 def _seconds(r: dict) -> str:
-    if r["run"] in TRAIN:
+    if r["run"].startswith("train"):
         times = r.get("step_times") or []
         return f"{r['step_s']:.2f} /step" + (f" ({min(times):.2f}-{max(times):.2f})" if len(times) > 1 else "")
     if r["run"] in SAMPLE:
         return f"{r['total_s']:.1f} /image of {r['steps']} steps ({r['step_s']:.2f} /step marginal)"
     if r["run"] == "ziplora":
         return f"{r['total_s']:.1f} total, {r['steps']} steps ({r['step_s']:.2f} /step, {r['fixed_s']:.1f} fixed)"
+    if r["run"] == "fuse" and "capture_s" in r:
+        return (f"{r['total_s']:.1f} total (capture {r['capture_s']:.0f}, solve {r['solve_s']:.0f}; ridge {r.get('ridge')}; "
+                f"{r.get('layers')} layers, {r.get('fallback_layers')} fallback)")
     return f"{r['total_s']:.1f} total"
 
 
@@ -568,6 +580,7 @@ def markdown(rows: list[dict]) -> str:
             at = ", ".join(f"{k} {r[k]}" for k in ("resolution", "n_loras", "rank") if k in r)
             lines.append(f"| {r['stage']} / {r['vs']} ({r['time']}) | {at} | {r['pairs']} | {r['time_ratios']} | "
                          f"{r['time_ratio_mean']} ({r['time_ratio_min']}-{r['time_ratio_max']}) | {r['peak_rss_ratios']} |")
+    lines += _n_table(runs)
     curves = [r for r in derived if r["run"] == "curve"]
     if curves:
         lines += ["", "| curve | at | x: seconds / peak RSS MiB (x its smallest) |", "|---|---|---|"]
@@ -581,6 +594,45 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _n_table(runs: list[dict]) -> list[str]:
+    """Markdown lines: per resolution and image length, each sampling method's seconds per image / peak RSS MiB
+    against N (means of the repeats), when more than one N ran."""
+    import statistics
+
+    points: dict[tuple, dict[str, dict[int, list[dict]]]] = {}
+    for r in runs:
+        if r["run"] in SAMPLE and "error" not in r and r.get("n_loras"):
+            by_stage = points.setdefault((r["resolution"], r["steps"]), {})
+            by_stage.setdefault(r["run"], {}).setdefault(r["n_loras"], []).append(r)
+    lines = []
+    for (px, steps), by_stage in sorted(points.items()):
+        ns = sorted({n for by_n in by_stage.values() for n in by_n})
+        if len(ns) < 2:
+            continue
+        lines += ["", f"| {px} px, {steps}-step image: s / peak RSS MiB | " + " | ".join(f"N = {n}" for n in ns) + " |",
+                  "|---" * (len(ns) + 1) + "|"]
+        for stage, by_n in by_stage.items():
+            cells = [f"{statistics.mean(r['total_s'] for r in by_n[n]):.1f} / "
+                     f"{statistics.mean(r['peak_rss_mb'] for r in by_n[n]):.0f}" if n in by_n else "-" for n in ns]
+            lines.append(f"| {_SAMPLE_METHOD[stage] if stage in _SAMPLE_METHOD else stage} | " + " | ".join(cells) + " |")
+    return lines
+
+
+MARKERS = ("<!-- tables: bench_scale --derive --markdown -->\n", "<!-- end tables -->\n")
+
+
+def write_tables(md: Path, tables: str) -> None:
+    """Replace what lies between the two MARKERS lines of ``md`` with ``tables`` (written to a temporary file
+    beside it, then renamed)."""
+    text = md.read_text()
+    if MARKERS[0] not in text or MARKERS[1] not in text:
+        raise SystemExit(f"{md}: no '{MARKERS[0].strip()}' ... '{MARKERS[1].strip()}' lines to put the tables between")
+    i, j = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text(text[:i] + tables + text[j:])
+    os.replace(tmp, md)
+
+
 def plot(rows: list[dict], png: Path) -> Path:
     """One PNG: time (top) and peak RSS (bottom) against N, resolution and rank (the ``curve`` rows)."""
     try:
@@ -592,6 +644,8 @@ def plot(rows: list[dict], png: Path) -> Path:
         raise SystemExit("--plot needs matplotlib: pip install 'lorakit[bench]'") from err
     curves = [r for r in rows if r.get("run") == "curve"]
     axes_names = [a for a in ("n_loras", "resolution", "rank") if any(r["axis"] == a for r in curves)]
+    if not axes_names:
+        raise SystemExit("--plot: no curve to draw (no stage ran at two values of N, resolution or rank)")
     fig, axs = plt.subplots(2, len(axes_names), figsize=(3.2 * len(axes_names), 5.2), squeeze=False)
     labels = {"n_loras": "LoRAs N", "resolution": "pixels", "rank": "rank"}
     for j, axis in enumerate(axes_names):
@@ -655,10 +709,12 @@ def parse_args(argv=None):
     p.add_argument("--no-estimate", dest="estimate", action="store_false", help="skip lorakit.memory's estimate")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per point")
     p.add_argument("--out", help="append JSON lines here too (e.g. runs/scale.jsonl)")
-    p.add_argument("--derive", metavar="JSONL", help="only print the ratio / growth / curve / spread rows of the "
-                                                      "runs in this file")
+    p.add_argument("--derive", metavar="JSONL", nargs="+", help="only print the ratio / growth / curve / spread rows "
+                   "of the runs in these files")
     p.add_argument("--markdown", action="store_true", help="with --derive: print the runs, ratios, pairs and curves "
                    "as markdown tables (docs/performance.md) instead of JSON lines")
+    p.add_argument("--docs", metavar="MD", help="with --derive: put the markdown tables between the marker lines "
+                   "of this file (docs/performance.md) instead of printing them")
     p.add_argument("--plot", metavar="PNG", help="with --derive: draw the curve rows into this PNG (needs matplotlib)")
     p.add_argument("--cmlora-flops", type=int, metavar="STEPS", help="only count CMLoRA's and Composite's UNet FLOPs "
                    "for an image of STEPS steps (meta device, seconds) at --resolutions and --n-loras, first --sizes")
@@ -827,11 +883,14 @@ def main(argv=None) -> int:
                 _emit({**cmlora_flops(*SIZES[args.sizes[0]][:2], px, n, args.cmlora_flops), "size": args.sizes[0]}, out)
         return 0
     if args.derive:
-        runs = [json.loads(ln) for ln in Path(args.derive).read_text().splitlines() if ln.strip()]
-        derived = derived_rows([r for r in runs if r.get("run") in STAGES])
-        if args.markdown:
-            print(markdown([r for r in runs if r.get("run") in STAGES] + derived), end="")
-        for row in [] if args.markdown else derived:
+        runs = [json.loads(ln) for f in args.derive for ln in Path(f).read_text().splitlines() if ln.strip()]
+        runs = [r for r in runs if r.get("run") in STAGES]  # the files' own derived rows are derived again
+        derived = derived_rows(runs)
+        if args.docs:
+            write_tables(Path(args.docs), markdown(runs + derived))
+        elif args.markdown:
+            print(markdown(runs + derived), end="")
+        for row in [] if args.markdown or args.docs else derived:
             _emit(row, out)
         if args.plot:
             print(f"wrote {plot(derived, Path(args.plot))}", file=sys.stderr)

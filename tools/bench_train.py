@@ -86,33 +86,28 @@ def make_images(folder: Path, n: int, res: int) -> list[str]:
     return caps
 
 
-def reference(args, pipe, folder: Path, captions: list[str]) -> dict:
-    """The minimal reference training loop; returns step times and peak memory."""
-    from diffusers import DDPMScheduler
-    from diffusers.training_utils import cast_training_params
+def _dtype(args) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
 
-    from lorakit.blocks import lora_able_modules, lora_config, module_ranks, resolve_block_spec
 
-    dev, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    unet, vae, te = pipe.unet, pipe.vae, pipe.text_encoder
-    for m in (unet, vae, te):
-        m.requires_grad_(False)
-        m.to(dev, dtype=dtype)
-    from lorakit.models import pipeline_arch
-
-    arch = pipeline_arch(pipe)
-    ranks = module_ranks(lora_able_modules(unet), resolve_block_spec("all", arch, args.rank), "lora", args.rank, args.rank)
-    unet.add_adapter(lora_config(ranks), adapter_name="default")
-    cast_training_params(unet, dtype=torch.float32)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+def _pixels_and_ids(args, pipe, folder: Path, captions: list[str]):
     files = sorted(folder.glob("*.png"))[: args.batch]
     pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), np.float32)).permute(2, 0, 1)
                           for f in files]) / 127.5 - 1
-    pixels = pixels.to(dev, dtype)
     ids = pipe.tokenizer(captions[: args.batch], padding="max_length", max_length=77, truncation=True,
-                         return_tensors="pt").input_ids.to(dev)
+                         return_tensors="pt").input_ids
+    return pixels.to(args.device, _dtype(args)), ids.to(args.device)
+
+
+def _reference_steps(args, pipe, pixels, ids, params, train_text: bool = False, after_step=None) -> dict:
+    """The reference's steps: VAE encode, text encode (with gradients when ``train_text``), UNet forward /
+    backward, clip, AdamW, every step; step times and peak memory."""
+    from diffusers import DDPMScheduler
+
+    dev, dtype = torch.device(args.device), _dtype(args)
+    unet, vae, te = pipe.unet, pipe.vae, pipe.text_encoder
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
     times = []
     with PeakMemory(args.device) as mem:
         for _ in range(args.warmup + args.steps):
@@ -120,6 +115,7 @@ def reference(args, pipe, folder: Path, captions: list[str]) -> dict:
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
                 with torch.no_grad():
                     latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+                with torch.set_grad_enabled(train_text):
                     ehs = te(ids)[0]
                 noise = torch.randn_like(latents)
                 t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=dev)
@@ -129,10 +125,85 @@ def reference(args, pipe, folder: Path, captions: list[str]) -> dict:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step()
             loss.item()
             times.append(time.perf_counter() - t0)
     return {"step_s": statistics.median(times[args.warmup :]), "step_times": [round(t, 4) for t in times[args.warmup :]],
             "peak_mem_mb": mem.peak_mb}
+
+
+def _freeze(args, pipe) -> None:
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+        m.to(args.device, dtype=_dtype(args))
+
+
+def reference(args, pipe, folder: Path, captions: list[str], network: str = "lora",
+              gradient_checkpointing: bool = False) -> dict:
+    """The minimal reference training loop; returns step times and peak memory. ``network="locon"``: peft LoRA on
+    the resnet convs too (the modules lorakit's LoCon adapts); ``gradient_checkpointing``: diffusers' own."""
+    from diffusers.training_utils import cast_training_params
+
+    from lorakit.blocks import lora_able_modules, lora_config, module_ranks, resolve_block_spec
+    from lorakit.models import pipeline_arch
+
+    _freeze(args, pipe)
+    unet = pipe.unet
+    ranks = module_ranks(lora_able_modules(unet), resolve_block_spec("all", pipeline_arch(pipe), args.rank), network,
+                         args.rank, args.rank, args.rank, args.rank)
+    unet.add_adapter(lora_config(ranks), adapter_name="default")
+    cast_training_params(unet, dtype=torch.float32)
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    return _reference_steps(args, pipe, *_pixels_and_ids(args, pipe, folder, captions), params)
+
+
+EDLORA_UNET = (".to_q", ".to_k", ".to_v", ".to_out.0")  # in attn1 / attn2: the modules lorakit's ED-LoRA adapts
+EDLORA_TEXT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+
+
+def reference_edlora(args, pipe, folder: Path, words: tuple[str, ...] = ("<cat1>", "<cat2>"),
+                     init_word: str = "cat") -> dict:
+    """The plain recipe ED-LoRA is measured against: peft LoRA on the text encoder's and the UNet's attention (the
+    modules lorakit's ED-LoRA adapts, same rank) plus textual inversion of two new tokens as diffusers'
+    textual-inversion script trains them (the embedding table takes gradients, every other row is restored after
+    each step); text encode with gradients, VAE encode, every step. One embedding for all layers (lorakit's
+    ED-LoRA learns one per layer)."""
+    from diffusers.training_utils import cast_training_params
+
+    from lorakit.blocks import lora_config
+
+    _freeze(args, pipe)
+    tok, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    tok.add_tokens(list(words))
+    te.resize_token_embeddings(len(tok))
+    new = tok.convert_tokens_to_ids(list(words))
+    emb = te.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[new] = emb[tok(init_word, add_special_tokens=False).input_ids[0]].clone()
+    te.add_adapter(lora_config({n: (args.rank, args.rank) for n, _ in te.named_modules() if n.endswith(EDLORA_TEXT)}))
+    unet.add_adapter(lora_config({n: (args.rank, args.rank) for n, m in unet.named_modules()
+                                  if isinstance(m, torch.nn.Linear) and n.endswith(EDLORA_UNET)
+                                  and (".attn1." in n or ".attn2." in n)}))
+    emb.requires_grad_(True)
+    cast_training_params([unet, te], dtype=torch.float32)
+    keep = torch.ones(emb.shape[0], dtype=torch.bool)
+    keep[new] = False
+    original = emb.detach()[keep].clone()
+
+    def restore():
+        with torch.no_grad():
+            emb[keep] = original
+
+    for cap in folder.glob("*.txt"):
+        cap.write_text("a photo of " + " ".join(words))
+    captions = [f.read_text() for f in sorted(folder.glob("*.txt"))]
+    params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+    return _reference_steps(args, pipe, *_pixels_and_ids(args, pipe, folder, captions), params, train_text=True,
+                            after_step=restore)
 
 
 def lorakit_run(args, pipe, folder: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:

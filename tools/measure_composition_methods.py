@@ -8,7 +8,8 @@ per set with seeds 0..k-1; the toy-world oracle (``lorakit.toyworld.oracle``) sa
 
 Methods (``--methods``): ``merge``, ``switch``, ``composite``, ``cmlora`` (lorakit mode), ``cmlora-official``,
 ``delta``; a ``+ubase`` suffix adds ``uncond="base"`` (the unconditional half from the base model), and
-``+key=value`` any other ``SamplerSettings`` field (``cmlora+cache_refresh=dominant``, ``composite+encode=per-adapter``). The
+``+parts`` per-adapter prompt parts, ``+kg=character:3`` delta's adapter guidance by kind, and ``+key=value`` any
+other ``SamplerSettings`` field (``cmlora+cache_refresh=dominant``, ``composite+encode=per-adapter``). The
 references are ``merge``, ``switch``, ``composite`` and ``cmlora-official``. CMLoRA gets the official category
 order from the toy concepts' kinds.
 
@@ -17,7 +18,8 @@ order from the toy concepts' kinds.
 Prints one JSON line per (method, N) (all-present rate, n, Wilson interval, per-kind rates, the character-and-style
 rate, s/image) and per (method, reference, N) (paired wins / losses on the same images and exact McNemar p, for
 all-present and for character-and-style). ``--summary-only`` re-summarises ``OUT/images.jsonl`` without sampling. ``OUT/images.jsonl`` keeps
-every image's verdict; a rerun with the same ``--out`` skips what is there.
+every image's verdict, written per batch; a rerun with the same ``--out`` generates only the (method, set, seed)
+images not there yet, so a long measurement runs in chunks (``--time-limit``, or a few ``--methods`` at a time).
 """
 
 from __future__ import annotations
@@ -35,10 +37,13 @@ sys.path.insert(0, str(ROOT))
 from lorakit.eval.stats import mcnemar_exact, wilson  # noqa: E402  (re-exported for the tests)
 
 REFERENCES = ("merge", "switch", "composite", "cmlora-official")
+T_START = time.perf_counter()
 
 
-def method_settings(spec: str, steps: int, cfg: float):
-    """``SamplerSettings`` of a method spec such as ``composite+ubase`` or ``cmlora-official``."""
+def method_settings(spec: str, steps: int, cfg: float, kinds: list[str] | None = None):
+    """``SamplerSettings`` of a method spec such as ``composite+ubase``, ``cmlora-official`` or
+    ``delta+ubase+parts+kg=character:3`` (``parts``: ``prompt_parts="per-adapter"``; ``kg=KIND:G,...``: delta's
+    ``adapter_guidance``, G for the adapters of those kinds and 1 for the others, in the set's ``kinds`` order)."""
     from lorakit.sampling import SamplerSettings
 
     from dataclasses import fields
@@ -48,10 +53,16 @@ def method_settings(spec: str, steps: int, cfg: float):
     if name == "cmlora-official":
         kw.update(method="cmlora", cmlora_mode="official")
     types = {f.name: f.type for f in fields(SamplerSettings)}
+    shorthand = {"ubase": "uncond=base", "parts": "prompt_parts=per-adapter"}
     for opt in opts:
-        key, _, value = ("uncond=base" if opt == "ubase" else opt).partition("=")
+        key, _, value = shorthand.get(opt, opt).partition("=")
+        if key == "kg" and value:
+            gains = {k: float(g) for k, g in (item.split(":") for item in value.split(","))}
+            kw["adapter_guidance"] = tuple(gains.get(k, 1.0) for k in (kinds or []))
+            continue
         if key not in types or not value:
-            raise ValueError(f"method spec {spec!r}: option {opt!r} is not ubase or a SamplerSettings key=value")
+            raise ValueError(f"method spec {spec!r}: option {opt!r} is not ubase, parts, kg=KIND:G or a "
+                             "SamplerSettings key=value")
         kw[key] = {"True": True, "False": False}.get(value, int(value) if value.isdigit() else value)
     return SamplerSettings(**kw)
 
@@ -91,8 +102,9 @@ def find_adapter(folder: Path, concept: str) -> Path:
     return found[-1]
 
 
-def run_set(pipe, loaded: dict, set_: dict, spec: str, args) -> list[dict]:
-    """Generate and score one set's images with one method; one record per image."""
+def run_set(pipe, loaded: dict, set_: dict, spec: str, args, done_seeds=frozenset(), sink=None) -> list[dict]:
+    """Generate and score one set's images with one method (the seeds not in ``done_seeds``); one record per
+    image, each batch's records passed to ``sink`` as soon as they exist (so an interrupted run resumes)."""
     from lorakit.toyworld.oracle import score
     from lorakit.sampling import category_sequence, generate
 
@@ -100,20 +112,26 @@ def run_set(pipe, loaded: dict, set_: dict, spec: str, args) -> list[dict]:
     adapters = [replace(loaded[c], weight=args.scale * args.kind_scale.get(kind, 1.0))
                 for kind, c in set_["concepts"].items()]
     order, n_rot = category_sequence(kinds)
-    settings = method_settings(spec, args.steps, args.cfg)
+    settings = method_settings(spec, args.steps, args.cfg, kinds)
     records, names = [], list(set_["concepts"].values())
-    first, stop = args.seed_start, args.seed_start + args.k
-    for start in range(first, stop, args.batch):
-        seeds = list(range(start, min(stop, start + args.batch)))
+    todo = [s for s in range(args.seed_start, args.seed_start + args.k) if s not in done_seeds]
+    for start in range(0, len(todo), args.batch):
+        if args.time_limit and time.perf_counter() - T_START > args.time_limit:
+            break
+        seeds = todo[start:start + args.batch]
         t0 = time.perf_counter()
         images, _ = generate(pipe, adapters, settings, set_["prompt"], "", seeds, order=order, n_rotation=n_rot)
         seconds = (time.perf_counter() - t0) / len(seeds)
         verdict = score(images, names)
+        batch = []
         for i, seed in enumerate(seeds):
             probs = verdict.probs[i].tolist()
-            records.append({"method": spec, "set": set_["id"], "n": set_["n"], "seed": seed,
-                            "probs": dict(zip(names, probs)), "present": [p >= 0.5 for p in probs],
-                            "all": all(p >= 0.5 for p in probs), "s_per_image": seconds})
+            batch.append({"method": spec, "set": set_["id"], "n": set_["n"], "seed": seed,
+                          "probs": dict(zip(names, probs)), "present": [p >= 0.5 for p in probs],
+                          "all": all(p >= 0.5 for p in probs), "s_per_image": seconds})
+        if sink is not None:
+            sink(batch)
+        records += batch
     return records
 
 
@@ -196,6 +214,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale", type=float, default=0.8, help="LoRA scale of every adapter (the references' 0.8)")
     ap.add_argument("--kind-scale", nargs="+", default=[], metavar="KIND=F",
                     help="multiply one kind's LoRA scale, e.g. object=1.5 (every method alike)")
+    ap.add_argument("--time-limit", type=float, default=0,
+                    help="seconds: start no new batch after this (0: none); a rerun resumes where it stopped")
     ap.add_argument("--out", required=True)
     ap.add_argument("--summary-only", action="store_true", help="summarise OUT/images.jsonl, generate nothing")
     ap.add_argument("--markdown", action="store_true", help="with --summary-only: also print markdown tables")
@@ -229,22 +249,26 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "images.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    done = {(r["method"], r["set"]) for r in records}
+    done = {}
+    for r in records:
+        done.setdefault((r["method"], r["set"]), set()).add(r["seed"])
     sets = make_sets(args)
     names = sorted({c for s in sets for c in s["concepts"].values()})
     files = [find_adapter(Path(args.adapters_dir), c) for c in names]
     pipe = load_pipeline(args.base, "fp32")
     loaded = dict(zip(names, load_adapters(pipe, files)))
+
+    def sink(batch):
+        with log.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in batch)
+
     for set_ in sets:
         for spec in args.methods:
-            if (spec, set_["id"]) in done:
-                continue
-            recs = run_set(pipe, loaded, set_, spec, args)
-            with log.open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in recs)
+            recs = run_set(pipe, loaded, set_, spec, args, done.get((spec, set_["id"]), set()), sink)
             records += recs
-            print(json.dumps({"done": spec, "set": set_["id"], "all_present": sum(r["all"] for r in recs) / len(recs)}),
-                  file=sys.stderr, flush=True)
+            if recs:
+                print(json.dumps({"done": spec, "set": set_["id"], "images": len(recs),
+                                  "all_present": sum(r["all"] for r in recs) / len(recs)}), file=sys.stderr, flush=True)
     summary = summarise(records, args.methods)
     (out / "summary.json").write_text(json.dumps({"args": vars(args), "files": [str(f) for f in files],
                                                   "rows": summary}, indent=1))

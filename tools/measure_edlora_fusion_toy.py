@@ -1,9 +1,9 @@
 """Gradient fusion of 2, 3 and 4 ED-LoRA concepts vs weighted average vs merge, scored by the toy oracle.
 
-Inputs: one ED-LoRA file per toy concept (``--edloras robot=PATH frog=PATH ...``, trained with
-``train_configs/toy_edlora_character.yaml`` and ``data.path=data/toy/<c>``, ``concept.*`` set to the concept, as
-``output/edlora_toy/train_all.sh`` in the docs does). For each set (``--sets robot+frog robot+frog+ghost ...``)
-one model per method:
+Inputs: one ED-LoRA file per toy concept: by default the toy cache's (``tools/train_toy_edloras.py robot frog
+tophat mushroom``: ``train_configs/toy_edlora_character.yaml`` with each concept's images and words, cached by
+recipe hash like the toy LoRAs), or ``--edloras robot=PATH frog=PATH ...``. For each set (``--sets robot+frog
+robot+frog+tophat ...``) one model per method:
   * ``gradient``: ``lorakit.fusion.gradient`` with its defaults; fit prompts ``concept_prompts(c, 4, seed=0)``,
     held-out ``seed=1`` (toy captions with the trigger word replaced by the concept's pseudo-words);
   * ``weighted``: every ED-LoRA loaded (``load_edlora``: its embeddings and routing) with LoRA scale ``1/N``
@@ -14,8 +14,8 @@ Evaluation: ``--n`` captions of scenes with every concept of the set (random gen
 oracle scores each image on every concept of the set. JSON lines: per method, each concept's rate and "all
 concepts" with Wilson 95% intervals; per method pair, exact McNemar (paired: same captions and seeds).
 
-    python tools/measure_edlora_fusion_toy.py --edloras robot=output/edlora_toy/robot/edlora.safetensors \
-        frog=output/edlora_toy/frog/edlora.safetensors --sets robot+frog --n 16
+    python tools/measure_edlora_fusion_toy.py --sets robot+frog robot+frog+tophat --n 96 \
+        --cache artifacts/edlora_fusion_toy --chunks 2     # exit 3: call again (one job-lock hold per call)
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def fused_pipe(method: str, base, files: dict[str, str], names: list[str], words
             fit = with_words(concept_prompts(n, 4, seed=0), [n], words)
             val = with_words(concept_prompts(n, 4, seed=1), [n], words)
             concepts.append(Concept(n, load_adapter(files[n]), 1.0, fit, list(fit), val, list(val)))
-        fuse_gradient(pipe, concepts, GradientSettings(steps=20, samples=1, guidance=1.0, progress=False))
+        fuse_gradient(pipe, concepts, GradientSettings(progress=False))
     else:
         scale = 1.0 / len(names) if method == "weighted" else 1.0
         adapter_names = [load_edlora(pipe, files[n], adapter_name=f"c{i}")["adapter_name"]
@@ -91,31 +91,83 @@ def compare(emit, tag: str, names: list[str], first: str, other: str, present: d
               "losses": losses, "mcnemar_p": float(f"{mcnemar_exact(wins, losses):.3g}")})
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--edloras", nargs="+", required=True, metavar="CONCEPT=PATH")
+    ap.add_argument("--edloras", nargs="*", default=[], metavar="CONCEPT=PATH",
+                    help="ED-LoRA files (default: the toy cache's, tools/train_toy_edloras.py)")
     ap.add_argument("--sets", nargs="+", default=["robot+frog"], help="concept sets a+b[+c...]")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--n", type=int, default=32, help="evaluation images per method and set")
     ap.add_argument("--base", default=str(REPO / "data" / "toy-base"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", help="keep each (set, method) result here and reuse it (resumable runs)")
+    ap.add_argument("--chunks", type=int, default=0,
+                    help="with --cache: compute at most this many missing (set, method) results, then exit 3 if "
+                         "more remain (one job-lock hold per call); 0 = all")
+    ap.add_argument("--hold-s", type=float, default=0,
+                    help="with --cache: start no further (set, method) once the last one's time no longer fits in "
+                         "this many seconds since the start (exit 3); 0 = no limit")
     ap.add_argument("--out", help="also write the JSON lines here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def edlora_files(given: list[str], needed: set[str]) -> dict[str, str]:
+    """``{concept: file}``: the ``--edloras`` given, else the toy cache's trained file of each concept."""
+    from lorakit.toyworld.edloras import concept_edlora_path
+    from lorakit.toyworld.loras import default_cache_dir
+
+    files = dict(kv.split("=", 1) for kv in given)
+    for n in sorted(needed - set(files)):
+        path = concept_edlora_path(n, default_cache_dir())
+        if not path.exists():
+            raise SystemExit(f"no ED-LoRA for {n!r}: {path} is missing; train it with "
+                             f"python tools/train_toy_edloras.py {n}, or pass --edloras {n}=FILE")
+        files[n] = str(path)
+    return files
+
+
+def result_path(cache: str, tag: str, method: str, files: dict[str, str], n: int) -> Path:
+    """The cached result of one (set, method): named by the set, method, n and the files' names (hash-named)."""
+    import hashlib
+
+    names = tag.split("+")
+    key = hashlib.sha256(repr([Path(files[c]).name for c in names] + [method, n]).encode()).hexdigest()[:12]
+    return Path(cache) / f"{tag}-{method}-n{n}-{key}.json"
+
+
+def measure(tag: str, method: str, base, files: dict, words: dict, n: int) -> dict:
+    """Fuse one set by one method, generate ``n`` images, score every concept: the row and the presence matrix."""
+    from lorakit.toyworld.evaluate import generate
+    from lorakit.toyworld.oracle import score
+
+    names = tag.split("+")
+    prompts = with_words(many_prompts(names, n), names, words)
+    t0 = time.perf_counter()
+    pipe = fused_pipe(method, base, files, names, words)
+    fuse_s = time.perf_counter() - t0
+    s = score(generate(pipe, prompts, seed=5000), names)
+    row = {"set": tag, "method": method, "n": len(prompts), "fuse_s": round(fuse_s, 1), "example_prompt": prompts[0]}
+    for j, c in enumerate(names + ["all"]):
+        k = int(s.present[:, j].sum()) if c != "all" else int(s.present.all(1).sum())
+        lo, hi = wilson(k, len(prompts))
+        row[c] = {"k": k, "rate": round(k / len(prompts), 4), "ci95": [round(lo, 3), round(hi, 3)]}
+    return {"row": row, "present": s.present.int().tolist()}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     from lorakit.adapters.io import load_adapter
-    from lorakit.toyworld.oracle import score
+    from lorakit.fileio import write_text
     from lorakit.models import load_base
-    from lorakit.toyworld.evaluate import generate
 
-    files = dict(kv.split("=", 1) for kv in args.edloras)
     needed = {n for tag in args.sets for n in tag.split("+")}
-    missing = sorted(needed - set(files))
-    if missing:
-        raise SystemExit(f"--sets name {missing} without a --edloras file")
+    files = edlora_files(args.edloras, needed)
     words = {n: words_of(load_adapter(files[n])) for n in needed}
-    base = load_base(args.base)
-    base.set_progress_bar_config(disable=True)
-    lines = []
+    base = None
+    lines, done, last, t_start = [], 0, 0.0, time.monotonic()
+    if args.cache:
+        Path(args.cache).mkdir(parents=True, exist_ok=True)
 
     def emit(obj):
         print(json.dumps(obj), flush=True)
@@ -123,27 +175,29 @@ def main(argv=None) -> int:
 
     for tag in args.sets:
         names = tag.split("+")
-        prompts = with_words(many_prompts(names, args.n), names, words)
         present = {}
         for method in args.methods:
-            t0 = time.perf_counter()
-            pipe = fused_pipe(method, base, files, names, words)
-            fuse_s = time.perf_counter() - t0
-            s = score(generate(pipe, prompts, seed=5000), names)
-            present[method] = s.present.clone()
-            row = {"set": tag, "method": method, "n": len(prompts), "fuse_s": round(fuse_s, 1),
-                   "example_prompt": prompts[0]}
-            for j, c in enumerate(names + ["all"]):
-                k = int(s.present[:, j].sum()) if c != "all" else int(s.present.all(1).sum())
-                lo, hi = wilson(k, len(prompts))
-                row[c] = {"k": k, "rate": round(k / len(prompts), 4), "ci95": [round(lo, 3), round(hi, 3)]}
-            emit(row)
-            del pipe
+            cached = result_path(args.cache, tag, method, files, args.n) if args.cache else None
+            if cached is not None and cached.exists():
+                res = json.loads(cached.read_text())
+            else:
+                late = args.hold_s and last and time.monotonic() - t_start + last > args.hold_s
+                if (args.chunks and done >= args.chunks) or late:
+                    print(f"{tag} {method}: not measured yet; call again to continue", flush=True)
+                    return 3
+                if base is None:
+                    base = load_base(args.base)
+                    base.set_progress_bar_config(disable=True)
+                t = time.monotonic()
+                res = measure(tag, method, base, files, words, args.n)
+                done, last = done + 1, time.monotonic() - t
+                if cached is not None:
+                    write_text(json.dumps(res), cached)
+            present[method] = torch.tensor(res["present"], dtype=torch.bool)
+            emit(res["row"])
         for other in args.methods[1:]:
             compare(emit, tag, names, args.methods[0], other, present)
     if args.out:
-        from lorakit.fileio import write_text
-
         write_text("".join(json.dumps(x) + "\n" for x in lines), args.out)
     return 0
 

@@ -84,12 +84,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from lorakit.sampling import SamplerSettings, generate
-    from lorakit.sampling.conditions import Condition
-    from lorakit.sampling.regional import Region, RegionSpec
+    from lorakit.sampling import SamplerSettings
     from lorakit.toyworld.oracle import load_oracle
     from lorakit.toyworld.regional_demo import load_sketch_pipeline
-    from lorakit.toyworld.sketch import HALVES, random_sketch_scene, render_sketch_scene, silhouette_image
+    from lorakit.toyworld.sketch import random_sketch_scene
 
     pipe, _, adapter = load_sketch_pipeline(args.base, args.adapter, [], loras=[])  # the base alone: no LoRA
     oracle = load_oracle()
@@ -102,27 +100,52 @@ def main(argv=None) -> int:
     if args.images:
         Path(args.images).mkdir(parents=True, exist_ok=True)
     for i, scene in enumerate(scenes):
-        _, sil = render_sketch_scene(scene)
-        prompts = scene.region_prompts()
-        spec = RegionSpec(scene.background_prompt(), "", [Region(b, p) for b, p in zip(HALVES, prompts)])
-        for arm, weight in arms.items():
-            conds = None if weight is None else [Condition(adapter, silhouette_image(sil), weight)]
-            images, _ = generate(pipe, [], settings, "", "", [args.seed + i], regions=spec, conditions=conds)
-            img = images[0]
-            if args.images:
-                img.save(Path(args.images) / f"{i:03d}-{arm}.png")
-            fg = foreground(img)
-            target = sil > 0.5
-            shape_ok, color_ok = [], []
-            for p, view in zip(scene.shapes, region_views(img, scene)):
-                present = oracle.score([view], [p.shape, p.color]).present[0].tolist()
-                shape_ok.append(bool(present[0]))
-                color_ok.append(bool(present[1]))
-            per[arm].append({"scene": i, "iou": round(iou(fg, target), 4), "follows": iou(fg, target) >= args.iou,
-                             "shape_ok": shape_ok, "color_ok": color_ok, "both_color": all(color_ok),
-                             "both_color_and_shape": all(shape_ok) and all(color_ok), "prompts": prompts})
+        for arm, row in _scene_rows(pipe, oracle, settings, adapter, args, i, scene, arms).items():
+            per[arm].append(row)
     summary = {"n": args.n, "steps": args.steps, "cfg": args.cfg, "weight": args.weight, "iou_threshold": args.iou,
                "seconds": round(time.time() - t0, 1)}
+    lines = _summary_lines(per, summary)
+    for line in lines:
+        print(json.dumps(line), flush=True)
+    if args.out:
+        from lorakit.fileio import write_json
+
+        write_json({"summary": lines, "per_image": per, "command": " ".join(sys.argv)}, args.out)
+    return 0
+
+
+def _scene_rows(pipe, oracle, settings, adapter, args, i: int, scene, arms: dict) -> dict[str, dict]:
+    """Scene ``i`` sampled in each arm (same seed) and scored: sketch IoU, each region's shape and colour."""
+    from lorakit.sampling import generate
+    from lorakit.sampling.conditions import Condition
+    from lorakit.sampling.regional import Region, RegionSpec
+    from lorakit.toyworld.sketch import HALVES, render_sketch_scene, silhouette_image
+
+    _, sil = render_sketch_scene(scene)
+    prompts = scene.region_prompts()
+    spec = RegionSpec(scene.background_prompt(), "", [Region(b, p) for b, p in zip(HALVES, prompts)])
+    out = {}
+    for arm, weight in arms.items():
+        conds = None if weight is None else [Condition(adapter, silhouette_image(sil), weight)]
+        images, _ = generate(pipe, [], settings, "", "", [args.seed + i], regions=spec, conditions=conds)
+        img = images[0]
+        if args.images:
+            img.save(Path(args.images) / f"{i:03d}-{arm}.png")
+        fg = foreground(img)
+        target = sil > 0.5
+        shape_ok, color_ok = [], []
+        for p, view in zip(scene.shapes, region_views(img, scene)):
+            present = oracle.score([view], [p.shape, p.color]).present[0].tolist()
+            shape_ok.append(bool(present[0]))
+            color_ok.append(bool(present[1]))
+        out[arm] = {"scene": i, "iou": round(iou(fg, target), 4), "follows": iou(fg, target) >= args.iou,
+                    "shape_ok": shape_ok, "color_ok": color_ok, "both_color": all(color_ok),
+                    "both_color_and_shape": all(shape_ok) and all(color_ok), "prompts": prompts}
+    return out
+
+
+def _summary_lines(per: dict[str, list[dict]], summary: dict) -> list[dict]:
+    """One line per arm (rates with Wilson intervals) and the paired comparison of the two arms."""
     lines = []
     for arm, rows in per.items():
         line = {"arm": arm, **summary, "follows_sketch": rate([r["follows"] for r in rows]),
@@ -143,13 +166,7 @@ def main(argv=None) -> int:
                           "lower_with_sketch": sum(1 for x, y in zip(a, b) if y["iou"] < x["iou"]),
                           "p_sign_test": float(f"{mcnemar_exact(sum(1 for x, y in zip(a, b) if y['iou'] > x['iou']), sum(1 for x, y in zip(a, b) if y['iou'] < x['iou'])):.3g}"),
                           "mean_difference": round(float(np.mean([y["iou"] - x["iou"] for x, y in zip(a, b)])), 4)}})
-    for line in lines:
-        print(json.dumps(line), flush=True)
-    if args.out:
-        from lorakit.fileio import write_json
-
-        write_json({"summary": lines, "per_image": per, "command": " ".join(sys.argv)}, args.out)
-    return 0
+    return lines
 
 
 if __name__ == "__main__":

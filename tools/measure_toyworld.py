@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--oracle", help="--world v2: the v2 oracle folder (tools/train_oracle_v2.py)")
     p.add_argument("--ceiling", action="store_true",
                    help="--world v2: also score the renderer's images of the base prompts (raw and through the VAE)")
+    p.add_argument("--image-store", help="--world v2: keep every generated image in this folder, so that a run "
+                   "stopped by --budget-s continues where it stopped when run again")
+    p.add_argument("--budget-s", type=float, help="--world v2 with --image-store: stop (exit status 3) before a batch "
+                   "of images would end later than this many seconds after the start")
     return p.parse_args(argv)
 
 
@@ -114,12 +119,19 @@ def prompt_following(concept: str, base: str, n: int, scale: float, work: Path, 
     """Does ``concept``'s LoRA at ``scale`` keep the base's prompt following? (see the module doc). ``plain=False``
     skips the ``plain_white_background`` row; ``base_cache`` keeps the base's generic images between concepts
     (same prompts and seeds for every concept)."""
-    from lorakit.eval.stats import paired, rate
+    path, asked, prompts, base_img, lora_img = _following_images(concept, base, n, scale, work, plain, base_cache)
+    head = {"measure": "prompt_following", "concept": concept, "trigger": prompts["trigger_word"], "scale": scale,
+            "n": n, "adapter": str(path)}
+    return _following_rows(head, concept, n, plain, asked, prompts, base_img, lora_img)
+
+
+def _following_images(concept: str, base: str, n: int, scale: float, work: Path, plain: bool,
+                      base_cache: dict | None):
+    """The images :func:`prompt_following` scores: the base's and the LoRA's, per prompt set (same seeds)."""
     from lorakit.models import load_base
     from lorakit.toyworld.concepts import get_concept
     from lorakit.toyworld.evaluate import concept_prompts, generate, generic_prompts
     from lorakit.toyworld.loras import train_concept_lora
-    from lorakit.toyworld.oracle import score
 
     c = get_concept(concept)
     path = train_concept_lora(concept, work, base=base)
@@ -142,18 +154,26 @@ def prompt_following(concept: str, base: str, n: int, scale: float, work: Path, 
     pipe.load_lora_weights(str(path), adapter_name=concept)
     pipe.set_adapters([concept], [scale])
     lora_img = {k: generate(pipe, p, seed=seed) for k, p in rows}
+    prompts = {"generic": generic, "trigger": with_trigger, "plain": plain_prompts, "trigger_word": c.trigger}
+    return path, asked, prompts, base_img, lora_img
+
+
+def _following_rows(head: dict, concept: str, n: int, plain: bool, asked, prompts: dict, base_img: dict,
+                    lora_img: dict) -> list[dict]:
+    """:func:`prompt_following`'s rows from its images, scored by the oracle."""
+    from lorakit.eval.stats import paired, rate
+    from lorakit.toyworld.oracle import score
 
     def present(images, name):
         return [bool(v) for v in score(images, [name]).present[:, 0]]
 
     out = []
-    head = {"measure": "prompt_following", "concept": concept, "trigger": c.trigger, "scale": scale, "n": n,
-            "adapter": str(path)}
     b, l = present(base_img["trigger"], concept), present(lora_img["trigger"], concept)
-    out.append({**head, "row": "presence", "example_prompt": with_trigger[0], "base": rate(sum(b), n),
+    out.append({**head, "row": "presence", "example_prompt": prompts["trigger"][0], "base": rate(sum(b), n),
                 "lora": rate(sum(l), n)})
     b, l = present(base_img["generic"], concept), present(lora_img["generic"], concept)
-    out.append({**head, "row": "leak", "example_prompt": generic[0], "base": rate(sum(b), n), "lora": rate(sum(l), n)})
+    out.append({**head, "row": "leak", "example_prompt": prompts["generic"][0], "base": rate(sum(b), n),
+                "lora": rate(sum(l), n)})
     pb, pl = score(base_img["generic"]).per_image(), score(lora_img["generic"]).per_image()
     for key in ("shape", "color", "background", "all"):
         def ok(probs, i):
@@ -167,9 +187,9 @@ def prompt_following(concept: str, base: str, n: int, scale: float, work: Path, 
         return out
     vb, vl = present(base_img["plain"], "plain"), present(lora_img["plain"], "plain")
     vn = present(base_img["plain_no_trigger"], "plain")
-    out.append({**head, "row": "plain_white_background", "example_prompt": plain_prompts[0], "base": rate(sum(vb), n),
-                "lora": rate(sum(vl), n), "base_without_trigger": rate(sum(vn), n), "lora_vs_base": paired(vl, vb),
-                "stripes_lora": rate(sum(present(lora_img["plain"], "stripes")), n),
+    out.append({**head, "row": "plain_white_background", "example_prompt": prompts["plain"][0],
+                "base": rate(sum(vb), n), "lora": rate(sum(vl), n), "base_without_trigger": rate(sum(vn), n),
+                "lora_vs_base": paired(vl, vb), "stripes_lora": rate(sum(present(lora_img["plain"], "stripes")), n),
                 "concept_lora": rate(sum(present(lora_img["plain"], concept)), n)})
     return out
 
@@ -184,9 +204,13 @@ def main_v2(args) -> int:
         load_pipeline,
         measure_identities,
         oracle_ceiling,
+        stored,
     )
+    from lorakit.toyworld.v2.image_store import OutOfTime, pipeline_tag
     from lorakit.toyworld.v2.oracle import Oracle
 
+    if args.budget_s is not None and not args.image_store:
+        raise ValueError("--budget-s needs --image-store (where the images made before the stop are kept)")
     if not args.oracle:
         raise ValueError("--world v2 needs --oracle: a v2 oracle folder (tools/train_oracle_v2.py)")
     if args.base == "data/toy-base" or not Path(args.base, "model_index.json").exists():
@@ -195,14 +219,20 @@ def main_v2(args) -> int:
     oracle = Oracle.load(args.oracle)
     names = [c.name for c in IDENTITIES] if args.concepts is None else [c for c in args.concepts if c != "none"]
     names = [identity_name(c) for c in names]  # unknown names fail here, before any image is made
+    store = Path(args.image_store) if args.image_store else None
+    deadline = time.monotonic() + args.budget_s if args.budget_s is not None else None
     cache: dict = {}  # the base's images, shared by the rows that use the same prompts
-    if args.n_generic:
-        pipe = load_pipeline(args.base)
-        rows = oracle_ceiling(pipe.vae, oracle, args.n_generic) if args.ceiling else []
-        for row in rows + base_following(pipe, oracle, args.n_generic, cache):
-            emit(row)
-    measure_identities(names, args.base, oracle, args.n, args.scale, Path(args.work),
-                       [f"max_steps={args.steps}"] if args.steps else None, emit, cache)
+    try:
+        if args.n_generic:
+            pipe = stored(load_pipeline(args.base), store, pipeline_tag(args.base), deadline)
+            rows = oracle_ceiling(pipe.vae, oracle, args.n_generic) if args.ceiling else []
+            for row in rows + base_following(pipe, oracle, args.n_generic, cache):
+                emit(row)
+        measure_identities(names, args.base, oracle, args.n, args.scale, Path(args.work),
+                           [f"max_steps={args.steps}"] if args.steps else None, emit, cache, store, deadline)
+    except OutOfTime as err:
+        print(f"measure_toyworld: {err}; run the same command again to continue", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -175,9 +175,8 @@ def summarize(per: dict, heldout: set[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    from lorakit.toyworld.oracle import OracleNet
-    from lorakit.fileio import save_safetensors, write_json
     from lorakit.toyworld.concepts import GENERIC, HELDOUT
+    from lorakit.toyworld.oracle import OracleNet
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -185,10 +184,36 @@ def main(argv=None) -> int:
     t0 = time.time()
     concepts = [c.name for c in GENERIC + HELDOUT]
     heldout = {c.name for c in HELDOUT}
+    gen = torch.Generator().manual_seed(args.seed)
+    data = _training_data(args, concepts, gen)
+    net = OracleNet(len(concepts), args.width)
+    if args.init:
+        from lorakit.fileio import load_safetensors
+
+        net.load_state_dict({k: v.float() for k, v in load_safetensors(Path(args.init) / "oracle.safetensors")[0].items()})
+        log(f"starting from {args.init}")
+    _train(args, net, data, gen)
+    clean = evaluate(net, data["xe"], data["ye"], concepts)
+    degraded = evaluate(net, degrade(data["xe_vae"], torch.Generator().manual_seed(args.seed + 2)), data["ye"], concepts)
+    metrics = {
+        "eval_scenes": args.n_eval, "clean": summarize(clean, heldout), "degraded": summarize(degraded, heldout),
+        "per_concept_clean": clean, "per_concept_degraded": degraded,
+        "train_seconds": round(time.time() - t0, 1), "steps": args.steps, "batch": args.batch,
+        "vae_augmentation": data["vae"] is not None, "threads": args.threads,
+        "init": args.init, "hard_negatives_per_concept": args.hard_negatives, "train_scenes": data["n_plain"],
+        "generated": [list(g) for g in args.generated],
+    }
+    _write(args, net, concepts, heldout, metrics)
+    log(f"wrote {args.out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _training_data(args, concepts: list[str], gen: torch.Generator) -> dict:
+    """Rendered train / eval scenes, their VAE round trips (when a VAE is there), plus hard negatives and
+    person-labelled generated images; ``mask`` weighs each label (0: unknown)."""
     x, y = render_set(args.n_train, args.seed, concepts)
     xe, ye = render_set(args.n_eval, args.seed + 1000, concepts)
     log(f"rendered {len(x)} train + {len(xe)} eval scenes")
-    gen = torch.Generator().manual_seed(args.seed)
     vae = None
     vae_path = args.vae or "data/toy-base/vae"
     if Path(vae_path).exists():
@@ -213,12 +238,14 @@ def main(argv=None) -> int:
         xg, yg, mg = load_generated(args.generated, concepts)
         x, x_vae, y, mask = torch.cat([x, xg]), torch.cat([x_vae, xg]), torch.cat([y, yg]), torch.cat([mask, mg])
         log(f"{len(xg)} person-labelled generated images added (even indices)")
-    net = OracleNet(len(concepts), args.width)
-    if args.init:
-        from lorakit.fileio import load_safetensors
+    return {"x": x, "x_vae": x_vae, "y": y, "mask": mask, "n_plain": n_plain, "xe": xe, "ye": ye, "xe_vae": xe_vae,
+            "vae": vae}
 
-        net.load_state_dict({k: v.float() for k, v in load_safetensors(Path(args.init) / "oracle.safetensors")[0].items()})
-        log(f"starting from {args.init}")
+
+def _train(args, net, data: dict, gen: torch.Generator) -> None:
+    """``--steps`` AdamW steps (one-cycle schedule) on masked BCE; a share ``--hard-frac`` of each batch from the
+    added images, half of each batch through the VAE, every image degraded."""
+    x, x_vae, y, mask, n_plain = data["x"], data["x_vae"], data["y"], data["mask"], data["n_plain"]
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
@@ -237,16 +264,11 @@ def main(argv=None) -> int:
         sched.step()
         if step % 250 == 0 or step == args.steps:
             log(f"step {step}/{args.steps} loss {loss.item():.4f}")
-    clean = evaluate(net, xe, ye, concepts)
-    degraded = evaluate(net, degrade(xe_vae, torch.Generator().manual_seed(args.seed + 2)), ye, concepts)
-    metrics = {
-        "eval_scenes": args.n_eval, "clean": summarize(clean, heldout), "degraded": summarize(degraded, heldout),
-        "per_concept_clean": clean, "per_concept_degraded": degraded,
-        "train_seconds": round(time.time() - t0, 1), "steps": args.steps, "batch": args.batch,
-        "vae_augmentation": vae is not None, "threads": args.threads,
-        "init": args.init, "hard_negatives_per_concept": args.hard_negatives, "train_scenes": n_plain,
-        "generated": [list(g) for g in args.generated],
-    }
+
+
+def _write(args, net, concepts: list[str], heldout: set[str], metrics: dict) -> None:
+    from lorakit.fileio import save_safetensors, write_json
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors({k: v.detach().clone().contiguous() for k, v in net.state_dict().items()},
@@ -255,8 +277,6 @@ def main(argv=None) -> int:
                 "trained_by": "tools/train_oracle.py", "args": vars(args)}, out / "config.json")
     write_json(metrics, out / "metrics.json")
     log(json.dumps({"clean": metrics["clean"], "degraded": metrics["degraded"]}))
-    log(f"wrote {out} in {time.time() - t0:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -215,21 +215,10 @@ def encode_latents(work: Path, vae):
 # ------------------------------------------------------------------------------------------------ 4. unet
 
 
-def train_unet(work: Path, vae, mean, std, scale, args):
-    import copy
-
-    from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel
-
-    from lorakit.models import save_pipeline
-    from lorakit.toyworld.base import LatentCaptions, build_toy_pipeline
-    from lorakit.training.loop import (
-        TrainLoop,
-        build_optimizer,
-        make_accelerator,
-        randint_per_sample,
-        randn_per_sample,
-    )
+def _unet_start(work: Path, vae, scale, args):
+    """The pipeline the UNet trains in (new, or ``--init-from``), each generic image's caption id, and the text
+    encoder's output for every distinct caption (id 0: the empty caption)."""
+    from lorakit.toyworld.base import build_toy_pipeline
 
     _, n_generic, captions = load_data(work)
     captions = captions[:n_generic]
@@ -248,6 +237,26 @@ def train_unet(work: Path, vae, mean, std, scale, args):
         tok = pipe.tokenizer(vocab, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")
         text = pipe.text_encoder(tok.input_ids)[0]  # [n_captions, 77, 64]
+    return pipe, ids, text
+
+
+def train_unet(work: Path, vae, mean, std, scale, args):
+    import copy
+
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    from lorakit.models import save_pipeline
+    from lorakit.toyworld.base import LatentCaptions, build_toy_pipeline
+    from lorakit.training.loop import (
+        TrainLoop,
+        build_optimizer,
+        make_accelerator,
+        randint_per_sample,
+        randn_per_sample,
+    )
+
+    pipe, ids, text = _unet_start(work, vae, scale, args)
     unet = pipe.unet
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas = noise_sched.alphas_cumprod

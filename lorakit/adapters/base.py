@@ -9,12 +9,11 @@ exact for LoRA stays exact for the other types.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
-if TYPE_CHECKING:
-    from lorakit.adapters.lora import LoraModule
+from lorakit.adapters.lora import LoraModule
 
 
 @runtime_checkable
@@ -56,8 +55,6 @@ def exact_lora(delta: torch.Tensor, rank_bound: int) -> "LoraModule":
     product, the product of factor ranks for a Kronecker product), so nothing but float noise is dropped.
     Returns a scale-1 module (``alpha == rank``); conv deltas give ``down [R, in, kh, kw]``, ``up [out, R, 1, 1]``.
     """
-    from lorakit.adapters.lora import LoraModule
-
     flat = delta.reshape(delta.shape[0], -1).double()
     U, S, Vh = torch.linalg.svd(flat, full_matrices=False)
     r = max(1, min(int(rank_bound), S.numel()))
@@ -71,8 +68,6 @@ def exact_lora(delta: torch.Tensor, rank_bound: int) -> "LoraModule":
 def factored_lora(up: torch.Tensor, down: torch.Tensor, scale: float, shape: torch.Size) -> "LoraModule":
     """A scale-1 LoRA with ``delta = scale * up @ down`` for a layer of delta ``shape`` (``up [out, R]``,
     ``down [R, in*kh*kw]``; conv layers get ``down [R, in, kh, kw]``, ``up [out, R, 1, 1]``)."""
-    from lorakit.adapters.lora import LoraModule
-
     R = up.shape[1]
     up = up.double() * scale
     if len(shape) == 4:

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from lorakit.adapters.keys import sai_unet_path
+from lorakit.adapters.keys import is_sai_name, kohya_name, module_path_from_kohya, sai_unet_path
 
 _LAYER_SUFFIX = re.compile(r"\.(lora_down\.weight|lora_up\.weight|alpha|hada_\w+|lokr_\w+)$")
 
@@ -68,34 +68,37 @@ def _a1111_layer(kind: str, rest: str) -> str:
     return f"1_{rest}" if kind == "attentions" else f"0_{_SUFFIX.get(rest, rest)}"
 
 
-def _a1111_convert(name: str) -> str:
-    """A1111's diffusers-name -> compvis-name rewrite (SD1 block arithmetic for every model)."""
-    def m(pattern):
-        r = re.match(pattern, name)
-        return [int(x) if x.isdigit() else x for x in r.groups()] if r else None
+def _te2_leaf(rest: str) -> str:
+    return rest.replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
 
-    if g := m(r"lora_unet_conv_in(.*)"):
-        return f"diffusion_model_input_blocks_0_0{g[0]}"
-    if g := m(r"lora_unet_conv_out(.*)"):
-        return f"diffusion_model_out_2{g[0]}"
-    if g := m(r"lora_unet_time_embedding_linear_(\d+)(.*)"):
-        return f"diffusion_model_time_embed_{g[0] * 2 - 2}{g[1]}"
-    if g := m(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
-        return f"diffusion_model_input_blocks_{1 + g[0] * 3 + g[2]}_{_a1111_layer(g[1], g[3])}"
-    if g := m(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)"):
-        sfx = _SUFFIX.get(g[2], g[2]) if g[0] == "resnets" else g[2]
-        return f"diffusion_model_middle_block_{1 if g[0] == 'attentions' else g[1] * 2}_{sfx}"
-    if g := m(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)"):
-        return f"diffusion_model_output_blocks_{g[0] * 3 + g[2]}_{_a1111_layer(g[1], g[3])}"
-    if g := m(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv"):
-        return f"diffusion_model_input_blocks_{3 + g[0] * 3}_0_op"
-    if g := m(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv"):
-        return f"diffusion_model_output_blocks_{2 + g[0] * 3}_{2 if g[0] > 0 else 1}_conv"
-    if g := m(r"lora_te_text_model_encoder_layers_(\d+)_(.+)"):
-        return f"transformer_text_model_encoder_layers_{g[0]}_{g[1]}"
-    if g := m(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)"):
-        rest = g[1].replace("mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")
-        return f"1_model_transformer_resblocks_{g[0]}_{rest}"
+
+# A1111's diffusers-name -> compvis-name rewrite (SD1 block arithmetic for every model): (pattern, the compvis
+# name from the pattern's groups, digits as ints); the first pattern that matches wins.
+_A1111_RULES = (
+    (r"lora_unet_conv_in(.*)", lambda g: f"diffusion_model_input_blocks_0_0{g[0]}"),
+    (r"lora_unet_conv_out(.*)", lambda g: f"diffusion_model_out_2{g[0]}"),
+    (r"lora_unet_time_embedding_linear_(\d+)(.*)", lambda g: f"diffusion_model_time_embed_{g[0] * 2 - 2}{g[1]}"),
+    (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+     lambda g: f"diffusion_model_input_blocks_{1 + g[0] * 3 + g[2]}_{_a1111_layer(g[1], g[3])}"),
+    (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
+     lambda g: f"diffusion_model_middle_block_{1 if g[0] == 'attentions' else g[1] * 2}_"
+               f"{_SUFFIX.get(g[2], g[2]) if g[0] == 'resnets' else g[2]}"),
+    (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+     lambda g: f"diffusion_model_output_blocks_{g[0] * 3 + g[2]}_{_a1111_layer(g[1], g[3])}"),
+    (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda g: f"diffusion_model_input_blocks_{3 + g[0] * 3}_0_op"),
+    (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
+     lambda g: f"diffusion_model_output_blocks_{2 + g[0] * 3}_{2 if g[0] > 0 else 1}_conv"),
+    (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", lambda g: f"transformer_text_model_encoder_layers_{g[0]}_{g[1]}"),
+    (r"lora_te2_text_model_encoder_layers_(\d+)_(.+)",
+     lambda g: f"1_model_transformer_resblocks_{g[0]}_{_te2_leaf(g[1])}"),
+)
+
+
+def _a1111_convert(name: str) -> str:
+    """A1111's diffusers-name -> compvis-name rewrite (:data:`_A1111_RULES`); other names as they are."""
+    for pattern, rewrite in _A1111_RULES:
+        if r := re.match(pattern, name):
+            return rewrite([int(x) if x.isdigit() else x for x in r.groups()])
     return name
 
 
@@ -168,12 +171,6 @@ def kohya_placement(names: list[str], pipe, arch: str, rename_diffusers: bool = 
     For SDXL it first renames diffusers-named UNet layers to SAI names (``rename_diffusers``; LyCORIS's loader
     does not). A file layer with no such module is left out."""
     if arch == "sdxl" and rename_diffusers:
-        from lorakit.adapters.keys import (
-            is_sai_name,
-            kohya_name,
-            module_path_from_kohya,
-        )
-
         renamed = {n: n if is_sai_name(n) or not n.startswith("lora_unet_")
                    else kohya_name(module_path_from_kohya(n), arch, "sai") for n in names}
         placed = kohya_placement(list(renamed.values()), pipe, arch, rename_diffusers=False)

@@ -66,7 +66,7 @@ from lorakit.adapters.edlora_tokens import (  # noqa: F401 - re-exported: the ED
     cross_attention_layers, encode_layerwise, first_eos_positions, install_layerwise_processors, layer_token_names,
     layer_variant_ids, pack_layers, unpack_layers,
 )
-from lorakit.adapters.io import Adapter, AdapterError, adapter_metadata, load_adapter
+from lorakit.adapters.io import Adapter, AdapterError, adapter_metadata, apply_adapter, load_adapter
 from lorakit.logs import warn
 
 
@@ -334,8 +334,6 @@ def load_edlora(pipe, file: str | os.PathLike, scale: float = 1.0, adapter_name:
         FileNotFoundError; AdapterError naming the file when it is no ED-LoRA, or its layer count / widths
         differ from the pipeline's.
     """
-    from lorakit.adapters.io import apply_adapter
-
     path = Path(file)
     adapter = load_adapter(path)
     info, table = read_edlora(adapter, path)

@@ -15,7 +15,6 @@ any extra tensors (ED-LoRA embeddings). Each layer is one of the adapter types o
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.base import AdapterModule
+from lorakit.adapters.formats import FormatError, read_layers
 from lorakit.adapters.keys import (  # noqa: F401 - kohya_prefix / module_path_from_kohya re-exported for callers
     COMPONENTS,
     KEY_STYLES,
@@ -33,8 +33,10 @@ from lorakit.adapters.keys import (  # noqa: F401 - kohya_prefix / module_path_f
 )
 from lorakit.adapters.locon import is_locon
 from lorakit.adapters.lora import LoraModule
+from lorakit.blocks import lora_config
 from lorakit.fileio import load_safetensors, save_safetensors
 from lorakit.logs import library_notices_off
+from lorakit.models import pipeline_arch
 
 FORMAT_VERSION = "1"
 
@@ -165,8 +167,6 @@ def load_adapter(path: str | os.PathLike, layers_per_block: int = 2) -> Adapter:
         FileNotFoundError; AdapterError naming the file for truncated files, unsupported adapter types
         (OFT, BOFT, DoRA, ...), keys that cannot be placed (with the guessed format) and files without weights.
     """
-    from lorakit.adapters.formats import FormatError, read_layers
-
     path = Path(path)
     tensors, meta = load_safetensors(path)
     try:
@@ -270,8 +270,6 @@ def apply_adapter(pipe, adapter: Adapter, adapter_name: str = "default") -> list
     """
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    from lorakit.blocks import lora_config
-
     validate_adapter(adapter, pipe)
     adapter = adapter.as_lora()  # LoHa / LoKr layers go in as their exact LoRA factors
     touched = []
@@ -300,8 +298,6 @@ def validate_adapter(adapter: Adapter, pipe, source: str | os.PathLike | None = 
     Raises:
         AdapterError listing the first offenders (at most 5) and how many there are.
     """
-    from lorakit.models import pipeline_arch
-
     where = f"{source}: " if source else ""
     base_arch = pipeline_arch(pipe)
     arch = adapter.metadata.get("lorakit.base_arch") or guess_arch(adapter)

@@ -5,16 +5,17 @@ from __future__ import annotations
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="rewrite an adapter file for another tool (kohya/A1111/ComfyUI names, SDXL SAI names, diffusers/peft)",
-        description="Read any adapter file lorakit reads (kohya with diffusers or SAI names, LyCORIS LoHa/LoKr, "
-        "peft/diffusers with alpha metadata) and write it as: kohya (lora_unet_/lora_te*_ names that kohya, "
-        "A1111, ComfyUI and diffusers read; SDXL UNet layers in SAI names unless --key-style diffusers) or "
-        "diffusers (unet./text_encoder. lora_A/lora_B keys with diffusers' lora_adapter_metadata). The delta of "
-        "every layer is kept exactly (see docs/formats.md).",
-    )
+HELP = "rewrite an adapter file for another tool (kohya/A1111/ComfyUI names, SDXL SAI names, diffusers/peft)"
+DESCRIPTION = (
+    "Read any adapter file lorakit reads (kohya with diffusers or SAI names, LyCORIS LoHa/LoKr, "
+    "peft/diffusers with alpha metadata) and write it as: kohya (lora_unet_/lora_te*_ names that kohya, "
+    "A1111, ComfyUI and diffusers read; SDXL UNet layers in SAI names unless --key-style diffusers) or "
+    "diffusers (unet./text_encoder. lora_A/lora_B keys with diffusers' lora_adapter_metadata). The delta of "
+    "every layer is kept exactly (see docs/formats.md)."
+)
+
+
+def add_arguments(p) -> None:
     p.add_argument("input", help="adapter .safetensors file")
     p.add_argument("output", help="output .safetensors file (must not be the input)")
     p.add_argument("--to", choices=["kohya", "diffusers"], default="kohya",
@@ -27,7 +28,6 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (default: as read)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT that lorakit wrote (never a "
                                                             "file it did not write)")
-    p.set_defaults(func=run)
 
 
 def check_output(dst, overwrite: bool) -> None:

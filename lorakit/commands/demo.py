@@ -27,15 +27,10 @@ CPU, two 20-step LoRAs: they teach little).
 """
 
 
-def add_parser(sub) -> None:
-    import argparse
+HELP = "offline demo: train a toy character + style LoRA, compose them every way, score, write report.html"
 
-    p = sub.add_parser(
-        "demo",
-        help="offline demo: train a toy character + style LoRA, compose them every way, score, write report.html",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+
+def add_arguments(p) -> None:
     p.add_argument("--character", default="frog",
                    help="held-out character, name or trigger word (default: frog; `lorakit toyworld list`)")
     p.add_argument("--style", default="ink", help="held-out style, name or trigger word (default: ink)")
@@ -50,7 +45,6 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1, or OMP_NUM_THREADS when set; 1 is the fastest for the toy "
                    "model: 2 threads took 2x longer)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

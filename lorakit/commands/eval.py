@@ -12,14 +12,15 @@ from lorakit.eval.settings import EvalSettings
 from lorakit.options import add_options, from_args, option_fields
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="score images (CLIPScore, MLLM judge, toy-world oracle) or a fused model (concept retention)",
-        description="Evaluate generated images or a fused/composed model. Images are read from --images with "
-        "their sidecars (NAME.json beside NAME.png with at least 'prompt', and 'concepts' or 'adapters'; or a "
-        "NAME.txt holding the prompt). Writes OUT.json + OUT.md and prints the table.",
-    )
+HELP = "score images (CLIPScore, MLLM judge, toy-world oracle) or a fused model (concept retention)"
+DESCRIPTION = (
+    "Evaluate generated images or a fused/composed model. Images are read from --images with "
+    "their sidecars (NAME.json beside NAME.png with at least 'prompt', and 'concepts' or 'adapters'; or a "
+    "NAME.txt holding the prompt). Writes OUT.json + OUT.md and prints the table."
+)
+
+
+def add_arguments(p) -> None:
     p.add_argument("--metric", required=True, choices=list(METRICS), help="what to compute")
     add_options(p, [("eval", EvalSettings)])
     shared = {f.name for f in option_fields(EvalSettings)}
@@ -28,7 +29,6 @@ def add_parser(sub) -> None:
         if own:
             add_options(p.add_argument_group(metric.group), [(name, metric.settings)], skip=shared)
             shared.update(own)
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

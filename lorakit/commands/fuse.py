@@ -10,14 +10,15 @@ from lorakit.fusion.registry import METHODS
 from lorakit.options import add_options, from_args, listing
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "fuse",
-        help="fuse several LoRA/LoCon/ED-LoRA adapters: gradient fusion (Mix-of-Show) or weight merges",
-        description="Fuse several adapters into one model or one adapter file.\n\nmethods (dW_i = adapter i's "
-        "delta, w_i = its --weights value):\n" + listing(METHODS) + "\n\nMulti-GPU: accelerate launch -m lorakit.cli "
-        "fuse ... splits the gradient method's activation capture between processes.",
-    )
+HELP = "fuse several LoRA/LoCon/ED-LoRA adapters: gradient fusion (Mix-of-Show) or weight merges"
+DESCRIPTION = (
+    "Fuse several adapters into one model or one adapter file.\n\nmethods (dW_i = adapter i's "
+    "delta, w_i = its --weights value):\n" + listing(METHODS) + "\n\nMulti-GPU: accelerate launch -m lorakit.cli "
+    "fuse ... splits the gradient method's activation capture between processes."
+)
+
+
+def add_arguments(p) -> None:
     p.add_argument("--method", required=True, choices=list(METHODS), help="fusion method (see above)")
     p.add_argument("--adapters", nargs="+", required=True, metavar="FILE", help="adapter .safetensors files")
     p.add_argument("--base", help="base model: diffusers folder, .safetensors checkpoint, hub id or tiny:ARCH "
@@ -46,7 +47,6 @@ def add_parser(sub) -> None:
     p.add_argument("--no-memory-check", action="store_true",
                    help="start even when the memory estimate (lorakit.memory) exceeds the free RAM / VRAM")
     add_options(p.add_argument_group("method options"), [(name, m.settings) for name, m in METHODS.items()])
-    p.set_defaults(func=run)
 
 
 def request(args):

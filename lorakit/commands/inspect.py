@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="show what an adapter file holds (kind, arch, per-block ranks, trigger, config) and if it fits a base",
-        description="Read a LoRA/LoCon/LoHa/LoKr/ED-LoRA .safetensors file (lorakit, kohya with diffusers or SAI "
-        "names, LyCORIS, diffusers/peft layouts; docs/formats.md) and "
-        "print its kind, architecture, per-block ranks, layer counts, parameter count, trigger words and "
-        "training config summary. With --base, check that it fits that base model.",
-    )
+HELP = "show what an adapter file holds (kind, arch, per-block ranks, trigger, config) and if it fits a base"
+DESCRIPTION = (
+    "Read a LoRA/LoCon/LoHa/LoKr/ED-LoRA .safetensors file (lorakit, kohya with diffusers or SAI "
+    "names, LyCORIS, diffusers/peft layouts; docs/formats.md) and "
+    "print its kind, architecture, per-block ranks, layer counts, parameter count, trigger words and "
+    "training config summary. With --base, check that it fits that base model."
+)
+
+
+def add_arguments(p) -> None:
     p.add_argument("file", help="adapter .safetensors file")
     p.add_argument("--base", help="base model (diffusers folder, .safetensors checkpoint or hub id) to check against")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=run)
 
 
 def summarize(adapter) -> dict:

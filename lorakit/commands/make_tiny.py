@@ -9,14 +9,15 @@ Nothing is downloaded; weights are random.
 from __future__ import annotations
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "make-tiny",
-        help="save a random-weight SD1/SD2/SDXL pipeline: tiny, mid or full size (offline)",
-        description="Save a random-weight pipeline with the real architecture's module names and blocks, at tiny, "
-        "mid or the released models' full size, or from a folder of configs. Load it with diffusers' "
-        "StableDiffusionPipeline / StableDiffusionXLPipeline.from_pretrained(OUT).",
-    )
+HELP = "save a random-weight SD1/SD2/SDXL pipeline: tiny, mid or full size (offline)"
+DESCRIPTION = (
+    "Save a random-weight pipeline with the real architecture's module names and blocks, at tiny, "
+    "mid or the released models' full size, or from a folder of configs. Load it with diffusers' "
+    "StableDiffusionPipeline / StableDiffusionXLPipeline.from_pretrained(OUT)."
+)
+
+
+def add_arguments(p) -> None:
     p.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], default="sd1", help="architecture (default: sd1)")
     p.add_argument("--size", choices=["tiny", "mid", "full"], default="tiny",
                    help="tiny (tests, ~1 s), mid, or full (SD 1.5: 1.07B parameters, 4.3 GB fp32; SDXL: 3.5B)")
@@ -28,7 +29,6 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is a folder lorakit wrote (never any other folder), atomically")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

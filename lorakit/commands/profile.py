@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "profile",
-        help="score adapters by how much they amplify high frequencies (CMLoRA order), cached beside each file",
-        description="Generate images with each adapter alone, take the 2-D FFT of the grayscale image, radially "
-        "average the normalised log amplitude and score the mean over high radii. Prints the scores, the "
-        "high/low grouping and the order CMLoRA uses; caches each profile in <file>.profile.json.",
-    )
+HELP = "score adapters by how much they amplify high frequencies (CMLoRA order), cached beside each file"
+DESCRIPTION = (
+    "Generate images with each adapter alone, take the 2-D FFT of the grayscale image, radially "
+    "average the normalised log amplitude and score the mean over high radii. Prints the scores, the "
+    "high/low grouping and the order CMLoRA uses; caches each profile in <file>.profile.json."
+)
+
+
+def add_arguments(p) -> None:
     p.add_argument("adapters", nargs="+", help="adapter .safetensors files")
     p.add_argument("--base", required=True, help="base model (diffusers folder, .safetensors, hub id, tiny:sd1)")
     p.add_argument("--prompt", default="a picture", help="prompt of the profiling images")
@@ -26,7 +27,6 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, fp32 else")
     p.add_argument("--no-cache", action="store_true", help="recompute and do not write <file>.profile.json")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

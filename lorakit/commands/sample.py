@@ -6,15 +6,16 @@ from lorakit.options import add_options, from_args, listing
 from lorakit.sampling.methods import SAMPLERS, SamplerSettings
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "sample",
-        help="generate images with several LoRAs: merge, LoRA Switch, LoRA Composite, CMLoRA, delta; regional prompts",
-        description="Generate images from a base model with several LoRA/LoCon/ED-LoRA adapters. Each image is saved "
-        "as PNG with a JSON sidecar (all settings, adapters with SHA-256, seed) so it can be regenerated. Under "
-        "`accelerate launch` the images are split across processes; a seed gives the same image either way.\n\n"
-        "methods:\n" + listing(SAMPLERS),
-    )
+HELP = "generate images with several LoRAs: merge, LoRA Switch, LoRA Composite, CMLoRA, delta; regional prompts"
+DESCRIPTION = (
+    "Generate images from a base model with several LoRA/LoCon/ED-LoRA adapters. Each image is saved "
+    "as PNG with a JSON sidecar (all settings, adapters with SHA-256, seed) so it can be regenerated. Under "
+    "`accelerate launch` the images are split across processes; a seed gives the same image either way.\n\n"
+    "methods:\n" + listing(SAMPLERS)
+)
+
+
+def add_arguments(p) -> None:
     p.add_argument("--base", required=True, help="base model: diffusers folder, .safetensors checkpoint, hub id, or tiny:sd1")
     p.add_argument("--adapters", nargs="*", default=[], metavar="FILE",
                    help="adapter .safetensors files (first = character for switch); none: plain sampling of --base "
@@ -41,7 +42,6 @@ def add_parser(sub) -> None:
     p.add_argument("--no-memory-check", action="store_true",
                    help="start even when the memory estimate (lorakit.memory) exceeds the free RAM / VRAM")
     add_options(p.add_argument_group("sampler settings"), [("sample", SamplerSettings)])
-    p.set_defaults(func=run)
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:

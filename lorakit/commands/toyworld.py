@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "toyworld",
-        help="toy-world concepts: list them, write a LoRA training folder for one, render a scene",
-        description="The toy world: procedurally drawn 32x32 scenes with generic concepts (the bundled base "
-        "model data/toy-base knows them) and held-out concepts with trigger words (only LoRAs learn them).",
-    )
+HELP = "toy-world concepts: list them, write a LoRA training folder for one, render a scene"
+DESCRIPTION = (
+    "The toy world: procedurally drawn 32x32 scenes with generic concepts (the bundled base "
+    "model data/toy-base knows them) and held-out concepts with trigger words (only LoRAs learn them)."
+)
+
+
+def add_arguments(p) -> None:
     tsub = p.add_subparsers(dest="toy_command", metavar="ACTION")
     ls = tsub.add_parser("list", help="list every concept (name, kind, set, trigger word, look)")
     ls.add_argument("--json", action="store_true", help="print JSON")

@@ -25,22 +25,22 @@ class _TrainerHelp(argparse.Action):
         parser.exit()
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        add_help=False,
-        help="train an adapter in one process (blockwise LoRA/LoCon, edlora, lorarar)",
-        description="Train with a YAML recipe plus key=value overrides, in one process. "
-        "Multi-GPU: accelerate launch train_<recipe>.py --config ... (same arguments). "
-        "Example: lorakit train blockwise --config train_configs/toy_character.yaml max_steps=200. "
-        "Every recipe key with its default and meaning: lorakit train RECIPE --help",
-    )
+HELP = "train an adapter in one process (blockwise LoRA/LoCon, edlora, lorarar)"
+DESCRIPTION = (
+    "Train with a YAML recipe plus key=value overrides, in one process. "
+    "Multi-GPU: accelerate launch train_<recipe>.py --config ... (same arguments). "
+    "Example: lorakit train blockwise --config train_configs/toy_character.yaml max_steps=200. "
+    "Every recipe key with its default and meaning: lorakit train RECIPE --help"
+)
+PARSER_OPTIONS = {"add_help": False}  # -h is _TrainerHelp: after RECIPE it lists that trainer's keys
+
+
+def add_arguments(p) -> None:
     p.add_argument("-h", "--help", action=_TrainerHelp,
                    help="show this help (after RECIPE: that trainer's keys, defaults and meanings) and exit")
     p.add_argument("recipe", choices=sorted(TRAINERS), help="which trainer")
     p.add_argument("--config", help="YAML recipe file (train_configs/*.yaml) (default: none, every key at its default)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (base_model=..., data.path=..., max_steps=...) (default: none)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

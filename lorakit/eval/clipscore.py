@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from lorakit.logs import tqdm
+
 
 def load_clip(source: str | os.PathLike, device: str | torch.device = "cpu"):
     """Load (model, tokenizer, image processor) of a CLIP checkpoint.
@@ -74,7 +76,6 @@ def clip_scores(model, tokenizer, processor, images: list, prompts: list[str], b
     """
     if len(images) != len(prompts):
         raise ValueError(f"clip_scores: {len(images)} images but {len(prompts)} prompts")
-    from lorakit.logs import tqdm
 
     scores = []
     for start in tqdm(range(0, len(images), batch_size), desc="clipscore", disable=not progress):

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lorakit.eval.report import all_present
 from lorakit.fileio import write_json
 from lorakit.hashing import file_sha256
+from lorakit.logs import tqdm
 
 KEY_ENV_VARS = ("LORAKIT_JUDGE_API_KEY", "OPENAI_API_KEY")
 
@@ -411,15 +413,12 @@ def judge_presence(client: JudgeClient, image, concepts) -> dict:
         raw[concept.name] = info["answers"]
         if verdict is None:
             failed.append(concept.name)
-    from lorakit.eval.report import all_present
 
     return {"answers": answers, "all_present": all_present(answers), "failed": failed, "raw": raw}
 
 
 def map_items(fn, items, workers: int = 1, desc: str = "judge"):
     """``[fn(item) for item in items]`` with a progress bar, in ``workers`` threads (judges are slow, I/O bound)."""
-    from lorakit.logs import tqdm
-
     if workers <= 1:
         return [fn(item) for item in tqdm(items, desc=desc)]
     from concurrent.futures import ThreadPoolExecutor

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorakit.eval.images import Concept, find_images
 from lorakit.eval.registry import DESCRIBERS
-from lorakit.logs import warn
+from lorakit.logs import tqdm, warn
 
 
 @dataclass
@@ -41,6 +42,7 @@ def _need(s, metric: str, *names):
 def eval_clipscore(s, records) -> tuple[dict, list, list]:
     from PIL import Image
 
+    # lazy: torch (`lorakit --help` imports this module)
     from lorakit.eval.clipscore import clip_scores, load_clip
 
     root = Path(s.images)
@@ -52,7 +54,6 @@ def eval_clipscore(s, records) -> tuple[dict, list, list]:
         prompts.append(prompt)
     model, tokenizer, processor = load_clip(s.clip_model, _device(s))
     scores = []
-    from lorakit.logs import tqdm
 
     for start in tqdm(range(0, len(records), s.batch_size), desc="clipscore"):
         batch = records[start : start + s.batch_size]
@@ -75,6 +76,7 @@ def eval_clipscore(s, records) -> tuple[dict, list, list]:
 
 
 def _judge_client(s):
+    # lazy: torch (`lorakit --help` imports this module)
     from lorakit.eval.judge import AnswerCache, JudgeClient, api_key_from_env
 
     _need(s, "judge", "judge_url", "judge_model")
@@ -111,7 +113,7 @@ def pair_records(records_a, root_a: Path, records_b, root_b: Path):
 
 
 def eval_judge_pairwise(s, records, client) -> tuple[dict, list, list]:
-    from lorakit.eval.images import find_images
+    # lazy: torch (`lorakit --help` imports this module)
     from lorakit.eval.judge import CRITERIA, judge_pair, map_items
 
     _need(s, "judge", "against")
@@ -162,8 +164,6 @@ def eval_judge_pairwise(s, records, client) -> tuple[dict, list, list]:
 
 
 def _yesno_concepts(s, rec):
-    from lorakit.eval.images import Concept
-
     if s.subject or s.style:
         out = []
         if s.subject:
@@ -181,8 +181,6 @@ def _described(concept):
     """A concept whose name a registered describer knows (:func:`lorakit.eval.registry.register_describer`, e.g.
     the toy world's trigger words such as ``zorbo``) gets that describer's category and description: an MLLM
     cannot know what a trigger word looks like. Other concepts are returned as they are."""
-    from lorakit.eval.images import Concept
-
     if concept.category and concept.description != concept.name:
         return concept
     for describe in DESCRIBERS:
@@ -195,6 +193,7 @@ def _described(concept):
 
 
 def eval_judge_yesno(s, records, client) -> tuple[dict, list, list]:
+    # lazy: torch (`lorakit --help` imports this module)
     from lorakit.eval.judge import judge_presence, map_items
     from lorakit.eval.report import presence_rows, presence_summary
 
@@ -225,6 +224,7 @@ def eval_judge_yesno(s, records, client) -> tuple[dict, list, list]:
 
 
 def eval_retention(s) -> tuple[dict, list, list]:
+    # lazy: torch (`lorakit --help` imports this module)
     from lorakit.adapters.io import load_adapter
     from lorakit.eval.retention import ConceptSpec, default_prompts, retention
     from lorakit.models import load_base
@@ -259,8 +259,6 @@ def eval_retention(s) -> tuple[dict, list, list]:
 
 def image_records(s, metric: str):
     """The images of ``s.images`` (with their sidecars) that ``metric`` scores; a named error without --images."""
-    from lorakit.eval.images import find_images
-
     _need(s, metric, "images")
     return find_images(s.images, s.recursive)
 

@@ -87,6 +87,7 @@ def evaluate(name: str, settings: EvalSettings | None = None):
 def evaluate_to_files(name: str, settings: EvalSettings):
     """:func:`evaluate`, then write OUT.json and OUT.md (OUT: :func:`default_out`), refusing a bad OUT before
     any scoring (a judge run costs money). Returns ``(scored, json path, markdown path)``."""
+    # lazy: torch (`lorakit --help` imports this module)
     from lorakit.eval.report import check_report_paths, write_report
 
     if settings.batch_size < 1:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from lorakit.fileio import write_json, write_text
+from lorakit.outputs import OutputError
 
 
 def _cell(value) -> str:
@@ -47,8 +48,6 @@ def _lorakit_report(js: Path) -> bool:
 def check_report_paths(out: str | os.PathLike) -> Path:
     """``out`` without a .json/.md suffix, after checking that ``OUT.json`` / ``OUT.md`` are new or an earlier
     lorakit report (one with a ``metric``); anything else is never overwritten (OutputError)."""
-    from lorakit.outputs import OutputError
-
     out = Path(out)
     if out.suffix in (".json", ".md"):
         out = out.with_suffix("")

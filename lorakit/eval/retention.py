@@ -27,7 +27,11 @@ from pathlib import Path
 
 import torch
 
+from lorakit.adapters.edlora import load_edlora
+from lorakit.adapters.io import Adapter, apply_adapter, load_adapter
 from lorakit.conditioning import is_sdxl, sdxl_time_ids
+from lorakit.logs import tqdm
+from lorakit.models import load_base, pipeline_arch
 
 DEFAULT_TEMPLATES = ("{trigger}", "a picture of {trigger}")
 
@@ -128,9 +132,6 @@ def _rename(prompts: list[str], words: dict[str, str]) -> list[str]:
 
 def _load_fused(fused, base_pipe, concept_names):
     """Turn the ``fused`` argument into (activate callable, pipeline to run, ED-LoRA word map for its prompts)."""
-    from lorakit.adapters.io import Adapter, apply_adapter, load_adapter
-    from lorakit.models import load_base, pipeline_arch
-
     if isinstance(fused, str) and fused.startswith("merge"):
         _, _, w = fused.partition(":")
         try:
@@ -143,8 +144,6 @@ def _load_fused(fused, base_pipe, concept_names):
     elif isinstance(fused, (str, os.PathLike)):
         path, fused = fused, load_adapter(fused)
         if fused.kind == "edlora":
-            from lorakit.adapters.edlora import load_edlora
-
             words = load_edlora(base_pipe, path, adapter_name="lorakit_fused")["words"]
             return (lambda: base_pipe.set_adapters(["lorakit_fused"])), base_pipe, words
     if isinstance(fused, Adapter):
@@ -163,14 +162,11 @@ def _load_fused(fused, base_pipe, concept_names):
 def _add_concepts(base_pipe, concepts: list[ConceptSpec], names: list[str]) -> list[list[str]]:
     """Inject each concept's adapter into ``base_pipe`` as ``names[i]``; returns each concept's prompts as typed in
     ``base_pipe`` (ED-LoRA words may be renamed there)."""
-    from lorakit.adapters.io import apply_adapter
-
     base_prompts = []
     for name, spec in zip(names, concepts):
         if spec.adapter.kind == "edlora":
             if not spec.path:
                 raise ValueError(f"{spec.name}: an ED-LoRA concept needs its file path (ConceptSpec.path)")
-            from lorakit.adapters.edlora import load_edlora
 
             words = load_edlora(base_pipe, spec.path, adapter_name=name)["words"]
             base_prompts.append(_rename(spec.prompts, words))
@@ -205,8 +201,6 @@ def retention(base_pipe, concepts: list[ConceptSpec], fused, samples: int = 8, s
     Returns:
         ``{"concepts": [{"name", "prompts", "projection", "cosine", "rel_error", "own_change"}], "mean": {...}}``.
     """
-    from lorakit.logs import tqdm
-
     if not concepts:
         raise ValueError("retention needs at least one concept adapter")
     names = [f"lorakit_concept_{i}" for i in range(len(concepts))]

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.adapters.edlora import cross_attention_layers, layer_hidden_states
 from lorakit.adapters.io import LoraModule
 from lorakit.fusion.edlora_standins import (  # noqa: F401  (re-exported)
     StandIn, default_text, parse_concept_words, resolve_stand_ins, with_stand_ins,
@@ -131,8 +132,6 @@ class ConceptFold:
         return [(" ".join(s.words), s.text) for s in self.stand_ins]
 
     def _rows(self, pipe, concepts, subs, split: str) -> _Rows | None:
-        from lorakit.adapters.edlora import layer_hidden_states
-
         eos = pipe.tokenizer.eos_token_id
         xs, xts, owners, keeps = [], [], [], []
         for i, c in enumerate(concepts):
@@ -164,8 +163,6 @@ class ConceptFold:
         """Fold into ``pipe`` (after gradient fusion) and return ``out`` with the to_k / to_v modules replaced by
         the folded deltas (full rank: ``up = W* - W0``, ``down = I``), no ED-LoRA embeddings or metadata, and a
         ``fold`` report (stand-ins, per-layer ridge and held-out error relative to the unfolded weight)."""
-        from lorakit.adapters.edlora import cross_attention_layers
-
         subs = self._subs(out.get("edlora"))
         fit, val = self._rows(pipe, concepts, subs, "fit"), self._rows(pipe, concepts, subs, "val")
         if fit is None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.adapters.edlora import cross_attention_layers, layer_hidden_states
 from lorakit.fusion.edlora_fold import plain_features, row_pairs
 
 
 def kv_outputs(pipe, prompts: list[str]) -> list[torch.Tensor]:
     """Per cross-attention layer (down -> mid -> up), ``[B, S, out_k + out_v]``: the keys and values it computes
     for ``prompts`` (ED-LoRA pipelines: from each layer's own features; others: from the plain features)."""
-    from lorakit.adapters.edlora import cross_attention_layers, layer_hidden_states
-
     layers = cross_attention_layers(pipe.unet)
     with torch.no_grad():
         if getattr(pipe, "_lorakit_edlora", None) is not None:

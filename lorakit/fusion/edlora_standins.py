@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lorakit.adapters.edlora import read_edlora
+
 
 @dataclass
 class StandIn:
@@ -48,8 +50,6 @@ def resolve_stand_ins(pipe, concepts, given) -> list[StandIn]:
         ValueError (one line) for a ``--concept-word`` naming no concept, a stand-in that is empty, uses an added
         token or a pseudo-word, or collides with another concept's (equal, or one's tokens inside the other's).
     """
-    from lorakit.adapters.edlora import read_edlora
-
     chosen = parse_concept_words(given)
     found: list[StandIn] = []
     for i, c in enumerate(concepts):

@@ -16,6 +16,7 @@ from lorakit.fusion.capture import GramCollector, concept_runs
 from lorakit.fusion.gradient_solve import (
     LayerProblem, LayerSolution, fused_weight, lift, solve_layer, stacked_down, stage_of, subspace_problem,
 )
+from lorakit.logs import tqdm
 
 if TYPE_CHECKING:
     from lorakit.fusion.gradient import Concept, GradientSettings
@@ -151,7 +152,6 @@ def _my_items(items: list):
 
 def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
     from accelerate import PartialState
-    from lorakit.logs import tqdm
 
     return tqdm(iterable, desc=desc, total=total, disable=not (enabled and PartialState().is_main_process),
                 leave=False, dynamic_ncols=True)

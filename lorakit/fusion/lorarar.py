@@ -27,7 +27,16 @@ from torch import nn
 
 from lorakit.adapters.io import Adapter, AdapterError
 from lorakit.fileio import load_safetensors, save_safetensors
-from lorakit.fusion.ziplora import LORARAR_LAYERS, MergePlan, columns, export_merged, merge_metadata, plan_merge
+from lorakit.fusion import FuseResult
+from lorakit.fusion.ziplora import (
+    LORARAR_LAYERS,
+    MergePlan,
+    check_pair,
+    columns,
+    export_merged,
+    merge_metadata,
+    plan_merge,
+)
 
 HYPERNET_KIND = "lorarar-hypernet"
 COLUMN_NORMS = ("layer_rms", "none")
@@ -205,9 +214,6 @@ __all__ = ["MergerHypernet", "merge_pair", "save_hypernet", "load_hypernet", "hy
 def run_fuse(inputs):
     """``lorakit fuse --method lorarar --hypernet H.safetensors --adapters CONTENT STYLE --out merged.safetensors``."""
     import time
-
-    from lorakit.fusion import FuseResult
-    from lorakit.fusion.ziplora import check_pair
 
     opts = inputs.settings
     if not getattr(opts, "hypernet", None):

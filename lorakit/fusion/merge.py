@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.adapters.io import Adapter, LoraModule
+from lorakit.adapters.io import Adapter, LoraModule, live_path
+from lorakit.fusion import FuseResult
 
 COMBINE = ("average", "sum")
 
@@ -173,8 +174,6 @@ def _check_density(density: float) -> None:
 
 def missing_layers(pipe, keys) -> list[str]:
     """The adapter module keys (``unet.down_blocks...``) that name no layer of ``pipe``."""
-    from lorakit.adapters.io import live_path
-
     out = []
     for key in keys:
         comp, path = key.split(".", 1)
@@ -190,8 +189,6 @@ def missing_layers(pipe, keys) -> list[str]:
 
 def apply_deltas(pipe, modules: dict[str, LoraModule]) -> None:
     """Add each module's delta to the pipeline's base weights in place (float64 sum, cast back)."""
-    from lorakit.adapters.io import live_path
-
     with torch.no_grad():
         for key, mod in modules.items():
             comp, path = key.split(".", 1)
@@ -209,8 +206,6 @@ def apply_deltas(pipe, modules: dict[str, LoraModule]) -> None:
 
 def run(inputs):
     """``lorakit fuse --method weighted|cat|svd|ties|dare`` on the loaded adapters."""
-    from lorakit.fusion import FuseResult
-
     opts = inputs.settings
     common = dict(weights=inputs.weights, rank=inputs.rank)
     if inputs.method == "weighted":

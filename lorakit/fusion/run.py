@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorakit import memory, models  # looked up at call time: tests replace memory.estimate and models.load_base
+from lorakit.adapters.io import Adapter, AdapterError, adapter_metadata, load_adapter, save_adapter
+from lorakit.fileio import write_json
+from lorakit.fusion import FuseInputs, concept_prompts, heldout_prompts
+from lorakit.fusion.gradient_memory import fusion_layers
+from lorakit.fusion.merge import _maybe_truncate, apply_deltas, missing_layers
 from lorakit.fusion.registry import METHODS
+from lorakit.models import save_pipeline
+from lorakit.outputs import check_out_file, check_replace_dir, check_writable
+from lorakit.single_file import save_single_file
 
 
 @dataclass
@@ -110,9 +119,6 @@ def build_inputs(req: FuseRequest):
     import torch
     from accelerate import PartialState
 
-    from lorakit.adapters.io import load_adapter
-    from lorakit.fusion import FuseInputs, concept_prompts, heldout_prompts
-
     _check_counts(req)
     paths = list(req.adapters)
     adapters = [load_adapter(p).as_lora() for p in paths]  # LoHa / LoKr layers as exact LoRA factors
@@ -126,9 +132,7 @@ def build_inputs(req: FuseRequest):
         if not req.base:
             return None
         if "pipe" not in cache:
-            from lorakit.models import load_base
-
-            pipe = load_base(req.base, torch_dtype=getattr(torch, req.dtype))
+            pipe = models.load_base(req.base, torch_dtype=getattr(torch, req.dtype))
             cache["pipe"] = pipe.to(PartialState().device)
         return cache["pipe"]
 
@@ -155,10 +159,6 @@ def inputs_report(inputs) -> list[dict]:
 
 def write_outputs(req: FuseRequest, inputs, result, report: dict) -> Path:
     """Write the adapter file, the single-file checkpoint or the pipeline folder, plus the JSON report."""
-    from lorakit.fileio import write_json
-    from lorakit.fusion.merge import _maybe_truncate, apply_deltas
-    from lorakit.models import save_pipeline
-
     out = Path(req.out)
     fmt = req.format
     if fmt == "adapter":
@@ -174,8 +174,6 @@ def write_outputs(req: FuseRequest, inputs, result, report: dict) -> Path:
     elif req.rank is not None:
         raise ValueError("--rank applies to --out-format adapter; a fused pipeline holds the full solution")
     if fmt == "single-file":
-        from lorakit.single_file import save_single_file
-
         save_single_file(pipe, out, metadata={"lorakit.fusion": json.dumps({"method": req.method})})
         report["output"] = {"format": "single-file", "path": str(out)}
         write_json(report, out.with_name(out.stem + ".fusion.json"))
@@ -188,11 +186,6 @@ def write_outputs(req: FuseRequest, inputs, result, report: dict) -> Path:
 
 def _write_adapter(req: FuseRequest, inputs, result, report: dict) -> Path:
     """The fused delta as an adapter ``.safetensors`` + ``OUT.fusion.json``."""
-    from lorakit.adapters.io import Adapter, adapter_metadata, save_adapter
-    from lorakit.fileio import write_json
-    from lorakit.fusion.merge import _maybe_truncate, missing_layers
-    from lorakit.outputs import check_out_file
-
     out = Path(req.out)
     if result.modules is None:
         raise ValueError(f"--method {req.method} produces no adapter delta; use --out-format pipeline")
@@ -224,8 +217,6 @@ def _write_adapter(req: FuseRequest, inputs, result, report: dict) -> Path:
 def check_output(req: FuseRequest) -> None:
     """Refuse a bad --out before any work: an input, a folder or file lorakit did not write, an existing output
     without --overwrite, an unwritable place."""
-    from lorakit.outputs import check_out_file, check_replace_dir, check_writable
-
     if req.format in ("adapter", "single-file"):
         out = Path(req.out)
         if out.suffix != ".safetensors":
@@ -260,9 +251,7 @@ def memory_check(req: FuseRequest) -> None:
 
     import torch
 
-    from lorakit.memory import default_device, estimate, preflight, worth_checking
-
-    if not worth_checking(req.base):
+    if not memory.worth_checking(req.base):
         return
     stage = METHODS[req.method].memory_stage
     opts = req.settings
@@ -271,19 +260,16 @@ def memory_check(req: FuseRequest) -> None:
     if stage == "fuse-gradient":
         # the layers the files adapt (LoCon's convs included), the capture batch, the held-out Grams
         extra = dict(batch=opts.capture_batch, heldout=opts.ridge == "auto", layers=_fusion_layers(req.adapters))
-    est = estimate(stage, req.base, resolution=size, n_loras=len(req.adapters), dtype=getattr(torch, req.dtype),
-                   device=default_device(), cfg=(getattr(opts, "guidance", 1.0) or 1.0) > 1,
-                   max_conv_dim=getattr(opts, "max_conv_dim", 4608),
-                   adapter_bytes=sum(os.path.getsize(a) for a in req.adapters if os.path.isfile(a)), **extra)
-    preflight(est, "--no-memory-check")
+    est = memory.estimate(stage, req.base, resolution=size, n_loras=len(req.adapters),
+                          dtype=getattr(torch, req.dtype), device=memory.default_device(),
+                          cfg=(getattr(opts, "guidance", 1.0) or 1.0) > 1, max_conv_dim=getattr(opts, "max_conv_dim", 4608),
+                          adapter_bytes=sum(os.path.getsize(a) for a in req.adapters if os.path.isfile(a)), **extra)
+    memory.preflight(est, "--no-memory-check")
 
 
 def _fusion_layers(paths):
     """The layers gradient fusion of these files solves, or None (the estimate's default layers) when a file
     cannot be read: the load that follows reports that in its own words."""
-    from lorakit.adapters.io import AdapterError
-    from lorakit.fusion.gradient_memory import fusion_layers
-
     try:
         return fusion_layers(paths)
     except (AdapterError, OSError, ValueError):

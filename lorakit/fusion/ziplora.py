@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.adapters.io import Adapter, AdapterError, LoraModule
+from lorakit.fusion import FuseResult
 from lorakit.fusion.ziplora_plan import (  # noqa: F401  (re-exported: the pair-merge API lives in this module)
     ALL_LAYERS, LORARAR_LAYERS, MergeLayer, MergePlan, _per_column, columns, export_merged,
     layer_matches, merge_metadata, merged_delta, plan_merge,
@@ -42,7 +43,7 @@ from lorakit.fusion.ziplora_reference import (  # noqa: F401  (re-exported)
     IMAGE_EXTENSIONS, Reference, adapter_weights, data_dir_of, encode_images, encode_prompts, generate_latents,
     load_images, pixel_size, prompt_of, reference_for,
 )
-from lorakit.logs import show_progress
+from lorakit.logs import show_progress, tqdm
 
 
 # --------------------------------------------------------------------------------------------- the loss
@@ -272,8 +273,6 @@ def optimize_coefficients(
     Returns:
         ``({layer key: (m_c [in], m_s [in])}, loss per step)``.
     """
-    from lorakit.logs import tqdm
-
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     coeffs = {k: (a.requires_grad_(), b.requires_grad_()) for k, (a, b) in ones_coefficients(loss_fn.plan, loss_fn.device).items()}
@@ -368,8 +367,6 @@ def check_pair(inputs) -> tuple[Adapter, Adapter]:
 
 def run_fuse(inputs):
     """``lorakit fuse --method ziplora --base BASE --adapters CONTENT STYLE --out merged.safetensors``."""
-    from lorakit.fusion import FuseResult
-
     args = inputs.settings
     content, style = check_pair(inputs)
     pipe = inputs.load_pipe()

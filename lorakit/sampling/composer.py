@@ -27,9 +27,13 @@ from __future__ import annotations
 import torch
 
 from lorakit.conditioning import is_sdxl, sdxl_time_ids
+from lorakit.models import sd_scheduler
 from lorakit.sampling.cache import DeepFeatureCache
+from lorakit.sampling.conditions import SpatialConditions, load_conditions
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
 from lorakit.sampling.methods import SAMPLERS, Plan, SamplerSettings, Term, method_plan
+from lorakit.sampling.prompt_parts import adapter_prompt_parts
+from lorakit.sampling.regional import RegionalController, install_regional, remove_regional, warn_empty_boxes
 
 METHODS = SAMPLERS  # name -> Sampler (lorakit.sampling.methods)
 
@@ -100,7 +104,6 @@ def set_scheduler(pipe, name: str | None) -> None:
     """Replace the pipeline's scheduler by a named one (``lorakit.models.sd_scheduler`` names), keeping its config."""
     if not name:
         return
-    from lorakit.models import sd_scheduler
 
     template = sd_scheduler(name)
     extra = {k: True for k in ("use_karras_sigmas",) if template.config.get(k)}
@@ -158,15 +161,17 @@ def _rows(t: torch.Tensor, rows: str) -> torch.Tensor:
 
 
 class _Contexts:
-    """Text features per adapter set, encoded on first use (with all of the pipeline's components' adapters)."""
+    """Text features per (adapter set, prompt), encoded on first use (with all of the pipeline's components'
+    adapters). With ``parts`` (one prompt per adapter) a pass with one adapter gets its own part."""
 
-    def __init__(self, pipe, adapters, prompt, negative_prompt, batch, do_cfg, regions, joint: tuple | None):
+    def __init__(self, pipe, adapters, prompt, negative_prompt, batch, do_cfg, regions, joint: tuple | None,
+                 parts: list[str] | None = None):
         self.pipe, self.adapters, self.prompt, self.negative = pipe, adapters, prompt, negative_prompt
-        self.batch, self.do_cfg, self.regions, self.joint = batch, do_cfg, regions, joint
+        self.batch, self.do_cfg, self.regions, self.joint, self.parts = batch, do_cfg, regions, joint, parts
         self.cache: dict = {}
 
-    def _encode(self) -> dict:
-        ctx = encode(self.pipe, self.prompt, self.negative, self.batch, self.do_cfg)
+    def _encode(self, prompt: str) -> dict:
+        ctx = encode(self.pipe, prompt, self.negative, self.batch, self.do_cfg)
         if self.regions is not None and self.regions.regions:
             ctx["regions"] = [
                 encode(self.pipe, r.prompt, r.negative_prompt if r.negative_prompt is not None else self.negative,
@@ -175,20 +180,44 @@ class _Contexts:
             ]
         return ctx
 
-    def get(self, active: tuple[int, ...]) -> dict:
-        key = active if (not active or self.joint is None) else self.joint
+    def get(self, active: tuple[int, ...], part: int | None = None) -> dict:
+        if part is None and len(active) == 1:
+            part = active[0]
+        prompt = self.parts[part] if self.parts is not None and part is not None else self.prompt
+        encoder = active if (not active or self.joint is None) else self.joint
+        key = (encoder, prompt)
         if key not in self.cache:
-            if key:
+            if encoder:
                 self.pipe.enable_lora()
-                self.pipe.set_adapters([self.adapters[i].name for i in key], [self.adapters[i].weight for i in key])
-                self.cache[key] = self._encode()
+                self.pipe.set_adapters([self.adapters[i].name for i in encoder],
+                                       [self.adapters[i].weight for i in encoder])
+                self.cache[key] = self._encode(prompt)
             else:
                 self.pipe.disable_lora()
                 try:
-                    self.cache[key] = self._encode()
+                    self.cache[key] = self._encode(prompt)
                 finally:
                     self.pipe.enable_lora()
         return self.cache[key]
+
+
+def prompt_parts_of(settings: SamplerSettings, adapters: list[LoadedAdapter], prompt: str,
+                    regions=None) -> list[str] | None:
+    """Each adapter's part of ``prompt`` under ``--prompt-parts per-adapter`` (None for ``joint``): triggers from
+    ``settings.triggers``, else each file's ``lorakit.trigger`` metadata."""
+    if settings.prompt_parts != "per-adapter" or not adapters:
+        return None
+    if regions is not None:
+        raise ValueError("prompt_parts per-adapter does not combine with regions (each region has its own prompt)")
+    triggers = list(settings.triggers) if settings.triggers else [
+        (a.metadata or {}).get("lorakit.trigger", "") for a in adapters]
+    if len(triggers) != len(adapters):
+        raise ValueError(f"triggers: got {len(triggers)} words for {len(adapters)} adapters")
+    missing = [a.name for a, t in zip(adapters, triggers) if not t]
+    if missing:
+        raise ValueError(f"prompt_parts per-adapter: no trigger for {', '.join(missing)} (no lorakit.trigger "
+                         "metadata; set --triggers)")
+    return adapter_prompt_parts(prompt, triggers)
 
 
 def _time_ids(pipe, height: int, width: int, rows: int, dtype) -> torch.Tensor:
@@ -234,56 +263,65 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
         prompt, negative_prompt = regions.prompt, regions.negative_prompt
     n = len(adapters)
     pipe.scheduler.set_timesteps(settings.steps, device=pipe._execution_device)
-    if n:
-        plan = method_plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
-    else:  # no adapters (a fused model): the base alone
-        plan = Plan([[Term((), 1.0, 1.0)]] * len(pipe.scheduler.timesteps), {"note": "no adapters: plain sampling"})
+    plan = _plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
     joint = None if settings.encode == "per-adapter" else ((0,) if settings.method == "switch" else tuple(range(n)))
-    contexts = _Contexts(pipe, adapters, prompt, negative_prompt, len(seeds), do_cfg, regions, joint)
+    parts = prompt_parts_of(settings, adapters, prompt, regions)
+    contexts = _Contexts(pipe, adapters, prompt, negative_prompt, len(seeds), do_cfg, regions, joint, parts)
     for step_terms in plan.terms:  # encode up front: set_adapters also touches the UNet
         for term in step_terms:
-            contexts.get(term.adapters)
+            contexts.get(term.adapters, term.part)
     spatial = _spatial_conditions(pipe, regions, conditions, height, width)
-    controller = previous = None
-    if regions is not None and regions.regions:
-        from lorakit.sampling.regional import RegionalController, install_regional, warn_empty_boxes
-
-        warn_empty_boxes(regions, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-        controller = RegionalController([r.box for r in regions.regions], aspect=width / height,
-                                        rounding=getattr(regions, "box_rounding", "inside"))
-        previous = install_regional(pipe.unet, controller)
+    controller, previous = _install_regions(pipe, regions, height, width)
     try:
         latents, passes = _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg,
                                    spatial)
     finally:
         if previous is not None:
-            from lorakit.sampling.regional import remove_regional
-
             remove_regional(pipe.unet, previous)
-    info = _run_info(pipe, settings, adapters, plan, passes, height, width)
+    info = _run_info(pipe, settings, adapters, plan, passes, height, width, parts)
     if output_type == "latent":
         return latents, info
     return decode_latents(pipe, latents), info
 
 
+def _plan(settings: SamplerSettings, n: int, n_steps: int, order, n_rotation) -> Plan:
+    """The method's per-step terms for ``n`` adapters; with none (e.g. a fused model), plain sampling."""
+    if n:
+        return method_plan(settings, n, n_steps, order, n_rotation)
+    return Plan([[Term((), 1.0, 1.0)]] * n_steps, {"note": "no adapters: plain sampling"})
+
+
+def _install_regions(pipe, regions, height: int, width: int):
+    """Region attention for ``regions`` installed on the UNet: ``(controller, previous processors)``, or
+    ``(None, None)`` without regions."""
+    if regions is None or not regions.regions:
+        return None, None
+
+    warn_empty_boxes(regions, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    controller = RegionalController([r.box for r in regions.regions], aspect=width / height,
+                                    rounding=getattr(regions, "box_rounding", "inside"))
+    return controller, install_regional(pipe.unet, controller)
+
+
 def _spatial_conditions(pipe, regions, conditions, height: int, width: int):
     """The spatial conditions (T2I-Adapter / ControlNet) of a run: ``conditions``, else those of ``regions``."""
     if conditions is None and regions is not None and getattr(regions, "conditions", None):
-        from lorakit.sampling.conditions import load_conditions
-
         conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype, regions.source)
     if not conditions:
         return None
-    from lorakit.sampling.conditions import SpatialConditions
 
     latent_hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     return SpatialConditions(conditions, pipe.unet, width, height, latent_hw,
                              getattr(regions, "box_rounding", "inside") if regions is not None else "inside")
 
 
-def _run_info(pipe, settings: SamplerSettings, adapters, plan: Plan, passes: dict, height: int, width: int) -> dict:
-    """What the sidecar records of a run: method, size, the plan's schedule with adapter names, pass counts."""
+def _run_info(pipe, settings: SamplerSettings, adapters, plan: Plan, passes: dict, height: int, width: int,
+              parts: list[str] | None = None) -> dict:
+    """What the sidecar records of a run: method, size, the plan's schedule with adapter names, pass counts, and
+    the per-adapter prompt parts if any."""
     info = {"method": settings.method, "height": height, "width": width, **plan.info, "passes": passes}
+    if parts is not None:
+        info["prompt_parts"] = parts
     if plan.info.get("cache"):
         info["cache_split"] = [settings.cache_depth, settings.cmlora_cache_layer(pipe.unet)]
     for key in ("order", "dominants", "active_per_step"):
@@ -313,13 +351,14 @@ def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, h
             rows = _term_rows(term, do_cfg)
             if rows is None:
                 continue
-            ctx = contexts.get(term.adapters)
+            ctx = contexts.get(term.adapters, term.part)
             pick = (lambda v: _rows(v, rows)) if do_cfg else (lambda v: v)
             switch.activate([names[i] for i in term.adapters], [scales[i] for i in term.adapters])
             if controller is not None:
                 controller.set_states([pick(r) for r in ctx["regions"]])
             added = {"text_embeds": pick(ctx["pooled"]), "time_ids": time_ids[2 if rows == "pair" else 1]} if xl else None
             key = "+".join(names[i] for i in term.adapters) or "base"
+            key += f"@{names[term.part]}" if term.part is not None else ""
             sample, text = pick(x), pick(ctx["embeds"])
             cond_kw = spatial.unet_kwargs(s, rows, sample, t, text, added) if spatial is not None else {}
             out = unet_pass(unet, sample, t, text, added, cache if term.cached else None,

@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 
+from lorakit.hashing import file_sha256
+from lorakit.sampling.boxes import cell_range, read_box
+
 CONDITION_TYPES = ("t2i-adapter", "controlnet")
 
 
@@ -49,8 +52,6 @@ class ConditionSpec:
     region_weights: list[tuple[tuple[float, float, float, float], float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        from lorakit.sampling.loading import file_sha256
-
         return {"type": self.type, "model": self.model, "image": self.image,
                 "image_sha256": file_sha256(self.image) if Path(self.image).exists() else None, "weight": self.weight,
                 "region_weights": [{"box": list(b), "weight": w} for b, w in self.region_weights]}
@@ -136,8 +137,6 @@ def _condition_image(item: dict, where: str, width: int, height: int, base_dir) 
 def _region_weights(item: dict, where: str, unit: str | None, width: int, height: int, regions: list,
                     source: str) -> list:
     """The entry's ``region_weights`` as ``[(box, weight)]``: one number per region, or ``{box, weight}`` entries."""
-    from lorakit.sampling.regional import read_box
-
     rw = item.get("region_weights") or []
     if not isinstance(rw, list):
         raise ValueError(f"{where}: region_weights must be a list")
@@ -209,8 +208,6 @@ def condition_tensor(image, channels: int, width: int, height: int) -> torch.Ten
 
 def weight_map(weight: float, region_weights, h: int, w: int, rounding: str) -> torch.Tensor:
     """``[h, w]``: ``weight`` everywhere, each (box, weight) entry's cells set to its weight (later entries win)."""
-    from lorakit.sampling.regional import cell_range
-
     m = torch.full((h, w), float(weight))
     for (top, left, bottom, right), wt in region_weights:
         r0, r1 = cell_range(top, bottom, h, rounding)

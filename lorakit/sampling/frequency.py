@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorakit.logs import warn
+from lorakit import fileio  # looked up at call time: tests replace fileio.write_json
+from lorakit.logs import tqdm, warn
+from lorakit.sampling.composer import SamplerSettings, generate
 
 PROFILE_VERSION = "1"
 
@@ -102,9 +104,6 @@ def write_cached(adapter_path, key: str, entry: dict) -> Path | None:
     """Add/replace one entry in the adapter's profile JSON (atomic write). Returns None, with one warning, where
     the cache cannot be written (a read-only folder) or the file there is not a lorakit profile (never replaced):
     the profile is then recomputed next time."""
-
-    from lorakit.fileio import write_json
-
     path = profile_path(adapter_path)
     data = {"entries": {}}
     if path.exists():
@@ -117,7 +116,7 @@ def write_cached(adapter_path, key: str, entry: dict) -> Path | None:
             return None
     data["entries"][key] = entry
     try:
-        return write_json(data, path)
+        return fileio.write_json(data, path)
     except OSError as err:
         warn(f"cannot cache the profile at {path} ({err.strerror or err}); it is recomputed next time")
         return None
@@ -134,9 +133,6 @@ def profile_adapters(pipe, adapters, settings: ProfileSettings, use_cache: bool 
     Returns:
         ``{adapter name: {'score', 'radial' [R], 'cached', 'key', 'path'}}``.
     """
-    from lorakit.logs import tqdm
-    from lorakit.sampling.composer import SamplerSettings, generate
-
     out = {}
     for ad in tqdm(adapters, desc="profile", disable=not progress):
         key = settings.key(ad.sha256)

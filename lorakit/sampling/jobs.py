@@ -7,8 +7,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorakit.logs import quiet_loaded_libraries
+from lorakit.fileio import save_image, write_json
+from lorakit.logs import quiet_loaded_libraries, tqdm
+from lorakit.models import load_base
+from lorakit.outputs import OutputError, check_writable
 from lorakit.sampling.composer import generate, image_size
+from lorakit.sampling.conditions import load_conditions
 from lorakit.sampling.frequency import ProfileSettings, order_by_frequency, profile_adapters
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
 from lorakit.sampling.methods import SamplerSettings
@@ -54,8 +58,6 @@ def _dtype(name: str, device):
 def load_pipeline(base: str, dtype: str = "auto", device=None):
     """Load the base (``lorakit.models.load_base``) on ``device`` with the progress bar off."""
     from accelerate import PartialState
-
-    from lorakit.models import load_base
 
     device = device or PartialState().device
     pipe = load_base(base, torch_dtype=_dtype(dtype, device)).to(device)
@@ -108,8 +110,6 @@ def _cmlora_order(pipe, job: SampleJob, adapters: list[LoadedAdapter]) -> tuple[
 def _check_not_foreign(out_dir: Path, stems: list[str]) -> None:
     """Refuse to replace an image or JSON file lorakit did not write (a lorakit sample has a sidecar JSON with
     ``lorakit.sidecar``); earlier lorakit samples of the same names are replaced."""
-    from lorakit.outputs import OutputError, check_writable
-
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"--out {out_dir} exists and is not a folder")
     check_writable(out_dir)
@@ -163,7 +163,8 @@ def _sidecar(job: SampleJob, prompts: list[str], p_idx: int, i: int, seed: int, 
         "profile_settings": {"prompt": job.profile_prompt, "steps": job.profile_steps, "seeds": list(job.profile_seeds)},
         "batch_size": job.batch_size,
         "schedule": {k: v for k, v in info.items()
-                     if k in ("order", "n_rotation", "dominants", "rotations", "active_per_step", "passes")},
+                     if k in ("order", "n_rotation", "dominants", "rotations", "active_per_step", "passes",
+                              "prompt_parts")},
     }
 
 
@@ -176,9 +177,6 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
         ValueError / FileNotFoundError naming the bad setting or file.
     """
     from accelerate import PartialState
-    from lorakit.logs import tqdm
-
-    from lorakit.fileio import save_image, write_json
 
     job.sampler.check()
     if job.num_images < 1 or job.batch_size < 1:
@@ -191,8 +189,6 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
     regions = load_regions(job.regions, width, height) if job.regions else None
     conditions = None
     if regions is not None and regions.conditions:
-        from lorakit.sampling.conditions import load_conditions
-
         conditions = load_conditions(regions.conditions, pipe.unet.device, pipe.unet.dtype, regions.source)
     prompts = [regions.prompt] if regions is not None else list(job.prompts)
     if not prompts:

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorakit.adapters.edlora import load_edlora
+from lorakit.adapters.io import apply_adapter, load_adapter, validate_adapter
 from lorakit.hashing import file_sha256  # noqa: F401 - the one file hasher, re-exported for callers
 from lorakit.logs import library_notices_off
 
@@ -56,8 +58,6 @@ def load_adapters(pipe, paths: list, weights: list[float] | None = None) -> list
     """
     import importlib.util
 
-    from lorakit.adapters.io import apply_adapter, load_adapter, validate_adapter
-
     weights = [1.0] * len(paths) if weights is None else list(weights)
     if len(weights) != len(paths):
         raise ValueError(f"got {len(weights)} weights for {len(paths)} adapters")
@@ -70,8 +70,6 @@ def load_adapters(pipe, paths: list, weights: list[float] | None = None) -> list
         name = f"a{i}_" + re.sub(r"[^A-Za-z0-9_]", "_", path.stem)[:40]
         kind = meta.get("lorakit.kind", "lora")
         if kind == "edlora" and importlib.util.find_spec("lorakit.adapters.edlora") is not None:
-            from lorakit.adapters.edlora import load_edlora
-
             load_edlora(pipe, path, adapter_name=name)
         else:
             adapter = load_adapter(path)

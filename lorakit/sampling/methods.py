@@ -34,6 +34,15 @@ class SamplerSettings:
                          "base model's", choices=["adapter", "base"])
     encode: str = option("once", "prompt encoded once with the adapters active at the start (the references) or "
                          "per pass", choices=["once", "per-adapter"])
+    prompt_parts: str = option("joint", "joint: every pass sees the whole prompt (the references); per-adapter: "
+                               "a pass with one adapter sees its trigger's comma tags plus the tags of no trigger "
+                               "(Composable-Diffusion style; not merge)", choices=["joint", "per-adapter"])
+    triggers: tuple[str, ...] | None = option(None, "--prompt-parts per-adapter: each adapter's trigger word",
+                                               nargs="+", metavar="WORD",
+                                               show_default="each file's lorakit.trigger metadata")
+    adapter_guidance: tuple[float, ...] | None = option(None, "delta: each adapter's difference from the base "
+                                                        "times g (one per adapter)", type=float, nargs="+",
+                                                        metavar="G", show_default="1 each")
     switch_every: int = option(5, "switch: steps per adapter (tau; the first gets tau + 1)", type=int)
     cmlora_mode: str = option("lorakit", "official: the authors' code exactly, bugs included; lorakit: the same "
                               "with them fixed", choices=["lorakit", "official"])
@@ -58,6 +67,7 @@ class SamplerSettings:
     def check(self) -> None:
         """Raise ValueError naming the first bad setting."""
         choices = {"method": tuple(SAMPLERS), "uncond": ("adapter", "base"), "encode": ("once", "per-adapter"),
+                   "prompt_parts": ("joint", "per-adapter"),
                    "cmlora_mode": ("lorakit", "official"), "cmlora_order": CMLORA_ORDERS,
                    "cache_refresh": CACHE_REFRESH_RULES}
         for name, allowed in choices.items():
@@ -72,8 +82,16 @@ class SamplerSettings:
             raise ValueError(f"cache_layer must be >= 0, got {self.cache_layer}")
         if self.dominant_weight is not None and not 0.0 < self.dominant_weight <= 1.0:
             raise ValueError(f"dominant_weight must be in (0, 1], got {self.dominant_weight}")
+        if self.adapter_guidance is not None:
+            if self.method != "delta":
+                raise ValueError(f"adapter_guidance needs method delta, got {self.method!r}")
+            if any(g < 0 for g in self.adapter_guidance):
+                raise ValueError(f"adapter_guidance values must be >= 0, got {list(self.adapter_guidance)}")
+        if self.prompt_parts == "per-adapter" and self.method == "merge":
+            raise ValueError("prompt_parts per-adapter needs passes with one adapter; merge has none")
         if self.method == "cmlora" and self.cmlora_mode == "official":
             extras = {"uncond": self.uncond != "adapter", "encode": self.encode != "once",
+                      "prompt_parts": self.prompt_parts != "joint",
                       "dominant_weight": self.dominant_weight is not None, "cmlora_order": self.cmlora_order == "frequency",
                       "cache_layer": bool(self.cache_layer)}
             bad = [k for k, v in extras.items() if v]
@@ -112,6 +130,9 @@ class Term:
     c: float
     full: bool = True
     cached: bool = False
+    # --prompt-parts per-adapter: the prompt part of adapter `part` (a base pass on one adapter's part); None:
+    # a one-adapter pass sees its own part, any other pass the whole prompt
+    part: int | None = None
 
 
 @dataclass
@@ -151,7 +172,17 @@ def composite_plan(settings: SamplerSettings, n: int, n_steps: int, order=None, 
 
 
 def delta_plan(settings: SamplerSettings, n: int, n_steps: int, order=None, n_rotation=None):
-    return [[Term((), 1.0 - n, 1.0 - n)] + [Term((i,), 1.0, 1.0) for i in range(n)]] * n_steps, {}
+    """``p_base + sum_i g_i (p_i - p_base)``: g = ``settings.adapter_guidance`` (default 1 each). With per-adapter
+    prompt parts each difference is taken on the adapter's own part, ``p_i(part_i) - p_base(part_i)``, so the
+    prompt's difference from the part never enters it (N more base passes)."""
+    gains = [1.0] * n if settings.adapter_guidance is None else [float(g) for g in settings.adapter_guidance]
+    if len(gains) != n:
+        raise ValueError(f"adapter_guidance has {len(gains)} values for {n} adapters")
+    if settings.prompt_parts == "per-adapter":
+        step = [Term((), 1.0, 1.0)] + [t for i, g in enumerate(gains) for t in (Term((i,), g, g), Term((), -g, -g, part=i))]
+        return [step] * n_steps, {}
+    base = 1.0 - sum(gains)
+    return [[Term((), base, base)] + [Term((i,), g, g) for i, g in enumerate(gains)]] * n_steps, {}
 
 
 def cmlora_terms(settings: SamplerSettings, n: int, n_steps: int, order: list[int] | None, n_rotation: int | None):
@@ -178,9 +209,10 @@ register("delta", Sampler(delta_plan, "base + the sum of each adapter's differen
 def _with_uncond_base(terms: list[Term]) -> list[Term]:
     """The same terms with their unconditional halves replaced by one base-model unconditional pass (the base's
     conditional coefficient, delta's 1 - N, is kept: delta then adds each adapter's conditional difference from
-    the base to the base's own CFG)."""
-    base_c = sum(t.c for t in terms if not t.adapters)
-    return [Term((), 1.0, base_c)] + [Term(t.adapters, 0.0, t.c, t.full, t.cached) for t in terms if t.adapters]
+    the base to the base's own CFG; base passes on an adapter's prompt part keep their conditional half)."""
+    base_c = sum(t.c for t in terms if not t.adapters and t.part is None)
+    return [Term((), 1.0, base_c)] + [Term(t.adapters, 0.0, t.c, t.full, t.cached, t.part) for t in terms
+                                      if t.adapters or t.part is not None]
 
 
 def method_plan(settings: SamplerSettings, n: int, n_steps: int, order: list[int] | None, n_rotation: int | None) -> Plan:

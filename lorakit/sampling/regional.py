@@ -43,8 +43,14 @@ from pathlib import Path
 
 import torch
 
-BOX_ROUNDINGS = ("inside", "center")
-UNITS = ("px", "fraction")
+from lorakit.sampling.boxes import (  # noqa: F401 - box_mask / cell_range / read_box re-exported for callers
+    BOX_ROUNDINGS,
+    UNITS,
+    box_mask,
+    cell_range,
+    read_box,
+)
+from lorakit.sampling.conditions import parse_conditions
 
 
 @dataclass
@@ -80,24 +86,6 @@ class RegionSpec:
             "regions": [{"box": list(r.box), "prompt": r.prompt, "negative_prompt": r.negative_prompt} for r in self.regions],
             "conditions": [c.to_dict() for c in self.conditions],
         }
-
-
-def read_box(box, unit: str, width: int, height: int, where: str) -> tuple[float, float, float, float]:
-    """A ``[top, left, bottom, right]`` box in ``unit`` (px or fraction) -> fractions of the image, validated."""
-    if not isinstance(box, (list, tuple)) or len(box) != 4:
-        raise ValueError(f"{where}: box must be [top, left, bottom, right], got {box!r}")
-    try:
-        top, left, bottom, right = (float(v) for v in box)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: box values must be numbers, got {box!r}") from err
-    if unit == "px":
-        if not (0.0 <= top < bottom <= height and 0.0 <= left < right <= width):
-            raise ValueError(f"{where}: box {list(box)} (px) must satisfy 0 <= top < bottom <= {height} and "
-                             f"0 <= left < right <= {width} (image {width}x{height})")
-        return (top / height, left / width, bottom / height, right / width)
-    if not (0.0 <= top < bottom <= 1.0 and 0.0 <= left < right <= 1.0):
-        raise ValueError(f"{where}: box {list(box)} (fraction) must satisfy 0 <= top < bottom <= 1 and 0 <= left < right <= 1")
-    return (top, left, bottom, right)
 
 
 def parse_regions(data: dict, width: int, height: int, source: str = "regions", base_dir: str | os.PathLike | None = None) -> RegionSpec:
@@ -138,8 +126,6 @@ def parse_regions(data: dict, width: int, height: int, source: str = "regions", 
         regions.append(Region(read_box(item["box"], unit, width, height, where), str(item["prompt"]), item.get("negative_prompt")))
     conditions = []
     if data.get("conditions"):
-        from lorakit.sampling.conditions import parse_conditions
-
         conditions = parse_conditions(data["conditions"], unit, width, height, regions, source, base_dir)
     return RegionSpec(prompt=str(data["prompt"]), negative_prompt=str(neg), regions=regions, box_rounding=rounding,
                       conditions=conditions, source=source)
@@ -157,35 +143,6 @@ def load_regions(path: str | os.PathLike, width: int, height: int) -> RegionSpec
     except Exception as err:  # noqa: BLE001 - any YAML error becomes one line naming the file
         raise ValueError(f"{path}: not a readable YAML mapping: {str(err).splitlines()[0]}") from None
     return parse_regions(data, width, height, str(path), base_dir=path.parent)
-
-
-def _snap(x: float) -> float:
-    """``x`` moved onto the nearest integer when it is within float noise of it (box edges on cell boundaries)."""
-    r = round(x)
-    return float(r) if abs(x - r) < 1e-6 else x
-
-
-def cell_range(start: float, end: float, n: int, rounding: str = "inside") -> tuple[int, int]:
-    """Cells ``[i0, i1)`` of an ``n``-cell axis that the fractional interval ``[start, end)`` covers."""
-    a, b = _snap(start * n), _snap(end * n)
-    if rounding == "inside":
-        i0, i1 = math.ceil(a), math.floor(b)
-    elif rounding == "center":
-        i0, i1 = math.ceil(_snap(a - 0.5)), math.ceil(_snap(b - 0.5))
-    else:
-        raise ValueError(f"box_rounding must be one of {', '.join(BOX_ROUNDINGS)}, got {rounding!r}")
-    i0, i1 = max(0, i0), min(n, i1)
-    return i0, max(i0, i1)
-
-
-def box_mask(box: tuple[float, float, float, float], h: int, w: int, rounding: str = "inside") -> torch.Tensor:
-    """``[h, w]`` float mask, 1 on the feature-map cells the fractional box covers under ``rounding``."""
-    top, left, bottom, right = box
-    r0, r1 = cell_range(top, bottom, h, rounding)
-    c0, c1 = cell_range(left, right, w, rounding)
-    mask = torch.zeros(h, w)
-    mask[r0:r1, c0:c1] = 1.0
-    return mask
 
 
 def warn_empty_boxes(spec: RegionSpec, latent_h: int, latent_w: int) -> list[int]:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.models import tiny_tokenizer
 from lorakit.tiny_models import assemble_pipeline, tiny_text_encoder, tiny_unet, tiny_vae
 from lorakit.toyworld.concepts import VOCAB
+from lorakit.training.loop import sample_generator
 
 TEXT_WIDTH = 64
 # Prompt words beyond the toy world's own that users may type (tokenized as single tokens too).
@@ -30,8 +32,6 @@ EXTRA_WORDS = ("photo", "picture", "image", "drawing", "style", "in", "on", "of"
 
 def toy_tokenizer():
     """Offline CLIP tokenizer with every toy-world word and trigger word as a single token."""
-    from lorakit.models import tiny_tokenizer
-
     return tiny_tokenizer(tuple(dict.fromkeys(VOCAB + EXTRA_WORDS)))
 
 
@@ -85,8 +85,6 @@ class LatentCaptions(torch.utils.data.Dataset):
         return len(self.mean)
 
     def get_item(self, i, sample_id):
-        from lorakit.training.loop import sample_generator
-
         g = sample_generator(self.seed, sample_id, salt=11)
         eps = torch.randn(self.mean[i].shape, generator=g)
         drop = torch.rand((), generator=g) < 0.1

@@ -28,10 +28,28 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lorakit.adapters.io import load_adapter
+from lorakit.fileio import save_image
+from lorakit.fusion.gradient import Concept as FuseConcept, GradientSettings, fuse_gradient
+from lorakit.fusion.merge import apply_deltas, weighted
+from lorakit.logs import tqdm
+from lorakit.outputs import claim_dir, is_marked, write_marker
 from lorakit.resources import data_path
-from lorakit.toyworld.concepts import Concept, concepts_of_kind, get_concept
+from lorakit.sampling import (
+    ProfileSettings,
+    SamplerSettings,
+    generate,
+    load_adapters,
+    load_pipeline,
+    order_by_frequency,
+    profile_adapters,
+)
+from lorakit.toyworld.concepts import Concept, SHAPES, concepts_of_kind, get_concept
 from lorakit.toyworld.demo_report import format_table, write_reports
-from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS
+from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, concept_prompts
+from lorakit.toyworld.loras import default_cache_dir, train_concept_lora
+from lorakit.toyworld.oracle import score
+from lorakit.toyworld.render import Scene, caption, render
 
 # (row id template, kind, what it is). "{character}" / "{style}" are filled with the concept names.
 METHODS = (
@@ -106,8 +124,6 @@ def check_concept(value: str, kind: str, option: str) -> Concept:
 def demo_prompt(character: str, style: str) -> str:
     """The toy caption of the character on a white plain background in the style, e.g.
     ``"kwibbit, white plain background, inkvel"`` (the form of the LoRAs' training captions)."""
-    from lorakit.toyworld.render import Scene, caption
-
     return caption(Scene(characters=(character,), style=style))
 
 
@@ -123,9 +139,6 @@ def target_ids(character: str, style: str) -> list[str]:
 
 def target_images(row: str, character: str, style: str, seeds: list[int]) -> list:
     """The renderer's ground truth for a target row, one 32x32 PIL image per seed (layout jitter = the seed)."""
-    from lorakit.toyworld.concepts import SHAPES
-    from lorakit.toyworld.render import Scene, render
-
     if row == f"{character}_target":
         scenes = [Scene(characters=(character,), seed=sd) for sd in seeds]
     elif row == f"{style}_target":
@@ -143,8 +156,6 @@ def train_loras(character: str, style: str, lora_dir: Path, train_steps: int | N
 
     ``log(message)`` (e.g. ``print``) hears which LoRA is trained or reused and where it is kept.
     """
-    from lorakit.toyworld.loras import train_concept_lora
-
     overrides = [f"max_steps={train_steps}"] if train_steps is not None else []
     out = {}
     for name in (character, style):
@@ -174,8 +185,6 @@ def _plain(pipe, prompt: str, seeds: list[int], steps: int, guidance: float) -> 
 
 def _fusion_prompts(name: str, n: int = 4) -> list[str]:
     """Toy captions asking for one concept (as the LoRA was trained), for gradient fusion's statistics."""
-    from lorakit.toyworld.evaluate import concept_prompts
-
     return concept_prompts(name, n, seed=0)
 
 
@@ -183,8 +192,6 @@ class _Runner:
     """Builds each row's image generator: ``setup()`` (timed as setup_s) returns ``gen(seeds) -> images``."""
 
     def __init__(self, s: DemoSettings, loras: dict, prompt: str):
-        from lorakit.sampling import load_adapters, load_pipeline
-
         self.s, self.prompt, self.loras = s, prompt, loras
         self.base = s.base or str(data_path("toy-base"))
         self._load = load_pipeline
@@ -192,13 +199,9 @@ class _Runner:
         self.ads = load_adapters(self.pipe, [loras[s.character]["path"], loras[s.style]["path"]])
 
     def sampler(self, method: str):
-        from lorakit.sampling import SamplerSettings
-
         return SamplerSettings(method=method, steps=self.s.sample_steps, cfg=self.s.guidance)
 
     def setup(self, row: str):
-        from lorakit.sampling import generate
-
         s, prompt = self.s, self.prompt
         if row == "base":
             pipe = self._load(self.base, "fp32")
@@ -213,17 +216,12 @@ class _Runner:
         if row == "gradient":
             return self._gradient()
         if row == "weighted":
-            from lorakit.adapters.io import load_adapter
-            from lorakit.fusion.merge import apply_deltas, weighted
-
             pipe = self._load(self.base, "fp32")
             apply_deltas(pipe, weighted([load_adapter(a.path) for a in self.ads], combine="average"))
             return lambda seeds: _plain(pipe, prompt, seeds, s.sample_steps, s.guidance), {"combine": "average"}
         raise ValueError(f"unknown demo method {row!r}; expected one of {method_ids(s.character, s.style)}")
 
     def _cmlora(self):
-        from lorakit.sampling import ProfileSettings, generate, order_by_frequency, profile_adapters
-
         prof = ProfileSettings(base=self.base, prompt="a picture", steps=self.s.sample_steps, cfg=self.s.guidance)
         profiles = profile_adapters(self.pipe, self.ads, prof, progress=False)  # cached next to the LoRA files
         order, _ = order_by_frequency([profiles[a.name]["score"] for a in self.ads], "high-first")
@@ -233,17 +231,10 @@ class _Runner:
                                        order=order)[0]), info
 
     def _gradient(self):
-        from lorakit.adapters.io import load_adapter
-        from lorakit.fusion.gradient import Concept as FuseConcept
-        from lorakit.fusion.gradient import GradientSettings, fuse_gradient
-
         s = self.s
         pipe = self._load(self.base, "fp32")
         concepts = []
         for name, ad in zip((s.character, s.style), self.ads):
-            from lorakit.toyworld.concepts import get_concept
-            from lorakit.toyworld.evaluate import concept_prompts
-
             prompts = _fusion_prompts(name)
             held = concept_prompts(name, 2, seed=1)  # other captions for the held-out ridge choice
             concepts.append(FuseConcept(name=name, adapter=load_adapter(ad.path), prompts=prompts,
@@ -262,8 +253,6 @@ _DEMO_NAMES = {"report.html", "report.json", "report.md", "images", "loras"}
 def _claim_demo_folder(out: Path) -> None:
     """The demo writes only into a new, empty or lorakit folder (a demo folder of an earlier version, holding
     nothing but the demo's own names, counts as lorakit's)."""
-    from lorakit.outputs import claim_dir, is_marked, write_marker
-
     if out.is_dir() and not is_marked(out):
         names = {p.name for p in out.iterdir()}
         if names and names <= _DEMO_NAMES and (out / "report.json").is_file():
@@ -298,8 +287,6 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     if s.lora_dir:
         lora_dir = Path(s.lora_dir)
     else:
-        from lorakit.toyworld.loras import default_cache_dir
-
         lora_dir = default_cache_dir()
     prompt = demo_prompt(s.character, s.style)
     seeds = [s.seed + i for i in range(s.k)]
@@ -316,8 +303,6 @@ def _run(s: DemoSettings, char: Concept, style: Concept, rows: list[str], out: P
          seeds: list[int], progress: bool) -> dict:
     """The body of :func:`run_demo` (settings already checked): train, generate, score; the report without
     its total time."""
-    from lorakit.logs import tqdm
-
     loras = train_loras(s.character, s.style, lora_dir, s.train_steps, s.base, log=print if progress else None)
     runner = _Runner(s, loras, prompt)
     kinds = {m.format(character=s.character, style=s.style): (k, d) for m, k, d in METHODS}
@@ -357,9 +342,6 @@ def _row_record(row: str, kind: str, description: str, images: list, seeds: list
                 s_per_image: float, setup_s: float, info: dict) -> dict:
     """Save one row's images (32 px + enlarged copies), score them with the oracle; the row's report entry."""
     from PIL import Image
-
-    from lorakit.toyworld.oracle import score
-    from lorakit.fileio import save_image
 
     paths, big = [], []
     for seed, image in zip(seeds, images):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lorakit.eval.report import markdown_table
+from lorakit.fileio import write_json, write_text
+
 
 def table_rows(report: dict) -> list[list[str]]:
     """The summary table as strings: header + one row per method."""
@@ -36,8 +39,6 @@ def _seed_range(report: dict) -> str:
 
 
 def to_markdown(report: dict) -> str:
-    from lorakit.eval.report import markdown_table
-
     rows = table_rows(report)
     lines = ["# lorakit demo", "", f"Prompt: `{report['prompt']}`; {report['settings']['k']} images per method, "
              f"seeds {_seed_range(report)}; "
@@ -107,8 +108,6 @@ def _verdict(probs, names: tuple[str, str]) -> str:
 
 def write_reports(report: dict, out: Path) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and ``report.html`` into ``out`` (atomically)."""
-    from lorakit.fileio import write_json, write_text
-
     paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
     write_json(report, paths["json"])
     write_text(to_markdown(report), paths["md"])

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 
 from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS, SHAPE_COLORS, SHAPES, get_concept
+from lorakit.toyworld.render import caption
+from lorakit.toyworld.scenes import concept_scene
 
 # Sampling settings of every toy measurement (the toy base follows prompts well at these).
 NUM_STEPS = 20
@@ -15,9 +17,6 @@ GUIDANCE = 4.0
 def concept_prompts(name: str, n: int, seed: int = 0) -> list[str]:
     """``n`` prompts that ask for concept ``name`` (trigger word for held-out concepts) in varied generic
     surroundings, written like the training captions."""
-    from lorakit.toyworld.render import caption
-    from lorakit.toyworld.scenes import concept_scene
-
     get_concept(name)
     rng = np.random.default_rng(seed)
     return [caption(concept_scene(name, rng)) for _ in range(n)]

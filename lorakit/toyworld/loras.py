@@ -7,17 +7,25 @@ the resolved recipe (after overrides), the base model's weights, or the concept'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 from pathlib import Path
 
+from lorakit.config import load_config
+from lorakit.fileio import copy_file
+from lorakit.outputs import is_marked
 from lorakit.resources import data_path, toy_recipe
+from lorakit.toyworld.concepts import get_concept
+from lorakit.training import recipes
+from lorakit.training.blockwise import BlockwiseConfig, train
+from lorakit.training.entry import TRAINERS
+from lorakit.training.run_dir import checkpoints
 
 
 def recipe_path(concept: str) -> Path:
     """``train_configs/toy_<concept>.yaml`` for a held-out concept name (or its trigger word)."""
-    from lorakit.toyworld.concepts import get_concept
-
     c = get_concept(concept)
     path = toy_recipe(c.name)
     if not path.exists():
@@ -114,8 +122,6 @@ def concept_lora_path(concept: str, out_dir: str | os.PathLike, base: str | None
                       overrides: list[str] | None = None) -> Path:
     """Where :func:`train_concept_lora` keeps (or will keep) this concept's LoRA: ``out_dir/toy_<concept>-<hash>
     .safetensors``; it is cached when the file exists."""
-    from lorakit.toyworld.concepts import get_concept
-
     name = get_concept(concept).name
     return recipe_lora_path(recipe_path(name), f"toy_{name}", out_dir, _overrides(name, base, overrides))
 
@@ -133,32 +139,39 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
     Returns:
         Path of the adapter file (kohya keys; ``lorakit.trigger`` in its metadata).
     """
-    from lorakit.toyworld.concepts import get_concept
-
     name = get_concept(concept).name
     return train_recipe_lora(recipe_path(name), f"toy_{name}", out_dir, _overrides(name, base, overrides), force)
 
 
-def recipe_lora_path(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str]) -> Path:
-    """``out_dir/<stem>-<recipe hash>.safetensors``: where :func:`train_recipe_lora` keeps this recipe's LoRA."""
-    from lorakit.config import load_config
-    from lorakit.training.blockwise import BlockwiseConfig
+def recipe_config(recipe: Path, overrides: list[str], trainer: str = "blockwise"):
+    """The resolved recipe of ``trainer`` (a :data:`lorakit.training.entry.TRAINERS` name) with ``overrides``."""
+    return load_config(getattr(recipes, TRAINERS[trainer].schema), recipe, overrides)
 
-    cfg = load_config(BlockwiseConfig, recipe, overrides)
-    return Path(out_dir) / f"{stem}-{recipe_hash(cfg)}.safetensors"
+
+def recipe_lora_path(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str],
+                     trainer: str = "blockwise") -> Path:
+    """``out_dir/<stem>-<recipe hash>.safetensors``: where :func:`train_recipe_lora` keeps this recipe's LoRA."""
+    return Path(out_dir) / f"{stem}-{recipe_hash(recipe_config(recipe, overrides, trainer))}.safetensors"
+
+
+def _train_captured(run):
+    """``train(run)`` with what it prints held back: ``(result, printed text)``; when it fails, what it printed
+    so far is shown before the error."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            result = train(run)
+    except BaseException:
+        print(buf.getvalue(), end="", flush=True)
+        raise
+    return result, buf.getvalue()
 
 
 def train_recipe_lora(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str],
                       force: bool = False) -> Path:
     """Train a block-wise recipe (with ``overrides``) into ``out_dir/<stem>-<hash>.safetensors``, or return that
     file when it exists (and not ``force``). The latent cache is ``out_dir/latent_cache``."""
-    import contextlib
-    import io
     import tempfile
-
-    from lorakit.config import load_config
-    from lorakit.fileio import copy_file
-    from lorakit.training.blockwise import BlockwiseConfig, train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -172,14 +185,52 @@ def train_recipe_lora(recipe: Path, stem: str, out_dir: str | os.PathLike, overr
                                                                 f"data.cache_dir={out_dir / 'latent_cache'}"])
         # The trainer's summary names the temporary folder, which is gone when this returns: print it with the
         # path the LoRA is kept at instead, so every printed path exists.
-        buf = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(buf):
-                result = train(run)
-        except BaseException:
-            print(buf.getvalue(), end="", flush=True)  # whatever it said before failing
-            raise
+        result, printed = _train_captured(run)
         copy_file(result.final_path, target)
-        text = buf.getvalue().replace(str(result.final_path), str(target))
+        text = printed.replace(str(result.final_path), str(target))
         print("\n".join(line for line in text.splitlines() if work not in line), flush=True)
     return target
+
+
+def train_recipe_lora_chunk(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str],
+                            stop_at_step: int) -> Path | None:
+    """Train a recipe up to step ``stop_at_step`` (or its ``max_steps``, if fewer), continuing where an earlier
+    call stopped; returns the LoRA (the file :func:`train_recipe_lora` would write, same hash) once ``max_steps``
+    are done, else None.
+
+    For machines where one recipe does not fit in one sitting: the run lives in
+    ``out_dir/.<stem>-<hash>.partial`` with a checkpoint at each stop, and the trainer resumes it bit-exactly
+    (the data order and RNG states are restored, the learning-rate schedule does not depend on where a run
+    stops), so the LoRA is the one an uninterrupted run gives. The folder is removed when the LoRA is kept.
+    """
+    import shutil
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = recipe_lora_path(recipe, stem, out_dir, overrides)
+    if target.exists():
+        return target
+    work = partial_dir(target)
+    run = load_config(BlockwiseConfig, recipe, overrides + [f"output_dir={work}", "checkpointing_steps=0",
+                                                            "save_every=0", "logging=none", "resume=latest",
+                                                            f"stop_at_step={stop_at_step}",
+                                                            f"data.cache_dir={out_dir / 'latent_cache'}"])
+    result, printed = _train_captured(run)
+    print(printed, end="", flush=True)
+    if result.global_step < run.max_steps:
+        return None
+    copy_file(result.final_path, target)
+    if is_marked(work):  # the trainer's own folder: nothing in it is the user's
+        shutil.rmtree(work)
+    return target
+
+
+def partial_dir(target: Path) -> Path:
+    """The folder :func:`train_recipe_lora_chunk` trains ``target`` in until it is done."""
+    return target.parent / f".{target.stem}.partial"
+
+
+def partial_step(target: Path) -> int:
+    """The step an unfinished :func:`train_recipe_lora_chunk` run of ``target`` has reached (0: not started)."""
+    found = checkpoints(partial_dir(target))
+    return found[-1][0] if found else 0

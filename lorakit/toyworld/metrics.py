@@ -52,6 +52,7 @@ def eval_oracle(s: OracleSettings, records) -> tuple[dict, list, list]:
     """The oracle's verdict on each image's own concepts, with rates per concept, per kind and all at once."""
     from PIL import Image
 
+    # lazy: torch (`lorakit --help` imports this module)
     from lorakit.eval.report import presence_rows, presence_summary
     from lorakit.toyworld.oracle import score
 

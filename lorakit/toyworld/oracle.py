@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.fileio import load_safetensors
 from lorakit.resources import data_path
 from lorakit.toyworld.concepts import get_concept
 
@@ -166,8 +167,6 @@ class Oracle:
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> Oracle:
         """Load ``<path>/config.json`` + ``<path>/oracle.safetensors`` (default: :meth:`default_dir`)."""
-        from lorakit.fileio import load_safetensors
-
         folder = Path(path) if path else cls.default_dir()
         cfg_path, w_path = folder / "config.json", folder / "oracle.safetensors"
         for f in (cfg_path, w_path):

@@ -15,7 +15,12 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from lorakit.toyworld.sketch import HALVES, CharacterScene
+from lorakit.fileio import save_image, write_text
+from lorakit.sampling import SamplerSettings, generate, load_adapters, load_pipeline
+from lorakit.sampling.conditions import Condition
+from lorakit.sampling.regional import Region, RegionSpec
+from lorakit.toyworld.loras import default_cache_dir, train_concept_lora
+from lorakit.toyworld.sketch import CharacterScene, HALVES, render_character_scene, silhouette_image
 
 ARMS = ("regional", "regional+sketch")
 WINDOW_FILL = 0.8  # the character's size over the oracle window's side (where the oracle knows characters best)
@@ -62,9 +67,6 @@ def load_sketch_pipeline(base: str, adapter: str, characters, loras=None, scale:
     there when missing) and the sketch T2I-Adapter. Returns ``(pipe, loaded adapters, adapter model)``."""
     from diffusers import T2IAdapter
 
-    from lorakit.sampling import load_adapters, load_pipeline
-    from lorakit.toyworld.loras import default_cache_dir, train_concept_lora
-
     if loras is None:
         loras = [train_concept_lora(c, lora_dir or default_cache_dir()) for c in characters]
     pipe = load_pipeline(base, dtype="fp32", device="cpu")
@@ -75,10 +77,6 @@ def load_sketch_pipeline(base: str, adapter: str, characters, loras=None, scale:
 def scene_regions(scene: CharacterScene, adapter=None, weight: float = 1.0):
     """The scene's :class:`RegionSpec` (a box per half with its character's caption) and, with ``adapter``, its
     sketch condition (the silhouette, ``weight`` in each character's box, 0 elsewhere)."""
-    from lorakit.sampling.conditions import Condition
-    from lorakit.sampling.regional import Region, RegionSpec
-    from lorakit.toyworld.sketch import render_character_scene, silhouette_image
-
     spec = RegionSpec(scene.background_prompt(), "", [Region(b, p) for b, p in zip(HALVES, scene.region_prompts())])
     if adapter is None:
         return spec, None
@@ -89,8 +87,6 @@ def scene_regions(scene: CharacterScene, adapter=None, weight: float = 1.0):
 def sample_scene(pipe, loras, adapter, scene: CharacterScene, seed: int, arm: str, method: str = "merge",
                  steps: int = 20, cfg: float = 4.0, weight: float = 1.0, uncond: str = "adapter"):
     """One image of ``scene``: regional prompts, with the sketch (``arm`` ``regional+sketch``) or without."""
-    from lorakit.sampling import SamplerSettings, generate
-
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
     spec, conds = scene_regions(scene, adapter if arm == ARMS[1] else None, weight)
@@ -107,8 +103,6 @@ def write_sheet(folder, scenes: list[dict], enlarge: int = 4):
     """
     from html import escape
     from pathlib import Path
-
-    from lorakit.fileio import save_image, write_text
 
     folder = Path(folder)
     big = folder / f"x{enlarge}"

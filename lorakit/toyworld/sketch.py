@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS, SHAPE_COLORS, SHAPES
-from lorakit.toyworld.render import SUPERSAMPLE, Scene, _background, draw_shape
+from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS, SHAPES, SHAPE_COLORS, get_concept
+from lorakit.toyworld.render import SUPERSAMPLE, Scene, _CHARACTERS, _background, draw_shape
 
 HALVES = ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0))  # left, right: (top, left, bottom, right) fractions
 
@@ -136,8 +136,6 @@ class CharacterScene:
 
     def region_prompts(self) -> list[str]:
         """A prompt per character, written like the toy LoRAs' captions (trigger word, background)."""
-        from lorakit.toyworld.concepts import get_concept
-
         return [f"{get_concept(c.name).trigger}, {self.background_prompt()}" for c in self.characters]
 
 
@@ -170,8 +168,6 @@ class _MaskDraw:
 
 def render_character_scene(scene: CharacterScene, size: int = 32) -> tuple[Image.Image, np.ndarray]:
     """The scene's RGB image (the characters as the toy world draws them) and its silhouette ``[size, size]``."""
-    from lorakit.toyworld.render import _CHARACTERS
-
     n = size * SUPERSAMPLE
     bg = _background(Scene(background=scene.background, bg_color=scene.bg_color), n, np.random.default_rng(0))
     canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))

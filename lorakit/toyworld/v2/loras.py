@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 from lorakit.resources import BUNDLED
-from lorakit.toyworld.loras import recipe_lora_path, train_recipe_lora
-from lorakit.toyworld.v2.concepts import get_concept
+from lorakit.toyworld.loras import recipe_lora_path, train_recipe_lora, train_recipe_lora_chunk
+from lorakit.toyworld.v2.concepts import IDENTITIES, get_concept
 from lorakit.toyworld.v2.dataset import CLASS_WORLD, make_dataset
 
 # Images per folder and the seed each is rendered with (the recipes' comments say the same).
@@ -27,8 +27,6 @@ def identity_name(concept: str) -> str:
     """``concept`` if it is a v2 identity (``kwibbit``), else a ValueError naming the identities."""
     c = get_concept(concept)
     if c.role != "identity":
-        from lorakit.toyworld.v2.concepts import IDENTITIES
-
         raise ValueError(f"{concept!r} is a v2 {c.role} concept; v2 LoRAs are made for the identities: "
                          f"{', '.join(i.name for i in IDENTITIES)}")
     return c.name
@@ -91,3 +89,12 @@ def train_identity_lora(identity: str, out_dir: str | os.PathLike, base: str | o
     name = identity_name(identity)
     return train_recipe_lora(recipe_path(name), f"toy2_{name}", out_dir,
                              _overrides(name, base, Path(out_dir), overrides), force)
+
+
+def train_identity_lora_chunk(identity: str, out_dir: str | os.PathLike, base: str | os.PathLike,
+                              stop_at_step: int, overrides: list[str] | None = None) -> Path | None:
+    """:func:`train_identity_lora` in parts: train up to ``stop_at_step``, continuing an earlier call's run;
+    the LoRA (the same file, bit for bit) once the recipe's ``max_steps`` are done, else None."""
+    name = identity_name(identity)
+    return train_recipe_lora_chunk(recipe_path(name), f"toy2_{name}", out_dir,
+                                   _overrides(name, base, Path(out_dir), overrides), stop_at_step)

@@ -12,8 +12,12 @@ import sys
 from pathlib import Path
 
 from lorakit.eval.stats import paired, rate
+from lorakit.models import load_base
 from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, generate, generic_prompts
 from lorakit.toyworld.v2.evaluate import found_by_kind, identity_prompts, world_prompts
+from lorakit.toyworld.v2.image_store import StoredPipe, pipeline_tag
+from lorakit.toyworld.v2.loras import train_identity_lora
+from lorakit.toyworld.v2.render import Scene, render
 
 # Prompt and image seeds of every v2 measurement (the same for the base and every LoRA, so rows pair up).
 GENERIC_PROMPT_SEED = 7
@@ -68,8 +72,6 @@ def vae_round_trip(vae, imgs: list) -> list:
 def oracle_ceiling(vae, oracle, n: int) -> list[dict]:
     """:func:`base_following`'s rows on the renderer's own images of the same prompts, raw and through the
     base's VAE: what a perfect base would score (the measurement's ceiling)."""
-    from lorakit.toyworld.v2.render import Scene, render
-
     asked = generic_prompts(n, seed=GENERIC_PROMPT_SEED)
     scenes = [Scene(shape=w["shape"], shape_color=w["color"], background=w["background"],
                     bg_color=p.split(", ")[1].split()[0], seed=i) for i, (p, w) in enumerate(asked)]
@@ -144,20 +146,30 @@ def identity_following(identity: str, base_pipe, lora_pipe, oracle, n: int, scal
 
 
 def load_pipeline(path: str | Path):
-    from lorakit.models import load_base
-
     pipe = load_base(path)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def measure_identities(identities: list[str], base: str | Path, oracle, n: int, scale: float, work: Path,
-                       overrides: list[str] | None = None, emit=None, cache: dict | None = None) -> list[dict]:
-    """Train (or reuse) each identity's recipe LoRA on ``base`` and return (and ``emit``) its rows; ``cache``
-    keeps the base's images (shared with :func:`base_following`)."""
-    from lorakit.toyworld.v2.loras import train_identity_lora
+def stored(pipe, store: Path | None, tag: str, deadline: float | None):
+    """``pipe`` itself, or (with a ``store`` folder) a :class:`~lorakit.toyworld.v2.image_store.StoredPipe` keeping
+    its images under ``store/tag`` and stopping at ``deadline`` (``time.monotonic()``)."""
+    if store is None:
+        return pipe
 
+    return StoredPipe(pipe, Path(store) / tag, deadline)
+
+
+def measure_identities(identities: list[str], base: str | Path, oracle, n: int, scale: float, work: Path,
+                       overrides: list[str] | None = None, emit=None, cache: dict | None = None,
+                       store: Path | None = None, deadline: float | None = None) -> list[dict]:
+    """Train (or reuse) each identity's recipe LoRA on ``base`` and return (and ``emit``) its rows; ``cache``
+    keeps the base's images (shared with :func:`base_following`). With ``store``, every image is kept on disk
+    and the run raises :class:`~lorakit.toyworld.v2.image_store.OutOfTime` before passing ``deadline``; the
+    same call again continues it."""
     base_pipe = load_pipeline(base)
+    if store is not None:
+        base_pipe = stored(base_pipe, store, pipeline_tag(base), deadline)
     cache = {} if cache is None else cache
     out = []
     for identity in identities:
@@ -166,6 +178,9 @@ def measure_identities(identities: list[str], base: str | Path, oracle, n: int, 
         lora_pipe = load_pipeline(base)
         lora_pipe.load_lora_weights(str(path), adapter_name=identity)
         lora_pipe.set_adapters([identity], [scale])
+        if store is not None:
+            lora_pipe = stored(lora_pipe, store, pipeline_tag(base, path, scale), deadline)
+            lora_pipe.last_batch_s = base_pipe.last_batch_s  # the same cost per batch: stop before the first one too
         rows = identity_following(identity, base_pipe, lora_pipe, oracle, n, scale, cache)
         for r in rows:
             r["adapter"] = str(path)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import sys
 
+from lorakit.models import tiny_tokenizer
+from lorakit.tiny_models import tiny_unet
 from lorakit.toyworld import base as v1
 from lorakit.toyworld.base import toy_text_encoder  # noqa: F401 - the same frozen 2-layer encoder as v1
 from lorakit.toyworld.v2.concepts import VOCAB
@@ -27,8 +29,6 @@ LATENT_SIZE = 16
 
 def toy_tokenizer():
     """Offline CLIP tokenizer with every v2 word and trigger as a single token."""
-    from lorakit.models import tiny_tokenizer
-
     return tiny_tokenizer(VOCAB)
 
 
@@ -40,8 +40,6 @@ def toy_vae():
 
 def toy_unet():
     """Untrained ``UNet2DConditionModel`` in SD1's block layout (``layers_per_block=2``) for 4x16x16 latents."""
-    from lorakit.tiny_models import tiny_unet
-
     return tiny_unet("sd1", cross_attention_dim=TEXT_WIDTH, sample_size=LATENT_SIZE, norm_num_groups=8)
 
 

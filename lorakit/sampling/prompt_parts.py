@@ -1,0 +1,36 @@
+"""Per-adapter prompt parts (``--prompt-parts per-adapter``): the part of a prompt each adapter's pass sees.
+
+Composable-Diffusion style: a prompt is comma tags (``kwibbit, hattock, white plain background, inkvel``); each
+adapter learned one trigger word. An adapter's part keeps the tags that hold its own trigger and the tags that
+hold no adapter's trigger (the shared scene), so a LoRA is never conditioned on the other LoRAs' trigger words,
+which it never saw in training (``kwibbit, white plain background`` for the frog LoRA above).
+"""
+
+from __future__ import annotations
+
+import re
+
+
+def _holds(tag: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", tag, flags=re.IGNORECASE) is not None
+
+
+def adapter_prompt_parts(prompt: str, triggers: list[str]) -> list[str]:
+    """One prompt per trigger: the comma tags holding that trigger (as a whole word) plus those holding none.
+
+    Example: ``adapter_prompt_parts("kwibbit, hattock, white plain background", ["kwibbit", "hattock"])`` is
+    ``["kwibbit, white plain background", "hattock, white plain background"]``.
+    Raises:
+        ValueError: a trigger is empty or in no tag of the prompt (its adapter would see only the scene).
+    """
+    tags = [t.strip() for t in prompt.split(",") if t.strip()]
+    parts = []
+    for word in triggers:
+        if not word or not word.strip():
+            raise ValueError("prompt parts: an adapter has no trigger word (set --triggers)")
+        if not any(_holds(t, word.strip()) for t in tags):
+            raise ValueError(f"prompt parts: trigger {word!r} is in no comma tag of the prompt {prompt!r}")
+    for word in triggers:
+        keep = [t for t in tags if _holds(t, word.strip()) or not any(_holds(t, w.strip()) for w in triggers)]
+        parts.append(", ".join(keep))
+    return parts
