@@ -29,6 +29,7 @@ def _state(folder: Path):
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("toy_*.safetensors")}
 
 
+@pytest.mark.slow  # three trainings on the toy base, ~14 s of CPU
 def test_adapters_reused_retrained_and_stale_removed(tmp_path, capsys):
     out = tmp_path / "adapters"
     files = ci.train_adapters(out, ["max_steps=2"], ["frog", "ink"])

@@ -99,10 +99,15 @@ def test_printed_paths_exist(demo_run):
     assert paths and all(Path(p).is_file() for p in paths), printed
 
 
-def test_rerun_removes_only_its_own_stale_images(demo_run, tmp_path):
+def test_rerun_reuses_the_loras_and_removes_only_its_own_stale_images(demo_run, tmp_path):
+    """A second run into a copy of the first one's folder (another seed: other image names): the cached LoRAs are
+    reused, not retrained nor rewritten; the first run's images go, a file lorakit did not write stays."""
     import shutil
 
     out, loras, first, _ = demo_run
+    paths = {n: Path(v["path"]) for n, v in first["loras"].items()}
+    mtimes = {n: p.stat().st_mtime_ns for n, p in paths.items()}
+    assert all(p.parent == loras for p in paths.values())
     again = tmp_path / "rerun"
     shutil.copytree(out, again)
     (again / "images" / "mine.png").write_bytes(b"not lorakit's")
@@ -112,18 +117,9 @@ def test_rerun_removes_only_its_own_stale_images(demo_run, tmp_path):
     assert all((again / rel).is_file() for r in report["rows"] for rel in r["images"] + r["images_large"])
     assert (again / "images" / "mine.png").read_bytes() == b"not lorakit's"
     assert len(report["removed_stale"]) == 2 * len(first["rows"])
-
-
-def test_second_run_reuses_the_loras(demo_run, tmp_path):
-    _, loras, first, _ = demo_run
-    paths = {n: Path(v["path"]) for n, v in first["loras"].items()}
-    mtimes = {n: p.stat().st_mtime_ns for n, p in paths.items()}
-    assert all(p.parent == loras for p in paths.values())
-    assert main(["demo", *QUICK, "--out", str(tmp_path / "again"), "--lora-dir", str(loras)]) == 0
-    second = json.loads((tmp_path / "again" / "report.json").read_text())
     for n, p in paths.items():
-        assert second["loras"][n]["cached"] is True
-        assert Path(second["loras"][n]["path"]) == p
+        assert report["loras"][n]["cached"] is True
+        assert Path(report["loras"][n]["path"]) == p
         assert p.stat().st_mtime_ns == mtimes[n]  # not retrained, not rewritten
     assert len(list(loras.glob("*.safetensors"))) == 2
 

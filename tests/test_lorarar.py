@@ -103,7 +103,7 @@ def cfg_for(tmp_path, *overrides):
 
 def test_training_evaluates_a_held_out_pair(sd1_pipe, tmp_path):
     reset_accelerate()
-    cfg = cfg_for(tmp_path, "synthetic.content=3", "synthetic.style=3", "synthetic.eval_pairs=1", "max_steps=24",
+    cfg = cfg_for(tmp_path, "synthetic.content=3", "synthetic.style=3", "synthetic.eval_pairs=1", "max_steps=4",
                   "train_batch_size=2", "eval_batches=3")
     result = train(cfg, pipe=copy.deepcopy(sd1_pipe))
     (row,) = result.eval

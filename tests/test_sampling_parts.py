@@ -45,10 +45,10 @@ def test_adapter_guidance_plan_and_checks():
                                            for t in (Term((i,), 0.0, g), Term((), 0.0, -g, part=i))]
     with pytest.raises(ValueError, match="2 values for 3 adapters"):
         method_plan(SamplerSettings(method="delta", adapter_guidance=(1.0, 2.0)), 3, 2, None, None)
-    for bad, msg in ((dict(method="composite", adapter_guidance=(1.0,)), "needs method delta"),
-                     (dict(method="delta", adapter_guidance=(-1.0,)), ">= 0"),
-                     (dict(method="merge", prompt_parts="per-adapter"), "merge has none"),
-                     (dict(method="cmlora", cmlora_mode="official", prompt_parts="per-adapter"), "drop prompt_parts")):
+    for bad, msg in (({"method": "composite", "adapter_guidance": (1.0,)}, "needs method delta"),
+                     ({"method": "delta", "adapter_guidance": (-1.0,)}, ">= 0"),
+                     ({"method": "merge", "prompt_parts": "per-adapter"}, "merge has none"),
+                     ({"method": "cmlora", "cmlora_mode": "official", "prompt_parts": "per-adapter"}, "drop prompt_parts")):
         with pytest.raises(ValueError, match=msg):
             SamplerSettings(**bad).check()
 

@@ -51,6 +51,8 @@ def main(argv=None) -> int:
                 print(f"{todo[0]}: not finished; call again to continue", flush=True)
                 return MORE
         t, before = time.monotonic(), trained_steps(todo[0], cache)
+        if fits and _max_steps(todo[0]) - before <= 1.1 * fits:  # a few steps short: finish rather than reload later
+            fits = _max_steps(todo[0]) - before
         train_concept_edlora(todo[0], cache, chunk_steps=args.chunk_steps, max_new_steps=fits)
         finished = concept_edlora_path(todo[0], cache).exists()
         after = _max_steps(todo[0]) if finished else trained_steps(todo[0], cache)

@@ -35,7 +35,7 @@ class NoSettings:
 
 @dataclass(frozen=True)
 class GradientOptions:
-    steps: int | None = option(None, "gradient: sampling steps recorded per prompt", show_default="10; the reference samples 20", type=int)
+    steps: int | None = option(None, "gradient: sampling steps recorded per prompt", show_default="10 (the reference samples 20)", type=int)
     resolution: int | None = option(None, "gradient: sampling size in pixels", type=int,
                                     show_default="the pipeline's, 512 SD1 / 1024 SDXL")
     samples: int = option(1, "gradient: samples (seeds) per sampling prompt", type=int)

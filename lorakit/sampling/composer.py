@@ -201,11 +201,14 @@ class _Contexts:
         return self.cache[key]
 
 
-def prompt_parts_of(settings: SamplerSettings, adapters: list[LoadedAdapter], prompt: str) -> list[str] | None:
+def prompt_parts_of(settings: SamplerSettings, adapters: list[LoadedAdapter], prompt: str,
+                    regions=None) -> list[str] | None:
     """Each adapter's part of ``prompt`` under ``--prompt-parts per-adapter`` (None for ``joint``): triggers from
     ``settings.triggers``, else each file's ``lorakit.trigger`` metadata."""
     if settings.prompt_parts != "per-adapter" or not adapters:
         return None
+    if regions is not None:
+        raise ValueError("prompt_parts per-adapter does not combine with regions (each region has its own prompt)")
     triggers = list(settings.triggers) if settings.triggers else [
         (a.metadata or {}).get("lorakit.trigger", "") for a in adapters]
     if len(triggers) != len(adapters):
@@ -262,9 +265,7 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
     pipe.scheduler.set_timesteps(settings.steps, device=pipe._execution_device)
     plan = _plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
     joint = None if settings.encode == "per-adapter" else ((0,) if settings.method == "switch" else tuple(range(n)))
-    if settings.prompt_parts == "per-adapter" and regions is not None:
-        raise ValueError("prompt_parts per-adapter does not combine with regions (each region has its own prompt)")
-    parts = prompt_parts_of(settings, adapters, prompt)
+    parts = prompt_parts_of(settings, adapters, prompt, regions)
     contexts = _Contexts(pipe, adapters, prompt, negative_prompt, len(seeds), do_cfg, regions, joint, parts)
     for step_terms in plan.terms:  # encode up front: set_adapters also touches the UNet
         for term in step_terms:
@@ -277,9 +278,7 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
     finally:
         if previous is not None:
             remove_regional(pipe.unet, previous)
-    info = _run_info(pipe, settings, adapters, plan, passes, height, width)
-    if parts is not None:
-        info["prompt_parts"] = parts
+    info = _run_info(pipe, settings, adapters, plan, passes, height, width, parts)
     if output_type == "latent":
         return latents, info
     return decode_latents(pipe, latents), info
@@ -316,9 +315,13 @@ def _spatial_conditions(pipe, regions, conditions, height: int, width: int):
                              getattr(regions, "box_rounding", "inside") if regions is not None else "inside")
 
 
-def _run_info(pipe, settings: SamplerSettings, adapters, plan: Plan, passes: dict, height: int, width: int) -> dict:
-    """What the sidecar records of a run: method, size, the plan's schedule with adapter names, pass counts."""
+def _run_info(pipe, settings: SamplerSettings, adapters, plan: Plan, passes: dict, height: int, width: int,
+              parts: list[str] | None = None) -> dict:
+    """What the sidecar records of a run: method, size, the plan's schedule with adapter names, pass counts, and
+    the per-adapter prompt parts if any."""
     info = {"method": settings.method, "height": height, "width": width, **plan.info, "passes": passes}
+    if parts is not None:
+        info["prompt_parts"] = parts
     if plan.info.get("cache"):
         info["cache_split"] = [settings.cache_depth, settings.cmlora_cache_layer(pipe.unet)]
     for key in ("order", "dominants", "active_per_step"):

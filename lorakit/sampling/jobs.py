@@ -163,7 +163,8 @@ def _sidecar(job: SampleJob, prompts: list[str], p_idx: int, i: int, seed: int, 
         "profile_settings": {"prompt": job.profile_prompt, "steps": job.profile_steps, "seeds": list(job.profile_seeds)},
         "batch_size": job.batch_size,
         "schedule": {k: v for k, v in info.items()
-                     if k in ("order", "n_rotation", "dominants", "rotations", "active_per_step", "passes")},
+                     if k in ("order", "n_rotation", "dominants", "rotations", "active_per_step", "passes",
+                              "prompt_parts")},
     }
 
 
