@@ -413,3 +413,13 @@ def test_fuse_cli_gradient_pipeline_matches_library(tmp_path, sd1_pipe, fused_tw
     saved = load_base(dest)
     for key in list(out["modules"])[::7]:
         torch.testing.assert_close(_weight(saved, key), _weight(pipe, key), rtol=1e-5, atol=1e-6)
+
+
+def test_capture_steps_default_to_10_and_follow_the_flag():
+    from dataclasses import replace
+
+    from lorakit.fusion.gradient import settings_from
+    from lorakit.fusion.settings import GradientOptions
+
+    assert settings_from(GradientOptions(), seed=0).steps == 10  # the reference samples 20 (docs/fusion.md)
+    assert settings_from(replace(GradientOptions(), steps=3), seed=0).steps == 3

@@ -11,14 +11,15 @@ from lorakit.options import add_options, from_args, listing
 
 
 HELP = "fuse several LoRA/LoCon/ED-LoRA adapters: gradient fusion (Mix-of-Show) or weight merges"
-DESCRIPTION = (
-    "Fuse several adapters into one model or one adapter file.\n\nmethods (dW_i = adapter i's "
-    "delta, w_i = its --weights value):\n" + listing(METHODS) + "\n\nMulti-GPU: accelerate launch -m lorakit.cli "
-    "fuse ... splits the gradient method's activation capture between processes."
-)
+DESCRIPTION = "Fuse several adapters into one model or one adapter file."
+MULTI_GPU = ("Multi-GPU: accelerate launch -m lorakit.cli fuse ... splits the gradient method's activation capture "
+             "between processes.")
 
 
 def add_arguments(p) -> None:
+    # the method listing is built with the parser: the registry may grow after import
+    p.description = (DESCRIPTION + "\n\nmethods (dW_i = adapter i's delta, w_i = its --weights value):\n"
+                     + listing(METHODS) + "\n\n" + MULTI_GPU)
     p.add_argument("--method", required=True, choices=list(METHODS), help="fusion method (see above)")
     p.add_argument("--adapters", nargs="+", required=True, metavar="FILE", help="adapter .safetensors files")
     p.add_argument("--base", help="base model: diffusers folder, .safetensors checkpoint, hub id or tiny:ARCH "

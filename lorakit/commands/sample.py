@@ -10,12 +10,12 @@ HELP = "generate images with several LoRAs: merge, LoRA Switch, LoRA Composite, 
 DESCRIPTION = (
     "Generate images from a base model with several LoRA/LoCon/ED-LoRA adapters. Each image is saved "
     "as PNG with a JSON sidecar (all settings, adapters with SHA-256, seed) so it can be regenerated. Under "
-    "`accelerate launch` the images are split across processes; a seed gives the same image either way.\n\n"
-    "methods:\n" + listing(SAMPLERS)
+    "`accelerate launch` the images are split across processes; a seed gives the same image either way."
 )
 
 
 def add_arguments(p) -> None:
+    p.description = DESCRIPTION + "\n\nmethods:\n" + listing(SAMPLERS)  # when the parser is built: the registry may grow
     p.add_argument("--base", required=True, help="base model: diffusers folder, .safetensors checkpoint, hub id, or tiny:sd1")
     p.add_argument("--adapters", nargs="*", default=[], metavar="FILE",
                    help="adapter .safetensors files (first = character for switch); none: plain sampling of --base "
