@@ -12,6 +12,31 @@ import torch
 TEXT_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
 
+def detect_arch(unet_config) -> str:
+    """Name the architecture of a UNet from its config: ``sd1``, ``sd2`` or ``sdxl``.
+
+    Args:
+        unet_config: a ``UNet2DConditionModel.config`` (FrozenDict) or a plain dict.
+    Raises:
+        ValueError: for a UNet that is none of the three, naming what was found.
+    """
+    cfg = dict(unet_config)
+    down = tuple(cfg.get("down_block_types", ()))
+    if cfg.get("addition_embed_type") == "text_time" and len(down) == 3:
+        return "sdxl"
+    if len(down) == 4 and cfg.get("addition_embed_type") is None:
+        return "sd2" if cfg.get("use_linear_projection") or cfg.get("cross_attention_dim") == 1024 else "sd1"
+    raise ValueError(
+        f"unsupported UNet: down_block_types={list(down)}, addition_embed_type={cfg.get('addition_embed_type')!r}; "
+        "lorakit supports SD1.x, SD2.x and SDXL UNets (4 down blocks, or 3 down blocks with text_time embedding)"
+    )
+
+
+def pipeline_arch(pipe) -> str:
+    """Architecture name (``sd1``/``sd2``/``sdxl``) of a loaded diffusers pipeline."""
+    return detect_arch(pipe.unet.config)
+
+
 def is_sdxl(pipe) -> bool:
     """Whether the pipeline's UNet is SDXL's (it needs ``text_embeds`` and ``time_ids`` besides the prompt)."""
     return dict(pipe.unet.config).get("addition_embed_type") == "text_time"

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from lorakit.conditioning import detect_arch, pipeline_arch  # noqa: F401 - re-exported: callers name them here
 from lorakit.logs import quiet_loaded_libraries
 from lorakit.outputs import replace_dir
 from lorakit.sized_models import (  # noqa: F401 - re-exported: the pipelines a base name can resolve to
@@ -50,30 +51,6 @@ from lorakit.tiny_models import (  # noqa: F401 - re-exported
 )
 
 _tiny_text_encoder = tiny_text_encoder  # the name benchmarks used
-
-def detect_arch(unet_config) -> str:
-    """Name the architecture of a UNet from its config: ``sd1``, ``sd2`` or ``sdxl``.
-
-    Args:
-        unet_config: a ``UNet2DConditionModel.config`` (FrozenDict) or a plain dict.
-    Raises:
-        ValueError: for a UNet that is none of the three, naming what was found.
-    """
-    cfg = dict(unet_config)
-    down = tuple(cfg.get("down_block_types", ()))
-    if cfg.get("addition_embed_type") == "text_time" and len(down) == 3:
-        return "sdxl"
-    if len(down) == 4 and cfg.get("addition_embed_type") is None:
-        return "sd2" if cfg.get("use_linear_projection") or cfg.get("cross_attention_dim") == 1024 else "sd1"
-    raise ValueError(
-        f"unsupported UNet: down_block_types={list(down)}, addition_embed_type={cfg.get('addition_embed_type')!r}; "
-        "lorakit supports SD1.x, SD2.x and SDXL UNets (4 down blocks, or 3 down blocks with text_time embedding)"
-    )
-
-
-def pipeline_arch(pipe) -> str:
-    """Architecture name (``sd1``/``sd2``/``sdxl``) of a loaded diffusers pipeline."""
-    return detect_arch(pipe.unet.config)
 
 
 def load_base(source: str | os.PathLike, torch_dtype: torch.dtype = torch.float32, **kwargs):

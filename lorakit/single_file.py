@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters.keys import sai_unet_path
+from lorakit.conditioning import pipeline_arch
 from lorakit.fileio import save_safetensors
-from lorakit.models import pipeline_arch
 
 _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}

@@ -126,7 +126,7 @@ def test_two_processes_equal_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
     two = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
          str(ROOT / "train_edlora.py"), *args, f"output_dir={tmp_path / 'two'}", "train_batch_size=1"],
         env=env, capture_output=True, text=True, timeout=300,
     )

@@ -54,6 +54,7 @@ def test_meta_trace_equals_real_tensor_trace(sd1_pipe):
     assert peaks["meta"] == pytest.approx(peaks["cpu"], rel=0.15)
 
 
+@pytest.mark.slow  # 11.3 s of CPU (measured 2026-12-03, one thread)
 def test_estimate_parts_grow_as_expected():
     small = estimate("train", "tiny:sd1", resolution=32)
     big = estimate("train", "tiny:sd1", resolution=64, batch=2)

@@ -96,7 +96,7 @@ def test_controlnet_matches_diffusers_controlnet_pipeline(sd1):
     assert (ours - _latents(pipe, [], None)).abs().max() > 1e-3
 
 
-# merge in the fast tests; the other methods (~4 s of CPU each) in the slow ones
+# merge in the fast tests; the other methods (11-14 s wall each on the loaded CI machine) in the slow ones
 @pytest.mark.parametrize("method", ["merge", *[pytest.param(m, marks=pytest.mark.slow)
                                                for m in ("switch", "composite", "cmlora", "delta")]])
 def test_every_method_zero_weight_equals_none_and_weight_changes_it(sd1, method):

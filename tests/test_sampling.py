@@ -98,7 +98,7 @@ def test_cache_layer_settings(sd1_pipe):
     SamplerSettings(method="cmlora", cmlora_mode="official", cache_layer=0).check()
 
 
-@pytest.mark.parametrize("arch", ["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])  # sdxl: ~5 s of CPU
+@pytest.mark.parametrize("arch", ["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])  # sdxl: 16 s wall under load
 def test_composite_of_copies_equals_single_adapter(arch, sd1_pipe, sdxl_pipe, adapter_files):
     pipe = copy.deepcopy(sd1_pipe if arch == "sd1" else sdxl_pipe)
     f = adapter_files[arch][0]
@@ -145,7 +145,7 @@ def _direct_weighted_composite(pipe, ads, steps, cfg, prompt, seed, weights_per_
         return decode_latents(pipe, latents)
 
 
-@pytest.mark.slow  # ~8 s of CPU; the cached cmlora's counts stay fast
+@pytest.mark.slow  # ~11 s of CPU; the cached cmlora's counts stay fast
 def test_cmlora_no_cache_equals_direct_weighted_composite(sd1_pipe, adapter_files):
     pipe = copy.deepcopy(sd1_pipe)
     ads = load_adapters(pipe, adapter_files["sd1"])
@@ -190,6 +190,7 @@ def _direct_terms(pipe, ads, steps, cfg, seed, combine):
     return latents
 
 
+@pytest.mark.slow  # ~10 s of CPU (three methods against a step-by-step reference)
 def test_uncond_base_and_delta_equal_their_formulas(sd1_pipe, adapter_files):
     pipe = copy.deepcopy(sd1_pipe)
     ads = load_adapters(pipe, adapter_files["sd1"][:2])

@@ -111,7 +111,7 @@ def test_two_processes_write_the_same_images(tmp_path, files, one_process):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
     two = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
          "--module", "lorakit.cli", "sample", "--base", "tiny:sd1", "--adapters", *files, "--method", "cmlora",
          "--cmlora-order", "given", "--cmlora-interval", "2", "--steps", "3", "--cfg", "4.0", "--prompt", "a red cat",
          "--seed", "3", "--num-images", "2", "--out", str(tmp_path / "two")],

@@ -127,7 +127,7 @@ def _reference_composite(pipe, ads, steps, cfg, seed, weights=None, cache_plan=N
     return latents
 
 
-@pytest.mark.slow  # ~8 s of CPU; merge and switch stay in the fast tests
+@pytest.mark.slow  # 17-25 s wall on the loaded CI machine; merge and switch stay in the fast tests
 def test_composite_matches_reference(setup):
     pipe, ads = setup
     ours, info = _ours(pipe, ads, method="composite")
@@ -184,7 +184,7 @@ def test_cmlora_official_plan_at_220_steps(interval):
     assert len(schedules.cmlora_interval_steps(20, 0)) == 10
 
 
-@pytest.mark.slow  # ~6 s of CPU
+@pytest.mark.slow  # 17-25 s wall on the loaded CI machine
 def test_cmlora_official_mode_matches_reference(setup, monkeypatch):
     pipe, ads = setup
     monkeypatch.setattr(schedules, "OFFICIAL_LATE_AFTER", 5)  # the official 120, scaled down to a short test
@@ -198,7 +198,7 @@ def test_cmlora_official_mode_matches_reference(setup, monkeypatch):
     assert (ours - ref).abs().max() < 1e-4
 
 
-@pytest.mark.slow  # ~7 s of CPU
+@pytest.mark.slow  # 17-25 s wall on the loaded CI machine
 def test_cmlora_lorakit_mode_matches_reference(setup):
     pipe, ads = setup
     order, steps = [2, 0, 1], 11

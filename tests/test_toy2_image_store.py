@@ -122,3 +122,14 @@ def test_measure_identities_with_a_store_gives_the_same_rows_and_resumes(tmp_pat
     rows = measure.measure_identities(["hattock"], tmp_path / "pipe", oracle, 3, 0.8, work, over, store=tmp_path / "s")
     assert rows == plain
     assert sorted(p.name.split("-lora-")[0] != p.name for p in (tmp_path / "s").iterdir()) == [False, True]
+
+
+def test_smaller_n_prompts_are_the_first_of_larger_n():
+    """A measurement at n = 16 is the first batch of one at n = 32 (what lets the store continue it)."""
+    from lorakit.toyworld.v2.evaluate import identity_prompts, world_prompts
+    from lorakit.toyworld.v2.measure import IDENTITY_PROMPT_SEED, WORLD_PROMPT_SEED
+
+    small, big = (identity_prompts("kwibbit", n, IDENTITY_PROMPT_SEED) for n in (16, 32))
+    assert [t[:2] for t in small] == [t[:2] for t in big[:16]]
+    small, big = (world_prompts(n, WORLD_PROMPT_SEED) for n in (16, 32))
+    assert [p for p, _ in small] == [p for p, _ in big[:16]]

@@ -108,7 +108,7 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 6  # 3 images x (plain, flipped), reused
 
 
-@pytest.mark.slow  # 3 processes (accelerate launch + 2 workers), ~30 s of CPU
+@pytest.mark.slow  # 3 processes (accelerate launch + 2 workers): 30 s wall under load
 def test_two_processes_equal_one(tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 (gloo on the CPU) x batch 1 == 1 process x batch 2."""
     data = make_images(tmp_path / "img", n=3)

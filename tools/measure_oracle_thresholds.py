@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         test = probabilities(oracle, vae, name, args.n, args.test_seed + 100 * ci)
         t = choose(calib, args.grid, args.target)
         chosen[name] = t if t is not None else max(args.grid)
-        print(json.dumps({"concept": name, "threshold": t, "calibration": rates(calib, chosen[name]),
+        print(json.dumps({"concept": name, "threshold": t, "calibration_at_0.5": rates(calib, 0.5),
+                          "calibration": rates(calib, chosen[name]),
                           "held_out_at_0.5": rates(test, 0.5), "held_out_at_threshold": rates(test, chosen[name])}),
               flush=True)
     print(json.dumps({"thresholds": chosen}), flush=True)

@@ -34,9 +34,9 @@ from lorakit.adapters.keys import (  # noqa: F401 - kohya_prefix / module_path_f
 from lorakit.adapters.locon import is_locon
 from lorakit.adapters.lora import LoraModule
 from lorakit.blocks import lora_config
+from lorakit.conditioning import pipeline_arch
 from lorakit.fileio import load_safetensors, save_safetensors
 from lorakit.logs import library_notices_off
-from lorakit.models import pipeline_arch
 
 FORMAT_VERSION = "1"
 

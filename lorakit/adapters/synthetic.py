@@ -12,8 +12,7 @@ from lorakit.blocks import (
     resolve_block_spec,
     text_encoder_modules,
 )
-from lorakit.conditioning import text_encoders
-from lorakit.models import pipeline_arch
+from lorakit.conditioning import pipeline_arch, text_encoders
 
 
 def random_adapter(
