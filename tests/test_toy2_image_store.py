@@ -84,15 +84,11 @@ def test_pipeline_tag_changes_with_the_adapter_bytes_and_scale(tmp_path):
 
 
 def test_measure_tool_budget_needs_a_store(capsys):
-    import importlib.util
-    from pathlib import Path
+    import importlib
 
     from lorakit.errors import run_guarded
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("measure_toyworld", root / "tools" / "measure_toyworld.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module("measure_toyworld")  # tools/ is on sys.path (conftest)
     rc = run_guarded(lambda: tool.main(["--world", "v2", "--oracle", "o", "--budget-s", "5"]), "m")
     assert rc == 2 and "--budget-s needs --image-store" in capsys.readouterr().err
 

@@ -3,7 +3,7 @@ the same LoRA, bit for bit and under the same recipe hash, as one uninterrupted 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 
 import pytest
@@ -14,10 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("train_toy2_loras", ROOT / "tools" / "train_toy2_loras.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("train_toy2_loras")  # tools/ is on sys.path (conftest)
 
 
 def _random_pipe(root: Path) -> Path:

@@ -3,7 +3,7 @@ the base trainer's bit-exact resume (tools/train_toy_base_v2.py)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -131,10 +131,7 @@ def test_models_have_the_sd1_layout():
 
 
 def _trainer():
-    spec = importlib.util.spec_from_file_location("train_toy_base_v2", ROOT / "tools" / "train_toy_base_v2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("train_toy_base_v2")  # tools/ is on sys.path (conftest)
 
 
 def _tensors(path: Path) -> dict:
@@ -203,9 +200,7 @@ def test_oracle_v2_trains_saves_and_scores(tmp_path):
 
     from lorakit.toyworld.v2.oracle import Oracle
 
-    spec = importlib.util.spec_from_file_location("train_oracle_v2", ROOT / "tools" / "train_oracle_v2.py")
-    tr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tr)
+    tr = importlib.import_module("train_oracle_v2")
     out = tmp_path / "oracle"
     assert tr.main(["--out", str(out), "--n-train", "24", "--n-eval", "24", "--steps", "2", "--batch", "8"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -297,10 +292,7 @@ def _random_v2_world(root: Path) -> tuple[Path, Path]:
 
 
 def _measure_tool():
-    spec = importlib.util.spec_from_file_location("measure_toyworld", ROOT / "tools" / "measure_toyworld.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("measure_toyworld")  # tools/ is on sys.path (conftest)
 
 
 def test_measure_v2_refuses_missing_oracle_and_v1_base(capsys):
