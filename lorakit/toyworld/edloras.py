@@ -20,9 +20,8 @@ from pathlib import Path
 from lorakit.fileio import copy_file
 from lorakit.resources import data_path, toy_recipe
 from lorakit.toyworld.concepts import get_concept
-from lorakit.toyworld.loras import recipe_config, recipe_hash
+from lorakit.toyworld.loras import newest_checkpoint_step, recipe_config, recipe_hash
 from lorakit.training.edlora import train
-from lorakit.training.run_dir import checkpoints
 
 RECIPE = "edlora_character"
 KINDS = ("character", "object")
@@ -66,7 +65,7 @@ def train_concept_edlora(concept: str, out_dir: str | os.PathLike, base: str | N
         return target
     work = target.with_suffix(".work")
     cfg = recipe_config(toy_recipe(RECIPE), edlora_overrides(concept, base, overrides), "edlora")
-    done = _last_checkpoint_step(work)
+    done = newest_checkpoint_step(work)
     stop = min(cfg.max_steps, (done // chunk_steps + 1) * chunk_steps) if chunk_steps > 0 else cfg.max_steps
     if max_new_steps > 0:
         stop = min(stop, done + max_new_steps)
@@ -83,10 +82,5 @@ def train_concept_edlora(concept: str, out_dir: str | os.PathLike, base: str | N
 def trained_steps(concept: str, out_dir: str | os.PathLike, base: str | None = None,
                   overrides: list[str] | None = None) -> int:
     """Steps of ``concept``'s run done so far (its newest checkpoint; 0 before the first chunk)."""
-    return _last_checkpoint_step(concept_edlora_path(concept, out_dir, base, overrides).with_suffix(".work"))
+    return newest_checkpoint_step(concept_edlora_path(concept, out_dir, base, overrides).with_suffix(".work"))
 
-
-def _last_checkpoint_step(work: Path) -> int:
-
-    found = checkpoints(work)
-    return found[-1][0] if found else 0

@@ -232,5 +232,10 @@ def partial_dir(target: Path) -> Path:
 
 def partial_step(target: Path) -> int:
     """The step an unfinished :func:`train_recipe_lora_chunk` run of ``target`` has reached (0: not started)."""
-    found = checkpoints(partial_dir(target))
+    return newest_checkpoint_step(partial_dir(target))
+
+
+def newest_checkpoint_step(work: Path) -> int:
+    """The step of the newest complete checkpoint in the run folder ``work`` (0: none yet)."""
+    found = checkpoints(work)
     return found[-1][0] if found else 0
