@@ -403,82 +403,78 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def select_sets(args) -> list[dict] | None:
+    """The composition sets of the run (``--sizes``, ``--sets-per-size``, ``--sets``); None after saying why not."""
     try:
         sets = composition_sets(tuple(args.sizes), None if args.sets else args.sets_per_size, args.seed)
     except ImportError as err:
         print(f"bench_composition: cannot build the composition sets: the toy world is missing ({err})", file=sys.stderr)
-        return 2
+        return None
     if args.sets:
         unknown = sorted(set(args.sets) - {s["id"] for s in sets})
         if unknown:
             print(f"bench_composition: --sets {' '.join(unknown)}: no such set at sizes {args.sizes} "
                   "(--dry-run lists them)", file=sys.stderr)
-            return 2
+            return None
         sets = [s for s in sets if s["id"] in args.sets]
-    if args.rescore:
-        return rescore(args)
-    missing = missing_inputs(args, sets)
-    if args.dry_run:
-        for s in sets:
-            print(json.dumps({"set": s["id"], "prompt": s["prompt"]}))
-        print(f"{len(sets)} sets x {len(args.methods)} methods x {args.k} images", file=sys.stderr)
-        for line in missing:
-            print(f"missing: {line}", file=sys.stderr)
-        return 0
-    if missing:
-        print("bench_composition: cannot run; missing:\n  - " + "\n  - ".join(missing), file=sys.stderr)
-        return 2
+    return sets
 
-    from lorakit.eval.report import markdown_table
-    from lorakit.fileio import write_json, write_text
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = find_adapters(Path(args.adapters_dir))
-    seeds = [args.seed + i for i in range(args.k)]
-    if args.sweep and set(seeds) & set(range(args.val_seed, args.val_seed + args.val_k)):
-        print(f"bench_composition: validation seeds {args.val_seed}..{args.val_seed + args.val_k - 1} overlap the "
-              f"report seeds {seeds[0]}..{seeds[-1]}; pass another --val-seed", file=sys.stderr)
-        return 2
-    results = out / "results.jsonl"
-    results.write_text("")
-    runners = {}
+def print_dry_run(args, sets, missing) -> None:
+    for s in sets:
+        print(json.dumps({"set": s["id"], "prompt": s["prompt"]}))
+    print(f"{len(sets)} sets x {len(args.methods)} methods x {args.k} images", file=sys.stderr)
+    for line in missing:
+        print(f"missing: {line}", file=sys.stderr)
 
-    def runner_for(method):
+
+class CellRunner:
+    """One method on one set at one scale: generate, save (report phase), score, append to ``OUT/results.jsonl``."""
+
+    def __init__(self, args, files: dict[str, Path], out: Path):
+        self.args, self.files, self.out = args, files, out
+        self.results = out / "results.jsonl"
+        self.runners = {}
+
+    def runner_for(self, method):
         key = "sampling" if method in SAMPLING_METHODS else "fusion"
-        if key not in runners:
-            runners[key] = SamplingRunner(args, files) if key == "sampling" else FusionRunner(args, files, out / "fused")
-        return runners[key]
+        if key not in self.runners:
+            self.runners[key] = (SamplingRunner(self.args, self.files) if key == "sampling"
+                                 else FusionRunner(self.args, self.files, self.out / "fused"))
+        return self.runners[key]
 
-    def run_cell(method, s, run_seeds, scale, phase):
-        images, seconds, extra = runner_for(method).run(method, s, run_seeds, scale)
+    def __call__(self, method, s, run_seeds, scale, phase):
+        images, seconds, extra = self.runner_for(method).run(method, s, run_seeds, scale)
         row = {"phase": phase, "method": method, "n": s["n"], "set": s["id"], "prompt": s["prompt"], "scale": scale,
                "seeds": run_seeds, "categories": list(s["concepts"]), **extra}
         if images is not None:
             row["seconds_per_image"] = seconds / len(images)
             if phase == "report":
-                _save(images, s, method, run_seeds, out)
-            if not args.no_score:
-                row.update(presence(images, s["concepts"], args.oracle))
+                _save(images, s, method, run_seeds, self.out)
+            if not self.args.no_score:
+                row.update(presence(images, s["concepts"], self.args.oracle))
         print(json.dumps({k: v for k, v in row.items() if k != "present"}), flush=True)
-        with results.open("a") as f:
+        with self.results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         return row
 
-    chosen, val_rows = {}, []
-    if args.sweep:
-        val_seeds = [args.val_seed + i for i in range(args.val_k)]
-        for method in args.methods:
-            for scale in args.sweep:
-                for s in sets:
-                    val_rows.append(run_cell(method, s, val_seeds, scale, "validation"))
-        chosen = pick_scales(val_rows, args.methods, args.sizes, args.scale)
-    rows = []
+
+def run_sweep(args, sets, run_cell) -> tuple[dict, list[dict]]:
+    """``--sweep``: every method at every scale on the validation seeds; returns (chosen scales, validation rows)."""
+    val_rows = []
+    val_seeds = [args.val_seed + i for i in range(args.val_k)]
     for method in args.methods:
-        for s in sets:
-            rows.append(run_cell(method, s, seeds, chosen.get((method, s["n"]), args.scale), "report"))
+        for scale in args.sweep:
+            for s in sets:
+                val_rows.append(run_cell(method, s, val_seeds, scale, "validation"))
+    return pick_scales(val_rows, args.methods, args.sizes, args.scale), val_rows
+
+
+def write_report(args, out: Path, seeds, rows, val_rows, chosen) -> None:
+    """``OUT/summary.json`` and ``OUT/table.md`` (printed too) from the report rows."""
+    from lorakit.eval.report import markdown_table
+    from lorakit.fileio import write_json, write_text
+
     summary, headers, table = summarize(rows, args.methods, args.sizes)
     if args.sweep:
         summary["validation"] = {
@@ -500,6 +496,37 @@ def main(argv=None) -> int:
                "difference off them that the paired test does not confirm.\n")
     write_text(md, out / "table.md")
     print(md)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sets = select_sets(args)
+    if sets is None:
+        return 2
+    if args.rescore:
+        return rescore(args)
+    missing = missing_inputs(args, sets)
+    if args.dry_run:
+        print_dry_run(args, sets, missing)
+        return 0
+    if missing:
+        print("bench_composition: cannot run; missing:\n  - " + "\n  - ".join(missing), file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = find_adapters(Path(args.adapters_dir))
+    seeds = [args.seed + i for i in range(args.k)]
+    if args.sweep and set(seeds) & set(range(args.val_seed, args.val_seed + args.val_k)):
+        print(f"bench_composition: validation seeds {args.val_seed}..{args.val_seed + args.val_k - 1} overlap the "
+              f"report seeds {seeds[0]}..{seeds[-1]}; pass another --val-seed", file=sys.stderr)
+        return 2
+    run_cell = CellRunner(args, files, out)
+    run_cell.results.write_text("")
+    chosen, val_rows = run_sweep(args, sets, run_cell) if args.sweep else ({}, [])
+    rows = [run_cell(method, s, seeds, chosen.get((method, s["n"]), args.scale), "report")
+            for method in args.methods for s in sets]
+    write_report(args, out, seeds, rows, val_rows, chosen)
     return 0
 
 
