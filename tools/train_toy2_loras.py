@@ -6,7 +6,7 @@ On a shared machine one recipe may not finish in one sitting. This trains ``--ch
 stops before the next part would pass ``--budget-s``; run the same command again to continue. The finished LoRA
 is the file ``tools/measure_toyworld.py --world v2 --work <the same --out>`` looks for (same recipe hash).
 
-    python tools/train_toy2_loras.py --base PIPELINE --out /work/shared_artifacts/toy2_loras \\
+    python tools/train_toy2_loras.py --out /work/shared_artifacts/toy2_loras \\
         --identities kwibbit inkvel --budget-s 480
     python tools/train_toy2_loras.py --adapter edlora --base PIPELINE --out /work/shared_artifacts/edlora_v2 \\
         --identities zorbo kwibbit bloopo hattock --budget-s 480
@@ -26,7 +26,7 @@ import time
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="a v2 pipeline folder")
+    p.add_argument("--base", help="a v2 pipeline folder (default: the bundled data/toy2-base)")
     p.add_argument("--out", required=True, help="the LoRA cache folder (as measure_toyworld.py's --work)")
     p.add_argument("--identities", nargs="+", required=True, help="v2 identities, in the order to train them")
     p.add_argument("--adapter", choices=ADAPTERS, default="lora",
@@ -80,6 +80,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.base is None:
+        from lorakit.toyworld.v2.models import DEFAULT_BASE
+
+        args.base = str(DEFAULT_BASE)
     deadline = time.monotonic() + args.budget_s
     for identity in args.identities:
         row = train_within(identity, args.out, args.base, args.set, args.chunk, deadline, adapter=args.adapter)

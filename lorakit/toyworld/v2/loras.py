@@ -90,7 +90,7 @@ def train_identity_lora(identity: str, out_dir: str | os.PathLike, base: str | o
     Args:
         identity: a v2 identity (``kwibbit``, ``zorbo``, ...).
         out_dir: LoRA cache folder; its data goes to ``out_dir/toy2-data``.
-        base: a v2 pipeline folder (there is no bundled v2 base yet).
+        base: a v2 pipeline folder (the bundled one: ``lorakit.toyworld.v2.models.DEFAULT_BASE``).
         overrides: extra ``key=value`` recipe overrides (``["max_steps=100"]``).
         force: retrain even when the LoRA with this hash exists.
     Returns:
