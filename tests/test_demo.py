@@ -1,4 +1,4 @@
-"""``lorakit demo`` on the bundled toy base with tiny settings (2 training steps, 1 image per method, 4 DDIM steps).
+"""``lorakit demo --world v1`` on the bundled toy base with tiny settings (2 training steps, 1 image per method, 4 DDIM steps).
 
 Checks the report files, that every method row is present, that report.json's rates are the oracle's on the saved
 PNGs, that a second run reuses the cached LoRAs, and that bad --character / --style values fail naming the value.
@@ -15,7 +15,7 @@ from lorakit.cli import main
 from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids, target_ids
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "--quiet"]
+QUICK = ["--world", "v1", "--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_a_batched_row_gives_each_seed_its_own_image(demo_run, tmp_path):
     from lorakit.toyworld.demo import DemoSettings, run_demo
 
     _, loras, _, _ = demo_run
-    common = dict(lora_dir=str(loras), train_steps=2, sample_steps=4, methods=["base", "merge"])
+    common = dict(world="v1", lora_dir=str(loras), train_steps=2, sample_steps=4, methods=["base", "merge"])
     run_demo(DemoSettings(out=str(tmp_path / "two"), k=2, seed=0, **common), progress=False)
     run_demo(DemoSettings(out=str(tmp_path / "one"), k=1, seed=1, **common), progress=False)
     for row in ("base", "merge"):
