@@ -11,11 +11,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from lorakit.toyworld.concepts import SHAPES
 from lorakit.toyworld.v2.composition import set_render, set_scene, training_captions
 from lorakit.toyworld.v2.concepts import IDENTITIES, get_concept
 from lorakit.toyworld.v2.render import Scene, caption, render
-
-SHAPES = ("circle", "square", "triangle", "star")  # the generic shapes the style target row cycles through
 
 
 class World:
@@ -44,7 +43,7 @@ class World:
         except ValueError:
             raise ValueError(f"{option} {value!r}: no such toy world v2 concept; {kind} identities: {choices}") from None
         if c.kind != kind or c.role != "identity":
-            raise ValueError(f"{option} {value!r} is a {c.role} {c.kind} of toy world v2, not a {kind} identity; "
+            raise ValueError(f"{option} {value!r} is a {c.kind} ({c.role}) of toy world v2, not a {kind} identity; "
                              f"{kind} identities: {choices}")
         return c.name
 
