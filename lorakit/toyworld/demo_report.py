@@ -106,7 +106,8 @@ setup s: time before the first image (cmlora: frequency profiles; gradient/weigh
 <h2>Images</h2><p>Shown {x}x enlarged (nearest neighbour; click for the {size}x{size} file). Under each image the oracle's
 verdict on each concept (&#10003; = present, &#10007; = absent: probability &ge; 0.5 or not); hover for the
 probabilities. The target rows are the renderer's ground truth for the same seeds: what the concepts should look
-like.</p>
+like. The oracle scores them too: the <code>target</code> row's rates are the most any method can reach by this
+oracle (where it misses a concept in its own ground truth, a &#10007; under a generated image means little).</p>
 <table class="grid">{grid}</table>
 </body></html>
 """
