@@ -102,7 +102,7 @@ def test_v2_run_has_every_row_enlarged_images_and_the_oracles_verdicts(v2_run):
     assert [r["method"] for r in report["rows"]] == (target_ids("kwibbit", "inkvel")
                                                     + method_ids("kwibbit", "inkvel"))
     html = (out / "report.html").read_text()
-    assert "width:192px" in html
+    assert "width:192px" in html and (out / "grid.png").is_file()
     oracle = Oracle.load()
     for row in report["rows"]:
         images = [Image.open(out / rel).convert("RGB") for rel in row["images"]]
@@ -134,3 +134,25 @@ def test_v2_rerun_reuses_the_loras_and_cleans_its_stale_images(v2_run):
     assert all((out / rel).is_file() for r in report["rows"] for rel in r["images"] + r["images_large"])
     assert sorted(p.name for p in (out / "images").glob("*.png")) == sorted(
         Path(rel).name for r in report["rows"] for rel in r["images"])
+
+
+def test_grid_png_shows_each_image_enlarged_with_its_verdict_marks(tmp_path):
+    from PIL import Image
+
+    from lorakit.toyworld.demo_report import GRID_COLOURS, grid_image
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for name, colour, probs in (("a", (0, 0, 255), [[0.9, 0.1]]), ("b", (255, 255, 0), [[0.2, 0.7]])):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / "images" / f"{name}.png")
+        rows.append({"method": name, "images": [f"images/{name}.png"], "probs": probs})
+    grid = grid_image({"settings": {"image_size": 64}, "rows": rows}, tmp_path).convert("RGB")
+    cell_h = 128 + 6 + 4
+    assert grid.size == (104 + 130, 2 * cell_h)
+    assert grid.getpixel((104 + 64, 2 + 64)) == (0, 0, 255)  # row a's image, 2x
+    assert grid.getpixel((104 + 64, cell_h + 2 + 64)) == (255, 255, 0)
+    mark_y = 2 + 128 + 4
+    assert grid.getpixel((104 + 20, mark_y)) == GRID_COLOURS[True]  # row a: character found, style not
+    assert grid.getpixel((104 + 64 + 20, mark_y)) == GRID_COLOURS[False]
+    assert grid.getpixel((104 + 20, cell_h + mark_y)) == GRID_COLOURS[False]
+    assert grid.getpixel((104 + 64 + 20, cell_h + mark_y)) == GRID_COLOURS[True]

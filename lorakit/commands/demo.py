@@ -88,5 +88,5 @@ def run(args) -> int:
     print(format_table(report))
     print()
     print("rates: fraction of images where the oracle sees the concept; setup s: profiling / fusing time")
-    print(f"report: {args.out}/report.html (also report.md, report.json; images in {args.out}/images/)")
+    print(f"report: {args.out}/report.html (also report.md, report.json, grid.png; images in {args.out}/images/)")
     return 0

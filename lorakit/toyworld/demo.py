@@ -307,7 +307,7 @@ class _Runner:
         return lambda seeds: _plain(pipe, self.prompt, seeds, s.sample_steps, s.guidance), info
 
 
-_DEMO_NAMES = {"report.html", "report.json", "report.md", "images", "loras"}
+_DEMO_NAMES = {"report.html", "report.json", "report.md", "grid.png", "images", "loras"}
 
 
 def _claim_demo_folder(out: Path) -> None:

@@ -125,10 +125,46 @@ def _verdict(probs, names: tuple[str, str]) -> str:
     return " ".join(f"{n} {PRESENT if p >= 0.5 else ABSENT}" for n, p in zip(names, probs))
 
 
+GRID_COLOURS = {True: (40, 160, 60), False: (200, 50, 50)}  # verdict marks: found / not found
+
+
+def grid_image(report: dict, out: Path, scale: int = 2, columns: int | None = None):
+    """One picture of the report: a row per report row (its name on the left), its images ``scale``x larger
+    (nearest neighbour) and under each two marks, character then style (green = the oracle finds it, red = not);
+    a 64-colour palette image, small enough for docs. ``columns`` limits the images per row."""
+    from PIL import Image, ImageDraw
+
+    rows = report["rows"]
+    k = min(len(rows[0]["images"]), columns or len(rows[0]["images"]))
+    size = report["settings"].get("image_size", 32) * scale
+    label_w, mark_h, pad = 104, 6, 2
+    cell_w, cell_h = size + pad, size + mark_h + 2 * pad
+    canvas = Image.new("RGB", (label_w + k * cell_w, len(rows) * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, r in enumerate(rows):
+        y = i * cell_h
+        draw.text((4, y + size // 2 - 6), r["method"], fill="black")
+        for j, (rel, probs) in enumerate(zip(r["images"][:k], r["probs"][:k])):
+            x = label_w + j * cell_w
+            with Image.open(out / rel) as im:
+                canvas.paste(im.convert("RGB").resize((size, size), Image.NEAREST), (x, y + pad))
+            half = size // 2
+            for m, p in enumerate(probs[:2]):
+                draw.rectangle([x + m * half + 1, y + pad + size + 2, x + (m + 1) * half - 2, y + pad + size + 1 + mark_h],
+                               fill=GRID_COLOURS[p >= 0.5])
+    return canvas.quantize(colors=64)
+
+
 def write_reports(report: dict, out: Path) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out`` (atomically)."""
-    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    """Write ``report.json``, ``report.md``, ``report.html`` and ``grid.png`` (:func:`grid_image`) into ``out``
+    (atomically)."""
+    from lorakit.fileio import save_image
+
+    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html",
+             "grid": out / "grid.png"}
     write_json(report, paths["json"])
     write_text(to_markdown(report), paths["md"])
     write_text(to_html(report), paths["html"])
+    if report["rows"] and report["rows"][0]["images"]:
+        save_image(grid_image(report, out), paths["grid"])
     return paths
