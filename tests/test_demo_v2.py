@@ -18,8 +18,9 @@ QUICK = ["--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "-
 
 
 def test_v2_is_the_default_world_and_its_prompt_is_the_recipes_caption_form():
-    from lorakit.commands.demo import add_arguments
     import argparse
+
+    from lorakit.commands.demo import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from lorakit.adapters.io import load_adapter
 from lorakit.fileio import save_image
-from lorakit.fusion.gradient import Concept as FuseConcept, GradientSettings, fuse_gradient
+from lorakit.fusion.gradient import Concept as FuseConcept
+from lorakit.fusion.gradient import GradientSettings, fuse_gradient
 from lorakit.fusion.merge import apply_deltas, weighted
 from lorakit.logs import tqdm
 from lorakit.outputs import claim_dir, is_marked, write_marker
@@ -44,7 +45,7 @@ from lorakit.sampling import (
     order_by_frequency,
     profile_adapters,
 )
-from lorakit.toyworld.concepts import Concept, SHAPES, concepts_of_kind, get_concept
+from lorakit.toyworld.concepts import SHAPES, Concept, concepts_of_kind, get_concept
 from lorakit.toyworld.demo_report import format_table, write_reports
 from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, concept_prompts
 from lorakit.toyworld.loras import default_cache_dir, train_concept_lora
@@ -482,5 +483,20 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-__all__ = ["METHODS", "TARGETS", "DemoSettings", "V1World", "check_concept", "get_world", "demo_prompt", "format_table", "method_ids",
-           "remove_stale_images", "run_demo", "target_ids", "target_images", "train_loras", "write_reports"]
+__all__ = [
+    "METHODS",
+    "TARGETS",
+    "DemoSettings",
+    "V1World",
+    "check_concept",
+    "demo_prompt",
+    "format_table",
+    "get_world",
+    "method_ids",
+    "remove_stale_images",
+    "run_demo",
+    "target_ids",
+    "target_images",
+    "train_loras",
+    "write_reports",
+]
