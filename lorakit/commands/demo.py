@@ -71,7 +71,8 @@ def run(args) -> int:
 
     from lorakit.toyworld.demo import DemoSettings, format_table, run_demo
 
-    settings = DemoSettings(character=args.character, style=args.style, world=args.world, out=args.out, lora_dir=args.lora_dir,
+    settings = DemoSettings(character=args.character, style=args.style, world=args.world, out=args.out,
+                            lora_dir=args.lora_dir,
                             k=args.k, seed=args.seed, scale=args.scale, train_steps=args.steps)
     if args.sample_steps is not None:
         if args.sample_steps < 1:

@@ -103,8 +103,8 @@ and style in the same image.
 setup s: time before the first image (cmlora: frequency profiles; gradient/weighted: fusing).</p>
 <table><tr>{th}</tr>{body}</table>
 <p>LoRAs: {escape('; '.join(_lora_lines(report)))}. Total {report['total_s']:.1f} s, {set_['threads']} thread(s).</p>
-<h2>Images</h2><p>Shown {x}x enlarged (nearest neighbour; click for the {size}x{size} file). Under each image the oracle's
-verdict on each concept (&#10003; = present, &#10007; = absent: probability &ge; 0.5 or not); hover for the
+<h2>Images</h2><p>Shown {x}x enlarged (nearest neighbour; click for the {size}x{size} file). Under each image the
+oracle's verdict on each concept (&#10003; = present, &#10007; = absent: probability &ge; 0.5 or not); hover for the
 probabilities. The target rows are the renderer's ground truth for the same seeds: what the concepts should look
 like. The oracle scores them too: the <code>target</code> row's rates are the most any method can reach by this
 oracle (where it misses a concept in its own ground truth, a &#10007; under a generated image means little).</p>
@@ -150,7 +150,8 @@ def grid_image(report: dict, out: Path, scale: int = 2, columns: int | None = No
                 canvas.paste(im.convert("RGB").resize((size, size), Image.NEAREST), (x, y + pad))
             half = size // 2
             for m, p in enumerate(probs[:2]):
-                draw.rectangle([x + m * half + 1, y + pad + size + 2, x + (m + 1) * half - 2, y + pad + size + 1 + mark_h],
+                top = y + pad + size + 2
+                draw.rectangle([x + m * half + 1, top, x + (m + 1) * half - 2, top + mark_h - 1],
                                fill=GRID_COLOURS[p >= 0.5])
     return canvas.quantize(colors=64)
 

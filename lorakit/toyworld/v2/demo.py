@@ -41,7 +41,8 @@ class World:
         try:
             c = get_concept(value)
         except ValueError:
-            raise ValueError(f"{option} {value!r}: no such toy world v2 concept; {kind} identities: {choices}") from None
+            raise ValueError(f"{option} {value!r}: no such toy world v2 concept; {kind} identities: "
+                             f"{choices}") from None
         if c.kind != kind or c.role != "identity":
             raise ValueError(f"{option} {value!r} is a {c.kind} ({c.role}) of toy world v2, not a {kind} identity; "
                              f"{kind} identities: {choices}")
