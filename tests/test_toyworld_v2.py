@@ -295,14 +295,32 @@ def _measure_tool():
     return importlib.import_module("measure_toyworld")  # tools/ is on sys.path (conftest)
 
 
-def test_measure_v2_refuses_missing_oracle_and_v1_base(capsys):
+def test_measure_v2_refuses_the_v1_base_and_a_missing_oracle(capsys, tmp_path):
     from lorakit.errors import run_guarded
 
     tool = _measure_tool()
-    assert run_guarded(lambda: tool.main(["--world", "v2", "--concepts", "none"]), "m") == 2
-    assert "--world v2 needs --oracle" in capsys.readouterr().err
-    assert run_guarded(lambda: tool.main(["--world", "v2", "--oracle", "o", "--base", "data/toy-base"]), "m") == 2
+    assert run_guarded(lambda: tool.main(["--world", "v2", "--base", "data/toy-base", "--concepts", "none"]), "m") == 2
     assert "needs a v2 pipeline folder" in capsys.readouterr().err
+    missing = tmp_path / "no-oracle"
+    assert run_guarded(lambda: tool.main(["--world", "v2", "--oracle", str(missing), "--concepts", "none"]), "m") == 2
+    assert "no-oracle" in capsys.readouterr().err
+
+
+def test_bundled_v2_base_and_oracle_are_the_defaults():
+    """data/toy2-base is a v2 pipeline in SD1's layout at 64 px, and data/toy2-oracle a v2 oracle that tells
+    kwibbit from another frog on clean renders."""
+    from lorakit.toyworld.v2.measure import load_pipeline
+    from lorakit.toyworld.v2.models import DEFAULT_BASE
+    from lorakit.toyworld.v2.oracle import Oracle
+
+    pipe = load_pipeline(DEFAULT_BASE)
+    assert pipe.unet.config.layers_per_block == 2 and pipe.vae.config.sample_size == 64
+    assert list(pipe.unet.config.down_block_types[:3]) == ["CrossAttnDownBlock2D"] * 3
+    oracle = Oracle.load()
+    imgs = [render(Scene(characters=("kwibbit",), seed=s)) for s in range(4)]
+    imgs += [render(Scene(characters=("frog",), char_colors=("blue",), seed=s)) for s in range(4)]
+    p = oracle.score(imgs, ["frog", "kwibbit"]).probs
+    assert (p[:, 0] > 0.5).all() and (p[:4, 1] > 0.5).all() and (p[4:, 1] < 0.5).all()
 
 
 @pytest.mark.slow

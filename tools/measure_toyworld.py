@@ -42,7 +42,7 @@ import torch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default="data/toy-base")
+    p.add_argument("--base", help="the base pipeline (default: data/toy-base; --world v2: data/toy2-base)")
     p.add_argument("--concepts", nargs="*", help="held-out concepts (default: all); 'none' for the base only")
     p.add_argument("--steps", type=int, help="override each recipe's max_steps")
     p.add_argument("--n", type=int, default=32, help="images per measurement")
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=float, default=0.8, help="LoRA scale for --follow (default 0.8)")
     p.add_argument("--no-plain", action="store_true", help="--follow without the plain_white_background row")
     p.add_argument("--world", choices=("v1", "v2"), default="v1", help="toy world (v2: see above)")
-    p.add_argument("--oracle", help="--world v2: the v2 oracle folder (tools/train_oracle_v2.py)")
+    p.add_argument("--oracle", help="--world v2: the v2 oracle folder (default: data/toy2-oracle)")
     p.add_argument("--ceiling", action="store_true",
                    help="--world v2: also score the renderer's images of the base prompts (raw and through the VAE)")
     p.add_argument("--image-store", help="--world v2: keep every generated image in this folder, so that a run "
@@ -197,6 +197,16 @@ def _following_rows(head: dict, concept: str, n: int, plain: bool, asked, prompt
 def main_v2(args) -> int:
     """``--world v2``: the base's prompt following (always), then each identity's LoRA (``--concepts``, default
     all; ``none`` for the base only)."""
+    # Bad arguments fail before the slow imports below.
+    from lorakit.resources import data_path
+
+    args.base = args.base or str(data_path("toy2-base"))
+    if args.budget_s is not None and not args.image_store:
+        raise ValueError("--budget-s needs --image-store (where the images made before the stop are kept)")
+    is_v1 = Path(args.base).resolve() == data_path("toy-base").resolve()
+    if is_v1 or not Path(args.base, "model_index.json").exists():
+        raise FileNotFoundError(f"--base {args.base}: --world v2 needs a v2 pipeline folder (model_index.json), "
+                                "e.g. data/toy2-base or <work>/unet/toy-unet-stepNNNNNN from tools/train_toy_base_v2.py")
     from lorakit.toyworld.v2.concepts import IDENTITIES
     from lorakit.toyworld.v2.loras import identity_name
     from lorakit.toyworld.v2.measure import (
@@ -209,13 +219,6 @@ def main_v2(args) -> int:
     from lorakit.toyworld.v2.image_store import OutOfTime, pipeline_tag
     from lorakit.toyworld.v2.oracle import Oracle
 
-    if args.budget_s is not None and not args.image_store:
-        raise ValueError("--budget-s needs --image-store (where the images made before the stop are kept)")
-    if not args.oracle:
-        raise ValueError("--world v2 needs --oracle: a v2 oracle folder (tools/train_oracle_v2.py)")
-    if args.base == "data/toy-base" or not Path(args.base, "model_index.json").exists():
-        raise FileNotFoundError(f"--base {args.base}: --world v2 needs a v2 pipeline folder (model_index.json), "
-                                "e.g. <work>/unet/toy-unet-stepNNNNNN from tools/train_toy_base_v2.py")
     oracle = Oracle.load(args.oracle)
     names = [c.name for c in IDENTITIES] if args.concepts is None else [c for c in args.concepts if c != "none"]
     names = [identity_name(c) for c in names]  # unknown names fail here, before any image is made
@@ -244,6 +247,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.world == "v2":
         return main_v2(args)
+    args.base = args.base or "data/toy-base"
     if args.n_generic and not args.follow:
         emit(base_prompt_following(args.base, args.n_generic))
     concepts = args.concepts if args.concepts is not None else [c.name for c in HELDOUT]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 
 from lorakit.models import tiny_tokenizer
+from lorakit.resources import data_path
 from lorakit.tiny_models import tiny_unet
 from lorakit.toyworld import base as v1
 from lorakit.toyworld.base import toy_text_encoder  # noqa: F401 - the same frozen 2-layer encoder as v1
@@ -25,6 +26,8 @@ from lorakit.toyworld.v2.concepts import VOCAB
 TEXT_WIDTH = v1.TEXT_WIDTH
 IMAGE_SIZE = 64
 LATENT_SIZE = 16
+# The trained v2 pipeline that ships with lorakit (see its README.md).
+DEFAULT_BASE = data_path("toy2-base")
 
 
 def toy_tokenizer():

@@ -6,7 +6,7 @@ not kwibbit". Trained by ``tools/train_oracle_v2.py``; scores come as v1's
 :class:`lorakit.toyworld.oracle.OracleScores`::
 
     from lorakit.toyworld.v2.oracle import Oracle
-    s = Oracle.load("/path/to/oracle_v2").score(images, ["frog", "kwibbit"])
+    s = Oracle.load().score(images, ["frog", "kwibbit"])  # the bundled data/toy2-oracle, or Oracle.load(folder)
     s.rates  # {"frog": 1.0, "kwibbit": 0.25}
 """
 
@@ -15,10 +15,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lorakit.resources import data_path
 from lorakit.toyworld import oracle as v1
 from lorakit.toyworld.oracle import OracleScores  # noqa: F401 - what score() returns, importable from here
 
 IMAGE_SIZE = 64
+DEFAULT_ORACLE = data_path("toy2-oracle")
 
 
 class OracleNet(v1.OracleNet):
@@ -41,7 +43,7 @@ class Oracle(v1.Oracle):
 
     @classmethod
     def default_dir(cls) -> Path:
-        raise ValueError("a toy world v2 oracle has no default folder: pass one (tools/train_oracle_v2.py --out)")
+        return DEFAULT_ORACLE
 
     @classmethod
     def check_config(cls, config: dict, path: Path) -> None:
@@ -49,8 +51,8 @@ class Oracle(v1.Oracle):
             raise ValueError(f"{path}: not a toy world v2 oracle (use lorakit.toyworld.oracle for v1)")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Oracle:
-        """Load ``<path>/config.json`` + ``<path>/oracle.safetensors``."""
+    def load(cls, path: str | os.PathLike | None = None) -> Oracle:
+        """Load ``<path>/config.json`` + ``<path>/oracle.safetensors`` (default: the bundled ``data/toy2-oracle``)."""
         return super().load(path)
 
     def concept_name(self, name: str) -> str:
