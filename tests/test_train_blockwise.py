@@ -93,13 +93,13 @@ def test_loss_falls_on_repeated_images(tmp_path):
 
 def test_resume_is_bitwise_exact(tmp_path):
     data = make_images(tmp_path / "img")
-    common = ["max_steps=4", "learning_rate=1e-3", "lr_scheduler=cosine", "lr_warmup_steps=1", "data.shuffle_tags=true",
+    common = ["max_steps=3", "learning_rate=1e-3", "lr_scheduler=cosine", "lr_warmup_steps=1", "data.shuffle_tags=true",
               "data.random_flip=true", "data.cache_latents=true", f"data.cache_dir={tmp_path / 'cache'}",
               "gradient_accumulation_steps=2", "train_batch_size=1", "network.dropout=0.1", "noise_offset=0.05"]
     full = run(tmp_path, data, *common, name="full")
-    run(tmp_path, data, *common, "stop_at_step=2", name="split")
+    run(tmp_path, data, *common, "stop_at_step=1", name="split")  # stops after the warm-up step
     resumed = run(tmp_path, data, *common, "resume=latest", name="split")
-    assert resumed.losses == full.losses[2:]
+    assert resumed.losses == full.losses[1:]
     a, _ = load_safetensors(full.final_path)
     b, _ = load_safetensors(resumed.final_path)
     assert a.keys() == b.keys()
