@@ -84,6 +84,7 @@ def test_configured_blocks_metadata_and_diffusers_load(tmp_path, sd1_pipe):
     np.testing.assert_allclose(out_theirs, out_ours, atol=1e-5)
 
 
+@pytest.mark.slow  # 7.8 s of CPU in the fast suite (2026-12-03, one thread, loaded machine): a learning claim (14 steps)
 def test_loss_falls_on_repeated_images(tmp_path):
     data = make_images(tmp_path / "img", n=2)
     res = run(tmp_path, data, "max_steps=14", "learning_rate=1e-2", "min_snr_gamma=0", "data.caption_dropout=0")
