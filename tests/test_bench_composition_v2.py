@@ -191,3 +191,50 @@ def test_a_run_stopped_by_its_budget_resumes_cell_by_cell(tiny_world, tmp_path, 
     rates = [{k: c["all_present"] for k, c in json.loads((d / "summary.json").read_text())["summary"]["cells"].items()}
              for d in (chunked, tmp_path / "whole")]
     assert rates[0] == rates[1] and rates[0]["composite/n2"]["n"] == 4
+
+
+# ------------------------------------------------------------------------ measure_composition_methods --world v2
+
+
+def test_methods_summary_counts_each_kind_over_the_sets_that_have_it():
+    import measure_composition_methods as mcm
+
+    def rec(method, set_id, seed, kinds, present):
+        return {"method": method, "set": set_id, "n": 2, "seed": seed, "kinds": kinds, "present": present,
+                "all": all(present), "s_per_image": 1.0}
+
+    records = [rec(m, "n2-kwibbit-nocturo", s, ["character", "background"], [True, m == "delta"]) for m in
+               ("merge", "delta") for s in range(4)]
+    records += [rec(m, "n2-kwibbit-pixlor", s, ["character", "style"], [s < 2, True]) for m in ("merge", "delta")
+                for s in range(4)]
+    rows = mcm.summarise(records, ["merge", "delta"])
+    delta = next(r for r in rows if r["method"] == "delta" and "vs" not in r)
+    assert delta["per_kind"] == {"character": 0.75, "background": 1.0, "style": 1.0} and delta["n"] == 8
+    assert (delta["character_and_style"], delta["character_and_style_n"]) == (0.5, 4)  # the style sets only
+    pair = next(r for r in rows if r.get("vs") == "merge")
+    assert (pair["all_wins"], pair["all_losses"], pair["cs_wins"]) == (4, 0, 0)
+    table = mcm.markdown(rows)
+    assert "| delta | 8 | 6/8 = 0.75" in table and "2/4 [" in table
+
+
+@pytest.mark.slow
+def test_methods_tool_runs_v2_sets_and_resumes(tiny_world, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import measure_composition_methods as mcm
+
+    out = tmp_path / "mcm"
+    argv = ["mcm", "--world", "v2", "--base", str(tiny_world / "pipe"), "--oracle", str(tiny_world / "oracle"),
+            "--adapters-dir", str(tiny_world / "loras"), "--sizes", "2", "--sets", "n2-kwibbit-nocturo", "--k", "2",
+            "--steps", "2", "--methods", "merge", "delta", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    mcm.main()
+    records = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seed"], r["kinds"]) for r in records] == [
+        (m, s, ["character", "background"]) for m in ("merge", "delta") for s in (0, 1)]
+    mcm.main()  # everything is there: nothing generated again
+    assert len((out / "images.jsonl").read_text().splitlines()) == 4
+    monkeypatch.setattr(sys, "argv", [a if a != "n2-kwibbit-nocturo" else "n2-bloopo-hattock" for a in argv])
+    with pytest.raises(SystemExit):
+        mcm.main()
+    assert "bloopo, hattock" in capsys.readouterr().err
