@@ -16,6 +16,17 @@ concepts" with Wilson 95% intervals; per method pair, exact McNemar (paired: sam
 
     python tools/measure_edlora_fusion_toy.py --sets robot+frog robot+frog+tophat --n 96 \
         --cache artifacts/edlora_fusion_toy --chunks 2     # exit 3: call again (one job-lock hold per call)
+
+``--world v2``: toy world v2 (64x64) with its ED-LoRAs (``tools/train_toy2_loras.py --adapter edlora``, cache
+``--edlora-cache``), its base (``--base``) and its oracle (``--oracle``). Sets of the character and object identities
+(``zorbo+kwibbit``, ``zorbo+kwibbit+hattock``, ``zorbo+kwibbit+hattock+shroomel``; at most two characters, as a v2
+scene holds). Fit / held-out prompts: ``identity_prompts(c, 4, seed=0 / 1)`` (v2 training-style captions, ``zorbo
+robot, ...``); evaluation: ``--n`` captions of one scene with every identity of the set on a random generic
+background (prompt rng seed 7), each identity word replaced by its pseudo-words (``<zorbo1> <zorbo2> robot, ...``);
+image seeds 5000..; 20 DDIM steps, guidance 4, 64x64. The v2 oracle scores each identity (an identity, not its class).
+
+    python tools/measure_edlora_fusion_toy.py --world v2 --base PIPELINE --oracle ORACLE \
+        --edlora-cache artifacts/edlora_v2 --sets zorbo+kwibbit --n 96 --cache artifacts/edlora_v2/fusion --chunks 1
 """
 
 from __future__ import annotations
@@ -46,31 +57,49 @@ def words_of(adapter) -> str:
     return words
 
 
-def with_words(prompts: list[str], names: list[str], words: dict[str, str]) -> list[str]:
-    """Toy captions with each concept's trigger word replaced by its pseudo-words."""
-    from lorakit.toyworld.concepts import get_concept
-
+def with_words(prompts: list[str], names: list[str], words: dict[str, str], world: str = "v1") -> list[str]:
+    """Toy captions with each concept's caption word (v1: its trigger; v2: the identity's name) replaced by its
+    pseudo-words."""
     out = []
     for p in prompts:
         for n in names:
-            p = p.replace(get_concept(n).trigger, words[n])
+            p = p.replace(caption_word(n, world), words[n])
         out.append(p)
     return out
 
 
-def fused_pipe(method: str, base, files: dict[str, str], names: list[str], words: dict[str, str]):
+def caption_word(name: str, world: str = "v1") -> str:
+    """The word that names concept ``name`` in the toy captions of ``world``."""
+    from lorakit.toyworld.concepts import get_concept
+
+    return get_concept(name).trigger if world == "v1" else name
+
+
+def fit_prompts(name: str, seed: int, world: str = "v1", n: int = 4) -> list[str]:
+    """``n`` training-style captions of one concept (with its caption word): gradient fusion's fit (seed 0) and
+    held-out (seed 1) prompts."""
+    if world == "v1":
+        from lorakit.toyworld.evaluate import concept_prompts
+
+        return concept_prompts(name, n, seed=seed)
+    from lorakit.toyworld.v2.evaluate import identity_prompts
+
+    return [with_trigger for with_trigger, _, _ in identity_prompts(name, n, seed=seed)]
+
+
+def fused_pipe(method: str, base, files: dict[str, str], names: list[str], words: dict[str, str],
+               world: str = "v1"):
     """A copy of ``base`` with the set ``names`` fused by ``method``."""
     from lorakit.adapters.edlora import load_edlora
     from lorakit.adapters.io import load_adapter
     from lorakit.fusion.gradient import Concept, GradientSettings, fuse_gradient
-    from lorakit.toyworld.evaluate import concept_prompts
 
     pipe = copy.deepcopy(base)
     if method == "gradient":
         concepts = []
         for n in names:
-            fit = with_words(concept_prompts(n, 4, seed=0), [n], words)
-            val = with_words(concept_prompts(n, 4, seed=1), [n], words)
+            fit = with_words(fit_prompts(n, 0, world), [n], words, world)
+            val = with_words(fit_prompts(n, 1, world), [n], words, world)
             concepts.append(Concept(n, load_adapter(files[n]), 1.0, fit, list(fit), val, list(val)))
         fuse_gradient(pipe, concepts, GradientSettings(progress=False))
     else:
@@ -98,7 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--sets", nargs="+", default=["robot+frog"], help="concept sets a+b[+c...]")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--n", type=int, default=32, help="evaluation images per method and set")
-    ap.add_argument("--base", default=str(REPO / "data" / "toy-base"))
+    ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="toy world (default v1)")
+    ap.add_argument("--base", help="base pipeline (default: data/toy-base for v1; required for v2)")
+    ap.add_argument("--oracle", help="v2 oracle folder (required for v2; v1 uses the bundled oracle)")
+    ap.add_argument("--edlora-cache", help="v2: the ED-LoRA cache of tools/train_toy2_loras.py --adapter edlora")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", help="keep each (set, method) result here and reuse it (resumable runs)")
     ap.add_argument("--chunks", type=int, default=0,
@@ -111,42 +143,60 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def edlora_files(given: list[str], needed: set[str]) -> dict[str, str]:
-    """``{concept: file}``: the ``--edloras`` given, else the toy cache's trained file of each concept."""
-    from lorakit.toyworld.edloras import concept_edlora_path
-    from lorakit.toyworld.loras import default_cache_dir
-
+def edlora_files(given: list[str], needed: set[str], v2_cache: str | None = None,
+                 v2_base: str | None = None) -> dict[str, str]:
+    """``{concept: file}``: the ``--edloras`` given, else the cache's trained file of each concept (v1: the toy
+    cache; v2 when ``v2_cache`` is given: ``tools/train_toy2_loras.py --adapter edlora``'s, on ``v2_base``)."""
     files = dict(kv.split("=", 1) for kv in given)
     for n in sorted(needed - set(files)):
-        path = concept_edlora_path(n, default_cache_dir())
+        if v2_cache is None:
+            from lorakit.toyworld.edloras import concept_edlora_path
+            from lorakit.toyworld.loras import default_cache_dir
+
+            path, train = concept_edlora_path(n, default_cache_dir()), f"python tools/train_toy_edloras.py {n}"
+        else:
+            from lorakit.toyworld.v2.edloras import edlora_path
+
+            path = edlora_path(n, v2_cache, v2_base)
+            train = (f"python tools/train_toy2_loras.py --adapter edlora --base {v2_base} --out {v2_cache} "
+                     f"--identities {n}")
         if not path.exists():
-            raise SystemExit(f"no ED-LoRA for {n!r}: {path} is missing; train it with "
-                             f"python tools/train_toy_edloras.py {n}, or pass --edloras {n}=FILE")
+            raise SystemExit(f"no ED-LoRA for {n!r}: {path} is missing; train it with {train}, "
+                             f"or pass --edloras {n}=FILE")
         files[n] = str(path)
     return files
 
 
-def result_path(cache: str, tag: str, method: str, files: dict[str, str], n: int) -> Path:
-    """The cached result of one (set, method): named by the set, method, n and the files' names (hash-named)."""
+def result_path(cache: str, tag: str, method: str, files: dict[str, str], n: int, extra: tuple = ()) -> Path:
+    """The cached result of one (set, method): named by the set, method, n and the files' names (hash-named);
+    ``extra`` (v2: the base's and oracle's folder names) goes into the key too."""
     import hashlib
 
     names = tag.split("+")
-    key = hashlib.sha256(repr([Path(files[c]).name for c in names] + [method, n]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(repr([Path(files[c]).name for c in names] + [method, n, *extra]).encode()).hexdigest()[:12]
     return Path(cache) / f"{tag}-{method}-n{n}-{key}.json"
 
 
-def measure(tag: str, method: str, base, files: dict, words: dict, n: int) -> dict:
-    """Fuse one set by one method, generate ``n`` images, score every concept: the row and the presence matrix."""
+def measure(tag: str, method: str, base, files: dict, words: dict, n: int, world: str = "v1",
+            oracle=None) -> dict:
+    """Fuse one set by one method, generate ``n`` images, score every concept: the row and the presence matrix.
+    ``oracle``: v2's loaded oracle (v1 uses the bundled one)."""
     from lorakit.toyworld.evaluate import generate
-    from lorakit.toyworld.oracle import score
 
     names = tag.split("+")
-    prompts = with_words(many_prompts(names, n), names, words)
+    prompts = with_words(set_prompts(names, n, world), names, words, world)
     t0 = time.perf_counter()
-    pipe = fused_pipe(method, base, files, names, words)
+    pipe = fused_pipe(method, base, files, names, words, world)
     fuse_s = time.perf_counter() - t0
-    s = score(generate(pipe, prompts, seed=5000), names)
+    if world == "v1":
+        from lorakit.toyworld.oracle import score
+
+        s = score(generate(pipe, prompts, seed=5000), names)
+    else:
+        s = oracle.score(generate(pipe, prompts, seed=5000, height=64, width=64), names)
     row = {"set": tag, "method": method, "n": len(prompts), "fuse_s": round(fuse_s, 1), "example_prompt": prompts[0]}
+    if world != "v1":
+        row["world"] = world
     for j, c in enumerate(names + ["all"]):
         k = int(s.present[:, j].sum()) if c != "all" else int(s.present.all(1).sum())
         lo, hi = wilson(k, len(prompts))
@@ -162,8 +212,22 @@ def main(argv=None) -> int:
     from lorakit.models import load_base
 
     needed = {n for tag in args.sets for n in tag.split("+")}
-    files = edlora_files(args.edloras, needed)
+    v2 = args.world == "v2"
+    if v2 and not (args.base and args.oracle):
+        raise SystemExit("--world v2 needs --base (a v2 pipeline folder) and --oracle (a v2 oracle folder)")
+    if v2 and not args.edlora_cache and not needed <= {kv.split("=", 1)[0] for kv in args.edloras}:
+        raise SystemExit("--world v2 needs --edlora-cache (or --edloras for every identity of the sets)")
+    for tag in args.sets:
+        check_set(tag.split("+"), args.world)
+    files = edlora_files(args.edloras, needed, args.edlora_cache if v2 else None, args.base)
     words = {n: words_of(load_adapter(files[n])) for n in needed}
+    base_dir = args.base or str(REPO / "data" / "toy-base")
+    extra = (Path(args.base).name, Path(args.oracle).name) if v2 else ()
+    oracle = None
+    if v2:
+        from lorakit.toyworld.v2.oracle import Oracle
+
+        oracle = Oracle.load(args.oracle)
     base = None
     lines, done, last, t_start = [], 0, 0.0, time.monotonic()
     if args.cache:
@@ -177,7 +241,7 @@ def main(argv=None) -> int:
         names = tag.split("+")
         present = {}
         for method in args.methods:
-            cached = result_path(args.cache, tag, method, files, args.n) if args.cache else None
+            cached = result_path(args.cache, tag, method, files, args.n, extra) if args.cache else None
             if cached is not None and cached.exists():
                 res = json.loads(cached.read_text())
             else:
@@ -186,10 +250,10 @@ def main(argv=None) -> int:
                     print(f"{tag} {method}: not measured yet; call again to continue", flush=True)
                     return 3
                 if base is None:
-                    base = load_base(args.base)
+                    base = load_base(base_dir)
                     base.set_progress_bar_config(disable=True)
                 t = time.monotonic()
-                res = measure(tag, method, base, files, words, args.n)
+                res = measure(tag, method, base, files, words, args.n, args.world, oracle)
                 done, last = done + 1, time.monotonic() - t
                 if cached is not None:
                     write_text(json.dumps(res), cached)
@@ -200,6 +264,52 @@ def main(argv=None) -> int:
     if args.out:
         write_text("".join(json.dumps(x) + "\n" for x in lines), args.out)
     return 0
+
+
+def check_set(names: list[str], world: str) -> None:
+    """SystemExit naming the set unless its concepts fit in one scene of ``world``."""
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise SystemExit(f"set {'+'.join(names)}: expected 2 or more different concepts")
+    if world == "v2":
+        from lorakit.toyworld.v2.edloras import EDLORA_IDENTITIES
+
+        bad = [n for n in names if n not in EDLORA_IDENTITIES]
+        if bad:
+            raise SystemExit(f"set {'+'.join(names)}: {', '.join(bad)} not a v2 ED-LoRA identity "
+                             f"({', '.join(EDLORA_IDENTITIES)})")
+        from lorakit.toyworld.v2.concepts import get_concept
+
+        kinds = [get_concept(n).kind == "character" for n in names]
+        if sum(kinds) > 2:
+            raise SystemExit(f"set {'+'.join(names)}: a v2 scene holds at most two characters")
+
+
+def set_prompts(names: list[str], n: int, world: str = "v1", seed: int = 7) -> list[str]:
+    """``n`` captions of scenes with every concept of ``names`` (with their caption words)."""
+    return many_prompts(names, n, seed) if world == "v1" else many_prompts_v2(names, n, seed)
+
+
+def many_prompts_v2(names: list[str], n: int, seed: int = 7) -> list[str]:
+    """``n`` v2 captions of one scene with every identity of ``names`` (characters left to right in the given
+    order, the hat and the mushroom identities) on a random generic background."""
+    import numpy as np
+
+    from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS
+    from lorakit.toyworld.v2.concepts import get_concept
+    from lorakit.toyworld.v2.render import Scene, caption
+
+    kw = {"characters": tuple(c for c in names if get_concept(c).kind == "character")}
+    for c in names:
+        if get_concept(c).kind == "object":
+            kw["hat" if get_concept(c).cls == "hat" else "mushroom"] = c
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        bg = str(GENERIC_BACKGROUNDS[int(rng.integers(len(GENERIC_BACKGROUNDS)))])
+        colours = list(BACKGROUND_COLORS)
+        colour = colours[int(rng.integers(len(colours)))]
+        out.append(caption(Scene(background=bg, bg_color=colour, seed=int(rng.integers(2**31)), **kw)))
+    return out
 
 
 def many_prompts(names: list[str], n: int, seed: int = 7) -> list[str]:

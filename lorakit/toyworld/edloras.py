@@ -7,9 +7,10 @@ concept's name (a word of the toy tokenizer) as the init word. The file is
 base weights and the images), so the tests, the demo and the benchmarks share one copy.
 
 Training may run in chunks (``chunk_steps``), so a shared machine's job lock is never held for the whole run:
-each call trains up to the next multiple of ``chunk_steps`` into ``<cache>/toy_edlora_<name>-<hash>.work`` and
-checkpoints there; the call that reaches ``max_steps`` copies the result to the cached file. The ED-LoRA trainer
-keys every random draw by sample id, so a chunked run gives the uninterrupted run's weights.
+each call trains up to the next multiple of ``chunk_steps`` (:func:`lorakit.training.chunked.train_chunk`, in
+``<cache>/.toy_edlora_<name>-<hash>.partial``; a run an earlier lorakit left in ``<cache>/toy_edlora_<name>-<hash>
+.work`` is continued there). The ED-LoRA trainer keys every random draw by sample id, so a chunked run gives the
+uninterrupted run's weights.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lorakit.fileio import copy_file
 from lorakit.resources import data_path, toy_recipe
 from lorakit.toyworld.concepts import get_concept
-from lorakit.toyworld.loras import newest_checkpoint_step, recipe_config, recipe_hash
-from lorakit.training.edlora import train
+from lorakit.toyworld.loras import recipe_config, recipe_hash
+from lorakit.training.chunked import train_chunk, trained_step
 
 RECIPE = "edlora_character"
 KINDS = ("character", "object")
@@ -61,26 +61,17 @@ def train_concept_edlora(concept: str, out_dir: str | os.PathLike, base: str | N
     """
 
     target = concept_edlora_path(concept, out_dir, base, overrides)
-    if target.exists():
-        return target
-    work = target.with_suffix(".work")
-    cfg = recipe_config(toy_recipe(RECIPE), edlora_overrides(concept, base, overrides), "edlora")
-    done = newest_checkpoint_step(work)
-    stop = min(cfg.max_steps, (done // chunk_steps + 1) * chunk_steps) if chunk_steps > 0 else cfg.max_steps
+    recipe, over = toy_recipe(RECIPE), edlora_overrides(concept, base, overrides)
+    max_steps = recipe_config(recipe, over, "edlora").max_steps
+    done = trained_step(target)
+    stop = min(max_steps, (done // chunk_steps + 1) * chunk_steps) if chunk_steps > 0 else max_steps
     if max_new_steps > 0:
         stop = min(stop, done + max_new_steps)
-    run = [f"output_dir={work}", "logging=none", "resume=latest", "checkpointing_steps=0", "save_every=0"]
-    if stop < cfg.max_steps:
-        run.append(f"stop_at_step={stop}")
-    result = train(recipe_config(toy_recipe(RECIPE), edlora_overrides(concept, base, overrides) + run, "edlora"))
-    if stop < cfg.max_steps:
-        return None
-    copy_file(result.final_path, target)
-    return target
+    return train_chunk("edlora", recipe, over, target, stop)
 
 
 def trained_steps(concept: str, out_dir: str | os.PathLike, base: str | None = None,
                   overrides: list[str] | None = None) -> int:
     """Steps of ``concept``'s run done so far (its newest checkpoint; 0 before the first chunk)."""
-    return newest_checkpoint_step(concept_edlora_path(concept, out_dir, base, overrides).with_suffix(".work"))
+    return trained_step(concept_edlora_path(concept, out_dir, base, overrides))
 

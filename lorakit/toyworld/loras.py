@@ -7,21 +7,23 @@ the resolved recipe (after overrides), the base model's weights, or the concept'
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import os
 from pathlib import Path
 
 from lorakit.config import load_config
 from lorakit.fileio import copy_file
-from lorakit.outputs import is_marked
 from lorakit.resources import data_path, toy_recipe
 from lorakit.toyworld.concepts import get_concept
-from lorakit.training import recipes
-from lorakit.training.blockwise import BlockwiseConfig, train
-from lorakit.training.entry import TRAINERS
-from lorakit.training.run_dir import checkpoints
+from lorakit.training.blockwise import BlockwiseConfig
+from lorakit.training.chunked import (  # noqa: F401 - partial_dir, newest_checkpoint_step: importable from here
+    newest_checkpoint_step,
+    partial_dir,
+    resolve,
+    train_captured,
+    train_chunk,
+    trained_step,
+)
 
 
 def recipe_path(concept: str) -> Path:
@@ -145,26 +147,13 @@ def train_concept_lora(concept: str, out_dir: str | os.PathLike, base: str | Non
 
 def recipe_config(recipe: Path, overrides: list[str], trainer: str = "blockwise"):
     """The resolved recipe of ``trainer`` (a :data:`lorakit.training.entry.TRAINERS` name) with ``overrides``."""
-    return load_config(getattr(recipes, TRAINERS[trainer].schema), recipe, overrides)
+    return resolve(trainer, recipe, overrides)
 
 
 def recipe_lora_path(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str],
                      trainer: str = "blockwise") -> Path:
     """``out_dir/<stem>-<recipe hash>.safetensors``: where :func:`train_recipe_lora` keeps this recipe's LoRA."""
     return Path(out_dir) / f"{stem}-{recipe_hash(recipe_config(recipe, overrides, trainer))}.safetensors"
-
-
-def _train_captured(run):
-    """``train(run)`` with what it prints held back: ``(result, printed text)``; when it fails, what it printed
-    so far is shown before the error."""
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            result = train(run)
-    except BaseException:
-        print(buf.getvalue(), end="", flush=True)
-        raise
-    return result, buf.getvalue()
 
 
 def train_recipe_lora(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str],
@@ -185,7 +174,7 @@ def train_recipe_lora(recipe: Path, stem: str, out_dir: str | os.PathLike, overr
                                                                 f"data.cache_dir={out_dir / 'latent_cache'}"])
         # The trainer's summary names the temporary folder, which is gone when this returns: print it with the
         # path the LoRA is kept at instead, so every printed path exists.
-        result, printed = _train_captured(run)
+        result, printed = train_captured("blockwise", run)
         copy_file(result.final_path, target)
         text = printed.replace(str(result.final_path), str(target))
         print("\n".join(line for line in text.splitlines() if work not in line), flush=True)
@@ -194,48 +183,14 @@ def train_recipe_lora(recipe: Path, stem: str, out_dir: str | os.PathLike, overr
 
 def train_recipe_lora_chunk(recipe: Path, stem: str, out_dir: str | os.PathLike, overrides: list[str],
                             stop_at_step: int) -> Path | None:
-    """Train a recipe up to step ``stop_at_step`` (or its ``max_steps``, if fewer), continuing where an earlier
-    call stopped; returns the LoRA (the file :func:`train_recipe_lora` would write, same hash) once ``max_steps``
-    are done, else None.
-
-    For machines where one recipe does not fit in one sitting: the run lives in
-    ``out_dir/.<stem>-<hash>.partial`` with a checkpoint at each stop, and the trainer resumes it bit-exactly
-    (the data order and RNG states are restored, the learning-rate schedule does not depend on where a run
-    stops), so the LoRA is the one an uninterrupted run gives. The folder is removed when the LoRA is kept.
-    """
-    import shutil
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Train a block-wise recipe up to step ``stop_at_step`` (or its ``max_steps``, if fewer), continuing where an
+    earlier call stopped (:func:`lorakit.training.chunked.train_chunk`, in ``out_dir/.<stem>-<hash>.partial``);
+    returns the LoRA (the file :func:`train_recipe_lora` would write, bit for bit, same hash) once ``max_steps``
+    are done, else None."""
     target = recipe_lora_path(recipe, stem, out_dir, overrides)
-    if target.exists():
-        return target
-    work = partial_dir(target)
-    run = load_config(BlockwiseConfig, recipe, overrides + [f"output_dir={work}", "checkpointing_steps=0",
-                                                            "save_every=0", "logging=none", "resume=latest",
-                                                            f"stop_at_step={stop_at_step}",
-                                                            f"data.cache_dir={out_dir / 'latent_cache'}"])
-    result, printed = _train_captured(run)
-    print(printed, end="", flush=True)
-    if result.global_step < run.max_steps:
-        return None
-    copy_file(result.final_path, target)
-    if is_marked(work):  # the trainer's own folder: nothing in it is the user's
-        shutil.rmtree(work)
-    return target
-
-
-def partial_dir(target: Path) -> Path:
-    """The folder :func:`train_recipe_lora_chunk` trains ``target`` in until it is done."""
-    return target.parent / f".{target.stem}.partial"
+    return train_chunk("blockwise", recipe, overrides, target, stop_at_step, Path(out_dir) / "latent_cache")
 
 
 def partial_step(target: Path) -> int:
     """The step an unfinished :func:`train_recipe_lora_chunk` run of ``target`` has reached (0: not started)."""
-    return newest_checkpoint_step(partial_dir(target))
-
-
-def newest_checkpoint_step(work: Path) -> int:
-    """The step of the newest complete checkpoint in the run folder ``work`` (0: none yet)."""
-    found = checkpoints(work)
-    return found[-1][0] if found else 0
+    return trained_step(target)

@@ -12,7 +12,12 @@ import os
 from pathlib import Path
 
 from lorakit.resources import BUNDLED
-from lorakit.toyworld.loras import recipe_lora_path, train_recipe_lora, train_recipe_lora_chunk
+from lorakit.toyworld.loras import (
+    recipe_config,
+    recipe_lora_path,
+    train_recipe_lora,
+    train_recipe_lora_chunk,
+)
 from lorakit.toyworld.v2.concepts import IDENTITIES, get_concept
 from lorakit.toyworld.v2.dataset import CLASS_WORLD, make_dataset
 
@@ -56,10 +61,15 @@ def ensure_data(identity: str, root: str | os.PathLike) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def _overrides(identity: str, base: str | os.PathLike, out_dir: Path, overrides: list[str] | None) -> list[str]:
+def check_base(base: str | os.PathLike) -> None:
+    """FileNotFoundError unless ``base`` is a folder (or a ``tiny:`` / ``random:`` model name)."""
     if not Path(base).exists() and not str(base).startswith(("tiny:", "random:")):
         raise FileNotFoundError(f"toy world v2 base not found: {base} (a v2 pipeline folder, e.g. one of "
                                 f"<work>/unet/toy-unet-stepNNNNNN written by tools/train_toy_base_v2.py)")
+
+
+def _overrides(identity: str, base: str | os.PathLike, out_dir: Path, overrides: list[str] | None) -> list[str]:
+    check_base(base)
     data, reg = ensure_data(identity, out_dir / "toy2-data")
     return [f"base_model={base}", f"data.path={data}", f"data.reg_path={reg}", *(overrides or [])]
 
@@ -98,3 +108,10 @@ def train_identity_lora_chunk(identity: str, out_dir: str | os.PathLike, base: s
     name = identity_name(identity)
     return train_recipe_lora_chunk(recipe_path(name), f"toy2_{name}", out_dir,
                                    _overrides(name, base, Path(out_dir), overrides), stop_at_step)
+
+
+def max_steps(identity: str, out_dir: str | os.PathLike, base: str | os.PathLike,
+              overrides: list[str] | None = None) -> int:
+    """The recipe's ``max_steps`` (with ``overrides``)."""
+    name = identity_name(identity)
+    return recipe_config(recipe_path(name), _overrides(name, base, Path(out_dir), overrides)).max_steps
