@@ -1,7 +1,6 @@
 """tools/bench_composition.py --world v2: sets by kind, like-for-like runs, per-half scoring, resume per cell."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
