@@ -51,6 +51,10 @@ SAMPLING_METHODS = ("merge", "switch", "composite", "cmlora")
 FUSION_METHODS = ("gradient", "weighted")
 ALL_METHODS = SAMPLING_METHODS + FUSION_METHODS + ("lorarar",)
 CATEGORIES = ("object", "style", "background")
+WORLD_DEFAULTS = {
+    "v1": {"base": "data/toy-base", "adapters_dir": "artifacts/adapters"},
+    "v2": {"base": "data/toy2-base", "adapters_dir": "artifacts/toy2_loras", "oracle": "data/toy2-oracle"},
+}
 
 
 # ---------------------------------------------------------------------------------------------------- sets
@@ -113,6 +117,10 @@ def find_adapters(folder: Path) -> dict[str, Path]:
 
 def missing_inputs(args, sets) -> list[str]:
     """Everything the run needs that is not there, as readable lines (empty when all is present)."""
+    if args.world == "v2":
+        from lorakit.toyworld.v2.composition import missing_inputs as missing_v2
+
+        return missing_v2(args, sets)
     missing = []
     for module, names in (
         ("lorakit.toyworld.concepts", ("HELDOUT", "BY_TRIGGER")),
@@ -184,7 +192,7 @@ class SamplingRunner:
         names = sorted(adapter_files)
         self.loaded = dict(zip(names, load_adapters(self.pipe, [adapter_files[n] for n in names])))
         self.scores = {}
-        if "cmlora" in args.methods:
+        if "cmlora" in args.methods and args.world == "v1":
             prof = ProfileSettings(base=args.base, prompt="a picture", negative_prompt="", steps=args.steps, cfg=args.cfg,
                                    seeds=(0, 1), width=None, height=None, scheduler=None)
             profiles = profile_adapters(self.pipe, list(self.loaded.values()), prof, progress=False)
@@ -193,14 +201,22 @@ class SamplingRunner:
     def run(self, method: str, set_: dict, seeds: list[int], scale: float):
         from dataclasses import replace
 
-        from lorakit.sampling import SamplerSettings, generate, order_by_frequency
+        from lorakit.sampling import SamplerSettings, category_sequence, generate, order_by_frequency
 
         names = list(set_["concepts"].values())  # the character first (switch starts with it)
         adapters = [replace(self.loaded[n], weight=scale) for n in names]  # one scale for every method
-        order = order_by_frequency([self.scores[n] for n in names])[0] if method == "cmlora" else None
+        order, n_rot, regions = None, None, None
+        if self.args.world == "v2":  # the kinds are known: CMLoRA's own category order
+            from lorakit.toyworld.v2.composition import region_spec, slot_kinds
+
+            order, n_rot = category_sequence(slot_kinds(set_))
+            regions = region_spec(set_)
+        elif method == "cmlora":
+            order = order_by_frequency([self.scores[n] for n in names])[0]
         settings = SamplerSettings(method=method, steps=self.args.steps, cfg=self.args.cfg)
         t0 = time.perf_counter()
-        images, _ = generate(self.pipe, adapters, settings, set_["prompt"], None, seeds, order=order)
+        images, _ = generate(self.pipe, adapters, settings, set_["prompt"], None, seeds, order=order,
+                             n_rotation=n_rot, regions=regions)
         return images, time.perf_counter() - t0, {}
 
 
@@ -212,7 +228,6 @@ class FusionRunner:
 
     def run(self, method: str, set_: dict, seeds: list[int], scale: float):
         from lorakit.cli import main as lorakit
-        from lorakit.sampling import SamplerSettings, generate, load_adapters, load_pipeline
 
         concepts = set_["concepts"]
         if method == "lorarar" and set(concepts) != {"character", "style"}:
@@ -225,14 +240,30 @@ class FusionRunner:
         else:
             cmd += ["--weights", *[str(scale)] * len(files)]
             if method == "gradient":
-                cmd += ["--prompts", *["|".join(training_captions(n, self.args.fusion_prompts))
-                                       for n in concepts.values()]]
+                captions = training_captions
+                if self.args.world == "v2":
+                    from lorakit.toyworld.v2.composition import training_captions as captions
+                cmd += ["--prompts", *["|".join(captions(n, self.args.fusion_prompts)) for n in concepts.values()]]
         t0 = time.perf_counter()
         if lorakit(cmd) != 0:
             raise RuntimeError(f"lorakit {' '.join(cmd)} failed (see the message above)")
         fuse_s = time.perf_counter() - t0
+        images, seconds = self.sample_fused(method, out, set_, seeds)
+        return images, seconds, {"fuse_seconds": fuse_s}
+
+    def sample_fused(self, method: str, out: Path, set_: dict, seeds: list[int]):
+        """The fused result's images of one set: ``(images, sampling seconds)``."""
+        from lorakit.sampling import SamplerSettings, generate, load_adapters, load_pipeline
+
         settings = SamplerSettings(method="merge", steps=self.args.steps, cfg=self.args.cfg)
-        if method == "gradient":
+        if set_.get("regions"):  # regional sampling of the fused result, as Mix-of-Show samples its fused model
+            from lorakit.toyworld.v2.composition import region_spec
+
+            pipe = load_pipeline(str(out) if method == "gradient" else self.args.base)
+            adapters = [] if method == "gradient" else load_adapters(pipe, [out])
+            t0 = time.perf_counter()
+            images, _ = generate(pipe, adapters, settings, set_["prompt"], None, seeds, regions=region_spec(set_))
+        elif method == "gradient":
             import torch
 
             pipe = load_pipeline(str(out))
@@ -246,7 +277,7 @@ class FusionRunner:
             adapters = load_adapters(pipe, [out])
             t0 = time.perf_counter()
             images, _ = generate(pipe, adapters, settings, set_["prompt"], None, seeds)
-        return images, time.perf_counter() - t0, {"fuse_seconds": fuse_s}
+        return images, time.perf_counter() - t0
 
 
 def training_captions(concept: str, n: int) -> list[str]:
@@ -290,7 +321,8 @@ def _cell_images(rows: list[dict]) -> dict:
     return out
 
 
-def summarize(rows: list[dict], methods, sizes, baseline: str = "merge") -> tuple[dict, list[str], list[list]]:
+def summarize(rows: list[dict], methods, sizes, baseline: str = "merge",
+              categories=("character", *CATEGORIES)) -> tuple[dict, list[str], list[list]]:
     """method x N table on the report rows: all-present rate with n and Wilson 95% interval, presence per
     category, seconds per image, fuse seconds per set, and the paired test against ``baseline``.
 
@@ -318,7 +350,7 @@ def summarize(rows: list[dict], methods, sizes, baseline: str = "merge") -> tupl
             imgs = cells[(m, n)]
             k_all = sum(v["all"] for v in imgs.values())
             per_cat = {}
-            for c in ("character", *CATEGORIES):
+            for c in categories:
                 have = [v[c] for v in imgs.values() if c in v]
                 per_cat[c] = rate(sum(have), len(have)) if have else None
             cell = {
@@ -346,8 +378,8 @@ def summarize(rows: list[dict], methods, sizes, baseline: str = "merge") -> tupl
                 keys = sorted(cells[(a, n)].keys() & cells[(b, n)].keys())
                 t = paired([cells[(a, n)][x]["all"] for x in keys], [cells[(b, n)][x]["all"] for x in keys])
                 summary["paired"].append({"n_adapters": n, "a": a, "b": b, **t})
-    headers = ["method", "N", "scale", "sets", "all present [95% CI] (k/n)", "character", "object", "style",
-               "background", f"vs {baseline}: wins / losses, McNemar p", "s/image", "fuse s/set"]
+    headers = ["method", "N", "scale", "sets", "all present [95% CI] (k/n)", *categories,
+               f"vs {baseline}: wins / losses, McNemar p", "s/image", "fuse s/set"]
     return summary, headers, table
 
 
@@ -373,10 +405,14 @@ def pick_scales(rows: list[dict], methods, sizes, default: float) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--base", default=str(ROOT / "data" / "toy-base"), help="toy base pipeline folder (or tiny:sd1 for a smoke run)")
-    p.add_argument("--adapters-dir", default=str(ROOT / "artifacts" / "adapters"),
-                   help="folder with one trained LoRA per held-out concept (found by lorakit.trigger)")
-    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS)
+    p.add_argument("--base", help="toy base pipeline folder (or tiny:sd1 for a smoke run); default data/toy-base, "
+                   "--world v2: data/toy2-base")
+    p.add_argument("--adapters-dir",
+                   help="folder with one trained LoRA per held-out concept (v1: found by lorakit.trigger, default "
+                   "artifacts/adapters; v2: the recipe LoRAs of tools/train_toy2_loras.py --out, default "
+                   "artifacts/toy2_loras)")
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS,
+                   help="default: all (--world v2: all but lorarar, which has no v2 hypernetwork)")
     p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], help="set sizes N (default 2 3 4)")
     p.add_argument("--sets-per-size", type=int, default=None, help="seeded sample of sets per N (default: all)")
     p.add_argument("--sets", nargs="+", metavar="ID",
@@ -394,97 +430,178 @@ def parse_args(argv=None):
     p.add_argument("--fusion-prompts", type=int, default=8,
                    help="training captions per concept that gradient fusion captures activations on (default 8)")
     p.add_argument("--hypernet", help="LoRA.rar hypernetwork file (for --methods lorarar)")
-    p.add_argument("--oracle", help="oracle folder (default data/oracle)")
+    p.add_argument("--oracle", help="oracle folder (default data/oracle; --world v2: data/toy2-oracle)")
     p.add_argument("--no-score", action="store_true", help="time only; do not run the oracle")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "bench_composition"))
     p.add_argument("--dry-run", action="store_true", help="print the sets and prompts and what is missing; run nothing")
     p.add_argument("--rescore", action="store_true",
                    help="score OUT's saved report images again with --oracle and rewrite the table; generate nothing")
-    return p.parse_args(argv)
+    _add_world_args(p)
+    return _world_defaults(p, p.parse_args(argv))
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _add_world_args(p) -> None:
+    p.add_argument("--world", choices=("v1", "v2"), default="v1",
+                   help="toy world (v2: identity LoRAs, the v2 oracle; see above)")
+    p.add_argument("--regional", action="store_true",
+                   help="--world v2: add the two-character regional sets (left / right halves, scored per half)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep OUT/results.jsonl and run only the cells (method x set x scale x seeds) not in it")
+    p.add_argument("--budget-s", type=float,
+                   help="start no cell that would end later than this many seconds after the start (exit status 3: "
+                   "run the same command with --resume again to continue)")
+
+
+def _world_defaults(p, args):
+    """The world's default base, adapter folder and oracle where the command line names none."""
+    defaults = WORLD_DEFAULTS[args.world]
+    args.methods = args.methods or [m for m in ALL_METHODS if args.world == "v1" or m != "lorarar"]
+    args.base = args.base or str(ROOT / defaults["base"])
+    args.adapters_dir = args.adapters_dir or str(ROOT / defaults["adapters_dir"])
+    if args.world == "v2":
+        args.oracle = args.oracle or str(ROOT / defaults["oracle"])
+    elif args.regional:
+        p.error("--regional needs --world v2 (the two-character sets are scored by the v2 oracle)")
+    return args
+
+
+def select_sets(args) -> list[dict] | None:
+    """The composition sets of the run (``--sizes``, ``--sets-per-size``, ``--sets``); None after saying why not."""
     try:
-        sets = composition_sets(tuple(args.sizes), None if args.sets else args.sets_per_size, args.seed)
+        if args.world == "v2":
+            from lorakit.toyworld.v2 import composition as v2
+
+            sets = v2.composition_sets(tuple(args.sizes), None if args.sets else args.sets_per_size, args.seed)
+            sets += v2.regional_sets() if args.regional else []
+        else:
+            sets = composition_sets(tuple(args.sizes), None if args.sets else args.sets_per_size, args.seed)
+    except ValueError as err:
+        print(f"bench_composition: --sizes {' '.join(map(str, args.sizes))}: {err}", file=sys.stderr)
+        return None
     except ImportError as err:
         print(f"bench_composition: cannot build the composition sets: the toy world is missing ({err})", file=sys.stderr)
-        return 2
+        return None
     if args.sets:
         unknown = sorted(set(args.sets) - {s["id"] for s in sets})
         if unknown:
             print(f"bench_composition: --sets {' '.join(unknown)}: no such set at sizes {args.sizes} "
                   "(--dry-run lists them)", file=sys.stderr)
-            return 2
+            return None
         sets = [s for s in sets if s["id"] in args.sets]
-    if args.rescore:
-        return rescore(args)
-    missing = missing_inputs(args, sets)
-    if args.dry_run:
-        for s in sets:
-            print(json.dumps({"set": s["id"], "prompt": s["prompt"]}))
-        print(f"{len(sets)} sets x {len(args.methods)} methods x {args.k} images", file=sys.stderr)
-        for line in missing:
-            print(f"missing: {line}", file=sys.stderr)
-        return 0
-    if missing:
-        print("bench_composition: cannot run; missing:\n  - " + "\n  - ".join(missing), file=sys.stderr)
-        return 2
+    return sets
 
-    from lorakit.eval.report import markdown_table
-    from lorakit.fileio import write_json, write_text
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = find_adapters(Path(args.adapters_dir))
-    seeds = [args.seed + i for i in range(args.k)]
-    if args.sweep and set(seeds) & set(range(args.val_seed, args.val_seed + args.val_k)):
-        print(f"bench_composition: validation seeds {args.val_seed}..{args.val_seed + args.val_k - 1} overlap the "
-              f"report seeds {seeds[0]}..{seeds[-1]}; pass another --val-seed", file=sys.stderr)
-        return 2
-    results = out / "results.jsonl"
-    results.write_text("")
-    runners = {}
+def print_dry_run(args, sets, missing) -> None:
+    for s in sets:
+        print(json.dumps({"set": s["id"], "prompt": s["prompt"]}))
+    print(f"{len(sets)} sets x {len(args.methods)} methods x {args.k} images", file=sys.stderr)
+    for line in missing:
+        print(f"missing: {line}", file=sys.stderr)
 
-    def runner_for(method):
+
+class CellRunner:
+    """One method on one set at one scale: generate, save (report phase), score, append to ``OUT/results.jsonl``."""
+
+    def __init__(self, args, files: dict[str, Path], out: Path):
+        self.args, self.files, self.out = args, files, out
+        self.results = out / "results.jsonl"
+        self.runners = {}
+        self.cache = load_cells(self.results) if args.resume else {}
+        if not args.resume:
+            self.results.write_text("")
+        self.start, self.ran = time.perf_counter(), 0
+        self.score = None if args.no_score else presence_scorer(args)
+
+    def runner_for(self, method):
         key = "sampling" if method in SAMPLING_METHODS else "fusion"
-        if key not in runners:
-            runners[key] = SamplingRunner(args, files) if key == "sampling" else FusionRunner(args, files, out / "fused")
-        return runners[key]
+        if key not in self.runners:
+            self.runners[key] = (SamplingRunner(self.args, self.files) if key == "sampling"
+                                 else FusionRunner(self.args, self.files, self.out / "fused"))
+        return self.runners[key]
 
-    def run_cell(method, s, run_seeds, scale, phase):
-        images, seconds, extra = runner_for(method).run(method, s, run_seeds, scale)
+    def __call__(self, method, s, run_seeds, scale, phase):
+        key = cell_key(phase, method, s["id"], scale, run_seeds)
+        if key in self.cache:  # --resume: this cell ran before
+            return self.cache[key]
+        end = time.perf_counter() + self.estimate(method, s, run_seeds)
+        if self.args.budget_s and self.ran and end > self.start + self.args.budget_s:  # every run makes progress
+            raise OutOfBudget(f"{method} on {s['id']}")
+        self.ran += 1
+        images, seconds, extra = self.runner_for(method).run(method, s, run_seeds, scale)
         row = {"phase": phase, "method": method, "n": s["n"], "set": s["id"], "prompt": s["prompt"], "scale": scale,
                "seeds": run_seeds, "categories": list(s["concepts"]), **extra}
         if images is not None:
             row["seconds_per_image"] = seconds / len(images)
             if phase == "report":
-                _save(images, s, method, run_seeds, out)
-            if not args.no_score:
-                row.update(presence(images, s["concepts"], args.oracle))
-        print(json.dumps({k: v for k, v in row.items() if k != "present"}), flush=True)
-        with results.open("a") as f:
+                _save(images, s, method, run_seeds, self.out)
+            if not self.args.no_score:
+                row.update(self.score(images, s))
+        print(json.dumps({k: v for k, v in row.items() if k not in ("present", "probs")}), flush=True)
+        with self.results.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        self.cache[key] = row
         return row
 
-    chosen, val_rows = {}, []
-    if args.sweep:
-        val_seeds = [args.val_seed + i for i in range(args.val_k)]
-        for method in args.methods:
-            for scale in args.sweep:
-                for s in sets:
-                    val_rows.append(run_cell(method, s, val_seeds, scale, "validation"))
-        chosen = pick_scales(val_rows, args.methods, args.sizes, args.scale)
-    rows = []
+    def estimate(self, method: str, s: dict, seeds: list[int]) -> float:
+        """Seconds a cell is expected to take: the method's seconds per image on sets of the same size so far
+        (this run's or a resumed one's), else twice the slowest image so far; 0 before any cell ran."""
+        same = [r["seconds_per_image"] for r in self.cache.values()
+                if r.get("seconds_per_image") and r["method"] == method and r["n"] == s["n"]]
+        every = [r["seconds_per_image"] for r in self.cache.values() if r.get("seconds_per_image")]
+        per_image = max(same) if same else 2 * max(every) if every else 0.0
+        return per_image * len(seeds) + max([r.get("fuse_seconds") or 0 for r in self.cache.values()
+                                             if r["method"] == method] or [0])
+
+
+class OutOfBudget(Exception):
+    """The next cell would end after ``--budget-s``."""
+
+
+def cell_key(phase, method, set_id, scale, seeds) -> tuple:
+    return phase, method, set_id, float(scale), tuple(seeds)
+
+
+def load_cells(results: Path) -> dict:
+    """``{cell key: row}`` of the rows in ``results`` (``OUT/results.jsonl`` of an earlier run)."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
+    return {cell_key(r.get("phase", "report"), r["method"], r["set"], r["scale"], r["seeds"]): r for r in rows}
+
+
+def presence_scorer(args):
+    """``score(images, set) -> verdict fields`` of the world's oracle (v2: one oracle loaded once; regional sets
+    are scored per half)."""
+    if args.world == "v1":
+        return lambda images, s: presence(images, s["concepts"], args.oracle)
+    from lorakit.toyworld.v2.composition import presence as presence_v2
+    from lorakit.toyworld.v2.oracle import Oracle
+
+    oracle = Oracle.load(args.oracle)
+    return lambda images, s: presence_v2(oracle, images, s["concepts"], regional=bool(s.get("regions")))
+
+
+def run_sweep(args, sets, run_cell) -> tuple[dict, list[dict]]:
+    """``--sweep``: every method at every scale on the validation seeds; returns (chosen scales, validation rows)."""
+    val_rows = []
+    val_seeds = [args.val_seed + i for i in range(args.val_k)]
     for method in args.methods:
-        for s in sets:
-            rows.append(run_cell(method, s, seeds, chosen.get((method, s["n"]), args.scale), "report"))
+        for scale in args.sweep:
+            for s in sets:
+                val_rows.append(run_cell(method, s, val_seeds, scale, "validation"))
+    return pick_scales(val_rows, args.methods, args.sizes, args.scale), val_rows
+
+
+def write_report(args, out: Path, seeds, rows, val_rows, chosen, sets=()) -> None:
+    """``OUT/summary.json`` and ``OUT/table.md`` (printed too) from the report rows."""
+    from lorakit.eval.report import markdown_table
+    from lorakit.fileio import write_json, write_text
+
     summary, headers, table = summarize(rows, args.methods, args.sizes)
     if args.sweep:
         summary["validation"] = {
             f"{m}/n{n}/s{sc:g}": _val_rate(val_rows, m, n, sc) for m in args.methods for n in args.sizes
             for sc in args.sweep}
         summary["chosen_scales"] = {f"{m}/n{n}": sc for (m, n), sc in chosen.items()}
+    extra_md = v2_report(args, rows, sets, seeds, summary) if args.world == "v2" else ""
     write_json({"settings": vars(args), "summary": summary}, out / "summary.json")
     how = (f"each method at the scale it scored best on validation seeds {args.val_seed}..{args.val_seed + args.val_k - 1}"
            f" (from {', '.join(f'{x:g}' for x in args.sweep)})" if args.sweep else f"every LoRA at scale {args.scale:g}")
@@ -493,14 +610,94 @@ def main(argv=None) -> int:
           f"method), {args.steps} steps, CFG {args.cfg}, {how}. Rates: images where the oracle finds every concept "
           "of the set, with the 95% Wilson interval and k/n; vs merge: images only this method / only merge got "
           "right (exact McNemar p, two-sided).\n\n"
-          + markdown_table(headers, table))
+          + markdown_table(headers, table) + extra_md)
     small = sorted({c["all_present"]["n"] for c in summary["cells"].values() if c["all_present"]["n"] < 64})
     if small:
         md += (f"\nCells with n = {', '.join(map(str, small))} images: below 64 the intervals are wide; read no "
                "difference off them that the paired test does not confirm.\n")
     write_text(md, out / "table.md")
     print(md)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sets = select_sets(args)
+    if sets is None:
+        return 2
+    if args.rescore:
+        return rescore(args)
+    missing = missing_inputs(args, sets)
+    if args.dry_run:
+        print_dry_run(args, sets, missing)
+        return 0
+    if missing:
+        print("bench_composition: cannot run; missing:\n  - " + "\n  - ".join(missing), file=sys.stderr)
+        return 2
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = world_adapters(args, sets)
+    seeds = [args.seed + i for i in range(args.k)]
+    if args.sweep and set(seeds) & set(range(args.val_seed, args.val_seed + args.val_k)):
+        print(f"bench_composition: validation seeds {args.val_seed}..{args.val_seed + args.val_k - 1} overlap the "
+              f"report seeds {seeds[0]}..{seeds[-1]}; pass another --val-seed", file=sys.stderr)
+        return 2
+    run_cell = CellRunner(args, files, out)
+    try:
+        chosen, val_rows = run_sweep(args, sets, run_cell) if args.sweep else ({}, [])
+        rows = [run_cell(method, s, seeds, chosen.get((method, s["n"]), args.scale), "report")
+                for method, s in cell_order(args, sets)]
+    except OutOfBudget as stop:
+        print(f"bench_composition: stopped before {stop} (--budget-s {args.budget_s:g}); run the same command "
+              "with --resume to continue", file=sys.stderr)
+        return 3
+    write_report(args, out, seeds, rows, val_rows, chosen, sets)
     return 0
+
+
+def v2_report(args, rows, sets, seeds, summary: dict) -> str:
+    """``--world v2``'s additions to the report (added to ``summary`` and returned as markdown): the regional
+    sets' table (each half scored for its character), every set's rate per method, and the oracle's ceiling
+    per set (the renderer's own images of the set at the same seeds)."""
+    from lorakit.eval.report import markdown_table
+    from lorakit.eval.stats import rate
+    from lorakit.toyworld.v2.composition import REGIONAL_GROUP, REGIONAL_SLOTS, ceiling
+
+    md = ""
+    regional = [r for r in rows if r["n"] == REGIONAL_GROUP]
+    if regional:
+        reg, headers, table = summarize(regional, args.methods, [REGIONAL_GROUP], categories=REGIONAL_SLOTS)
+        summary["cells"].update(reg["cells"])
+        summary["paired"] += reg["paired"]
+        md += ("\n### Two characters, left / right regions (each half scored for its character)\n\n"
+               + markdown_table(headers, table))
+    summary["per_set"] = {f"{r['method']}/{r['set']}": rate(sum(all(v) for v in r["present"]), len(r["present"]))
+                          for r in rows if r.get("present") is not None}
+    if not args.no_score:
+        from lorakit.toyworld.v2.oracle import Oracle
+
+        summary["ceiling"] = ceiling(Oracle.load(args.oracle), [s for s in sets if any(r["set"] == s["id"] for r in rows)],
+                                     seeds)
+        md += ("\nOracle ceiling (the renderer's images of each set at the same seeds, scored the same way): "
+               + "; ".join(f"{k} {v['rate']:.2f} ({v['k']}/{v['n']})" for k, v in summary["ceiling"].items()) + "\n")
+    return md
+
+
+def cell_order(args, sets) -> list[tuple[str, dict]]:
+    """(method, set) in run order: v1 method by method; v2 set by set, every method on a set before the next
+    set, so a run stopped by its budget leaves paired cells."""
+    if args.world == "v2":
+        return [(m, s) for s in sets for m in args.methods]
+    return [(m, s) for m in args.methods for s in sets]
+
+
+def world_adapters(args, sets) -> dict[str, Path]:
+    """``{concept: adapter file}`` of the world's LoRAs (v1: by trigger; v2: the recipe LoRAs on ``--base``)."""
+    if args.world == "v1":
+        return find_adapters(Path(args.adapters_dir))
+    from lorakit.toyworld.v2.composition import find_adapters as find_v2
+
+    return find_v2(args.adapters_dir, args.base, sorted({c for s in sets for c in s["concepts"].values()}))
 
 
 def rescore(args) -> int:
@@ -513,15 +710,17 @@ def rescore(args) -> int:
     out = Path(args.out)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("phase", "report") == "report"]
+    score = presence_scorer(args)
     for r in rows:
         if r.get("skipped"):
             continue
         folder = out / "images" / r["method"] / f"n{r['n']}"
         images = [Image.open(folder / f"{r['set']}-s{seed}.png").convert("RGB") for seed in r["seeds"]]
         concepts = json.loads((folder / f"{r['set']}-s{r['seeds'][0]}.json").read_text())["concepts"]
-        r.update(presence(images, {c["category"]: c["name"] for c in concepts}, args.oracle))
+        concepts = {c["category"]: c["name"] for c in concepts}
+        r.update(score(images, {"concepts": concepts, "regions": list(concepts) == ["left", "right"]}))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    sizes = sorted({r["n"] for r in rows})
+    sizes = sorted({r["n"] for r in rows}, key=str)
     summary, headers, table = summarize(rows, methods, sizes)
     write_json({"settings": vars(args), "rescored_with": args.oracle or "data/oracle", "summary": summary},
                out / "summary.json")

@@ -1,0 +1,192 @@
+"""tools/bench_composition.py --world v2: sets by kind, like-for-like runs, per-half scoring, resume per cell."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bench_composition as bench
+from lorakit.toyworld.v2 import composition as v2c
+from lorakit.toyworld.v2.concepts import CONCEPTS
+
+
+def test_sets_take_one_identity_per_kind_and_a_character_first():
+    sets = v2c.composition_sets((2, 3, 4))
+    counts = {n: sum(s["n"] == n for s in sets) for n in (2, 3, 4)}
+    assert counts == {2: 18, 3: 36, 4: 24}  # 3 characters x (2+2+2 | 4+4+4 | 2*2*2)
+    for s in sets:
+        kinds = [CONCEPTS[c].kind for c in s["concepts"].values()]
+        assert list(s["concepts"]) == kinds and kinds[0] == "character" and len(set(kinds)) == s["n"]
+        assert all(CONCEPTS[c].role == "identity" for c in s["concepts"].values())
+        assert all(f"{c} {CONCEPTS[c].cls}" in s["prompt"] for c in s["concepts"].values())
+    s = next(s for s in sets if s["id"] == "n4-kwibbit-hattock-inkvel-nocturo")
+    assert s["prompt"] == "kwibbit frog, hattock hat, nocturo night background, inkvel outline style"
+    assert next(s for s in sets if s["id"] == "n2-zorbo-shroomel")["prompt"] == \
+        "zorbo robot, shroomel mushroom, white plain background"
+    only = v2c.composition_sets((2, 3), available=["kwibbit", "zorbo", "nocturo", "inkvel"])
+    assert sorted(s["id"] for s in only) == ["n2-kwibbit-inkvel", "n2-kwibbit-nocturo", "n2-zorbo-inkvel",
+                                             "n2-zorbo-nocturo", "n3-kwibbit-inkvel-nocturo", "n3-zorbo-inkvel-nocturo"]
+    sample = v2c.composition_sets((2, 4), per_size=3, seed=5)
+    assert [s["n"] for s in sample] == [2, 2, 2, 4, 4, 4] and sample == v2c.composition_sets((2, 4), 3, 5)
+    with pytest.raises(ValueError, match="set size 1"):
+        v2c.composition_sets((1,))
+
+
+def test_regional_sets_put_each_character_in_its_half():
+    sets = v2c.regional_sets()
+    assert len(sets) == 6 and len({s["id"] for s in sets}) == 6  # ordered pairs of the 3 character identities
+    s = next(s for s in sets if s["id"] == "r2-kwibbit-zorbo")
+    assert s["concepts"] == {"left": "kwibbit", "right": "zorbo"} and s["n"] == v2c.REGIONAL_GROUP
+    assert s["prompt"] == "kwibbit frog, zorbo robot, white plain background"
+    assert [r["prompt"] for r in s["regions"]] == ["kwibbit frog, white plain background",
+                                                   "zorbo robot, white plain background"]
+    spec = v2c.region_spec(s)
+    assert [r.box for r in spec.regions] == [(0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)] and spec.prompt == s["prompt"]
+    assert v2c.slot_kinds(s) == ["character", "character"] and v2c.region_spec(v2c.composition_sets((2,))[0]) is None
+
+
+@pytest.mark.slow  # imports the training stack (lorakit.toyworld.v2.loras)
+def test_training_captions_are_the_recipe_datasets_captions(tmp_path):
+    from lorakit.toyworld.v2.dataset import make_dataset
+    from lorakit.toyworld.v2.loras import DATA_N, DATA_SEED
+
+    make_dataset("hattock", tmp_path, 6, DATA_SEED)  # the first 6 scenes of the recipe's DATA_N
+    written = list(dict.fromkeys(p.read_text().strip() for p in sorted(tmp_path.glob("*.txt"))))
+    assert v2c.training_captions("hattock", len(written)) == written and all("hattock hat" in c for c in written)
+    assert len(v2c.training_captions("hattock", 100)) <= DATA_N
+
+
+class ColourOracle:
+    """Says an identity is there when its colour is in the image (kwibbit red, zorbo blue)."""
+
+    colours = {"kwibbit": (255, 0, 0), "zorbo": (0, 0, 255)}
+
+    def score(self, images, names):
+        probs = torch.tensor([[float((np.asarray(im) == self.colours[n]).all(-1).any()) for n in names] for im in images])
+        return type("S", (), {"probs": probs, "present": probs >= 0.5})()
+
+
+def _two_squares(left, right):
+    a = np.full((64, 64, 3), 255, np.uint8)
+    a[24:40, 8:24], a[24:40, 40:56] = left, right
+    return Image.fromarray(a)
+
+
+def test_each_half_is_scored_for_its_own_character():
+    red, blue = ColourOracle.colours["kwibbit"], ColourOracle.colours["zorbo"]
+    images = [_two_squares(red, blue), _two_squares(blue, red), _two_squares(red, red)]
+    views = v2c.half_views(images[0])
+    assert [v.size for v in views] == [(64, 64)] * 2
+    assert np.asarray(views[0])[32, 32].tolist() == list(red) and np.asarray(views[1])[32, 32].tolist() == list(blue)
+    assert np.asarray(views[0])[32, 60].tolist() == [255, 255, 255]  # the other half is background
+    concepts = {"left": "kwibbit", "right": "zorbo"}
+    got = v2c.presence(ColourOracle(), images, concepts, regional=True)
+    assert got["present"] == [[True, True], [False, False], [True, False]]
+    assert got["swapped"] == [False, True, False] and got["all_present"] == pytest.approx(1 / 3)
+    whole = v2c.presence(ColourOracle(), images, concepts)  # the whole image cannot tell places apart
+    assert whole["present"] == [[True, True], [True, True], [True, False]]
+
+
+# ---------------------------------------------------------------------------------------- tool, tiny world
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """An untrained v2 pipeline, an untrained v2 oracle and random LoRAs at the recipe paths of three
+    identities (plumbing only: the verdicts mean nothing)."""
+    from safetensors.torch import save_file
+
+    from lorakit.adapters.io import save_adapter
+    from lorakit.testing import random_adapter
+    from lorakit.toyworld.v2.loras import lora_path
+    from lorakit.toyworld.v2.models import build_toy_pipeline
+    from lorakit.toyworld.v2.oracle import OracleNet
+
+    root = tmp_path_factory.mktemp("v2bench")
+    pipe = build_toy_pipeline(0)
+    pipe.save_pretrained(root / "pipe")
+    (root / "oracle").mkdir()
+    torch.manual_seed(0)
+    save_file(OracleNet(len(CONCEPTS)).state_dict(), root / "oracle" / "oracle.safetensors")
+    (root / "oracle" / "config.json").write_text(json.dumps({"world": "v2", "concepts": list(CONCEPTS)}))
+    for i, name in enumerate(("kwibbit", "zorbo", "nocturo")):
+        save_adapter(random_adapter(pipe, blocks={"OUT3": 2}, rank=2, seed=i, std=0.5),
+                     lora_path(name, root / "loras", root / "pipe"))
+    return root
+
+
+def _argv(world, out, *extra):
+    return ["--world", "v2", "--base", str(world / "pipe"), "--oracle", str(world / "oracle"), "--adapters-dir",
+            str(world / "loras"), "--out", str(out), "--steps", "2", "--k", "2", "--seed", "7", *extra]
+
+
+@pytest.mark.slow
+def test_v2_inputs_are_checked_and_named(tiny_world, tmp_path, capsys):
+    args = bench.parse_args(_argv(tiny_world, tmp_path, "--sizes", "2"))
+    assert args.scale == 0.8 and args.oracle == str(tiny_world / "oracle")
+    sets = [s for s in v2c.composition_sets((2,)) if s["id"] in ("n2-kwibbit-nocturo", "n2-bloopo-hattock")]
+    text = "\n".join(bench.missing_inputs(args, sets))
+    assert "bloopo, hattock" in text and "kwibbit" not in text
+    bad = bench.parse_args(_argv(tiny_world, tmp_path, "--oracle", str(tmp_path)))
+    assert "v2 oracle" in "\n".join(bench.missing_inputs(bad, sets))
+    assert bench.main(_argv(tiny_world, tmp_path, "--sizes", "2", "--sets", "n2-bloopo-hattock")) == 2
+    assert "bloopo, hattock" in capsys.readouterr().err
+    assert v2c.find_adapters(tiny_world / "loras", tiny_world / "pipe", ["kwibbit", "bloopo"]).keys() == {"kwibbit"}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--regional"])  # v1 has no regional sets
+
+
+@pytest.mark.slow
+def test_every_method_gets_the_same_prompt_seeds_and_scale_and_regions(tiny_world, tmp_path, monkeypatch):
+    import lorakit.sampling as sampling
+
+    calls, real = [], sampling.generate
+
+    def spy(pipe, adapters, settings, prompt, negative, seeds, **kw):
+        calls.append({"method": settings.method, "prompt": prompt, "seeds": list(seeds), "regions": kw.get("regions"),
+                      "weights": [a.weight for a in adapters], "order": kw.get("order")})
+        return real(pipe, adapters, settings, prompt, negative, seeds, **kw)
+
+    monkeypatch.setattr(sampling, "generate", spy)
+    out = tmp_path / "out"
+    methods = ["merge", "switch", "composite", "cmlora"]
+    assert bench.main(_argv(tiny_world, out, "--sizes", "2", "--regional", "--methods", *methods, "--sets",
+                            "n2-kwibbit-nocturo", "r2-kwibbit-zorbo")) == 0
+    assert [c["method"] for c in calls] == methods * 2  # set by set, every method on each
+    for set_calls in (calls[:4], calls[4:]):
+        assert len({(c["prompt"], tuple(c["seeds"]), tuple(c["weights"])) for c in set_calls}) == 1
+        assert set_calls[0]["seeds"] == [7, 8] and set(set_calls[0]["weights"]) == {0.8}
+    assert all(c["regions"] is None for c in calls[:4])
+    assert all([r.prompt for r in c["regions"].regions] == ["kwibbit frog, white plain background",
+                                                            "zorbo robot, white plain background"] for c in calls[4:])
+    assert calls[3]["order"] == [0, 1]  # CMLoRA's category order: the character, then the background
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert summary["cells"]["merge/n2"]["all_present"]["n"] == 2 and "left" in summary["cells"]["merge/n2r"]["per_category"]
+    assert {p["a"] for p in summary["paired"] if p["n_adapters"] == "2r"} == {"merge", "switch", "composite"}
+    assert set(summary["ceiling"]) == {"n2-kwibbit-nocturo", "r2-kwibbit-zorbo"}
+    assert "Two characters, left / right regions" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_its_budget_resumes_cell_by_cell(tiny_world, tmp_path, monkeypatch):
+    import lorakit.sampling as sampling
+
+    argv = ["--sizes", "2", "--methods", "merge", "composite", "--sets", "n2-kwibbit-nocturo", "n2-zorbo-nocturo"]
+    assert bench.main(_argv(tiny_world, tmp_path / "whole", *argv)) == 0
+    whole = [json.loads(line) for line in (tmp_path / "whole" / "results.jsonl").read_text().splitlines()]
+
+    calls, real = [], sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda *a, **kw: calls.append(a[2].method) or real(*a, **kw))
+    chunked, codes = tmp_path / "chunked", []
+    while not codes or codes[-1] == 3:
+        codes.append(bench.main(_argv(tiny_world, chunked, *argv, "--resume", "--budget-s", "0.001")))
+        assert len(codes) < 10
+    assert codes == [3, 3, 3, 0] and len(calls) == 4  # one cell per run; no cell generated twice
+    parts = [json.loads(line) for line in (chunked / "results.jsonl").read_text().splitlines()]
+    keep = ("method", "set", "seeds", "scale", "present", "probs")
+    assert [{k: r[k] for k in keep} for r in parts] == [{k: r[k] for k in keep} for r in whole]
+    rates = [{k: c["all_present"] for k, c in json.loads((d / "summary.json").read_text())["summary"]["cells"].items()}
+             for d in (chunked, tmp_path / "whole")]
+    assert rates[0] == rates[1] and rates[0]["composite/n2"]["n"] == 4
