@@ -205,15 +205,11 @@ def measure(tag: str, method: str, base, files: dict, words: dict, n: int, world
     return {"row": row, "present": s.present.int().tolist()}
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
+def _inputs(args, needed: set[str]):
+    """The ED-LoRA files and their words, the base folder, the cache-key extras and the oracle (v2) of a run."""
     from lorakit.adapters.io import load_adapter
-    from lorakit.fileio import write_text
-    from lorakit.models import load_base
     from lorakit.toyworld.loras import content_hash, tree_hash
 
-    needed = {n for tag in args.sets for n in tag.split("+")}
     v2 = args.world == "v2"
     if v2:
         from lorakit.toyworld.v2.models import DEFAULT_BASE
@@ -233,6 +229,17 @@ def main(argv=None) -> int:
         from lorakit.toyworld.v2.oracle import Oracle
 
         oracle = Oracle.load(args.oracle)
+    return files, words, base_dir, extra, oracle
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from lorakit.fileio import write_text
+    from lorakit.models import load_base
+
+    needed = {n for tag in args.sets for n in tag.split("+")}
+    files, words, base_dir, extra, oracle = _inputs(args, needed)
     base = None
     lines, done, last, t_start = [], 0, 0.0, time.monotonic()
     if args.cache:
