@@ -1,4 +1,4 @@
-"""``lorakit demo`` on the bundled toy base with tiny settings (2 training steps, 1 image per method, 4 DDIM steps).
+"""``lorakit demo --world v1`` on the bundled toy base with tiny settings (2 training steps, 1 image per method, 4 DDIM steps).
 
 Checks the report files, that every method row is present, that report.json's rates are the oracle's on the saved
 PNGs, that a second run reuses the cached LoRAs, and that bad --character / --style values fail naming the value.
@@ -15,7 +15,7 @@ from lorakit.cli import main
 from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids, target_ids
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "--quiet"]
+QUICK = ["--world", "v1", "--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def rerun(demo_run, tmp_path_factory):
 
 
 def _small(loras):
-    return dict(lora_dir=str(loras), train_steps=2, sample_steps=4, methods=["base", "merge"])
+    return dict(world="v1", lora_dir=str(loras), train_steps=2, sample_steps=4, methods=["base", "merge"])
 
 
 def test_rerun_reuses_the_loras_and_removes_only_its_own_stale_images(demo_run, rerun):
