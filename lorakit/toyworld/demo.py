@@ -12,8 +12,11 @@ Above them, **target** rows show what the concepts look like: the renderer's gro
 for the same seeds: ``<character>_target`` (the character alone on white), ``<style>_target`` (a generic shape on
 white in the style) and ``target`` (the character on white in the style: what the prompt asks for).
 
-Every image is ``[32, 32]`` RGB, saved as ``<out>/images/<method>-s<seed>.png`` (what the oracle scores) and, enlarged
-4x with nearest-neighbour scaling, as ``<out>/images/x4/<method>-s<seed>.png`` (what the reports show). Image files
+Both toy worlds run through this module: a world object (:class:`V1World`, 32x32; toy world v2's
+:data:`lorakit.toyworld.v2.demo.WORLD`, 64x64, the default) gives the concepts, the prompt, the targets, the LoRAs
+and the oracle. Every image is saved as ``<out>/images/<method>-s<seed>.png`` (what the oracle scores) and, enlarged
+with nearest-neighbour scaling (v1 4x, v2 3x), as ``<out>/images/x<n>/<method>-s<seed>.png`` (what the reports
+show); ``<out>/grid.png`` holds every row in one picture. Image files
 a previous run listed in ``<out>/report.json`` and this run does not rewrite are removed (nothing else is touched).
 The oracle gives per-image presence
 probabilities of the character and the style; the report holds the rates (fraction of images with the concept),
