@@ -22,12 +22,12 @@ Offline end-to-end demo on a bundled toy world (default --world v2: data/toy2-ba
   3. scores every image with the world's oracle (is the character there? the style? both?);
   4. writes OUT/report.html (the table with Wilson 95% intervals; target rows = the rendered ground truth,
      then every method's images enlarged with the oracle's verdict under each), OUT/report.json,
-     OUT/report.md, OUT/images/.
+     OUT/report.md, OUT/grid.png (every row in one picture), OUT/images/.
 
-Time, one thread (the default; lorakit/threads.py): with both LoRAs cached, 64 s of CPU (2026-12-02; 2 min 30 s
-wall on a machine whose 2 cores other jobs shared); training the two LoRAs first, when they are not cached,
-adds their 300 steps each. `--steps 20 --k 2 --out demo_out/quick` is a quick look in its own folder (50 s of
-CPU, two 20-step LoRAs: they teach little).
+Time, one thread (the default; lorakit/threads.py), both LoRAs cached: v2 108 s of CPU (2026-12-03; 2 min 37 s
+wall on a machine whose 2 cores other jobs shared), v1 64 s of CPU. Training the two LoRAs first, when they are
+not cached, adds their 300 steps each (v2: ~8 min of one core per LoRA on that machine). `--steps 20 --k 2 --out
+demo_out/quick` is a quick look in its own folder (two 20-step LoRAs: they teach little).
 """
 
 
