@@ -115,6 +115,8 @@ def test_v2_run_has_every_row_enlarged_images_and_the_oracles_verdicts(v2_run):
         s = oracle.score(images, ["kwibbit", "inkvel"])
         assert row["character_rate"] == s.rates["kwibbit"] and row["style_rate"] == s.rates["inkvel"]
         assert torch.allclose(torch.tensor(row["probs"]), s.probs, atol=1e-6)
+        assert row["wilson95"]["character"]["k"] == round(row["character_rate"] * len(images))
+        assert row["wilson95"]["both"]["n"] == len(images)
         for probs in row["probs"]:
             mark = ["\u2713" if p >= 0.5 else "\u2717" for p in probs]
             assert f'<div class="v">kwibbit {mark[0]} inkvel {mark[1]}</div>' in html

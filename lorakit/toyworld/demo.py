@@ -426,7 +426,18 @@ def _row_record(row: str, kind: str, description: str, images: list, seeds: list
         "character_rate": sc.rates[s.character], "style_rate": sc.rates[s.style], "both_rate": sc.all_rate,
         "s_per_image": s_per_image, "setup_s": setup_s, "images": paths, "images_large": big, "seeds": seeds,
         "probs": [[float(v) for v in p] for p in sc.probs], "info": info,
+        "wilson95": _intervals(sc.probs),
     }
+
+
+def _intervals(probs) -> dict:
+    """``{"character", "style", "both"}``: each rate as :func:`lorakit.eval.stats.rate` (k, n, Wilson 95%)."""
+    from lorakit.eval.stats import rate
+
+    found = (probs >= 0.5).tolist()
+    n = len(found)
+    return {"character": rate(sum(f[0] for f in found), n), "style": rate(sum(f[1] for f in found), n),
+            "both": rate(sum(all(f[:2]) for f in found), n)}
 
 
 def remove_stale_images(out: Path, keep: set[str]) -> list[Path]:
