@@ -212,28 +212,15 @@ def main(argv=None) -> int:
     from lorakit.adapters.io import load_adapter
     from lorakit.fileio import write_text
     from lorakit.models import load_base
-    from lorakit.toyworld.loras import content_hash, tree_hash
 
     needed = {n for tag in args.sets for n in tag.split("+")}
     v2 = args.world == "v2"
-    if v2:
-        from lorakit.toyworld.v2.models import DEFAULT_BASE
-        from lorakit.toyworld.v2.oracle import DEFAULT_ORACLE
-
-        args.base, args.oracle = args.base or str(DEFAULT_BASE), args.oracle or str(DEFAULT_ORACLE)
-    if v2 and not args.edlora_cache and not needed <= {kv.split("=", 1)[0] for kv in args.edloras}:
-        raise SystemExit("--world v2 needs --edlora-cache (or --edloras for every identity of the sets)")
     for tag in args.sets:
         check_set(tag.split("+"), args.world)
+    extra, oracle = v2_inputs(args, needed) if v2 else ((), None)
     files = edlora_files(args.edloras, needed, args.edlora_cache if v2 else None, args.base)
     words = {n: words_of(load_adapter(files[n])) for n in needed}
     base_dir = args.base or str(REPO / "data" / "toy-base")
-    extra = (content_hash({}, Path(base_dir)), tree_hash(Path(args.oracle))) if v2 else ()
-    oracle = None
-    if v2:
-        from lorakit.toyworld.v2.oracle import Oracle
-
-        oracle = Oracle.load(args.oracle)
     base = None
     lines, done, last, t_start = [], 0, 0.0, time.monotonic()
     if args.cache:
@@ -272,6 +259,19 @@ def main(argv=None) -> int:
     if args.out:
         write_text("".join(json.dumps(x) + "\n" for x in lines), args.out)
     return 0
+
+
+def v2_inputs(args, needed: set[str]):
+    """``--world v2``: fill ``args.base`` / ``args.oracle`` with the bundled defaults; ``(cache-key extra: hashes
+    of the base's and the oracle's weights, the loaded oracle)``."""
+    from lorakit.toyworld.loras import content_hash, tree_hash
+    from lorakit.toyworld.v2.models import DEFAULT_BASE
+    from lorakit.toyworld.v2.oracle import DEFAULT_ORACLE, Oracle
+
+    args.base, args.oracle = args.base or str(DEFAULT_BASE), args.oracle or str(DEFAULT_ORACLE)
+    if not args.edlora_cache and not needed <= {kv.split("=", 1)[0] for kv in args.edloras}:
+        raise SystemExit("--world v2 needs --edlora-cache (or --edloras for every identity of the sets)")
+    return (content_hash({}, Path(args.base)), tree_hash(Path(args.oracle))), Oracle.load(args.oracle)
 
 
 def check_set(names: list[str], world: str) -> None:
