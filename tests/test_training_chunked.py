@@ -88,3 +88,16 @@ def test_v2_edlora_in_parts_equals_one_run_and_an_earlier_work_folder_is_continu
     assert trained_step(target) == 2 and not partial_dir(target).exists()
     assert train_chunk("edlora", recipe, recipe_over, target, 3) == target
     assert legacy_work_dir(target).is_dir() and _same(whole, target)
+
+
+def test_train_toy2_loras_starts_no_part_of_the_next_identity_that_cannot_end_in_time(tmp_path):
+    # The last part (of the identity before) took 5 s and 3 s are left: the next identity starts nothing.
+    import train_toy2_loras as tool
+
+    from lorakit.resources import data_path
+
+    last = [5.0]
+    row = tool.train_within("kwibbit", str(tmp_path), str(data_path("toy-base")), [], 50, 3.0, clock=lambda: 0.0,
+                            adapter="edlora", last_part=last)
+    assert row == {"identity": "kwibbit", "done": False, "step": 0, "max_steps": 200, "adapter": None}
+    assert last == [5.0] and not any(tmp_path.glob(".toy2_edlora_*"))

@@ -18,14 +18,15 @@ concepts" with Wilson 95% intervals; per method pair, exact McNemar (paired: sam
         --cache artifacts/edlora_fusion_toy --chunks 2     # exit 3: call again (one job-lock hold per call)
 
 ``--world v2``: toy world v2 (64x64) with its ED-LoRAs (``tools/train_toy2_loras.py --adapter edlora``, cache
-``--edlora-cache``), its base (``--base``) and its oracle (``--oracle``). Sets of the character and object identities
+``--edlora-cache``), its base (``--base``, default ``data/toy2-base``) and its oracle (``--oracle``, default
+``data/toy2-oracle``); a cached result is keyed by the base's and the oracle's weights. Sets of the character and object identities
 (``zorbo+kwibbit``, ``zorbo+kwibbit+hattock``, ``zorbo+kwibbit+hattock+shroomel``; at most two characters, as a v2
 scene holds). Fit / held-out prompts: ``identity_prompts(c, 4, seed=0 / 1)`` (v2 training-style captions, ``zorbo
 robot, ...``); evaluation: ``--n`` captions of one scene with every identity of the set on a random generic
 background (prompt rng seed 7), each identity word replaced by its pseudo-words (``<zorbo1> <zorbo2> robot, ...``);
 image seeds 5000..; 20 DDIM steps, guidance 4, 64x64. The v2 oracle scores each identity (an identity, not its class).
 
-    python tools/measure_edlora_fusion_toy.py --world v2 --base PIPELINE --oracle ORACLE \
+    python tools/measure_edlora_fusion_toy.py --world v2 \
         --edlora-cache artifacts/edlora_v2 --sets zorbo+kwibbit --n 96 --cache artifacts/edlora_v2/fusion --chunks 1
 """
 
@@ -128,8 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--n", type=int, default=32, help="evaluation images per method and set")
     ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="toy world (default v1)")
-    ap.add_argument("--base", help="base pipeline (default: data/toy-base for v1; required for v2)")
-    ap.add_argument("--oracle", help="v2 oracle folder (required for v2; v1 uses the bundled oracle)")
+    ap.add_argument("--base", help="base pipeline (default: data/toy-base for v1, data/toy2-base for v2)")
+    ap.add_argument("--oracle", help="v2 oracle folder (default: data/toy2-oracle; v1 uses data/oracle)")
     ap.add_argument("--edlora-cache", help="v2: the ED-LoRA cache of tools/train_toy2_loras.py --adapter edlora")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", help="keep each (set, method) result here and reuse it (resumable runs)")
@@ -169,7 +170,7 @@ def edlora_files(given: list[str], needed: set[str], v2_cache: str | None = None
 
 def result_path(cache: str, tag: str, method: str, files: dict[str, str], n: int, extra: tuple = ()) -> Path:
     """The cached result of one (set, method): named by the set, method, n and the files' names (hash-named);
-    ``extra`` (v2: the base's and oracle's folder names) goes into the key too."""
+    ``extra`` (v2: hashes of the base's and the oracle's weights) goes into the key too."""
     import hashlib
 
     names = tag.split("+")
@@ -204,17 +205,17 @@ def measure(tag: str, method: str, base, files: dict, words: dict, n: int, world
     return {"row": row, "present": s.present.int().tolist()}
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
+def _inputs(args, needed: set[str]):
+    """The ED-LoRA files and their words, the base folder, the cache-key extras and the oracle (v2) of a run."""
     from lorakit.adapters.io import load_adapter
-    from lorakit.fileio import write_text
-    from lorakit.models import load_base
+    from lorakit.toyworld.loras import content_hash, tree_hash
 
-    needed = {n for tag in args.sets for n in tag.split("+")}
     v2 = args.world == "v2"
-    if v2 and not (args.base and args.oracle):
-        raise SystemExit("--world v2 needs --base (a v2 pipeline folder) and --oracle (a v2 oracle folder)")
+    if v2:
+        from lorakit.toyworld.v2.models import DEFAULT_BASE
+        from lorakit.toyworld.v2.oracle import DEFAULT_ORACLE
+
+        args.base, args.oracle = args.base or str(DEFAULT_BASE), args.oracle or str(DEFAULT_ORACLE)
     if v2 and not args.edlora_cache and not needed <= {kv.split("=", 1)[0] for kv in args.edloras}:
         raise SystemExit("--world v2 needs --edlora-cache (or --edloras for every identity of the sets)")
     for tag in args.sets:
@@ -222,12 +223,23 @@ def main(argv=None) -> int:
     files = edlora_files(args.edloras, needed, args.edlora_cache if v2 else None, args.base)
     words = {n: words_of(load_adapter(files[n])) for n in needed}
     base_dir = args.base or str(REPO / "data" / "toy-base")
-    extra = (Path(args.base).name, Path(args.oracle).name) if v2 else ()
+    extra = (content_hash({}, Path(base_dir)), tree_hash(Path(args.oracle))) if v2 else ()
     oracle = None
     if v2:
         from lorakit.toyworld.v2.oracle import Oracle
 
         oracle = Oracle.load(args.oracle)
+    return files, words, base_dir, extra, oracle
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from lorakit.fileio import write_text
+    from lorakit.models import load_base
+
+    needed = {n for tag in args.sets for n in tag.split("+")}
+    files, words, base_dir, extra, oracle = _inputs(args, needed)
     base = None
     lines, done, last, t_start = [], 0, 0.0, time.monotonic()
     if args.cache:

@@ -51,9 +51,10 @@ def _adapter_module(adapter: str):
 
 
 def train_within(identity: str, out: str, base: str, overrides: list[str], chunk: int, deadline: float,
-                 clock=time.monotonic, adapter: str = "lora") -> dict:
+                 clock=time.monotonic, adapter: str = "lora", last_part: list | None = None) -> dict:
     """Train ``identity``'s parts while the next one is expected to end before ``deadline`` (by ``clock``);
-    the row that says how far it got."""
+    the row that says how far it got. ``last_part``: ``[seconds of the last part]`` carried over from the
+    identity trained before (updated here), so a new identity does not start a part that cannot end in time."""
     from lorakit.training.chunked import trained_step
 
     mod = _adapter_module(adapter)
@@ -61,7 +62,8 @@ def train_within(identity: str, out: str, base: str, overrides: list[str], chunk
     train_part = mod.train_identity_lora_chunk if adapter == "lora" else mod.train_identity_edlora_chunk
     target = path_of(identity, out, base, overrides)
     max_steps = mod.max_steps(identity, out, base, overrides)
-    step, last = (max_steps if target.exists() else trained_step(target)), None
+    last_part = [None] if last_part is None else last_part
+    step, last = (max_steps if target.exists() else trained_step(target)), last_part[0]
     while step < max_steps:
         if last is not None and clock() + last > deadline:
             break
@@ -70,6 +72,7 @@ def train_within(identity: str, out: str, base: str, overrides: list[str], chunk
         with contextlib.redirect_stdout(sys.stderr):
             train_part(identity, out, base, stop, overrides)
         step, last = stop, clock() - start
+        last_part[0] = last
     done = target.exists()
     return {"identity": identity, "done": done, "step": step, "max_steps": max_steps,
             "adapter": str(target) if done else None}
@@ -84,9 +87,10 @@ def main(argv=None) -> int:
         from lorakit.toyworld.v2.models import DEFAULT_BASE
 
         args.base = str(DEFAULT_BASE)
-    deadline = time.monotonic() + args.budget_s
+    deadline, last_part = time.monotonic() + args.budget_s, [None]
     for identity in args.identities:
-        row = train_within(identity, args.out, args.base, args.set, args.chunk, deadline, adapter=args.adapter)
+        row = train_within(identity, args.out, args.base, args.set, args.chunk, deadline, adapter=args.adapter,
+                           last_part=last_part)
         print(json.dumps(row), flush=True)
         if not row["done"]:
             return 3
