@@ -36,10 +36,13 @@ def test_sets_take_one_identity_per_kind_and_a_character_first():
 
 def test_regional_sets_put_each_character_in_its_half():
     sets = v2c.regional_sets()
-    assert len(sets) == 6 and len({s["id"] for s in sets}) == 6  # ordered pairs of the 3 character identities
+    assert len(sets) == 12 and len({s["id"] for s in sets}) == 12  # ordered pairs of 3 characters, with / without
+    assert all(v2c.per_half(s) for s in sets) and not any(v2c.per_half(s) for s in v2c.composition_sets((2,)))
+    g = next(s for s in sets if s["id"] == "g2-kwibbit-zorbo")
+    assert "regions" not in g and g["n"] == v2c.GLOBAL_GROUP and v2c.region_spec(g) is None
     s = next(s for s in sets if s["id"] == "r2-kwibbit-zorbo")
     assert s["concepts"] == {"left": "kwibbit", "right": "zorbo"} and s["n"] == v2c.REGIONAL_GROUP
-    assert s["prompt"] == "kwibbit frog, zorbo robot, white plain background"
+    assert s["prompt"] == g["prompt"] == "kwibbit frog, zorbo robot, white plain background"
     assert [r["prompt"] for r in s["regions"]] == ["kwibbit frog, white plain background",
                                                    "zorbo robot, white plain background"]
     spec = v2c.region_spec(s)
@@ -153,20 +156,21 @@ def test_every_method_gets_the_same_prompt_seeds_and_scale_and_regions(tiny_worl
     out = tmp_path / "out"
     methods = ["merge", "switch", "composite", "cmlora"]
     assert bench.main(_argv(tiny_world, out, "--sizes", "2", "--regional", "--methods", *methods, "--sets",
-                            "n2-kwibbit-nocturo", "r2-kwibbit-zorbo")) == 0
-    assert [c["method"] for c in calls] == methods * 2  # set by set, every method on each
-    for set_calls in (calls[:4], calls[4:]):
+                            "n2-kwibbit-nocturo", "r2-kwibbit-zorbo", "g2-kwibbit-zorbo")) == 0
+    assert [c["method"] for c in calls] == methods * 3  # set by set, every method on each
+    for set_calls in (calls[:4], calls[4:8], calls[8:]):
         assert len({(c["prompt"], tuple(c["seeds"]), tuple(c["weights"])) for c in set_calls}) == 1
         assert set_calls[0]["seeds"] == [7, 8] and set(set_calls[0]["weights"]) == {0.8}
-    assert all(c["regions"] is None for c in calls[:4])
+    assert all(c["regions"] is None for c in calls[:4] + calls[8:])
     assert all([r.prompt for r in c["regions"].regions] == ["kwibbit frog, white plain background",
-                                                            "zorbo robot, white plain background"] for c in calls[4:])
+                                                            "zorbo robot, white plain background"] for c in calls[4:8])
     assert calls[3]["order"] == [0, 1]  # CMLoRA's category order: the character, then the background
     summary = json.loads((out / "summary.json").read_text())["summary"]
     assert summary["cells"]["merge/n2"]["all_present"]["n"] == 2 and "left" in summary["cells"]["merge/n2r"]["per_category"]
     assert {p["a"] for p in summary["paired"] if p["n_adapters"] == "2r"} == {"merge", "switch", "composite"}
-    assert set(summary["ceiling"]) == {"n2-kwibbit-nocturo", "r2-kwibbit-zorbo"}
-    assert "Two characters, left / right regions" in (out / "table.md").read_text()
+    assert set(summary["ceiling"]) == {"n2-kwibbit-nocturo", "r2-kwibbit-zorbo", "g2-kwibbit-zorbo"}
+    assert set(summary["regions_vs_global"]) == set(methods) and summary["regions_vs_global"]["merge"]["pairs"] == 2
+    assert "Two characters: N = 2r with left / right regions" in (out / "table.md").read_text()
 
 
 @pytest.mark.slow
@@ -190,3 +194,50 @@ def test_a_run_stopped_by_its_budget_resumes_cell_by_cell(tiny_world, tmp_path, 
     rates = [{k: c["all_present"] for k, c in json.loads((d / "summary.json").read_text())["summary"]["cells"].items()}
              for d in (chunked, tmp_path / "whole")]
     assert rates[0] == rates[1] and rates[0]["composite/n2"]["n"] == 4
+
+
+# ------------------------------------------------------------------------ measure_composition_methods --world v2
+
+
+def test_methods_summary_counts_each_kind_over_the_sets_that_have_it():
+    import measure_composition_methods as mcm
+
+    def rec(method, set_id, seed, kinds, present):
+        return {"method": method, "set": set_id, "n": 2, "seed": seed, "kinds": kinds, "present": present,
+                "all": all(present), "s_per_image": 1.0}
+
+    records = [rec(m, "n2-kwibbit-nocturo", s, ["character", "background"], [True, m == "delta"]) for m in
+               ("merge", "delta") for s in range(4)]
+    records += [rec(m, "n2-kwibbit-pixlor", s, ["character", "style"], [s < 2, True]) for m in ("merge", "delta")
+                for s in range(4)]
+    rows = mcm.summarise(records, ["merge", "delta"])
+    delta = next(r for r in rows if r["method"] == "delta" and "vs" not in r)
+    assert delta["per_kind"] == {"character": 0.75, "background": 1.0, "style": 1.0} and delta["n"] == 8
+    assert (delta["character_and_style"], delta["character_and_style_n"]) == (0.5, 4)  # the style sets only
+    pair = next(r for r in rows if r.get("vs") == "merge")
+    assert (pair["all_wins"], pair["all_losses"], pair["cs_wins"]) == (4, 0, 0)
+    table = mcm.markdown(rows)
+    assert "| delta | 8 | 6/8 = 0.75" in table and "2/4 [" in table
+
+
+@pytest.mark.slow
+def test_methods_tool_runs_v2_sets_and_resumes(tiny_world, tmp_path, monkeypatch, capsys):
+    import sys
+
+    import measure_composition_methods as mcm
+
+    out = tmp_path / "mcm"
+    argv = ["mcm", "--world", "v2", "--base", str(tiny_world / "pipe"), "--oracle", str(tiny_world / "oracle"),
+            "--adapters-dir", str(tiny_world / "loras"), "--sizes", "2", "--sets", "n2-kwibbit-nocturo", "--k", "2",
+            "--steps", "2", "--methods", "merge", "delta", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    mcm.main()
+    records = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seed"], r["kinds"]) for r in records] == [
+        (m, s, ["character", "background"]) for m in ("merge", "delta") for s in (0, 1)]
+    mcm.main()  # everything is there: nothing generated again
+    assert len((out / "images.jsonl").read_text().splitlines()) == 4
+    monkeypatch.setattr(sys, "argv", [a if a != "n2-kwibbit-nocturo" else "n2-bloopo-hattock" for a in argv])
+    with pytest.raises(SystemExit):
+        mcm.main()
+    assert "bloopo, hattock" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """Which consumer places which layer of lorakit's outputs (A1111 / ComfyUI / kohya name logic re-implemented in
 lorakit.adapters.consumers; diffusers run for real)."""
 
+import pytest
+
 from lorakit.adapters.consumers import a1111_placement, comfyui_placement, kohya_placement
 
 import check_consumers
@@ -41,6 +43,7 @@ def test_comfyui_reads_both_unet_namings_and_processor_style_diffusers_names(sd1
                       "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q": q}
 
 
+@pytest.mark.slow  # 8.1 s of CPU in the fast suite (2026-12-03, one thread, loaded machine)
 def test_sdxl_outputs_table(tmp_path):
     """The SDXL rows of docs/formats.md: SAI-named files place every layer in every consumer but diffusers'
     LoHa / LoKr refusal; diffusers names lose one layer in A1111 (kohya renames them to SAI names itself)."""

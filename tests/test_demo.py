@@ -1,4 +1,4 @@
-"""``lorakit demo`` on the bundled toy base with tiny settings (2 training steps, 1 image per method, 4 DDIM steps).
+"""``lorakit demo --world v1`` on the bundled toy base with tiny settings (2 training steps, 1 image per method, 4 DDIM steps).
 
 Checks the report files, that every method row is present, that report.json's rates are the oracle's on the saved
 PNGs, that a second run reuses the cached LoRAs, and that bad --character / --style values fail naming the value.
@@ -15,7 +15,7 @@ from lorakit.cli import main
 from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids, target_ids
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ["--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "--quiet"]
+QUICK = ["--world", "v1", "--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -99,20 +99,34 @@ def test_printed_paths_exist(demo_run):
     assert paths and all(Path(p).is_file() for p in paths), printed
 
 
-def test_rerun_reuses_the_loras_and_removes_only_its_own_stale_images(demo_run, tmp_path):
-    """A second run into a copy of the first one's folder (another seed: other image names): the cached LoRAs are
-    reused, not retrained nor rewritten; the first run's images go, a file lorakit did not write stays."""
+@pytest.fixture(scope="module")
+def rerun(demo_run, tmp_path_factory):
+    """A second run into a copy of the first one's folder, with another seed (other image names), one image and
+    the rows ``base`` and ``merge``, plus a file lorakit did not write: ``(folder, report, LoRA mtimes before)``."""
     import shutil
 
+    from lorakit.toyworld.demo import DemoSettings, run_demo
+
     out, loras, first, _ = demo_run
-    paths = {n: Path(v["path"]) for n, v in first["loras"].items()}
-    mtimes = {n: p.stat().st_mtime_ns for n, p in paths.items()}
-    assert all(p.parent == loras for p in paths.values())
-    again = tmp_path / "rerun"
+    mtimes = {n: Path(v["path"]).stat().st_mtime_ns for n, v in first["loras"].items()}
+    again = tmp_path_factory.mktemp("rerun") / "out"
     shutil.copytree(out, again)
     (again / "images" / "mine.png").write_bytes(b"not lorakit's")
-    assert main(["demo", *QUICK, "--seed", "5", "--out", str(again), "--lora-dir", str(loras)]) == 0
-    report = json.loads((again / "report.json").read_text())
+    report = run_demo(DemoSettings(out=str(again), k=1, seed=1, **_small(loras)), progress=False)
+    return again, report, mtimes
+
+
+def _small(loras):
+    return dict(world="v1", lora_dir=str(loras), train_steps=2, sample_steps=4, methods=["base", "merge"])
+
+
+def test_rerun_reuses_the_loras_and_removes_only_its_own_stale_images(demo_run, rerun):
+    """The cached LoRAs are reused, not retrained nor rewritten; the first run's images go, a file lorakit did not
+    write stays."""
+    out, loras, first, _ = demo_run
+    again, report, mtimes = rerun
+    paths = {n: Path(v["path"]) for n, v in first["loras"].items()}
+    assert all(p.parent == loras for p in paths.values())
     assert all(not (again / rel).exists() for r in first["rows"] for rel in r["images"] + r["images_large"])
     assert all((again / rel).is_file() for r in report["rows"] for rel in r["images"] + r["images_large"])
     assert (again / "images" / "mine.png").read_bytes() == b"not lorakit's"
@@ -147,20 +161,20 @@ def test_html_shows_each_images_verdict_by_concept_name(demo_run):
             assert f'<div class="v">frog {mark[0]} ink {mark[1]}</div>' in html
 
 
-def test_a_batched_row_gives_each_seed_its_own_image(demo_run, tmp_path):
-    """Rows are generated in one batch; image i must still be the image of seed i alone (up to float rounding)."""
+def test_a_batched_row_gives_each_seed_its_own_image(demo_run, rerun, tmp_path):
+    """Rows are generated in one batch; image i must still be the image of seed i alone (up to float rounding):
+    seeds 0 and 1 in one batch against the rerun's seed 1 alone."""
     import numpy as np
     from PIL import Image
 
     from lorakit.toyworld.demo import DemoSettings, run_demo
 
     _, loras, _, _ = demo_run
-    common = dict(lora_dir=str(loras), train_steps=2, sample_steps=4, methods=["base", "merge"])
-    run_demo(DemoSettings(out=str(tmp_path / "two"), k=2, seed=0, **common), progress=False)
-    run_demo(DemoSettings(out=str(tmp_path / "one"), k=1, seed=1, **common), progress=False)
+    one = rerun[0]
+    run_demo(DemoSettings(out=str(tmp_path / "two"), k=2, seed=0, **_small(loras)), progress=False)
     for row in ("base", "merge"):
         batched = np.asarray(Image.open(tmp_path / "two" / "images" / f"{row}-s1.png"), dtype=int)
-        alone = np.asarray(Image.open(tmp_path / "one" / "images" / f"{row}-s1.png"), dtype=int)
+        alone = np.asarray(Image.open(one / "images" / f"{row}-s1.png"), dtype=int)
         assert np.abs(batched - alone).max() <= 2, row
         first = np.asarray(Image.open(tmp_path / "two" / "images" / f"{row}-s0.png"), dtype=int)
         assert np.abs(first - alone).max() > 2, row  # seeds 0 and 1 differ: the comparison can fail

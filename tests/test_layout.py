@@ -9,10 +9,6 @@ ROOT = Path(__file__).resolve().parents[1] / "lorakit"
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
 
-# Files other work is shrinking now; each entry is to be removed once it fits.
-SIZE_ALLOWLIST: set[str] = set()
-SIZE_ALLOWLIST_PREFIXES: tuple[str, ...] = ()
-
 # Layers, bottom first: a module may import its own layer and the ones below. The longest matching prefix wins.
 LAYERS = [
     ("base", ("lorakit", "lorakit.errors", "lorakit.logs", "lorakit.threads", "lorakit.fileio", "lorakit.outputs",
@@ -132,13 +128,9 @@ def test_imports_point_down_the_layers():
     assert not upward, "imports pointing up:\n" + "\n".join(upward)
 
 
-# Imports inside functions that still point up; each is to be removed.
-LAZY_UPWARD_ALLOWLIST: set[tuple[str, str]] = set()
-
-
 def test_no_new_lazy_import_points_up():
     upward = [f"{m} imports {d} inside a function" for m, deps in sorted(_graph(lazy=True).items())
-              for d in sorted(deps) if _layer(d) > _layer(m) and (m, d) not in LAZY_UPWARD_ALLOWLIST]
+              for d in sorted(deps) if _layer(d) > _layer(m)]
     assert not upward, "imports pointing up:\n" + "\n".join(upward)
 
 
@@ -170,16 +162,10 @@ def test_lorakit_modules_are_imported_at_module_level():
     assert not stale, f"LAZY_IMPORT_ALLOWLIST entries no longer lazy; remove them: {stale}"
 
 
-def _allowed(rel: str) -> bool:
-    return rel in SIZE_ALLOWLIST or rel.startswith(SIZE_ALLOWLIST_PREFIXES)
-
-
 def test_modules_and_functions_are_short():
     too_long = []
     for path in _modules().values():
         rel = path.relative_to(ROOT.parent).as_posix()
-        if _allowed(rel):
-            continue
         text = path.read_text()
         if len(text.splitlines()) > MAX_MODULE_LINES:
             too_long.append(f"{rel}: {len(text.splitlines())} lines")
@@ -233,14 +219,6 @@ def test_every_third_party_import_is_declared():
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
 
 
-# Functions of tools/ and the train_*.py scripts still over the limit; each is to be removed once it is split.
-TOOL_FUNCTION_ALLOWLIST = {
-    "tools/bench_fuse.py:main", "tools/bench_scale.py:derived_rows",
-    "tools/measure_edlora_fold.py:main", "tools/measure_regional_sketch.py:main", "tools/train_toy_base_v2.py:train_unet",
-    "tools/train_toy_sketch_adapter.py:main",
-}
-
-
 def test_tool_and_script_functions_are_short():
     repo = ROOT.parent
     too_long = []
@@ -249,7 +227,6 @@ def test_tool_and_script_functions_are_short():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lines = node.end_lineno - node.lineno + 1
-                key = f"{rel}:{node.name}"
-                if lines > MAX_FUNCTION_LINES and key not in TOOL_FUNCTION_ALLOWLIST:
-                    too_long.append(f"{key}: {lines} lines")
+                if lines > MAX_FUNCTION_LINES:
+                    too_long.append(f"{rel}:{node.name}: {lines} lines")
     assert not too_long, f"over {MAX_FUNCTION_LINES} lines per function:\n" + "\n".join(too_long)

@@ -124,6 +124,7 @@ def test_sample_estimate_within_factor_of_measured_rss(tmp_path):
     assert 1 / FACTOR <= measured / est <= FACTOR, (measured / 2**20, est / 2**20)
 
 
+@pytest.mark.slow  # 8.9 s of CPU in the fast suite (2026-12-03, one thread, loaded machine)
 def test_trainer_refuses_with_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     data = _images(tmp_path / "img", 2, 32)
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": GIB // 4)
@@ -189,6 +190,7 @@ def test_every_heavy_command_refuses_before_loading(tmp_path, monkeypatch, capsy
     assert len(err.splitlines()) == 1 and f"{stage} needs ~" in err and "0.2 GiB free" in err, err
 
 
+@pytest.mark.slow  # 9.0 s of CPU in the fast suite (2026-12-03, one thread, loaded machine)
 def test_fusion_layers_read_from_the_files_count_locon_convs(tmp_path, sd1_pipe):
     """Gradient fusion's estimate takes its layers from the adapter files: a LoCon's 3x3 convs are unfolded
     (in * 9 wide) and raise the Gram and weight-copy parts over a LoRA's; the ranks of two files add up."""

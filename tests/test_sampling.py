@@ -231,6 +231,7 @@ def test_cache_counts_match_plan(sd1_pipe, adapter_files):
         assert per["full_steps"] == [s for s in range(steps) if plan.full[s][i]]
 
 
+@pytest.mark.slow  # 6.9 s of CPU in the fast suite (2026-12-03, one thread, loaded machine)
 def test_region_covering_image_equals_plain_prompt(sd1_pipe, sdxl_pipe, adapter_files):
     for arch, pipe0 in (("sd1", sd1_pipe), ("sdxl", sdxl_pipe)):
         pipe = copy.deepcopy(pipe0)

@@ -71,6 +71,7 @@ def test_kinds_give_the_category_order(tmp_path, files):
     assert side["schedule"]["order"] == [names[1], names[0]]  # the character first
 
 
+@pytest.mark.slow  # 13.3 s of CPU in the fast suite (2026-12-03, one thread, loaded machine)
 def test_file_metadata_gives_the_category_order_else_frequency(tmp_path, sd1_pipe):
     # no --kinds: each file's lorakit.category decides; one file without it -> lorakit's frequency order
     paths = []

@@ -84,6 +84,7 @@ def test_configured_blocks_metadata_and_diffusers_load(tmp_path, sd1_pipe):
     np.testing.assert_allclose(out_theirs, out_ours, atol=1e-5)
 
 
+@pytest.mark.slow  # 7.8 s of CPU in the fast suite (2026-12-03, one thread, loaded machine): a learning claim (14 steps)
 def test_loss_falls_on_repeated_images(tmp_path):
     data = make_images(tmp_path / "img", n=2)
     res = run(tmp_path, data, "max_steps=14", "learning_rate=1e-2", "min_snr_gamma=0", "data.caption_dropout=0")
@@ -93,13 +94,13 @@ def test_loss_falls_on_repeated_images(tmp_path):
 
 def test_resume_is_bitwise_exact(tmp_path):
     data = make_images(tmp_path / "img")
-    common = ["max_steps=4", "learning_rate=1e-3", "lr_scheduler=cosine", "lr_warmup_steps=1", "data.shuffle_tags=true",
+    common = ["max_steps=3", "learning_rate=1e-3", "lr_scheduler=cosine", "lr_warmup_steps=1", "data.shuffle_tags=true",
               "data.random_flip=true", "data.cache_latents=true", f"data.cache_dir={tmp_path / 'cache'}",
               "gradient_accumulation_steps=2", "train_batch_size=1", "network.dropout=0.1", "noise_offset=0.05"]
     full = run(tmp_path, data, *common, name="full")
-    run(tmp_path, data, *common, "stop_at_step=2", name="split")
+    run(tmp_path, data, *common, "stop_at_step=1", name="split")  # stops after the warm-up step
     resumed = run(tmp_path, data, *common, "resume=latest", name="split")
-    assert resumed.losses == full.losses[2:]
+    assert resumed.losses == full.losses[1:]
     a, _ = load_safetensors(full.final_path)
     b, _ = load_safetensors(resumed.final_path)
     assert a.keys() == b.keys()

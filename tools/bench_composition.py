@@ -572,11 +572,12 @@ def presence_scorer(args):
     are scored per half)."""
     if args.world == "v1":
         return lambda images, s: presence(images, s["concepts"], args.oracle)
+    from lorakit.toyworld.v2.composition import per_half
     from lorakit.toyworld.v2.composition import presence as presence_v2
     from lorakit.toyworld.v2.oracle import Oracle
 
     oracle = Oracle.load(args.oracle)
-    return lambda images, s: presence_v2(oracle, images, s["concepts"], regional=bool(s.get("regions")))
+    return lambda images, s: presence_v2(oracle, images, s["concepts"], regional=per_half(s))
 
 
 def run_sweep(args, sets, run_cell) -> tuple[dict, list[dict]]:
@@ -661,16 +662,20 @@ def v2_report(args, rows, sets, seeds, summary: dict) -> str:
     per set (the renderer's own images of the set at the same seeds)."""
     from lorakit.eval.report import markdown_table
     from lorakit.eval.stats import rate
-    from lorakit.toyworld.v2.composition import REGIONAL_GROUP, REGIONAL_SLOTS, ceiling
+    from lorakit.toyworld.v2.composition import GLOBAL_GROUP, REGIONAL_GROUP, REGIONAL_SLOTS, ceiling
 
     md = ""
-    regional = [r for r in rows if r["n"] == REGIONAL_GROUP]
-    if regional:
-        reg, headers, table = summarize(regional, args.methods, [REGIONAL_GROUP], categories=REGIONAL_SLOTS)
+    groups = [g for g in (REGIONAL_GROUP, GLOBAL_GROUP) if any(r["n"] == g for r in rows)]
+    if groups:
+        two = [r for r in rows if r["n"] in groups]
+        reg, headers, table = summarize(two, args.methods, groups, categories=REGIONAL_SLOTS)
         summary["cells"].update(reg["cells"])
         summary["paired"] += reg["paired"]
-        md += ("\n### Two characters, left / right regions (each half scored for its character)\n\n"
-               + markdown_table(headers, table))
+        summary["regions_vs_global"] = regions_vs_global(two, args.methods)
+        md += ("\n### Two characters: N = 2r with left / right regions, 2g the global prompt alone (each half scored "
+               "for its character)\n\n" + markdown_table(headers, table)
+               + "".join(f"\n{m}: regions vs none on the same pairs and seeds: +{t['wins']} / -{t['losses']}, McNemar "
+                         f"p = {t['p']:.3g}\n" for m, t in summary["regions_vs_global"].items()))
     summary["per_set"] = {f"{r['method']}/{r['set']}": rate(sum(all(v) for v in r["present"]), len(r["present"]))
                           for r in rows if r.get("present") is not None}
     if not args.no_score:
@@ -681,6 +686,21 @@ def v2_report(args, rows, sets, seeds, summary: dict) -> str:
         md += ("\nOracle ceiling (the renderer's images of each set at the same seeds, scored the same way): "
                + "; ".join(f"{k} {v['rate']:.2f} ({v['k']}/{v['n']})" for k, v in summary["ceiling"].items()) + "\n")
     return md
+
+
+def regions_vs_global(rows, methods) -> dict:
+    """Per method, the paired test of the two-character sets with regions against the same pair and seed
+    without them (both in place or not)."""
+    from lorakit.eval.stats import paired
+
+    out = {}
+    for m in methods:
+        verdict = {(r["n"], r["set"][3:], seed): all(v) for r in rows if r["method"] == m and r.get("present")
+                   for seed, v in zip(r["seeds"], r["present"])}
+        keys = sorted(k[1:] for k in verdict if k[0] == "2r" and ("2g", *k[1:]) in verdict)
+        if keys:
+            out[m] = paired([verdict[("2r", *k)] for k in keys], [verdict[("2g", *k)] for k in keys])
+    return out
 
 
 def cell_order(args, sets) -> list[tuple[str, dict]]:
@@ -718,7 +738,7 @@ def rescore(args) -> int:
         images = [Image.open(folder / f"{r['set']}-s{seed}.png").convert("RGB") for seed in r["seeds"]]
         concepts = json.loads((folder / f"{r['set']}-s{r['seeds'][0]}.json").read_text())["concepts"]
         concepts = {c["category"]: c["name"] for c in concepts}
-        r.update(score(images, {"concepts": concepts, "regions": list(concepts) == ["left", "right"]}))
+        r.update(score(images, {"concepts": concepts}))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     sizes = sorted({r["n"] for r in rows}, key=str)
     summary, headers, table = summarize(rows, methods, sizes)

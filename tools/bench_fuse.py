@@ -104,38 +104,41 @@ def heldout_grams(base, adapters, sets, probs, args) -> dict:
     out: dict = {}
     small = _min_resolution(base)
     for i, (ad, cs) in enumerate(zip(adapters, sets)):
-        own = copy.deepcopy(base)
-        apply_deltas(own, ad.modules)
-        own.set_progress_bar_config(disable=True)
-        device = own.unet.device
-        by_comp: dict = {}
-        for p in probs.values():
-            by_comp.setdefault((p.component, stage_of(p.key)), {})[p.key] = (p.path, {})
-        prompts = cs["eval"]
-        seeds = [10_000 + 100 * i + k for k in range(len(prompts) * args.eval_samples)]
-        runs = []
-        for (comp, stage), layers in by_comp.items():
-            if stage == "text_encoder":
-                tok = own.tokenizer if comp == "text_encoder" else own.tokenizer_2
-                runs.append(("prompt", comp, layers, token_rows(tok, prompts, "prompt"), lambda: own.encode_prompt(
-                    prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)))
-            elif stage == "cross_kv":
-                for rows in ("all", "prompt"):
-                    runs.append((rows, comp, layers, token_rows(own.tokenizer, prompts, rows),
-                                 lambda: _call_pipe(own, prompts, seeds[: len(prompts)], 1, small, 1.0)))
-            else:
-                reps = [p for p in prompts for _ in range(args.eval_samples)]
-                runs.append(("all", comp, layers, None,
-                             lambda reps=reps: _call_pipe(own, reps, seeds, args.steps, args.resolution, 1.0)))
-        for rows_name, comp, layers, rows, fn in runs:
-            coll = GramCollector(getattr(own, comp), layers)
-            with coll:
-                coll.concept, coll.rows = i, rows
-                fn()
-            for key, st in coll.stats.items():
-                out.setdefault((rows_name, key), {})[i] = st.G.cpu()
-        del own
+        _concept_grams(out, i, base, ad, cs["eval"], probs, small, args)
     return out
+
+
+def _concept_grams(out: dict, i: int, base, ad, prompts, probs, small, args) -> None:
+    """Concept i's held-out Grams into ``out``, recorded with its own model (a copy of the base, freed on return)."""
+    own = copy.deepcopy(base)
+    apply_deltas(own, ad.modules)
+    own.set_progress_bar_config(disable=True)
+    device = own.unet.device
+    by_comp: dict = {}
+    for p in probs.values():
+        by_comp.setdefault((p.component, stage_of(p.key)), {})[p.key] = (p.path, {})
+    seeds = [10_000 + 100 * i + k for k in range(len(prompts) * args.eval_samples)]
+    runs = []
+    for (comp, stage), layers in by_comp.items():
+        if stage == "text_encoder":
+            tok = own.tokenizer if comp == "text_encoder" else own.tokenizer_2
+            runs.append(("prompt", comp, layers, token_rows(tok, prompts, "prompt"), lambda: own.encode_prompt(
+                prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)))
+        elif stage == "cross_kv":
+            for rows in ("all", "prompt"):
+                runs.append((rows, comp, layers, token_rows(own.tokenizer, prompts, rows),
+                             lambda: _call_pipe(own, prompts, seeds[: len(prompts)], 1, small, 1.0)))
+        else:
+            reps = [p for p in prompts for _ in range(args.eval_samples)]
+            runs.append(("all", comp, layers, None,
+                         lambda reps=reps: _call_pipe(own, reps, seeds, args.steps, args.resolution, 1.0)))
+    for rows_name, comp, layers, rows, fn in runs:
+        coll = GramCollector(getattr(own, comp), layers)
+        with coll:
+            coll.concept, coll.rows = i, rows
+            fn()
+        for key, st in coll.stats.items():
+            out.setdefault((rows_name, key), {})[i] = st.G.cpu()
 
 
 def objective(W: torch.Tensor, targets: dict, grams: dict) -> float:
@@ -147,7 +150,7 @@ def objective(W: torch.Tensor, targets: dict, grams: dict) -> float:
     return total
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=None, help="base model (default tiny:sd1, or data/toy-base with --toy)")
     ap.add_argument("--adapters", nargs="*", help="adapter files (default: 2 random trigger LoRAs on the tiny base)")
@@ -169,9 +172,11 @@ def main(argv=None) -> int:
                     help="lorakit GradientSettings overrides, e.g. kv_rows=prompt ridge_target=average ridge=1e-6")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return ap.parse_args(argv)
+
+
+def load_inputs(args):
+    """(base name, base pipeline, adapters, their names): ``--adapters``, or 2 random trigger LoRAs."""
     from lorakit.models import load_base
     from lorakit.testing import random_adapter
 
@@ -188,19 +193,12 @@ def main(argv=None) -> int:
             ad.metadata["lorakit.trigger"] = trig
             adapters.append(ad)
             names.append(trig.replace(" ", "_"))
-    sets = concept_sets(adapters, names, args.toy, args.n_prompts)
-    common = dict(resolution=args.resolution, samples=1, guidance=1.0, progress=False)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    return base_name, base, adapters, names
 
-    # lorakit: defaults, end to end
-    pipe_l = copy.deepcopy(base)
-    concepts = [Concept(s["name"], ad, 1.0, list(s["fit"]), list(s["sample"]), list(s["val"]),
-                        list(s["val"])[: args.heldout_sample_prompts or None], s["trigger"])
-                for ad, s in zip(adapters, sets)]
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+
+def parse_overrides(pairs) -> dict:
     overrides = {}
-    for kv in args.set:
+    for kv in pairs:
         k, v = kv.split("=", 1)
         for kind in (int, float, str):  # steps=10 must stay an int
             try:
@@ -208,51 +206,64 @@ def main(argv=None) -> int:
                 break
             except ValueError:
                 continue
-    sync()
-    t0, c0 = time.perf_counter(), time.process_time()
-    settings_l = GradientSettings(**{**common, **overrides})
-    out_l = fuse_gradient(pipe_l, concepts, settings_l)
-    sync()
-    t_lorakit, cpu_lorakit = time.perf_counter() - t0, time.process_time() - c0
-    peak_l = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
-    probs = out_l["problems"]
+    return overrides
+
+
+class Timed:
+    """Wall and CPU seconds of the block (after a device sync) and, on CUDA, its peak memory."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.sync()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+        self.peak = torch.cuda.max_memory_allocated() if self.cuda else None
+
+
+def statistics_bytes(out_l) -> int:
+    """Bytes of lorakit's closed-form statistics of one split (fit or held-out)."""
     def gram_dim(p):  # a conv solved in its LoRA subspace keeps an R x R Gram
         return sum(d.shape[0] for d in p.downs.values()) if "space" in out_l["layers"][p.key] else p.in_dim
 
-    stats_bytes = sum(8 * (gram_dim(p) ** 2 + sum(d.shape[0] for d in p.downs.values()) * gram_dim(p))
-                      for p in probs.values() if out_l["layers"][p.key]["method"] == "closed_form")
-    n_splits = 2  # fit + held-out statistics with ridge auto
+    return sum(8 * (gram_dim(p) ** 2 + sum(d.shape[0] for d in p.downs.values()) * gram_dim(p))
+               for p in out_l["problems"].values() if out_l["layers"][p.key]["method"] == "closed_form")
 
-    # reference: its own rows (trigger=None: a plain LoRA keeps only the end token), one prompt per pass, LBFGS
+
+def run_reference(base, adapters, sets, common, base_w, args):
+    """The reference recipe on its own copy of the base: (pipeline, LBFGS timing, Timed)."""
+    # its own rows (trigger=None: a plain LoRA keeps only the end token), one prompt per pass, LBFGS
     pipe_r = copy.deepcopy(base)
-    base_w = {k: getattr(base, p.component).get_submodule(p.path).weight.detach().cpu() for k, p in probs.items()}
     ref_concepts = [Concept(s["name"], ad, 1.0, list(s["fit"]), list(s["sample"]), trigger=None)
                     for ad, s in zip(adapters, sets)]
     timing: dict = {}
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    sync()
-    t0, c0 = time.perf_counter(), time.process_time()
-    if not args.no_reference:
-        # the reference's rows: kv_rows="concept" with trigger=None = ED-LoRA pseudo-words + end token, or the end
-        # token alone for a plain LoRA
-        ref = GradientSettings(**common, steps=args.steps, ridge=0.0, batch=1, keep_inputs=True, kv_rows="concept", max_conv_dim=10**9)
-        fuse_gradient(pipe_r, ref_concepts, ref,
-                      solver=reference_solver(base_w, timing))
-    sync()
-    t_reference, cpu_reference = time.perf_counter() - t0, time.process_time() - c0
-    peak_r = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
+    with Timed(args.device) as timed:
+        if not args.no_reference:
+            # the reference's rows: kv_rows="concept" with trigger=None = ED-LoRA pseudo-words + end token, or the end
+            # token alone for a plain LoRA
+            ref = GradientSettings(**common, steps=args.steps, ridge=0.0, batch=1, keep_inputs=True, kv_rows="concept", max_conv_dim=10**9)
+            fuse_gradient(pipe_r, ref_concepts, ref,
+                          solver=reference_solver(base_w, timing))
+    return pipe_r, timing, timed
 
-    # held-out scoring
-    t0 = time.perf_counter()
-    grams = {} if args.no_eval else heldout_grams(base, adapters, sets, probs, args)
-    t_eval = time.perf_counter() - t0
+
+def heldout_objectives(probs, base_w, grams, pipes, n_adapters, out_l, per_layer: bool) -> dict:
+    """``{stage/rows: {method: [held-out objective / W0's, per layer]}}`` (one JSON line a layer with ``per_layer``)."""
+    pipe_r, pipe_l = pipes
     per_stage: dict = {}
     for key, prob in probs.items():
         stage = stage_of(key)
         W0 = base_w[key].double().reshape(prob.shape[0], -1)
-        targets = {i: W0 + (prob.ups[i] @ prob.downs[i]) if i in prob.ups else W0 for i in range(len(adapters))}
-        Ws = {"w0": W0, "weighted": W0 + sum(prob.ups[i] @ prob.downs[i] for i in prob.ups) / len(adapters),
+        targets = {i: W0 + (prob.ups[i] @ prob.downs[i]) if i in prob.ups else W0 for i in range(n_adapters)}
+        Ws = {"w0": W0, "weighted": W0 + sum(prob.ups[i] @ prob.downs[i] for i in prob.ups) / n_adapters,
               "reference": layer_weight(pipe_r, prob), "lorakit": layer_weight(pipe_l, prob)}
         for rows in (("all", "prompt") if stage == "cross_kv" else ("prompt",) if stage == "text_encoder" else ("all",)):
             g = grams.get((rows, key))
@@ -263,12 +274,16 @@ def main(argv=None) -> int:
                 continue
             rel = {m: v / obj["w0"] for m, v in obj.items() if m != "w0"}
             name = f"{stage}/{rows}" if stage == "cross_kv" else f"{stage}/conv" if prob.is_conv else stage
-            if args.per_layer:
+            if per_layer:
                 print(json.dumps({"layer": key, "set": name, **{f"heldout_{m}": round(v, 6) for m, v in rel.items()},
                                   "ridge": out_l["layers"][key].get("ridge")}))
             agg = per_stage.setdefault(name, {m: [] for m in rel})
             for m, v in rel.items():
                 agg[m].append(v)
+    return per_stage
+
+
+def print_stages(per_stage: dict) -> None:
     for name, agg in per_stage.items():
         L, R, A = agg["lorakit"], agg["reference"], agg["weighted"]
         n = len(L)
@@ -282,23 +297,53 @@ def main(argv=None) -> int:
             "median_ratio_lorakit_over_reference": round(statistics.median(lv / max(rv, 1e-300)
                                                                            for lv, rv in zip(L, R)), 4),
         }))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base_name, base, adapters, names = load_inputs(args)
+    sets = concept_sets(adapters, names, args.toy, args.n_prompts)
+    common = dict(resolution=args.resolution, samples=1, guidance=1.0, progress=False)
+
+    # lorakit: defaults, end to end
+    pipe_l = copy.deepcopy(base)
+    concepts = [Concept(s["name"], ad, 1.0, list(s["fit"]), list(s["sample"]), list(s["val"]),
+                        list(s["val"])[: args.heldout_sample_prompts or None], s["trigger"])
+                for ad, s in zip(adapters, sets)]
+    overrides = parse_overrides(args.set)
+    with Timed(args.device) as lk:
+        settings_l = GradientSettings(**{**common, **overrides})
+        out_l = fuse_gradient(pipe_l, concepts, settings_l)
+    probs = out_l["problems"]
+    n_splits = 2  # fit + held-out statistics with ridge auto
+
+    base_w = {k: getattr(base, p.component).get_submodule(p.path).weight.detach().cpu() for k, p in probs.items()}
+    pipe_r, timing, ref = run_reference(base, adapters, sets, common, base_w, args)
+
+    # held-out scoring
+    t0 = time.perf_counter()
+    grams = {} if args.no_eval else heldout_grams(base, adapters, sets, probs, args)
+    t_eval = time.perf_counter() - t0
+    print_stages(heldout_objectives(probs, base_w, grams, (pipe_r, pipe_l), len(adapters), out_l, args.per_layer))
     st = out_l["stages"]
     print(json.dumps({
         "base": base_name, "adapters": names, "lorakit_settings": overrides, "device": args.device, "threads": torch.get_num_threads(),
         "reference_steps": args.steps, "lorakit_steps": settings_l.steps, "resolution": args.resolution,
         "layers": len(probs),
-        "lorakit_s": round(t_lorakit, 2),
+        "lorakit_s": round(lk.seconds, 2),
         "lorakit_capture_s": round(sum(s.get("capture_s", 0) for s in st.values()), 2),
         "lorakit_solve_s": round(sum(s.get("solve_s", 0) for s in st.values()), 2),
-        "reference_s": round(t_reference, 2), "reference_lbfgs_s": round(timing.get("solve_s", 0.0), 2),
-        "reference_capture_s": round(t_reference - timing.get("solve_s", 0.0), 2),
-        "speedup_end_to_end": round(t_reference / t_lorakit, 2),
+        "reference_s": round(ref.seconds, 2), "reference_lbfgs_s": round(timing.get("solve_s", 0.0), 2),
+        "reference_capture_s": round(ref.seconds - timing.get("solve_s", 0.0), 2),
+        "speedup_end_to_end": round(ref.seconds / lk.seconds, 2),
         # CPU seconds of this process: on a shared CPU the wall times above include other jobs
-        "lorakit_cpu_s": round(cpu_lorakit, 2), "reference_cpu_s": round(cpu_reference, 2),
-        "speedup_end_to_end_cpu": round(cpu_reference / max(cpu_lorakit, 1e-9), 2),
-        "lorakit_statistics_bytes": stats_bytes * n_splits,
+        "lorakit_cpu_s": round(lk.cpu, 2), "reference_cpu_s": round(ref.cpu, 2),
+        "speedup_end_to_end_cpu": round(ref.cpu / max(lk.cpu, 1e-9), 2),
+        "lorakit_statistics_bytes": statistics_bytes(out_l) * n_splits,
         "reference_activation_bytes": timing.get("activation_bytes", 0),
-        "cuda_peak_bytes_lorakit": peak_l, "cuda_peak_bytes_reference": peak_r,
+        "cuda_peak_bytes_lorakit": lk.peak, "cuda_peak_bytes_reference": ref.peak,
         "heldout_eval_s": round(t_eval, 2),
     }))
     return 0

@@ -451,8 +451,15 @@ def derived_rows(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in ok:
         groups.setdefault(_key(r), []).append(r)
-    out = []
     mean = {k: (statistics.mean(_time(r) for r in rs), statistics.mean(r["peak_rss_mb"] for r in rs)) for k, rs in groups.items()}
+    return (_ratio_rows(groups, mean) + _paired_ratios(groups) + _growth_rows(ok) + _spread_rows(groups)
+            + _curve_rows(groups, mean))
+
+
+def _ratio_rows(groups: dict[tuple, list[dict]], mean: dict) -> list[dict]:
+    import statistics
+
+    out = []
     # (stage, its reference, "vs" shown, time compared): sampling variants by the whole image
     comparisons = [(a, b, None, f) for a, b, f in COMPARISONS[:2]] + [(a, b, b, f) for a, b, f in COMPARISONS[2:]]
     comparisons += [(s, "train", "train", "step_s") for s in TRAIN[2:]]
@@ -474,7 +481,11 @@ def derived_rows(rows: list[dict]) -> list[dict]:
             if vs is None and all(anon):
                 row["peak_anon_ratio"] = round(statistics.mean(anon[0]) / statistics.mean(anon[1]), 3)
             out.append(row)
-    out += _paired_ratios(groups)
+    return out
+
+
+def _growth_rows(ok: list[dict]) -> list[dict]:
+    out = []
     by = {(r["size"], r["run"]): r for r in ok if _default_point(r)}
     for (size, stage), r in sorted(by.items()):
         base = by.get(("tiny", stage))
@@ -483,6 +494,13 @@ def derived_rows(rows: list[dict]) -> list[dict]:
                         "params_x": round(r["unet_params_m"] / base["unet_params_m"], 1),
                         "time_x": round(_time(r) / _time(base), 1),
                         "peak_rss_x": round(r["peak_rss_mb"] / base["peak_rss_mb"], 2)})
+    return out
+
+
+def _spread_rows(groups: dict[tuple, list[dict]]) -> list[dict]:
+    import statistics
+
+    out = []
     for (size, stage, res, rank, n, net, _), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         if len(rs) > 1:
             peaks, times = [r["peak_rss_mb"] for r in rs], [_time(r) for r in rs]
@@ -493,6 +511,13 @@ def derived_rows(rows: list[dict]) -> list[dict]:
                         "time_s_min": min(times), "time_s_max": max(times),
                         **({"peak_anon_mb_mean": round(statistics.mean(anon), 1), "peak_anon_mb_min": min(anon),
                             "peak_anon_mb_max": max(anon)} if anon else {})})
+    return out
+
+
+def _curve_rows(groups: dict[tuple, list[dict]], mean: dict) -> list[dict]:
+    import statistics
+
+    out = []
     # Curves: sampling by the whole image (its per-step marginal is a difference of two noisy totals), the
     # others by step (training) or in total (fusion); one series per value of the two other axes.
     image = {k: (statistics.mean(r["total_s"] if r["run"] in SAMPLE else _time(r) for r in rs), mean[k][1])

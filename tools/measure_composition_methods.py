@@ -6,6 +6,14 @@ Sets: each ``--characters`` concept with ``--style`` (N = 2), + each of ``--obje
 the prompt is the toy captions' form (``lorakit.toyworld.render.caption``). Every method generates ``--k`` images
 per set with seeds 0..k-1; the toy-world oracle (``lorakit.toyworld.oracle``) says which concepts each image shows.
 
+``--world v2``: the sets are toy world v2's (a character identity plus object / style / background identities,
+:mod:`lorakit.toyworld.v2.composition`; ``--sizes``, ``--sets``), the LoRAs the v2 recipes' (``--adapters-dir``,
+default ``artifacts/toy2_loras``, on ``--base`` default ``data/toy2-base``) and the judge the v2 oracle
+(``--oracle``, default ``data/toy2-oracle``):
+
+    python tools/measure_composition_methods.py --world v2 --sizes 2 --sets n2-kwibbit-nocturo --k 16 \
+        --methods merge composite composite+ubase delta --out /tmp/mcm2
+
 Methods (``--methods``): ``merge``, ``switch``, ``composite``, ``cmlora`` (lorakit mode), ``cmlora-official``,
 ``delta``; a ``+ubase`` suffix adds ``uncond="base"`` (the unconditional half from the base model), and
 ``+parts`` per-adapter prompt parts, ``+kg=character:3`` delta's adapter guidance by kind, and ``+key=value`` any
@@ -68,7 +76,16 @@ def method_settings(spec: str, steps: int, cfg: float, kinds: list[str] | None =
 
 
 def make_sets(args) -> list[dict]:
-    """``[{id, n, concepts: {kind: name}, prompt}]`` for every character and size."""
+    """``[{id, n, concepts: {kind: name}, prompt}]`` for every character and size (``--world v2``: the v2 sets of
+    :mod:`lorakit.toyworld.v2.composition` of ``--sizes``, only ``--sets`` when given)."""
+    if args.world == "v2":
+        from lorakit.toyworld.v2.composition import composition_sets
+
+        sets = composition_sets(tuple(args.sizes))
+        unknown = sorted(set(args.sets or ()) - {s["id"] for s in sets})
+        if unknown:
+            raise ValueError(f"--sets {' '.join(unknown)}: no such v2 set at sizes {args.sizes}")
+        return [s for s in sets if not args.sets or s["id"] in args.sets]
     from lorakit.toyworld.render import Scene, caption
 
     sets = []
@@ -102,11 +119,25 @@ def find_adapter(folder: Path, concept: str) -> Path:
     return found[-1]
 
 
+def scorer(args):
+    """``score(images, set) -> probabilities [N, concepts]`` of the world's oracle, in the set's slot order."""
+    if args.world == "v1":
+        from lorakit.toyworld.oracle import score
+
+        return lambda images, s: score(images, list(s["concepts"].values())).probs
+    from lorakit.toyworld.v2.composition import presence
+    from lorakit.toyworld.v2.oracle import Oracle
+
+    oracle = Oracle.load(args.oracle)
+    return lambda images, s: presence(oracle, images, s["concepts"])["probs"]
+
+
 def run_set(pipe, loaded: dict, set_: dict, spec: str, args, done_seeds=frozenset(), sink=None) -> list[dict]:
     """Generate and score one set's images with one method (the seeds not in ``done_seeds``); one record per
     image, each batch's records passed to ``sink`` as soon as they exist (so an interrupted run resumes)."""
-    from lorakit.toyworld.oracle import score
     from lorakit.sampling import category_sequence, generate
+
+    score = args.score if hasattr(args, "score") else scorer(args)
 
     kinds = list(set_["concepts"])
     adapters = [replace(loaded[c], weight=args.scale * args.kind_scale.get(kind, 1.0))
@@ -122,11 +153,11 @@ def run_set(pipe, loaded: dict, set_: dict, spec: str, args, done_seeds=frozense
         t0 = time.perf_counter()
         images, _ = generate(pipe, adapters, settings, set_["prompt"], "", seeds, order=order, n_rotation=n_rot)
         seconds = (time.perf_counter() - t0) / len(seeds)
-        verdict = score(images, names)
+        verdict = score(images, set_)
         batch = []
         for i, seed in enumerate(seeds):
-            probs = verdict.probs[i].tolist()
-            batch.append({"method": spec, "set": set_["id"], "n": set_["n"], "seed": seed,
+            probs = [float(p) for p in verdict[i]]
+            batch.append({"method": spec, "set": set_["id"], "n": set_["n"], "seed": seed, "kinds": kinds,
                           "probs": dict(zip(names, probs)), "present": [p >= 0.5 for p in probs],
                           "all": all(p >= 0.5 for p in probs), "s_per_image": seconds})
         if sink is not None:
@@ -143,14 +174,20 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
     for (method, n), recs in sorted(by.items()):
         k, total = sum(r["all"] for r in recs.values()), len(recs)
         lo, hi = wilson(k, total)
-        # per kind (character, style, object, background: the sets' key order) and character + style together
-        kinds = ("character", "style", "object", "background")[:n]
-        per_kind = {kind: round(sum(r["present"][i] for r in recs.values()) / total, 3) for i, kind in enumerate(kinds)}
-        cs = sum(r["present"][0] and r["present"][1] for r in recs.values())
+        found = {}  # per kind over the images whose set has that kind, and character + style together
+        for r in recs.values():
+            verdicts = dict(zip(_kinds(r), r["present"]))
+            for kind, ok in verdicts.items():
+                found.setdefault(kind, []).append(ok)
+            if "style" in verdicts:
+                found.setdefault("cs", []).append(verdicts["character"] and verdicts["style"])
+        cs = found.pop("cs", [])
         out.append({"method": method, "n_adapters": n, "all_present": round(k / total, 3), "n": total,
-                    "wilson95": [round(lo, 3), round(hi, 3)], "per_kind": per_kind,
-                    "character_and_style": round(cs / total, 3),
-                    "character_and_style_wilson95": [round(v, 3) for v in wilson(cs, total)],
+                    "wilson95": [round(lo, 3), round(hi, 3)],
+                    "per_kind": {kind: round(sum(v) / len(v), 3) for kind, v in found.items()},
+                    "character_and_style": round(sum(cs) / len(cs), 3) if cs else None,
+                    "character_and_style_wilson95": [round(v, 3) for v in wilson(sum(cs), len(cs))] if cs else None,
+                    "character_and_style_n": len(cs),
                     "s_per_image": round(sum(r["s_per_image"] for r in recs.values()) / total, 3)})
     for (method, n), recs in sorted(by.items()):
         for ref in REFERENCES:
@@ -158,7 +195,7 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
                 continue
             keys = recs.keys() & by[(ref, n)].keys()
             row = {"method": method, "vs": ref, "n_adapters": n, "pairs": len(keys)}
-            for label, ok in (("all", lambda r: r["all"]), ("cs", lambda r: r["present"][0] and r["present"][1])):
+            for label, ok in (("all", lambda r: r["all"]), ("cs", _character_and_style)):
                 wins = sum(ok(recs[x]) and not ok(by[(ref, n)][x]) for x in keys)
                 losses = sum(ok(by[(ref, n)][x]) and not ok(recs[x]) for x in keys)
                 row.update({f"{label}_wins": wins, f"{label}_losses": losses,
@@ -167,36 +204,58 @@ def summarise(records: list[dict], methods: list[str]) -> list[dict]:
     return out
 
 
+def _kinds(record: dict) -> list[str]:
+    """The kind of each verdict of an image record (v1 records have the v1 sets' fixed order)."""
+    return record.get("kinds") or list(("character", "style", "object", "background")[:record["n"]])
+
+
+def _character_and_style(record: dict) -> bool:
+    verdicts = dict(zip(_kinds(record), record["present"]))
+    return bool(verdicts.get("character") and verdicts.get("style"))
+
+
 def markdown(rows: list[dict]) -> str:
     """The summary as markdown tables, one per N: rate [95% CI], per kind, and the paired all-present test against
     each reference (wins / losses, exact McNemar p)."""
     lines = []
     for n in sorted({r["n_adapters"] for r in rows}):
         rates = [r for r in rows if r["n_adapters"] == n and "vs" not in r]
-        kinds = list(rates[0]["per_kind"])
+        kinds = list(dict.fromkeys(kind for r in rates for kind in r["per_kind"]))
         refs = [ref for ref in REFERENCES if any(r["method"] == ref for r in rates)]
         lines += ["", f"| method (N = {n}) | n | all present [95% CI] | " + " | ".join(kinds) +
                   " | character + style [95% CI] | " + " | ".join(f"vs {ref}: W / L, p" for ref in refs) + " |",
                   "|---" * (4 + len(kinds) + len(refs)) + "|"]
         for r in rates:
             k = round(r["all_present"] * r["n"])
-            cs = round(r["character_and_style"] * r["n"])
             pairs = []
             for ref in refs:
                 pr = next((x for x in rows if x.get("vs") == ref and x["method"] == r["method"] and x["n_adapters"] == n), None)
                 pairs.append("-" if pr is None else f"{pr['all_wins']} / {pr['all_losses']}, {pr['all_mcnemar_p']:.2g}")
             lines.append(f"| {r['method']} | {r['n']} | {k}/{r['n']} = {r['all_present']:.2f} "
                          f"[{r['wilson95'][0]:.2f}, {r['wilson95'][1]:.2f}] | "
-                         + " | ".join(f"{v:.2f}" for v in r["per_kind"].values())
-                         + f" | {cs}/{r['n']} [{r['character_and_style_wilson95'][0]:.2f}, "
-                           f"{r['character_and_style_wilson95'][1]:.2f}] | " + " | ".join(pairs) + " |")
+                         + " | ".join(f"{r['per_kind'][kind]:.2f}" if kind in r["per_kind"] else "-" for kind in kinds)
+                         + f" | {_cs_cell(r)} | " + " | ".join(pairs) + " |")
     return "\n".join(lines)
+
+
+def _cs_cell(row: dict) -> str:
+    if row["character_and_style"] is None:
+        return "-"
+    lo, hi = row["character_and_style_wilson95"]
+    n = row.get("character_and_style_n", row["n"])
+    return f"{round(row['character_and_style'] * n)}/{n} [{lo:.2f}, {hi:.2f}]"
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapters-dir", default=str(ROOT / "artifacts" / "adapters"))
-    ap.add_argument("--base", default=str(ROOT / "data" / "toy-base"))
+    ap.add_argument("--world", choices=("v1", "v2"), default="v1",
+                    help="v2: the v2 sets (--sizes, --sets), the v2 recipe LoRAs in --adapters-dir (default "
+                    "artifacts/toy2_loras) on --base (default data/toy2-base), the v2 oracle --oracle (default "
+                    "data/toy2-oracle)")
+    ap.add_argument("--adapters-dir")
+    ap.add_argument("--base")
+    ap.add_argument("--oracle", help="--world v2: the v2 oracle folder")
+    ap.add_argument("--sets", nargs="+", metavar="ID", help="--world v2: only these set ids (n2-kwibbit-nocturo ...)")
     ap.add_argument("--characters", nargs="+", default=["frog", "robot", "ghost"])
     ap.add_argument("--style", default="ink")
     ap.add_argument("--objects", nargs="+", default=["tophat", "mushroom"])
@@ -222,9 +281,24 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _v2_adapters(args, names: list[str], ap) -> list[Path]:
+    from lorakit.toyworld.v2.composition import find_adapters
+
+    found = find_adapters(args.adapters_dir, args.base, names)
+    lacking = [n for n in names if n not in found]
+    if lacking:
+        ap.error(f"no v2 LoRA of {', '.join(lacking)} on base {args.base} in {args.adapters_dir} (train them: python "
+                 f"tools/train_toy2_loras.py --base {args.base} --out {args.adapters_dir} --identities {' '.join(lacking)})")
+    return [found[n] for n in names]
+
+
 def main() -> None:
     ap = _parser()
     args = ap.parse_args()
+    v2 = args.world == "v2"
+    args.adapters_dir = args.adapters_dir or str(ROOT / "artifacts" / ("toy2_loras" if v2 else "adapters"))
+    args.base = args.base or str(ROOT / "data" / ("toy2-base" if v2 else "toy-base"))
+    args.oracle = args.oracle or (str(ROOT / "data" / "toy2-oracle") if v2 else None)
     try:
         args.kind_scale = {k: float(v) for k, v in (item.split("=") for item in args.kind_scale)}
     except ValueError:
@@ -252,9 +326,13 @@ def main() -> None:
     done = {}
     for r in records:
         done.setdefault((r["method"], r["set"]), set()).add(r["seed"])
-    sets = make_sets(args)
+    try:
+        sets = make_sets(args)
+    except ValueError as err:
+        ap.error(str(err))
     names = sorted({c for s in sets for c in s["concepts"].values()})
-    files = [find_adapter(Path(args.adapters_dir), c) for c in names]
+    files = [find_adapter(Path(args.adapters_dir), c) for c in names] if not v2 else _v2_adapters(args, names, ap)
+    args.score = scorer(args)
     pipe = load_pipeline(args.base, "fp32")
     loaded = dict(zip(names, load_adapters(pipe, files)))
 
@@ -270,7 +348,7 @@ def main() -> None:
                 print(json.dumps({"done": spec, "set": set_["id"], "images": len(recs),
                                   "all_present": sum(r["all"] for r in recs) / len(recs)}), file=sys.stderr, flush=True)
     summary = summarise(records, args.methods)
-    (out / "summary.json").write_text(json.dumps({"args": vars(args), "files": [str(f) for f in files],
+    (out / "summary.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "score"}, "files": [str(f) for f in files],
                                                   "rows": summary}, indent=1))
     for row in summary:
         print(json.dumps(row))

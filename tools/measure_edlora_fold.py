@@ -34,12 +34,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lorakit.adapters.edlora import load_edlora  # noqa: E402
+from lorakit.adapters.io import load_adapter  # noqa: E402
 from lorakit.eval.stats import mcnemar_exact, wilson  # noqa: E402
+from lorakit.fusion.edlora_fold import ConceptFold  # noqa: E402
+from lorakit.fusion.edlora_fold_check import kv_gap  # noqa: E402
+from lorakit.fusion.gradient import Concept, GradientSettings, fuse_gradient  # noqa: E402
+from lorakit.models import load_base  # noqa: E402
+from lorakit.toyworld.concepts import get_concept  # noqa: E402
+from lorakit.toyworld.evaluate import concept_prompts, generic_prompts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--edloras", nargs="+", required=True, metavar="CONCEPT=PATH")
     ap.add_argument("--concept-word", nargs="+", metavar="CONCEPT=TEXT", help="stand-ins (default: the names)")
@@ -52,31 +60,11 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default=str(REPO / "data" / "toy-base"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="also write the JSON lines here")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    from lorakit.adapters.edlora import load_edlora
-    from lorakit.adapters.io import load_adapter
-    from lorakit.fusion.edlora_fold import ConceptFold
-    from lorakit.fusion.edlora_fold_check import kv_gap
-    from lorakit.fusion.gradient import Concept, GradientSettings, fuse_gradient
-    from lorakit.models import load_base
-    from lorakit.toyworld.concepts import get_concept
-    from lorakit.toyworld.evaluate import concept_prompts
+    return ap.parse_args(argv)
 
-    files = dict(kv.split("=", 1) for kv in args.edloras)
-    base = load_base(args.base)
-    base.set_progress_bar_config(disable=True)
-    lines = []
 
-    def emit(obj):
-        print(json.dumps(obj), flush=True)
-        lines.append(obj)
-
-    words = {n: load_adapter(p).metadata["lorakit.trigger"].strip() for n, p in files.items()}
-
-    def pseudo(n, prompts):
-        return [p.replace(get_concept(n).trigger, words[n]) for p in prompts]
-
+def fuse_and_fold(args, base, files: dict, pseudo, emit):
+    """Gradient fusion of every ED-LoRA, then the fold: (folded model, unfolded fused model, stand-in words)."""
     concepts = []
     for n, p in files.items():
         fit, val = pseudo(n, concept_prompts(n, args.fit, seed=0)), pseudo(n, concept_prompts(n, args.fit, seed=1))
@@ -95,33 +83,56 @@ def main(argv=None) -> int:
           "fuse_s": round(t1 - t0, 1), "fold_s": round(t2 - t1, 1), "rows": out["fold"]["rows"],
           "mean_heldout_vs_unfolded": out["fold"]["mean_heldout_vs_unfolded"],
           "ridges": sorted({str(r["ridge"]) for r in out["fold"]["layers"].values()})})
-    from lorakit.toyworld.evaluate import generic_prompts
+    return fused, unfolded, stand
 
+
+def concept_kv(args, emit, n: str, path, base, unfolded, fused, stand: dict, pseudo) -> None:
+    """One concept's keys / values against its own ED-LoRA (and, with ``--images``, oracle presence)."""
+    held = concept_prompts(n, args.n, seed=2)
+    ref_prompts = pseudo(n, held)
+    plain = [p.replace(get_concept(n).trigger, stand[n]) for p in held]
+    ref = copy.deepcopy(base)
+    load_edlora(ref, path)
+    models = {"base": (base, plain), "unfolded": (unfolded, plain), "folded": (fused, plain),
+              "lorakit": (unfolded, ref_prompts)}
+    gaps = {m: [kv_gap(pipe, [pr[k]], ref, [ref_prompts[k]]) for k in range(len(held))]
+            for m, (pipe, pr) in models.items()}
+    rel = {m: [g / b for g, b in zip(v, gaps["base"])] for m, v in gaps.items()}
+    wins = sum(f < u for f, u in zip(gaps["folded"], gaps["unfolded"]))
+    emit({"measure": "edlora_fold_kv", "concept": n, "stand_in": stand[n], "n": len(held),
+          "kv_vs_base": {m: round(sum(v) / len(v), 4) for m, v in rel.items()},
+          "kv_vs_base_max": {m: round(max(v), 4) for m, v in rel.items()},
+          "folded_vs_unfolded": {"wins": wins, "losses": len(held) - wins,
+                                 "sign_test_p": float(f"{mcnemar_exact(wins, len(held) - wins):.3g}")},
+          "example": {"plain": plain[0], "pseudo": ref_prompts[0]}})
+    if args.images:
+        images(emit, n, models, len(held))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    files = dict(kv.split("=", 1) for kv in args.edloras)
+    base = load_base(args.base)
+    base.set_progress_bar_config(disable=True)
+    lines = []
+
+    def emit(obj):
+        print(json.dumps(obj), flush=True)
+        lines.append(obj)
+
+    words = {n: load_adapter(p).metadata["lorakit.trigger"].strip() for n, p in files.items()}
+
+    def pseudo(n, prompts):
+        return [p.replace(get_concept(n).trigger, words[n]) for p in prompts]
+
+    fused, unfolded, stand = fuse_and_fold(args, base, files, pseudo, emit)
     other = [p for p, _ in generic_prompts(args.n, seed=3)]  # no concept: what the fold should leave alone
     emit({"measure": "edlora_fold_collateral", "n": len(other), "example": other[0],
           "kv_vs_unfolded": {m: round(kv_gap(pipe, other, unfolded, other), 6) for m, pipe in
                              (("base", base), ("folded", fused))}})
     for n, path in files.items():
-        held = concept_prompts(n, args.n, seed=2)
-        ref_prompts = pseudo(n, held)
-        plain = [p.replace(get_concept(n).trigger, stand[n]) for p in held]
-        ref = copy.deepcopy(base)
-        load_edlora(ref, path)
-        models = {"base": (base, plain), "unfolded": (unfolded, plain), "folded": (fused, plain),
-                  "lorakit": (unfolded, ref_prompts)}
-        gaps = {m: [kv_gap(pipe, [pr[k]], ref, [ref_prompts[k]]) for k in range(len(held))]
-                for m, (pipe, pr) in models.items()}
-        rel = {m: [g / b for g, b in zip(v, gaps["base"])] for m, v in gaps.items()}
-        wins = sum(f < u for f, u in zip(gaps["folded"], gaps["unfolded"]))
-        emit({"measure": "edlora_fold_kv", "concept": n, "stand_in": stand[n], "n": len(held),
-              "kv_vs_base": {m: round(sum(v) / len(v), 4) for m, v in rel.items()},
-              "kv_vs_base_max": {m: round(max(v), 4) for m, v in rel.items()},
-              "folded_vs_unfolded": {"wins": wins, "losses": len(held) - wins,
-                                     "sign_test_p": float(f"{mcnemar_exact(wins, len(held) - wins):.3g}")},
-              "example": {"plain": plain[0], "pseudo": ref_prompts[0]}})
-        if args.images:
-            images(emit, n, models, len(held))
-        del ref
+        concept_kv(args, emit, n, path, base, unfolded, fused, stand, pseudo)
     if args.out:
         from lorakit.fileio import write_text
 

@@ -206,14 +206,10 @@ def measure(tag: str, method: str, base, files: dict, words: dict, n: int, world
     return {"row": row, "present": s.present.int().tolist()}
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
+def _inputs(args, needed: set[str]):
+    """The ED-LoRA files and their words, the base folder, the cache-key extras and the oracle (v2) of a run."""
     from lorakit.adapters.io import load_adapter
-    from lorakit.fileio import write_text
-    from lorakit.models import load_base
 
-    needed = {n for tag in args.sets for n in tag.split("+")}
     v2 = args.world == "v2"
     for tag in args.sets:
         check_set(tag.split("+"), args.world)
@@ -221,6 +217,17 @@ def main(argv=None) -> int:
     files = edlora_files(args.edloras, needed, args.edlora_cache if v2 else None, args.base)
     words = {n: words_of(load_adapter(files[n])) for n in needed}
     base_dir = args.base or str(REPO / "data" / "toy-base")
+    return files, words, base_dir, extra, oracle
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from lorakit.fileio import write_text
+    from lorakit.models import load_base
+
+    needed = {n for tag in args.sets for n in tag.split("+")}
+    files, words, base_dir, extra, oracle = _inputs(args, needed)
     base = None
     lines, done, last, t_start = [], 0, 0.0, time.monotonic()
     if args.cache:
@@ -254,7 +261,7 @@ def main(argv=None) -> int:
             emit(res["row"])
         for other in args.methods[1:]:
             compare(emit, tag, names, args.methods[0], other, present)
-        if v2:
+        if oracle is not None:
             emit(oracle_ceiling(tag, args.n, oracle))
     if args.out:
         write_text("".join(json.dumps(x) + "\n" for x in lines), args.out)

@@ -52,7 +52,7 @@ def positives(concept: str, n: int, seed: int) -> torch.Tensor:
 
 def main(argv=None) -> int:
     from diffusers import AutoencoderKL
-    from train_oracle import vae_roundtrip
+    from toy_oracle_training import vae_roundtrip
 
     from lorakit.toyworld.oracle import Oracle, load_oracle
     from lorakit.eval.stats import rate

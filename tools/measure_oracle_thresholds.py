@@ -44,7 +44,7 @@ def probabilities(oracle, vae, name: str, n: int, seed: int) -> dict[str, np.nda
     """The oracle's probability for ``name`` on ``n`` hard negatives and ``n`` fresh renders drawn from ``seed``,
     clean and through the VAE (as tools/measure_oracle.py draws them): ``{neg_clean, neg_vae, pos_clean, pos_vae}``."""
     from measure_oracle import positives, to_tensor
-    from train_oracle import vae_roundtrip
+    from toy_oracle_training import vae_roundtrip
 
     from lorakit.toyworld.hardneg import hard_negatives
 

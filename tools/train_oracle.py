@@ -30,31 +30,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from toy_oracle_training import accuracy_recall, add_training_options, log, optimise, vae_roundtrip, write_oracle
+from toy_oracle_training import degrade as _degrade
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/oracle")
     p.add_argument("--vae", help="toy VAE folder (AutoencoderKL) for round-trip augmentation; default data/toy-base/vae")
-    p.add_argument("--n-train", type=int, default=12000)
-    p.add_argument("--n-eval", type=int, default=2000)
-    p.add_argument("--n-vae", type=int, default=2500, help="train images that also get a VAE round-trip version")
-    p.add_argument("--steps", type=int, default=2500)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    add_training_options(p, n_train=12000, n_eval=2000, n_vae=2500, steps=2500, batch=64)
     p.add_argument("--init", help="oracle folder to start from (config.json + oracle.safetensors)")
     p.add_argument("--hard-negatives", type=int, default=0, help="hard negatives per held-out concept (0: none)")
     p.add_argument("--hard-frac", type=float, default=0.25, help="share of each batch drawn from the hard negatives")
     p.add_argument("--generated", nargs=2, action="append", default=[], metavar=("OUT", "LABELS"),
                    help="person-labelled generated images (even indices only; repeatable)")
     return p.parse_args(argv)
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def render_set(n: int, seed: int, concepts: list[str]):
@@ -67,20 +57,6 @@ def render_set(n: int, seed: int, concepts: list[str]):
     scenes = [mixed_scene(rng) if rng.random() < 0.75 else generic_scene(rng) for _ in range(n)]
     imgs = np.stack([np.asarray(render(s)) for s in scenes])
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0, presence_labels(scenes, concepts)
-
-
-@torch.no_grad()
-def vae_roundtrip(vae, x: torch.Tensor, gen: torch.Generator, max_latent_noise: float = 0.35) -> torch.Tensor:
-    """Encode/decode ``x`` [N,3,32,32] in [0,1] through the VAE with noise (up to ``max_latent_noise`` x the
-    latents' std) added to the latent mean, like the imperfect latents a diffusion sampler ends on."""
-    out = []
-    for i in range(0, len(x), 128):
-        xb = x[i : i + 128] * 2 - 1
-        z = vae.encode(xb).latent_dist.mean
-        level = torch.rand(len(z), 1, 1, 1, generator=gen) * max_latent_noise
-        z = z + level * z.std() * torch.randn(z.shape, generator=gen)
-        out.append(((vae.decode(z).sample + 1) / 2).clamp(0, 1))
-    return torch.cat(out)
 
 
 def render_hard_negatives(k: int, seed: int, concepts: list[str]):
@@ -122,45 +98,12 @@ def load_generated(pairs: list[tuple[str, str]], concepts: list[str]):
 
 
 def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random blur / noise / colour jitter / shift of a batch [B,3,32,32] in [0,1]."""
-    b = len(x)
-    # blur (Gaussian, sigma 0.3-1.0) on ~30%
-    blur = torch.rand(b, generator=gen) < 0.3
-    if blur.any():
-        sigma = float(0.3 + 0.7 * torch.rand((), generator=gen))
-        k = torch.arange(-2, 3, dtype=torch.float32)
-        w = torch.exp(-(k**2) / (2 * sigma**2))
-        w = w / w.sum()
-        xb = x[blur]
-        xb = torch.nn.functional.conv2d(torch.nn.functional.pad(xb, (2, 2, 0, 0), mode="replicate"),
-                                        w.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
-        xb = torch.nn.functional.conv2d(torch.nn.functional.pad(xb, (0, 0, 2, 2), mode="replicate"),
-                                        w.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
-        x = x.clone()
-        x[blur] = xb
-    # brightness / contrast
-    gain = 1 + 0.16 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
-    bias = 0.08 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
-    x = (x - 0.5) * gain + 0.5 + bias
-    # pixel noise on ~50%
-    amp = 0.06 * torch.rand(b, 1, 1, 1, generator=gen) * (torch.rand(b, 1, 1, 1, generator=gen) < 0.5)
-    x = x + amp * torch.randn(x.shape, generator=gen)
-    # shift by up to 2 px
-    dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
-    x = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")[:, :, 2 + dy : 34 + dy, 2 + dx : 34 + dx]
-    return x.clamp(0, 1)
+    """Random blur (sigma 0.3-1.0, 5 taps) / noise / colour jitter / shift (up to 2 px) of a batch [B,3,32,32]."""
+    return _degrade(x, gen, sigma=(0.3, 0.7), radius=2, max_shift=2)
 
 
-@torch.no_grad()
 def evaluate(net, x, y, concepts):
-    net.eval()
-    p = torch.cat([torch.sigmoid(net(x[i : i + 256])) for i in range(0, len(x), 256)])
-    net.train()
-    pred = p >= 0.5
-    acc = (pred == (y > 0.5)).float().mean(0)
-    pos = y > 0.5
-    recall = [(pred[:, i] & pos[:, i]).sum().item() / max(1, pos[:, i].sum().item()) for i in range(len(concepts))]
-    return {c: {"accuracy": round(float(acc[i]), 4), "recall": round(recall[i], 4)} for i, c in enumerate(concepts)}
+    return accuracy_recall(net, x, y, concepts)[2]
 
 
 def summarize(per: dict, heldout: set[str]) -> dict:
@@ -246,10 +189,9 @@ def _train(args, net, data: dict, gen: torch.Generator) -> None:
     """``--steps`` AdamW steps (one-cycle schedule) on masked BCE; a share ``--hard-frac`` of each batch from the
     added images, half of each batch through the VAE, every image degraded."""
     x, x_vae, y, mask, n_plain = data["x"], data["x_vae"], data["y"], data["mask"], data["n_plain"]
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
-    for step in range(1, args.steps + 1):
+
+    def batch_loss(step):
         n_hard = round(args.batch * args.hard_frac) if len(x) > n_plain else 0
         idx = torch.cat([torch.randint(0, n_plain, (args.batch - n_hard,), generator=gen),
                          torch.randint(n_plain, max(len(x), n_plain + 1), (n_hard,), generator=gen)])
@@ -257,26 +199,15 @@ def _train(args, net, data: dict, gen: torch.Generator) -> None:
         xb = torch.where(use_vae, x_vae[idx], x[idx])
         xb = degrade(xb, gen)
         m = mask[idx]
-        loss = (loss_fn(net(xb), y[idx]) * m).sum() / m.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 250 == 0 or step == args.steps:
-            log(f"step {step}/{args.steps} loss {loss.item():.4f}")
+        return (loss_fn(net(xb), y[idx]) * m).sum() / m.sum()
+
+    optimise(net, args.steps, args.lr, batch_loss, log_every=250)
 
 
 def _write(args, net, concepts: list[str], heldout: set[str], metrics: dict) -> None:
-    from lorakit.fileio import save_safetensors, write_json
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_safetensors({k: v.detach().clone().contiguous() for k, v in net.state_dict().items()},
-                     out / "oracle.safetensors", {"lorakit.kind": "toy-oracle"})
-    write_json({"concepts": concepts, "heldout": sorted(heldout), "width": args.width, "image_size": 32,
-                "trained_by": "tools/train_oracle.py", "args": vars(args)}, out / "config.json")
-    write_json(metrics, out / "metrics.json")
-    log(json.dumps({"clean": metrics["clean"], "degraded": metrics["degraded"]}))
+    write_oracle(Path(args.out), net, "toy-oracle", {
+        "concepts": concepts, "heldout": sorted(heldout), "width": args.width, "image_size": 32,
+        "trained_by": "tools/train_oracle.py", "args": vars(args)}, metrics)
 
 
 if __name__ == "__main__":

@@ -13,32 +13,22 @@ class (telling ``kwibbit`` from other frogs). Everything goes to ``<out>/metrics
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from toy_oracle_training import accuracy_recall, add_training_options, log, optimise, write_oracle
+from toy_oracle_training import degrade as _degrade
+from toy_oracle_training import vae_roundtrip as _vae_roundtrip
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--vae", help="v2 VAE folder (AutoencoderKL) for the round-trip augmentation")
-    p.add_argument("--n-train", type=int, default=8000)
-    p.add_argument("--n-eval", type=int, default=1000)
-    p.add_argument("--n-vae", type=int, default=3000, help="train images that also get a VAE round-trip version")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=48)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    add_training_options(p, n_train=8000, n_eval=1000, n_vae=3000, steps=1500, batch=48)
     return p.parse_args(argv)
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def render_set(n: int, seed: int, concepts: list[str]):
@@ -57,63 +47,29 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 255.0
 
 
-@torch.no_grad()
 def vae_roundtrip(vae, x: torch.Tensor, gen: torch.Generator, max_latent_noise: float = 0.35) -> torch.Tensor:
     """uint8 ``[N, 3, H, W]`` through the VAE with noise (up to ``max_latent_noise`` x the latents' std) added to
     the latent mean, like the imperfect latents a sampler ends on -> uint8."""
-    out = []
-    for i in range(0, len(x), 128):
-        z = vae.encode(as_float(x[i : i + 128]) * 2 - 1).latent_dist.mean
-        level = torch.rand(len(z), 1, 1, 1, generator=gen) * max_latent_noise
-        z = z + level * z.std() * torch.randn(z.shape, generator=gen)
-        out.append((((vae.decode(z).sample + 1) / 2).clamp(0, 1) * 255).round().to(torch.uint8))
-    return torch.cat(out)
+    return (_vae_roundtrip(vae, as_float(x), gen, max_latent_noise) * 255).round().to(torch.uint8)
 
 
-def degrade(x: torch.Tensor, gen: torch.Generator, max_shift: int = 3) -> torch.Tensor:
-    """Random blur / colour jitter / pixel noise / shift of a float batch ``[B, 3, H, W]`` in [0, 1]."""
-    f = torch.nn.functional
-    b, _, h, w = x.shape
-    blur = torch.rand(b, generator=gen) < 0.3
-    if blur.any():
-        sigma = float(0.4 + 1.0 * torch.rand((), generator=gen))
-        k = torch.arange(-3, 4, dtype=torch.float32)
-        kern = torch.exp(-(k**2) / (2 * sigma**2))
-        kern = kern / kern.sum()
-        xb = f.conv2d(f.pad(x[blur], (3, 3, 0, 0), mode="replicate"), kern.view(1, 1, 1, 7).repeat(3, 1, 1, 1), groups=3)
-        xb = f.conv2d(f.pad(xb, (0, 0, 3, 3), mode="replicate"), kern.view(1, 1, 7, 1).repeat(3, 1, 1, 1), groups=3)
-        x = x.clone()
-        x[blur] = xb
-    gain = 1 + 0.16 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
-    bias = 0.08 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
-    x = (x - 0.5) * gain + 0.5 + bias
-    amp = 0.06 * torch.rand(b, 1, 1, 1, generator=gen) * (torch.rand(b, 1, 1, 1, generator=gen) < 0.5)
-    x = x + amp * torch.randn(x.shape, generator=gen)
-    s = max_shift
-    dx, dy = (int(v) for v in torch.randint(-s, s + 1, (2,), generator=gen))
-    x = f.pad(x, (s, s, s, s), mode="replicate")[:, :, s + dy : s + dy + h, s + dx : s + dx + w]
-    return x.clamp(0, 1)
+def degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random blur (sigma 0.4-1.4, 7 taps) / colour jitter / pixel noise / shift (up to 3 px) of a float batch
+    ``[B, 3, H, W]`` in [0, 1]."""
+    return _degrade(x, gen, sigma=(0.4, 1.0), radius=3, max_shift=3)
 
 
-@torch.no_grad()
 def evaluate(net, x: torch.Tensor, y: torch.Tensor, concepts: list[str]) -> dict:
     """Per concept: accuracy, recall; for identities also the accuracy on images that show their class."""
     from lorakit.toyworld.v2.concepts import CONCEPTS
 
-    net.eval()
-    p = torch.cat([torch.sigmoid(net(x[i : i + 256])) for i in range(0, len(x), 256)])
-    net.train()
-    pred, pos = p >= 0.5, y > 0.5
-    out = {}
+    pred, pos, out = accuracy_recall(net, x, y, concepts)
     for i, c in enumerate(concepts):
-        row = {"accuracy": round(float((pred[:, i] == pos[:, i]).float().mean()), 4),
-               "recall": round(float((pred[:, i] & pos[:, i]).sum()) / max(1, int(pos[:, i].sum())), 4)}
         cls = CONCEPTS[c].cls
         if cls:
             has_cls = pos[:, concepts.index(cls)]
-            row["vs_class_accuracy"] = round(float((pred[has_cls, i] == pos[has_cls, i]).float().mean()), 4)
-            row["vs_class_n"] = int(has_cls.sum())
-        out[c] = row
+            out[c]["vs_class_accuracy"] = round(float((pred[has_cls, i] == pos[has_cls, i]).float().mean()), 4)
+            out[c]["vs_class_n"] = int(has_cls.sum())
     return out
 
 
@@ -133,7 +89,6 @@ def summarize(per: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    from lorakit.fileio import save_safetensors, write_json
     from lorakit.toyworld.v2.concepts import CONCEPTS
     from lorakit.toyworld.v2.oracle import OracleNet
 
@@ -155,33 +110,23 @@ def main(argv=None) -> int:
         xe_vae = vae_roundtrip(vae, xe, torch.Generator().manual_seed(args.seed + 1))
         log(f"VAE round trips done ({args.vae})")
     net = OracleNet(len(concepts), args.width)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    for step in range(1, args.steps + 1):
+
+    def batch_loss(step):
         idx = torch.randint(0, len(x), (args.batch,), generator=gen)
         use_vae = (torch.rand(args.batch, generator=gen) < 0.5).view(-1, 1, 1, 1)
         xb = degrade(as_float(torch.where(use_vae, x_vae[idx], x[idx])), gen)
-        loss = loss_fn(net(xb), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == args.steps:
-            log(f"step {step}/{args.steps} loss {loss.item():.4f}")
+        return loss_fn(net(xb), y[idx])
+
+    optimise(net, args.steps, args.lr, batch_loss, log_every=100)
     clean = evaluate(net, as_float(xe), ye, concepts)
     degraded = evaluate(net, degrade(as_float(xe_vae), torch.Generator().manual_seed(args.seed + 2)), ye, concepts)
     metrics = {"eval_scenes": args.n_eval, "clean": summarize(clean), "degraded": summarize(degraded),
                "per_concept_clean": clean, "per_concept_degraded": degraded, "vae_augmentation": bool(args.vae),
                "train_seconds": round(time.time() - t0, 1), "args": vars(args)}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_safetensors({k: v.detach().clone().contiguous() for k, v in net.state_dict().items()},
-                     out / "oracle.safetensors", {"lorakit.kind": "toy-oracle-v2"})
-    write_json({"world": "v2", "concepts": concepts, "width": args.width, "image_size": 64,
-                "trained_by": "tools/train_oracle_v2.py", "args": vars(args)}, out / "config.json")
-    write_json(metrics, out / "metrics.json")
-    log(json.dumps({"clean": metrics["clean"], "degraded": metrics["degraded"]}))
+    write_oracle(out, net, "toy-oracle-v2", {"world": "v2", "concepts": concepts, "width": args.width, "image_size": 64,
+                                             "trained_by": "tools/train_oracle_v2.py", "args": vars(args)}, metrics)
     log(f"wrote {out} in {time.time() - t0:.0f} s")
     return 0
 

@@ -20,14 +20,13 @@ partial run can be exported (``--export-from``). Uses a GPU through Accelerate w
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from toy_base_stages import continued_vae, epsilon_loss, load_rendered, log, posterior_stats, prepare_run
+from toy_base_stages import render_once, to_tensor, train_autoencoder, train_config, unet_start
 
 
 def parse_args(argv=None):
@@ -55,42 +54,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 # ------------------------------------------------------------------------------------------------ 1. render
 
 
 def render_data(work: Path, n_generic: int, n_mixed: int, seed: int) -> Path:
-    from lorakit.fileio import write_json
-    from lorakit.toyworld.render import caption, render
-    from lorakit.toyworld.scenes import generic_scene, mixed_scene
+    from lorakit.toyworld import render, scenes
 
-    out = work / "data.npz"
-    if out.exists():
-        return out
-    rng = np.random.default_rng(seed)
-    scenes = [generic_scene(rng) for _ in range(n_generic)] + [mixed_scene(rng) for _ in range(n_mixed)]
-    images = np.stack([np.asarray(render(s)) for s in scenes])
-    captions = [caption(s) for s in scenes]
-    tmp = work / "data.tmp.npz"
-    np.savez(tmp, images=images, n_generic=n_generic)
-    write_json(captions, work / "captions.json")
-    os.replace(tmp, out)
-    log(f"rendered {len(scenes)} scenes -> {out}")
-    return out
+    return render_once(work, seed, [(scenes.generic_scene, n_generic), (scenes.mixed_scene, n_mixed)], render, "n_generic")
 
 
 def load_data(work: Path):
-    d = np.load(work / "data.npz")
-    captions = json.loads((work / "captions.json").read_text())
-    return d["images"], int(d["n_generic"]), captions
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return load_rendered(work, "n_generic")
 
 
 # ------------------------------------------------------------------------------------------------ 2. vae
@@ -109,23 +83,14 @@ class _Rows(torch.utils.data.Dataset):
 
 
 def _cfg(work: Path, name: str, steps: int, batch: int, lr: float, seed: int, save_every: int = 0):
-    from omegaconf import OmegaConf
-
-    from lorakit.training.loop import TrainConfig
-
-    return OmegaConf.structured(TrainConfig(
-        output_dir=str(work / name), output_name=f"toy-{name}", max_steps=steps, train_batch_size=batch,
-        learning_rate=lr, lr_scheduler="constant_with_warmup", lr_warmup_steps=min(100, steps // 10),
-        adam_weight_decay=0.0, max_grad_norm=1.0, checkpointing_steps=save_every * 5 if save_every else 0,
-        checkpoints_total_limit=1, save_every=save_every, logging="none", seed=seed, resume="latest",
-    ))
+    return train_config(work, name, steps, batch, lr, seed, warmup=min(100, steps // 10), save_every=save_every,
+                        checkpoint_every=save_every * 5 if save_every else 0, keep_checkpoints=1)
 
 
 def train_vae(work: Path, steps: int, batch: int, seed: int):
     from diffusers import AutoencoderKL
 
     from lorakit.toyworld.base import toy_vae
-    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator
 
     final = work / "vae" / "toy-vae"
     if (final / "config.json").exists():
@@ -134,20 +99,8 @@ def train_vae(work: Path, steps: int, batch: int, seed: int):
     torch.manual_seed(seed)
     vae = toy_vae()
     cfg = _cfg(work, "vae", steps, batch, 2e-3, seed, save_every=100)
-    acc = make_accelerator(cfg)
-    opt = build_optimizer(cfg, [{"params": list(vae.parameters())}])
-    data = _Rows(image=to_tensor(images))
-
-    def compute_loss(b, step, models):
-        post = models[0].encode(b["image"]).latent_dist
-        rec = models[0].decode(post.sample()).sample
-        return (rec - b["image"]).abs().mean() + 1e-6 * post.kl().mean()
-
-    def save(path):
-        acc.unwrap_model(vae).save_pretrained(path)
-
     t0 = time.time()
-    TrainLoop(cfg, acc, [vae], opt, data, compute_loss, save, artifact_suffix="").run()
+    train_autoencoder(vae, cfg, _Rows(image=to_tensor(images)))
     log(f"vae trained {steps} steps in {time.time() - t0:.0f} s")
     return AutoencoderKL.from_pretrained(final)
 
@@ -199,45 +152,12 @@ def encode_latents(work: Path, vae):
         t, _ = load_safetensors(out)
         return t["mean"], t["std"], float(t["scale"])
     images, n_generic, _ = load_data(work)
-    x = to_tensor(images[:n_generic])
-    means, stds = [], []
-    for i in range(0, len(x), 256):
-        d = vae.encode(x[i : i + 256]).latent_dist
-        means.append(d.mean)
-        stds.append(d.std)
-    mean, std = torch.cat(means), torch.cat(stds)
-    scale = 1.0 / float(mean.std())
+    mean, std, scale = posterior_stats(vae, images, n_generic)
     save_safetensors({"mean": mean, "std": std, "scale": torch.tensor(scale)}, out)
-    log(f"encoded {len(mean)} latents {tuple(mean.shape[1:])}, scaling_factor {scale:.4f}")
     return mean, std, scale
 
 
 # ------------------------------------------------------------------------------------------------ 4. unet
-
-
-def _unet_start(work: Path, vae, scale, args):
-    """The pipeline the UNet trains in (new, or ``--init-from``), each generic image's caption id, and the text
-    encoder's output for every distinct caption (id 0: the empty caption)."""
-    from lorakit.toyworld.base import build_toy_pipeline
-
-    _, n_generic, captions = load_data(work)
-    captions = captions[:n_generic]
-    vocab = [""] + sorted(set(captions))
-    ids = [vocab.index(c) for c in captions]
-    vae.register_to_config(scaling_factor=scale)
-    pipe = build_toy_pipeline(seed=args.seed, vae=vae)
-    if args.init_from:
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        pipe.unet = UNet2DConditionModel.from_pretrained(Path(args.init_from) / "unet")
-        pipe.text_encoder = CLIPTextModel.from_pretrained(Path(args.init_from) / "text_encoder")
-        log(f"UNet and text encoder start from {args.init_from}")
-    with torch.no_grad():
-        tok = pipe.tokenizer(vocab, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        text = pipe.text_encoder(tok.input_ids)[0]  # [n_captions, 77, 64]
-    return pipe, ids, text
 
 
 def train_unet(work: Path, vae, mean, std, scale, args):
@@ -248,26 +168,21 @@ def train_unet(work: Path, vae, mean, std, scale, args):
 
     from lorakit.models import save_pipeline
     from lorakit.toyworld.base import LatentCaptions, build_toy_pipeline
-    from lorakit.training.loop import (
-        TrainLoop,
-        build_optimizer,
-        make_accelerator,
-        randint_per_sample,
-        randn_per_sample,
-    )
+    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator
 
-    pipe, ids, text = _unet_start(work, vae, scale, args)
+    _, n_generic, captions = load_data(work)
+    vae.register_to_config(scaling_factor=scale)
+    pipe = build_toy_pipeline(seed=args.seed, vae=vae)
+    ids, text = unet_start(pipe, captions[:n_generic], args.init_from)
     unet = pipe.unet
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    alphas = noise_sched.alphas_cumprod
-    snr = alphas / (1 - alphas)
     ema = EMAModel(copy.deepcopy(unet).parameters(), decay=args.ema_decay, use_ema_warmup=True, power=0.75)
     cfg = _cfg(work, "unet", args.unet_steps, args.unet_batch, args.unet_lr, args.seed, args.save_every)
     acc = make_accelerator(cfg)
     opt = build_optimizer(cfg, [{"params": list(unet.parameters())}])
     data = LatentCaptions(mean * scale, std * scale, ids, args.seed)
     state = {"ema_step": 0}
-    text = text.to(acc.device)
+    loss = epsilon_loss(noise_sched, text.to(acc.device), args.seed)
     ema.to(acc.device)
 
     def update_ema(step):
@@ -278,13 +193,7 @@ def train_unet(work: Path, vae, mean, std, scale, args):
 
     def compute_loss(b, step, models):
         update_ema(step)
-        x0, sid = b["latent"], b["sample_id"]
-        noise = randn_per_sample(x0.shape[1:], sid, args.seed, salt=0, device=x0.device)
-        t = randint_per_sample(0, noise_sched.config.num_train_timesteps, sid, args.seed, salt=1, device=x0.device)
-        xt = noise_sched.add_noise(x0, noise, t)
-        pred = models[0](xt, t, text[b["caption"]]).sample
-        w = (torch.clamp(snr[t.cpu()], max=5.0) / snr[t.cpu()]).to(x0.device)  # Min-SNR-5 for epsilon
-        return (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        return loss(b, models[0])
 
     def save(path):
         update_ema(loop.global_step)
@@ -326,10 +235,7 @@ def export(src: Path, out: Path, decoder: Path | None = None) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = prepare_run(args)
     if args.export_from:
         export(Path(args.export_from), Path(args.out), Path(args.decoder) if args.decoder else None)
         return 0
@@ -338,12 +244,9 @@ def main(argv=None) -> int:
         return 0
     t0 = time.time()
     if args.init_from:
-        from diffusers import AutoencoderKL
-
         render_data(work, args.n_generic, 0, args.seed)
-        vae = AutoencoderKL.from_pretrained(Path(args.init_from) / "vae")
+        vae, scale = continued_vae(args.init_from)
         mean, std, _ = encode_latents(work, vae)
-        scale = float(vae.config.scaling_factor)  # the UNet being continued learned latents at this scale
     else:
         render_data(work, args.n_generic, args.n_mixed, args.seed)
         vae = train_vae(work, args.vae_steps, args.vae_batch, args.seed)

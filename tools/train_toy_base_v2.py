@@ -22,13 +22,13 @@ count, so a run in chunks equals one long run. ``--init-from PIPELINE`` starts t
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from toy_base_stages import continued_vae, epsilon_loss, load_rendered, log, posterior_stats, prepare_run
+from toy_base_stages import render_once, to_tensor, train_autoencoder, train_config, unet_start
 
 WARMUP = 100
 
@@ -54,54 +54,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 # ------------------------------------------------------------------------------------------------ 1. render
 
 
 def render_data(work: Path, n_class: int, n_mixed: int, seed: int) -> Path:
-    from lorakit.fileio import write_json
-    from lorakit.toyworld.v2.render import caption, render
-    from lorakit.toyworld.v2.scenes import class_scene, mixed_scene
+    from lorakit.toyworld.v2 import render, scenes
 
-    out = work / "data.npz"
-    if out.exists():
-        return out
-    t0 = time.time()
-    rng = np.random.default_rng(seed)
-    scenes = [class_scene(rng) for _ in range(n_class)] + [mixed_scene(rng) for _ in range(n_mixed)]
-    images = np.stack([np.asarray(render(s)) for s in scenes])
-    write_json([caption(s) for s in scenes], work / "captions.json")
-    tmp = work / "data.tmp.npz"
-    np.savez(tmp, images=images, n_class=n_class)
-    os.replace(tmp, out)
-    log(f"rendered {len(scenes)} scenes in {time.time() - t0:.0f} s -> {out}")
-    return out
+    return render_once(work, seed, [(scenes.class_scene, n_class), (scenes.mixed_scene, n_mixed)], render, "n_class")
 
 
 def load_data(work: Path):
-    d = np.load(work / "data.npz")
-    return d["images"], int(d["n_class"]), json.loads((work / "captions.json").read_text())
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return load_rendered(work, "n_class")
 
 
 def _cfg(work: Path, name: str, steps: int, batch: int, lr: float, seed: int, save_every: int):
-    from omegaconf import OmegaConf
-
-    from lorakit.training.loop import TrainConfig
-
-    return OmegaConf.structured(TrainConfig(
-        output_dir=str(work / name), output_name=f"toy-{name}", max_steps=steps, train_batch_size=batch,
-        learning_rate=lr, lr_scheduler="constant_with_warmup", lr_warmup_steps=WARMUP, adam_weight_decay=0.0,
-        max_grad_norm=1.0, checkpointing_steps=save_every, checkpoints_total_limit=2, save_every=save_every,
-        logging="none", seed=seed, resume="latest",
-    ))
+    return train_config(work, name, steps, batch, lr, seed, warmup=WARMUP, save_every=save_every,
+                        checkpoint_every=save_every, keep_checkpoints=2)
 
 
 # ------------------------------------------------------------------------------------------------ 2. vae
@@ -128,27 +96,13 @@ def train_vae(work: Path, args):
     from diffusers import AutoencoderKL
 
     from lorakit.toyworld.v2.models import toy_vae
-    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator
 
     images, _, _ = load_data(work)
     torch.manual_seed(args.seed)
     vae = toy_vae()
     cfg = _cfg(work, "vae", args.vae_steps, args.vae_batch, args.vae_lr, args.seed, args.save_every)
-    acc = make_accelerator(cfg)
-    opt = build_optimizer(cfg, [{"params": list(vae.parameters())}])
-
-    def compute_loss(b, step, models):
-        post = models[0].encode(b["image"]).latent_dist
-        rec = models[0].decode(post.sample()).sample
-        return (rec - b["image"]).abs().mean() + 1e-6 * post.kl().mean()
-
-    def save(path):
-        acc.unwrap_model(vae).save_pretrained(path)
-
     t0 = time.time()
-    # resume=latest: continues an interrupted stage; a finished one resumes at its last step and trains 0 steps
-    result = TrainLoop(cfg, acc, [vae], opt, Crops(images, args.vae_crop, args.seed), compute_loss, save,
-                       artifact_suffix="").run()
+    result = train_autoencoder(vae, cfg, Crops(images, args.vae_crop, args.seed))
     log(f"vae at step {result.global_step} ({time.time() - t0:.0f} s this run)")
     return AutoencoderKL.from_pretrained(result.final_path), result.global_step
 
@@ -167,15 +121,8 @@ def encode_latents(work: Path, vae, vae_step: int):
         if int(t["vae_step"]) == vae_step:
             return t["mean"], t["std"], float(t["scale"])
     images, n_class, _ = load_data(work)
-    means, stds = [], []
-    for i in range(0, n_class, 256):
-        d = vae.encode(to_tensor(images[i : min(i + 256, n_class)])).latent_dist
-        means.append(d.mean)
-        stds.append(d.std)
-    mean, std = torch.cat(means), torch.cat(stds)
-    scale = 1.0 / float(mean.std())
+    mean, std, scale = posterior_stats(vae, images, n_class)
     save_safetensors({"mean": mean, "std": std, "scale": torch.tensor(scale), "vae_step": torch.tensor(vae_step)}, out)
-    log(f"encoded {len(mean)} latents {tuple(mean.shape[1:])}, scaling_factor {scale:.4f}")
     return mean, std, scale
 
 
@@ -212,52 +159,24 @@ def train_unet(work: Path, vae, mean, std, scale, args) -> Path:
     from lorakit.models import save_pipeline
     from lorakit.toyworld.base import LatentCaptions
     from lorakit.toyworld.v2.models import build_toy_pipeline
-    from lorakit.training.loop import (
-        TrainLoop,
-        build_optimizer,
-        make_accelerator,
-        randint_per_sample,
-        randn_per_sample,
-    )
+    from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator
 
     _, n_class, captions = load_data(work)
-    captions = captions[:n_class]
-    vocab = [""] + sorted(set(captions))
-    index = {c: i for i, c in enumerate(vocab)}
-    ids = [index[c] for c in captions]
     vae.register_to_config(scaling_factor=scale)
     pipe = build_toy_pipeline(seed=args.seed, vae=vae)
-    if args.init_from:
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        pipe.unet = UNet2DConditionModel.from_pretrained(Path(args.init_from) / "unet")
-        pipe.text_encoder = CLIPTextModel.from_pretrained(Path(args.init_from) / "text_encoder")
-        log(f"UNet and text encoder start from {args.init_from}")
-    pipe.text_encoder.requires_grad_(False)
-    with torch.no_grad():
-        tok = pipe.tokenizer(vocab, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        text = pipe.text_encoder(tok.input_ids)[0]  # [n_captions, 77, 64]
+    ids, text = unet_start(pipe, captions[:n_class], args.init_from)
     unet = pipe.unet
     shadow = EMAShadow(unet, args.ema_decay)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
     cfg = _cfg(work, "unet", args.unet_steps, args.unet_batch, args.unet_lr, args.seed, args.save_every)
     acc = make_accelerator(cfg)
     opt = build_optimizer(cfg, [{"params": list(unet.parameters())}])
     data = LatentCaptions(mean * scale, std * scale, ids, args.seed)
-    text = text.to(acc.device)
+    loss = epsilon_loss(noise_sched, text.to(acc.device), args.seed)
 
     def compute_loss(b, step, models):
         shadow.update(acc.unwrap_model(unet), step)  # the weights after optimizer step `step`
-        x0, sid = b["latent"], b["sample_id"]
-        noise = randn_per_sample(x0.shape[1:], sid, args.seed, salt=0, device=x0.device)
-        t = randint_per_sample(0, noise_sched.config.num_train_timesteps, sid, args.seed, salt=1, device=x0.device)
-        xt = noise_sched.add_noise(x0, noise, t)
-        pred = models[0](xt, t, text[b["caption"]]).sample
-        w = (torch.clamp(snr[t.cpu()], max=5.0) / snr[t.cpu()]).to(x0.device)  # Min-SNR-5 for epsilon
-        return (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        return loss(b, models[0])
 
     def save(path):
         shadow.update(acc.unwrap_model(unet), loop.global_step)
@@ -280,17 +199,11 @@ def train_unet(work: Path, vae, mean, std, scale, args) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = prepare_run(args)
     render_data(work, args.n_class, args.n_mixed, args.seed)
     if args.init_from:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(Path(args.init_from) / "vae")
+        vae, scale = continued_vae(args.init_from)
         mean, std, _ = encode_latents(work, vae, -1)
-        scale = float(vae.config.scaling_factor)  # the UNet being continued learned latents at this scale
     else:
         vae, vae_step = train_vae(work, args)
         mean, std, scale = encode_latents(work, vae, vae_step)

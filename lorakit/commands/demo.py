@@ -8,17 +8,21 @@ from __future__ import annotations
 from lorakit.logs import show_progress
 
 DESCRIPTION = """\
-Offline end-to-end demo on the bundled toy base (data/toy-base, 32x32 images):
+Offline end-to-end demo on a bundled toy world (default --world v2: data/toy2-base, 64x64 images;
+--world v1: data/toy-base, 32x32, the earlier demo):
 
-  1. trains a character LoRA and a style LoRA from train_configs/toy_<concept>.yaml (300 steps each;
+  1. trains a character LoRA and a style LoRA (v2: identities kwibbit + inkvel from
+     train_configs/toy2_<identity>.yaml; v1: frog + ink from train_configs/toy_<concept>.yaml; 300 steps each;
      cached by recipe hash under LORA_DIR, shared with the tests and CI, so a second run reuses them);
   2. composes them with every method: sampling-time merge, switch, composite, cmlora and fusion-time
      gradient (Mix-of-Show) and weighted, plus reference rows: base (no LoRA) and each LoRA alone;
-     K images per method from the prompt "<character trigger>, white plain background, <style trigger>",
-     the same seeds for every method;
-  3. scores every image with the toy oracle (is the character there? the style? both?);
-  4. writes OUT/report.html (the table; target rows = the rendered ground truth, then every method's
-     images 4x enlarged with the oracle's verdict under each), OUT/report.json, OUT/report.md, OUT/images/.
+     K images per method from one whole-scene caption (v2: "kwibbit frog, white plain background, inkvel
+     outline style"), every LoRA at scale SCALE (0.8, as the composition papers; v1: 1.0), the same seeds for every
+     method;
+  3. scores every image with the world's oracle (is the character there? the style? both?);
+  4. writes OUT/report.html (the table with Wilson 95% intervals; target rows = the rendered ground truth,
+     then every method's images enlarged with the oracle's verdict under each), OUT/report.json,
+     OUT/report.md, OUT/images/.
 
 Time, one thread (the default; lorakit/threads.py): with both LoRAs cached, 64 s of CPU (2026-12-02; 2 min 30 s
 wall on a machine whose 2 cores other jobs shared); training the two LoRAs first, when they are not cached,
@@ -31,10 +35,18 @@ HELP = "offline demo: train a toy character + style LoRA, compose them every way
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--character", default="frog",
-                   help="held-out character, name or trigger word (default: frog; `lorakit toyworld list`)")
-    p.add_argument("--style", default="ink", help="held-out style, name or trigger word (default: ink)")
+    p.add_argument("--world", choices=("v2", "v1"), default="v2",
+                   help="toy world: v2 (64x64, identity LoRAs; docs/toyworld_v2.md) or v1 (32x32; docs/toyworld.md) "
+                   "(default: v2)")
+    p.add_argument("--character", default=None,
+                   help="character: a v2 character identity (kwibbit, zorbo, bloopo) or a v1 held-out character "
+                   "name or trigger (default: kwibbit; v1: frog)")
+    p.add_argument("--style", default=None,
+                   help="style: a v2 style identity (inkvel, pixlor) or a v1 held-out style (default: inkvel; v1: ink)")
     p.add_argument("--k", type=int, default=8, help="images per method (default: 8)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="LoRA scale of both LoRAs in every method (default: 0.8, the composition papers' value; "
+                   "v1: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default: 0)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of each LoRA, overriding the recipes' max_steps (default: the recipes' 300)")
@@ -59,8 +71,9 @@ def run(args) -> int:
 
     from lorakit.toyworld.demo import DemoSettings, format_table, run_demo
 
-    settings = DemoSettings(character=args.character, style=args.style, out=args.out, lora_dir=args.lora_dir,
-                            k=args.k, seed=args.seed, train_steps=args.steps)
+    settings = DemoSettings(character=args.character, style=args.style, world=args.world, out=args.out,
+                            lora_dir=args.lora_dir,
+                            k=args.k, seed=args.seed, scale=args.scale, train_steps=args.steps)
     if args.sample_steps is not None:
         if args.sample_steps < 1:
             raise ValueError(f"--sample-steps must be >= 1, got {args.sample_steps}")
@@ -76,5 +89,5 @@ def run(args) -> int:
     print(format_table(report))
     print()
     print("rates: fraction of images where the oracle sees the concept; setup s: profiling / fusing time")
-    print(f"report: {args.out}/report.html (also report.md, report.json; images in {args.out}/images/)")
+    print(f"report: {args.out}/report.html (also report.md, report.json, grid.png; images in {args.out}/images/)")
     return 0

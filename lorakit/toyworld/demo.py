@@ -30,7 +30,8 @@ from pathlib import Path
 
 from lorakit.adapters.io import load_adapter
 from lorakit.fileio import save_image
-from lorakit.fusion.gradient import Concept as FuseConcept, GradientSettings, fuse_gradient
+from lorakit.fusion.gradient import Concept as FuseConcept
+from lorakit.fusion.gradient import GradientSettings, fuse_gradient
 from lorakit.fusion.merge import apply_deltas, weighted
 from lorakit.logs import tqdm
 from lorakit.outputs import claim_dir, is_marked, write_marker
@@ -44,7 +45,7 @@ from lorakit.sampling import (
     order_by_frequency,
     profile_adapters,
 )
-from lorakit.toyworld.concepts import Concept, SHAPES, concepts_of_kind, get_concept
+from lorakit.toyworld.concepts import SHAPES, Concept, concepts_of_kind, get_concept
 from lorakit.toyworld.demo_report import format_table, write_reports
 from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, concept_prompts
 from lorakit.toyworld.loras import default_cache_dir, train_concept_lora
@@ -79,22 +80,28 @@ ENLARGE = 4  # the reports show images this many times larger (nearest neighbour
 class DemoSettings:
     """What one demo run does.
 
-    character / style: held-out concept names or trigger words (``frog``/``kwibbit``, ``ink``/``inkvel``).
+    world: ``v2`` (64x64 toy world v2, identity LoRAs; :mod:`lorakit.toyworld.v2.demo`) or ``v1`` (32x32).
+    character / style: v2 identities (``kwibbit``, ``inkvel``) or v1 held-out concept names or trigger words
+        (``frog``/``kwibbit``, ``ink``/``inkvel``); None = the world's default pair.
     out: output folder (report.html / .json / .md, images/).
     lora_dir: where trained LoRAs are cached by recipe hash (default: the toy LoRA cache shared with the tests and
         CI, :func:`lorakit.toyworld.loras.default_cache_dir`).
     k: images per method; image i of every method uses seed ``seed + i``.
+    scale: LoRA scale of both LoRAs in every method (fusions: the weight of each delta); None = the world's
+        (v2: 0.8, the composition papers' value; v1: 1.0, the earlier demo's).
     train_steps: overrides the recipes' ``max_steps`` (None = the recipes' 300).
     sample_steps / guidance: DDIM steps and CFG scale of every image (the toy measurements' 20 and 4).
-    base: base model folder (default: the recipes', ``data/toy-base``).
+    base: base model folder (default: the world's bundled base, ``data/toy2-base`` / ``data/toy-base``).
     """
 
-    character: str = "frog"
-    style: str = "ink"
+    character: str | None = None
+    style: str | None = None
+    world: str = "v2"
     out: str = "demo_out"
     lora_dir: str | None = None
     k: int = 8
     seed: int = 0
+    scale: float | None = None
     train_steps: int | None = None
     sample_steps: int = NUM_STEPS
     guidance: float = GUIDANCE
@@ -119,6 +126,61 @@ def check_concept(value: str, kind: str, option: str) -> Concept:
         what = f"a {'held-out' if c.heldout else 'generic'} {c.kind}"
         raise ValueError(f"{option} {value!r} is {what}, not a held-out {kind}; held-out {kind}s: {choices}")
     return c
+
+
+class V1World:
+    """Toy world v1's side of the demo (32x32 images; concepts named as in :mod:`lorakit.toyworld.concepts`)."""
+
+    name = "v1"
+    image_size = 32
+    enlarge = ENLARGE
+    default_character = "frog"
+    default_style = "ink"
+    default_scale = 1.0
+
+    @staticmethod
+    def base() -> str:
+        return str(data_path("toy-base"))
+
+    @staticmethod
+    def check_concept(value: str, kind: str, option: str) -> str:
+        return check_concept(value, kind, option).name
+
+    @staticmethod
+    def trigger(name: str) -> str:
+        return get_concept(name).trigger
+
+    @staticmethod
+    def prompt(character: str, style: str) -> str:
+        return demo_prompt(character, style)
+
+    @staticmethod
+    def target_images(row: str, character: str, style: str, seeds: list[int]) -> list:
+        return target_images(row, character, style, seeds)
+
+    @staticmethod
+    def train_loras(character: str, style: str, lora_dir: Path, train_steps: int | None = None,
+                    base: str | None = None, log=None) -> dict:
+        return train_loras(character, style, lora_dir, train_steps, base, log)
+
+    @staticmethod
+    def fusion_prompts(name: str) -> tuple[list[str], list[str]]:
+        return _fusion_prompts(name), concept_prompts(name, 2, seed=1)
+
+    @staticmethod
+    def score(images, names: list[str]):
+        return score(images, names)
+
+
+def get_world(name: str):
+    """The demo's world object for ``v1`` / ``v2`` (ValueError naming the choices otherwise)."""
+    if name == "v1":
+        return V1World()
+    if name == "v2":
+        from lorakit.toyworld.v2.demo import WORLD
+
+        return WORLD
+    raise ValueError(f"--world {name!r}: expected v1 or v2")
 
 
 def demo_prompt(character: str, style: str) -> str:
@@ -191,12 +253,12 @@ def _fusion_prompts(name: str, n: int = 4) -> list[str]:
 class _Runner:
     """Builds each row's image generator: ``setup()`` (timed as setup_s) returns ``gen(seeds) -> images``."""
 
-    def __init__(self, s: DemoSettings, loras: dict, prompt: str):
-        self.s, self.prompt, self.loras = s, prompt, loras
-        self.base = s.base or str(data_path("toy-base"))
+    def __init__(self, s: DemoSettings, loras: dict, prompt: str, world):
+        self.s, self.prompt, self.loras, self.world = s, prompt, loras, world
+        self.base = s.base or world.base()
         self._load = load_pipeline
         self.pipe = load_pipeline(self.base, "fp32")
-        self.ads = load_adapters(self.pipe, [loras[s.character]["path"], loras[s.style]["path"]])
+        self.ads = load_adapters(self.pipe, [loras[s.character]["path"], loras[s.style]["path"]], [s.scale] * 2)
 
     def sampler(self, method: str):
         return SamplerSettings(method=method, steps=self.s.sample_steps, cfg=self.s.guidance)
@@ -217,7 +279,7 @@ class _Runner:
             return self._gradient()
         if row == "weighted":
             pipe = self._load(self.base, "fp32")
-            apply_deltas(pipe, weighted([load_adapter(a.path) for a in self.ads], combine="average"))
+            apply_deltas(pipe, weighted([load_adapter(a.path) for a in self.ads], [s.scale] * 2, combine="average"))
             return lambda seeds: _plain(pipe, prompt, seeds, s.sample_steps, s.guidance), {"combine": "average"}
         raise ValueError(f"unknown demo method {row!r}; expected one of {method_ids(s.character, s.style)}")
 
@@ -235,11 +297,10 @@ class _Runner:
         pipe = self._load(self.base, "fp32")
         concepts = []
         for name, ad in zip((s.character, s.style), self.ads):
-            prompts = _fusion_prompts(name)
-            held = concept_prompts(name, 2, seed=1)  # other captions for the held-out ridge choice
-            concepts.append(FuseConcept(name=name, adapter=load_adapter(ad.path), prompts=prompts,
+            prompts, held = self.world.fusion_prompts(name)  # held: other captions for the ridge choice
+            concepts.append(FuseConcept(name=name, adapter=load_adapter(ad.path), weight=s.scale, prompts=prompts,
                                         sample_prompts=prompts[:2], val_prompts=held, val_sample_prompts=held,
-                                        trigger=get_concept(name).trigger))
+                                        trigger=self.world.trigger(name)))
         out = fuse_gradient(pipe, concepts, GradientSettings(steps=s.sample_steps, seed=s.seed, progress=False))
         res = [r["residual"] for r in out["layers"].values() if r.get("residual") is not None]
         info = {"layers": len(out["layers"]), "mean_residual": sum(res) / len(res) if res else None,
@@ -247,7 +308,7 @@ class _Runner:
         return lambda seeds: _plain(pipe, self.prompt, seeds, s.sample_steps, s.guidance), info
 
 
-_DEMO_NAMES = {"report.html", "report.json", "report.md", "images", "loras"}
+_DEMO_NAMES = {"report.html", "report.json", "report.md", "grid.png", "images", "loras"}
 
 
 def _claim_demo_folder(out: Path) -> None:
@@ -269,9 +330,13 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         ``s_per_image``, ``setup_s``, ``images`` (paths relative to ``out``), ``probs`` ``[k][2]``), ``total_s``.
     """
     t_start = time.perf_counter()
-    char = check_concept(settings.character, "character", "--character")
-    style = check_concept(settings.style, "style", "--style")
-    s = DemoSettings(**{**asdict(settings), "character": char.name, "style": style.name})
+    world = get_world(settings.world)
+    char = world.check_concept(settings.character or world.default_character, "character", "--character")
+    style = world.check_concept(settings.style or world.default_style, "style", "--style")
+    scale = world.default_scale if settings.scale is None else settings.scale
+    s = DemoSettings(**{**asdict(settings), "character": char, "style": style, "scale": scale})
+    if not 0 < s.scale <= 2:
+        raise ValueError(f"--scale must be in (0, 2], got {s.scale}")
     if s.k < 1:
         raise ValueError(f"--k must be >= 1, got {s.k}")
     if s.train_steps is not None and s.train_steps < 1:
@@ -288,10 +353,10 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         lora_dir = Path(s.lora_dir)
     else:
         lora_dir = default_cache_dir()
-    prompt = demo_prompt(s.character, s.style)
+    prompt = world.prompt(s.character, s.style)
     seeds = [s.seed + i for i in range(s.k)]
     with _quiet_libraries():
-        report = _run(s, char, style, rows, out, lora_dir, prompt, seeds, progress)
+        report = _run(s, world, rows, out, lora_dir, prompt, seeds, progress)
     report["total_s"] = time.perf_counter() - t_start
     keep = {p for r in report["rows"] for p in r["images"] + r["images_large"]}
     report["removed_stale"] = [str(p.relative_to(out.resolve())) for p in remove_stale_images(out, keep)]
@@ -299,17 +364,17 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     return report
 
 
-def _run(s: DemoSettings, char: Concept, style: Concept, rows: list[str], out: Path, lora_dir: Path, prompt: str,
-         seeds: list[int], progress: bool) -> dict:
+def _run(s: DemoSettings, world, rows: list[str], out: Path, lora_dir: Path, prompt: str, seeds: list[int],
+         progress: bool) -> dict:
     """The body of :func:`run_demo` (settings already checked): train, generate, score; the report without
     its total time."""
-    loras = train_loras(s.character, s.style, lora_dir, s.train_steps, s.base, log=print if progress else None)
-    runner = _Runner(s, loras, prompt)
+    loras = world.train_loras(s.character, s.style, lora_dir, s.train_steps, s.base, log=print if progress else None)
+    runner = _Runner(s, loras, prompt, world)
     kinds = {m.format(character=s.character, style=s.style): (k, d) for m, k, d in METHODS}
     results = []
     for row, (_, desc) in zip(target_ids(s.character, s.style), TARGETS):
-        images = target_images(row, s.character, s.style, seeds)
-        results.append(_row_record(row, "target", desc, images, seeds, out, s, 0.0, 0.0, {}))
+        images = world.target_images(row, s.character, s.style, seeds)
+        results.append(_row_record(row, "target", desc, images, seeds, out, s, world, 0.0, 0.0, {}))
     bar = tqdm(total=len(rows) * s.k, desc="demo", unit="img", disable=not progress, dynamic_ncols=True)
     for row in rows:
         bar.set_postfix_str(f"{row}: setup")
@@ -324,33 +389,35 @@ def _run(s: DemoSettings, char: Concept, style: Concept, rows: list[str], out: P
             images += gen(chunk)
             t_gen += time.perf_counter() - t1
             bar.update(len(chunk))
-        results.append(_row_record(row, kinds[row][0], kinds[row][1], images, seeds, out, s, t_gen / s.k, setup_s,
-                                   info))
+        results.append(_row_record(row, kinds[row][0], kinds[row][1], images, seeds, out, s, world, t_gen / s.k,
+                                   setup_s, info))
     bar.set_postfix_str("done")
     bar.close()
     return {
-        "settings": {**asdict(s), "lora_dir": str(lora_dir), "threads": _threads()},
+        "settings": {**asdict(s), "lora_dir": str(lora_dir), "threads": _threads(), "enlarge": world.enlarge,
+                     "image_size": world.image_size},
         "prompt": prompt,
-        "concepts": {"character": {"name": char.name, "trigger": char.trigger},
-                     "style": {"name": style.name, "trigger": style.trigger}},
+        "concepts": {"character": {"name": s.character, "trigger": world.trigger(s.character)},
+                     "style": {"name": s.style, "trigger": world.trigger(s.style)}},
         "loras": loras,
         "rows": results,
     }
 
 
 def _row_record(row: str, kind: str, description: str, images: list, seeds: list[int], out: Path, s: DemoSettings,
-                s_per_image: float, setup_s: float, info: dict) -> dict:
-    """Save one row's images (32 px + enlarged copies), score them with the oracle; the row's report entry."""
+                world, s_per_image: float, setup_s: float, info: dict) -> dict:
+    """Save one row's images (as generated + enlarged copies), score them with the world's oracle; the row's
+    report entry."""
     from PIL import Image
 
-    paths, big = [], []
+    paths, big, x = [], [], world.enlarge
     for seed, image in zip(seeds, images):
-        rel, rel_big = f"images/{row}-s{seed}.png", f"images/x{ENLARGE}/{row}-s{seed}.png"
+        rel, rel_big = f"images/{row}-s{seed}.png", f"images/x{x}/{row}-s{seed}.png"
         save_image(image, out / rel)
-        save_image(image.resize((image.width * ENLARGE, image.height * ENLARGE), Image.NEAREST), out / rel_big)
+        save_image(image.resize((image.width * x, image.height * x), Image.NEAREST), out / rel_big)
         paths.append(rel)
         big.append(rel_big)
-    sc = score(images, [s.character, s.style])
+    sc = world.score(images, [s.character, s.style])
     return {
         "method": row, "kind": kind, "description": description,
         "character_rate": sc.rates[s.character], "style_rate": sc.rates[s.style], "both_rate": sc.all_rate,
@@ -416,5 +483,20 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-__all__ = ["METHODS", "TARGETS", "DemoSettings", "check_concept", "demo_prompt", "format_table", "method_ids",
-           "remove_stale_images", "run_demo", "target_ids", "target_images", "train_loras", "write_reports"]
+__all__ = [
+    "METHODS",
+    "TARGETS",
+    "DemoSettings",
+    "V1World",
+    "check_concept",
+    "demo_prompt",
+    "format_table",
+    "get_world",
+    "method_ids",
+    "remove_stale_images",
+    "run_demo",
+    "target_ids",
+    "target_images",
+    "train_loras",
+    "write_reports",
+]

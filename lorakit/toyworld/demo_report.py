@@ -5,18 +5,34 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorakit.eval.report import markdown_table
+from lorakit.eval.stats import wilson
 from lorakit.fileio import write_json, write_text
 
 
+def counts(row: dict) -> tuple[int, int, int, int]:
+    """(images with the character, with the style, with both, images) by the oracle's 0.5 threshold."""
+    found = [[p >= 0.5 for p in probs] for probs in row["probs"]]
+    return (sum(f[0] for f in found), sum(f[1] for f in found), sum(all(f) for f in found), len(found))
+
+
+def rate_cell(k: int, n: int) -> str:
+    """``"0.88 [0.53, 0.98]"``: the rate and its Wilson 95% interval."""
+    lo, hi = wilson(k, n)
+    return f"{k / n:.2f} [{lo:.2f}, {hi:.2f}]" if n else "-"
+
+
 def table_rows(report: dict) -> list[list[str]]:
-    """The summary table as strings: header + one row per method."""
+    """The summary table as strings: header + one row per method (rates with Wilson 95% intervals)."""
     c, st = report["concepts"]["character"]["name"], report["concepts"]["style"]["name"]
     head = ["method", "kind", f"{c} rate", f"{st} rate", "both rate", "s / image", "setup s"]
     def timing(r, key, fmt):
         return "-" if r["kind"] == "target" else format(r[key], fmt)
 
-    body = [[r["method"], r["kind"], f"{r['character_rate']:.2f}", f"{r['style_rate']:.2f}", f"{r['both_rate']:.2f}",
-             timing(r, "s_per_image", ".2f"), timing(r, "setup_s", ".1f")] for r in report["rows"]]
+    body = []
+    for r in report["rows"]:
+        kc, ks, kb, n = counts(r)
+        body.append([r["method"], r["kind"], rate_cell(kc, n), rate_cell(ks, n), rate_cell(kb, n),
+                     timing(r, "s_per_image", ".2f"), timing(r, "setup_s", ".1f")])
     return [head] + body
 
 
@@ -43,7 +59,7 @@ def to_markdown(report: dict) -> str:
     lines = ["# lorakit demo", "", f"Prompt: `{report['prompt']}`; {report['settings']['k']} images per method, "
              f"seeds {_seed_range(report)}; "
              f"{report['settings']['sample_steps']} DDIM steps, guidance {report['settings']['guidance']}; "
-             f"oracle presence threshold 0.5.", "",
+             f"oracle presence threshold 0.5; rates with Wilson 95% intervals.", "",
              markdown_table(rows[0], rows[1:]).rstrip("\n")]
     lines += ["", "LoRAs: " + "; ".join(_lora_lines(report)), "",
               f"Total {report['total_s']:.1f} s, {report['settings']['threads']} thread(s). "
@@ -72,23 +88,26 @@ def to_html(report: dict) -> str:
         + "</tr>"
         for r in report["rows"])
     set_ = report["settings"]
+    x, size = set_.get("enlarge", 4), set_.get("image_size", 32)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>lorakit demo</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1.5em}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{background:#f3f3f3}}
-.grid img{{width:128px;height:128px;image-rendering:pixelated}} .grid td{{padding:2px;text-align:center}}
+.grid img{{width:{size * x}px;height:{size * x}px;image-rendering:pixelated}} .grid td{{padding:2px;text-align:center}}
 .v{{font-size:11px;color:#555}}</style></head><body>
 <h1>lorakit demo</h1>
 <p>Prompt <code>{escape(report['prompt'])}</code>; {set_['k']} images per method (same seeds for every method);
 {set_['sample_steps']} DDIM steps, guidance {set_['guidance']}. Rates: fraction of images where the oracle finds the
-concept (probability &ge; 0.5); both rate: character and style in the same image.
+concept (probability &ge; 0.5), with its Wilson 95% interval over the {set_['k']} images; both rate: character
+and style in the same image.
 setup s: time before the first image (cmlora: frequency profiles; gradient/weighted: fusing).</p>
 <table><tr>{th}</tr>{body}</table>
 <p>LoRAs: {escape('; '.join(_lora_lines(report)))}. Total {report['total_s']:.1f} s, {set_['threads']} thread(s).</p>
-<h2>Images</h2><p>Shown 4x enlarged (nearest neighbour; click for the 32x32 file). Under each image the oracle's
-verdict on each concept (&#10003; = present, &#10007; = absent: probability &ge; 0.5 or not); hover for the
+<h2>Images</h2><p>Shown {x}x enlarged (nearest neighbour; click for the {size}x{size} file). Under each image the
+oracle's verdict on each concept (&#10003; = present, &#10007; = absent: probability &ge; 0.5 or not); hover for the
 probabilities. The target rows are the renderer's ground truth for the same seeds: what the concepts should look
-like.</p>
+like. The oracle scores them too: the <code>target</code> row's rates are the most any method can reach by this
+oracle (where it misses a concept in its own ground truth, a &#10007; under a generated image means little).</p>
 <table class="grid">{grid}</table>
 </body></html>
 """
@@ -106,10 +125,47 @@ def _verdict(probs, names: tuple[str, str]) -> str:
     return " ".join(f"{n} {PRESENT if p >= 0.5 else ABSENT}" for n, p in zip(names, probs))
 
 
+GRID_COLOURS = {True: (40, 160, 60), False: (200, 50, 50)}  # verdict marks: found / not found
+
+
+def grid_image(report: dict, out: Path, scale: int = 2, columns: int | None = None):
+    """One picture of the report: a row per report row (its name on the left), its images ``scale``x larger
+    (nearest neighbour) and under each two marks, character then style (green = the oracle finds it, red = not);
+    a 64-colour palette image, small enough for docs. ``columns`` limits the images per row."""
+    from PIL import Image, ImageDraw
+
+    rows = report["rows"]
+    k = min(len(rows[0]["images"]), columns or len(rows[0]["images"]))
+    size = report["settings"].get("image_size", 32) * scale
+    label_w, mark_h, pad = 104, 6, 2
+    cell_w, cell_h = size + pad, size + mark_h + 2 * pad
+    canvas = Image.new("RGB", (label_w + k * cell_w, len(rows) * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, r in enumerate(rows):
+        y = i * cell_h
+        draw.text((4, y + size // 2 - 6), r["method"], fill="black")
+        for j, (rel, probs) in enumerate(zip(r["images"][:k], r["probs"][:k])):
+            x = label_w + j * cell_w
+            with Image.open(out / rel) as im:
+                canvas.paste(im.convert("RGB").resize((size, size), Image.NEAREST), (x, y + pad))
+            half = size // 2
+            for m, p in enumerate(probs[:2]):
+                top = y + pad + size + 2
+                draw.rectangle([x + m * half + 1, top, x + (m + 1) * half - 2, top + mark_h - 1],
+                               fill=GRID_COLOURS[p >= 0.5])
+    return canvas.quantize(colors=64)
+
+
 def write_reports(report: dict, out: Path) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out`` (atomically)."""
-    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
+    """Write ``report.json``, ``report.md``, ``report.html`` and ``grid.png`` (:func:`grid_image`) into ``out``
+    (atomically)."""
+    from lorakit.fileio import save_image
+
+    paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html",
+             "grid": out / "grid.png"}
     write_json(report, paths["json"])
     write_text(to_markdown(report), paths["md"])
     write_text(to_html(report), paths["html"])
+    if report["rows"] and report["rows"][0]["images"]:
+        save_image(grid_image(report, out), paths["grid"])
     return paths

@@ -29,8 +29,10 @@ from lorakit.toyworld.v2.scenes import concept_scene
 CATEGORIES = ("object", "style", "background")
 HALVES = ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0))  # left, right: (top, left, bottom, right)
 REGIONAL_SLOTS = ("left", "right")
-# The regional sets' group name in the bench's tables (where a plain set's group is its N).
+# The two-character sets' group names in the bench's tables (where a plain set's group is its N): with the
+# left / right regions, and the same pair on the global prompt alone (the baseline regions are measured against).
 REGIONAL_GROUP = "2r"
+GLOBAL_GROUP = "2g"
 
 
 def identities_by_kind(available=None) -> dict[str, list[str]]:
@@ -79,16 +81,25 @@ def composition_sets(sizes=(2, 3, 4), per_size: int | None = None, seed: int = 0
     return out
 
 
-def regional_sets(available=None) -> list[dict]:
-    """Every ordered pair of two different character identities as a regional set (left, right)."""
+def regional_sets(available=None, baseline: bool = True) -> list[dict]:
+    """Every ordered pair of two different character identities as a regional set (``r2-<left>-<right>``) and,
+    with ``baseline``, the same pair without regions (``g2-<left>-<right>``: the global prompt alone, which also
+    names the left one first), both scored per half."""
     chars = identities_by_kind(available)["character"]
     out = []
     for left, right in itertools.permutations(chars, 2):
         prompts = [caption(Scene(characters=(c,))) for c in (left, right)]
-        out.append({"id": f"r2-{left}-{right}", "n": REGIONAL_GROUP, "concepts": {"left": left, "right": right},
-                    "prompt": caption(Scene(characters=(left, right))),
+        pair = {"concepts": {"left": left, "right": right}, "prompt": caption(Scene(characters=(left, right)))}
+        out.append({"id": f"r2-{left}-{right}", "n": REGIONAL_GROUP, **pair,
                     "regions": [{"box": list(box), "prompt": p} for box, p in zip(HALVES, prompts)]})
+        if baseline:
+            out.append({"id": f"g2-{left}-{right}", "n": GLOBAL_GROUP, **pair})
     return out
+
+
+def per_half(set_: dict) -> bool:
+    """Whether a set is scored per half (the two-character sets, with or without regions)."""
+    return list(set_["concepts"]) == list(REGIONAL_SLOTS)
 
 
 def region_spec(set_: dict):
@@ -178,7 +189,7 @@ def set_render(set_: dict, seed: int):
     """The renderer's image of what a set asks for, with the layout of ``seed``."""
     from dataclasses import replace
 
-    if set_.get("regions"):
+    if per_half(set_):
         return render(Scene(characters=tuple(set_["concepts"].values()), seed=seed))
     return render(replace(set_scene(set_["concepts"]), seed=seed))
 
@@ -189,7 +200,7 @@ def ceiling(oracle, sets: list[dict], seeds: list[int]) -> dict[str, dict]:
     an identity in combination, e.g. a character under a style that redraws its outline)."""
     out = {}
     for s in sets:
-        verdict = presence(oracle, [set_render(s, seed) for seed in seeds], s["concepts"], bool(s.get("regions")))
+        verdict = presence(oracle, [set_render(s, seed) for seed in seeds], s["concepts"], per_half(s))
         out[s["id"]] = rate(sum(all(v) for v in verdict["present"]), len(seeds))
     return out
 

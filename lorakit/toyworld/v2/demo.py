@@ -1,0 +1,120 @@
+"""What ``lorakit demo --world v2`` needs from toy world v2: its identities, prompt, ground truth, LoRAs and oracle.
+
+The demo itself (:mod:`lorakit.toyworld.demo`) is the same for both worlds; it asks a world object (this module's
+:data:`WORLD`, or v1's) for the pieces below. v2 concepts are identities: a character (``kwibbit``, one particular
+frog) and a style (``inkvel``), each a LoRA trained from ``train_configs/toy2_<identity>.yaml`` on the bundled
+``data/toy2-base``. Images are 64x64.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lorakit.toyworld.concepts import SHAPES
+from lorakit.toyworld.v2.composition import set_render, set_scene, training_captions
+from lorakit.toyworld.v2.concepts import IDENTITIES, get_concept
+from lorakit.toyworld.v2.render import Scene, caption, render
+
+
+class World:
+    """Toy world v2's side of the demo (see :class:`lorakit.toyworld.demo.V1World` for the other one)."""
+
+    name = "v2"
+    image_size = 64
+    enlarge = 3  # the report shows 192 px images
+    default_character = "kwibbit"
+    default_style = "inkvel"
+    default_scale = 0.8
+
+    @staticmethod
+    def base() -> str:
+        from lorakit.toyworld.v2.models import DEFAULT_BASE
+
+        return str(DEFAULT_BASE)
+
+    @staticmethod
+    def check_concept(value: str, kind: str, option: str) -> str:
+        """The v2 identity of ``kind`` named ``value``; a ValueError naming ``option``, ``value`` and the choices
+        otherwise."""
+        choices = ", ".join(c.name for c in IDENTITIES if c.kind == kind)
+        try:
+            c = get_concept(value)
+        except ValueError:
+            raise ValueError(f"{option} {value!r}: no such toy world v2 concept; {kind} identities: "
+                             f"{choices}") from None
+        if c.kind != kind or c.role != "identity":
+            raise ValueError(f"{option} {value!r} is a {c.kind} ({c.role}) of toy world v2, not a {kind} identity; "
+                             f"{kind} identities: {choices}")
+        return c.name
+
+    @staticmethod
+    def trigger(name: str) -> str:
+        return name  # a v2 identity's name is its trigger word
+
+    @staticmethod
+    def prompt(character: str, style: str) -> str:
+        """The whole-scene caption the recipes train on, e.g. ``"kwibbit frog, white plain background, inkvel
+        outline style"``."""
+        return caption(set_scene({"character": character, "style": style}))
+
+    @staticmethod
+    def target_images(row: str, character: str, style: str, seeds: list[int]) -> list:
+        """The renderer's ground truth for a target row, one 64x64 image per seed (layout = the seed)."""
+        if row == f"{character}_target":
+            return [render(Scene(characters=(character,), seed=sd)) for sd in seeds]
+        if row == f"{style}_target":
+            return [render(Scene(shape=SHAPES[sd % len(SHAPES)], style=style, seed=sd)) for sd in seeds]
+        if row == "target":
+            return [set_render({"concepts": {"character": character, "style": style}}, sd) for sd in seeds]
+        raise ValueError(f"unknown target row {row!r}")
+
+    @staticmethod
+    def train_loras(character: str, style: str, lora_dir: Path, train_steps: int | None = None,
+                    base: str | None = None, log=None) -> dict:
+        """Train (or reuse, by recipe hash) both identity LoRAs: ``{name: {"path", "cached", "seconds"}}``."""
+        from lorakit.toyworld.v2.loras import lora_path, train_identity_lora
+
+        base = base or World.base()
+        overrides = [f"max_steps={train_steps}"] if train_steps is not None else []
+        out = {}
+        for name in (character, style):
+            cached = lora_path(name, lora_dir, base, overrides).exists()
+            if log:
+                steps = f"{train_steps} steps" if train_steps is not None else "the recipe's steps"
+                log(f"lorakit demo: {name} LoRA (train_configs/toy2_{name}.yaml, {steps}): "
+                    f"{'cached' if cached else 'training'} in {lora_dir}")
+            t0 = time.perf_counter()
+            path = train_identity_lora(name, lora_dir, base, overrides)
+            out[name] = {"path": str(path), "cached": cached, "seconds": round(time.perf_counter() - t0, 3)}
+            if log and not cached:
+                log(f"lorakit demo: {name} LoRA saved: {path}")
+        return out
+
+    @staticmethod
+    def fusion_prompts(name: str) -> tuple[list[str], list[str]]:
+        """(captions for gradient fusion's statistics, other captions for its held-out ridge choice): the
+        identity's own training captions, as the benchmark captures them."""
+        caps = training_captions(name, 6)
+        return caps[:4], caps[4:6]
+
+    @staticmethod
+    def score(images, names: list[str]):
+        """The v2 oracle's :class:`~lorakit.toyworld.oracle.OracleScores` of ``names`` on ``images``."""
+        return _oracle().score(images, names)
+
+
+_ORACLE = []  # loaded once per process
+
+
+def _oracle():
+    from lorakit.toyworld.v2.oracle import Oracle
+
+    if not _ORACLE:
+        _ORACLE.append(Oracle.load())
+    return _ORACLE[0]
+
+
+WORLD = World()
+
+__all__ = ["WORLD", "World"]
