@@ -40,6 +40,17 @@ def test_v2_sets_must_fit_one_scene():
         check_set(["zorbo", "inkvel"], "v2")
 
 
+def test_v2_oracle_ceiling_scores_renders_of_the_evaluation_scenes():
+    from measure_edlora_fusion_toy import many_prompts_v2, set_scenes_v2
+
+    from lorakit.toyworld.v2.render import caption
+
+    names = ["zorbo", "kwibbit", "hattock"]
+    scenes = set_scenes_v2(names, 5)
+    assert [caption(s) for s in scenes] == many_prompts_v2(names, 5)
+    assert all(s.characters == ("zorbo", "kwibbit") and s.hat == "hattock" and s.mushroom is None for s in scenes)
+
+
 def test_v2_cache_key_covers_base_and_oracle(tmp_path):
     from measure_edlora_fusion_toy import result_path
 
@@ -81,10 +92,11 @@ def test_v2_run_writes_rows_for_every_method_and_reads_them_back_from_the_cache(
     assert tool.main(args) == 0
     rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     by_method = {r["method"]: r for r in rows if "method" in r}
-    assert set(by_method) == {"gradient", "weighted", "merge"}
+    assert set(by_method) == {"gradient", "weighted", "merge", "oracle_on_renders"}
     for r in by_method.values():
-        assert r["world"] == "v2" and r["n"] == 3 and r["example_prompt"].startswith("<zorbo1> <zorbo2> robot, ")
-        assert {"zorbo", "kwibbit", "all"} <= r.keys() and 0 <= r["all"]["k"] <= 3
+        assert r["world"] == "v2" and r["n"] == 3 and {"zorbo", "kwibbit", "all"} <= r.keys()
+        assert 0 <= r["all"]["k"] <= min(r["zorbo"]["k"], r["kwibbit"]["k"]) <= 3
+    assert all(by_method[m]["example_prompt"].startswith("<zorbo1> <zorbo2> robot, ") for m in tool.METHODS)
     pairs = [r for r in rows if "compare" in r]
     assert {r["compare"] for r in pairs} == {"gradient vs weighted", "gradient vs merge"}
     assert len(list((tmp_path / "cache").glob("zorbo+kwibbit-*.json"))) == 3

@@ -46,7 +46,9 @@ def test_wheel_bundles_the_toy_world(tmp_path):
     for needed in ("lorakit/resources.py", "lorakit/_bundled/data/toy-base/model_index.json",
                    "lorakit/_bundled/data/toy-base/unet/diffusion_pytorch_model.safetensors",
                    "lorakit/_bundled/data/oracle/oracle.safetensors", "lorakit/_bundled/recipes/toy_frog.yaml",
-                   "lorakit/_bundled/data/toy/generic/00000.txt"):  # the recipes' regularisation images
+                   "lorakit/_bundled/data/toy/generic/00000.txt",  # the recipes' regularisation images
+                   "lorakit/_bundled/data/toy2-base/model_index.json",  # toy world v2's defaults
+                   "lorakit/_bundled/data/toy2-oracle/oracle.safetensors", "lorakit/_bundled/recipes/toy2_kwibbit.yaml"):
         assert needed in names, needed
     # symlinks in the clone become real files in the wheel
     frog = zipfile.ZipFile(wheel).read("lorakit/_bundled/recipes/toy_frog.yaml").decode()
@@ -77,6 +79,16 @@ def test_installed_package_runs_the_demo_from_another_folder(tmp_path):
     where = subprocess.run([str(python), "-c", "import lorakit; print(lorakit.__file__)"], cwd=elsewhere, env=env,
                            capture_output=True, text=True)
     assert Path(where.stdout.strip()).is_relative_to(env_dir), where.stdout + where.stderr
+    # the package data resolve inside the environment, not the clone: base, oracle, recipes, v2 defaults
+    files = subprocess.run([str(python), "-c", "from lorakit.resources import data_path, toy_recipe\n"
+                            "for p in (data_path('toy-base', 'model_index.json'), data_path('oracle', 'config.json'),"
+                            " toy_recipe('frog'), data_path('toy', 'frog'), data_path('toy2-base', 'model_index.json'),"
+                            " data_path('toy2-oracle', 'oracle.safetensors')): print(p)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True)
+    paths = [Path(line) for line in files.stdout.splitlines()]
+    assert len(paths) == 6, files.stdout + files.stderr
+    for path in paths:
+        assert path.is_relative_to(env_dir.resolve()) and path.exists(), path
     demo = subprocess.run([str(env_dir / "bin" / "lorakit"), "--quiet", "demo", "--steps", "2", "--k", "1",
                            "--sample-steps", "2", "--lora-dir", "loras", "--out", "out"],
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)

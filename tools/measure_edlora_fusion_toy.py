@@ -24,7 +24,8 @@ concepts" with Wilson 95% intervals; per method pair, exact McNemar (paired: sam
 scene holds). Fit / held-out prompts: ``identity_prompts(c, 4, seed=0 / 1)`` (v2 training-style captions, ``zorbo
 robot, ...``); evaluation: ``--n`` captions of one scene with every identity of the set on a random generic
 background (prompt rng seed 7), each identity word replaced by its pseudo-words (``<zorbo1> <zorbo2> robot, ...``);
-image seeds 5000..; 20 DDIM steps, guidance 4, 64x64. The v2 oracle scores each identity (an identity, not its class).
+image seeds 5000..; 20 DDIM steps, guidance 4, 64x64. The v2 oracle scores each identity (an identity, not its class);
+a last row per set, ``oracle_on_renders``, scores renders of the evaluation scenes themselves (the ceiling).
 
     python tools/measure_edlora_fusion_toy.py --world v2 \
         --edlora-cache artifacts/edlora_v2 --sets zorbo+kwibbit --n 96 --cache artifacts/edlora_v2/fusion --chunks 1
@@ -208,27 +209,14 @@ def measure(tag: str, method: str, base, files: dict, words: dict, n: int, world
 def _inputs(args, needed: set[str]):
     """The ED-LoRA files and their words, the base folder, the cache-key extras and the oracle (v2) of a run."""
     from lorakit.adapters.io import load_adapter
-    from lorakit.toyworld.loras import content_hash, tree_hash
 
     v2 = args.world == "v2"
-    if v2:
-        from lorakit.toyworld.v2.models import DEFAULT_BASE
-        from lorakit.toyworld.v2.oracle import DEFAULT_ORACLE
-
-        args.base, args.oracle = args.base or str(DEFAULT_BASE), args.oracle or str(DEFAULT_ORACLE)
-    if v2 and not args.edlora_cache and not needed <= {kv.split("=", 1)[0] for kv in args.edloras}:
-        raise SystemExit("--world v2 needs --edlora-cache (or --edloras for every identity of the sets)")
     for tag in args.sets:
         check_set(tag.split("+"), args.world)
+    extra, oracle = v2_inputs(args, needed) if v2 else ((), None)
     files = edlora_files(args.edloras, needed, args.edlora_cache if v2 else None, args.base)
     words = {n: words_of(load_adapter(files[n])) for n in needed}
     base_dir = args.base or str(REPO / "data" / "toy-base")
-    extra = (content_hash({}, Path(base_dir)), tree_hash(Path(args.oracle))) if v2 else ()
-    oracle = None
-    if v2:
-        from lorakit.toyworld.v2.oracle import Oracle
-
-        oracle = Oracle.load(args.oracle)
     return files, words, base_dir, extra, oracle
 
 
@@ -273,9 +261,24 @@ def main(argv=None) -> int:
             emit(res["row"])
         for other in args.methods[1:]:
             compare(emit, tag, names, args.methods[0], other, present)
+        if oracle is not None:
+            emit(oracle_ceiling(tag, args.n, oracle))
     if args.out:
         write_text("".join(json.dumps(x) + "\n" for x in lines), args.out)
     return 0
+
+
+def v2_inputs(args, needed: set[str]):
+    """``--world v2``: fill ``args.base`` / ``args.oracle`` with the bundled defaults; ``(cache-key extra: hashes
+    of the base's and the oracle's weights, the loaded oracle)``."""
+    from lorakit.toyworld.loras import content_hash, tree_hash
+    from lorakit.toyworld.v2.models import DEFAULT_BASE
+    from lorakit.toyworld.v2.oracle import DEFAULT_ORACLE, Oracle
+
+    args.base, args.oracle = args.base or str(DEFAULT_BASE), args.oracle or str(DEFAULT_ORACLE)
+    if not args.edlora_cache and not needed <= {kv.split("=", 1)[0] for kv in args.edloras}:
+        raise SystemExit("--world v2 needs --edlora-cache (or --edloras for every identity of the sets)")
+    return (content_hash({}, Path(args.base)), tree_hash(Path(args.oracle))), Oracle.load(args.oracle)
 
 
 def check_set(names: list[str], world: str) -> None:
@@ -302,13 +305,20 @@ def set_prompts(names: list[str], n: int, world: str = "v1", seed: int = 7) -> l
 
 
 def many_prompts_v2(names: list[str], n: int, seed: int = 7) -> list[str]:
-    """``n`` v2 captions of one scene with every identity of ``names`` (characters left to right in the given
-    order, the hat and the mushroom identities) on a random generic background."""
+    """``n`` v2 captions of one scene with every identity of ``names`` (:func:`set_scenes_v2`)."""
+    from lorakit.toyworld.v2.render import caption
+
+    return [caption(s) for s in set_scenes_v2(names, n, seed)]
+
+
+def set_scenes_v2(names: list[str], n: int, seed: int = 7) -> list:
+    """``n`` v2 scenes with every identity of ``names`` (characters left to right in the given order, the hat and
+    the mushroom identities) on a random generic background."""
     import numpy as np
 
     from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS
     from lorakit.toyworld.v2.concepts import get_concept
-    from lorakit.toyworld.v2.render import Scene, caption
+    from lorakit.toyworld.v2.render import Scene
 
     kw = {"characters": tuple(c for c in names if get_concept(c).kind == "character")}
     for c in names:
@@ -320,8 +330,23 @@ def many_prompts_v2(names: list[str], n: int, seed: int = 7) -> list[str]:
         bg = str(GENERIC_BACKGROUNDS[int(rng.integers(len(GENERIC_BACKGROUNDS)))])
         colours = list(BACKGROUND_COLORS)
         colour = colours[int(rng.integers(len(colours)))]
-        out.append(caption(Scene(background=bg, bg_color=colour, seed=int(rng.integers(2**31)), **kw)))
+        out.append(Scene(background=bg, bg_color=colour, seed=int(rng.integers(2**31)), **kw))
     return out
+
+
+def oracle_ceiling(tag: str, n: int, oracle) -> dict:
+    """The v2 oracle on renders of the evaluation scenes themselves: how often it finds each identity when the
+    image is exactly what the caption says (the best any fusion can score)."""
+    from lorakit.toyworld.v2.render import render
+
+    names = tag.split("+")
+    s = oracle.score([render(sc) for sc in set_scenes_v2(names, n)], names)
+    row = {"set": tag, "method": "oracle_on_renders", "n": n, "world": "v2"}
+    for j, c in enumerate(names + ["all"]):
+        k = int(s.present[:, j].sum()) if c != "all" else int(s.present.all(1).sum())
+        lo, hi = wilson(k, n)
+        row[c] = {"k": k, "rate": round(k / n, 4), "ci95": [round(lo, 3), round(hi, 3)]}
+    return row
 
 
 def many_prompts(names: list[str], n: int, seed: int = 7) -> list[str]:

@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=float, default=0.8, help="LoRA scale for --follow (default 0.8)")
     p.add_argument("--no-plain", action="store_true", help="--follow without the plain_white_background row")
     p.add_argument("--world", choices=("v1", "v2"), default="v1", help="toy world (v2: see above)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="--world v2: recipe overrides for every identity (as tools/train_toy2_loras.py --set)")
     p.add_argument("--oracle", help="--world v2: the v2 oracle folder (default: data/toy2-oracle)")
     p.add_argument("--ceiling", action="store_true",
                    help="--world v2: also score the renderer's images of the base prompts (raw and through the VAE)")
@@ -232,7 +234,8 @@ def main_v2(args) -> int:
             for row in rows + base_following(pipe, oracle, args.n_generic, cache):
                 emit(row)
         measure_identities(names, args.base, oracle, args.n, args.scale, Path(args.work),
-                           [f"max_steps={args.steps}"] if args.steps else None, emit, cache, store, deadline)
+                           ([f"max_steps={args.steps}"] if args.steps else []) + args.set or None, emit, cache, store,
+                           deadline)
     except OutOfTime as err:
         print(f"measure_toyworld: {err}; run the same command again to continue", file=sys.stderr)
         return 3

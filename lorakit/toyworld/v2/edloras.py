@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lorakit.resources import BUNDLED
 from lorakit.toyworld.loras import recipe_config, recipe_lora_path
 from lorakit.toyworld.v2.concepts import IDENTITIES, get_concept
-from lorakit.toyworld.v2.loras import check_base, ensure_data
+from lorakit.toyworld.v2.loras import bundled_recipe, check_base, ensure_data
 from lorakit.training.chunked import train_chunk
 
 KINDS = ("character", "object")
@@ -32,11 +31,8 @@ def edlora_identity(identity: str) -> str:
 
 
 def recipe_path(identity: str) -> Path:
-    """``train_configs/toy2_edlora_<identity>.yaml`` (through the bundled recipes folder)."""
-    path = BUNDLED / "recipes" / f"toy2_edlora_{edlora_identity(identity)}.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"no toy world v2 ED-LoRA recipe for {identity!r}: expected {path}")
-    return path
+    """``train_configs/toy2_edlora_<identity>.yaml``."""
+    return bundled_recipe(f"toy2_edlora_{edlora_identity(identity)}", f"ED-LoRA recipe for {identity!r}")
 
 
 def _overrides(identity: str, base: str | os.PathLike, out_dir: Path, overrides: list[str] | None) -> list[str]:

@@ -37,12 +37,17 @@ def identity_name(concept: str) -> str:
     return c.name
 
 
-def recipe_path(identity: str) -> Path:
-    """``train_configs/toy2_<identity>.yaml`` (through the bundled recipes folder)."""
-    path = BUNDLED / "recipes" / f"toy2_{identity_name(identity)}.yaml"
+def bundled_recipe(stem: str, what: str) -> Path:
+    """``train_configs/<stem>.yaml`` (through the bundled recipes folder); ``what`` names it in the error."""
+    path = BUNDLED / "recipes" / f"{stem}.yaml"
     if not path.exists():
-        raise FileNotFoundError(f"no toy world v2 recipe for {identity!r}: expected {path}")
+        raise FileNotFoundError(f"no toy world v2 {what}: expected {path}")
     return path
+
+
+def recipe_path(identity: str) -> Path:
+    """``train_configs/toy2_<identity>.yaml``."""
+    return bundled_recipe(f"toy2_{identity_name(identity)}", f"recipe for {identity!r}")
 
 
 def ensure_data(identity: str, root: str | os.PathLike) -> tuple[Path, Path]:
