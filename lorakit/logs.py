@@ -162,6 +162,33 @@ def quiet_loaded_libraries() -> None:
         pass
 
 
+@contextlib.contextmanager
+def library_chatter_off():
+    """Silence diffusers/transformers/peft loading chatter (progress bars, LoRA-key notes, deprecations) so a
+    command's own progress bar stays readable; restores the libraries' settings afterwards."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    levels = (dlog.get_verbosity(), tlog.get_verbosity())
+    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+
+
 def show_progress() -> bool:
     """Whether lorakit's own progress bars are shown (not under ``--quiet``)."""
     return level() != "quiet"

@@ -25,9 +25,7 @@ the both-present rate, seconds per image and each method's setup time (profiling
 
 from __future__ import annotations
 
-import contextlib
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from lorakit.fileio import save_image
 from lorakit.fusion.gradient import Concept as FuseConcept
 from lorakit.fusion.gradient import GradientSettings, fuse_gradient
 from lorakit.fusion.merge import apply_deltas, weighted
-from lorakit.logs import tqdm
+from lorakit.logs import library_chatter_off, tqdm
 from lorakit.outputs import claim_dir, is_marked, write_marker
 from lorakit.resources import data_path
 from lorakit.sampling import (
@@ -49,11 +47,12 @@ from lorakit.sampling import (
     profile_adapters,
 )
 from lorakit.toyworld.concepts import SHAPES, Concept, concepts_of_kind, get_concept
-from lorakit.toyworld.demo_report import format_table, write_reports
+from lorakit.toyworld.demo_report import format_table, remove_stale_images, row_intervals, write_reports
 from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, concept_prompts
 from lorakit.toyworld.loras import default_cache_dir, train_concept_lora
 from lorakit.toyworld.oracle import score
 from lorakit.toyworld.render import Scene, caption, render
+from lorakit.toyworld.v2.demo import WORLD as V2_WORLD
 
 # (row id template, kind, what it is). "{character}" / "{style}" are filled with the concept names.
 METHODS = (
@@ -180,9 +179,7 @@ def get_world(name: str):
     if name == "v1":
         return V1World()
     if name == "v2":
-        from lorakit.toyworld.v2.demo import WORLD
-
-        return WORLD
+        return V2_WORLD
     raise ValueError(f"--world {name!r}: expected v1 or v2")
 
 
@@ -358,7 +355,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         lora_dir = default_cache_dir()
     prompt = world.prompt(s.character, s.style)
     seeds = [s.seed + i for i in range(s.k)]
-    with _quiet_libraries():
+    with library_chatter_off():
         report = _run(s, world, rows, out, lora_dir, prompt, seeds, progress)
     report["total_s"] = time.perf_counter() - t_start
     keep = {p for r in report["rows"] for p in r["images"] + r["images_large"]}
@@ -426,69 +423,8 @@ def _row_record(row: str, kind: str, description: str, images: list, seeds: list
         "character_rate": sc.rates[s.character], "style_rate": sc.rates[s.style], "both_rate": sc.all_rate,
         "s_per_image": s_per_image, "setup_s": setup_s, "images": paths, "images_large": big, "seeds": seeds,
         "probs": [[float(v) for v in p] for p in sc.probs], "info": info,
-        "wilson95": _intervals(sc.probs),
+        "wilson95": row_intervals(sc.probs),
     }
-
-
-def _intervals(probs) -> dict:
-    """``{"character", "style", "both"}``: each rate as :func:`lorakit.eval.stats.rate` (k, n, Wilson 95%)."""
-    from lorakit.eval.stats import rate
-
-    found = (probs >= 0.5).tolist()
-    n = len(found)
-    return {"character": rate(sum(f[0] for f in found), n), "style": rate(sum(f[1] for f in found), n),
-            "both": rate(sum(all(f[:2]) for f in found), n)}
-
-
-def remove_stale_images(out: Path, keep: set[str]) -> list[Path]:
-    """Delete the image files the previous run listed in ``out/report.json`` that are not in ``keep`` (paths
-    relative to ``out``). Only files inside ``out/images`` that an earlier demo report names are touched.
-
-    Returns:
-        The removed paths.
-    """
-    import json
-
-    try:
-        old = json.loads((out / "report.json").read_text())
-        listed = {p for r in old.get("rows", []) for p in r.get("images", []) + r.get("images_large", [])}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return []
-    images = (out / "images").resolve()
-    removed = []
-    for rel in sorted(listed - keep):
-        path = (out / rel).resolve()
-        if images in path.parents and path.suffix == ".png" and path.is_file():
-            path.unlink()
-            removed.append(path)
-    return removed
-
-
-@contextlib.contextmanager
-def _quiet_libraries():
-    """Silence diffusers/transformers/peft loading chatter (progress bars, LoRA-key notes, deprecations) so the
-    demo's own progress bar stays readable; restores the libraries' settings afterwards."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    levels = (dlog.get_verbosity(), tlog.get_verbosity())
-    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            yield
-    finally:
-        dlog.set_verbosity(levels[0])
-        tlog.set_verbosity(levels[1])
-        if bars[0]:
-            dlog.enable_progress_bar()
-        if bars[1]:
-            tlog.enable_progress_bar()
 
 
 def _threads() -> int:
@@ -498,19 +434,6 @@ def _threads() -> int:
 
 
 __all__ = [
-    "METHODS",
-    "TARGETS",
-    "DemoSettings",
-    "V1World",
-    "check_concept",
-    "demo_prompt",
-    "format_table",
-    "get_world",
-    "method_ids",
-    "remove_stale_images",
-    "run_demo",
-    "target_ids",
-    "target_images",
-    "train_loras",
-    "write_reports",
+    "METHODS", "TARGETS", "DemoSettings", "V1World", "check_concept", "demo_prompt", "format_table", "get_world",
+    "method_ids", "remove_stale_images", "run_demo", "target_ids", "target_images", "train_loras", "write_reports",
 ]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lorakit.eval.report import markdown_table
-from lorakit.eval.stats import wilson
-from lorakit.fileio import write_json, write_text
+from lorakit.eval.stats import rate, wilson
+from lorakit.fileio import save_image, write_json, write_text
 
 
 def counts(row: dict) -> tuple[int, int, int, int]:
@@ -159,7 +160,6 @@ def grid_image(report: dict, out: Path, scale: int = 2, columns: int | None = No
 def write_reports(report: dict, out: Path) -> dict[str, Path]:
     """Write ``report.json``, ``report.md``, ``report.html`` and ``grid.png`` (:func:`grid_image`) into ``out``
     (atomically)."""
-    from lorakit.fileio import save_image
 
     paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html",
              "grid": out / "grid.png"}
@@ -169,3 +169,33 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
     if report["rows"] and report["rows"][0]["images"]:
         save_image(grid_image(report, out), paths["grid"])
     return paths
+
+
+def row_intervals(probs) -> dict:
+    """``{"character", "style", "both"}``: each rate as :func:`lorakit.eval.stats.rate` (k, n, Wilson 95%)."""
+    found = (probs >= 0.5).tolist()
+    n = len(found)
+    return {"character": rate(sum(f[0] for f in found), n), "style": rate(sum(f[1] for f in found), n),
+            "both": rate(sum(all(f[:2]) for f in found), n)}
+
+
+def remove_stale_images(out: Path, keep: set[str]) -> list[Path]:
+    """Delete the image files the previous run listed in ``out/report.json`` that are not in ``keep`` (paths
+    relative to ``out``). Only files inside ``out/images`` that an earlier demo report names are touched.
+
+    Returns:
+        The removed paths.
+    """
+    try:
+        old = json.loads((out / "report.json").read_text())
+        listed = {p for r in old.get("rows", []) for p in r.get("images", []) + r.get("images_large", [])}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    images = (out / "images").resolve()
+    removed = []
+    for rel in sorted(listed - keep):
+        path = (out / rel).resolve()
+        if images in path.parents and path.suffix == ".png" and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed

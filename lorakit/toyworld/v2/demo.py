@@ -14,6 +14,9 @@ from pathlib import Path
 from lorakit.toyworld.concepts import SHAPES
 from lorakit.toyworld.v2.composition import set_render, set_scene, training_captions
 from lorakit.toyworld.v2.concepts import IDENTITIES, get_concept
+from lorakit.toyworld.v2.loras import lora_path, train_identity_lora
+from lorakit.toyworld.v2.models import DEFAULT_BASE
+from lorakit.toyworld.v2.oracle import Oracle
 from lorakit.toyworld.v2.render import Scene, caption, render
 
 
@@ -29,8 +32,6 @@ class World:
 
     @staticmethod
     def base() -> str:
-        from lorakit.toyworld.v2.models import DEFAULT_BASE
-
         return str(DEFAULT_BASE)
 
     @staticmethod
@@ -73,8 +74,6 @@ class World:
     def train_loras(character: str, style: str, lora_dir: Path, train_steps: int | None = None,
                     base: str | None = None, log=None) -> dict:
         """Train (or reuse, by recipe hash) both identity LoRAs: ``{name: {"path", "cached", "seconds"}}``."""
-        from lorakit.toyworld.v2.loras import lora_path, train_identity_lora
-
         base = base or World.base()
         overrides = [f"max_steps={train_steps}"] if train_steps is not None else []
         out = {}
@@ -108,8 +107,6 @@ _ORACLE = []  # loaded once per process
 
 
 def _oracle():
-    from lorakit.toyworld.v2.oracle import Oracle
-
     if not _ORACLE:
         _ORACLE.append(Oracle.load())
     return _ORACLE[0]
