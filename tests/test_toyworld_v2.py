@@ -367,3 +367,20 @@ def test_found_by_kind_counts_each_captioned_concept_and_whole_images():
     got = found_by_kind(scenes, probs, concepts)
     assert got == {"shape": [True], "color": [False], "background": [True, True], "character": [True],
                    "object": [True], "all": [False, True]}
+
+
+def test_class_prior_images_show_the_class_in_place_of_the_identity(tmp_path, capsys):
+    """tools/make_class_prior_v2.py: captions and scenes name the class, never the identity; deterministic."""
+    from lorakit.errors import run_guarded
+
+    tool = importlib.import_module("make_class_prior_v2")
+    for name in ("a", "b"):
+        assert tool.main(["kwibbit", str(tmp_path / name), "--n", "6"]) == 0
+    captions = [(tmp_path / "a" / f"{i:05d}.txt").read_text() for i in range(6)]
+    assert all("frog" in c and "kwibbit" not in c for c in captions)
+    assert all((tmp_path / "a" / f"{i:05d}.png").read_bytes() == (tmp_path / "b" / f"{i:05d}.png").read_bytes()
+               for i in range(6))
+    assert tool.main(["inkvel", str(tmp_path / "ink"), "--n", "3"]) == 0
+    assert all("outline style" in (tmp_path / "ink" / f"{i:05d}.txt").read_text() for i in range(3))
+    assert run_guarded(lambda: tool.main(["frog", str(tmp_path / "c")]), "m") == 2
+    assert "frog" in capsys.readouterr().err and not (tmp_path / "c").exists()
