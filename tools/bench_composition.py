@@ -40,17 +40,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import itertools
 import json
 import sys
 import time
 from pathlib import Path
 
+from lorakit.toyworld.composition_sets import CATEGORIES, concept_sets
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLING_METHODS = ("merge", "switch", "composite", "cmlora")
 FUSION_METHODS = ("gradient", "weighted")
 ALL_METHODS = SAMPLING_METHODS + FUSION_METHODS + ("lorarar",)
-CATEGORIES = ("object", "style", "background")
 WORLD_DEFAULTS = {
     "v1": {"base": "data/toy-base", "adapters_dir": "artifacts/adapters"},
     "v2": {"base": "data/toy2-base", "adapters_dir": "artifacts/toy2_loras", "oracle": "data/toy2-oracle"},
@@ -67,29 +67,15 @@ def composition_sets(sizes=(2, 3, 4), per_size: int | None = None, seed: int = 0
         ``[{"id", "n", "concepts": {category: name}, "prompt"}]``; with ``per_size``, a seeded sample of that many
         sets per N (all of them when there are fewer).
     """
-    import numpy as np
-
     from lorakit.toyworld.concepts import HELDOUT
     from lorakit.toyworld.render import Scene, caption
 
     by_kind = {k: [c.name for c in HELDOUT if c.kind == k] for k in ("character", *CATEGORIES)}
-    rng = np.random.default_rng(seed)
     out = []
-    for n in sizes:
-        if not 2 <= n <= 1 + len(CATEGORIES):
-            raise ValueError(f"set size {n}: expected 2..{1 + len(CATEGORIES)} (a character and 1-3 other categories)")
-        sets = []
-        for cats in itertools.combinations(CATEGORIES, n - 1):
-            for char in by_kind["character"]:
-                for picks in itertools.product(*(by_kind[c] for c in cats)):
-                    sets.append({"character": char, **dict(zip(cats, picks))})
-        if per_size is not None and per_size < len(sets):
-            sets = [sets[i] for i in sorted(rng.choice(len(sets), per_size, replace=False))]
-        for concepts in sets:
-            scene = Scene(characters=(concepts["character"],), objects=tuple(v for k, v in concepts.items() if k == "object"),
-                          style=concepts.get("style"), background=concepts.get("background", "plain"))
-            set_id = f"n{n}-" + "-".join(concepts.values())
-            out.append({"id": set_id, "n": n, "concepts": concepts, "prompt": caption(scene)})
+    for n, concepts in concept_sets(by_kind, sizes, per_size, seed):
+        scene = Scene(characters=(concepts["character"],), objects=tuple(v for k, v in concepts.items() if k == "object"),
+                      style=concepts.get("style"), background=concepts.get("background", "plain"))
+        out.append({"id": f"n{n}-" + "-".join(concepts.values()), "n": n, "concepts": concepts, "prompt": caption(scene)})
     return out
 
 

@@ -21,12 +21,12 @@ import numpy as np
 
 from lorakit.eval.stats import rate
 from lorakit.sampling.regional import Region, RegionSpec
+from lorakit.toyworld.composition_sets import CATEGORIES, concept_sets
 from lorakit.toyworld.v2.concepts import IDENTITIES
 from lorakit.toyworld.v2.loras import DATA_N, DATA_SEED, lora_path
 from lorakit.toyworld.v2.render import Scene, caption, render
 from lorakit.toyworld.v2.scenes import concept_scene
 
-CATEGORIES = ("object", "style", "background")
 HALVES = ((0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0))  # left, right: (top, left, bottom, right)
 REGIONAL_SLOTS = ("left", "right")
 # The two-character sets' group names in the bench's tables (where a plain set's group is its N): with the
@@ -62,23 +62,9 @@ def composition_sets(sizes=(2, 3, 4), per_size: int | None = None, seed: int = 0
     Raises:
         ValueError: for a size outside 2..4.
     """
-    by_kind = identities_by_kind(available)
-    rng = np.random.default_rng(seed)
-    out = []
-    for n in sizes:
-        if not 2 <= n <= 1 + len(CATEGORIES):
-            raise ValueError(f"set size {n}: expected 2..{1 + len(CATEGORIES)} (a character and 1-3 other kinds)")
-        sets = []
-        for cats in itertools.combinations(CATEGORIES, n - 1):
-            for char in by_kind["character"]:
-                for picks in itertools.product(*(by_kind[c] for c in cats)):
-                    sets.append({"character": char, **dict(zip(cats, picks))})
-        if per_size is not None and per_size < len(sets):
-            sets = [sets[i] for i in sorted(rng.choice(len(sets), per_size, replace=False))]
-        for concepts in sets:
-            out.append({"id": f"n{n}-" + "-".join(concepts.values()), "n": n, "concepts": concepts,
-                        "prompt": caption(set_scene(concepts))})
-    return out
+    return [{"id": f"n{n}-" + "-".join(concepts.values()), "n": n, "concepts": concepts,
+             "prompt": caption(set_scene(concepts))}
+            for n, concepts in concept_sets(identities_by_kind(available), sizes, per_size, seed)]
 
 
 def regional_sets(available=None, baseline: bool = True) -> list[dict]:
