@@ -138,15 +138,19 @@ def test_rerun_reuses_the_loras_and_removes_only_its_own_stale_images(demo_run, 
     assert len(list(loras.glob("*.safetensors"))) == 2
 
 
-@pytest.mark.parametrize("option,value,expect", [
-    ("--character", "ink", "is a held-out style, not a held-out character"),
-    ("--character", "bob", "no such toy-world concept"),
-    ("--character", "circle", "is a generic shape, not a held-out character"),
-    ("--style", "frog", "is a held-out character, not a held-out style"),
+@pytest.mark.parametrize("world,option,value,expect", [
+    ("v1", "--character", "ink", "is a held-out style, not a held-out character"),
+    ("v1", "--character", "bob", "no such toy-world concept"),
+    ("v1", "--character", "circle", "is a generic shape, not a held-out character"),
+    ("v1", "--style", "frog", "is a held-out character, not a held-out style"),
+    ("v2", "--character", "inkvel", "is a style (identity) of toy world v2, not a character identity"),
+    ("v2", "--character", "frog", "is a character (class) of toy world v2, not a character identity"),
+    ("v2", "--character", "bob", "no such toy world v2 concept"),
+    ("v2", "--style", "kwibbit", "not a style identity; style identities: inkvel, pixlor"),
 ])
-def test_bad_concept_fails_naming_it(option, value, expect, tmp_path, capsys):
+def test_bad_concept_fails_naming_it(world, option, value, expect, tmp_path, capsys):
     out = tmp_path / "bad"
-    assert main(["demo", option, value, *QUICK, "--out", str(out)]) == 2
+    assert main(["demo", option, value, *QUICK, "--world", world, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{option} {value!r}" in err and expect in err
     assert not out.exists()  # checked before anything is written or trained

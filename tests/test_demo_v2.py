@@ -52,20 +52,6 @@ def test_v2_target_rows_are_64px_ground_truth_the_oracle_reads():
         w.target_images("frog_target", "kwibbit", "inkvel", seeds)
 
 
-@pytest.mark.parametrize("option,value,expect", [
-    ("--character", "inkvel", "is a style (identity) of toy world v2, not a character identity"),
-    ("--character", "frog", "is a character (class) of toy world v2, not a character identity"),
-    ("--character", "bob", "no such toy world v2 concept"),
-    ("--style", "kwibbit", "not a style identity; style identities: inkvel, pixlor"),
-])
-def test_bad_v2_concept_fails_naming_it(option, value, expect, tmp_path, capsys):
-    out = tmp_path / "bad"
-    assert main(["demo", option, value, *QUICK, "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert f"{option} {value!r}" in err and expect in err
-    assert not out.exists()  # checked before anything is written or trained
-
-
 def test_table_rates_carry_wilson_intervals():
     from lorakit.eval.stats import wilson
     from lorakit.toyworld.demo_report import table_rows
