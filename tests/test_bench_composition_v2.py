@@ -173,6 +173,45 @@ def test_every_method_gets_the_same_prompt_seeds_and_scale_and_regions(tiny_worl
     assert "Two characters: N = 2r with left / right regions" in (out / "table.md").read_text()
 
 
+def test_lorakit_variants_are_bench_methods_with_their_sample_settings():
+    from lorakit.sampling import SamplerSettings
+
+    args = bench.parse_args(["--world", "v2"])
+    assert {"composite-ubase", "delta"} <= set(args.methods) and "lorarar" not in args.methods
+    assert bench.parse_args(["--methods", "composite-ubase", "delta"]).methods == ["composite-ubase", "delta"]
+    ubase = SamplerSettings(**bench.SAMPLER_SETTINGS["composite-ubase"])
+    ubase.check()
+    assert (ubase.method, ubase.uncond) == ("composite", "base")
+    assert "composite-ubase" in bench.__doc__ and "delta" in bench.__doc__  # --help's epilog names them
+
+
+@pytest.mark.slow
+def test_lorakit_variants_run_like_for_like_and_differ_from_composite(tiny_world, tmp_path, monkeypatch):
+    import lorakit.sampling as sampling
+
+    calls, real = [], sampling.generate
+
+    def spy(pipe, adapters, settings, prompt, negative, seeds, **kw):
+        calls.append((settings.method, settings.uncond, prompt, tuple(seeds), tuple(a.weight for a in adapters)))
+        return real(pipe, adapters, settings, prompt, negative, seeds, **kw)
+
+    monkeypatch.setattr(sampling, "generate", spy)
+    out = tmp_path / "out"
+    methods = ["composite", "composite-ubase", "delta"]
+    assert bench.main(_argv(tiny_world, out, "--sizes", "2", "--methods", *methods, "--sets", "n2-kwibbit-nocturo",
+                            "--scale", "1.5")) == 0
+    assert [c[:2] for c in calls] == [("composite", "adapter"), ("composite", "base"), ("delta", "adapter")]
+    assert len({c[2:] for c in calls}) == 1 and calls[0][4] == (1.5, 1.5)  # same prompt, seeds and scale
+    folder = out / "images"
+    pixels = {m: np.asarray(Image.open(folder / m / "n2" / "n2-kwibbit-nocturo-s7.png"), dtype=float) for m in methods}
+    assert np.abs(pixels["composite-ubase"] - pixels["composite"]).max() > 0  # the base's unconditional pass
+    assert np.abs(pixels["delta"] - pixels["composite"]).max() > 0
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert {"composite-ubase/n2", "delta/n2"} <= set(summary["cells"])
+    assert {(p["a"], p["b"]) for p in summary["paired"]} == {("composite", "composite-ubase"), ("composite", "delta"),
+                                                             ("composite-ubase", "delta")}
+
+
 @pytest.mark.slow
 def test_a_run_stopped_by_its_budget_resumes_cell_by_cell(tiny_world, tmp_path, monkeypatch):
     import lorakit.sampling as sampling

@@ -19,7 +19,11 @@ Scale sweep: ``--sweep 0.6 0.8 1.0`` runs every method at every scale on ``--val
 (all-present rate; ties go to the scale nearest ``--scale``) and reports the table on the report seeds at the
 picked scales (the validation rates are in ``summary.json``).
 
-Methods: merge, switch, composite, cmlora (sampling time, ``lorakit.sampling``); gradient (Mix-of-Show gradient
+Methods: merge, switch, composite, cmlora (the references' sampling-time methods, ``lorakit.sampling``);
+lorakit's own variants: composite-ubase (composite with the base model's unconditional pass, ``lorakit sample
+--method composite --uncond base``: each LoRA's effect stays in its own guidance term instead of cancelling
+against its own unconditional pass) and delta (``--method delta``: base + the sum of each LoRA's difference from
+the base, every LoRA at full strength instead of 1/N); gradient (Mix-of-Show gradient
 fusion -> fused pipeline) and weighted (average of the deltas) through ``lorakit fuse``; lorarar (``lorakit fuse
 --method lorarar --hypernet H``) for the character + style pairs only.
 
@@ -48,7 +52,9 @@ from pathlib import Path
 from lorakit.toyworld.composition_sets import CATEGORIES, concept_sets
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLING_METHODS = ("merge", "switch", "composite", "cmlora")
+SAMPLING_METHODS = ("merge", "switch", "composite", "cmlora", "composite-ubase", "delta")
+# lorakit's own composite variants: the ``lorakit sample`` settings each bench method runs with
+SAMPLER_SETTINGS = {"composite-ubase": {"method": "composite", "uncond": "base"}}
 FUSION_METHODS = ("gradient", "weighted")
 ALL_METHODS = SAMPLING_METHODS + FUSION_METHODS + ("lorarar",)
 WORLD_DEFAULTS = {
@@ -199,7 +205,8 @@ class SamplingRunner:
             regions = region_spec(set_)
         elif method == "cmlora":
             order = order_by_frequency([self.scores[n] for n in names])[0]
-        settings = SamplerSettings(method=method, steps=self.args.steps, cfg=self.args.cfg)
+        settings = SamplerSettings(**SAMPLER_SETTINGS.get(method, {"method": method}), steps=self.args.steps,
+                                   cfg=self.args.cfg)
         t0 = time.perf_counter()
         images, _ = generate(self.pipe, adapters, settings, set_["prompt"], None, seeds, order=order,
                              n_rotation=n_rot, regions=regions)
