@@ -166,3 +166,13 @@ def test_v2_single_eval_scores_each_identity_alone_resumably(tmp_path, capsys):
     capsys.readouterr()
     assert tool.main([*args, "--chunks", "1"]) == 0  # all cached
     assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == rows
+
+
+def test_single_eval_options_are_checked_in_one_line_with_status_2():
+    import subprocess
+    import sys
+
+    for extra in (["--eval", "single"], ["--world", "v2", "--methods", "gradient", "unfused"]):
+        r = subprocess.run([sys.executable, "tools/measure_edlora_fusion_toy.py", "--sets", "zorbo+kwibbit", *extra],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("measure_edlora_fusion_toy: error:")

@@ -135,7 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--edloras", nargs="*", default=[], metavar="CONCEPT=PATH",
                     help="ED-LoRA files (default: the toy cache's, tools/train_toy_edloras.py)")
     ap.add_argument("--sets", nargs="+", default=["robot+frog"], help="concept sets a+b[+c...]")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", choices=(*METHODS, "unfused"),
+                    help=f"default: {' '.join(METHODS)} (--eval single: and unfused, each ED-LoRA alone); the first "
+                         "is compared with each other")
     ap.add_argument("--n", type=int, default=32, help="evaluation images per method and set")
     ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="toy world (default v1)")
     ap.add_argument("--base", help="base pipeline (default: data/toy-base for v1, data/toy2-base for v2)")
@@ -239,7 +241,11 @@ def main(argv=None) -> int:
 
     needed = {n for tag in args.sets for n in tag.split("+")}
     if args.eval == "single" and args.world != "v2":
-        raise SystemExit("--eval single needs --world v2")
+        raise ValueError("--eval single needs --world v2")
+    if args.methods is None:
+        args.methods = [*METHODS, "unfused"] if args.eval == "single" else list(METHODS)
+    if "unfused" in args.methods and args.eval != "single":
+        raise ValueError("--methods unfused needs --eval single")
     files, words, base_dir, extra, oracle = _inputs(args, needed)
     if args.eval == "single":
         return run_single(args, files, words, base_dir, extra, oracle)
@@ -339,7 +345,7 @@ def run_single(args, files, words, base_dir, extra, oracle) -> int:
     for tag in args.sets:
         names = tag.split("+")
         kept = {}
-        for method in [*args.methods, "unfused"]:
+        for method in args.methods:
             kept[method], pipe, example = {}, None, None
             for name in names:
                 prompts = with_words(single_prompts(name, args.n), [name], words, "v2")
@@ -366,7 +372,7 @@ def run_single(args, files, words, base_dir, extra, oracle) -> int:
                     write_text(json.dumps({"set": tag, "method": method, "identity": name, "prompts": prompts,
                                            "kept": kept[method][name]}), path)
             emit(single_row(tag, method, kept[method], example))
-        for other in [m for m in args.methods if m != args.methods[0]] + ["unfused"]:
+        for other in args.methods[1:]:
             compare_single(emit, tag, args.methods[0], other, kept)
     if args.out:
         write_text("".join(json.dumps(x) + "\n" for x in lines), args.out)
@@ -488,4 +494,6 @@ def many_prompts(names: list[str], n: int, seed: int = 7) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lorakit.errors import script_main
+
+    sys.exit(script_main(main, "measure_edlora_fusion_toy"))
