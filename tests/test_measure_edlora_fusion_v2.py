@@ -104,3 +104,75 @@ def test_v2_run_writes_rows_for_every_method_and_reads_them_back_from_the_cache(
     assert tool.main([*args, "--chunks", "1"]) == 0  # every result cached: nothing left to compute
     again = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert again == rows
+
+
+def test_single_prompts_name_one_identity_and_never_a_prompt_the_fusion_captured_on():
+    from measure_edlora_fusion_toy import fit_prompts, single_prompts
+
+    for name, cls in [("zorbo", "robot"), ("kwibbit", "frog"), ("hattock", "hat"), ("shroomel", "mushroom")]:
+        prompts = single_prompts(name, 64)
+        assert len(prompts) == 64 and prompts == single_prompts(name, 64)
+        assert all(p.startswith(f"{name} {cls}, ") and p.count(",") == 1 for p in prompts)
+        assert len(set(prompts)) >= 8  # every generic caption left over, in turn
+        assert not set(prompts) & set(fit_prompts(name, 0, "v2") + fit_prompts(name, 1, "v2"))
+
+
+def test_single_rows_pool_the_identities_and_mcnemar_pairs_the_same_images():
+    from measure_edlora_fusion_toy import compare_single, single_row
+
+    kept = {"gradient": {"a": [1, 1, 0, 1], "b": [0, 1, 1, 1]}, "weighted": {"a": [0, 1, 0, 0], "b": [0, 1, 1, 0]}}
+    row = single_row("a+b", "gradient", kept["gradient"], "p")
+    assert row["a"]["k"] == 3 and row["pooled"] == {**row["pooled"], "k": 6, "n": 8, "rate": 0.75}
+    assert row["pooled"]["ci95"][0] < 0.75 < row["pooled"]["ci95"][1]
+    out = []
+    compare_single(out.append, "a+b", "gradient", "weighted", kept)
+    by_on = {r["on"]: (r["wins"], r["losses"], r["n"]) for r in out}
+    assert by_on == {"a": (2, 0, 4), "b": (1, 0, 4), "pooled": (3, 0, 8)}
+
+
+def test_single_cache_names_the_identity_and_unfused_is_shared_by_every_set(tmp_path):
+    from measure_edlora_fusion_toy import single_path
+
+    files = {"zorbo": "a/toy2_edlora_zorbo-1.safetensors", "kwibbit": "a/k-2.safetensors", "hattock": "a/h-3.st"}
+    a = single_path(str(tmp_path), "zorbo+kwibbit", "gradient", "zorbo", files, 64, ("b", "o"))
+    b = single_path(str(tmp_path), "zorbo+kwibbit+hattock", "gradient", "zorbo", files, 64, ("b", "o"))
+    assert a != b and a.name.startswith("zorbo+kwibbit-gradient-zorbo-single-n64-")
+    u2 = single_path(str(tmp_path), "zorbo+kwibbit", "unfused", "zorbo", files, 64, ("b", "o"))
+    u3 = single_path(str(tmp_path), "zorbo+kwibbit+hattock", "unfused", "zorbo", files, 64, ("b", "o"))
+    assert u2 == u3 != single_path(str(tmp_path), "zorbo+kwibbit", "unfused", "zorbo", files, 64, ("b", "o2"))
+
+
+@pytest.mark.slow
+def test_v2_single_eval_scores_each_identity_alone_resumably(tmp_path, capsys):
+    import measure_edlora_fusion_toy as tool
+
+    pipe, oracle, edloras = _tiny_world(tmp_path)
+    files = [f"{p.name.split('_')[2].split('-')[0]}={p}" for p in sorted(edloras.glob("toy2_edlora_*.safetensors"))]
+    args = ["--world", "v2", "--base", str(pipe), "--oracle", str(oracle), "--edloras", *files, "--eval", "single",
+            "--sets", "zorbo+kwibbit", "--n", "2", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "o.jsonl")]
+    assert tool.main([*args, "--chunks", "3"]) == 3  # one (set, method, identity) per unit
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 3
+    assert tool.main(args) == 0
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    by_method = {r["method"]: r for r in rows if "method" in r}
+    assert set(by_method) == {"gradient", "weighted", "merge", "unfused"}
+    for r in by_method.values():
+        assert r["eval"] == "single" and r["zorbo"]["n"] == r["kwibbit"]["n"] == 2 and r["pooled"]["n"] == 4
+        assert r["pooled"]["k"] == r["zorbo"]["k"] + r["kwibbit"]["k"]
+    assert by_method["gradient"]["example_prompt"].startswith("<zorbo1> <zorbo2> robot, ")
+    pairs = {(r["compare"], r["on"]) for r in rows if "compare" in r}
+    assert ("gradient vs weighted", "pooled") in pairs and ("gradient vs unfused", "kwibbit") in pairs
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 8  # 3 methods x 2 identities + 2 unfused
+    capsys.readouterr()
+    assert tool.main([*args, "--chunks", "1"]) == 0  # all cached
+    assert [json.loads(x) for x in capsys.readouterr().out.splitlines()] == rows
+
+
+def test_single_eval_options_are_checked_in_one_line_with_status_2():
+    import subprocess
+    import sys
+
+    for extra in (["--eval", "single"], ["--world", "v2", "--methods", "gradient", "unfused"]):
+        r = subprocess.run([sys.executable, "tools/measure_edlora_fusion_toy.py", "--sets", "zorbo+kwibbit", *extra],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("measure_edlora_fusion_toy: error:")

@@ -29,6 +29,14 @@ a last row per set, ``oracle_on_renders``, scores renders of the evaluation scen
 
     python tools/measure_edlora_fusion_toy.py --world v2 \
         --edlora-cache artifacts/edlora_v2 --sets zorbo+kwibbit --n 96 --cache artifacts/edlora_v2/fusion --chunks 1
+
+``--eval single`` (v2): Mix-of-Show's test of a fused model, one identity at a time. For each identity of the set,
+``--n`` images of prompts naming only that identity (``<zorbo1> <zorbo2> robot, white plain background``: every
+generic-background caption of the identity alone, less those gradient fusion fits or validates on; image ``i``
+takes caption ``i mod len`` and seed ``5000 + i``), the same (prompt, seed) pairs for every method and every set;
+the oracle scores that identity. Rows per (set, method): each identity's rate and the rate pooled over the set's
+identities, with Wilson 95% intervals; exact McNemar per identity and pooled on the same pairs; and ``unfused``,
+each identity's own ED-LoRA alone (scale 1): the ceiling. Cached per (set, method, identity).
 """
 
 from __future__ import annotations
@@ -127,7 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--edloras", nargs="*", default=[], metavar="CONCEPT=PATH",
                     help="ED-LoRA files (default: the toy cache's, tools/train_toy_edloras.py)")
     ap.add_argument("--sets", nargs="+", default=["robot+frog"], help="concept sets a+b[+c...]")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", choices=(*METHODS, "unfused"),
+                    help=f"default: {' '.join(METHODS)} (--eval single: and unfused, each ED-LoRA alone); the first "
+                         "is compared with each other")
     ap.add_argument("--n", type=int, default=32, help="evaluation images per method and set")
     ap.add_argument("--world", choices=("v1", "v2"), default="v1", help="toy world (default v1)")
     ap.add_argument("--base", help="base pipeline (default: data/toy-base for v1, data/toy2-base for v2)")
@@ -141,6 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--hold-s", type=float, default=0,
                     help="with --cache: start no further (set, method) once the last one's time no longer fits in "
                          "this many seconds since the start (exit 3); 0 = no limit")
+    ap.add_argument("--eval", choices=("scenes", "single"), default="scenes",
+                    help="scenes: captions of one scene with every concept of the set (default); single (v2): "
+                         "each identity alone, held-out generic captions (Mix-of-Show's evaluation)")
     ap.add_argument("--out", help="also write the JSON lines here")
     return ap
 
@@ -227,7 +240,15 @@ def main(argv=None) -> int:
     from lorakit.models import load_base
 
     needed = {n for tag in args.sets for n in tag.split("+")}
+    if args.eval == "single" and args.world != "v2":
+        raise ValueError("--eval single needs --world v2")
+    if args.methods is None:
+        args.methods = [*METHODS, "unfused"] if args.eval == "single" else list(METHODS)
+    if "unfused" in args.methods and args.eval != "single":
+        raise ValueError("--methods unfused needs --eval single")
     files, words, base_dir, extra, oracle = _inputs(args, needed)
+    if args.eval == "single":
+        return run_single(args, files, words, base_dir, extra, oracle)
     base = None
     lines, done, last, t_start = [], 0, 0.0, time.monotonic()
     if args.cache:
@@ -266,6 +287,108 @@ def main(argv=None) -> int:
     if args.out:
         write_text("".join(json.dumps(x) + "\n" for x in lines), args.out)
     return 0
+
+
+def single_prompts(name: str, n: int) -> list[str]:
+    """``n`` v2 captions naming only identity ``name`` (its caption word + class + a generic background): every
+    ``<colour> <generic> background`` caption of it alone, less gradient fusion's fit and held-out prompts
+    (``fit_prompts(name, 0 / 1)``), repeated in order up to ``n``."""
+    from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS
+    from lorakit.toyworld.v2.concepts import get_concept
+    from lorakit.toyworld.v2.render import Scene, caption
+
+    c = get_concept(name)
+    kw = ({"characters": (name,)} if c.kind == "character" else {"hat" if c.cls == "hat" else "mushroom": name})
+    seen = set(fit_prompts(name, 0, "v2") + fit_prompts(name, 1, "v2"))
+    pool = [p for bg in GENERIC_BACKGROUNDS for colour in BACKGROUND_COLORS
+            if (p := caption(Scene(background=bg, bg_color=colour, **kw))) not in seen]
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def single_path(cache: str, tag: str, method: str, name: str, files: dict[str, str], n: int, extra: tuple) -> Path:
+    """The cached presence of identity ``name`` under ``method``'s fusion of set ``tag`` (``unfused``: its own
+    ED-LoRA alone, whatever the set)."""
+    import hashlib
+
+    names = [name] if method == "unfused" else tag.split("+")
+    key = hashlib.sha256(repr([Path(files[c]).name for c in names] + [method, n, "single", name, *extra]).encode())
+    prefix = name if method == "unfused" else f"{tag}-{method}-{name}"
+    return Path(cache) / f"{prefix}-{'unfused-' if method == 'unfused' else ''}single-n{n}-{key.hexdigest()[:12]}.json"
+
+
+def rate(k: int, n: int) -> dict:
+    lo, hi = wilson(k, n)
+    return {"k": k, "n": n, "rate": round(k / n, 4), "ci95": [round(lo, 3), round(hi, 3)]}
+
+
+def single_row(tag: str, method: str, kept: dict[str, list[int]], example: str) -> dict:
+    """One (set, method)'s row: each identity's rate and the rate pooled over the set's identities."""
+    pooled = [x for v in kept.values() for x in v]
+    return {"set": tag, "method": method, "eval": "single", "world": "v2", "example_prompt": example,
+            **{c: rate(sum(v), len(v)) for c, v in kept.items()}, "pooled": rate(sum(pooled), len(pooled))}
+
+
+def run_single(args, files, words, base_dir, extra, oracle) -> int:
+    """``--eval single``: every (set, method), then ``unfused``, one identity at a time (cached per identity)."""
+    from lorakit.fileio import write_text
+    from lorakit.models import load_base
+    from lorakit.toyworld.evaluate import generate
+
+    lines, done, last, t_start, base = [], 0, 0.0, time.monotonic(), None
+    if args.cache:
+        Path(args.cache).mkdir(parents=True, exist_ok=True)
+
+    def emit(obj):
+        print(json.dumps(obj), flush=True)
+        lines.append(obj)
+
+    for tag in args.sets:
+        names = tag.split("+")
+        kept = {}
+        for method in args.methods:
+            kept[method], pipe, example = {}, None, None
+            for name in names:
+                prompts = with_words(single_prompts(name, args.n), [name], words, "v2")
+                example = example or prompts[0]
+                path = single_path(args.cache, tag, method, name, files, args.n, extra) if args.cache else None
+                if path is not None and path.exists():
+                    kept[method][name] = json.loads(path.read_text())["kept"]
+                    continue
+                late = args.hold_s and last and time.monotonic() - t_start + last > args.hold_s
+                if (args.chunks and done >= args.chunks) or late:
+                    print(f"{tag} {method} {name}: not measured yet; call again to continue", flush=True)
+                    return 3
+                t = time.monotonic()
+                if base is None:
+                    base = load_base(base_dir)
+                    base.set_progress_bar_config(disable=True)
+                if pipe is None or method == "unfused":
+                    pipe = fused_pipe("merge" if method == "unfused" else method, base, files,
+                                      [name] if method == "unfused" else names, words, "v2")
+                images = generate(pipe, prompts, seed=5000, height=64, width=64)
+                kept[method][name] = oracle.score(images, [name]).present[:, 0].int().tolist()
+                done, last = done + 1, time.monotonic() - t
+                if path is not None:
+                    write_text(json.dumps({"set": tag, "method": method, "identity": name, "prompts": prompts,
+                                           "kept": kept[method][name]}), path)
+            emit(single_row(tag, method, kept[method], example))
+        for other in args.methods[1:]:
+            compare_single(emit, tag, args.methods[0], other, kept)
+    if args.out:
+        write_text("".join(json.dumps(x) + "\n" for x in lines), args.out)
+    return 0
+
+
+def compare_single(emit, tag: str, first: str, other: str, kept: dict) -> None:
+    """Exact McNemar of ``first`` against ``other`` per identity and pooled, on the same (prompt, seed) pairs."""
+    names = list(kept[first])
+    a = {c: torch.tensor(kept[first][c], dtype=torch.bool) for c in names}
+    b = {c: torch.tensor(kept[other][c], dtype=torch.bool) for c in names}
+    a["pooled"], b["pooled"] = torch.cat([a[c] for c in names]), torch.cat([b[c] for c in names])
+    for on in [*names, "pooled"]:
+        wins, losses = int((a[on] & ~b[on]).sum()), int((~a[on] & b[on]).sum())
+        emit({"set": tag, "eval": "single", "compare": f"{first} vs {other}", "on": on, "n": int(a[on].numel()),
+              "wins": wins, "losses": losses, "mcnemar_p": float(f"{mcnemar_exact(wins, losses):.3g}")})
 
 
 def v2_inputs(args, needed: set[str]):
@@ -371,4 +494,6 @@ def many_prompts(names: list[str], n: int, seed: int = 7) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lorakit.errors import script_main
+
+    sys.exit(script_main(main, "measure_edlora_fusion_toy"))
