@@ -59,3 +59,40 @@ def test_sketch_per_region_moves_the_figures_onto_the_silhouettes():
         with_ = sample_scene(pipe, [], adapter, scene, seed, "regional+sketch", steps=10)
         a, b = iou(foreground(without), sil > 0.5), iou(foreground(with_), sil > 0.5)
         assert b > a + 0.2 and b > 0.4, (chars, a, b)
+
+
+def test_v2_character_scenes_and_oracle_views():
+    """v2 scenes (64 px, v2 sprites): each sprite inside its half, captions as v2's, and the oracle's window view
+    finds each identity on the render and never the other one."""
+    from lorakit.toyworld.v2.oracle import Oracle
+    from lorakit.toyworld.v2.sketch import random_character_scene as v2_scene
+
+    oracle = Oracle.load()
+    rng = np.random.default_rng(1)
+    found = 0
+    for k in range(8):
+        chars = ("kwibbit", "zorbo") if k % 2 == 0 else ("zorbo", "kwibbit")
+        scene = v2_scene(rng, chars)
+        image, sil = render_character_scene(scene)
+        assert image.size == (64, 64) and sil.shape == (64, 64)
+        for i, c in enumerate(scene.characters):
+            top, left, bottom, right = c.box()
+            assert 0 <= top and bottom <= 1 and 0.5 * i <= left and right <= 0.5 * (i + 1)
+        views = character_views(image, scene)
+        for c, view, other in zip(scene.characters, views, reversed(scene.characters)):
+            p = oracle.score([view], [c.name, other.name]).present[0].tolist()
+            found += p[0]
+            assert not p[1]
+    assert found >= 14  # of 16 regions (182 of 200 on 100 scenes)
+    assert scene.global_prompt() == f"{chars[0]} {'robot' if chars[0] == 'zorbo' else 'frog'}, " \
+                                    f"{chars[1]} {'robot' if chars[1] == 'zorbo' else 'frog'}, white plain background"
+
+
+def test_pseudo_words_replace_identity_names():
+    from lorakit.toyworld.regional_demo import with_words
+
+    words = {"zorbo": "<zorbo1> <zorbo2>", "kwibbit": "<kwibbit1> <kwibbit2>"}
+    assert with_words("kwibbit frog, zorbo robot, white plain background", words) == \
+        "<kwibbit1> <kwibbit2> frog, <zorbo1> <zorbo2> robot, white plain background"
+    assert with_words("<zorbo1> <zorbo2> robot", words) == "<zorbo1> <zorbo2> robot"  # already replaced: unchanged
+    assert with_words("zorbo robot", None) == "zorbo robot"
