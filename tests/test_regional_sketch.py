@@ -96,3 +96,25 @@ def test_pseudo_words_replace_identity_names():
         "<kwibbit1> <kwibbit2> frog, <zorbo1> <zorbo2> robot, white plain background"
     assert with_words("<zorbo1> <zorbo2> robot", words) == "<zorbo1> <zorbo2> robot"  # already replaced: unchanged
     assert with_words("zorbo robot", None) == "zorbo robot"
+
+
+def test_v2_example_folder_is_the_documented_scene():
+    """data/regional-sketch-example-v2: its sketch and target are this scene's, both regions files read (64x64
+    output, the v2 sketch adapter as the condition), the fused ED-LoRA one with the pseudo-words."""
+    from lorakit.sampling.regional import load_regions
+    from lorakit.toyworld.regional_demo import WORLDS, with_words
+    from lorakit.toyworld.v2.sketch import CharacterScene as V2Scene
+    from lorakit.toyworld.v2.sketch import PlacedCharacter as V2Character
+
+    scene = V2Scene((V2Character("kwibbit", 0.25, 0.58, 0.44), V2Character("zorbo", 0.75, 0.52, 0.5)))
+    target, sil = render_character_scene(scene)
+    folder = data_path("regional-sketch-example-v2")
+    assert WORLDS["v2"].example == str(folder)
+    assert np.array_equal(np.asarray(Image.open(folder / "sketch.png")), np.asarray(scene_regions(scene, object())[1][0].image))
+    assert np.array_equal(np.asarray(Image.open(folder / "target.png")), np.asarray(target))
+    words = {"kwibbit": "<kwibbit1> <kwibbit2>", "zorbo": "<zorbo1> <zorbo2>"}
+    for name, w in (("regions.yaml", words), ("regions-loras.yaml", None)):
+        spec = load_regions(folder / name, 64, 64)
+        assert spec.prompt == with_words(scene.global_prompt(), w)
+        assert [r.prompt for r in spec.regions] == [with_words(p, w) for p in scene.region_prompts()]
+        assert len(spec.conditions) == 1 and spec.conditions[0].model.endswith("toy2-sketch-adapter")
