@@ -16,6 +16,9 @@ adapters in both arms.
 * ``--world v1``: ``data/toy-base``, ``data/toy-sketch-adapter``, the toy oracle, characters ``frog robot``, the
   toy LoRA cache's LoRAs (trained there when missing), region prompts ``kwibbit, white plain background``, global
   prompt the background.
+* ``--world v2 --characters frog robot`` (class characters, any of frog / robot / ghost): the base alone, no
+  adapter: what the sketch adapter does where no LoRA is involved (region prompts ``red frog, white plain
+  background``).
 
 Per image:
 
@@ -135,12 +138,15 @@ def score_image(oracle, img, scene, sil, i: int, seed: int, chars, iou_threshold
 
 
 def default_loras(args) -> list | None:
-    """v2 without ``--loras``: the characters' recipe LoRAs in ``--lora-dir`` (an error naming the training
+    """v2 without ``--loras``: none for class characters, else the characters' recipe LoRAs in ``--lora-dir`` (an error naming the training
     command when one is missing); v1: None (the toy LoRA cache)."""
     if args.loras or args.world == "v1":
         return args.loras
     from lorakit.toyworld.v2.composition import find_adapters
+    from lorakit.toyworld.v2.concepts import CONCEPTS
 
+    if not any(CONCEPTS[c].role == "identity" for c in args.characters):
+        return []  # class characters (frog, robot, ghost): the base draws them, no LoRA
     found = find_adapters(args.lora_dir, args.base, args.characters)
     lacking = [c for c in args.characters if c not in found]
     if lacking:
