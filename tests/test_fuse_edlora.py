@@ -68,6 +68,14 @@ def test_two_edlora_concepts_with_clashing_words_are_renamed(tmp_path, sd1_pipe)
     loaded = E.load_edlora(pipe, dest)
     assert loaded["words"] == {"<c1>": "<c1>", "<c2>": "<c2>", "<c1#2>": "<c1#2>", "<c2#2>": "<c2#2>"}
     assert set(fused.modules) == set(a.modules) | set(b.modules)
+    # lorakit sample's loader sends the fused delta through load_edlora too (its tokens, not a plain LoRA)
+    from lorakit.sampling.loading import load_adapters
+
+    sampled = copy.deepcopy(sd1_pipe)
+    load_adapters(sampled, [dest])
+    assert "<c1#2>" in sampled.tokenizer.get_vocab()
+    torch.testing.assert_close(E.layer_hidden_states(sampled, "a <c1#2> <c2#2>"),
+                               E.layer_hidden_states(pipe, "a <c1#2> <c2#2>"))
 
 
 def test_nan_in_an_edlora_embedding_names_the_file_and_word(sd1_pipe):

@@ -65,3 +65,39 @@ def test_training_tool_writes_a_loadable_adapter_deterministically(tmp_path):
     a, b = (T2IAdapter.from_pretrained(tmp_path / n) for n in ("a", "b"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert json.loads((tmp_path / "a" / "train_log.json").read_text())["steps"] == 2
+
+
+def test_v2_training_in_parts_equals_one_run(tmp_path):
+    """--world v2 --work: 2 steps, then a second call to 3, gives the 3-step run's weights bit for bit."""
+    import torch
+    from diffusers import T2IAdapter
+
+    tool = train_toy_sketch_adapter
+    common = ["--world", "v2", "--batch", "2", "--log-every", "1"]
+    assert tool.main([*common, "--steps", "3", "--out", str(tmp_path / "one")]) == 0
+    work = ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "parts")]
+    assert tool.main([*common, "--steps", "3", "--budget-s", "0", *work]) == 3  # no time for a step: call again
+    assert tool.main([*common, "--steps", "2", *work]) == 0
+    assert tool.main([*common, "--steps", "3", *work]) == 0
+    a, b = (T2IAdapter.from_pretrained(tmp_path / n) for n in ("one", "parts"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    log = json.loads((tmp_path / "parts" / "train_log.json").read_text())
+    assert log["steps"] == 3 and log["adapter_config"]["downscale_factor"] == 4  # 64 px sketch -> 16x16 latents
+    import pytest
+
+    with pytest.raises(SystemExit, match="other settings"):  # a checkpoint continues only with the same settings
+        tool.main([*common, "--steps", "4", "--lr", "0.1", *work])
+
+
+def test_v2_training_scenes_one_or_two_class_characters():
+    from lorakit.toyworld.v2.sketch import render_character_scene, training_scene
+
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        scene = training_scene(rng, 1 + k % 2)
+        image, sil = render_character_scene(scene)
+        assert image.size == (64, 64) and sil.shape == (64, 64) and sil.max() == 1.0
+        assert len(scene.characters) == 1 + k % 2 and all(c.name in ("frog", "robot", "ghost") for c in scene.characters)
+        if k % 2:
+            assert sil[:, :30].sum() > 20 and sil[:, 34:].sum() > 20
+            assert scene.global_prompt().count(",") == 2  # 'red frog, blue robot, <background>'

@@ -63,10 +63,12 @@ def paired(a: list[bool], b: list[bool]) -> dict:
     return {"wins": wins, "losses": losses, "p_mcnemar": float(f"{mcnemar_exact(wins, losses):.3g}")}
 
 
-def add_shared_options(ap: argparse.ArgumentParser, images: str) -> None:
-    """The options this measurement shares with tools/measure_regional_sketch.py (``images``: --images' help)."""
-    ap.add_argument("--base", default=str(ROOT / "data" / "toy-base"))
-    ap.add_argument("--adapter", default=str(ROOT / "data" / "toy-sketch-adapter"))
+def add_shared_options(ap: argparse.ArgumentParser, images: str, base: str | None = str(ROOT / "data" / "toy-base"),
+                       adapter: str | None = str(ROOT / "data" / "toy-sketch-adapter")) -> None:
+    """The options this measurement shares with tools/measure_regional_sketch.py (``images``: --images' help;
+    ``base`` / ``adapter``: their defaults)."""
+    ap.add_argument("--base", default=base)
+    ap.add_argument("--adapter", default=adapter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--iou", type=float, default=0.5, help="IoU that counts as following the sketch")

@@ -47,7 +47,8 @@ def _read_metadata(path: Path) -> dict:
 def load_adapters(pipe, paths: list, weights: list[float] | None = None) -> list[LoadedAdapter]:
     """Load adapter files into ``pipe`` (diffusers ``load_lora_weights``), each under its own adapter name.
 
-    Files whose metadata says ``lorakit.kind=edlora`` go through ``lorakit.adapters.edlora.load_edlora`` where
+    Files whose metadata says ``lorakit.kind=edlora`` or holds an ED-LoRA table (``lorakit.edlora``: a fused delta of
+    ED-LoRAs) go through ``lorakit.adapters.edlora.load_edlora`` where
     that module exists; every other file is a plain LoRA/LoCon (kohya, lorakit or diffusers layout).
 
     Args:
@@ -69,7 +70,10 @@ def load_adapters(pipe, paths: list, weights: list[float] | None = None) -> list
         meta = _read_metadata(path)
         name = f"a{i}_" + re.sub(r"[^A-Za-z0-9_]", "_", path.stem)[:40]
         kind = meta.get("lorakit.kind", "lora")
-        if kind == "edlora" and importlib.util.find_spec("lorakit.adapters.edlora") is not None:
+        # ED-LoRA files and fused deltas of ED-LoRAs (lorakit fuse --out-format adapter: kind fused-delta) carry
+        # layer-wise embeddings that only load_edlora installs
+        edlora = kind == "edlora" or "lorakit.edlora" in meta
+        if edlora and importlib.util.find_spec("lorakit.adapters.edlora") is not None:
             load_edlora(pipe, path, adapter_name=name)
         else:
             adapter = load_adapter(path)

@@ -134,25 +134,47 @@ class CharacterScene:
     def background_prompt(self) -> str:
         return f"{self.bg_color} {self.background} background"
 
+    size = 32  # the toy world's image side
+
     def region_prompts(self) -> list[str]:
         """A prompt per character, written like the toy LoRAs' captions (trigger word, background)."""
         return [f"{get_concept(c.name).trigger}, {self.background_prompt()}" for c in self.characters]
+
+    def global_prompt(self) -> str:
+        """The prompt outside the regions: the background (v1's LoRAs know their characters only alone)."""
+        return self.background_prompt()
+
+    def background_pixels(self, n: int) -> np.ndarray:
+        return _background(Scene(background=self.background, bg_color=self.bg_color), n, np.random.default_rng(0))
+
+    def draw(self, d, n: int) -> None:
+        """Draw the characters on ``d``, an ``n`` x ``n`` canvas."""
+        for c in self.characters:
+            _CHARACTERS[c.name](d, c.cx * n, c.cy * n, c.s * n)
+
+
+def place_characters(rng: np.random.Generator, extents, s_range=(0.40, 0.55)) -> list[tuple[float, float, float]]:
+    """``(cx, cy, s)`` for each character of ``extents`` (its ``(half width, top, bottom)`` in units of its size),
+    one per half (the first on the left): a random size in ``s_range`` (cut so the sprite fits its half, 0.02 from
+    each side) at a random place that keeps the whole sprite inside its half."""
+    placed = []
+    for k, (hw, top, bottom) in enumerate(extents):
+        s = float(rng.uniform(*s_range))
+        s = min(s, 0.44 / (2 * hw))
+        lo = 0.5 * k
+        cx = rng.uniform(lo + hw * s + 0.02, lo + 0.5 - hw * s - 0.02)
+        cy = rng.uniform(top * s + 0.04, 1 - bottom * s - 0.04)
+        placed.append((float(cx), float(cy), s))
+    return placed
 
 
 def random_character_scene(rng: np.random.Generator, characters=("frog", "robot"), background: str = "plain",
                            bg_color: str = "white") -> CharacterScene:
     """One character per half, each of a random size (0.40-0.55 of the image side) at a random place that keeps
     its whole sprite inside its half."""
-    placed = []
-    for k, name in enumerate(characters):
-        hw, top, bottom = CHARACTER_EXTENT[name]
-        s = float(rng.uniform(0.40, 0.55))
-        s = min(s, 0.44 / (2 * hw))  # the widest sprite must fit in its half, 0.02 from each side
-        lo = 0.5 * k
-        cx = rng.uniform(lo + hw * s + 0.02, lo + 0.5 - hw * s - 0.02)
-        cy = rng.uniform(top * s + 0.04, 1 - bottom * s - 0.04)
-        placed.append(PlacedCharacter(name, float(cx), float(cy), s))
-    return CharacterScene(tuple(placed), background, bg_color)
+    placed = place_characters(rng, [CHARACTER_EXTENT[name] for name in characters])
+    return CharacterScene(tuple(PlacedCharacter(name, cx, cy, s) for name, (cx, cy, s) in zip(characters, placed)),
+                          background, bg_color)
 
 
 class _MaskDraw:
@@ -166,16 +188,16 @@ class _MaskDraw:
         return lambda *args, **kwargs: method(*args, **{**kwargs, "fill": 255})
 
 
-def render_character_scene(scene: CharacterScene, size: int = 32) -> tuple[Image.Image, np.ndarray]:
-    """The scene's RGB image (the characters as the toy world draws them) and its silhouette ``[size, size]``."""
+def render_character_scene(scene, size: int | None = None) -> tuple[Image.Image, np.ndarray]:
+    """The scene's RGB image (the characters as its toy world draws them) and its silhouette ``[size, size]``
+    (default size: the scene's world's, ``scene.size``). ``scene``: a :class:`CharacterScene` or v2's
+    (:mod:`lorakit.toyworld.v2.sketch`)."""
+    size = size or scene.size
     n = size * SUPERSAMPLE
-    bg = _background(Scene(background=scene.background, bg_color=scene.bg_color), n, np.random.default_rng(0))
-    canvas = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    canvas = Image.fromarray(np.clip(scene.background_pixels(n), 0, 255).astype(np.uint8))
     mask = Image.new("L", (n, n), 0)
-    d, dm = ImageDraw.Draw(canvas), _MaskDraw(ImageDraw.Draw(mask))
-    for c in scene.characters:
-        _CHARACTERS[c.name](d, c.cx * n, c.cy * n, c.s * n)
-        _CHARACTERS[c.name](dm, c.cx * n, c.cy * n, c.s * n)
+    scene.draw(ImageDraw.Draw(canvas), n)
+    scene.draw(_MaskDraw(ImageDraw.Draw(mask)), n)
     image = canvas.resize((size, size), Image.BOX)
     silhouette = np.asarray(mask.resize((size, size), Image.BOX), np.float32) / 255.0
     return image, silhouette
