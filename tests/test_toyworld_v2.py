@@ -384,3 +384,20 @@ def test_class_prior_images_show_the_class_in_place_of_the_identity(tmp_path, ca
     assert all("outline style" in (tmp_path / "ink" / f"{i:05d}.txt").read_text() for i in range(3))
     assert run_guarded(lambda: tool.main(["frog", str(tmp_path / "c")]), "m") == 2
     assert "frog" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_identity_ceiling_scores_renders_of_the_measured_scenes():
+    """The ceiling rows score renders of the presence / class-leak scenes that identity_prompts captions: the
+    bundled oracle finds kwibbit on its renders and not on the other frogs'."""
+    from lorakit.toyworld.v2.evaluate import identity_prompts, identity_scene_pairs
+    from lorakit.toyworld.v2.measure import identity_ceiling, load_pipeline
+    from lorakit.toyworld.v2.models import DEFAULT_BASE
+    from lorakit.toyworld.v2.oracle import Oracle
+
+    pairs = identity_scene_pairs("kwibbit", 5, seed=9)
+    assert [(caption(s), caption(c), c) for s, c in pairs] == identity_prompts("kwibbit", 5, seed=9)
+    assert all("kwibbit" in s.concepts() and "kwibbit" not in c.concepts() for s, c in pairs)
+    rows = identity_ceiling(load_pipeline(DEFAULT_BASE).vae, Oracle.load(), "kwibbit", 6)
+    assert [r["images"] for r in rows] == ["render", "vae_round_trip"]
+    assert all(r["presence"]["n"] == 6 and r["leak_class"]["n"] == 6 for r in rows)
+    assert rows[0]["presence"]["k"] >= 5 and rows[0]["leak_class"]["k"] == 0

@@ -58,7 +58,8 @@ def parse_args(argv=None):
                    help="--world v2: recipe overrides for every identity (as tools/train_toy2_loras.py --set)")
     p.add_argument("--oracle", help="--world v2: the v2 oracle folder (default: data/toy2-oracle)")
     p.add_argument("--ceiling", action="store_true",
-                   help="--world v2: also score the renderer's images of the base prompts (raw and through the VAE)")
+                   help="--world v2: also score the renderer's images of the base prompts and of each identity's "
+                   "presence and class-leak scenes (raw and through the VAE): what a perfect model would score")
     p.add_argument("--image-store", help="--world v2: keep every generated image in this folder, so that a run "
                    "stopped by --budget-s continues where it stopped when run again")
     p.add_argument("--budget-s", type=float, help="--world v2 with --image-store: stop (exit status 3) before a batch "
@@ -210,15 +211,16 @@ def main_v2(args) -> int:
         raise FileNotFoundError(f"--base {args.base}: --world v2 needs a v2 pipeline folder (model_index.json), "
                                 "e.g. data/toy2-base or <work>/unet/toy-unet-stepNNNNNN from tools/train_toy_base_v2.py")
     from lorakit.toyworld.v2.concepts import IDENTITIES
+    from lorakit.toyworld.v2.image_store import OutOfTime, pipeline_tag
     from lorakit.toyworld.v2.loras import identity_name
     from lorakit.toyworld.v2.measure import (
         base_following,
+        identity_ceiling,
         load_pipeline,
         measure_identities,
         oracle_ceiling,
         stored,
     )
-    from lorakit.toyworld.v2.image_store import OutOfTime, pipeline_tag
     from lorakit.toyworld.v2.oracle import Oracle
 
     oracle = Oracle.load(args.oracle)
@@ -233,6 +235,11 @@ def main_v2(args) -> int:
             rows = oracle_ceiling(pipe.vae, oracle, args.n_generic) if args.ceiling else []
             for row in rows + base_following(pipe, oracle, args.n_generic, cache):
                 emit(row)
+        if args.ceiling and names:
+            vae = load_pipeline(args.base).vae
+            for name in names:
+                for row in identity_ceiling(vae, oracle, name, args.n):
+                    emit(row)
         measure_identities(names, args.base, oracle, args.n, args.scale, Path(args.work),
                            ([f"max_steps={args.steps}"] if args.steps else []) + args.set or None, emit, cache, store,
                            deadline)

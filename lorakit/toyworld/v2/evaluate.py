@@ -28,18 +28,23 @@ def as_class(scene: Scene, identity: str, colour: str) -> Scene:
     return replace(scene, **{field: cls}, **extra)
 
 
-def identity_prompts(identity: str, n: int, seed: int = 0) -> list[tuple[str, str, Scene]]:
-    """``n`` triples ``(prompt with the trigger, the same prompt with the class instead, class scene)``, written
-    like the identity's training captions: ``("kwibbit frog, cyan stripes background", "green frog, cyan stripes
-    background", ...)``. The class prompt is the hardest leak test: the LoRA must leave other frogs alone."""
+def identity_scene_pairs(identity: str, n: int, seed: int = 0) -> list[tuple[Scene, Scene]]:
+    """``n`` pairs ``(scene with the identity, the same scene with its class instead)``, the scenes of
+    :func:`identity_prompts` (the same ``seed``, the same scenes)."""
     rng = np.random.default_rng(seed)
     colours = list(SHAPE_COLORS)
     out = []
     for _ in range(n):
         s = concept_scene(identity, rng)
-        c = as_class(s, identity, colours[int(rng.integers(len(colours)))])
-        out.append((caption(s), caption(c), c))
+        out.append((s, as_class(s, identity, colours[int(rng.integers(len(colours)))])))
     return out
+
+
+def identity_prompts(identity: str, n: int, seed: int = 0) -> list[tuple[str, str, Scene]]:
+    """``n`` triples ``(prompt with the trigger, the same prompt with the class instead, class scene)``, written
+    like the identity's training captions: ``("kwibbit frog, cyan stripes background", "green frog, cyan stripes
+    background", ...)``. The class prompt is the hardest leak test: the LoRA must leave other frogs alone."""
+    return [(caption(s), caption(c), c) for s, c in identity_scene_pairs(identity, n, seed)]
 
 
 def world_prompts(n: int, seed: int = 0) -> list[tuple[str, Scene]]:

@@ -14,7 +14,12 @@ from pathlib import Path
 from lorakit.eval.stats import paired, rate
 from lorakit.models import load_base
 from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, generate, generic_prompts
-from lorakit.toyworld.v2.evaluate import found_by_kind, identity_prompts, world_prompts
+from lorakit.toyworld.v2.evaluate import (
+    found_by_kind,
+    identity_prompts,
+    identity_scene_pairs,
+    world_prompts,
+)
 from lorakit.toyworld.v2.image_store import StoredPipe, pipeline_tag
 from lorakit.toyworld.v2.loras import train_identity_lora
 from lorakit.toyworld.v2.render import Scene, render
@@ -87,6 +92,21 @@ def oracle_ceiling(vae, oracle, n: int) -> list[dict]:
         wimg = f([render(s) for _, s in world])
         by_kind = found_by_kind([s for _, s in world], oracle.probabilities(wimg), oracle.concepts)
         rows.append({**head, "prompts": "world", **{k: rate(sum(v), len(v)) for k, v in sorted(by_kind.items())}})
+    return rows
+
+
+def identity_ceiling(vae, oracle, identity: str, n: int) -> list[dict]:
+    """The oracle on the renderer's images of :func:`identity_following`'s ``presence`` and ``leak_class`` scenes
+    (the same ``n`` scenes), raw and through the base's VAE: the presence a perfect LoRA would score, and the
+    class leak the oracle itself gives (identity found on perfect images of the class)."""
+    pairs = identity_scene_pairs(identity, n, seed=IDENTITY_PROMPT_SEED)
+    rows = []
+    for source, f in (("render", lambda x: x), ("vae_round_trip", lambda x: vae_round_trip(vae, x))):
+        row = {"measure": "v2_identity_ceiling", "identity": identity, "images": source, "n": n}
+        for name, scenes in (("presence", [s for s, _ in pairs]), ("leak_class", [c for _, c in pairs])):
+            found = oracle.score(f([render(s) for s in scenes]), [identity]).present[:, 0]
+            row[name] = rate(int(found.sum()), n)
+        rows.append(row)
     return rows
 
 
