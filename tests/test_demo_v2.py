@@ -27,7 +27,7 @@ def test_v2_is_the_default_world_and_its_prompt_is_the_recipes_caption_form():
     args = p.parse_args([])
     assert args.world == "v2" and args.character is None and args.style is None and args.scale is None
     w = get_world("v2")
-    assert (w.default_character, w.default_style, w.default_scale) == ("kwibbit", "inkvel", 0.8)
+    assert (w.default_character, w.default_second, w.default_scale) == ("kwibbit", "inkvel", 0.8)
     prompt = w.prompt("kwibbit", "inkvel")
     assert prompt == "kwibbit frog, white plain background, inkvel outline style"
     from lorakit.toyworld.v2.composition import training_captions
@@ -56,7 +56,7 @@ def test_table_rates_carry_wilson_intervals():
     from lorakit.eval.stats import wilson
     from lorakit.toyworld.demo_report import table_rows
 
-    report = {"concepts": {"character": {"name": "kwibbit"}, "style": {"name": "inkvel"}},
+    report = {"concepts": {"character": {"name": "kwibbit"}, "second": {"name": "inkvel"}},
               "rows": [{"method": "merge", "kind": "sampling", "s_per_image": 1.0, "setup_s": 0.0,
                         "probs": [[0.9, 0.2], [0.6, 0.7], [0.1, 0.8], [0.4, 0.3]]}]}
     head, row = table_rows(report)
@@ -99,7 +99,7 @@ def test_v2_run_has_every_row_enlarged_images_and_the_oracles_verdicts(v2_run):
             assert large.resize((64, 64), Image.NEAREST).tobytes() == im.tobytes()
             assert f'src="{big}"' in html
         s = oracle.score(images, ["kwibbit", "inkvel"])
-        assert row["character_rate"] == s.rates["kwibbit"] and row["style_rate"] == s.rates["inkvel"]
+        assert row["character_rate"] == s.rates["kwibbit"] and row["second_rate"] == s.rates["inkvel"]
         assert torch.allclose(torch.tensor(row["probs"]), s.probs, atol=1e-6)
         assert row["wilson95"]["character"]["k"] == round(row["character_rate"] * len(images))
         assert row["wilson95"]["both"]["n"] == len(images)
@@ -145,3 +145,42 @@ def test_grid_png_shows_each_image_enlarged_with_its_verdict_marks(tmp_path):
     assert grid.getpixel((104 + 64 + 20, mark_y)) == GRID_COLOURS[False]
     assert grid.getpixel((104 + 20, cell_h + mark_y)) == GRID_COLOURS[False]
     assert grid.getpixel((104 + 64 + 20, cell_h + mark_y)) == GRID_COLOURS[True]
+
+
+@pytest.mark.parametrize("second,prompt", [
+    ("hattock", "kwibbit frog, hattock hat, white plain background"),
+    ("nocturo", "kwibbit frog, nocturo night background"),
+    ("inkvel", "kwibbit frog, white plain background, inkvel outline style"),
+])
+def test_v2_second_concept_of_any_kind_gets_its_scene_prompt_and_targets(second, prompt):
+    """An object or a background is composed like a style: the benchmark's scene caption, and ground truth that
+    shows the second concept without the character and the whole scene, as the oracle reads them."""
+    from lorakit.toyworld.v2.composition import composition_sets
+
+    w, seeds = get_world("v2"), [0, 1, 2]
+    assert w.prompt("kwibbit", second) == prompt
+    bench = {s["id"]: s["prompt"] for s in composition_sets(sizes=(2,))}
+    assert bench[f"n2-kwibbit-{second}"] == prompt  # the same caption the composition benchmark measures
+    alone = w.score(w.target_images(f"{second}_target", "kwibbit", second, seeds), ["kwibbit", second]).rates
+    assert alone == {"kwibbit": 0.0, second: 1.0}
+    if second != "inkvel":  # (kwibbit under inkvel's outlines is the oracle's weak spot)
+        assert w.score(w.target_images("target", "kwibbit", second, seeds), ["kwibbit", second]).all_rate == 1.0
+
+
+def test_cli_object_and_background_choose_the_second_concept_and_its_kind():
+    import argparse
+
+    from lorakit.commands.demo import add_arguments
+    from lorakit.toyworld.demo import DemoSettings, _check_second
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for flag in ("--style", "--object", "--background"):
+        assert getattr(p.parse_args([flag, "x"]), flag[2:]) == "x"
+    with pytest.raises(SystemExit):  # one second concept per run
+        p.parse_args(["--object", "hattock", "--style", "inkvel"])
+    w = get_world("v2")
+    assert _check_second(w, DemoSettings(second="nocturo")) == "nocturo"  # any kind when none is named
+    assert _check_second(w, DemoSettings(second="hattock", second_kind="object")) == "hattock"
+    with pytest.raises(ValueError, match="--style 'hattock'"):
+        _check_second(w, DemoSettings(second="hattock", second_kind="style"))

@@ -41,8 +41,14 @@ def add_arguments(p) -> None:
     p.add_argument("--character", default=None,
                    help="character: a v2 character identity (kwibbit, zorbo, bloopo) or a v1 held-out character "
                    "name or trigger (default: kwibbit; v1: frog)")
-    p.add_argument("--style", default=None,
-                   help="style: a v2 style identity (inkvel, pixlor) or a v1 held-out style (default: inkvel; v1: ink)")
+    second = p.add_mutually_exclusive_group()
+    second.add_argument("--style", default=None,
+                        help="second LoRA, a style: a v2 style identity (inkvel, pixlor) or a v1 held-out style "
+                        "(v1 default: ink)")
+    second.add_argument("--object", default=None,
+                        help="second LoRA, an object: a v2 object identity (hattock, shroomel)")
+    second.add_argument("--background", default=None,
+                        help="second LoRA, a background: a v2 background identity (nocturo, chekka)")
     p.add_argument("--k", type=int, default=8, help="images per method (default: 8)")
     p.add_argument("--scale", type=float, default=None,
                    help="LoRA scale of both LoRAs in every method (default: 0.8, the composition papers' value; "
@@ -71,7 +77,9 @@ def run(args) -> int:
 
     from lorakit.toyworld.demo import DemoSettings, format_table, run_demo
 
-    settings = DemoSettings(character=args.character, style=args.style, world=args.world, out=args.out,
+    kind = next((k for k in ("style", "object", "background") if getattr(args, k) is not None), None)
+    settings = DemoSettings(character=args.character, second=getattr(args, kind) if kind else None,
+                            second_kind=kind, world=args.world, out=args.out,
                             lora_dir=args.lora_dir,
                             k=args.k, seed=args.seed, scale=args.scale, train_steps=args.steps)
     if args.sample_steps is not None:

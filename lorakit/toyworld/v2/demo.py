@@ -2,13 +2,14 @@
 
 The demo itself (:mod:`lorakit.toyworld.demo`) is the same for both worlds; it asks a world object (this module's
 :data:`WORLD`, or v1's) for the pieces below. v2 concepts are identities: a character (``kwibbit``, one particular
-frog) and a style (``inkvel``), each a LoRA trained from ``train_configs/toy2_<identity>.yaml`` on the bundled
-``data/toy2-base``. Images are 64x64.
+frog) and a second identity: an object (``hattock``), a style (``inkvel``) or a background (``nocturo``), each a LoRA
+trained from ``train_configs/toy2_<identity>.yaml`` on the bundled ``data/toy2-base``. Images are 64x64.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from lorakit.toyworld.concepts import SHAPES
@@ -27,7 +28,8 @@ class World:
     image_size = 64
     enlarge = 3  # the report shows 192 px images
     default_character = "kwibbit"
-    default_style = "inkvel"
+    default_second = "inkvel"
+    second_kinds = ("object", "style", "background")
     default_scale = 0.8
 
     @staticmethod
@@ -45,7 +47,7 @@ class World:
             raise ValueError(f"{option} {value!r}: no such toy world v2 concept; {kind} identities: "
                              f"{choices}") from None
         if c.kind != kind or c.role != "identity":
-            raise ValueError(f"{option} {value!r} is a {c.kind} ({c.role}) of toy world v2, not a {kind} identity; "
+            raise ValueError(f"{option} {value!r} is a {c.kind} ({c.role}) of toy world v2, not {_a(kind)} identity; "
                              f"{kind} identities: {choices}")
         return c.name
 
@@ -54,30 +56,40 @@ class World:
         return name  # a v2 identity's name is its trigger word
 
     @staticmethod
-    def prompt(character: str, style: str) -> str:
-        """The whole-scene caption the recipes train on, e.g. ``"kwibbit frog, white plain background, inkvel
-        outline style"``."""
-        return caption(set_scene({"character": character, "style": style}))
+    def kind(name: str) -> str:
+        return get_concept(name).kind
 
     @staticmethod
-    def target_images(row: str, character: str, style: str, seeds: list[int]) -> list:
-        """The renderer's ground truth for a target row, one 64x64 image per seed (layout = the seed)."""
+    def prompt(character: str, second: str) -> str:
+        """The whole-scene caption the recipes train on, e.g. ``"kwibbit frog, white plain background, inkvel
+        outline style"``, ``"kwibbit frog, hattock hat, white plain background"``."""
+        return caption(set_scene({"character": character, get_concept(second).kind: second}))
+
+    @staticmethod
+    def target_images(row: str, character: str, second: str, seeds: list[int]) -> list:
+        """The renderer's ground truth for a target row, one 64x64 image per seed (layout = the seed): the
+        character alone; the second concept without it (a style on a generic shape, an object or a background
+        alone); the prompt's scene."""
+        kind = get_concept(second).kind
         if row == f"{character}_target":
             return [render(Scene(characters=(character,), seed=sd)) for sd in seeds]
-        if row == f"{style}_target":
-            return [render(Scene(shape=SHAPES[sd % len(SHAPES)], style=style, seed=sd)) for sd in seeds]
+        if row == f"{second}_target":
+            if kind == "style":
+                return [render(Scene(shape=SHAPES[sd % len(SHAPES)], style=second, seed=sd)) for sd in seeds]
+            alone = replace(set_scene({"character": character, kind: second}), characters=())
+            return [render(replace(alone, seed=sd)) for sd in seeds]
         if row == "target":
-            return [set_render({"concepts": {"character": character, "style": style}}, sd) for sd in seeds]
+            return [set_render({"concepts": {"character": character, kind: second}}, sd) for sd in seeds]
         raise ValueError(f"unknown target row {row!r}")
 
     @staticmethod
-    def train_loras(character: str, style: str, lora_dir: Path, train_steps: int | None = None,
+    def train_loras(character: str, second: str, lora_dir: Path, train_steps: int | None = None,
                     base: str | None = None, log=None) -> dict:
         """Train (or reuse, by recipe hash) both identity LoRAs: ``{name: {"path", "cached", "seconds"}}``."""
         base = base or World.base()
         overrides = [f"max_steps={train_steps}"] if train_steps is not None else []
         out = {}
-        for name in (character, style):
+        for name in (character, second):
             cached = lora_path(name, lora_dir, base, overrides).exists()
             if log:
                 steps = f"{train_steps} steps" if train_steps is not None else "the recipe's steps"
@@ -101,6 +113,10 @@ class World:
     def score(images, names: list[str]):
         """The v2 oracle's :class:`~lorakit.toyworld.oracle.OracleScores` of ``names`` on ``images``."""
         return _oracle().score(images, names)
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
 _ORACLE = []  # loaded once per process
