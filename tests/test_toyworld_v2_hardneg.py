@@ -60,3 +60,30 @@ def test_measure_oracle_v2_reports_hard_negatives_and_recall(capsys):
         assert r["hard_negatives_absent"]["n"] == 6 and r["hard_negatives_absent"]["k"] == 6
         assert r["recall"]["n"] == 6 and r["recall"]["k"] >= 5
         assert sum(int(v.split("/")[1]) for v in r["absent_by_what"].values()) == 6
+
+
+def test_oracle_v2_fine_tune_with_hard_negatives_starts_from_init_and_masks_their_loss(tmp_path):
+    """``train_oracle_v2.py --init X --hard-negatives K``: starts from X's weights, adds K negatives per identity
+    whose loss mask is their identity's column only, and records both in metrics.json."""
+    import importlib
+
+    import torch
+
+    from lorakit.fileio import load_safetensors
+    from lorakit.toyworld.v2.concepts import CONCEPTS
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    tr = importlib.import_module("train_oracle_v2")
+    concepts = list(CONCEPTS)
+    x, y, m = tr.render_hard_negatives(2, 20000, concepts)
+    assert x.shape == (2 * len(IDENTITIES), 3, 64, 64) and x.dtype == torch.uint8 and not y.any()
+    assert (m.sum(1) == 1).all() and m[0, concepts.index(IDENTITIES[0].name)] == 1
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    assert tr.main(["--out", str(first), "--n-train", "16", "--n-eval", "8", "--steps", "1", "--batch", "8"]) == 0
+    assert tr.main(["--out", str(tuned), "--init", str(first), "--hard-negatives", "2", "--n-train", "16",
+                    "--n-eval", "8", "--steps", "1", "--lr", "0", "--batch", "8"]) == 0
+    a, b = (load_safetensors(p / "oracle.safetensors")[0] for p in (first, tuned))
+    weights = [k for k in a if "running" not in k and "num_batches" not in k]  # (batch-norm statistics move)
+    assert weights and all(torch.equal(a[k], b[k]) for k in weights)  # lr 0: the init's weights, unchanged
+    metrics = json.loads((tuned / "metrics.json").read_text())
+    assert metrics["init"] == str(first) and metrics["hard_negatives_per_identity"] == 2
