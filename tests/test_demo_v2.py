@@ -184,3 +184,32 @@ def test_cli_object_and_background_choose_the_second_concept_and_its_kind():
     assert _check_second(w, DemoSettings(second="hattock", second_kind="object")) == "hattock"
     with pytest.raises(ValueError, match="--style 'hattock'"):
         _check_second(w, DemoSettings(second="hattock", second_kind="style"))
+
+
+def test_demo_loras_have_their_own_recipe_hash(tmp_path):
+    """The demo's shorter recipes (DEMO_OVERRIDES) never reuse, or stand in for, the benchmark's LoRAs."""
+    from lorakit.toyworld.v2.demo import DEMO_OVERRIDES
+    from lorakit.toyworld.v2.loras import lora_path
+    from lorakit.toyworld.v2.models import DEFAULT_BASE
+
+    demo = lora_path("zorbo", tmp_path, DEFAULT_BASE, list(DEMO_OVERRIDES))
+    bench = lora_path("zorbo", tmp_path, DEFAULT_BASE)
+    assert demo != bench and demo.name.startswith("toy2_zorbo-") and demo.parent == tmp_path
+    assert any(o.startswith("max_steps=") for o in DEMO_OVERRIDES)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_loras_as_one(tmp_path):
+    """--train-jobs 2 (both LoRAs at once, one process each) trains the weights one process trains, bit for bit."""
+    from lorakit.fileio import load_safetensors
+
+    w = get_world("v2")
+    one = w.train_loras("zorbo", "nocturo", tmp_path / "one", train_steps=2, jobs=1)
+    two = w.train_loras("zorbo", "nocturo", tmp_path / "two", train_steps=2, jobs=2)
+    for name in ("zorbo", "nocturo"):
+        a, b = Path(one[name]["path"]), Path(two[name]["path"])
+        ta, tb = load_safetensors(a)[0], load_safetensors(b)[0]
+        assert a.name == b.name and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+        assert not two[name]["cached"] and two[name]["seconds"] > 0
+    again = w.train_loras("zorbo", "nocturo", tmp_path / "two", train_steps=2, jobs=2)
+    assert all(v["cached"] and v["seconds"] == 0 for v in again.values())

@@ -26,6 +26,7 @@ the both-present rate, seconds per image and each method's setup time (profiling
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,7 +96,8 @@ class DemoSettings:
     k: images per method; image i of every method uses seed ``seed + i``.
     scale: LoRA scale of both LoRAs in every method (fusions: the weight of each delta); None = the world's
         (v2: 0.8, the composition papers' value; v1: 1.0, the earlier demo's).
-    train_steps: overrides the recipes' ``max_steps`` (None = the recipes' 300).
+    train_steps: overrides the recipes' ``max_steps`` (None = the demo's: v2 120, v1 the recipes' 300).
+    train_jobs: v2: LoRAs trained at once, one process each (default 2 where the machine has 2 cores or more).
     sample_steps / guidance: DDIM steps and CFG scale of every image (the toy measurements' 20 and 4).
     base: base model folder (default: the world's bundled base, ``data/toy2-base`` / ``data/toy-base``).
     """
@@ -110,6 +112,7 @@ class DemoSettings:
     seed: int = 0
     scale: float | None = None
     train_steps: int | None = None
+    train_jobs: int | None = None
     sample_steps: int = NUM_STEPS
     guidance: float = GUIDANCE
     base: str | None = None
@@ -172,8 +175,8 @@ class V1World:
 
     @staticmethod
     def train_loras(character: str, style: str, lora_dir: Path, train_steps: int | None = None,
-                    base: str | None = None, log=None) -> dict:
-        return train_loras(character, style, lora_dir, train_steps, base, log)
+                    base: str | None = None, log=None, jobs: int = 1) -> dict:
+        return train_loras(character, style, lora_dir, train_steps, base, log)  # (one after the other)
 
     @staticmethod
     def fusion_prompts(name: str) -> tuple[list[str], list[str]]:
@@ -368,6 +371,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         raise ValueError(f"--scale must be in (0, 2], got {s.scale}")
     if s.k < 1:
         raise ValueError(f"--k must be >= 1, got {s.k}")
+    if s.train_jobs is not None and s.train_jobs < 1:
+        raise ValueError(f"--train-jobs must be >= 1, got {s.train_jobs}")
     if s.train_steps is not None and s.train_steps < 1:
         raise ValueError(f"--steps must be >= 1, got {s.train_steps}")
     rows_all = method_ids(s.character, s.second)
@@ -397,7 +402,9 @@ def _run(s: DemoSettings, world, rows: list[str], out: Path, lora_dir: Path, pro
          progress: bool) -> dict:
     """The body of :func:`run_demo` (settings already checked): train, generate, score; the report without
     its total time."""
-    loras = world.train_loras(s.character, s.second, lora_dir, s.train_steps, s.base, log=print if progress else None)
+    jobs = s.train_jobs if s.train_jobs is not None else min(2, os.cpu_count() or 1)
+    loras = world.train_loras(s.character, s.second, lora_dir, s.train_steps, s.base,
+                              log=print if progress else None, jobs=jobs)
     runner = _Runner(s, loras, prompt, world)
     kinds = {m.format(character=s.character, second=s.second): (k, d) for m, k, d in METHODS}
     results = []
