@@ -20,6 +20,8 @@ QUICK = ["--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "-
 def test_v2_is_the_default_world_and_its_prompt_is_the_recipes_caption_form():
     import argparse
 
+    from lorakit.toyworld.v2.composition import training_captions
+
     from lorakit.commands.demo import add_arguments
 
     p = argparse.ArgumentParser()
@@ -27,12 +29,12 @@ def test_v2_is_the_default_world_and_its_prompt_is_the_recipes_caption_form():
     args = p.parse_args([])
     assert args.world == "v2" and args.character is None and args.style is None and args.scale is None
     w = get_world("v2")
-    assert (w.default_character, w.default_second, w.default_scale) == ("kwibbit", "inkvel", 0.8)
+    assert (w.default_character, w.default_second, w.default_scale) == ("kwibbit", "nocturo", 0.8)
+    assert w.prompt("kwibbit", "nocturo") == "kwibbit frog, nocturo night background"
+    assert "kwibbit frog, white plain background" in training_captions("kwibbit", 40)  # as trained
+    assert any(c.endswith(", nocturo night background") for c in training_captions("nocturo", 10))
     prompt = w.prompt("kwibbit", "inkvel")
     assert prompt == "kwibbit frog, white plain background, inkvel outline style"
-    from lorakit.toyworld.v2.composition import training_captions
-
-    assert "kwibbit frog, white plain background" in training_captions("kwibbit", 40)  # as trained
     assert all(c.endswith(", inkvel outline style") for c in training_captions("inkvel", 10))
     fuse, held = w.fusion_prompts("inkvel")
     assert len(fuse) == 4 and len(held) == 2 and not set(fuse) & set(held)
@@ -85,9 +87,9 @@ def test_v2_run_has_every_row_enlarged_images_and_the_oracles_verdicts(v2_run):
 
     out, loras, report, printed = v2_run
     assert report["settings"]["world"] == "v2" and report["settings"]["scale"] == 0.8
-    assert report["prompt"] == "kwibbit frog, white plain background, inkvel outline style"
-    assert [r["method"] for r in report["rows"]] == (target_ids("kwibbit", "inkvel")
-                                                    + method_ids("kwibbit", "inkvel"))
+    assert report["prompt"] == "kwibbit frog, nocturo night background"
+    assert [r["method"] for r in report["rows"]] == (target_ids("kwibbit", "nocturo")
+                                                    + method_ids("kwibbit", "nocturo"))
     html = (out / "report.html").read_text()
     assert "width:192px" in html and (out / "grid.png").is_file()
     oracle = Oracle.load()
@@ -98,14 +100,14 @@ def test_v2_run_has_every_row_enlarged_images_and_the_oracles_verdicts(v2_run):
             assert im.size == (64, 64) and large.size == (192, 192)
             assert large.resize((64, 64), Image.NEAREST).tobytes() == im.tobytes()
             assert f'src="{big}"' in html
-        s = oracle.score(images, ["kwibbit", "inkvel"])
-        assert row["character_rate"] == s.rates["kwibbit"] and row["second_rate"] == s.rates["inkvel"]
+        s = oracle.score(images, ["kwibbit", "nocturo"])
+        assert row["character_rate"] == s.rates["kwibbit"] and row["second_rate"] == s.rates["nocturo"]
         assert torch.allclose(torch.tensor(row["probs"]), s.probs, atol=1e-6)
         assert row["wilson95"]["character"]["k"] == round(row["character_rate"] * len(images))
         assert row["wilson95"]["both"]["n"] == len(images)
         for probs in row["probs"]:
             mark = ["\u2713" if p >= 0.5 else "\u2717" for p in probs]
-            assert f'<div class="v">kwibbit {mark[0]} inkvel {mark[1]}</div>' in html
+            assert f'<div class="v">kwibbit {mark[0]} nocturo {mark[1]}</div>' in html
     paths = re.findall(r"(/[^\s'\"(),]+\.safetensors)", printed)
     assert paths and all(Path(p).is_file() for p in paths), printed
     assert {Path(v["path"]).parent for v in report["loras"].values()} == {loras}

@@ -11,15 +11,16 @@ DESCRIPTION = """\
 Offline end-to-end demo on a bundled toy world (default --world v2: data/toy2-base, 64x64 images;
 --world v1: data/toy-base, 32x32, the earlier demo):
 
-  1. trains a character LoRA and a style LoRA (v2: identities kwibbit + inkvel from
-     train_configs/toy2_<identity>.yaml; v1: frog + ink from train_configs/toy_<concept>.yaml; 300 steps each;
-     cached by recipe hash under LORA_DIR, shared with the tests and CI, so a second run reuses them);
+  1. trains a character LoRA and a second LoRA (v2: identities kwibbit (a frog) + nocturo (a night background)
+     from train_configs/toy2_<identity>.yaml with the demo's 120 steps at lr 1e-2, the two in parallel
+     processes; --style / --object / --background choose another second identity; v1: frog + ink from
+     train_configs/toy_<concept>.yaml, 300 steps each), cached by recipe hash under LORA_DIR, shared with the
+     tests and CI, so a second run reuses them;
   2. composes them with every method: sampling-time merge, switch, composite, cmlora and fusion-time
      gradient (Mix-of-Show) and weighted, plus reference rows: base (no LoRA) and each LoRA alone;
-     K images per method from one whole-scene caption (v2: "kwibbit frog, white plain background, inkvel
-     outline style"), every LoRA at scale SCALE (0.8, as the composition papers; v1: 1.0), the same seeds for every
-     method;
-  3. scores every image with the world's oracle (is the character there? the style? both?);
+     K images per method from one whole-scene caption (v2: "kwibbit frog, nocturo night background"), every
+     LoRA at scale SCALE (0.8, as the composition papers; v1: 1.0), the same seeds for every method;
+  3. scores every image with the world's oracle (is the character there? the second concept? both?);
   4. writes OUT/report.html (the table with Wilson 95% intervals; target rows = the rendered ground truth,
      then every method's images enlarged with the oracle's verdict under each), OUT/report.json,
      OUT/report.md, OUT/grid.png (every row in one picture), OUT/images/.

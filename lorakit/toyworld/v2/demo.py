@@ -42,7 +42,7 @@ class World:
     image_size = 64
     enlarge = 3  # the report shows 192 px images
     default_character = "kwibbit"
-    default_second = "inkvel"
+    default_second = "nocturo"
     second_kinds = ("object", "style", "background")
     default_scale = 0.8
 
