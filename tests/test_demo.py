@@ -77,7 +77,7 @@ def test_report_numbers_are_the_oracles_on_the_saved_pngs(demo_run):
             assert large.size == (128, 128) and large.resize((32, 32), Image.NEAREST).tobytes() == im.tobytes()
         s = score(images, ["frog", "ink"])
         assert row["character_rate"] == s.rates["frog"]
-        assert row["style_rate"] == s.rates["ink"]
+        assert row["second_rate"] == s.rates["ink"]
         assert row["both_rate"] == s.all_rate
         assert torch.allclose(torch.tensor(row["probs"]), s.probs, atol=1e-6)
 
@@ -85,8 +85,8 @@ def test_report_numbers_are_the_oracles_on_the_saved_pngs(demo_run):
 def test_target_rows_are_ground_truth_the_oracle_recognises(demo_run):
     out, _, report, _ = demo_run
     rows = {r["method"]: r for r in report["rows"]}
-    assert rows["frog_target"]["character_rate"] == 1.0 and rows["frog_target"]["style_rate"] == 0.0
-    assert rows["ink_target"]["style_rate"] == 1.0 and rows["ink_target"]["character_rate"] == 0.0
+    assert rows["frog_target"]["character_rate"] == 1.0 and rows["frog_target"]["second_rate"] == 0.0
+    assert rows["ink_target"]["second_rate"] == 1.0 and rows["ink_target"]["character_rate"] == 0.0
     assert rows["target"]["both_rate"] == 1.0
 
 
@@ -147,6 +147,10 @@ def test_rerun_reuses_the_loras_and_removes_only_its_own_stale_images(demo_run, 
     ("v2", "--character", "frog", "is a character (class) of toy world v2, not a character identity"),
     ("v2", "--character", "bob", "no such toy world v2 concept"),
     ("v2", "--style", "kwibbit", "not a style identity; style identities: inkvel, pixlor"),
+    ("v2", "--object", "inkvel", "is a style (identity) of toy world v2, not an object identity; object identities: "
+     "hattock, shroomel"),
+    ("v2", "--background", "night", "is a background (class) of toy world v2, not a background identity"),
+    ("v1", "--object", "hattock", "the toy world v1 demo's second concept is a style"),
 ])
 def test_bad_concept_fails_naming_it(world, option, value, expect, tmp_path, capsys):
     out = tmp_path / "bad"

@@ -20,6 +20,8 @@ QUICK = ["--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "-
 def test_v2_is_the_default_world_and_its_prompt_is_the_recipes_caption_form():
     import argparse
 
+    from lorakit.toyworld.v2.composition import training_captions
+
     from lorakit.commands.demo import add_arguments
 
     p = argparse.ArgumentParser()
@@ -27,12 +29,12 @@ def test_v2_is_the_default_world_and_its_prompt_is_the_recipes_caption_form():
     args = p.parse_args([])
     assert args.world == "v2" and args.character is None and args.style is None and args.scale is None
     w = get_world("v2")
-    assert (w.default_character, w.default_style, w.default_scale) == ("kwibbit", "inkvel", 0.8)
+    assert (w.default_character, w.default_second, w.default_scale) == ("kwibbit", "nocturo", 0.8)
+    assert w.prompt("kwibbit", "nocturo") == "kwibbit frog, nocturo night background"
+    assert "kwibbit frog, white plain background" in training_captions("kwibbit", 40)  # as trained
+    assert any(c.endswith(", nocturo night background") for c in training_captions("nocturo", 10))
     prompt = w.prompt("kwibbit", "inkvel")
     assert prompt == "kwibbit frog, white plain background, inkvel outline style"
-    from lorakit.toyworld.v2.composition import training_captions
-
-    assert "kwibbit frog, white plain background" in training_captions("kwibbit", 40)  # as trained
     assert all(c.endswith(", inkvel outline style") for c in training_captions("inkvel", 10))
     fuse, held = w.fusion_prompts("inkvel")
     assert len(fuse) == 4 and len(held) == 2 and not set(fuse) & set(held)
@@ -56,7 +58,7 @@ def test_table_rates_carry_wilson_intervals():
     from lorakit.eval.stats import wilson
     from lorakit.toyworld.demo_report import table_rows
 
-    report = {"concepts": {"character": {"name": "kwibbit"}, "style": {"name": "inkvel"}},
+    report = {"concepts": {"character": {"name": "kwibbit"}, "second": {"name": "inkvel"}},
               "rows": [{"method": "merge", "kind": "sampling", "s_per_image": 1.0, "setup_s": 0.0,
                         "probs": [[0.9, 0.2], [0.6, 0.7], [0.1, 0.8], [0.4, 0.3]]}]}
     head, row = table_rows(report)
@@ -85,9 +87,9 @@ def test_v2_run_has_every_row_enlarged_images_and_the_oracles_verdicts(v2_run):
 
     out, loras, report, printed = v2_run
     assert report["settings"]["world"] == "v2" and report["settings"]["scale"] == 0.8
-    assert report["prompt"] == "kwibbit frog, white plain background, inkvel outline style"
-    assert [r["method"] for r in report["rows"]] == (target_ids("kwibbit", "inkvel")
-                                                    + method_ids("kwibbit", "inkvel"))
+    assert report["prompt"] == "kwibbit frog, nocturo night background"
+    assert [r["method"] for r in report["rows"]] == (target_ids("kwibbit", "nocturo")
+                                                    + method_ids("kwibbit", "nocturo"))
     html = (out / "report.html").read_text()
     assert "width:192px" in html and (out / "grid.png").is_file()
     oracle = Oracle.load()
@@ -98,14 +100,14 @@ def test_v2_run_has_every_row_enlarged_images_and_the_oracles_verdicts(v2_run):
             assert im.size == (64, 64) and large.size == (192, 192)
             assert large.resize((64, 64), Image.NEAREST).tobytes() == im.tobytes()
             assert f'src="{big}"' in html
-        s = oracle.score(images, ["kwibbit", "inkvel"])
-        assert row["character_rate"] == s.rates["kwibbit"] and row["style_rate"] == s.rates["inkvel"]
+        s = oracle.score(images, ["kwibbit", "nocturo"])
+        assert row["character_rate"] == s.rates["kwibbit"] and row["second_rate"] == s.rates["nocturo"]
         assert torch.allclose(torch.tensor(row["probs"]), s.probs, atol=1e-6)
         assert row["wilson95"]["character"]["k"] == round(row["character_rate"] * len(images))
         assert row["wilson95"]["both"]["n"] == len(images)
         for probs in row["probs"]:
             mark = ["\u2713" if p >= 0.5 else "\u2717" for p in probs]
-            assert f'<div class="v">kwibbit {mark[0]} inkvel {mark[1]}</div>' in html
+            assert f'<div class="v">kwibbit {mark[0]} nocturo {mark[1]}</div>' in html
     paths = re.findall(r"(/[^\s'\"(),]+\.safetensors)", printed)
     assert paths and all(Path(p).is_file() for p in paths), printed
     assert {Path(v["path"]).parent for v in report["loras"].values()} == {loras}
@@ -145,3 +147,71 @@ def test_grid_png_shows_each_image_enlarged_with_its_verdict_marks(tmp_path):
     assert grid.getpixel((104 + 64 + 20, mark_y)) == GRID_COLOURS[False]
     assert grid.getpixel((104 + 20, cell_h + mark_y)) == GRID_COLOURS[False]
     assert grid.getpixel((104 + 64 + 20, cell_h + mark_y)) == GRID_COLOURS[True]
+
+
+@pytest.mark.parametrize("second,prompt", [
+    ("hattock", "kwibbit frog, hattock hat, white plain background"),
+    ("nocturo", "kwibbit frog, nocturo night background"),
+    ("inkvel", "kwibbit frog, white plain background, inkvel outline style"),
+])
+def test_v2_second_concept_of_any_kind_gets_its_scene_prompt_and_targets(second, prompt):
+    """An object or a background is composed like a style: the benchmark's scene caption, and ground truth that
+    shows the second concept without the character and the whole scene, as the oracle reads them."""
+    from lorakit.toyworld.v2.composition import composition_sets
+
+    w, seeds = get_world("v2"), [0, 1, 2]
+    assert w.prompt("kwibbit", second) == prompt
+    bench = {s["id"]: s["prompt"] for s in composition_sets(sizes=(2,))}
+    assert bench[f"n2-kwibbit-{second}"] == prompt  # the same caption the composition benchmark measures
+    alone = w.score(w.target_images(f"{second}_target", "kwibbit", second, seeds), ["kwibbit", second]).rates
+    assert alone == {"kwibbit": 0.0, second: 1.0}
+    if second != "inkvel":  # (kwibbit under inkvel's outlines is the oracle's weak spot)
+        assert w.score(w.target_images("target", "kwibbit", second, seeds), ["kwibbit", second]).all_rate == 1.0
+
+
+def test_cli_object_and_background_choose_the_second_concept_and_its_kind():
+    import argparse
+
+    from lorakit.commands.demo import add_arguments
+    from lorakit.toyworld.demo import DemoSettings, _check_second
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for flag in ("--style", "--object", "--background"):
+        assert getattr(p.parse_args([flag, "x"]), flag[2:]) == "x"
+    with pytest.raises(SystemExit):  # one second concept per run
+        p.parse_args(["--object", "hattock", "--style", "inkvel"])
+    w = get_world("v2")
+    assert _check_second(w, DemoSettings(second="nocturo")) == "nocturo"  # any kind when none is named
+    assert _check_second(w, DemoSettings(second="hattock", second_kind="object")) == "hattock"
+    with pytest.raises(ValueError, match="--style 'hattock'"):
+        _check_second(w, DemoSettings(second="hattock", second_kind="style"))
+
+
+def test_demo_loras_have_their_own_recipe_hash(tmp_path):
+    """The demo's shorter recipes (DEMO_OVERRIDES) never reuse, or stand in for, the benchmark's LoRAs."""
+    from lorakit.toyworld.v2.demo import DEMO_OVERRIDES
+    from lorakit.toyworld.v2.loras import lora_path
+    from lorakit.toyworld.v2.models import DEFAULT_BASE
+
+    demo = lora_path("zorbo", tmp_path, DEFAULT_BASE, list(DEMO_OVERRIDES))
+    bench = lora_path("zorbo", tmp_path, DEFAULT_BASE)
+    assert demo != bench and demo.name.startswith("toy2_zorbo-") and demo.parent == tmp_path
+    assert any(o.startswith("max_steps=") for o in DEMO_OVERRIDES)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_loras_as_one(tmp_path):
+    """--train-jobs 2 (both LoRAs at once, one process each) trains the weights one process trains, bit for bit."""
+    from lorakit.fileio import load_safetensors
+
+    w = get_world("v2")
+    one = w.train_loras("zorbo", "nocturo", tmp_path / "one", train_steps=2, jobs=1)
+    two = w.train_loras("zorbo", "nocturo", tmp_path / "two", train_steps=2, jobs=2)
+    for name in ("zorbo", "nocturo"):
+        a, b = Path(one[name]["path"]), Path(two[name]["path"])
+        ta, tb = load_safetensors(a)[0], load_safetensors(b)[0]
+        assert a.name == b.name and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+        assert not two[name]["cached"] and two[name]["seconds"] > 0
+    again = w.train_loras("zorbo", "nocturo", tmp_path / "two", train_steps=2, jobs=2)
+    assert all(v["cached"] and v["seconds"] == 0 for v in again.values())

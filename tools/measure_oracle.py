@@ -6,6 +6,8 @@ decision thresholds. Prints JSON lines; rates carry n and a 95% Wilson interval.
 
     python tools/measure_oracle.py --n 96 --seed 5000            # every held-out concept
     python tools/measure_oracle.py --concepts frog ink --oracle /tmp/oracle2
+    python tools/measure_oracle.py --world v2 --n 96             # the v2 identities (lorakit.toyworld.v2.hardneg),
+                                                                 # data/toy2-oracle, the VAE of data/toy2-base
 
 Seeds: hard negatives and positives are drawn from ``--seed`` (train_oracle.py renders from 0 and 1000, and the
 hard-negative fine-tune uses 0..; pass a seed none of them used).
@@ -28,11 +30,12 @@ sys.path.insert(0, str(ROOT / "tools"))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--concepts", nargs="*", help="held-out concepts (default: all)")
+    p.add_argument("--world", choices=("v1", "v2"), default="v1", help="toy world (default v1)")
+    p.add_argument("--concepts", nargs="*", help="held-out concepts / v2 identities (default: all)")
     p.add_argument("--n", type=int, default=96, help="hard negatives and positives per concept (default 96)")
     p.add_argument("--seed", type=int, default=5000)
-    p.add_argument("--oracle", help="oracle folder (default data/oracle)")
-    p.add_argument("--vae", default=str(ROOT / "data" / "toy-base" / "vae"), help="VAE for the degraded copies")
+    p.add_argument("--oracle", help="oracle folder (default data/oracle; v2: data/toy2-oracle)")
+    p.add_argument("--vae", help="VAE for the degraded copies (default data/toy-base/vae; v2: data/toy2-base/vae)")
     p.add_argument("--thresholds", nargs="+", type=float, default=[0.5, 0.7, 0.9])
     return p.parse_args(argv)
 
@@ -41,28 +44,52 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(i, np.float32) / 255 for i in images])).permute(0, 3, 1, 2)
 
 
-def positives(concept: str, n: int, seed: int) -> torch.Tensor:
-    """Fresh renders that show ``concept`` (its LoRA training scenes' form), ``[n, 3, 32, 32]``."""
-    from lorakit.toyworld.render import render
-    from lorakit.toyworld.scenes import concept_scene
+def positives(concept: str, n: int, seed: int, world: str = "v1") -> torch.Tensor:
+    """Fresh renders that show ``concept`` (its LoRA training scenes' form), ``[n, 3, S, S]``."""
+    if world == "v2":
+        from lorakit.toyworld.v2.render import render
+        from lorakit.toyworld.v2.scenes import concept_scene
+    else:
+        from lorakit.toyworld.render import render
+        from lorakit.toyworld.scenes import concept_scene
 
     rng = np.random.default_rng(seed)
     return to_tensor([render(concept_scene(concept, rng)) for _ in range(n)])
+
+
+def _by_what(negs, absent) -> dict:
+    """``{what (without its style suffix): "k/n absent"}``: which kind of hard negative the oracle gets wrong."""
+    tally = {}
+    for (_, _, what), a in zip(negs, absent):
+        k = tally.setdefault(what.split(", ")[0], [0, 0])
+        k[0] += int(a)
+        k[1] += 1
+    return {w: f"{a}/{n}" for w, (a, n) in sorted(tally.items())}
 
 
 def main(argv=None) -> int:
     from diffusers import AutoencoderKL
     from toy_oracle_training import vae_roundtrip
 
-    from lorakit.toyworld.oracle import Oracle, load_oracle
     from lorakit.eval.stats import rate
-    from lorakit.toyworld.concepts import HELDOUT
-    from lorakit.toyworld.hardneg import FAMILIES, hard_negatives
 
     args = parse_args(argv)
     torch.set_num_threads(1)
-    oracle = Oracle.load(args.oracle) if args.oracle else load_oracle()
-    vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32).eval()
+    if args.world == "v2":
+        from lorakit.toyworld.v2.concepts import IDENTITIES as HELDOUT
+        from lorakit.toyworld.v2.hardneg import FAMILIES, hard_negatives
+        from lorakit.toyworld.v2.oracle import Oracle
+
+        oracle = Oracle.load(args.oracle)
+        vae_dir = args.vae or str(ROOT / "data" / "toy2-base" / "vae")
+    else:
+        from lorakit.toyworld.concepts import HELDOUT
+        from lorakit.toyworld.hardneg import FAMILIES, hard_negatives
+        from lorakit.toyworld.oracle import Oracle, load_oracle
+
+        oracle = Oracle.load(args.oracle) if args.oracle else load_oracle()
+        vae_dir = args.vae or str(ROOT / "data" / "toy-base" / "vae")
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
     concepts = args.concepts or [c.name for c in HELDOUT]
     totals = {}
     for ci, name in enumerate(concepts):
@@ -70,7 +97,7 @@ def main(argv=None) -> int:
         negs = hard_negatives(name, args.n, seed=seed)
         fam = np.array([f for _, f, _ in negs])
         x_neg = to_tensor([im for im, _, _ in negs])
-        x_pos = positives(name, args.n, seed + 1)
+        x_pos = positives(name, args.n, seed + 1, args.world)
         col = oracle.concepts.index(name)
         for variant in ("clean", "vae"):
             gen = torch.Generator().manual_seed(seed + 2)
@@ -80,13 +107,14 @@ def main(argv=None) -> int:
             pp = oracle.probabilities(xp)[:, col].numpy()
             for t in args.thresholds:
                 absent = pn < t
-                rec = {"concept": name, "images": variant, "threshold": t,
+                rec = {"world": args.world, "concept": name, "images": variant, "threshold": t,
                        "hard_negatives_absent": rate(int(absent.sum()), len(absent)),
                        "per_family_absent": {f: rate(int(absent[fam == f].sum()), int((fam == f).sum()))
                                              for f in FAMILIES},
                        "recall": rate(int((pp >= t).sum()), len(pp))}
                 if t == 0.5:
                     worst = np.argsort(-pn)[:3]
+                    rec["absent_by_what"] = _by_what(negs, absent)
                     rec["highest_scored"] = [{"what": negs[i][2], "p": round(float(pn[i]), 3)} for i in worst]
                 print(json.dumps(rec), flush=True)
                 tot = totals.setdefault((variant, t), [0, 0, 0, 0])

@@ -8,6 +8,13 @@ on clean and degraded (VAE + degradations) images, and for each identity its acc
 class (telling ``kwibbit`` from other frogs). Everything goes to ``<out>/metrics.json``.
 
     python tools/train_oracle_v2.py --vae /work/shared_artifacts/toybase_v2/run/vae/toy-vae --out /tmp/oracle_v2
+    python tools/train_oracle_v2.py --vae data/toy2-base/vae --init data/toy2-oracle --hard-negatives 150 \
+        --steps 600 --out /tmp/oracle_v2_hn                                                     # fine-tune
+
+``--hard-negatives K`` adds K hard negatives per identity (``lorakit.toyworld.v2.hardneg``: blobs in its colours,
+its class with some of its parts, others in its colours), drawn from seed ``--seed + 20000``; their loss counts
+only the column of the identity they imitate (a blue frog with kwibbit's spots is still a ``frog``), and they fill
+``--hard-frac`` of each batch. ``--init`` continues from an oracle folder's weights.
 """
 
 from __future__ import annotations
@@ -28,7 +35,27 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--vae", help="v2 VAE folder (AutoencoderKL) for the round-trip augmentation")
     add_training_options(p, n_train=8000, n_eval=1000, n_vae=3000, steps=1500, batch=48)
+    p.add_argument("--init", help="v2 oracle folder to start from (config.json + oracle.safetensors)")
+    p.add_argument("--hard-negatives", type=int, default=0, help="hard negatives per identity (0: none)")
+    p.add_argument("--hard-frac", type=float, default=0.25, help="share of each batch drawn from the hard negatives")
     return p.parse_args(argv)
+
+
+def render_hard_negatives(k: int, seed: int, concepts: list[str]):
+    """``k`` hard negatives per identity -> images uint8 ``[N, 3, 64, 64]``, labels ``[N, C]`` (all 0) and a loss
+    mask ``[N, C]`` that is 1 only in the imitated identity's column."""
+    from lorakit.toyworld.v2.concepts import IDENTITIES
+    from lorakit.toyworld.v2.hardneg import hard_negatives
+
+    imgs, masks = [], []
+    for i, c in enumerate(IDENTITIES):
+        for im, _, _ in hard_negatives(c.name, k, seed=seed + 100 * i):
+            imgs.append(np.asarray(im))
+            m = np.zeros(len(concepts), np.float32)
+            m[concepts.index(c.name)] = 1
+            masks.append(m)
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(imgs).transpose(0, 3, 1, 2)))
+    return x, torch.zeros(len(imgs), len(concepts)), torch.from_numpy(np.stack(masks))
 
 
 def render_set(n: int, seed: int, concepts: list[str]):
@@ -109,20 +136,35 @@ def main(argv=None) -> int:
         x_vae[: args.n_vae] = vae_roundtrip(vae, x[: args.n_vae], gen)
         xe_vae = vae_roundtrip(vae, xe, torch.Generator().manual_seed(args.seed + 1))
         log(f"VAE round trips done ({args.vae})")
+    n_plain, mask = len(x), torch.ones_like(y)
+    if args.hard_negatives:
+        xh, yh, mh = render_hard_negatives(args.hard_negatives, args.seed + 20000, concepts)
+        xh_vae = vae_roundtrip(vae, xh, gen) if args.vae else xh
+        x, x_vae, y, mask = torch.cat([x, xh]), torch.cat([x_vae, xh_vae]), torch.cat([y, yh]), torch.cat([mask, mh])
+        log(f"{len(xh)} hard negatives added")
     net = OracleNet(len(concepts), args.width)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    if args.init:
+        from lorakit.fileio import load_safetensors
+
+        net.load_state_dict({k: v.float() for k, v in load_safetensors(Path(args.init) / "oracle.safetensors")[0].items()})
+        log(f"starting from {args.init}")
+    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
 
     def batch_loss(step):
-        idx = torch.randint(0, len(x), (args.batch,), generator=gen)
+        n_hard = round(args.batch * args.hard_frac) if len(x) > n_plain else 0
+        idx = torch.cat([torch.randint(0, n_plain, (args.batch - n_hard,), generator=gen),
+                         torch.randint(n_plain, max(len(x), n_plain + 1), (n_hard,), generator=gen)])
         use_vae = (torch.rand(args.batch, generator=gen) < 0.5).view(-1, 1, 1, 1)
         xb = degrade(as_float(torch.where(use_vae, x_vae[idx], x[idx])), gen)
-        return loss_fn(net(xb), y[idx])
+        m = mask[idx]
+        return (loss_fn(net(xb), y[idx]) * m).sum() / m.sum()
 
     optimise(net, args.steps, args.lr, batch_loss, log_every=100)
     clean = evaluate(net, as_float(xe), ye, concepts)
     degraded = evaluate(net, degrade(as_float(xe_vae), torch.Generator().manual_seed(args.seed + 2)), ye, concepts)
     metrics = {"eval_scenes": args.n_eval, "clean": summarize(clean), "degraded": summarize(degraded),
-               "per_concept_clean": clean, "per_concept_degraded": degraded, "vae_augmentation": bool(args.vae),
+               "per_concept_clean": clean, "per_concept_degraded": degraded, "vae_augmentation": bool(args.vae), "init": args.init,
+               "hard_negatives_per_identity": args.hard_negatives,
                "train_seconds": round(time.time() - t0, 1), "args": vars(args)}
     out = Path(args.out)
     write_oracle(out, net, "toy-oracle-v2", {"world": "v2", "concepts": concepts, "width": args.width, "image_size": 64,

@@ -11,15 +11,16 @@ DESCRIPTION = """\
 Offline end-to-end demo on a bundled toy world (default --world v2: data/toy2-base, 64x64 images;
 --world v1: data/toy-base, 32x32, the earlier demo):
 
-  1. trains a character LoRA and a style LoRA (v2: identities kwibbit + inkvel from
-     train_configs/toy2_<identity>.yaml; v1: frog + ink from train_configs/toy_<concept>.yaml; 300 steps each;
-     cached by recipe hash under LORA_DIR, shared with the tests and CI, so a second run reuses them);
+  1. trains a character LoRA and a second LoRA (v2: identities kwibbit (a frog) + nocturo (a night background)
+     from train_configs/toy2_<identity>.yaml with the demo's 120 steps at lr 1e-2, the two in parallel
+     processes; --style / --object / --background choose another second identity; v1: frog + ink from
+     train_configs/toy_<concept>.yaml, 300 steps each), cached by recipe hash under LORA_DIR, shared with the
+     tests and CI, so a second run reuses them;
   2. composes them with every method: sampling-time merge, switch, composite, cmlora and fusion-time
      gradient (Mix-of-Show) and weighted, plus reference rows: base (no LoRA) and each LoRA alone;
-     K images per method from one whole-scene caption (v2: "kwibbit frog, white plain background, inkvel
-     outline style"), every LoRA at scale SCALE (0.8, as the composition papers; v1: 1.0), the same seeds for every
-     method;
-  3. scores every image with the world's oracle (is the character there? the style? both?);
+     K images per method from one whole-scene caption (v2: "kwibbit frog, nocturo night background"), every
+     LoRA at scale SCALE (0.8, as the composition papers; v1: 1.0), the same seeds for every method;
+  3. scores every image with the world's oracle (is the character there? the second concept? both?);
   4. writes OUT/report.html (the table with Wilson 95% intervals; target rows = the rendered ground truth,
      then every method's images enlarged with the oracle's verdict under each), OUT/report.json,
      OUT/report.md, OUT/grid.png (every row in one picture), OUT/images/.
@@ -41,8 +42,14 @@ def add_arguments(p) -> None:
     p.add_argument("--character", default=None,
                    help="character: a v2 character identity (kwibbit, zorbo, bloopo) or a v1 held-out character "
                    "name or trigger (default: kwibbit; v1: frog)")
-    p.add_argument("--style", default=None,
-                   help="style: a v2 style identity (inkvel, pixlor) or a v1 held-out style (default: inkvel; v1: ink)")
+    second = p.add_mutually_exclusive_group()
+    second.add_argument("--style", default=None,
+                        help="second LoRA, a style: a v2 style identity (inkvel, pixlor) or a v1 held-out style "
+                        "(v1 default: ink)")
+    second.add_argument("--object", default=None,
+                        help="second LoRA, an object: a v2 object identity (hattock, shroomel)")
+    second.add_argument("--background", default=None,
+                        help="second LoRA, a background: a v2 background identity (nocturo, chekka)")
     p.add_argument("--k", type=int, default=8, help="images per method (default: 8)")
     p.add_argument("--scale", type=float, default=None,
                    help="LoRA scale of both LoRAs in every method (default: 0.8, the composition papers' value; "
@@ -50,6 +57,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default: 0)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of each LoRA, overriding the recipes' max_steps (default: the recipes' 300)")
+    p.add_argument("--train-jobs", type=int, default=None,
+                   help="v2: LoRAs to train at once, one process and one thread each (default: 2 on a machine with "
+                   "2 or more cores, else 1)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps per image (default: 20)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--lora-dir", help="LoRA cache folder (default: $LORAKIT_TOY_LORAS, else artifacts/adapters in "
@@ -71,9 +81,12 @@ def run(args) -> int:
 
     from lorakit.toyworld.demo import DemoSettings, format_table, run_demo
 
-    settings = DemoSettings(character=args.character, style=args.style, world=args.world, out=args.out,
+    kind = next((k for k in ("style", "object", "background") if getattr(args, k) is not None), None)
+    settings = DemoSettings(character=args.character, second=getattr(args, kind) if kind else None,
+                            second_kind=kind, world=args.world, out=args.out,
                             lora_dir=args.lora_dir,
-                            k=args.k, seed=args.seed, scale=args.scale, train_steps=args.steps)
+                            k=args.k, seed=args.seed, scale=args.scale, train_steps=args.steps,
+                            train_jobs=args.train_jobs)
     if args.sample_steps is not None:
         if args.sample_steps < 1:
             raise ValueError(f"--sample-steps must be >= 1, got {args.sample_steps}")

@@ -1,16 +1,17 @@
-"""``lorakit demo``: train a toy character LoRA and a toy style LoRA, compose them every way lorakit can, and
-score every image with the toy oracle.
+"""``lorakit demo``: train a toy character LoRA and a second LoRA (v1: a style; v2: an object, a style or a
+background identity), compose them every way lorakit can, and score every image with the toy oracle.
 
 Rows of the report (``METHODS``), all on the same prompt and the same seeds:
 
-* references: ``base`` (no LoRA), ``<character>_only`` and ``<style>_only`` (one LoRA, merge of one adapter);
+* references: ``base`` (no LoRA), ``<character>_only`` and ``<second>_only`` (one LoRA, merge of one adapter);
 * sampling-time compositions (:mod:`lorakit.sampling`): ``merge``, ``switch``, ``composite``, ``cmlora``;
 * fusions (:mod:`lorakit.fusion`): ``gradient`` (Mix-of-Show closed form; the fused pipeline is sampled plainly) and
   ``weighted`` (the average of the two deltas added to the base, sampled plainly).
 
 Above them, **target** rows show what the concepts look like: the renderer's ground truth (``lorakit.toyworld.render``)
-for the same seeds: ``<character>_target`` (the character alone on white), ``<style>_target`` (a generic shape on
-white in the style) and ``target`` (the character on white in the style: what the prompt asks for).
+for the same seeds: ``<character>_target`` (the character alone on white), ``<second>_target`` (the second concept
+without the character: a generic shape in the style, the object alone, the background alone) and ``target`` (the
+scene the prompt asks for).
 
 Both toy worlds run through this module: a world object (:class:`V1World`, 32x32; toy world v2's
 :data:`lorakit.toyworld.v2.demo.WORLD`, 64x64, the default) gives the concepts, the prompt, the targets, the LoRAs
@@ -19,12 +20,13 @@ with nearest-neighbour scaling (v1 4x, v2 3x), as ``<out>/images/x<n>/<method>-s
 show); ``<out>/grid.png`` holds every row in one picture. Image files
 a previous run listed in ``<out>/report.json`` and this run does not rewrite are removed (nothing else is touched).
 The oracle gives per-image presence
-probabilities of the character and the style; the report holds the rates (fraction of images with the concept),
+probabilities of the character and the second concept; the report holds the rates (fraction of images with the concept),
 the both-present rate, seconds per image and each method's setup time (profiling, fusing).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,11 +56,11 @@ from lorakit.toyworld.oracle import score
 from lorakit.toyworld.render import Scene, caption, render
 from lorakit.toyworld.v2.demo import WORLD as V2_WORLD
 
-# (row id template, kind, what it is). "{character}" / "{style}" are filled with the concept names.
+# (row id template, kind, what it is). "{character}" / "{second}" are filled with the concept names.
 METHODS = (
     ("base", "reference", "the base model, no LoRA"),
     ("{character}_only", "reference", "the character LoRA alone"),
-    ("{style}_only", "reference", "the style LoRA alone"),
+    ("{second}_only", "reference", "the second LoRA alone"),
     ("merge", "sampling", "both LoRAs active at once (diffusers set_adapters)"),
     ("switch", "sampling", "LoRA Switch: one LoRA per step, rotating every 5 steps"),
     ("composite", "sampling", "LoRA Composite: mean of each LoRA's own CFG noise prediction"),
@@ -71,8 +73,8 @@ METHODS = (
 # Ground-truth rows drawn by the renderer (id template, what it shows).
 TARGETS = (
     ("{character}_target", "rendered ground truth: the character alone on a white plain background"),
-    ("{style}_target", "rendered ground truth: a generic shape on white in the style"),
-    ("target", "rendered ground truth of the prompt: the character on white in the style"),
+    ("{second}_target", "rendered ground truth: the second concept without the character"),
+    ("target", "rendered ground truth of the prompt's scene"),
 )
 BATCH = 8  # images generated together (each still from its own seed's generator)
 ENLARGE = 4  # the reports show images this many times larger (nearest neighbour: pixels stay sharp)
@@ -83,21 +85,26 @@ class DemoSettings:
     """What one demo run does.
 
     world: ``v2`` (64x64 toy world v2, identity LoRAs; :mod:`lorakit.toyworld.v2.demo`) or ``v1`` (32x32).
-    character / style: v2 identities (``kwibbit``, ``inkvel``) or v1 held-out concept names or trigger words
-        (``frog``/``kwibbit``, ``ink``/``inkvel``); None = the world's default pair.
+    character: a v2 character identity (``kwibbit``) or a v1 held-out character (``frog``/``kwibbit``).
+    second: the second LoRA's concept: a v2 object, style or background identity (``hattock``, ``inkvel``,
+        ``nocturo``) or a v1 held-out style (``ink``/``inkvel``). None (both) = the world's default pair.
+    second_kind: the kind ``second`` must be (``style``, ``object``, ``background``: what ``--style`` /
+        ``--object`` / ``--background`` ask for), or None for any kind the world composes.
     out: output folder (report.html / .json / .md, images/).
     lora_dir: where trained LoRAs are cached by recipe hash (default: the toy LoRA cache shared with the tests and
         CI, :func:`lorakit.toyworld.loras.default_cache_dir`).
     k: images per method; image i of every method uses seed ``seed + i``.
     scale: LoRA scale of both LoRAs in every method (fusions: the weight of each delta); None = the world's
         (v2: 0.8, the composition papers' value; v1: 1.0, the earlier demo's).
-    train_steps: overrides the recipes' ``max_steps`` (None = the recipes' 300).
+    train_steps: overrides the recipes' ``max_steps`` (None = the demo's: v2 120, v1 the recipes' 300).
+    train_jobs: v2: LoRAs trained at once, one process each (default 2 where the machine has 2 cores or more).
     sample_steps / guidance: DDIM steps and CFG scale of every image (the toy measurements' 20 and 4).
     base: base model folder (default: the world's bundled base, ``data/toy2-base`` / ``data/toy-base``).
     """
 
     character: str | None = None
-    style: str | None = None
+    second: str | None = None
+    second_kind: str | None = None
     world: str = "v2"
     out: str = "demo_out"
     lora_dir: str | None = None
@@ -105,6 +112,7 @@ class DemoSettings:
     seed: int = 0
     scale: float | None = None
     train_steps: int | None = None
+    train_jobs: int | None = None
     sample_steps: int = NUM_STEPS
     guidance: float = GUIDANCE
     base: str | None = None
@@ -137,7 +145,8 @@ class V1World:
     image_size = 32
     enlarge = ENLARGE
     default_character = "frog"
-    default_style = "ink"
+    default_second = "ink"
+    second_kinds = ("style",)
     default_scale = 1.0
 
     @staticmethod
@@ -153,6 +162,10 @@ class V1World:
         return get_concept(name).trigger
 
     @staticmethod
+    def kind(name: str) -> str:
+        return get_concept(name).kind
+
+    @staticmethod
     def prompt(character: str, style: str) -> str:
         return demo_prompt(character, style)
 
@@ -162,8 +175,8 @@ class V1World:
 
     @staticmethod
     def train_loras(character: str, style: str, lora_dir: Path, train_steps: int | None = None,
-                    base: str | None = None, log=None) -> dict:
-        return train_loras(character, style, lora_dir, train_steps, base, log)
+                    base: str | None = None, log=None, jobs: int = 1) -> dict:
+        return train_loras(character, style, lora_dir, train_steps, base, log)  # (one after the other)
 
     @staticmethod
     def fusion_prompts(name: str) -> tuple[list[str], list[str]]:
@@ -189,14 +202,14 @@ def demo_prompt(character: str, style: str) -> str:
     return caption(Scene(characters=(character,), style=style))
 
 
-def method_ids(character: str, style: str) -> list[str]:
+def method_ids(character: str, second: str) -> list[str]:
     """Row ids in report order, e.g. ``["base", "frog_only", "ink_only", "merge", ...]``."""
-    return [m.format(character=character, style=style) for m, _, _ in METHODS]
+    return [m.format(character=character, second=second) for m, _, _ in METHODS]
 
 
-def target_ids(character: str, style: str) -> list[str]:
+def target_ids(character: str, second: str) -> list[str]:
     """Ground-truth row ids, e.g. ``["frog_target", "ink_target", "target"]``."""
-    return [t.format(character=character, style=style) for t, _ in TARGETS]
+    return [t.format(character=character, second=second) for t, _ in TARGETS]
 
 
 def target_images(row: str, character: str, style: str, seeds: list[int]) -> list:
@@ -258,7 +271,7 @@ class _Runner:
         self.base = s.base or world.base()
         self._load = load_pipeline
         self.pipe = load_pipeline(self.base, "fp32")
-        self.ads = load_adapters(self.pipe, [loras[s.character]["path"], loras[s.style]["path"]], [s.scale] * 2)
+        self.ads = load_adapters(self.pipe, [loras[s.character]["path"], loras[s.second]["path"]], [s.scale] * 2)
 
     def sampler(self, method: str):
         return SamplerSettings(method=method, steps=self.s.sample_steps, cfg=self.s.guidance)
@@ -268,7 +281,7 @@ class _Runner:
         if row == "base":
             pipe = self._load(self.base, "fp32")
             return lambda seeds: _plain(pipe, prompt, seeds, s.sample_steps, s.guidance), {}
-        if row in (f"{s.character}_only", f"{s.style}_only"):
+        if row in (f"{s.character}_only", f"{s.second}_only"):
             ad = self.ads[0] if row.startswith(s.character) else self.ads[1]
             return lambda seeds: generate(self.pipe, [ad], self.sampler("merge"), prompt, "", seeds)[0], {}
         if row in ("merge", "switch", "composite"):
@@ -281,7 +294,7 @@ class _Runner:
             pipe = self._load(self.base, "fp32")
             apply_deltas(pipe, weighted([load_adapter(a.path) for a in self.ads], [s.scale] * 2, combine="average"))
             return lambda seeds: _plain(pipe, prompt, seeds, s.sample_steps, s.guidance), {"combine": "average"}
-        raise ValueError(f"unknown demo method {row!r}; expected one of {method_ids(s.character, s.style)}")
+        raise ValueError(f"unknown demo method {row!r}; expected one of {method_ids(s.character, s.second)}")
 
     def _cmlora(self):
         prof = ProfileSettings(base=self.base, prompt="a picture", steps=self.s.sample_steps, cfg=self.s.guidance)
@@ -296,7 +309,7 @@ class _Runner:
         s = self.s
         pipe = self._load(self.base, "fp32")
         concepts = []
-        for name, ad in zip((s.character, s.style), self.ads):
+        for name, ad in zip((s.character, s.second), self.ads):
             prompts, held = self.world.fusion_prompts(name)  # held: other captions for the ridge choice
             concepts.append(FuseConcept(name=name, adapter=load_adapter(ad.path), weight=s.scale, prompts=prompts,
                                         sample_prompts=prompts[:2], val_prompts=held, val_sample_prompts=held,
@@ -321,27 +334,48 @@ def _claim_demo_folder(out: Path) -> None:
     claim_dir(out, kind="demo")
 
 
+def _check_second(world, settings: DemoSettings) -> str:
+    """The second concept's name, checked against the kind the user asked for (``--style`` / ``--object`` /
+    ``--background``), or against every kind the world composes when none was named."""
+    if settings.second is None:
+        return world.default_second
+    kinds = (settings.second_kind,) if settings.second_kind else world.second_kinds
+    if kinds[0] not in world.second_kinds:
+        raise ValueError(f"--{kinds[0]} {settings.second!r}: the toy world {world.name} demo's second concept is a "
+                         f"{' or '.join(world.second_kinds)} (--{kinds[0]} needs another --world)")
+    errors = []
+    for kind in kinds:
+        try:
+            return world.check_concept(settings.second, kind, f"--{kind}")
+        except ValueError as e:
+            errors.append(str(e))
+    raise ValueError(errors[0] if len(errors) == 1 else f"{settings.second!r}: not a "
+                     f"{' / '.join(kinds)} identity of toy world {world.name} ({'; '.join(errors)})")
+
+
 def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     """Train/reuse the LoRAs, generate ``k`` images per method, score them, write the reports.
 
     Returns:
         The report dict (also ``<out>/report.json``): ``settings``, ``prompt``, ``loras`` (path, cached, seconds),
-        ``rows`` (one per method: ``method``, ``kind``, ``character_rate``, ``style_rate``, ``both_rate``,
+        ``rows`` (one per method: ``method``, ``kind``, ``character_rate``, ``second_rate``, ``both_rate``,
         ``s_per_image``, ``setup_s``, ``images`` (paths relative to ``out``), ``probs`` ``[k][2]``), ``total_s``.
     """
     t_start = time.perf_counter()
     world = get_world(settings.world)
     char = world.check_concept(settings.character or world.default_character, "character", "--character")
-    style = world.check_concept(settings.style or world.default_style, "style", "--style")
+    second = _check_second(world, settings)
     scale = world.default_scale if settings.scale is None else settings.scale
-    s = DemoSettings(**{**asdict(settings), "character": char, "style": style, "scale": scale})
+    s = DemoSettings(**{**asdict(settings), "character": char, "second": second, "scale": scale})
     if not 0 < s.scale <= 2:
         raise ValueError(f"--scale must be in (0, 2], got {s.scale}")
     if s.k < 1:
         raise ValueError(f"--k must be >= 1, got {s.k}")
+    if s.train_jobs is not None and s.train_jobs < 1:
+        raise ValueError(f"--train-jobs must be >= 1, got {s.train_jobs}")
     if s.train_steps is not None and s.train_steps < 1:
         raise ValueError(f"--steps must be >= 1, got {s.train_steps}")
-    rows_all = method_ids(s.character, s.style)
+    rows_all = method_ids(s.character, s.second)
     rows = rows_all if s.methods is None else list(s.methods)
     for r in rows:
         if r not in rows_all:
@@ -353,7 +387,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         lora_dir = Path(s.lora_dir)
     else:
         lora_dir = default_cache_dir()
-    prompt = world.prompt(s.character, s.style)
+    prompt = world.prompt(s.character, s.second)
     seeds = [s.seed + i for i in range(s.k)]
     with library_chatter_off():
         report = _run(s, world, rows, out, lora_dir, prompt, seeds, progress)
@@ -368,12 +402,14 @@ def _run(s: DemoSettings, world, rows: list[str], out: Path, lora_dir: Path, pro
          progress: bool) -> dict:
     """The body of :func:`run_demo` (settings already checked): train, generate, score; the report without
     its total time."""
-    loras = world.train_loras(s.character, s.style, lora_dir, s.train_steps, s.base, log=print if progress else None)
+    jobs = s.train_jobs if s.train_jobs is not None else min(2, os.cpu_count() or 1)
+    loras = world.train_loras(s.character, s.second, lora_dir, s.train_steps, s.base,
+                              log=print if progress else None, jobs=jobs)
     runner = _Runner(s, loras, prompt, world)
-    kinds = {m.format(character=s.character, style=s.style): (k, d) for m, k, d in METHODS}
+    kinds = {m.format(character=s.character, second=s.second): (k, d) for m, k, d in METHODS}
     results = []
-    for row, (_, desc) in zip(target_ids(s.character, s.style), TARGETS):
-        images = world.target_images(row, s.character, s.style, seeds)
+    for row, (_, desc) in zip(target_ids(s.character, s.second), TARGETS):
+        images = world.target_images(row, s.character, s.second, seeds)
         results.append(_row_record(row, "target", desc, images, seeds, out, s, world, 0.0, 0.0, {}))
     bar = tqdm(total=len(rows) * s.k, desc="demo", unit="img", disable=not progress, dynamic_ncols=True)
     for row in rows:
@@ -398,7 +434,7 @@ def _run(s: DemoSettings, world, rows: list[str], out: Path, lora_dir: Path, pro
                      "image_size": world.image_size},
         "prompt": prompt,
         "concepts": {"character": {"name": s.character, "trigger": world.trigger(s.character)},
-                     "style": {"name": s.style, "trigger": world.trigger(s.style)}},
+                     "second": {"name": s.second, "trigger": world.trigger(s.second), "kind": world.kind(s.second)}},
         "loras": loras,
         "rows": results,
     }
@@ -417,10 +453,10 @@ def _row_record(row: str, kind: str, description: str, images: list, seeds: list
         save_image(image.resize((image.width * x, image.height * x), Image.NEAREST), out / rel_big)
         paths.append(rel)
         big.append(rel_big)
-    sc = world.score(images, [s.character, s.style])
+    sc = world.score(images, [s.character, s.second])
     return {
         "method": row, "kind": kind, "description": description,
-        "character_rate": sc.rates[s.character], "style_rate": sc.rates[s.style], "both_rate": sc.all_rate,
+        "character_rate": sc.rates[s.character], "second_rate": sc.rates[s.second], "both_rate": sc.all_rate,
         "s_per_image": s_per_image, "setup_s": setup_s, "images": paths, "images_large": big, "seeds": seeds,
         "probs": [[float(v) for v in p] for p in sc.probs], "info": info,
         "wilson95": row_intervals(sc.probs),

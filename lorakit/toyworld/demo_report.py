@@ -11,7 +11,7 @@ from lorakit.fileio import save_image, write_json, write_text
 
 
 def counts(row: dict) -> tuple[int, int, int, int]:
-    """(images with the character, with the style, with both, images) by the oracle's 0.5 threshold."""
+    """(images with the character, with the second concept, with both, images) by the oracle's 0.5 threshold."""
     found = [[p >= 0.5 for p in probs] for probs in row["probs"]]
     return (sum(f[0] for f in found), sum(f[1] for f in found), sum(all(f) for f in found), len(found))
 
@@ -24,7 +24,7 @@ def rate_cell(k: int, n: int) -> str:
 
 def table_rows(report: dict) -> list[list[str]]:
     """The summary table as strings: header + one row per method (rates with Wilson 95% intervals)."""
-    c, st = report["concepts"]["character"]["name"], report["concepts"]["style"]["name"]
+    c, st = _names(report)
     head = ["method", "kind", f"{c} rate", f"{st} rate", "both rate", "s / image", "setup s"]
     def timing(r, key, fmt):
         return "-" if r["kind"] == "target" else format(r[key], fmt)
@@ -83,7 +83,7 @@ def to_html(report: dict) -> str:
         f"<tr><th title=\"{escape(r['description'])}\">{escape(r['method'])}</th>"
         + "".join(f"<td><a href=\"{escape(p)}\"><img src=\"{escape(big)}\" alt=\"{escape(r['method'])} seed {sd}\" "
                   f"title=\"seed {sd}: {escape(report['concepts']['character']['name'])} {pr[0]:.2f}, "
-                  f"{escape(report['concepts']['style']['name'])} {pr[1]:.2f}\"></a>"
+                  f"{escape(report['concepts']['second']['name'])} {pr[1]:.2f}\"></a>"
                   f"<div class=\"v\">{escape(_verdict(pr, _names(report)))}</div></td>"
                   for p, big, sd, pr in zip(r["images"], r["images_large"], r["seeds"], r["probs"]))
         + "</tr>"
@@ -99,8 +99,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{background:#
 <h1>lorakit demo</h1>
 <p>Prompt <code>{escape(report['prompt'])}</code>; {set_['k']} images per method (same seeds for every method);
 {set_['sample_steps']} DDIM steps, guidance {set_['guidance']}. Rates: fraction of images where the oracle finds the
-concept (probability &ge; 0.5), with its Wilson 95% interval over the {set_['k']} images; both rate: character
-and style in the same image.
+concept (probability &ge; 0.5), with its Wilson 95% interval over the {set_['k']} images; both rate: both
+concepts in the same image.
 setup s: time before the first image (cmlora: frequency profiles; gradient/weighted: fusing).</p>
 <table><tr>{th}</tr>{body}</table>
 <p>LoRAs: {escape('; '.join(_lora_lines(report)))}. Total {report['total_s']:.1f} s, {set_['threads']} thread(s).</p>
@@ -118,7 +118,7 @@ PRESENT, ABSENT = "\u2713", "\u2717"  # check mark, ballot x
 
 
 def _names(report: dict) -> tuple[str, str]:
-    return report["concepts"]["character"]["name"], report["concepts"]["style"]["name"]
+    return report["concepts"]["character"]["name"], report["concepts"]["second"]["name"]
 
 
 def _verdict(probs, names: tuple[str, str]) -> str:
@@ -131,7 +131,7 @@ GRID_COLOURS = {True: (40, 160, 60), False: (200, 50, 50)}  # verdict marks: fou
 
 def grid_image(report: dict, out: Path, scale: int = 2, columns: int | None = None):
     """One picture of the report: a row per report row (its name on the left), its images ``scale``x larger
-    (nearest neighbour) and under each two marks, character then style (green = the oracle finds it, red = not);
+    (nearest neighbour) and under each two marks, the character then the second concept (green = the oracle finds it, red = not);
     a 64-colour palette image, small enough for docs. ``columns`` limits the images per row."""
     from PIL import Image, ImageDraw
 
@@ -172,10 +172,10 @@ def write_reports(report: dict, out: Path) -> dict[str, Path]:
 
 
 def row_intervals(probs) -> dict:
-    """``{"character", "style", "both"}``: each rate as :func:`lorakit.eval.stats.rate` (k, n, Wilson 95%)."""
+    """``{"character", "second", "both"}``: each rate as :func:`lorakit.eval.stats.rate` (k, n, Wilson 95%)."""
     found = (probs >= 0.5).tolist()
     n = len(found)
-    return {"character": rate(sum(f[0] for f in found), n), "style": rate(sum(f[1] for f in found), n),
+    return {"character": rate(sum(f[0] for f in found), n), "second": rate(sum(f[1] for f in found), n),
             "both": rate(sum(all(f[:2]) for f in found), n)}
 
 
