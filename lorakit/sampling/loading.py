@@ -34,7 +34,7 @@ class LoadedAdapter:
         return {"name": self.name, "path": self.path, "sha256": self.sha256, "kind": self.kind, "weight": self.weight}
 
 
-def _read_metadata(path: Path) -> dict:
+def read_metadata(path: Path) -> dict:
     from safetensors import safe_open
 
     try:
@@ -67,7 +67,7 @@ def load_adapters(pipe, paths: list, weights: list[float] | None = None) -> list
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"adapter file not found: {path}")
-        meta = _read_metadata(path)
+        meta = read_metadata(path)
         name = f"a{i}_" + re.sub(r"[^A-Za-z0-9_]", "_", path.stem)[:40]
         kind = meta.get("lorakit.kind", "lora")
         # ED-LoRA files and fused deltas of ED-LoRAs (lorakit fuse --out-format adapter: kind fused-delta) carry

@@ -15,20 +15,29 @@ against without the sketch).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from html import escape
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from diffusers import T2IAdapter
 from PIL import Image
 
 from lorakit.fileio import save_image, write_text
 from lorakit.resources import data_path
 from lorakit.sampling import SamplerSettings, generate, load_adapters, load_pipeline
 from lorakit.sampling.conditions import Condition
+from lorakit.sampling.loading import read_metadata
 from lorakit.sampling.regional import Region, RegionSpec
 from lorakit.toyworld.loras import default_cache_dir, train_concept_lora
+from lorakit.toyworld import sketch as v1_sketch
+from lorakit.toyworld.oracle import load_oracle
 from lorakit.toyworld.sketch import CharacterScene, HALVES, render_character_scene, silhouette_image
+from lorakit.toyworld.v2 import sketch as v2_sketch
+from lorakit.toyworld.v2.oracle import Oracle as V2Oracle
 
 ARMS = ("regional", "regional+sketch")
 
@@ -47,27 +56,19 @@ class SketchWorld:
 
 
 def _v1_oracle():
-    from lorakit.toyworld.oracle import load_oracle
-
     return load_oracle()
 
 
 def _v2_oracle():
-    from lorakit.toyworld.v2.oracle import Oracle
-
-    return Oracle.load()
+    return V2Oracle.load()
 
 
 def _v2_scene(rng, characters=("kwibbit", "zorbo"), background="plain", bg_color="white"):
-    from lorakit.toyworld.v2.sketch import random_character_scene
-
-    return random_character_scene(rng, characters, background, bg_color)
+    return v2_sketch.random_character_scene(rng, characters, background, bg_color)
 
 
 def _v1_scene(rng, characters=("frog", "robot"), background="plain", bg_color="white"):
-    from lorakit.toyworld.sketch import random_character_scene
-
-    return random_character_scene(rng, characters, background, bg_color)
+    return v1_sketch.random_character_scene(rng, characters, background, bg_color)
 
 
 WORLDS = {
@@ -121,8 +122,6 @@ def load_sketch_pipeline(base: str, adapter: str, characters=(), loras=None, sca
     ``scale``, or ED-LoRA files, fused or not, at scale 1 with their pseudo-words); default (v1 only): the toy
     LoRA cache's LoRAs of ``characters``, trained there when missing. Returns ``(pipe, loaded adapters, adapter
     model)``."""
-    from diffusers import T2IAdapter
-
     if loras is None:
         loras = [train_concept_lora(c, lora_dir or default_cache_dir()) for c in characters]
     pipe = load_pipeline(base, dtype="fp32", device="cpu")
@@ -132,16 +131,12 @@ def load_sketch_pipeline(base: str, adapter: str, characters=(), loras=None, sca
 
 
 def _is_edlora(path) -> bool:
-    from lorakit.sampling.loading import _read_metadata
-
-    return "lorakit.edlora" in _read_metadata(path)
+    return "lorakit.edlora" in read_metadata(path)
 
 
 def concept_words(loaded) -> dict[str, str]:
     """``{concept name: its pseudo-words}`` of the loaded ED-LoRA files (fused or not): ``{"zorbo": "<zorbo1>
     <zorbo2>"}``; empty for plain LoRAs."""
-    import json
-
     words = {}
     for a in loaded:
         table = a.metadata.get("lorakit.edlora")
@@ -188,9 +183,6 @@ def write_sheet(folder, scenes: list[dict], enlarge: int = 4):
 
     ``scenes``: ``{"title", "images": {column: image file name in folder}, "verdicts": {column: text}}``.
     """
-    from html import escape
-    from pathlib import Path
-
     folder = Path(folder)
     big = folder / f"x{enlarge}"
     big.mkdir(exist_ok=True)

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS, SHAPE_COLORS, SHAPES
 from lorakit.toyworld.v2 import render as R
 from lorakit.toyworld.v2.concepts import IDENTITIES, get_concept
+from lorakit.toyworld.v2.scenes import CLASS_CHARACTERS
 
 FAMILIES = ("blobs", "parts", "recoloured")
 SIZE = 64
@@ -122,8 +123,6 @@ def _flat(img: np.ndarray) -> np.ndarray:
 
 def _scene_canvas(rng: np.random.Generator, n: int) -> np.ndarray:
     """A generic shape or a class character on a generic background, supersampled (no style)."""
-    from lorakit.toyworld.v2.scenes import CLASS_CHARACTERS
-
     if rng.random() < 0.5:
         scene = R.Scene(shape=SHAPES[int(rng.integers(4))], shape_color=list(SHAPE_COLORS)[int(rng.integers(6))],
                         seed=int(rng.integers(2**31)))
