@@ -188,18 +188,6 @@ def test_cli_object_and_background_choose_the_second_concept_and_its_kind():
         _check_second(w, DemoSettings(second="hattock", second_kind="style"))
 
 
-def test_demo_loras_have_their_own_recipe_hash(tmp_path):
-    """The demo's shorter recipes (DEMO_OVERRIDES) never reuse, or stand in for, the benchmark's LoRAs."""
-    from lorakit.toyworld.v2.demo import DEMO_OVERRIDES
-    from lorakit.toyworld.v2.loras import lora_path
-    from lorakit.toyworld.v2.models import DEFAULT_BASE
-
-    demo = lora_path("zorbo", tmp_path, DEFAULT_BASE, list(DEMO_OVERRIDES))
-    bench = lora_path("zorbo", tmp_path, DEFAULT_BASE)
-    assert demo != bench and demo.name.startswith("toy2_zorbo-") and demo.parent == tmp_path
-    assert any(o.startswith("max_steps=") for o in DEMO_OVERRIDES)
-
-
 @pytest.mark.slow
 def test_two_processes_train_the_same_loras_as_one(tmp_path):
     """--train-jobs 2 (both LoRAs at once, one process each) trains the weights one process trains, bit for bit."""

@@ -12,8 +12,8 @@ Offline end-to-end demo on a bundled toy world (default --world v2: data/toy2-ba
 --world v1: data/toy-base, 32x32, the earlier demo):
 
   1. trains a character LoRA and a second LoRA (v2: identities kwibbit (a frog) + nocturo (a night background)
-     from train_configs/toy2_<identity>.yaml with the demo's 120 steps at lr 1e-2, the two in parallel
-     processes; --style / --object / --background choose another second identity; v1: frog + ink from
+     from train_configs/toy2_<identity>.yaml, 300 steps each, the two in parallel processes when both are
+     missing; --style / --object / --background choose another second identity; v1: frog + ink from
      train_configs/toy_<concept>.yaml, 300 steps each), cached by recipe hash under LORA_DIR, shared with the
      tests and CI, so a second run reuses them;
   2. composes them with every method: sampling-time merge, switch, composite, cmlora and fusion-time

@@ -96,7 +96,7 @@ class DemoSettings:
     k: images per method; image i of every method uses seed ``seed + i``.
     scale: LoRA scale of both LoRAs in every method (fusions: the weight of each delta); None = the world's
         (v2: 0.8, the composition papers' value; v1: 1.0, the earlier demo's).
-    train_steps: overrides the recipes' ``max_steps`` (None = the demo's: v2 120, v1 the recipes' 300).
+    train_steps: overrides the recipes' ``max_steps`` (None = the recipes' 300).
     train_jobs: v2: LoRAs trained at once, one process each (default 2 where the machine has 2 cores or more).
     sample_steps / guidance: DDIM steps and CFG scale of every image (the toy measurements' 20 and 4).
     base: base model folder (default: the world's bundled base, ``data/toy2-base`` / ``data/toy-base``).

@@ -22,13 +22,6 @@ from lorakit.toyworld.v2.oracle import Oracle
 from lorakit.toyworld.v2.render import Scene, caption, render
 
 
-# The demo trains each identity's recipe shorter, at a higher learning rate, than the benchmark's LoRAs (300 steps
-# at 5e-3), so that a first run, training included, takes minutes (docs/toyworld_v2.md, "`lorakit demo`", has
-# their measured presence). The overrides are part of the recipe hash: the demo's LoRAs never stand in for the
-# benchmark's.
-DEMO_OVERRIDES = ("max_steps=120", "learning_rate=1.0e-2")
-
-
 def _train_quietly(name: str, lora_dir: str, base: str, overrides: list[str]) -> str:
     """One identity LoRA in a worker process, with the libraries' chatter off as in the demo's own process."""
     with library_chatter_off():
@@ -99,16 +92,16 @@ class World:
     @staticmethod
     def train_loras(character: str, second: str, lora_dir: Path, train_steps: int | None = None,
                     base: str | None = None, log=None, jobs: int = 1) -> dict:
-        """Train (or reuse, by recipe hash) both identity LoRAs with the demo's settings (:data:`DEMO_OVERRIDES`):
-        ``{name: {"path", "cached", "seconds"}}``. With ``jobs`` >= 2 and both missing, the two train at once in
+        """Train (or reuse, by recipe hash) both identity LoRAs: ``{name: {"path", "cached", "seconds"}}``. With ``jobs`` >= 2 and both missing, the two train at once in
         two processes (one thread each), and each one's seconds are the wall time of both."""
         base = str(base or World.base())
-        overrides = [*DEMO_OVERRIDES, *([f"max_steps={train_steps}"] if train_steps is not None else [])]
+        overrides = [f"max_steps={train_steps}"] if train_steps is not None else []
         paths = {name: lora_path(name, lora_dir, base, overrides) for name in (character, second)}  # renders data
         todo = [name for name, path in paths.items() if not path.exists()]
         if log:
             for name, path in paths.items():
-                log(f"lorakit demo: {name} LoRA (train_configs/toy2_{name}.yaml with {' '.join(overrides)}): "
+                steps = f"{train_steps} steps" if train_steps is not None else "the recipe's steps"
+                log(f"lorakit demo: {name} LoRA (train_configs/toy2_{name}.yaml, {steps}): "
                     f"{'training' if name in todo else 'cached'} in {lora_dir}")
         seconds = dict.fromkeys(paths, 0.0)
         t0 = time.perf_counter()
@@ -160,4 +153,4 @@ def _oracle():
 
 WORLD = World()
 
-__all__ = ["DEMO_OVERRIDES", "WORLD", "World"]
+__all__ = ["WORLD", "World"]
