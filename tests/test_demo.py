@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lorakit.cli import main
-from lorakit.toyworld.demo import check_concept, demo_prompt, method_ids, target_ids
+from lorakit.toyworld.demo import method_ids, target_ids
+from lorakit.toyworld.demo_v1 import check_concept, demo_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--world", "v1", "--steps", "2", "--k", "1", "--sample-steps", "4", "--threads", "1", "--quiet"]

@@ -50,7 +50,7 @@ def make(args) -> int:
 
     from lorakit.sampling import SamplerSettings, generate, load_adapters, load_pipeline
     from lorakit.toyworld.concepts import get_concept
-    from lorakit.toyworld.demo import demo_prompt
+    from lorakit.toyworld.demo_v1 import demo_prompt
     from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, concept_prompts
     from lorakit.toyworld.loras import train_concept_lora
 

@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -73,6 +74,20 @@ def degrade(x: torch.Tensor, gen: torch.Generator, sigma: tuple[float, float], r
     dx, dy = (int(v) for v in torch.randint(-s, s + 1, (2,), generator=gen))
     x = f.pad(x, (s, s, s, s), mode="replicate")[:, :, s + dy : s + dy + h, s + dx : s + dx + w]
     return x.clamp(0, 1)
+
+
+def hard_negative_arrays(generate, names: list[str], k: int, seed: int, concepts: list[str]):
+    """``k`` hard negatives per name from ``generate(name, k, seed=...)`` (seed ``seed + 100 i`` for the i-th
+    name) -> images uint8 ``[N, H, W, 3]`` and a loss mask ``[N, C]`` that is 1 only in the imitated concept's
+    column of ``concepts``."""
+    imgs, masks = [], []
+    for i, name in enumerate(names):
+        for im, _, _ in generate(name, k, seed=seed + 100 * i):
+            imgs.append(np.asarray(im))
+            m = np.zeros(len(concepts), np.float32)
+            m[concepts.index(name)] = 1
+            masks.append(m)
+    return np.stack(imgs), np.stack(masks)
 
 
 def optimise(net, steps: int, lr: float, batch_loss, log_every: int) -> None:

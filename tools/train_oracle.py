@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from toy_oracle_training import accuracy_recall, add_training_options, log, optimise, vae_roundtrip, write_oracle
+from toy_oracle_training import (accuracy_recall, add_training_options, hard_negative_arrays, log, optimise,
+                                 vae_roundtrip, write_oracle)
 from toy_oracle_training import degrade as _degrade
 
 
@@ -65,15 +66,9 @@ def render_hard_negatives(k: int, seed: int, concepts: list[str]):
     from lorakit.toyworld.concepts import HELDOUT
     from lorakit.toyworld.hardneg import hard_negatives
 
-    imgs, masks = [], []
-    for i, c in enumerate(HELDOUT):
-        for im, _, _ in hard_negatives(c.name, k, seed=seed + 100 * i):
-            imgs.append(np.asarray(im))
-            m = np.zeros(len(concepts), np.float32)
-            m[concepts.index(c.name)] = 1
-            masks.append(m)
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0
-    return x, torch.zeros(len(imgs), len(concepts)), torch.from_numpy(np.stack(masks))
+    imgs, masks = hard_negative_arrays(hard_negatives, [c.name for c in HELDOUT], k, seed, concepts)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255.0
+    return x, torch.zeros(len(imgs), len(concepts)), torch.from_numpy(masks)
 
 
 def load_generated(pairs: list[tuple[str, str]], concepts: list[str]):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from toy_oracle_training import accuracy_recall, add_training_options, log, optimise, write_oracle
+from toy_oracle_training import accuracy_recall, add_training_options, hard_negative_arrays, log, optimise, write_oracle
 from toy_oracle_training import degrade as _degrade
 from toy_oracle_training import vae_roundtrip as _vae_roundtrip
 
@@ -47,15 +47,9 @@ def render_hard_negatives(k: int, seed: int, concepts: list[str]):
     from lorakit.toyworld.v2.concepts import IDENTITIES
     from lorakit.toyworld.v2.hardneg import hard_negatives
 
-    imgs, masks = [], []
-    for i, c in enumerate(IDENTITIES):
-        for im, _, _ in hard_negatives(c.name, k, seed=seed + 100 * i):
-            imgs.append(np.asarray(im))
-            m = np.zeros(len(concepts), np.float32)
-            m[concepts.index(c.name)] = 1
-            masks.append(m)
-    x = torch.from_numpy(np.ascontiguousarray(np.stack(imgs).transpose(0, 3, 1, 2)))
-    return x, torch.zeros(len(imgs), len(concepts)), torch.from_numpy(np.stack(masks))
+    imgs, masks = hard_negative_arrays(hard_negatives, [c.name for c in IDENTITIES], k, seed, concepts)
+    x = torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2)))
+    return x, torch.zeros(len(imgs), len(concepts)), torch.from_numpy(masks)
 
 
 def render_set(n: int, seed: int, concepts: list[str]):

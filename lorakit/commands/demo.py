@@ -25,14 +25,15 @@ Offline end-to-end demo on a bundled toy world (default --world v2: data/toy2-ba
      then every method's images enlarged with the oracle's verdict under each), OUT/report.json,
      OUT/report.md, OUT/grid.png (every row in one picture), OUT/images/.
 
-Time, one thread (the default; lorakit/threads.py), both LoRAs cached: v2 108 s of CPU (2026-12-03; 2 min 37 s
-wall on a machine whose 2 cores other jobs shared), v1 64 s of CPU. Training the two LoRAs first, when they are
-not cached, adds their 300 steps each (v2: ~8 min of one core per LoRA on that machine). `--steps 20 --k 2 --out
+Time, one thread (the default; lorakit/threads.py), both LoRAs cached: v2 103 s of CPU (2026-12-03; 2 min 25 s
+wall on a machine whose other core another job used), v1 64 s of CPU. Training the two LoRAs first, when they are
+not cached, adds their 300 steps each (v2: ~8 min of one core per LoRA on that machine; both at once on two
+cores). `--steps 20 --k 2 --out
 demo_out/quick` is a quick look in its own folder (two 20-step LoRAs: they teach little).
 """
 
 
-HELP = "offline demo: train a toy character + style LoRA, compose them every way, score, write report.html"
+HELP = "offline demo: train a toy character LoRA + a second one, compose them every way, score, write report.html"
 
 
 def add_arguments(p) -> None:

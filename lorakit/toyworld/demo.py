@@ -13,7 +13,7 @@ for the same seeds: ``<character>_target`` (the character alone on white), ``<se
 without the character: a generic shape in the style, the object alone, the background alone) and ``target`` (the
 scene the prompt asks for).
 
-Both toy worlds run through this module: a world object (:class:`V1World`, 32x32; toy world v2's
+Both toy worlds run through this module: a world object (:class:`lorakit.toyworld.demo_v1.V1World`, 32x32; toy world v2's
 :data:`lorakit.toyworld.v2.demo.WORLD`, 64x64, the default) gives the concepts, the prompt, the targets, the LoRAs
 and the oracle. Every image is saved as ``<out>/images/<method>-s<seed>.png`` (what the oracle scores) and, enlarged
 with nearest-neighbour scaling (v1 4x, v2 3x), as ``<out>/images/x<n>/<method>-s<seed>.png`` (what the reports
@@ -38,7 +38,6 @@ from lorakit.fusion.gradient import GradientSettings, fuse_gradient
 from lorakit.fusion.merge import apply_deltas, weighted
 from lorakit.logs import library_chatter_off, tqdm
 from lorakit.outputs import claim_dir, is_marked, write_marker
-from lorakit.resources import data_path
 from lorakit.sampling import (
     ProfileSettings,
     SamplerSettings,
@@ -48,12 +47,10 @@ from lorakit.sampling import (
     order_by_frequency,
     profile_adapters,
 )
-from lorakit.toyworld.concepts import SHAPES, Concept, concepts_of_kind, get_concept
 from lorakit.toyworld.demo_report import format_table, remove_stale_images, row_intervals, write_reports
-from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS, concept_prompts
-from lorakit.toyworld.loras import default_cache_dir, train_concept_lora
-from lorakit.toyworld.oracle import score
-from lorakit.toyworld.render import Scene, caption, render
+from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS
+from lorakit.toyworld.loras import default_cache_dir
+from lorakit.toyworld.demo_v1 import V1World
 from lorakit.toyworld.v2.demo import WORLD as V2_WORLD
 
 # (row id template, kind, what it is). "{character}" / "{second}" are filled with the concept names.
@@ -77,7 +74,6 @@ TARGETS = (
     ("target", "rendered ground truth of the prompt's scene"),
 )
 BATCH = 8  # images generated together (each still from its own seed's generator)
-ENLARGE = 4  # the reports show images this many times larger (nearest neighbour: pixels stay sharp)
 
 
 @dataclass
@@ -119,74 +115,6 @@ class DemoSettings:
     methods: list[str] | None = field(default=None)  # row ids to run (default: all); mostly for tests
 
 
-def check_concept(value: str, kind: str, option: str) -> Concept:
-    """The held-out concept of ``kind`` named by ``value`` (name or trigger word).
-
-    Raises:
-        ValueError: naming ``option`` and ``value`` when it is unknown, generic or of another kind, and listing
-            the held-out concepts of ``kind``.
-    """
-    choices = ", ".join(f"{c.name} ({c.trigger})" for c in concepts_of_kind(kind, heldout=True))
-    try:
-        c = get_concept(value)
-    except ValueError:
-        raise ValueError(f"{option} {value!r}: no such toy-world concept; held-out {kind}s: {choices} "
-                         "(`lorakit toyworld list` shows all concepts)") from None
-    if c.kind != kind or not c.heldout:
-        what = f"a {'held-out' if c.heldout else 'generic'} {c.kind}"
-        raise ValueError(f"{option} {value!r} is {what}, not a held-out {kind}; held-out {kind}s: {choices}")
-    return c
-
-
-class V1World:
-    """Toy world v1's side of the demo (32x32 images; concepts named as in :mod:`lorakit.toyworld.concepts`)."""
-
-    name = "v1"
-    image_size = 32
-    enlarge = ENLARGE
-    default_character = "frog"
-    default_second = "ink"
-    second_kinds = ("style",)
-    default_scale = 1.0
-
-    @staticmethod
-    def base() -> str:
-        return str(data_path("toy-base"))
-
-    @staticmethod
-    def check_concept(value: str, kind: str, option: str) -> str:
-        return check_concept(value, kind, option).name
-
-    @staticmethod
-    def trigger(name: str) -> str:
-        return get_concept(name).trigger
-
-    @staticmethod
-    def kind(name: str) -> str:
-        return get_concept(name).kind
-
-    @staticmethod
-    def prompt(character: str, style: str) -> str:
-        return demo_prompt(character, style)
-
-    @staticmethod
-    def target_images(row: str, character: str, style: str, seeds: list[int]) -> list:
-        return target_images(row, character, style, seeds)
-
-    @staticmethod
-    def train_loras(character: str, style: str, lora_dir: Path, train_steps: int | None = None,
-                    base: str | None = None, log=None, jobs: int = 1) -> dict:
-        return train_loras(character, style, lora_dir, train_steps, base, log)  # (one after the other)
-
-    @staticmethod
-    def fusion_prompts(name: str) -> tuple[list[str], list[str]]:
-        return _fusion_prompts(name), concept_prompts(name, 2, seed=1)
-
-    @staticmethod
-    def score(images, names: list[str]):
-        return score(images, names)
-
-
 def get_world(name: str):
     """The demo's world object for ``v1`` / ``v2`` (ValueError naming the choices otherwise)."""
     if name == "v1":
@@ -194,12 +122,6 @@ def get_world(name: str):
     if name == "v2":
         return V2_WORLD
     raise ValueError(f"--world {name!r}: expected v1 or v2")
-
-
-def demo_prompt(character: str, style: str) -> str:
-    """The toy caption of the character on a white plain background in the style, e.g.
-    ``"kwibbit, white plain background, inkvel"`` (the form of the LoRAs' training captions)."""
-    return caption(Scene(characters=(character,), style=style))
 
 
 def method_ids(character: str, second: str) -> list[str]:
@@ -212,41 +134,6 @@ def target_ids(character: str, second: str) -> list[str]:
     return [t.format(character=character, second=second) for t, _ in TARGETS]
 
 
-def target_images(row: str, character: str, style: str, seeds: list[int]) -> list:
-    """The renderer's ground truth for a target row, one 32x32 PIL image per seed (layout jitter = the seed)."""
-    if row == f"{character}_target":
-        scenes = [Scene(characters=(character,), seed=sd) for sd in seeds]
-    elif row == f"{style}_target":
-        scenes = [Scene(shape=SHAPES[sd % len(SHAPES)], shape_color="red", style=style, seed=sd) for sd in seeds]
-    elif row == "target":
-        scenes = [Scene(characters=(character,), style=style, seed=sd) for sd in seeds]
-    else:
-        raise ValueError(f"unknown target row {row!r}; expected one of {target_ids(character, style)}")
-    return [render(sc) for sc in scenes]
-
-
-def train_loras(character: str, style: str, lora_dir: Path, train_steps: int | None = None,
-                base: str | None = None, log=None) -> dict:
-    """Train (or reuse, by recipe hash) both LoRAs. Returns ``{name: {"path", "cached", "seconds"}}``.
-
-    ``log(message)`` (e.g. ``print``) hears which LoRA is trained or reused and where it is kept.
-    """
-    overrides = [f"max_steps={train_steps}"] if train_steps is not None else []
-    out = {}
-    for name in (character, style):
-        before = set(lora_dir.glob("*.safetensors")) if lora_dir.exists() else set()
-        if log:
-            steps = f"{train_steps} steps" if train_steps is not None else "the recipe's steps"
-            log(f"lorakit demo: {name} LoRA (train_configs/toy_{name}.yaml, {steps}): training unless cached "
-                f"in {lora_dir}")
-        t0 = time.perf_counter()
-        path = train_concept_lora(name, lora_dir, base=base, overrides=overrides)
-        out[name] = {"path": str(path), "cached": path in before, "seconds": round(time.perf_counter() - t0, 3)}
-        if log:
-            log(f"lorakit demo: {name} LoRA {'reused' if out[name]['cached'] else 'saved'}: {path}")
-    return out
-
-
 def _plain(pipe, prompt: str, seeds: list[int], steps: int, guidance: float) -> list:
     """Images from a pipeline without adapters, seeded like :func:`lorakit.sampling.generate` (one CPU generator
     per image)."""
@@ -256,11 +143,6 @@ def _plain(pipe, prompt: str, seeds: list[int], steps: int, guidance: float) -> 
     with torch.no_grad():
         return pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                     output_type="pil").images
-
-
-def _fusion_prompts(name: str, n: int = 4) -> list[str]:
-    """Toy captions asking for one concept (as the LoRA was trained), for gradient fusion's statistics."""
-    return concept_prompts(name, n, seed=0)
 
 
 class _Runner:
@@ -470,6 +352,6 @@ def _threads() -> int:
 
 
 __all__ = [
-    "METHODS", "TARGETS", "DemoSettings", "V1World", "check_concept", "demo_prompt", "format_table", "get_world",
-    "method_ids", "remove_stale_images", "run_demo", "target_ids", "target_images", "train_loras", "write_reports",
+    "METHODS", "TARGETS", "DemoSettings", "V1World", "format_table", "get_world", "method_ids",
+    "remove_stale_images", "run_demo", "target_ids", "write_reports",
 ]

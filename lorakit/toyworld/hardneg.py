@@ -76,7 +76,7 @@ def _draw_sprite(d: ImageDraw.ImageDraw, name: str, n: int, rng: np.random.Gener
         R._mushroom(d, cx, n * (0.82 + 0.05 * jit[1]), n * (0.62 + 0.05 * jit[2]), omit)
 
 
-def _recolour(arr: np.ndarray, mask: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarray:
+def recolour(arr: np.ndarray, mask: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarray:
     """Pixels under ``mask`` mapped to ``palette`` by brightness rank (darkest to darkest)."""
     lum = arr[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
     values = np.unique(np.round(lum[mask]))
@@ -89,17 +89,22 @@ def _recolour(arr: np.ndarray, mask: np.ndarray, palette: list[tuple[int, int, i
 
 
 def _blobs(concept: str, rng: np.random.Generator, n: int) -> np.ndarray:
-    pal = PALETTES[concept]
-    canvas = Image.fromarray(_generic_canvas(rng, n).astype(np.uint8))
+    return draw_blobs(_generic_canvas(rng, n), PALETTES[concept], rng, n)
+
+
+def draw_blobs(background: np.ndarray, palette, rng: np.random.Generator, n: int) -> np.ndarray:
+    """2-4 ellipses, rectangles or rings in ``palette``'s colours on ``background`` (``n x n x 3``), the
+    concept's colours without its shape."""
+    canvas = Image.fromarray(background.astype(np.uint8))
     d = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(2, 5))):
         cx, cy = rng.uniform(0.2, 0.8, size=2) * n
         w, h = rng.uniform(0.08, 0.3, size=2) * n
-        col = tuple(int(v) for v in pal[int(rng.integers(len(pal)))])
+        col = tuple(int(v) for v in palette[int(rng.integers(len(palette)))])
         box = [cx - w, cy - h, cx + w, cy + h]
         u = rng.random()
         if u < 0.35:  # a ring in one of its colours around a blob in another
-            inner = tuple(int(v) for v in pal[int(rng.integers(len(pal)))])
+            inner = tuple(int(v) for v in palette[int(rng.integers(len(palette)))])
             d.ellipse(box, fill=inner, outline=col, width=max(2, int(n * rng.uniform(0.03, 0.07))))
         else:
             (d.ellipse if u < 0.75 else d.rectangle)(box, fill=col)
@@ -176,7 +181,7 @@ def _recoloured(concept: str, rng: np.random.Generator, n: int, i: int) -> tuple
         _draw_sprite(ImageDraw.Draw(canvas), other, n, rng)
         arr = np.asarray(canvas, np.float32)
         mask = np.abs(arr - key).max(-1) > 0
-        arr = _recolour(arr, mask, pal)
+        arr = recolour(arr, mask, pal)
         return np.where(mask[..., None], arr, bg), f"{other} in {concept}'s colours"
     # backgrounds and styles: a generic pattern or shape scene in the concept's colours
     kinds = ("stripes", "gradient", "shape")
@@ -191,7 +196,7 @@ def _recoloured(concept: str, rng: np.random.Generator, n: int, i: int) -> tuple
         return np.where(mask[..., None], np.array(cols[0], np.float32), np.array(cols[-1], np.float32)), \
             f"{scene.shape} in {concept}'s colours"
     arr = R._background(R.Scene(kind, "gray", seed=scene.seed), n, rng)
-    return _recolour(arr, np.ones(arr.shape[:2], bool), pal), f"{kind} in {concept}'s colours"
+    return recolour(arr, np.ones(arr.shape[:2], bool), pal), f"{kind} in {concept}'s colours"
 
 
 def hard_negatives(concept: str, n: int, seed: int = 0, size: int = 32) -> list[tuple[Image.Image, str, str]]:

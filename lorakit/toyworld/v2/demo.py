@@ -29,7 +29,7 @@ def _train_quietly(name: str, lora_dir: str, base: str, overrides: list[str]) ->
 
 
 class World:
-    """Toy world v2's side of the demo (see :class:`lorakit.toyworld.demo.V1World` for the other one)."""
+    """Toy world v2's side of the demo (see :class:`lorakit.toyworld.demo_v1.V1World` for the other one)."""
 
     name = "v2"
     image_size = 64

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lorakit.toyworld.concepts import BACKGROUND_COLORS, GENERIC_BACKGROUNDS, SHAPE_COLORS, SHAPES
+from lorakit.toyworld.hardneg import draw_blobs, recolour
 from lorakit.toyworld.v2 import render as R
 from lorakit.toyworld.v2.concepts import IDENTITIES, get_concept
 from lorakit.toyworld.v2.scenes import CLASS_CHARACTERS
@@ -179,17 +180,6 @@ def _look_parts(name: str, rng: np.random.Generator, n: int, i: int) -> tuple[np
     return np.where(lit[..., None], moon, _generic_background(rng, n)), "nocturo's moon and stars on a day background"
 
 
-def _recolour(arr: np.ndarray, mask: np.ndarray, palette) -> np.ndarray:
-    """Pixels under ``mask`` mapped to ``palette`` by brightness rank (darkest to darkest)."""
-    lum = arr @ np.array([0.299, 0.587, 0.114], np.float32)
-    values = np.unique(np.round(lum[mask]))
-    out = arr.copy()
-    pal = np.array(sorted(palette, key=lambda c: 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]), np.float32)
-    for k, val in enumerate(values):
-        out[mask & (np.round(lum) == val)] = pal[min(len(pal) - 1, int(k * len(pal) / max(1, len(values))))]
-    return out
-
-
 def _recoloured(name: str, rng: np.random.Generator, n: int, i: int) -> tuple[np.ndarray, str]:
     c = get_concept(name)
     pal = PALETTES[name]
@@ -200,31 +190,17 @@ def _recoloured(name: str, rng: np.random.Generator, n: int, i: int) -> tuple[np
         arr = _sprite(cls, identity, _class_colour(rng), tuple(rng.uniform(0, 1, 4)), rng, n)
         mask = ~_is(arr, [_KEY])
         what = next(o.name for o in IDENTITIES if o.cls == cls) if identity else cls
-        return _paste(_generic_background(rng, n), _recolour(arr, mask, pal), mask), f"{what} in {name}'s colours"
+        return _paste(_generic_background(rng, n), recolour(arr, mask, pal), mask), f"{what} in {name}'s colours"
     kind = ("stripes", "gradient", "shape")[i % 3]
     if kind == "shape":
         arr = _scene_canvas(rng, n)
-        return _recolour(arr, np.ones(arr.shape[:2], bool), pal), f"a scene in {name}'s colours"
+        return recolour(arr, np.ones(arr.shape[:2], bool), pal), f"a scene in {name}'s colours"
     arr = R._background(R.Scene(background=kind, bg_color="gray"), n, rng)
-    return _recolour(arr, np.ones(arr.shape[:2], bool), pal), f"{kind} in {name}'s colours"
+    return recolour(arr, np.ones(arr.shape[:2], bool), pal), f"{kind} in {name}'s colours"
 
 
 def _blobs(name: str, rng: np.random.Generator, n: int) -> np.ndarray:
-    pal = PALETTES[name]
-    canvas = Image.fromarray(_generic_background(rng, n).astype(np.uint8))
-    d = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(2, 5))):
-        cx, cy = rng.uniform(0.2, 0.8, size=2) * n
-        w, h = rng.uniform(0.08, 0.3, size=2) * n
-        col = tuple(int(v) for v in pal[int(rng.integers(len(pal)))])
-        box = [cx - w, cy - h, cx + w, cy + h]
-        u = rng.random()
-        if u < 0.35:  # a ring in one of its colours around a blob in another
-            inner = tuple(int(v) for v in pal[int(rng.integers(len(pal)))])
-            d.ellipse(box, fill=inner, outline=col, width=max(2, int(n * rng.uniform(0.03, 0.07))))
-        else:
-            (d.ellipse if u < 0.75 else d.rectangle)(box, fill=col)
-    return np.asarray(canvas, np.float32)
+    return draw_blobs(_generic_background(rng, n), PALETTES[name], rng, n)
 
 
 def hard_negatives(identity: str, n: int, seed: int = 0) -> list[tuple[Image.Image, str, str]]:
