@@ -90,6 +90,16 @@ def hard_negative_arrays(generate, names: list[str], k: int, seed: int, concepts
     return np.stack(imgs), np.stack(masks)
 
 
+def batch_indices(batch: int, hard_frac: float, n_total: int, n_plain: int, gen: torch.Generator):
+    """One batch's rows: ``round(batch * hard_frac)`` from the added rows ``[n_plain, n_total)`` (none when there
+    are none), the rest from the plain rows; and for each, whether it is taken through the VAE (half on average).
+    Returns ``(idx [batch], use_vae [batch, 1, 1, 1])``."""
+    n_hard = round(batch * hard_frac) if n_total > n_plain else 0
+    idx = torch.cat([torch.randint(0, n_plain, (batch - n_hard,), generator=gen),
+                     torch.randint(n_plain, max(n_total, n_plain + 1), (n_hard,), generator=gen)])
+    return idx, (torch.rand(batch, generator=gen) < 0.5).view(-1, 1, 1, 1)
+
+
 def optimise(net, steps: int, lr: float, batch_loss, log_every: int) -> None:
     """``steps`` AdamW steps with a one-cycle schedule on ``batch_loss(step)`` (a scalar from a fresh batch)."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)

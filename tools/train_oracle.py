@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from toy_oracle_training import (accuracy_recall, add_training_options, hard_negative_arrays, log, optimise,
-                                 vae_roundtrip, write_oracle)
+from toy_oracle_training import (accuracy_recall, add_training_options, batch_indices, hard_negative_arrays, log,
+                                 optimise, vae_roundtrip, write_oracle)
 from toy_oracle_training import degrade as _degrade
 
 
@@ -187,10 +187,7 @@ def _train(args, net, data: dict, gen: torch.Generator) -> None:
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
 
     def batch_loss(step):
-        n_hard = round(args.batch * args.hard_frac) if len(x) > n_plain else 0
-        idx = torch.cat([torch.randint(0, n_plain, (args.batch - n_hard,), generator=gen),
-                         torch.randint(n_plain, max(len(x), n_plain + 1), (n_hard,), generator=gen)])
-        use_vae = (torch.rand(args.batch, generator=gen) < 0.5).view(-1, 1, 1, 1)
+        idx, use_vae = batch_indices(args.batch, args.hard_frac, len(x), n_plain, gen)
         xb = torch.where(use_vae, x_vae[idx], x[idx])
         xb = degrade(xb, gen)
         m = mask[idx]

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from toy_oracle_training import accuracy_recall, add_training_options, hard_negative_arrays, log, optimise, write_oracle
+from toy_oracle_training import (accuracy_recall, add_training_options, batch_indices, hard_negative_arrays, log,
+                                 optimise, write_oracle)
 from toy_oracle_training import degrade as _degrade
 from toy_oracle_training import vae_roundtrip as _vae_roundtrip
 
@@ -145,10 +146,7 @@ def main(argv=None) -> int:
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
 
     def batch_loss(step):
-        n_hard = round(args.batch * args.hard_frac) if len(x) > n_plain else 0
-        idx = torch.cat([torch.randint(0, n_plain, (args.batch - n_hard,), generator=gen),
-                         torch.randint(n_plain, max(len(x), n_plain + 1), (n_hard,), generator=gen)])
-        use_vae = (torch.rand(args.batch, generator=gen) < 0.5).view(-1, 1, 1, 1)
+        idx, use_vae = batch_indices(args.batch, args.hard_frac, len(x), n_plain, gen)
         xb = degrade(as_float(torch.where(use_vae, x_vae[idx], x[idx])), gen)
         m = mask[idx]
         return (loss_fn(net(xb), y[idx]) * m).sum() / m.sum()
