@@ -250,13 +250,10 @@ def main(argv=None) -> int:
     if args.eval == "single":
         return run_single(args, files, words, base_dir, extra, oracle)
     base = None
-    lines, done, last, t_start = [], 0, 0.0, time.monotonic()
+    lines, done, last, t_start = Rows(), 0, 0.0, time.monotonic()
+    emit = lines.emit
     if args.cache:
         Path(args.cache).mkdir(parents=True, exist_ok=True)
-
-    def emit(obj):
-        print(json.dumps(obj), flush=True)
-        lines.append(obj)
 
     for tag in args.sets:
         names = tag.split("+")
@@ -328,19 +325,24 @@ def single_row(tag: str, method: str, kept: dict[str, list[int]], example: str) 
             **{c: rate(sum(v), len(v)) for c, v in kept.items()}, "pooled": rate(sum(pooled), len(pooled))}
 
 
+class Rows(list):
+    """The JSON lines of a run: each printed as it comes and kept for ``--out``."""
+
+    def emit(self, obj: dict) -> None:
+        print(json.dumps(obj), flush=True)
+        self.append(obj)
+
+
 def run_single(args, files, words, base_dir, extra, oracle) -> int:
     """``--eval single``: every (set, method), then ``unfused``, one identity at a time (cached per identity)."""
     from lorakit.fileio import write_text
     from lorakit.models import load_base
     from lorakit.toyworld.evaluate import generate
 
-    lines, done, last, t_start, base = [], 0, 0.0, time.monotonic(), None
+    lines, done, last, t_start, base = Rows(), 0, 0.0, time.monotonic(), None
+    emit = lines.emit
     if args.cache:
         Path(args.cache).mkdir(parents=True, exist_ok=True)
-
-    def emit(obj):
-        print(json.dumps(obj), flush=True)
-        lines.append(obj)
 
     for tag in args.sets:
         names = tag.split("+")
