@@ -10,6 +10,7 @@ import pytest
 
 from lorakit.resources import data_path, toy_recipe
 from lorakit.toyworld.concepts import concepts_of_kind
+from lorakit.toyworld.v2.demo import WORLD as DEMO_WORLD
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,5 +95,6 @@ def test_installed_package_runs_the_demo_from_another_folder(tmp_path):
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
     assert demo.returncode == 0, demo.stderr[-3000:]
     report = json.loads((elsewhere / "out" / "report.json").read_text())
-    assert set(report["loras"]) == {"kwibbit", "inkvel"} and len(list((elsewhere / "loras").glob("*.safetensors"))) == 2
+    defaults = {DEMO_WORLD.default_character, DEMO_WORLD.default_second}  # the v2 demo's pair (kwibbit, nocturo)
+    assert set(report["loras"]) == defaults and len(list((elsewhere / "loras").glob("*.safetensors"))) == 2
     assert not (REPO / "loras").exists() and not (REPO / "out").exists()
