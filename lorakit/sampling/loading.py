@@ -44,6 +44,13 @@ def read_metadata(path: Path) -> dict:
         raise ValueError(f"{path}: not a readable .safetensors adapter file: {err}") from err
 
 
+def is_edlora(meta: dict) -> bool:
+    """Whether an adapter file's metadata marks an ED-LoRA or a fused delta of ED-LoRAs (``lorakit fuse
+    --out-format adapter``: kind ``fused-delta`` with the ED-LoRA table): both carry layer-wise embeddings that only
+    ``load_edlora`` installs."""
+    return meta.get("lorakit.kind") == "edlora" or "lorakit.edlora" in meta
+
+
 def load_adapters(pipe, paths: list, weights: list[float] | None = None) -> list[LoadedAdapter]:
     """Load adapter files into ``pipe`` (diffusers ``load_lora_weights``), each under its own adapter name.
 
@@ -70,10 +77,7 @@ def load_adapters(pipe, paths: list, weights: list[float] | None = None) -> list
         meta = read_metadata(path)
         name = f"a{i}_" + re.sub(r"[^A-Za-z0-9_]", "_", path.stem)[:40]
         kind = meta.get("lorakit.kind", "lora")
-        # ED-LoRA files and fused deltas of ED-LoRAs (lorakit fuse --out-format adapter: kind fused-delta) carry
-        # layer-wise embeddings that only load_edlora installs
-        edlora = kind == "edlora" or "lorakit.edlora" in meta
-        if edlora and importlib.util.find_spec("lorakit.adapters.edlora") is not None:
+        if is_edlora(meta) and importlib.util.find_spec("lorakit.adapters.edlora") is not None:
             load_edlora(pipe, path, adapter_name=name)
         else:
             adapter = load_adapter(path)

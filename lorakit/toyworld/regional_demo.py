@@ -30,7 +30,7 @@ from lorakit.fileio import save_image, write_text
 from lorakit.resources import data_path
 from lorakit.sampling import SamplerSettings, generate, load_adapters, load_pipeline
 from lorakit.sampling.conditions import Condition
-from lorakit.sampling.loading import read_metadata
+from lorakit.sampling.loading import is_edlora, read_metadata
 from lorakit.sampling.regional import Region, RegionSpec
 from lorakit.toyworld.loras import default_cache_dir, train_concept_lora
 from lorakit.toyworld import sketch as v1_sketch
@@ -125,13 +125,9 @@ def load_sketch_pipeline(base: str, adapter: str, characters=(), loras=None, sca
     if loras is None:
         loras = [train_concept_lora(c, lora_dir or default_cache_dir()) for c in characters]
     pipe = load_pipeline(base, dtype="fp32", device="cpu")
-    scales = [1.0 if _is_edlora(p) else scale for p in loras]
+    scales = [1.0 if is_edlora(read_metadata(p)) else scale for p in loras]
     loaded = load_adapters(pipe, list(loras), scales)
     return pipe, loaded, T2IAdapter.from_pretrained(adapter).eval()
-
-
-def _is_edlora(path) -> bool:
-    return "lorakit.edlora" in read_metadata(path)
 
 
 def concept_words(loaded) -> dict[str, str]:
