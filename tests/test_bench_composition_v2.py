@@ -182,7 +182,12 @@ def test_lorakit_variants_are_bench_methods_with_their_sample_settings():
     ubase = SamplerSettings(**bench.SAMPLER_SETTINGS["composite-ubase"])
     ubase.check()
     assert (ubase.method, ubase.uncond) == ("composite", "base")
-    assert "composite-ubase" in bench.__doc__ and "delta" in bench.__doc__  # --help's epilog names them
+    parts = SamplerSettings(**bench.SAMPLER_SETTINGS["delta-parts"])
+    parts.check()
+    assert (parts.method, parts.prompt_parts, parts.uncond) == ("delta", "per-adapter", "adapter")
+    assert "delta-parts" in args.methods
+    for name in ("composite-ubase", "delta", "delta-parts"):  # --help's epilog names them
+        assert name in bench.__doc__
 
 
 @pytest.mark.slow

@@ -23,7 +23,10 @@ Methods: merge, switch, composite, cmlora (the references' sampling-time methods
 lorakit's own variants: composite-ubase (composite with the base model's unconditional pass, ``lorakit sample
 --method composite --uncond base``: each LoRA's effect stays in its own guidance term instead of cancelling
 against its own unconditional pass) and delta (``--method delta``: base + the sum of each LoRA's difference from
-the base, every LoRA at full strength instead of 1/N); gradient (Mix-of-Show gradient
+the base, every LoRA at full strength instead of 1/N) and delta-parts (``--method delta --prompt-parts
+per-adapter``: each LoRA's difference taken on its own part of the prompt, its trigger's tags plus the shared
+ones, against the base on the same part, so a LoRA never sees the other LoRAs' trigger words, and a LoRA
+trained on scenes without a hat does not push the hat of the joint prompt away); gradient (Mix-of-Show gradient
 fusion -> fused pipeline) and weighted (average of the deltas) through ``lorakit fuse``; lorarar (``lorakit fuse
 --method lorarar --hypernet H``) for the character + style pairs only.
 
@@ -52,9 +55,10 @@ from pathlib import Path
 from lorakit.toyworld.composition_sets import CATEGORIES, concept_sets
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLING_METHODS = ("merge", "switch", "composite", "cmlora", "composite-ubase", "delta")
+SAMPLING_METHODS = ("merge", "switch", "composite", "cmlora", "composite-ubase", "delta", "delta-parts")
 # lorakit's own composite variants: the ``lorakit sample`` settings each bench method runs with
-SAMPLER_SETTINGS = {"composite-ubase": {"method": "composite", "uncond": "base"}}
+SAMPLER_SETTINGS = {"composite-ubase": {"method": "composite", "uncond": "base"},
+                    "delta-parts": {"method": "delta", "prompt_parts": "per-adapter"}}
 FUSION_METHODS = ("gradient", "weighted")
 ALL_METHODS = SAMPLING_METHODS + FUSION_METHODS + ("lorarar",)
 WORLD_DEFAULTS = {

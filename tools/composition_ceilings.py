@@ -1,0 +1,80 @@
+"""The oracle ceiling of toy-world v2 composition sets: how often the oracle finds every identity of a set in the
+renderer's own images of it (``lorakit.toyworld.v2.composition.ceiling``), one JSON line per set.
+
+A set whose ceiling is low measures the oracle, not the composition methods: pick the benchmark's sets among
+those whose ceiling is high (``--min-rate``) before running any method on them. Rendering and scoring take about
+a second per 16 images on one CPU thread; no LoRA is needed.
+
+    python tools/composition_ceilings.py --sizes 3 4 --k 64 --out docs/data/composition_v2_ceiling_n34.jsonl
+    python tools/composition_ceilings.py --sizes 3 --k 32 --min-rate 0.8      # print only the usable sets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", type=int, default=[3, 4], help="set sizes N (default 3 4)")
+    p.add_argument("--sets", nargs="+", metavar="ID", help="only these set ids")
+    p.add_argument("--k", type=int, default=64, help="renders per set (seeds SEED..SEED+K-1; default 64)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0: the bench's report seeds)")
+    p.add_argument("--oracle", default=str(ROOT / "data" / "toy2-oracle"))
+    p.add_argument("--min-rate", type=float, default=0.0, help="print and write only sets at or above this rate")
+    p.add_argument("--out", help="JSON lines file to write (atomically)")
+    return p.parse_args(argv)
+
+
+def ceiling_rows(oracle, sets: list[dict], seeds: list[int], oracle_name: str) -> list[dict]:
+    """One row per set: ``{"measure", "set", "n", "oracle", "seeds": [first, last], "all_present": rate}``."""
+    from lorakit.toyworld.v2.composition import ceiling
+
+    rates = ceiling(oracle, sets, seeds)
+    return [{"measure": "v2_composition_oracle_ceiling", "set": s["id"], "n": s["n"], "oracle": oracle_name,
+             "seeds": [seeds[0], seeds[-1]], "all_present": rates[s["id"]]} for s in sets]
+
+
+def main(argv=None) -> int:
+    from lorakit.toyworld.v2.composition import composition_sets
+
+    args = parse_args(argv)
+    try:
+        sets = composition_sets(tuple(args.sizes))
+    except ValueError as err:
+        print(f"composition_ceilings: --sizes {' '.join(map(str, args.sizes))}: {err}", file=sys.stderr)
+        return 2
+    if args.sets:
+        unknown = sorted(set(args.sets) - {s["id"] for s in sets})
+        if unknown:
+            print(f"composition_ceilings: --sets {' '.join(unknown)}: no such set at sizes {args.sizes}", file=sys.stderr)
+            return 2
+        sets = [s for s in sets if s["id"] in args.sets]
+    oracle_dir = Path(args.oracle)
+    if not (oracle_dir / "oracle.safetensors").exists():
+        print(f"composition_ceilings: --oracle {oracle_dir}: no oracle.safetensors there (tools/train_oracle_v2.py)",
+              file=sys.stderr)
+        return 2
+    from lorakit.toyworld.v2.oracle import Oracle
+
+    seeds = list(range(args.seed, args.seed + args.k))
+    name = str(oracle_dir.resolve().relative_to(ROOT)) if oracle_dir.resolve().is_relative_to(ROOT) else str(oracle_dir)
+    rows = [r for r in ceiling_rows(Oracle.load(oracle_dir), sets, seeds, name)
+            if r["all_present"]["rate"] >= args.min_rate]
+    for r in rows:
+        print(json.dumps(r))
+    if args.out:
+        from lorakit.fileio import write_text
+
+        write_text("".join(json.dumps(r) + "\n" for r in rows), Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
