@@ -27,6 +27,34 @@ def test_rows_give_each_sets_rate_over_the_seeds():
     assert rows[0]["seeds"] == [0, 2] and rows[0]["oracle"] == "fixed"
 
 
+class InkOracle:
+    """Finds every identity in an image that is not all white."""
+
+    def score(self, images, names):
+        import numpy as np
+        import torch
+
+        probs = torch.tensor([[float((np.asarray(im) < 255).any())] * len(names) for im in images])
+        return type("S", (), {"probs": probs, "present": probs >= 0.5})()
+
+
+def test_a_transform_is_applied_to_the_renders_before_scoring():
+    from PIL import Image
+
+    from lorakit.toyworld.v2.composition import composition_sets
+
+    sets = [s for s in composition_sets((3,)) if s["id"] == "n3-kwibbit-pixlor-nocturo"]
+    seen = []
+
+    def blank(images):
+        seen.append(len(images))
+        return [Image.new("RGB", im.size, (255, 255, 255)) for im in images]
+
+    assert tool.ceiling_rows(InkOracle(), sets, [0, 1], "ink")[0]["all_present"]["k"] == 2
+    row = tool.ceiling_rows(InkOracle(), sets, [0, 1], "ink", blank, "blank")[0]
+    assert seen == [2] and row["all_present"]["k"] == 0 and row["source"] == "blank"
+
+
 def test_main_writes_the_rows_at_or_above_min_rate(tmp_path, monkeypatch, capsys):
     from lorakit.toyworld.v2 import oracle
 
@@ -47,6 +75,7 @@ def test_main_writes_the_rows_at_or_above_min_rate(tmp_path, monkeypatch, capsys
     (["--sizes", "5"], "--sizes 5"),
     (["--sizes", "3", "--sets", "n3-nobody"], "--sets n3-nobody"),
     (["--oracle", "/nonexistent/oracle"], "no oracle.safetensors"),
+    (["--vae", "/nonexistent/pipeline"], "--vae /nonexistent/pipeline"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert tool.main(argv) == 2
