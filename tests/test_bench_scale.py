@@ -247,3 +247,48 @@ def test_docs_tables_come_from_the_files_between_their_markers(tmp_path):
     md.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no '<!-- tables"):
         bench.main(["--derive", str(a), "--docs", str(md)])
+
+
+def test_ratios_pair_only_rows_of_one_bench_invocation():
+    """Two arms run by different invocations (other days, other loads) give no ratio; each invocation's own
+    pair does, and says which invocation it came from."""
+    rows = [_row("composite", resolution=128, n_loras=4, total_s=380.0, step_s=12.6, steps=30, bench="b1"),
+            _row("cmlora", resolution=128, n_loras=4, total_s=229.0, step_s=6.2, steps=30, bench="b2"),
+            _row("composite", resolution=64, n_loras=4, total_s=160.0, step_s=5.0, steps=30, bench="b3"),
+            _row("cmlora", resolution=64, n_loras=4, total_s=32.0, step_s=0.9, steps=30, bench="b3"),
+            _row("composite", resolution=64, n_loras=4, total_s=200.0, step_s=6.0, steps=30, bench="b3"),
+            _row("cmlora", resolution=64, n_loras=4, total_s=50.0, step_s=1.0, steps=30, bench="b3"),
+            _row("composite", resolution=64, n_loras=4, total_s=100.0, step_s=3.0, steps=30, bench="b4")]
+    out = bench.derived_rows(rows)
+    ratios = [(r["resolution"], r["bench"], r["time_ratio"]) for r in out if r["run"] == "ratio"]
+    assert ratios == [(64, "b3", round(41 / 180, 3))]  # not 128 px (b1 / b2), and b4's Composite not in the mean
+    paired = [r for r in out if r["run"] == "paired_ratio"]
+    assert len(paired) == 1 and paired[0]["bench"] == "b3" and paired[0]["time_ratios"] == [0.2, 0.25]
+    text = bench.markdown(rows + out)
+    assert "| cmlora / composite | resolution 64, n_loras 4, rank 4; run b3 | 0.228 |" in text
+    # the curve across invocations stays (how the cost grows, each point its own runs)
+    assert any(r["run"] == "curve" and r["stage"] == "composite" and r["x"] == 128 for r in out)
+
+
+def test_each_invocation_stamps_its_rows(tmp_path, monkeypatch):
+    """main() gives every row of one invocation the same ``bench`` id (the rows the child processes print, and
+    the error rows of points that did not finish)."""
+    seen = []
+
+    def fake_run_process(args, size, points, env, out):
+        seen.append(args.bench)
+        return [{"run": p["one"], "size": size, "error": "timeout", "bench": args.bench} for p in points]
+
+    monkeypatch.setattr(bench, "_run_process", fake_run_process)
+    assert bench.main(["--sizes", "sd15", "--stages", "train_ref", "train"]) == 0
+    assert len(seen) == 2 and seen[0] == seen[1] and seen[0].endswith(f"/{__import__('os').getpid()}")
+
+
+def test_rows_of_a_stopped_point_carry_the_invocation():
+    import os
+
+    args = bench.parse_args(["--sizes", "tiny", "--timeout", "0"])  # the child is killed at once
+    args.bench = "2026-12-03T18:00:00Z/1"
+    rows = bench._run_process(args, "tiny", [{"one": "train", "resolution": 32, "rank": 4, "n_loras": 2}],
+                              dict(os.environ), None)
+    assert [(r["error"], r["bench"]) for r in rows] == [("timeout", "2026-12-03T18:00:00Z/1")]

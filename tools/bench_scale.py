@@ -442,18 +442,33 @@ def _where(key: tuple) -> dict:
 
 def derived_rows(rows: list[dict]) -> list[dict]:
     """``ratio`` rows (lorakit / reference, each variant / its plain stage, CMLoRA / Composite: at each point
-    both ran, means of the repeats), ``paired_ratio`` rows (the k-th runs of both arms), ``growth`` rows (each
-    size / tiny at the default point), ``curve`` rows (time and peak RSS against N, resolution and rank, the
-    other two fixed, each / its smallest value) and ``spread`` rows (the repeats of one point: mean, min, max)."""
+    both ran in one bench invocation (rows' ``bench``), means of its repeats), ``paired_ratio`` rows (the k-th
+    runs of both arms of one invocation), ``growth`` rows (each size / tiny at the default point), ``curve``
+    rows (time and peak RSS against N, resolution and rank, the other two fixed, each / its smallest value) and
+    ``spread`` rows (the repeats of one point: mean, min, max)."""
+    ok = [r for r in rows if "error" not in r]
+    groups, ratios = _groups(ok), []
+    # A ratio compares two arms under the same load, so only rows of one bench invocation are paired.
+    for bench in dict.fromkeys(r.get("bench") for r in ok):
+        same = _groups([r for r in ok if r.get("bench") == bench])
+        found = _ratio_rows(same, _means(same)) + _paired_ratios(same)
+        ratios += [{**r, "bench": bench} for r in found] if bench is not None else found
+    return ratios + _growth_rows(ok) + _spread_rows(groups) + _curve_rows(groups, _means(groups))
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_key(r), []).append(r)
+    return groups
+
+
+def _means(groups: dict[tuple, list[dict]]) -> dict[tuple, tuple[float, float]]:
+    """Per point: the mean time and the mean peak RSS of its runs."""
     import statistics
 
-    ok = [r for r in rows if "error" not in r]
-    groups: dict[tuple, list[dict]] = {}
-    for r in ok:
-        groups.setdefault(_key(r), []).append(r)
-    mean = {k: (statistics.mean(_time(r) for r in rs), statistics.mean(r["peak_rss_mb"] for r in rs)) for k, rs in groups.items()}
-    return (_ratio_rows(groups, mean) + _paired_ratios(groups) + _growth_rows(ok) + _spread_rows(groups)
-            + _curve_rows(groups, mean))
+    return {k: (statistics.mean(_time(r) for r in rs), statistics.mean(r["peak_rss_mb"] for r in rs))
+            for k, rs in groups.items()}
 
 
 def _ratio_rows(groups: dict[tuple, list[dict]], mean: dict) -> list[dict]:
@@ -580,6 +595,12 @@ def _seconds(r: dict) -> str:
     return f"{r['total_s']:.1f} total"
 
 
+def _at(r: dict) -> str:
+    """Where a derived row compares: its point, and the bench invocation both arms ran in."""
+    at = ", ".join(f"{k} {r[k]}" for k in ("resolution", "n_loras", "rank") if k in r)
+    return at + (f"; run {r['bench']}" if r.get("bench") else "")
+
+
 def markdown(rows: list[dict]) -> str:
     """The tables of docs/performance.md from a file's runs and derived rows: every run, the ratios, the pairs,
     the curves."""
@@ -595,14 +616,14 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['peak_rss_mb']:.0f} | {r.get('estimate_mb') or '-'} | {r.get('load_avg', '-')} |")
     lines += ["", "| ratio | at | time | peak RSS |", "|---|---|---|---|"]
     for r in (r for r in derived if r["run"] == "ratio"):
-        at = ", ".join(f"{k} {r[k]}" for k in ("resolution", "n_loras", "rank") if k in r)
+        at = _at(r)
         vs = r.get("vs") or {"train": "train_ref", "sample": "sample_ref"}[r["stage"]]
         lines.append(f"| {r['stage']} / {vs} | {at} | {r['time_ratio']} | {r['peak_rss_ratio']} |")
     pairs = [r for r in derived if r["run"] == "paired_ratio"]
     if pairs:
         lines += ["", "| pairs | at | n | time ratio per pair | mean (min-max) | peak RSS ratio per pair |", "|---|---|---|---|---|---|"]
         for r in pairs:
-            at = ", ".join(f"{k} {r[k]}" for k in ("resolution", "n_loras", "rank") if k in r)
+            at = _at(r)
             lines.append(f"| {r['stage']} / {r['vs']} ({r['time']}) | {at} | {r['pairs']} | {r['time_ratios']} | "
                          f"{r['time_ratio_mean']} ({r['time_ratio_min']}-{r['time_ratio_max']}) | {r['peak_rss_ratios']} |")
     lines += _n_table(runs)
@@ -861,7 +882,7 @@ def _run_process(args, size: str, points: list[dict], env: dict, out: Path | Non
         guard = RssGuard(proc, args.max_rss_mb) if args.max_rss_mb else None
         for line in proc.stdout:
             if line.startswith("ROW "):
-                row = {**json.loads(line[4:]), "wall_s": round(time.perf_counter() - t0, 1)}
+                row = {**json.loads(line[4:]), "bench": args.bench, "wall_s": round(time.perf_counter() - t0, 1)}
                 rows.append(row)
                 _emit(row, out)
         proc.wait()
@@ -876,7 +897,7 @@ def _run_process(args, size: str, points: list[dict], env: dict, out: Path | Non
         tail = "timeout"
     for point in points[len(rows):]:
         row = {"run": point["one"], "size": size, "resolution": point["resolution"], "rank": point["rank"],
-               "n_loras": point["n_loras"], "error": tail, "wall_s": round(time.perf_counter() - t0, 1)}
+               "n_loras": point["n_loras"], "error": tail, "bench": args.bench, "wall_s": round(time.perf_counter() - t0, 1)}
         if guard is not None:
             row["max_rss_seen_mb"] = round(guard.peak_mb, 1)
         rows.append(row)
@@ -922,6 +943,7 @@ def main(argv=None) -> int:
         return 0
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
+    args.bench = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"/{os.getpid()}"  # this invocation
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "LORAKIT_NO_MEMORY_CHECK": "1"}
     rows = []
