@@ -292,3 +292,31 @@ def test_rows_of_a_stopped_point_carry_the_invocation():
     rows = bench._run_process(args, "tiny", [{"one": "train", "resolution": 32, "rank": 4, "n_loras": 2}],
                               dict(os.environ), None)
     assert [(r["error"], r["bench"]) for r in rows] == [("timeout", "2026-12-03T18:00:00Z/1")]
+
+
+def test_warmup_steps_zero_runs_no_warmup_image(monkeypatch):
+    """--warmup-steps 0: only the short and the long image run (a 10-minute hold fits one more image), the row
+    says it was not warmed up, and the child process is told so (0 is not dropped as a false value)."""
+    calls = []
+    monkeypatch.setattr(bench, "_adapters", lambda pipe, work, n, rank: ["a.safetensors"] * n)
+    monkeypatch.setattr(bench, "_patched_cli", lambda pipe, argv: calls.append(int(argv[argv.index("--steps") + 1])) or 10.0 * len(calls))
+
+    class Pipe:
+        def unload_lora_weights(self):
+            pass
+
+    args = bench.parse_args(["--sizes", "sd15", "--warmup-steps", "0", "--sample-steps", "1", "--sample-steps-long", "20"])
+    args.n_loras, args.rank, args.resolution, args.dtype = 4, 4, 128, "bf16"
+    res = bench._sample(args, Pipe(), Path("."), "composite")
+    assert calls == [1, 20] and res["total_s"] == 20.0 and res["short_s"] == 10.0 and not res["warmed_up"]
+    assert abs(res["step_s"] - 10.0 / 19) < 1e-9  # (t(20) - t(1)) / 19
+    seen = []
+
+    def popen(cmd, **kw):
+        seen.append(cmd)
+        raise OSError("not started")
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    with pytest.raises(OSError):
+        bench._run_process(args, "sd15", [{"one": "composite", "resolution": 128, "rank": 4, "n_loras": 4}], {}, None)
+    assert seen[0][seen[0].index("--warmup-steps") + 1] == "0"

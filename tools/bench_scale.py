@@ -208,9 +208,9 @@ def _patched_cli(pipe, argv: list[str]) -> float:
 
 
 def _sample_steps(args) -> tuple[int, int, int]:
-    """Steps of the warm-up image, the short and the long timed image."""
+    """Steps of the warm-up image (0: none), the short and the long timed image."""
     short = args.sample_steps
-    return args.warmup_steps or short, short, args.sample_steps_long or 2 * short
+    return short if args.warmup_steps is None else args.warmup_steps, short, args.sample_steps_long or 2 * short
 
 
 _WARMED: set[str] = set()  # sampling methods already run in this process (--warmup-once)
@@ -227,7 +227,7 @@ def _sample(args, pipe, work: Path, method: str) -> dict:
     skip_warmup = args.warmup_once and method in _WARMED
     _WARMED.add(method)
     for i, n in enumerate(steps):  # the first warms up (lazy imports, first-call allocations)
-        if i == 0 and skip_warmup:
+        if i == 0 and (skip_warmup or n == 0):
             times.append(None)
             continue
         times.append(_patched_cli(pipe, ["sample", "--base", "bench", "--adapters", *files, "--method", method,
@@ -236,7 +236,7 @@ def _sample(args, pipe, work: Path, method: str) -> dict:
                                          "--no-memory-check"]))
         pipe.unload_lora_weights()
     return {"total_s": times[2], "step_s": (times[2] - times[1]) / (steps[2] - steps[1]), "steps": steps[2],
-            "short_s": times[1], "short_steps": steps[1], "warmed_up": not skip_warmup}
+            "short_s": times[1], "short_steps": steps[1], "warmed_up": times[0] is not None}
 
 
 def _sample_ref(args, pipe, work: Path) -> dict:
@@ -259,6 +259,9 @@ def _sample_ref(args, pipe, work: Path) -> dict:
     pipe.to(dtype=_torch_dtype(args.dtype))
     steps, times = _sample_steps(args), []
     for n in steps:  # as _sample: warm-up, S, L
+        if n == 0:
+            times.append(None)
+            continue
         gen = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -738,7 +741,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--sample-steps", type=int, default=2, help="sampling: steps of the short timed image (S)")
     p.add_argument("--sample-steps-long", type=int, help="sampling: steps of the long timed image (default 2S)")
-    p.add_argument("--warmup-steps", type=int, help="sampling: steps of the warm-up image (default S)")
+    p.add_argument("--warmup-steps", type=int, help="sampling: steps of the warm-up image (default S; 0: none, the "
+                   "short image is then the process's first)")
     p.add_argument("--warmup-once", action="store_true", help="sampling with --shared: the warm-up image only "
                    "at a method's first point in the process (later points of it are already warm)")
     p.add_argument("--fuse-steps", type=int, default=2, help="gradient fusion: sampling steps recorded per prompt")
@@ -872,7 +876,7 @@ def _run_process(args, size: str, points: list[dict], env: dict, out: Path | Non
     cmd += ["--warmup-once"] if args.warmup_once else []
     for flag, value in (("--dtype", args.dtype), ("--sample-steps-long", args.sample_steps_long),
                         ("--warmup-steps", args.warmup_steps)):
-        cmd += [flag, str(value)] if value else []
+        cmd += [flag, str(value)] if value is not None else []
     cmd += [] if args.estimate else ["--no-estimate"]
     rows, t0 = [], time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
