@@ -320,3 +320,29 @@ def test_warmup_steps_zero_runs_no_warmup_image(monkeypatch):
     with pytest.raises(OSError):
         bench._run_process(args, "sd15", [{"one": "composite", "resolution": 128, "rank": 4, "n_loras": 4}], {}, None)
     assert seen[0][seen[0].index("--warmup-steps") + 1] == "0"
+
+
+@pytest.mark.slow
+def test_edlora_reference_loop_trains_in_bf16(tmp_path):
+    """The ED-LoRA reference in bf16 (the SD 1.5 bench's dtype): its trained embedding table is fp32, the text
+    encoder bf16, and the step runs (it stopped with 'mixed dtype (CPU)' in the encoder's first layer norm); the
+    two new rows move, the old rows stay."""
+    import argparse
+
+    import bench_train
+    import torch
+
+    args = argparse.Namespace(device="cpu", dtype="bf16", rank=2, batch=1, warmup=0, steps=1, resolution=32)
+    folder = tmp_path / "img"
+    folder.mkdir()
+    bench_train.make_images(folder, 2, 32)
+    torch.manual_seed(0)
+    pipe = bench_train.make_pipe("tiny")
+    res = bench_train.reference_edlora(args, pipe, folder)
+    emb = pipe.text_encoder.get_input_embeddings().weight.detach()
+    new = pipe.tokenizer.convert_tokens_to_ids(["<cat1>", "<cat2>"])
+    assert res["step_s"] > 0 and emb.dtype == torch.float32
+    assert all(m.weight.dtype == torch.bfloat16 for m in pipe.text_encoder.modules() if isinstance(m, torch.nn.LayerNorm))
+    assert not torch.equal(emb[new[0]], emb[new[1]])
+    ids = pipe.tokenizer("a photo of <cat1>", return_tensors="pt").input_ids
+    assert pipe.text_encoder(ids)[0].dtype == torch.bfloat16
