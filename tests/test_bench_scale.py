@@ -292,6 +292,11 @@ def test_rows_of_a_stopped_point_carry_the_invocation():
     rows = bench._run_process(args, "tiny", [{"one": "train", "resolution": 32, "rank": 4, "n_loras": 2}],
                               dict(os.environ), None)
     assert [(r["error"], r["bench"]) for r in rows] == [("timeout", "2026-12-03T18:00:00Z/1")]
+    assert "n_loras" not in rows[0]  # a trainer has no N (the table showed N = 2 for a stopped trainer)
+    assert "| train | 32 | - | 4 | **timeout** |" in bench.markdown(rows)
+    rows = bench._run_process(args, "tiny", [{"one": "cmlora", "resolution": 32, "rank": 4, "n_loras": 4}],
+                              dict(os.environ), None)
+    assert rows[0]["n_loras"] == 4 and "| cmlora | 32 | 4 | 4 | **timeout** |" in bench.markdown(rows)
 
 
 def test_warmup_steps_zero_runs_no_warmup_image(monkeypatch):

@@ -901,7 +901,9 @@ def _run_process(args, size: str, points: list[dict], env: dict, out: Path | Non
         tail = "timeout"
     for point in points[len(rows):]:
         row = {"run": point["one"], "size": size, "resolution": point["resolution"], "rank": point["rank"],
-               "n_loras": point["n_loras"], "error": tail, "bench": args.bench, "wall_s": round(time.perf_counter() - t0, 1)}
+               "error": tail, "bench": args.bench, "wall_s": round(time.perf_counter() - t0, 1)}
+        if point["one"] in (*N_STAGES, "ziplora", "lorarar"):  # as the rows of finished points: trainers have no N
+            row["n_loras"] = point["n_loras"]
         if guard is not None:
             row["max_rss_seen_mb"] = round(guard.peak_mb, 1)
         rows.append(row)
