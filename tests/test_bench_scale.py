@@ -247,3 +247,107 @@ def test_docs_tables_come_from_the_files_between_their_markers(tmp_path):
     md.write_text("no markers\n")
     with pytest.raises(SystemExit, match="no '<!-- tables"):
         bench.main(["--derive", str(a), "--docs", str(md)])
+
+
+def test_ratios_pair_only_rows_of_one_bench_invocation():
+    """Two arms run by different invocations (other days, other loads) give no ratio; each invocation's own
+    pair does, and says which invocation it came from."""
+    rows = [_row("composite", resolution=128, n_loras=4, total_s=380.0, step_s=12.6, steps=30, bench="b1"),
+            _row("cmlora", resolution=128, n_loras=4, total_s=229.0, step_s=6.2, steps=30, bench="b2"),
+            _row("composite", resolution=64, n_loras=4, total_s=160.0, step_s=5.0, steps=30, bench="b3"),
+            _row("cmlora", resolution=64, n_loras=4, total_s=32.0, step_s=0.9, steps=30, bench="b3"),
+            _row("composite", resolution=64, n_loras=4, total_s=200.0, step_s=6.0, steps=30, bench="b3"),
+            _row("cmlora", resolution=64, n_loras=4, total_s=50.0, step_s=1.0, steps=30, bench="b3"),
+            _row("composite", resolution=64, n_loras=4, total_s=100.0, step_s=3.0, steps=30, bench="b4")]
+    out = bench.derived_rows(rows)
+    ratios = [(r["resolution"], r["bench"], r["time_ratio"]) for r in out if r["run"] == "ratio"]
+    assert ratios == [(64, "b3", round(41 / 180, 3))]  # not 128 px (b1 / b2), and b4's Composite not in the mean
+    paired = [r for r in out if r["run"] == "paired_ratio"]
+    assert len(paired) == 1 and paired[0]["bench"] == "b3" and paired[0]["time_ratios"] == [0.2, 0.25]
+    text = bench.markdown(rows + out)
+    assert "| cmlora / composite | resolution 64, n_loras 4, rank 4; run b3 | 0.228 |" in text
+    # the curve across invocations stays (how the cost grows, each point its own runs)
+    assert any(r["run"] == "curve" and r["stage"] == "composite" and r["x"] == 128 for r in out)
+
+
+def test_each_invocation_stamps_its_rows(tmp_path, monkeypatch):
+    """main() gives every row of one invocation the same ``bench`` id (the rows the child processes print, and
+    the error rows of points that did not finish)."""
+    seen = []
+
+    def fake_run_process(args, size, points, env, out):
+        seen.append(args.bench)
+        return [{"run": p["one"], "size": size, "error": "timeout", "bench": args.bench} for p in points]
+
+    monkeypatch.setattr(bench, "_run_process", fake_run_process)
+    assert bench.main(["--sizes", "sd15", "--stages", "train_ref", "train"]) == 0
+    assert len(seen) == 2 and seen[0] == seen[1] and seen[0].endswith(f"/{__import__('os').getpid()}")
+
+
+def test_rows_of_a_stopped_point_carry_the_invocation():
+    import os
+
+    args = bench.parse_args(["--sizes", "tiny", "--timeout", "0"])  # the child is killed at once
+    args.bench = "2026-12-03T18:00:00Z/1"
+    rows = bench._run_process(args, "tiny", [{"one": "train", "resolution": 32, "rank": 4, "n_loras": 2}],
+                              dict(os.environ), None)
+    assert [(r["error"], r["bench"]) for r in rows] == [("timeout", "2026-12-03T18:00:00Z/1")]
+    assert "n_loras" not in rows[0]  # a trainer has no N (the table showed N = 2 for a stopped trainer)
+    assert "| train | 32 | - | 4 | **timeout** |" in bench.markdown(rows)
+    rows = bench._run_process(args, "tiny", [{"one": "cmlora", "resolution": 32, "rank": 4, "n_loras": 4}],
+                              dict(os.environ), None)
+    assert rows[0]["n_loras"] == 4 and "| cmlora | 32 | 4 | 4 | **timeout** |" in bench.markdown(rows)
+
+
+def test_warmup_steps_zero_runs_no_warmup_image(monkeypatch):
+    """--warmup-steps 0: only the short and the long image run (a 10-minute hold fits one more image), the row
+    says it was not warmed up, and the child process is told so (0 is not dropped as a false value)."""
+    calls = []
+    monkeypatch.setattr(bench, "_adapters", lambda pipe, work, n, rank: ["a.safetensors"] * n)
+    monkeypatch.setattr(bench, "_patched_cli", lambda pipe, argv: calls.append(int(argv[argv.index("--steps") + 1])) or 10.0 * len(calls))
+
+    class Pipe:
+        def unload_lora_weights(self):
+            pass
+
+    args = bench.parse_args(["--sizes", "sd15", "--warmup-steps", "0", "--sample-steps", "1", "--sample-steps-long", "20"])
+    args.n_loras, args.rank, args.resolution, args.dtype = 4, 4, 128, "bf16"
+    res = bench._sample(args, Pipe(), Path("."), "composite")
+    assert calls == [1, 20] and res["total_s"] == 20.0 and res["short_s"] == 10.0 and not res["warmed_up"]
+    assert abs(res["step_s"] - 10.0 / 19) < 1e-9  # (t(20) - t(1)) / 19
+    seen = []
+
+    def popen(cmd, **kw):
+        seen.append(cmd)
+        raise OSError("not started")
+
+    monkeypatch.setattr(bench.subprocess, "Popen", popen)
+    with pytest.raises(OSError):
+        bench._run_process(args, "sd15", [{"one": "composite", "resolution": 128, "rank": 4, "n_loras": 4}], {}, None)
+    assert seen[0][seen[0].index("--warmup-steps") + 1] == "0"
+
+
+@pytest.mark.slow
+def test_edlora_reference_loop_trains_in_bf16(tmp_path):
+    """The ED-LoRA reference in bf16 (the SD 1.5 bench's dtype): its trained embedding table is fp32, the text
+    encoder bf16, and the step runs (it stopped with 'mixed dtype (CPU)' in the encoder's first layer norm); the
+    two new rows move, the old rows stay."""
+    import argparse
+
+    import bench_train
+    import torch
+
+    args = argparse.Namespace(device="cpu", dtype="bf16", rank=2, batch=1, warmup=0, steps=1, resolution=32)
+    folder = tmp_path / "img"
+    folder.mkdir()
+    bench_train.make_images(folder, 2, 32)
+    torch.manual_seed(0)
+    pipe = bench_train.make_pipe("tiny")
+    res = bench_train.reference_edlora(args, pipe, folder)
+    emb = pipe.text_encoder.get_input_embeddings().weight.detach()
+    new = pipe.tokenizer.convert_tokens_to_ids(["<cat1>", "<cat2>"])
+    assert res["step_s"] > 0 and emb.dtype == torch.float32
+    assert all(m.weight.dtype == torch.bfloat16 for m in pipe.text_encoder.modules() if isinstance(m, torch.nn.LayerNorm))
+    assert not torch.equal(emb[new[0]], emb[new[1]])
+    ids = pipe.tokenizer("a photo of <cat1>", return_tensors="pt").input_ids
+    assert pipe.text_encoder(ids)[0].dtype == torch.bfloat16

@@ -208,9 +208,9 @@ def _patched_cli(pipe, argv: list[str]) -> float:
 
 
 def _sample_steps(args) -> tuple[int, int, int]:
-    """Steps of the warm-up image, the short and the long timed image."""
+    """Steps of the warm-up image (0: none), the short and the long timed image."""
     short = args.sample_steps
-    return args.warmup_steps or short, short, args.sample_steps_long or 2 * short
+    return short if args.warmup_steps is None else args.warmup_steps, short, args.sample_steps_long or 2 * short
 
 
 _WARMED: set[str] = set()  # sampling methods already run in this process (--warmup-once)
@@ -227,7 +227,7 @@ def _sample(args, pipe, work: Path, method: str) -> dict:
     skip_warmup = args.warmup_once and method in _WARMED
     _WARMED.add(method)
     for i, n in enumerate(steps):  # the first warms up (lazy imports, first-call allocations)
-        if i == 0 and skip_warmup:
+        if i == 0 and (skip_warmup or n == 0):
             times.append(None)
             continue
         times.append(_patched_cli(pipe, ["sample", "--base", "bench", "--adapters", *files, "--method", method,
@@ -236,7 +236,7 @@ def _sample(args, pipe, work: Path, method: str) -> dict:
                                          "--no-memory-check"]))
         pipe.unload_lora_weights()
     return {"total_s": times[2], "step_s": (times[2] - times[1]) / (steps[2] - steps[1]), "steps": steps[2],
-            "short_s": times[1], "short_steps": steps[1], "warmed_up": not skip_warmup}
+            "short_s": times[1], "short_steps": steps[1], "warmed_up": times[0] is not None}
 
 
 def _sample_ref(args, pipe, work: Path) -> dict:
@@ -259,6 +259,9 @@ def _sample_ref(args, pipe, work: Path) -> dict:
     pipe.to(dtype=_torch_dtype(args.dtype))
     steps, times = _sample_steps(args), []
     for n in steps:  # as _sample: warm-up, S, L
+        if n == 0:
+            times.append(None)
+            continue
         gen = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -442,18 +445,33 @@ def _where(key: tuple) -> dict:
 
 def derived_rows(rows: list[dict]) -> list[dict]:
     """``ratio`` rows (lorakit / reference, each variant / its plain stage, CMLoRA / Composite: at each point
-    both ran, means of the repeats), ``paired_ratio`` rows (the k-th runs of both arms), ``growth`` rows (each
-    size / tiny at the default point), ``curve`` rows (time and peak RSS against N, resolution and rank, the
-    other two fixed, each / its smallest value) and ``spread`` rows (the repeats of one point: mean, min, max)."""
+    both ran in one bench invocation (rows' ``bench``), means of its repeats), ``paired_ratio`` rows (the k-th
+    runs of both arms of one invocation), ``growth`` rows (each size / tiny at the default point), ``curve``
+    rows (time and peak RSS against N, resolution and rank, the other two fixed, each / its smallest value) and
+    ``spread`` rows (the repeats of one point: mean, min, max)."""
+    ok = [r for r in rows if "error" not in r]
+    groups, ratios = _groups(ok), []
+    # A ratio compares two arms under the same load, so only rows of one bench invocation are paired.
+    for bench in dict.fromkeys(r.get("bench") for r in ok):
+        same = _groups([r for r in ok if r.get("bench") == bench])
+        found = _ratio_rows(same, _means(same)) + _paired_ratios(same)
+        ratios += [{**r, "bench": bench} for r in found] if bench is not None else found
+    return ratios + _growth_rows(ok) + _spread_rows(groups) + _curve_rows(groups, _means(groups))
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_key(r), []).append(r)
+    return groups
+
+
+def _means(groups: dict[tuple, list[dict]]) -> dict[tuple, tuple[float, float]]:
+    """Per point: the mean time and the mean peak RSS of its runs."""
     import statistics
 
-    ok = [r for r in rows if "error" not in r]
-    groups: dict[tuple, list[dict]] = {}
-    for r in ok:
-        groups.setdefault(_key(r), []).append(r)
-    mean = {k: (statistics.mean(_time(r) for r in rs), statistics.mean(r["peak_rss_mb"] for r in rs)) for k, rs in groups.items()}
-    return (_ratio_rows(groups, mean) + _paired_ratios(groups) + _growth_rows(ok) + _spread_rows(groups)
-            + _curve_rows(groups, mean))
+    return {k: (statistics.mean(_time(r) for r in rs), statistics.mean(r["peak_rss_mb"] for r in rs))
+            for k, rs in groups.items()}
 
 
 def _ratio_rows(groups: dict[tuple, list[dict]], mean: dict) -> list[dict]:
@@ -580,6 +598,12 @@ def _seconds(r: dict) -> str:
     return f"{r['total_s']:.1f} total"
 
 
+def _at(r: dict) -> str:
+    """Where a derived row compares: its point, and the bench invocation both arms ran in."""
+    at = ", ".join(f"{k} {r[k]}" for k in ("resolution", "n_loras", "rank") if k in r)
+    return at + (f"; run {r['bench']}" if r.get("bench") else "")
+
+
 def markdown(rows: list[dict]) -> str:
     """The tables of docs/performance.md from a file's runs and derived rows: every run, the ratios, the pairs,
     the curves."""
@@ -595,14 +619,14 @@ def markdown(rows: list[dict]) -> str:
                      f"{r['peak_rss_mb']:.0f} | {r.get('estimate_mb') or '-'} | {r.get('load_avg', '-')} |")
     lines += ["", "| ratio | at | time | peak RSS |", "|---|---|---|---|"]
     for r in (r for r in derived if r["run"] == "ratio"):
-        at = ", ".join(f"{k} {r[k]}" for k in ("resolution", "n_loras", "rank") if k in r)
+        at = _at(r)
         vs = r.get("vs") or {"train": "train_ref", "sample": "sample_ref"}[r["stage"]]
         lines.append(f"| {r['stage']} / {vs} | {at} | {r['time_ratio']} | {r['peak_rss_ratio']} |")
     pairs = [r for r in derived if r["run"] == "paired_ratio"]
     if pairs:
         lines += ["", "| pairs | at | n | time ratio per pair | mean (min-max) | peak RSS ratio per pair |", "|---|---|---|---|---|---|"]
         for r in pairs:
-            at = ", ".join(f"{k} {r[k]}" for k in ("resolution", "n_loras", "rank") if k in r)
+            at = _at(r)
             lines.append(f"| {r['stage']} / {r['vs']} ({r['time']}) | {at} | {r['pairs']} | {r['time_ratios']} | "
                          f"{r['time_ratio_mean']} ({r['time_ratio_min']}-{r['time_ratio_max']}) | {r['peak_rss_ratios']} |")
     lines += _n_table(runs)
@@ -717,7 +741,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--sample-steps", type=int, default=2, help="sampling: steps of the short timed image (S)")
     p.add_argument("--sample-steps-long", type=int, help="sampling: steps of the long timed image (default 2S)")
-    p.add_argument("--warmup-steps", type=int, help="sampling: steps of the warm-up image (default S)")
+    p.add_argument("--warmup-steps", type=int, help="sampling: steps of the warm-up image (default S; 0: none, the "
+                   "short image is then the process's first)")
     p.add_argument("--warmup-once", action="store_true", help="sampling with --shared: the warm-up image only "
                    "at a method's first point in the process (later points of it are already warm)")
     p.add_argument("--fuse-steps", type=int, default=2, help="gradient fusion: sampling steps recorded per prompt")
@@ -851,7 +876,7 @@ def _run_process(args, size: str, points: list[dict], env: dict, out: Path | Non
     cmd += ["--warmup-once"] if args.warmup_once else []
     for flag, value in (("--dtype", args.dtype), ("--sample-steps-long", args.sample_steps_long),
                         ("--warmup-steps", args.warmup_steps)):
-        cmd += [flag, str(value)] if value else []
+        cmd += [flag, str(value)] if value is not None else []
     cmd += [] if args.estimate else ["--no-estimate"]
     rows, t0 = [], time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
@@ -861,7 +886,7 @@ def _run_process(args, size: str, points: list[dict], env: dict, out: Path | Non
         guard = RssGuard(proc, args.max_rss_mb) if args.max_rss_mb else None
         for line in proc.stdout:
             if line.startswith("ROW "):
-                row = {**json.loads(line[4:]), "wall_s": round(time.perf_counter() - t0, 1)}
+                row = {**json.loads(line[4:]), "bench": args.bench, "wall_s": round(time.perf_counter() - t0, 1)}
                 rows.append(row)
                 _emit(row, out)
         proc.wait()
@@ -876,7 +901,9 @@ def _run_process(args, size: str, points: list[dict], env: dict, out: Path | Non
         tail = "timeout"
     for point in points[len(rows):]:
         row = {"run": point["one"], "size": size, "resolution": point["resolution"], "rank": point["rank"],
-               "n_loras": point["n_loras"], "error": tail, "wall_s": round(time.perf_counter() - t0, 1)}
+               "error": tail, "bench": args.bench, "wall_s": round(time.perf_counter() - t0, 1)}
+        if point["one"] in (*N_STAGES, "ziplora", "lorarar"):  # as the rows of finished points: trainers have no N
+            row["n_loras"] = point["n_loras"]
         if guard is not None:
             row["max_rss_seen_mb"] = round(guard.peak_mb, 1)
         rows.append(row)
@@ -922,6 +949,7 @@ def main(argv=None) -> int:
         return 0
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
+    args.bench = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + f"/{os.getpid()}"  # this invocation
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "LORAKIT_NO_MEMORY_CHECK": "1"}
     rows = []

@@ -190,6 +190,8 @@ def reference_edlora(args, pipe, folder: Path, words: tuple[str, ...] = ("<cat1>
                                   and (".attn1." in n or ".attn2." in n)}))
     emb.requires_grad_(True)
     cast_training_params([unet, te], dtype=torch.float32)
+    if emb.dtype != _dtype(args):  # the fp32 table's rows enter the bf16 / fp16 encoder in its dtype (its layer norms
+        te.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.to(_dtype(args)))  # need one)
     keep = torch.ones(emb.shape[0], dtype=torch.bool)
     keep[new] = False
     original = emb.detach()[keep].clone()
