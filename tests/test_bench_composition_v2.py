@@ -182,7 +182,12 @@ def test_lorakit_variants_are_bench_methods_with_their_sample_settings():
     ubase = SamplerSettings(**bench.SAMPLER_SETTINGS["composite-ubase"])
     ubase.check()
     assert (ubase.method, ubase.uncond) == ("composite", "base")
-    assert "composite-ubase" in bench.__doc__ and "delta" in bench.__doc__  # --help's epilog names them
+    parts = SamplerSettings(**bench.SAMPLER_SETTINGS["delta-parts"])
+    parts.check()
+    assert (parts.method, parts.prompt_parts, parts.uncond) == ("delta", "per-adapter", "adapter")
+    assert "delta-parts" in args.methods
+    for name in ("composite-ubase", "delta", "delta-parts"):  # --help's epilog names them
+        assert name in bench.__doc__
 
 
 @pytest.mark.slow
@@ -280,3 +285,35 @@ def test_methods_tool_runs_v2_sets_and_resumes(tiny_world, tmp_path, monkeypatch
     with pytest.raises(SystemExit):
         mcm.main()
     assert "bloopo, hattock" in capsys.readouterr().err
+
+
+def test_method_scales_parse_to_one_scale_per_method_and_bad_items_exit_2(capsys):
+    args = bench.parse_args(["--world", "v2", "--methods", "merge", "delta", "--method-scales", "merge=0.6", "delta=1"])
+    assert args.method_scales == {"merge": 0.6, "delta": 1.0}
+    assert bench.parse_args(["--world", "v2"]).method_scales == {}
+    for argv, message in ((["--method-scales", "merge:0.6"], "expected METHOD=SCALE"),
+                          (["--methods", "merge", "--method-scales", "delta=1"], "not one of the run's methods"),
+                          (["--method-scales", "merge=0.6", "--sweep", "0.6", "1"], "pass one of them")):
+        with pytest.raises(SystemExit) as stop:
+            bench.parse_args(["--world", "v2", *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_method_scales_set_each_methods_lora_weight_in_the_report(tiny_world, tmp_path, monkeypatch):
+    import lorakit.sampling as sampling
+
+    weights, real = {}, sampling.generate
+
+    def spy(pipe, adapters, settings, prompt, negative, seeds, **kw):
+        weights[settings.method] = tuple(a.weight for a in adapters)
+        return real(pipe, adapters, settings, prompt, negative, seeds, **kw)
+
+    monkeypatch.setattr(sampling, "generate", spy)
+    out = tmp_path / "out"
+    assert bench.main(_argv(tiny_world, out, "--sizes", "2", "--methods", "merge", "composite", "--sets",
+                            "n2-kwibbit-nocturo", "--method-scales", "composite=1.5")) == 0
+    assert weights == {"merge": (0.8, 0.8), "composite": (1.5, 1.5)}
+    cells = json.loads((out / "summary.json").read_text())["summary"]["cells"]
+    assert cells["composite/n2"]["scale"] == 1.5 and cells["merge/n2"]["scale"] == 0.8
+    assert "--method-scales" in (out / "table.md").read_text()

@@ -187,3 +187,52 @@ def test_a_batched_row_gives_each_seed_its_own_image(demo_run, rerun, tmp_path):
         assert np.abs(batched - alone).max() <= 2, row
         first = np.asarray(Image.open(tmp_path / "two" / "images" / f"{row}-s0.png"), dtype=int)
         assert np.abs(first - alone).max() > 2, row  # seeds 0 and 1 differ: the comparison can fail
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    """The demo's row builder on the v1 toy base with two random LoRAs large enough to change every image."""
+    from lorakit.adapters.io import save_adapter
+    from lorakit.sampling import load_pipeline
+    from lorakit.testing import random_adapter
+    from lorakit.toyworld.demo import DemoSettings, _Runner, get_world
+
+    world = get_world("v1")
+    root = tmp_path_factory.mktemp("runner")
+    pipe = load_pipeline(world.base(), "fp32")
+    loras = {}
+    for seed, name in enumerate(("frog", "ink"), start=1):
+        path = root / f"{name}.safetensors"
+        save_adapter(random_adapter(pipe, seed=seed, std=0.3), path)
+        loras[name] = {"path": str(path)}
+    s = DemoSettings(world="v1", character="frog", second="ink", scale=0.8, sample_steps=4)
+    return _Runner(s, loras, demo_prompt("frog", "ink"), world)
+
+
+def _pixels(images):
+    import numpy as np
+
+    return np.stack([np.asarray(im, dtype=int) for im in images])
+
+
+def test_merge_rows_on_added_deltas_are_peft_merge_up_to_rounding(runner):
+    """A LoRA alone and merge are sampled with the deltas added to the weights; peft's unfused adapters at the same
+    scale give the same images (one uint8 level of rounding), and the LoRAs do change the images."""
+    from lorakit.sampling import generate
+
+    seeds = [0, 1]
+    base = _pixels(runner.setup("base")[0](seeds))
+    for row, ads in (("frog_only", runner.ads[:1]), ("ink_only", runner.ads[1:]), ("merge", runner.ads)):
+        fused = _pixels(runner.setup(row)[0](seeds))
+        unfused = _pixels(generate(runner.pipe, ads, runner.sampler("merge"), runner.prompt, "", seeds)[0])
+        assert abs(fused - unfused).max() <= 2, row
+        assert abs(fused - base).max() > 20, row  # the LoRAs matter: a wrong scale or adapter would show
+
+
+def test_rows_that_write_weights_leave_the_base_for_the_next_row(runner):
+    """base, the fused rows and the fusions share one pipeline: each starts from the base weights again, so the base
+    row is bit-identical before and after rows that wrote deltas into it."""
+    before = _pixels(runner.setup("base")[0]([3]))
+    for row in ("merge", "weighted", "frog_only"):
+        runner.setup(row)[0]([3])
+    assert (_pixels(runner.setup("base")[0]([3])) == before).all()

@@ -23,7 +23,10 @@ Methods: merge, switch, composite, cmlora (the references' sampling-time methods
 lorakit's own variants: composite-ubase (composite with the base model's unconditional pass, ``lorakit sample
 --method composite --uncond base``: each LoRA's effect stays in its own guidance term instead of cancelling
 against its own unconditional pass) and delta (``--method delta``: base + the sum of each LoRA's difference from
-the base, every LoRA at full strength instead of 1/N); gradient (Mix-of-Show gradient
+the base, every LoRA at full strength instead of 1/N) and delta-parts (``--method delta --prompt-parts
+per-adapter``: each LoRA's difference taken on its own part of the prompt, its trigger's tags plus the shared
+ones, against the base on the same part, so a LoRA never sees the other LoRAs' trigger words, and a LoRA
+trained on scenes without a hat does not push the hat of the joint prompt away); gradient (Mix-of-Show gradient
 fusion -> fused pipeline) and weighted (average of the deltas) through ``lorakit fuse``; lorarar (``lorakit fuse
 --method lorarar --hypernet H``) for the character + style pairs only.
 
@@ -52,9 +55,10 @@ from pathlib import Path
 from lorakit.toyworld.composition_sets import CATEGORIES, concept_sets
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLING_METHODS = ("merge", "switch", "composite", "cmlora", "composite-ubase", "delta")
+SAMPLING_METHODS = ("merge", "switch", "composite", "cmlora", "composite-ubase", "delta", "delta-parts")
 # lorakit's own composite variants: the ``lorakit sample`` settings each bench method runs with
-SAMPLER_SETTINGS = {"composite-ubase": {"method": "composite", "uncond": "base"}}
+SAMPLER_SETTINGS = {"composite-ubase": {"method": "composite", "uncond": "base"},
+                    "delta-parts": {"method": "delta", "prompt_parts": "per-adapter"}}
 FUSION_METHODS = ("gradient", "weighted")
 ALL_METHODS = SAMPLING_METHODS + FUSION_METHODS + ("lorarar",)
 WORLD_DEFAULTS = {
@@ -418,6 +422,9 @@ def parse_args(argv=None):
                    help="LoRA scale of every adapter in every method (default 0.8, the references' value)")
     p.add_argument("--sweep", nargs="+", type=float, metavar="S",
                    help="scales to choose from per method and N on validation seeds (e.g. 0.6 0.8 1.0)")
+    p.add_argument("--method-scales", nargs="+", metavar="METHOD=S", default=[],
+                   help="a fixed scale per method (e.g. the scales an earlier --sweep chose: merge=0.6 delta=1.0); "
+                   "methods not named run at --scale; not with --sweep")
     p.add_argument("--val-k", type=int, default=8, help="validation images per set and scale (with --sweep)")
     p.add_argument("--val-seed", type=int, default=1000, help="first validation seed (with --sweep)")
     p.add_argument("--fusion-prompts", type=int, default=8,
@@ -449,6 +456,7 @@ def _world_defaults(p, args):
     """The world's default base, adapter folder and oracle where the command line names none."""
     defaults = WORLD_DEFAULTS[args.world]
     args.methods = args.methods or [m for m in ALL_METHODS if args.world == "v1" or m != "lorarar"]
+    args.method_scales = _method_scales(p, args)
     args.base = args.base or str(ROOT / defaults["base"])
     args.adapters_dir = args.adapters_dir or str(ROOT / defaults["adapters_dir"])
     if args.world == "v2":
@@ -456,6 +464,22 @@ def _world_defaults(p, args):
     elif args.regional:
         p.error("--regional needs --world v2 (the two-character sets are scored by the v2 oracle)")
     return args
+
+
+def _method_scales(p, args) -> dict[str, float]:
+    """``--method-scales`` as ``{method: scale}`` (an argparse error, exit status 2, for a bad item)."""
+    out = {}
+    for item in args.method_scales:
+        method, _, value = item.partition("=")
+        try:
+            out[method] = float(value)
+        except ValueError:
+            p.error(f"--method-scales {item}: expected METHOD=SCALE, e.g. merge=0.6")
+        if method not in args.methods:
+            p.error(f"--method-scales {item}: {method} is not one of the run's methods ({' '.join(args.methods)})")
+    if out and args.sweep:
+        p.error("--method-scales fixes the scales that --sweep would choose: pass one of them")
+    return out
 
 
 def select_sets(args) -> list[dict] | None:
@@ -598,7 +622,9 @@ def write_report(args, out: Path, seeds, rows, val_rows, chosen, sets=()) -> Non
     extra_md = v2_report(args, rows, sets, seeds, summary) if args.world == "v2" else ""
     write_json({"settings": vars(args), "summary": summary}, out / "summary.json")
     how = (f"each method at the scale it scored best on validation seeds {args.val_seed}..{args.val_seed + args.val_k - 1}"
-           f" (from {', '.join(f'{x:g}' for x in args.sweep)})" if args.sweep else f"every LoRA at scale {args.scale:g}")
+           f" (from {', '.join(f'{x:g}' for x in args.sweep)})" if args.sweep else
+           "each method's LoRAs at its scale of --method-scales (the others at {:g})".format(args.scale)
+           if args.method_scales else f"every LoRA at scale {args.scale:g}")
     md = ("## Toy ComposLoRA: all-concepts-present rate (oracle), per category, seconds per image\n\n"
           f"K = {args.k} images per set, seeds {seeds[0]}..{seeds[-1]} (the same sets, prompts and seeds for every "
           f"method), {args.steps} steps, CFG {args.cfg}, {how}. Rates: images where the oracle finds every concept "
@@ -638,7 +664,8 @@ def main(argv=None) -> int:
         return 2
     run_cell = CellRunner(args, files, out)
     try:
-        chosen, val_rows = run_sweep(args, sets, run_cell) if args.sweep else ({}, [])
+        chosen, val_rows = run_sweep(args, sets, run_cell) if args.sweep else (
+            {(m, n): sc for m, sc in args.method_scales.items() for n in args.sizes}, [])
         rows = [run_cell(method, s, seeds, chosen.get((method, s["n"]), args.scale), "report")
                 for method, s in cell_order(args, sets)]
     except OutOfBudget as stop:

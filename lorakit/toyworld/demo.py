@@ -4,7 +4,10 @@ background identity), compose them every way lorakit can, and score every image 
 Rows of the report (``METHODS``), all on the same prompt and the same seeds:
 
 * references: ``base`` (no LoRA), ``<character>_only`` and ``<second>_only`` (one LoRA, merge of one adapter);
-* sampling-time compositions (:mod:`lorakit.sampling`): ``merge``, ``switch``, ``composite``, ``cmlora``;
+* sampling-time compositions (:mod:`lorakit.sampling`): ``merge``, ``switch``, ``composite``, ``cmlora`` (a LoRA
+  alone and ``merge`` keep the same adapters at every step, so their deltas are added to the weights once and the
+  rows are sampled like a fused model: peft's unfused layers give the same images up to float rounding, at
+  about twice the cost per image on the toy UNet);
 * fusions (:mod:`lorakit.fusion`): ``gradient`` (Mix-of-Show closed form; the fused pipeline is sampled plainly) and
   ``weighted`` (the average of the two deltas added to the base, sampled plainly).
 
@@ -21,7 +24,7 @@ show); ``<out>/grid.png`` holds every row in one picture. Image files
 a previous run listed in ``<out>/report.json`` and this run does not rewrite are removed (nothing else is touched).
 The oracle gives per-image presence
 probabilities of the character and the second concept; the report holds the rates (fraction of images with the concept),
-the both-present rate, seconds per image and each method's setup time (profiling, fusing).
+the both-present rate, seconds per image and each method's setup time (profiling, fusing, adding deltas).
 """
 
 from __future__ import annotations
@@ -56,9 +59,9 @@ from lorakit.toyworld.v2.demo import WORLD as V2_WORLD
 # (row id template, kind, what it is). "{character}" / "{second}" are filled with the concept names.
 METHODS = (
     ("base", "reference", "the base model, no LoRA"),
-    ("{character}_only", "reference", "the character LoRA alone"),
-    ("{second}_only", "reference", "the second LoRA alone"),
-    ("merge", "sampling", "both LoRAs active at once (diffusers set_adapters)"),
+    ("{character}_only", "reference", "the character LoRA alone (its delta added to the weights)"),
+    ("{second}_only", "reference", "the second LoRA alone (its delta added to the weights)"),
+    ("merge", "sampling", "both LoRAs active at once: the sum of their deltas added to the weights, as set_adapters"),
     ("switch", "sampling", "LoRA Switch: one LoRA per step, rotating every 5 steps"),
     ("composite", "sampling", "LoRA Composite: mean of each LoRA's own CFG noise prediction"),
     ("cmlora", "sampling", "CMLoRA: frequency-ordered dominant LoRA, deep-feature cache"),
@@ -146,35 +149,57 @@ def _plain(pipe, prompt: str, seeds: list[int], steps: int, guidance: float) -> 
 
 
 class _Runner:
-    """Builds each row's image generator: ``setup()`` (timed as setup_s) returns ``gen(seeds) -> images``."""
+    """Builds each row's image generator: ``setup()`` (timed as setup_s) returns ``gen(seeds) -> images``.
+
+    Two pipelines are loaded once: ``pipe`` holds both LoRAs as peft adapters (switch, composite, cmlora: the
+    methods that change adapters during sampling) and ``plain`` holds the base weights, restored from a copy
+    before each row that writes into them (base, each LoRA alone, merge, the fusions). A row whose adapters stay
+    the same for every step (a LoRA alone, merge) is sampled with their deltas added to the weights: the same
+    sum as peft's set_adapters, without its extra passes through every LoRA layer.
+    """
 
     def __init__(self, s: DemoSettings, loras: dict, prompt: str, world):
         self.s, self.prompt, self.loras, self.world = s, prompt, loras, world
         self.base = s.base or world.base()
-        self._load = load_pipeline
         self.pipe = load_pipeline(self.base, "fp32")
         self.ads = load_adapters(self.pipe, [loras[s.character]["path"], loras[s.second]["path"]], [s.scale] * 2)
+        self.files = [load_adapter(a.path) for a in self.ads]
+        self.plain = load_pipeline(self.base, "fp32")
+        self._weights = {name: _state_copy(getattr(self.plain, name)) for name in _WRITTEN}
 
     def sampler(self, method: str):
         return SamplerSettings(method=method, steps=self.s.sample_steps, cfg=self.s.guidance)
 
+    def _restored(self):
+        """``plain`` with the base weights back (bit-exact), whatever an earlier row wrote into them."""
+        for name, state in self._weights.items():
+            getattr(self.plain, name).load_state_dict(state)
+        return self.plain
+
+    def _fused_gen(self, files: list):
+        """Sampling of ``plain`` with ``files``' deltas at the demo's scale added to its weights (merge of them)."""
+        pipe = self._restored()
+        apply_deltas(pipe, weighted(files, [self.s.scale] * len(files), combine="sum"))
+        return lambda seeds: generate(pipe, [], self.sampler("merge"), self.prompt, "", seeds)[0]
+
     def setup(self, row: str):
         s, prompt = self.s, self.prompt
         if row == "base":
-            pipe = self._load(self.base, "fp32")
+            pipe = self._restored()
             return lambda seeds: _plain(pipe, prompt, seeds, s.sample_steps, s.guidance), {}
         if row in (f"{s.character}_only", f"{s.second}_only"):
-            ad = self.ads[0] if row.startswith(s.character) else self.ads[1]
-            return lambda seeds: generate(self.pipe, [ad], self.sampler("merge"), prompt, "", seeds)[0], {}
-        if row in ("merge", "switch", "composite"):
+            return self._fused_gen([self.files[0] if row.startswith(s.character) else self.files[1]]), {}
+        if row == "merge":
+            return self._fused_gen(self.files), {}
+        if row in ("switch", "composite"):
             return lambda seeds: generate(self.pipe, self.ads, self.sampler(row), prompt, "", seeds)[0], {}
         if row == "cmlora":
             return self._cmlora()
         if row == "gradient":
             return self._gradient()
         if row == "weighted":
-            pipe = self._load(self.base, "fp32")
-            apply_deltas(pipe, weighted([load_adapter(a.path) for a in self.ads], [s.scale] * 2, combine="average"))
+            pipe = self._restored()
+            apply_deltas(pipe, weighted(self.files, [s.scale] * 2, combine="average"))
             return lambda seeds: _plain(pipe, prompt, seeds, s.sample_steps, s.guidance), {"combine": "average"}
         raise ValueError(f"unknown demo method {row!r}; expected one of {method_ids(s.character, s.second)}")
 
@@ -189,18 +214,26 @@ class _Runner:
 
     def _gradient(self):
         s = self.s
-        pipe = self._load(self.base, "fp32")
+        pipe = self._restored()
         concepts = []
-        for name, ad in zip((s.character, s.second), self.ads):
+        for name, adapter in zip((s.character, s.second), self.files):
             prompts, held = self.world.fusion_prompts(name)  # held: other captions for the ridge choice
-            concepts.append(FuseConcept(name=name, adapter=load_adapter(ad.path), weight=s.scale, prompts=prompts,
+            concepts.append(FuseConcept(name=name, adapter=adapter, weight=s.scale, prompts=prompts,
                                         sample_prompts=prompts[:2], val_prompts=held, val_sample_prompts=held,
                                         trigger=self.world.trigger(name)))
-        out = fuse_gradient(pipe, concepts, GradientSettings(steps=s.sample_steps, seed=s.seed, progress=False))
+        # lorakit fuse's capture steps (10, measured as good as 20 on held-out activations: docs/fusion.md)
+        out = fuse_gradient(pipe, concepts, GradientSettings(seed=s.seed, progress=False))
         res = [r["residual"] for r in out["layers"].values() if r.get("residual") is not None]
         info = {"layers": len(out["layers"]), "mean_residual": sum(res) / len(res) if res else None,
-                "prompts": {c.name: c.prompts for c in concepts}}
+                "prompts": {c.name: c.prompts for c in concepts}, "capture_steps": GradientSettings.steps}
         return lambda seeds: _plain(pipe, self.prompt, seeds, s.sample_steps, s.guidance), info
+
+
+_WRITTEN = ("unet", "text_encoder")  # the components the fusions and fused rows write into
+
+
+def _state_copy(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 _DEMO_NAMES = {"report.html", "report.json", "report.md", "grid.png", "images", "loras"}

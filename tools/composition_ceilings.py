@@ -1,0 +1,109 @@
+"""The oracle ceiling of toy-world v2 composition sets: how often the oracle finds every identity of a set in the
+renderer's own images of it (``lorakit.toyworld.v2.composition.ceiling``), one JSON line per set.
+
+A set whose ceiling is low measures the oracle, not the composition methods: pick the benchmark's sets among
+those whose ceiling is high (``--min-rate``) before running any method on them. Rendering and scoring take about
+a second per 16 images on one CPU thread; no LoRA is needed. ``--vae BASE`` scores the renders after a round trip
+through that pipeline's VAE (encode, decode), as every generated image goes: a look the VAE blurs (pixlor's
+4-pixel blocks) lowers this ceiling, not the renders'.
+
+    python tools/composition_ceilings.py --sizes 3 4 --k 64 --out docs/data/composition_v2_ceiling_n34.jsonl
+    python tools/composition_ceilings.py --sizes 3 --k 32 --min-rate 0.8      # print only the usable sets
+    python tools/composition_ceilings.py --sizes 4 --k 32 --vae data/toy2-base  # through the base's VAE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", type=int, default=[3, 4], help="set sizes N (default 3 4)")
+    p.add_argument("--sets", nargs="+", metavar="ID", help="only these set ids")
+    p.add_argument("--k", type=int, default=64, help="renders per set (seeds SEED..SEED+K-1; default 64)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0: the bench's report seeds)")
+    p.add_argument("--oracle", default=str(ROOT / "data" / "toy2-oracle"))
+    p.add_argument("--min-rate", type=float, default=0.0, help="print and write only sets at or above this rate")
+    p.add_argument("--vae", metavar="PIPELINE", help="score the renders after a round trip through this "
+                   "pipeline folder's VAE (e.g. data/toy2-base)")
+    p.add_argument("--out", help="JSON lines file to write (atomically)")
+    return p.parse_args(argv)
+
+
+def ceiling_rows(oracle, sets: list[dict], seeds: list[int], oracle_name: str, transform=None,
+                 source: str = "render") -> list[dict]:
+    """One row per set: ``{"measure", "set", "n", "oracle", "source", "seeds": [first, last], "all_present": rate}``;
+    with ``transform`` (a list of PIL images -> a list of PIL images), the renders are scored after it."""
+    from lorakit.eval.stats import rate
+    from lorakit.toyworld.v2.composition import ceiling, per_half, presence, set_render
+
+    if transform is None:
+        rates = ceiling(oracle, sets, seeds)
+    else:
+        rates = {}
+        for s in sets:
+            verdict = presence(oracle, transform([set_render(s, seed) for seed in seeds]), s["concepts"], per_half(s))
+            rates[s["id"]] = rate(sum(all(v) for v in verdict["present"]), len(seeds))
+    return [{"measure": "v2_composition_oracle_ceiling", "set": s["id"], "n": s["n"], "oracle": oracle_name,
+             "source": source, "seeds": [seeds[0], seeds[-1]], "all_present": rates[s["id"]]} for s in sets]
+
+
+def vae_transform(pipeline: Path):
+    """``images -> images`` through the VAE of a pipeline folder (posterior mean, no noise)."""
+    from diffusers import AutoencoderKL
+
+    from lorakit.toyworld.v2.measure import vae_round_trip
+
+    vae = AutoencoderKL.from_pretrained(pipeline / "vae").eval()
+    return lambda images: vae_round_trip(vae, images)
+
+
+def main(argv=None) -> int:
+    from lorakit.toyworld.v2.composition import composition_sets
+
+    args = parse_args(argv)
+    try:
+        sets = composition_sets(tuple(args.sizes))
+    except ValueError as err:
+        print(f"composition_ceilings: --sizes {' '.join(map(str, args.sizes))}: {err}", file=sys.stderr)
+        return 2
+    if args.sets:
+        unknown = sorted(set(args.sets) - {s["id"] for s in sets})
+        if unknown:
+            print(f"composition_ceilings: --sets {' '.join(unknown)}: no such set at sizes {args.sizes}", file=sys.stderr)
+            return 2
+        sets = [s for s in sets if s["id"] in args.sets]
+    oracle_dir = Path(args.oracle)
+    if not (oracle_dir / "oracle.safetensors").exists():
+        print(f"composition_ceilings: --oracle {oracle_dir}: no oracle.safetensors there (tools/train_oracle_v2.py)",
+              file=sys.stderr)
+        return 2
+    if args.vae and not (Path(args.vae) / "vae" / "config.json").exists():
+        print(f"composition_ceilings: --vae {args.vae}: no vae/config.json there (a pipeline folder, e.g. "
+              "data/toy2-base)", file=sys.stderr)
+        return 2
+    from lorakit.toyworld.v2.oracle import Oracle
+
+    transform, source = (vae_transform(Path(args.vae)), f"vae_round_trip:{args.vae}") if args.vae else (None, "render")
+    seeds = list(range(args.seed, args.seed + args.k))
+    name = str(oracle_dir.resolve().relative_to(ROOT)) if oracle_dir.resolve().is_relative_to(ROOT) else str(oracle_dir)
+    rows = [r for r in ceiling_rows(Oracle.load(oracle_dir), sets, seeds, name, transform, source)
+            if r["all_present"]["rate"] >= args.min_rate]
+    for r in rows:
+        print(json.dumps(r))
+    if args.out:
+        from lorakit.fileio import write_text
+
+        write_text("".join(json.dumps(r) + "\n" for r in rows), Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
