@@ -351,3 +351,13 @@ def test_edlora_reference_loop_trains_in_bf16(tmp_path):
     assert not torch.equal(emb[new[0]], emb[new[1]])
     ids = pipe.tokenizer("a photo of <cat1>", return_tensors="pt").input_ids
     assert pipe.text_encoder(ids)[0].dtype == torch.bfloat16
+
+
+def test_n_table_keeps_each_invocation_apart():
+    """A method's point from another invocation (another load) is not averaged into this one's N table."""
+    rows = [_row(m, resolution=256, n_loras=n, steps=2, step_s=1.0, total_s=t, bench="b2")
+            for m, n, t in (("composite", 2, 14.0), ("composite", 4, 25.0), ("composite", 8, 52.0))]
+    rows.append(_row("composite", resolution=256, n_loras=4, steps=2, step_s=1.0, total_s=125.0, bench="b1"))
+    text = bench.markdown(rows)
+    assert "| 256 px, 2-step image (run b2): s / peak RSS MiB | N = 2 | N = 4 | N = 8 |" in text
+    assert "| composite | 14.0 / 3000 | 25.0 / 3000 | 52.0 / 3000 |" in text and "75.0" not in text

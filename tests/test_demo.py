@@ -217,7 +217,7 @@ def _pixels(images):
 
 def test_merge_rows_on_added_deltas_are_peft_merge_up_to_rounding(runner):
     """A LoRA alone and merge are sampled with the deltas added to the weights; peft's unfused adapters at the same
-    scale give the same images (one uint8 level of rounding), and the LoRAs do change the images."""
+    scale give the same images (within two uint8 levels of rounding), and the LoRAs do change the images."""
     from lorakit.sampling import generate
 
     seeds = [0, 1]

@@ -644,21 +644,23 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _n_table(runs: list[dict]) -> list[str]:
-    """Markdown lines: per resolution and image length, each sampling method's seconds per image / peak RSS MiB
-    against N (means of the repeats), when more than one N ran."""
+    """Markdown lines: per resolution, image length and bench invocation, each sampling method's seconds per image
+    / peak RSS MiB against N (means of the repeats), when more than one N ran (one invocation per table: its
+    points share a load)."""
     import statistics
 
     points: dict[tuple, dict[str, dict[int, list[dict]]]] = {}
     for r in runs:
         if r["run"] in SAMPLE and "error" not in r and r.get("n_loras"):
-            by_stage = points.setdefault((r["resolution"], r["steps"]), {})
+            by_stage = points.setdefault((r["resolution"], r["steps"], r.get("bench") or ""), {})
             by_stage.setdefault(r["run"], {}).setdefault(r["n_loras"], []).append(r)
     lines = []
-    for (px, steps), by_stage in sorted(points.items()):
+    for (px, steps, bench), by_stage in sorted(points.items()):
         ns = sorted({n for by_n in by_stage.values() for n in by_n})
         if len(ns) < 2:
             continue
-        lines += ["", f"| {px} px, {steps}-step image: s / peak RSS MiB | " + " | ".join(f"N = {n}" for n in ns) + " |",
+        run = f" (run {bench})" if bench else ""
+        lines += ["", f"| {px} px, {steps}-step image{run}: s / peak RSS MiB | " + " | ".join(f"N = {n}" for n in ns) + " |",
                   "|---" * (len(ns) + 1) + "|"]
         for stage, by_n in by_stage.items():
             cells = [f"{statistics.mean(r['total_s'] for r in by_n[n]):.1f} / "

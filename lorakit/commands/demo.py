@@ -25,11 +25,11 @@ Offline end-to-end demo on a bundled toy world (default --world v2: data/toy2-ba
      then every method's images enlarged with the oracle's verdict under each), OUT/report.json,
      OUT/report.md, OUT/grid.png (every row in one picture), OUT/images/.
 
-Time, one thread (the default; lorakit/threads.py), both LoRAs cached: v2 103 s of CPU (2026-12-03; 2 min 25 s
-wall on a machine whose other core another job used), v1 64 s of CPU. Training the two LoRAs first, when they are
-not cached, adds their 300 steps each (v2: ~8 min of one core per LoRA on that machine; both at once on two
-cores). `--steps 20 --k 2 --out
-demo_out/quick` is a quick look in its own folder (two 20-step LoRAs: they teach little).
+Time, one thread (the default; lorakit/threads.py), both LoRAs cached: v2 106 s of CPU (2026-12-03; 1 min 49 s
+wall on a machine whose other core another job used), v1 64 s of CPU (an earlier version). Training the two LoRAs
+first, when they are not cached, adds their 300 steps each (v2: 209 s of CPU per LoRA with its data; both at once
+on two cores). `--steps 20 --k 2 --out demo_out/quick` is a quick look in its own folder (two 20-step LoRAs:
+they teach little).
 """
 
 

@@ -7,7 +7,7 @@ Rows of the report (``METHODS``), all on the same prompt and the same seeds:
 * sampling-time compositions (:mod:`lorakit.sampling`): ``merge``, ``switch``, ``composite``, ``cmlora`` (a LoRA
   alone and ``merge`` keep the same adapters at every step, so their deltas are added to the weights once and the
   rows are sampled like a fused model: peft's unfused layers give the same images up to float rounding, at
-  about twice the cost per image on the toy UNet);
+  1.2-1.7 times the cost per image of the base on the toy UNet: docs/toyworld_v2.md);
 * fusions (:mod:`lorakit.fusion`): ``gradient`` (Mix-of-Show closed form; the fused pipeline is sampled plainly) and
   ``weighted`` (the average of the two deltas added to the base, sampled plainly).
 
