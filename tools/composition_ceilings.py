@@ -41,16 +41,9 @@ def ceiling_rows(oracle, sets: list[dict], seeds: list[int], oracle_name: str, t
                  source: str = "render") -> list[dict]:
     """One row per set: ``{"measure", "set", "n", "oracle", "source", "seeds": [first, last], "all_present": rate}``;
     with ``transform`` (a list of PIL images -> a list of PIL images), the renders are scored after it."""
-    from lorakit.eval.stats import rate
-    from lorakit.toyworld.v2.composition import ceiling, per_half, presence, set_render
+    from lorakit.toyworld.v2.composition import ceiling
 
-    if transform is None:
-        rates = ceiling(oracle, sets, seeds)
-    else:
-        rates = {}
-        for s in sets:
-            verdict = presence(oracle, transform([set_render(s, seed) for seed in seeds]), s["concepts"], per_half(s))
-            rates[s["id"]] = rate(sum(all(v) for v in verdict["present"]), len(seeds))
+    rates = ceiling(oracle, sets, seeds, transform)
     return [{"measure": "v2_composition_oracle_ceiling", "set": s["id"], "n": s["n"], "oracle": oracle_name,
              "source": source, "seeds": [seeds[0], seeds[-1]], "all_present": rates[s["id"]]} for s in sets]
 

@@ -180,13 +180,15 @@ def set_render(set_: dict, seed: int):
     return render(replace(set_scene(set_["concepts"]), seed=seed))
 
 
-def ceiling(oracle, sets: list[dict], seeds: list[int]) -> dict[str, dict]:
+def ceiling(oracle, sets: list[dict], seeds: list[int], transform=None) -> dict[str, dict]:
     """``{set id: all-present rate}`` of the renderer's own images of each set at ``seeds``, scored as the
     bench scores generated ones: the most any method can reach by the oracle (below 1 where the oracle misses
-    an identity in combination, e.g. a character under a style that redraws its outline)."""
+    an identity in combination, e.g. a character under a style that redraws its outline). ``transform`` (a list
+    of PIL images -> a list of PIL images, e.g. a VAE round trip) is applied to the renders before scoring."""
     out = {}
     for s in sets:
-        verdict = presence(oracle, [set_render(s, seed) for seed in seeds], s["concepts"], per_half(s))
+        renders = [set_render(s, seed) for seed in seeds]
+        verdict = presence(oracle, transform(renders) if transform else renders, s["concepts"], per_half(s))
         out[s["id"]] = rate(sum(all(v) for v in verdict["present"]), len(seeds))
     return out
 
