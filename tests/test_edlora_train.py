@@ -210,3 +210,23 @@ def test_sampling_during_training_keeps_one_progress_bar(sd1_pipe, tmp_path, cap
     err = capfd.readouterr().err.replace("\r", "\n")
     bars = [line for line in err.splitlines() if "|" in line and ("it/s" in line or "s/it" in line or "/3 [" in line)]
     assert not bars, bars[:3]
+
+
+def test_initial_rows_are_made_on_the_text_encoders_device(tmp_path):
+    """The trainer places the base on the accelerator before adding the rows; on CUDA the CPU-drawn first word met
+    the class word's CUDA row in one torch.cat and failed. A meta-device table stands in for the GPU here."""
+    from lorakit.models import load_base
+    from lorakit.training.edlora import _init_rows
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(1000, 8, device="meta")
+
+        def get_input_embeddings(self):
+            return self.emb
+
+    tokenizer = load_base("tiny:sd1").tokenizer
+    img_dir, _ = make_concept_folder(tmp_path)
+    rows = _init_rows(cfg_for(tmp_path, img_dir), tokenizer, Encoder(), 3, torch.Generator().manual_seed(0))
+    assert rows.device.type == "meta" and rows.shape == (6, 8)

@@ -75,7 +75,9 @@ def _init_rows(cfg, tokenizer, text_encoder, n_layers: int, gen: torch.Generator
     """Initial rows ``[2 * L, D]``: word 1 ``randn * init_std`` (all layers alike), word 2 the class word's row."""
     emb = text_encoder.get_input_embeddings().weight.detach()
     d = emb.shape[1]
-    first = (torch.randn(1, d, generator=gen) * cfg.concept.init_std).to(emb.dtype).repeat(n_layers, 1)
+    # drawn on the CPU generator (same rows on every device), then placed beside the table: the trainer moves the
+    # base to the GPU before this runs
+    first = (torch.randn(1, d, generator=gen) * cfg.concept.init_std).to(emb.device, emb.dtype).repeat(n_layers, 1)
     if not cfg.concept.init_word:
         raise ValueError("concept.init_word is not set: name the class word of the concept (e.g. cat, man, dog)")
     ids = tokenizer(cfg.concept.init_word, add_special_tokens=False).input_ids
