@@ -32,7 +32,7 @@ def test_gpu_check_dry_run_on_cpu():
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     checks = {r["check"]: r for r in rows}
     assert checks["cuda_tests"]["collected"] >= 5
-    assert {"env", "train_ratio", "sample_ratio", "multi_gpu", "total"} <= checks.keys()
+    assert {"env", "train_ratio", "train_edlora_ratio", "sample_ratio", "multi_gpu", "total"} <= checks.keys()
     assert not any("error" in r for r in rows), rows
     assert checks["total"]["dry_run"] is True
 

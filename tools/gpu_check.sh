@@ -25,15 +25,21 @@ if ! $PY -c "import diffusers, omegaconf" 2>/dev/null; then
   fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+# GPU_CHECK_LOGS=DIR keeps the pytest log, junit XML and gpu_check.py's stderr there (else a temporary folder);
+# GPU_CHECK_TEST_TIMEOUT / GPU_CHECK_TIMEOUT (seconds) fit both parts into a shorter lease.
+if [ -n "${GPU_CHECK_LOGS:-}" ]; then
+  tmp=$GPU_CHECK_LOGS; mkdir -p "$tmp"
+else
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+fi
 
 # 1. The cuda-marked tests (on the CPU: only collected, they would all skip).
 t0=$(date +%s)
 if [ $DRY = 1 ]; then
   $PY -m pytest -q -m cuda tests/test_cuda.py --collect-only -p no:cacheprovider > "$tmp/pytest.log" 2>&1
 else
-  timeout 300 $PY -m pytest -q -m cuda tests/ -p no:cacheprovider --junitxml="$tmp/junit.xml" > "$tmp/pytest.log" 2>&1
+  timeout "${GPU_CHECK_TEST_TIMEOUT:-300}" $PY -m pytest -q -m cuda tests/ -p no:cacheprovider --junitxml="$tmp/junit.xml" > "$tmp/pytest.log" 2>&1
 fi
 rc_tests=$?
 $PY - "$tmp" "$rc_tests" "$(( $(date +%s) - t0 ))" "$DRY" <<'PY'
@@ -65,7 +71,7 @@ PY
 if [ $DRY = 1 ]; then
   timeout 420 $PY tools/gpu_check.py --dry-run 2> "$tmp/check.err"
 else
-  timeout 420 $PY tools/gpu_check.py 2> "$tmp/check.err"
+  timeout "${GPU_CHECK_TIMEOUT:-420}" $PY tools/gpu_check.py 2> "$tmp/check.err"
 fi
 rc_check=$?
 [ $rc_check -ne 0 ] && $PY -c 'import json,sys; print(json.dumps({"check": "gpu_check.py", "rc": int(sys.argv[1]), "stderr_tail": open(sys.argv[2]).read()[-1500:]}))' "$rc_check" "$tmp/check.err"
