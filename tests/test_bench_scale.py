@@ -194,6 +194,17 @@ def test_trainer_variants_pair_with_their_own_reference_loops():
         rows + out)
 
 
+def test_edlora_pairs_with_both_reference_loops():
+    """ED-LoRA's step is compared with the plain recipe and with the recipe that encodes one caption copy per
+    cross-attention layer (the method's own text-encoder work)."""
+    rows = [_row("train_ref_edlora", step_s=4.0), _row("train_ref_edlora_layers", step_s=6.0),
+            _row("train_edlora", step_s=5.0)]
+    ratios = {(r["stage"], r["vs"]): r["time_ratio"] for r in bench.derived_rows(rows) if r["run"] == "ratio"
+              and "vs" in r}
+    assert ratios[("train_edlora", "train_ref_edlora")] == 1.25
+    assert round(ratios[("train_edlora", "train_ref_edlora_layers")], 3) == 0.833
+
+
 @pytest.mark.slow
 def test_reference_loops_train_what_the_variants_train(tmp_path):
     """The reference loops of the trainer variants (tools/bench_train.py) on the tiny pipeline: LoCon's adapts the
@@ -224,6 +235,11 @@ def test_reference_loops_train_what_the_variants_train(tmp_path):
     assert not torch.equal(emb[new[0]], emb[new[1]])  # both started as "cat"; a step moved them apart
     assert any("lora_A" in n for n, _ in pipe.text_encoder.named_parameters())
     assert not any("lora_A" in n for n, m in pipe.unet.named_modules() if "resnets" in n)
+    pipe = bench_train.make_pipe("tiny")  # layer_copies: the text encoder sees one caption copy per cross-attention
+    seen = []
+    pipe.text_encoder.register_forward_hook(lambda module, inputs, out: seen.append(inputs[0].shape[0]))
+    bench_train.reference_edlora(args, pipe, folder, layer_copies=True)
+    assert seen == [16 * args.batch]  # the tiny UNet's 16 cross-attention layers, as lorakit's ED-LoRA encodes
 
 
 def test_docs_tables_come_from_the_files_between_their_markers(tmp_path):

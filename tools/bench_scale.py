@@ -66,8 +66,11 @@ TRAIN = ("train_ref", "train", "train_gc", "train_locon", "train_edlora")
 # The reference loop of each trainer variant (tools/bench_train.py): diffusers' gradient checkpointing, peft LoRA on
 # the resnet convs too, peft LoRA + textual inversion of the same two tokens.
 TRAIN_REFS = {"train_gc": "train_ref_gc", "train_locon": "train_ref_locon", "train_edlora": "train_ref_edlora"}
+# ED-LoRA encodes one prompt copy per cross-attention layer; this reference does that text-encoder work too
+# (bench_train.reference_edlora(layer_copies=True)), so its ratio measures the implementation, not the method.
+EXTRA_REFS = {"train_edlora": "train_ref_edlora_layers"}
 SAMPLE = ("sample_ref", "sample", "switch", "composite", "cmlora")
-STAGES = (*TRAIN, *TRAIN_REFS.values(), *SAMPLE, "fuse", "ziplora", "lorarar")
+STAGES = (*TRAIN, *TRAIN_REFS.values(), *EXTRA_REFS.values(), *SAMPLE, "fuse", "ziplora", "lorarar")
 # Stages that leave the built base as they found it (adapters loaded per call, then unloaded): with --shared
 # they run one after another in one process per size, the peak RSS reset before each (/proc/self/clear_refs).
 SHAREABLE = ("sample", "switch", "composite", "cmlora", "lorarar")
@@ -143,8 +146,8 @@ def _train(args, pipe, work: Path, stage: str) -> dict:
     elif stage in ("train_ref_gc", "train_ref_locon"):
         res = bench_train.reference(ns, pipe, folder, captions, network="locon" if stage.endswith("locon") else "lora",
                                     gradient_checkpointing=stage.endswith("gc"))
-    elif stage == "train_ref_edlora":
-        res = bench_train.reference_edlora(ns, pipe, folder)
+    elif stage in ("train_ref_edlora", "train_ref_edlora_layers"):
+        res = bench_train.reference_edlora(ns, pipe, folder, layer_copies=stage.endswith("_layers"))
     elif stage == "train_edlora":
         res = _train_edlora(args, pipe, folder, work / "out")
     else:
@@ -353,7 +356,7 @@ def _estimate_mb(args, stage: str) -> float | None:
 
     arch, size, _, _ = SIZES[args.size]
     base = f"random:{arch}:{size}"
-    kind = {"train_edlora": "edlora", "train_ref_edlora": "edlora", "fuse": "fuse-gradient", "ziplora": "ziplora",
+    kind = {"train_edlora": "edlora", "train_ref_edlora": "edlora", "train_ref_edlora_layers": "edlora", "fuse": "fuse-gradient", "ziplora": "ziplora",
             "lorarar": "ziplora"}.get(stage, "train" if stage.startswith("train") else "sample")
     batch = {"sample": 1, "fuse-gradient": args.capture_batch}.get(kind, args.batch)
     est = estimate(kind, base, resolution=args.resolution, batch=batch, heldout=args.fuse_ridge == "auto",
@@ -367,7 +370,7 @@ def _estimate_mb(args, stage: str) -> float | None:
 def run_point(args, pipe, work: Path) -> dict:
     """One stage at one (resolution, rank, N) on the built base; its result fields."""
     stage = args.one
-    if stage in TRAIN or stage in TRAIN_REFS.values():
+    if stage in TRAIN or stage in TRAIN_REFS.values() or stage in EXTRA_REFS.values():
         return _train(args, pipe, work, stage)
     if stage == "sample_ref":
         return _sample_ref(args, pipe, work)
@@ -428,7 +431,7 @@ def _time(row: dict) -> float:
 
 # lorakit against its reference at the same point: (lorakit stage, reference stage, the time compared)
 COMPARISONS = (("train", "train_ref", "step_s"), ("sample", "sample_ref", "step_s"), ("cmlora", "composite", "total_s"),
-               *((s, ref, "step_s") for s, ref in TRAIN_REFS.items()))
+               *((s, ref, "step_s") for s, ref in (*TRAIN_REFS.items(), *EXTRA_REFS.items())))
 AXES = (("n_loras", 4), ("resolution", 2), ("rank", 3))  # curve axes and their place in a point's key
 
 

@@ -99,9 +99,12 @@ def _pixels_and_ids(args, pipe, folder: Path, captions: list[str]):
     return pixels.to(args.device, _dtype(args)), ids.to(args.device)
 
 
-def _reference_steps(args, pipe, pixels, ids, params, train_text: bool = False, after_step=None) -> dict:
+def _reference_steps(args, pipe, pixels, ids, params, train_text: bool = False, after_step=None,
+                     text_copies: int = 1) -> dict:
     """The reference's steps: VAE encode, text encode (with gradients when ``train_text``), UNet forward /
-    backward, clip, AdamW, every step; step times and peak memory."""
+    backward, clip, AdamW, every step; step times and peak memory. ``text_copies`` > 1 encodes the batch that
+    many times in one pass and conditions the UNet on the copies' mean (the text encoder's work of a method that
+    encodes one prompt copy per cross-attention layer)."""
     from diffusers import DDPMScheduler
 
     dev, dtype = torch.device(args.device), _dtype(args)
@@ -116,7 +119,9 @@ def _reference_steps(args, pipe, pixels, ids, params, train_text: bool = False, 
                 with torch.no_grad():
                     latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
                 with torch.set_grad_enabled(train_text):
-                    ehs = te(ids)[0]
+                    ehs = te(ids.repeat(text_copies, 1))[0]
+                    if text_copies > 1:
+                        ehs = ehs.unflatten(0, (text_copies, ids.shape[0])).mean(0)
                 noise = torch.randn_like(latents)
                 t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=dev)
                 pred = unet(sched.add_noise(latents, noise, t), t, ehs).sample
@@ -166,12 +171,14 @@ EDLORA_TEXT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 
 def reference_edlora(args, pipe, folder: Path, words: tuple[str, ...] = ("<cat1>", "<cat2>"),
-                     init_word: str = "cat") -> dict:
+                     init_word: str = "cat", layer_copies: bool = False) -> dict:
     """The plain recipe ED-LoRA is measured against: peft LoRA on the text encoder's and the UNet's attention (the
     modules lorakit's ED-LoRA adapts, same rank) plus textual inversion of two new tokens as diffusers'
     textual-inversion script trains them (the embedding table takes gradients, every other row is restored after
     each step); text encode with gradients, VAE encode, every step. One embedding for all layers (lorakit's
-    ED-LoRA learns one per layer)."""
+    ED-LoRA learns one per layer). ``layer_copies``: encode the captions once per cross-attention layer, as
+    ED-LoRA must (one copy per layer with that layer's tokens), so the reference does the method's text-encoder
+    work and the comparison measures lorakit's implementation rather than the method's extra cost."""
     from diffusers.training_utils import cast_training_params
 
     from lorakit.blocks import lora_config
@@ -204,8 +211,9 @@ def reference_edlora(args, pipe, folder: Path, words: tuple[str, ...] = ("<cat1>
         cap.write_text("a photo of " + " ".join(words))
     captions = [f.read_text() for f in sorted(folder.glob("*.txt"))]
     params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
+    copies = sum(1 for n, m in unet.named_modules() if n.endswith(".attn2") and hasattr(m, "to_k")) if layer_copies else 1
     return _reference_steps(args, pipe, *_pixels_and_ids(args, pipe, folder, captions), params, train_text=True,
-                            after_step=restore)
+                            after_step=restore, text_copies=copies)
 
 
 def lorakit_run(args, pipe, folder: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:

@@ -7,7 +7,8 @@
     allocated VRAM, and lorakit.memory's estimate; ``train_ratio`` with the ratios and the MFU of each (UNet
     forward + backward FLOPs counted by ``torch.utils.flop_counter`` on the meta device / step time / bf16 peak);
   * ``train_edlora``: the ED-LoRA trainer vs the plain recipe of tools/bench_train.py (peft LoRA on both models'
-    attention + textual inversion), same size, batch and dtype: step time, peak VRAM, ratios;
+    attention + textual inversion), once as is and once encoding the captions per cross-attention layer as ED-LoRA
+    does, same size, batch and dtype: step time, peak VRAM, ratios;
   * ``sample``: composite vs cmlora (default split, the official one, one layer deeper) with N = 4 random LoRAs at
     512 px, 20 steps, bf16: seconds per image and marginal seconds per step, ratios to composite;
   * ``multi_gpu``: one line saying it was skipped when fewer than 2 GPUs are visible (the 2-GPU DDP equality is a
@@ -124,7 +125,8 @@ def check_train(a, device: str) -> None:
 
 def check_edlora(a, device: str) -> None:
     """ED-LoRA's trainer vs the plain recipe of tools/bench_train.py (peft LoRA on both models' attention + textual
-    inversion of the two tokens), same images, rank, steps and dtype: step time and peak memory."""
+    inversion of the two tokens) and vs that recipe encoding the captions once per cross-attention layer as
+    ED-LoRA must (``reference_layers``), same images, rank, steps and dtype: step time and peak memory."""
     import bench_scale
     import bench_train
 
@@ -136,10 +138,10 @@ def check_edlora(a, device: str) -> None:
         folder = Path(tmp) / "img"
         folder.mkdir()
         bench_train.make_images(folder, 2 * a.batch, a.resolution)
-        for run in ("reference", "lorakit"):
+        for run in ("reference", "reference_layers", "lorakit"):
             pipe = bench_train.make_pipe(a.size, dtype, device)
-            if run == "reference":
-                res = bench_train.reference_edlora(ns, pipe, folder)
+            if run.startswith("reference"):
+                res = bench_train.reference_edlora(ns, pipe, folder, layer_copies=run.endswith("layers"))
             else:
                 with bench_train.PeakMemory(device) as mem:
                     res = bench_scale._train_edlora(ns, pipe, folder, Path(tmp) / "out")
@@ -151,9 +153,10 @@ def check_edlora(a, device: str) -> None:
             del pipe
             if device == "cuda":
                 torch.cuda.empty_cache()
-    ref, lk = rows["reference"], rows["lorakit"]
-    emit({"check": "train_edlora_ratio", "speed_ratio": round(ref["step_s"] / lk["step_s"], 3),
-          "mem_ratio": round(ref["peak_mem_mb"] / max(lk["peak_mem_mb"], 1e-9), 3)})
+    lk = rows["lorakit"]
+    for ref in ("reference", "reference_layers"):
+        emit({"check": "train_edlora_ratio", "against": ref, "speed_ratio": round(rows[ref]["step_s"] / lk["step_s"], 3),
+              "mem_ratio": round(rows[ref]["peak_mem_mb"] / max(lk["peak_mem_mb"], 1e-9), 3)})
 
 
 SAMPLE_RUNS = (("composite", ()), ("cmlora", ()), ("cmlora", ("--cache-layer", "0")), ("cmlora", ("--cache-layer", "2")))
