@@ -87,3 +87,13 @@ def test_oracle_v2_fine_tune_with_hard_negatives_starts_from_init_and_masks_thei
     assert weights and all(torch.equal(a[k], b[k]) for k in weights)  # lr 0: the init's weights, unchanged
     metrics = json.loads((tuned / "metrics.json").read_text())
     assert metrics["init"] == str(first) and metrics["hard_negatives_per_identity"] == 2
+    x, _, m = tr.render_hard_negatives(3, 30000, concepts, ["inkvel"])  # --extra-hard inkvel=3: that identity only
+    assert len(x) == 3 and (m[:, concepts.index("inkvel")] == 1).all() and m.sum() == 3
+    x, y, m = tr.render_character_views(2, 40000, concepts)  # --window-views 2: window + half view per character
+    assert x.shape == (8, 3, 64, 64) and (y.sum(1) == 2).all()  # its identity and its class
+    names = [concepts[i] for i in y[0].nonzero().flatten().tolist()]
+    assert len(names) == 2 and {CONCEPTS[n].role for n in names} == {"identity", "class"}
+    assert m[0, concepts.index("plain")] == 0 and m[0, concepts.index("kwibbit")] == 1  # generics not scored
+    with pytest.raises(SystemExit, match="IDENTITY=K"):
+        tr.main(["--out", str(tmp_path / "bad"), "--n-train", "16", "--n-eval", "8", "--steps", "1", "--batch", "8",
+                 "--extra-hard", "inkvel"])

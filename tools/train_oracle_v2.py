@@ -39,18 +39,54 @@ def parse_args(argv=None):
     p.add_argument("--init", help="v2 oracle folder to start from (config.json + oracle.safetensors)")
     p.add_argument("--hard-negatives", type=int, default=0, help="hard negatives per identity (0: none)")
     p.add_argument("--hard-frac", type=float, default=0.25, help="share of each batch drawn from the hard negatives")
+    p.add_argument("--window-views", type=int, default=0, metavar="K",
+                   help="K two-character scenes whose per-character views (the regional benches' window and half "
+                        "views) are added as positives of that character, labelled on identity and class columns only")
+    p.add_argument("--extra-hard", nargs="+", default=[], metavar="IDENTITY=K",
+                   help="K more hard negatives of these identities (seeds from --seed + 30000), for the look-alikes a "
+                        "measurement still confuses")
     return p.parse_args(argv)
 
 
-def render_hard_negatives(k: int, seed: int, concepts: list[str]):
-    """``k`` hard negatives per identity -> images uint8 ``[N, 3, 64, 64]``, labels ``[N, C]`` (all 0) and a loss
-    mask ``[N, C]`` that is 1 only in the imitated identity's column."""
+def render_hard_negatives(k: int, seed: int, concepts: list[str], names: list[str] | None = None):
+    """``k`` hard negatives per identity (``names``, default all) -> images uint8 ``[N, 3, 64, 64]``, labels
+    ``[N, C]`` (all 0) and a loss mask ``[N, C]`` that is 1 only in the imitated identity's column."""
     from lorakit.toyworld.v2.concepts import IDENTITIES
     from lorakit.toyworld.v2.hardneg import hard_negatives
 
-    imgs, masks = hard_negative_arrays(hard_negatives, [c.name for c in IDENTITIES], k, seed, concepts)
+    imgs, masks = hard_negative_arrays(hard_negatives, names or [c.name for c in IDENTITIES], k, seed, concepts)
     x = torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2)))
     return x, torch.zeros(len(imgs), len(concepts)), torch.from_numpy(masks)
+
+
+def render_character_views(n: int, seed: int, concepts: list[str]):
+    """``n`` two-character scenes (two different character identities, one per half, on white) -> for each
+    character its window view and its half view (what the regional benchmarks score) as images uint8
+    ``[4n, 3, 64, 64]``, labels ``[4n, C]`` (its identity and class) and a loss mask ``[4n, C]`` on the identity
+    and class columns only (the views' other content is not labelled)."""
+    from lorakit.toyworld.regional_demo import character_views
+    from lorakit.toyworld.sketch import render_character_scene
+    from lorakit.toyworld.v2.composition import half_views
+    from lorakit.toyworld.v2.concepts import CONCEPTS, IDENTITIES
+    from lorakit.toyworld.v2.sketch import random_character_scene
+
+    characters = [c.name for c in IDENTITIES if c.kind == "character"]
+    scored = np.array([CONCEPTS[c].role in ("identity", "class") for c in concepts], np.float32)
+    rng = np.random.default_rng(seed)
+    imgs, labels, masks = [], [], []
+    for _ in range(n):
+        pair = tuple(rng.choice(characters, 2, replace=False))
+        scene = random_character_scene(rng, pair)
+        image, _ = render_character_scene(scene)
+        for views in (character_views(image, scene), half_views(image)):
+            for name, view in zip(pair, views):
+                y = np.zeros(len(concepts), np.float32)
+                y[[concepts.index(name), concepts.index(CONCEPTS[name].cls)]] = 1
+                imgs.append(np.asarray(view.convert("RGB")))
+                labels.append(y)
+                masks.append(scored)
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(imgs).transpose(0, 3, 1, 2)))
+    return x, torch.from_numpy(np.stack(labels)), torch.from_numpy(np.stack(masks))
 
 
 def render_set(n: int, seed: int, concepts: list[str]):
@@ -137,6 +173,19 @@ def main(argv=None) -> int:
         xh_vae = vae_roundtrip(vae, xh, gen) if args.vae else xh
         x, x_vae, y, mask = torch.cat([x, xh]), torch.cat([x_vae, xh_vae]), torch.cat([y, yh]), torch.cat([mask, mh])
         log(f"{len(xh)} hard negatives added")
+    if args.window_views:
+        xw, yw, mw = render_character_views(args.window_views, args.seed + 40000, concepts)
+        xw_vae = vae_roundtrip(vae, xw, gen) if args.vae else xw
+        x, x_vae, y, mask = torch.cat([x, xw]), torch.cat([x_vae, xw_vae]), torch.cat([y, yw]), torch.cat([mask, mw])
+        log(f"{len(xw)} character views added")
+    for i, spec in enumerate(args.extra_hard):
+        name, _, k = spec.partition("=")
+        if name not in concepts or not k.isdigit():
+            raise SystemExit(f"--extra-hard {spec!r}: expected IDENTITY=K with an identity of {concepts} and a count")
+        xh, yh, mh = render_hard_negatives(int(k), args.seed + 30000 + 100 * i, concepts, [name])
+        xh_vae = vae_roundtrip(vae, xh, gen) if args.vae else xh
+        x, x_vae, y, mask = torch.cat([x, xh]), torch.cat([x_vae, xh_vae]), torch.cat([y, yh]), torch.cat([mask, mh])
+        log(f"{len(xh)} more hard negatives of {name}")
     net = OracleNet(len(concepts), args.width)
     if args.init:
         from lorakit.fileio import load_safetensors
