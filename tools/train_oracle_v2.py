@@ -146,6 +146,23 @@ def summarize(per: dict) -> dict:
     }
 
 
+def added_rows(args, concepts: list[str]):
+    """The rows added to the plain renders, in order: ``(images, labels, loss mask, what)`` for the hard negatives,
+    the character views and each ``--extra-hard`` identity's extra hard negatives."""
+    extra = []
+    for spec in args.extra_hard:
+        name, _, k = spec.partition("=")
+        if name not in concepts or not k.isdigit():
+            raise SystemExit(f"--extra-hard {spec!r}: expected IDENTITY=K with an identity of {concepts} and a count")
+        extra.append((name, int(k)))
+    if args.hard_negatives:
+        yield (*render_hard_negatives(args.hard_negatives, args.seed + 20000, concepts), "hard negatives")
+    if args.window_views:
+        yield (*render_character_views(args.window_views, args.seed + 40000, concepts), "character views")
+    for i, (name, k) in enumerate(extra):
+        yield (*render_hard_negatives(k, args.seed + 30000 + 100 * i, concepts, [name]), f"more hard negatives of {name}")
+
+
 def main(argv=None) -> int:
     from lorakit.toyworld.v2.concepts import CONCEPTS
     from lorakit.toyworld.v2.oracle import OracleNet
@@ -168,24 +185,10 @@ def main(argv=None) -> int:
         xe_vae = vae_roundtrip(vae, xe, torch.Generator().manual_seed(args.seed + 1))
         log(f"VAE round trips done ({args.vae})")
     n_plain, mask = len(x), torch.ones_like(y)
-    if args.hard_negatives:
-        xh, yh, mh = render_hard_negatives(args.hard_negatives, args.seed + 20000, concepts)
-        xh_vae = vae_roundtrip(vae, xh, gen) if args.vae else xh
-        x, x_vae, y, mask = torch.cat([x, xh]), torch.cat([x_vae, xh_vae]), torch.cat([y, yh]), torch.cat([mask, mh])
-        log(f"{len(xh)} hard negatives added")
-    if args.window_views:
-        xw, yw, mw = render_character_views(args.window_views, args.seed + 40000, concepts)
-        xw_vae = vae_roundtrip(vae, xw, gen) if args.vae else xw
-        x, x_vae, y, mask = torch.cat([x, xw]), torch.cat([x_vae, xw_vae]), torch.cat([y, yw]), torch.cat([mask, mw])
-        log(f"{len(xw)} character views added")
-    for i, spec in enumerate(args.extra_hard):
-        name, _, k = spec.partition("=")
-        if name not in concepts or not k.isdigit():
-            raise SystemExit(f"--extra-hard {spec!r}: expected IDENTITY=K with an identity of {concepts} and a count")
-        xh, yh, mh = render_hard_negatives(int(k), args.seed + 30000 + 100 * i, concepts, [name])
-        xh_vae = vae_roundtrip(vae, xh, gen) if args.vae else xh
-        x, x_vae, y, mask = torch.cat([x, xh]), torch.cat([x_vae, xh_vae]), torch.cat([y, yh]), torch.cat([mask, mh])
-        log(f"{len(xh)} more hard negatives of {name}")
+    for xa, ya, ma, what in added_rows(args, concepts):  # sampled as --hard-frac of each batch
+        xa_vae = vae_roundtrip(vae, xa, gen) if args.vae else xa
+        x, x_vae, y, mask = torch.cat([x, xa]), torch.cat([x_vae, xa_vae]), torch.cat([y, ya]), torch.cat([mask, ma])
+        log(f"{len(xa)} {what} added")
     net = OracleNet(len(concepts), args.width)
     if args.init:
         from lorakit.fileio import load_safetensors
