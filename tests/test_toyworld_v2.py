@@ -273,6 +273,26 @@ def test_ensure_data_renders_the_recipe_folders_once(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*tmp*"))
 
 
+def test_ensure_data_accepts_a_folder_another_process_finished_first(tmp_path, monkeypatch):
+    """Two processes (the demo's two trainers, two bench runs) render the same folder: the one that renames second
+    keeps the first one's copy (the same seed's render) and removes its own, instead of failing."""
+    import shutil
+
+    import lorakit.toyworld.v2.loras as v2loras
+
+    render = v2loras.make_dataset
+
+    def render_then_lose_the_race(name, folder, n, seed):
+        render(name, folder, n, seed)
+        final = folder.parent / folder.name.split(".tmp")[0].lstrip(".")
+        shutil.copytree(folder, final)  # the other process's rename landed in between
+
+    monkeypatch.setattr(v2loras, "make_dataset", render_then_lose_the_race)
+    data, reg = v2loras.ensure_data("hattock", tmp_path)
+    assert len(list(data.glob("*.png"))) == v2loras.DATA_N and reg.is_dir()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
 def _random_v2_world(root: Path) -> tuple[Path, Path]:
     """An untrained v2 pipeline and an untrained v2 oracle (plumbing only: their verdicts mean nothing)."""
     import json

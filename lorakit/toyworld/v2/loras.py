@@ -9,6 +9,7 @@ as for v1 (:mod:`lorakit.toyworld.loras`).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from lorakit.resources import BUNDLED
@@ -61,7 +62,12 @@ def ensure_data(identity: str, root: str | os.PathLike) -> tuple[Path, Path]:
         if not folder.is_dir():
             tmp = root / f".{folder.name}.tmp{os.getpid()}"
             make_dataset(name, tmp, n, seed)
-            os.replace(tmp, folder)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process renamed its copy first: the same render of the same seed
+                if not folder.is_dir():
+                    raise
+                shutil.rmtree(tmp)
         out.append(folder)
     return out[0], out[1]
 
