@@ -356,8 +356,9 @@ def _estimate_mb(args, stage: str) -> float | None:
 
     arch, size, _, _ = SIZES[args.size]
     base = f"random:{arch}:{size}"
-    kind = {"train_edlora": "edlora", "train_ref_edlora": "edlora", "train_ref_edlora_layers": "edlora", "fuse": "fuse-gradient", "ziplora": "ziplora",
-            "lorarar": "ziplora"}.get(stage, "train" if stage.startswith("train") else "sample")
+    kind = {"train_edlora": "edlora", "train_ref_edlora": "edlora", "train_ref_edlora_layers": "edlora",
+            "fuse": "fuse-gradient", "ziplora": "ziplora", "lorarar": "ziplora"}.get(
+        stage, "train" if stage.startswith("train") else "sample")
     batch = {"sample": 1, "fuse-gradient": args.capture_batch}.get(kind, args.batch)
     est = estimate(kind, base, resolution=args.resolution, batch=batch, heldout=args.fuse_ridge == "auto",
                    rank=args.rank, n_loras=args.n_loras if stage in N_STAGES else 2, dtype=_torch_dtype(args.dtype),

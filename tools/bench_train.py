@@ -181,6 +181,7 @@ def reference_edlora(args, pipe, folder: Path, words: tuple[str, ...] = ("<cat1>
     work and the comparison measures lorakit's implementation rather than the method's extra cost."""
     from diffusers.training_utils import cast_training_params
 
+    from lorakit.adapters.edlora import cross_attention_layers
     from lorakit.blocks import lora_config
 
     _freeze(args, pipe)
@@ -211,7 +212,7 @@ def reference_edlora(args, pipe, folder: Path, words: tuple[str, ...] = ("<cat1>
         cap.write_text("a photo of " + " ".join(words))
     captions = [f.read_text() for f in sorted(folder.glob("*.txt"))]
     params = [p for m in (unet, te) for p in m.parameters() if p.requires_grad]
-    copies = sum(1 for n, m in unet.named_modules() if n.endswith(".attn2") and hasattr(m, "to_k")) if layer_copies else 1
+    copies = len(cross_attention_layers(unet)) if layer_copies else 1
     return _reference_steps(args, pipe, *_pixels_and_ids(args, pipe, folder, captions), params, train_text=True,
                             after_step=restore, text_copies=copies)
 

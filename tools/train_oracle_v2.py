@@ -149,11 +149,14 @@ def summarize(per: dict) -> dict:
 def added_rows(args, concepts: list[str]):
     """The rows added to the plain renders, in order: ``(images, labels, loss mask, what)`` for the hard negatives,
     the character views and each ``--extra-hard`` identity's extra hard negatives."""
+    from lorakit.toyworld.v2.concepts import IDENTITIES
+
+    identities = [c.name for c in IDENTITIES]
     extra = []
     for spec in args.extra_hard:
         name, _, k = spec.partition("=")
-        if name not in concepts or not k.isdigit():
-            raise SystemExit(f"--extra-hard {spec!r}: expected IDENTITY=K with an identity of {concepts} and a count")
+        if name not in identities or not k.isdigit():
+            raise SystemExit(f"--extra-hard {spec!r}: expected IDENTITY=K with an identity of {identities} and a count")
         extra.append((name, int(k)))
     if args.hard_negatives:
         yield (*render_hard_negatives(args.hard_negatives, args.seed + 20000, concepts), "hard negatives")
