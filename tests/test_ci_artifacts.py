@@ -136,3 +136,43 @@ def test_failing_stage_is_named(tmp_path, capsys):
     assert "'frog'" in err and "max_stepz" in err and "max_steps" in err  # the config error names the closest key
     with pytest.raises(ci.StageError, match="held-out pair"):
         ci.split_loras({"frog": Path("f"), "ink": Path("i")}, ("ink", "frog"))
+
+
+def test_v1_lookup_skips_toy_world_v2_loras(tmp_path):
+    """`lorakit demo` writes v2 LoRAs (same trigger words) into the shared cache: the v1 benchmark must not take
+    them for its concepts, however new they are."""
+    import torch
+
+    v1 = tmp_path / "toy_frog-1111111111111111.safetensors"
+    save_safetensors({"w": torch.zeros(1)}, v1, {"lorakit.trigger": "kwibbit"})
+    time.sleep(0.01)
+    save_safetensors({"w": torch.zeros(1)}, tmp_path / "toy2_kwibbit-2222222222222222.safetensors",
+                     {"lorakit.trigger": "kwibbit"})
+    save_safetensors({"w": torch.zeros(1)}, tmp_path / "renamed.safetensors",
+                     {"lorakit.trigger": "kwibbit", "lorakit.config": json.dumps({"base_model": "/x/data/toy2-base"})})
+    now = time.time() + 5
+    os.utime(tmp_path / "renamed.safetensors", (now, now))
+    assert bench.find_adapters(tmp_path) == {"frog": v1}
+
+
+def test_v2_sets_name_their_identities():
+    assert ci.v2_identities(["n2-kwibbit-nocturo"]) == ["kwibbit", "nocturo"]
+    with pytest.raises(ci.StageError, match="n2-kwibbit-nope"):
+        ci.v2_identities(["n2-kwibbit-nope"])
+
+
+@pytest.mark.slow  # two 2-step v2 trainings (their data rendered once), ~30 s of CPU
+def test_v2_adapters_cached_in_the_demo_cache(tmp_path, capsys):
+    out = tmp_path / "adapters"
+    files = ci.train_v2_adapters(out, ["kwibbit"], ["max_steps=2"])
+    assert files["kwibbit"].name.startswith("toy2_kwibbit-")
+    assert [r["action"] for r in _records(capsys, "adapters-v2")] == ["trained"]
+    mtime = files["kwibbit"].stat().st_mtime_ns
+    assert ci.train_v2_adapters(out, ["kwibbit"], ["max_steps=2"]) == files
+    assert [r["action"] for r in _records(capsys, "adapters-v2")] == ["reused"]
+    assert files["kwibbit"].stat().st_mtime_ns == mtime
+    changed = ci.train_v2_adapters(out, ["kwibbit"], ["max_steps=3"])
+    rec = _records(capsys, "adapters-v2")[0]
+    assert rec["action"] == "trained" and rec["removed"] == [files["kwibbit"].name]
+    assert changed["kwibbit"] != files["kwibbit"] and (tmp_path / "stale" / "adapters" / files["kwibbit"].name).exists()
+    assert bench.find_adapters(out) == {}  # never taken for the v1 frog

@@ -94,7 +94,9 @@ def composition_sets(sizes=(2, 3, 4), per_size: int | None = None, seed: int = 0
 
 def find_adapters(folder: Path) -> dict[str, Path]:
     """``{toy concept name: adapter file}`` for every ``.safetensors`` under ``folder`` whose ``lorakit.trigger``
-    is a held-out concept's trigger word (the newest file wins when several match)."""
+    is a held-out concept's trigger word (the newest file wins when several match). Toy world v2's LoRAs
+    (``toy2_<identity>-<hash>``, trained on a ``toy2-base``) carry the same trigger words and share the cache
+    ``lorakit demo`` writes; they are skipped: they do not fit the v1 base."""
     from safetensors import safe_open
 
     from lorakit.toyworld.concepts import BY_TRIGGER
@@ -103,12 +105,24 @@ def find_adapters(folder: Path) -> dict[str, Path]:
     for path in sorted(folder.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime):
         try:
             with safe_open(str(path), framework="pt") as f:
-                trigger = (f.metadata() or {}).get("lorakit.trigger")
+                meta = f.metadata() or {}
         except Exception:  # noqa: BLE001 - not an adapter we can read: ignore it here
             continue
-        if trigger in BY_TRIGGER:
+        trigger = meta.get("lorakit.trigger")
+        if trigger in BY_TRIGGER and not _is_v2_lora(path, meta):
             found[BY_TRIGGER[trigger].name] = path
     return found
+
+
+def _is_v2_lora(path: Path, meta: dict) -> bool:
+    """A toy world v2 LoRA: named ``toy2_...`` by its trainer or trained on a ``toy2-base`` folder."""
+    if path.name.startswith("toy2_"):
+        return True
+    try:
+        base = json.loads(meta.get("lorakit.config", "{}")).get("base_model") or ""
+    except (ValueError, AttributeError):
+        return False
+    return Path(str(base)).name.startswith("toy2-base")
 
 
 def missing_inputs(args, sets) -> list[str]:

@@ -12,7 +12,9 @@ Stages (each prints JSON lines: what it trains or reuses, and its wall time):
    ``OUT/adapters/toy_<concept>-<hash>.safetensors``. The hash covers the resolved recipe, the base weights and
    the concept's images, so an unchanged recipe is reused and any change retrains. Files of the same concept with
    another hash are moved to ``OUT/stale/adapters/`` (leftovers of interrupted runs over 6 hours old are deleted), so the benchmark,
-   which finds adapters by their ``lorakit.trigger``, sees exactly the current ones.
+   which finds adapters by their ``lorakit.trigger``, sees exactly the current ones. Then (unless ``--skip-v2``)
+   toy world v2's recipe LoRAs of the identities of ``--v2-sets`` (``OUT/adapters/toy2_<identity>-<hash>``, the
+   cache ``lorakit demo`` reads).
 2. ``hypernet``: ``train_configs/toy_lorarar.yaml`` trained on those LoRAs (content = characters + objects,
    style = styles, references = each LoRA's training images) into ``OUT/hypernet/toy_lorarar-<hash>.safetensors``
    (hash: resolved recipe, input LoRA bytes, base weights). One content LoRA is held out of training and its pair
@@ -20,7 +22,8 @@ Stages (each prints JSON lines: what it trains or reuses, and its wall time):
    ``eval_pairs``, so the benchmark's lorarar row merges a pair the network never saw.
 3. ``bench``: ``tools/bench_composition.py`` on a small slice (``--sets-per-size``, ``--k``, ``--sizes``,
    ``--bench-steps``; all methods) into ``OUT/bench_composition/`` (table.md, summary.json, results.jsonl, images;
-   the per-set fused models are deleted afterwards unless ``--keep-fused``).
+   the per-set fused models are deleted afterwards unless ``--keep-fused``); then the same on toy world v2
+   (``--world v2``, the sets of ``--v2-sets``, every method but lorarar) into ``OUT/bench_composition_v2/``.
 
 A failing stage stops the run with exit status 1 and a ``{"stage": ..., "error": ...}`` line naming it.
 """
@@ -40,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HYPERNET_RECIPE = ROOT / "train_configs" / "toy_lorarar.yaml"
+V2_SETS = ("n2-kwibbit-nocturo",)
 
 
 def emit(record: dict) -> None:
@@ -113,43 +117,81 @@ def train_adapters(out: Path, overrides: list[str], concepts: list[str] | None =
 
     out.mkdir(parents=True, exist_ok=True)
     names = concepts or [c.name for c in HELDOUT]
-    before = {n: _snapshot(out, f"toy_{n}") for n in names}
+    files = train_cached("adapters", "concept", out, names, "toy_", train_concept_lora,
+                         lambda n: (n, out, base, overrides, force), overrides, jobs, threads)
+    check_adapter_lookup(out, files)
+    return {n: files[n] for n in names}
+
+
+def train_cached(stage: str, what: str, out: Path, names, prefix: str, train_fn, fn_args, overrides, jobs: int,
+                 threads: int) -> dict[str, Path]:
+    """Train (or reuse) ``train_fn(*fn_args(name))`` for each name (a LoRA file ``out/<prefix><name>-<hash>``),
+    one JSON line each (trained or reused, the stale files cleared by ``remove_stale``).
+
+    Raises:
+        StageError naming the ``what`` (concept / identity) whose training failed.
+    """
+    before = {n: _snapshot(out, f"{prefix}{n}") for n in names}
     t0 = time.perf_counter()
     files: dict[str, Path] = {}
 
     def finish(name: str, get_path) -> None:
         try:
             path = Path(get_path())
-        except Exception as err:  # noqa: BLE001 - reported with the concept's name, then the run stops
-            raise StageError(f"adapters: training the {name!r} LoRA (train_configs/toy_{name}.yaml, overrides "
+        except Exception as err:  # noqa: BLE001 - reported with the name, then the run stops
+            raise StageError(f"{stage}: training the {name!r} LoRA (train_configs/{prefix}{name}.yaml, overrides "
                              f"{overrides}) failed: {type(err).__name__}: {err}") from err
         trained = path not in before[name] or before[name][path] != path.stat().st_mtime_ns
-        removed = remove_stale(out, f"toy_{name}", path)
         files[name] = path
-        emit({"stage": "adapters", "concept": name, "action": "trained" if trained else "reused",
-              "file": str(path), "removed": removed, "elapsed_s": round(time.perf_counter() - t0, 2)})
+        emit({"stage": stage, what: name, "action": "trained" if trained else "reused", "file": str(path),
+              "removed": remove_stale(out, f"{prefix}{name}", path), "elapsed_s": round(time.perf_counter() - t0, 2)})
 
+    _train_each(names, train_fn, fn_args, finish, jobs, threads)
+    return files
+
+
+def _train_each(names, train_fn, fn_args, finish, jobs: int, threads: int) -> None:
+    """``finish(name, get_path)`` for each name, ``get_path`` returning ``train_fn(*fn_args(name))``: in this
+    process (``jobs`` <= 1), or in ``jobs`` worker processes with ``threads`` torch threads each."""
     if jobs <= 1:
         for name in names:
-            finish(name, lambda: train_concept_lora(name, out, base=base, overrides=overrides, force=force))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+            finish(name, lambda name=name: train_fn(*fn_args(name)))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-        import torch
+    import torch
 
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the workers' torch at import
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-            futures = {n: pool.submit(train_concept_lora, n, out, base, overrides, force) for n in names}
-            try:
-                for name in names:
-                    finish(name, futures[name].result)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)  # do not start the queued ones
-                raise
-    check_adapter_lookup(out, files)
-    return {n: files[n] for n in names}
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the workers' torch at import
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        futures = {n: pool.submit(train_fn, *fn_args(n)) for n in names}
+        try:
+            for name in names:
+                finish(name, futures[name].result)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # do not start the queued ones
+            raise
+
+
+def train_v2_adapters(out: Path, identities: list[str], overrides: list[str], force: bool = False,
+                      jobs: int = 1, threads: int = 1) -> dict[str, Path]:
+    """Stage 1, toy world v2: each identity's recipe LoRA (``train_configs/toy2_<identity>.yaml``) on the bundled
+    v2 base, in ``out`` (the cache ``lorakit demo`` reads, so the demo's pair is trained once), stale files of
+    the same identity cleared (``remove_stale``).
+
+    Returns:
+        ``{identity: adapter file}``.
+    Raises:
+        StageError naming the identity whose training failed. (The v2 benchmark finds a LoRA by its recipe hash,
+        so files of other hashes in ``out`` cannot be taken for it.)
+    """
+    from lorakit.toyworld.v2.loras import train_identity_lora
+    from lorakit.toyworld.v2.models import DEFAULT_BASE
+
+    out.mkdir(parents=True, exist_ok=True)
+    return train_cached("adapters-v2", "identity", out, identities, "toy2_", train_identity_lora,
+                        lambda n: (n, out, DEFAULT_BASE, overrides, force), overrides, jobs, threads)
 
 
 def check_adapter_lookup(out: Path, files: dict[str, Path]) -> None:
@@ -329,20 +371,48 @@ def run_bench(args, adapters: Path, hypernet: Path | None, out: Path) -> None:
     """Stage 3: the benchmark slice in a subprocess (its output streams through)."""
     if "lorarar" in args.methods and hypernet is None:
         raise StageError("bench: --methods lorarar needs the hypernet stage (drop lorarar or do not skip it)")
+    bench_subprocess("bench", bench_argv(args, adapters, hypernet, out), out, args)
+
+
+def bench_subprocess(stage: str, argv: list[str], out: Path, args) -> None:
+    """Run ``tools/bench_composition.py`` (``argv``) into ``out``, replaced first (results.jsonl / images of an
+    earlier slice must not mix with this one); the per-set fused models (a full pipeline per gradient set:
+    intermediates) are removed afterwards unless ``--keep-fused``."""
     if out.exists():
-        shutil.rmtree(out)  # results.jsonl / images of an earlier slice must not mix with this one
+        shutil.rmtree(out)
     t0 = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run(bench_argv(args, adapters, hypernet, out), env=env)
+    proc = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode != 0:
-        raise StageError(f"bench: tools/bench_composition.py exited with status {proc.returncode} (its messages are "
-                         "above)")
+        raise StageError(f"{stage}: tools/bench_composition.py exited with status {proc.returncode} (its messages "
+                         "are above)")
     removed = []
     if not args.keep_fused and (out / "fused").exists():
-        shutil.rmtree(out / "fused")  # per-set fused models (a full pipeline per gradient set): intermediates
+        shutil.rmtree(out / "fused")
         removed.append("fused")
-    emit({"stage": "bench", "out": str(out), "table": str(out / "table.md"), "summary": str(out / "summary.json"),
+    emit({"stage": stage, "out": str(out), "table": str(out / "table.md"), "summary": str(out / "summary.json"),
           "removed": removed, "seconds": round(time.perf_counter() - t0, 2)})
+
+
+def v2_identities(set_ids) -> list[str]:
+    """The identities of the v2 benchmark sets ``set_ids`` (StageError naming an unknown set)."""
+    from lorakit.toyworld.v2.composition import composition_sets
+
+    known = {s["id"]: s for s in composition_sets((2, 3, 4), None, 0)}
+    unknown = [i for i in set_ids if i not in known]
+    if unknown:
+        raise StageError(f"adapters-v2: --v2-sets {' '.join(unknown)}: no such v2 set (e.g. {V2_SETS[0]}; "
+                         "tools/bench_composition.py --world v2 --dry-run lists them)")
+    return list(dict.fromkeys(c for i in set_ids for c in known[i]["concepts"].values()))
+
+
+def run_bench_v2(args, adapters: Path, out: Path) -> None:
+    """Stage 3, toy world v2: the benchmark on ``--v2-sets`` (every method but lorarar, which is v1's) with the
+    LoRAs of stage 1."""
+    argv = [sys.executable, str(ROOT / "tools" / "bench_composition.py"), "--world", "v2", "--adapters-dir",
+            str(adapters), "--out", str(out), "--sets", *args.v2_sets, "--sizes", "2", "3", "4", "--k", str(args.k),
+            "--steps", str(args.bench_steps), "--seed", str(args.seed),
+            "--methods", *[m for m in args.methods if m != "lorarar"]]
+    bench_subprocess("bench-v2", argv, out, args)
 
 
 def default_holdout(args) -> tuple[str, str] | None:
@@ -381,6 +451,10 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="retrain even when the hash matches")
     p.add_argument("--skip-hypernet", action="store_true", help="stop after the adapters (implies --skip-bench)")
     p.add_argument("--skip-bench", action="store_true", help="train (or reuse) the adapters and hypernet only")
+    p.add_argument("--skip-v2", action="store_true", help="no toy world v2 LoRAs and no v2 benchmark slice")
+    p.add_argument("--v2-sets", nargs="+", default=list(V2_SETS), metavar="ID",
+                   help=f"the v2 benchmark slice's sets (default {' '.join(V2_SETS)}: `lorakit demo`'s pair, so "
+                   "the demo finds its LoRAs trained); their identities' LoRAs are trained in the adapters stage")
     g = p.add_argument_group("benchmark slice (tools/bench_composition.py)")
     g.add_argument("--sets-per-size", type=int, default=2)
     g.add_argument("--k", type=int, default=2, help="images per set and method")
@@ -425,6 +499,11 @@ def main(argv=None) -> int:
         files = timed("adapters", lambda: train_adapters(out / "adapters", args.lora_override, args.concepts,
                                                          args.force, args.base, jobs=args.jobs, threads=args.threads))
         emit({"stage": "adapters", "done": len(files), "seconds": times["adapters"], "cpu_seconds": cpu["adapters"]})
+        if not args.skip_v2:
+            stage = "adapters-v2"
+            v2_files = timed("adapters-v2", lambda: train_v2_adapters(
+                out / "adapters", v2_identities(args.v2_sets), args.lora_override, args.force, args.jobs, args.threads))
+            emit({"stage": "adapters-v2", "done": len(v2_files), "seconds": times["adapters-v2"]})
         if not args.skip_hypernet:
             stage = "hypernet"
             holdout = tuple(args.holdout) if args.holdout else default_holdout(args)
@@ -433,6 +512,9 @@ def main(argv=None) -> int:
         if not (args.skip_bench or args.skip_hypernet):
             stage = "bench"
             timed("bench", lambda: run_bench(args, out / "adapters", hypernet, out / "bench_composition"))
+            if not args.skip_v2:
+                stage = "bench-v2"
+                timed("bench-v2", lambda: run_bench_v2(args, out / "adapters", out / "bench_composition_v2"))
     except StageError as err:
         emit({"stage": stage, "error": str(err)})
         print(f"ci_artifacts: {err}", file=sys.stderr)
