@@ -317,3 +317,31 @@ def test_method_scales_set_each_methods_lora_weight_in_the_report(tiny_world, tm
     cells = json.loads((out / "summary.json").read_text())["summary"]["cells"]
     assert cells["composite/n2"]["scale"] == 1.5 and cells["merge/n2"]["scale"] == 0.8
     assert "--method-scales" in (out / "table.md").read_text()
+
+
+def test_lora_set_picks_the_lora_trained_with_that_override(tmp_path, capsys):
+    """``--lora-set nocturo:max_steps=600`` looks for the file ``train_toy2_loras.py --set max_steps=600`` makes
+    (another recipe hash) for that identity only; bad items exit 2 naming the item."""
+    from lorakit.toyworld.v2.loras import lora_path
+    from lorakit.toyworld.v2.models import DEFAULT_BASE
+
+    args = bench.parse_args(["--world", "v2", "--lora-set", "nocturo:max_steps=600", "nocturo:network.rank=4",
+                             "--adapters-dir", str(tmp_path)])
+    assert args.lora_set == {"nocturo": ["max_steps=600", "network.rank=4"]}
+    plain = lora_path("nocturo", tmp_path, DEFAULT_BASE)
+    longer = lora_path("nocturo", tmp_path, DEFAULT_BASE, ["max_steps=600", "network.rank=4"])
+    assert longer != plain
+    for path in (plain, longer, lora_path("kwibbit", tmp_path, DEFAULT_BASE)):
+        path.write_bytes(b"x")
+    found = v2c.find_adapters(tmp_path, DEFAULT_BASE, ["nocturo", "kwibbit"], args.lora_set)
+    assert found == {"nocturo": longer, "kwibbit": lora_path("kwibbit", tmp_path, DEFAULT_BASE)}
+    longer.unlink()
+    sets = [s for s in v2c.composition_sets((2,)) if s["id"] == "n2-kwibbit-nocturo"]
+    text = "\n".join(bench.missing_inputs(args, sets))
+    assert "for nocturo" in text and "--set max_steps=600 network.rank=4" in text and "kwibbit" not in text.split("(")[0]
+    for argv, message in ((["--world", "v2", "--lora-set", "nocturo"], "expected IDENTITY:KEY=VALUE"),
+                          (["--world", "v2", "--lora-set", "frog:max_steps=2"], "expected IDENTITY:KEY=VALUE"),
+                          (["--lora-set", "nocturo:max_steps=2"], "only with --world v2")):
+        with pytest.raises(SystemExit) as stop:
+            bench.parse_args(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -445,6 +445,9 @@ def parse_args(argv=None):
                    help="training captions per concept that gradient fusion captures activations on (default 8)")
     p.add_argument("--hypernet", help="LoRA.rar hypernetwork file (for --methods lorarar)")
     p.add_argument("--oracle", help="oracle folder (default data/oracle; --world v2: data/toy2-oracle)")
+    p.add_argument("--lora-set", nargs="+", default=[], metavar="IDENTITY:KEY=VALUE",
+                   help="--world v2: use the LoRA trained with this recipe override for that identity "
+                   "(train_toy2_loras.py --set KEY=VALUE), e.g. nocturo:max_steps=600; repeatable per identity")
     p.add_argument("--no-score", action="store_true", help="time only; do not run the oracle")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "bench_composition"))
     p.add_argument("--dry-run", action="store_true", help="print the sets and prompts and what is missing; run nothing")
@@ -471,6 +474,7 @@ def _world_defaults(p, args):
     defaults = WORLD_DEFAULTS[args.world]
     args.methods = args.methods or [m for m in ALL_METHODS if args.world == "v1" or m != "lorarar"]
     args.method_scales = _method_scales(p, args)
+    args.lora_set = _lora_sets(p, args)
     args.base = args.base or str(ROOT / defaults["base"])
     args.adapters_dir = args.adapters_dir or str(ROOT / defaults["adapters_dir"])
     if args.world == "v2":
@@ -478,6 +482,23 @@ def _world_defaults(p, args):
     elif args.regional:
         p.error("--regional needs --world v2 (the two-character sets are scored by the v2 oracle)")
     return args
+
+
+def _lora_sets(p, args) -> dict[str, list[str]]:
+    """``--lora-set`` as ``{identity: [KEY=VALUE, ...]}`` (an argparse error, exit status 2, for a bad item)."""
+    from lorakit.toyworld.v2.concepts import IDENTITIES
+
+    out: dict[str, list[str]] = {}
+    names = {c.name for c in IDENTITIES}
+    for item in args.lora_set:
+        name, _, override = item.partition(":")
+        if args.world != "v2":
+            p.error(f"--lora-set {item}: only with --world v2 (v1 finds its LoRAs by trigger)")
+        if name not in names or "=" not in override:
+            p.error(f"--lora-set {item}: expected IDENTITY:KEY=VALUE with one of {' '.join(sorted(names))}, "
+                    "e.g. nocturo:max_steps=600")
+        out.setdefault(name, []).append(override)
+    return out
 
 
 def _method_scales(p, args) -> dict[str, float]:
@@ -751,7 +772,8 @@ def world_adapters(args, sets) -> dict[str, Path]:
         return find_adapters(Path(args.adapters_dir))
     from lorakit.toyworld.v2.composition import find_adapters as find_v2
 
-    return find_v2(args.adapters_dir, args.base, sorted({c for s in sets for c in s["concepts"].values()}))
+    return find_v2(args.adapters_dir, args.base, sorted({c for s in sets for c in s["concepts"].values()}),
+                   args.lora_set)
 
 
 def rescore(args) -> int:
@@ -797,4 +819,6 @@ def _val_rate(rows, method, n, scale) -> dict | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lorakit.errors import debug_enabled, run_guarded
+
+    sys.exit(run_guarded(main, "bench_composition", debug_enabled()))  # LORAKIT_DEBUG=1: the traceback

@@ -103,12 +103,14 @@ def training_captions(identity: str, n: int) -> list[str]:
     return list(dict.fromkeys(caps))[:n]
 
 
-def find_adapters(folder: str | os.PathLike, base: str | os.PathLike, identities) -> dict[str, Path]:
+def find_adapters(folder: str | os.PathLike, base: str | os.PathLike, identities,
+                  overrides: dict[str, list[str]] | None = None) -> dict[str, Path]:
     """``{identity: LoRA file}`` for each of ``identities`` whose recipe LoRA on ``base`` is in ``folder``
-    (:func:`lorakit.toyworld.v2.loras.lora_path`, the training tool's path and hash)."""
+    (:func:`lorakit.toyworld.v2.loras.lora_path`, the training tool's path and hash); ``overrides``: recipe
+    overrides per identity (``{"nocturo": ["max_steps=600"]}``, as ``train_toy2_loras.py --set`` trained it)."""
     found = {}
     for name in identities:
-        path = lora_path(name, folder, base)
+        path = lora_path(name, folder, base, (overrides or {}).get(name))
         if path.exists():
             found[name] = path
     return found
@@ -217,9 +219,14 @@ def missing_inputs(args, sets: list[dict]) -> list[str]:
     folder = Path(args.adapters_dir)
     need = sorted({c for s in sets for c in s["concepts"].values()})
     if (base / "model_index.json").exists():  # the LoRA paths hash the base: look for them only then
-        have = find_adapters(folder, base, need)
+        sets_of = getattr(args, "lora_set", None) or {}
+        have = find_adapters(folder, base, need, sets_of)
         lacking = [c for c in need if c not in have]
-        if lacking:
-            missing.append(f"v2 LoRAs in {folder} for {', '.join(lacking)} on base {base} (train them: python "
-                           f"tools/train_toy2_loras.py --base {base} --out {folder} --identities {' '.join(lacking)})")
+        groups: dict[tuple, list[str]] = {}
+        for c in lacking:  # one training command per recipe override
+            groups.setdefault(tuple(sets_of.get(c, ())), []).append(c)
+        for extra, names in groups.items():
+            missing.append(f"v2 LoRAs in {folder} for {', '.join(names)} on base {base} (train them: python "
+                           f"tools/train_toy2_loras.py --base {base} --out {folder} --identities {' '.join(names)}"
+                           + (f" --set {' '.join(extra)})" if extra else ")"))
     return missing
