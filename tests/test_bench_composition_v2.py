@@ -345,3 +345,19 @@ def test_lora_set_picks_the_lora_trained_with_that_override(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             bench.parse_args(argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_lora_set_key_is_one_line_and_exit_2(tmp_path):
+    """The override reaches the recipe only when the LoRA is looked up: its ConfigError is one line, not a
+    traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_composition.py"
+    proc = subprocess.run([sys.executable, str(tool), "--world", "v2", "--lora-set", "nocturo:rank=4", "--sizes", "2",
+                           "--sets", "n2-kwibbit-nocturo", "--adapters-dir", str(tmp_path), "--dry-run"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "rank=4" in proc.stderr and "unknown config key" in proc.stderr
