@@ -198,7 +198,7 @@ def ceiling(oracle, sets: list[dict], seeds: list[int], transform=None) -> dict[
 def missing_inputs(args, sets: list[dict]) -> list[str]:
     """What a ``--world v2`` bench run needs and lacks, as readable lines: the v2 base, the v2 oracle and each
     set identity's recipe LoRA on that base (``args``: the bench's ``base``, ``oracle``, ``adapters_dir``,
-    ``no_score``, ``methods``)."""
+    ``no_score``, ``methods``, ``lora_set``)."""
     import json
 
     missing = []
@@ -219,7 +219,7 @@ def missing_inputs(args, sets: list[dict]) -> list[str]:
     folder = Path(args.adapters_dir)
     need = sorted({c for s in sets for c in s["concepts"].values()})
     if (base / "model_index.json").exists():  # the LoRA paths hash the base: look for them only then
-        sets_of = getattr(args, "lora_set", None) or {}
+        sets_of = args.lora_set
         have = find_adapters(folder, base, need, sets_of)
         lacking = [c for c in need if c not in have]
         groups: dict[tuple, list[str]] = {}
