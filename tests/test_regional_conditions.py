@@ -96,6 +96,42 @@ def test_controlnet_matches_diffusers_controlnet_pipeline(sd1):
     assert (ours - _latents(pipe, [], None)).abs().max() > 1e-3
 
 
+def test_controlnet_window_matches_diffusers_control_guidance_start_end(sd1):
+    """``start`` / ``end`` follow diffusers' control_guidance_start / end (step i of n acts unless i / n < start
+    or (i + 1) / n > end)."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    pipe, _ = sd1
+    cn = tiny_controlnet(pipe.unet, seed=4)
+    image = sketch(seed=2).convert("RGB")
+    ours = _latents(pipe, [], [Condition(cn, image, 0.9, start=0.25, end=0.75)], steps=4)
+    ref_pipe = StableDiffusionControlNetPipeline(pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet, cn,
+                                                 pipe.scheduler, None, None, requires_safety_checker=False)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe("a red cat", image, height=32, width=32, num_inference_steps=4, guidance_scale=4.0,
+                   generator=torch.Generator().manual_seed(4), controlnet_conditioning_scale=0.9,
+                   control_guidance_start=0.25, control_guidance_end=0.75, output_type="latent").images
+    assert (ours - ref).abs().max() < 1e-4
+    assert (ours - _latents(pipe, [], [Condition(cn, image, 0.9)], steps=4)).abs().max() > 1e-3
+
+
+def test_t2i_adapter_window_no_step_equals_none_first_step_only_differs(sd1):
+    pipe, files = sd1
+    p = copy.deepcopy(pipe)
+    ads = load_adapters(p, files[:1])
+    t2i = tiny_t2i(p.unet, seed=5)
+    none = _latents(p, ads, None)
+    assert torch.equal(_latents(p, ads, [Condition(t2i, sketch(), 1.0, start=0.5, end=0.6)]), none)  # no step of 3
+    full = _latents(p, ads, [Condition(t2i, sketch(), 1.0)])
+    assert torch.equal(_latents(p, ads, [Condition(t2i, sketch(), 1.0, start=0.0, end=1.0)]), full)
+    first = _latents(p, ads, [Condition(t2i, sketch(), 1.0, end=0.34)])
+    assert (first - none).abs().max() > 1e-3 and (first - full).abs().max() > 1e-3
+    # two adapters with different windows: each acts in its own steps only
+    other = tiny_t2i(p.unet, seed=6)
+    both = _latents(p, ads, [Condition(t2i, sketch(), 1.0, end=0.34), Condition(other, sketch(seed=3), 1.0, start=0.5, end=0.6)])
+    assert torch.equal(both, first)
+
+
 # merge in the fast tests; the other methods (11-14 s wall each on the loaded CI machine) in the slow ones
 @pytest.mark.parametrize("method", ["merge", *[pytest.param(m, marks=pytest.mark.slow)
                                                for m in ("switch", "composite", "cmlora", "delta")]])
@@ -175,6 +211,9 @@ def test_regions_file_conditions(tmp_path):
     spec = parse({"type": "t2i-adapter", "model": "m", "image": "s.png", "weight": 0.8, "region_weights": [0.5, None]})
     c = spec.conditions[0]
     assert c.weight == 0.8 and c.region_weights == [((0.0, 0.0, 1.0, 0.5), 0.5)] and c.image == str(tmp_path / "s.png")
+    assert (c.start, c.end) == (0.0, 1.0) and c.to_dict()["end"] == 1.0
+    windowed = parse({"type": "t2i-adapter", "model": "m", "image": "s.png", "start": 0.1, "end": 0.6}).conditions[0]
+    assert (windowed.start, windowed.end) == (0.1, 0.6)
     (tmp_path / "cn").mkdir()
     assert parse({"type": "controlnet", "model": "cn", "image": "s.png"}).conditions[0].model == str(tmp_path / "cn")
     boxed = parse({"type": "controlnet", "model": "m", "image": "big.png", "region_weights": [{"box": [0, 0, 16, 32], "weight": 0}]})
@@ -186,6 +225,9 @@ def test_regions_file_conditions(tmp_path):
         ({"type": "controlnet", "model": "m", "image": "s.png", "scale": 1}, r"conditions\[0\]: unknown keys \['scale'\]"),
         ({"type": "controlnet", "image": "s.png"}, r"conditions\[0\]: missing model"),
         ({"type": "controlnet", "model": "m", "image": "s.png", "region_weights": [1.0]}, "has 1 numbers for 2 regions"),
+        ({"type": "controlnet", "model": "m", "image": "s.png", "start": 0.6, "end": 0.6},
+         r"conditions\[0\]: start 0.6 and end 0.6 must satisfy 0 <= start < end <= 1"),
+        ({"type": "controlnet", "model": "m", "image": "s.png", "end": "late"}, r"conditions\[0\]: end: expected a number"),
         ({"type": "controlnet", "model": "m", "image": "s.png", "region_weights": [{"box": [0, 0, 40, 8], "weight": 1}]},
          r"conditions\[0\]: region_weights\[0\]: box \[0, 0, 40, 8\] \(px\)"),
     ]

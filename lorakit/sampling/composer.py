@@ -360,7 +360,8 @@ def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, h
             key = "+".join(names[i] for i in term.adapters) or "base"
             key += f"@{names[term.part]}" if term.part is not None else ""
             sample, text = pick(x), pick(ctx["embeds"])
-            cond_kw = spatial.unet_kwargs(s, rows, sample, t, text, added) if spatial is not None else {}
+            cond_kw = (spatial.unet_kwargs(s, rows, sample, t, text, added, len(scheduler.timesteps))
+                       if spatial is not None else {})
             out = unet_pass(unet, sample, t, text, added, cache if term.cached else None,
                             f"{key}|{rows}", term.full, settings.cache_depth, s, layer, **cond_kw)
             entry = log.setdefault(key, {"full": 0, "shallow": 0, "full_steps": []})

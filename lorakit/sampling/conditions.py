@@ -11,6 +11,11 @@ regional sampler does it:
   ``down_block_additional_residuals`` / ``mid_block_additional_residual``. The ControlNet reads the global prompt
   (it does not get the regional attention).
 
+``start`` and ``end`` (fractions of the sampling steps, default 0 and 1) limit a condition to a window of the
+steps with diffusers' ``control_guidance_start`` / ``control_guidance_end`` rule: step ``i`` of ``n`` uses it
+unless ``i / n < start`` or ``(i + 1) / n > end`` (ComfyUI's start / end percent; a sketch for the early steps
+only fixes the layout and leaves the details to the prompt and the LoRAs).
+
 A weight map is ``weight`` everywhere, then each ``region_weights`` entry sets its box's cells to its weight (later
 entries win; boxes rounded to each feature map like the regions, ``box_rounding``). Weight 0 everywhere equals no
 condition.
@@ -25,6 +30,8 @@ Regions file entries (``conditions:`` next to ``regions:``, see :mod:`lorakit.sa
         weight: 1.0                      # optional, default 1.0
         region_weights: [0.8, 1.0]       # optional: one weight per region (null keeps `weight`), or
         # region_weights: [{box: [0, 0, 512, 256], weight: 0.5}]   # boxes in the file's unit
+        start: 0.0                       # optional: the window of steps it acts in (fractions, start < end)
+        end: 0.6
 """
 
 from __future__ import annotations
@@ -50,11 +57,14 @@ class ConditionSpec:
     image: str
     weight: float = 1.0
     region_weights: list[tuple[tuple[float, float, float, float], float]] = field(default_factory=list)
+    start: float = 0.0
+    end: float = 1.0
 
     def to_dict(self) -> dict:
         return {"type": self.type, "model": self.model, "image": self.image,
                 "image_sha256": file_sha256(self.image) if Path(self.image).exists() else None, "weight": self.weight,
-                "region_weights": [{"box": list(b), "weight": w} for b, w in self.region_weights]}
+                "region_weights": [{"box": list(b), "weight": w} for b, w in self.region_weights],
+                "start": self.start, "end": self.end}
 
 
 @dataclass
@@ -67,10 +77,16 @@ class Condition:
     weight: float = 1.0
     region_weights: list[tuple[tuple[float, float, float, float], float]] = field(default_factory=list)
     name: str = ""
+    start: float = 0.0
+    end: float = 1.0
 
     @property
     def is_controlnet(self) -> bool:
         return hasattr(self.model, "controlnet_cond_embedding")
+
+    def acts_at(self, step: int, n_steps: int | None) -> bool:
+        """Whether step ``step`` of ``n_steps`` is in the condition's window (diffusers' ControlNet rule)."""
+        return n_steps is None or not (step / n_steps < self.start or (step + 1) / n_steps > self.end)
 
 
 def check_image_size(path: Path, image_size: tuple[int, int], width: int, height: int, where: str) -> None:
@@ -98,21 +114,26 @@ def parse_conditions(items, unit: str | None, width: int, height: int, regions: 
         where = f"{source}: conditions[{i}]"
         if not isinstance(item, dict):
             raise ValueError(f"{where}: expected a mapping with type, model, image")
-        bad = set(item) - {"type", "model", "image", "weight", "region_weights"}
+        bad = set(item) - {"type", "model", "image", "weight", "region_weights", "start", "end"}
         if bad:
-            raise ValueError(f"{where}: unknown keys {sorted(bad)}; expected type, model, image, weight, region_weights")
+            raise ValueError(f"{where}: unknown keys {sorted(bad)}; expected type, model, image, weight, "
+                             f"region_weights, start, end")
         missing = [k for k in ("type", "model", "image") if k not in item]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
         if item["type"] not in CONDITION_TYPES:
             raise ValueError(f"{where}: type must be one of {', '.join(CONDITION_TYPES)}, got {item['type']!r}")
         weight = _number(item.get("weight", 1.0), f"{where}: weight")
+        start, end = _number(item.get("start", 0.0), f"{where}: start"), _number(item.get("end", 1.0), f"{where}: end")
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"{where}: start {start} and end {end} must satisfy 0 <= start < end <= 1 (fractions of "
+                             f"the sampling steps)")
         image = _condition_image(item, where, width, height, base_dir)
         boxes = _region_weights(item, where, unit, width, height, regions, source)
         model = str(item["model"])
         if base_dir is not None and not Path(model).is_absolute() and (Path(base_dir) / model).is_dir():
             model = str(Path(base_dir) / model)  # a local folder next to the regions file
-        out.append(ConditionSpec(str(item["type"]), model, str(image), weight, boxes))
+        out.append(ConditionSpec(str(item["type"]), model, str(image), weight, boxes, start, end))
     return out
 
 
@@ -181,7 +202,7 @@ def load_conditions(specs: list[ConditionSpec], device, dtype, source: str = "re
         with Image.open(spec.image) as im:
             image = im.copy()
         out.append(Condition(model.to(device).eval(), image, spec.weight, list(spec.region_weights),
-                             f"{spec.type}:{spec.model}"))
+                             f"{spec.type}:{spec.model}", spec.start, spec.end))
     return out
 
 
@@ -234,7 +255,8 @@ class SpatialConditions:
         self.rounding = rounding
         self.width, self.height = width, height
         device, dtype = unet.device, unet.dtype
-        self.adapter_features: list[torch.Tensor] | None = None
+        self._adapter_features: list[tuple[Condition, list[torch.Tensor]]] = []  # each T2I-Adapter's weighted features
+        self._feature_sums: dict = {}
         for c in conditions:
             if c.is_controlnet:
                 self._check_controlnet(c, unet)
@@ -248,7 +270,7 @@ class SpatialConditions:
                 feats = list(c.model(image))
             self._check_adapter(c, feats, unet, latent_hw)
             feats = [(f * weight_map(c.weight, c.region_weights, *f.shape[-2:], rounding).to(f)).to(dtype) for f in feats]
-            self.adapter_features = feats if self.adapter_features is None else [a + b for a, b in zip(self.adapter_features, feats)]
+            self._adapter_features.append((c, feats))
         self._cn_images = {id(c): condition_tensor(c.image, c.model.config.conditioning_channels, width, height).to(device, c.model.dtype)
                            for c in self.controlnets}
         self._maps: dict = {}
@@ -298,24 +320,37 @@ class SpatialConditions:
             self._maps[key] = weight_map(c.weight, c.region_weights, h, w, self.rounding)
         return self._maps[key].to(like)
 
+    def adapter_features(self, step: int = 0, n_steps: int | None = None) -> list[torch.Tensor] | None:
+        """The summed T2I-Adapter features of the adapters acting at ``step`` of ``n_steps`` (None: none acts)."""
+        active = tuple(k for k, (c, _) in enumerate(self._adapter_features) if c.acts_at(step, n_steps))
+        if not active:
+            return None
+        if active not in self._feature_sums:
+            feats = [self._adapter_features[k][1] for k in active]
+            self._feature_sums[active] = [sum(fs[1:], fs[0]) for fs in zip(*feats)]
+        return self._feature_sums[active]
+
     def unet_kwargs(self, step: int, rows: str, sample: torch.Tensor, timestep, text: torch.Tensor,
-                    added_cond_kwargs: dict | None = None) -> dict:
-        """Extra UNet inputs for one pass on ``sample`` ``[R, C, h, w]`` with ``text`` ``[R, L, D]``.
+                    added_cond_kwargs: dict | None = None, n_steps: int | None = None) -> dict:
+        """Extra UNet inputs for one pass on ``sample`` ``[R, C, h, w]`` with ``text`` ``[R, L, D]`` at step
+        ``step`` of ``n_steps`` (None: every condition acts, whatever its start / end).
 
         ControlNet outputs are memoised per (step, rows, text tensor), so passes of one step that share their
         inputs (composite, cmlora) run each ControlNet once.
         """
         kw: dict = {}
         n = sample.shape[0]
-        if self.adapter_features is not None:
-            kw["down_intrablock_additional_residuals"] = [f.expand(n, *f.shape[1:]) for f in self.adapter_features]
-        if self.controlnets:
+        features = self.adapter_features(step, n_steps)
+        if features is not None:
+            kw["down_intrablock_additional_residuals"] = [f.expand(n, *f.shape[1:]) for f in features]
+        controlnets = [c for c in self.controlnets if c.acts_at(step, n_steps)]
+        if controlnets:
             key = (step, rows, text.data_ptr(), tuple(text.shape))
             if key not in self._memo:
                 text = self._global_text(text)
                 self._memo = {}  # one step at a time
                 down_sum, mid_sum = None, None
-                for c in self.controlnets:
+                for c in controlnets:
                     image = self._cn_images[id(c)]
                     down, mid = c.model(sample.to(c.model.dtype), timestep, encoder_hidden_states=text.to(c.model.dtype),
                                         controlnet_cond=image.expand(n, *image.shape[1:]), conditioning_scale=1.0,
