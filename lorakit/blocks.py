@@ -290,6 +290,26 @@ def module_ranks(
     return out
 
 
+def select_target_modules(ranks: dict[str, tuple[int, float]], target_modules) -> dict[str, tuple[int, float]]:
+    """The entries of ``ranks`` whose module path is, or ends with ``.`` + , one of ``target_modules`` (peft's rule
+    for a list); ``None`` keeps them all.
+
+    Raises:
+        ValueError naming ``network.target_modules`` if it is not a list of strings or a suffix matches no module.
+    """
+    if target_modules is None:
+        return ranks
+    if isinstance(target_modules, str) or not all(isinstance(t, str) and t for t in target_modules):
+        raise ValueError(f"network.target_modules: expected a list of module-name suffixes such as [attn2.to_k, "
+                         f"attn2.to_v], got {target_modules!r}")
+    suffixes = [str(t) for t in target_modules]
+    unused = [t for t in suffixes if not any(n == t or n.endswith("." + t) for n in ranks)]
+    if unused:
+        raise ValueError(f"network.target_modules: {', '.join(unused)} matches no module the network type and "
+                         f"blocks select (e.g. {next(iter(ranks), '-')})")
+    return {n: v for n, v in ranks.items() if any(n == t or n.endswith("." + t) for t in suffixes)}
+
+
 def lora_config(ranks: dict[str, tuple[int, float]], dropout: float = 0.0, init: bool | str = True):
     """A peft ``LoraConfig`` that puts exactly the given (rank, alpha) on exactly the given modules.
 

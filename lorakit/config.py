@@ -38,6 +38,9 @@ class NetworkConfig:
     conv_rank: int | None = None
     conv_alpha: float | None = None
     blocks: Any = "all"
+    # None: every module of the network type in the selected blocks; else a list of module-name suffixes (peft's
+    # target_modules rule), e.g. [attn2.to_k, attn2.to_v]: Custom Diffusion's cross-attention keys and values only
+    target_modules: Any = None
     dropout: float = 0.0
     train_text_encoder: bool = False
     text_encoder_rank: int = 4

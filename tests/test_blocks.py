@@ -7,6 +7,7 @@ from lorakit.blocks import (
     lora_config,
     module_ranks,
     resolve_block_spec,
+    select_target_modules,
 )
 
 
@@ -138,3 +139,15 @@ def test_mapping_without_rank_is_named():
     with pytest.raises(ValueError, match="block 'IN0:8': rank None is not a number"):
         resolve_block_spec(spec, "sd1", 4)
     assert resolve_block_spec({"IN0": "8"}, "sd1", 4)["IN01"] == (8, 1.0)
+
+
+def test_target_modules_keep_only_matching_suffixes(sd1_pipe):
+    lora = _selected(sd1_pipe, "all", "lora")
+    kv = select_target_modules(lora, ["attn2.to_k", "attn2.to_v"])
+    assert kv and all(n.endswith((".attn2.to_k", ".attn2.to_v")) for n in kv)
+    assert {n for n in lora if n.endswith((".attn2.to_k", ".attn2.to_v"))} == set(kv)
+    assert select_target_modules(lora, None) is lora
+    with pytest.raises(ValueError, match=r"network.target_modules: attn3.to_k matches no module"):
+        select_target_modules(lora, ["attn2.to_k", "attn3.to_k"])
+    with pytest.raises(ValueError, match=r"network.target_modules: expected a list of module-name suffixes"):
+        select_target_modules(lora, "attn2.to_k")

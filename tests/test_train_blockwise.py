@@ -84,6 +84,15 @@ def test_configured_blocks_metadata_and_diffusers_load(tmp_path, sd1_pipe):
     np.testing.assert_allclose(out_theirs, out_ours, atol=1e-5)
 
 
+def test_target_modules_train_only_those_modules(tmp_path):
+    data = make_images(tmp_path / "img", n=2)
+    res = run(tmp_path, data, "network.type=lora", "network.target_modules=[attn2.to_k,attn2.to_v]", "max_steps=1")
+    keys = set(load_adapter(res.final_path).modules)
+    assert keys and all(k.endswith((".attn2.to_k", ".attn2.to_v")) for k in keys), sorted(keys)[:4]
+    with pytest.raises(ValueError, match="network.target_modules: attn9.to_k matches no module"):
+        run(tmp_path, data, "network.target_modules=[attn9.to_k]", "max_steps=1", name="bad")
+
+
 @pytest.mark.slow  # 7.8 s of CPU in the fast suite (2026-12-03, one thread, loaded machine): a learning claim (14 steps)
 def test_loss_falls_on_repeated_images(tmp_path):
     data = make_images(tmp_path / "img", n=2)

@@ -74,6 +74,8 @@ def recipe_hash(cfg) -> str:
     for key in RUN_ONLY_KEYS:
         resolved.pop(key, None)
     resolved["data"].pop("cache_dir", None)
+    if resolved.get("network", {}).get("target_modules", "unset") is None:
+        resolved["network"].pop("target_modules")  # the default, added later: published hashes stay valid
     base, data = Path(str(cfg.base_model)), Path(str(cfg.data.path))
     reg = Path(str(cfg.data.reg_path)) if cfg.data.get("reg_path") else None
     # Paths are hashed by content, so the same recipe hashes the same from any working directory.

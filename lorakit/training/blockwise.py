@@ -31,6 +31,7 @@ from lorakit.blocks import (
     lora_config,
     module_ranks,
     resolve_block_spec,
+    select_target_modules,
     text_encoder_modules,
 )
 from lorakit.conditioning import batch_time_ids, encode_prompts, is_sdxl, text_encoders
@@ -96,6 +97,7 @@ def add_lora(pipe, cfg, arch: str) -> dict[str, torch.nn.Module]:
         lora_able_modules(pipe.unet), block_ranks(cfg, arch), net.type, rank=net.rank, alpha=net.alpha,
         conv_rank=net.conv_rank, conv_alpha=net.conv_alpha,
     )
+    ranks = select_target_modules(ranks, net.target_modules)
     warn_rank_above_width(pipe.unet, ranks, "network.rank")
     inject_adapter_in_model(lora_config(ranks, dropout=net.dropout), pipe.unet, adapter_name="default")
     trained = {"unet": pipe.unet}

@@ -67,6 +67,7 @@ KEY_HELP = {
     "network.conv_rank": "rank of LoCon's convolutions (None: network.rank)",
     "network.conv_alpha": "alpha of LoCon's convolutions (None: network.alpha)",
     "network.blocks": "preset (all, upper, middle, bottom, character, style), {IN0: 8, ...}, kohya or LBW vector",
+    "network.target_modules": "null (every module of the type) or module-name suffixes, e.g. [attn2.to_k,attn2.to_v]",
     "network.dropout": "LoRA dropout",
     "network.train_text_encoder": "also train a text-encoder LoRA (its lr: text_encoder_lr)",
     "network.text_encoder_rank": "rank of the text-encoder LoRA",
