@@ -406,6 +406,28 @@ def test_class_prior_images_show_the_class_in_place_of_the_identity(tmp_path, ca
     assert "frog" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
+def test_class_prior_from_the_base_draws_the_captions_with_the_base(tmp_path):
+    """--source base: the base's images of the same class captions (DreamBooth's prior), image i seeded by
+    --image-seed + i, the same bytes twice."""
+    from PIL import Image
+
+    from lorakit.toyworld.evaluate import generate
+    from lorakit.toyworld.v2.measure import load_pipeline
+    from lorakit.toyworld.v2.models import DEFAULT_BASE
+
+    tool = importlib.import_module("make_class_prior_v2")
+    for name in ("r", "b1", "b2"):
+        extra = [] if name == "r" else ["--source", "base", "--image-seed", "77"]
+        assert tool.main(["inkvel", str(tmp_path / name), "--n", "2", *extra]) == 0
+    for i in range(2):
+        assert (tmp_path / "b1" / f"{i:05d}.txt").read_text() == (tmp_path / "r" / f"{i:05d}.txt").read_text()
+        assert (tmp_path / "b1" / f"{i:05d}.png").read_bytes() == (tmp_path / "b2" / f"{i:05d}.png").read_bytes()
+        assert (tmp_path / "b1" / f"{i:05d}.png").read_bytes() != (tmp_path / "r" / f"{i:05d}.png").read_bytes()
+    prompt = (tmp_path / "b1" / "00001.txt").read_text().strip()
+    want = generate(load_pipeline(DEFAULT_BASE), [prompt], seed=78, height=64, width=64)[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b1" / "00001.png").convert("RGB")), np.asarray(want))
+
+
 def test_identity_ceiling_scores_renders_of_the_measured_scenes():
     """The ceiling rows score renders of the presence / class-leak scenes that identity_prompts captions: the
     bundled oracle finds kwibbit on its renders and not on the other frogs'."""
