@@ -144,6 +144,7 @@ def test_v2_inputs_are_checked_and_named(tiny_world, tmp_path, capsys):
 @pytest.mark.slow
 def test_every_method_gets_the_same_prompt_seeds_and_scale_and_regions(tiny_world, tmp_path, monkeypatch):
     import lorakit.sampling as sampling
+    from lorakit.toyworld.v2.loras import lora_path
 
     calls, real = [], sampling.generate
 
@@ -171,6 +172,9 @@ def test_every_method_gets_the_same_prompt_seeds_and_scale_and_regions(tiny_worl
     assert set(summary["ceiling"]) == {"n2-kwibbit-nocturo", "r2-kwibbit-zorbo", "g2-kwibbit-zorbo"}
     assert set(summary["regions_vs_global"]) == set(methods) and summary["regions_vs_global"]["merge"]["pairs"] == 2
     assert "Two characters: N = 2r with left / right regions" in (out / "table.md").read_text()
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rows[0]["adapters"] == {n: lora_path(n, tiny_world / "loras", tiny_world / "pipe").name
+                                   for n in ("kwibbit", "nocturo")}  # which LoRA files made each cell
 
 
 def test_lorakit_variants_are_bench_methods_with_their_sample_settings():

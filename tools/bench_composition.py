@@ -581,7 +581,8 @@ class CellRunner:
         self.ran += 1
         images, seconds, extra = self.runner_for(method).run(method, s, run_seeds, scale)
         row = {"phase": phase, "method": method, "n": s["n"], "set": s["id"], "prompt": s["prompt"], "scale": scale,
-               "seeds": run_seeds, "categories": list(s["concepts"]), **extra}
+               "seeds": run_seeds, "categories": list(s["concepts"]),
+               "adapters": {n: Path(self.files[n]).name for n in s["concepts"].values() if n in self.files}, **extra}
         if images is not None:
             row["seconds_per_image"] = seconds / len(images)
             if phase == "report":
