@@ -303,11 +303,15 @@ def select_target_modules(ranks: dict[str, tuple[int, float]], target_modules) -
         raise ValueError(f"network.target_modules: expected a list of module-name suffixes such as [attn2.to_k, "
                          f"attn2.to_v], got {target_modules!r}")
     suffixes = [str(t) for t in target_modules]
-    unused = [t for t in suffixes if not any(n == t or n.endswith("." + t) for n in ranks)]
+
+    def matches(name: str, suffix: str) -> bool:
+        return name == suffix or name.endswith("." + suffix)
+
+    unused = [t for t in suffixes if not any(matches(n, t) for n in ranks)]
     if unused:
         raise ValueError(f"network.target_modules: {', '.join(unused)} matches no module the network type and "
                          f"blocks select (e.g. {next(iter(ranks), '-')})")
-    return {n: v for n, v in ranks.items() if any(n == t or n.endswith("." + t) for t in suffixes)}
+    return {n: v for n, v in ranks.items() if any(matches(n, t) for t in suffixes)}
 
 
 def lora_config(ranks: dict[str, tuple[int, float]], dropout: float = 0.0, init: bool | str = True):

@@ -344,6 +344,7 @@ def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, h
     time_ids = {r: _time_ids(pipe, height, width, r * batch, dtype) for r in (1, 2)} if xl else {}
     switch, cache, log = UNetAdapterSwitch(unet), DeepFeatureCache(), {}
     layer = settings.cmlora_cache_layer(unet) if settings.method == "cmlora" else 0
+    n_steps = len(scheduler.timesteps)
     for s, t in enumerate(scheduler.timesteps):
         x = scheduler.scale_model_input(torch.cat([latents] * 2) if do_cfg else latents, t)
         uncond = cond = None
@@ -360,8 +361,7 @@ def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, h
             key = "+".join(names[i] for i in term.adapters) or "base"
             key += f"@{names[term.part]}" if term.part is not None else ""
             sample, text = pick(x), pick(ctx["embeds"])
-            cond_kw = (spatial.unet_kwargs(s, rows, sample, t, text, added, len(scheduler.timesteps))
-                       if spatial is not None else {})
+            cond_kw = spatial.unet_kwargs(s, rows, sample, t, text, added, n_steps) if spatial is not None else {}
             out = unet_pass(unet, sample, t, text, added, cache if term.cached else None,
                             f"{key}|{rows}", term.full, settings.cache_depth, s, layer, **cond_kw)
             entry = log.setdefault(key, {"full": 0, "shallow": 0, "full_steps": []})
