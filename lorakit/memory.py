@@ -363,10 +363,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+SMALL_BASE_BYTES = 100 * 2**20  # below this a base fits anywhere lorakit runs; its trace would cost seconds
+
+
 def worth_checking(base) -> bool:
-    """False for an already loaded pipeline (its memory is spent) and ``tiny:`` bases (a few MB; a trace costs
-    seconds)."""
-    return not hasattr(base, "unet") and not str(base).startswith("tiny:")
+    """False for an already loaded pipeline (its memory is spent), ``tiny:`` bases and a base folder whose weight
+    files total under ``SMALL_BASE_BYTES`` (the toy bases, a few MB: a trace costs seconds per run)."""
+    if hasattr(base, "unet") or str(base).startswith("tiny:"):
+        return False
+    folder = Path(str(base))
+    if folder.is_dir():
+        weights = [p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt")]
+        return not weights or sum(p.stat().st_size for p in weights) >= SMALL_BASE_BYTES
+    return True
 
 
 def check_training(stage: str, cfg, base, dtype: torch.dtype, rank: int, conv: bool = False) -> None:

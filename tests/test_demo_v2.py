@@ -120,6 +120,24 @@ def test_v2_run_has_every_row_enlarged_images_and_the_oracles_verdicts(v2_run):
 
 
 @pytest.mark.slow
+def test_rows_sampled_in_two_processes_are_the_images_of_one(v2_run, tmp_path):
+    """--jobs 2 samples switch / composite / cmlora in a second process: every image the same, byte for byte."""
+    _, loras, _, _ = v2_run
+    reports = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        assert main(["demo", *QUICK, "--k", "2", "--jobs", jobs, "--out", str(out), "--lora-dir", str(loras)]) == 0
+        reports[jobs] = json.loads((out / "report.json").read_text())
+    one, two = reports["1"], reports["2"]
+    assert (one["settings"]["jobs"], two["settings"]["jobs"]) == (1, 2)
+    assert [r["method"] for r in one["rows"]] == [r["method"] for r in two["rows"]]
+    for a, b in zip(one["rows"], two["rows"]):
+        assert a["images"] == b["images"] and a["probs"] == b["probs"]
+        for rel in a["images"]:
+            assert (tmp_path / "jobs1" / rel).read_bytes() == (tmp_path / "jobs2" / rel).read_bytes(), rel
+
+
+@pytest.mark.slow
 def test_v2_rerun_reuses_the_loras_and_cleans_its_stale_images(v2_run):
     out, loras, first, _ = v2_run
     mtimes = {n: Path(v["path"]).stat().st_mtime_ns for n, v in first["loras"].items()}

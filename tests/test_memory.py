@@ -258,3 +258,20 @@ def test_sdxl_stages_that_cannot_fit_24gb_refuse_before_loading(tmp_path, monkey
                     if not line.startswith("[transformers]"))
     assert len(err.splitlines()) == 1 and f"{stage} needs ~" in err and "22.0 GiB free" in err, err
     assert float(re.search(r"needs ~([\d.]+) GiB", err).group(1)) > 24
+
+
+def test_small_base_folders_are_not_traced_real_size_ones_are(tmp_path):
+    from lorakit.memory import SMALL_BASE_BYTES, worth_checking
+    from lorakit.toyworld.v2.models import DEFAULT_BASE
+
+    assert not worth_checking(DEFAULT_BASE)  # the bundled toy base: 12 MB of weights
+    small = tmp_path / "small" / "unet"
+    small.mkdir(parents=True)
+    (small / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 1024)
+    assert not worth_checking(small.parent)
+    big = tmp_path / "big" / "unet"
+    big.mkdir(parents=True)
+    with open(big / "diffusion_pytorch_model.safetensors", "wb") as f:  # sparse: no disk spent
+        f.truncate(SMALL_BASE_BYTES + 1)
+    assert worth_checking(big.parent)
+    assert worth_checking("random:sd1:mid") and not worth_checking("tiny:sd1")

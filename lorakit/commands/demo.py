@@ -58,9 +58,10 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default: 0)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of each LoRA, overriding the recipes' max_steps (default: the recipes' 300)")
-    p.add_argument("--train-jobs", type=int, default=None,
-                   help="v2: LoRAs to train at once, one process and one thread each (default: 2 on a machine with "
-                   "2 or more cores, else 1)")
+    p.add_argument("--jobs", "--train-jobs", dest="jobs", type=int, default=None,
+                   help="processes, one thread each, for training the two LoRAs at once (v2) and for sampling: "
+                   "with 2, switch / composite / cmlora sample in a second process, the same images (default: 2 "
+                   "on a machine with 2 or more cores, else 1)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps per image (default: 20)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--lora-dir", help="LoRA cache folder (default: $LORAKIT_TOY_LORAS, else artifacts/adapters in "
@@ -87,7 +88,7 @@ def run(args) -> int:
                             second_kind=kind, world=args.world, out=args.out,
                             lora_dir=args.lora_dir,
                             k=args.k, seed=args.seed, scale=args.scale, train_steps=args.steps,
-                            train_jobs=args.train_jobs)
+                            jobs=args.jobs)
     if args.sample_steps is not None:
         if args.sample_steps < 1:
             raise ValueError(f"--sample-steps must be >= 1, got {args.sample_steps}")

@@ -29,9 +29,11 @@ the both-present rate, seconds per image and each method's setup time (profiling
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from lorakit.adapters.io import load_adapter
@@ -96,7 +98,10 @@ class DemoSettings:
     scale: LoRA scale of both LoRAs in every method (fusions: the weight of each delta); None = the world's
         (v2: 0.8, the composition papers' value; v1: 1.0, the earlier demo's).
     train_steps: overrides the recipes' ``max_steps`` (None = the recipes' 300).
-    train_jobs: v2: LoRAs trained at once, one process each (default 2 where the machine has 2 cores or more).
+    jobs: processes (one thread each) for the two LoRAs' training (v2) and for the rows: with 2, the rows that
+        switch adapters during sampling (switch, composite, cmlora) run in a second process while this one
+        samples the others; the images are the same bit for bit (default 2 where the machine has 2 cores or
+        more, else 1).
     sample_steps / guidance: DDIM steps and CFG scale of every image (the toy measurements' 20 and 4).
     base: base model folder (default: the world's bundled base, ``data/toy2-base`` / ``data/toy-base``).
     """
@@ -111,7 +116,7 @@ class DemoSettings:
     seed: int = 0
     scale: float | None = None
     train_steps: int | None = None
-    train_jobs: int | None = None
+    jobs: int | None = None
     sample_steps: int = NUM_STEPS
     guidance: float = GUIDANCE
     base: str | None = None
@@ -151,21 +156,38 @@ def _plain(pipe, prompt: str, seeds: list[int], steps: int, guidance: float) -> 
 class _Runner:
     """Builds each row's image generator: ``setup()`` (timed as setup_s) returns ``gen(seeds) -> images``.
 
-    Two pipelines are loaded once: ``pipe`` holds both LoRAs as peft adapters (switch, composite, cmlora: the
+    Two pipelines, each loaded on first use: ``pipe`` holds both LoRAs as peft adapters (``ADAPTER_ROWS``: the
     methods that change adapters during sampling) and ``plain`` holds the base weights, restored from a copy
     before each row that writes into them (base, each LoRA alone, merge, the fusions). A row whose adapters stay
     the same for every step (a LoRA alone, merge) is sampled with their deltas added to the weights: the same
-    sum as peft's set_adapters, without its extra passes through every LoRA layer.
+    sum as peft's set_adapters, without its extra passes through every LoRA layer. A process that samples only
+    one kind of row loads one pipeline.
     """
 
     def __init__(self, s: DemoSettings, loras: dict, prompt: str, world):
         self.s, self.prompt, self.loras, self.world = s, prompt, loras, world
         self.base = s.base or world.base()
-        self.pipe = load_pipeline(self.base, "fp32")
-        self.ads = load_adapters(self.pipe, [loras[s.character]["path"], loras[s.second]["path"]], [s.scale] * 2)
-        self.files = [load_adapter(a.path) for a in self.ads]
-        self.plain = load_pipeline(self.base, "fp32")
-        self._weights = {name: _state_copy(getattr(self.plain, name)) for name in _WRITTEN}
+        self.paths = [loras[s.character]["path"], loras[s.second]["path"]]
+
+    @cached_property
+    def pipe(self):
+        return load_pipeline(self.base, "fp32")
+
+    @cached_property
+    def ads(self):
+        return load_adapters(self.pipe, self.paths, [self.s.scale] * 2)
+
+    @cached_property
+    def files(self):
+        return [load_adapter(p) for p in self.paths]
+
+    @cached_property
+    def plain(self):
+        return load_pipeline(self.base, "fp32")
+
+    @cached_property
+    def _weights(self):  # taken before any row writes into ``plain``: every such row restores it first
+        return {name: _state_copy(getattr(self.plain, name)) for name in _WRITTEN}
 
     def sampler(self, method: str):
         return SamplerSettings(method=method, steps=self.s.sample_steps, cfg=self.s.guidance)
@@ -230,6 +252,37 @@ class _Runner:
 
 
 _WRITTEN = ("unet", "text_encoder")  # the components the fusions and fused rows write into
+ADAPTER_ROWS = ("switch", "composite", "cmlora")  # the rows sampled on ``_Runner.pipe``; the others use ``plain``
+
+
+def _sample_rows(runner: _Runner, rows: list[str], seeds: list[int], bar=None) -> dict:
+    """``{row: (images, seconds per image, setup seconds, info)}``, the rows in order, ``BATCH`` images at a time."""
+    out = {}
+    for row in rows:
+        if bar is not None:
+            bar.set_postfix_str(f"{row}: setup")
+        t0 = time.perf_counter()
+        gen, info = runner.setup(row)
+        setup_s = time.perf_counter() - t0
+        if bar is not None:
+            bar.set_postfix_str(row)
+        images, t1 = [], time.perf_counter()
+        for i in range(0, len(seeds), BATCH):  # a batch costs about half as much per image as one at a time
+            images += gen(seeds[i:i + BATCH])
+            if bar is not None:
+                bar.update(len(seeds[i:i + BATCH]))
+        out[row] = (images, (time.perf_counter() - t1) / len(seeds), setup_s, info)
+    return out
+
+
+def _sample_rows_in_worker(s: DemoSettings, loras: dict, prompt: str, rows: list[str], seeds: list[int],
+                           threads: int) -> dict:
+    """:func:`_sample_rows` in a second process, with the parent's thread count (so the same images)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with library_chatter_off():
+        return _sample_rows(_Runner(s, loras, prompt, get_world(s.world)), rows, seeds)
 
 
 def _state_copy(model) -> dict:
@@ -286,8 +339,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         raise ValueError(f"--scale must be in (0, 2], got {s.scale}")
     if s.k < 1:
         raise ValueError(f"--k must be >= 1, got {s.k}")
-    if s.train_jobs is not None and s.train_jobs < 1:
-        raise ValueError(f"--train-jobs must be >= 1, got {s.train_jobs}")
+    if s.jobs is not None and s.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {s.jobs}")
     if s.train_steps is not None and s.train_steps < 1:
         raise ValueError(f"--steps must be >= 1, got {s.train_steps}")
     rows_all = method_ids(s.character, s.second)
@@ -317,7 +370,7 @@ def _run(s: DemoSettings, world, rows: list[str], out: Path, lora_dir: Path, pro
          progress: bool) -> dict:
     """The body of :func:`run_demo` (settings already checked): train, generate, score; the report without
     its total time."""
-    jobs = s.train_jobs if s.train_jobs is not None else min(2, os.cpu_count() or 1)
+    jobs = s.jobs if s.jobs is not None else min(2, os.cpu_count() or 1)
     loras = world.train_loras(s.character, s.second, lora_dir, s.train_steps, s.base,
                               log=print if progress else None, jobs=jobs)
     runner = _Runner(s, loras, prompt, world)
@@ -326,24 +379,31 @@ def _run(s: DemoSettings, world, rows: list[str], out: Path, lora_dir: Path, pro
     for row, (_, desc) in zip(target_ids(s.character, s.second), TARGETS):
         images = world.target_images(row, s.character, s.second, seeds)
         results.append(_row_record(row, "target", desc, images, seeds, out, s, world, 0.0, 0.0, {}))
+    # With 2 jobs the adapter rows go to a second process (about half the sampling time); each row is seeded
+    # on its own, so which process samples it does not change its images.
+    remote = [r for r in rows if r in ADAPTER_ROWS] if jobs >= 2 else []
+    if len(remote) == len(rows):
+        remote = []
     bar = tqdm(total=len(rows) * s.k, desc="demo", unit="img", disable=not progress, dynamic_ncols=True)
-    for row in rows:
-        bar.set_postfix_str(f"{row}: setup")
-        t0 = time.perf_counter()
-        gen, info = runner.setup(row)
-        setup_s = time.perf_counter() - t0
-        bar.set_postfix_str(row)
-        images, t_gen = [], 0.0
-        for i in range(0, len(seeds), BATCH):  # a batch costs about half as much per image as one at a time
-            chunk = seeds[i:i + BATCH]
-            t1 = time.perf_counter()
-            images += gen(chunk)
-            t_gen += time.perf_counter() - t1
-            bar.update(len(chunk))
-        results.append(_row_record(row, kinds[row][0], kinds[row][1], images, seeds, out, s, world, t_gen / s.k,
-                                   setup_s, info))
+    with contextlib.ExitStack() as stack:
+        future = None
+        if remote:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
+            future = pool.submit(_sample_rows_in_worker, s, loras, prompt, remote, seeds, _threads())
+        sampled = _sample_rows(runner, [r for r in rows if r not in remote], seeds, bar)
+        if future is not None:
+            bar.set_postfix_str("waiting for " + ", ".join(remote))
+            sampled.update(future.result())
+            bar.update(len(remote) * s.k)
     bar.set_postfix_str("done")
     bar.close()
+    for row in rows:
+        images, s_per_image, setup_s, info = sampled[row]
+        results.append(_row_record(row, kinds[row][0], kinds[row][1], images, seeds, out, s, world, s_per_image,
+                                   setup_s, info))
     return {
         "settings": {**asdict(s), "lora_dir": str(lora_dir), "threads": _threads(), "enlarge": world.enlarge,
                      "image_size": world.image_size},
