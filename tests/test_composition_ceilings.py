@@ -81,3 +81,64 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert tool.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_class_version_asks_for_the_classes_the_base_knows_in_colours_of_the_seed():
+    from lorakit.toyworld.v2.composition import class_version, composition_sets
+    from lorakit.toyworld.v2.render import caption
+
+    (set_,) = [s for s in composition_sets((4,)) if s["id"] == "n4-kwibbit-hattock-inkvel-nocturo"]
+    scene, classes = class_version(set_, 3)
+    assert classes == {"character": "frog", "object": "hat", "style": "outline", "background": "night"}
+    text = caption(scene)
+    assert not any(name in text for name in set_["concepts"].values()), text
+    assert all(word in text for word in ("frog", "hat", "night background", "outline style")), text
+    assert scene.seed == 3 and class_version(set_, 3) == (scene, classes)  # a pure function of the seed
+    assert len({caption(class_version(set_, seed)[0]) for seed in range(8)}) > 1  # colours change with it
+
+
+class NamesOracle:
+    """Finds the asked-for names in every image; records what it was asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def score(self, images, names):
+        import torch
+
+        self.asked.append(list(names))
+        probs = torch.ones(len(images), len(names))
+        return type("S", (), {"probs": probs, "present": probs >= 0.5})()
+
+
+def test_class_rows_score_the_classes_on_the_images_the_sampler_made():
+    from PIL import Image
+
+    from lorakit.toyworld.v2.composition import composition_sets
+    from lorakit.toyworld.v2.render import caption
+
+    sets = [s for s in composition_sets((3,)) if s["id"] == "n3-zorbo-hattock-chekka"]
+    oracle, captions = NamesOracle(), []
+
+    def sampler(scenes):
+        captions.extend(caption(s) for s in scenes)
+        return [Image.new("RGB", (64, 64)) for _ in scenes]
+
+    (row,) = tool.class_rows(oracle, sets, [5, 6], "names", sampler, "base_samples:x")
+    assert oracle.asked == [["robot", "hat", "checker"]]
+    assert len(captions) == 2 and all("zorbo" not in c and "robot" in c for c in captions)
+    assert row["measure"] == "v2_composition_class_ceiling" and row["source"] == "base_samples:x"
+    assert row["all_present"]["k"] == 2 and set(row["per_category"]) == {"character", "object", "background"}
+    assert row["example_prompt"] == captions[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--base", "/nonexistent/pipeline"], "--base /nonexistent/pipeline"),
+    (["--base", "BASE", "--vae", "BASE"], "--base and --vae"),
+])
+def test_bad_class_input_is_one_line_and_exit_2(argv, message, capsys):
+    from lorakit.toyworld.v2.models import DEFAULT_BASE
+
+    assert tool.main([str(DEFAULT_BASE) if a == "BASE" else a for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

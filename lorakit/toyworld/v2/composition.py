@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ import numpy as np
 from lorakit.eval.stats import rate
 from lorakit.sampling.regional import Region, RegionSpec
 from lorakit.toyworld.composition_sets import CATEGORIES, concept_sets
+from lorakit.toyworld.concepts import SHAPE_COLORS
 from lorakit.toyworld.v2.concepts import IDENTITIES
+from lorakit.toyworld.v2.evaluate import as_class
 from lorakit.toyworld.v2.loras import DATA_N, DATA_SEED, lora_path
 from lorakit.toyworld.v2.render import Scene, caption, render
 from lorakit.toyworld.v2.scenes import concept_scene
@@ -175,11 +178,21 @@ def slot_kinds(set_: dict) -> list[str]:
 
 def set_render(set_: dict, seed: int):
     """The renderer's image of what a set asks for, with the layout of ``seed``."""
-    from dataclasses import replace
-
     if per_half(set_):
         return render(Scene(characters=tuple(set_["concepts"].values()), seed=seed))
     return render(replace(set_scene(set_["concepts"]), seed=seed))
+
+
+def class_version(set_: dict, seed: int) -> tuple[Scene, dict[str, str]]:
+    """A plain set with every identity replaced by its class, as the base knows it (``kwibbit frog, hattock hat,
+    nocturo night background`` -> ``green frog, red hat, night background``), with the layout of ``seed``:
+    ``(scene, {slot: class concept})``. Class characters and hats get colours drawn from ``seed``, so each image
+    asks for other colours, as the base's training captions do."""
+    rng, colours = np.random.default_rng(seed), list(SHAPE_COLORS)
+    scene = replace(set_scene(set_["concepts"]), seed=seed)
+    for identity in set_["concepts"].values():
+        scene = as_class(scene, identity, colours[int(rng.integers(len(colours)))])
+    return scene, {slot: IDENTITY_CLASS[name] for slot, name in set_["concepts"].items()}
 
 
 def ceiling(oracle, sets: list[dict], seeds: list[int], transform=None) -> dict[str, dict]:
@@ -192,6 +205,23 @@ def ceiling(oracle, sets: list[dict], seeds: list[int], transform=None) -> dict[
         renders = [set_render(s, seed) for seed in seeds]
         verdict = presence(oracle, transform(renders) if transform else renders, s["concepts"], per_half(s))
         out[s["id"]] = rate(sum(all(v) for v in verdict["present"]), len(seeds))
+    return out
+
+
+def class_ceiling(oracle, sets: list[dict], seeds: list[int], images_of=None) -> dict[str, dict]:
+    """``{set id: {"all_present": rate, "per_category": {slot: rate}}}`` of each plain set's class version
+    (:func:`class_version`, one per seed), its class concepts scored by the oracle. ``images_of(scenes) ->
+    images`` makes the images: by default the renderer's; the base's samples of the scenes' captions measure
+    how often the base itself draws the set's N kinds of thing together when it knows every one of them."""
+    out = {}
+    for s in sets:
+        scenes, classes = zip(*(class_version(s, seed) for seed in seeds))
+        images = images_of(list(scenes)) if images_of else [render(sc) for sc in scenes]
+        verdict = presence(oracle, images, classes[0])
+        out[s["id"]] = {"all_present": rate(sum(all(v) for v in verdict["present"]), len(seeds)),
+                        "per_category": {slot: rate(sum(v[i] for v in verdict["present"]), len(seeds))
+                                         for i, slot in enumerate(classes[0])},
+                        "classes": classes[0], "example_prompt": caption(scenes[0])}
     return out
 
 
