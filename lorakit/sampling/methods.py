@@ -43,6 +43,10 @@ class SamplerSettings:
     adapter_guidance: tuple[float, ...] | None = option(None, "delta: each adapter's difference from the base "
                                                         "times g (one per adapter)", type=float, nargs="+",
                                                         metavar="G", show_default="1 each")
+    adapter_start: float = option(0.0, "fraction of the steps the base model samples alone before the adapters "
+                                  "act (steps i with i / steps < start; diffusers' control_guidance_start rule): "
+                                  "the base lays the scene out from the prompt's class words, the adapters then "
+                                  "draw their identities; not cmlora", type=float)
     switch_every: int = option(5, "switch: steps per adapter (tau; the first gets tau + 1)", type=int)
     cmlora_mode: str = option("lorakit", "official: the authors' code exactly, bugs included; lorakit: the same "
                               "with them fixed", choices=["lorakit", "official"])
@@ -76,6 +80,10 @@ class SamplerSettings:
         for name in ("steps", "switch_every", "cache_max_age", "cache_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.adapter_start < 1.0:
+            raise ValueError(f"adapter_start must be in [0, 1), got {self.adapter_start}")
+        if self.adapter_start and self.method == "cmlora":
+            raise ValueError("adapter_start does not apply to cmlora (its caches and rotation start at step 0)")
         if self.cmlora_interval < 0:
             raise ValueError(f"cmlora_interval must be >= 0, got {self.cmlora_interval}")
         if self.cache_layer is not None and self.cache_layer < 0:
@@ -220,4 +228,8 @@ def method_plan(settings: SamplerSettings, n: int, n_steps: int, order: list[int
     terms, info = SAMPLERS[settings.method].plan(settings, n, n_steps, order, n_rotation)
     if settings.uncond == "base":
         terms = [_with_uncond_base(step) for step in terms]
+    base_steps = sum(1 for i in range(n_steps) if i / n_steps < settings.adapter_start)
+    if base_steps:
+        terms = [[Term((), 1.0, 1.0)]] * base_steps + list(terms[base_steps:])
+        info = {**info, "base_steps": base_steps}
     return Plan(terms, info)
