@@ -121,13 +121,15 @@ def test_v2_run_has_every_row_enlarged_images_and_the_oracles_verdicts(v2_run):
 
 @pytest.mark.slow
 def test_rows_sampled_in_two_processes_are_the_images_of_one(v2_run, tmp_path):
-    """--jobs 2 samples switch / composite / cmlora in a second process: every image the same, byte for byte."""
+    """--jobs 2 samples switch / composite / cmlora in a second process (here one that has just trained a LoRA):
+    every image the same as one process makes from the same LoRAs, byte for byte."""
     _, loras, _, _ = v2_run
     reports = {}
-    for jobs in ("1", "2"):
+    for jobs, lora_dir in (("1", loras), ("2", tmp_path / "fresh")):  # fresh: both LoRAs train in the pool first
         out = tmp_path / f"jobs{jobs}"
-        assert main(["demo", *QUICK, "--k", "2", "--jobs", jobs, "--out", str(out), "--lora-dir", str(loras)]) == 0
+        assert main(["demo", *QUICK, "--k", "2", "--jobs", jobs, "--out", str(out), "--lora-dir", str(lora_dir)]) == 0
         reports[jobs] = json.loads((out / "report.json").read_text())
+    assert not any(v["cached"] for v in reports["2"]["loras"].values())
     one, two = reports["1"], reports["2"]
     assert (one["settings"]["jobs"], two["settings"]["jobs"]) == (1, 2)
     assert [r["method"] for r in one["rows"]] == [r["method"] for r in two["rows"]]

@@ -57,6 +57,7 @@ from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS
 from lorakit.toyworld.loras import default_cache_dir
 from lorakit.toyworld.demo_v1 import V1World
 from lorakit.toyworld.v2.demo import WORLD as V2_WORLD
+from lorakit.toyworld.v2.demo import spawn_pool
 
 # (row id template, kind, what it is). "{character}" / "{second}" are filled with the concept names.
 METHODS = (
@@ -371,29 +372,24 @@ def _run(s: DemoSettings, world, rows: list[str], out: Path, lora_dir: Path, pro
     """The body of :func:`run_demo` (settings already checked): train, generate, score; the report without
     its total time."""
     jobs = s.jobs if s.jobs is not None else min(2, os.cpu_count() or 1)
-    loras = world.train_loras(s.character, s.second, lora_dir, s.train_steps, s.base,
-                              log=print if progress else None, jobs=jobs)
-    runner = _Runner(s, loras, prompt, world)
     kinds = {m.format(character=s.character, second=s.second): (k, d) for m, k, d in METHODS}
-    results = []
-    for row, (_, desc) in zip(target_ids(s.character, s.second), TARGETS):
-        images = world.target_images(row, s.character, s.second, seeds)
-        results.append(_row_record(row, "target", desc, images, seeds, out, s, world, 0.0, 0.0, {}))
-    # With 2 jobs the adapter rows go to a second process (about half the sampling time); each row is seeded
-    # on its own, so which process samples it does not change its images.
+    # With 2 jobs one pool of two processes trains the LoRAs, then samples the adapter rows (about half the
+    # sampling time) in a worker already warm from training; each row is seeded on its own, so which process
+    # samples it does not change its images.
     remote = [r for r in rows if r in ADAPTER_ROWS] if jobs >= 2 else []
     if len(remote) == len(rows):
         remote = []
-    bar = tqdm(total=len(rows) * s.k, desc="demo", unit="img", disable=not progress, dynamic_ncols=True)
     with contextlib.ExitStack() as stack:
-        future = None
-        if remote:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
-            future = pool.submit(_sample_rows_in_worker, s, loras, prompt, remote, seeds, _threads())
-        sampled = _sample_rows(runner, [r for r in rows if r not in remote], seeds, bar)
+        pool = stack.enter_context(spawn_pool(2)) if jobs >= 2 else None
+        loras = world.train_loras(s.character, s.second, lora_dir, s.train_steps, s.base,
+                                  log=print if progress else None, jobs=jobs, pool=pool)
+        future = pool.submit(_sample_rows_in_worker, s, loras, prompt, remote, seeds, _threads()) if remote else None
+        results = []
+        for row, (_, desc) in zip(target_ids(s.character, s.second), TARGETS):
+            images = world.target_images(row, s.character, s.second, seeds)
+            results.append(_row_record(row, "target", desc, images, seeds, out, s, world, 0.0, 0.0, {}))
+        bar = tqdm(total=len(rows) * s.k, desc="demo", unit="img", disable=not progress, dynamic_ncols=True)
+        sampled = _sample_rows(_Runner(s, loras, prompt, world), [r for r in rows if r not in remote], seeds, bar)
         if future is not None:
             bar.set_postfix_str("waiting for " + ", ".join(remote))
             sampled.update(future.result())

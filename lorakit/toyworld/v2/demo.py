@@ -8,6 +8,7 @@ trained from ``train_configs/toy2_<identity>.yaml`` on the bundled ``data/toy2-b
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,14 @@ from lorakit.toyworld.v2.loras import lora_path, train_identity_lora
 from lorakit.toyworld.v2.models import DEFAULT_BASE
 from lorakit.toyworld.v2.oracle import Oracle
 from lorakit.toyworld.v2.render import Scene, caption, render
+
+
+def spawn_pool(workers: int):
+    """A ``ProcessPoolExecutor`` of fresh (spawned) worker processes: torch is not fork-safe once loaded."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _train_quietly(name: str, lora_dir: str, base: str, overrides: list[str]) -> str:
@@ -91,9 +100,11 @@ class World:
 
     @staticmethod
     def train_loras(character: str, second: str, lora_dir: Path, train_steps: int | None = None,
-                    base: str | None = None, log=None, jobs: int = 1) -> dict:
-        """Train (or reuse, by recipe hash) both identity LoRAs: ``{name: {"path", "cached", "seconds"}}``. With ``jobs`` >= 2 and both missing, the two train at once in
-        two processes (one thread each), and each one's seconds are the wall time of both."""
+                    base: str | None = None, log=None, jobs: int = 1, pool=None) -> dict:
+        """Train (or reuse, by recipe hash) both identity LoRAs: ``{name: {"path", "cached", "seconds"}}``. With
+        ``jobs`` >= 2 and both missing, the two train at once in two processes (one thread each; ``pool``, a
+        spawn-context ``ProcessPoolExecutor`` of 2 workers, when given, else a new one), and each one's seconds
+        are the wall time of both."""
         base = str(base or World.base())
         overrides = [f"max_steps={train_steps}"] if train_steps is not None else []
         paths = {name: lora_path(name, lora_dir, base, overrides) for name in (character, second)}  # renders data
@@ -106,10 +117,8 @@ class World:
         seconds = dict.fromkeys(paths, 0.0)
         t0 = time.perf_counter()
         if len(todo) == 2 and jobs >= 2:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with contextlib.ExitStack() as stack:
+                pool = pool or stack.enter_context(spawn_pool(2))
                 done = [pool.submit(_train_quietly, name, str(lora_dir), base, overrides) for name in todo]
                 for name, future in zip(todo, done):
                     paths[name] = Path(future.result())
