@@ -69,7 +69,7 @@ def class_rows(oracle, sets: list[dict], seeds: list[int], oracle_name: str, ima
              "source": source, "seeds": [seeds[0], seeds[-1]], **found[s["id"]]} for s in sets]
 
 
-def base_sampler(pipeline: Path, first_seed: int, transform=None):
+def base_sampler(pipeline: Path, first_seed: int):
     """``scenes -> images``: the pipeline's samples of the scenes' captions at 64 px, image ``i`` seeded by
     ``first_seed + i`` (the toy measurements' 20 steps and CFG 4)."""
     from lorakit.toyworld.evaluate import generate

@@ -19,8 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"merge": {"method": "merge"}, "switch": {"method": "switch"}, "composite": {"method": "composite"},
-           "delta": {"method": "delta"}, "delta-parts": {"method": "delta", "prompt_parts": "per-adapter"}}
+METHODS = ("merge", "switch", "composite", "delta", "delta-parts")  # named as the benchmark names them
 
 
 def parse_cell(text: str) -> tuple[str, float, float]:
@@ -44,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--oracle", default=str(ROOT / "data" / "toy2-oracle"))
     args = p.parse_args(argv)
 
+    from bench_composition import SAMPLER_SETTINGS  # the benchmark's method names -> sampler settings
     from lorakit.sampling import SamplerSettings, generate, load_adapters, load_pipeline
     from lorakit.toyworld.v2.composition import composition_sets, find_adapters, presence
     from lorakit.toyworld.v2.models import DEFAULT_BASE
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     loaded = dict(zip(names, load_adapters(pipe, [files[n] for n in names])))
     oracle, seeds = Oracle.load(args.oracle), list(range(1000, 1000 + args.k))
     for method, scale, start in args.cells:
-        settings = SamplerSettings(**METHODS[method], steps=20, cfg=4.0, adapter_start=start)
+        settings = SamplerSettings(**SAMPLER_SETTINGS.get(method, {"method": method}), steps=20, cfg=4.0,
+                                   adapter_start=start)
         total, per_set, t0 = 0, [], time.perf_counter()
         for s in sets:
             ads = [replace(loaded[n], weight=scale) for n in s["concepts"].values()]

@@ -166,7 +166,7 @@ class _Runner:
     """
 
     def __init__(self, s: DemoSettings, loras: dict, prompt: str, world):
-        self.s, self.prompt, self.loras, self.world = s, prompt, loras, world
+        self.s, self.prompt, self.world = s, prompt, world
         self.base = s.base or world.base()
         self.paths = [loras[s.character]["path"], loras[s.second]["path"]]
 
