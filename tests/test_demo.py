@@ -195,7 +195,8 @@ def runner(tmp_path_factory):
     from lorakit.adapters.io import save_adapter
     from lorakit.sampling import load_pipeline
     from lorakit.testing import random_adapter
-    from lorakit.toyworld.demo import DemoSettings, _Runner, get_world
+    from lorakit.toyworld.demo import DemoSettings, get_world
+    from lorakit.toyworld.demo_rows import RowRunner
 
     world = get_world("v1")
     root = tmp_path_factory.mktemp("runner")
@@ -206,7 +207,7 @@ def runner(tmp_path_factory):
         save_adapter(random_adapter(pipe, seed=seed, std=0.3), path)
         loras[name] = {"path": str(path)}
     s = DemoSettings(world="v1", character="frog", second="ink", scale=0.8, sample_steps=4)
-    return _Runner(s, loras, demo_prompt("frog", "ink"), world)
+    return RowRunner(s, loras, demo_prompt("frog", "ink"), world)
 
 
 def _pixels(images):

@@ -121,8 +121,9 @@ def test_v2_run_has_every_row_enlarged_images_and_the_oracles_verdicts(v2_run):
 
 @pytest.mark.slow
 def test_rows_sampled_in_two_processes_are_the_images_of_one(v2_run, tmp_path):
-    """--jobs 2 samples switch / composite / cmlora in a second process (here one that has just trained a LoRA):
-    every image the same as one process makes from the same LoRAs, byte for byte."""
+    """--jobs 2 samples switch / composite / cmlora in a second process (here one that has just trained a LoRA),
+    and the base row and the first-saved LoRA's row while the other LoRA still trains: every image the same as one
+    process makes from the same LoRAs, byte for byte."""
     _, loras, _, _ = v2_run
     reports = {}
     for jobs, lora_dir in (("1", loras), ("2", tmp_path / "fresh")):  # fresh: both LoRAs train in the pool first
@@ -221,11 +222,15 @@ def test_two_processes_train_the_same_loras_as_one(tmp_path):
 
     w = get_world("v2")
     one = w.train_loras("zorbo", "nocturo", tmp_path / "one", train_steps=2, jobs=1)
-    two = w.train_loras("zorbo", "nocturo", tmp_path / "two", train_steps=2, jobs=2)
+    first = []  # while_training: called once, in this process, as soon as the first LoRA is saved
+    two = w.train_loras("zorbo", "nocturo", tmp_path / "two", train_steps=2, jobs=2,
+                        while_training=lambda name, path: first.append((name, path, Path(path).is_file())))
+    assert len(first) == 1 and first[0][0] in two and first[0][1:] == (two[first[0][0]]["path"], True)
     for name in ("zorbo", "nocturo"):
         a, b = Path(one[name]["path"]), Path(two[name]["path"])
         ta, tb = load_safetensors(a)[0], load_safetensors(b)[0]
         assert a.name == b.name and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
         assert not two[name]["cached"] and two[name]["seconds"] > 0
-    again = w.train_loras("zorbo", "nocturo", tmp_path / "two", train_steps=2, jobs=2)
-    assert all(v["cached"] and v["seconds"] == 0 for v in again.values())
+    again = w.train_loras("zorbo", "nocturo", tmp_path / "two", train_steps=2, jobs=2,
+                          while_training=lambda name, path: first.append(name))
+    assert all(v["cached"] and v["seconds"] == 0 for v in again.values()) and len(first) == 1  # nothing trained

@@ -29,13 +29,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def row_hits(files: list[str], character: str, second: str, n: int, sample_steps: int | None) -> dict:
     """``{row: [per seed: did the oracle find the row's concept(s)]}`` for one pair of LoRA files."""
-    from lorakit.toyworld.demo import BATCH, DemoSettings, _Runner, get_world
+    from lorakit.toyworld.demo import DemoSettings, get_world
+    from lorakit.toyworld.demo_rows import BATCH, RowRunner
 
     world = get_world("v2")
     s = DemoSettings(character=character, second=second, scale=world.default_scale, k=n)
     if sample_steps is not None:
         s.sample_steps = sample_steps
-    runner = _Runner(s, {character: {"path": files[0]}, second: {"path": files[1]}},
+    runner = RowRunner(s, {character: {"path": files[0]}, second: {"path": files[1]}},
                      world.prompt(character, second), world)
     wanted = {f"{character}_only": [character], f"{second}_only": [second], "merge": [character, second]}
     seeds = list(range(n))

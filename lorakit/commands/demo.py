@@ -12,8 +12,8 @@ Offline end-to-end demo on a bundled toy world (default --world v2: data/toy2-ba
 --world v1: data/toy-base, 32x32, the earlier demo):
 
   1. trains a character LoRA and a second LoRA (v2: identities kwibbit (a frog) + nocturo (a night background)
-     from train_configs/toy2_<identity>.yaml, 300 steps each, the two in parallel processes when both are
-     missing; --style / --object / --background choose another second identity; v1: frog + ink from
+     from train_configs/toy2_<identity>.yaml (kwibbit 300 steps, nocturo 1200), the two in parallel processes
+     when both are missing; --style / --object / --background choose another second identity; v1: frog + ink from
      train_configs/toy_<concept>.yaml, 300 steps each), cached by recipe hash under LORA_DIR, shared with the
      tests and CI, so a second run reuses them;
   2. composes them with every method: sampling-time merge, switch, composite, cmlora and fusion-time
@@ -25,11 +25,11 @@ Offline end-to-end demo on a bundled toy world (default --world v2: data/toy2-ba
      then every method's images enlarged with the oracle's verdict under each), OUT/report.json,
      OUT/report.md, OUT/grid.png (every row in one picture), OUT/images/.
 
-Time, one thread (the default; lorakit/threads.py), both LoRAs cached: v2 106 s of CPU (2026-12-03; 1 min 49 s
-wall on a machine whose other core another job used), v1 64 s of CPU (an earlier version). Training the two LoRAs
-first, when they are not cached, adds their 300 steps each (v2: 209 s of CPU per LoRA with its data; both at once
-on two cores). `--steps 20 --k 2 --out demo_out/quick` is a quick look in its own folder (two 20-step LoRAs:
-they teach little).
+Time on an idle 2-core machine (2026-12-05; --jobs 2, the default there, one thread per process): a first run
+256 s and 280 s wall in two runs, most of it nocturo's 1200 training steps, whose time varies with the machine
+(217-280 s within one hour); the base row and the row of the first LoRA saved are sampled while the other still
+trains, the switch / composite / CMLoRA rows in the second process. With both LoRAs cached: about 30 s.
+`--steps 20 --k 2 --out demo_out/quick` is a quick look in its own folder (two 20-step LoRAs: they teach little).
 """
 
 

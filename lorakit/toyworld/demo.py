@@ -36,22 +36,10 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from lorakit.adapters.io import load_adapter
 from lorakit.fileio import save_image
-from lorakit.fusion.gradient import Concept as FuseConcept
-from lorakit.fusion.gradient import GradientSettings, fuse_gradient
-from lorakit.fusion.merge import apply_deltas, weighted
 from lorakit.logs import library_chatter_off, tqdm
 from lorakit.outputs import claim_dir, is_marked, write_marker
-from lorakit.sampling import (
-    ProfileSettings,
-    SamplerSettings,
-    generate,
-    load_adapters,
-    load_pipeline,
-    order_by_frequency,
-    profile_adapters,
-)
+from lorakit.toyworld.demo_rows import ADAPTER_ROWS, RowRunner, sample_rows
 from lorakit.toyworld.demo_report import format_table, remove_stale_images, row_intervals, write_reports
 from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS
 from lorakit.toyworld.loras import default_cache_dir
@@ -79,7 +67,6 @@ TARGETS = (
     ("{second}_target", "rendered ground truth: the second concept without the character"),
     ("target", "rendered ground truth of the prompt's scene"),
 )
-BATCH = 8  # images generated together (each still from its own seed's generator)
 
 
 @dataclass
@@ -143,151 +130,14 @@ def target_ids(character: str, second: str) -> list[str]:
     return [t.format(character=character, second=second) for t, _ in TARGETS]
 
 
-def _plain(pipe, prompt: str, seeds: list[int], steps: int, guidance: float) -> list:
-    """Images from a pipeline without adapters, seeded like :func:`lorakit.sampling.generate` (one CPU generator
-    per image)."""
-    import torch
-
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    with torch.no_grad():
-        return pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                    output_type="pil").images
-
-
-class _Runner:
-    """Builds each row's image generator: ``setup()`` (timed as setup_s) returns ``gen(seeds) -> images``.
-
-    Two pipelines, each loaded on first use: ``pipe`` holds both LoRAs as peft adapters (``ADAPTER_ROWS``: the
-    methods that change adapters during sampling) and ``plain`` holds the base weights, restored from a copy
-    before each row that writes into them (base, each LoRA alone, merge, the fusions). A row whose adapters stay
-    the same for every step (a LoRA alone, merge) is sampled with their deltas added to the weights: the same
-    sum as peft's set_adapters, without its extra passes through every LoRA layer. A process that samples only
-    one kind of row loads one pipeline.
-    """
-
-    def __init__(self, s: DemoSettings, loras: dict, prompt: str, world):
-        self.s, self.prompt, self.world = s, prompt, world
-        self.base = s.base or world.base()
-        self.paths = [loras[s.character]["path"], loras[s.second]["path"]]
-
-    @cached_property
-    def pipe(self):
-        return load_pipeline(self.base, "fp32")
-
-    @cached_property
-    def ads(self):
-        return load_adapters(self.pipe, self.paths, [self.s.scale] * 2)
-
-    @cached_property
-    def files(self):
-        return [load_adapter(p) for p in self.paths]
-
-    @cached_property
-    def plain(self):
-        return load_pipeline(self.base, "fp32")
-
-    @cached_property
-    def _weights(self):  # taken before any row writes into ``plain``: every such row restores it first
-        return {name: _state_copy(getattr(self.plain, name)) for name in _WRITTEN}
-
-    def sampler(self, method: str):
-        return SamplerSettings(method=method, steps=self.s.sample_steps, cfg=self.s.guidance)
-
-    def _restored(self):
-        """``plain`` with the base weights back (bit-exact), whatever an earlier row wrote into them."""
-        for name, state in self._weights.items():
-            getattr(self.plain, name).load_state_dict(state)
-        return self.plain
-
-    def _fused_gen(self, files: list):
-        """Sampling of ``plain`` with ``files``' deltas at the demo's scale added to its weights (merge of them)."""
-        pipe = self._restored()
-        apply_deltas(pipe, weighted(files, [self.s.scale] * len(files), combine="sum"))
-        return lambda seeds: generate(pipe, [], self.sampler("merge"), self.prompt, "", seeds)[0]
-
-    def setup(self, row: str):
-        s, prompt = self.s, self.prompt
-        if row == "base":
-            pipe = self._restored()
-            return lambda seeds: _plain(pipe, prompt, seeds, s.sample_steps, s.guidance), {}
-        if row in (f"{s.character}_only", f"{s.second}_only"):
-            return self._fused_gen([self.files[0] if row.startswith(s.character) else self.files[1]]), {}
-        if row == "merge":
-            return self._fused_gen(self.files), {}
-        if row in ("switch", "composite"):
-            return lambda seeds: generate(self.pipe, self.ads, self.sampler(row), prompt, "", seeds)[0], {}
-        if row == "cmlora":
-            return self._cmlora()
-        if row == "gradient":
-            return self._gradient()
-        if row == "weighted":
-            pipe = self._restored()
-            apply_deltas(pipe, weighted(self.files, [s.scale] * 2, combine="average"))
-            return lambda seeds: _plain(pipe, prompt, seeds, s.sample_steps, s.guidance), {"combine": "average"}
-        raise ValueError(f"unknown demo method {row!r}; expected one of {method_ids(s.character, s.second)}")
-
-    def _cmlora(self):
-        prof = ProfileSettings(base=self.base, prompt="a picture", steps=self.s.sample_steps, cfg=self.s.guidance)
-        profiles = profile_adapters(self.pipe, self.ads, prof, progress=False)  # cached next to the LoRA files
-        order, _ = order_by_frequency([profiles[a.name]["score"] for a in self.ads], "high-first")
-        info = {"order": [Path(self.ads[i].path).name for i in order],
-                "profile_cached": all(p["cached"] for p in profiles.values())}
-        return (lambda seeds: generate(self.pipe, self.ads, self.sampler("cmlora"), self.prompt, "", seeds,
-                                       order=order)[0]), info
-
-    def _gradient(self):
-        s = self.s
-        pipe = self._restored()
-        concepts = []
-        for name, adapter in zip((s.character, s.second), self.files):
-            prompts, held = self.world.fusion_prompts(name)  # held: other captions for the ridge choice
-            concepts.append(FuseConcept(name=name, adapter=adapter, weight=s.scale, prompts=prompts,
-                                        sample_prompts=prompts[:2], val_prompts=held, val_sample_prompts=held,
-                                        trigger=self.world.trigger(name)))
-        # lorakit fuse's capture steps (10, measured as good as 20 on held-out activations: docs/fusion.md)
-        out = fuse_gradient(pipe, concepts, GradientSettings(seed=s.seed, progress=False))
-        res = [r["residual"] for r in out["layers"].values() if r.get("residual") is not None]
-        info = {"layers": len(out["layers"]), "mean_residual": sum(res) / len(res) if res else None,
-                "prompts": {c.name: c.prompts for c in concepts}, "capture_steps": GradientSettings.steps}
-        return lambda seeds: _plain(pipe, self.prompt, seeds, s.sample_steps, s.guidance), info
-
-
-_WRITTEN = ("unet", "text_encoder")  # the components the fusions and fused rows write into
-ADAPTER_ROWS = ("switch", "composite", "cmlora")  # the rows sampled on ``_Runner.pipe``; the others use ``plain``
-
-
-def _sample_rows(runner: _Runner, rows: list[str], seeds: list[int], bar=None) -> dict:
-    """``{row: (images, seconds per image, setup seconds, info)}``, the rows in order, ``BATCH`` images at a time."""
-    out = {}
-    for row in rows:
-        if bar is not None:
-            bar.set_postfix_str(f"{row}: setup")
-        t0 = time.perf_counter()
-        gen, info = runner.setup(row)
-        setup_s = time.perf_counter() - t0
-        if bar is not None:
-            bar.set_postfix_str(row)
-        images, t1 = [], time.perf_counter()
-        for i in range(0, len(seeds), BATCH):  # a batch costs about half as much per image as one at a time
-            images += gen(seeds[i:i + BATCH])
-            if bar is not None:
-                bar.update(len(seeds[i:i + BATCH]))
-        out[row] = (images, (time.perf_counter() - t1) / len(seeds), setup_s, info)
-    return out
-
-
 def _sample_rows_in_worker(s: DemoSettings, loras: dict, prompt: str, rows: list[str], seeds: list[int],
                            threads: int) -> dict:
-    """:func:`_sample_rows` in a second process, with the parent's thread count (so the same images)."""
+    """:func:`~lorakit.toyworld.demo_rows.sample_rows` in a second process, with the parent's thread count (so the same images)."""
     import torch
 
     torch.set_num_threads(threads)
     with library_chatter_off():
-        return _sample_rows(_Runner(s, loras, prompt, get_world(s.world)), rows, seeds)
-
-
-def _state_copy(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return sample_rows(RowRunner(s, loras, prompt, get_world(s.world)), rows, seeds)
 
 
 _DEMO_NAMES = {"report.html", "report.json", "report.md", "grid.png", "images", "loras"}
@@ -367,6 +217,38 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     return report
 
 
+class _MainRows:
+    """What the demo's own process makes: the ground-truth rows (first, once) and the sampled rows not left to
+    the second process; ``while_training`` starts on the rows of the first LoRA saved while the other trains."""
+
+    def __init__(self, s: DemoSettings, world, rows: list[str], remote: list[str], out: Path, prompt: str,
+                 seeds: list[int], progress: bool):
+        self.s, self.world, self.rows, self.remote, self.out, self.seeds = s, world, rows, remote, out, seeds
+        self.progress = progress
+        self.runner = RowRunner(s, {}, prompt, world)  # its LoRA paths are filled in as they are saved
+        self.sampled: dict = {}
+        self.results: list = []
+
+    @cached_property
+    def bar(self):
+        return tqdm(total=len(self.rows) * self.s.k, desc="demo", unit="img", disable=not self.progress,
+                    dynamic_ncols=True)
+
+    def sample(self, rows: list[str]) -> None:
+        s = self.s
+        if not self.results:
+            for row, (_, desc) in zip(target_ids(s.character, s.second), TARGETS):
+                images = self.world.target_images(row, s.character, s.second, self.seeds)
+                self.results.append(_row_record(row, "target", desc, images, self.seeds, self.out, s, self.world,
+                                                0.0, 0.0, {}))
+        todo = [r for r in rows if r not in self.remote and r not in self.sampled]
+        self.sampled.update(sample_rows(self.runner, todo, self.seeds, self.bar))
+
+    def while_training(self, name: str, path: str) -> None:
+        self.runner.loras[name] = {"path": path}
+        self.sample([r for r in ("base", f"{name}_only") if r in self.rows])
+
+
 def _run(s: DemoSettings, world, rows: list[str], out: Path, lora_dir: Path, prompt: str, seeds: list[int],
          progress: bool) -> dict:
     """The body of :func:`run_demo` (settings already checked): train, generate, score; the report without
@@ -379,17 +261,16 @@ def _run(s: DemoSettings, world, rows: list[str], out: Path, lora_dir: Path, pro
     remote = [r for r in rows if r in ADAPTER_ROWS] if jobs >= 2 else []
     if len(remote) == len(rows):
         remote = []
+    main = _MainRows(s, world, rows, remote, out, prompt, seeds, progress)
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(spawn_pool(2)) if jobs >= 2 else None
         loras = world.train_loras(s.character, s.second, lora_dir, s.train_steps, s.base,
-                                  log=print if progress else None, jobs=jobs, pool=pool)
+                                  log=print if progress else None, jobs=jobs, pool=pool,
+                                  while_training=main.while_training)
+        main.runner.loras.update(loras)
         future = pool.submit(_sample_rows_in_worker, s, loras, prompt, remote, seeds, _threads()) if remote else None
-        results = []
-        for row, (_, desc) in zip(target_ids(s.character, s.second), TARGETS):
-            images = world.target_images(row, s.character, s.second, seeds)
-            results.append(_row_record(row, "target", desc, images, seeds, out, s, world, 0.0, 0.0, {}))
-        bar = tqdm(total=len(rows) * s.k, desc="demo", unit="img", disable=not progress, dynamic_ncols=True)
-        sampled = _sample_rows(_Runner(s, loras, prompt, world), [r for r in rows if r not in remote], seeds, bar)
+        main.sample(rows)
+        sampled, results, bar = main.sampled, main.results, main.bar
         if future is not None:
             bar.set_postfix_str("waiting for " + ", ".join(remote))
             sampled.update(future.result())

@@ -119,7 +119,7 @@ class V1World:
 
     @staticmethod
     def train_loras(character: str, style: str, lora_dir: Path, train_steps: int | None = None,
-                    base: str | None = None, log=None, jobs: int = 1, pool=None) -> dict:
+                    base: str | None = None, log=None, jobs: int = 1, pool=None, while_training=None) -> dict:
         return train_loras(character, style, lora_dir, train_steps, base, log)  # (one after the other)
 
     @staticmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import as_completed
 from dataclasses import replace
 from pathlib import Path
 
@@ -100,11 +101,12 @@ class World:
 
     @staticmethod
     def train_loras(character: str, second: str, lora_dir: Path, train_steps: int | None = None,
-                    base: str | None = None, log=None, jobs: int = 1, pool=None) -> dict:
+                    base: str | None = None, log=None, jobs: int = 1, pool=None, while_training=None) -> dict:
         """Train (or reuse, by recipe hash) both identity LoRAs: ``{name: {"path", "cached", "seconds"}}``. With
         ``jobs`` >= 2 and both missing, the two train at once in two processes (one thread each; ``pool``, a
         spawn-context ``ProcessPoolExecutor`` of 2 workers, when given, else a new one), and each one's seconds
-        are the wall time of both."""
+        are the wall time of both; ``while_training(name, path)``, if given, runs here as soon as the first of
+        the two is saved, while the other still trains (the core the first one used is free then)."""
         base = str(base or World.base())
         overrides = [f"max_steps={train_steps}"] if train_steps is not None else []
         paths = {name: lora_path(name, lora_dir, base, overrides) for name in (character, second)}  # renders data
@@ -119,8 +121,12 @@ class World:
         if len(todo) == 2 and jobs >= 2:
             with contextlib.ExitStack() as stack:
                 pool = pool or stack.enter_context(spawn_pool(2))
-                done = [pool.submit(_train_quietly, name, str(lora_dir), base, overrides) for name in todo]
-                for name, future in zip(todo, done):
+                done = {pool.submit(_train_quietly, name, str(lora_dir), base, overrides): name for name in todo}
+                first = next(as_completed(done))
+                paths[done[first]] = Path(first.result())
+                if while_training is not None:
+                    while_training(done[first], str(paths[done[first]]))
+                for future, name in done.items():
                     paths[name] = Path(future.result())
             seconds.update(dict.fromkeys(todo, round(time.perf_counter() - t0, 3)))
         else:
