@@ -26,7 +26,9 @@ against its own unconditional pass) and delta (``--method delta``: base + the su
 the base, every LoRA at full strength instead of 1/N) and delta-parts (``--method delta --prompt-parts
 per-adapter``: each LoRA's difference taken on its own part of the prompt, its trigger's tags plus the shared
 ones, against the base on the same part, so a LoRA never sees the other LoRAs' trigger words, and a LoRA
-trained on scenes without a hat does not push the hat of the joint prompt away); gradient (Mix-of-Show gradient
+trained on scenes without a hat does not push the hat of the joint prompt away) and delta-masked (``--method delta
+--masks attention``: each LoRA's difference confined to where the base's cross-attention puts its comma tag, a
+style everywhere, a background around the others); gradient (Mix-of-Show gradient
 fusion -> fused pipeline) and weighted (average of the deltas) through ``lorakit fuse``; lorarar (``lorakit fuse
 --method lorarar --hypernet H``) for the character + style pairs only.
 
@@ -55,10 +57,11 @@ from pathlib import Path
 from lorakit.toyworld.composition_sets import CATEGORIES, concept_sets
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLING_METHODS = ("merge", "switch", "composite", "cmlora", "composite-ubase", "delta", "delta-parts")
+SAMPLING_METHODS = ("merge", "switch", "composite", "cmlora", "composite-ubase", "delta", "delta-parts", "delta-masked")
 # lorakit's own composite variants: the ``lorakit sample`` settings each bench method runs with
 SAMPLER_SETTINGS = {"composite-ubase": {"method": "composite", "uncond": "base"},
-                    "delta-parts": {"method": "delta", "prompt_parts": "per-adapter"}}
+                    "delta-parts": {"method": "delta", "prompt_parts": "per-adapter"},
+                    "delta-masked": {"method": "delta", "masks": "attention"}}
 FUSION_METHODS = ("gradient", "weighted")
 ALL_METHODS = SAMPLING_METHODS + FUSION_METHODS + ("lorarar",)
 WORLD_DEFAULTS = {
@@ -215,11 +218,12 @@ class SamplingRunner:
 
         names = list(set_["concepts"].values())  # the character first (switch starts with it)
         adapters = [replace(self.loaded[n], weight=scale) for n in names]  # one scale for every method
-        order, n_rot, regions = None, None, None
+        order, n_rot, regions, kinds = None, None, None, None
         if self.args.world == "v2":  # the kinds are known: CMLoRA's own category order
             from lorakit.toyworld.v2.composition import region_spec, slot_kinds
 
-            order, n_rot = category_sequence(slot_kinds(set_))
+            kinds = slot_kinds(set_)
+            order, n_rot = category_sequence(kinds)
             regions = region_spec(set_)
         elif method == "cmlora":
             order = order_by_frequency([self.scores[n] for n in names])[0]
@@ -227,7 +231,7 @@ class SamplingRunner:
                                    cfg=self.args.cfg)
         t0 = time.perf_counter()
         images, _ = generate(self.pipe, adapters, settings, set_["prompt"], None, seeds, order=order,
-                             n_rotation=n_rot, regions=regions)
+                             n_rotation=n_rot, regions=regions, kinds=kinds)
         return images, time.perf_counter() - t0, {}
 
 

@@ -33,7 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, fp32 else")
     p.add_argument("--kinds", nargs="+", metavar="KIND",
                    help="concept category per adapter (character, clothing, style, background, object): cmlora's "
-                   "official order; default: each file's lorakit.category metadata")
+                   "official order and --masks attention (style: everywhere, background: around the others); default: each "
+                   "file's lorakit.category metadata")
     p.add_argument("--cache", choices=["on", "off"],
                    help="cmlora: per-adapter deep-feature cache (default: on; official mode: on iff --cmlora-interval >= 2)")
     p.add_argument("--profile-prompt", default="a picture", help="cmlora: prompt of the profiling images")

@@ -28,6 +28,7 @@ import torch
 
 from lorakit.conditioning import is_sdxl, sdxl_time_ids
 from lorakit.models import sd_scheduler
+from lorakit.sampling.attention_masks import attention_masks
 from lorakit.sampling.cache import DeepFeatureCache
 from lorakit.sampling.conditions import SpatialConditions, load_conditions
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
@@ -236,7 +237,7 @@ def _term_rows(term: Term, do_cfg: bool) -> str | None:
 @torch.no_grad()
 def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, prompt: str, negative_prompt: str | None,
              seeds: list[int], regions=None, order: list[int] | None = None, n_rotation: int | None = None,
-             output_type: str = "pil", conditions: list | None = None):
+             output_type: str = "pil", conditions: list | None = None, kinds: list[str | None] | None = None):
     """Generate one image per seed for one prompt with a composition method.
 
     Args:
@@ -250,6 +251,8 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
         output_type: ``"pil"`` or ``"latent"`` (the final latents ``[B, C, h, w]``, before the VAE).
         conditions: loaded spatial conditions (:class:`lorakit.sampling.conditions.Condition`); default: those of
             ``regions`` (loaded here).
+        kinds: ``--masks attention`` only: each adapter's kind (style: everywhere, background: outside the other
+            adapters' masks; :mod:`lorakit.sampling.attention_masks`); default: the files' ``lorakit.category``.
     Returns:
         ``(images, info)``: PIL images ``[len(seeds)]`` (or latents) and a dict with the method's schedule
         (switch order, CMLoRA dominants and cache plan) and UNet pass counts.
@@ -271,10 +274,12 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
         for term in step_terms:
             contexts.get(term.adapters, term.part)
     spatial = _spatial_conditions(pipe, regions, conditions, height, width)
+    masks = _attention_masks(pipe, settings, adapters, prompt, kinds, regions, height, width, do_cfg)
     controller, previous = _install_regions(pipe, regions, height, width)
+    previous = masks.install(pipe.unet) if masks is not None else previous
     try:
         latents, passes = _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg,
-                                   spatial)
+                                   spatial, masks)
     finally:
         if previous is not None:
             remove_regional(pipe.unet, previous)
@@ -289,6 +294,13 @@ def _plan(settings: SamplerSettings, n: int, n_steps: int, order, n_rotation) ->
     if n:
         return method_plan(settings, n, n_steps, order, n_rotation)
     return Plan([[Term((), 1.0, 1.0)]] * n_steps, {"note": "no adapters: plain sampling"})
+
+
+def _attention_masks(pipe, settings, adapters, prompt, kinds, regions, height: int, width: int, do_cfg: bool):
+    if settings.masks == "attention" and regions is not None and regions.regions:
+        raise ValueError("masks attention does not combine with regions (both set the cross-attention processors)")
+    hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return attention_masks(pipe, settings, adapters, prompt, kinds, hw, do_cfg)
 
 
 def _install_regions(pipe, regions, height: int, width: int):
@@ -330,7 +342,25 @@ def _run_info(pipe, settings: SamplerSettings, adapters, plan: Plan, passes: dic
     return info
 
 
-def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg, spatial=None):
+def _count(log: dict, key: str, term: Term, step: int) -> None:
+    entry = log.setdefault(key, {"full": 0, "shallow": 0, "full_steps": []})
+    entry["full" if term.full else "shallow"] += 1
+    if term.full:
+        entry["full_steps"].append(step)
+
+
+def _accumulate(uncond, cond, term: Term, out: torch.Tensor, rows: str):
+    """``(U, C)`` with one pass's output added at its term's coefficients."""
+    u_out, c_out = out.chunk(2) if rows == "pair" else ((out, None) if rows == "uncond" else (None, out))
+    if u_out is not None:
+        uncond = term.u * u_out if uncond is None else uncond + term.u * u_out
+    if c_out is not None:
+        cond = term.c * c_out if cond is None else cond + term.c * c_out
+    return uncond, cond
+
+
+def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, height, width, do_cfg, spatial=None,
+             masks=None):
     """The denoising loop shared by every method; returns (final latents, pass counts)."""
     unet, scheduler = pipe.unet, pipe.scheduler
     device, batch = pipe._execution_device, len(generators)
@@ -362,17 +392,13 @@ def _denoise(pipe, settings, adapters, plan, contexts, controller, generators, h
             key += f"@{names[term.part]}" if term.part is not None else ""
             sample, text = pick(x), pick(ctx["embeds"])
             cond_kw = spatial.unet_kwargs(s, rows, sample, t, text, added, n_steps) if spatial is not None else {}
+            if masks is not None:
+                masks.before_pass(term)
             out = unet_pass(unet, sample, t, text, added, cache if term.cached else None,
                             f"{key}|{rows}", term.full, settings.cache_depth, s, layer, **cond_kw)
-            entry = log.setdefault(key, {"full": 0, "shallow": 0, "full_steps": []})
-            entry["full" if term.full else "shallow"] += 1
-            if term.full:
-                entry["full_steps"].append(s)
-            u_out, c_out = out.chunk(2) if rows == "pair" else ((out, None) if rows == "uncond" else (None, out))
-            if u_out is not None:
-                uncond = term.u * u_out if uncond is None else uncond + term.u * u_out
-            if c_out is not None:
-                cond = term.c * c_out if cond is None else cond + term.c * c_out
+            _count(log, key, term, s)
+            out = masks.after_pass(term, out) if masks is not None else out
+            uncond, cond = _accumulate(uncond, cond, term, out, rows)
         eps = uncond + settings.cfg * (cond - uncond) if do_cfg else cond
         latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
     passes = {"full": sum(e["full"] for e in log.values()), "shallow": sum(e["shallow"] for e in log.values()),

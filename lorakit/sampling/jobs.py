@@ -194,7 +194,7 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
     if not prompts:
         raise ValueError("no prompt given: pass --prompt (or a --regions file with a global prompt)")
     order, n_rot, profile = None, None, {}
-    adapter_kinds(job, adapters)  # a bad --kinds fails before any image
+    kinds = adapter_kinds(job, adapters)  # a bad --kinds fails before any image
     if job.sampler.method == "cmlora" and adapters:
         order, n_rot, profile = _cmlora_order(pipe, job, adapters)
     out_dir = Path(job.out_dir)
@@ -209,7 +209,7 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
             p = batch[0][0]
             images, info = generate(
                 pipe, adapters, job.sampler, prompts[p], job.negative_prompt, [s for _, _, s in batch], regions, order,
-                n_rot, conditions=conditions,
+                n_rot, conditions=conditions, kinds=kinds,
             )
             for (p_idx, i, seed), image in zip(batch, images):
                 stem = f"{p_idx:03d}-{i:04d}-s{seed}"

@@ -43,6 +43,9 @@ class SamplerSettings:
     adapter_guidance: tuple[float, ...] | None = option(None, "delta: each adapter's difference from the base "
                                                         "times g (one per adapter)", type=float, nargs="+",
                                                         metavar="G", show_default="1 each")
+    masks: str = option("none", "delta: each adapter's difference acts everywhere (none) or where the base's "
+                        "cross-attention puts the comma tag holding its trigger (attention; a style everywhere, a "
+                        "background where no other adapter is)", choices=["none", "attention"])
     adapter_start: float = option(0.0, "fraction of the steps the base model samples alone before the adapters "
                                   "act (steps i with i / steps < start; diffusers' control_guidance_start rule): "
                                   "the base lays the scene out from the prompt's class words, the adapters then "
@@ -71,7 +74,7 @@ class SamplerSettings:
     def check(self) -> None:
         """Raise ValueError naming the first bad setting."""
         choices = {"method": tuple(SAMPLERS), "uncond": ("adapter", "base"), "encode": ("once", "per-adapter"),
-                   "prompt_parts": ("joint", "per-adapter"),
+                   "prompt_parts": ("joint", "per-adapter"), "masks": ("none", "attention"),
                    "cmlora_mode": ("lorakit", "official"), "cmlora_order": CMLORA_ORDERS,
                    "cache_refresh": CACHE_REFRESH_RULES}
         for name, allowed in choices.items():
@@ -95,6 +98,8 @@ class SamplerSettings:
                 raise ValueError(f"adapter_guidance needs method delta, got {self.method!r}")
             if any(g < 0 for g in self.adapter_guidance):
                 raise ValueError(f"adapter_guidance values must be >= 0, got {list(self.adapter_guidance)}")
+        if self.masks == "attention" and (self.method != "delta" or self.prompt_parts != "joint"):
+            raise ValueError("masks attention needs method delta with prompt_parts joint")
         if self.prompt_parts == "per-adapter" and self.method == "merge":
             raise ValueError("prompt_parts per-adapter needs passes with one adapter; merge has none")
         if self.method == "cmlora" and self.cmlora_mode == "official":
