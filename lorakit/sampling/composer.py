@@ -13,7 +13,8 @@ through :func:`unet_pass`, the one place to thread extra UNet inputs.
 * ``cmlora``: composite with CMLoRA's dominant weights, rotation and per-adapter deep-feature cache
   (:func:`lorakit.sampling.schedules.cmlora_plan`).
 * ``delta``: the base prediction plus the sum of each adapter's difference from it
-  (u = c = 1 per adapter, 1 - N for the base).
+  (u = c = 1 per adapter, 1 - N for the base); with ``masks="attention"`` each difference is multiplied by a mask
+  from the base pass's cross-attention (:mod:`lorakit.sampling.attention_masks`).
 
 ``uncond="base"`` takes the unconditional half from the base model for every method (one base pass, adapters
 on the conditional half only; delta keeps its base conditional term:
