@@ -44,6 +44,11 @@ def test_masks_are_normalised_per_image_and_a_background_takes_the_rest():
     assert (style == 1).all() and torch.allclose(bg, 1 - char)
     adapter_out = torch.randn(2, 4, 4, 4)  # an adapter pass: base + M * (its output - base)
     assert torch.allclose(m.after_pass(Term((0,), 1.0, 1.0), adapter_out), out + char[:, None] * (adapter_out - out))
+    hard = AttentionMasks([[1], [2], [3]], ["character", "style", "background"], (4, 4), cfg=False, threshold=0.3)
+    hard.before_pass(base)
+    hard.add(probs)
+    hard.after_pass(base, out)
+    assert torch.equal(hard.masks[:, 0], (char >= 0.3).float()) and torch.equal(hard.masks[:, 2], (char < 0.3).float())
 
 
 def test_masks_of_one_everywhere_give_delta_and_attention_masks_change_it(tmp_path, sd1_pipe):
@@ -67,7 +72,9 @@ def test_masks_of_one_everywhere_give_delta_and_attention_masks_change_it(tmp_pa
 def test_bad_masks_settings_name_what_is_wrong(tmp_path, sd1_pipe):
     for bad, msg in (({"method": "merge", "masks": "attention"}, "needs method delta"),
                      ({"method": "delta", "masks": "attention", "prompt_parts": "per-adapter"}, "prompt_parts joint"),
-                     ({"method": "delta", "masks": "boxes"}, "masks must be one of none, attention")):
+                     ({"method": "delta", "masks": "boxes"}, "masks must be one of none, attention"),
+                     ({"method": "delta", "mask_threshold": 0.3}, "mask_threshold needs masks attention"),
+                     ({"method": "delta", "masks": "attention", "mask_threshold": 1.0}, r"in \(0, 1\)")):
         with pytest.raises(ValueError, match=msg):
             SamplerSettings(**bad).check()
     pipe = copy.deepcopy(sd1_pipe)

@@ -61,7 +61,11 @@ SAMPLING_METHODS = ("merge", "switch", "composite", "cmlora", "composite-ubase",
 # lorakit's own composite variants: the ``lorakit sample`` settings each bench method runs with
 SAMPLER_SETTINGS = {"composite-ubase": {"method": "composite", "uncond": "base"},
                     "delta-parts": {"method": "delta", "prompt_parts": "per-adapter"},
-                    "delta-masked": {"method": "delta", "masks": "attention"}}
+                    "delta-masked": {"method": "delta", "masks": "attention"},
+                    **{f"delta-masked-t{t}": {"method": "delta", "masks": "attention", "mask_threshold": t}
+                       for t in (0.3, 0.5)}}
+# Variants run only when --methods names them (not in the default list): hard masks at Prompt-to-Prompt's 0.3, 0.5.
+VARIANT_METHODS = ("delta-masked-t0.3", "delta-masked-t0.5")
 FUSION_METHODS = ("gradient", "weighted")
 ALL_METHODS = SAMPLING_METHODS + FUSION_METHODS + ("lorarar",)
 WORLD_DEFAULTS = {
@@ -426,7 +430,7 @@ def parse_args(argv=None):
                    help="folder with one trained LoRA per held-out concept (v1: found by lorakit.trigger, default "
                    "artifacts/adapters; v2: the recipe LoRAs of tools/train_toy2_loras.py --out, default "
                    "artifacts/toy2_loras)")
-    p.add_argument("--methods", nargs="+", choices=ALL_METHODS,
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS + VARIANT_METHODS,
                    help="default: all (--world v2: all but lorarar, which has no v2 hypernetwork)")
     p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], help="set sizes N (default 2 3 4)")
     p.add_argument("--sets-per-size", type=int, default=None, help="seeded sample of sets per N (default: all)")
@@ -569,7 +573,7 @@ class CellRunner:
         self.score = None if args.no_score else presence_scorer(args)
 
     def runner_for(self, method):
-        key = "sampling" if method in SAMPLING_METHODS else "fusion"
+        key = "sampling" if method in SAMPLING_METHODS + VARIANT_METHODS else "fusion"
         if key not in self.runners:
             self.runners[key] = (SamplingRunner(self.args, self.files) if key == "sampling"
                                  else FusionRunner(self.args, self.files, self.out / "fused"))

@@ -1,13 +1,13 @@
 """Attention masks for delta composition (``lorakit sample --method delta --masks attention``).
 
 Delta composition adds each adapter's difference from the base prediction, ``p_base + sum_i g_i (p_i - p_base)``,
-everywhere in the latent. With masks each difference acts where its concept is:
-``p_base + sum_i g_i M_i * (p_i - p_base)``. The masks come from the base model's own cross-attention in the same
-step (its conditional pass, which delta runs anyway): ``M_i`` is the attention the base pays to adapter i's comma
-tag of the prompt (``kwibbit frog`` in ``kwibbit frog, hattock hat, nocturo night background``), averaged over
-heads and over the cross-attention layers at the two finest resolutions that have any, accumulated over the steps so far (as
-Prompt-to-Prompt's local blending does), min-max normalised per image to [0, 1]. The base knows the class words
-(``frog``, ``hat``), so it knows where the frog and the hat go before any adapter draws them.
+everywhere in the latent. With masks each difference acts where its concept is: ``p_base + sum_i g_i M_i * (p_i -
+p_base)``. The masks come from the base model's own cross-attention in the same step (its conditional pass, which
+delta runs anyway): ``M_i`` is the attention the base pays to adapter i's comma tag of the prompt (``kwibbit frog``
+in ``kwibbit frog, hattock hat, nocturo night background``), averaged over heads and over the cross-attention layers
+at the two finest resolutions that have any, accumulated over the steps so far (as Prompt-to-Prompt's local blending
+does), min-max normalised per image to [0, 1] (with ``--mask-threshold T``: 1 where >= T, else 0). The base knows
+the class words (``frog``, ``hat``), so it knows where the frog and the hat go before any adapter draws them.
 
 Adapters by kind (``--kinds`` or the files' ``lorakit.category``): a **style** acts everywhere (mask 1), a
 **background** where no other adapter's concept is (``1 - max`` of the other masks); every other adapter (character,
@@ -78,10 +78,12 @@ class AttentionMasks:
         spans: per adapter, the prompt's token positions of its tag (:func:`tag_token_spans`).
         kinds: per adapter, its kind or None (see the module docstring).
         latent_hw: the latent's (h, w); cfg: whether passes carry unconditional + conditional rows.
+        threshold: None for soft masks; else a cell's mask is 1 where its scaled attention is >= threshold, else 0.
     """
 
-    def __init__(self, spans: list[list[int]], kinds: list[str | None], latent_hw: tuple[int, int], cfg: bool):
-        self.spans, self.kinds, self.hw, self.cfg = spans, kinds, latent_hw, cfg
+    def __init__(self, spans: list[list[int]], kinds: list[str | None], latent_hw: tuple[int, int], cfg: bool,
+                 threshold: float | None = None):
+        self.spans, self.kinds, self.hw, self.cfg, self.threshold = spans, kinds, latent_hw, cfg, threshold
         self.recording = False
         self.total: torch.Tensor | None = None  # [B, N, h, w]: summed attention per adapter tag
         self._step: list[tuple[int, torch.Tensor]] = []  # (layer height, [B, N, h, w]) of this step's base pass
@@ -137,6 +139,8 @@ class AttentionMasks:
         lo = self.total.amin((2, 3), keepdim=True)
         hi = self.total.amax((2, 3), keepdim=True)
         masks = (self.total - lo) / (hi - lo).clamp_min(1e-12)
+        if self.threshold is not None:
+            masks = (masks >= self.threshold).to(masks.dtype)
         local = [i for i, k in enumerate(self.kinds) if k not in GLOBAL_KINDS + COMPLEMENT_KINDS]
         cover = masks[:, local].amax(1) if local else torch.zeros_like(masks[:, 0])
         for i, kind in enumerate(self.kinds):
@@ -166,4 +170,5 @@ def attention_masks(pipe, settings, adapters, prompt: str, kinds: list[str | Non
     kinds = list(kinds) if kinds is not None else [getattr(a, "category", None) for a in adapters]
     if len(kinds) != len(adapters):
         raise ValueError(f"masks attention: got {len(kinds)} kinds for {len(adapters)} adapters")
-    return AttentionMasks(tag_token_spans(pipe.tokenizer, prompt, triggers), kinds, latent_hw, cfg)
+    return AttentionMasks(tag_token_spans(pipe.tokenizer, prompt, triggers), kinds, latent_hw, cfg,
+                          settings.mask_threshold)

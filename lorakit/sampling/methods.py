@@ -46,6 +46,9 @@ class SamplerSettings:
     masks: str = option("none", "delta: each adapter's difference acts everywhere (none) or where the base's "
                         "cross-attention puts the comma tag holding its trigger (attention; a style everywhere, a "
                         "background where no other adapter is)", choices=["none", "attention"])
+    mask_threshold: float | None = option(None, "--masks attention: a cell belongs to a concept (mask 1) where its "
+                                          "scaled attention is >= T, else 0 (Prompt-to-Prompt's local blending uses "
+                                          "0.3)", type=float, show_default="soft masks")
     adapter_start: float = option(0.0, "fraction of the steps the base model samples alone before the adapters "
                                   "act (steps i with i / steps < start; diffusers' control_guidance_start rule): "
                                   "the base lays the scene out from the prompt's class words, the adapters then "
@@ -100,6 +103,8 @@ class SamplerSettings:
                 raise ValueError(f"adapter_guidance values must be >= 0, got {list(self.adapter_guidance)}")
         if self.masks == "attention" and (self.method != "delta" or self.prompt_parts != "joint"):
             raise ValueError("masks attention needs method delta with prompt_parts joint")
+        if self.mask_threshold is not None and (self.masks != "attention" or not 0.0 < self.mask_threshold < 1.0):
+            raise ValueError(f"mask_threshold needs masks attention and a value in (0, 1), got {self.mask_threshold}")
         if self.prompt_parts == "per-adapter" and self.method == "merge":
             raise ValueError("prompt_parts per-adapter needs passes with one adapter; merge has none")
         if self.method == "cmlora" and self.cmlora_mode == "official":
