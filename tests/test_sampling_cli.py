@@ -60,6 +60,11 @@ def test_cli_errors_are_named(tmp_path, files, capsys):
     assert main(["sample", "--base", "tiny:sd1", "--adapters", files[0], "--method", "cmlora", "--cmlora-mode",
                  "official", "--uncond", "base", "--prompt", "x", "--out", str(tmp_path)]) == 2
     assert "official" in capsys.readouterr().err
+    out = tmp_path / "masks"  # --masks attention: a trigger missing from the prompt fails before any image
+    assert main(["sample", "--base", "tiny:sd1", "--adapters", files[0], "--method", "delta", "--masks", "attention",
+                 "--triggers", "kwibbit", "--prompt", "a frog, night", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "trigger 'kwibbit' is in no comma tag" in err and "Traceback" not in err and not out.exists()
 
 
 def test_kinds_give_the_category_order(tmp_path, files):
