@@ -17,10 +17,10 @@ them, so a background's own attention map does not say where the background is.
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
+
+from lorakit.sampling.prompt_parts import adapter_triggers, tag_holds
 
 GLOBAL_KINDS = ("style",)
 COMPLEMENT_KINDS = ("background",)
@@ -45,8 +45,7 @@ def tag_token_spans(tokenizer, prompt: str, triggers: list[str]) -> list[list[in
         raise ValueError(f"masks attention: the comma tags of {prompt!r} do not tokenize as the whole prompt does")
     out = []
     for word in triggers:
-        hits = [s for tag, s in zip(tags, spans)
-                if word and re.search(rf"(?<!\w){re.escape(word)}(?!\w)", tag, flags=re.IGNORECASE)]
+        hits = [s for tag, s in zip(tags, spans) if word and tag_holds(tag, word)]
         if not hits:
             raise ValueError(f"masks attention: trigger {word!r} is in no comma tag of the prompt {prompt!r}")
         out.append([i for s in hits for i in s if i < tokenizer.model_max_length])
@@ -161,8 +160,7 @@ def attention_masks(pipe, settings, adapters, prompt: str, kinds: list[str | Non
     """
     if settings.masks != "attention" or not adapters:
         return None
-    triggers = list(settings.triggers) if settings.triggers else [
-        (a.metadata or {}).get("lorakit.trigger", "") for a in adapters]
+    triggers = adapter_triggers(settings, adapters)
     missing = [a.name for a, t in zip(adapters, triggers) if not t]
     if len(triggers) != len(adapters) or missing:
         raise ValueError(f"masks attention: one trigger per adapter is needed (--triggers or lorakit.trigger "

@@ -34,7 +34,7 @@ from lorakit.sampling.cache import DeepFeatureCache
 from lorakit.sampling.conditions import SpatialConditions, load_conditions
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
 from lorakit.sampling.methods import SAMPLERS, Plan, SamplerSettings, Term, method_plan
-from lorakit.sampling.prompt_parts import adapter_prompt_parts
+from lorakit.sampling.prompt_parts import adapter_prompt_parts, adapter_triggers
 from lorakit.sampling.regional import RegionalController, install_regional, remove_regional, warn_empty_boxes
 
 METHODS = SAMPLERS  # name -> Sampler (lorakit.sampling.methods)
@@ -211,8 +211,7 @@ def prompt_parts_of(settings: SamplerSettings, adapters: list[LoadedAdapter], pr
         return None
     if regions is not None:
         raise ValueError("prompt_parts per-adapter does not combine with regions (each region has its own prompt)")
-    triggers = list(settings.triggers) if settings.triggers else [
-        (a.metadata or {}).get("lorakit.trigger", "") for a in adapters]
+    triggers = adapter_triggers(settings, adapters)
     if len(triggers) != len(adapters):
         raise ValueError(f"triggers: got {len(triggers)} words for {len(adapters)} adapters")
     missing = [a.name for a, t in zip(adapters, triggers) if not t]

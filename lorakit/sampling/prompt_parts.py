@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 
 
-def _holds(tag: str, word: str) -> bool:
+def tag_holds(tag: str, word: str) -> bool:
+    """Whether comma tag ``tag`` holds ``word`` as a whole word (case-insensitive)."""
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", tag, flags=re.IGNORECASE) is not None
 
 
@@ -28,9 +29,17 @@ def adapter_prompt_parts(prompt: str, triggers: list[str]) -> list[str]:
     for word in triggers:
         if not word or not word.strip():
             raise ValueError("prompt parts: an adapter has no trigger word (set --triggers)")
-        if not any(_holds(t, word.strip()) for t in tags):
+        if not any(tag_holds(t, word.strip()) for t in tags):
             raise ValueError(f"prompt parts: trigger {word!r} is in no comma tag of the prompt {prompt!r}")
     for word in triggers:
-        keep = [t for t in tags if _holds(t, word.strip()) or not any(_holds(t, w.strip()) for w in triggers)]
+        keep = [t for t in tags if tag_holds(t, word.strip()) or not any(tag_holds(t, w.strip()) for w in triggers)]
         parts.append(", ".join(keep))
     return parts
+
+
+def adapter_triggers(settings, adapters) -> list[str]:
+    """Each adapter's trigger word: ``settings.triggers`` if set, else each file's ``lorakit.trigger`` metadata
+    ("" where it has none)."""
+    if settings.triggers:
+        return list(settings.triggers)
+    return [(a.metadata or {}).get("lorakit.trigger", "") for a in adapters]
