@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lorakit.sampling.prompt_parts import adapter_triggers, tag_holds
+from lorakit.sampling.regional import wrap_cross_attention
 
 GLOBAL_KINDS = ("style",)
 COMPLEMENT_KINDS = ("background",)
@@ -90,10 +91,7 @@ class AttentionMasks:
         self.masks: torch.Tensor | None = None
 
     def install(self, unet) -> dict:
-        previous = dict(unet.attn_processors)
-        unet.set_attn_processor({name: _Recorder(self, proc) if name.endswith("attn2.processor") else proc
-                                 for name, proc in previous.items()})
-        return previous
+        return wrap_cross_attention(unet, lambda name, proc: _Recorder(self, proc))
 
     def add(self, probs: torch.Tensor) -> None:
         """One cross-attention layer's probabilities ``[B, h*w, L]`` of this step's base pass."""

@@ -257,12 +257,15 @@ def install_regional(unet, controller: RegionalController) -> dict:
     Returns:
         The previous processors (pass to :func:`remove_regional` to restore them).
     """
+    return wrap_cross_attention(unet, lambda name, proc: RegionalAttnProcessor(controller, name, proc))
+
+
+def wrap_cross_attention(unet, wrap) -> dict:
+    """Replace every cross-attention processor (``attn2``) of ``unet`` by ``wrap(name, processor)``, the others
+    untouched; returns the previous processors (restore them with :func:`remove_regional`)."""
     previous = dict(unet.attn_processors)
-    procs = {
-        name: RegionalAttnProcessor(controller, name, proc) if name.endswith("attn2.processor") else proc
-        for name, proc in previous.items()
-    }
-    unet.set_attn_processor(procs)
+    unet.set_attn_processor({name: wrap(name, proc) if name.endswith("attn2.processor") else proc
+                             for name, proc in previous.items()})
     return previous
 
 
