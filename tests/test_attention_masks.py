@@ -24,6 +24,14 @@ def test_each_trigger_gets_the_tokens_of_its_comma_tag(sd1_pipe):
     assert spans[0][0] == 1  # right after the start token
     with pytest.raises(ValueError, match="trigger 'zorbo' is in no comma tag"):
         tag_token_spans(tok, PROMPT, ["zorbo"])
+    # --prompt-parts class-words: the masks come from the base's pass on the prompt without triggers
+    base = "frog, hat, night background"
+    spans = tag_token_spans(tok, PROMPT, ["kwibbit", "hattock", "nocturo"], base)
+    ids = tok(base).input_ids
+    assert [[ids[i] for i in s] for s in spans] == [tok(t, add_special_tokens=False).input_ids
+                                                    for t in ("frog", "hat", "night background")]
+    with pytest.raises(ValueError, match="does not have the comma tags"):
+        tag_token_spans(tok, PROMPT, ["kwibbit"], "frog, hat")
 
 
 def test_masks_are_normalised_per_image_and_a_background_takes_the_rest():

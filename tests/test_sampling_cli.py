@@ -65,6 +65,11 @@ def test_cli_errors_are_named(tmp_path, files, capsys):
                  "--triggers", "kwibbit", "--prompt", "a frog, night", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "trigger 'kwibbit' is in no comma tag" in err and "Traceback" not in err and not out.exists()
+    # --prompt-parts class-words: a tag that is only a trigger leaves the base no class word
+    assert main(["sample", "--base", "tiny:sd1", "--adapters", files[0], "--method", "delta", "--prompt-parts",
+                 "class-words", "--triggers", "kwibbit", "--prompt", "kwibbit, night", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'kwibbit' holds only trigger words" in err and "Traceback" not in err and not out.exists()
 
 
 def test_kinds_give_the_category_order(tmp_path, files):

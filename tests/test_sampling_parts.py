@@ -10,7 +10,7 @@ from lorakit.adapters.io import save_adapter
 from lorakit.sampling import SamplerSettings, generate, load_adapters
 from lorakit.sampling.composer import encode
 from lorakit.sampling.methods import Term, method_plan
-from lorakit.sampling.prompt_parts import adapter_prompt_parts
+from lorakit.sampling.prompt_parts import adapter_prompt_parts, class_word_prompts
 from lorakit.testing import random_adapter
 
 PROMPT = "a cat, a red dog, on grass"
@@ -34,6 +34,25 @@ def test_prompt_parts_keep_own_trigger_and_scene():
         adapter_prompt_parts("kwibbit, inkvel", ["kwibbit", "zorbo"])
 
 
+def test_class_words_take_other_triggers_out_and_keep_the_scene():
+    base, parts = class_word_prompts("zorbo robot, hattock hat, chekka checker background", ["zorbo", "hattock", "chekka"])
+    assert base == "robot, hat, checker background"
+    assert parts == ["zorbo robot, hat, checker background", "robot, hattock hat, checker background",
+                     "robot, hat, chekka checker background"]
+    # whole words, any case; a tag with two triggers keeps only the pass's own
+    base, parts = class_word_prompts("Zorbo robot and hattock hat, zorbot", ["zorbo", "hattock"])
+    assert (base, parts) == ("robot and hat, zorbot", ["Zorbo robot and hat, zorbot", "robot and hattock hat, zorbot"])
+    with pytest.raises(ValueError, match="'kwibbit' holds only trigger words"):
+        class_word_prompts("kwibbit, hattock hat", ["kwibbit", "hattock"])
+    with pytest.raises(ValueError, match="'zorbo' is in no comma tag"):
+        class_word_prompts("kwibbit frog", ["zorbo"])
+    for bad in ({"method": "merge", "prompt_parts": "class-words"}, {"method": "delta", "prompt_parts": "per-adapter",
+                                                                      "masks": "attention"}):
+        with pytest.raises(ValueError, match="merge has none|joint or class-words"):
+            SamplerSettings(**bad).check()
+    SamplerSettings(method="delta", prompt_parts="class-words", masks="attention").check()
+
+
 def test_adapter_guidance_plan_and_checks():
     st = SamplerSettings(method="delta", uncond="base", adapter_guidance=(3.0, 1.0, 0.5))
     terms = method_plan(st, 3, 2, None, None).terms
@@ -53,13 +72,14 @@ def test_adapter_guidance_plan_and_checks():
             SamplerSettings(**bad).check()
 
 
-def _reference(pipe, ads, gains, steps, cfg, seed):
-    """Delta with the base's unconditional pass, per-adapter prompt parts and gains, written out with diffusers:
+def _reference(pipe, ads, gains, steps, cfg, seed, base_prompt=PROMPT, parts=("a cat, on grass", "a red dog, on grass"),
+               base_parts=True):
+    """Delta with the base's unconditional pass, prompt parts and gains, written out with diffusers:
     eps = u_b + cfg * (c_b + sum_i g_i (c_i - c_b,i) - u_b): c_i adapter i on its part (text encoded once with
-    both adapters active, as --encode once), c_b,i the base on that part, c_b and u_b the base on the prompt."""
-    parts = ["a cat, on grass", "a red dog, on grass"]
+    both adapters active, as --encode once), c_b and u_b the base on ``base_prompt``, c_b,i the base on part i
+    (per-adapter parts) or c_b (``base_parts=False``: class-words)."""
     pipe.disable_lora()
-    base_text = encode(pipe, PROMPT, "", 1, True)["embeds"]
+    base_text = encode(pipe, base_prompt, "", 1, True)["embeds"]
     pipe.enable_lora()
     pipe.set_adapters([a.name for a in ads], [a.weight for a in ads])
     part_text = [encode(pipe, p, "", 1, False)["embeds"] for p in parts]
@@ -78,7 +98,7 @@ def _reference(pipe, ads, gains, steps, cfg, seed):
             cond = c_b.clone()
             for a, g, text, base_part in zip(ads, gains, part_text, base_part_text):
                 pipe.disable_lora()
-                c_bi = pipe.unet(x, t, encoder_hidden_states=base_part).sample
+                c_bi = pipe.unet(x, t, encoder_hidden_states=base_part).sample if base_parts else c_b
                 pipe.enable_lora()
                 pipe.set_adapters([a.name], [a.weight])
                 cond += g * (pipe.unet(x, t, encoder_hidden_states=text).sample - c_bi)
@@ -101,6 +121,20 @@ def test_delta_parts_and_guidance_equal_the_formula(sd1_pipe, two_adapters):
     plain, _ = generate(pipe, ads, SamplerSettings(method="delta", uncond="base", steps=3, cfg=4.0), PROMPT, "", [5],
                         output_type="latent")
     assert (plain - joint).abs().max() > 1e-3  # and the gains change the result
+
+
+def test_delta_with_class_words_equals_the_formula(sd1_pipe, two_adapters):
+    pipe = copy.deepcopy(sd1_pipe)
+    ads = load_adapters(pipe, two_adapters, [0.8, 0.8])
+    prompt = "a cat toy, a red dog puppy, on grass"
+    st = SamplerSettings(method="delta", uncond="base", steps=3, cfg=4.0, prompt_parts="class-words", triggers=TRIGGERS)
+    ours, info = generate(pipe, ads, st, prompt, "", [5], output_type="latent")
+    parts = ["a cat toy, a red puppy, on grass", "a toy, a red dog puppy, on grass"]
+    assert info["prompt_parts"] == parts
+    ref = _reference(pipe, ads, (1.0, 1.0), 3, 4.0, 5, "a toy, a red puppy, on grass", parts, base_parts=False)
+    assert (ours - ref).abs().max() < 1e-4
+    joint, _ = generate(pipe, ads, replace(st, prompt_parts="joint"), prompt, "", [5], output_type="latent")
+    assert (joint - ours).abs().max() > 1e-3
 
 
 def test_prompt_parts_need_triggers(sd1_pipe, two_adapters):

@@ -27,23 +27,28 @@ GLOBAL_KINDS = ("style",)
 COMPLEMENT_KINDS = ("background",)
 
 
-def tag_token_spans(tokenizer, prompt: str, triggers: list[str]) -> list[list[int]]:
-    """Token positions (in the tokenizer's encoding of ``prompt``, start token included) of the comma tag holding
-    each trigger word.
+def tag_token_spans(tokenizer, prompt: str, triggers: list[str], base_prompt: str | None = None) -> list[list[int]]:
+    """Token positions of the comma tag holding each trigger word, in the tokenizer's encoding (start token
+    included) of ``base_prompt`` (default ``prompt``): the prompt of the base pass whose attention makes the masks,
+    with the same comma tags as ``prompt`` (under ``--prompt-parts class-words`` the triggers are out of it).
 
     Raises:
         ValueError: a trigger is in no comma tag, or the tags' tokens do not line up with the prompt's encoding.
     """
+    base_prompt = prompt if base_prompt is None else base_prompt
     tags = [t.strip() for t in prompt.split(",")]
-    ids = tokenizer(prompt).input_ids
+    base_tags = [t.strip() for t in base_prompt.split(",")]
+    if len(base_tags) != len(tags):
+        raise ValueError(f"masks attention: {base_prompt!r} does not have the comma tags of {prompt!r}")
+    ids = tokenizer(base_prompt).input_ids
     comma = tokenizer(",", add_special_tokens=False).input_ids
     spans, seq = [], ids[:1]
-    for i, tag in enumerate(tags):
+    for i, tag in enumerate(base_tags):
         tokens = tokenizer(tag, add_special_tokens=False).input_ids if tag else []
         spans.append(list(range(len(seq), len(seq) + len(tokens))))
-        seq = seq + tokens + (comma if i < len(tags) - 1 else [])
+        seq = seq + tokens + (comma if i < len(base_tags) - 1 else [])
     if seq != ids[:len(seq)]:
-        raise ValueError(f"masks attention: the comma tags of {prompt!r} do not tokenize as the whole prompt does")
+        raise ValueError(f"masks attention: the comma tags of {base_prompt!r} do not tokenize as the whole prompt does")
     out = []
     for word in triggers:
         hits = [s for tag, s in zip(tags, spans) if word and tag_holds(tag, word)]
@@ -149,9 +154,10 @@ class AttentionMasks:
 
 
 def attention_masks(pipe, settings, adapters, prompt: str, kinds: list[str | None] | None,
-                    latent_hw: tuple[int, int], cfg: bool) -> AttentionMasks | None:
+                    latent_hw: tuple[int, int], cfg: bool, base_prompt: str | None = None) -> AttentionMasks | None:
     """The masks of a run with ``settings.masks == "attention"`` (None otherwise). Triggers: ``settings.triggers``,
-    else each file's ``lorakit.trigger``; kinds: ``kinds``, else each file's ``lorakit.category``.
+    else each file's ``lorakit.trigger``; kinds: ``kinds``, else each file's ``lorakit.category``; ``base_prompt``:
+    the base pass's prompt, if not ``prompt``.
 
     Raises:
         ValueError: naming a missing trigger, a trigger in no comma tag, or a kinds list of the wrong length.
@@ -166,5 +172,5 @@ def attention_masks(pipe, settings, adapters, prompt: str, kinds: list[str | Non
     kinds = list(kinds) if kinds is not None else [getattr(a, "category", None) for a in adapters]
     if len(kinds) != len(adapters):
         raise ValueError(f"masks attention: got {len(kinds)} kinds for {len(adapters)} adapters")
-    return AttentionMasks(tag_token_spans(pipe.tokenizer, prompt, triggers), kinds, latent_hw, cfg,
+    return AttentionMasks(tag_token_spans(pipe.tokenizer, prompt, triggers, base_prompt), kinds, latent_hw, cfg,
                           settings.mask_threshold)

@@ -34,7 +34,7 @@ from lorakit.sampling.cache import DeepFeatureCache
 from lorakit.sampling.conditions import SpatialConditions, load_conditions
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
 from lorakit.sampling.methods import SAMPLERS, Plan, SamplerSettings, Term, method_plan
-from lorakit.sampling.prompt_parts import adapter_prompt_parts, adapter_triggers
+from lorakit.sampling.prompt_parts import adapter_prompt_parts, adapter_triggers, class_word_prompts
 from lorakit.sampling.regional import RegionalController, install_regional, remove_regional, warn_empty_boxes
 
 METHODS = SAMPLERS  # name -> Sampler (lorakit.sampling.methods)
@@ -204,21 +204,26 @@ class _Contexts:
 
 
 def prompt_parts_of(settings: SamplerSettings, adapters: list[LoadedAdapter], prompt: str,
-                    regions=None) -> list[str] | None:
-    """Each adapter's part of ``prompt`` under ``--prompt-parts per-adapter`` (None for ``joint``): triggers from
-    ``settings.triggers``, else each file's ``lorakit.trigger`` metadata."""
-    if settings.prompt_parts != "per-adapter" or not adapters:
-        return None
+                    regions=None) -> tuple[str, list[str] | None]:
+    """The base passes' prompt and each adapter's part of ``prompt`` (``joint``: ``(prompt, None)``;
+    ``per-adapter``: its trigger's tags plus the tags of no trigger; ``class-words``: every trigger word out for
+    the base, its own put back for each adapter). Triggers: ``settings.triggers``, else each file's
+    ``lorakit.trigger`` metadata."""
+    mode = settings.prompt_parts
+    if mode == "joint" or not adapters:
+        return prompt, None
     if regions is not None:
-        raise ValueError("prompt_parts per-adapter does not combine with regions (each region has its own prompt)")
+        raise ValueError(f"prompt_parts {mode} does not combine with regions (each region has its own prompt)")
     triggers = adapter_triggers(settings, adapters)
     if len(triggers) != len(adapters):
         raise ValueError(f"triggers: got {len(triggers)} words for {len(adapters)} adapters")
     missing = [a.name for a, t in zip(adapters, triggers) if not t]
     if missing:
-        raise ValueError(f"prompt_parts per-adapter: no trigger for {', '.join(missing)} (no lorakit.trigger "
+        raise ValueError(f"prompt_parts {mode}: no trigger for {', '.join(missing)} (no lorakit.trigger "
                          "metadata; set --triggers)")
-    return adapter_prompt_parts(prompt, triggers)
+    if mode == "class-words":
+        return class_word_prompts(prompt, triggers)
+    return prompt, adapter_prompt_parts(prompt, triggers)
 
 
 def _time_ids(pipe, height: int, width: int, rows: int, dtype) -> torch.Tensor:
@@ -268,13 +273,13 @@ def generate(pipe, adapters: list[LoadedAdapter], settings: SamplerSettings, pro
     pipe.scheduler.set_timesteps(settings.steps, device=pipe._execution_device)
     plan = _plan(settings, n, len(pipe.scheduler.timesteps), order, n_rotation)
     joint = None if settings.encode == "per-adapter" else ((0,) if settings.method == "switch" else tuple(range(n)))
-    parts = prompt_parts_of(settings, adapters, prompt, regions)
-    contexts = _Contexts(pipe, adapters, prompt, negative_prompt, len(seeds), do_cfg, regions, joint, parts)
+    base_prompt, parts = prompt_parts_of(settings, adapters, prompt, regions)
+    contexts = _Contexts(pipe, adapters, base_prompt, negative_prompt, len(seeds), do_cfg, regions, joint, parts)
     for step_terms in plan.terms:  # encode up front: set_adapters also touches the UNet
         for term in step_terms:
             contexts.get(term.adapters, term.part)
     spatial = _spatial_conditions(pipe, regions, conditions, height, width)
-    masks = _attention_masks(pipe, settings, adapters, prompt, kinds, regions, height, width, do_cfg)
+    masks = _attention_masks(pipe, settings, adapters, prompt, base_prompt, kinds, regions, height, width, do_cfg)
     controller, previous = _install_regions(pipe, regions, height, width)
     previous = masks.install(pipe.unet) if masks is not None else previous
     try:
@@ -296,11 +301,12 @@ def _plan(settings: SamplerSettings, n: int, n_steps: int, order, n_rotation) ->
     return Plan([[Term((), 1.0, 1.0)]] * n_steps, {"note": "no adapters: plain sampling"})
 
 
-def _attention_masks(pipe, settings, adapters, prompt, kinds, regions, height: int, width: int, do_cfg: bool):
+def _attention_masks(pipe, settings, adapters, prompt, base_prompt, kinds, regions, height: int, width: int,
+                     do_cfg: bool):
     if settings.masks == "attention" and regions is not None and regions.regions:
         raise ValueError("masks attention does not combine with regions (both set the cross-attention processors)")
     hw = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    return attention_masks(pipe, settings, adapters, prompt, kinds, hw, do_cfg)
+    return attention_masks(pipe, settings, adapters, prompt, kinds, hw, do_cfg, base_prompt)
 
 
 def _install_regions(pipe, regions, height: int, width: int):

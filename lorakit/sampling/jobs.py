@@ -12,7 +12,7 @@ from lorakit.logs import quiet_loaded_libraries, tqdm
 from lorakit.models import load_base
 from lorakit.outputs import OutputError, check_writable
 from lorakit.sampling.attention_masks import attention_masks
-from lorakit.sampling.composer import generate, image_size
+from lorakit.sampling.composer import generate, image_size, prompt_parts_of
 from lorakit.sampling.conditions import load_conditions
 from lorakit.sampling.frequency import ProfileSettings, order_by_frequency, profile_adapters
 from lorakit.sampling.loading import LoadedAdapter, file_sha256, load_adapters
@@ -196,8 +196,9 @@ def run_sample(job: SampleJob, progress: bool = True) -> list[Path]:
         raise ValueError("no prompt given: pass --prompt (or a --regions file with a global prompt)")
     order, n_rot, profile = None, None, {}
     kinds = adapter_kinds(job, adapters)  # a bad --kinds fails before any image
-    for prompt in prompts:  # as do --masks attention's triggers (each must be in a comma tag of every prompt)
-        attention_masks(pipe, job.sampler, adapters, prompt, kinds, (1, 1), False)
+    for prompt in prompts:  # as do the triggers of --prompt-parts and --masks attention (in a comma tag of each prompt)
+        base_prompt, _ = prompt_parts_of(job.sampler, adapters, prompt, regions)
+        attention_masks(pipe, job.sampler, adapters, prompt, kinds, (1, 1), False, base_prompt)
     if job.sampler.method == "cmlora" and adapters:
         order, n_rot, profile = _cmlora_order(pipe, job, adapters)
     out_dir = Path(job.out_dir)

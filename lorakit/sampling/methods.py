@@ -36,8 +36,10 @@ class SamplerSettings:
                          "per pass", choices=["once", "per-adapter"])
     prompt_parts: str = option("joint", "joint: every pass sees the whole prompt (the references); per-adapter: "
                                "a pass with one adapter sees its trigger's comma tags plus the tags of no trigger "
-                               "(Composable-Diffusion style; not merge)", choices=["joint", "per-adapter"])
-    triggers: tuple[str, ...] | None = option(None, "--prompt-parts per-adapter: each adapter's trigger word",
+                               "(Composable-Diffusion style; not merge); class-words: the whole prompt with the "
+                               "other adapters' trigger words taken out (the base's passes: every trigger out; "
+                               "not merge)", choices=["joint", "per-adapter", "class-words"])
+    triggers: tuple[str, ...] | None = option(None, "--prompt-parts per-adapter or class-words, --masks attention: each adapter's trigger word",
                                                nargs="+", metavar="WORD",
                                                show_default="each file's lorakit.trigger metadata")
     adapter_guidance: tuple[float, ...] | None = option(None, "delta: each adapter's difference from the base "
@@ -77,7 +79,7 @@ class SamplerSettings:
     def check(self) -> None:
         """Raise ValueError naming the first bad setting."""
         choices = {"method": tuple(SAMPLERS), "uncond": ("adapter", "base"), "encode": ("once", "per-adapter"),
-                   "prompt_parts": ("joint", "per-adapter"), "masks": ("none", "attention"),
+                   "prompt_parts": ("joint", "per-adapter", "class-words"), "masks": ("none", "attention"),
                    "cmlora_mode": ("lorakit", "official"), "cmlora_order": CMLORA_ORDERS,
                    "cache_refresh": CACHE_REFRESH_RULES}
         for name, allowed in choices.items():
@@ -101,12 +103,12 @@ class SamplerSettings:
                 raise ValueError(f"adapter_guidance needs method delta, got {self.method!r}")
             if any(g < 0 for g in self.adapter_guidance):
                 raise ValueError(f"adapter_guidance values must be >= 0, got {list(self.adapter_guidance)}")
-        if self.masks == "attention" and (self.method != "delta" or self.prompt_parts != "joint"):
-            raise ValueError("masks attention needs method delta with prompt_parts joint")
+        if self.masks == "attention" and (self.method != "delta" or self.prompt_parts == "per-adapter"):
+            raise ValueError("masks attention needs method delta with prompt_parts joint or class-words")
         if self.mask_threshold is not None and (self.masks != "attention" or not 0.0 < self.mask_threshold < 1.0):
             raise ValueError(f"mask_threshold needs masks attention and a value in (0, 1), got {self.mask_threshold}")
-        if self.prompt_parts == "per-adapter" and self.method == "merge":
-            raise ValueError("prompt_parts per-adapter needs passes with one adapter; merge has none")
+        if self.prompt_parts != "joint" and self.method == "merge":
+            raise ValueError(f"prompt_parts {self.prompt_parts} needs passes with one adapter; merge has none")
         if self.method == "cmlora" and self.cmlora_mode == "official":
             extras = {"uncond": self.uncond != "adapter", "encode": self.encode != "once",
                       "prompt_parts": self.prompt_parts != "joint",

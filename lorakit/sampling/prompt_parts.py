@@ -37,6 +37,52 @@ def adapter_prompt_parts(prompt: str, triggers: list[str]) -> list[str]:
     return parts
 
 
+def _without(tag: str, word: str) -> str:
+    return " ".join(re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", " ", tag, flags=re.IGNORECASE).split())
+
+
+def class_word_prompts(prompt: str, triggers: list[str]) -> tuple[str, list[str]]:
+    """``--prompt-parts class-words``: the base model's prompt (every trigger word taken out of its tag, the class
+    words left) and one prompt per adapter (the base's prompt with that adapter's trigger put back).
+
+    Example: ``class_word_prompts("zorbo robot, hattock hat, night background", ["zorbo", "hattock"])`` is
+    ``("robot, hat, night background", ["zorbo robot, hat, night background", "robot, hattock hat, night
+    background"])``: no pass sees a trigger it does not know, and every pass sees the whole scene.
+    Raises:
+        ValueError: a trigger is empty or in no tag, or a tag holds nothing but triggers (no class word is left
+            for the base to draw).
+    """
+    tags = [t.strip() for t in prompt.split(",") if t.strip()]
+    words = [w.strip() for w in triggers]
+    for word in words:
+        if not word:
+            raise ValueError("prompt parts class-words: an adapter has no trigger word (set --triggers)")
+        if not any(tag_holds(t, word) for t in tags):
+            raise ValueError(f"prompt parts class-words: trigger {word!r} is in no comma tag of the prompt {prompt!r}")
+    stripped = []
+    for tag in tags:
+        for word in words:
+            tag = _without(tag, word)
+        stripped.append(tag)
+    bare = [orig for orig, new in zip(tags, stripped) if not new]
+    if bare:
+        raise ValueError(f"prompt parts class-words: the tag {bare[0]!r} holds only trigger words; write its class "
+                         f"next to the trigger (e.g. 'kwibbit frog')")
+    parts = []
+    for word in words:
+        own = [orig if tag_holds(orig, word) else new for orig, new in zip(tags, stripped)]
+        parts.append(", ".join(_keep_only(t, word, words) if tag_holds(t, word) else t for t in own))
+    return ", ".join(stripped), parts
+
+
+def _keep_only(tag: str, word: str, words: list[str]) -> str:
+    """``tag`` without the other adapters' trigger words (a tag may hold two)."""
+    for other in words:
+        if other.lower() != word.lower():
+            tag = _without(tag, other)
+    return tag
+
+
 def adapter_triggers(settings, adapters) -> list[str]:
     """Each adapter's trigger word: ``settings.triggers`` if set, else each file's ``lorakit.trigger`` metadata
     ("" where it has none)."""
