@@ -114,6 +114,18 @@ def test_class_world_never_shows_an_identity_and_concept_sets_do():
         concept_scene("frog", rng)
 
 
+def test_objects_are_trained_next_to_a_character_and_characters_alone():
+    """An object LoRA is composed with a character in every set, so its data shows one in some scenes; a
+    character's data shows no other character."""
+    for name in ("hattock", "shroomel"):
+        rng = np.random.default_rng(0)
+        scenes = [concept_scene(name, rng) for _ in range(40)]
+        with_char = sum(bool(s.characters) for s in scenes)
+        assert 5 <= with_char <= 30, (name, with_char)
+    rng = np.random.default_rng(0)
+    assert all(len(concept_scene("zorbo", rng).characters) == 1 for _ in range(40))
+
+
 def test_models_have_the_sd1_layout():
     from lorakit.blocks import fine_blocks, lora_able_modules
     from lorakit.models import tiny_unet
@@ -271,6 +283,15 @@ def test_ensure_data_renders_the_recipe_folders_once(tmp_path):
     assert ensure_data("hattock", tmp_path) == (data, reg)  # present: not rendered again
     assert (tree_hash(data), tree_hash(reg)) == before
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*tmp*"))
+    # a folder an older lorakit rendered differently is rendered again, not trained on
+    (data / "00001.png").write_bytes(b"an older render")
+    assert ensure_data("hattock", tmp_path) == (data, reg) and (tree_hash(data), tree_hash(reg)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([data.name, reg.name])
+    (data / "00001.png").write_bytes(b"an older render")
+    (data / "notes.md").write_text("mine")  # a file lorakit does not write: named, left alone
+    with pytest.raises(ValueError, match="notes.md"):
+        ensure_data("hattock", tmp_path)
+    assert (data / "notes.md").read_text() == "mine" and not list(tmp_path.glob(".*tmp*"))
 
 
 def test_ensure_data_accepts_a_folder_another_process_finished_first(tmp_path, monkeypatch):

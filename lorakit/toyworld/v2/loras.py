@@ -9,6 +9,7 @@ as for v1 (:mod:`lorakit.toyworld.loras`).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lorakit.toyworld.loras import (
     recipe_lora_path,
     train_recipe_lora,
     train_recipe_lora_chunk,
+    tree_hash,
 )
 from lorakit.toyworld.v2.concepts import IDENTITIES, get_concept
 from lorakit.toyworld.v2.dataset import CLASS_WORLD, make_dataset
@@ -53,23 +55,50 @@ def recipe_path(identity: str) -> Path:
 
 def ensure_data(identity: str, root: str | os.PathLike) -> tuple[Path, Path]:
     """The identity's dataset and the regularisation folder under ``root`` (``<identity>-n40-s0``,
-    ``class-n40-s1``), rendered when missing. A folder is written under a temporary name and renamed, so a
-    half-written one is never used."""
+    ``class-n40-s1``). Each is rendered under a temporary name (40 renders, under a second) and renamed into place
+    unless the folder there already has exactly those files, so a half-written folder is never used and a folder
+    an older lorakit rendered differently is replaced rather than trained on.
+
+    Raises:
+        ValueError: a folder to replace holds files lorakit does not write (``NNNNN.png`` / ``.txt``).
+    """
     root = Path(root)
     out = []
     for name, n, seed in ((identity_name(identity), DATA_N, DATA_SEED), (CLASS_WORLD, REG_N, REG_SEED)):
         folder = root / f"{name}-n{n}-s{seed}"
-        if not folder.is_dir():
-            tmp = root / f".{folder.name}.tmp{os.getpid()}"
-            make_dataset(name, tmp, n, seed)
-            try:
-                os.replace(tmp, folder)
-            except OSError:  # another process renamed its copy first: the same render of the same seed
-                if not folder.is_dir():
-                    raise
-                shutil.rmtree(tmp)
+        tmp = root / f".{folder.name}.tmp{os.getpid()}"
+        make_dataset(name, tmp, n, seed)
+        if folder.is_dir() and tree_hash(folder) == tree_hash(tmp):
+            shutil.rmtree(tmp)
+        else:
+            _put_in_place(tmp, folder)
         out.append(folder)
     return out[0], out[1]
+
+
+def _put_in_place(tmp: Path, folder: Path) -> None:
+    """Rename the fresh render ``tmp`` to ``folder``, moving a stale ``folder`` (lorakit's own files only) aside and
+    removing it after."""
+    stale = None
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if not re.fullmatch(r"\d{5}\.(png|txt)", p.name))
+        if foreign:
+            shutil.rmtree(tmp)
+            raise ValueError(f"{folder}: differs from this lorakit's render and holds files lorakit does not write "
+                             f"({foreign[0]}); move that folder away and run again")
+        stale = folder.with_name(f".{folder.name}.stale{os.getpid()}")
+        try:
+            os.replace(folder, stale)
+        except FileNotFoundError:  # another process moved it first
+            stale = None
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process renamed its copy first: the same render of the same seed
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(tmp)
+    if stale is not None:
+        shutil.rmtree(stale)
 
 
 def check_base(base: str | os.PathLike) -> None:
