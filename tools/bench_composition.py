@@ -65,10 +65,14 @@ SAMPLER_SETTINGS = {"composite-ubase": {"method": "composite", "uncond": "base"}
                     **{f"delta-masked-t{t}": {"method": "delta", "masks": "attention", "mask_threshold": t}
                        for t in (0.3, 0.5)},
                     "delta-classes": {"method": "delta", "prompt_parts": "class-words"},
-                    "delta-masked-classes": {"method": "delta", "masks": "attention", "prompt_parts": "class-words"}}
+                    "delta-masked-classes": {"method": "delta", "masks": "attention", "prompt_parts": "class-words"},
+                    "delta-masked-classes-ubase": {"method": "delta", "masks": "attention", "prompt_parts": "class-words",
+                                                   "uncond": "base"}}
 # Variants run only when --methods names them (not in the default list): hard masks at Prompt-to-Prompt's 0.3, 0.5;
-# the class-words prompts (v2 prompts only: each trigger needs its class word beside it).
-VARIANT_METHODS = ("delta-masked-t0.3", "delta-masked-t0.5", "delta-classes", "delta-masked-classes")
+# the class-words prompts, also with the base's unconditional pass (v2 prompts only: each trigger needs its
+# class word beside it).
+VARIANT_METHODS = ("delta-masked-t0.3", "delta-masked-t0.5", "delta-classes", "delta-masked-classes",
+                   "delta-masked-classes-ubase")
 FUSION_METHODS = ("gradient", "weighted")
 ALL_METHODS = SAMPLING_METHODS + FUSION_METHODS + ("lorarar",)
 WORLD_DEFAULTS = {

@@ -82,8 +82,9 @@ def mixed_scene(rng: np.random.Generator) -> Scene:
 def concept_scene(name: str, rng: np.random.Generator) -> Scene:
     """A training scene for one identity (a LoRA's dataset): the identity on varied class-world surroundings.
 
-    Characters and objects stand alone (a hat worn by a class character half the time), styles are applied to
-    class scenes, backgrounds carry a shape or a class character.
+    Characters stand alone; an object is worn by (a hat) or stands next to (a mushroom) a class character half the
+    time, as it does in the sets it is composed in; styles are applied to class scenes; backgrounds carry a shape or a
+    class character.
     """
     c = get_concept(name)
     if c.role != "identity":
@@ -101,7 +102,7 @@ def concept_scene(name: str, rng: np.random.Generator) -> Scene:
             return Scene(**{**_fields(base), "shape": None, "characters": (name,), "char_colors": (),
                             "hat": None, "mushroom": None, "style": None})
         fields = {**_fields(base), "shape": None, "style": None, "hat": None, "mushroom": None}
-        if c.cls == "hat" and rng.random() < 0.5:
+        if rng.random() < 0.5:  # one draw for hats as before 2026-12-05, so hattock's data is unchanged
             fields["characters"], fields["char_colors"] = base.characters[:1], base.char_colors[:1]
         else:
             fields["characters"], fields["char_colors"] = (), ()
