@@ -28,7 +28,10 @@ per-adapter``: each LoRA's difference taken on its own part of the prompt, its t
 ones, against the base on the same part, so a LoRA never sees the other LoRAs' trigger words, and a LoRA
 trained on scenes without a hat does not push the hat of the joint prompt away) and delta-masked (``--method delta
 --masks attention``: each LoRA's difference confined to where the base's cross-attention puts its comma tag, a
-style everywhere, a background around the others); gradient (Mix-of-Show gradient
+style everywhere, a background around the others). Run only when named: delta-masked-t0.3 / -t0.5 (hard masks),
+delta-classes and delta-masked-classes (``--prompt-parts class-words``: the base's passes see the prompt without
+trigger words, each LoRA's pass its own trigger back; v2 prompts only) and delta-masked-classes-ubase (the same
+with ``--uncond base``); gradient (Mix-of-Show gradient
 fusion -> fused pipeline) and weighted (average of the deltas) through ``lorakit fuse``; lorarar (``lorakit fuse
 --method lorarar --hypernet H``) for the character + style pairs only.
 
