@@ -272,6 +272,7 @@ def test_identity_prompts_pair_trigger_and_class_captions():
 
 
 def test_ensure_data_renders_the_recipe_folders_once(tmp_path):
+    import lorakit.toyworld.v2.loras as v2loras
     from lorakit.toyworld.loras import tree_hash
     from lorakit.toyworld.v2.loras import DATA_N, REG_N, ensure_data
 
@@ -283,12 +284,15 @@ def test_ensure_data_renders_the_recipe_folders_once(tmp_path):
     assert ensure_data("hattock", tmp_path) == (data, reg)  # present: not rendered again
     assert (tree_hash(data), tree_hash(reg)) == before
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*tmp*"))
-    # a folder an older lorakit rendered differently is rendered again, not trained on
+    # in a new process, a folder an older lorakit rendered differently is rendered again, not trained on
     (data / "00001.png").write_bytes(b"an older render")
+    assert ensure_data("hattock", tmp_path) == (data, reg)  # this process checked it already
+    v2loras._CHECKED.clear()
     assert ensure_data("hattock", tmp_path) == (data, reg) and (tree_hash(data), tree_hash(reg)) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([data.name, reg.name])
     (data / "00001.png").write_bytes(b"an older render")
     (data / "notes.md").write_text("mine")  # a file lorakit does not write: named, left alone
+    v2loras._CHECKED.clear()
     with pytest.raises(ValueError, match="notes.md"):
         ensure_data("hattock", tmp_path)
     assert (data / "notes.md").read_text() == "mine" and not list(tmp_path.glob(".*tmp*"))

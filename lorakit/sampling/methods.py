@@ -39,8 +39,8 @@ class SamplerSettings:
                                "(Composable-Diffusion style; not merge); class-words: the whole prompt with the "
                                "other adapters' trigger words taken out (the base's passes: every trigger out; "
                                "not merge)", choices=["joint", "per-adapter", "class-words"])
-    triggers: tuple[str, ...] | None = option(None, "--prompt-parts per-adapter or class-words, --masks attention: each adapter's trigger word",
-                                               nargs="+", metavar="WORD",
+    triggers: tuple[str, ...] | None = option(None, "--prompt-parts per-adapter or class-words, --masks attention: "
+                                               "each adapter's trigger word", nargs="+", metavar="WORD",
                                                show_default="each file's lorakit.trigger metadata")
     adapter_guidance: tuple[float, ...] | None = option(None, "delta: each adapter's difference from the base "
                                                         "times g (one per adapter)", type=float, nargs="+",
