@@ -16,9 +16,9 @@ import json
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from probe_v2_common import add_probe_args, load_probe
+
 METHODS = ("merge", "switch", "composite", "delta", "delta-parts")  # named as the benchmark names them
 
 
@@ -35,34 +35,18 @@ def parse_cell(text: str) -> tuple[str, float, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=int, default=3)
-    p.add_argument("--sets", nargs="+", required=True, metavar="ID")
+    add_probe_args(p, k=4)
     p.add_argument("--cells", nargs="+", type=parse_cell, required=True, metavar="METHOD:SCALE:START")
-    p.add_argument("--k", type=int, default=4, help="seeds per set (1000..1000+k-1)")
-    p.add_argument("--adapters-dir", default=str(ROOT / "artifacts" / "toy2_loras"))
-    p.add_argument("--oracle", default=str(ROOT / "data" / "toy2-oracle"))
     args = p.parse_args(argv)
 
     from bench_composition import SAMPLER_SETTINGS  # the benchmark's method names -> sampler settings
-    from lorakit.sampling import SamplerSettings, generate, load_adapters, load_pipeline
-    from lorakit.toyworld.v2.composition import composition_sets, find_adapters, presence
-    from lorakit.toyworld.v2.models import DEFAULT_BASE
-    from lorakit.toyworld.v2.oracle import Oracle
+    from lorakit.sampling import SamplerSettings, generate
+    from lorakit.toyworld.v2.composition import presence
 
-    sets = [s for s in composition_sets((args.size,)) if s["id"] in args.sets]
-    unknown = sorted(set(args.sets) - {s["id"] for s in sets})
-    if unknown:
-        print(f"probe_adapter_start: --sets {' '.join(unknown)}: no such set of size {args.size}", file=sys.stderr)
+    probe = load_probe(args, "probe_adapter_start")
+    if probe is None:
         return 2
-    names = sorted({n for s in sets for n in s["concepts"].values()})
-    files = find_adapters(args.adapters_dir, DEFAULT_BASE, names)
-    if len(files) < len(names):
-        print(f"probe_adapter_start: --adapters-dir {args.adapters_dir}: no recipe LoRA for "
-              f"{', '.join(n for n in names if n not in files)} (tools/train_toy2_loras.py)", file=sys.stderr)
-        return 2
-    pipe = load_pipeline(str(DEFAULT_BASE))
-    loaded = dict(zip(names, load_adapters(pipe, [files[n] for n in names])))
-    oracle, seeds = Oracle.load(args.oracle), list(range(1000, 1000 + args.k))
+    sets, files, pipe, loaded, oracle, seeds = probe
     for method, scale, start in args.cells:
         settings = SamplerSettings(**SAMPLER_SETTINGS.get(method, {"method": method}), steps=20, cfg=4.0,
                                    adapter_start=start)

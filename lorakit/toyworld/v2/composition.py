@@ -119,6 +119,25 @@ def find_adapters(folder: str | os.PathLike, base: str | os.PathLike, identities
     return found
 
 
+def sets_with_adapters(size: int, ids, folder: str | os.PathLike, base: str | os.PathLike) -> tuple[list[dict], dict]:
+    """The composition sets of ``size`` named ``ids`` and ``{identity: recipe LoRA file}`` for their identities
+    (:func:`find_adapters`), for the probe tools.
+
+    Raises:
+        ValueError: naming the unknown set ids, or the identities with no recipe LoRA in ``folder``.
+    """
+    sets = [s for s in composition_sets((size,)) if s["id"] in ids]
+    unknown = sorted(set(ids) - {s["id"] for s in sets})
+    if unknown:
+        raise ValueError(f"--sets {' '.join(unknown)}: no such set of size {size}")
+    names = sorted({n for s in sets for n in s["concepts"].values()})
+    files = find_adapters(folder, base, names)
+    if len(files) < len(names):
+        raise ValueError(f"--adapters-dir {folder}: no recipe LoRA for {', '.join(n for n in names if n not in files)} "
+                         "(tools/train_toy2_loras.py)")
+    return sets, files
+
+
 # ------------------------------------------------------------------------------------------------- scoring
 
 
