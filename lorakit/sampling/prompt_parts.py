@@ -11,9 +11,25 @@ from __future__ import annotations
 import re
 
 
+def _word(word: str) -> re.Pattern:
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", flags=re.IGNORECASE)
+
+
 def tag_holds(tag: str, word: str) -> bool:
     """Whether comma tag ``tag`` holds ``word`` as a whole word (case-insensitive)."""
-    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", tag, flags=re.IGNORECASE) is not None
+    return _word(word).search(tag) is not None
+
+
+def _tags_and_triggers(prompt: str, triggers: list[str]) -> tuple[list[str], list[str]]:
+    """The prompt's non-empty comma tags and the stripped trigger words, each checked to be in some tag."""
+    tags = [t.strip() for t in prompt.split(",") if t.strip()]
+    words = [(w or "").strip() for w in triggers]
+    for word in words:
+        if not word:
+            raise ValueError("prompt parts: an adapter has no trigger word (set --triggers)")
+        if not any(tag_holds(t, word) for t in tags):
+            raise ValueError(f"prompt parts: trigger {word!r} is in no comma tag of the prompt {prompt!r}")
+    return tags, words
 
 
 def adapter_prompt_parts(prompt: str, triggers: list[str]) -> list[str]:
@@ -24,21 +40,16 @@ def adapter_prompt_parts(prompt: str, triggers: list[str]) -> list[str]:
     Raises:
         ValueError: a trigger is empty or in no tag of the prompt (its adapter would see only the scene).
     """
-    tags = [t.strip() for t in prompt.split(",") if t.strip()]
-    parts = []
-    for word in triggers:
-        if not word or not word.strip():
-            raise ValueError("prompt parts: an adapter has no trigger word (set --triggers)")
-        if not any(tag_holds(t, word.strip()) for t in tags):
-            raise ValueError(f"prompt parts: trigger {word!r} is in no comma tag of the prompt {prompt!r}")
-    for word in triggers:
-        keep = [t for t in tags if tag_holds(t, word.strip()) or not any(tag_holds(t, w.strip()) for w in triggers)]
-        parts.append(", ".join(keep))
-    return parts
+    tags, words = _tags_and_triggers(prompt, triggers)
+    return [", ".join(t for t in tags if tag_holds(t, word) or not any(tag_holds(t, w) for w in words))
+            for word in words]
 
 
-def _without(tag: str, word: str) -> str:
-    return " ".join(re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", " ", tag, flags=re.IGNORECASE).split())
+def _without(tag: str, words: list[str]) -> str:
+    """``tag`` with each of ``words`` (whole words) taken out, spaces tidied."""
+    for word in words:
+        tag = _word(word).sub(" ", tag)
+    return " ".join(tag.split())
 
 
 def class_word_prompts(prompt: str, triggers: list[str]) -> tuple[str, list[str]]:
@@ -52,35 +63,16 @@ def class_word_prompts(prompt: str, triggers: list[str]) -> tuple[str, list[str]
         ValueError: a trigger is empty or in no tag, or a tag holds nothing but triggers (no class word is left
             for the base to draw).
     """
-    tags = [t.strip() for t in prompt.split(",") if t.strip()]
-    words = [w.strip() for w in triggers]
-    for word in words:
-        if not word:
-            raise ValueError("prompt parts class-words: an adapter has no trigger word (set --triggers)")
-        if not any(tag_holds(t, word) for t in tags):
-            raise ValueError(f"prompt parts class-words: trigger {word!r} is in no comma tag of the prompt {prompt!r}")
-    stripped = []
-    for tag in tags:
-        for word in words:
-            tag = _without(tag, word)
-        stripped.append(tag)
+    tags, words = _tags_and_triggers(prompt, triggers)
+    stripped = [_without(t, words) for t in tags]
     bare = [orig for orig, new in zip(tags, stripped) if not new]
     if bare:
         raise ValueError(f"prompt parts class-words: the tag {bare[0]!r} holds only trigger words; write its class "
                          f"next to the trigger (e.g. 'kwibbit frog')")
-    parts = []
-    for word in words:
-        own = [orig if tag_holds(orig, word) else new for orig, new in zip(tags, stripped)]
-        parts.append(", ".join(_keep_only(t, word, words) if tag_holds(t, word) else t for t in own))
+    others = [[w for w in words if w.lower() != word.lower()] for word in words]  # a tag may hold two triggers
+    parts = [", ".join(_without(orig, rest) if tag_holds(orig, word) else new for orig, new in zip(tags, stripped))
+             for word, rest in zip(words, others)]
     return ", ".join(stripped), parts
-
-
-def _keep_only(tag: str, word: str, words: list[str]) -> str:
-    """``tag`` without the other adapters' trigger words (a tag may hold two)."""
-    for other in words:
-        if other.lower() != word.lower():
-            tag = _without(tag, other)
-    return tag
 
 
 def adapter_triggers(settings, adapters) -> list[str]:
