@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 
 import plot_bench_grid as tool
+from lorakit.toyworld.demo_report import GRID_COLOURS
 
 SET = "n2-kwibbit-nocturo"
 
@@ -32,7 +33,7 @@ def test_one_row_per_method_under_the_renders_with_a_mark_per_concept(tmp_path):
     assert np.abs(g[cell_h + 2 + size // 2, label_w + size // 2] - (0, 0, 255)).max() < 40  # the method's image
     mark_y = cell_h + 2 + size + 4
     colours = [tuple(g[mark_y, label_w + j * cell_w + m * size // 2 + size // 4]) for j in range(2) for m in range(2)]
-    green, red = tool.GREEN, tool.RED
+    green, red = GRID_COLOURS[True], GRID_COLOURS[False]
     close = [min((green, red), key=lambda c: sum(abs(a - b) for a, b in zip(c, col))) for col in colours]
     assert close == [green, red, red, green]
 

@@ -195,17 +195,22 @@ def missing_inputs(args, sets) -> list[str]:
 # ------------------------------------------------------------------------------------------------- methods
 
 
+def image_stem(out: Path, method: str, n: int, set_id: str, seed: int) -> Path:
+    """Where a run keeps one report image (``.png``) and its description (``.json``):
+    ``OUT/images/<method>/n<N>/<set>-s<seed>``."""
+    return out / "images" / method / f"n{n}" / f"{set_id}-s{seed}"
+
+
 def _save(images, set_, method, seeds, out: Path) -> None:
     from lorakit.fileio import write_json
 
-    folder = out / "images" / method / f"n{set_['n']}"
-    folder.mkdir(parents=True, exist_ok=True)
     for img, seed in zip(images, seeds):
-        stem = f"{set_['id']}-s{seed}"
-        img.save(folder / f"{stem}.png")
+        stem = image_stem(out, method, set_["n"], set_["id"], seed)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        img.save(stem.with_suffix(".png"))
         write_json({"prompt": set_["prompt"], "seed": seed, "method": method,
                     "concepts": [{"name": v, "category": k} for k, v in set_["concepts"].items()]},
-                   folder / f"{stem}.json")
+                   stem.with_suffix(".json"))
 
 
 class SamplingRunner:
@@ -809,9 +814,9 @@ def rescore(args) -> int:
     for r in rows:
         if r.get("skipped"):
             continue
-        folder = out / "images" / r["method"] / f"n{r['n']}"
-        images = [Image.open(folder / f"{r['set']}-s{seed}.png").convert("RGB") for seed in r["seeds"]]
-        concepts = json.loads((folder / f"{r['set']}-s{r['seeds'][0]}.json").read_text())["concepts"]
+        stems = [image_stem(out, r["method"], r["n"], r["set"], seed) for seed in r["seeds"]]
+        images = [Image.open(stem.with_suffix(".png")).convert("RGB") for stem in stems]
+        concepts = json.loads(stems[0].with_suffix(".json").read_text())["concepts"]
         concepts = {c["category"]: c["name"] for c in concepts}
         r.update(score(images, {"concepts": concepts}))
     methods = list(dict.fromkeys(r["method"] for r in rows))

@@ -16,8 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-GREEN, RED = (40, 160, 60), (200, 50, 50)
-
+from bench_composition import image_stem
 
 def verdicts(outs: list[Path], set_id: str, methods: list[str], seeds: list[int]) -> dict:
     """``{(method, seed): (image path, [found per concept])}`` from the report rows of ``outs``; KeyError naming
@@ -29,8 +28,8 @@ def verdicts(outs: list[Path], set_id: str, methods: list[str], seeds: list[int]
             if r.get("phase") != "report" or r["set"] != set_id or r["method"] not in methods:
                 continue
             for seed, present in zip(r["seeds"], r["present"]):
-                found[(r["method"], seed)] = (out / "images" / r["method"] / f"n{r['n']}" / f"{set_id}-s{seed}.png",
-                                              list(present))
+                stem = image_stem(out, r["method"], r["n"], set_id, seed)
+                found[(r["method"], seed)] = (stem.with_suffix(".png"), list(present))
     for m in methods:
         for s in seeds:
             if (m, s) not in found:
@@ -39,32 +38,20 @@ def verdicts(outs: list[Path], set_id: str, methods: list[str], seeds: list[int]
 
 
 def grid(found: dict, set_: dict, methods: list[str], seeds: list[int], scale: int = 2):
-    """The picture: a first row of renders, then one row per method."""
-    from PIL import Image, ImageDraw
+    """The picture: a first row of renders, then one row per method (:func:`lorakit.toyworld.demo_report.image_grid`)."""
+    from PIL import Image
 
+    from lorakit.toyworld.demo_report import image_grid
     from lorakit.toyworld.v2.composition import set_render
 
-    size, label_w, mark_h, pad = 64 * scale, 150, 6, 2
-    cell_w, cell_h = size + pad, size + mark_h + 2 * pad
-    rows = [("renderer (target)", None), *((m, m) for m in methods)]
-    canvas = Image.new("RGB", (label_w + len(seeds) * cell_w, len(rows) * cell_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    n = len(set_["concepts"])
-    for i, (label, method) in enumerate(rows):
-        y = i * cell_h
-        draw.text((4, y + size // 2 - 6), label, fill="black")
-        for j, seed in enumerate(seeds):
-            x = label_w + j * cell_w
-            if method is None:
-                im, marks = set_render(set_, seed), None
-            else:
-                path, marks = found[(method, seed)]
-                im = Image.open(path)
-            canvas.paste(im.convert("RGB").resize((size, size), Image.NEAREST), (x, y + pad))
-            for m, ok in enumerate(marks or []):
-                top, w = y + pad + size + 2, size // n
-                draw.rectangle([x + m * w + 1, top, x + (m + 1) * w - 2, top + mark_h - 1], fill=GREEN if ok else RED)
-    return canvas.quantize(colors=64)
+    rows = [("renderer (target)", [set_render(set_, s).convert("RGB") for s in seeds], None)]
+    for m in methods:
+        images = []
+        for s in seeds:
+            with Image.open(found[(m, s)][0]) as im:
+                images.append(im.convert("RGB"))
+        rows.append((m, images, [found[(m, s)][1] for s in seeds]))
+    return image_grid(rows, 64 * scale, label_w=150)
 
 
 def main(argv=None) -> int:

@@ -133,27 +133,41 @@ def grid_image(report: dict, out: Path, scale: int = 2, columns: int | None = No
     """One picture of the report: a row per report row (its name on the left), its images ``scale``x larger
     (nearest neighbour) and under each two marks, the character then the second concept (green = the oracle finds it, red = not);
     a 64-colour palette image, small enough for docs. ``columns`` limits the images per row."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     rows = report["rows"]
     k = min(len(rows[0]["images"]), columns or len(rows[0]["images"]))
-    size = report["settings"].get("image_size", 32) * scale
-    label_w, mark_h, pad = 104, 6, 2
+    grid_rows = []
+    for r in rows:
+        images = []
+        for rel in r["images"][:k]:
+            with Image.open(out / rel) as im:
+                images.append(im.convert("RGB"))
+        grid_rows.append((r["method"], images, [[p >= 0.5 for p in probs[:2]] for probs in r["probs"][:k]]))
+    return image_grid(grid_rows, report["settings"].get("image_size", 32) * scale)
+
+
+def image_grid(rows, size: int, label_w: int = 104):
+    """Rows of images, each ``(label, images, marks)``: the label on the left, the images resized to ``size``
+    (nearest neighbour) side by side, and under each image one mark per entry of its ``marks`` list (green = True,
+    red = False; ``marks`` None: no marks); a 64-colour palette image."""
+    from PIL import Image, ImageDraw
+
+    mark_h, pad = 6, 2
     cell_w, cell_h = size + pad, size + mark_h + 2 * pad
+    k = max(len(images) for _, images, _ in rows)
     canvas = Image.new("RGB", (label_w + k * cell_w, len(rows) * cell_h), "white")
     draw = ImageDraw.Draw(canvas)
-    for i, r in enumerate(rows):
+    for i, (label, images, marks) in enumerate(rows):
         y = i * cell_h
-        draw.text((4, y + size // 2 - 6), r["method"], fill="black")
-        for j, (rel, probs) in enumerate(zip(r["images"][:k], r["probs"][:k])):
+        draw.text((4, y + size // 2 - 6), label, fill="black")
+        for j, im in enumerate(images):
             x = label_w + j * cell_w
-            with Image.open(out / rel) as im:
-                canvas.paste(im.convert("RGB").resize((size, size), Image.NEAREST), (x, y + pad))
-            half = size // 2
-            for m, p in enumerate(probs[:2]):
-                top = y + pad + size + 2
-                draw.rectangle([x + m * half + 1, top, x + (m + 1) * half - 2, top + mark_h - 1],
-                               fill=GRID_COLOURS[p >= 0.5])
+            canvas.paste(im.resize((size, size), Image.NEAREST), (x, y + pad))
+            found = marks[j] if marks else []
+            for m, ok in enumerate(found):
+                w, top = size // len(found), y + pad + size + 2
+                draw.rectangle([x + m * w + 1, top, x + (m + 1) * w - 2, top + mark_h - 1], fill=GRID_COLOURS[ok])
     return canvas.quantize(colors=64)
 
 
