@@ -60,19 +60,15 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     from lorakit.toyworld.dataset import write_scenes
-    from lorakit.toyworld.loras import train_recipe_lora
-    from lorakit.toyworld.v2.loras import ensure_data, recipe_path
+    from lorakit.toyworld.v2.loras import ensure_rendered, train_identity_lora
     from lorakit.toyworld.v2.models import DEFAULT_BASE
     from lorakit.toyworld.v2.render import caption, render
 
     out = Path(args.out)
     suffix = "with-objects" if kind == "background" else "whole-scenes"  # the background's name as first published
-    data = (out / "toy2-data" / f"{args.identity}-{suffix}-n40-s0").resolve()
-    if not data.is_dir():
-        write_scenes(variant_scenes(args.identity), data, render, caption)
-    _, reg = ensure_data(args.identity, out / "toy2-data")
-    lora = train_recipe_lora(recipe_path(args.identity), f"toy2_{args.identity}", out,
-                             [f"base_model={DEFAULT_BASE}", f"data.path={data}", f"data.reg_path={reg}"])
+    data = ensure_rendered((out / "toy2-data" / f"{args.identity}-{suffix}-n40-s0").resolve(),
+                           lambda tmp: write_scenes(variant_scenes(args.identity), tmp, render, caption))
+    lora = train_identity_lora(args.identity, out, DEFAULT_BASE, [f"data.path={data}"])
     print(f"data: {data}\nLoRA: {lora}")
     return 0
 

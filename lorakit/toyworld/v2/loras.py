@@ -65,17 +65,27 @@ def ensure_data(identity: str, root: str | os.PathLike) -> tuple[Path, Path]:
     root = Path(root)
     out = []
     for name, n, seed in ((identity_name(identity), DATA_N, DATA_SEED), (CLASS_WORLD, REG_N, REG_SEED)):
-        folder = root / f"{name}-n{n}-s{seed}"
-        if folder.resolve() not in _CHECKED:  # once per process: bench and demo ask for every identity's path
-            tmp = root / f".{folder.name}.tmp{os.getpid()}"
-            make_dataset(name, tmp, n, seed)
-            if folder.is_dir() and tree_hash(folder) == tree_hash(tmp):
-                shutil.rmtree(tmp)
-            else:
-                _put_in_place(tmp, folder)
-            _CHECKED.add(folder.resolve())
-        out.append(folder)
+        out.append(ensure_rendered(root / f"{name}-n{n}-s{seed}",
+                                   lambda tmp, name=name, n=n, seed=seed: make_dataset(name, tmp, n, seed)))
     return out[0], out[1]
+
+
+def ensure_rendered(folder: Path, write) -> Path:
+    """``folder`` holding what ``write(tmp_folder)`` renders: rendered under a temporary name and renamed into place
+    unless ``folder`` already has exactly those files (checked once per process), as :func:`ensure_data` does.
+
+    Raises:
+        ValueError: a folder to replace holds files lorakit does not write (``NNNNN.png`` / ``.txt``).
+    """
+    if folder.resolve() not in _CHECKED:  # once per process: bench and demo ask for every identity's path
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        write(tmp)
+        if folder.is_dir() and tree_hash(folder) == tree_hash(tmp):
+            shutil.rmtree(tmp)
+        else:
+            _put_in_place(tmp, folder)
+        _CHECKED.add(folder.resolve())
+    return folder
 
 
 _CHECKED: set[Path] = set()  # folders this process rendered or found equal to its render
