@@ -46,7 +46,7 @@ def test_report_files_and_every_method(demo_run):
     out, _, report, _ = demo_run
     for name in ("report.html", "report.md", "report.json"):
         assert (out / name).stat().st_size > 0
-    expected = method_ids("frog", "ink")
+    expected = method_ids("frog", "ink", "v1")
     assert expected == ["base", "frog_only", "ink_only", "merge", "switch", "composite", "cmlora", "gradient",
                         "weighted"]
     assert target_ids("frog", "ink") == ["frog_target", "ink_target", "target"]

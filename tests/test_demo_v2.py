@@ -40,6 +40,33 @@ def test_v2_is_the_default_world_and_its_prompt_is_the_recipes_caption_form():
     assert len(fuse) == 4 and len(held) == 2 and not set(fuse) & set(held)
 
 
+def test_lorakit_row_is_the_benchmarks_method_and_only_in_v2(monkeypatch):
+    """The v2 demo ends with lorakit's own method, sampled as the benchmark's ``delta-masked-classes-ubase``
+    (the same sampler settings and adapter kinds); v1's prompts have no class words, so v1 has no such row."""
+    import bench_composition as bench
+
+    from lorakit.toyworld.demo import DemoSettings
+    from lorakit.toyworld.demo_rows import ADAPTER_ROWS, RowRunner
+
+    v2, v1 = method_ids("kwibbit", "nocturo"), method_ids("frog", "ink", "v1")
+    assert v2 == ["base", "kwibbit_only", "nocturo_only", "merge", "switch", "composite", "cmlora",
+                           "gradient", "weighted", "delta-masked-classes-ubase"]
+    assert "delta-masked-classes-ubase" not in v1 and "delta-masked-classes-ubase" in ADAPTER_ROWS
+    seen = {}
+    monkeypatch.setattr("lorakit.toyworld.demo_rows.generate",
+                        lambda pipe, ads, settings, prompt, neg, seeds, kinds=None: seen.update(
+                            settings=settings, kinds=kinds, prompt=prompt) or ([None] * len(seeds), {}))
+    s = DemoSettings(character="kwibbit", second="nocturo", scale=0.8)
+    runner = RowRunner(s, {}, "kwibbit frog, nocturo night background", get_world("v2"))
+    runner.__dict__.update(pipe=object(), ads=[])  # no models: only the settings the row passes on
+    gen, info = runner.setup("delta-masked-classes-ubase")
+    assert gen([0, 1]) == [None, None]
+    want = bench.SAMPLER_SETTINGS["delta-masked-classes-ubase"]
+    assert {k: getattr(seen["settings"], k) for k in want} == want
+    assert (seen["settings"].steps, seen["settings"].cfg) == (s.sample_steps, s.guidance)
+    assert seen["kinds"] == ["character", "background"] == info["kinds"]
+
+
 def test_v2_target_rows_are_64px_ground_truth_the_oracle_reads():
     w, seeds = get_world("v2"), [0, 1, 2, 3]
     for second in ("nocturo", "inkvel"):
@@ -121,7 +148,7 @@ def test_v2_run_has_every_row_enlarged_images_and_the_oracles_verdicts(v2_run):
 
 @pytest.mark.slow
 def test_rows_sampled_in_two_processes_are_the_images_of_one(v2_run, tmp_path):
-    """--jobs 2 samples switch / composite / cmlora in a second process (here one that has just trained a LoRA),
+    """--jobs 2 samples composite / cmlora / lorakit's delta in a second process (here one that has just trained a LoRA),
     and the base row and the first-saved LoRA's row while the other LoRA still trains: every image the same as one
     process makes from the same LoRAs, byte for byte."""
     _, loras, _, _ = v2_run
@@ -174,6 +201,18 @@ def test_grid_png_shows_each_image_enlarged_with_its_verdict_marks(tmp_path):
     assert grid.getpixel((104 + 64 + 20, mark_y)) == GRID_COLOURS[False]
     assert grid.getpixel((104 + 20, cell_h + mark_y)) == GRID_COLOURS[False]
     assert grid.getpixel((104 + 64 + 20, cell_h + mark_y)) == GRID_COLOURS[True]
+
+
+def test_grid_labels_wrap_after_hyphens_to_fit_the_label_column():
+    from PIL import Image, ImageDraw
+
+    from lorakit.toyworld.demo_report import _wrap
+
+    draw = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    lines = _wrap(draw, "delta-masked-classes-ubase", 96)
+    assert len(lines) >= 2 and "".join(lines) == "delta-masked-classes-ubase"
+    assert all(draw.textlength(line) <= 96 for line in lines)
+    assert _wrap(draw, "kwibbit_only", 96) == ["kwibbit_only"]
 
 
 @pytest.mark.parametrize("second,prompt", [

@@ -9,7 +9,9 @@ Rows of the report (``METHODS``), all on the same prompt and the same seeds:
   rows are sampled like a fused model: peft's unfused layers give the same images up to float rounding, at
   1.2-1.7 times the cost per image of the base on the toy UNet: docs/toyworld_v2.md);
 * fusions (:mod:`lorakit.fusion`): ``gradient`` (Mix-of-Show closed form; the fused pipeline is sampled plainly) and
-  ``weighted`` (the average of the two deltas added to the base, sampled plainly).
+  ``weighted`` (the average of the two deltas added to the base, sampled plainly);
+* v2 only, lorakit's own method (``LORAKIT_METHODS``): ``delta-masked-classes-ubase`` (``lorakit sample --method
+  delta --masks attention --prompt-parts class-words --uncond base``).
 
 Above them, **target** rows show what the concepts look like: the renderer's ground truth (``lorakit.toyworld.render``)
 for the same seeds: ``<character>_target`` (the character alone on white), ``<second>_target`` (the second concept
@@ -39,7 +41,7 @@ from pathlib import Path
 from lorakit.fileio import save_image
 from lorakit.logs import library_chatter_off, tqdm
 from lorakit.outputs import claim_dir, is_marked, write_marker
-from lorakit.toyworld.demo_rows import ADAPTER_ROWS, RowRunner, sample_rows
+from lorakit.toyworld.demo_rows import SECOND_PROCESS_ROWS, RowRunner, sample_rows
 from lorakit.toyworld.demo_report import format_table, remove_stale_images, row_intervals, write_reports
 from lorakit.toyworld.evaluate import GUIDANCE, NUM_STEPS
 from lorakit.toyworld.loras import default_cache_dir
@@ -58,6 +60,14 @@ METHODS = (
     ("cmlora", "sampling", "CMLoRA: frequency-ordered dominant LoRA, deep-feature cache"),
     ("gradient", "fusion", "Mix-of-Show gradient fusion (closed form) -> one fused model"),
     ("weighted", "fusion", "average of the two deltas added to the base -> one fused model"),
+)
+# lorakit's own composition, in worlds whose prompts name each trigger next to its class word (``kwibbit frog``):
+# the method that beat every reference at N = 3 and merge on the demo's pair (docs/toyworld_v2.md)
+LORAKIT_METHODS = (
+    ("delta-masked-classes-ubase", "lorakit",
+     "lorakit's delta: the base plus each LoRA's difference from it, where the base's cross-attention puts the "
+     "LoRA's tag; the base's passes see the class words only (lorakit sample --method delta --masks attention "
+     "--prompt-parts class-words --uncond base)"),
 )
 
 
@@ -86,8 +96,8 @@ class DemoSettings:
     scale: LoRA scale of both LoRAs in every method (fusions: the weight of each delta); None = the world's
         (v2: 0.8, the composition papers' value; v1: 1.0, the earlier demo's).
     train_steps: overrides the recipes' ``max_steps`` (None = the recipes' 300).
-    jobs: processes (one thread each) for the two LoRAs' training (v2) and for the rows: with 2, the rows that
-        switch adapters during sampling (switch, composite, cmlora) run in a second process while this one
+    jobs: processes (one thread each) for the two LoRAs' training (v2) and for the rows: with 2, the costliest rows
+        that change adapters during sampling (composite, cmlora, lorakit's delta) run in a second process while this one
         samples the others; the images are the same bit for bit (default 2 where the machine has 2 cores or
         more, else 1).
     sample_steps / guidance: DDIM steps and CFG scale of every image (the toy measurements' 20 and 4).
@@ -120,9 +130,14 @@ def get_world(name: str):
     raise ValueError(f"--world {name!r}: expected v1 or v2")
 
 
-def method_ids(character: str, second: str) -> list[str]:
-    """Row ids in report order, e.g. ``["base", "frog_only", "ink_only", "merge", ...]``."""
-    return [m.format(character=character, second=second) for m, _, _ in METHODS]
+def world_methods(world) -> tuple:
+    """The rows ``world`` runs: :data:`METHODS`, then :data:`LORAKIT_METHODS` where its prompts have class words."""
+    return METHODS + (LORAKIT_METHODS if world.class_words else ())
+
+
+def method_ids(character: str, second: str, world: str = "v2") -> list[str]:
+    """Row ids in report order, e.g. ``["base", "frog_only", "ink_only", "merge", ...]`` (``world="v1"``)."""
+    return [m.format(character=character, second=second) for m, _, _ in world_methods(get_world(world))]
 
 
 def target_ids(character: str, second: str) -> list[str]:
@@ -194,7 +209,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         raise ValueError(f"--jobs must be >= 1, got {s.jobs}")
     if s.train_steps is not None and s.train_steps < 1:
         raise ValueError(f"--steps must be >= 1, got {s.train_steps}")
-    rows_all = method_ids(s.character, s.second)
+    rows_all = method_ids(s.character, s.second, s.world)
     rows = rows_all if s.methods is None else list(s.methods)
     for r in rows:
         if r not in rows_all:
@@ -254,11 +269,11 @@ def _run(s: DemoSettings, world, rows: list[str], out: Path, lora_dir: Path, pro
     """The body of :func:`run_demo` (settings already checked): train, generate, score; the report without
     its total time."""
     jobs = s.jobs if s.jobs is not None else min(2, os.cpu_count() or 1)
-    kinds = {m.format(character=s.character, second=s.second): (k, d) for m, k, d in METHODS}
-    # With 2 jobs one pool of two processes trains the LoRAs, then samples the adapter rows (about half the
-    # sampling time) in a worker already warm from training; each row is seeded on its own, so which process
-    # samples it does not change its images.
-    remote = [r for r in rows if r in ADAPTER_ROWS] if jobs >= 2 else []
+    kinds = {m.format(character=s.character, second=s.second): (k, d) for m, k, d in world_methods(world)}
+    # With 2 jobs one pool of two processes trains the LoRAs, then samples the costliest adapter rows (about half
+    # the sampling time after training) in a worker already warm from training; each row is seeded on its own, so
+    # which process samples it does not change its images.
+    remote = [r for r in rows if r in SECOND_PROCESS_ROWS] if jobs >= 2 else []
     if len(remote) == len(rows):
         remote = []
     main = _MainRows(s, world, rows, remote, out, prompt, seeds, progress)
@@ -322,6 +337,6 @@ def _threads() -> int:
 
 
 __all__ = [
-    "METHODS", "TARGETS", "DemoSettings", "V1World", "format_table", "get_world", "method_ids",
-    "remove_stale_images", "run_demo", "target_ids", "write_reports",
+    "LORAKIT_METHODS", "METHODS", "TARGETS", "DemoSettings", "V1World", "format_table", "get_world", "method_ids",
+    "remove_stale_images", "run_demo", "target_ids", "world_methods", "write_reports",
 ]

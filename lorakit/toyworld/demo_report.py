@@ -160,7 +160,8 @@ def image_grid(rows, size: int, label_w: int = 104):
     draw = ImageDraw.Draw(canvas)
     for i, (label, images, marks) in enumerate(rows):
         y = i * cell_h
-        draw.text((4, y + size // 2 - 6), label, fill="black")
+        lines = _wrap(draw, label, label_w - 8)
+        draw.multiline_text((4, y + size // 2 - 6 * len(lines)), "\n".join(lines), fill="black", spacing=2)
         for j, im in enumerate(images):
             x = label_w + j * cell_w
             canvas.paste(im.resize((size, size), Image.NEAREST), (x, y + pad))
@@ -169,6 +170,18 @@ def image_grid(rows, size: int, label_w: int = 104):
                 w, top = size // len(found), y + pad + size + 2
                 draw.rectangle([x + m * w + 1, top, x + (m + 1) * w - 2, top + mark_h - 1], fill=GRID_COLOURS[ok])
     return canvas.quantize(colors=64)
+
+
+def _wrap(draw, label: str, width: int) -> list[str]:
+    """``label`` in lines no wider than ``width`` pixels, broken after a ``-`` (a long row id such as
+    ``delta-masked-classes-ubase``); a part wider than ``width`` stays whole."""
+    parts = [p + "-" for p in label.split("-")[:-1]] + [label.split("-")[-1]]
+    lines = [""]
+    for part in parts:
+        if lines[-1] and draw.textlength(lines[-1] + part) > width:
+            lines.append("")
+        lines[-1] += part
+    return lines
 
 
 def write_reports(report: dict, out: Path) -> dict[str, Path]:

@@ -92,6 +92,7 @@ class V1World:
     default_second = "ink"
     second_kinds = ("style",)
     default_scale = 1.0
+    class_words = False  # the triggers stand alone (``kwibbit, white plain background, inkvel``)
 
     @staticmethod
     def base() -> str:

@@ -48,6 +48,7 @@ class World:
     default_second = "nocturo"
     second_kinds = ("object", "style", "background")
     default_scale = 0.8
+    class_words = True  # every trigger stands next to its class word in the prompt (``kwibbit frog``)
 
     @staticmethod
     def base() -> str:
