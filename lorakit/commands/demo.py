@@ -17,7 +17,9 @@ Offline end-to-end demo on a bundled toy world (default --world v2: data/toy2-ba
      train_configs/toy_<concept>.yaml, 300 steps each), cached by recipe hash under LORA_DIR, shared with the
      tests and CI, so a second run reuses them;
   2. composes them with every method: sampling-time merge, switch, composite, cmlora and fusion-time
-     gradient (Mix-of-Show) and weighted, plus reference rows: base (no LoRA) and each LoRA alone;
+     gradient (Mix-of-Show) and weighted, plus reference rows: base (no LoRA) and each LoRA alone, and (v2)
+     lorakit's own delta-masked-classes-ubase (sample --method delta --masks attention --prompt-parts
+     class-words --uncond base);
      K images per method from one whole-scene caption (v2: "kwibbit frog, nocturo night background"), every
      LoRA at scale SCALE (0.8, as the composition papers; v1: 1.0), the same seeds for every method;
   3. scores every image with the world's oracle (is the character there? the second concept? both?);
@@ -25,10 +27,10 @@ Offline end-to-end demo on a bundled toy world (default --world v2: data/toy2-ba
      then every method's images enlarged with the oracle's verdict under each), OUT/report.json,
      OUT/report.md, OUT/grid.png (every row in one picture), OUT/images/.
 
-Time on an idle 2-core machine (2026-12-05; --jobs 2, the default there, one thread per process): a first run
-256 s and 280 s wall in two runs, most of it nocturo's 1200 training steps, whose time varies with the machine
-(217-280 s within one hour); the base row and the row of the first LoRA saved are sampled while the other still
-trains, the switch / composite / CMLoRA rows in the second process. With both LoRAs cached: about 30 s.
+Time on an idle 2-core machine (--jobs 2, the default there, one thread per process): a first run 256-322 s
+wall (2026-12-05 and 12-06), most of it nocturo's 1200 training steps, whose time varies with the machine
+(217-287 s); the base row and the row of the first LoRA saved are sampled while the other still trains, the
+composite / CMLoRA / lorakit rows in the second process. With both LoRAs cached: about 30-40 s.
 `--steps 20 --k 2 --out demo_out/quick` is a quick look in its own folder (two 20-step LoRAs: they teach little).
 """
 
@@ -60,7 +62,7 @@ def add_arguments(p) -> None:
                    help="training steps of each LoRA, overriding the recipes' max_steps (default: the recipes' 300)")
     p.add_argument("--jobs", "--train-jobs", dest="jobs", type=int, default=None,
                    help="processes, one thread each, for training the two LoRAs at once (v2) and for sampling: "
-                   "with 2, switch / composite / cmlora sample in a second process, the same images (default: 2 "
+                   "with 2, composite / cmlora / lorakit's delta sample in a second process, the same images (default: 2 "
                    "on a machine with 2 or more cores, else 1)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps per image (default: 20)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
