@@ -1,6 +1,7 @@
 """tools/bench_composition.py --world v2: sets by kind, like-for-like runs, per-half scoring, resume per cell."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -365,3 +366,34 @@ def test_a_bad_lora_set_key_is_one_line_and_exit_2(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "rank=4" in proc.stderr and "unknown config key" in proc.stderr
+
+
+def test_ziplora_and_lorarar_fuse_character_style_pairs_only_with_their_inputs(tmp_path, monkeypatch):
+    """ziplora (run only when named) fuses a character + style pair against each identity's training images;
+    lorarar needs a hypernetwork trained on v2 LoRAs; both skip every other kind of set."""
+    import argparse
+
+    args = bench.parse_args(["--world", "v2", "--methods", "ziplora", "lorarar", "--hypernet", str(tmp_path / "h")])
+    assert "ziplora" not in bench.parse_args(["--world", "v2"]).methods
+    sets = {s["id"]: s for s in v2c.composition_sets((2,))}
+    assert any("lorarar" in line for line in v2c.missing_inputs(args, [sets["n2-zorbo-inkvel"]]))
+    (tmp_path / "h").write_bytes(b"x")
+    assert not any("lorarar" in line for line in v2c.missing_inputs(args, [sets["n2-zorbo-inkvel"]]))
+    calls = []
+    monkeypatch.setattr("lorakit.cli.main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(bench.FusionRunner, "sample_fused", lambda self, m, out, s, seeds: ([None] * len(seeds), 0.1))
+    ns = argparse.Namespace(**{**vars(args), "adapters_dir": str(tmp_path / "loras"), "base": "BASE"})
+    runner = bench.FusionRunner(ns, {"zorbo": tmp_path / "z.safetensors", "inkvel": tmp_path / "i.safetensors",
+                                     "nocturo": tmp_path / "n.safetensors"}, tmp_path / "fused")
+    images, _, _ = runner.run("ziplora", sets["n2-zorbo-inkvel"], [0, 1], 0.8)
+    assert len(images) == 2 and calls[-1][:3] == ["fuse", "--method", "ziplora"]
+    refs = calls[-1][calls[-1].index("--ref-images") + 1:][:2]
+    assert [Path(r).name for r in refs] == ["zorbo-n40-s0", "inkvel-n40-s0"]
+    for r, name in zip(refs, ("zorbo", "inkvel")):  # the recipes' own training renders
+        assert len(list(Path(r).glob("*.png"))) == 40 and name in (Path(r) / "00000.txt").read_text()
+    assert "--weights" not in calls[-1]  # the optimised coefficients set the merge, as lorarar's
+    before = len(calls)
+    for method in ("ziplora", "lorarar"):
+        images, _, info = runner.run(method, sets["n2-zorbo-nocturo"], [0], 0.8)
+        assert images is None and "content LoRA and a style LoRA" in info["skipped"]
+    assert len(calls) == before

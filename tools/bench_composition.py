@@ -33,7 +33,8 @@ delta-classes and delta-masked-classes (``--prompt-parts class-words``: the base
 trigger words, each LoRA's pass its own trigger back; v2 prompts only) and delta-masked-classes-ubase (the same
 with ``--uncond base``); gradient (Mix-of-Show gradient
 fusion -> fused pipeline) and weighted (average of the deltas) through ``lorakit fuse``; lorarar (``lorakit fuse
---method lorarar --hypernet H``) for the character + style pairs only.
+--method lorarar --hypernet H``) and, when named, ziplora (``lorakit fuse --method ziplora`` against each LoRA's
+training images) for the character + style pairs only.
 
 Inputs: the toy base (``data/toy-base``), one trained LoRA per held-out concept in ``--adapters-dir`` (found by
 their ``lorakit.trigger``; ``.ci/run`` trains them from ``train_configs/toy_*.yaml``), the oracle
@@ -78,6 +79,9 @@ VARIANT_METHODS = ("delta-masked-t0.3", "delta-masked-t0.5", "delta-classes", "d
                    "delta-masked-classes-ubase")
 FUSION_METHODS = ("gradient", "weighted")
 ALL_METHODS = SAMPLING_METHODS + FUSION_METHODS + ("lorarar",)
+# Run only when named: ZipLoRA (``lorakit fuse --method ziplora``, 100 Adam steps on the pair's coefficients against
+# each LoRA's training images) for character + style pairs, as lorarar: the per-pair optimisation LoRA.rar replaces.
+PAIR_METHODS = ("lorarar", "ziplora")
 WORLD_DEFAULTS = {
     "v1": {"base": "data/toy-base", "adapters_dir": "artifacts/adapters"},
     "v2": {"base": "data/toy2-base", "adapters_dir": "artifacts/toy2_loras", "oracle": "data/toy2-oracle"},
@@ -164,7 +168,7 @@ def missing_inputs(args, sets) -> list[str]:
         gone = [n for n in names if not hasattr(mod, n)]
         if gone:
             missing.append(f"{module}: no {', '.join(gone)}")
-    if any(m in args.methods for m in FUSION_METHODS + ("lorarar",)):
+    if any(m in args.methods for m in FUSION_METHODS + PAIR_METHODS):
         try:
             importlib.import_module("lorakit.commands.fuse")
         except ImportError as err:
@@ -255,7 +259,7 @@ class SamplingRunner:
 
 
 class FusionRunner:
-    """gradient / weighted / lorarar: ``lorakit fuse`` per set, then plain sampling of the fused result."""
+    """gradient / weighted / lorarar / ziplora: ``lorakit fuse`` per set, then plain sampling of the fused result."""
 
     def __init__(self, args, adapter_files: dict[str, Path], work: Path):
         self.args, self.files, self.work = args, adapter_files, work
@@ -264,13 +268,15 @@ class FusionRunner:
         from lorakit.cli import main as lorakit
 
         concepts = set_["concepts"]
-        if method == "lorarar" and set(concepts) != {"character", "style"}:
-            return None, 0.0, {"skipped": "lorarar merges a content LoRA and a style LoRA only"}
+        if method in PAIR_METHODS and set(concepts) != {"character", "style"}:
+            return None, 0.0, {"skipped": f"{method} merges a content LoRA and a style LoRA only"}
         files = [str(self.files[n]) for n in concepts.values()]
         out = self.work / method / f"s{scale:g}" / (set_["id"] + ("" if method == "gradient" else ".safetensors"))
         cmd = ["fuse", "--method", method, "--base", self.args.base, "--adapters", *files, "--out", str(out), "--quiet"]
         if method == "lorarar":
             cmd += ["--hypernet", self.args.hypernet]  # its hypernetwork sets the coefficients
+        elif method == "ziplora":  # coefficients optimised on the pair against each LoRA's training images
+            cmd += ["--ref-images", *[str(self.reference_folder(n)) for n in concepts.values()]]
         else:
             cmd += ["--weights", *[str(scale)] * len(files)]
             if method == "gradient":
@@ -284,6 +290,14 @@ class FusionRunner:
         fuse_s = time.perf_counter() - t0
         images, seconds = self.sample_fused(method, out, set_, seeds)
         return images, seconds, {"fuse_seconds": fuse_s}
+
+    def reference_folder(self, concept: str) -> Path:
+        """A concept's training images: v2 its identity's recipe data (rendered if missing), v1 data/toy/<concept>."""
+        if self.args.world == "v2":
+            from lorakit.toyworld.v2.loras import ensure_data
+
+            return ensure_data(concept, Path(self.args.adapters_dir) / "toy2-data")[0]
+        return ROOT / "data" / "toy" / concept
 
     def sample_fused(self, method: str, out: Path, set_: dict, seeds: list[int]):
         """The fused result's images of one set: ``(images, sampling seconds)``."""
@@ -445,8 +459,9 @@ def parse_args(argv=None):
                    help="folder with one trained LoRA per held-out concept (v1: found by lorakit.trigger, default "
                    "artifacts/adapters; v2: the recipe LoRAs of tools/train_toy2_loras.py --out, default "
                    "artifacts/toy2_loras)")
-    p.add_argument("--methods", nargs="+", choices=ALL_METHODS + VARIANT_METHODS,
-                   help="default: all (--world v2: all but lorarar, which has no v2 hypernetwork)")
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS + VARIANT_METHODS + ("ziplora",),
+                   help="default: all (--world v2: all but lorarar, which needs a v2 hypernetwork); ziplora and the "
+                   "variants run only when named")
     p.add_argument("--sizes", nargs="+", type=int, default=[2, 3, 4], help="set sizes N (default 2 3 4)")
     p.add_argument("--sets-per-size", type=int, default=None, help="seeded sample of sets per N (default: all)")
     p.add_argument("--sets", nargs="+", metavar="ID",

@@ -290,24 +290,41 @@ def hypernet_hash(cfg) -> str:
     return content_hash(r, base)
 
 
-def hypernet_config(files: dict[str, Path], overrides: list[str], holdout, base: str | None = None):
+def hypernet_config(files: dict[str, Path], overrides: list[str], holdout, base: str | None = None,
+                    entries: dict | None = None):
     """The toy LoRA.rar recipe pointed at the trained toy LoRAs (synthetic LoRAs off, 32-px references =
-    the LoRAs' own training images at the base's resolution), plus ``overrides``."""
+    the LoRAs' own training images at the base's resolution), plus ``overrides``. ``entries`` (``content``,
+    ``style``, ``eval_pairs`` lists of ``{path, images}``) replaces the v1 split of ``files`` and ``holdout``."""
     from omegaconf import OmegaConf
 
     from lorakit.config import load_config
     from lorakit.training.lorarar import LoraRarConfig
 
-    content, style, evals = split_loras(files, holdout)
+    if entries is None:
+        content, style, evals = split_loras(files, holdout)
+        entries = {"content": content, "style": style, "eval_pairs": evals}
     ov = [f"base_model={base or ROOT / 'data' / 'toy-base'}", "synthetic.content=0", "synthetic.style=0",
           "synthetic.eval_pairs=0", "reference_size=0"] + list(overrides)
     cfg = load_config(LoraRarConfig, HYPERNET_RECIPE, ov)
-    return OmegaConf.merge(cfg, {"content": content, "style": style, "eval_pairs": evals})
+    return OmegaConf.merge(cfg, entries)
 
 
 def train_hypernet(files: dict[str, Path], out: Path, overrides: list[str], holdout, force: bool = False,
                    base: str | None = None) -> Path:
     """Stage 2: the toy LoRA.rar hypernetwork on ``files`` in ``out`` (trained or reused), stale files cleared."""
+    try:
+        cfg = hypernet_config(files, overrides, holdout, base)
+    except StageError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise StageError(f"hypernet: bad recipe {HYPERNET_RECIPE} with overrides {overrides}: "
+                         f"{type(err).__name__}: {err}") from err
+    return train_hypernet_config(cfg, out, force=force)
+
+
+def train_hypernet_config(cfg, out: Path, force: bool = False, prefix: str = "toy_lorarar") -> Path:
+    """The hypernetwork of ``cfg`` (:func:`hypernet_config`) as ``out/<prefix>-<hash>.safetensors``, trained or
+    reused; older ``<prefix>-*`` files there removed."""
     from omegaconf import OmegaConf
 
     from lorakit.fileio import copy_file
@@ -316,16 +333,13 @@ def train_hypernet(files: dict[str, Path], out: Path, overrides: list[str], hold
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        cfg = hypernet_config(files, overrides, holdout, base)
-        target = out / f"toy_lorarar-{hypernet_hash(cfg)}.safetensors"
-    except StageError:
-        raise
+        target = out / f"{prefix}-{hypernet_hash(cfg)}.safetensors"
     except Exception as err:  # noqa: BLE001
-        raise StageError(f"hypernet: bad recipe {HYPERNET_RECIPE} with overrides {overrides}: "
+        raise StageError(f"hypernet: cannot read the LoRAs or references of the recipe: "
                          f"{type(err).__name__}: {err}") from err
     trained = force or not target.exists()
     if trained:
-        with tempfile.TemporaryDirectory(prefix="toy_lorarar-", dir=out) as work:
+        with tempfile.TemporaryDirectory(prefix=f"{prefix}-", dir=out) as work:
             run = OmegaConf.merge(cfg, {"output_dir": work, "checkpointing_steps": 0, "checkpoint_at_end": False,
                                         "save_every": 0, "logging": "none"})
             try:
@@ -334,7 +348,7 @@ def train_hypernet(files: dict[str, Path], out: Path, overrides: list[str], hold
                 raise StageError(f"hypernet: training {HYPERNET_RECIPE.name} on {len(cfg.content)} content x "
                                  f"{len(cfg.style)} style LoRAs failed: {type(err).__name__}: {err}") from err
             copy_file(result.final_path, target)
-    removed = remove_stale(out, "toy_lorarar", target)
+    removed = remove_stale(out, prefix, target)
     emit({"stage": "hypernet", "action": "trained" if trained else "reused", "file": str(target),
           "content": [Path(e.path).name for e in cfg.content], "style": [Path(e.path).name for e in cfg.style],
           "held_out": [[Path(e.path).name for e in pair] for pair in cfg.eval_pairs],

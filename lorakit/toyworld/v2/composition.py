@@ -263,8 +263,10 @@ def missing_inputs(args, sets: list[dict]) -> list[str]:
             world = None
         if world != "v2" or not (oracle / "oracle.safetensors").exists():
             missing.append(f"toy world v2 oracle in {oracle} (tools/train_oracle_v2.py; --oracle), or pass --no-score")
-    if "lorarar" in args.methods:
-        missing.append("--methods lorarar: no v2 LoRA.rar hypernetwork (leave lorarar out with --world v2)")
+    hypernet = getattr(args, "hypernet", None)
+    if "lorarar" in args.methods and not (hypernet and Path(hypernet).exists()):
+        missing.append("--methods lorarar: a LoRA.rar hypernetwork trained on v2 LoRAs (--hypernet FILE, from "
+                       "train_lorarar.py), or leave lorarar out")
     folder = Path(args.adapters_dir)
     need = sorted({c for s in sets for c in s["concepts"].values()})
     if (base / "model_index.json").exists():  # the LoRA paths hash the base: look for them only then
