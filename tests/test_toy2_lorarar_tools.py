@@ -12,6 +12,21 @@ def test_identities_split_into_content_and_style():
     assert set(style) == {"inkvel", "pixlor"}
 
 
+def test_each_held_out_pair_gets_its_own_file(tmp_path, monkeypatch):
+    """Two hypernetworks with different held-out pairs live side by side (neither clears the other)."""
+    seen = []
+    monkeypatch.setattr(t2l, "recipe_entries", lambda names, loras, base: {n: {"path": n, "images": n} for n in names})
+    monkeypatch.setattr(t2l, "hypernet_config", lambda files, ov, holdout, base, entries: entries)
+    monkeypatch.setattr(t2l, "train_hypernet_config", lambda cfg, out, prefix: seen.append((prefix, cfg)) or out / prefix)
+    assert t2l.main(["--holdout", "zorbo", "inkvel", "--out", str(tmp_path)]) == 0
+    assert t2l.main(["--holdout", "bloopo", "inkvel", "--out", str(tmp_path)]) == 0
+    assert [p for p, _ in seen] == ["toy2_lorarar-zorbo-inkvel", "toy2_lorarar-bloopo-inkvel"]
+    cfg = seen[0][1]
+    assert "zorbo" not in [e["path"] for e in cfg["content"]] and cfg["eval_pairs"] == [[{"path": "zorbo", "images": "zorbo"},
+                                                                                       {"path": "inkvel", "images": "inkvel"}]]
+    assert [e["path"] for e in cfg["style"]] == ["inkvel", "pixlor"]
+
+
 def test_a_holdout_of_the_wrong_kinds_is_one_line_and_exit_2(capsys):
     assert t2l.main(["--holdout", "inkvel", "zorbo"]) == 2
     err = capsys.readouterr().err
@@ -38,3 +53,32 @@ def test_probe_prompts_are_the_recipes_and_the_benchmarks_captions():
     assert prompts["content-caption"] == "zorbo robot, white plain background"
     pair = next(s for s in composition_sets((2,)) if s["id"] == "n2-zorbo-inkvel")
     assert prompts["pair-caption"] == pair["prompt"]
+
+
+def test_merge_delta_ratios_read_each_parts_kept_fraction(tmp_path, capsys):
+    """A merge whose content columns are halved and style columns kept reads 0.5 / 1.0 per layer; a merge without
+    to_q / to_out layers is one line and exit 2."""
+    import torch
+    from safetensors.torch import save_file
+
+    import merge_delta_ratios as mdr
+
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+    c = {f"{key}.lora_up.weight": torch.randn(6, 2, generator=g), f"{key}.lora_down.weight": torch.randn(2, 6, generator=g),
+         f"{key}.alpha": torch.tensor(2.0)}
+    s = {f"{key}.lora_up.weight": torch.randn(6, 2, generator=g), f"{key}.lora_down.weight": torch.randn(2, 6, generator=g),
+         f"{key}.alpha": torch.tensor(2.0)}
+    merged = {f"{key}.lora_up.weight": torch.cat([c[f"{key}.lora_up.weight"] * 0.5, s[f"{key}.lora_up.weight"]], 1),
+              f"{key}.lora_down.weight": torch.cat([c[f"{key}.lora_down.weight"], s[f"{key}.lora_down.weight"]], 0),
+              f"{key}.alpha": torch.tensor(4.0)}  # alpha / rank stays 1, as lorakit writes a merge
+    r = mdr.ratios(c, s, merged)
+    assert r["layers"] == [key] and abs(r["content"][0] - 0.5) < 1e-5 and abs(r["style"][0] - 1.0) < 1e-5
+    paths = []
+    for name, t in (("c", c), ("s", s), ("m", merged)):
+        paths.append(str(tmp_path / f"{name}.safetensors"))
+        save_file(t, paths[-1])
+    assert mdr.main(paths) == 0 and '"mean": 0.5' in capsys.readouterr().out
+    other = {k.replace("attn1_to_q", "ff_net_2"): v for k, v in merged.items()}
+    save_file(other, paths[-1])
+    assert mdr.main(paths) == 2 and "re-weights no" in capsys.readouterr().err

@@ -4,8 +4,9 @@ Content LoRAs are the character and object identities (kwibbit, zorbo, bloopo, h
 style identities (inkvel, pixlor), each from its recipe (`train_configs/toy2_<identity>.yaml`, trained into
 ``--loras`` when missing) with its own 40 training renders as references. ``--holdout CONTENT STYLE`` leaves the
 content identity out of training and scores that pair at the end (plain sum / untrained / trained ZipLoRA loss).
-The recipe is `train_configs/toy_lorarar.yaml` on the v2 base, references at the base's 64 px; the file is named
-by a hash of the recipe, the LoRAs' tensors and the references, and reused when it exists:
+The recipe is `train_configs/toy_lorarar.yaml` on the v2 base, references at the base's 64 px; the file,
+``toy2_lorarar-<content>-<style>-<hash>.safetensors``, is named by the held-out pair and a hash of the recipe, the
+LoRAs' tensors and the references, and reused when it exists:
 
     python tools/train_toy2_lorarar.py --holdout zorbo inkvel --out artifacts/toy2_lorarar
     python tools/bench_composition.py --world v2 --methods merge lorarar ziplora --hypernet <the file it prints> \\
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
         "content": [entries[n] for n in content if n != c], "style": [entries[n] for n in style],
         "eval_pairs": [[entries[c], entries[s]]]})
     try:
-        target = train_hypernet_config(cfg, Path(args.out), prefix="toy2_lorarar")
+        target = train_hypernet_config(cfg, Path(args.out), prefix=f"toy2_lorarar-{c}-{s}")  # one file per held-out pair
     except StageError as err:
         print(f"train_toy2_lorarar: {err}", file=sys.stderr)
         return 1
