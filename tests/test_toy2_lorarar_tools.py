@@ -20,7 +20,11 @@ def test_each_held_out_pair_gets_its_own_file(tmp_path, monkeypatch):
     monkeypatch.setattr(t2l, "train_hypernet_config", lambda cfg, out, prefix: seen.append((prefix, cfg)) or out / prefix)
     assert t2l.main(["--holdout", "zorbo", "inkvel", "--out", str(tmp_path)]) == 0
     assert t2l.main(["--holdout", "bloopo", "inkvel", "--out", str(tmp_path)]) == 0
-    assert [p for p, _ in seen] == ["toy2_lorarar-zorbo-inkvel", "toy2_lorarar-bloopo-inkvel"]
+    assert t2l.main(["--holdout", "zorbo", "inkvel", "--out", str(tmp_path), "--set", "learning_rate=0.01"]) == 0
+    prefixes = [p for p, _ in seen]
+    assert prefixes[:2] == ["toy2_lorarar-zorbo-inkvel", "toy2_lorarar-bloopo-inkvel"]
+    assert prefixes[2].startswith("toy2_lorarar_set") and prefixes[2].endswith("-zorbo-inkvel")
+    assert not any(p.startswith(q + "-") for p in prefixes for q in prefixes)  # no prefix globs another's files
     cfg = seen[0][1]
     assert "zorbo" not in [e["path"] for e in cfg["content"]] and cfg["eval_pairs"] == [[{"path": "zorbo", "images": "zorbo"},
                                                                                        {"path": "inkvel", "images": "inkvel"}]]

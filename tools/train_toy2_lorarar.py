@@ -16,6 +16,7 @@ LoRAs' tensors and the references, and reused when it exists:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -41,6 +42,16 @@ def recipe_entries(names: list[str], loras: Path, base: str) -> dict[str, dict]:
             for n in names}
 
 
+def file_prefix(content: str, style: str, overrides: list[str]) -> str:
+    """``toy2_lorarar-<content>-<style>``, or with recipe overrides ``toy2_lorarar_set<8 hex>-<content>-<style>``:
+    one file per held-out pair and recipe, so that no run clears another's file (each clears only older files of its
+    own prefix)."""
+    if not overrides:
+        return f"toy2_lorarar-{content}-{style}"
+    tag = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:8]
+    return f"toy2_lorarar_set{tag}-{content}-{style}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--holdout", nargs=2, metavar=("CONTENT", "STYLE"), required=True)
@@ -63,7 +74,7 @@ def main(argv=None) -> int:
         "content": [entries[n] for n in content if n != c], "style": [entries[n] for n in style],
         "eval_pairs": [[entries[c], entries[s]]]})
     try:
-        target = train_hypernet_config(cfg, Path(args.out), prefix=f"toy2_lorarar-{c}-{s}")  # one file per held-out pair
+        target = train_hypernet_config(cfg, Path(args.out), prefix=file_prefix(c, s, args.set))
     except StageError as err:
         print(f"train_toy2_lorarar: {err}", file=sys.stderr)
         return 1
