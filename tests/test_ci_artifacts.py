@@ -176,3 +176,43 @@ def test_v2_adapters_cached_in_the_demo_cache(tmp_path, capsys):
     assert rec["action"] == "trained" and rec["removed"] == [files["kwibbit"].name]
     assert changed["kwibbit"] != files["kwibbit"] and (tmp_path / "stale" / "adapters" / files["kwibbit"].name).exists()
     assert bench.find_adapters(out) == {}  # never taken for the v1 frog
+
+
+def test_one_pool_trains_v1_and_v2_with_v2_queued_first(tmp_path, monkeypatch):
+    """With 2 jobs the v1 and v2 LoRAs share one worker pool, v2's first (nocturo's 1200 steps are the longest), so
+    no worker idles at the stage boundary; both stages' files come back, each stage timed on its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import lorakit.toyworld.loras as v1_loras
+    import lorakit.toyworld.v2.loras as v2_loras
+
+    queued = []
+
+    def fake(prefix):
+        def train(name, out, *rest):
+            queued.append(name)
+            path = Path(out) / f"{prefix}{name}-0000.safetensors"
+            path.write_bytes(b"x")
+            return path
+        return train
+
+    monkeypatch.setattr(ci, "worker_pool", lambda jobs, threads: ThreadPoolExecutor(1))  # one worker: queue order
+    monkeypatch.setattr(v1_loras, "train_concept_lora", fake("toy_"))
+    monkeypatch.setattr(v2_loras, "train_identity_lora", fake("toy2_"))
+    monkeypatch.setattr(ci, "check_adapter_lookup", lambda out, files: None)
+    args = ci.parse_args(["--out", str(tmp_path), "--jobs", "2", "--concepts", "frog", "ink", "--v2-sets",
+                          "n2-kwibbit-nocturo"])
+    times, cpu = {}, {}
+
+    def timed(name, fn):
+        times[name] = 0.0
+        return fn()
+
+    files = ci.train_all_adapters(args, tmp_path, timed, cpu)
+    assert queued == ["kwibbit", "nocturo", "frog", "ink"]
+    assert set(files) == {"frog", "ink"} and set(files.v2) == {"kwibbit", "nocturo"}
+    assert set(times) == {"adapters", "adapters-v2"} and "adapters" in cpu
+    queued.clear()
+    one = ci.parse_args(["--out", str(tmp_path), "--jobs", "1", "--concepts", "frog", "--v2-sets", "n2-kwibbit-nocturo"])
+    ci.train_all_adapters(one, tmp_path, timed, cpu)
+    assert queued == ["frog", "kwibbit", "nocturo"]  # one job: v1 first, as before

@@ -101,11 +101,12 @@ def _snapshot(folder: Path, prefix: str) -> dict[Path, int]:
 
 
 def train_adapters(out: Path, overrides: list[str], concepts: list[str] | None = None, force: bool = False,
-                   base: str | None = None, jobs: int = 1, threads: int = 1) -> dict[str, Path]:
+                   base: str | None = None, jobs: int = 1, threads: int = 1, pool=None) -> dict[str, Path]:
     """Stage 1: the held-out concept LoRAs in ``out`` (trained or reused), stale files cleared (``remove_stale``).
 
     Args:
         jobs: LoRAs trained at a time (>1: that many worker processes with ``threads`` torch threads each).
+        pool: a worker pool (:func:`worker_pool`) to train in instead, shared with another stage's LoRAs.
     Returns:
         ``{concept name: adapter file}``.
     Raises:
@@ -117,18 +118,20 @@ def train_adapters(out: Path, overrides: list[str], concepts: list[str] | None =
 
     out.mkdir(parents=True, exist_ok=True)
     names = concepts or [c.name for c in HELDOUT]
-    files = train_cached("adapters", "concept", out, names, "toy_", train_concept_lora,
-                         lambda n: (n, out, base, overrides, force), overrides, jobs, threads)
+    files = start_cached("adapters", "concept", out, names, "toy_", train_concept_lora,
+                         lambda n: (n, out, base, overrides, force), overrides, jobs, threads, pool)()
     check_adapter_lookup(out, files)
     return {n: files[n] for n in names}
 
 
-def train_cached(stage: str, what: str, out: Path, names, prefix: str, train_fn, fn_args, overrides, jobs: int,
-                 threads: int) -> dict[str, Path]:
+def start_cached(stage: str, what: str, out: Path, names, prefix: str, train_fn, fn_args, overrides, jobs: int,
+                 threads: int, pool=None):
     """Train (or reuse) ``train_fn(*fn_args(name))`` for each name (a LoRA file ``out/<prefix><name>-<hash>``),
-    one JSON line each (trained or reused, the stale files cleared by ``remove_stale``).
+    one JSON line each (trained or reused, the stale files cleared by ``remove_stale``). With ``pool`` the
+    trainings are queued there at once; the returned ``wait()`` gives ``{name: file}`` when they are done (without
+    a pool, ``wait()`` does the training).
 
-    Raises:
+    Raises (from ``wait()``):
         StageError naming the ``what`` (concept / identity) whose training failed.
     """
     before = {n: _snapshot(out, f"{prefix}{n}") for n in names}
@@ -146,8 +149,44 @@ def train_cached(stage: str, what: str, out: Path, names, prefix: str, train_fn,
         emit({"stage": stage, what: name, "action": "trained" if trained else "reused", "file": str(path),
               "removed": remove_stale(out, f"{prefix}{name}", path), "elapsed_s": round(time.perf_counter() - t0, 2)})
 
-    _train_each(names, train_fn, fn_args, finish, jobs, threads)
-    return files
+    if pool is not None:
+        done = _queue(pool, names, train_fn, fn_args, finish)
+        return lambda: (done(), files)[1]
+    return lambda: (_train_each(names, train_fn, fn_args, finish, jobs, threads), files)[1]
+
+
+def train_cached(stage: str, what: str, out: Path, names, prefix: str, train_fn, fn_args, overrides, jobs: int,
+                 threads: int) -> dict[str, Path]:
+    """:func:`start_cached` without a shared pool, waited for: ``{name: file}``."""
+    return start_cached(stage, what, out, names, prefix, train_fn, fn_args, overrides, jobs, threads)()
+
+
+def worker_pool(jobs: int, threads: int):
+    """``jobs`` spawned worker processes with ``threads`` torch threads each (a context manager)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the workers' torch at import
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=torch.set_num_threads, initargs=(threads,))
+
+
+def _queue(pool, names, train_fn, fn_args, finish):
+    """Queue ``train_fn(*fn_args(name))`` for each name in ``pool`` now; the returned ``done()`` calls
+    ``finish(name, future.result)`` in order (on an error the queued trainings are cancelled)."""
+    futures = {n: pool.submit(train_fn, *fn_args(n)) for n in names}
+
+    def done() -> None:
+        try:
+            for name in names:
+                finish(name, futures[name].result)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # do not start the queued ones
+            raise
+
+    return done
 
 
 def _train_each(names, train_fn, fn_args, finish, jobs: int, threads: int) -> None:
@@ -157,32 +196,27 @@ def _train_each(names, train_fn, fn_args, finish, jobs: int, threads: int) -> No
         for name in names:
             finish(name, lambda name=name: train_fn(*fn_args(name)))
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    import torch
-
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the workers' torch at import
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        futures = {n: pool.submit(train_fn, *fn_args(n)) for n in names}
-        try:
-            for name in names:
-                finish(name, futures[name].result)
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # do not start the queued ones
-            raise
+    with worker_pool(jobs, threads) as pool:
+        _queue(pool, names, train_fn, fn_args, finish)()
 
 
 def train_v2_adapters(out: Path, identities: list[str], overrides: list[str], force: bool = False,
                       jobs: int = 1, threads: int = 1) -> dict[str, Path]:
+    """:func:`start_v2_adapters`, waited for."""
+    return start_v2_adapters(out, identities, overrides, force, jobs, threads)()
+
+
+def start_v2_adapters(out: Path, identities: list[str], overrides: list[str], force: bool = False,
+                      jobs: int = 1, threads: int = 1, pool=None):
     """Stage 1, toy world v2: each identity's recipe LoRA (``train_configs/toy2_<identity>.yaml``) on the bundled
     v2 base, in ``out`` (the cache ``lorakit demo`` reads, so the demo's pair is trained once), stale files of
     the same identity cleared (``remove_stale``).
 
+    With ``pool``, queued there at once (see :func:`start_cached`).
+
     Returns:
-        ``{identity: adapter file}``.
-    Raises:
+        ``wait()``, which gives ``{identity: adapter file}``.
+    Raises (from ``wait()``):
         StageError naming the identity whose training failed. (The v2 benchmark finds a LoRA by its recipe hash,
         so files of other hashes in ``out`` cannot be taken for it.)
     """
@@ -190,8 +224,8 @@ def train_v2_adapters(out: Path, identities: list[str], overrides: list[str], fo
     from lorakit.toyworld.v2.models import DEFAULT_BASE
 
     out.mkdir(parents=True, exist_ok=True)
-    return train_cached("adapters-v2", "identity", out, identities, "toy2_", train_identity_lora,
-                        lambda n: (n, out, DEFAULT_BASE, overrides, force), overrides, jobs, threads)
+    return start_cached("adapters-v2", "identity", out, identities, "toy2_", train_identity_lora,
+                        lambda n: (n, out, DEFAULT_BASE, overrides, force), overrides, jobs, threads, pool)
 
 
 def check_adapter_lookup(out: Path, files: dict[str, Path]) -> None:
@@ -481,6 +515,35 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class _Adapters(dict):
+    """The v1 files (``{concept: file}``) with the v2 ones as ``.v2``."""
+
+    v2: dict
+
+
+def train_all_adapters(args, out: Path, timed, cpu: dict) -> _Adapters:
+    """Stage 1 for v1 and v2. With 2 or more jobs one pool trains both: v2's LoRAs are queued first (nocturo's
+    1200 steps are the longest training), the v1 ones behind them, so no worker waits at the stage boundary.
+    ``timed(name, fn)`` records each stage's wait; in the shared pool the workers' CPU seconds (counted when the
+    pool closes) go to ``cpu["adapters"]``, both stages together."""
+    v2_start = None if args.skip_v2 else (lambda pool: start_v2_adapters(
+        out, v2_identities(args.v2_sets), args.lora_override, args.force, args.jobs, args.threads, pool))
+    v1 = lambda pool: train_adapters(out, args.lora_override, args.concepts, args.force, args.base,  # noqa: E731
+                                     jobs=args.jobs, threads=args.threads, pool=pool)
+    result = _Adapters()
+    if args.jobs >= 2 and v2_start is not None:
+        c0 = _cpu_seconds()
+        with worker_pool(args.jobs, args.threads) as pool:
+            v2_wait = v2_start(pool)
+            result.update(timed("adapters", lambda: v1(pool)))
+            result.v2 = timed("adapters-v2", v2_wait)
+        cpu["adapters"] = round(_cpu_seconds() - c0, 2)
+        return result
+    result.update(timed("adapters", lambda: v1(None)))
+    result.v2 = timed("adapters-v2", v2_start(None)) if v2_start is not None else {}
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from lorakit import logs
@@ -510,14 +573,10 @@ def main(argv=None) -> int:
         return result
 
     try:
-        files = timed("adapters", lambda: train_adapters(out / "adapters", args.lora_override, args.concepts,
-                                                         args.force, args.base, jobs=args.jobs, threads=args.threads))
+        files = train_all_adapters(args, out / "adapters", timed, cpu)
         emit({"stage": "adapters", "done": len(files), "seconds": times["adapters"], "cpu_seconds": cpu["adapters"]})
         if not args.skip_v2:
-            stage = "adapters-v2"
-            v2_files = timed("adapters-v2", lambda: train_v2_adapters(
-                out / "adapters", v2_identities(args.v2_sets), args.lora_override, args.force, args.jobs, args.threads))
-            emit({"stage": "adapters-v2", "done": len(v2_files), "seconds": times["adapters-v2"]})
+            emit({"stage": "adapters-v2", "done": len(files.v2), "seconds": times["adapters-v2"]})
         if not args.skip_hypernet:
             stage = "hypernet"
             holdout = tuple(args.holdout) if args.holdout else default_holdout(args)
