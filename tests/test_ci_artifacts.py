@@ -208,9 +208,9 @@ def test_one_pool_trains_v1_and_v2_with_v2_queued_first(tmp_path, monkeypatch):
         times[name] = 0.0
         return fn()
 
-    files = ci.train_all_adapters(args, tmp_path, timed, cpu)
+    files, v2_files = ci.train_all_adapters(args, tmp_path, timed, cpu)
     assert queued == ["kwibbit", "nocturo", "frog", "ink"]
-    assert set(files) == {"frog", "ink"} and set(files.v2) == {"kwibbit", "nocturo"}
+    assert set(files) == {"frog", "ink"} and set(v2_files) == {"kwibbit", "nocturo"}
     assert set(times) == {"adapters", "adapters-v2"} and "adapters" in cpu
     queued.clear()
     one = ci.parse_args(["--out", str(tmp_path), "--jobs", "1", "--concepts", "frog", "--v2-sets", "n2-kwibbit-nocturo"])

@@ -155,12 +155,6 @@ def start_cached(stage: str, what: str, out: Path, names, prefix: str, train_fn,
     return lambda: (_train_each(names, train_fn, fn_args, finish, jobs, threads), files)[1]
 
 
-def train_cached(stage: str, what: str, out: Path, names, prefix: str, train_fn, fn_args, overrides, jobs: int,
-                 threads: int) -> dict[str, Path]:
-    """:func:`start_cached` without a shared pool, waited for: ``{name: file}``."""
-    return start_cached(stage, what, out, names, prefix, train_fn, fn_args, overrides, jobs, threads)()
-
-
 def worker_pool(jobs: int, threads: int):
     """``jobs`` spawned worker processes with ``threads`` torch threads each (a context manager)."""
     import multiprocessing
@@ -515,33 +509,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class _Adapters(dict):
-    """The v1 files (``{concept: file}``) with the v2 ones as ``.v2``."""
-
-    v2: dict
-
-
-def train_all_adapters(args, out: Path, timed, cpu: dict) -> _Adapters:
+def train_all_adapters(args, out: Path, timed, cpu: dict) -> tuple[dict[str, Path], dict[str, Path]]:
     """Stage 1 for v1 and v2. With 2 or more jobs one pool trains both: v2's LoRAs are queued first (nocturo's
     1200 steps are the longest training), the v1 ones behind them, so no worker waits at the stage boundary.
     ``timed(name, fn)`` records each stage's wait; in the shared pool the workers' CPU seconds (counted when the
-    pool closes) go to ``cpu["adapters"]``, both stages together."""
-    v2_start = None if args.skip_v2 else (lambda pool: start_v2_adapters(
-        out, v2_identities(args.v2_sets), args.lora_override, args.force, args.jobs, args.threads, pool))
-    v1 = lambda pool: train_adapters(out, args.lora_override, args.concepts, args.force, args.base,  # noqa: E731
-                                     jobs=args.jobs, threads=args.threads, pool=pool)
-    result = _Adapters()
-    if args.jobs >= 2 and v2_start is not None:
-        c0 = _cpu_seconds()
-        with worker_pool(args.jobs, args.threads) as pool:
-            v2_wait = v2_start(pool)
-            result.update(timed("adapters", lambda: v1(pool)))
-            result.v2 = timed("adapters-v2", v2_wait)
-        cpu["adapters"] = round(_cpu_seconds() - c0, 2)
-        return result
-    result.update(timed("adapters", lambda: v1(None)))
-    result.v2 = timed("adapters-v2", v2_start(None)) if v2_start is not None else {}
-    return result
+    pool closes) go to ``cpu["adapters"]``, both stages together. Returns ``(v1 files, v2 files)``."""
+
+    def v1(pool):
+        return train_adapters(out, args.lora_override, args.concepts, args.force, args.base, jobs=args.jobs,
+                              threads=args.threads, pool=pool)
+
+    def v2_start(pool):
+        return start_v2_adapters(out, v2_identities(args.v2_sets), args.lora_override, args.force, args.jobs,
+                                 args.threads, pool)
+
+    if args.skip_v2:
+        return timed("adapters", lambda: v1(None)), {}
+    if args.jobs < 2:
+        return timed("adapters", lambda: v1(None)), timed("adapters-v2", v2_start(None))
+    c0 = _cpu_seconds()
+    with worker_pool(args.jobs, args.threads) as pool:
+        v2_wait = v2_start(pool)
+        files = timed("adapters", lambda: v1(pool))
+        v2_files = timed("adapters-v2", v2_wait)
+    cpu["adapters"] = round(_cpu_seconds() - c0, 2)
+    return files, v2_files
 
 
 def main(argv=None) -> int:
@@ -573,10 +565,10 @@ def main(argv=None) -> int:
         return result
 
     try:
-        files = train_all_adapters(args, out / "adapters", timed, cpu)
+        files, v2_files = train_all_adapters(args, out / "adapters", timed, cpu)
         emit({"stage": "adapters", "done": len(files), "seconds": times["adapters"], "cpu_seconds": cpu["adapters"]})
         if not args.skip_v2:
-            emit({"stage": "adapters-v2", "done": len(files.v2), "seconds": times["adapters-v2"]})
+            emit({"stage": "adapters-v2", "done": len(v2_files), "seconds": times["adapters-v2"]})
         if not args.skip_hypernet:
             stage = "hypernet"
             holdout = tuple(args.holdout) if args.holdout else default_holdout(args)
