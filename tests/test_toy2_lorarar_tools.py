@@ -76,12 +76,16 @@ def test_merge_delta_ratios_read_each_parts_kept_fraction(tmp_path, capsys):
     merged = {f"{key}.lora_up.weight": torch.cat([c[f"{key}.lora_up.weight"] * 0.5, s[f"{key}.lora_up.weight"]], 1),
               f"{key}.lora_down.weight": torch.cat([c[f"{key}.lora_down.weight"], s[f"{key}.lora_down.weight"]], 0),
               f"{key}.alpha": torch.tensor(4.0)}  # alpha / rank stays 1, as lorakit writes a merge
-    r = mdr.ratios(c, s, merged)
-    assert r["layers"] == [key] and abs(r["content"][0] - 0.5) < 1e-5 and abs(r["style"][0] - 1.0) < 1e-5
+    from lorakit.adapters.io import load_adapter
+
     paths = []
     for name, t in (("c", c), ("s", s), ("m", merged)):
         paths.append(str(tmp_path / f"{name}.safetensors"))
         save_file(t, paths[-1])
+    loaded = [load_adapter(p) for p in paths]
+    r = mdr.ratios(*loaded)
+    assert r["layers"] == list(loaded[2].modules) and len(r["layers"]) == 1 and r["layers"][0].endswith("attn1.to_q")
+    assert abs(r["content"][0] - 0.5) < 1e-5 and abs(r["style"][0] - 1.0) < 1e-5
     assert mdr.main(paths) == 0 and '"mean": 0.5' in capsys.readouterr().out
     other = {k.replace("attn1_to_q", "ff_net_2"): v for k, v in merged.items()}
     save_file(other, paths[-1])

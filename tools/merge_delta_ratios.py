@@ -15,30 +15,28 @@ import json
 import sys
 
 
-def delta(tensors: dict, up_key: str, cols: slice | None = None):
-    """``up @ down * alpha / rank`` of one layer (``cols``: a slice of the rank, for one part of a merge)."""
-    up, down = tensors[up_key].float(), tensors[up_key.replace("lora_up", "lora_down")].float()
-    alpha_key = up_key.replace("lora_up.weight", "alpha")
-    scale = float(tensors[alpha_key]) / up.shape[1] if alpha_key in tensors else 1.0
-    if cols is not None:
-        up, down = up[:, cols], down[cols]
-    return (up @ down.flatten(1)) * scale
+def part(merged, cols: slice):
+    """The rank columns ``cols`` of a merged layer (a :class:`lorakit.adapters.lora.LoraModule`) as a LoRA at the
+    merge's own scale."""
+    from lorakit.adapters.lora import LoraModule
+
+    down, up = merged.down[cols], merged.up[:, cols]
+    return LoraModule(down=down, up=up, alpha=merged.scale * down.shape[0])
 
 
-def ratios(content: dict, style: dict, merged: dict, layers=("to_q", "to_out")) -> dict:
-    """``{"content": [...], "style": [...], "layers": [...]}``: per merged layer, the kept fraction of each part."""
+def ratios(content, style, merged, layers=("to_q", "to_out")) -> dict:
+    """``{"content": [...], "style": [...], "layers": [...]}`` for three :class:`lorakit.adapters.io.Adapter`:
+    per layer the merge re-weights, the kept fraction of each part's delta."""
     out = {"content": [], "style": [], "layers": []}
-    for key in sorted(merged):
-        if not key.endswith("lora_up.weight") or not any(n in key for n in layers):
+    for name in sorted(merged.modules):
+        if not any(n in name for n in layers) or name not in content.modules or name not in style.modules:
             continue
-        if key not in content or key not in style:
-            continue
-        r_c = content[key].shape[1]
-        kept_c = delta(merged, key, slice(0, r_c)).norm() / delta(content, key).norm().clamp_min(1e-12)
-        kept_s = delta(merged, key, slice(r_c, None)).norm() / delta(style, key).norm().clamp_min(1e-12)
+        c, s, m = (a.modules[name].to_lora() for a in (content, style, merged))
+        kept_c = part(m, slice(0, c.rank)).delta().norm() / c.delta().norm().clamp_min(1e-12)
+        kept_s = part(m, slice(c.rank, None)).delta().norm() / s.delta().norm().clamp_min(1e-12)
         out["content"].append(float(kept_c))
         out["style"].append(float(kept_s))
-        out["layers"].append(key.removesuffix(".lora_up.weight"))
+        out["layers"].append(name)
     return out
 
 
@@ -48,10 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("style")
     p.add_argument("merged")
     args = p.parse_args(argv)
-    from lorakit.fileio import load_safetensors
+    from lorakit.adapters.io import load_adapter
 
-    files = [load_safetensors(f)[0] for f in (args.content, args.style, args.merged)]
-    r = ratios(*files)
+    r = ratios(*(load_adapter(f) for f in (args.content, args.style, args.merged)))
     if not r["layers"]:
         print(f"merge_delta_ratios: {args.merged} re-weights no to_q / to_out layer that both LoRAs have",
               file=sys.stderr)
