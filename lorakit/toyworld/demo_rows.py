@@ -133,12 +133,10 @@ class RowRunner:
                                        order=order)[0]), info
 
     def _lorakit_delta(self):
-        settings = SamplerSettings(method="delta", masks="attention", prompt_parts="class-words", uncond="base",
-                                   steps=self.s.sample_steps, cfg=self.s.guidance)
+        settings = SamplerSettings(**LORAKIT_DELTA, steps=self.s.sample_steps, cfg=self.s.guidance)
         kinds = [self.world.kind(self.s.character), self.world.kind(self.s.second)]  # a background: around the other
         return (lambda seeds: generate(self.pipe, self.ads, settings, self.prompt, "", seeds, kinds=kinds)[0]), {
-            "sampler": {"method": "delta", "masks": "attention", "prompt_parts": "class-words", "uncond": "base"},
-            "kinds": kinds}
+            "sampler": LORAKIT_DELTA, "kinds": kinds}
 
     def _gradient(self):
         s = self.s
@@ -157,6 +155,8 @@ class RowRunner:
         return lambda seeds: _plain(pipe, self.prompt, seeds, s.sample_steps, s.guidance), info
 
 
+# the ``lorakit sample`` settings of the demo's lorakit row (the benchmark's delta-masked-classes-ubase)
+LORAKIT_DELTA = {"method": "delta", "masks": "attention", "prompt_parts": "class-words", "uncond": "base"}
 _WRITTEN = ("unet", "text_encoder")  # the components the fusions and fused rows write into
 # the rows sampled on ``RowRunner.pipe``; the others use ``plain``
 ADAPTER_ROWS = ("switch", "composite", "cmlora", "delta-masked-classes-ubase")
