@@ -90,3 +90,38 @@ def test_merge_delta_ratios_read_each_parts_kept_fraction(tmp_path, capsys):
     other = {k.replace("attn1_to_q", "ff_net_2"): v for k, v in merged.items()}
     save_file(other, paths[-1])
     assert mdr.main(paths) == 2 and "re-weights no" in capsys.readouterr().err
+
+
+def test_objective_probe_checks_its_pair_and_files_in_one_line(capsys):
+    import lorarar_objective_probe as lop
+
+    assert lop.main(["--pair", "inkvel", "zorbo"]) == 2
+    assert lop.main(["--pair", "zorbo", "inkvel", "--hypernet", "/no/such/hypernet.safetensors"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert "--pair inkvel zorbo" in err[0] and "pixlor" in err[0]
+    assert "/no/such/hypernet.safetensors" in err[1]
+
+
+def test_objective_probe_reads_kept_fractions_of_a_merge():
+    """A merge exported with content coefficients 0.5 and style 1 keeps 0.5 / 1.0 of the two deltas."""
+    import torch
+
+    import lorarar_objective_probe as lop
+    from lorakit.adapters.io import Adapter
+    from lorakit.adapters.lora import LoraModule
+    from lorakit.fusion.ziplora import export_merged, plan_merge
+
+    g = torch.Generator().manual_seed(0)
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+    def lora():
+        return Adapter(modules={key: LoraModule(down=torch.randn(2, 8, generator=g), up=torch.randn(8, 2, generator=g),
+                                                alpha=2.0)}, metadata={})
+
+    content, style = lora(), lora()
+    plan = plan_merge(content, style, ("to_q",))
+    coeffs = {k: (torch.full((8,), 0.5), torch.ones(8)) for k in (layer.key for layer in plan.merged)}
+    merged = export_merged(plan, coeffs)
+    got = lop.kept(content, style, merged)
+    assert got == {"content_kept_mean": 0.5, "style_kept_mean": 1.0}
