@@ -97,10 +97,12 @@ def test_objective_probe_checks_its_pair_and_files_in_one_line(capsys):
 
     assert lop.main(["--pair", "inkvel", "zorbo"]) == 2
     assert lop.main(["--pair", "zorbo", "inkvel", "--hypernet", "/no/such/hypernet.safetensors"]) == 2
+    assert lop.main(["--pair", "zorbo", "inkvel", "--steps", "100", "0", "--ref-num", "0"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2
+    assert len(err) == 3
     assert "--pair inkvel zorbo" in err[0] and "pixlor" in err[0]
     assert "/no/such/hypernet.safetensors" in err[1]
+    assert "--steps 0" in err[2] and "--ref-num 0" in err[2] and "--steps 100" not in err[2]
 
 
 def test_objective_probe_reads_kept_fractions_of_a_merge():

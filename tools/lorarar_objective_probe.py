@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pair", nargs=2, metavar=("CONTENT", "STYLE"), required=True)
     p.add_argument("--hypernet", nargs="*", default=[], help="LoRA.rar hypernetwork files to score on the pair")
-    p.add_argument("--steps", nargs="*", type=int, default=[100], help="ZipLoRA steps to score (each run from 1)")
+    p.add_argument("--steps", nargs="*", type=int, default=[100], help="ZipLoRA steps to score (each run starts again from coefficients 1)")
     p.add_argument("--loras", default=str(ROOT / "artifacts" / "toy2_loras"), help="the recipe LoRA cache")
     p.add_argument("--base", default=None)
     p.add_argument("--ref-num", type=int, default=8, help="reference renders per LoRA")
@@ -101,6 +101,11 @@ def main(argv=None) -> int:
     if kinds.get(c) not in ("character", "object") or kinds.get(s) != "style":
         print(f"lorarar_objective_probe: --pair {c} {s}: expected a character or object identity, then a style "
               f"identity ({', '.join(n for n, k in kinds.items() if k == 'style')})", file=sys.stderr)
+        return 2
+    bad = [f"{name} {v}" for name, vals in (("--steps", args.steps), ("--ref-num", [args.ref_num]),
+                                             ("--batches", [args.batches])) for v in vals if v < 1]
+    if bad:
+        print(f"lorarar_objective_probe: {', '.join(bad)}: expected a whole number >= 1", file=sys.stderr)
         return 2
     missing = [h for h in args.hypernet if not Path(h).is_file()]
     if missing:
