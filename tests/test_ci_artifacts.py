@@ -164,14 +164,14 @@ def test_v2_sets_name_their_identities():
 @pytest.mark.slow  # two 2-step v2 trainings (their data rendered once), ~30 s of CPU
 def test_v2_adapters_cached_in_the_demo_cache(tmp_path, capsys):
     out = tmp_path / "adapters"
-    files = ci.train_v2_adapters(out, ["kwibbit"], ["max_steps=2"])
+    files = ci.start_v2_adapters(out, ["kwibbit"], ["max_steps=2"])()
     assert files["kwibbit"].name.startswith("toy2_kwibbit-")
     assert [r["action"] for r in _records(capsys, "adapters-v2")] == ["trained"]
     mtime = files["kwibbit"].stat().st_mtime_ns
-    assert ci.train_v2_adapters(out, ["kwibbit"], ["max_steps=2"]) == files
+    assert ci.start_v2_adapters(out, ["kwibbit"], ["max_steps=2"])() == files
     assert [r["action"] for r in _records(capsys, "adapters-v2")] == ["reused"]
     assert files["kwibbit"].stat().st_mtime_ns == mtime
-    changed = ci.train_v2_adapters(out, ["kwibbit"], ["max_steps=3"])
+    changed = ci.start_v2_adapters(out, ["kwibbit"], ["max_steps=3"])()
     rec = _records(capsys, "adapters-v2")[0]
     assert rec["action"] == "trained" and rec["removed"] == [files["kwibbit"].name]
     assert changed["kwibbit"] != files["kwibbit"] and (tmp_path / "stale" / "adapters" / files["kwibbit"].name).exists()

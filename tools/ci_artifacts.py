@@ -194,12 +194,6 @@ def _train_each(names, train_fn, fn_args, finish, jobs: int, threads: int) -> No
         _queue(pool, names, train_fn, fn_args, finish)()
 
 
-def train_v2_adapters(out: Path, identities: list[str], overrides: list[str], force: bool = False,
-                      jobs: int = 1, threads: int = 1) -> dict[str, Path]:
-    """:func:`start_v2_adapters`, waited for."""
-    return start_v2_adapters(out, identities, overrides, force, jobs, threads)()
-
-
 def start_v2_adapters(out: Path, identities: list[str], overrides: list[str], force: bool = False,
                       jobs: int = 1, threads: int = 1, pool=None):
     """Stage 1, toy world v2: each identity's recipe LoRA (``train_configs/toy2_<identity>.yaml``) on the bundled
