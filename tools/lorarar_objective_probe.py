@@ -24,20 +24,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def kept(content, style, merged) -> dict:
     """Mean kept fraction of the content's and the style's delta over the merged layers."""
-    from merge_delta_ratios import ratios
+    from merge_delta_ratios import ratios, summary
 
-    r = ratios(content, style, merged)
-    return {f"{part}_kept_mean": round(sum(r[part]) / len(r[part]), 3) for part in ("content", "style")}
+    s = summary(ratios(content, style, merged))
+    return {f"{part}_kept_mean": s[part]["mean"] for part in ("content", "style")}
 
 
 def pair_loss(pipe, content, style, folders, ref_num: int):
-    """ZipLoRA's loss of the pair on the LoRA.rar layers, the references read from ``folders``."""
-    from lorakit.fusion.ziplora import ZipLoRALoss, noise_scheduler_of, plan_merge, reference_for
+    """ZipLoRA's loss of the pair on the LoRA.rar layers (LoRA.rar's training loss, ``lam`` 0.01), the references
+    read from ``folders``."""
+    from lorakit.fusion.ziplora import noise_scheduler_of, reference_for
     from lorakit.fusion.ziplora_plan import LORARAR_LAYERS
+    from lorakit.training.lorarar import LoraEntry
+    from lorakit.training.lorarar import pair_loss as lorarar_pair_loss
 
-    refs = tuple(reference_for(pipe, a, None, images=f, num_images=ref_num, seed=i)
-                 for i, (a, f) in enumerate(zip((content, style), folders)))
-    return ZipLoRALoss(pipe.unet, noise_scheduler_of(pipe), plan_merge(content, style, LORARAR_LAYERS), *refs)
+    c, s = (LoraEntry(name, a, reference_for(pipe, a, None, images=f, num_images=ref_num, seed=i))
+            for i, (name, a, f) in enumerate(zip(("content", "style"), (content, style), folders)))
+    return lorarar_pair_loss(pipe, noise_scheduler_of(pipe), c, s, LORARAR_LAYERS, 0.01)
 
 
 def probe(args) -> list[dict]:

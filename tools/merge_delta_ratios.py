@@ -40,6 +40,12 @@ def ratios(content, style, merged, layers=("to_q", "to_out")) -> dict:
     return out
 
 
+def summary(r: dict) -> dict:
+    """``{"content": {"mean", "min", "max"}, "style": {...}}`` of :func:`ratios`' per-layer fractions (3 decimals)."""
+    return {part: {"mean": round(sum(v) / len(v), 3), "min": round(min(v), 3), "max": round(max(v), 3)}
+            for part, v in r.items() if part != "layers"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("content")
@@ -53,9 +59,7 @@ def main(argv=None) -> int:
         print(f"merge_delta_ratios: {args.merged} re-weights no to_q / to_out layer that both LoRAs have",
               file=sys.stderr)
         return 2
-    summary = {part: {"mean": round(sum(v) / len(v), 3), "min": round(min(v), 3), "max": round(max(v), 3)}
-               for part, v in r.items() if part != "layers"}
-    print(json.dumps({"merged": args.merged, "layers": len(r["layers"]), **summary}))
+    print(json.dumps({"merged": args.merged, "layers": len(r["layers"]), **summary(r)}))
     return 0
 
 
