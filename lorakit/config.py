@@ -42,6 +42,9 @@ class NetworkConfig:
     # target_modules rule), e.g. [attn2.to_k, attn2.to_v]: Custom Diffusion's cross-attention keys and values only
     target_modules: Any = None
     dropout: float = 0.0
+    # > 0: after training, the cross-attention key / value layers keep their change on the training captions and
+    # drop it on data.reg_path's captions, with this weight on the second (lorakit.training.kv_prior); 0 = off
+    kv_reg_strength: float = 0.0
     train_text_encoder: bool = False
     text_encoder_rank: int = 4
     text_encoder_alpha: float = 4.0

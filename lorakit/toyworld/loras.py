@@ -76,6 +76,8 @@ def recipe_hash(cfg) -> str:
     resolved["data"].pop("cache_dir", None)
     if resolved.get("network", {}).get("target_modules", "unset") is None:
         resolved["network"].pop("target_modules")  # the default, added later: published hashes stay valid
+    if resolved.get("network", {}).get("kv_reg_strength", "unset") == 0:
+        resolved["network"].pop("kv_reg_strength")  # likewise
     base, data = Path(str(cfg.base_model)), Path(str(cfg.data.path))
     reg = Path(str(cfg.data.reg_path)) if cfg.data.get("reg_path") else None
     # Paths are hashed by content, so the same recipe hashes the same from any working directory.

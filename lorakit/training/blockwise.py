@@ -43,6 +43,7 @@ from lorakit.models import pipeline_arch
 from lorakit.outputs import claim_dir
 from lorakit.precision import torch_dtype
 from lorakit.training import diffusion_step as step
+from lorakit.training import kv_prior
 from lorakit.training.entry import main as entry_main
 from lorakit.training.loop import TrainLoop, build_optimizer, make_accelerator, preflight
 from lorakit.training.recipes import BlockwiseConfig  # noqa: F401 - its recipe schema, importable from here
@@ -167,6 +168,7 @@ def check_recipe(cfg, pipe) -> tuple[CaptionedImages, torch.dtype]:
     require_base(cfg, pipe)
     if cfg.network.type not in ("lora", "locon"):
         raise ValueError(f"network.type={cfg.network.type!r}: expected 'lora' or 'locon'")
+    check_kv_reg_strength(cfg)
     dataset = CaptionedImages(cfg.data, seed=cfg.seed)
     check_training("train", cfg, pipe if pipe is not None else cfg.base_model, weight_dtype,
                    max(cfg.network.rank, cfg.network.conv_rank or 0), conv=cfg.network.type == "locon")
@@ -254,12 +256,39 @@ def loss_fn(run: Run, order: list[str]):
     return compute_loss
 
 
-def save_fn(run: Run):
-    """``save(path)`` of the loop: the adapter in ``save_precision``."""
-    save_dtype = torch_dtype(run.cfg.save_precision, "save_precision")
+def check_kv_reg_strength(cfg) -> None:
+    """``network.kv_reg_strength`` needs regularisation captions and a frozen text encoder."""
+    strength = cfg.network.kv_reg_strength
+    if strength < 0:
+        raise ValueError(f"network.kv_reg_strength={strength}: expected 0 (off) or a positive weight")
+    if strength and not cfg.data.reg_path:
+        raise ValueError(f"network.kv_reg_strength={strength} needs data.reg_path (its captions are what the "
+                         "key / value layers are kept off)")
+    if strength and cfg.network.train_text_encoder:
+        raise ValueError(f"network.kv_reg_strength={strength} needs network.train_text_encoder: false (it "
+                         "measures the captions with the base's text encoder)")
+
+
+def save_fn(run: Run, dataset: CaptionedImages):
+    """``save(path)`` of the loop: the adapter in ``save_precision``; with ``network.kv_reg_strength``, its
+    cross-attention key / value layers kept off the regularisation captions (:mod:`lorakit.training.kv_prior`;
+    the training state, and so a resume, keeps the layers as trained)."""
+    cfg = run.cfg
+    save_dtype = torch_dtype(cfg.save_precision, "save_precision")
+    grams = {}
 
     def save(path):
-        save_adapter(adapter_from_pipe(run.pipe, run.cfg, run.arch, run.trained, save_dtype), path)
+        adapter = adapter_from_pipe(run.pipe, cfg, run.arch, run.trained)
+        if cfg.network.kv_reg_strength:
+            if not grams:
+                for key, reg in (("own", False), ("reg", True)):
+                    captions = sorted({r.caption for r in dataset.items if r.is_reg == reg})
+                    grams[key] = kv_prior.token_gram(run.pipe, captions)
+            adapter.modules = kv_prior.keep_off_regularisation(adapter.modules, run.pipe.unet, grams["own"],
+                                                               grams["reg"], cfg.network.kv_reg_strength)
+        for m in adapter.modules.values():
+            m.down, m.up = m.down.to(save_dtype), m.up.to(save_dtype)
+        save_adapter(adapter, path)
 
     return save
 
@@ -295,7 +324,7 @@ def train(cfg, accelerator=None, pipe=None):
     hint = (f"  use it:          pipe.load_lora_weights('{cfg.output_dir}', weight_name='{cfg.output_name}.safetensors')"
             f"  |  lorakit inspect {final}")
     loop = TrainLoop(cfg, run.accelerator, [run.trained[c] for c in order], optimizer, dataset, loss_fn(run, order),
-                     save_fn(run), sample=sample_fn(run), collate_fn=collate, summary_hint=hint)
+                     save_fn(run, dataset), sample=sample_fn(run), collate_fn=collate, summary_hint=hint)
     if cfg.compile:
         loop.raw_models[0] = torch.compile(loop.raw_models[0])
     note(

@@ -69,6 +69,8 @@ KEY_HELP = {
     "network.blocks": "preset (all, upper, middle, bottom, character, style), {IN0: 8, ...}, kohya or LBW vector",
     "network.target_modules": "null (every module of the type) or module-name suffixes, e.g. [attn2.to_k,attn2.to_v]",
     "network.dropout": "LoRA dropout",
+    "network.kv_reg_strength": "0 (off) or > 0: the saved cross-attention key/value layers drop their change on "
+    "data.reg_path's captions, with this weight (docs/training.md)",
     "network.train_text_encoder": "also train a text-encoder LoRA (its lr: text_encoder_lr)",
     "network.text_encoder_rank": "rank of the text-encoder LoRA",
     "network.text_encoder_alpha": "alpha of the text-encoder LoRA",
