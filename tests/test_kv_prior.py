@@ -100,3 +100,21 @@ def test_bad_settings_get_one_line_and_exit_2(tmp_path, extra, message):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not Path(tmp_path / "out").exists() or not list(Path(tmp_path / "out").glob("*.safetensors"))
+
+
+def test_a_strength_of_zero_hashes_as_a_recipe_without_the_key(tmp_path):
+    from lorakit.config import load_config
+    from lorakit.resources import data_path
+    from lorakit.toyworld.dataset import make_dataset
+    from lorakit.toyworld.loras import recipe_hash, recipe_path
+    from lorakit.training.blockwise import BlockwiseConfig
+
+    make_dataset("generic", tmp_path / "reg", n=2, seed=0)
+    base = [f"base_model={data_path('toy-base')}", f"data.path={data_path('toy', 'frog')}",
+            f"data.reg_path={tmp_path / 'reg'}"]
+
+    def h(*ov):
+        return recipe_hash(load_config(BlockwiseConfig, recipe_path("frog"), [*base, *ov]))
+
+    assert h() == h("network.kv_reg_strength=0")  # the hashes published before the key existed stay valid
+    assert h("network.kv_reg_strength=1.0") != h()
