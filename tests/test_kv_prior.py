@@ -84,6 +84,21 @@ def test_training_saves_the_kept_off_layers_and_leaves_the_rest(tmp_path, sd1_pi
             assert torch.equal(mod.down, plain.modules[name].down)
 
 
+def test_a_resumed_run_saves_the_same_kept_off_layers(tmp_path):
+    data = make_images(tmp_path / "img")
+    reg = make_images(tmp_path / "reg", n=2, seed=1)
+    common = ["max_steps=3", "learning_rate=1e-2", f"data.reg_path={reg}", "network.kv_reg_strength=1.0",
+              "data.caption_dropout=0"]
+    full = run(tmp_path, data, *common, name="full")
+    run(tmp_path, data, *common, "stop_at_step=1", name="split")
+    resumed = run(tmp_path, data, *common, "resume=latest", name="split")
+    a, b = load_adapter(full.final_path), load_adapter(resumed.final_path)
+    assert a.modules.keys() == b.modules.keys()
+    for name in a.modules:  # the checkpoint kept the layers as trained, so the resumed run ends where one run does
+        assert torch.equal(a.modules[name].down, b.modules[name].down), name
+        assert torch.equal(a.modules[name].up, b.modules[name].up), name
+
+
 @pytest.mark.parametrize("extra, message", [
     ([], "network.kv_reg_strength=1.0 needs data.reg_path"),
     (["data.reg_path={reg}", "network.train_text_encoder=true"], "needs network.train_text_encoder: false"),
