@@ -193,6 +193,13 @@ def test_lorakit_variants_are_bench_methods_with_their_sample_settings():
     assert "delta-parts" in args.methods
     for name in ("composite-ubase", "delta", "delta-parts"):  # --help's epilog names them
         assert name in bench.__doc__
+    for name in bench.VARIANT_METHODS:  # run only when named, each a valid sampling setting
+        variant = SamplerSettings(**bench.SAMPLER_SETTINGS[name])
+        variant.check()
+        assert name not in args.methods
+    assert "delta-masked-classes-t0.3" in bench.__doc__
+    hard = SamplerSettings(**bench.SAMPLER_SETTINGS["delta-masked-classes-t0.5"])
+    assert (hard.masks, hard.mask_threshold, hard.prompt_parts) == ("attention", 0.5, "class-words")
 
 
 @pytest.mark.slow

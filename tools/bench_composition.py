@@ -30,8 +30,8 @@ trained on scenes without a hat does not push the hat of the joint prompt away) 
 --masks attention``: each LoRA's difference confined to where the base's cross-attention puts its comma tag, a
 style everywhere, a background around the others). Run only when named: delta-masked-t0.3 / -t0.5 (hard masks),
 delta-classes and delta-masked-classes (``--prompt-parts class-words``: the base's passes see the prompt without
-trigger words, each LoRA's pass its own trigger back; v2 prompts only) and delta-masked-classes-ubase (the same
-with ``--uncond base``); gradient (Mix-of-Show gradient
+trigger words, each LoRA's pass its own trigger back; v2 prompts only), delta-masked-classes-ubase (the same
+with ``--uncond base``) and delta-masked-classes-t0.3 / -t0.5 (the same with hard masks); gradient (Mix-of-Show gradient
 fusion -> fused pipeline) and weighted (average of the deltas) through ``lorakit fuse``; lorarar (``lorakit fuse
 --method lorarar --hypernet H``) and, when named, ziplora (``lorakit fuse --method ziplora`` against each LoRA's
 training images) for the character + style pairs only.
@@ -71,12 +71,14 @@ SAMPLER_SETTINGS = {"composite-ubase": {"method": "composite", "uncond": "base"}
                     "delta-classes": {"method": "delta", "prompt_parts": "class-words"},
                     "delta-masked-classes": {"method": "delta", "masks": "attention", "prompt_parts": "class-words"},
                     "delta-masked-classes-ubase": {"method": "delta", "masks": "attention", "prompt_parts": "class-words",
-                                                   "uncond": "base"}}
+                                                   "uncond": "base"},
+                    **{f"delta-masked-classes-t{t}": {"method": "delta", "masks": "attention", "mask_threshold": t,
+                                                      "prompt_parts": "class-words"} for t in (0.3, 0.5)}}
 # Variants run only when --methods names them (not in the default list): hard masks at Prompt-to-Prompt's 0.3, 0.5;
-# the class-words prompts, also with the base's unconditional pass (v2 prompts only: each trigger needs its
+# the class-words prompts, also with the base's unconditional pass or hard masks (v2 prompts only: each trigger needs its
 # class word beside it).
 VARIANT_METHODS = ("delta-masked-t0.3", "delta-masked-t0.5", "delta-classes", "delta-masked-classes",
-                   "delta-masked-classes-ubase")
+                   "delta-masked-classes-ubase", "delta-masked-classes-t0.3", "delta-masked-classes-t0.5")
 FUSION_METHODS = ("gradient", "weighted")
 ALL_METHODS = SAMPLING_METHODS + FUSION_METHODS + ("lorarar",)
 # Run only when named: ZipLoRA (``lorakit fuse --method ziplora``, 100 Adam steps on the pair's coefficients against
