@@ -103,6 +103,8 @@ def test_a_resumed_run_saves_the_same_kept_off_layers(tmp_path):
     ([], "network.kv_reg_strength=1.0 needs data.reg_path"),
     (["data.reg_path={reg}", "network.train_text_encoder=true"], "needs network.train_text_encoder: false"),
     (["network.kv_reg_strength=-1"], "expected 0 (off) or a positive weight"),
+    (["data.reg_path={reg}", "network.target_modules=[attn1.to_q]", "max_steps=100000"],
+     "no cross-attention key / value layers"),  # refused before training: 100000 steps would time out
 ])
 def test_bad_settings_get_one_line_and_exit_2(tmp_path, extra, message):
     data = make_images(tmp_path / "img")

@@ -194,6 +194,8 @@ def setup_models(cfg, accelerator, pipe, weight_dtype) -> Run:
 def setup_adapters(run: Run) -> None:
     """Add the LoRA/LoCon layers; ``run.trained`` = the modules that now train."""
     run.trained = add_lora(run.pipe, run.cfg, run.arch)
+    if run.cfg.network.kv_reg_strength:  # before training, not at the first save
+        kv_prior.require_kv_layers(run.pipe.unet, from_peft(run.pipe.unet, "unet"))
     for module in run.trained.values():
         module.to(run.accelerator.device)
     if run.cfg.channels_last:

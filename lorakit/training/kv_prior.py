@@ -52,6 +52,15 @@ def kv_layer_names(unet, names) -> list[str]:
     return out
 
 
+def require_kv_layers(unet, names) -> list[str]:
+    """:func:`kv_layer_names`, or ValueError when there are none (``network.kv_reg_strength`` would do nothing)."""
+    picked = kv_layer_names(unet, names)
+    if not picked:
+        raise ValueError("network.kv_reg_strength: the adapter has no cross-attention key / value layers "
+                         "(network.target_modules or network.blocks leave them out)")
+    return picked
+
+
 def input_map(own_gram: torch.Tensor, reg_gram: torch.Tensor, strength: float) -> torch.Tensor:
     """``M = G_own @ inv(G_own + strength * G_reg)`` ``[d, d]`` (float64)."""
     a = own_gram + strength * reg_gram
@@ -64,10 +73,7 @@ def keep_off_regularisation(modules: dict, unet, own_gram: torch.Tensor, reg_gra
     """``modules`` (adapter name -> module) with every cross-attention key / value LoRA layer's ``down``
     replaced by ``down @ M`` (see the module docstring); the others as they are. Raises ValueError when no layer
     is one (the option would do nothing)."""
-    names = kv_layer_names(unet, modules)
-    if not names:
-        raise ValueError("network.kv_reg_strength: the adapter has no cross-attention key / value layers "
-                         "(network.target_modules or network.blocks leave them out)")
+    names = require_kv_layers(unet, modules)
     m = input_map(own_gram, reg_gram, strength)
     out = dict(modules)
     for name in names:
