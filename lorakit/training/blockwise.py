@@ -130,14 +130,12 @@ def diffusion_loss(unet, noise_scheduler, latents, cond: dict, sample_ids, seed:
     return per_sample.mean()
 
 
-def adapter_from_pipe(pipe, cfg, arch: str, trained: dict, dtype: torch.dtype | None = None) -> Adapter:
-    """The trained adapter with lorakit's metadata (resolved config, rank of every block)."""
+def adapter_from_pipe(pipe, cfg, arch: str, trained: dict) -> Adapter:
+    """The trained adapter (float32, as trained) with lorakit's metadata (resolved config, rank of every block);
+    :func:`save_fn` casts it to ``save_precision``."""
     modules = {}
     for comp, model in trained.items():
         modules.update(from_peft(model, comp))
-    if dtype is not None:
-        for m in modules.values():
-            m.down, m.up = m.down.to(dtype), m.up.to(dtype)
     ranks = {blk: r for blk, (r, _) in block_ranks(cfg, arch).items()}
     meta = adapter_metadata(
         arch, cfg.network.type, blocks=ranks, trigger=cfg.trigger or None, config=to_dict(cfg),
