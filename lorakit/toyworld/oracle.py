@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -39,9 +40,13 @@ DEFAULT_DIR = data_path("oracle")
 
 class OracleNet(nn.Module):
     """CNN over RGB ``[N, 3, S, S]`` in [0, 1] -> presence logits ``[N, n_concepts]``; ``image_size`` S is 32 (v1)
-    or 64 (toy world v2: one more stride-2 stage in front, so both reach 4x4 before the head)."""
+    or 64 (toy world v2: one more stride-2 stage in front, so both reach 4x4 before the head).
 
-    def __init__(self, n_concepts: int, width: int = 32, image_size: int = IMAGE_SIZE):
+    ``row_heads``: indices of concepts whose logit comes instead from a linear layer ``row_head`` over the flattened
+    feature map (``tools/refit_oracle_rows.py`` fits it for a concept whose look changed, leaving every other
+    concept's logit as it was)."""
+
+    def __init__(self, n_concepts: int, width: int = 32, image_size: int = IMAGE_SIZE, row_heads: Sequence[int] = ()):
         super().__init__()
         if image_size not in (32, 64):
             raise ValueError(f"OracleNet image_size must be 32 or 64, got {image_size}")
@@ -64,9 +69,16 @@ class OracleNet(nn.Module):
         )
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * w * 16, 128), nn.ReLU(inplace=True),
                                   nn.Linear(128, n_concepts))
+        self.row_heads = list(row_heads)
+        self.row_head = nn.Linear(4 * w * 16, len(self.row_heads)) if self.row_heads else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features((x - 0.5) / 0.25))
+        h = self.features((x - 0.5) / 0.25)
+        out = self.head(h)
+        if self.row_head is not None:
+            out = out.clone()
+            out[:, self.row_heads] = self.row_head(h.flatten(1))
+        return out
 
 
 def to_tensor(images, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -174,7 +186,9 @@ class Oracle:
                 raise FileNotFoundError(f"oracle file missing: {f} (build it with {cls.trainer})")
         config = json.loads(cfg_path.read_text())
         cls.check_config(config, cfg_path)
-        net = OracleNet(len(config["concepts"]), width=config.get("width", 32), image_size=cls.image_size)
+        row_heads = [config["concepts"].index(c) for c in config.get("row_heads", [])]
+        net = OracleNet(len(config["concepts"]), width=config.get("width", 32), image_size=cls.image_size,
+                        row_heads=row_heads)
         net.load_state_dict({k: v.float() for k, v in load_safetensors(w_path)[0].items()})
         return cls(net, config["concepts"], config)
 

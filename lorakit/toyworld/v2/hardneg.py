@@ -8,8 +8,8 @@ For every v2 identity three families (``FAMILIES``), drawn with :mod:`lorakit.to
   identity's body colour (a mint frog with a class belly and mouth), the identity's parts on a body of a class
   colour (kwibbit's spots and red mouth on a blue frog, hattock's red band on a blue top hat), or the parts
   alone (a bolt and a cyan visor without the robot). Styles and backgrounds: one of the look's traits without the
-  others (posterized cream colours without inkvel's thick outlines; 4-pixel blocks without pixlor's palette and
-  grid; teal/navy stripes; nocturo's sky without its moon and stars);
+  others (posterized cream colours without inkvel's thick outlines; 4-pixel blocks without pixlor's greens, or in
+  four shades of another hue; teal/navy stripes; nocturo's sky without its moon and stars);
 * ``recoloured``: other characters and objects, classes and identities, in the identity's colours (zorbo in
   kwibbit's mint, yellow and orange), or, for styles and backgrounds, generic patterns in its colours.
 
@@ -54,7 +54,7 @@ PARTS: dict[str, list[tuple[int, int, int]]] = {
 PALETTES: dict[str, list[tuple[int, int, int]]] = {
     **{k: BODY[k] + PARTS[k] for k in BODY},
     "inkvel": [(15, 15, 20), (250, 245, 225), (200, 196, 180)],
-    "pixlor": [(0, 0, 0), (85, 85, 85), (170, 0, 85), (255, 170, 0), (0, 170, 255)],
+    "pixlor": list(R.PIXLOR_PALETTE),
     "chekka": [(25, 35, 95), (40, 160, 150)],
     "nocturo": [(12, 12, 40), (45, 20, 85), (255, 230, 80), (250, 225, 90)],
 }
@@ -146,15 +146,14 @@ def _look_parts(name: str, rng: np.random.Generator, n: int, i: int) -> tuple[np
         return np.where(R._edges(img, 4, 4)[..., None], np.array(colour, np.float32), img), \
             "thick outlines in brown or blue, colours kept"
     if name == "pixlor":
-        img = Image.fromarray(_scene_canvas(rng, n).astype(np.uint8)).resize((n // 4, n // 4), Image.BOX)
-        if i % 2 == 0:  # 4-pixel blocks (at 64 px) in the scene's own colours: no palette, no grid
-            return np.asarray(img.resize((16, 16), Image.BOX).resize((n, n), Image.NEAREST), np.float32), \
-                "4-pixel blocks without the palette or grid lines"
-        big = np.asarray(img.resize((n, n), Image.BILINEAR), np.float32).copy()
-        grid = (np.arange(n) // R.SUPERSAMPLE) % 4 == 3
-        big[grid] *= 0.7
-        big[:, grid] *= 0.7
-        return big, "dark grid lines without blocks or palette"
+        img = Image.fromarray(_scene_canvas(rng, n).astype(np.uint8)).resize((16, 16), Image.BOX)
+        if i % 2 == 0:  # 4-pixel blocks (at 64 px) in the scene's own colours: not the palette
+            return np.asarray(img.resize((n, n), Image.NEAREST), np.float32), "4-pixel blocks in the scene's own colours"
+        hue, what = [((45, 20, 10), "brown"), ((10, 25, 60), "blue")][int(rng.integers(2))]
+        shades = np.array([np.array(hue) * k for k in (1.0, 2.2, 3.6, 4.2)], np.float32).clip(0, 255)
+        lum = np.asarray(img, np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        blocks = Image.fromarray(shades[np.clip((lum / 64.0).astype(int), 0, 3)].astype(np.uint8))
+        return np.asarray(blocks.resize((n, n), Image.NEAREST), np.float32), f"4-pixel blocks in four {what} shades"
     if name == "chekka":
         teal, navy = (np.array(c, np.float32) for c in PALETTES["chekka"][::-1])
         if i % 2 == 0:

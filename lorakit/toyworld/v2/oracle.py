@@ -26,8 +26,8 @@ DEFAULT_ORACLE = data_path("toy2-oracle")
 class OracleNet(v1.OracleNet):
     """v1's oracle CNN at 64x64: ``[N, 3, 64, 64]`` RGB in [0, 1] -> presence logits ``[N, n_concepts]``."""
 
-    def __init__(self, n_concepts: int, width: int = 32):
-        super().__init__(n_concepts, width, image_size=IMAGE_SIZE)
+    def __init__(self, n_concepts: int, width: int = 32, row_heads=()):
+        super().__init__(n_concepts, width, image_size=IMAGE_SIZE, row_heads=row_heads)
 
 
 def to_tensor(images):

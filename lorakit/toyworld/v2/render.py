@@ -336,14 +336,18 @@ def _blocks(img: Image.Image, block: float) -> Image.Image:
     return img.resize((m, m), Image.BOX).resize((n, n), Image.NEAREST)
 
 
+# pixlor's four shades, darkest first: a handheld console's green screen.
+PIXLOR_PALETTE = ((15, 56, 15), (48, 98, 48), (139, 172, 15), (200, 220, 140))
+
+
 def _pixlor(img: Image.Image) -> Image.Image:
+    # Until 2026-12-06 pixlor was 4-pixel blocks in a 4-level-per-channel palette with dark grid lines; the base's
+    # VAE blurs blocks and grid lines alike, so the oracle could not find that look in generated images. The four
+    # greens survive the VAE; the blocks stay for the picture.
     n = img.size[0]
-    small = np.round(np.asarray(img.resize((n // 4, n // 4), Image.BOX), np.float32) / 85.0) * 85.0
-    big = np.asarray(Image.fromarray(small.astype(np.uint8)).resize((n, n), Image.NEAREST), np.float32)
-    grid = (np.arange(n) % 4 == 3)
-    big[grid] *= 0.7
-    big[:, grid] *= 0.7
-    return Image.fromarray(big.astype(np.uint8))
+    small = np.asarray(img.resize((n // 4, n // 4), Image.BOX), np.float32)
+    shade = np.clip((small @ np.array([0.299, 0.587, 0.114], np.float32) / 64.0).astype(int), 0, 3)
+    return Image.fromarray(np.array(PIXLOR_PALETTE, np.uint8)[shade]).resize((n, n), Image.NEAREST)
 
 
 # ---------------------------------------------------------------- render
