@@ -72,7 +72,7 @@ IDENTITIES: tuple[Concept, ...] = (
     Concept("hattock", "object", "identity", "hat", "black top hat with a red band"),
     Concept("shroomel", "object", "identity", "mushroom", "tall red cap with big white spots, a ring on the stem"),
     Concept("inkvel", "style", "identity", "outline", "thick black outlines and flat posterized cream-tinted colours"),
-    Concept("pixlor", "style", "identity", "mosaic", "4-pixel blocks in the four greens of a handheld console's screen"),
+    Concept("pixlor", "style", "identity", "mosaic", "4-pixel blocks in a four-colour palette: navy, purple, orange, yellow"),
     Concept("chekka", "background", "identity", "checker", "teal and navy checkerboard of 8-pixel cells"),
     Concept("nocturo", "background", "identity", "night", "navy-to-purple sky, yellow four-point stars, a crescent moon"),
 )

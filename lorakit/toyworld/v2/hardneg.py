@@ -8,8 +8,8 @@ For every v2 identity three families (``FAMILIES``), drawn with :mod:`lorakit.to
   identity's body colour (a mint frog with a class belly and mouth), the identity's parts on a body of a class
   colour (kwibbit's spots and red mouth on a blue frog, hattock's red band on a blue top hat), or the parts
   alone (a bolt and a cyan visor without the robot). Styles and backgrounds: one of the look's traits without the
-  others (posterized cream colours without inkvel's thick outlines; 4-pixel blocks without pixlor's greens, or in
-  four shades of another hue; teal/navy stripes; nocturo's sky without its moon and stars);
+  others (posterized cream colours without inkvel's thick outlines; 4-pixel blocks in the scene's own colours, or
+  in four shades of one hue; teal/navy stripes; nocturo's sky without its moon and stars);
 * ``recoloured``: other characters and objects, classes and identities, in the identity's colours (zorbo in
   kwibbit's mint, yellow and orange), or, for styles and backgrounds, generic patterns in its colours.
 

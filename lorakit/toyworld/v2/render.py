@@ -336,14 +336,15 @@ def _blocks(img: Image.Image, block: float) -> Image.Image:
     return img.resize((m, m), Image.BOX).resize((n, n), Image.NEAREST)
 
 
-# pixlor's four shades, darkest first: a handheld console's green screen.
-PIXLOR_PALETTE = ((15, 56, 15), (48, 98, 48), (139, 172, 15), (200, 220, 140))
+# pixlor's four colours, darkest first: navy, purple, orange, yellow (a sunset palette). Colours the base's VAE has
+# seen, so they come back through it: a handheld console's four greens came back orange and navy.
+PIXLOR_PALETTE = ((25, 35, 95), (140, 50, 180), (245, 130, 30), (240, 210, 40))
 
 
 def _pixlor(img: Image.Image) -> Image.Image:
     # Until 2026-12-06 pixlor was 4-pixel blocks in a 4-level-per-channel palette with dark grid lines; the base's
-    # VAE blurs blocks and grid lines alike, so the oracle could not find that look in generated images. The four
-    # greens survive the VAE; the blocks stay for the picture.
+    # VAE blurs blocks and grid lines alike, so the oracle could not find that look in generated images. A palette
+    # of four colours survives the VAE; the blocks stay for the picture.
     n = img.size[0]
     small = np.asarray(img.resize((n // 4, n // 4), Image.BOX), np.float32)
     shade = np.clip((small @ np.array([0.299, 0.587, 0.114], np.float32) / 64.0).astype(int), 0, 3)
