@@ -5,16 +5,18 @@ from __future__ import annotations
 import importlib
 
 import numpy as np
-import pytest
 from PIL import Image
 
 
-def test_refuses_a_class_concept_and_a_missing_lora(tmp_path):
+def test_refuses_a_class_concept_and_a_missing_lora_in_one_line(tmp_path, capsys):
+    from lorakit.errors import run_guarded
+
     tool = importlib.import_module("plot_identity_grid")  # tools/ is on sys.path (conftest)
-    with pytest.raises(SystemExit, match="made for the identities"):
-        tool.main(["frog", str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "g.png")])
-    with pytest.raises(SystemExit, match="no such LoRA file"):
-        tool.main(["pixlor", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "g.png")])
+    for argv, said in ((["frog", str(tmp_path / "x.safetensors")], "made for the identities"),
+                       (["pixlor", str(tmp_path / "missing.safetensors")], "no such LoRA file")):
+        assert run_guarded(lambda argv=argv: tool.main(argv + ["--out", str(tmp_path / "g.png")]), "p") == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1
     assert not (tmp_path / "g.png").exists()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 
-import pytest
 import torch
 
 from lorakit.fileio import load_safetensors
@@ -46,9 +45,14 @@ def test_refit_changes_only_the_named_rows_and_keeps_earlier_refits(tmp_path):
     assert json.loads((second / "config.json").read_text())["row_heads"] == ["pixlor", "inkvel"]
 
 
-def test_refit_refuses_an_existing_folder_and_a_non_identity(tmp_path):
+def test_refit_refuses_an_existing_folder_an_unknown_name_and_a_non_identity(tmp_path, capsys):
+    from lorakit.errors import run_guarded
+
     tool = importlib.import_module("refit_oracle_rows")
-    with pytest.raises(SystemExit, match="already exists"):
-        tool.main(["--rows", "pixlor", "--out", str(tmp_path), *SMALL])
-    with pytest.raises(SystemExit, match="not a v2 identity"):
-        tool.main(["--rows", "frog", "--out", str(tmp_path / "new"), *SMALL])
+    for argv, said in ((["--rows", "pixlor", "--out", str(tmp_path)], "already exists"),
+                       (["--rows", "frog", "--out", str(tmp_path / "new")], "not a v2 identity"),
+                       (["--rows", "pixlr", "--out", str(tmp_path / "new")], "unknown toy-world v2 concept 'pixlr'")):
+        assert run_guarded(lambda argv=argv: tool.main(argv + SMALL), "refit_oracle_rows") == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1
+    assert not (tmp_path / "new").exists()

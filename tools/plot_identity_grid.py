@@ -50,12 +50,9 @@ def main(argv=None) -> int:
     from lorakit.toyworld.v2.render import render
 
     args = parse_args(argv)
-    try:
-        identity = identity_name(args.identity)
-    except ValueError as err:
-        raise SystemExit(f"plot_identity_grid: {err}") from None
+    identity = identity_name(args.identity)
     if not Path(args.lora).is_file():
-        raise SystemExit(f"{args.lora}: no such LoRA file")
+        raise FileNotFoundError(f"{args.lora}: no such LoRA file")
     torch.set_num_threads(1)
     oracle = Oracle.load(args.oracle)
     triples = identity_prompts(identity, args.n, seed=IDENTITY_PROMPT_SEED)
@@ -81,4 +78,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from lorakit.errors import run_guarded
+
+    raise SystemExit(run_guarded(main, "plot_identity_grid"))

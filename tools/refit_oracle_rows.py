@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -119,10 +120,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     if out.exists():
-        raise SystemExit(f"--out {out}: already exists; name a new folder")
+        raise ValueError(f"--out {out}: already exists; name a new folder")
     for name in args.rows:
         if get_concept(name).role != "identity":
-            raise SystemExit(f"--rows {name}: not a v2 identity")
+            raise ValueError(f"--rows {name}: not a v2 identity")
     torch.set_num_threads(args.threads)
     t0 = time.time()
     oracle = Oracle.load(args.oracle)
@@ -152,16 +153,20 @@ def main(argv=None) -> int:
     tensors["row_head.weight"], tensors["row_head.bias"] = weight.contiguous(), bias.contiguous()
     config["row_heads"] = kept + list(args.rows)
     config["refit"] = {"rows": args.rows, "from": args.oracle, "by": "tools/refit_oracle_rows.py", "args": vars(args)}
-    out.mkdir(parents=True)
-    save_safetensors(tensors, out / "oracle.safetensors", meta)
-    write_json(config, out / "config.json")
     metrics_path = Path(args.oracle) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     metrics["refit"] = {"rows": report, "seconds": round(time.time() - t0, 1), "args": vars(args)}
-    write_json(metrics, out / "metrics.json")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")  # the folder appears whole or not at all
+    tmp.mkdir(parents=True)
+    save_safetensors(tensors, tmp / "oracle.safetensors", meta)
+    write_json(config, tmp / "config.json")
+    write_json(metrics, tmp / "metrics.json")
+    tmp.rename(out)
     log(f"wrote {out} in {time.time() - t0:.0f} s")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from lorakit.errors import run_guarded
+
+    raise SystemExit(run_guarded(main, "refit_oracle_rows"))
