@@ -4,7 +4,7 @@ renderer's own images of it (``lorakit.toyworld.v2.composition.ceiling``), one J
 A set whose ceiling is low measures the oracle, not the composition methods: pick the benchmark's sets among
 those whose ceiling is high (``--min-rate``) before running any method on them. Rendering and scoring take about
 a second per 16 images on one CPU thread; no LoRA is needed. ``--vae BASE`` scores the renders after a round trip
-through that pipeline's VAE (encode, decode), as every generated image goes: a look the VAE blurs (pixlor's
+through that pipeline's VAE (encode, decode), as every generated image goes: a look the VAE blurs (pixlor's old
 4-pixel blocks) lowers this ceiling, not the renders'.
 
 ``--classes`` scores each set's class version instead (every identity replaced by its class, as the base knows
