@@ -48,7 +48,8 @@ def add_arguments(p) -> None:
     second = p.add_mutually_exclusive_group()
     second.add_argument("--style", default=None,
                         help="second LoRA, a style: a v2 style identity (inkvel, pixlor) or a v1 held-out style "
-                        "(v1 default: ink)")
+                        "(v1 default: ink). pixlor's palette recolours the character, and the oracle tells "
+                        "characters by their colours: its target row shows the pair cannot be scored")
     second.add_argument("--object", default=None,
                         help="second LoRA, an object: a v2 object identity (hattock, shroomel)")
     second.add_argument("--background", default=None,
