@@ -63,17 +63,16 @@ def main(argv=None) -> int:
     rendered = [render(s) for s in scenes]
     rows = [rendered, vae_round_trip(base.vae, rendered), images(base, [t for t, _, _ in triples]),
             images(lora, [t for t, _, _ in triples]), images(lora, [c for _, c, _ in triples])]
+    names = ("render", "render through the VAE", "base, trigger prompt", "LoRA, trigger prompt", "LoRA, class prompt")
     grid = []
-    for row in rows:
+    for name, row in zip(names, rows):
         found = oracle.score(row, [identity]).present[:, 0].tolist()
         grid.append(np.concatenate([np.pad(with_verdict(im, f), ((0, 2), (0, 2), (0, 0)), constant_values=255)
                                     for im, f in zip(row, found)], 1))
+        print(f"{name}: {sum(found)}/{len(row)} {identity}")
     out = Image.fromarray(np.concatenate(grid))
     out = out.resize((out.width * args.zoom, out.height * args.zoom), Image.NEAREST)
     save_image(out, args.out)
-    for name, row in zip(("render", "render through the VAE", "base, trigger prompt", "LoRA, trigger prompt",
-                          "LoRA, class prompt"), rows):
-        print(f"{name}: {int(oracle.score(row, [identity]).present.sum())}/{len(row)} {identity}")
     return 0
 
 

@@ -4,7 +4,8 @@ For a concept whose look changed (pixlor's, 2026-12-06), retraining the whole or
 concept's scores and so every number measured with it. This gives only the named concepts a new output: a
 logistic regression on the frozen network's flattened feature map (2,048 values, the oracle's ``row_head``), so
 every other concept scores exactly as before (``tests/test_refit_oracle_rows.py``). (A refit of the last layer's
-row alone, on its 128 inputs, found pixlor's new look in 251 of 282 images through the VAE, against 269 for this.)
+row alone, on its 128 inputs, found the look tried first, four console greens, in 251 of 282 images through the
+VAE, against 269 for this on the same images.)
 
 Data, as ``tools/train_oracle_v2.py`` draws it: fresh renders of the world (labelled from the scene), each row's
 identity in ``--n-identity`` of its own training scenes, and ``--hard-negatives`` of its hard negatives (whose loss
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
                         "after": rates(fe @ weight[j] + bias[j], ye[:, i], me[:, i], te)}
         log(f"{name}: {json.dumps(report[name])}")
     tensors, meta = load_safetensors(Path(args.oracle) / "oracle.safetensors")
-    config = json.loads((Path(args.oracle) / "config.json").read_text())
+    config = dict(oracle.config)
     kept = [c for c in config.get("row_heads", []) if c not in args.rows]  # earlier refits of other rows stay
     if kept:
         keep = [config["row_heads"].index(c) for c in kept]

@@ -146,14 +146,13 @@ def _look_parts(name: str, rng: np.random.Generator, n: int, i: int) -> tuple[np
         return np.where(R._edges(img, 4, 4)[..., None], np.array(colour, np.float32), img), \
             "thick outlines in brown or blue, colours kept"
     if name == "pixlor":
-        img = Image.fromarray(_scene_canvas(rng, n).astype(np.uint8)).resize((16, 16), Image.BOX)
+        img = Image.fromarray(_scene_canvas(rng, n).astype(np.uint8))
         if i % 2 == 0:  # 4-pixel blocks (at 64 px) in the scene's own colours: not the palette
-            return np.asarray(img.resize((n, n), Image.NEAREST), np.float32), "4-pixel blocks in the scene's own colours"
+            blocks = img.resize((16, 16), Image.BOX).resize((n, n), Image.NEAREST)
+            return np.asarray(blocks, np.float32), "4-pixel blocks in the scene's own colours"
         hue, what = [((45, 20, 10), "brown"), ((10, 25, 60), "blue")][int(rng.integers(2))]
         shades = np.array([np.array(hue) * k for k in (1.0, 2.2, 3.6, 4.2)], np.float32).clip(0, 255)
-        lum = np.asarray(img, np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-        blocks = Image.fromarray(shades[np.clip((lum / 64.0).astype(int), 0, 3)].astype(np.uint8))
-        return np.asarray(blocks.resize((n, n), Image.NEAREST), np.float32), f"4-pixel blocks in four {what} shades"
+        return np.asarray(R.palette_blocks(img, shades, 16, n), np.float32), f"4-pixel blocks in four {what} shades"
     if name == "chekka":
         teal, navy = (np.array(c, np.float32) for c in PALETTES["chekka"][::-1])
         if i % 2 == 0:

@@ -341,14 +341,20 @@ def _blocks(img: Image.Image, block: float) -> Image.Image:
 PIXLOR_PALETTE = ((25, 35, 95), (140, 50, 180), (245, 130, 30), (240, 210, 40))
 
 
+def palette_blocks(img: Image.Image, palette, blocks: int = 16, size: int | None = None) -> Image.Image:
+    """``img`` as ``blocks`` x ``blocks`` squares, each in the colour of ``palette`` (4 colours, darkest first) its
+    brightness picks, enlarged to ``size`` (default: ``img``'s)."""
+    small = np.asarray(img.resize((blocks, blocks), Image.BOX), np.float32)
+    shade = np.clip((small @ np.array([0.299, 0.587, 0.114], np.float32) / 64.0).astype(int), 0, 3)
+    out = Image.fromarray(np.asarray(palette, np.float32)[shade].astype(np.uint8))
+    return out.resize((size or img.size[0],) * 2, Image.NEAREST)
+
+
 def _pixlor(img: Image.Image) -> Image.Image:
     # Until 2026-12-06 pixlor was 4-pixel blocks in a 4-level-per-channel palette with dark grid lines; the base's
     # VAE blurs blocks and grid lines alike, so the oracle could not find that look in generated images. A palette
     # of four colours survives the VAE; the blocks stay for the picture.
-    n = img.size[0]
-    small = np.asarray(img.resize((n // 4, n // 4), Image.BOX), np.float32)
-    shade = np.clip((small @ np.array([0.299, 0.587, 0.114], np.float32) / 64.0).astype(int), 0, 3)
-    return Image.fromarray(np.array(PIXLOR_PALETTE, np.uint8)[shade]).resize((n, n), Image.NEAREST)
+    return palette_blocks(img, PIXLOR_PALETTE, blocks=img.size[0] // 4)
 
 
 # ---------------------------------------------------------------- render
